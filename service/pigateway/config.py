@@ -1,0 +1,372 @@
+"""Configuration: one TOML file validated into frozen dataclasses at start.
+
+Where the file is: ``--config FILE``, else ``$PIGATEWAY_CONFIG``, else
+``/etc/pigateway/config.toml``. Every section is a dataclass below; its fields, types,
+defaults and bounds *are* the schema (the reference in ``docs/config.md`` mirrors them).
+Unknown keys are errors, and every error names the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pigateway.errors import ConfigError
+
+T = typing.TypeVar("T")
+
+DEFAULT_PATH = Path("/etc/pigateway/config.toml")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+TOPIC_PATTERN = re.compile(r"^[^#+\x00]+$")
+
+
+def _opt(default: Any, *, min: float | None = None, max: float | None = None,
+         pattern: re.Pattern[str] | None = None, doc: str = "") -> Any:
+    """A config field with bounds; ``doc`` feeds the reference page."""
+    meta = {"min": min, "max": max, "pattern": pattern, "doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """``[store]``: the durable queue on disk."""
+
+    path: Path = _opt(Path("/var/lib/pigateway/queue.db"), doc="SQLite file of the queue")
+    max_commands: int = _opt(1_000_000, min=1, doc="queued commands at most")
+    max_bytes: int = _opt(512 * 1024 * 1024, min=1024, doc="queued params bytes at most")
+    overflow: Literal["reject", "drop-oldest"] = _opt("reject", doc="what a full queue does")
+    default_ttl: float = _opt(7 * 24 * 3600.0, min=0, doc="seconds a command lives (0: forever)")
+    max_attempts: int = _opt(10, min=1, doc="delivery attempts before dead-lettering")
+    synchronous: Literal["full", "normal"] = _opt("full", doc="SQLite synchronous mode")
+    min_free_bytes: int = _opt(32 * 1024 * 1024, min=0, doc="disk space always kept free")
+    max_params_bytes: int = _opt(64 * 1024, min=16, doc="size limit of one command's params")
+    busy_timeout: float = _opt(10.0, min=0.1, doc="seconds to wait for another writer")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """``[mqtt.tls]``: TLS to the broker (hostname always checked)."""
+
+    enabled: bool = _opt(False)
+    ca_file: Path | None = _opt(None, doc="CA bundle; None uses the system's")
+    cert_file: Path | None = _opt(None, doc="client certificate")
+    key_file: Path | None = _opt(None, doc="client key (or credential 'mqtt-key')")
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """``[mqtt]``: the broker connection."""
+
+    host: str = _opt("localhost")
+    port: int = _opt(1883, min=1, max=65535)
+    protocol: Literal["5", "3.1.1"] = _opt("5")
+    topic_prefix: str = _opt("pigateway", pattern=TOPIC_PATTERN)
+    keepalive: int = _opt(15, min=5, max=3600, doc="seconds between pings")
+    username: str | None = _opt(None)
+    password_file: Path | None = _opt(
+        None, doc="file with the password, or the systemd credential 'mqtt-password'")
+    session_expiry: int = _opt(86_400, min=0, doc="seconds the broker keeps our session")
+    tls: TlsConfig = field(default_factory=TlsConfig)
+
+
+@dataclass(frozen=True)
+class UplinkConfig:
+    """``[uplink]``: batching, back-pressure and reconnect backoff."""
+
+    batch_delay: float = _opt(0.1, min=0, max=60, doc="seconds a batch waits for company")
+    max_actions: int = _opt(50, min=1, doc="devices per batch at most")
+    max_batch_bytes: int = _opt(256 * 1024, min=1024, doc="JSON bytes per batch at most")
+    max_inflight: int = _opt(8, min=1, max=1024, doc="unacknowledged batches at most")
+    backoff_initial: float = _opt(1.0, min=0.01, doc="first reconnect wait, seconds")
+    backoff_max: float = _opt(120.0, min=0.01, doc="longest reconnect wait, seconds")
+    publish_timeout: float = _opt(10.0, min=0.1, doc="seconds to wait for a PUBACK")
+    state_interval: float = _opt(30.0, min=1, doc="seconds between retained state refreshes")
+
+
+@dataclass(frozen=True)
+class InboundConfig:
+    """``[inbound]``: commands from the broker to local devices."""
+
+    enabled: bool = _opt(True)
+    workers: int = _opt(4, min=1, max=256)
+    handler_timeout: float = _opt(30.0, min=0.01)
+    max_attempts: int = _opt(3, min=1)
+    backoff_initial: float = _opt(0.5, min=0)
+    backoff_max: float = _opt(30.0, min=0)
+    max_payload_bytes: int = _opt(64 * 1024, min=64)
+    max_depth: int = _opt(16, min=1, max=256, doc="JSON nesting depth at most")
+    dedupe_window: float = _opt(86_400.0, min=0, doc="seconds a finished id is remembered")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """``[devices.NAME]``: a local device, run by one handler with its own options."""
+
+    name: str
+    handler: str
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class GpioConfig:
+    """``[gpio]``: status LEDs and buttons (BCM pin numbers)."""
+
+    enabled: bool = _opt(True)
+    pin_factory: Literal["auto", "lgpio", "mock"] = _opt("auto")
+    green_led: int | None = _opt(17, min=0, max=53)
+    red_led: int | None = _opt(27, min=0, max=53)
+    amber_led: int | None = _opt(None, min=0, max=53)
+    bargraph: list[int] = _opt([], doc="pins of an optional LED bar graph of queue fill")
+    pause_button: int | None = _opt(5, min=0, max=53)
+    flush_button: int | None = _opt(6, min=0, max=53)
+    active_high: bool = _opt(True)
+    hold_time: float = _opt(2.0, min=0.1, doc="seconds held = flush")
+    bounce_time: float | None = _opt(0.05, min=0)
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """``[control]``: the local control socket."""
+
+    socket: Path = _opt(Path("/run/pigateway/control.sock"))
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """``[log]``: logging."""
+
+    level: Literal["debug", "info", "warning", "error"] = _opt("info")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole, validated configuration."""
+
+    gateway_id: str
+    store: StoreConfig = field(default_factory=StoreConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    uplink: UplinkConfig = field(default_factory=UplinkConfig)
+    inbound: InboundConfig = field(default_factory=InboundConfig)
+    gpio: GpioConfig = field(default_factory=GpioConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    devices: dict[str, DeviceConfig] = field(default_factory=dict)
+    source: Path | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The effective config as plain JSON-ready data."""
+        plain: dict[str, Any] = _plain(dataclasses.asdict(self))
+        return plain
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """Where the config is: the argument, else ``$PIGATEWAY_CONFIG``, else the default."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("PIGATEWAY_CONFIG")
+    return Path(env) if env else DEFAULT_PATH
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate the config file; raise :class:`ConfigError` naming the problem."""
+    where = config_path(path)
+    try:
+        text = where.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError("(file)", f"{where} does not exist") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("(file)", f"cannot read {where}: {exc}") from exc
+    return dataclasses.replace(parse(text, origin=str(where)), source=where)
+
+
+def parse(text: str, *, origin: str = "<string>") -> Config:
+    """Validate TOML text into a :class:`Config`."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("(syntax)", f"{origin} is not valid TOML: {exc}") from exc
+    return from_dict(data)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Validate an already parsed mapping into a :class:`Config`."""
+    data = dict(data)
+    devices = _devices(data.pop("devices", {}))
+    config = _build(Config, data, prefix="", skip=frozenset({"devices", "source"}))
+    config = dataclasses.replace(config, devices=devices)
+    _check_cross_fields(config)
+    return config
+
+
+def _check_cross_fields(config: Config) -> None:
+    if not NAME_PATTERN.match(config.gateway_id):
+        raise ConfigError(
+            "gateway_id",
+            f"{config.gateway_id!r} is not allowed: use 1-64 of letters, digits, '_', '-', '.'",
+        )
+    if config.uplink.backoff_max < config.uplink.backoff_initial:
+        raise ConfigError("uplink.backoff_max", "must be >= uplink.backoff_initial")
+    if config.inbound.backoff_max < config.inbound.backoff_initial:
+        raise ConfigError("inbound.backoff_max", "must be >= inbound.backoff_initial")
+    if config.mqtt.tls.key_file and not config.mqtt.tls.cert_file:
+        raise ConfigError("mqtt.tls.key_file", "needs mqtt.tls.cert_file too")
+    pins = [p for p in _gpio_pins(config.gpio) if p is not None]
+    if config.gpio.enabled and len(pins) != len(set(pins)):
+        raise ConfigError("gpio", f"a pin is used twice: {sorted(pins)}")
+
+
+def _gpio_pins(gpio: GpioConfig) -> list[int | None]:
+    singles = [gpio.green_led, gpio.red_led, gpio.amber_led, gpio.pause_button, gpio.flush_button]
+    return [*singles, *gpio.bargraph]
+
+
+def _devices(table: Any) -> dict[str, DeviceConfig]:
+    if not isinstance(table, dict):
+        raise ConfigError("devices", "must be a table of [devices.NAME] tables")
+    devices = {}
+    for name, spec in table.items():
+        key = f"devices.{name}"
+        if not NAME_PATTERN.match(name):
+            raise ConfigError(key, "a device name is 1-64 of letters, digits, '_', '-', '.'")
+        if not isinstance(spec, dict):
+            raise ConfigError(key, "must be a table with at least 'handler'")
+        options = dict(spec)
+        handler = options.pop("handler", None)
+        if not isinstance(handler, str) or not handler:
+            raise ConfigError(f"{key}.handler",
+                              f"is required and must be a handler name, got {handler!r}")
+        devices[name] = DeviceConfig(name=name, handler=handler, options=options)
+    return devices
+
+
+# --------------------------------------------------------------------------- the validator
+
+
+def _build(cls: type[T], table: Any, *, prefix: str, skip: frozenset[str] = frozenset()) -> T:
+    """Build dataclass ``cls`` from ``table``, checking keys, types and bounds."""
+    if not isinstance(table, dict):
+        raise ConfigError(prefix.rstrip(".") or "(top)", f"must be a table, got {_show(table)}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}  # type: ignore[arg-type]
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise ConfigError(
+            prefix + unknown[0], f"unknown key; allowed here: {', '.join(sorted(known))}"
+        )
+    values = {}
+    for name, fld in known.items():
+        key = prefix + name
+        if name in table:
+            values[name] = _convert(hints[name], table[name], key, fld.metadata)
+        elif fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
+            raise ConfigError(key, "is required")
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, key: str, meta: typing.Mapping[str, Any]) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, key, meta)
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            raise ConfigError(key, f"{_show(value)} is not allowed; use one of {allowed}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"must be a list, got {_show(value)}")
+        return [_convert(args[0], item, f"{key}[{i}]", meta) for i, item in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return _build(typing.cast(type[Any], hint), value, prefix=key + ".")
+    return _scalar(hint, value, key, meta)
+
+
+def _scalar(hint: Any, value: Any, key: str, meta: typing.Mapping[str, Any]) -> Any:
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {_show(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be a whole number, got {_show(value)}")
+        _check_bounds(value, key, meta)
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"must be a number (seconds), got {_show(value)}")
+        _check_bounds(value, key, meta)
+        return float(value)
+    if hint in (str, Path):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(key, f"must be a non-empty string, got {_show(value)}")
+        pattern = meta.get("pattern")
+        if pattern is not None and not pattern.match(value):
+            raise ConfigError(key, f"{value!r} does not match {pattern.pattern}")
+        return Path(value) if hint is Path else value
+    raise ConfigError(key, f"unsupported type {hint!r}")  # a bug in this module, not in the file
+
+
+def _check_bounds(value: float, key: str, meta: typing.Mapping[str, Any]) -> None:
+    low, high = meta.get("min"), meta.get("max")
+    if low is not None and value < low:
+        raise ConfigError(key, f"{value} is too small; the least allowed is {low}")
+    if high is not None and value > high:
+        raise ConfigError(key, f"{value} is too large; the most allowed is {high}")
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def fields_reference() -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, doc) of every option: the source of ``docs/config.md``."""
+    rows: list[tuple[str, str, Any, str]] = []
+
+    def walk(cls: type[Any], prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for fld in dataclasses.fields(cls):
+            if fld.name in {"devices", "source", "gateway_id"} and cls is Config:
+                continue
+            hint = hints[fld.name]
+            if dataclasses.is_dataclass(hint):
+                walk(hint, f"{prefix}{fld.name}.")  # type: ignore[arg-type]
+                continue
+            default = fld.default if fld.default is not dataclasses.MISSING else (
+                fld.default_factory() if fld.default_factory is not dataclasses.MISSING else None
+            )
+            doc = fld.metadata.get("doc", "")
+            rows.append((prefix + fld.name, _type_name(hint), _plain(default), doc))
+
+    walk(Config, "")
+    return rows
+
+
+def _type_name(hint: Any) -> str:
+    text = str(hint)
+    for noise in ("typing.", "pathlib.", "<class '", "'>"):
+        text = text.replace(noise, "")
+    return text

@@ -1,0 +1,83 @@
+"""The one exception tree of pigateway.
+
+Every error a caller can act on is a subclass of :class:`PigatewayError` and carries the
+facts a person needs to fix it. Errors of sqlite3, aiomqtt/paho and lgpio never escape the
+module that talks to them: they are translated here (``raise ... from exc``).
+"""
+
+from __future__ import annotations
+
+
+class PigatewayError(Exception):
+    """Root of every error pigateway raises on purpose."""
+
+
+class ConfigError(PigatewayError):
+    """The configuration is invalid; the message names the key, the value and what is allowed."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"config: {key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class InvalidCommand(PigatewayError):
+    """A command does not fit the contract (bad device, name, params or ttl)."""
+
+
+class RejectedCommand(InvalidCommand):
+    """A command from the broker does not fit the wire contract; it is answered ``rejected``.
+
+    ``command_id`` and ``device`` are set when they could be read, so the answer can name them.
+    """
+
+    def __init__(self, reason: str, *, command_id: str | None = None,
+                 device: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.command_id = command_id
+        self.device = device
+
+
+class StoreError(PigatewayError):
+    """The durable store could not do what was asked."""
+
+
+class QueueFull(StoreError):
+    """The queue is at ``max_commands`` or ``max_bytes`` and the overflow policy is ``reject``."""
+
+
+class StoreFull(StoreError):
+    """The disk under the store is (nearly) full; queued commands are kept, new ones refused."""
+
+
+class StoreCorrupt(StoreError):
+    """The database file failed its integrity check (it is moved aside, never deleted)."""
+
+
+class UplinkError(PigatewayError):
+    """The MQTT link failed; the uplink reconnects by itself."""
+
+
+class LoginRefused(UplinkError):
+    """The broker refused our credentials or authorisation: a fault an operator must fix."""
+
+
+class ControlError(PigatewayError):
+    """A control-socket request failed or the service is not running."""
+
+
+class ServiceNotRunning(ControlError):
+    """No service answers on the control socket."""
+
+
+class GpioError(PigatewayError):
+    """The GPIO panel could not claim its pins (no gpiochip, pin busy or invalid)."""
+
+
+class HandlerError(PigatewayError):
+    """A device handler failed for good: the command's result is ``error``."""
+
+
+class RetryableHandlerError(HandlerError):
+    """A device handler failed for now (busy device, lost link): the command is tried again."""

@@ -1,0 +1,899 @@
+"""The durable command queue: one SQLite file in WAL mode, shared by several processes.
+
+A command is durable once :meth:`Store.put` returns: it is committed, synchronously, to
+disk. Concurrent puts share one commit (group commit) through a single writer task, so
+durability does not cost throughput. The queue is a narrow interface (put, claim, ack,
+nack, dead-letter) in the spirit of huey's storage and persist-queue's ack queue:
+
+* ``outbox`` holds queued commands in ``seq`` order (the order they were put);
+* ``inflight`` marks the ones a drainer has claimed; it is emptied when a drainer opens,
+  so whatever was in flight when the process died is queued again, first;
+* ``dead_letters`` keeps everything that left the queue without delivery, with a reason;
+* ``totals`` is one row of count and bytes kept by triggers inside every transaction,
+  so limits are checked without scanning and can never drift from the rows.
+
+Nothing is loaded into memory as a whole; every read is bounded by a ``LIMIT``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+import aiosqlite
+
+from pigateway.config import StoreConfig
+from pigateway.errors import InvalidCommand, QueueFull, StoreCorrupt, StoreError, StoreFull
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+KINDS = ("action", "result")
+MAX_NAME = 128
+SQLITE_MAGIC = b"SQLite format 3\x00"
+#: How often a drainer looks for commits made by other processes (``pigateway send``).
+POLL_INTERVAL = 0.05
+#: Puts coalesced into one transaction at most.
+GROUP_LIMIT = 4096
+
+_COLUMNS = "seq, id, kind, device, name, params, size, queued_at, expires_at, attempts, last_error"
+
+#: Schema migrations, applied in order and tracked by ``PRAGMA user_version``.
+#: Never edit an entry that has shipped; append a new one.
+MIGRATIONS: list[str] = [
+    # 1: the queue
+    """
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        device TEXT NOT NULL,
+        name TEXT NOT NULL,
+        params TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        queued_at REAL NOT NULL,
+        expires_at REAL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT
+    );
+    CREATE TABLE inflight (seq INTEGER PRIMARY KEY, claimed_at REAL NOT NULL);
+    CREATE TABLE dead_letters (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        device TEXT NOT NULL,
+        name TEXT NOT NULL,
+        params TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        queued_at REAL NOT NULL,
+        expires_at REAL,
+        attempts INTEGER NOT NULL,
+        last_error TEXT,
+        reason TEXT NOT NULL,
+        detail TEXT,
+        dead_at REAL NOT NULL
+    );
+    CREATE INDEX dead_letters_reason ON dead_letters (reason);
+    CREATE TABLE totals (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        commands INTEGER NOT NULL,
+        bytes INTEGER NOT NULL
+    );
+    INSERT INTO totals VALUES (1, 0, 0);
+    CREATE TRIGGER outbox_counted AFTER INSERT ON outbox BEGIN
+        UPDATE totals SET commands = commands + 1, bytes = bytes + NEW.size WHERE id = 1;
+    END;
+    CREATE TRIGGER outbox_uncounted AFTER DELETE ON outbox BEGIN
+        UPDATE totals SET commands = commands - 1, bytes = bytes - OLD.size WHERE id = 1;
+    END;
+    """,
+    # 2: the inbox of commands from the broker (owned by pigateway.inbound)
+    """
+    CREATE TABLE inbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        device TEXT NOT NULL,
+        name TEXT NOT NULL,
+        params TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        expires_at REAL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        started_at REAL,
+        last_error TEXT,
+        status TEXT,
+        result TEXT,
+        finished_at REAL
+    );
+    CREATE INDEX inbox_state ON inbox (state, seq);
+    CREATE INDEX inbox_finished ON inbox (finished_at) WHERE state = 'done';
+    """,
+]
+
+
+# --------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True)
+class Command:
+    """One queued command, as stored."""
+
+    id: str
+    device: str
+    name: str
+    params: dict[str, Any]
+    kind: str
+    queued_at: float
+    expires_at: float | None
+    attempts: int
+    last_error: str | None
+    size: int
+    seq: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, for ``pigateway queue ls --json``."""
+        return {
+            "id": self.id, "kind": self.kind, "device": self.device, "name": self.name,
+            "params": self.params, "queued_at": self.queued_at, "expires_at": self.expires_at,
+            "attempts": self.attempts, "last_error": self.last_error, "size": self.size,
+        }
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A command that left the queue without delivery, and why."""
+
+    command: Command
+    reason: str
+    detail: str | None
+    dead_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.command.as_dict(), "reason": self.reason, "detail": self.detail,
+                "dead_at": self.dead_at}
+
+
+@dataclass(frozen=True)
+class NewCommand:
+    """What a producer hands to :meth:`Store.put_many`."""
+
+    device: str
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    ttl: float | None = None
+    kind: str = "action"
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A snapshot of the queue, read from the rows (never from a cache)."""
+
+    depth: int
+    bytes: int
+    oldest_age: float | None
+    in_flight: int
+    dead: dict[str, int]
+
+    @property
+    def dead_total(self) -> int:
+        return sum(self.dead.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"depth": self.depth, "bytes": self.bytes, "oldest_age": self.oldest_age,
+                "in_flight": self.in_flight, "dead": dict(self.dead),
+                "dead_total": self.dead_total}
+
+
+# --------------------------------------------------------------------------- ids
+
+#: base32 (RFC 4648) letters translated to Crockford's, whose order is the order of values.
+_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567",
+                                b"0123456789ABCDEFGHJKMNPQRSTVWXYZ")
+_last_id = [0, 0]  # (ms, random) of the last id made by this process
+
+
+def new_id() -> str:
+    """A sortable unique id: 26 characters of Crockford base32 (as ULIDs use).
+
+    48 bits of milliseconds then 80 random bits, so ids sort by creation time and are
+    unique across processes. Within one millisecond the random part counts up, so the ids
+    one process makes sort in the order it made them.
+    """
+    ms = time.time_ns() // 1_000_000
+    if ms <= _last_id[0]:
+        ms, rand = _last_id[0], (_last_id[1] + 1) & _RANDOM_MASK
+    else:
+        rand = secrets.randbits(80)
+    _last_id[0], _last_id[1] = ms, rand
+    raw = ((ms << 80) | rand).to_bytes(16, "big")
+    return base64.b32encode(raw)[:26].translate(_TO_CROCKFORD).decode()
+
+
+_RANDOM_MASK = (1 << 80) - 1
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def prepare(item: NewCommand, config: StoreConfig, now: float) -> tuple[Any, ...]:
+    """Check one new command and turn it into a row; raise :class:`InvalidCommand`."""
+    for label, value in (("device", item.device), ("command name", item.name)):
+        if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME:
+            raise InvalidCommand(f"{label} must be a non-empty string of at most {MAX_NAME} "
+                                 f"characters, got {value!r}")
+    if item.kind not in KINDS:
+        raise InvalidCommand(f"kind must be one of {KINDS}, got {item.kind!r}")
+    if not isinstance(item.params, dict):
+        raise InvalidCommand(f"params must be a JSON object, got {type(item.params).__name__}")
+    try:
+        params = _ENCODER.encode(item.params)
+    except (TypeError, ValueError) as exc:
+        raise InvalidCommand(f"params are not JSON: {exc}") from exc
+    size = len(params.encode())
+    if size > config.max_params_bytes:
+        raise InvalidCommand(f"params are {size} bytes; the limit is {config.max_params_bytes} "
+                             "(store.max_params_bytes)")
+    ttl = config.default_ttl if item.ttl is None else item.ttl
+    if not isinstance(ttl, (int, float)) or not 0 <= ttl < float("inf"):
+        raise InvalidCommand(f"ttl must be a number of seconds >= 0, got {item.ttl!r}")
+    expires_at = now + ttl if ttl > 0 else None
+    return (item.id or new_id(), item.kind, item.device, item.name, params, size, now, expires_at)
+
+
+def _row_to_command(row: Sequence[Any]) -> Command:
+    seq, id_, kind, device, name, params, size, queued_at, expires_at, attempts, error = row[:11]
+    return Command(id=id_, device=device, name=name, params=json.loads(params), kind=kind,
+                   queued_at=queued_at, expires_at=expires_at, attempts=attempts,
+                   last_error=error, size=size, seq=seq)
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def _is_sqlite_file(path: Path) -> bool:
+    with path.open("rb") as handle:
+        head = handle.read(len(SQLITE_MAGIC))
+    return head in (SQLITE_MAGIC, b"")
+
+
+def check_integrity(path: Path) -> str | None:
+    """``None`` when the file is a sound SQLite database, else what is wrong with it."""
+    if not path.exists():
+        return None
+    try:
+        if not _is_sqlite_file(path):
+            return "not an SQLite database (bad header)"
+        with contextlib.closing(sqlite3.connect(path, timeout=30)) as conn:
+            rows = conn.execute("PRAGMA quick_check").fetchall()
+    except sqlite3.DatabaseError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from exc
+    verdict = "; ".join(str(row[0]) for row in rows[:5])
+    return None if verdict == "ok" else verdict
+
+
+def quarantine(path: Path, why: str) -> Path:
+    """Move a bad database (and its -wal/-shm) aside; never delete a user's data."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    counter = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{counter}")
+        counter += 1
+    path.rename(target)
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.rename(target.with_name(target.name + suffix))
+    log.critical("queue database %s failed its integrity check (%s); moved it aside as %s "
+                 "and started a fresh queue. Recover commands from it with sqlite3.",
+                 path, why, target)
+    return target
+
+
+def _translate(exc: sqlite3.Error, path: Path) -> StoreError:
+    """Turn an sqlite3 error into the store error a caller can act on."""
+    text = str(exc).lower()
+    if "full" in text or getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return StoreFull(f"the disk under {path} is full; queued commands are kept, new ones "
+                         "are refused until space is freed")
+    if "malformed" in text or "not a database" in text:
+        return StoreCorrupt(f"{path} is corrupt ({exc}); restart pigateway to quarantine it")
+    if "locked" in text or "busy" in text:
+        return StoreError(f"{path} stayed locked by another process: {exc}")
+    return StoreError(f"{path}: {exc}")
+
+
+# --------------------------------------------------------------------------- the store
+
+
+@dataclass
+class _Job:
+    """One unit of work for the writer; puts are coalesced into one transaction."""
+
+    run: Callable[[aiosqlite.Connection], Awaitable[Any]] | None
+    rows: list[tuple[Any, ...]] | None
+    future: asyncio.Future[Any]
+    items: list[NewCommand] = field(default_factory=list)
+    also: Sequence[tuple[str, Sequence[Any]]] = ()
+
+
+class Store:
+    """The queue. Open with ``await Store.open(config)``; use as an async context manager."""
+
+    def __init__(self, config: StoreConfig, writer: aiosqlite.Connection,
+                 reader: aiosqlite.Connection, *, drainer: bool) -> None:
+        self.config = config
+        self.path = config.path
+        self.drainer = drainer
+        self._writer = writer
+        self._reader = reader
+        self._jobs: asyncio.Queue[_Job | None] = asyncio.Queue()
+        self._put_event = asyncio.Event()
+        self._writer_task: asyncio.Task[None] | None = None
+        self._lock_fd: int | None = None
+        self._closed = False
+        self._data_version = 0
+
+    # ---- lifecycle
+
+    @classmethod
+    async def open(cls, config: StoreConfig, *, drainer: bool = True) -> Store:
+        """Open (creating, migrating, quarantining a corrupt file) and start the writer.
+
+        A ``drainer`` (the service) holds an exclusive lock file so that two services never
+        drain one queue, and puts back whatever was in flight when the last one died.
+        Producers (``pigateway send``, the Python API) pass ``drainer=False``.
+        """
+        config.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_fd = _take_drainer_lock(config.path) if drainer else None
+        try:
+            problem = await asyncio.to_thread(check_integrity, config.path)
+            if problem is not None:
+                quarantine(config.path, problem)
+            writer = await _connect(config)
+            try:
+                await _migrate(writer, config.path)
+                reader = await _connect(config)
+            except BaseException:
+                await writer.close()
+                raise
+        except BaseException:
+            _release_lock(lock_fd)
+            raise
+        store = cls(config, writer, reader, drainer=drainer)
+        store._lock_fd = lock_fd
+        if drainer:
+            resumed = await store._resume_in_flight()
+            if resumed:
+                log.warning("%d commands were in flight when pigateway last stopped; "
+                            "they are queued again, first", resumed)
+        store._data_version = await store._read_data_version()
+        store._writer_task = asyncio.create_task(store._write_loop(), name="store-writer")
+        return store
+
+    async def close(self) -> None:
+        """Finish pending writes and close both connections. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer_task is not None:
+            await self._jobs.put(None)
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer_task
+        await self._writer.close()
+        await self._reader.close()
+        _release_lock(self._lock_fd)
+        self._lock_fd = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---- producing
+
+    async def put(self, device: str, name: str, params: dict[str, Any] | None = None, *,
+                  ttl: float | None = None, kind: str = "action", id: str | None = None,
+                  also: Sequence[tuple[str, Sequence[Any]]] = ()) -> Command:
+        """Queue one command; durable on return. ``also`` runs in the same transaction."""
+        item = NewCommand(device=device, name=name, params={} if params is None else params,
+                          ttl=ttl, kind=kind, id=id)
+        commands = await self._submit_put([item], also)
+        return commands[0]
+
+    async def put_many(self, items: Sequence[NewCommand]) -> list[Command]:
+        """Queue a list at once, all or nothing; durable on return."""
+        if not items:
+            return []
+        return await self._submit_put(list(items), ())
+
+    async def _submit_put(self, items: list[NewCommand],
+                          also: Sequence[tuple[str, Sequence[Any]]]) -> list[Command]:
+        now = time.time()
+        # bad input fails here, in the caller, before it can spoil a shared commit
+        rows = [prepare(item, self.config, now) for item in items]
+        future: asyncio.Future[list[Command]] = asyncio.get_running_loop().create_future()
+        await self._enqueue(_Job(run=None, rows=rows, items=items, future=future, also=also))
+        result = await future
+        self._put_event.set()
+        return result
+
+    # ---- draining
+
+    async def claim(self, limit: int) -> list[Command]:
+        """Mark up to ``limit`` of the oldest queued commands in flight and return them.
+
+        Expired commands met on the way are dead-lettered as ``expired`` and not returned.
+        """
+        if not self.drainer:
+            raise StoreError("this store was opened as a producer; only a drainer claims")
+        return await self._call(lambda conn: self._claim(conn, limit))
+
+    async def ack(self, ids: Sequence[str]) -> int:
+        """Delete delivered commands (call only after the broker acknowledged them)."""
+        return await self._call(lambda conn: self._delete(conn, ids))
+
+    async def nack(self, ids: Sequence[str], error: str) -> None:
+        """Put claimed commands back at the head; past ``max_attempts`` they are dead-lettered."""
+        await self._call(lambda conn: self._nack(conn, ids, error))
+
+    async def dead_letter(self, ids: Sequence[str], reason: str,
+                          detail: str | None = None) -> None:
+        """Move commands to the dead-letter table with a reason; logs one warning line."""
+        await self._call(lambda conn: self._bury(conn, _seqs_sql(ids), list(ids), reason, detail))
+
+    # ---- observing
+
+    async def stats(self) -> Stats:
+        """Depth, bytes, oldest age, in flight and dead letters, read from the rows."""
+        commands, size = await self._one("SELECT commands, bytes FROM totals WHERE id = 1")
+        oldest = await self._fetch("SELECT queued_at FROM outbox ORDER BY seq LIMIT 1")
+        in_flight = await self._one("SELECT count(*) FROM inflight")
+        dead = await self._fetch("SELECT reason, count(*) FROM dead_letters GROUP BY reason")
+        age = max(0.0, time.time() - oldest[0][0]) if oldest else None
+        return Stats(depth=commands, bytes=size, oldest_age=age, in_flight=in_flight[0],
+                     dead={reason: count for reason, count in dead})
+
+    async def list_queued(self, limit: int = 100) -> list[Command]:
+        """The oldest ``limit`` commands, in the order they will be sent."""
+        rows = await self._fetch(f"SELECT {_COLUMNS} FROM outbox ORDER BY seq LIMIT ?", (limit,))
+        return [_row_to_command(row) for row in rows]
+
+    async def list_dead(self, limit: int = 100) -> list[DeadLetter]:
+        """The newest ``limit`` dead letters."""
+        rows = await self._fetch(
+            "SELECT 0, id, kind, device, name, params, size, queued_at, expires_at, attempts, "
+            "last_error, reason, detail, dead_at FROM dead_letters ORDER BY dead_at DESC LIMIT ?",
+            (limit,))
+        return [DeadLetter(_row_to_command(row), row[11], row[12], row[13]) for row in rows]
+
+    async def wait_for_work(self, timeout: float) -> None:
+        """Return when a put happened here or another process committed, or after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        self._put_event.clear()
+        while (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._put_event.wait(), min(left, POLL_INTERVAL))
+                return
+            version = await self._read_data_version()
+            if version != self._data_version:
+                self._data_version = version
+                return
+
+    async def ping(self) -> None:
+        """Return once the writer task and its connection answer (for the watchdog)."""
+        await self._call(lambda conn: conn.execute("SELECT 1"))
+
+    # ---- maintenance
+
+    async def requeue_dead(self, id: str | None = None) -> int:
+        """Move dead letters (all, or one by id) back to the tail of the queue, attempts reset."""
+        return await self._call(lambda conn: self._requeue(conn, id))
+
+    async def purge(self, *, queued: bool) -> int:
+        """Delete dead letters, and with ``queued`` the whole queue too. Returns rows deleted."""
+        return await self._call(lambda conn: self._purge(conn, queued))
+
+    async def write(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """Run statements in one durable transaction through the writer."""
+        async def run(conn: aiosqlite.Connection) -> None:
+            for sql, params in statements:
+                await conn.execute(sql, params)
+        await self._call(run)
+
+    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a read-only query on the reader connection."""
+        return await self._fetch(sql, params)
+
+    # ---- the writer: one task, one connection, one commit for many puts
+
+    async def _enqueue(self, job: _Job) -> None:
+        if self._closed:
+            raise StoreError(f"the store {self.path} is closed")
+        await self._jobs.put(job)
+
+    async def _call(self, run: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        await self._enqueue(_Job(run=run, rows=None, future=future))
+        return await future
+
+    async def _write_loop(self) -> None:
+        while True:
+            job = await self._jobs.get()
+            if job is None:
+                return
+            if job.rows is None:
+                await self._run_single(job)
+                continue
+            group = [job]
+            stop = False
+            while len(group) < GROUP_LIMIT and not self._jobs.empty():
+                nxt = self._jobs.get_nowait()
+                if nxt is None:
+                    stop = True
+                    break
+                if nxt.rows is None:
+                    await self._run_puts(group)
+                    group = []
+                    await self._run_single(nxt)
+                    continue
+                group.append(nxt)
+            if group:
+                await self._run_puts(group)
+            if stop:
+                return
+
+    async def _run_single(self, job: _Job) -> None:
+        assert job.run is not None
+        try:
+            result = await self._transaction(job.run)
+        except Exception as exc:
+            _settle(job.future, error=exc)
+        else:
+            _settle(job.future, result=result)
+
+    async def _transaction(self, run: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+        conn = self._writer
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+            result = await run(conn)
+            await conn.commit()
+        except sqlite3.Error as exc:
+            await _rollback(conn)
+            raise _translate(exc, self.path) from exc
+        except BaseException:
+            await _rollback(conn)
+            raise
+        return result
+
+    async def _run_puts(self, group: list[_Job]) -> None:
+        """Commit a group of puts at once; a job that does not fit fails alone."""
+        try:
+            self._check_disk()
+            outcomes = await self._transaction(lambda conn: self._insert_group(conn, group))
+        except Exception as exc:
+            for job in group:
+                _settle(job.future, error=exc)
+            return
+        for job, outcome in zip(group, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                _settle(job.future, error=outcome)
+            else:
+                _settle(job.future, result=outcome)
+
+    def _check_disk(self) -> None:
+        if self.config.min_free_bytes <= 0:
+            return
+        stat = os.statvfs(self.path.parent)
+        free = stat.f_bavail * stat.f_frsize
+        if free < self.config.min_free_bytes:
+            raise StoreFull(f"only {free} bytes free under {self.path.parent}; pigateway keeps "
+                            f"store.min_free_bytes={self.config.min_free_bytes} free. Queued "
+                            "commands are kept; new ones are refused until space is freed")
+
+    async def _insert_group(self, conn: aiosqlite.Connection,
+                            group: list[_Job]) -> list[list[Command] | Exception]:
+        count, size = await _first(conn, "SELECT commands, bytes FROM totals WHERE id = 1")
+        outcomes: list[list[Command] | Exception] = []
+        rows: list[tuple[Any, ...]] = []
+        for job in group:
+            assert job.rows is not None
+            prepared = job.rows
+            need_count, need_bytes = len(prepared), sum(row[5] for row in prepared)
+            refused, freed_count, freed_bytes = await self._make_room(
+                conn, count, size, need_count, need_bytes)
+            if refused is not None:
+                outcomes.append(refused)
+                continue
+            count = count - freed_count + need_count
+            size = size - freed_bytes + need_bytes
+            rows.extend(prepared)
+            for sql, params in job.also:
+                await conn.execute(sql, params)
+            outcomes.append([
+                Command(id=r[0], kind=r[1], device=r[2], name=r[3], params=item.params,
+                        size=r[5], queued_at=r[6], expires_at=r[7], attempts=0,
+                        last_error=None)
+                for r, item in zip(prepared, job.items, strict=True)
+            ])
+        await conn.executemany(
+            "INSERT INTO outbox (id, kind, device, name, params, size, queued_at, expires_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        return outcomes
+
+    async def _make_room(self, conn: aiosqlite.Connection, count: int, size: int,
+                         need_count: int, need_bytes: int) -> tuple[Exception | None, int, int]:
+        """Apply the overflow policy: (refusal or ``None``, commands freed, bytes freed)."""
+        over_count = count + need_count - self.config.max_commands
+        over_bytes = size + need_bytes - self.config.max_bytes
+        if over_count <= 0 and over_bytes <= 0:
+            return None, 0, 0
+        limits = (f"store.max_commands={self.config.max_commands}, "
+                  f"store.max_bytes={self.config.max_bytes}")
+        if self.config.overflow == "reject" or need_count > self.config.max_commands:
+            return QueueFull(f"the queue is full ({count} commands, {size} bytes; {limits}); "
+                             "the command was not queued"), 0, 0
+        freed = await self._drop_oldest(conn, max(over_count, 0), max(over_bytes, 0))
+        if freed is None:
+            return QueueFull(f"the queue is full and every queued command is in flight "
+                             f"({limits}); the command was not queued"), 0, 0
+        return None, *freed
+
+    async def _drop_oldest(self, conn: aiosqlite.Connection, count: int,
+                           nbytes: int) -> tuple[int, int] | None:
+        """Dead-letter the oldest queued commands (never in-flight ones) to free room."""
+        dropped: list[int] = []
+        freed = 0
+        async with conn.execute(
+            "SELECT seq, size FROM outbox WHERE seq NOT IN (SELECT seq FROM inflight) "
+            "ORDER BY seq") as cursor:
+            async for seq, size in cursor:
+                if len(dropped) >= count and freed >= nbytes:
+                    break
+                dropped.append(seq)
+                freed += size
+        if len(dropped) < count or freed < nbytes:
+            return None
+        for chunk in _chunks(dropped, 500):
+            await self._bury_seqs(conn, chunk, "overflow",
+                                  "dropped to make room (store.overflow = drop-oldest)")
+        return len(dropped), freed
+
+    # ---- verbs, each inside the writer's transaction
+
+    async def _claim(self, conn: aiosqlite.Connection, limit: int) -> list[Command]:
+        claimed: list[Command] = []
+        now = time.time()
+        while len(claimed) < limit:
+            rows = await _all(
+                conn, f"SELECT {_COLUMNS} FROM outbox WHERE seq NOT IN (SELECT seq FROM "
+                "inflight) ORDER BY seq LIMIT ?", (limit - len(claimed),))
+            if not rows:
+                break
+            expired = [row[0] for row in rows if row[8] is not None and row[8] <= now]
+            if expired:
+                await self._bury_seqs(conn, expired, "expired", "its ttl ran out before it "
+                                      "could be sent")
+            live = [row for row in rows if row[0] not in set(expired)]
+            await conn.executemany("INSERT INTO inflight (seq, claimed_at) VALUES (?, ?)",
+                                   [(row[0], now) for row in live])
+            claimed.extend(_row_to_command(row) for row in live)
+        return claimed
+
+    async def _delete(self, conn: aiosqlite.Connection, ids: Sequence[str]) -> int:
+        total = 0
+        for chunk in _chunks(list(ids), 500):
+            marks = ",".join("?" * len(chunk))
+            await conn.execute(f"DELETE FROM inflight WHERE seq IN (SELECT seq FROM outbox "
+                               f"WHERE id IN ({marks}))", chunk)
+            cursor = await conn.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)
+            total += cursor.rowcount
+        return total
+
+    async def _nack(self, conn: aiosqlite.Connection, ids: Sequence[str], error: str) -> None:
+        for chunk in _chunks(list(ids), 500):
+            marks = ",".join("?" * len(chunk))
+            await conn.execute(f"DELETE FROM inflight WHERE seq IN (SELECT seq FROM outbox "
+                               f"WHERE id IN ({marks}))", chunk)
+            await conn.execute(f"UPDATE outbox SET attempts = attempts + 1, last_error = ? "
+                               f"WHERE id IN ({marks})", (error, *chunk))
+            spent = await _all(conn, f"SELECT seq FROM outbox WHERE id IN ({marks}) AND "
+                               "attempts >= ?", (*chunk, self.config.max_attempts))
+            if spent:
+                await self._bury_seqs(conn, [row[0] for row in spent], "max-attempts",
+                                      f"gave up after {self.config.max_attempts} attempts; "
+                                      f"last error: {error}")
+
+    async def _bury(self, conn: aiosqlite.Connection, where: str, params: Sequence[Any],
+                    reason: str, detail: str | None) -> None:
+        seqs = [row[0] for row in await _all(conn, f"SELECT seq FROM outbox WHERE {where}",
+                                             params)]
+        await self._bury_seqs(conn, seqs, reason, detail)
+
+    async def _bury_seqs(self, conn: aiosqlite.Connection, seqs: Sequence[int], reason: str,
+                         detail: str | None) -> None:
+        """Move rows to ``dead_letters`` with a reason, and say so once in the log."""
+        if not seqs:
+            return
+        now = time.time()
+        for chunk in _chunks(list(seqs), 500):
+            marks = ",".join("?" * len(chunk))
+            await conn.execute(
+                "INSERT OR REPLACE INTO dead_letters (id, kind, device, name, params, size, "
+                "queued_at, expires_at, attempts, last_error, reason, detail, dead_at) "
+                "SELECT id, kind, device, name, params, size, queued_at, expires_at, attempts, "
+                f"last_error, ?, ?, ? FROM outbox WHERE seq IN ({marks})",
+                (reason, detail, now, *chunk))
+            await conn.execute(f"DELETE FROM inflight WHERE seq IN ({marks})", chunk)
+            await conn.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", chunk)
+        log.warning("dead-lettered %d command(s): %s (%s); see `pigateway queue ls --dead`",
+                    len(seqs), reason, detail or "no detail",
+                    extra={"dead_reason": reason, "dead_count": len(seqs)})
+
+    async def _requeue(self, conn: aiosqlite.Connection, id_: str | None) -> int:
+        where, params = ("WHERE id = ?", (id_,)) if id_ else ("", ())
+        ttl = self.config.default_ttl
+        now = time.time()
+        await conn.execute(
+            "INSERT INTO outbox (id, kind, device, name, params, size, queued_at, expires_at) "
+            "SELECT id, kind, device, name, params, size, ?, "
+            f"CASE WHEN ? > 0 THEN ? + ? ELSE NULL END FROM dead_letters {where} "
+            "ORDER BY dead_at, queued_at", (now, ttl, now, ttl, *params))
+        cursor = await conn.execute(f"DELETE FROM dead_letters {where}", params)
+        return cursor.rowcount
+
+    async def _purge(self, conn: aiosqlite.Connection, queued: bool) -> int:
+        total = (await conn.execute("DELETE FROM dead_letters")).rowcount
+        if queued:
+            await conn.execute("DELETE FROM inflight")
+            total += (await conn.execute("DELETE FROM outbox")).rowcount
+        return total
+
+    async def _resume_in_flight(self) -> int:
+        async def run(conn: aiosqlite.Connection) -> int:
+            return (await conn.execute("DELETE FROM inflight")).rowcount
+        return await self._transaction(run)
+
+    # ---- reading
+
+    async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return await _all(self._reader, sql, params)
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from exc
+
+    async def _one(self, sql: str) -> tuple[Any, ...]:
+        rows = await self._fetch(sql)
+        return rows[0]
+
+    async def _read_data_version(self) -> int:
+        return int((await self._one("PRAGMA data_version"))[0])
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+async def _connect(config: StoreConfig) -> aiosqlite.Connection:
+    try:
+        conn = await aiosqlite.connect(config.path, timeout=config.busy_timeout,
+                                       isolation_level=None)
+    except sqlite3.Error as exc:
+        raise _translate(exc, config.path) from exc
+    try:
+        await conn.execute("PRAGMA journal_mode = WAL")
+        await conn.execute(f"PRAGMA synchronous = {config.synchronous.upper()}")
+        await conn.execute(f"PRAGMA busy_timeout = {int(config.busy_timeout * 1000)}")
+        await conn.execute("PRAGMA cache_size = -2000")
+    except sqlite3.Error as exc:
+        await conn.close()
+        raise _translate(exc, config.path) from exc
+    return conn
+
+
+async def _migrate(conn: aiosqlite.Connection, path: Path) -> None:
+    """Bring the schema forward to the newest version, one transaction per step."""
+    try:
+        version = int((await _first(conn, "PRAGMA user_version"))[0])
+        if version > len(MIGRATIONS):
+            raise StoreError(f"{path} has schema version {version}, newer than this pigateway "
+                             f"knows ({len(MIGRATIONS)}); upgrade pigateway")
+        for number in range(version, len(MIGRATIONS)):
+            await conn.execute("BEGIN IMMEDIATE")
+            current = int((await _first(conn, "PRAGMA user_version"))[0])
+            if current > number:  # another process migrated meanwhile
+                await conn.rollback()
+                continue
+            for statement in _statements(MIGRATIONS[number]):
+                await conn.execute(statement)
+            await conn.execute(f"PRAGMA user_version = {number + 1}")
+            await conn.commit()
+    except sqlite3.Error as exc:
+        await _rollback(conn)
+        raise _translate(exc, path) from exc
+
+
+def _statements(script: str) -> Iterable[str]:
+    """Split a migration script into statements (triggers contain ';' inside BEGIN..END)."""
+    buffer = ""
+    for line in script.strip().splitlines():
+        buffer += line + "\n"
+        if sqlite3.complete_statement(buffer):
+            yield buffer.strip()
+            buffer = ""
+    if buffer.strip():
+        yield buffer.strip()
+
+
+async def _first(conn: aiosqlite.Connection, sql: str,
+                 params: Sequence[Any] = ()) -> tuple[Any, ...]:
+    async with conn.execute(sql, params) as cursor:
+        row = await cursor.fetchone()
+    assert row is not None, sql
+    return tuple(row)
+
+
+async def _all(conn: aiosqlite.Connection, sql: str,
+               params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    async with conn.execute(sql, params) as cursor:
+        return [tuple(row) for row in await cursor.fetchall()]
+
+
+async def _rollback(conn: aiosqlite.Connection) -> None:
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            await conn.rollback()
+
+
+def _settle(future: asyncio.Future[Any], *, result: Any = None,
+            error: BaseException | None = None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _seqs_sql(ids: Sequence[str]) -> str:
+    return f"id IN ({','.join('?' * len(ids))})" if ids else "0"
+
+
+def _take_drainer_lock(path: Path) -> int:
+    """One drainer per queue: an exclusive, non-blocking lock on ``<db>.lock``."""
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        os.close(fd)
+        raise StoreError(f"another pigateway service is already draining {path} "
+                         f"(it holds {lock_path}); stop it first") from exc
+    return fd
+
+
+def _release_lock(fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

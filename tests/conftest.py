@@ -1,0 +1,37 @@
+"""Shared fixtures: a real mosquitto per test, and a store config in a temporary folder."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from broker import Mosquitto, mosquitto_binary  # noqa: E402
+
+from pigateway.config import StoreConfig  # noqa: E402
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A real broker on a free loopback port, killed at the end of the test."""
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto is not installed; scripts/test installs it")
+    with Mosquitto(tmp_path / "broker") as broker:
+        yield broker
+
+
+@pytest.fixture
+def store_config(tmp_path: Path) -> StoreConfig:
+    """A store in the test's own folder, with the default limits."""
+    return StoreConfig(path=tmp_path / "queue.db", min_free_bytes=0)
+
+
+@pytest.fixture
+def unique_prefix() -> str:
+    """A topic prefix of its own for each test, so retained messages never leak."""
+    return f"t{uuid.uuid4().hex[:10]}"
