@@ -1,0 +1,343 @@
+"""Batching: pyoverkiz's action-queue rules, applied to what the drain claims from the store.
+
+A command is durable the moment ``put`` returns, so nothing waits in memory *before* the
+commit; batching only decides how rows that are already on disk travel to the broker:
+
+- one action per device per batch; a later command of the same device is appended to that
+  device's ``commands``, in the order it was put (per-device order holds across batches,
+  because once a device's command is left for the next batch, all its later ones are too);
+- at most ``max_actions`` devices and ``max_batch_bytes`` bytes of JSON per batch;
+- the window ``batch_delay`` starts at the first pending command (its ``queued_at``) and is
+  not reset by later ones, so a backlog goes at once; :meth:`Batcher.flush` ends it now;
+- a command that alone does not fit in ``max_batch_bytes`` is dead-lettered ``too-large``
+  (never retried forever), one past its TTL ``expired`` (stale commands are never replayed
+  to a physical device);
+- rows of kind ``result`` travel alone, one message each, on the results topic.
+
+The pure functions (:func:`encode_command`, :func:`take_batch`, :func:`plan`) are what the
+tests call directly; :class:`Batcher` is the small async driver between store and uplink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, Protocol, TypeVar
+
+WIRE_VERSION = 1
+REASON_TOO_LARGE = "too-large"
+REASON_EXPIRED = "expired"
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+class Queued(Protocol):
+    """What batching needs of a claimed row (the store's ``Command`` has all of it)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def params(self) -> dict[str, Any]: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def queued_at(self) -> float: ...
+    @property
+    def expires_at(self) -> float | None: ...
+    @property
+    def size(self) -> int: ...
+
+
+C = TypeVar("C", bound=Queued)
+
+
+class WorkSource(Protocol[C]):
+    """The part of the store the batcher uses (narrow on purpose: tests can read it at a glance)."""
+
+    async def claim(self, limit: int) -> list[C]: ...
+    async def wait_for_work(self, timeout: float) -> None: ...
+    async def dead_letter(
+        self, ids: Sequence[str], reason: str, detail: str | None = None
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The limits of one batch, from ``[uplink]`` plus the gateway id that goes in every batch."""
+
+    gateway: str
+    max_actions: int = 50
+    max_batch_bytes: int = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Batch(Generic[C]):
+    """One MQTT message: a batch of actions, or a single result document."""
+
+    id: str
+    kind: Literal["actions", "results"]
+    commands: tuple[C, ...]
+    payload: bytes
+
+    @property
+    def ids(self) -> list[str]:
+        return [command.id for command in self.commands]
+
+
+@dataclass(frozen=True)
+class Take(Generic[C]):
+    """What :func:`take_batch` made of the pending rows."""
+
+    batch: Batch[C] | None
+    rest: list[C]
+    too_large: list[C] = field(default_factory=list)
+    expired: list[C] = field(default_factory=list)
+
+
+def new_id(now: float | None = None) -> str:
+    """A sortable unique id (ULID layout: 48 bits of milliseconds, 80 random bits, 26 chars)."""
+    millis = int((time.time() if now is None else now) * 1000)
+    value = (millis << 80) | int.from_bytes(os.urandom(10), "big")
+    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def encode_command(command: Queued) -> str:
+    """The wire form of one command inside a batch: ``{"id","name","params","queued_at"}``."""
+    return _json({
+        "id": command.id, "name": command.name, "params": command.params,
+        "queued_at": command.queued_at,
+    })
+
+
+def is_expired(command: Queued, now: float) -> bool:
+    return command.expires_at is not None and command.expires_at <= now
+
+
+class _Builder:
+    """Assembles one actions batch, keeping its exact JSON size as commands are added."""
+
+    def __init__(self, rules: Rules, batch_id: str, sent_at: float) -> None:
+        self.rules = rules
+        self.head = (
+            f'{{"v":{WIRE_VERSION},"gateway":{_json(rules.gateway)},"batch":{_json(batch_id)},'
+            f'"sent_at":{sent_at:.3f},"actions":['
+        )
+        self.batch_id = batch_id
+        self.actions: dict[str, list[str]] = {}
+        self.members: list[Queued] = []
+        self.size = len(self.head.encode()) + len("]}")
+
+    @staticmethod
+    def _action_frame(device: str) -> int:
+        return len(f'{{"device":{_json(device)},"commands":[]}}'.encode())
+
+    def cost(self, device: str, encoded: str) -> int:
+        """Bytes that adding ``encoded`` for ``device`` would add to the payload."""
+        size = len(encoded.encode())
+        if device in self.actions:
+            return size + 1
+        return size + self._action_frame(device) + (1 if self.actions else 0)
+
+    def fits(self, device: str, encoded: str) -> bool:
+        if device not in self.actions and len(self.actions) >= self.rules.max_actions:
+            return False
+        return self.size + self.cost(device, encoded) <= self.rules.max_batch_bytes
+
+    def add(self, command: Queued, encoded: str) -> None:
+        self.size += self.cost(command.device, encoded)
+        self.actions.setdefault(command.device, []).append(encoded)
+        self.members.append(command)
+
+    def payload(self) -> bytes:
+        actions = ",".join(
+            f'{{"device":{_json(device)},"commands":[{",".join(commands)}]}}'
+            for device, commands in self.actions.items()
+        )
+        return f"{self.head}{actions}]}}".encode()
+
+
+def fits_alone(command: Queued, rules: Rules, encoded: str | None = None) -> bool:
+    """Whether a command can travel at all under ``max_batch_bytes``."""
+    if command.kind == "result":
+        return len(_json(command.params).encode()) <= rules.max_batch_bytes
+    builder = _Builder(rules, new_id(0), time.time())
+    return builder.fits(command.device, encoded or encode_command(command))
+
+
+def take_batch(pending: Sequence[C], rules: Rules, *, now: float,
+               batch_id: str | None = None) -> Take[C]:
+    """Take the next batch from ``pending`` (oldest first); return it with what is left.
+
+    A result row at the head travels alone. Otherwise the action rows are packed in order,
+    skipping result rows (they stay pending) and any device that already had to wait.
+    """
+    expired = [c for c in pending if is_expired(c, now)]
+    live = [c for c in pending if not is_expired(c, now)]
+    if not live:
+        return Take(None, [], expired=expired)
+    if live[0].kind == "result":
+        return _take_result(live, rules, expired)
+    return _take_actions(live, rules, now, batch_id or new_id(now), expired)
+
+
+def _take_result(live: list[C], rules: Rules, expired: list[C]) -> Take[C]:
+    head, rest = live[0], live[1:]
+    payload = _json(head.params).encode()
+    if len(payload) > rules.max_batch_bytes:
+        return Take(None, rest, too_large=[head], expired=expired)
+    return Take(Batch(head.id, "results", (head,), payload), rest, expired=expired)
+
+
+def _take_actions(live: list[C], rules: Rules, now: float, batch_id: str,
+                  expired: list[C]) -> Take[C]:
+    builder = _Builder(rules, batch_id, now)
+    waiting: set[str] = set()
+    rest: list[C] = []
+    too_large: list[C] = []
+    for command in live:
+        if command.kind == "result" or command.device in waiting:
+            rest.append(command)
+            continue
+        encoded = encode_command(command)
+        if builder.fits(command.device, encoded):
+            builder.add(command, encoded)
+        elif not fits_alone(command, rules, encoded):
+            too_large.append(command)
+        else:
+            waiting.add(command.device)
+            rest.append(command)
+    batch = Batch(batch_id, "actions", tuple(builder.members), builder.payload()) \
+        if builder.members else None
+    return Take(batch, rest, too_large=too_large, expired=expired)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Plan(Generic[C]):
+    """Every batch a set of rows makes, in sending order, and the rows that cannot travel."""
+
+    batches: list[Batch[C]]
+    too_large: list[C]
+    expired: list[C]
+
+
+def plan(commands: Sequence[C], rules: Rules, *, now: float) -> Plan[C]:
+    """All the batches ``commands`` make, in sending order (for tests and the bench)."""
+    result: Plan[C] = Plan([], [], [])
+    pending = list(commands)
+    while pending:
+        take = take_batch(pending, rules, now=now)
+        result.too_large.extend(take.too_large)
+        result.expired.extend(take.expired)
+        if take.batch is not None:
+            result.batches.append(take.batch)
+        pending = take.rest
+    return result
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+class Batcher(Generic[C]):
+    """Claims rows from the store and hands out one batch at a time, under the window rules.
+
+    Rows it has claimed but not yet handed out stay in :attr:`pending` (in flight in the
+    store's eyes); the uplink gives them back with :meth:`give_back` when it stops.
+    """
+
+    def __init__(self, store: WorkSource[C], rules: Rules, *, batch_delay: float,
+                 claim_limit: int = 500, idle_poll: float = 5.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.rules = rules
+        self.batch_delay = batch_delay
+        self.claim_limit = claim_limit
+        self.idle_poll = idle_poll
+        self.clock = clock
+        self.pending: list[C] = []
+        self._flush = asyncio.Event()
+
+    def flush(self) -> None:
+        """End the current window now: what is pending goes at once."""
+        self._flush.set()
+
+    def give_back(self) -> list[str]:
+        """Forget the pending rows and return their ids (the caller nacks them)."""
+        ids = [command.id for command in self.pending]
+        self.pending = []
+        return ids
+
+    async def next_batch(self) -> Batch[C]:
+        """Wait for work and the window, then return the next batch to publish."""
+        while True:
+            await self._gather()
+            take = take_batch(self.pending, self.rules, now=self.clock())
+            self.pending = take.rest
+            await self._discard(take)
+            if not self.pending:
+                self._flush.clear()
+            if take.batch is not None:
+                return take.batch
+
+    async def _gather(self) -> None:
+        """Fill :attr:`pending` until the window of its oldest row is over (or a flush, or full)."""
+        while not self.pending:
+            if not await self._claim():
+                self._flush.clear()
+                await self._wait(self.idle_poll)
+        deadline = min(c.queued_at for c in self.pending) + self.batch_delay
+        while not self._flush.is_set() and not self._full():
+            left = deadline - self.clock()
+            if left <= 0:
+                break
+            await self._wait(left)
+            await self._claim()
+        if not self._full():
+            await self._claim()
+
+    def _full(self) -> bool:
+        """A cheap estimate of whether pending already makes at least one whole batch."""
+        devices = {c.device for c in self.pending}
+        size = sum(c.size + len(c.name) + 96 for c in self.pending)
+        return len(devices) >= self.rules.max_actions or size >= self.rules.max_batch_bytes
+
+    async def _claim(self) -> int:
+        got = await self.store.claim(self.claim_limit)
+        self.pending.extend(got)
+        return len(got)
+
+    async def _wait(self, seconds: float) -> None:
+        """Until the store sees new work, a flush, or ``seconds`` pass."""
+        if self._flush.is_set():
+            return
+        work = asyncio.ensure_future(self.store.wait_for_work(seconds))
+        flushed = asyncio.ensure_future(self._flush.wait())
+        try:
+            await asyncio.wait({work, flushed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (work, flushed):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _discard(self, take: Take[C]) -> None:
+        if take.too_large:
+            await self.store.dead_letter(
+                [c.id for c in take.too_large], REASON_TOO_LARGE,
+                f"bigger than uplink.max_batch_bytes={self.rules.max_batch_bytes}",
+            )
+        if take.expired:
+            await self.store.dead_letter([c.id for c in take.expired], REASON_EXPIRED,
+                                         "ttl passed before it could be sent")

@@ -1,0 +1,154 @@
+"""Batching rules (pyoverkiz's action queue) as pure functions, checked against the contract."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pigateway.batching import Rules, encode_command, fits_alone, new_id, plan, take_batch
+
+
+@dataclass(frozen=True)
+class Row:
+    """A claimed row with the fields batching reads (the store's Command has the same ones)."""
+
+    id: str
+    device: str
+    name: str = "set"
+    params: dict[str, Any] = field(default_factory=dict)
+    kind: str = "action"
+    queued_at: float = 1_700_000_000.0
+    expires_at: float | None = None
+
+    @property
+    def size(self) -> int:
+        return len(json.dumps(self.params))
+
+
+def rows(spec: list[tuple[str, int]]) -> list[Row]:
+    """Rows for (device, params size) pairs, ids in put order."""
+    return [Row(id=f"c{i:05d}", device=dev, params={"pad": "x" * size})
+            for i, (dev, size) in enumerate(spec)]
+
+
+RULES = Rules(gateway="gw-1", max_actions=3, max_batch_bytes=2048)
+NOW = 1_700_000_100.0
+
+
+def test_one_action_per_device_in_put_order() -> None:
+    pending = rows([("a", 1), ("b", 1), ("a", 2), ("c", 1), ("a", 3)])
+    take = take_batch(pending, RULES, now=NOW, batch_id="B1")
+    assert take.batch is not None and take.rest == []
+    doc = json.loads(take.batch.payload)
+    assert doc["v"] == 1 and doc["gateway"] == "gw-1" and doc["batch"] == "B1"
+    assert doc["sent_at"] == NOW
+    assert [a["device"] for a in doc["actions"]] == ["a", "b", "c"]
+    assert [c["id"] for c in doc["actions"][0]["commands"]] == ["c00000", "c00002", "c00004"]
+    first = doc["actions"][0]["commands"][0]
+    assert set(first) == {"id", "name", "params", "queued_at"}
+    assert take.batch.ids == [r.id for r in pending]
+
+
+def test_max_actions_leaves_the_fourth_device_for_the_next_batch() -> None:
+    pending = rows([("a", 1), ("b", 1), ("c", 1), ("d", 1), ("a", 1), ("d", 1)])
+    take = take_batch(pending, RULES, now=NOW)
+    assert take.batch is not None
+    devices = [a["device"] for a in json.loads(take.batch.payload)["actions"]]
+    assert devices == ["a", "b", "c"]
+    assert [r.id for r in take.rest] == ["c00003", "c00005"]
+
+
+def test_bytes_limit_is_exact_and_respected() -> None:
+    pending = rows([("a", 300), ("b", 300), ("a", 300), ("b", 300), ("a", 300), ("c", 300)])
+    result = plan(pending, RULES, now=NOW)
+    assert len(result.batches) >= 2
+    for batch in result.batches:
+        assert len(batch.payload) <= RULES.max_batch_bytes
+        json.loads(batch.payload)
+    # packing is tight: the first batch could not take the next command of any device in it
+    assert len(result.batches[0].payload) > RULES.max_batch_bytes - 400
+
+
+def test_a_command_bigger_than_a_batch_is_too_large_and_others_still_go() -> None:
+    pending = rows([("a", 10), ("b", 5000), ("b", 10)])
+    result = plan(pending, RULES, now=NOW)
+    assert [r.id for r in result.too_large] == ["c00001"]
+    assert [i for b in result.batches for i in b.ids] == ["c00000", "c00002"]
+    assert not fits_alone(pending[1], RULES)
+
+
+def test_expired_rows_are_separated_at_send_time() -> None:
+    fresh = Row(id="c1", device="a", expires_at=NOW + 10)
+    stale = Row(id="c2", device="a", expires_at=NOW - 1)
+    take = take_batch([stale, fresh], RULES, now=NOW)
+    assert [r.id for r in take.expired] == ["c2"]
+    assert take.batch is not None and take.batch.ids == ["c1"]
+
+
+def test_results_travel_alone_and_keep_their_document() -> None:
+    result_doc = {"v": 1, "id": "x1", "status": "ok", "finished_at": NOW}
+    pending = [Row(id="r1", device="a", kind="result", params=result_doc),
+               Row(id="c1", device="a"), Row(id="c2", device="b")]
+    first = take_batch(pending, RULES, now=NOW)
+    assert first.batch is not None and first.batch.kind == "results"
+    assert json.loads(first.batch.payload) == result_doc
+    second = take_batch(first.rest, RULES, now=NOW)
+    assert second.batch is not None and second.batch.kind == "actions"
+    assert second.batch.ids == ["c1", "c2"]
+
+
+def test_result_rows_behind_actions_wait_for_the_next_take() -> None:
+    pending = [Row(id="c1", device="a"), Row(id="r1", device="a", kind="result",
+                                                params={"v": 1, "id": "z"})]
+    take = take_batch(pending, RULES, now=NOW)
+    assert take.batch is not None and take.batch.ids == ["c1"]
+    assert [r.id for r in take.rest] == ["r1"]
+
+
+def test_new_ids_are_sortable_and_unique() -> None:
+    ids = [new_id(1_700_000_000.0 + i / 1000) for i in range(200)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == 200 and all(len(i) == 26 for i in ids)
+    assert new_id() > new_id(time.time() - 10)
+
+
+def test_encode_command_is_compact_utf8_json() -> None:
+    row = Row(id="c1", device="a", params={"name": "Küche"})
+    text = encode_command(row)
+    assert "Küche" in text and " " not in text
+    assert json.loads(text) == {"id": "c1", "name": "set", "params": {"name": "Küche"},
+                                "queued_at": row.queued_at}
+
+
+devices = st.sampled_from([f"dev{i}" for i in range(6)])
+
+
+@settings(max_examples=150, deadline=None)
+@given(spec=st.lists(st.tuples(devices, st.integers(0, 900)), max_size=60),
+       max_actions=st.integers(1, 5), max_bytes=st.integers(600, 4000))
+def test_any_backlog_keeps_every_rule(spec: list[tuple[str, int]], max_actions: int,
+                                      max_bytes: int) -> None:
+    rules = Rules(gateway="gw", max_actions=max_actions, max_batch_bytes=max_bytes)
+    pending = rows(spec)
+    result = plan(pending, rules, now=NOW)
+    sent: list[str] = []
+    for batch in result.batches:
+        doc = json.loads(batch.payload)
+        assert len(batch.payload) <= max_bytes
+        assert len(doc["actions"]) <= max_actions
+        assert len({a["device"] for a in doc["actions"]}) == len(doc["actions"])
+        sent += [c["id"] for a in doc["actions"] for c in a["commands"]]
+    too_large = {r.id for r in result.too_large}
+    assert sorted(sent) == sorted(r.id for r in pending if r.id not in too_large)
+    assert len(sent) == len(set(sent))
+    for r in result.too_large:
+        assert not fits_alone(r, rules)
+    order = {i: n for n, i in enumerate(sent)}
+    for dev in {d for d, _ in spec}:
+        mine = [r.id for r in pending if r.device == dev and r.id in order]
+        assert sorted(mine, key=order.__getitem__) == mine
