@@ -1,0 +1,336 @@
+"""The ``pigateway`` command line. Its verbs, options and exit codes are a contract.
+
+Exit codes: 0 done; 1 the service or store failed; 2 bad input (arguments, config,
+params); 3 the queue refused the command (full queue, full disk); 4 the service is not
+running (for verbs that need it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from pigateway import __version__
+from pigateway import config as configuration
+from pigateway.errors import (
+    ConfigError,
+    InvalidCommand,
+    PigatewayError,
+    QueueFull,
+    ServiceNotRunning,
+    StoreFull,
+)
+from pigateway.store import Store
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_NOT_RUNNING = 0, 1, 2, 3, 4
+
+#: Which error means which exit code (most specific first).
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (ConfigError, EXIT_BAD_INPUT),
+    (InvalidCommand, EXIT_BAD_INPUT),
+    (QueueFull, EXIT_REFUSED),
+    (StoreFull, EXIT_REFUSED),
+    (ServiceNotRunning, EXIT_NOT_RUNNING),
+    (PigatewayError, EXIT_FAILED),
+)
+
+
+class UsageError(PigatewayError):
+    """Bad command-line input (exit 2)."""
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_params(pairs: Sequence[str], params_json: str | None) -> dict[str, Any]:
+    """Build a command's params from ``--params-json`` and ``--param KEY=VALUE`` pairs.
+
+    A VALUE that reads as JSON (``5``, ``true``, ``"x"``, ``[1,2]``) is taken as that; any
+    other text is a string. ``--param`` wins over the same key in ``--params-json``.
+    """
+    params: dict[str, Any] = {}
+    if params_json is not None:
+        try:
+            loaded = json.loads(params_json)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--params-json is not valid JSON: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise UsageError(f"--params-json must be a JSON object, got {type(loaded).__name__}")
+        params.update(loaded)
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--param {pair!r} must look like KEY=VALUE")
+        try:
+            params[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key.strip()] = raw
+    return params
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line, one subparser per verb."""
+    parser = argparse.ArgumentParser(
+        prog="pigateway",
+        description="Durable device commands from a Raspberry Pi gateway to MQTT.")
+    parser.add_argument("--version", action="version", version=f"pigateway {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", metavar="FILE",
+        help="config file (default: $PIGATEWAY_CONFIG or /etc/pigateway/config.toml)")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    run = verbs.add_parser("run", parents=[common], help="run the service")
+    run.set_defaults(handler=cmd_run)
+
+    send = verbs.add_parser("send", parents=[common],
+                            help="queue one command (durable on exit 0)")
+    send.add_argument("--device", required=True)
+    send.add_argument("--command", required=True, dest="name")
+    send.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    send.add_argument("--params-json", metavar="JSON")
+    send.add_argument("--ttl", type=float, metavar="SECONDS")
+    send.set_defaults(handler=cmd_send)
+
+    _add_queue_verbs(verbs, common)
+    _add_service_verbs(verbs, common)
+
+    cfg = verbs.add_parser("config", help="check the config").add_subparsers(
+        dest="config_verb", required=True, metavar="VERB")
+    check = cfg.add_parser("check", parents=[common],
+                           help="validate and print the effective config")
+    check.set_defaults(handler=cmd_config_check)
+
+    inbox = verbs.add_parser("inbox", help="commands from the broker").add_subparsers(
+        dest="inbox_verb", required=True, metavar="VERB")
+    inbox_ls = inbox.add_parser("ls", parents=[common],
+                                help="pending, running and finished commands")
+    inbox_ls.add_argument("--limit", type=int, default=100)
+    inbox_ls.add_argument("--json", action="store_true")
+    inbox_ls.set_defaults(handler=cmd_inbox_ls)
+    return parser
+
+
+def _add_queue_verbs(verbs: Any, common: argparse.ArgumentParser) -> None:
+    queue = verbs.add_parser("queue", help="look at and repair the queue").add_subparsers(
+        dest="queue_verb", required=True, metavar="VERB")
+    ls = queue.add_parser("ls", parents=[common], help="list queued (or dead) commands")
+    ls.add_argument("--dead", action="store_true", help="list dead letters instead")
+    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(handler=cmd_queue_ls)
+    stats = queue.add_parser("stats", parents=[common], help="depth, bytes, age, dead letters")
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(handler=cmd_queue_stats)
+    requeue = queue.add_parser("requeue-dead", parents=[common],
+                               help="send dead letters again (all, or one --id)")
+    requeue.add_argument("--id")
+    requeue.set_defaults(handler=cmd_queue_requeue)
+    purge = queue.add_parser("purge", parents=[common], help="delete dead letters or everything")
+    which = purge.add_mutually_exclusive_group(required=True)
+    which.add_argument("--dead", action="store_true", help="delete the dead letters")
+    which.add_argument("--all", action="store_true", help="delete the queue and the dead letters")
+    purge.add_argument("--yes", action="store_true", help="really delete")
+    purge.set_defaults(handler=cmd_queue_purge)
+
+
+def _add_service_verbs(verbs: Any, common: argparse.ArgumentParser) -> None:
+    status = verbs.add_parser("status", parents=[common], help="what the gateway is doing")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=cmd_status)
+    for verb, text in (("pause", "stop draining (queueing goes on)"), ("resume", "drain again"),
+                       ("flush", "send the batch window now and retry the link at once")):
+        sub = verbs.add_parser(verb, parents=[common], help=text)
+        sub.set_defaults(handler=cmd_control, control_verb=verb)
+
+
+# --------------------------------------------------------------------------- verbs
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    from pigateway import app  # noqa: PLC0415 - the service pulls in MQTT and GPIO; send does not
+
+    await app.run(_load(args))
+    return EXIT_OK
+
+
+async def cmd_send(args: argparse.Namespace) -> int:
+    config = _load(args)
+    params = parse_params(args.param, args.params_json)
+    async with await Store.open(config.store, drainer=False) as store:
+        command = await store.put(args.device, args.name, params, ttl=args.ttl)
+    print(command.id)
+    return EXIT_OK
+
+
+async def cmd_queue_ls(args: argparse.Namespace) -> int:
+    async with await _open_store(args) as store:
+        items = await (store.list_dead(args.limit) if args.dead else store.list_queued(args.limit))
+    rows = [item.as_dict() for item in items]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif args.dead:
+        _table(rows, ("id", "device", "name", "reason", "attempts", "detail"))
+    else:
+        _table(rows, ("id", "device", "name", "attempts", "queued_at", "last_error"))
+    return EXIT_OK
+
+
+async def cmd_queue_stats(args: argparse.Namespace) -> int:
+    async with await _open_store(args) as store:
+        stats = (await store.stats()).as_dict()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        print(_stats_text(stats))
+    return EXIT_OK
+
+
+async def cmd_queue_requeue(args: argparse.Namespace) -> int:
+    async with await _open_store(args) as store:
+        count = await store.requeue_dead(args.id)
+    if args.id and count == 0:
+        raise UsageError(f"no dead letter has id {args.id!r}")
+    print(f"requeued {count} dead letter(s)")
+    return EXIT_OK
+
+
+async def cmd_queue_purge(args: argparse.Namespace) -> int:
+    what = "the whole queue and every dead letter" if args.all else "every dead letter"
+    if not args.yes:
+        raise UsageError(f"this deletes {what}; add --yes to confirm")
+    async with await _open_store(args) as store:
+        count = await store.purge(queued=args.all)
+    print(f"deleted {count} row(s): {what}")
+    return EXIT_OK
+
+
+async def cmd_config_check(args: argparse.Namespace) -> int:
+    config = _load(args)
+    print(f"# {config.source}: valid")
+    print(json.dumps(config.as_dict(), indent=2, default=str))
+    return EXIT_OK
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    from pigateway import control  # noqa: PLC0415
+
+    config = _load(args)
+    try:
+        reply = await control.request(config.control.socket, "status")
+        state: dict[str, Any] = {"running": True, **reply.get("state", {})}
+    except ServiceNotRunning as exc:
+        async with await Store.open(config.store, drainer=False) as store:
+            stats = (await store.stats()).as_dict()
+        state = {"running": False, "why": str(exc), **stats}
+    if args.json:
+        print(json.dumps(state, indent=2, default=str))
+    elif state["running"]:
+        print("\n".join(f"{key:>12}: {value}" for key, value in state.items()))
+    else:
+        print(f"{state['why']}; the queue on disk:")
+        print(_stats_text(state))
+    return EXIT_OK
+
+
+async def cmd_control(args: argparse.Namespace) -> int:
+    from pigateway import control  # noqa: PLC0415
+
+    config = _load(args)
+    reply = await control.request(config.control.socket, args.control_verb)
+    print(f"{args.control_verb}: ok" if reply.get("ok") else f"{args.control_verb}: {reply}")
+    return EXIT_OK if reply.get("ok") else EXIT_FAILED
+
+
+async def cmd_inbox_ls(args: argparse.Namespace) -> int:
+    from pigateway import inbound  # noqa: PLC0415
+
+    rows = await inbound.list_inbox(_load(args), args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        _table(rows, ("id", "device", "name", "state", "attempts", "result"))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _load(args: argparse.Namespace) -> configuration.Config:
+    return configuration.load(args.config)
+
+
+async def _open_store(args: argparse.Namespace) -> Store:
+    return await Store.open(_load(args).store, drainer=False)
+
+
+def _stats_text(stats: dict[str, Any]) -> str:
+    age = stats.get("oldest_age")
+    dead = stats.get("dead") or {}
+    lines = [
+        f"queued:     {stats['depth']:,} commands, {stats['bytes']:,} bytes",
+        f"in flight:  {stats['in_flight']:,}",
+        f"oldest:     {_age(age) if age is not None else '-'}",
+        f"dead:       {sum(dead.values()):,}"
+        + (f" ({', '.join(f'{k} {v}' for k, v in sorted(dead.items()))})" if dead else ""),
+    ]
+    return "\n".join(lines)
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.1f}s"
+
+
+def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    cells = [[_cell(row.get(col)) for col in columns] for row in rows]
+    widths = [max(len(col), *(len(line[i]) for line in cells)) for i, col in enumerate(columns)]
+    print("  ".join(col.upper().ljust(w) for col, w in zip(columns, widths, strict=True)))
+    for line in cells:
+        print("  ".join(text.ljust(w) for text, w in zip(line, widths, strict=True)))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and value > 1e9:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit code for an error, from the :data:`EXIT_CODES` table."""
+    if isinstance(exc, UsageError):
+        return EXIT_BAD_INPUT
+    return next((code for kind, code in EXIT_CODES if isinstance(exc, kind)), EXIT_FAILED)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one verb; errors become one line on stderr and an exit code."""
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], Coroutine[Any, Any, int]] = args.handler
+    try:
+        return asyncio.run(handler(args))
+    except PigatewayError as exc:
+        print(f"pigateway: {exc}", file=sys.stderr)
+        return exit_code(exc)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
