@@ -1,0 +1,268 @@
+"""sd_notify against a real datagram socket: readiness, status, watchdog, stop.
+
+The module's parts are tested directly here; tests/test_service_systemd.py runs the whole
+service as a subprocess under the same kind of socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from pigateway.config import StoreConfig
+from pigateway.state import GatewayState, Link
+from pigateway.store import Store
+from pigateway.systemd import (
+    Notifier,
+    format_age,
+    status_line,
+    supervise,
+    watchdog_interval,
+)
+from sockets import DatagramListener
+
+
+@pytest.fixture
+def notify(monkeypatch: pytest.MonkeyPatch) -> Iterator[DatagramListener]:
+    """A real AF_UNIX datagram socket bound as ``NOTIFY_SOCKET``."""
+    listener = DatagramListener("notify.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(listener.path))
+    yield listener
+    listener.close()
+
+
+# --------------------------------------------------------------------------- Notifier
+
+
+def test_each_notification_reaches_the_socket(notify: DatagramListener) -> None:
+    notifier = Notifier()
+    assert notifier.enabled
+    notifier.ready()
+    notifier.status("online · queue 0\nsecond line")
+    notifier.extend_timeout(1.5)
+    notifier.watchdog()
+    notifier.stopping()
+    notify.wait_for(lambda t: t == "STOPPING=1")
+    assert notify.texts() == [
+        "READY=1",
+        "STATUS=online · queue 0 second line",
+        "EXTEND_TIMEOUT_USEC=1500000",
+        "WATCHDOG=1",
+        "STOPPING=1",
+    ]
+    notifier.close()
+    notifier.close()
+
+
+def test_without_notify_socket_everything_is_silent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    notifier = Notifier()
+    assert not notifier.enabled
+    notifier.ready()
+    notifier.status("x")
+    notifier.watchdog()
+    notifier.stopping()
+    notifier.extend_timeout(3)
+    notifier.close()
+
+
+def test_a_missing_socket_is_harmless(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", "/tmp/pgw-no-such-dir/notify.sock")
+    notifier = Notifier()
+    assert not notifier.enabled
+    notifier.ready()
+
+
+def test_a_manager_that_stops_reading_never_blocks_the_caller(notify: DatagramListener) -> None:
+    notify.close()  # the socket file is gone: sends fail and are dropped at once
+    notifier = Notifier()
+    started = time.monotonic()
+    for _ in range(1000):
+        notifier.status("x")
+    assert time.monotonic() - started < 5
+
+
+async def test_extending_keeps_asking_for_more_time(notify: DatagramListener) -> None:
+    notifier = Notifier()
+    async with notifier.extending(step=0.2):
+        await asyncio.sleep(0.45)
+    count = len(notify.texts())
+    assert notify.texts() == ["EXTEND_TIMEOUT_USEC=200000"] * count
+    assert count >= 3
+    await asyncio.sleep(0.25)
+    assert len(notify.texts()) == count, "extensions go on after the block ended"
+
+
+# --------------------------------------------------------------------------- watchdog_interval
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, None),
+        ({"WATCHDOG_USEC": "0"}, None),
+        ({"WATCHDOG_USEC": "junk"}, None),
+        ({"WATCHDOG_USEC": "-5"}, None),
+        ({"WATCHDOG_USEC": "30000000"}, 30.0),
+        ({"WATCHDOG_USEC": "500000", "WATCHDOG_PID": str(os.getpid())}, 0.5),
+        ({"WATCHDOG_USEC": "500000", "WATCHDOG_PID": "1"}, None),
+        ({"WATCHDOG_USEC": "500000", "WATCHDOG_PID": "x"}, None),
+    ],
+)
+def test_watchdog_interval_from_the_environment(
+    env: dict[str, str], expected: float | None
+) -> None:
+    assert watchdog_interval(env) == expected
+
+
+def test_watchdog_interval_reads_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "4000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    assert watchdog_interval() == 4.0
+
+
+# --------------------------------------------------------------------------- status_line
+
+
+NOW = 1_800_000_000.0
+
+
+def _state(**changes: object) -> GatewayState:
+    state = GatewayState(link_since=NOW, started_at=NOW)
+    state.update(**changes)
+    state.link_since = float(changes.get("link_since", NOW))  # type: ignore[arg-type]
+    return state
+
+
+@pytest.mark.parametrize(
+    ("changes", "line"),
+    [
+        ({"link": Link.ONLINE}, "online · queue 0 · dead 0"),
+        (
+            {"link_since": NOW - 185, "depth": 1204, "oldest_age": 190.0, "retry_at": NOW + 40},
+            "offline 3m · queue 1,204 (oldest 3m) · retrying in 40s",
+        ),
+        ({"link": Link.ONLINE, "draining": True, "depth": 12_345, "oldest_age": 7300.0},
+         "online · draining · queue 12,345 (oldest 2h 1m) · dead 0"),
+        ({"link": Link.ONLINE, "paused": True, "depth": 3, "draining": True},
+         "online · paused · queue 3 · dead 0"),
+        ({"link": Link.CONNECTING, "link_since": NOW - 5, "dead_letters": 2},
+         "connecting 5s · queue 0 · dead 2"),
+        ({"fault": "login refused", "link_since": NOW - 90_000},
+         "FAULT login refused · offline 1d 1h · queue 0"),
+        ({"link": Link.ONLINE, "depth": 4, "oldest_age": 0.2}, "online · queue 4 · dead 0"),
+    ],
+)
+def test_status_line(changes: dict[str, object], line: str) -> None:
+    assert status_line(_state(**changes), now=NOW) == line
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(-3, "0s"), (0, "0s"), (59.9, "59s"), (60, "1m"), (3599, "59m"), (3600, "1h 0m"),
+     (86_399, "23h 59m"), (86_400, "1d 0h"), (200_000, "2d 7h")],
+)
+def test_format_age(seconds: float, text: str) -> None:
+    assert format_age(seconds) == text
+
+
+# --------------------------------------------------------------------------- supervise
+
+
+@contextlib.asynccontextmanager
+async def _supervising(store: Store, state: GatewayState, interval: float,
+                       ping_timeout: float | None = None) -> AsyncIterator[asyncio.Task[None]]:
+    notifier = Notifier()
+    task = asyncio.create_task(
+        supervise(notifier, state, store.ping, interval=interval, ping_timeout=ping_timeout))
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        notifier.close()
+
+
+def _watchdogs(notify: DatagramListener) -> list[float]:
+    return [d.at for d in notify.messages() if d.text == "WATCHDOG=1"]
+
+
+async def test_status_follows_the_state_at_most_once_a_second(
+    notify: DatagramListener, store_config: StoreConfig
+) -> None:
+    state = GatewayState()
+    async with await Store.open(store_config) as store, _supervising(store, state, 0):
+        await notify.until(lambda t: t.startswith("STATUS=offline"))
+        state.update(link=Link.ONLINE)
+        await notify.until(lambda t: t == "STATUS=online · queue 0 · dead 0", timeout=3)
+        for depth in range(1, 21):  # a burst of changes within a few ms
+            state.update(depth=depth)
+            await asyncio.sleep(0.005)
+        await notify.until(lambda t: t == "STATUS=online · queue 20 · dead 0", timeout=3)
+    statuses = [d for d in notify.messages() if d.text.startswith("STATUS=")]
+    gaps = [b.at - a.at for a, b in itertools.pairwise(statuses)]
+    assert min(gaps) > 0.9, "STATUS= sent more than once a second"
+    assert len(statuses) <= 4
+    assert not _watchdogs(notify), "no watchdog was configured"
+
+
+async def test_watchdog_pings_at_half_the_interval(
+    notify: DatagramListener, store_config: StoreConfig
+) -> None:
+    state = GatewayState()
+    async with await Store.open(store_config) as store, _supervising(store, state, 0.6):
+        await asyncio.sleep(1.6)
+    times = _watchdogs(notify)
+    assert 4 <= len(times) <= 7, times
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert all(0.15 < gap < 0.6 for gap in gaps), gaps
+
+
+async def test_watchdog_stops_while_the_loop_is_blocked(
+    notify: DatagramListener, store_config: StoreConfig
+) -> None:
+    state = GatewayState()
+    async with await Store.open(store_config) as store, _supervising(store, state, 0.4):
+        await asyncio.sleep(0.5)
+        blocked_from = time.monotonic()
+        time.sleep(1.2)  # noqa: ASYNC251 -- blocking the loop on purpose is the test
+        blocked_to = time.monotonic()
+        await asyncio.sleep(0.5)
+    times = _watchdogs(notify)
+    assert any(t < blocked_from for t in times)
+    assert any(t > blocked_to for t in times), "pings did not resume after the block"
+    assert not [t for t in times if blocked_from + 0.05 < t < blocked_to], "pinged while blocked"
+
+
+async def test_watchdog_stops_while_the_store_writer_is_wedged(
+    notify: DatagramListener, store_config: StoreConfig
+) -> None:
+    """Another connection holds the write lock: the writer waits, so ping cannot answer."""
+    config = dataclasses.replace(store_config, busy_timeout=30.0)
+    state = GatewayState()
+    async with await Store.open(config) as store, _supervising(store, state, 0.4, 0.1):
+        await asyncio.sleep(0.5)
+        locker = sqlite3.connect(config.path, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        put = asyncio.create_task(store.put("pump1", "start"))
+        await asyncio.sleep(0.3)  # the writer is now stuck in the busy handler
+        wedged_from = time.monotonic()
+        await asyncio.sleep(1.2)
+        wedged_to = time.monotonic()
+        locker.execute("COMMIT")
+        locker.close()
+        await asyncio.wait_for(put, 10)
+        await asyncio.sleep(0.6)
+    times = _watchdogs(notify)
+    assert any(t < wedged_from for t in times)
+    assert not [t for t in times if wedged_from < t < wedged_to], "pinged while wedged"
+    assert any(t > wedged_to for t in times), "pings did not resume once the store answered"
