@@ -1,0 +1,310 @@
+"""Receiving commands from the broker: validate, deduplicate, persist. Nothing runs here.
+
+The uplink awaits :meth:`Inbound.accept` for every message on ``{prefix}/{gateway}/commands``
+and acknowledges the message to the broker only after it returned, so a command is on disk
+before the broker forgets it. ``accept`` is quick (a parse and one commit) and never raises
+for bad input: a command that does not fit the contract is answered ``rejected`` with the
+reason, and one without a readable id is logged and dead-lettered. It raises only when the
+store cannot record anything (:class:`~pigateway.errors.StoreError`), and then the broker
+keeps the message and delivers it again.
+
+The running side is :mod:`pigateway.workers`; :meth:`Inbound.run` starts it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any, Self
+
+from pigateway import inbox
+from pigateway.config import Config
+from pigateway.errors import RejectedCommand
+from pigateway.handlers import HandlerFactory
+from pigateway.store import Store
+from pigateway.workers import WorkerPool
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+FIELDS = ("v", "id", "device", "name", "params", "ttl")
+MAX_ID = 128
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+MAX_TTL = 366 * 24 * 3600.0
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number",
+               float: "a number", bool: "a boolean", type(None): "null"}
+
+
+# --------------------------------------------------------------------------- the parser
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What :func:`parse_command` accepts: sizes from ``[inbound]``, devices from the config."""
+
+    max_bytes: int
+    max_depth: int
+    devices: Collection[str]
+
+    @classmethod
+    def from_config(cls, config: Config) -> Limits:
+        return cls(max_bytes=config.inbound.max_payload_bytes,
+                   max_depth=config.inbound.max_depth, devices=frozenset(config.devices))
+
+
+@dataclass(frozen=True)
+class InboundCommand:
+    """A command that fits the contract ``{"v":1,"id","device","name","params","ttl"?}``."""
+
+    id: str
+    device: str
+    name: str
+    params: dict[str, Any]
+    ttl: float | None = None
+
+
+def parse_command(payload: bytes, limits: Limits) -> InboundCommand:
+    """Check one message against the wire contract; raise :class:`RejectedCommand` saying
+    what is wrong (with the id and device when they could be read)."""
+    document = _decode(payload, limits)
+    if not isinstance(document, dict):
+        raise RejectedCommand(f"the payload must be a JSON object, got {_kind(document)}")
+    command_id = readable_id(document)
+    device = document.get("device") if isinstance(document.get("device"), str) else None
+    try:
+        return _validate(document, limits)
+    except RejectedCommand as exc:
+        raise RejectedCommand(exc.reason, command_id=command_id, device=device) from None
+
+
+def readable_id(document: dict[str, Any]) -> str | None:
+    """The command's id when it is usable in a result: 1-128 printable characters."""
+    value = document.get("id")
+    if isinstance(value, str) and 0 < len(value) <= MAX_ID and not _CONTROL.search(value):
+        return value
+    return None
+
+
+def _decode(payload: bytes, limits: Limits) -> Any:
+    if len(payload) > limits.max_bytes:
+        raise RejectedCommand(f"the payload is {len(payload)} bytes; the limit is "
+                              f"{limits.max_bytes} (inbound.max_payload_bytes)")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RejectedCommand(f"the payload is not UTF-8: {exc.reason} at byte {exc.start}") \
+            from None
+    try:
+        document = json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise RejectedCommand(f"the payload is not JSON: {exc.msg} at line {exc.lineno} "
+                              f"column {exc.colno}") from None
+    except RecursionError:
+        raise RejectedCommand(_too_deep(limits)) from None
+    except ValueError as exc:  # NaN/Infinity, integers over Python's digit limit
+        raise RejectedCommand(f"the payload is not JSON: {exc}") from None
+    if _deeper_than(document, limits.max_depth):
+        raise RejectedCommand(_too_deep(limits))
+    return document
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _too_deep(limits: Limits) -> str:
+    return (f"the payload is nested more than {limits.max_depth} levels deep "
+            "(inbound.max_depth)")
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether objects/arrays nest more than ``limit`` levels (the document is level 1)."""
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) \
+            else None
+        if children is None:
+            continue
+        if level > limit:
+            return True
+        stack.extend((child, level + 1) for child in children)
+    return False
+
+
+def _validate(document: dict[str, Any], limits: Limits) -> InboundCommand:
+    for check in _CHECKS:
+        check(document, limits)
+    ttl = document.get("ttl")
+    return InboundCommand(id=document["id"], device=document["device"], name=document["name"],
+                          params=document["params"], ttl=None if ttl is None else float(ttl))
+
+
+def _required(document: dict[str, Any], field: str) -> Any:
+    if field not in document:
+        raise RejectedCommand(f"the field {field!r} is missing")
+    return document[field]
+
+
+def _check_version(document: dict[str, Any], limits: Limits) -> None:
+    version = _required(document, "v")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise RejectedCommand(f"the field 'v' must be the number {VERSION}, got {_kind(version)}")
+    if version != VERSION:
+        raise RejectedCommand(f"unsupported version v={version}; this gateway speaks v={VERSION}")
+
+
+def _check_fields(document: dict[str, Any], limits: Limits) -> None:
+    unknown = sorted(set(document) - set(FIELDS))
+    if unknown:
+        raise RejectedCommand(f"unknown field {unknown[0]!r}; a v{VERSION} command has only "
+                              f"{', '.join(FIELDS)}")
+
+
+def _check_id(document: dict[str, Any], limits: Limits) -> None:
+    value = _required(document, "id")
+    if readable_id(document) is None:
+        raise RejectedCommand(f"the field 'id' must be a string of 1-{MAX_ID} printable "
+                              f"characters, got {_kind(value)}")
+
+
+def _check_device(document: dict[str, Any], limits: Limits) -> None:
+    value = _required(document, "device")
+    if not isinstance(value, str):
+        raise RejectedCommand(f"the field 'device' must be a string, got {_kind(value)}")
+    if value not in limits.devices:
+        known = ", ".join(sorted(limits.devices)[:20]) or "(none configured)"
+        raise RejectedCommand(f"unknown device {value[:MAX_ID]!r}; this gateway has: {known}")
+
+
+def _check_name(document: dict[str, Any], limits: Limits) -> None:
+    value = _required(document, "name")
+    if not isinstance(value, str) or not NAME.match(value):
+        raise RejectedCommand("the field 'name' must be 1-64 of letters, digits, '_', '.', ':', "
+                              f"'-', got {_kind(value)}")
+
+
+def _check_params(document: dict[str, Any], limits: Limits) -> None:
+    value = _required(document, "params")
+    if not isinstance(value, dict):
+        raise RejectedCommand(f"the field 'params' must be a JSON object, got {_kind(value)}")
+
+
+def _check_ttl(document: dict[str, Any], limits: Limits) -> None:
+    value = document.get("ttl")
+    if value is None:
+        return
+    number = not isinstance(value, bool) and isinstance(value, (int, float))
+    if not number or not math.isfinite(value) or not 0 < value <= MAX_TTL:
+        raise RejectedCommand(f"the field 'ttl' must be seconds > 0 and <= {MAX_TTL:.0f}, "
+                              f"got {_kind(value)}")
+
+
+_CHECKS = (_check_version, _check_fields, _check_id, _check_device, _check_name, _check_params,
+           _check_ttl)
+
+
+def _kind(value: Any) -> str:
+    """A value as a person reading the contract would name it, shortened."""
+    shown = json.dumps(value, ensure_ascii=False, default=str)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    return f"{_JSON_TYPES.get(type(value), type(value).__name__)} {shown}"
+
+
+# --------------------------------------------------------------------------- receiving
+
+
+class Inbound:
+    """Receives commands (:meth:`accept`) and runs them (:meth:`run`, the worker pool).
+
+    ``factories`` replaces the installed handlers (entry points) by name; tests use it.
+    """
+
+    def __init__(self, config: Config, store: Store, *,
+                 factories: Mapping[str, HandlerFactory] | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.limits = Limits.from_config(config)
+        self.pool = WorkerPool(config, store, factories=factories)
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Build every device's handler now, so a config error stops the start."""
+        await self.pool.open()
+
+    async def close(self) -> None:
+        """Close the handlers; idempotent."""
+        await self.pool.close()
+
+    async def run(self) -> None:
+        """The worker pool; runs until cancelled."""
+        await self.pool.run()
+
+    async def accept(self, payload: bytes) -> None:
+        """Validate, deduplicate and persist one message; durable on return."""
+        try:
+            command = parse_command(payload, self.limits)
+        except RejectedCommand as exc:
+            await self._reject(exc, payload)
+            return
+        if await self._answered(command.id):
+            return
+        now = time.time()
+        expires_at = None if command.ttl is None else now + command.ttl
+        await self.store.write([inbox.insert_pending(command.id, command.device, command.name,
+                                                     command.params, expires_at=expires_at,
+                                                     now=now)])
+        self.pool.wake()
+
+    async def _answered(self, command_id: str) -> bool:
+        """Whether this id was received before (within the window); a finished one is
+        answered again with its stored result, an unfinished one will answer by itself."""
+        entry = await inbox.find(self.store, command_id)
+        if entry is None:
+            return False
+        window = self.config.inbound.dedupe_window
+        if entry.state == "done" and (entry.finished_at or 0) < time.time() - window:
+            await self.store.write([inbox.forget(command_id)])
+            return False
+        if entry.state == "done" and entry.result is not None:
+            log.info("command %s was received again; its result (%s) is sent again",
+                     command_id, entry.status, extra={"command_id": command_id})
+            await inbox.record(self.store, entry.device, entry.result, also=())
+        else:
+            log.info("command %s was received again while %s; it runs once", command_id,
+                     entry.state, extra={"command_id": command_id})
+        return True
+
+    async def _reject(self, exc: RejectedCommand, payload: bytes) -> None:
+        now = time.time()
+        if exc.command_id is None:
+            log.warning("dropped a message on the commands topic (no usable id, so no result "
+                        "can answer it): %s", exc.reason)
+            await self.store.write([inbox.dead_letter(exc.reason, payload, now)])
+            return
+        if await self._answered(exc.command_id):
+            return
+        log.warning("rejected command %s: %s", exc.command_id, exc.reason,
+                    extra={"command_id": exc.command_id})
+        document = inbox.result_document(exc.command_id, "rejected", exc.reason, now=now)
+        device = inbox.outbox_device(exc.device)
+        await inbox.record(self.store, device, document,
+                           also=[inbox.insert_done(exc.command_id, device, "-", document, now)])
+
+
+async def list_inbox(config: Config, limit: int = 100) -> list[dict[str, Any]]:
+    """Pending, running and recently finished commands, for ``pigateway inbox ls``."""
+    async with await Store.open(config.store, drainer=False) as store:
+        return [entry.as_dict() for entry in await inbox.listing(store, limit)]

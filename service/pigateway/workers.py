@@ -1,0 +1,300 @@
+"""Running inbound commands: a pool of workers over per-device lanes.
+
+Each device has a lane: its pending commands, run one at a time in the order they were
+received. Lanes of different devices run in parallel, at most ``inbound.workers`` handler
+calls at once (a semaphore held only while a handler runs, never during a retry's backoff,
+so a device that is waiting to retry does not take a worker from the others). Nothing here
+runs on the MQTT loop: :meth:`pigateway.inbound.Inbound.accept` only persists.
+
+Every command ends with exactly one result, recorded in the same transaction that marks it
+done (:func:`pigateway.inbox.record`). A command that was running when the process died is
+``running`` in the inbox; :meth:`WorkerPool.run` puts it back to ``pending`` and runs it
+again, which is why handlers must be idempotent. Attempts are counted on disk, so a command
+that keeps killing the process stops after ``inbound.max_attempts`` starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from pigateway import handlers as registry
+from pigateway import inbox
+from pigateway.config import Config
+from pigateway.errors import (
+    HandlerError,
+    InvalidCommand,
+    PigatewayError,
+    RetryableHandlerError,
+    StoreError,
+)
+from pigateway.handlers import Handler, HandlerFactory, Request
+from pigateway.inbox import Entry
+from pigateway.store import Store
+
+log = logging.getLogger(__name__)
+
+#: Pending commands held in memory at most; the rest wait on disk.
+MAX_LOADED = 1000
+#: Seconds between looks at the inbox when nobody woke the pool.
+POLL = 1.0
+#: Seconds between prunes of finished commands past the dedupe window.
+PRUNE_EVERY = 60.0
+#: Backoff while the store refuses to record a result (the result is kept meanwhile).
+RECORD_BACKOFF = (0.5, 30.0)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a handler's exception turns into a result: status, detail, and whether the
+    traceback is worth a log line (only for bugs, never for expected failures)."""
+
+    status: str
+    detail: str
+    traceback: bool = False
+
+
+#: First match wins: the retry policy of each error class is :data:`RETRYABLE`.
+OUTCOMES: tuple[tuple[type[BaseException], Outcome], ...] = (
+    (InvalidCommand, Outcome("rejected", "{error}")),
+    (RetryableHandlerError, Outcome("error", "gave up after {attempts} attempts: {error}")),
+    (HandlerError, Outcome("error", "{error}")),
+    (PigatewayError, Outcome("error", "{error}")),
+    (Exception, Outcome("error", "the handler failed: {kind}: {error}", traceback=True)),
+)
+RETRYABLE = (RetryableHandlerError,)
+
+
+class _Expired(Exception):
+    """The command's ttl ran out between two attempts."""
+
+
+class WorkerPool:
+    """Runs the inbox: see the module docstring."""
+
+    def __init__(self, config: Config, store: Store, *,
+                 factories: Mapping[str, HandlerFactory] | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.factories = factories
+        self.handlers: dict[str, Handler] = {}
+        self._slots = asyncio.Semaphore(config.inbound.workers)
+        self._wake = asyncio.Event()
+        self._lanes: dict[str, deque[Entry]] = {}
+        self._cursor = 0
+        self._loaded = 0
+        self._opened = False
+
+    # ---- lifecycle
+
+    async def open(self) -> None:
+        """Build every device's handler; a config error names ``devices.NAME.KEY``."""
+        if self._opened:
+            return
+        try:
+            for name, device in self.config.devices.items():
+                self.handlers[name] = registry.build(device, self.config, self.factories)
+        except BaseException:
+            await self.close()
+            raise
+        self._opened = True
+
+    async def close(self) -> None:
+        """Close every handler once; a failing close is logged, not raised."""
+        built, self.handlers = self.handlers, {}
+        self._opened = False
+        for name, handler in built.items():
+            try:
+                await handler.close()
+            except Exception:
+                log.exception("closing the handler of device %s failed", name)
+
+    def wake(self) -> None:
+        """A command was persisted: look at the inbox now."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Recover interrupted commands, then run lanes until cancelled."""
+        await self.open()
+        await self.store.write([inbox.recover()])
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._prune_loop(), name="inbox-prune")
+            while True:
+                self._wake.clear()
+                await self._load(tasks)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), POLL)
+
+    async def _load(self, tasks: asyncio.TaskGroup) -> None:
+        """Hand newly pending commands to their device's lane, starting lanes as needed."""
+        while self._loaded < MAX_LOADED:
+            entries = await inbox.pending(self.store, self._cursor, MAX_LOADED - self._loaded)
+            if not entries:
+                return
+            for entry in entries:
+                self._cursor = entry.seq
+                self._loaded += 1
+                lane = self._lanes.get(entry.device)
+                if lane is not None:
+                    lane.append(entry)
+                    continue
+                self._lanes[entry.device] = deque([entry])
+                tasks.create_task(self._run_lane(entry.device), name=f"lane-{entry.device}")
+
+    async def _run_lane(self, device: str) -> None:
+        lane = self._lanes[device]
+        try:
+            while lane:
+                await self._execute(lane[0])
+                lane.popleft()
+                self._loaded -= 1
+                if self._loaded == MAX_LOADED - 1:
+                    self._wake.set()
+        finally:
+            del self._lanes[device]
+
+    async def _prune_loop(self) -> None:
+        while True:
+            before = time.time() - self.config.inbound.dedupe_window
+            try:
+                await self.store.write([inbox.prune(before)])
+            except StoreError as exc:
+                log.warning("could not prune finished inbound commands: %s", exc)
+            await asyncio.sleep(PRUNE_EVERY)
+
+    # ---- one command
+
+    async def _execute(self, entry: Entry) -> None:
+        handler = self.handlers.get(entry.device)
+        limit = self.config.inbound.max_attempts
+        if handler is None:
+            await self._finish(entry, "rejected", f"unknown device {entry.device!r}: it is no "
+                               "longer in the config")
+        elif _expired(entry):
+            await self._finish(entry, "expired", _expired_detail(entry))
+        elif entry.attempts >= limit:
+            await self._finish(entry, "error", f"interrupted {entry.attempts} times (the "
+                               f"service stopped while it ran); not tried again. Last error: "
+                               f"{entry.last_error or 'none'}")
+        else:
+            status, detail = await self._attempts(entry, handler)
+            await self._finish(entry, status, detail)
+
+    async def _attempts(self, entry: Entry, handler: Handler) -> tuple[str, Any]:
+        """Run with retries; returns (status, detail) of the final outcome."""
+        inbound = self.config.inbound
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(inbound.max_attempts - entry.attempts),
+            wait=wait_exponential_jitter(initial=inbound.backoff_initial,
+                                         max=inbound.backoff_max, jitter=inbound.backoff_initial),
+            retry=retry_if_exception_type(RETRYABLE),
+            before_sleep=lambda state: self._failed_attempt(entry, state),
+            reraise=True,
+        )
+        attempt = entry.attempts
+        try:
+            async for trial in retrying:
+                with trial:
+                    attempt += 1
+                    value = await self._attempt(entry, handler, attempt)
+        except _Expired:
+            return "expired", _expired_detail(entry)
+        except Exception as exc:  # every failure becomes a result (OUTCOMES)
+            return _outcome(entry, exc, attempt)
+        return "ok", self._detail(value)
+
+    async def _attempt(self, entry: Entry, handler: Handler, attempt: int) -> Any:
+        if _expired(entry):
+            raise _Expired
+        await self.store.write([inbox.mark_running(entry.id, attempt, time.time())])
+        request = Request(id=entry.id, device=entry.device, name=entry.name,
+                          params=entry.params, attempt=attempt)
+        timeout = self.config.inbound.handler_timeout
+        async with self._slots:
+            try:
+                async with asyncio.timeout(timeout):
+                    return await handler.run(request)
+            except TimeoutError as exc:
+                raise RetryableHandlerError(f"no answer within {timeout:g}s "
+                                            "(inbound.handler_timeout)") from exc
+
+    async def _failed_attempt(self, entry: Entry, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        wait = state.upcoming_sleep
+        log.warning("command %s on %s failed (attempt %d), trying again in %.1fs: %s",
+                    entry.id, entry.device, entry.attempts + state.attempt_number, wait, error,
+                    extra={"command_id": entry.id, "device": entry.device})
+        await self._note(inbox.mark_failed_attempt(entry.id, str(error)))
+
+    def _detail(self, value: Any) -> Any:
+        """The handler's return value as the ``detail`` of ``ok``, if it is JSON and fits."""
+        if value is None:
+            return None
+        try:
+            size = len(json.dumps(value, allow_nan=False).encode())
+        except (TypeError, ValueError):
+            value, size = str(value), len(str(value).encode())
+        if size > self.config.store.max_params_bytes // 2:
+            return f"(a result of {size} bytes was left out: over half store.max_params_bytes)"
+        return value
+
+    # ---- results
+
+    async def _finish(self, entry: Entry, status: str, detail: Any) -> None:
+        document = inbox.result_document(entry.id, status, detail)
+        level = logging.INFO if status == "ok" else logging.WARNING
+        log.log(level, "command %s on %s: %s%s", entry.id, entry.device, status,
+                "" if detail is None or status == "ok" else f" ({detail})",
+                extra={"command_id": entry.id, "device": entry.device})
+        delay = RECORD_BACKOFF[0]
+        while True:
+            try:
+                await inbox.record(self.store, entry.device, document,
+                                   also=[inbox.finish(entry.id, document)])
+                return
+            except StoreError as exc:
+                log.error("cannot record the result of command %s (%s); retrying in %.0fs",
+                          entry.id, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECORD_BACKOFF[1])
+
+    async def _note(self, statement: inbox.Statement) -> None:
+        try:
+            await self.store.write([statement])
+        except StoreError as exc:  # only bookkeeping: the attempt count is on disk already
+            log.warning("could not note a failed attempt: %s", exc)
+
+
+def _expired(entry: Entry) -> bool:
+    return entry.expires_at is not None and time.time() >= entry.expires_at
+
+
+def _expired_detail(entry: Entry) -> str:
+    assert entry.expires_at is not None
+    ttl = entry.expires_at - entry.received_at
+    return f"its ttl of {ttl:g}s ran out before it could run"
+
+
+def _outcome(entry: Entry, exc: Exception, attempts: int) -> tuple[str, str]:
+    outcome = next(o for kind, o in OUTCOMES if isinstance(exc, kind))
+    if outcome.traceback:
+        log.error("the handler of %s failed on command %s", entry.device, entry.id,
+                  exc_info=exc, extra={"command_id": entry.id, "device": entry.device})
+    detail = outcome.detail.format(error=exc, kind=type(exc).__name__,
+                                   attempts=attempts)
+    return outcome.status, detail
