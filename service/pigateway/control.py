@@ -67,7 +67,7 @@ class ControlServer:
         self.max_line = max_line
         self.idle_timeout = idle_timeout
         self._server: asyncio.AbstractServer | None = None
-        self._clients: set[asyncio.Task[None]] = set()
+        self._clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._inode: int | None = None
 
     async def __aenter__(self) -> ControlServer:
@@ -95,10 +95,12 @@ class ControlServer:
         server, self._server = self._server, None
         if server is not None:
             server.close()
-        for task in list(self._clients):
-            task.cancel()
+        # Closing a client's transport ends its handler with EOF; cancelling the handler
+        # instead makes Python 3.11's stream callback log a spurious CancelledError.
+        for writer in list(self._clients.values()):
+            writer.transport.abort()
         if self._clients:
-            await asyncio.gather(*self._clients, return_exceptions=True)
+            await asyncio.wait(list(self._clients), timeout=5)
         if server is not None:
             await server.wait_closed()
         self._unlink_ours()
@@ -115,19 +117,26 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._clients.add(task)
+        self._clients[task] = writer
         try:
             if len(self._clients) > MAX_CLIENTS:
-                await _reply(writer, _error("too many clients; try again"))
+                await self._turn_away(reader, writer)
             else:
                 await self._converse(reader, writer)
-        except (ConnectionError, TimeoutError):
+        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
             log.debug("control client went away")
         finally:
-            self._clients.discard(task)
+            del self._clients[task]
             writer.close()
-            with contextlib.suppress(OSError, asyncio.CancelledError):
+            with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+    async def _turn_away(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Read the request (closing on unread data would reset the reply away), refuse it."""
+        with contextlib.suppress(asyncio.LimitOverrunError):
+            async with asyncio.timeout(1.0):
+                await reader.readuntil(b"\n")
+        await _reply(writer, _error("too many clients; try again"))
 
     async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
@@ -218,7 +227,7 @@ async def _answers(path: Path) -> bool:
 
 
 async def request(
-    socket_path: Path, cmd: str, timeout: float = 3.0  # noqa: ASYNC109 (the CLI's interface)
+    socket_path: Path, cmd: str, timeout: float = 3.0
 ) -> dict[str, Any]:
     """Send ``cmd`` to the running service and return its reply (``{"ok": True, "state": ...}``).
 

@@ -1,0 +1,252 @@
+"""The control socket on a real unix socket: each verb, bad requests, the client's errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import stat
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pigateway import control
+from pigateway.control import ControlServer, request
+from pigateway.errors import ControlError, ServiceNotRunning, StoreFull
+from pigateway.state import GatewayState
+from sockets import short_dir
+
+
+class Switchboard:
+    """The smallest real :class:`control.Controls`: it changes the state as the service would."""
+
+    def __init__(self) -> None:
+        self.state = GatewayState()
+        self.flushes = 0
+        self.fail_with: Exception | None = None
+
+    def pause(self) -> None:
+        self._maybe_fail()
+        self.state.update(paused=True)
+
+    def resume(self) -> None:
+        self._maybe_fail()
+        self.state.update(paused=False)
+
+    def flush(self) -> None:
+        self._maybe_fail()
+        self.flushes += 1
+
+    def _maybe_fail(self) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
+
+
+@pytest.fixture
+def folder() -> Iterator[Path]:
+    path = short_dir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def board() -> Switchboard:
+    return Switchboard()
+
+
+@pytest.fixture
+async def server(folder: Path, board: Switchboard) -> AsyncIterator[ControlServer]:
+    async with ControlServer(folder / "control.sock", board, idle_timeout=5) as srv:
+        yield srv
+
+
+async def _talk(path: Path, *lines: bytes) -> list[dict[str, Any]]:
+    """Send raw lines on one connection; return every reply until the server closes or idles."""
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    writer.write(b"".join(lines))
+    await writer.drain()
+    replies = []
+    try:
+        for _ in lines:
+            line = await asyncio.wait_for(reader.readline(), 3)
+            if not line:
+                break
+            replies.append(json.loads(line))
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return replies
+
+
+async def test_status(server: ControlServer) -> None:
+    reply = await request(server.path, "status")
+    assert reply["ok"] is True
+    assert reply["state"]["link"] == "offline"
+    assert reply["state"]["paused"] is False
+
+
+async def test_pause_resume_flush(server: ControlServer, board: Switchboard) -> None:
+    assert (await request(server.path, "pause"))["state"]["paused"] is True
+    assert board.state.paused
+    assert (await request(server.path, "resume"))["state"]["paused"] is False
+    assert not board.state.paused
+    await request(server.path, "flush")
+    assert board.flushes == 1
+
+
+async def test_several_requests_on_one_connection(server: ControlServer,
+                                                  board: Switchboard) -> None:
+    replies = await _talk(server.path, b'{"cmd": "pause"}\n', b'{"cmd": "status"}\n',
+                          b'{"cmd": "resume"}\n')
+    assert [r["state"]["paused"] for r in replies] == [True, True, False]
+
+
+async def test_the_socket_is_group_rw_only(server: ControlServer) -> None:
+    mode = server.path.stat().st_mode
+    assert stat.S_ISSOCK(mode)
+    assert stat.S_IMODE(mode) == 0o660
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        (b"not json\n", "not a JSON request"),
+        (b"\xff\xfe\n", "not a JSON request"),
+        (b'["status"]\n', "a request is a JSON object"),
+        (b'{"verb": "status"}\n', "a request is a JSON object"),
+        (b'{"cmd": 5}\n', "a request is a JSON object"),
+        (b'{"cmd": "reboot"}\n', "unknown command 'reboot'"),
+    ],
+)
+async def test_bad_requests_get_an_error_and_the_connection_goes_on(
+    server: ControlServer, board: Switchboard, line: bytes, error: str
+) -> None:
+    bad, good = await _talk(server.path, line, b'{"cmd": "pause"}\n')
+    assert bad["ok"] is False
+    assert error in bad["error"]
+    assert good["ok"] is True
+    assert board.state.paused
+
+
+async def test_a_huge_line_is_refused_and_the_server_goes_on(server: ControlServer) -> None:
+    (reply,) = await _talk(server.path, b'{"cmd": "' + b"x" * 100_000 + b'"}\n')
+    assert reply == {"ok": False, "error": "request line longer than 4096 bytes"}
+    assert (await request(server.path, "status"))["ok"]
+
+
+async def test_a_client_that_leaves_mid_line_is_dropped(server: ControlServer,
+                                                        board: Switchboard) -> None:
+    for _ in range(20):
+        _reader, writer = await asyncio.open_unix_connection(str(server.path))
+        writer.write(b'{"cmd": "pau')
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+    assert not board.state.paused, "a half request must not act"
+    assert (await request(server.path, "status"))["ok"]
+
+
+async def test_a_silent_client_is_closed_after_the_idle_timeout(folder: Path,
+                                                                board: Switchboard) -> None:
+    async with ControlServer(folder / "c.sock", board, idle_timeout=0.2) as srv:
+        reader, writer = await asyncio.open_unix_connection(str(srv.path))
+        assert await asyncio.wait_for(reader.read(), 3) == b""
+        writer.close()
+
+
+async def test_too_many_clients_are_turned_away(server: ControlServer) -> None:
+    held = [await asyncio.open_unix_connection(str(server.path))
+            for _ in range(control.MAX_CLIENTS)]
+    await asyncio.sleep(0.05)
+    (reply,) = await _talk(server.path, b'{"cmd": "status"}\n')
+    assert reply == {"ok": False, "error": "too many clients; try again"}
+    for _reader, writer in held:
+        writer.close()
+    await asyncio.sleep(0.05)
+    assert (await request(server.path, "status"))["ok"]
+
+
+async def test_errors_of_the_service_are_replies_not_crashes(
+    server: ControlServer, board: Switchboard
+) -> None:
+    board.fail_with = StoreFull("disk nearly full")
+    with pytest.raises(ControlError, match="StoreFull: disk nearly full"):
+        await request(server.path, "pause")
+    board.fail_with = RuntimeError("bug")
+    with pytest.raises(ControlError, match="internal error"):
+        await request(server.path, "flush")
+    board.fail_with = None
+    assert (await request(server.path, "status"))["ok"]
+
+
+async def test_an_unknown_verb_raises_control_error_at_the_client(server: ControlServer) -> None:
+    with pytest.raises(ControlError, match="unknown command 'explode'") as info:
+        await request(server.path, "explode")
+    assert not isinstance(info.value, ServiceNotRunning)
+
+
+async def test_not_running_when_the_socket_is_missing(folder: Path) -> None:
+    with pytest.raises(ServiceNotRunning, match="not running"):
+        await request(folder / "control.sock", "status")
+
+
+async def test_not_running_when_nobody_listens_on_a_stale_socket(folder: Path) -> None:
+    stale = folder / "control.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(stale))
+    sock.close()  # the file stays, nobody listens: as after a crash
+    with pytest.raises(ServiceNotRunning):
+        await request(stale, "status")
+
+
+async def test_a_service_that_never_answers_times_out(folder: Path) -> None:
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mute.bind(str(folder / "mute.sock"))
+    mute.listen()
+    try:
+        with pytest.raises(ControlError, match="did not answer"):
+            await request(folder / "mute.sock", "status", timeout=0.3)
+    finally:
+        mute.close()
+
+
+async def test_a_stale_socket_is_replaced(folder: Path, board: Switchboard) -> None:
+    path = folder / "control.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.close()
+    async with ControlServer(path, board):
+        assert (await request(path, "status"))["ok"]
+    assert not path.exists(), "the socket file is removed on close"
+
+
+async def test_a_live_socket_is_not_stolen(server: ControlServer, board: Switchboard) -> None:
+    with pytest.raises(ControlError, match="already serves"):
+        async with ControlServer(server.path, board):
+            pass
+    assert (await request(server.path, "status"))["ok"], "the first server still serves"
+
+
+async def test_a_file_that_is_not_a_socket_is_left_alone(folder: Path,
+                                                         board: Switchboard) -> None:
+    path = folder / "control.sock"
+    path.write_text("precious")
+    with pytest.raises(ControlError, match="not a socket"):
+        await ControlServer(path, board).start()
+    assert path.read_text() == "precious"
+
+
+async def test_close_is_idempotent_and_drops_clients(folder: Path, board: Switchboard) -> None:
+    srv = ControlServer(folder / "control.sock", board)
+    await srv.start()
+    reader, writer = await asyncio.open_unix_connection(str(srv.path))
+    await asyncio.sleep(0.05)
+    await srv.aclose()
+    await srv.aclose()
+    assert await asyncio.wait_for(reader.read(), 3) == b""
+    writer.close()
+    with pytest.raises(ServiceNotRunning):
+        await request(srv.path, "status")
