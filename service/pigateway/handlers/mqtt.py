@@ -1,0 +1,106 @@
+"""The ``mqtt`` handler: republish a command to a local broker (zigbee2mqtt and friends).
+
+Options: ``topic`` (a template, default ``"zigbee2mqtt/{device}/set"``; placeholders
+``{device}`` (the ``target`` option, else the device's name), ``{name}`` (the command's
+name) and ``{gateway}``), ``host`` (default ``127.0.0.1``), ``port`` (1883), ``username``,
+``password_file``, ``qos`` (0-2, default 1), ``retain`` (default false).
+
+The payload is the command's ``params`` as JSON, so ``{"state": "ON"}`` sent to a device
+``hall`` becomes that message on ``zigbee2mqtt/hall/set``. With QoS 1 or 2 the command is
+``ok`` once the local broker acknowledged the message.
+
+Idempotence: a command run twice after a crash publishes the same message twice. Devices
+driven by absolute states (``{"state": "ON"}``, a brightness) end where once would leave
+them; prefer absolute states over ``TOGGLE`` for that reason.
+
+The connection is opened at the first command and kept; when it fails the command is
+retried (``RetryableHandlerError``) on a fresh connection. Every aiomqtt call lives in
+:mod:`pigateway.uplink` (``local_publisher``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pigateway.config import TOPIC_PATTERN, Config, DeviceConfig
+from pigateway.errors import ConfigError, InvalidCommand, RetryableHandlerError, UplinkError
+from pigateway.handlers import Options, Request
+from pigateway.uplink import local_publisher
+
+DEFAULT_TOPIC = "zigbee2mqtt/{device}/set"
+QOS = {"0": 0, "1": 1, "2": 2}
+
+
+class MqttHandler:
+    """Publishes each command's params to a topic made from the template."""
+
+    def __init__(self, device: DeviceConfig, config: Config) -> None:
+        options = Options(device)
+        self.template = options.text("topic", DEFAULT_TOPIC)
+        self.target = options.text("target", device.name)
+        self.host = options.text("host", "127.0.0.1")
+        self.port = options.integer("port", 1883, low=1, high=65535)
+        self.username = options.text("username")
+        password_file = options.text("password_file")
+        self.qos = options.integer("qos", 1, low=0, high=2)
+        self.retain = options.flag("retain", False)
+        options.finish()
+        self.gateway = config.gateway_id
+        self.client_id = f"pigateway-{config.gateway_id}-{device.name}"[:64]
+        self.password = _read_password(options.key("password_file"), password_file)
+        _check_template(options.key("topic"), self.template)
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._publisher: Any = None
+
+    def topic(self, name: str) -> str:
+        return str(self.template.format(device=self.target, name=name, gateway=self.gateway))
+
+    async def run(self, request: Request) -> Any:
+        topic = self.topic(request.name)
+        if not TOPIC_PATTERN.match(topic):
+            raise InvalidCommand(f"the command name makes an invalid topic {topic!r}")
+        payload = json.dumps(request.params, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            publisher = await self._connected()
+            await publisher.publish(topic, payload, qos=self.qos, retain=self.retain)
+        except UplinkError as exc:
+            await self.close()
+            raise RetryableHandlerError(f"local broker {self.host}:{self.port}: {exc}") from exc
+        return {"topic": topic}
+
+    async def _connected(self) -> Any:
+        if self._publisher is None:
+            stack = contextlib.AsyncExitStack()
+            self._publisher = await stack.enter_async_context(local_publisher(
+                self.host, self.port, username=self.username, password=self.password,
+                client_id=self.client_id))
+            self._stack = stack
+        return self._publisher
+
+    async def close(self) -> None:
+        stack, self._stack, self._publisher = self._stack, None, None
+        if stack is not None:
+            with contextlib.suppress(UplinkError):
+                await stack.aclose()
+
+
+def _read_password(key: str, path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc}") from exc
+
+
+def _check_template(key: str, template: str) -> None:
+    try:
+        topic = template.format(device="d", name="n", gateway="g")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(key, f"{template!r} is not a topic template: use only {{device}}, "
+                          f"{{name}}, {{gateway}} ({exc!r})") from exc
+    if not TOPIC_PATTERN.match(topic):
+        raise ConfigError(key, f"{template!r} makes an invalid topic (no '+', '#' or NUL)")

@@ -1,0 +1,234 @@
+"""Device handlers: the registry, option errors that name the key, and the built-ins."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from gpiozero import Device
+from gpiozero.pins.mock import MockFactory
+
+from pigateway.config import Config, DeviceConfig, from_dict
+from pigateway.errors import ConfigError, InvalidCommand
+from pigateway.handlers import Handler, Request, available, build
+from pigateway.handlers.gpio import GpioHandler
+from pigateway.handlers.log import LogHandler
+
+
+@pytest.fixture
+def pins() -> Iterator[MockFactory]:
+    """gpiozero's MockFactory as the process-wide factory, as ``pin_factory = "mock"`` uses."""
+    factory = MockFactory()
+    Device.pin_factory = factory
+    yield factory
+    factory.reset()
+    Device.pin_factory = None
+
+
+def config_with(devices: dict[str, Any], **gpio: Any) -> Config:
+    return from_dict({"gateway_id": "gw", "gpio": {"pin_factory": "mock", **gpio},
+                      "devices": devices})
+
+
+def make(devices: dict[str, Any], name: str, **gpio: Any) -> Handler:
+    config = config_with(devices, **gpio)
+    return build(config.devices[name], config)
+
+
+def request(name: str, params: dict[str, Any] | None = None, id_: str = "c1") -> Request:
+    return Request(id=id_, device="dev", name=name, params=params or {})
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_builtins_are_registered_as_entry_points() -> None:
+    assert {"log", "gpio", "mqtt"} <= set(available())
+
+
+def test_an_unknown_handler_names_the_device_key() -> None:
+    with pytest.raises(ConfigError) as caught:
+        make({"siren": {"handler": "nope"}}, "siren")
+    assert caught.value.key == "devices.siren.handler"
+    assert "installed: " in caught.value.problem and "gpio" in caught.value.problem
+
+
+def test_injected_factories_replace_the_entry_points() -> None:
+    config = config_with({"x": {"handler": "mine"}})
+    built = build(config.devices["x"], config, {"mine": LogHandler})
+    assert isinstance(built, LogHandler)
+
+
+OPTION_ERRORS = [
+    ({"handler": "gpio"}, "devices.dev.pin", "is required"),
+    ({"handler": "gpio", "pin": "20"}, "devices.dev.pin", "whole number"),
+    ({"handler": "gpio", "pin": 99}, "devices.dev.pin", "too large"),
+    ({"handler": "gpio", "pin": 20, "pinn": 3}, "devices.dev.pinn", "unknown option"),
+    ({"handler": "gpio", "pin": 20, "initial": "maybe"}, "devices.dev.initial", "not allowed"),
+    ({"handler": "gpio", "pin": 17}, "devices.dev.pin", "already gpio.green_led"),
+    ({"handler": "log", "level": "loud"}, "devices.dev.level", "not allowed"),
+    ({"handler": "mqtt", "topic": "z/{nope}/set"}, "devices.dev.topic", "not a topic template"),
+    ({"handler": "mqtt", "topic": "z/#/{device}"}, "devices.dev.topic", "invalid topic"),
+    ({"handler": "mqtt", "port": 0}, "devices.dev.port", "too small"),
+    ({"handler": "mqtt", "password_file": "/nonexistent/pw"}, "devices.dev.password_file",
+     "cannot read"),
+]
+
+
+@pytest.mark.parametrize(("options", "key", "words"), OPTION_ERRORS,
+                         ids=[f"{o['handler']}-{k.rsplit('.', 1)[1]}-{w}" for o, k, w in
+                              OPTION_ERRORS])
+def test_option_errors_name_the_device_and_key(pins: MockFactory, options: dict[str, Any],
+                                               key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        make({"dev": options}, "dev")
+    assert caught.value.key == key
+    assert words in caught.value.problem
+
+
+# --------------------------------------------------------------------------- log
+
+
+async def test_log_handler_records_the_command_with_its_id(
+        caplog: pytest.LogCaptureFixture) -> None:
+    handler = make({"dev": {"handler": "log"}}, "dev")
+    with caplog.at_level(logging.INFO, logger="pigateway.handlers.log"):
+        assert await handler.run(request("beep", {"n": 2}, id_="abc")) is None
+    [record] = [r for r in caplog.records if r.name == "pigateway.handlers.log"]
+    assert record.levelno == logging.INFO
+    assert record.command_id == "abc"  # type: ignore[attr-defined]
+    assert record.device == "dev"  # type: ignore[attr-defined]
+    assert "beep" in record.getMessage() and "'n': 2" in record.getMessage()
+    await handler.close()
+    await handler.close()
+
+
+# --------------------------------------------------------------------------- gpio
+
+
+async def test_gpio_on_off_drive_the_pin(pins: MockFactory) -> None:
+    handler = make({"dev": {"handler": "gpio", "pin": 20}}, "dev")
+    pin = pins.pin(20)
+    assert pin.state is False
+    assert await handler.run(request("on")) == {"on": True}
+    assert pin.state is True
+    assert await handler.run(request("on", id_="c2")) == {"on": True}  # idempotent
+    assert await handler.run(request("off", id_="c3")) == {"on": False}
+    assert pin.state is False
+    assert await handler.run(request("state", id_="c4")) == {"on": False}
+    await handler.close()
+    await handler.close()
+
+
+async def test_gpio_active_low_relay_inverts_the_level(pins: MockFactory) -> None:
+    handler = make({"dev": {"handler": "gpio", "pin": 21, "active_high": False,
+                            "initial": "off"}}, "dev")
+    assert pins.pin(21).state is True  # off = high on an active-low board
+    await handler.run(request("on"))
+    assert pins.pin(21).state is False
+    await handler.close()
+
+
+async def test_gpio_toggle_is_safe_to_repeat_per_command_id(pins: MockFactory) -> None:
+    handler = make({"dev": {"handler": "gpio", "pin": 22}}, "dev")
+    assert await handler.run(request("toggle", id_="t1")) == {"on": True}
+    assert await handler.run(request("toggle", id_="t1")) == {"on": True}  # a re-run
+    assert pins.pin(22).state is True
+    assert await handler.run(request("toggle", id_="t2")) == {"on": False}
+    await handler.close()
+
+
+async def test_gpio_pulse_turns_on_for_the_duration_then_off(pins: MockFactory) -> None:
+    handler = make({"dev": {"handler": "gpio", "pin": 23}}, "dev")
+    pin = pins.pin(23)
+    pin.clear_states()
+    assert await handler.run(request("pulse", {"duration": 0.2})) == {"on": False}
+    pin.assert_states([False, True, False])
+    on_time = pin.states[2].timestamp
+    assert 0.15 <= on_time < 2.0
+    await handler.close()
+
+
+async def test_gpio_pulse_cancelled_still_ends_off(pins: MockFactory) -> None:
+    handler = make({"dev": {"handler": "gpio", "pin": 24}}, "dev")
+    task = asyncio.create_task(handler.run(request("pulse", {"duration": 30})))
+    await asyncio.sleep(0.05)
+    assert pins.pin(24).state is True
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert pins.pin(24).state is False
+    await handler.close()
+
+
+@pytest.mark.parametrize(("name", "params", "words"), [
+    ("explode", {}, "does not know 'explode'"),
+    ("on", {"x": 1}, "takes no params"),
+    ("pulse", {"duration": -1}, "must be > 0"),
+    ("pulse", {"duration": "1"}, "number of seconds"),
+    ("pulse", {"duration": 1, "count": 2}, "only 'duration'"),
+])
+async def test_gpio_bad_commands_are_invalid_and_leave_the_pin(
+        pins: MockFactory, name: str, params: dict[str, Any], words: str) -> None:
+    handler = make({"dev": {"handler": "gpio", "pin": 25}}, "dev")
+    with pytest.raises(InvalidCommand, match=words):
+        await handler.run(request(name, params))
+    assert pins.pin(25).state is False
+    await handler.close()
+
+
+def test_gpio_pin_in_use_is_a_config_error(pins: MockFactory) -> None:
+    config = config_with({"a": {"handler": "gpio", "pin": 26}, "b": {"handler": "gpio",
+                                                                      "pin": 26}})
+    first = GpioHandler(config.devices["a"], config)
+    with pytest.raises(ConfigError) as caught:
+        GpioHandler(config.devices["b"], config)
+    assert caught.value.key == "devices.b.pin"
+    first.output.close()
+
+
+def test_gpio_panel_pins_do_not_clash_when_the_panel_is_off(pins: MockFactory) -> None:
+    config = config_with({"dev": {"handler": "gpio", "pin": 17}}, enabled=False)
+    handler = GpioHandler(DeviceConfig("dev", "gpio", {"pin": 17}), config)
+    handler.output.close()
+
+
+# --------------------------------------------------------------------------- mqtt
+
+
+@pytest.mark.broker
+async def test_mqtt_handler_republishes_params_to_the_local_broker(mosquitto: Any) -> None:
+    import aiomqtt  # noqa: PLC0415 (tests may talk MQTT directly)
+
+    handler = make({"hall": {"handler": "mqtt", "port": mosquitto.port, "target": "hall lamp",
+                             "topic": "z2m/{device}/{name}"}}, "hall")
+    async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
+        await client.subscribe("z2m/#", qos=1)
+        result = await handler.run(Request(id="m1", device="hall", name="set",
+                                           params={"state": "ON", "brightness": 80}))
+        assert result == {"topic": "z2m/hall lamp/set"}
+        async with asyncio.timeout(5):
+            message = await anext(aiter(client.messages))
+    assert str(message.topic) == "z2m/hall lamp/set"
+    assert message.payload == b'{"state":"ON","brightness":80}'
+    await handler.close()
+    await handler.close()
+
+
+@pytest.mark.broker
+async def test_mqtt_handler_broker_down_is_retryable_then_reconnects(mosquitto: Any) -> None:
+    from pigateway.errors import RetryableHandlerError  # noqa: PLC0415
+
+    handler = make({"hall": {"handler": "mqtt", "port": mosquitto.port}}, "hall")
+    await handler.run(Request(id="m1", device="hall", name="set", params={"state": "ON"}))
+    mosquitto.kill()
+    with pytest.raises(RetryableHandlerError, match="local broker"):
+        for _ in range(3):  # the first publish may still find the dead socket open
+            await handler.run(Request(id="m2", device="hall", name="set", params={}))
+    mosquitto.start()
+    assert await handler.run(Request(id="m3", device="hall", name="set", params={})) == {
+        "topic": "zigbee2mqtt/hall/set"}
+    await handler.close()

@@ -1,0 +1,143 @@
+"""The commands-topic parser: every way a message can miss the contract gets a clear reason."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pigateway.errors import RejectedCommand
+from pigateway.inbound import Limits, parse_command
+
+LIMITS = Limits(max_bytes=4096, max_depth=8, devices=frozenset({"lamp", "relay"}))
+GOOD: dict[str, Any] = {"v": 1, "id": "c-1", "device": "lamp", "name": "on", "params": {"x": 1}}
+
+
+def encode(document: Any) -> bytes:
+    return json.dumps(document).encode()
+
+
+def rejected(payload: bytes) -> RejectedCommand:
+    with pytest.raises(RejectedCommand) as caught:
+        parse_command(payload, LIMITS)
+    return caught.value
+
+
+def test_a_good_command_is_parsed() -> None:
+    command = parse_command(encode({**GOOD, "ttl": 30}), LIMITS)
+    assert (command.id, command.device, command.name) == ("c-1", "lamp", "on")
+    assert command.params == {"x": 1}
+    assert command.ttl == 30.0
+    assert parse_command(encode({**GOOD, "ttl": None}), LIMITS).ttl is None
+
+
+# (what is wrong, payload, words the reason must contain, whether the id is readable)
+CASES: list[tuple[str, bytes, str, bool]] = [
+    ("not json", b"{nope", "not JSON", False),
+    ("empty", b"", "not JSON", False),
+    ("array", b"[1, 2]", "must be a JSON object, got an array", False),
+    ("string", b'"on"', "must be a JSON object, got a string", False),
+    ("invalid utf-8", b'{"id": "\xff\xfe"}', "not UTF-8", False),
+    ("oversize", encode({**GOOD, "params": {"x": "y" * 5000}}), "limit is 4096", False),
+    ("nan", b'{"v": 1, "id": "c-1", "params": {"x": NaN}}', "not JSON", False),
+    ("deep nesting", encode({**GOOD, "params": {"a": [[[[[[[[1]]]]]]]]}}), "nested more than 8",
+     False),
+    ("very deep nesting", b"[" * 2000 + b"]" * 2000, "nested more than 8", False),
+    ("missing id", encode({k: v for k, v in GOOD.items() if k != "id"}), "'id' is missing",
+     False),
+    ("numeric id", encode({**GOOD, "id": 7}), "'id' must be a string", False),
+    ("control char id", encode({**GOOD, "id": "a\nb"}), "'id' must be a string", False),
+    ("missing v", encode({k: v for k, v in GOOD.items() if k != "v"}), "'v' is missing", True),
+    ("v as string", encode({**GOOD, "v": "1"}), "'v' must be the number 1", True),
+    ("v true", encode({**GOOD, "v": True}), "'v' must be the number 1", True),
+    ("unknown v", encode({**GOOD, "v": 2}), "unsupported version v=2", True),
+    ("unknown field", encode({**GOOD, "extra": 1}), "unknown field 'extra'", True),
+    ("missing device", encode({k: v for k, v in GOOD.items() if k != "device"}),
+     "'device' is missing", True),
+    ("device not a string", encode({**GOOD, "device": ["lamp"]}), "'device' must be a string",
+     True),
+    ("unknown device", encode({**GOOD, "device": "toaster"}), "unknown device 'toaster'", True),
+    ("missing name", encode({k: v for k, v in GOOD.items() if k != "name"}), "'name' is missing",
+     True),
+    ("bad name", encode({**GOOD, "name": "turn on!"}), "'name' must be", True),
+    ("missing params", encode({k: v for k, v in GOOD.items() if k != "params"}),
+     "'params' is missing", True),
+    ("params a list", encode({**GOOD, "params": [1]}), "'params' must be a JSON object", True),
+    ("negative ttl", encode({**GOOD, "ttl": -1}), "'ttl' must be seconds > 0", True),
+    ("ttl as string", encode({**GOOD, "ttl": "5"}), "'ttl' must be seconds > 0", True),
+    ("ttl bool", encode({**GOOD, "ttl": True}), "'ttl' must be seconds > 0", True),
+]
+
+
+@pytest.mark.parametrize(("payload", "words", "has_id"), [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_malformed_input_is_rejected_with_a_reason(payload: bytes, words: str,
+                                                   has_id: bool) -> None:
+    error = rejected(payload)
+    assert words in error.reason
+    assert (error.command_id == "c-1") is has_id
+
+
+def test_the_device_is_kept_for_the_answer_when_readable() -> None:
+    error = rejected(encode({**GOOD, "name": 5}))
+    assert (error.command_id, error.device) == ("c-1", "lamp")
+
+
+def test_huge_integers_are_rejected_not_crashing() -> None:
+    error = rejected(b'{"v": 1, "id": "c-1", "params": {"n": ' + b"9" * 5000 + b"}}")
+    assert "JSON" in error.reason or "limit" in error.reason
+
+
+# --------------------------------------------------------------------------- fuzz
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8)
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6),
+                                                                        children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=512))
+def test_fuzz_arbitrary_bytes_never_escape_as_another_error(payload: bytes) -> None:
+    try:
+        command = parse_command(payload, LIMITS)
+    except RejectedCommand as exc:
+        assert exc.reason
+    else:
+        assert command.device in LIMITS.devices
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(["v", "id", "device", "name", "params", "ttl", "x"]),
+                       json_values, max_size=7))
+def test_fuzz_documents_either_fit_the_contract_or_are_rejected(document: dict[str, Any]) -> None:
+    try:
+        command = parse_command(encode(document), LIMITS)
+    except RejectedCommand as exc:
+        assert exc.reason
+        if exc.command_id is not None:
+            assert exc.command_id == document["id"]
+    else:
+        assert document["v"] == 1 and document["v"] is not True
+        assert command.device in LIMITS.devices
+        assert isinstance(command.params, dict)
+        assert set(document) <= {"v", "id", "device", "name", "params", "ttl"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(json_values)
+def test_fuzz_any_params_inside_a_good_envelope(params: Any) -> None:
+    payload = encode({**GOOD, "params": params})
+    try:
+        command = parse_command(payload, LIMITS)
+    except RejectedCommand as exc:
+        assert exc.command_id == "c-1"
+        assert not isinstance(params, dict) or "nested" in exc.reason or "limit" in exc.reason
+    else:
+        assert command.params == params
