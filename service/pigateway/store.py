@@ -587,6 +587,16 @@ class Store:
         try:
             self._check_disk()
             outcomes = await self._transaction(lambda conn: self._insert_group(conn, group))
+        except StoreError as exc:
+            if len(group) > 1 and not isinstance(exc, StoreFull):
+                # one bad job (a duplicate id, a failing ``also``) must not spoil the
+                # commit it shares: retry each on its own, so only the culprit fails
+                for job in group:
+                    await self._run_puts([job])
+                return
+            for job in group:
+                _settle(job.future, error=exc)
+            return
         except Exception as exc:
             for job in group:
                 _settle(job.future, error=exc)
