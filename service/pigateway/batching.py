@@ -254,7 +254,9 @@ class Batcher(Generic[C]):
     """Claims rows from the store and hands out one batch at a time, under the window rules.
 
     Rows it has claimed but not yet handed out stay in :attr:`pending` (in flight in the
-    store's eyes); the uplink gives them back with :meth:`give_back` when it stops.
+    store's eyes); the uplink gives them back with :meth:`give_back` when its link ends.
+    :meth:`interrupt` makes a waiting :meth:`next_batch` return ``None`` (pause, stop)
+    without ever abandoning a claim half-way: a claim the writer runs is always recorded.
     """
 
     def __init__(self, store: WorkSource[C], rules: Rules, *, batch_delay: float,
@@ -268,10 +270,18 @@ class Batcher(Generic[C]):
         self.clock = clock
         self.pending: list[C] = []
         self._flush = asyncio.Event()
+        self._interrupt = asyncio.Event()
 
     def flush(self) -> None:
         """End the current window now: what is pending goes at once."""
         self._flush.set()
+
+    def interrupt(self) -> None:
+        """Make :meth:`next_batch` return ``None`` soon, until :meth:`proceed`."""
+        self._interrupt.set()
+
+    def proceed(self) -> None:
+        self._interrupt.clear()
 
     def give_back(self) -> list[str]:
         """Forget the pending rows and return their ids (the caller nacks them)."""
@@ -279,26 +289,38 @@ class Batcher(Generic[C]):
         self.pending = []
         return ids
 
-    async def next_batch(self) -> Batch[C]:
-        """Wait for work and the window, then return the next batch to publish."""
+    async def next_batch(self) -> Batch[C] | None:
+        """Wait for work and the window, then return the next batch (``None``: interrupted)."""
         while True:
-            await self._gather()
+            if not await self._gather():
+                return None
             take = take_batch(self.pending, self.rules, now=self.clock())
             self.pending = take.rest
-            await self._discard(take)
+            try:
+                await self._discard(take)
+            except asyncio.CancelledError:
+                self.pending = [*take.too_large, *take.expired, *self.pending]
+                raise
             if not self.pending:
                 self._flush.clear()
             if take.batch is not None:
                 return take.batch
 
-    async def _gather(self) -> None:
-        """Fill :attr:`pending` until the window of its oldest row is over (or a flush, or full)."""
+    async def _gather(self) -> bool:
+        """Fill :attr:`pending` until its oldest row's window is over (or a flush, or full).
+
+        Returns False when interrupted.
+        """
         while not self.pending:
+            if self._interrupt.is_set():
+                return False
             if not await self._claim():
                 self._flush.clear()
                 await self._wait(self.idle_poll)
         deadline = min(c.queued_at for c in self.pending) + self.batch_delay
         while not self._flush.is_set() and not self._full():
+            if self._interrupt.is_set():
+                return False
             left = deadline - self.clock()
             if left <= 0:
                 break
@@ -306,6 +328,7 @@ class Batcher(Generic[C]):
             await self._claim()
         if not self._full():
             await self._claim()
+        return not self._interrupt.is_set()
 
     def _full(self) -> bool:
         """A cheap estimate of whether pending already makes at least one whole batch."""
@@ -314,20 +337,28 @@ class Batcher(Generic[C]):
         return len(devices) >= self.rules.max_actions or size >= self.rules.max_batch_bytes
 
     async def _claim(self) -> int:
-        got = await self.store.claim(self.claim_limit)
+        """Claim more rows; if cancelled meanwhile, still record what the writer claimed."""
+        claim = asyncio.ensure_future(self.store.claim(self.claim_limit))
+        try:
+            got = await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                self.pending.extend(await claim)
+            raise
         self.pending.extend(got)
         return len(got)
 
     async def _wait(self, seconds: float) -> None:
-        """Until the store sees new work, a flush, or ``seconds`` pass."""
-        if self._flush.is_set():
+        """Until the store sees new work, a flush, an interrupt, or ``seconds`` pass."""
+        if self._flush.is_set() or self._interrupt.is_set():
             return
-        work = asyncio.ensure_future(self.store.wait_for_work(seconds))
-        flushed = asyncio.ensure_future(self._flush.wait())
+        waiters = [asyncio.ensure_future(self.store.wait_for_work(seconds)),
+                   asyncio.ensure_future(self._flush.wait()),
+                   asyncio.ensure_future(self._interrupt.wait())]
         try:
-            await asyncio.wait({work, flushed}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (work, flushed):
+            for task in waiters:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -336,8 +367,9 @@ class Batcher(Generic[C]):
         if take.too_large:
             await self.store.dead_letter(
                 [c.id for c in take.too_large], REASON_TOO_LARGE,
-                f"bigger than uplink.max_batch_bytes={self.rules.max_batch_bytes}",
+                f"bigger than the largest batch allowed ({self.rules.max_batch_bytes} bytes: "
+                "uplink.max_batch_bytes or the broker's maximum packet size)",
             )
         if take.expired:
             await self.store.dead_letter([c.id for c in take.expired], REASON_EXPIRED,
-                                         "ttl passed before it could be sent")
+                                         "its ttl ran out before it could be sent")

@@ -1,0 +1,145 @@
+"""The service: open the store, run every part in one TaskGroup, stop gracefully.
+
+``pigateway run`` is ``asyncio.run(app.run(config))``. :class:`Gateway` owns the lifetime of
+every part: the store is opened first (a gateway must start and queue while offline, so
+nothing waits for the broker), then each part is entered in :meth:`Gateway._serve`, one
+line each, and they all live in ONE ``asyncio.TaskGroup``: if one part fails for good, the
+others are cancelled and the service exits non-zero so that systemd restarts it.
+
+SIGTERM/SIGINT start a bounded graceful stop: stop claiming, wait up to
+``uplink.publish_timeout`` for the PUBACKs in flight, nack the rest (back at the head of
+the queue), close the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+import tenacity
+
+from pigateway.config import Config
+from pigateway.errors import PigatewayError
+from pigateway.logs import setup_logging
+from pigateway.state import GatewayState
+from pigateway.store import Store
+from pigateway.uplink import Uplink
+
+log = logging.getLogger(__name__)
+
+#: Seconds between reads of the queue's depth, age and dead letters into the state.
+STATS_INTERVAL = 1.0
+#: Seconds the parts get to wind down after the uplink stopped (then they are cancelled).
+WIND_DOWN = 2.0
+
+
+class Gateway:
+    """One running gateway: the state every view reads, and the controls that change it."""
+
+    def __init__(self, config: Config, *, policy: tenacity.AsyncRetrying | None = None) -> None:
+        self.config = config
+        self.state = GatewayState()
+        self.policy = policy
+        self.store: Store | None = None
+        self.uplink: Uplink | None = None
+        self._stopping = asyncio.Event()
+
+    # ---- controls (control socket, GPIO buttons, signals)
+
+    def pause(self) -> None:
+        """Stop draining; commands keep being queued on disk."""
+        self.state.update(paused=True)
+        if self.uplink is not None:
+            self.uplink.pause()
+        log.info("paused: draining stops, queueing goes on")
+
+    def resume(self) -> None:
+        self.state.update(paused=False)
+        if self.uplink is not None:
+            self.uplink.resume()
+        log.info("resumed: draining again")
+
+    def flush(self) -> None:
+        """Send the batch window now, and retry the connection at once if it is waiting."""
+        if self.uplink is not None:
+            self.uplink.flush()
+
+    def stop(self) -> None:
+        """Begin the graceful stop (what SIGTERM does)."""
+        self._stopping.set()
+
+    # ---- lifetime
+
+    async def run(self) -> None:
+        """Open the store and serve until :meth:`stop`; raise the first part's fatal error."""
+        async with await Store.open(self.config.store) as store:
+            self.store = store
+            try:
+                await self._serve(store)
+            except BaseExceptionGroup as group:
+                raise _first(group) from group
+            finally:
+                self.store = None
+
+    async def _serve(self, store: Store) -> None:
+        uplink = Uplink(self.config, store, self.state, policy=self.policy)
+        self.uplink = uplink
+        if self.state.paused:
+            uplink.pause()
+        await self._refresh(store)
+        log.info("store %s open and recovered; %d queued", store.path, self.state.depth)
+        async with asyncio.TaskGroup() as parts:
+            link = parts.create_task(uplink.run(), name="uplink")
+            others = [parts.create_task(self._keep_stats(store), name="store-stats")]
+            await self._stopping.wait()
+            log.info("stopping: no new batches; waiting up to %.0fs for PUBACKs in flight",
+                     self.config.uplink.publish_timeout)
+            await uplink.stop(self.config.uplink.publish_timeout)
+            await asyncio.wait({link}, timeout=WIND_DOWN)
+            for task in [link, *others]:
+                task.cancel()
+        await self._refresh(store)
+        log.info("stopped; %d command(s) stay queued on disk", self.state.depth)
+
+    async def _keep_stats(self, store: Store) -> None:
+        """Mirror the queue's depth, oldest age and dead letters into the state."""
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)
+            await self._refresh(store)
+
+    async def _refresh(self, store: Store) -> None:
+        stats = await store.stats()
+        self.state.update(depth=stats.depth, oldest_age=stats.oldest_age,
+                          dead_letters=stats.dead_total)
+
+
+def _first(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The error to report from a TaskGroup: the first pigateway error, else the first one."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        item = pending.pop(0)
+        if isinstance(item, BaseExceptionGroup):
+            pending.extend(item.exceptions)
+        else:
+            leaves.append(item)
+    typed = [leaf for leaf in leaves if isinstance(leaf, PigatewayError)]
+    return (typed or leaves)[0]
+
+
+async def run(config: Config) -> None:
+    """``pigateway run``: the service until SIGTERM or SIGINT."""
+    setup_logging(config.log.level)
+    gateway = Gateway(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, gateway.stop)
+    try:
+        await gateway.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError, RuntimeError):
+                loop.remove_signal_handler(sig)

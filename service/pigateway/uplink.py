@@ -1,0 +1,605 @@
+"""The uplink: one MQTT connection to the broker, kept up forever, draining the store into it.
+
+This is the only module that imports aiomqtt or paho; their errors become
+:class:`~pigateway.errors.UplinkError` here. The shape follows aiomqtt's own advice: one
+outer reconnect loop that catches only the MQTT error, with the backoff policy (tenacity)
+passed in so that tests run it without waiting.
+
+Per connection (a fresh client each time, so paho never replays anything on its own):
+
+- last will ``"offline"`` (a JSON string), retained, on ``{prefix}/{gw}/state``; a retained
+  JSON state document there on connect and every ``uplink.state_interval``; ``"offline"``
+  again, published by us, on a clean stop (a clean DISCONNECT does not fire the will);
+- with an ``on_command`` hook: a QoS 1 subscription to ``{prefix}/{gw}/commands`` on a
+  persistent session; each message is acknowledged (paho's manual ack) only after
+  ``await on_command(payload)`` returned, so a crash before that gets it delivered again;
+- the drain: batches from :class:`~pigateway.batching.Batcher`, at most
+  ``uplink.max_inflight`` unacknowledged at a time; a batch's rows are deleted only after
+  its PUBACK; an MQTT 5 PUBACK with a failure code dead-letters them
+  (``rejected-by-broker``); a failed or timed-out publish ends the connection and every row
+  not acknowledged goes back to the head of the queue (``nack``).
+
+aiomqtt 2.5 drops two facts we need, so :class:`_Client` keeps them: the reason code of each
+PUBACK, and the broker's Maximum Packet Size from CONNACK (a batch is never built bigger, so
+a broker with a small ``max_packet_size`` gets smaller batches, and a single command over it
+is dead-lettered ``too-large``). Under MQTT 3.1.1 the broker cannot say either: it drops the
+connection instead, and such a batch ends in ``max-attempts`` after ``store.max_attempts``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import random
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import aiomqtt
+import paho.mqtt.client as paho
+import tenacity
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from pigateway import __version__
+from pigateway.batching import Batch, Batcher, Rules
+from pigateway.config import Config, MqttConfig, TlsConfig, UplinkConfig
+from pigateway.errors import LoginRefused, PigatewayError, UplinkError
+from pigateway.state import GatewayState, Link
+from pigateway.store import Command, Store
+
+log = logging.getLogger(__name__)
+
+#: The wire contract's topics (``design.md``), by leaf.
+TOPICS: Final = {
+    "actions": "{prefix}/{gateway}/actions",
+    "results": "{prefix}/{gateway}/results",
+    "commands": "{prefix}/{gateway}/commands",
+    "state": "{prefix}/{gateway}/state",
+}
+OFFLINE: Final = b'"offline"'
+REJECTED: Final = "rejected-by-broker"
+#: CONNACK reason codes that mean "fix the credentials": a fault, retried at the cap.
+#: (paho reports MQTT 3.1.1's return codes 4 and 5 as these MQTT 5 codes too.)
+LOGIN_REFUSED: Final = {134: "bad user name or password", 135: "not authorised",
+                        138: "banned", 140: "bad authentication method"}
+#: Words in a connection error that mean an operator must act (TLS set-up), not wait.
+TLS_FAULTS: Final = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed",
+                     "hostname mismatch", "doesn't match", "TLSV1_ALERT", "SSLV3_ALERT",
+                     "PEM lib", "No such file")
+#: Bytes a PUBLISH adds around its payload (fixed header, topic length, packet id, props).
+PUBLISH_OVERHEAD: Final = 16
+
+
+def topic(config: Config, leaf: str) -> str:
+    """The full topic of ``leaf`` ("actions", "results", "commands", "state")."""
+    return TOPICS[leaf].format(prefix=config.mqtt.topic_prefix, gateway=config.gateway_id)
+
+
+# --------------------------------------------------------------------------- backoff
+
+
+class wait_backoff(tenacity.wait.wait_base):
+    """Exponential backoff with jitter from ``initial`` to ``maximum``; faults wait ``maximum``.
+
+    Attempt n waits ``min(maximum, initial * 2**(n-1))`` less up to ``jitter`` of it, so
+    a fleet that lost its broker together does not return together. A fault (refused
+    login, TLS set-up) will not heal by itself: it waits the cap every time.
+    """
+
+    def __init__(self, initial: float, maximum: float, jitter: float = 0.2) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.jitter = jitter
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        outcome = retry_state.outcome
+        if outcome is not None and isinstance(outcome.exception(), LinkFault):
+            return self.maximum
+        base = min(self.maximum, self.initial * 2.0 ** (retry_state.attempt_number - 1))
+        return float(base * (1 - self.jitter * random.random()))
+
+
+def reconnect_policy(config: UplinkConfig) -> tenacity.AsyncRetrying:
+    """The default policy: :class:`wait_backoff` from ``[uplink]``, forever."""
+    return tenacity.AsyncRetrying(wait=wait_backoff(config.backoff_initial, config.backoff_max))
+
+
+class LinkFault(UplinkError):
+    """A connection failure an operator must fix (credentials, TLS); named in ``state.fault``."""
+
+
+class LinkLost(UplinkError):
+    """A connection that had been up for ``uplink.backoff_reset`` seconds went down."""
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+def credential(name: str) -> Path | None:
+    """``$CREDENTIALS_DIRECTORY/name`` (systemd ``LoadCredential=``) when it exists."""
+    folder = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not folder:
+        return None
+    path = Path(folder) / name
+    return path if path.is_file() else None
+
+
+def read_password(mqtt: MqttConfig) -> str | None:
+    """The broker password from ``password_file`` or the credential ``mqtt-password``."""
+    path = mqtt.password_file or credential("mqtt-password")
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LinkFault(f"cannot read the MQTT password from {path}: {exc}") from exc
+
+
+def tls_context(tls: TlsConfig) -> ssl.SSLContext | None:
+    """A client TLS context that verifies the broker's certificate and hostname."""
+    if not tls.enabled:
+        return None
+    try:
+        context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+        if tls.cert_file is not None:
+            key = tls.key_file or credential("mqtt-key")
+            context.load_cert_chain(str(tls.cert_file), str(key) if key else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise LinkFault(f"TLS set-up failed (mqtt.tls): {exc}") from exc
+    return context
+
+
+# --------------------------------------------------------------------------- the client
+
+
+class _Client(aiomqtt.Client):
+    """aiomqtt's client plus what 2.5 drops: PUBACK reason codes and CONNACK's packet limit."""
+
+    def __init__(self, *args: Any, manual_ack: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_packet_size: int | None = None
+        self.session_present = False
+        self._puback_codes: dict[int, ReasonCode] = {}
+        self._client.manual_ack_set(manual_ack)
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags,
+                    reason_code: ReasonCode, properties: Properties | None = None) -> None:
+        if properties is not None and hasattr(properties, "MaximumPacketSize"):
+            self.max_packet_size = int(properties.MaximumPacketSize)
+        self.session_present = bool(flags.session_present)
+        super()._on_connect(client, userdata, flags, reason_code, properties)
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int,
+                    reason_code: ReasonCode, properties: Properties) -> None:
+        if reason_code.is_failure:
+            self._puback_codes[mid] = reason_code
+        super()._on_publish(client, userdata, mid, reason_code, properties)
+
+    async def deliver(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                      timeout: float) -> ReasonCode | None:
+        """Publish; return after the PUBACK with its failure code, or ``None`` for success.
+
+        Raises :class:`aiomqtt.MqttError` when the link drops or no PUBACK came in time
+        (aiomqtt's own publish would only notice the drop at its timeout).
+        """
+        info = self._client.publish(topic, payload, qos, retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, "could not publish")
+        if qos > 0 and not info.is_published():
+            confirmation = asyncio.Event()
+            with self._pending_call(info.mid, confirmation, self._pending_publishes):
+                await self._until(confirmation, timeout)
+        return self._puback_codes.pop(info.mid, None)
+
+    async def _until(self, confirmation: asyncio.Event, timeout: float) -> None:
+        waiter = asyncio.ensure_future(confirmation.wait())
+        lost: asyncio.Future[Any] = self._disconnected
+        try:
+            done, _ = await asyncio.wait({waiter, lost}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if waiter not in done:
+            raise aiomqtt.MqttError("the link dropped before the PUBACK" if lost in done
+                                    else f"no PUBACK within {timeout}s")
+
+    def ack(self, mid: int, qos: int) -> None:
+        """Acknowledge an inbound message (manual ack mode)."""
+        self._client.ack(mid, qos)
+
+    def abort(self) -> None:
+        """Close the socket without a DISCONNECT (a hung connect or exit)."""
+        with contextlib.suppress(Exception):
+            self._client._sock_close()
+
+
+async def _enter(client: _Client, bound: float) -> None:
+    """Connect, bounded: aiomqtt waits for CONNACK without a limit."""
+    try:
+        async with asyncio.timeout(bound):
+            await client.__aenter__()
+    except TimeoutError:
+        client.abort()
+        raise UplinkError(f"no CONNACK within {bound:.0f}s") from None
+
+
+async def _leave(client: _Client, bound: float) -> None:
+    try:
+        async with asyncio.timeout(bound):
+            await client.__aexit__(None, None, None)
+    except (TimeoutError, aiomqtt.MqttError):
+        client.abort()
+
+
+def _classify(exc: aiomqtt.MqttError) -> UplinkError:
+    """The typed error for an MQTT failure: a fault to fix, or a link to wait for."""
+    code = getattr(exc, "rc", None)
+    value = getattr(code, "value", code)
+    if isinstance(exc, MqttConnectError) and value in LOGIN_REFUSED:
+        return LoginRefused(f"login refused by the broker: {LOGIN_REFUSED[value]} "
+                            "(check mqtt.username and the password)")
+    text = str(exc)
+    if any(word in text for word in TLS_FAULTS):
+        return LinkFault(f"TLS failed: {text}")
+    return UplinkError(text or type(exc).__name__)
+
+
+# --------------------------------------------------------------------------- the uplink
+
+OnCommand = Callable[[bytes], Awaitable[None]]
+
+
+@dataclass
+class _Session:
+    """What one connection holds: its client, its in-flight slots and its tasks."""
+
+    client: _Client
+    slots: asyncio.Semaphore
+    tasks: asyncio.TaskGroup
+    started: float = dataclasses.field(default_factory=time.monotonic)
+
+
+class Uplink:
+    """Keeps the broker connection and drains the store into it. Run with :meth:`run`."""
+
+    def __init__(self, config: Config, store: Store, state: GatewayState, *,
+                 policy: tenacity.AsyncRetrying | None = None,
+                 on_command: OnCommand | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.state = state
+        self.on_command = on_command
+        up = config.uplink
+        self.rules = Rules(config.gateway_id, up.max_actions, up.max_batch_bytes)
+        self.batcher: Batcher[Command] = Batcher(store, self.rules, batch_delay=up.batch_delay)
+        self.outstanding: dict[str, Batch[Command]] = {}
+        self._policy = (policy or reconnect_policy(up)).copy(
+            retry=tenacity.retry_if_exception(_worth_retrying), stop=tenacity.stop_never,
+            reraise=True, before_sleep=self._before_sleep)
+        self._policy_sleep: Callable[[float], Awaitable[None]] = self._policy.sleep  # type: ignore[assignment]
+        self._policy = self._policy.copy(sleep=self._sleep)
+        self._retry_now = asyncio.Event()
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+        self._stop = asyncio.Event()
+        self._settled = asyncio.Event()  # set while nothing is in flight
+        self._settled.set()
+
+    # ---- controls (the app's pause/resume/flush land here)
+
+    def pause(self) -> None:
+        """Stop draining (queueing and the link go on); batches in flight finish."""
+        self._resumed.clear()
+        self.batcher.interrupt()
+
+    def resume(self) -> None:
+        self.batcher.proceed()
+        self._resumed.set()
+
+    def flush(self) -> None:
+        """Send what is pending now, and retry the connection now if it is waiting."""
+        self.batcher.flush()
+        self._retry_now.set()
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming, wait up to ``grace`` for PUBACKs in flight, then end the link.
+
+        Whatever is still unacknowledged is nacked by :meth:`run` as it returns.
+        """
+        self._stop.set()
+        self.batcher.interrupt()
+        self._retry_now.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._settled.wait()
+
+    # ---- the reconnect loop
+
+    async def run(self) -> None:
+        """Connect, serve, and reconnect with backoff forever (until :meth:`stop`)."""
+        while not self._stop.is_set():
+            try:
+                async for attempt in self._policy:
+                    with attempt:
+                        await self._connect_once()
+                return
+            except LinkLost:
+                continue  # the link had been up a while: the backoff starts over
+            except _Stopped:
+                return
+
+    async def _connect_once(self) -> None:
+        if self._stop.is_set():
+            raise _Stopped
+        self.state.update(link=Link.CONNECTING, retry_at=None)
+        started = time.monotonic()
+        try:
+            client = self._make_client()
+            await _enter(client, self.config.uplink.publish_timeout + 5)
+        except aiomqtt.MqttError as exc:
+            raise self._failed(_classify(exc)) from exc
+        except UplinkError as exc:
+            raise self._failed(exc) from exc
+        try:
+            await self._serve(client)
+        except (aiomqtt.MqttError, UplinkError) as exc:
+            error = _classify(exc) if isinstance(exc, aiomqtt.MqttError) else exc
+            if time.monotonic() - started >= self.config.uplink.backoff_reset:
+                raise self._failed(LinkLost(f"link lost: {error}")) from exc
+            raise self._failed(error) from exc
+        finally:
+            await _leave(client, 5.0)
+            await self._give_back("the link ended before the broker acknowledged")
+            self.state.update(link=Link.OFFLINE, in_flight=0, draining=False)
+
+    def _failed(self, error: UplinkError) -> UplinkError:
+        fault = str(error) if isinstance(error, (LinkFault, LoginRefused)) else None
+        self.state.update(link=Link.OFFLINE, last_error=str(error), fault=fault)
+        if fault:
+            log.error("%s", fault)
+        return error
+
+    async def _sleep(self, seconds: float) -> None:
+        """The policy's sleep, cut short by :meth:`flush` or :meth:`stop`."""
+        self._retry_now.clear()
+        sleeper = asyncio.ensure_future(self._policy_sleep(seconds))
+        waker = asyncio.ensure_future(self._retry_now.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()
+        if self._stop.is_set():
+            raise _Stopped
+
+    def _before_sleep(self, retry_state: tenacity.RetryCallState) -> None:
+        wait = retry_state.next_action.sleep if retry_state.next_action else 0.0
+        error = retry_state.outcome.exception() if retry_state.outcome else None
+        self.state.update(retry_at=time.time() + wait)
+        log.info("uplink: %s; retrying in %.1fs (attempt %d)", error, wait,
+                 retry_state.attempt_number)
+
+    def _make_client(self) -> _Client:
+        mqtt = self.config.mqtt
+        v5 = mqtt.protocol == "5"
+        persistent = self.on_command is not None
+        properties = None
+        if v5:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = mqtt.session_expiry if persistent else 0
+        return _Client(
+            mqtt.host, mqtt.port, identifier=self.config.gateway_id,
+            username=mqtt.username, password=read_password(mqtt) if mqtt.username else None,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            will=aiomqtt.Will(topic(self.config, "state"), OFFLINE, qos=1, retain=True),
+            clean_session=None if v5 else not persistent,
+            clean_start=(not persistent) if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=properties, keepalive=mqtt.keepalive,
+            timeout=self.config.uplink.publish_timeout,
+            tls_context=tls_context(mqtt.tls),
+            max_inflight_messages=self.config.uplink.max_inflight + 8,
+            manual_ack=persistent,
+        )
+
+    # ---- one connection
+
+    async def _serve(self, client: _Client) -> None:
+        self._adopt_packet_limit(client)
+        log.info("uplink: online at %s:%d (session present: %s)", self.config.mqtt.host,
+                 self.config.mqtt.port, client.session_present)
+        self.state.update(link=Link.ONLINE, fault=None, retry_at=None)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                session = _Session(client, asyncio.Semaphore(self.config.uplink.max_inflight),
+                                   tasks)
+                if self.on_command is not None:
+                    await client.subscribe(topic(self.config, "commands"), qos=1)
+                await self._announce(client)
+                watch = tasks.create_task(self._watch(client), name="uplink-watch")
+                announce = tasks.create_task(self._keep_announcing(client), name="uplink-state")
+                await self._drain(session)
+                await self._finish(client)
+                watch.cancel()
+                announce.cancel()
+        except BaseExceptionGroup as group:
+            raise _first(group) from group
+
+    def _adopt_packet_limit(self, client: _Client) -> None:
+        limit = self.config.uplink.max_batch_bytes
+        if client.max_packet_size:
+            room = client.max_packet_size - PUBLISH_OVERHEAD - len(topic(self.config, "actions"))
+            limit = max(1, min(limit, room))
+        self.batcher.rules = dataclasses.replace(self.rules, max_batch_bytes=limit)
+
+    async def _drain(self, session: _Session) -> None:
+        """Hand batches to publisher tasks, at most ``max_inflight`` unacknowledged."""
+        while not self._stop.is_set():
+            if not self._resumed.is_set():
+                self.state.update(draining=False)
+                await self._until_resumed_or_stopped()
+                continue
+            self.state.update(draining=True)
+            await session.slots.acquire()
+            try:
+                batch = await self.batcher.next_batch()
+            except BaseException:
+                session.slots.release()
+                raise
+            if batch is None:
+                session.slots.release()
+                continue
+            self.outstanding[batch.id] = batch
+            self._settled.clear()
+            self.state.update(in_flight=len(self.outstanding))
+            session.tasks.create_task(self._ship(session, batch), name=f"ship-{batch.id}")
+        self.state.update(draining=False)
+
+    async def _until_resumed_or_stopped(self) -> None:
+        waiters = [asyncio.ensure_future(self._resumed.wait()),
+                   asyncio.ensure_future(self._stop.wait())]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def _ship(self, session: _Session, batch: Batch[Command]) -> None:
+        """Publish one batch; delete its rows after the PUBACK (or bury them if refused)."""
+        try:
+            code = await session.client.deliver(
+                topic(self.config, batch.kind), batch.payload,
+                timeout=self.config.uplink.publish_timeout)
+            if code is None:
+                await self.store.ack(batch.ids)
+            else:
+                await self.store.dead_letter(
+                    batch.ids, REJECTED, f"PUBACK reason code {code.value}: {code}")
+            del self.outstanding[batch.id]
+        except aiomqtt.MqttError as exc:
+            raise UplinkError(f"publish of batch {batch.id} failed: {_classify(exc)}") from exc
+        finally:
+            session.slots.release()
+            self.state.update(in_flight=len(self.outstanding))
+            if not self.outstanding:
+                self._settled.set()
+
+    async def _watch(self, client: _Client) -> None:
+        """Inbound commands; also how a dropped link is noticed (the iterator raises)."""
+        async for message in client.messages:
+            if self.on_command is None:
+                continue
+            payload = message.payload if isinstance(message.payload, bytes) \
+                else str(message.payload).encode()
+            try:
+                await self.on_command(payload)
+            except PigatewayError as exc:
+                raise UplinkError(f"an inbound command could not be taken ({exc}); it stays "
+                                  "unacknowledged and the broker sends it again") from exc
+            client.ack(message.mid, message.qos)
+
+    async def _keep_announcing(self, client: _Client) -> None:
+        while True:
+            await asyncio.sleep(self.config.uplink.state_interval)
+            await self._announce(client)
+
+    async def _announce(self, client: _Client) -> None:
+        """The retained state document (what every view shows, from the one state object)."""
+        await self._publish(client, topic(self.config, "state"),
+                            json.dumps(self.state_document()).encode(), retain=True)
+
+    def state_document(self) -> dict[str, Any]:
+        now = self.state.as_dict()
+        keep = ("link", "paused", "draining", "depth", "oldest_age", "in_flight",
+                "dead_letters", "last_error", "fault", "uptime")
+        return {"v": 1, "gateway": self.config.gateway_id, "version": __version__,
+                "sent_at": round(time.time(), 3), **{key: now.get(key) for key in keep}}
+
+    async def _publish(self, client: _Client, where: str, payload: bytes, *,
+                       retain: bool = False) -> None:
+        code = await client.deliver(where, payload, retain=retain,
+                                    timeout=self.config.uplink.publish_timeout)
+        if code is not None:
+            log.warning("uplink: the broker refused a message on %s: %s", where, code)
+
+    async def _finish(self, client: _Client) -> None:
+        """A clean stop: say "offline" ourselves (a clean DISCONNECT sends no will)."""
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self._publish(client, topic(self.config, "state"), OFFLINE, retain=True)
+
+    async def _give_back(self, why: str) -> None:
+        """Nack every row this link claimed but the broker did not acknowledge."""
+        ids = [i for batch in self.outstanding.values() for i in batch.ids]
+        ids += self.batcher.give_back()
+        self.outstanding.clear()
+        self._settled.set()
+        if ids:
+            await self.store.nack(ids, why)
+            log.info("uplink: %d command(s) back at the head of the queue (%s)", len(ids), why)
+
+
+def _worth_retrying(exc: BaseException) -> bool:
+    """Tenacity retries link errors; :class:`LinkLost` leaves the loop to reset the backoff."""
+    return isinstance(exc, UplinkError) and not isinstance(exc, LinkLost)
+
+
+class _Stopped(Exception):
+    """Raised inside the retry loop when :meth:`Uplink.stop` was called."""
+
+
+def _first(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first leaf of an exception group (a TaskGroup wraps even a single failure)."""
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
+
+
+# --------------------------------------------------------------------------- local broker
+
+
+class LocalPublisher:
+    """Publishes to a local broker (e.g. zigbee2mqtt's) for the ``mqtt`` device handler."""
+
+    def __init__(self, client: _Client, timeout: float) -> None:
+        self._client = client
+        self._timeout = timeout
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1,
+                      retain: bool = False) -> None:
+        """Return after the PUBACK (QoS 1); raise :class:`UplinkError` on any failure."""
+        try:
+            code = await self._client.deliver(topic, payload, qos=qos, retain=retain,
+                                              timeout=self._timeout)
+        except aiomqtt.MqttError as exc:
+            raise UplinkError(f"local broker: publish to {topic!r} failed: {exc}") from exc
+        if code is not None:
+            raise UplinkError(f"local broker refused the message on {topic!r}: {code}")
+
+
+@asynccontextmanager
+async def local_publisher(host: str, port: int, *, username: str | None = None,
+                          password: str | None = None, client_id: str | None = None,
+                          timeout: float = 10.0) -> AsyncIterator[LocalPublisher]:
+    """A connection to a local broker (MQTT 3.1.1, which every local broker speaks)."""
+    client = _Client(host, port, username=username, password=password,
+                     identifier=client_id, protocol=aiomqtt.ProtocolVersion.V311,
+                     timeout=timeout)
+    try:
+        await _enter(client, timeout)
+    except aiomqtt.MqttError as exc:
+        raise UplinkError(f"local broker {host}:{port}: {_classify(exc)}") from exc
+    try:
+        yield LocalPublisher(client, timeout)
+    finally:
+        await _leave(client, timeout)
