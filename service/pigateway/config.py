@@ -92,6 +92,7 @@ class UplinkConfig:
     state_interval: float = _opt(30.0, min=1, doc="seconds between retained state refreshes")
 
 
+    backoff_reset: float = _opt(30.0, min=0, doc="seconds online after which backoff starts over")
 @dataclass(frozen=True)
 class InboundConfig:
     """``[inbound]``: commands from the broker to local devices."""
