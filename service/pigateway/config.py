@@ -88,11 +88,11 @@ class UplinkConfig:
     max_inflight: int = _opt(8, min=1, max=1024, doc="unacknowledged batches at most")
     backoff_initial: float = _opt(1.0, min=0.01, doc="first reconnect wait, seconds")
     backoff_max: float = _opt(120.0, min=0.01, doc="longest reconnect wait, seconds")
+    backoff_reset: float = _opt(30.0, min=0, doc="seconds online after which backoff starts over")
     publish_timeout: float = _opt(10.0, min=0.1, doc="seconds to wait for a PUBACK")
     state_interval: float = _opt(30.0, min=1, doc="seconds between retained state refreshes")
 
 
-    backoff_reset: float = _opt(30.0, min=0, doc="seconds online after which backoff starts over")
 @dataclass(frozen=True)
 class InboundConfig:
     """``[inbound]``: commands from the broker to local devices."""
