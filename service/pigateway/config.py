@@ -51,6 +51,10 @@ class StoreConfig:
     max_params_bytes: int = _opt(64 * 1024, min=16, doc="size limit of one command's params")
     busy_timeout: float = _opt(10.0, min=0.1, doc="seconds to wait for another writer")
 
+    def __post_init__(self) -> None:
+        # Python callers may hand a str; the store wants a Path.
+        object.__setattr__(self, "path", Path(self.path))
+
 
 @dataclass(frozen=True)
 class TlsConfig:
