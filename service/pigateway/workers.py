@@ -30,8 +30,10 @@ from tenacity import (
     RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
+from tenacity.wait import wait_base
 
 from pigateway import handlers as registry
 from pigateway import inbox
@@ -198,12 +200,15 @@ class WorkerPool:
     async def _attempts(self, entry: Entry, handler: Handler) -> tuple[str, Any]:
         """Run with retries; returns (status, detail) of the final outcome."""
         inbound = self.config.inbound
+
+        async def before_sleep(state: RetryCallState) -> None:
+            await self._failed_attempt(entry, state)
+
         retrying = AsyncRetrying(
             stop=stop_after_attempt(inbound.max_attempts - entry.attempts),
-            wait=wait_exponential_jitter(initial=inbound.backoff_initial,
-                                         max=inbound.backoff_max, jitter=inbound.backoff_initial),
+            wait=backoff(inbound.backoff_initial, inbound.backoff_max),
             retry=retry_if_exception_type(RETRYABLE),
-            before_sleep=lambda state: self._failed_attempt(entry, state),
+            before_sleep=before_sleep,
             reraise=True,
         )
         attempt = entry.attempts
@@ -278,6 +283,12 @@ class WorkerPool:
             await self.store.write([statement])
         except StoreError as exc:  # only bookkeeping: the attempt count is on disk already
             log.warning("could not note a failed attempt: %s", exc)
+
+
+def backoff(initial: float, longest: float) -> wait_base:
+    """Exponential from ``initial``, capped at ``longest``, plus up to ``initial`` of jitter
+    (so that devices failing together do not retry in step)."""
+    return wait_exponential(multiplier=initial, max=longest) + wait_random(0, initial)
 
 
 def _expired(entry: Entry) -> bool:
