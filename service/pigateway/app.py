@@ -23,6 +23,7 @@ import tenacity
 
 from pigateway.config import Config
 from pigateway.errors import PigatewayError
+from pigateway.inbound import Inbound
 from pigateway.logs import setup_logging
 from pigateway.state import GatewayState
 from pigateway.store import Store
@@ -85,7 +86,9 @@ class Gateway:
                 self.store = None
 
     async def _serve(self, store: Store) -> None:
-        uplink = Uplink(self.config, store, self.state, policy=self.policy)
+        inbound = Inbound(self.config, store) if self.config.inbound.enabled else None
+        uplink = Uplink(self.config, store, self.state, policy=self.policy,
+                        on_command=None if inbound is None else inbound.accept)
         self.uplink = uplink
         if self.state.paused:
             uplink.pause()
@@ -94,6 +97,8 @@ class Gateway:
         async with asyncio.TaskGroup() as parts:
             link = parts.create_task(uplink.run(), name="uplink")
             others = [parts.create_task(self._keep_stats(store), name="store-stats")]
+            if inbound is not None:  # the worker pool; it closes the handlers when it ends
+                others.append(parts.create_task(inbound.run(), name="inbound"))
             await self._stopping.wait()
             log.info("stopping: no new batches; waiting up to %.0fs for PUBACKs in flight",
                      self.config.uplink.publish_timeout)

@@ -131,16 +131,20 @@ class WorkerPool:
         self._wake.set()
 
     async def run(self) -> None:
-        """Recover interrupted commands, then run lanes until cancelled."""
+        """Recover interrupted commands, then run lanes until cancelled; the handlers are
+        closed when it ends (so a caller that only runs it needs no ``async with``)."""
         await self.open()
-        await self.store.write([inbox.recover()])
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._prune_loop(), name="inbox-prune")
-            while True:
-                self._wake.clear()
-                await self._load(tasks)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), POLL)
+        try:
+            await self.store.write([inbox.recover()])
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._prune_loop(), name="inbox-prune")
+                while True:
+                    self._wake.clear()
+                    await self._load(tasks)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), POLL)
+        finally:
+            await self.close()
 
     async def _load(self, tasks: asyncio.TaskGroup) -> None:
         """Hand newly pending commands to their device's lane, starting lanes as needed."""
