@@ -1,0 +1,277 @@
+"""Benchmark, part 1: the durable store, side by side with what a user would pick instead.
+
+Figures from one run on this machine, ~200-byte params, ``synchronous=FULL``:
+raw sqlite3 single-row commits (the floor fsync sets) and persist-queue's SQLiteAckQueue
+beside pigateway's put (1 producer, 64 producers), put_many, claim+ack, each at backlogs of
+0, 100k and 1M; bytes written per command over its life; open time and RSS at 1M.
+
+Run through ``scripts/bench`` (``--quick`` scales the backlogs down for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from pigateway.config import StoreConfig
+from pigateway.store import NewCommand, Store
+
+PARAMS = {"level": 80, "note": "x" * 180}  # about 200 bytes of JSON
+WINDOW = float(os.environ.get("BENCH_WINDOW", "2.0"))  # seconds each rate is measured for
+
+
+def io_written() -> int:
+    """Bytes this process caused to be written to storage (Linux /proc/self/io)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+def rss_mb() -> float:
+    """Peak resident set size of this process, MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def raw_sqlite_commits(folder: Path) -> float:
+    """Single-row commits with synchronous=FULL in WAL mode: the floor fsync sets."""
+    conn = sqlite3.connect(folder / "raw.db", isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+    payload = json.dumps(PARAMS)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < WINDOW:
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO t (v) VALUES (?)", (payload,))
+        conn.execute("COMMIT")
+        count += 1
+    conn.close()
+    return count / (time.perf_counter() - start)
+
+
+def persist_queue_rates(folder: Path) -> tuple[float | None, float | None]:
+    """persist-queue's SQLiteAckQueue: put, then get+ack (None when it is not installed)."""
+    try:
+        from persistqueue import SQLiteAckQueue  # noqa: PLC0415
+    except ImportError:
+        return None, None
+    queue = SQLiteAckQueue(str(folder / "pq"), auto_commit=True, multithreading=True)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < WINDOW:
+        queue.put(PARAMS)
+        count += 1
+    put_rate = count / (time.perf_counter() - start)
+    done, start = 0, time.perf_counter()
+    while done < count and time.perf_counter() - start < WINDOW:
+        item = queue.get(block=False)
+        queue.ack(item)
+        done += 1
+    return put_rate, done / (time.perf_counter() - start)
+
+
+async def timed(work: Callable[[], Awaitable[int]]) -> float:
+    """Run ``work`` repeatedly for WINDOW seconds; commands per second."""
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < WINDOW:
+        count += await work()
+    return count / (time.perf_counter() - start)
+
+
+async def one_producer(store: Store) -> float:
+    async def put() -> int:
+        await store.put("lamp-1", "set", PARAMS)
+        return 1
+    return await timed(put)
+
+
+async def many_producers(store: Store, producers: int = 64) -> float:
+    stop = time.perf_counter() + WINDOW
+    counts = [0] * producers
+
+    async def producer(index: int) -> None:
+        while time.perf_counter() < stop:
+            await store.put(f"dev-{index % 50}", "set", PARAMS)
+            counts[index] += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(producer(i) for i in range(producers)))
+    return sum(counts) / (time.perf_counter() - start)
+
+
+async def put_many(store: Store, size: int = 1000) -> float:
+    items = [NewCommand(f"dev-{i % 50}", "set", PARAMS) for i in range(size)]
+
+    async def batch() -> int:
+        await store.put_many(items)
+        return size
+    return await timed(batch)
+
+
+async def claim_ack(store: Store, size: int = 500) -> float:
+    async def cycle() -> int:
+        claimed = await store.claim(size)
+        await store.ack([c.id for c in claimed])
+        return len(claimed)
+    return await timed(cycle)
+
+
+async def fill(store: Store, target: int) -> None:
+    """Grow the backlog to ``target`` commands with put_many (progress on stderr)."""
+    depth = (await store.stats()).depth
+    chunk = [NewCommand(f"dev-{i % 50}", "set", PARAMS) for i in range(10_000)]
+    while depth < target:
+        await store.put_many(chunk[: min(len(chunk), target - depth)])
+        depth = (await store.stats()).depth
+        if depth % 200_000 < 10_000:
+            print(f"  backlog {depth:,}", file=sys.stderr)
+
+
+async def rates_at(store: Store) -> dict[str, float]:
+    rates = {
+        "put, 1 producer": await one_producer(store),
+        "put, 64 producers": await many_producers(store),
+        "put_many(1000)": await put_many(store),
+    }
+    # claim+ack must not eat into the backlog being measured: put back what it takes
+    depth = (await store.stats()).depth
+    rates["claim+ack"] = await claim_ack(store)
+    await fill(store, depth)
+    return rates
+
+
+async def bytes_per_command(folder: Path, count: int = 20_000) -> tuple[float, int]:
+    """Bytes written per command over put (64 producers), claim and ack, checkpoints included."""
+    config = StoreConfig(path=folder / "io.db", min_free_bytes=0)
+    store = await Store.open(config)
+    before = io_written()
+    per_producer = count // 64
+
+    async def producer(index: int) -> None:
+        for _ in range(per_producer):
+            await store.put(f"dev-{index % 50}", "set", PARAMS)
+
+    await asyncio.gather(*(producer(i) for i in range(64)))
+    while claimed := await store.claim(500):
+        await store.ack([c.id for c in claimed])
+    await store.close()
+    conn = sqlite3.connect(config.path)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    os.sync()
+    written = io_written() - before
+    sample = {"id": "0" * 26, "name": "set", "params": PARAMS, "queued_at": time.time()}
+    json_size = len(json.dumps(sample).encode()) + len(b'{"device":"dev-10","commands":[]}')
+    return written / (per_producer * 64), json_size
+
+
+def open_and_rss(path: Path) -> dict[str, float]:
+    """Open time and RSS with the backlog, in a fresh process so RSS is the store's own."""
+    code = (
+        "import asyncio, json, resource, time\n"
+        "from pigateway.config import StoreConfig\n"
+        "from pigateway.store import Store\n"
+        "async def main():\n"
+        "    start = time.perf_counter()\n"
+        f"    store = await Store.open(StoreConfig(path={str(path)!r}, min_free_bytes=0))\n"
+        "    opened = time.perf_counter() - start\n"
+        "    stats = await store.stats()\n"
+        "    for _ in range(20):\n"
+        "        got = await store.claim(500)\n"
+        "        await store.nack([c.id for c in got], 'bench')\n"
+        "    await store.put('dev', 'set', {'x': 1})\n"
+        "    await store.close()\n"
+        "    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "    print(json.dumps({'open_s': opened, 'rss_mb': rss, 'depth': stats.depth}))\n"
+        "asyncio.run(main())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"the open/RSS probe failed: {out.stderr[-2000:]}")
+    result: dict[str, float] = json.loads(out.stdout)
+    return result
+
+
+def baseline_rss() -> float:
+    code = "import resource, pigateway.store; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    return float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                text=True).stdout)
+
+
+def verdict(ok: bool) -> str:
+    return "MET" if ok else "MISSED"
+
+
+async def main(quick: bool) -> None:
+    backlogs = [0, 10_000, 100_000] if quick else [0, 100_000, 1_000_000]
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
+        folder = Path(tmp)
+        print("# store benchmark (synchronous=FULL, ~200-byte params)")
+        raw = raw_sqlite_commits(folder)
+        pq_put, pq_get = persist_queue_rates(folder)
+        store = await Store.open(StoreConfig(path=folder / "queue.db", min_free_bytes=0))
+        table: dict[int, dict[str, float]] = {}
+        for backlog in backlogs:
+            await fill(store, backlog)
+            table[backlog] = await rates_at(store)
+        await store.close()
+        top = backlogs[-1]
+        opened = open_and_rss(folder / "queue.db")
+        per_command, json_size = await bytes_per_command(folder)
+
+    names = list(table[0])
+    print(f"\n{'commands/s':<22}" + "".join(f"{f'backlog {b:,}':>18}" for b in backlogs)
+          + f"{'at top / at 0':>16}")
+    for name in names:
+        ratio = table[top][name] / table[0][name]
+        print(f"{name:<22}" + "".join(f"{table[b][name]:>18,.0f}" for b in backlogs)
+              + f"{ratio:>15.2f}x")
+    print(f"\n{'baseline':<40}{'rate':>12}")
+    print(f"{'raw sqlite3 1-row commits (FULL)':<40}{raw:>12,.0f}")
+    if pq_put is not None and pq_get is not None:
+        print(f"{'persist-queue SQLiteAckQueue put':<40}{pq_put:>12,.0f}")
+        print(f"{'persist-queue SQLiteAckQueue get+ack':<40}{pq_get:>12,.0f}")
+
+    t0 = table[0]
+    worst = min(table[top][n] / t0[n] for n in names)
+    rows = [
+        ("1 producer vs raw sqlite3 commits", f"{t0['put, 1 producer'] / raw:.2f}x", ">= 0.5x",
+         t0["put, 1 producer"] / raw >= 0.5),
+        ("64 producers", f"{t0['put, 64 producers']:,.0f}/s"
+         + (f" ({t0['put, 64 producers'] / pq_put:.1f}x persist-queue)" if pq_put else ""),
+         ">= 30,000/s", t0["put, 64 producers"] >= 30_000),
+        ("put_many(1000)", f"{t0['put_many(1000)']:,.0f}/s", ">= 200,000/s",
+         t0["put_many(1000)"] >= 200_000),
+        ("claim+ack", f"{t0['claim+ack']:,.0f}/s"
+         + (f" ({t0['claim+ack'] / pq_get:.1f}x persist-queue)" if pq_get else ""),
+         ">= 50,000/s", t0["claim+ack"] >= 50_000),
+        (f"slowest rate at {top:,} vs at 0", f"{worst:.2f}x", ">= 0.80x", worst >= 0.8),
+        ("bytes written per command (64 producers)",
+         f"{per_command:,.0f} B = {per_command / json_size:.1f}x its JSON ({json_size} B)",
+         "<= 5x", per_command / json_size <= 5),
+        (f"open + quick_check at {opened['depth']:,.0f}", f"{opened['open_s']:.2f} s", "< 2 s",
+         opened["open_s"] < 2),
+        (f"RSS at {opened['depth']:,.0f} backlog",
+         f"{opened['rss_mb']:.1f} MB (python + imports alone: {baseline_rss():.1f} MB)",
+         "< 40 MB", opened["rss_mb"] < 40),
+    ]
+    print(f"\n{'target':<44}{'measured':<52}{'wanted':<14}verdict")
+    for name, measured, wanted, ok in rows:
+        print(f"{name:<44}{measured:<52}{wanted:<14}{verdict(ok)}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small backlogs, for a smoke run")
+    asyncio.run(main(parser.parse_args().quick))
