@@ -17,16 +17,20 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import AsyncIterator
 from typing import Any
 
 import tenacity
 
 from pigateway.config import Config
+from pigateway.control import ControlServer
 from pigateway.errors import PigatewayError
 from pigateway.inbound import Inbound
 from pigateway.logs import setup_logging
+from pigateway.panel import Panel
 from pigateway.state import GatewayState
 from pigateway.store import Store
+from pigateway.systemd import Notifier, supervise
 from pigateway.uplink import Uplink
 
 log = logging.getLogger(__name__)
@@ -35,13 +39,17 @@ log = logging.getLogger(__name__)
 STATS_INTERVAL = 1.0
 #: Seconds the parts get to wind down after the uplink stopped (then they are cancelled).
 WIND_DOWN = 2.0
+#: Seconds of start-up time asked of systemd at a time while the store opens (and checks).
+START_EXTENSION = 30.0
 
 
 class Gateway:
     """One running gateway: the state every view reads, and the controls that change it."""
 
-    def __init__(self, config: Config, *, policy: tenacity.AsyncRetrying | None = None) -> None:
+    def __init__(self, config: Config, *, policy: tenacity.AsyncRetrying | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.config = config
+        self.notifier = Notifier() if notifier is None else notifier
         self.state = GatewayState()
         self.policy = policy
         self.store: Store | None = None
@@ -63,6 +71,13 @@ class Gateway:
             self.uplink.resume()
         log.info("resumed: draining again")
 
+    def toggle_pause(self) -> None:
+        """The pause button: pause when draining, resume when paused."""
+        if self.state.paused:
+            self.resume()
+        else:
+            self.pause()
+
     def flush(self) -> None:
         """Send the batch window now, and retry the connection at once if it is waiting."""
         if self.uplink is not None:
@@ -70,14 +85,18 @@ class Gateway:
 
     def stop(self) -> None:
         """Begin the graceful stop (what SIGTERM does)."""
+        self.notifier.stopping()
         self._stopping.set()
 
     # ---- lifetime
 
     async def run(self) -> None:
         """Open the store and serve until :meth:`stop`; raise the first part's fatal error."""
-        async with await Store.open(self.config.store) as store:
+        async with self.notifier.extending(START_EXTENSION):  # a long integrity check
+            store = await Store.open(self.config.store)
+        async with store, self._views():
             self.store = store
+            self.notifier.ready()  # store open and recovered, panel claimed; never the broker
             try:
                 await self._serve(store)
             except BaseExceptionGroup as group:
@@ -96,7 +115,9 @@ class Gateway:
         log.info("store %s open and recovered; %d queued", store.path, self.state.depth)
         async with asyncio.TaskGroup() as parts:
             link = parts.create_task(uplink.run(), name="uplink")
-            others = [parts.create_task(self._keep_stats(store), name="store-stats")]
+            others = [parts.create_task(self._keep_stats(store), name="store-stats"),
+                      parts.create_task(supervise(self.notifier, self.state, store.ping),
+                                        name="systemd")]
             if inbound is not None:  # the worker pool; it closes the handlers when it ends
                 others.append(parts.create_task(inbound.run(), name="inbound"))
             await self._stopping.wait()
@@ -108,6 +129,14 @@ class Gateway:
                 task.cancel()
         await self._refresh(store)
         log.info("stopped; %d command(s) stay queued on disk", self.state.depth)
+
+    @contextlib.asynccontextmanager
+    async def _views(self) -> AsyncIterator[None]:
+        """The GPIO panel and the control socket: claimed before READY, released last."""
+        panel = Panel(self.config.gpio, self.state, on_toggle_pause=self.toggle_pause,
+                      on_flush=self.flush)
+        async with panel, ControlServer(self.config.control.socket, self):
+            yield
 
     async def _keep_stats(self, store: Store) -> None:
         """Mirror the queue's depth, oldest age and dead letters into the state."""

@@ -81,6 +81,8 @@ class ControlServer:
         """Bind the socket (replacing a stale one). Raises :class:`ControlError`."""
         await _clear_stale(self.path)
         try:
+            # systemd's RuntimeDirectory= makes the folder; run by hand we may have to.
+            self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
             self._server = await asyncio.start_unix_server(
                 self._serve, path=str(self.path), limit=self.max_line)
             os.chmod(self.path, SOCKET_MODE)
