@@ -1,0 +1,93 @@
+"""A TCP proxy on 127.0.0.1 between the service and a real broker, to make a link slow or dead.
+
+``delay`` holds every chunk from the broker for that many seconds (PUBACKs come late, so
+batches pile up in flight); ``blackhole()`` stops forwarding in both directions without
+closing anything (a dead link that only keepalive or a publish timeout can notice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+
+class Proxy:
+    """Forwards 127.0.0.1:``port`` to ``target_port``; start with ``await proxy.start()``."""
+
+    def __init__(self, target_port: int, *, delay: float = 0.0) -> None:
+        self.target_port = target_port
+        self.delay = delay
+        self.port = 0
+        self.connections = 0
+        self._open = asyncio.Event()
+        self._open.set()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> Proxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0,
+                                                  family=socket.AF_INET)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def blackhole(self) -> None:
+        self._open.clear()
+
+    def heal(self) -> None:
+        self._open.set()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await task
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self._writers += [writer, up_writer]
+        for pump in (self._pump(reader, up_writer, 0.0), self._pump(up_reader, writer, self.delay)):
+            task = asyncio.create_task(pump)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter,
+                    delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while True:
+                due, data = await chunks.get()
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                await self._open.wait()
+                if not data:
+                    sink.close()
+                    return
+                sink.write(data)
+                await sink.drain()
+
+        sender = asyncio.create_task(deliver())
+        try:
+            while True:
+                data = await source.read(65536)
+                await self._open.wait()
+                chunks.put_nowait((loop.time() + delay, data))
+                if not data:
+                    break
+            await sender
+        except (OSError, asyncio.IncompleteReadError):
+            sink.close()
+        finally:
+            sender.cancel()

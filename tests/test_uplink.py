@@ -1,0 +1,225 @@
+"""The uplink against a real mosquitto: batches, order, flush, reconnects, back-pressure."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from pathlib import Path
+
+import pytest
+import tenacity
+from aiomqtt import Client  # the tests play the cloud side
+
+from broker import Mosquitto
+from netproxy import Proxy
+from pigateway.errors import StoreError, UplinkError
+from pigateway.state import Link
+from pigateway.uplink import local_publisher, reconnect_policy, topic, wait_backoff
+from uplink_helpers import (
+    RecordingState,
+    drained,
+    make_config,
+    per_device_order_holds,
+    running_uplink,
+    subscribed,
+    wait_until,
+)
+
+pytestmark = pytest.mark.broker
+
+
+async def test_online_commands_arrive_batched_per_contract(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    cfg = make_config(tmp_path, mosquitto.port, unique_prefix, batch_delay=0.3)
+    async with subscribed(mosquitto.port, unique_prefix) as sub, running_uplink(cfg) as run:
+        assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
+        sent = []
+        for n in range(30):
+            command = await run.store.put(f"lamp{n % 3}", "set", {"level": n})
+            sent.append((command.device, command.id))
+        assert await sub.wait_for(30, 10)
+        assert await wait_until(lambda: run.state.in_flight == 0, 5)
+        assert (await run.store.stats()).depth == 0
+    assert sub.errors == []
+    assert sub.ids() == {command_id for _, command_id in sent}
+    assert per_device_order_holds(sent, [c.id for c in sub.first_deliveries()])
+    # 30 puts in well under the 0.3 s window: a few batches carrying several devices each
+    assert len(sub.batches) < 30
+    assert max(len(batch["actions"]) for batch in sub.batches) == 3
+    assert any(isinstance(state, dict) and state["link"] == "online" for state in sub.states)
+
+
+async def test_flush_sends_without_waiting_for_the_window(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    cfg = make_config(tmp_path, mosquitto.port, unique_prefix, batch_delay=60.0)
+    async with subscribed(mosquitto.port, unique_prefix) as sub, running_uplink(cfg) as run:
+        assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
+        await run.store.put("door", "open")
+        await run.store.put("door", "close")
+        assert not await sub.wait_for(1, 0.5)  # the 60 s window holds them
+        run.uplink.flush()
+        assert await sub.wait_for(2, 5)
+    names = [c.name for c in sub.first_deliveries()]
+    assert names == ["open", "close"] and len(sub.batches) == 1
+
+
+async def test_offline_commands_stay_on_disk_and_drain_in_order(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    mosquitto.stop()
+    cfg = make_config(tmp_path, mosquitto.port, unique_prefix, max_actions=2,
+                      max_batch_bytes=2048)
+    async with running_uplink(cfg) as run:
+        sent = []
+        for n in range(60):
+            command = await run.store.put(f"valve{n % 4}", "turn", {"n": n, "pad": "x" * 40})
+            sent.append((command.device, command.id))
+        await asyncio.sleep(0.3)
+        assert run.state.link != Link.ONLINE and run.state.last_error
+        stats = await run.store.stats()
+        assert stats.depth == 60
+        mosquitto.start()
+        async with subscribed(mosquitto.port, unique_prefix) as sub:
+            run.uplink.flush()  # retry the link now instead of at the end of the backoff
+            assert await sub.wait_for(60, 15)
+            assert await wait_until(lambda: run.state.in_flight == 0, 5)
+            assert (await run.store.stats()).depth == 0
+    assert sub.errors == []
+    assert per_device_order_holds(sent, [c.id for c in sub.first_deliveries()])
+    assert all(len(batch["actions"]) <= 2 for batch in sub.batches)
+
+
+class RecordingSleep:
+    """A tenacity sleep that records each wait and sleeps only a token amount."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        await asyncio.sleep(0.01)
+
+
+async def test_backoff_waits_grow_to_the_cap_and_reset_after_a_stable_link(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    mosquitto.stop()
+    cfg = make_config(tmp_path, mosquitto.port, unique_prefix, backoff_initial=1.0,
+                      backoff_max=30.0, backoff_reset=0.3)
+    sleep = RecordingSleep()
+    policy = reconnect_policy(cfg.uplink).copy(sleep=sleep)
+    async with running_uplink(cfg, policy=policy) as run:
+        assert await wait_until(lambda: len(sleep.waits) >= 7, 10)
+        mosquitto.start()
+        assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
+        grown = list(sleep.waits)
+        await asyncio.sleep(0.5)  # longer than backoff_reset: the link counts as stable
+        mosquitto.kill()
+        assert await wait_until(lambda: len(sleep.waits) >= len(grown) + 2, 10)
+        mosquitto.start()
+        assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
+    growing = grown[:5]
+    assert all(b >= 1.5 * a for a, b in itertools.pairwise(growing)), grown
+    assert all(0.8 <= w <= 30.0 for w in grown) and max(grown) >= 0.8 * 30.0  # capped
+    after = sleep.waits[len(grown):]
+    assert after[0] <= 1.0, after  # started over from backoff_initial
+    assert after[1] >= 1.5 * after[0]
+
+
+def test_wait_backoff_is_jittered_within_its_bounds() -> None:
+    wait = wait_backoff(1.0, 10.0, jitter=0.2)
+    state = tenacity.RetryCallState(tenacity.AsyncRetrying(), None, (), {})
+    for attempt, high in ((1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (5, 10.0), (9, 10.0)):
+        state.attempt_number = attempt
+        waits = {wait(state) for _ in range(50)}
+        assert all(0.8 * high <= w <= high for w in waits)
+        assert len(waits) > 1  # jittered, so a fleet does not come back in step
+
+
+async def test_back_pressure_never_exceeds_max_inflight(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    proxy = await Proxy(mosquitto.port, delay=0.15).start()
+    cfg = make_config(tmp_path, proxy.port, unique_prefix, max_inflight=3, max_actions=1,
+                      batch_delay=0.0)
+    state = RecordingState()
+    try:
+        async with subscribed(mosquitto.port, unique_prefix) as sub, \
+                running_uplink(cfg, state=state) as run:
+            for n in range(40):
+                await run.store.put(f"dev{n % 20}", "ping", {"n": n})
+            assert await sub.wait_for(40, 30)
+            assert await wait_until(lambda: run.state.in_flight == 0, 5)
+    finally:
+        await proxy.close()
+    seen = state.history["in_flight"]
+    assert max(seen) == 3, seen  # the window filled up, and never went past it
+    assert sub.errors == []
+
+
+async def test_a_silent_link_is_noticed_and_nothing_is_deleted_without_puback(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    proxy = await Proxy(mosquitto.port).start()
+    cfg = make_config(tmp_path, proxy.port, unique_prefix, publish_timeout=0.5)
+    try:
+        async with subscribed(mosquitto.port, unique_prefix) as sub, running_uplink(cfg) as run:
+            assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
+            proxy.blackhole()
+            await run.store.put("pump", "start")
+            assert await wait_until(lambda: run.state.link != Link.ONLINE, 10)
+            assert "PUBACK" in (run.state.last_error or "")
+            stats = await run.store.stats()
+            assert stats.depth == 1  # nacked, back at the head: not deleted
+            queued = await run.store.list_queued()
+            assert queued[0].attempts >= 1
+            proxy.heal()
+            assert await sub.wait_for(1, 15)
+            assert await drained(run.store, 15)
+    finally:
+        await proxy.close()
+
+
+async def test_pause_stops_draining_and_resume_drains(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    cfg = make_config(tmp_path, mosquitto.port, unique_prefix)
+    async with subscribed(mosquitto.port, unique_prefix) as sub, running_uplink(cfg) as run:
+        assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
+        run.uplink.pause()
+        await run.store.put("fan", "on")
+        assert not await sub.wait_for(1, 0.5)
+        assert (await run.store.stats()).depth == 1 and run.state.link == Link.ONLINE
+        run.uplink.resume()
+        assert await sub.wait_for(1, 5)
+
+
+async def test_inbound_command_is_acknowledged_only_after_on_command(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    taken: list[bytes] = []
+    fail_first = [True]
+
+    async def on_command(payload: bytes) -> None:
+        if fail_first[0]:
+            fail_first[0] = False
+            raise StoreError("disk full (simulated by the handler under test)")
+        taken.append(payload)
+
+    cfg = make_config(tmp_path, mosquitto.port, unique_prefix)
+    async with running_uplink(cfg, on_command=on_command) as run:
+        assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
+        async with Client("127.0.0.1", mosquitto.port) as cloud:
+            await cloud.publish(topic(cfg, "commands"), b'{"v":1,"id":"x1"}', qos=1)
+        # the first take failed: unacknowledged, the link restarts, the broker redelivers
+        assert await wait_until(lambda: taken == [b'{"v":1,"id":"x1"}'], 10)
+        assert run.state.last_error and "again" in run.state.last_error
+
+
+async def test_local_publisher_returns_after_puback_and_types_failures(
+        mosquitto: Mosquitto, unique_prefix: str) -> None:
+    async with Client("127.0.0.1", mosquitto.port) as listener:
+        await listener.subscribe(f"{unique_prefix}/z2m/#", qos=1)
+        async with local_publisher("127.0.0.1", mosquitto.port, client_id="handler") as pub:
+            await pub.publish(f"{unique_prefix}/z2m/lamp/set", b'{"state":"ON"}')
+        async with asyncio.timeout(5):
+            message = await anext(aiter(listener.messages))
+        assert message.payload == b'{"state":"ON"}'
+    mosquitto.stop()
+    with pytest.raises(UplinkError, match="local broker"):
+        async with local_publisher("127.0.0.1", mosquitto.port, timeout=2):
+            pass

@@ -1,0 +1,122 @@
+"""Shared pieces of the uplink tests: a config for a test broker, a running uplink, waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tenacity
+
+from pigateway import config
+from pigateway.state import GatewayState
+from pigateway.store import Store
+from pigateway.uplink import OnCommand, Uplink
+from wire_subscriber import WireSubscriber
+
+GATEWAY = "gw-test"
+
+
+def make_config(tmp_path: Path, port: int, prefix: str, *, mqtt: dict[str, Any] | None = None,
+                store: dict[str, Any] | None = None, **uplink: Any) -> config.Config:
+    """A config for a broker on 127.0.0.1:``port`` with short waits (tests never idle)."""
+    return config.from_dict({
+        "gateway_id": GATEWAY,
+        "store": {"path": str(tmp_path / "queue.db"), "min_free_bytes": 0, **(store or {})},
+        "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": prefix, "keepalive": 5,
+                 **(mqtt or {})},
+        "uplink": {"batch_delay": 0.05, "backoff_initial": 0.05, "backoff_max": 0.4,
+                   "backoff_reset": 1.0, "publish_timeout": 3.0, **uplink},
+        "gpio": {"enabled": False},
+        "control": {"socket": str(tmp_path / "control.sock")},
+    })
+
+
+@dataclass
+class RecordingState(GatewayState):
+    """The real state object, keeping every value each field took (for back-pressure checks)."""
+
+    history: dict[str, list[Any]] = field(default_factory=dict, repr=False, compare=False)
+
+    def update(self, **changes: Any) -> bool:
+        for name, value in changes.items():
+            self.history.setdefault(name, []).append(value)
+        return super().update(**changes)
+
+
+@dataclass
+class Running:
+    uplink: Uplink
+    store: Store
+    state: GatewayState
+    task: asyncio.Task[None]
+
+
+@asynccontextmanager
+async def running_uplink(cfg: config.Config, *, policy: tenacity.AsyncRetrying | None = None,
+                         on_command: OnCommand | None = None,
+                         state: GatewayState | None = None) -> AsyncIterator[Running]:
+    """An :class:`Uplink` draining a real store, stopped the way the service stops it."""
+    async with await Store.open(cfg.store) as store:
+        state = state if state is not None else GatewayState()
+        uplink = Uplink(cfg, store, state, policy=policy, on_command=on_command)
+        task = asyncio.create_task(uplink.run(), name="test-uplink")
+        try:
+            yield Running(uplink, store, state, task)
+        finally:
+            await uplink.stop(1.0)
+            try:
+                async with asyncio.timeout(5):
+                    await task
+            except TimeoutError:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+
+@asynccontextmanager
+async def subscribed(port: int, prefix: str, client_id: str = "wire-sub") -> AsyncIterator[
+        WireSubscriber]:
+    """A contract-only subscriber with a persistent session, connected before it is yielded."""
+    sub = WireSubscriber("127.0.0.1", port, prefix, GATEWAY, client_id=client_id)
+    task = asyncio.create_task(sub.run())
+    try:
+        async with asyncio.timeout(10):
+            await sub.connected.wait()
+        yield sub
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.02) -> bool:
+    """Poll ``predicate`` until true or ``timeout`` seconds passed; return the last answer."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(step)
+    return True
+
+
+async def drained(store: Store, timeout: float) -> bool:
+    """Until the queue is empty (every row acknowledged), or ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while (await store.stats()).depth:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+def per_device_order_holds(sent: list[tuple[str, str]], first_ids: list[str]) -> bool:
+    """Whether each device's ids arrived (first deliveries) in the order they were put."""
+    position = {command_id: n for n, command_id in enumerate(first_ids)}
+    for device in {device for device, _ in sent}:
+        mine = [command_id for dev, command_id in sent if dev == device]
+        if sorted(mine, key=lambda i: position.get(i, -1)) != mine:
+            return False
+    return True
