@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import sqlite3
 import subprocess
 import sys
@@ -22,7 +21,6 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 from pigateway.config import StoreConfig
 from pigateway.store import NewCommand, Store
@@ -39,9 +37,6 @@ def io_written() -> int:
     return 0
 
 
-def rss_mb() -> float:
-    """Peak resident set size of this process, MB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def raw_sqlite_commits(folder: Path) -> float:
@@ -179,7 +174,8 @@ async def bytes_per_command(folder: Path, count: int = 20_000) -> tuple[float, i
 def open_and_rss(path: Path) -> dict[str, float]:
     """Open time and RSS with the backlog, in a fresh process so RSS is the store's own."""
     code = (
-        "import asyncio, json, resource, time\n"
+        "import asyncio, json, time\n"
+        f"{PEAK_RSS_SOURCE}\n"
         "from pigateway.config import StoreConfig\n"
         "from pigateway.store import Store\n"
         "async def main():\n"
@@ -192,7 +188,7 @@ def open_and_rss(path: Path) -> dict[str, float]:
         "        await store.nack([c.id for c in got], 'bench')\n"
         "    await store.put('dev', 'set', {'x': 1})\n"
         "    await store.close()\n"
-        "    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "    rss = peak_rss_mb()\n"
         "    print(json.dumps({'open_s': opened, 'rss_mb': rss, 'depth': stats.depth}))\n"
         "asyncio.run(main())\n"
     )
@@ -203,8 +199,17 @@ def open_and_rss(path: Path) -> dict[str, float]:
     return result
 
 
+#: Peak RSS of a process from /proc (VmHWM): unlike ru_maxrss, not inherited across fork.
+PEAK_RSS_SOURCE = """
+def peak_rss_mb():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM:'):
+            return int(line.split()[1]) / 1024
+"""
+
+
 def baseline_rss() -> float:
-    code = "import resource, pigateway.store; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    code = f"import pigateway.store, asyncio\n{PEAK_RSS_SOURCE}\nprint(peak_rss_mb())"
     return float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                                 text=True).stdout)
 

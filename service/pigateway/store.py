@@ -48,6 +48,9 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 POLL_INTERVAL = 0.05
 #: Puts coalesced into one transaction at most.
 GROUP_LIMIT = 4096
+#: Page size of a new queue file, and WAL pages between automatic checkpoints.
+PAGE_SIZE = 2048
+WAL_CHECKPOINT_PAGES = 10_000
 
 _COLUMNS = "seq, id, kind, device, name, params, size, queued_at, expires_at, attempts, last_error"
 
@@ -825,12 +828,17 @@ def _raw_connect(config: StoreConfig) -> sqlite3.Connection:
     conn = sqlite3.connect(config.path, timeout=config.busy_timeout, isolation_level=None,
                            check_same_thread=False)
     try:
+        # Small pages and a WAL of ~20 MB between checkpoints: each commit rewrites fewer
+        # bytes of half-filled pages, and hot pages reach the database file less often.
+        # Measured (scripts/bench): 2.3 KB -> 1.6 KB written per command over its life.
+        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # takes effect on a new file only
         conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
         conn.execute(f"PRAGMA synchronous = {config.synchronous.upper()}")
         conn.execute(f"PRAGMA busy_timeout = {int(config.busy_timeout * 1000)}")
         conn.execute("PRAGMA cache_size = -2000")
-        # Debian builds SQLite with secure_delete on: it zeroes every deleted row, which
-        # doubles what each acked command costs the SD card. FAST zeroes only for free.
+        # Debian builds SQLite with secure_delete on: it zeroes deleted rows, which costs
+        # the SD card writes for every acked command. FAST zeroes only where it is free.
         conn.execute("PRAGMA secure_delete = FAST")
     except sqlite3.Error:
         conn.close()
