@@ -18,7 +18,6 @@ Nothing is loaded into memory as a whole; every read is bounded by a ``LIMIT``.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import fcntl
 import json
@@ -202,18 +201,18 @@ class Stats:
 
 # --------------------------------------------------------------------------- ids
 
-#: base32 (RFC 4648) letters translated to Crockford's, whose order is the order of values.
-_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567",
-                                b"0123456789ABCDEFGHJKMNPQRSTVWXYZ")
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+#: Every pair of Crockford characters, so an id is 13 lookups of 10 bits each.
+_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]
 _last_id = [0, 0]  # (ms, random) of the last id made by this process
 
 
 def new_id() -> str:
-    """A sortable unique id: 26 characters of Crockford base32 (as ULIDs use).
+    """A ULID: 26 characters of Crockford base32, sortable by creation time.
 
-    48 bits of milliseconds then 80 random bits, so ids sort by creation time and are
-    unique across processes. Within one millisecond the random part counts up, so the ids
-    one process makes sort in the order it made them.
+    48 bits of milliseconds then 80 random bits, so ids are unique across processes.
+    Within one millisecond the random part counts up, so the ids one process makes sort
+    in the order it made them.
     """
     ms = time.time_ns() // 1_000_000
     if ms <= _last_id[0]:
@@ -221,10 +220,11 @@ def new_id() -> str:
     else:
         rand = secrets.randbits(80)
     _last_id[0], _last_id[1] = ms, rand
-    raw = ((ms << 80) | rand).to_bytes(16, "big")
-    return base64.b32encode(raw)[:26].translate(_TO_CROCKFORD).decode()
+    value = (ms << 80) | rand
+    return "".join([_PAIRS[(value >> shift) & 1023] for shift in _SHIFTS])
 
 
+_SHIFTS = range(120, -10, -10)
 _RANDOM_MASK = (1 << 80) - 1
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
