@@ -60,7 +60,7 @@ class StoreConfig:
 class TlsConfig:
     """``[mqtt.tls]``: TLS to the broker (hostname always checked)."""
 
-    enabled: bool = _opt(False)
+    enabled: bool = _opt(False, doc="connect with TLS; the host name is always checked")
     ca_file: Path | None = _opt(None, doc="CA bundle; None uses the system's")
     cert_file: Path | None = _opt(None, doc="client certificate")
     key_file: Path | None = _opt(None, doc="client key (or credential 'mqtt-key')")
@@ -70,12 +70,13 @@ class TlsConfig:
 class MqttConfig:
     """``[mqtt]``: the broker connection."""
 
-    host: str = _opt("localhost")
-    port: int = _opt(1883, min=1, max=65535)
-    protocol: Literal["5", "3.1.1"] = _opt("5")
-    topic_prefix: str = _opt("pigateway", pattern=TOPIC_PATTERN)
+    host: str = _opt("localhost", doc="broker host name or address")
+    port: int = _opt(1883, min=1, max=65535, doc="broker port (8883 is usual with TLS)")
+    protocol: Literal["5", "3.1.1"] = _opt("5", doc="MQTT protocol version")
+    topic_prefix: str = _opt("pigateway", pattern=TOPIC_PATTERN,
+                             doc="topics are {topic_prefix}/{gateway_id}/...")
     keepalive: int = _opt(15, min=5, max=3600, doc="seconds between pings")
-    username: str | None = _opt(None)
+    username: str | None = _opt(None, doc="broker user name; none: anonymous")
     password_file: Path | None = _opt(
         None, doc="file with the password, or the systemd credential 'mqtt-password'")
     session_expiry: int = _opt(86_400, min=0, doc="seconds the broker keeps our session")
@@ -101,13 +102,13 @@ class UplinkConfig:
 class InboundConfig:
     """``[inbound]``: commands from the broker to local devices."""
 
-    enabled: bool = _opt(True)
-    workers: int = _opt(4, min=1, max=256)
-    handler_timeout: float = _opt(30.0, min=0.01)
-    max_attempts: int = _opt(3, min=1)
-    backoff_initial: float = _opt(0.5, min=0)
-    backoff_max: float = _opt(30.0, min=0)
-    max_payload_bytes: int = _opt(64 * 1024, min=64)
+    enabled: bool = _opt(True, doc="take commands from the broker")
+    workers: int = _opt(4, min=1, max=256, doc="commands run at once (one per device)")
+    handler_timeout: float = _opt(30.0, min=0.01, doc="seconds one run of a handler may take")
+    max_attempts: int = _opt(3, min=1, doc="runs of a command that fails retryably")
+    backoff_initial: float = _opt(0.5, min=0, doc="first wait between runs, seconds")
+    backoff_max: float = _opt(30.0, min=0, doc="longest wait between runs, seconds")
+    max_payload_bytes: int = _opt(64 * 1024, min=64, doc="size limit of one command message")
     max_depth: int = _opt(16, min=1, max=256, doc="JSON nesting depth at most")
     dedupe_window: float = _opt(86_400.0, min=0, doc="seconds a finished id is remembered")
 
@@ -125,31 +126,33 @@ class DeviceConfig:
 class GpioConfig:
     """``[gpio]``: status LEDs and buttons (BCM pin numbers)."""
 
-    enabled: bool = _opt(True)
-    pin_factory: Literal["auto", "lgpio", "mock"] = _opt("auto")
-    green_led: int | None = _opt(17, min=0, max=53)
-    red_led: int | None = _opt(27, min=0, max=53)
-    amber_led: int | None = _opt(None, min=0, max=53)
+    enabled: bool = _opt(True, doc="drive the status LEDs and read the buttons")
+    pin_factory: Literal["auto", "lgpio", "mock"] = _opt(
+        "auto", doc="auto: lgpio on a Pi, mock pins elsewhere (with a warning)")
+    green_led: int | None = _opt(17, min=0, max=53, doc="BCM pin of the green LED")
+    red_led: int | None = _opt(27, min=0, max=53, doc="BCM pin of the red LED")
+    amber_led: int | None = _opt(None, min=0, max=53, doc="BCM pin of an optional amber LED")
     bargraph: list[int] = _opt([], doc="pins of an optional LED bar graph of queue fill")
-    pause_button: int | None = _opt(5, min=0, max=53)
-    flush_button: int | None = _opt(6, min=0, max=53)
-    active_high: bool = _opt(True)
+    pause_button: int | None = _opt(5, min=0, max=53, doc="press: pause/resume; hold: flush")
+    flush_button: int | None = _opt(6, min=0, max=53, doc="press: flush and reconnect now")
+    active_high: bool = _opt(True, doc="LEDs light when the pin is high")
     hold_time: float = _opt(2.0, min=0.1, doc="seconds held = flush")
-    bounce_time: float | None = _opt(0.05, min=0)
+    bounce_time: float | None = _opt(0.05, min=0, doc="button debounce, seconds")
 
 
 @dataclass(frozen=True)
 class ControlConfig:
     """``[control]``: the local control socket."""
 
-    socket: Path = _opt(Path("/run/pigateway/control.sock"))
+    socket: Path = _opt(Path("/run/pigateway/control.sock"),
+                        doc="unix socket for pigateway status/pause/resume/flush")
 
 
 @dataclass(frozen=True)
 class LogConfig:
     """``[log]``: logging."""
 
-    level: Literal["debug", "info", "warning", "error"] = _opt("info")
+    level: Literal["debug", "info", "warning", "error"] = _opt("info", doc="least level logged")
 
 
 @dataclass(frozen=True)
@@ -375,3 +378,12 @@ def _type_name(hint: Any) -> str:
     for noise in ("typing.", "pathlib.", "<class '", "'>"):
         text = text.replace(noise, "")
     return text
+
+
+def reference_markdown() -> str:
+    """The option table of ``docs/config.md``, generated so that the docs cannot drift."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, kind, default, doc in fields_reference():
+        shown = "(none)" if default is None else f"`{default!r}`".replace("'", '"')
+        lines.append(f"| `{key}` | {kind.replace('|', '&#124;')} | {shown} | {doc} |")
+    return "\n".join(lines)

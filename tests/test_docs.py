@@ -1,0 +1,31 @@
+"""The docs that promise behaviour stay true: the config reference is the code's."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pigateway.config import fields_reference, reference_markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_config_reference_is_generated_from_the_code() -> None:
+    text = (ROOT / "docs" / "config.md").read_text()
+    block = re.search(r"<!-- generated:begin -->\n(.*)\n<!-- generated:end -->", text, re.S)
+    assert block is not None, "docs/config.md lost its generated markers"
+    assert block.group(1) == reference_markdown(), (
+        "docs/config.md is out of date: paste pigateway.config.reference_markdown() in it")
+
+
+def test_every_option_has_a_meaning() -> None:
+    undocumented = [key for key, _, _, doc in fields_reference() if not doc]
+    assert undocumented == []
+
+
+def test_readme_opens_with_the_two_commands() -> None:
+    lines = (ROOT / "README.md").read_text().splitlines()
+    commands = [line.split("#")[0].strip() for line in lines[:8] if line.startswith("scripts/")]
+    assert commands == ["scripts/demo", "scripts/test"]
+    for command in commands:
+        assert (ROOT / command).exists(), f"README names {command}, which does not exist"
