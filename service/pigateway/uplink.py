@@ -294,6 +294,7 @@ class Uplink:
         self._resumed.set()
         self._stop = asyncio.Event()
         self._settled = asyncio.Event()  # set while nothing is in flight
+        self._online_since: float | None = None
         self._settled.set()
 
     # ---- controls (the app's pause/resume/flush land here)
@@ -340,35 +341,48 @@ class Uplink:
                 return
 
     async def _connect_once(self) -> None:
+        """One connection from CONNECT to its end; every unacknowledged row is nacked after."""
         if self._stop.is_set():
             raise _Stopped
         self.state.update(link=Link.CONNECTING, retry_at=None)
-        started = time.monotonic()
+        error: UplinkError | None = None
         try:
-            client = self._make_client()
-            await _enter(client, self.config.uplink.publish_timeout + 5)
-        except aiomqtt.MqttError as exc:
-            raise self._failed(_classify(exc)) from exc
-        except UplinkError as exc:
-            raise self._failed(exc) from exc
+            await self._connect_and_serve()
+        except (aiomqtt.MqttError, UplinkError) as exc:
+            error = self._typed(exc)
+            raise error from exc
+        finally:
+            await self._give_back("the link ended before the broker acknowledged")
+            self._offline(error)
+
+    async def _connect_and_serve(self) -> None:
+        self._online_since = None
+        client = self._make_client()
+        await _enter(client, self.config.uplink.publish_timeout + 5)
         try:
             await self._serve(client)
-        except (aiomqtt.MqttError, UplinkError) as exc:
-            error = _classify(exc) if isinstance(exc, aiomqtt.MqttError) else exc
-            if time.monotonic() - started >= self.config.uplink.backoff_reset:
-                raise self._failed(LinkLost(f"link lost: {error}")) from exc
-            raise self._failed(error) from exc
         finally:
             await _leave(client, 5.0)
-            await self._give_back("the link ended before the broker acknowledged")
-            self.state.update(link=Link.OFFLINE, in_flight=0, draining=False)
 
-    def _failed(self, error: UplinkError) -> UplinkError:
-        fault = str(error) if isinstance(error, (LinkFault, LoginRefused)) else None
-        self.state.update(link=Link.OFFLINE, last_error=str(error), fault=fault)
-        if fault:
-            log.error("%s", fault)
+    def _typed(self, exc: BaseException) -> UplinkError:
+        """The error to retry on; :class:`LinkLost` when the link had been up a while."""
+        error = _classify(exc) if isinstance(exc, aiomqtt.MqttError) else exc
+        assert isinstance(error, UplinkError)
+        since = self._online_since
+        if since is not None and time.monotonic() - since >= self.config.uplink.backoff_reset:
+            return LinkLost(f"link lost: {error}")
         return error
+
+    def _offline(self, error: UplinkError | None) -> None:
+        changes: dict[str, Any] = {"link": Link.OFFLINE, "in_flight": 0, "draining": False}
+        if error is not None:
+            fault = str(error) if isinstance(error, (LinkFault, LoginRefused)) else None
+            changes.update(last_error=str(error), fault=fault)
+            if fault:
+                log.error("%s", fault)
+            elif self._online_since is not None:
+                log.warning("uplink: %s", error)
+        self.state.update(**changes)
 
     async def _sleep(self, seconds: float) -> None:
         """The policy's sleep, cut short by :meth:`flush` or :meth:`stop`."""
@@ -418,6 +432,7 @@ class Uplink:
         self._adopt_packet_limit(client)
         log.info("uplink: online at %s:%d (session present: %s)", self.config.mqtt.host,
                  self.config.mqtt.port, client.session_present)
+        self._online_since = time.monotonic()
         self.state.update(link=Link.ONLINE, fault=None, retry_at=None)
         try:
             async with asyncio.TaskGroup() as tasks:
