@@ -227,8 +227,7 @@ class Panel:
         self._closed = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task})  # never swallows a cancellation of our own
         self._release()
 
     # ---------------------------------------------------------------- pins
@@ -301,7 +300,8 @@ class Panel:
     async def _follow(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.state.changed(), timeout=FOLLOW_TICK)
+                async with asyncio.timeout(FOLLOW_TICK):  # not wait_for: 3.11's can lose a cancel
+                    await self.state.changed()
             self._show(pattern_for(self.state))
 
     def _show(self, pattern: PanelPattern) -> None:
