@@ -142,7 +142,8 @@ class WorkerPool:
                     self._wake.clear()
                     await self._load(tasks)
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), POLL)
+                        async with asyncio.timeout(POLL):  # not wait_for: 3.11's can swallow
+                            await self._wake.wait()       # a cancel that meets a wake-up
         finally:
             await self.close()
 

@@ -1,0 +1,272 @@
+"""Inbound commands through the real service: a test client publishes to a real mosquitto,
+``pigateway run`` (a subprocess) runs them, and the results come back on the broker.
+
+The service is stopped with SIGTERM and killed with SIGKILL by the PID this test started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from broker import Mosquitto
+from pigateway.config import load
+from pigateway.inbound import list_inbox
+
+pytestmark = pytest.mark.broker
+
+GATEWAY = "gw1"
+
+
+class Service:
+    """``pigateway run`` in a subprocess, signalled only through its own PID."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "pigateway", "run", "--config", str(self.config)],
+                stdout=out, stderr=out, cwd=self.config.parent,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"})
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def _signal(self, sig: signal.Signals, timeout: float = 20.0) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            os.kill(self.process.pid, sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:  # a hang: SIGABRT makes faulthandler dump stacks
+                os.kill(self.process.pid, signal.SIGABRT)
+                self.process.wait(10)
+        code = self.process.returncode
+        self.process = None
+        return code
+
+    def stop(self) -> int | None:
+        return self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+
+class Observer:
+    """A test-side MQTT client: publishes commands, collects results and state messages."""
+
+    def __init__(self, client: aiomqtt.Client, prefix: str) -> None:
+        self.client = client
+        self.base = f"{prefix}/{GATEWAY}"
+        self.results: list[dict[str, Any]] = []
+        self.online = 0
+        self.other: list[tuple[str, bytes]] = []
+
+    async def collect(self) -> None:
+        async for message in self.client.messages:
+            topic = str(message.topic)
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            if topic == f"{self.base}/results":
+                self.results.append(json.loads(payload))
+            elif topic == f"{self.base}/state":
+                with contextlib.suppress(ValueError):
+                    state = json.loads(payload)
+                    if isinstance(state, dict) and state.get("link") == "online":
+                        self.online += 1
+            else:
+                self.other.append((topic, payload))
+
+    async def send(self, payload: bytes | dict[str, Any]) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        await self.client.publish(f"{self.base}/commands", data, qos=1)
+
+    def by_id(self) -> dict[str, list[dict[str, Any]]]:
+        found: dict[str, list[dict[str, Any]]] = {}
+        for document in self.results:
+            found.setdefault(document["id"], []).append(document)
+        return found
+
+
+async def until(condition: Callable[[], bool], timeout: float, what: str,
+                service: Service) -> None:
+    """Wait, bounded in time, for ``condition``; fail with the service's log tail."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}; service log:\n{service.tail()}")
+        await asyncio.sleep(0.02)
+
+
+def write_config(tmp_path: Path, broker: Mosquitto, prefix: str,
+                 devices: dict[str, dict[str, Any]]) -> Path:
+    lines = [
+        f'gateway_id = "{GATEWAY}"',
+        "[store]", f'path = "{tmp_path / "queue.db"}"', "min_free_bytes = 0",
+        "[mqtt]", 'host = "127.0.0.1"', f"port = {broker.port}", f'topic_prefix = "{prefix}"',
+        "[uplink]", "batch_delay = 0.01", "backoff_initial = 0.05", "backoff_max = 0.5",
+        "[inbound]", "backoff_initial = 0.05", "backoff_max = 0.2",
+        "[gpio]", 'pin_factory = "mock"',
+        "[control]", f'socket = "{tmp_path / "control.sock"}"',
+    ]
+    for name, options in devices.items():
+        lines.append(f"[devices.{name}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in options.items()]
+    path = tmp_path / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@contextlib.asynccontextmanager
+async def gateway(tmp_path: Path, broker: Mosquitto, prefix: str,
+                  devices: dict[str, dict[str, Any]]) -> AsyncIterator[tuple[Service, Observer]]:
+    service = Service(write_config(tmp_path, broker, prefix, devices), tmp_path / "service.log")
+    try:
+        async with aiomqtt.Client("127.0.0.1", broker.port,
+                                  identifier=f"observer-{uuid.uuid4().hex[:8]}") as client:
+            observer = Observer(client, prefix)
+            await client.subscribe(f"{prefix}/{GATEWAY}/results", qos=1)
+            await client.subscribe(f"{prefix}/{GATEWAY}/state", qos=1)
+            await client.subscribe(f"{prefix}-local/#", qos=1)
+            task = asyncio.create_task(observer.collect())
+            try:
+                yield service, observer
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    finally:
+        service.kill()
+
+
+async def start(service: Service, observer: Observer) -> None:
+    seen = observer.online
+    service.start()
+    await until(lambda: observer.online > seen, 20, "the service to come online", service)
+
+
+# --------------------------------------------------------------------------- the tests
+
+
+async def test_commands_reach_log_gpio_and_mqtt_devices(tmp_path: Path, mosquitto: Mosquitto,
+                                                        unique_prefix: str) -> None:
+    devices = {
+        "lamp": {"handler": "log"},
+        "relay": {"handler": "gpio", "pin": 20},
+        "bulb": {"handler": "mqtt", "port": mosquitto.port,
+                 "topic": f"{unique_prefix}-local/{{device}}/set"},
+    }
+    async with gateway(tmp_path, mosquitto, unique_prefix, devices) as (service, observer):
+        await start(service, observer)
+        await observer.send({"v": 1, "id": "l1", "device": "lamp", "name": "hello",
+                             "params": {"n": 1}})
+        await observer.send({"v": 1, "id": "g1", "device": "relay", "name": "on", "params": {}})
+        await observer.send({"v": 1, "id": "g2", "device": "relay", "name": "state",
+                             "params": {}})
+        await observer.send({"v": 1, "id": "m1", "device": "bulb", "name": "set",
+                             "params": {"state": "ON"}})
+        await until(lambda: len(observer.results) >= 4, 20, "four results", service)
+        await until(lambda: bool(observer.other), 5, "the republished message", service)
+        assert service.stop() == 0
+    results = {d["id"]: d for d in observer.results}
+    assert {d["status"] for d in results.values()} == {"ok"}
+    for document in results.values():
+        assert set(document) <= {"v", "id", "status", "detail", "finished_at"}
+        assert document["v"] == 1
+    assert results["g1"]["detail"] == {"on": True}
+    assert results["g2"]["detail"] == {"on": True}  # the pin stayed as commanded
+    assert observer.other == [(f"{unique_prefix}-local/bulb/set", b'{"state":"ON"}')]
+
+
+async def test_malformed_messages_are_answered_and_the_service_stays_up(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    devices = {"lamp": {"handler": "log"}}
+    bad: list[bytes | dict[str, Any]] = [
+        b"not json", b"\xc3\x28 invalid utf-8", b"[]", b"{" * 5000,
+        b'{"v": 1, "id": "big", "device": "lamp", "name": "x", "params": {"p": "'
+        + b"y" * 70_000 + b'"}}',
+        {"v": 1, "id": "no-device", "device": "toaster", "name": "on", "params": {}},
+        {"v": 9, "id": "future", "device": "lamp", "name": "on", "params": {}},
+        {"v": 1, "id": "no-params", "device": "lamp", "name": "on"},
+    ]
+    async with gateway(tmp_path, mosquitto, unique_prefix, devices) as (service, observer):
+        await start(service, observer)
+        for payload in bad:
+            await observer.send(payload)
+        await observer.send({"v": 1, "id": "good", "device": "lamp", "name": "on",
+                             "params": {}})
+        await until(lambda: "good" in observer.by_id(), 20, "the good command", service)
+        assert service.alive
+        assert service.stop() == 0
+    results = {d["id"]: d for d in observer.results}
+    assert set(results) == {"no-device", "future", "no-params", "good"}
+    assert "unknown device 'toaster'" in results["no-device"]["detail"]
+    assert "unsupported version v=9" in results["future"]["detail"]
+    assert "'params' is missing" in results["no-params"]["detail"]
+    assert results["good"]["status"] == "ok"
+    log = service.log.read_text(errors="replace")
+    assert log.count("dropped a message on the commands topic") == 5
+
+
+async def test_commands_sent_while_stopped_run_after_the_start(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    devices = {"lamp": {"handler": "log"}}
+    async with gateway(tmp_path, mosquitto, unique_prefix, devices) as (service, observer):
+        await start(service, observer)  # makes the persistent session and its subscription
+        assert service.stop() == 0
+        for i in range(5):
+            await observer.send({"v": 1, "id": f"off{i}", "device": "lamp", "name": "on",
+                                 "params": {}})
+        await asyncio.sleep(0.2)
+        assert observer.results == []
+        await start(service, observer)
+        await until(lambda: len(observer.by_id()) >= 5, 20, "five results", service)
+        assert service.stop() == 0
+    assert {d["status"] for d in observer.results} == {"ok"}
+    assert set(observer.by_id()) == {f"off{i}" for i in range(5)}
+
+
+async def test_sigkill_mid_run_every_command_ends_with_exactly_one_result(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    devices = {"r1": {"handler": "gpio", "pin": 20}, "r2": {"handler": "gpio", "pin": 21}}
+    ids = [f"k{i:02d}" for i in range(16)]
+    async with gateway(tmp_path, mosquitto, unique_prefix, devices) as (service, observer):
+        await start(service, observer)
+        for i, command_id in enumerate(ids):
+            await observer.send({"v": 1, "id": command_id, "device": f"r{i % 2 + 1}",
+                                 "name": "pulse", "params": {"duration": 0.15}})
+        await until(lambda: len(observer.results) >= 3, 20, "the first results", service)
+        service.kill()  # mid-run: pulses are running and more are pending
+        finished_before = len(observer.by_id())
+        assert finished_before < len(ids)
+        await start(service, observer)
+        await until(lambda: set(observer.by_id()) >= set(ids), 30, "every result", service)
+        assert service.stop() == 0
+    for command_id, documents in observer.by_id().items():
+        # at-least-once on the wire, but one recorded result: repeats are identical
+        assert all(d == documents[0] for d in documents), command_id
+        assert documents[0]["status"] == "ok"
+    entries = await list_inbox(load(tmp_path / "config.toml"), limit=1000)
+    assert sorted(e["id"] for e in entries) == ids
+    assert {(e["state"], e["status"]) for e in entries} == {("done", "ok")}
