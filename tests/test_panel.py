@@ -6,16 +6,20 @@ Pins are >= 4: MockFactory's pins 2 and 3 are pulled up like a Pi's I2C pins.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 from gpiozero.pins.mock import MockFactory
 
+from broker import Mosquitto
+from pigateway.app import Gateway
 from pigateway.config import GpioConfig
 from pigateway.errors import GpioError
 from pigateway.panel import (
@@ -30,6 +34,7 @@ from pigateway.panel import (
     show_for,
 )
 from pigateway.state import GatewayState, Link
+from uplink_helpers import make_config, subscribed
 
 GREEN, RED, AMBER, PAUSE, FLUSH = 10, 11, 12, 20, 21
 BAR = [13, 14, 15, 16]
@@ -283,3 +288,55 @@ def test_auto_falls_back_to_mock_pins_with_one_warning(caplog: pytest.LogCapture
     with pytest.raises(GpioError, match="lgpio"):
         make_pin_factory("lgpio")
     assert isinstance(make_pin_factory("mock"), MockFactory)
+
+
+# --------------------------------------------------------------------------- at a real broker
+
+
+@contextlib.asynccontextmanager
+async def _gateway(tmp_path: Path, port: int, prefix: str, **uplink: Any) -> AsyncIterator[Gateway]:
+    """The real service (store, uplink, panel on mock pins) draining to a real broker."""
+    cfg = replace(make_config(tmp_path, port, prefix, **uplink), gpio=CFG)
+    gateway = Gateway(cfg)
+    task = asyncio.create_task(gateway.run(), name="test-gateway")
+    try:
+        await _until(lambda: gateway.state.link is Link.ONLINE, timeout=10)
+        yield gateway
+    finally:
+        gateway.stop()
+        async with asyncio.timeout(15):
+            await task
+
+
+@pytest.mark.broker
+async def test_the_pause_button_stops_and_restarts_draining_at_a_broker(
+    mosquitto: Mosquitto, tmp_path: Path, unique_prefix: str
+) -> None:
+    async with (subscribed(mosquitto.port, unique_prefix) as sub,
+                _gateway(tmp_path, mosquitto.port, unique_prefix) as gateway):
+        assert gateway.panel is not None and gateway.store is not None
+        pause = _pin(gateway.panel, PAUSE)
+        await _press(pause, 0.05)
+        await _until(lambda: gateway.state.paused)
+        await _until(lambda: gateway.panel is not None and gateway.panel.shown == Show.PAUSED.value)
+        command = await gateway.store.put("pump1", "start")
+        await asyncio.sleep(1.0)  # unpaused, a 0.05 s batch window would have sent it by now
+        assert command.id not in {c.id for c in sub.commands}, "sent while paused"
+        await _press(pause, 0.05)
+        await _until(lambda: command.id in {c.id for c in sub.commands}, timeout=10)
+        assert not gateway.state.paused
+
+
+@pytest.mark.broker
+async def test_holding_the_pause_button_flushes_the_batch_window_at_a_broker(
+    mosquitto: Mosquitto, tmp_path: Path, unique_prefix: str
+) -> None:
+    async with (subscribed(mosquitto.port, unique_prefix) as sub,
+                _gateway(tmp_path, mosquitto.port, unique_prefix, batch_delay=30.0) as gateway):
+        assert gateway.panel is not None and gateway.store is not None
+        command = await gateway.store.put("pump1", "start")
+        await asyncio.sleep(0.5)
+        assert not sub.commands, "the 30 s batch window is still open"
+        await _press(_pin(gateway.panel, PAUSE), CFG.hold_time + 0.3)
+        await _until(lambda: command.id in {c.id for c in sub.commands}, timeout=10)
+        assert not gateway.state.paused, "a hold flushes, it does not toggle pause"

@@ -54,6 +54,7 @@ class Gateway:
         self.policy = policy
         self.store: Store | None = None
         self.uplink: Uplink | None = None
+        self.panel: Panel | None = None
         self._stopping = asyncio.Event()
 
     # ---- controls (control socket, GPIO buttons, signals)
@@ -133,9 +134,9 @@ class Gateway:
     @contextlib.asynccontextmanager
     async def _views(self) -> AsyncIterator[None]:
         """The GPIO panel and the control socket: claimed before READY, released last."""
-        panel = Panel(self.config.gpio, self.state, on_toggle_pause=self.toggle_pause,
-                      on_flush=self.flush)
-        async with panel, ControlServer(self.config.control.socket, self):
+        self.panel = Panel(self.config.gpio, self.state, on_toggle_pause=self.toggle_pause,
+                           on_flush=self.flush)
+        async with self.panel, ControlServer(self.config.control.socket, self):
             yield
 
     async def _keep_stats(self, store: Store) -> None:

@@ -84,8 +84,7 @@ class Notifier:
             yield
         finally:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task})  # never swallows a cancellation of our own
 
     async def _keep_extending(self, step: float) -> None:
         while True:
@@ -228,7 +227,8 @@ async def _keep_status(notifier: Notifier, state: GatewayState) -> None:
             notifier.status(line)
             last = line
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(state.changed(), timeout=STATUS_MIN_GAP)
+            async with asyncio.timeout(STATUS_MIN_GAP):  # not wait_for: 3.11's can lose a cancel
+                await state.changed()
         await asyncio.sleep(max(0.0, sent_at + STATUS_MIN_GAP - loop.time()))
 
 
