@@ -47,6 +47,8 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 POLL_INTERVAL = 0.05
 #: Puts coalesced into one transaction at most.
 GROUP_LIMIT = 4096
+#: Command ids named in one log record at most.
+LOGGED_IDS = 100
 #: Page size of a new queue file, and WAL pages between automatic checkpoints.
 PAGE_SIZE = 2048
 WAL_CHECKPOINT_PAGES = 10_000
@@ -746,6 +748,7 @@ class Store:
         if not seqs:
             return
         now = time.time()
+        buried: list[tuple[str, str]] = []
         for chunk in _chunks(list(seqs), 500):
             marks = ",".join("?" * len(chunk))
             conn.execute(
@@ -755,10 +758,14 @@ class Store:
                 f"last_error, ?, ?, ? FROM outbox WHERE seq IN ({marks})",
                 (reason, detail, now, *chunk))
             conn.execute(f"DELETE FROM inflight WHERE seq IN ({marks})", chunk)
-            conn.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", chunk)
+            buried += conn.execute(f"DELETE FROM outbox WHERE seq IN ({marks}) "
+                                   "RETURNING id, device", chunk).fetchall()
+        # one line for the lot; the journal indexes every id (COMMAND_ID=...) in it
         log.warning("dead-lettered %d command(s): %s (%s); see `pigateway queue ls --dead`",
-                    len(seqs), reason, detail or "no detail",
-                    extra={"dead_reason": reason, "dead_count": len(seqs)})
+                    len(buried), reason, detail or "no detail",
+                    extra={"command_id": [row[0] for row in buried[:LOGGED_IDS]],
+                           "device": sorted({row[1] for row in buried})[:LOGGED_IDS],
+                           "dead_reason": reason})
 
     def _requeue(self, conn: sqlite3.Connection, id_: str | None) -> int:
         where, params = ("WHERE id = ?", (id_,)) if id_ else ("", ())
