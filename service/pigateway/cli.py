@@ -153,9 +153,9 @@ def _add_service_verbs(verbs: Any, common: argparse.ArgumentParser) -> None:
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
-    from pigateway import app  # noqa: PLC0415 - the service pulls in MQTT and GPIO; send does not
+    from pigateway.app import run  # noqa: PLC0415 - the service pulls in MQTT and GPIO; send does not
 
-    await app.run(_load(args))
+    await run(_load(args))
     return EXIT_OK
 
 
@@ -218,7 +218,7 @@ async def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
-    from pigateway import control  # noqa: PLC0415
+    from pigateway import control  # noqa: PLC0415 - only the verbs that talk to the service
 
     config = _load(args)
     try:
@@ -239,7 +239,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
 
 
 async def cmd_control(args: argparse.Namespace) -> int:
-    from pigateway import control  # noqa: PLC0415
+    from pigateway import control  # noqa: PLC0415 - only the verbs that talk to the service
 
     config = _load(args)
     reply = await control.request(config.control.socket, args.control_verb)
@@ -248,7 +248,7 @@ async def cmd_control(args: argparse.Namespace) -> int:
 
 
 async def cmd_inbox_ls(args: argparse.Namespace) -> int:
-    from pigateway import inbound  # noqa: PLC0415
+    from pigateway import inbound  # noqa: PLC0415 - only inbox ls needs it
 
     rows = await inbound.list_inbox(_load(args), args.limit)
     if args.json:
