@@ -2,7 +2,8 @@
 
 ``delay`` holds every chunk from the broker for that many seconds (PUBACKs come late, so
 batches pile up in flight); ``blackhole()`` stops forwarding in both directions without
-closing anything (a dead link that only keepalive or a publish timeout can notice).
+closing anything (a dead link that only keepalive or a publish timeout can notice);
+``refuse()`` closes new connections at once (a broker that is not back yet).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class Proxy:
         self.connections = 0
         self._open = asyncio.Event()
         self._open.set()
+        self.refusing = False
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
@@ -38,6 +40,12 @@ class Proxy:
     def heal(self) -> None:
         self._open.set()
 
+    def refuse(self) -> None:
+        self.refusing = True
+
+    def accept(self) -> None:
+        self.refusing = False
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
@@ -50,6 +58,9 @@ class Proxy:
                 await task
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.close()
+            return
         self.connections += 1
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)

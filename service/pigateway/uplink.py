@@ -180,6 +180,15 @@ class _Client(aiomqtt.Client):
         self.session_present = bool(flags.session_present)
         super()._on_connect(client, userdata, flags, reason_code, properties)
 
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: paho.DisconnectFlags,
+                       reason_code: ReasonCode, properties: Properties | None = None) -> None:
+        # aiomqtt ignores a close before CONNACK and would wait for the CONNACK forever
+        if not self._connected.done():
+            self._connected.set_exception(
+                aiomqtt.MqttError(f"the broker closed the connection before CONNACK "
+                                  f"({reason_code})"))
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
+
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int,
                     reason_code: ReasonCode, properties: Properties) -> None:
         if reason_code.is_failure:
