@@ -32,8 +32,13 @@ LEVELS = [
 
 
 def parse_native(data: bytes) -> dict[str, str]:
-    """Decode one datagram of the native journal protocol (both field forms)."""
-    fields: dict[str, str] = {}
+    """Decode one datagram of the native journal protocol (the last value of a repeated field)."""
+    return {name: values[-1] for name, values in parse_fields(data).items()}
+
+
+def parse_fields(data: bytes) -> dict[str, list[str]]:
+    """Decode one datagram of the native journal protocol (both field forms, every value)."""
+    fields: dict[str, list[str]] = {}
     while data:
         head, _, rest = data.partition(b"\n")
         if b"=" in head:
@@ -44,7 +49,7 @@ def parse_native(data: bytes) -> dict[str, str]:
             (size,) = struct.unpack("<Q", rest[:8])
             value, data = rest[8 : 8 + size], rest[8 + size + 1 :]
             assert rest[8 + size : 9 + size] == b"\n"
-        fields[name.decode()] = value.decode()
+        fields.setdefault(name.decode(), []).append(value.decode())
     return fields
 
 
@@ -256,3 +261,24 @@ def _run(script: str, err: BinaryIO) -> None:
     env = {**os.environ}
     env.pop("JOURNAL_STREAM", None)
     subprocess.run([sys.executable, "-c", script], stderr=err, env=env, check=True, timeout=30)
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_several_command_ids_become_a_repeated_field(journal: DatagramListener,
+                                                     stream: io.TextIOWrapper) -> None:
+    """The store logs the ids it dead-letters at once: each must be findable on its own."""
+    setup_logging("info", stream=stream)
+    logging.getLogger("pigateway.store").warning(
+        "3 expired", extra={"command_id": ["c1", "c2", "c3"], "queue_depth": 7})
+    fields = parse_fields(journal.wait_for(lambda t: "3 expired" in t).data)
+    assert fields["COMMAND_ID"] == ["c1", "c2", "c3"]
+    assert fields["QUEUE_DEPTH"] == ["7"]
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_by_hand_several_ids_read_as_a_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    out = io.StringIO()
+    setup_logging("info", stream=out)
+    logging.getLogger("pigateway").warning("dead", extra={"command_id": ("a", "b")})
+    assert out.getvalue().rstrip().endswith("dead [command_id=a,b]")

@@ -23,12 +23,19 @@ from pigateway.app import Gateway
 from pigateway.config import GpioConfig
 from pigateway.errors import GpioError
 from pigateway.panel import (
+    BLIP,
     BUTTON_ACTIONS,
+    FAST,
+    OFF,
+    ON,
     RULES,
+    SLOW,
     Light,
     Panel,
     Show,
     bar_level,
+    describe,
+    legend,
     make_pin_factory,
     pattern_for,
     show_for,
@@ -340,3 +347,17 @@ async def test_holding_the_pause_button_flushes_the_batch_window_at_a_broker(
         await _press(_pin(gateway.panel, PAUSE), CFG.hold_time + 0.3)
         await _until(lambda: command.id in {c.id for c in sub.commands}, timeout=10)
         assert not gateway.state.paused, "a hold flushes, it does not toggle pause"
+
+
+def test_the_legend_in_the_docs_is_the_table() -> None:
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    rows = [line for line in docs.splitlines() if line.startswith("| ")]
+    table = rows[rows.index("| state | green | red | amber | meaning |") + 1:][: len(Show)]
+    assert table == legend()
+
+
+@pytest.mark.parametrize(("light", "words"), [(OFF, "off"), (ON, "on"), (SLOW, "blinks 1 Hz"),
+                                              (FAST, "blinks 5 Hz"),
+                                              (BLIP, "short flash every 1.5 s")])
+def test_describe(light: Light, words: str) -> None:
+    assert describe(light) == words

@@ -258,10 +258,12 @@ async def test_watchdog_stops_while_the_store_writer_is_wedged(
         wedged_from = time.monotonic()
         await asyncio.sleep(1.2)
         wedged_to = time.monotonic()
+        assert state.fault == "store writer not answering"
         locker.execute("COMMIT")
         locker.close()
         await asyncio.wait_for(put, 10)
         await asyncio.sleep(0.6)
+    assert state.fault is None, "the store's fault clears once it answers"
     times = _watchdogs(notify)
     assert any(t < wedged_from for t in times)
     assert not [t for t in times if wedged_from < t < wedged_to], "pinged while wedged"

@@ -106,9 +106,16 @@ def journal_socket() -> Path:
     return Path(os.environ.get(SOCKET_ENV) or JOURNAL_SOCKET)
 
 
-def _extras(record: logging.LogRecord) -> dict[str, str]:
-    values = ((field, getattr(record, attr, None)) for attr, field in FIELDS.items())
-    return {field: str(value) for field, value in values if value is not None}
+def _extras(record: logging.LogRecord) -> dict[str, list[str]]:
+    """Journal field -> its values; a list or tuple (several commands) gives one per item."""
+    found: dict[str, list[str]] = {}
+    for attr, name in FIELDS.items():
+        value = getattr(record, attr, None)
+        if value is None:
+            continue
+        items = value if isinstance(value, (list, tuple, set, frozenset)) else [value]
+        found[name] = [str(item) for item in items]
+    return found
 
 
 # --------------------------------------------------------------------------- formatters
@@ -126,7 +133,7 @@ class ReadableFormatter(logging.Formatter):
         extras = _extras(record)
         if not extras:
             return text
-        tags = " ".join(f"{k.lower()}={v}" for k, v in extras.items())
+        tags = " ".join(f"{k.lower()}={','.join(v)}" for k, v in extras.items())
         first, sep, rest = text.partition("\n")
         return f"{first} [{tags}]{sep}{rest}"
 
@@ -168,9 +175,10 @@ def encode_record(record: logging.LogRecord, message: str) -> bytes:
         "CODE_LINE": str(record.lineno),
         "CODE_FUNC": record.funcName,
         "THREAD_NAME": record.threadName or "",
-        **_extras(record),
     }
-    return b"".join(encode_field(k, v) for k, v in fields.items())
+    data = b"".join(encode_field(k, v) for k, v in fields.items())
+    # A field may repeat: journalctl COMMAND_ID=x matches an entry that names x among others.
+    return data + b"".join(encode_field(k, v) for k, vs in _extras(record).items() for v in vs)
 
 
 class JournalHandler(logging.Handler):

@@ -73,7 +73,7 @@ class Show(enum.Enum):
     """The kinds of state the panel tells apart, each with its pattern."""
 
     FAULT = PanelPattern("fault", OFF, FAST, OFF,
-                         "an operator must act (store refused, disk full, login refused)")
+                         "an operator must act: login refused, TLS broken, store not answering")
     PAUSED = PanelPattern("paused", ON, ON, SLOW,
                           "paused by button or `pigateway pause`: queueing, not draining")
     DRAINING = PanelPattern("online, draining", FAST, OFF, FAST,
@@ -111,6 +111,25 @@ def show_for(state: GatewayState) -> Show:
 def pattern_for(state: GatewayState) -> PanelPattern:
     """The LED pattern of ``state`` (pure; the table is :data:`RULES`)."""
     return show_for(state).value
+
+
+def describe(light: Light) -> str:
+    """How a person sees ``light``: the words of the legend in ``docs/operations.md``."""
+    steady = light.steady
+    if steady is not None:
+        return "on" if steady else "off"
+    if light.on < light.off:
+        return f"short flash every {light.on + light.off:g} s"
+    return f"blinks {1 / (light.on + light.off):g} Hz"
+
+
+def legend() -> list[str]:
+    """The LED legend as Markdown table rows, in the order the rules are checked."""
+    rows = []
+    for pattern in (rule.show.value for rule in RULES):
+        lights = " | ".join(describe(getattr(pattern, c)) for c in ("green", "red", "amber"))
+        rows.append(f"| {pattern.name} | {lights} | {pattern.meaning} |")
+    return rows
 
 
 def bar_level(depth: int, leds: int) -> int:

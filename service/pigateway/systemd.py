@@ -208,7 +208,7 @@ async def supervise(
         group.create_task(_keep_status(notifier, state), name="systemd-status")
         if wd:
             bound = ping_timeout if ping_timeout is not None else wd / 4
-            watchdog = _keep_watchdog(notifier, ping, wd / 2, bound)
+            watchdog = _keep_watchdog(notifier, state, ping, wd / 2, bound)
             group.create_task(watchdog, name="systemd-watchdog")
 
 
@@ -233,7 +233,8 @@ async def _keep_status(notifier: Notifier, state: GatewayState) -> None:
 
 
 async def _keep_watchdog(
-    notifier: Notifier, ping: Callable[[], Awaitable[None]], period: float, bound: float
+    notifier: Notifier, state: GatewayState, ping: Callable[[], Awaitable[None]],
+    period: float, bound: float,
 ) -> None:
     loop = asyncio.get_running_loop()
     healthy = True
@@ -245,6 +246,7 @@ async def _keep_watchdog(
         if ok != healthy:
             healthy = ok
             _log_health(ok, bound)
+            _mark_fault(state, ok)
         due = started + period
         await asyncio.sleep(max(0.0, due - loop.time()))
         late = loop.time() - due
@@ -263,6 +265,17 @@ async def _answers(ping: Callable[[], Awaitable[None]], bound: float) -> bool:
         log.exception("store ping failed")
         return False
     return True
+
+
+STORE_FAULT = "store writer not answering"
+
+
+def _mark_fault(state: GatewayState, ok: bool) -> None:
+    """Show a wedged store as a fault (LEDs, STATUS=); clear only the fault we set."""
+    if not ok:
+        state.update(fault=STORE_FAULT)
+    elif state.fault == STORE_FAULT:
+        state.update(fault=None)
 
 
 def _log_health(ok: bool, bound: float) -> None:
