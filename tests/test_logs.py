@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 import pytest
 
-from pigateway.logs import encode_field, priority, setup_logging
+from pigateway.logs import QUIET, encode_field, priority, setup_logging
 from sockets import DatagramListener
 
 LEVELS = [
@@ -58,12 +58,15 @@ def root_logging() -> Iterator[None]:
     """Put the root logger back the way pytest had it."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    quiet = {name: logging.getLogger(name).level for name in QUIET}
     yield
     for handler in root.handlers:
         if handler not in handlers:
             root.removeHandler(handler)
             handler.close()
     root.setLevel(level)
+    for name, old in quiet.items():
+        logging.getLogger(name).setLevel(old)
 
 
 @pytest.fixture
@@ -282,3 +285,14 @@ def test_by_hand_several_ids_read_as_a_list(monkeypatch: pytest.MonkeyPatch) -> 
     setup_logging("info", stream=out)
     logging.getLogger("pigateway").warning("dead", extra={"command_id": ("a", "b")})
     assert out.getvalue().rstrip().endswith("dead [command_id=a,b]")
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_debug_shows_our_records_not_every_sqlite_statement(
+    journal: DatagramListener, stream: io.TextIOWrapper
+) -> None:
+    setup_logging("debug", stream=stream)
+    logging.getLogger("aiosqlite").debug("executing SELECT 1")
+    logging.getLogger("pigateway.store").debug("ours")
+    journal.wait_for(lambda t: "MESSAGE=ours" in t)
+    assert [parse_native(d.data)["MESSAGE"] for d in journal.messages()] == ["ours"]

@@ -217,7 +217,8 @@ async def _answers(path: Path) -> bool:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
-        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, str(path)), 1.0)
+        async with asyncio.timeout(1.0):
+            await asyncio.get_running_loop().sock_connect(sock, str(path))
     except (OSError, TimeoutError):
         return False
     finally:

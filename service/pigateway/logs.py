@@ -44,6 +44,10 @@ PRIORITIES: Final = (  # (lowest Python level, priority), highest first
 )
 DEBUG_PRIORITY: Final = 7
 
+# Libraries whose debug output is per operation: at ``debug`` they would bury our own records
+# (aiosqlite logs every statement twice). They never go below this level.
+QUIET: Final = {"aiosqlite": logging.INFO, "asyncio": logging.INFO}
+
 # record attribute (from ``extra=``) -> journal field
 FIELDS: Final = {
     "command_id": "COMMAND_ID",
@@ -75,7 +79,10 @@ def setup_logging(level: str, *, stream: TextIO | None = None) -> None:
         root.removeHandler(old)
         old.close()
     root.addHandler(handler)
-    root.setLevel(LEVELS.get(level.lower(), logging.INFO))
+    threshold = LEVELS.get(level.lower(), logging.INFO)
+    root.setLevel(threshold)
+    for name, floor in QUIET.items():
+        logging.getLogger(name).setLevel(max(threshold, floor))
 
 
 def _handler_for(out: TextIO) -> logging.Handler:
