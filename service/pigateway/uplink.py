@@ -104,7 +104,7 @@ class wait_backoff(tenacity.wait.wait_base):
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
         outcome = retry_state.outcome
-        if outcome is not None and isinstance(outcome.exception(), LinkFault):
+        if outcome is not None and isinstance(outcome.exception(), (LinkFault, LoginRefused)):
             return self.maximum
         base = min(self.maximum, self.initial * 2.0 ** (retry_state.attempt_number - 1))
         return float(base * (1 - self.jitter * random.random()))
