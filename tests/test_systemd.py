@@ -12,6 +12,8 @@ import dataclasses
 import itertools
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -268,3 +270,34 @@ async def test_watchdog_stops_while_the_store_writer_is_wedged(
     assert any(t < wedged_from for t in times)
     assert not [t for t in times if wedged_from < t < wedged_to], "pinged while wedged"
     assert any(t > wedged_to for t in times), "pings did not resume once the store answered"
+
+
+# --------------------------------------------------------------------------- bound_stop
+
+STUCK_STOP = """
+import asyncio, logging, sys
+from pigateway.systemd import bound_stop
+
+async def main() -> None:
+    handle = bound_stop(0.3)
+    if sys.argv[1] == "disarm":
+        handle.cancel()
+        await asyncio.sleep(0.6)
+        return
+    await asyncio.create_task(asyncio.Event().wait(), name="stuck-part")  # never ends
+
+logging.basicConfig(level=logging.INFO)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize(("mode", "code"), [("stuck", 3), ("disarm", 0)])
+def test_a_stuck_stop_exits_within_its_bound_and_says_what_hung(mode: str, code: int) -> None:
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", STUCK_STOP, mode], capture_output=True,
+                            text=True, timeout=30, check=False)
+    assert result.returncode == code, result.stderr
+    assert time.monotonic() - started < 20
+    if mode == "stuck":
+        assert "graceful stop took more than 0s" in result.stderr
+        assert "stuck-part" in result.stderr

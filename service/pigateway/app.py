@@ -30,7 +30,7 @@ from pigateway.logs import setup_logging
 from pigateway.panel import Panel
 from pigateway.state import GatewayState
 from pigateway.store import Store
-from pigateway.systemd import Notifier, supervise
+from pigateway.systemd import Notifier, bound_stop, supervise
 from pigateway.uplink import Uplink
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,9 @@ STATS_INTERVAL = 1.0
 WIND_DOWN = 2.0
 #: Seconds of start-up time asked of systemd at a time while the store opens (and checks).
 START_EXTENSION = 30.0
+#: Seconds on top of publish_timeout + WIND_DOWN before a stuck stop exits anyway (the unit's
+#: TimeoutStopSec=30s must stay above the sum: 10 + 2 + 5 with the defaults).
+STOP_SLACK = 5.0
 
 
 class Gateway:
@@ -170,11 +173,20 @@ async def run(config: Config) -> None:
     setup_logging(config.log.level)
     gateway = Gateway(config)
     loop = asyncio.get_running_loop()
+    bounds: list[asyncio.TimerHandle] = []
+
+    def on_signal() -> None:
+        if not bounds:  # the first signal starts the clock of the bounded stop
+            bounds.append(bound_stop(config.uplink.publish_timeout + WIND_DOWN + STOP_SLACK))
+        gateway.stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, gateway.stop)
+        loop.add_signal_handler(sig, on_signal)
     try:
         await gateway.run()
     finally:
+        for handle in bounds:
+            handle.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(ValueError, RuntimeError):
                 loop.remove_signal_handler(sig)

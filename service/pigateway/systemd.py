@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 STATUS_MIN_GAP = 1.0
 """Seconds between two ``STATUS=`` lines at least (the issue's "at most once a second")."""
+EXIT_STOP_OVERDUE = 3
+"""Exit status when a graceful stop overran its bound (systemd logs it; the data is safe)."""
 
 
 class Notifier:
@@ -112,6 +114,26 @@ def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
     if pid and (not pid.isdigit() or int(pid) != os.getpid()):
         return None
     return int(usec) / 1_000_000
+
+
+def bound_stop(seconds: float) -> asyncio.TimerHandle:
+    """Make the graceful stop that starts now end within ``seconds``, whatever hangs.
+
+    If the service has not exited by then, the tasks still running are logged (what hung,
+    for the bug report) and the process exits with :data:`EXIT_STOP_OVERDUE`. Committed
+    commands are safe on disk either way; this only beats systemd's SIGKILL at
+    ``TimeoutStopSec=`` to it with an explanation. Cancel the returned handle to disarm.
+    """
+    return asyncio.get_running_loop().call_later(seconds, _stop_overdue, seconds)
+
+
+def _stop_overdue(seconds: float) -> None:
+    current = asyncio.current_task()
+    stuck = sorted(t.get_name() for t in asyncio.all_tasks() if t is not current)
+    log.error("the graceful stop took more than %.0fs; exiting now. Still running: %s",
+              seconds, ", ".join(stuck) or "(nothing)")
+    logging.shutdown()
+    os._exit(EXIT_STOP_OVERDUE)
 
 
 # --------------------------------------------------------------------------- the status line
