@@ -68,13 +68,13 @@ class Proxy:
             writer.close()
             return
         self._writers += [writer, up_writer]
-        for pump in (self._pump(reader, up_writer, 0.0), self._pump(up_reader, writer, self.delay)):
+        for pump in (self._pump(reader, up_writer, False), self._pump(up_reader, writer, True)):
             task = asyncio.create_task(pump)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter,
-                    delay: float) -> None:
+                    delayed: bool) -> None:
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
@@ -94,7 +94,7 @@ class Proxy:
             while True:
                 data = await source.read(65536)
                 await self._open.wait()
-                chunks.put_nowait((loop.time() + delay, data))
+                chunks.put_nowait((loop.time() + (self.delay if delayed else 0.0), data))
                 if not data:
                     break
             await sender

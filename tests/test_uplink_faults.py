@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,13 +21,14 @@ from netproxy import Proxy
 from pigateway.state import Link
 from pigateway.store import NewCommand, Store
 from uplink_helpers import (
-    GATEWAY,
     drained,
     make_config,
     per_device_order_holds,
     running_uplink,
+    start_service,
     subscribed,
     wait_until,
+    write_service_config,
 )
 from wire_subscriber import WireSubscriber
 
@@ -90,47 +89,6 @@ async def test_broker_killed_mid_drain_many_rounds(
     check_delivery(sub, sent)
     assert stats.dead_total == 0 and stats.in_flight == 0
     assert len(sub.commands) >= total  # duplicates are allowed (at least once), losses are not
-
-
-def write_service_config(tmp_path: Path, port: int, prefix: str) -> Path:
-    path = tmp_path / "config.toml"
-    path.write_text(f"""
-gateway_id = "{GATEWAY}"
-[store]
-path = "{tmp_path / 'queue.db'}"
-min_free_bytes = 0
-[mqtt]
-host = "127.0.0.1"
-port = {port}
-topic_prefix = "{prefix}"
-keepalive = 5
-[uplink]
-batch_delay = 0.02
-max_batch_bytes = 4096
-max_inflight = 4
-backoff_initial = 0.05
-backoff_max = 0.3
-publish_timeout = 3.0
-[inbound]
-enabled = false
-[gpio]
-enabled = false
-[control]
-socket = "{tmp_path / 'control.sock'}"
-[log]
-level = "info"
-""")
-    return path
-
-
-def start_service(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("NOTIFY_SOCKET", None)
-    env.pop("WATCHDOG_USEC", None)
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-c", "from pigateway.cli import main; main()", "run",
-             "--config", str(config)], stdout=out, stderr=out, env=env)
 
 
 async def test_service_killed_mid_drain_and_restarted(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -120,3 +123,44 @@ def per_device_order_holds(sent: list[tuple[str, str]], first_ids: list[str]) ->
         if sorted(mine, key=lambda i: position.get(i, -1)) != mine:
             return False
     return True
+
+
+def write_service_config(tmp_path: Path, port: int, prefix: str, **uplink: float) -> Path:
+    """A TOML config for ``pigateway run`` against 127.0.0.1:``port``, all in ``tmp_path``."""
+    settings = {"batch_delay": 0.02, "max_batch_bytes": 4096, "max_inflight": 4,
+                "backoff_initial": 0.05, "backoff_max": 0.3, "publish_timeout": 3.0, **uplink}
+    uplink_lines = "\n".join(f"{key} = {value}" for key, value in settings.items())
+    path = tmp_path / "config.toml"
+    path.write_text(f"""
+gateway_id = "{GATEWAY}"
+[store]
+path = "{tmp_path / 'queue.db'}"
+min_free_bytes = 0
+[mqtt]
+host = "127.0.0.1"
+port = {port}
+topic_prefix = "{prefix}"
+keepalive = 5
+[uplink]
+{uplink_lines}
+[inbound]
+enabled = false
+[gpio]
+enabled = false
+[control]
+socket = "{tmp_path / 'control.sock'}"
+[log]
+level = "info"
+""")
+    return path
+
+
+def start_service(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``pigateway run`` as a child process (outside systemd), its output appended to ``log``."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("NOTIFY_SOCKET", None)
+    env.pop("WATCHDOG_USEC", None)
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-c", "from pigateway.cli import main; main()", "run",
+             "--config", str(config)], stdout=out, stderr=out, env=env)

@@ -228,19 +228,29 @@ class _Client(aiomqtt.Client):
         self._client.ack(mid, qos)
 
     def abort(self) -> None:
-        """Close the socket without a DISCONNECT (a hung connect or exit)."""
+        """Close the socket without a DISCONNECT (a failed or hung connect, a hung exit)."""
         with contextlib.suppress(Exception):
             self._client._sock_close()
+        self.settle()
+
+    def settle(self) -> None:
+        """Mark the connection futures' errors as seen: this client is done with."""
+        for future in (self._connected, self._disconnected):
+            if future.done() and not future.cancelled():
+                future.exception()
 
 
 async def _enter(client: _Client, bound: float) -> None:
-    """Connect, bounded: aiomqtt waits for CONNACK without a limit."""
+    """Connect, bounded (a CONNACK that never comes), and never leave a half-open socket."""
     try:
         async with asyncio.timeout(bound):
             await client.__aenter__()
     except TimeoutError:
         client.abort()
         raise UplinkError(f"no CONNACK within {bound:.0f}s") from None
+    except BaseException:
+        client.abort()
+        raise
 
 
 async def _leave(client: _Client, bound: float) -> None:
@@ -249,6 +259,7 @@ async def _leave(client: _Client, bound: float) -> None:
             await client.__aexit__(None, None, None)
     except (TimeoutError, aiomqtt.MqttError):
         client.abort()
+    client.settle()
 
 
 def _classify(exc: aiomqtt.MqttError) -> UplinkError:
@@ -318,8 +329,12 @@ class Uplink:
         self._resumed.set()
 
     def flush(self) -> None:
-        """Send what is pending now, and retry the connection now if it is waiting."""
-        self.batcher.flush()
+        """Send what is pending now, and retry the connection now if it is waiting.
+
+        While paused only the connection is retried: a flush is not kept for later.
+        """
+        if self._resumed.is_set():
+            self.batcher.flush()
         self._retry_now.set()
 
     async def stop(self, grace: float) -> None:

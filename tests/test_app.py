@@ -1,0 +1,116 @@
+"""The service as a whole: controls on the one state, and the bounded graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from broker import Mosquitto
+from netproxy import Proxy
+from pigateway.app import Gateway
+from pigateway.state import Link
+from pigateway.store import NewCommand, Store
+from uplink_helpers import (
+    make_config,
+    start_service,
+    subscribed,
+    wait_until,
+    write_service_config,
+)
+
+pytestmark = pytest.mark.broker
+
+
+async def test_gateway_pause_resume_and_flush(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    cfg = make_config(tmp_path, mosquitto.port, unique_prefix, batch_delay=60.0)
+    gateway = Gateway(cfg)
+    task = asyncio.create_task(gateway.run())
+    try:
+        async with subscribed(mosquitto.port, unique_prefix) as sub:
+            assert await wait_until(lambda: gateway.state.link == Link.ONLINE, 10)
+            gateway.pause()
+            assert gateway.state.paused
+            assert gateway.store is not None
+            await gateway.store.put("heater", "on")
+            gateway.flush()
+            assert not await sub.wait_for(1, 0.5)  # paused: queued, not sent
+            assert await wait_until(lambda: gateway.state.depth == 1, 5)  # the view sees it
+            gateway.resume()
+            assert not await sub.wait_for(1, 0.3)  # the 60 s window still holds it
+            gateway.flush()
+            assert await sub.wait_for(1, 5)
+            assert await wait_until(lambda: gateway.state.depth == 0, 5)
+        gateway.stop()
+        async with asyncio.timeout(15):
+            await task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_gateway_starts_and_stops_while_the_broker_is_away(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    mosquitto.stop()
+    cfg = make_config(tmp_path, mosquitto.port, unique_prefix, backoff_max=30.0,
+                      backoff_initial=20.0)
+    gateway = Gateway(cfg)
+    task = asyncio.create_task(gateway.run())
+    try:
+        assert await wait_until(lambda: gateway.state.retry_at is not None, 10)
+        assert gateway.store is not None
+        await gateway.store.put("gate", "open")  # queueing works without a broker
+        started = time.monotonic()
+        gateway.stop()  # in the middle of a 20 s backoff wait
+        async with asyncio.timeout(15):
+            await task
+        assert time.monotonic() - started < 10
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    async with await Store.open(cfg.store) as store:
+        assert (await store.stats()).depth == 1
+
+
+async def test_sigterm_waits_for_pubacks_then_nacks_the_rest(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    """The link goes silent mid-drain, then SIGTERM: the stop is bounded and loses nothing."""
+    proxy = await Proxy(mosquitto.port, delay=0.05).start()
+    config_path = write_service_config(tmp_path, proxy.port, unique_prefix,
+                                       publish_timeout=2.0, max_inflight=2)
+    cfg = make_config(tmp_path, proxy.port, unique_prefix)
+    total = 3000
+    async with await Store.open(cfg.store, drainer=False) as producer:
+        sent = await producer.put_many(
+            [NewCommand(f"dev{n % 5}", "set", {"n": n, "pad": "z" * 60}) for n in range(total)])
+    log = tmp_path / "service.log"
+    service = start_service(config_path, log)
+    try:
+        async with subscribed(mosquitto.port, unique_prefix) as sub:
+            assert await sub.wait_for(300, 20), log.read_text()[-3000:]
+            proxy.blackhole()  # PUBACKs stop coming; batches stay in flight
+            started = time.monotonic()
+            service.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(service.wait, 20)
+            took = time.monotonic() - started
+    finally:
+        if service.poll() is None:
+            os.kill(service.pid, signal.SIGKILL)
+            service.wait(10)
+        await proxy.close()
+    assert code == 0, log.read_text()[-3000:]
+    assert took < 2.0 + 5 + 3, log.read_text()[-3000:]  # publish_timeout + the wind-down bounds
+    async with await Store.open(cfg.store, drainer=False) as store:
+        stats = await store.stats()
+        queued = await store.list_queued(total)
+    assert stats.in_flight == 0 and 0 < stats.depth < total
+    # nothing was deleted without a PUBACK: every row gone from the queue was received
+    gone = {c.id for c in sent} - {c.id for c in queued}
+    assert gone <= sub.ids()
+    assert queued[0].attempts == 1 and queued[0].last_error  # nacked, kept at the head
+    assert "stopping" in log.read_text()
