@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -10,7 +12,17 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pigateway.batching import Rules, encode_command, fits_alone, new_id, plan, take_batch
+from pigateway.batching import (
+    Batcher,
+    Rules,
+    encode_command,
+    fits_alone,
+    new_id,
+    plan,
+    take_batch,
+)
+from pigateway.config import StoreConfig
+from pigateway.store import NewCommand, Store
 
 
 @dataclass(frozen=True)
@@ -152,3 +164,83 @@ def test_any_backlog_keeps_every_rule(spec: list[tuple[str, int]], max_actions: 
     for dev in {d for d, _ in spec}:
         mine = [r.id for r in pending if r.device == dev and r.id in order]
         assert sorted(mine, key=order.__getitem__) == mine
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+async def test_a_backlog_goes_at_once_whatever_the_window(store_config: StoreConfig) -> None:
+    async with await Store.open(store_config) as store:
+        for n in range(5):
+            await store.put(f"d{n % 2}", "set", {"n": n})
+        await asyncio.sleep(0.05)
+        batcher = Batcher(store, RULES, batch_delay=0.04)
+        async with asyncio.timeout(5):
+            batch = await batcher.next_batch()
+        assert batch is not None and len(batch.ids) == 5
+
+
+async def test_the_window_starts_at_the_first_command_and_is_not_reset(
+        store_config: StoreConfig) -> None:
+    async with await Store.open(store_config) as store:
+        batcher = Batcher(store, Rules("gw", max_actions=10, max_batch_bytes=64 * 1024),
+                          batch_delay=0.5)
+        nxt = asyncio.create_task(batcher.next_batch())
+        first = await store.put("a", "one")
+        for name in ("two", "three"):
+            await asyncio.sleep(0.1)
+            await store.put("a", name)
+        async with asyncio.timeout(5):
+            batch = await nxt
+        late = await store.put("a", "late")  # after the window of "one" closed
+        assert batch is not None and batch.ids[0] == first.id
+        assert [c.name for c in batch.commands] == ["one", "two", "three"]
+        assert late.id not in batch.ids
+
+
+async def test_flush_ends_the_window_and_interrupt_returns_none(
+        store_config: StoreConfig) -> None:
+    async with await Store.open(store_config) as store:
+        batcher = Batcher(store, RULES, batch_delay=60.0)
+        nxt = asyncio.create_task(batcher.next_batch())
+        await store.put("a", "go")
+        await asyncio.sleep(0.1)
+        assert not nxt.done()
+        batcher.flush()
+        async with asyncio.timeout(5):
+            assert (await nxt) is not None
+        batcher.interrupt()
+        async with asyncio.timeout(5):
+            assert await batcher.next_batch() is None
+        batcher.proceed()
+
+
+async def test_the_driver_buries_too_large_and_expired_rows(store_config: StoreConfig) -> None:
+    async with await Store.open(store_config) as store:
+        await store.put("a", "huge", {"blob": "x" * 5000})
+        await store.put("a", "fine")
+        batcher = Batcher(store, RULES, batch_delay=0.0,
+                          clock=lambda: time.time() + 3600)  # sends an hour later
+        short = await store.put("b", "stale", ttl=60)
+        async with asyncio.timeout(5):
+            batch = await batcher.next_batch()
+        assert batch is not None and [c.name for c in batch.commands] == ["fine"]
+        dead = {d.command.name: d.reason for d in await store.list_dead()}
+        assert dead == {"huge": "too-large", "stale": "expired"}
+        assert short.id not in batch.ids
+
+
+async def test_a_claim_cut_off_by_cancellation_is_still_given_back(
+        store_config: StoreConfig) -> None:
+    async with await Store.open(store_config) as store:
+        await store.put_many([NewCommand("a", f"c{n}") for n in range(50)])
+        batcher = Batcher(store, RULES, batch_delay=60.0, claim_limit=50)
+        task = asyncio.create_task(batcher._claim())
+        await asyncio.sleep(0)  # the claim is on its way to the writer
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        ids = batcher.give_back()
+        assert len(ids) == 50  # recorded although the caller was cancelled
+        await store.nack(ids, "test")
+        assert (await store.stats()).in_flight == 0
