@@ -348,3 +348,14 @@ async def test_finished_commands_are_pruned_after_the_window(tmp_path: Path) -> 
         assert len(await list_inbox(config)) == 1
         await store.write([inbox.prune(time.time() + 1)])
         assert await list_inbox(config) == []
+
+
+async def test_concurrent_accepts_keep_their_order_and_dedupe(tmp_path: Path) -> None:
+    lamp = Scripted(lambda r: None)
+    async with running(make_config(tmp_path, ["a"]), {"a": lamp}) as (inbound, store):
+        payloads = [command(f"p{i:03d}") for i in range(200)]
+        await asyncio.gather(*(inbound.accept(p) for p in payloads + payloads[:50]))
+        documents = await results(store, 200)
+        await asyncio.sleep(0.1)
+    assert [r.id for _, r in lamp.calls] == [f"p{i:03d}" for i in range(200)]
+    assert len({d["id"] for d in documents}) == 200

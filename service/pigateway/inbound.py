@@ -13,6 +13,7 @@ The running side is :mod:`pigateway.workers`; :meth:`Inbound.run` starts it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -231,7 +232,9 @@ class Inbound:
         self.config = config
         self.store = store
         self.limits = Limits.from_config(config)
-        self.pool = WorkerPool(config, store, factories=factories)
+        self.writes = inbox.Writes(store)
+        self._last_stamp = 0.0
+        self.pool = WorkerPool(config, store, factories=factories, writes=self.writes)
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -253,38 +256,59 @@ class Inbound:
         await self.pool.run()
 
     async def accept(self, payload: bytes) -> None:
-        """Validate, deduplicate and persist one message; durable on return."""
+        """Validate, deduplicate and persist one message; durable on return.
+
+        Concurrent calls keep their order (the insert is queued before the first ``await``)
+        and share one commit. The insert comes first and the duplicate check after it: a
+        row whose ``received_at`` is not this call's stamp was there before, so this
+        message is a repeat.
+        """
         try:
             command = parse_command(payload, self.limits)
         except RejectedCommand as exc:
             await self._reject(exc, payload)
             return
-        if await self._answered(command.id):
-            return
-        now = time.time()
+        now = self._stamp()
         expires_at = None if command.ttl is None else now + command.ttl
-        await self.store.write([inbox.insert_pending(command.id, command.device, command.name,
-                                                     command.params, expires_at=expires_at,
-                                                     now=now)])
+        insert = inbox.insert_pending(command.id, command.device, command.name,
+                                      command.params, expires_at=expires_at, now=now)
+        entry = await self._insert_then_find(command.id, insert)
+        if entry is not None and entry.received_at != now and await self._repeat(entry):
+            return
+        if entry is not None and entry.received_at != now:  # stale: a new command after all
+            await self.writes.write([inbox.forget(command.id), insert])
         self.pool.wake()
 
-    async def _answered(self, command_id: str) -> bool:
-        """Whether this id was received before (within the window); a finished one is
-        answered again with its stored result, an unfinished one will answer by itself."""
-        entry = await inbox.find(self.store, command_id)
-        if entry is None:
-            return False
+    async def _insert_then_find(self, command_id: str,
+                                insert: inbox.Statement) -> inbox.Entry | None:
+        """Insert and look the id up at the same time (the read sees the row as it was
+        before or after the insert; either way its stamp tells whose it is)."""
+        written = asyncio.ensure_future(self.writes.submit([insert]))
+        try:
+            entry = await inbox.find(self.store, command_id)
+        finally:
+            await written
+        return entry
+
+    def _stamp(self) -> float:
+        """``received_at`` of this call: unique in this process, so a row shows its writer."""
+        self._last_stamp = max(time.time(), self._last_stamp + 1e-6)
+        return self._last_stamp
+
+    async def _repeat(self, entry: inbox.Entry) -> bool:
+        """Whether ``entry`` (received before) makes this message a repeat within the dedupe
+        window; a finished one is answered again with its stored result, an unfinished one
+        will answer by itself."""
         window = self.config.inbound.dedupe_window
         if entry.state == "done" and (entry.finished_at or 0) < time.time() - window:
-            await self.store.write([inbox.forget(command_id)])
             return False
         if entry.state == "done" and entry.result is not None:
             log.info("command %s was received again; its result (%s) is sent again",
-                     command_id, entry.status, extra={"command_id": command_id})
+                     entry.id, entry.status, extra={"command_id": entry.id})
             await inbox.record(self.store, entry.device, entry.result, also=())
         else:
-            log.info("command %s was received again while %s; it runs once", command_id,
-                     entry.state, extra={"command_id": command_id})
+            log.info("command %s was received again while %s; it runs once", entry.id,
+                     entry.state, extra={"command_id": entry.id})
         return True
 
     async def _reject(self, exc: RejectedCommand, payload: bytes) -> None:
@@ -292,10 +316,13 @@ class Inbound:
         if exc.command_id is None:
             log.warning("dropped a message on the commands topic (no usable id, so no result "
                         "can answer it): %s", exc.reason)
-            await self.store.write([inbox.dead_letter(exc.reason, payload, now)])
+            await self.writes.write([inbox.dead_letter(exc.reason, payload, now)])
             return
-        if await self._answered(exc.command_id):
+        entry = await inbox.find(self.store, exc.command_id)
+        if entry is not None and await self._repeat(entry):
             return
+        if entry is not None:  # stale
+            await self.writes.write([inbox.forget(exc.command_id)])
         log.warning("rejected command %s: %s", exc.command_id, exc.reason,
                     extra={"command_id": exc.command_id})
         document = inbox.result_document(exc.command_id, "rejected", exc.reason, now=now)

@@ -90,9 +90,11 @@ class WorkerPool:
     """Runs the inbox: see the module docstring."""
 
     def __init__(self, config: Config, store: Store, *,
-                 factories: Mapping[str, HandlerFactory] | None = None) -> None:
+                 factories: Mapping[str, HandlerFactory] | None = None,
+                 writes: inbox.Writes | None = None) -> None:
         self.config = config
         self.store = store
+        self.writes = writes or inbox.Writes(store)
         self.factories = factories
         self.handlers: dict[str, Handler] = {}
         self._slots = asyncio.Semaphore(config.inbound.workers)
@@ -150,9 +152,8 @@ class WorkerPool:
     async def _load(self, tasks: asyncio.TaskGroup) -> None:
         """Hand newly pending commands to their device's lane, starting lanes as needed."""
         while self._loaded < MAX_LOADED:
-            entries = await inbox.pending(self.store, self._cursor, MAX_LOADED - self._loaded)
-            if not entries:
-                return
+            room = MAX_LOADED - self._loaded
+            entries = await inbox.pending(self.store, self._cursor, room)
             for entry in entries:
                 self._cursor = entry.seq
                 self._loaded += 1
@@ -162,6 +163,8 @@ class WorkerPool:
                     continue
                 self._lanes[entry.device] = deque([entry])
                 tasks.create_task(self._run_lane(entry.device), name=f"lane-{entry.device}")
+            if len(entries) < room:  # caught up: no need to ask again until woken
+                return
 
     async def _run_lane(self, device: str) -> None:
         lane = self._lanes[device]
@@ -179,7 +182,7 @@ class WorkerPool:
         while True:
             before = time.time() - self.config.inbound.dedupe_window
             try:
-                await self.store.write([inbox.prune(before)])
+                await self.writes.write([inbox.prune(before)])
             except StoreError as exc:
                 log.warning("could not prune finished inbound commands: %s", exc)
             await asyncio.sleep(PRUNE_EVERY)
@@ -231,7 +234,7 @@ class WorkerPool:
     async def _attempt(self, entry: Entry, handler: Handler, attempt: int) -> Any:
         if _expired(entry):
             raise _Expired
-        await self.store.write([inbox.mark_running(entry.id, attempt, time.time())])
+        await self.writes.write([inbox.mark_running(entry.id, attempt, time.time())])
         request = Request(id=entry.id, device=entry.device, name=entry.name,
                           params=entry.params, attempt=attempt)
         timeout = self.config.inbound.handler_timeout
@@ -285,7 +288,7 @@ class WorkerPool:
 
     async def _note(self, statement: inbox.Statement) -> None:
         try:
-            await self.store.write([statement])
+            await self.writes.write([statement])
         except StoreError as exc:  # only bookkeeping: the attempt count is on disk already
             log.warning("could not note a failed attempt: %s", exc)
 
