@@ -36,7 +36,7 @@ from pigateway.uplink import Uplink
 log = logging.getLogger(__name__)
 
 #: Seconds between reads of the queue's depth, age and dead letters into the state.
-STATS_INTERVAL = 1.0
+STATS_INTERVAL = 0.5
 #: Seconds the parts get to wind down after the uplink stopped (then they are cancelled).
 WIND_DOWN = 2.0
 #: Seconds of start-up time asked of systemd at a time while the store opens (and checks).
