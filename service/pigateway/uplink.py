@@ -69,6 +69,8 @@ TOPICS: Final = {
 }
 OFFLINE: Final = b'"offline"'
 REJECTED: Final = "rejected-by-broker"
+#: Inbound commands taken at once (acknowledged in order as each is persisted).
+INBOUND_WINDOW: Final = 64
 #: CONNACK reason codes that mean "fix the credentials": a fault, retried at the cap.
 #: (paho reports MQTT 3.1.1's return codes 4 and 5 as these MQTT 5 codes too.)
 LOGIN_REFUSED: Final = {134: "bad user name or password", 135: "not authorised",
@@ -534,18 +536,43 @@ class Uplink:
                 self._settled.set()
 
     async def _watch(self, client: _Client) -> None:
-        """Inbound commands; also how a dropped link is noticed (the iterator raises)."""
-        async for message in client.messages:
-            if self.on_command is None:
-                continue
-            payload = message.payload if isinstance(message.payload, bytes) \
-                else str(message.payload).encode()
-            try:
-                await self.on_command(payload)
-            except PigatewayError as exc:
-                raise UplinkError(f"an inbound command could not be taken ({exc}); it stays "
-                                  "unacknowledged and the broker sends it again") from exc
-            client.ack(message.mid, message.qos)
+        """Inbound commands; also how a dropped link is noticed (the iterator raises).
+
+        Up to :data:`INBOUND_WINDOW` commands are taken at once, so their inbox writes share
+        one commit; each is acknowledged only after its ``on_command`` returned, and in the
+        order received (MQTT wants PUBACKs in order).
+        """
+        async with asyncio.TaskGroup() as group:
+            taken: asyncio.Queue[tuple[asyncio.Task[PigatewayError | None], int, int]] = \
+                asyncio.Queue(INBOUND_WINDOW)
+            group.create_task(self._ack_in_order(client, taken), name="uplink-acks")
+            async for message in client.messages:
+                if self.on_command is None:
+                    continue
+                payload = message.payload if isinstance(message.payload, bytes) \
+                    else str(message.payload).encode()
+                take = group.create_task(self._take(self.on_command, payload))
+                await taken.put((take, message.mid, message.qos))
+
+    @staticmethod
+    async def _take(on_command: OnCommand, payload: bytes) -> PigatewayError | None:
+        """Run ``on_command``; its typed failure is handed to the acker, in order."""
+        try:
+            await on_command(payload)
+        except PigatewayError as exc:
+            return exc
+        return None
+
+    async def _ack_in_order(self, client: _Client, taken: asyncio.Queue[
+            tuple[asyncio.Task[PigatewayError | None], int, int]]) -> None:
+        while True:
+            take, mid, qos = await taken.get()
+            failure = await take
+            if failure is not None:
+                raise UplinkError(f"an inbound command could not be taken ({failure}); it "
+                                  "stays unacknowledged and the broker sends it again") \
+                    from failure
+            client.ack(mid, qos)
 
     async def _keep_announcing(self, client: _Client) -> None:
         while True:
