@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import itertools
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -301,3 +302,16 @@ def test_a_stuck_stop_exits_within_its_bound_and_says_what_hung(mode: str, code:
     if mode == "stuck":
         assert "graceful stop took more than 0s" in result.stderr
         assert "stuck-part" in result.stderr
+
+
+def test_an_abstract_notify_socket_works(monkeypatch: pytest.MonkeyPatch) -> None:
+    """systemd may name an abstract socket (``@name``), as in containers."""
+    name = f"pgw-notify-{os.getpid()}-{time.monotonic_ns()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        notifier = Notifier()
+        notifier.ready()
+        assert sock.recv(100) == b"READY=1"
+        notifier.close()
