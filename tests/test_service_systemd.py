@@ -113,9 +113,9 @@ def test_ready_before_any_broker_then_status_watchdog_and_a_bounded_stop(
     # WATCHDOG at half of WATCHDOG_USEC
     time.sleep(2.2)
     pings = [d.at for d in notify.messages() if d.text == "WATCHDOG=1" and d.at > ready.at]
-    assert 3 <= len(pings) <= 7, pings
+    assert 3 <= len(pings) <= 8, pings
     gaps = [b - a for a, b in itertools.pairwise(pings)]
-    assert all(0.25 < g < 0.9 for g in gaps), gaps
+    assert all(0.2 < g < 1.0 for g in gaps), gaps  # period 0.5 s, loose for a busy CI
     # STOPPING on SIGTERM, and the process is gone within its bound
     took = service.terminate()
     assert "STOPPING=1" in notify.texts()

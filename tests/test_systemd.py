@@ -227,7 +227,7 @@ async def test_watchdog_pings_at_half_the_interval(
     times = _watchdogs(notify)
     assert 4 <= len(times) <= 7, times
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert all(0.15 < gap < 0.6 for gap in gaps), gaps
+    assert all(0.1 < gap < 0.75 for gap in gaps), gaps  # period 0.3 s, loose for a busy CI
 
 
 async def test_watchdog_stops_while_the_loop_is_blocked(
