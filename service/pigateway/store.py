@@ -400,9 +400,9 @@ class Store:
             return
         self._closed = True
         if self._writer_task is not None:
-            await self._jobs.put(None)
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer_task
+            self._jobs.put_nowait(None)
+            # asyncio.wait, not await: a cancelled close() must stay cancelled (3.11)
+            await asyncio.wait({self._writer_task})
         await self._writer.close()
         await self._reader.close()
         _release_lock(self._lock_fd)
@@ -494,10 +494,13 @@ class Store:
     async def wait_for_work(self, timeout: float) -> None:
         """Return when a put happened here or another process committed, or after ``timeout``."""
         deadline = time.monotonic() + timeout
-        self._put_event.clear()
         while (left := deadline - time.monotonic()) > 0:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._put_event.wait(), min(left, POLL_INTERVAL))
+                async with asyncio.timeout(min(left, POLL_INTERVAL)):
+                    await self._put_event.wait()
+                # consumed here, not cleared on entry: a put that committed after the
+                # caller's last (empty) claim must wake it now, not at the next poll
+                self._put_event.clear()
                 return
             version = await self._read_data_version()
             if version != self._data_version:
@@ -534,7 +537,7 @@ class Store:
     async def _enqueue(self, job: _Job) -> None:
         if self._closed:
             raise StoreError(f"the store {self.path} is closed")
-        await self._jobs.put(job)
+        self._jobs.put_nowait(job)
 
     async def _call(self, run: Callable[[sqlite3.Connection], T]) -> T:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -587,12 +590,21 @@ class Store:
         """
         return await _on_thread(self._writer, _run_transaction, self._raw_writer, self.path, run)
 
-    async def _run_puts(self, group: list[_Job]) -> None:
+    async def _run_puts(self, group: list[_Job], *, reclaimed: bool = False) -> None:
         """Commit a group of puts at once; a job that does not fit fails alone."""
         try:
             outcomes = await self._transaction(lambda conn: self._insert_group(conn, group))
+        except StoreFull as exc:
+            if not reclaimed:
+                # the WAL keeps space the file system counts as used: hand it back, try again
+                await _on_thread(self._writer, _truncate_wal, self._raw_writer)
+                await self._run_puts(group, reclaimed=True)
+                return
+            for job in group:
+                _settle(job.future, error=exc)
+            return
         except StoreError as exc:
-            if len(group) > 1 and not isinstance(exc, StoreFull):
+            if len(group) > 1:
                 # one bad job (a duplicate id, a failing ``also``) must not spoil the
                 # commit it shares: retry each on its own, so only the culprit fails
                 for job in group:
@@ -611,11 +623,20 @@ class Store:
             else:
                 _settle(job.future, result=outcome)
 
-    def _check_disk(self) -> None:
+    def _check_disk(self, conn: sqlite3.Connection) -> None:
+        """Keep ``min_free_bytes`` free; pages free inside the file count as free.
+
+        The file never shrinks: a drained backlog leaves its pages inside it, where new
+        commands go first. Without counting them a queue that once filled the disk would
+        refuse every command forever, even when empty.
+        """
         if self.config.min_free_bytes <= 0:
             return
         stat = os.statvfs(self.path.parent)
         free = stat.f_bavail * stat.f_frsize
+        if free < self.config.min_free_bytes:
+            free += (_first(conn, "PRAGMA freelist_count")[0]
+                     * _first(conn, "PRAGMA page_size")[0])
         if free < self.config.min_free_bytes:
             raise StoreFull(f"only {free} bytes free under {self.path.parent}; pigateway keeps "
                             f"store.min_free_bytes={self.config.min_free_bytes} free. Queued "
@@ -623,7 +644,7 @@ class Store:
 
     def _insert_group(self, conn: sqlite3.Connection,
                             group: list[_Job]) -> list[list[Command] | Exception]:
-        self._check_disk()
+        self._check_disk(conn)
         count, size = _first(conn, "SELECT commands, bytes FROM totals WHERE id = 1")
         outcomes: list[list[Command] | Exception] = []
         rows: list[tuple[Any, ...]] = []
@@ -828,6 +849,12 @@ def _run_transaction(conn: sqlite3.Connection, path: Path,
         _rollback(conn)
         raise
     return result
+
+
+def _truncate_wal(conn: sqlite3.Connection) -> None:
+    """Copy the WAL into the file and cut it to zero bytes; best effort (a reader may hold it)."""
+    with contextlib.suppress(sqlite3.Error):
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
 
 def _raw_connect(config: StoreConfig) -> sqlite3.Connection:
