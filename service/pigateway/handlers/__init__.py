@@ -30,6 +30,7 @@ from pigateway.errors import ConfigError
 __all__ = [
     "ENTRY_POINT_GROUP",
     "Handler",
+    "REQUIRED",
     "HandlerFactory",
     "Options",
     "Request",
