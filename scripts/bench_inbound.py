@@ -28,16 +28,15 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import IO
 
 import aiomqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from broker import Mosquitto  # noqa: E402
-
-from pigateway.config import load  # noqa: E402
-from pigateway.inbound import list_inbox  # noqa: E402
+from broker import Mosquitto
+from pigateway.config import load
+from pigateway.inbound import list_inbox
 
 GATEWAY = "bench"
 PREFIX = "bench"
@@ -108,14 +107,19 @@ def command(command_id: str, device: int) -> bytes:
                        "name": "ping", "params": {"n": device}}).encode()
 
 
+def spawn(config: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
+    """``pigateway run`` in a subprocess (stopped by its PID at the end)."""
+    return subprocess.Popen([sys.executable, "-m", "pigateway", "run", "--config", str(config)],
+                            stdout=log, stderr=log)
+
+
 @contextlib.asynccontextmanager
 async def service_and_client(folder: Path) -> AsyncIterator[tuple[aiomqtt.Client, Results,
                                                                    Path]]:
     with Mosquitto(folder / "broker") as broker:
         config = write_config(folder, broker.port)
         log = (folder / "service.log").open("wb")
-        process = subprocess.Popen([sys.executable, "-m", "pigateway", "run", "--config",
-                                    str(config)], stdout=log, stderr=log)
+        process = spawn(config, log)
         try:
             quiet = logging.getLogger("bench.mqtt")
             quiet.setLevel(logging.ERROR)  # aiomqtt warns about every pending publish

@@ -29,8 +29,8 @@ from pigateway.errors import ConfigError
 
 __all__ = [
     "ENTRY_POINT_GROUP",
-    "Handler",
     "REQUIRED",
+    "Handler",
     "HandlerFactory",
     "Options",
     "Request",
