@@ -38,6 +38,7 @@ class GatewayState:
     retry_at: float | None = None
     link_since: float = field(default_factory=time.time)
     started_at: float = field(default_factory=time.time)
+    version: int = 0
     _changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
 
     def update(self, **changes: Any) -> bool:
@@ -52,13 +53,21 @@ class GatewayState:
                 if name == "link":
                     self.link_since = time.time()
         if dirty:
+            self.version += 1
             self._changed.set()
         return dirty
 
-    async def changed(self) -> None:
-        """Wait until the next :meth:`update` that changes something."""
-        self._changed.clear()
-        await self._changed.wait()
+    async def changed(self, since: int | None = None) -> int:
+        """Wait for a change; return the new :attr:`version`.
+
+        With ``since`` (a version the reader has already shown), return at once when a
+        change happened meanwhile, so a reader that was busy misses nothing.
+        """
+        while since is None or self.version <= since:
+            self._changed.clear()
+            await self._changed.wait()
+            since = since if since is not None else self.version - 1
+        return self.version
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready snapshot (for the control socket, the retained message, the CLI)."""
