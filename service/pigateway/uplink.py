@@ -174,6 +174,8 @@ class _Client(aiomqtt.Client):
         self.session_present = False
         self._puback_codes: dict[int, ReasonCode] = {}
         self._client.manual_ack_set(manual_ack)
+        # a full in-flight window is normal here; aiomqtt warns past 10 pending calls
+        self.pending_calls_threshold = (kwargs.get("max_inflight_messages") or 0) + 16
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags,
                     reason_code: ReasonCode, properties: Properties | None = None) -> None:
@@ -289,7 +291,6 @@ class _Session:
     client: _Client
     slots: asyncio.Semaphore
     tasks: asyncio.TaskGroup
-    started: float = dataclasses.field(default_factory=time.monotonic)
 
 
 class Uplink:
@@ -487,10 +488,8 @@ class Uplink:
         """Hand batches to publisher tasks, at most ``max_inflight`` unacknowledged."""
         while not self._stop.is_set():
             if not self._resumed.is_set():
-                self.state.update(draining=False)
                 await self._until_resumed_or_stopped()
                 continue
-            self.state.update(draining=True)
             await session.slots.acquire()
             try:
                 batch = await self.batcher.next_batch()
@@ -502,7 +501,7 @@ class Uplink:
                 continue
             self.outstanding[batch.id] = batch
             self._settled.clear()
-            self.state.update(in_flight=len(self.outstanding))
+            self._show_progress()
             session.tasks.create_task(self._ship(session, batch), name=f"ship-{batch.id}")
         self.state.update(draining=False)
 
@@ -531,9 +530,14 @@ class Uplink:
             raise UplinkError(f"publish of batch {batch.id} failed: {_classify(exc)}") from exc
         finally:
             session.slots.release()
-            self.state.update(in_flight=len(self.outstanding))
+            self._show_progress()
             if not self.outstanding:
                 self._settled.set()
+
+    def _show_progress(self) -> None:
+        """``in_flight`` and ``draining`` (rows on their way: in flight or claimed) for views."""
+        self.state.update(in_flight=len(self.outstanding),
+                          draining=bool(self.outstanding or self.batcher.pending))
 
     async def _watch(self, client: _Client) -> None:
         """Inbound commands; also how a dropped link is noticed (the iterator raises).

@@ -1,0 +1,350 @@
+"""Benchmark, part 2: the uplink, side by side with what a user would pick instead.
+
+One run on this machine, everything on 127.0.0.1, ~200 bytes of params per command,
+50 devices, real mosquitto brokers:
+
+- drain a 100,000-command backlog through pigateway's uplink, as commands/s, against
+  (a) raw aiomqtt publishing the same commands one QoS 1 message each, 100 in flight, and
+  (b) a mosquitto bridge forwarding the same 100,000 messages after an outage (an edge
+  broker that queued them, bridged to the receiving broker);
+- online latency from ``put`` to receipt at a subscriber at 100 commands/s, p50 and p99;
+- RSS of ``pigateway run`` while it drains a 1,000,000-command backlog.
+
+Rates are counted at a receiver in its own process (paho, no asyncio) from the first
+arrival to the last, so each side is timed on the same path. Run through ``scripts/bench``;
+``--quick`` scales everything down for a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from broker import Mosquitto, free_port
+from pigateway import config as configuration
+from pigateway.state import GatewayState, Link
+from pigateway.store import NewCommand, Store
+from pigateway.uplink import Uplink
+
+GATEWAY = "bench-gw"
+PREFIX = "bench"
+DEVICES = 50
+PARAMS = {"level": 80, "note": "x" * 180}  # about 200 bytes of JSON
+
+RECEIVER = r'''
+import json, sys, time
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+port, topic, mode = sys.argv[1], sys.argv[2], sys.argv[4]
+expected, limit = int(sys.argv[3]), float(sys.argv[5])
+seen = {"count": 0, "first": None, "last": None, "arrivals": {}}
+def on_connect(client, userdata, flags, rc, props=None):
+    client.subscribe(topic, qos=1)
+def on_subscribe(client, userdata, mid, rcs, props=None):
+    print("ready", flush=True)
+def on_message(client, userdata, msg):
+    now = time.time()
+    if seen["first"] is None:
+        seen["first"] = now
+    if mode in ("batch", "latency"):
+        doc = json.loads(msg.payload)
+        for action in doc["actions"]:
+            for command in action["commands"]:
+                seen["count"] += 1
+                if mode == "latency":
+                    seen["arrivals"][command["id"]] = now
+    else:
+        seen["count"] += 1
+    seen["last"] = now
+    if seen["count"] >= expected:
+        client.disconnect()
+client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-receiver-" + mode)
+client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+client.connect("127.0.0.1", int(port), 30)
+deadline = time.time() + limit
+while seen["count"] < expected and time.time() < deadline:
+    client.loop(0.2)
+print(json.dumps(seen), flush=True)
+'''
+
+
+class Receiver:
+    """A paho subscriber in its own process; ``result()`` waits for its counts."""
+
+    def __init__(self, port: int, topic: str, expected: int, mode: str, limit: float) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", RECEIVER, str(port), topic, str(expected), mode, str(limit)],
+            stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout is not None
+        if self.process.stdout.readline().strip() != "ready":
+            raise SystemExit("bench receiver did not subscribe")
+
+    def result(self, limit: float) -> dict[str, Any]:
+        out, _ = self.process.communicate(timeout=limit)
+        data: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+        return data
+
+
+def rate(seen: dict[str, Any]) -> float:
+    span = (seen["last"] or 0) - (seen["first"] or 0)
+    return float(seen["count"] / span) if span > 0 else 0.0
+
+
+def broker(folder: Path, *extra: str, port: int | None = None) -> Mosquitto:
+    return Mosquitto(folder, port=port, persistence=False, extra=["user root", *extra])
+
+
+def commands(count: int, start: int = 0) -> list[NewCommand]:
+    return [NewCommand(f"device{n % DEVICES:02d}", "set", PARAMS)
+            for n in range(start, start + count)]
+
+
+async def fill(path: Path, count: int) -> None:
+    cfg = configuration.StoreConfig(path=path, min_free_bytes=0, max_commands=2_000_000,
+                                    max_bytes=2 * 1024**3)
+    async with await Store.open(cfg, drainer=False) as store:
+        for start in range(0, count, 5000):
+            await store.put_many(commands(min(5000, count - start), start))
+
+
+def gateway_config(folder: Path, port: int, **uplink: Any) -> configuration.Config:
+    return configuration.from_dict({
+        "gateway_id": GATEWAY,
+        "store": {"path": str(folder / "queue.db"), "min_free_bytes": 0,
+                  "max_commands": 2_000_000, "max_bytes": 2 * 1024**3},
+        "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": PREFIX},
+        "uplink": uplink,
+        "gpio": {"enabled": False},
+        "control": {"socket": str(folder / "control.sock")},
+    })
+
+
+# --------------------------------------------------------------------------- drain
+
+
+async def drain_pigateway(folder: Path, count: int) -> float:
+    """Commands/s of pigateway's uplink draining a backlog of ``count``."""
+    with broker(folder / "broker") as mosq:
+        cfg = gateway_config(folder, mosq.port)
+        await fill(cfg.store.path, count)
+        receiver = Receiver(mosq.port, f"{PREFIX}/{GATEWAY}/actions", count, "batch", 300)
+        async with await Store.open(cfg.store) as store:
+            uplink = Uplink(cfg, store, GatewayState())
+            task = asyncio.create_task(uplink.run())
+            seen = await asyncio.to_thread(receiver.result, 310)
+            await uplink.stop(5)
+            await asyncio.wait({task}, timeout=5)
+            task.cancel()
+    if seen["count"] < count:
+        raise SystemExit(f"pigateway drained only {seen['count']} of {count}")
+    return rate(seen)
+
+
+async def publish_raw(port: int, count: int, window: int = 100) -> None:
+    """Raw aiomqtt: one QoS 1 message per command, ``window`` awaiting PUBACK at a time."""
+    slots = asyncio.Semaphore(window)
+    async with aiomqtt.Client("127.0.0.1", port, identifier="bench-raw",
+                              max_inflight_messages=window) as client:
+        client.pending_calls_threshold = window + 10  # a full window is the point here
+        async def one(n: int) -> None:
+            try:
+                payload = json.dumps({"id": f"c{n}", "device": f"device{n % DEVICES:02d}",
+                                      "name": "set", "params": PARAMS,
+                                      "queued_at": time.time()}).encode()
+                await client.publish(f"{PREFIX}/raw/device{n % DEVICES:02d}", payload, qos=1,
+                                     timeout=60)
+            finally:
+                slots.release()
+
+        async with asyncio.TaskGroup() as tasks:
+            for n in range(count):
+                await slots.acquire()
+                tasks.create_task(one(n))
+
+
+async def drain_raw_aiomqtt(folder: Path, count: int) -> float:
+    with broker(folder / "raw") as mosq:
+        receiver = Receiver(mosq.port, f"{PREFIX}/raw/#", count, "raw", 300)
+        await publish_raw(mosq.port, count)
+        seen = await asyncio.to_thread(receiver.result, 310)
+    return rate(seen)
+
+
+async def drain_bridge(folder: Path, count: int) -> float:
+    """A mosquitto bridge forwarding ``count`` queued messages once its remote is back."""
+    cloud_port = free_port()
+    edge = broker(folder / "edge", "connection cloud", f"address 127.0.0.1:{cloud_port}",
+                  f"topic {PREFIX}/raw/# out 1", "cleansession false", "restart_timeout 1",
+                  "start_type automatic", "bridge_protocol_version mqttv311")
+    cloud = broker(folder / "cloud", port=cloud_port)
+    with edge:
+        await publish_raw(edge.port, count)  # the remote is down: the edge queues them
+        with cloud:
+            receiver = Receiver(cloud.port, f"{PREFIX}/raw/#", count, "raw", 300)
+            seen = await asyncio.to_thread(receiver.result, 310)
+    if seen["count"] < count:
+        raise SystemExit(f"the bridge forwarded only {seen['count']} of {count}")
+    return rate(seen)
+
+
+# --------------------------------------------------------------------------- latency
+
+
+async def online_latency(folder: Path, seconds: float,
+                         per_second: int = 100) -> tuple[list[float], list[float]]:
+    """Latency to receipt at a subscriber from the put call, and from its return (durable).
+
+    ``per_second`` puts for ``seconds``; the first includes the synchronous commit.
+    """
+    count = int(seconds * per_second)
+    with broker(folder / "broker") as mosq:
+        cfg = gateway_config(folder, mosq.port)
+        receiver = Receiver(mosq.port, f"{PREFIX}/{GATEWAY}/actions", count, "latency",
+                            seconds + 60)
+        async with await Store.open(cfg.store) as store:
+            state = GatewayState()
+            uplink = Uplink(cfg, store, state)
+            task = asyncio.create_task(uplink.run())
+            while state.link != Link.ONLINE:  # noqa: ASYNC110 (the state wakes on any change)
+                await asyncio.sleep(0.05)
+            start = time.monotonic()
+            called: dict[str, float] = {}
+            durable: dict[str, float] = {}
+            for n in range(count):
+                await asyncio.sleep(max(0.0, start + n / per_second - time.monotonic()))
+                before = time.time()
+                command = await store.put(f"device{n % DEVICES:02d}", "set", PARAMS)
+                called[command.id], durable[command.id] = before, time.time()
+            seen = await asyncio.to_thread(receiver.result, 70)
+            await uplink.stop(5)
+            await asyncio.wait({task}, timeout=5)
+            task.cancel()
+    arrivals: dict[str, float] = seen["arrivals"]
+    return (sorted(arrivals[i] - called[i] for i in arrivals),
+            sorted(arrivals[i] - durable[i] for i in arrivals))
+
+
+def percentile(values: list[float], share: float) -> float:
+    return values[min(len(values) - 1, int(share * len(values)))] if values else float("nan")
+
+
+# --------------------------------------------------------------------------- RSS
+
+
+def vm(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def start_service(config_file: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+    return subprocess.Popen([sys.executable, "-c", "from pigateway.cli import main; main()",
+                             "run", "--config", str(config_file)], env=env)
+
+
+async def rss_draining(folder: Path, count: int) -> tuple[float, float]:
+    """Peak RSS (MB) of ``pigateway run`` draining ``count``, and the seconds it took."""
+    with broker(folder / "broker") as mosq:
+        cfg = gateway_config(folder, mosq.port)
+        await fill(cfg.store.path, count)
+        config_file = folder / "config.toml"
+        config_file.write_text(f"""gateway_id = "{GATEWAY}"
+[store]
+path = "{cfg.store.path}"
+min_free_bytes = 0
+max_commands = 2000000
+max_bytes = 2147483648
+[mqtt]
+host = "127.0.0.1"
+port = {mosq.port}
+topic_prefix = "{PREFIX}"
+[gpio]
+pin_factory = "mock"
+[control]
+socket = "{folder / 'control.sock'}"
+[log]
+level = "warning"
+""")
+        started = time.monotonic()
+        service = start_service(config_file)
+        peak = 0.0
+        try:
+            async with await Store.open(cfg.store, drainer=False) as watcher:
+                while (await watcher.stats()).depth > 0:
+                    if service.poll() is not None:
+                        raise SystemExit(f"pigateway run exited with {service.returncode}")
+                    peak = max(peak, vm(service.pid, "VmRSS"))
+                    await asyncio.sleep(0.2)
+            took = time.monotonic() - started
+            peak = max(peak, vm(service.pid, "VmHWM"))
+        finally:
+            service.send_signal(signal.SIGTERM)
+            service.wait(30)
+    return peak, took
+
+
+# --------------------------------------------------------------------------- report
+
+
+def verdict(ok: bool) -> str:
+    return "MET" if ok else "NOT MET"
+
+
+async def main(quick: bool) -> None:
+    backlog = 10_000 if quick else 100_000
+    big = 50_000 if quick else 1_000_000
+    seconds = 3.0 if quick else 10.0
+    delay = configuration.UplinkConfig().batch_delay
+    print(f"# uplink benchmark ({'quick' if quick else 'full'}; loopback mosquitto, "
+          f"~200-byte params, {DEVICES} devices; rates first-to-last arrival at a receiver)")
+    with tempfile.TemporaryDirectory(prefix="pigateway-bench-") as tmp:
+        folder = Path(tmp)
+        ours = await drain_pigateway(folder / "ours", backlog)
+        print(f"  pigateway drain     {ours:>10,.0f} commands/s", flush=True)
+        raw = await drain_raw_aiomqtt(folder / "raw", backlog)
+        print(f"  raw aiomqtt w=100   {raw:>10,.0f} messages/s", flush=True)
+        bridge = await drain_bridge(folder / "bridge", backlog)
+        print(f"  mosquitto bridge    {bridge:>10,.0f} messages/s", flush=True)
+        latencies, after_commit = await online_latency(folder / "latency", seconds)
+        p50, p99 = percentile(latencies, 0.50), percentile(latencies, 0.99)
+        c50, c99 = percentile(after_commit, 0.50), percentile(after_commit, 0.99)
+        print(f"  online latency      p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms from the "
+              f"put call; p50 {c50 * 1000:.0f} ms, p99 {c99 * 1000:.0f} ms from its durable "
+              f"return ({len(latencies)} commands at 100/s)", flush=True)
+        rss, took = await rss_draining(folder / "rss", big)
+        print(f"  RSS draining {big:,}: peak {rss:.1f} MB ({took:.0f} s)", flush=True)
+    rows = [
+        (f"drain {backlog:,} vs raw aiomqtt (w=100)", f"{ours:,.0f}/s vs {raw:,.0f}/s",
+         ">= 3x", ours / raw if raw else float("inf"), ours >= 3 * raw),
+        (f"drain {backlog:,} vs mosquitto bridge", f"{ours:,.0f}/s vs {bridge:,.0f}/s",
+         ">= 1x", ours / bridge if bridge else float("inf"), ours >= bridge),
+        ("online latency p99 at 100 cmd/s", f"{p99 * 1000:.0f} ms (p50 {p50 * 1000:.0f}; "
+         f"{c99 * 1000:.0f} after commit)",
+         f"<= {(delay + 0.05) * 1000:.0f} ms", p99 / (delay + 0.05), p99 <= delay + 0.05),
+        (f"RSS draining {big:,}", f"{rss:.1f} MB", "< 60 MB", rss / 60, rss < 60),
+    ]
+    print(f"\n{'figure':<40}{'measured':<32}{'target':<12}{'ratio':>8}  verdict")
+    for name, measured, target, ratio, ok in rows:
+        print(f"{name:<40}{measured:<32}{target:<12}{ratio:>7.2f}x  {verdict(ok)}")
+    if quick:
+        print("(quick run: backlogs scaled down; run without --quick for the real figures)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small backlogs, for a smoke run")
+    asyncio.run(main(parser.parse_args().quick))
