@@ -359,3 +359,26 @@ async def test_concurrent_accepts_keep_their_order_and_dedupe(tmp_path: Path) ->
         await asyncio.sleep(0.1)
     assert [r.id for _, r in lamp.calls] == [f"p{i:03d}" for i in range(200)]
     assert len({d["id"] for d in documents}) == 200
+
+
+async def test_inbox_ls_shows_pending_and_finished_commands(tmp_path: Path) -> None:
+    import sys  # noqa: PLC0415
+
+    config = make_config(tmp_path, ["a"])
+    async with running(config, {"a": Scripted(lambda r: {"n": 1})}) as (inbound, store):
+        await inbound.accept(command("done1"))
+        await results(store, 1)
+    async with await Store.open(config.store) as store:
+        await Inbound(config, store, factories=factory({})).accept(command("waiting"))
+    path = tmp_path / "config.toml"
+    path.write_text(f'gateway_id = "gw"\n[store]\npath = "{config.store.path}"\n'
+                    'min_free_bytes = 0\n[devices.a]\nhandler = "log"\n')
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pigateway", "inbox", "ls", "--json", "--config", str(path),
+        stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(child.communicate(), 60)
+    assert child.returncode == 0
+    rows = json.loads(out)
+    assert [(r["id"], r["state"], r["status"]) for r in rows] == [
+        ("waiting", "pending", None), ("done1", "done", "ok")]
+    assert rows[1]["result"]["detail"] == {"n": 1}
