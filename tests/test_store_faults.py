@@ -1,0 +1,217 @@
+"""Faults of the disk under the store: a corrupt, truncated or foreign file, and a full disk.
+
+A gateway must keep working when its queue file is damaged (the file is moved aside, with
+its bytes, and a fresh queue starts) and must refuse new commands, keeping the old ones,
+when its disk fills up, recovering by itself when space returns. The full disk is a real
+one: a 4 MiB tmpfs mounted by the test (root only; skipped with a reason otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pigateway.config import StoreConfig
+from pigateway.errors import StoreFull
+from pigateway.store import MIGRATIONS, NewCommand, Store
+
+PAGE = 4096
+GARBAGE = b"\xde\xad\xbe\xef" * (PAGE // 2)  # two pages whose headers no b-tree accepts
+
+
+async def make_queue(config: StoreConfig, count: int = 3000) -> None:
+    async with await Store.open(config) as store:
+        await store.put_many([NewCommand(f"d{i % 7}", "set", {"i": i, "pad": "p" * 200})
+                              for i in range(count)])
+
+
+def garbage_in_the_middle(path: Path) -> None:
+    middle = (path.stat().st_size // 2) // PAGE * PAGE
+    with path.open("r+b") as handle:
+        handle.seek(middle)
+        handle.write(GARBAGE)
+
+
+def truncated(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 3)
+
+
+def truncated_inside_the_header(path: Path) -> None:
+    os.truncate(path, 60)
+
+
+def not_a_database(path: Path) -> None:
+    path.write_text("[store]\npath = 'this is a config file, not a queue'\n" * 50)
+
+
+DAMAGE: dict[str, Callable[[Path], None]] = {
+    "garbage": garbage_in_the_middle,
+    "truncated": truncated,
+    "truncated-header": truncated_inside_the_header,
+    "not-a-database": not_a_database,
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+async def test_a_damaged_file_is_quarantined_and_a_fresh_store_works(
+        store_config: StoreConfig, caplog: pytest.LogCaptureFixture, damage: str) -> None:
+    await make_queue(store_config)
+    DAMAGE[damage](store_config.path)
+    damaged = store_config.path.read_bytes()
+    with caplog.at_level(logging.CRITICAL, logger="pigateway.store"):
+        store = await Store.open(store_config)
+    try:
+        [aside] = list(store_config.path.parent.glob("queue.db.corrupt-*"))
+        assert aside.read_bytes() == damaged, "the user's bytes were not kept as they were"
+        critical = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+        assert len(critical) == 1 and str(aside) in critical[0].getMessage()
+        assert (await store.stats()).depth == 0
+        command = await store.put("d", "after-quarantine")
+        assert [c.id for c in await store.claim(5)] == [command.id]
+    finally:
+        await store.close()
+    with contextlib.closing(sqlite3.connect(store_config.path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
+
+
+async def test_quarantine_never_overwrites_an_earlier_one(store_config: StoreConfig) -> None:
+    contents = [f"not a database, round {round_}\n".encode() * 40 for round_ in range(3)]
+    for content in contents:  # three in one second: the names must still differ
+        store_config.path.write_bytes(content)
+        async with await Store.open(store_config):
+            pass
+    kept = sorted(p.read_bytes() for p in store_config.path.parent.glob("*.corrupt-*"))
+    assert kept == contents
+
+
+async def test_an_empty_file_is_a_new_store_not_a_corrupt_one(
+        store_config: StoreConfig) -> None:
+    store_config.path.touch()
+    async with await Store.open(store_config) as store:
+        await store.put("d", "n")
+    assert list(store_config.path.parent.glob("*.corrupt-*")) == []
+
+
+async def test_a_sound_file_is_kept(store_config: StoreConfig) -> None:
+    await make_queue(store_config, 50)
+    async with await Store.open(store_config) as store:
+        assert (await store.stats()).depth == 50
+    assert list(store_config.path.parent.glob("*.corrupt-*")) == []
+
+
+# --------------------------------------------------------------------------- full disk
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted on ``folder``, unmounted afterwards; skip if we cannot."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a size-limited tmpfs needs root (run scripts/test as root)")
+    mount = folder
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                           str(mount)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        if subprocess.run(["umount", str(mount)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB file system of its own: small enough to fill in a moment."""
+    with tmpfs(tmp_path / "small", "4m") as mount:
+        yield mount
+
+
+PAD = "x" * 2000
+MAX_PUTS = 5000  # 4 MiB holds fewer than 2000 of them: the loop ends by StoreFull
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(("min_free_bytes", "needle"), [
+    (0, "is full"),                           # SQLite's own SQLITE_FULL
+    (1024 * 1024, "min_free_bytes=1048576"),  # the guard, before SQLite runs out
+], ids=["sqlite-full", "guard"])
+async def test_a_full_disk_refuses_puts_keeps_the_queue_and_recovers(
+        small_disk: Path, min_free_bytes: int, needle: str) -> None:
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (1024 * 1024))
+    config = StoreConfig(path=small_disk / "queue.db", min_free_bytes=min_free_bytes)
+    queued: list[str] = []
+    async with await Store.open(config) as store:
+        with pytest.raises(StoreFull, match=needle):
+            for i in range(MAX_PUTS):
+                queued.append((await store.put("d", "fill", {"i": i, "pad": PAD})).id)
+        assert 100 < len(queued) < MAX_PUTS
+        for _ in range(3):  # still full: refused, and nothing half-written
+            with pytest.raises(StoreFull):
+                await store.put("d", "refused", {"pad": PAD})
+        with pytest.raises(StoreFull):
+            await store.put_many([NewCommand("d", "refused", {"pad": PAD})] * 3)
+        assert [c.id for c in await store.list_queued(MAX_PUTS)] == queued
+        assert (await store.stats()).depth == len(queued)
+
+        filler.unlink()  # space returns: the same open store takes puts again
+        again = await store.put("d", "after", {"pad": PAD})
+        queued.append(again.id)
+    async with await Store.open(config) as store:
+        assert [c.id for c in await store.list_queued(MAX_PUTS)] == queued
+        assert (await store.stats()).dead == {}
+    with contextlib.closing(sqlite3.connect(config.path)) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+@pytest.mark.root
+async def test_the_guard_error_says_how_much_is_free(small_disk: Path) -> None:
+    config = StoreConfig(path=small_disk / "queue.db", min_free_bytes=64 * 1024 * 1024)
+    async with await Store.open(config) as store:
+        with pytest.raises(StoreFull) as refused:
+            await store.put("d", "n")
+        assert str(small_disk) in str(refused.value)
+        assert "bytes free" in str(refused.value)
+        assert (await store.stats()).depth == 0
+
+
+async def fill(store: Store, limit: int) -> int:
+    """Put until the store refuses with StoreFull; how many went in (bounded by ``limit``)."""
+    done = 0
+    with pytest.raises(StoreFull, match="min_free_bytes"):
+        while done < limit:
+            await store.put_many([NewCommand("d", "fill", {"pad": PAD})] * 20)
+            done += 20
+    return done
+
+
+@pytest.mark.root
+async def test_draining_a_queue_that_filled_the_disk_makes_room_again(tmp_path: Path) -> None:
+    """The uplink comes back after an outage that filled the disk and drains everything.
+
+    The file never shrinks, so the file system stays below the guard; the pages the
+    drained commands leave behind inside the file must count as room, or the gateway
+    would refuse every new command forever with an empty queue.
+    """
+    with tmpfs(tmp_path / "disk", "48m") as disk:
+        config = StoreConfig(path=disk / "queue.db")  # the default guard: 32 MiB free
+        async with await Store.open(config) as store:
+            first = await fill(store, 20_000)
+            assert first > 1000
+            for _ in range(first):  # bounded: one claim per command at most
+                batch = await store.claim(500)
+                if not batch:
+                    break
+                await store.ack([c.id for c in batch])
+            assert (await store.stats()).depth == 0
+            second = await fill(store, 20_000)
+            assert second >= first // 2
+            assert (await store.stats()).depth == second
