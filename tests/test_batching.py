@@ -94,6 +94,15 @@ def test_a_command_bigger_than_a_batch_is_too_large_and_others_still_go() -> Non
     assert not fits_alone(pending[1], RULES)
 
 
+def test_between_the_packing_and_the_hard_limit_a_command_travels_alone() -> None:
+    rules = Rules(gateway="gw", max_actions=5, max_batch_bytes=1024, hard_bytes=4096)
+    pending = rows([("a", 10), ("b", 2000), ("c", 10), ("d", 5000)])
+    result = plan(pending, rules, now=NOW)
+    assert [b.ids for b in result.batches] == [["c00000", "c00002"], ["c00001"]]
+    assert [r.id for r in result.too_large] == ["c00003"]
+    assert len(result.batches[1].payload) > 1024
+
+
 def test_expired_rows_are_separated_at_send_time() -> None:
     fresh = Row(id="c1", device="a", expires_at=NOW + 10)
     stale = Row(id="c2", device="a", expires_at=NOW - 1)

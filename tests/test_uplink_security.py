@@ -134,6 +134,22 @@ async def test_broker_packet_limit_shrinks_batches_and_buries_what_cannot_fit(
             assert run.uplink.batcher.rules.max_batch_bytes < 2048
 
 
+async def test_under_mqtt_311_a_packet_limit_costs_only_the_command_over_it(
+        tmp_path: Path, unique_prefix: str) -> None:
+    """3.1.1 has no CONNACK limit and no PUBACK codes: the broker just drops the link."""
+    broker = broker_with(tmp_path, "max_packet_size 2048")
+    with broker:
+        cfg = make_config(tmp_path, broker.port, unique_prefix, batch_delay=0.2,
+                          mqtt={"protocol": "3.1.1"}, store={"max_attempts": 8})
+        async with running_uplink(cfg) as run:
+            for n in range(12):
+                await run.store.put(f"light{n % 3}", "dim", {"level": n, "pad": "x" * 200})
+            await run.store.put("camera", "upload", {"blob": "y" * 3000})
+            assert await drained(run.store, 30)
+            dead = await run.store.list_dead()
+            assert [(d.command.device, d.reason) for d in dead] == [("camera", "max-attempts")]
+
+
 async def test_a_publish_the_broker_refuses_is_dead_lettered_with_its_reason(
         tmp_path: Path, unique_prefix: str) -> None:
     acl = tmp_path / "acl"

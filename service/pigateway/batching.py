@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -72,11 +73,22 @@ class WorkSource(Protocol[C]):
 
 @dataclass(frozen=True)
 class Rules:
-    """The limits of one batch, from ``[uplink]`` plus the gateway id that goes in every batch."""
+    """The limits of one batch, from ``[uplink]`` plus the gateway id that goes in every batch.
+
+    ``max_batch_bytes`` is what batches are packed to; ``hard_bytes`` (default: the same) is
+    what decides ``too-large``. They differ only while the uplink packs smaller batches than
+    it knows the broker takes (a limit learnt under MQTT 3.1.1): then a command between the
+    two still travels, alone.
+    """
 
     gateway: str
     max_actions: int = 50
     max_batch_bytes: int = 256 * 1024
+    hard_bytes: int | None = None
+
+    @property
+    def too_large_above(self) -> int:
+        return self.hard_bytes or self.max_batch_bytes
 
 
 @dataclass(frozen=True)
@@ -172,8 +184,9 @@ class _Builder:
 def fits_alone(command: Queued, rules: Rules, encoded: str | None = None) -> bool:
     """Whether a command can travel at all under ``max_batch_bytes``."""
     if command.kind == "result":
-        return len(_json(command.params).encode()) <= rules.max_batch_bytes
-    builder = _Builder(rules, new_id(0), time.time())
+        return len(_json(command.params).encode()) <= rules.too_large_above
+    hard = dataclasses.replace(rules, max_batch_bytes=rules.too_large_above)
+    builder = _Builder(hard, new_id(0), time.time())
     return builder.fits(command.device, encoded or encode_command(command))
 
 
@@ -196,7 +209,7 @@ def take_batch(pending: Sequence[C], rules: Rules, *, now: float,
 def _take_result(live: list[C], rules: Rules, expired: list[C]) -> Take[C]:
     head, rest = live[0], live[1:]
     payload = _json(head.params).encode()
-    if len(payload) > rules.max_batch_bytes:
+    if len(payload) > rules.too_large_above:
         return Take(None, rest, too_large=[head], expired=expired)
     return Take(Batch(head.id, "results", (head,), payload), rest, expired=expired)
 
@@ -216,6 +229,8 @@ def _take_actions(live: list[C], rules: Rules, now: float, batch_id: str,
             builder.add(command, encoded)
         elif not fits_alone(command, rules, encoded):
             too_large.append(command)
+        elif not builder.members:
+            builder.add(command, encoded)  # over the packing size, under the hard one: alone
         else:
             waiting.add(command.device)
             rest.append(command)
@@ -367,7 +382,7 @@ class Batcher(Generic[C]):
         if take.too_large:
             await self.store.dead_letter(
                 [c.id for c in take.too_large], REASON_TOO_LARGE,
-                f"bigger than the largest batch allowed ({self.rules.max_batch_bytes} bytes: "
+                f"bigger than the largest batch allowed ({self.rules.too_large_above} bytes: "
                 "uplink.max_batch_bytes or the broker's maximum packet size)",
             )
         if take.expired:

@@ -36,6 +36,7 @@ import logging
 import os
 import random
 import ssl
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -81,6 +82,8 @@ TLS_FAULTS: Final = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed",
                      "PEM lib", "No such file")
 #: Bytes a PUBLISH adds around its payload (fixed header, topic length, packet id, props).
 PUBLISH_OVERHEAD: Final = 16
+#: The smallest batch size limit halving goes down to.
+MIN_BATCH_BYTES: Final = 512
 
 
 def topic(config: Config, leaf: str) -> str:
@@ -318,6 +321,7 @@ class Uplink:
         self._stop = asyncio.Event()
         self._settled = asyncio.Event()  # set while nothing is in flight
         self._online_since: float | None = None
+        self._halved: int | None = None  # a batch size limit learnt under MQTT 3.1.1
         self._settled.set()
 
     # ---- controls (the app's pause/resume/flush land here)
@@ -379,6 +383,7 @@ class Uplink:
             error = self._typed(exc)
             raise error from exc
         finally:
+            self._learn_from(error)
             await self._give_back("the link ended before the broker acknowledged")
             self._offline(error)
 
@@ -478,11 +483,30 @@ class Uplink:
             raise _first(group) from group
 
     def _adopt_packet_limit(self, client: _Client) -> None:
-        limit = self.config.uplink.max_batch_bytes
+        """Batches no bigger than the broker takes (MQTT 5 says; 3.1.1 is learnt by halving)."""
+        hard = self.config.uplink.max_batch_bytes
         if client.max_packet_size:
             room = client.max_packet_size - PUBLISH_OVERHEAD - len(topic(self.config, "actions"))
-            limit = max(1, min(limit, room))
-        self.batcher.rules = dataclasses.replace(self.rules, max_batch_bytes=limit)
+            hard = max(1, min(hard, room))
+        self.batcher.rules = dataclasses.replace(
+            self.rules, max_batch_bytes=min(hard, self._halved or sys.maxsize), hard_bytes=hard)
+
+    def _learn_from(self, error: UplinkError | None) -> None:
+        """Under MQTT 3.1.1 a broker drops the link on a packet over its limit, silently.
+
+        So when a 3.1.1 link dies with batches in flight, the next link sends batches half
+        the size of the largest of them: the commands that fit get through, and only one
+        that alone is too big is left to ``store.max_attempts``. A stable link forgets it.
+        """
+        if error is None or isinstance(error, LinkLost) or self.config.mqtt.protocol == "5":
+            self._halved = None
+            return
+        sizes = [len(batch.payload) for batch in self.outstanding.values()]
+        if sizes:
+            half = max(sizes) // 2
+            self._halved = max(MIN_BATCH_BYTES, min(half, self._halved or half))
+            log.info("uplink: the link died with batches in flight; next batches at most %d "
+                     "bytes (a broker packet limit under MQTT 3.1.1?)", self._halved)
 
     async def _drain(self, session: _Session) -> None:
         """Hand batches to publisher tasks, at most ``max_inflight`` unacknowledged."""
