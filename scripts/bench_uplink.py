@@ -382,7 +382,7 @@ async def main(quick: bool) -> None:
          f"<= {(delay + 0.05) * 1000:.0f} ms", r99 / (delay + 0.05), r99 <= delay + 0.05),
         (f"RSS draining {big:,}", f"{rss:.1f} MB", "< 60 MB", rss / 60, rss < 60),
     ]
-    print(f"\n{'figure':<40}{'measured':<32}{'target':<12}{'ratio':>8}  verdict")
+    print(f"\n{'figure':<40}{'measured':<36}{'target':<12}{'ratio':>8}  verdict")
     for name, measured, target, ratio, ok in rows:
         print(f"{name:<40}{measured:<36}{target:<12}{ratio:>7.2f}x  {verdict(ok)}")
     if quick:
