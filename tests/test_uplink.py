@@ -223,3 +223,32 @@ async def test_local_publisher_returns_after_puback_and_types_failures(
     with pytest.raises(UplinkError, match="local broker"):
         async with local_publisher("127.0.0.1", mosquitto.port, timeout=2):
             pass
+
+
+async def test_results_travel_one_message_each_on_the_results_topic(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    cfg = make_config(tmp_path, mosquitto.port, unique_prefix)
+    async with subscribed(mosquitto.port, unique_prefix) as sub, running_uplink(cfg) as run:
+        for n, status in enumerate(("ok", "error", "rejected")):
+            doc = {"v": 1, "id": f"cmd-{n}", "status": status, "finished_at": 1.0 + n}
+            await run.store.put("lamp", "result", doc, kind="result")
+        await run.store.put("lamp", "set", {"level": 1})
+        assert await sub.wait_for(1, 10)
+        assert await wait_until(lambda: len(sub.results) == 3, 10)
+        assert await drained(run.store, 5)
+    assert [r["id"] for r in sub.results] == ["cmd-0", "cmd-1", "cmd-2"]
+    assert [r["status"] for r in sub.results] == ["ok", "error", "rejected"]
+    assert sub.errors == []
+
+
+async def test_the_retained_state_is_refreshed_while_online(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    cfg = make_config(tmp_path, mosquitto.port, unique_prefix, state_interval=1.0)
+    async with subscribed(mosquitto.port, unique_prefix) as sub:
+        async with running_uplink(cfg):
+            assert await wait_until(lambda: len(sub.states) >= 2, 10)
+        assert await wait_until(lambda: sub.states[-1] == "offline", 5)
+    documents = [s for s in sub.states if isinstance(s, dict)]
+    assert {"v", "gateway", "version", "link", "depth", "dead_letters", "uptime"} <= set(
+        documents[0])
+    assert sub.states[-1] == "offline"  # said by the gateway itself on a clean stop
