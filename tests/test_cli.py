@@ -1,0 +1,315 @@
+"""The command line is a contract: verbs, output and exit codes (0 ok, 2 bad input, 3 refused).
+
+Most checks call :func:`pigateway.cli.main` in this process (same code, no interpreter
+start-up); the ones whose point is the real process (``python -m pigateway``, exit codes
+seen by a shell, ``$PIGATEWAY_CONFIG``) run it as a child. Every store is a real file in
+the test's folder, and every refusal is checked to have left the queue as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pigateway import config as configuration
+from pigateway.cli import main
+from pigateway.store import NewCommand, Store
+
+Run = Callable[..., tuple[int, str, str]]
+
+
+def write_config(folder: Path, store_lines: str = "", extra: str = "") -> Path:
+    path = folder / "config.toml"
+    path.write_text(
+        'gateway_id = "gw-cli"\n'
+        f"{extra}\n"
+        f'[control]\nsocket = "{folder / "control.sock"}"\n'
+        f'[store]\npath = "{folder / "queue.db"}"\nmin_free_bytes = 0\n{store_lines}\n')
+    return path
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    return write_config(tmp_path)
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Run:
+    """``cli("send", ...)`` -> (exit code, stdout, stderr), in this process."""
+    def run(*argv: str) -> tuple[int, str, str]:
+        try:
+            code = main(list(argv))
+        except SystemExit as exc:  # argparse's own usage errors
+            code = int(exc.code or 0)
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
+def child(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pigateway", *argv], capture_output=True,
+                          text=True, timeout=60, env=env, check=False)
+
+
+def read_queue(config_file: Path) -> list[dict[str, Any]]:
+    async def read() -> list[dict[str, Any]]:
+        store_config = configuration.load(config_file).store
+        async with await Store.open(store_config, drainer=False) as store:
+            return [c.as_dict() for c in await store.list_queued(1000)]
+    return asyncio.run(read())
+
+
+def dead_letter_all(config_file: Path, reason: str) -> list[str]:
+    async def bury() -> list[str]:
+        store_config = configuration.load(config_file).store
+        async with await Store.open(store_config) as store:
+            ids = [c.id for c in await store.list_queued(1000)]
+            await store.dead_letter(ids, reason, "set up by the test")
+        return ids
+    return asyncio.run(bury())
+
+
+def fill(config_file: Path, count: int) -> list[str]:
+    async def put() -> list[str]:
+        store_config = configuration.load(config_file).store
+        async with await Store.open(store_config, drainer=False) as store:
+            commands = await store.put_many([NewCommand(f"d{i}", "on", {"i": i})
+                                             for i in range(count)])
+        return [c.id for c in commands]
+    return asyncio.run(put())
+
+
+# --------------------------------------------------------------------------- send
+
+
+def test_send_prints_the_id_of_a_durable_command(config_file: Path) -> None:
+    done = child("send", "--config", str(config_file), "--device", "pump-1",
+                 "--command", "start", "--param", "speed=3", "--param", "mode=eco",
+                 "--params-json", '{"speed": 1, "extra": [1, 2]}', "--ttl", "60")
+    assert (done.returncode, done.stderr) == (0, "")
+    [row] = read_queue(config_file)
+    assert done.stdout == f"{row['id']}\n"
+    assert (row["device"], row["name"]) == ("pump-1", "start")
+    assert row["params"] == {"speed": 3, "mode": "eco", "extra": [1, 2]}
+    assert row["expires_at"] - row["queued_at"] == pytest.approx(60)
+
+
+def test_send_reads_pigateway_config_from_the_environment(config_file: Path) -> None:
+    env = {**os.environ, "PIGATEWAY_CONFIG": str(config_file)}
+    done = child("send", "--device", "lamp", "--command", "on", env=env)
+    assert done.returncode == 0, done.stderr
+    assert [r["id"] for r in read_queue(config_file)] == [done.stdout.strip()]
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("5", 5), ("2.5", 2.5), ("true", True), ("null", None), ('"5"', "5"), ("hello", "hello"),
+    ("[1,2]", [1, 2]), ("", ""), ("a=b", "a=b"),
+])
+def test_param_values_that_read_as_json_are_json(cli: Run, config_file: Path, value: str,
+                                                 expected: Any) -> None:
+    code, out, _ = cli("send", "--config", str(config_file), "--device", "d", "--command", "c",
+                       "--param", f"key={value}")
+    assert code == 0
+    [row] = read_queue(config_file)
+    assert (row["id"], row["params"]) == (out.strip(), {"key": expected})
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--param", "novalue"], "KEY=VALUE"),
+    (["--param", "=5"], "KEY=VALUE"),
+    (["--params-json", "[1, 2]"], "must be a JSON object"),
+    (["--params-json", '"text"'], "must be a JSON object"),
+    (["--params-json", "{bad"], "not valid JSON"),
+    (["--ttl", "-5"], "ttl"),
+    (["--device", ""], "device"),
+])
+def test_bad_input_exits_2_and_queues_nothing(cli: Run, config_file: Path, args: list[str],
+                                              needle: str) -> None:
+    first = fill(config_file, 1)
+    argv = ["send", "--config", str(config_file), "--device", "d", "--command", "c", *args]
+    code, out, err = cli(*argv)
+    assert (code, out) == (2, "")
+    assert needle in err and err.startswith("pigateway: ")
+    assert [r["id"] for r in read_queue(config_file)] == first
+
+
+def test_usage_errors_of_argparse_exit_2(cli: Run, config_file: Path) -> None:
+    assert cli("send", "--config", str(config_file), "--command", "c")[0] == 2
+    assert cli("send", "--config", str(config_file), "--device", "d", "--command", "c",
+               "--ttl", "soon")[0] == 2
+    assert read_queue(config_file) == []
+
+
+def test_oversize_params_exit_2_naming_the_limit(tmp_path: Path, cli: Run) -> None:
+    config_file = write_config(tmp_path, "max_params_bytes = 64")
+    code, _, err = cli("send", "--config", str(config_file), "--device", "d", "--command", "c",
+                       "--param", f"blob={'x' * 100}")
+    assert code == 2
+    assert "store.max_params_bytes" in err and "64" in err
+    assert read_queue(config_file) == []
+
+
+def test_a_full_queue_exits_3_and_keeps_what_it_has(tmp_path: Path) -> None:
+    config_file = write_config(tmp_path, 'max_commands = 2\noverflow = "reject"')
+    kept = fill(config_file, 2)
+    done = child("send", "--config", str(config_file), "--device", "d", "--command", "c")
+    assert (done.returncode, done.stdout) == (3, "")
+    assert "full" in done.stderr and "max_commands=2" in done.stderr
+    assert [r["id"] for r in read_queue(config_file)] == kept
+
+
+def test_the_disk_guard_exits_3(tmp_path: Path, cli: Run) -> None:
+    config_file = write_config(tmp_path)
+    text = config_file.read_text().replace("min_free_bytes = 0",
+                                           f"min_free_bytes = {2 ** 62}")
+    config_file.write_text(text)
+    code, out, err = cli("send", "--config", str(config_file), "--device", "d",
+                         "--command", "c")
+    assert (code, out) == (3, "")
+    assert "min_free_bytes" in err and "bytes free" in err
+    assert read_queue(config_file) == []
+
+
+def test_a_config_error_exits_2_and_names_the_key(tmp_path: Path, cli: Run) -> None:
+    config_file = write_config(tmp_path, "max_commands = 0")
+    code, out, err = cli("send", "--config", str(config_file), "--device", "d",
+                         "--command", "c")
+    assert (code, out) == (2, "")
+    assert "store.max_commands" in err and "0" in err and "least allowed is 1" in err
+
+
+def test_a_missing_config_file_exits_2(tmp_path: Path, cli: Run) -> None:
+    code, _, err = cli("send", "--config", str(tmp_path / "nope.toml"), "--device", "d",
+                       "--command", "c")
+    assert code == 2
+    assert "nope.toml" in err and "does not exist" in err
+
+
+# --------------------------------------------------------------------------- queue
+
+
+def test_queue_ls_as_a_table_and_as_json(cli: Run, config_file: Path) -> None:
+    ids = fill(config_file, 3)
+    code, out, _ = cli("queue", "ls", "--config", str(config_file))
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["ID", "DEVICE", "NAME"]
+    assert [line.split()[0] for line in lines[1:]] == ids
+    code, out, _ = cli("queue", "ls", "--json", "--limit", "2", "--config", str(config_file))
+    assert code == 0
+    assert [row["id"] for row in json.loads(out)] == ids[:2]
+
+
+def test_queue_ls_of_an_empty_queue(cli: Run, config_file: Path) -> None:
+    assert cli("queue", "ls", "--config", str(config_file))[:2] == (0, "(none)\n")
+    code, out, _ = cli("queue", "ls", "--dead", "--json", "--config", str(config_file))
+    assert (code, json.loads(out)) == (0, [])
+
+
+def test_queue_ls_dead_shows_the_reason(cli: Run, config_file: Path) -> None:
+    fill(config_file, 2)
+    ids = dead_letter_all(config_file, "rejected-by-broker")
+    code, out, _ = cli("queue", "ls", "--dead", "--json", "--config", str(config_file))
+    assert code == 0
+    rows = json.loads(out)
+    assert sorted(r["id"] for r in rows) == sorted(ids)
+    assert {(r["reason"], r["detail"]) for r in rows} == \
+        {("rejected-by-broker", "set up by the test")}
+    code, out, _ = cli("queue", "ls", "--dead", "--config", str(config_file))
+    assert "REASON" in out.splitlines()[0] and "rejected-by-broker" in out
+
+
+def test_queue_stats(cli: Run, config_file: Path) -> None:
+    fill(config_file, 3)
+    code, out, _ = cli("queue", "stats", "--json", "--config", str(config_file))
+    assert code == 0
+    stats = json.loads(out)
+    assert (stats["depth"], stats["in_flight"], stats["dead"]) == (3, 0, {})
+    assert stats["bytes"] == sum(len(json.dumps({"i": i}, separators=(",", ":")))
+                                 for i in range(3))
+    code, out, _ = cli("queue", "stats", "--config", str(config_file))
+    assert code == 0 and "queued:     3 commands" in out
+
+
+def test_requeue_dead_by_id_and_all(cli: Run, config_file: Path) -> None:
+    fill(config_file, 3)
+    ids = dead_letter_all(config_file, "max-attempts")
+    code, out, _ = cli("queue", "requeue-dead", "--id", ids[1], "--config", str(config_file))
+    assert (code, out) == (0, "requeued 1 dead letter(s)\n")
+    assert [r["id"] for r in read_queue(config_file)] == [ids[1]]
+    code, _, err = cli("queue", "requeue-dead", "--id", "NOPE", "--config", str(config_file))
+    assert code == 2 and "NOPE" in err
+    code, out, _ = cli("queue", "requeue-dead", "--config", str(config_file))
+    assert (code, out) == (0, "requeued 2 dead letter(s)\n")
+    assert sorted(r["id"] for r in read_queue(config_file)) == sorted(ids)
+
+
+def test_purge_needs_yes_and_deletes_what_it_says(cli: Run, config_file: Path) -> None:
+    fill(config_file, 2)
+    dead_letter_all(config_file, "expired")
+    kept = fill(config_file, 3)
+    code, _, err = cli("queue", "purge", "--dead", "--config", str(config_file))
+    assert code == 2 and "--yes" in err
+    code, _, err = cli("queue", "purge", "--all", "--config", str(config_file))
+    assert code == 2 and "--yes" in err
+    assert [r["id"] for r in read_queue(config_file)] == kept  # nothing deleted
+    assert cli("queue", "purge", "--yes", "--config", str(config_file))[0] == 2  # which?
+    code, out, _ = cli("queue", "purge", "--dead", "--yes", "--config", str(config_file))
+    assert (code, out) == (0, "deleted 2 row(s): every dead letter\n")
+    assert [r["id"] for r in read_queue(config_file)] == kept
+    code, out, _ = cli("queue", "purge", "--all", "--yes", "--config", str(config_file))
+    assert code == 0 and out.startswith("deleted 3 row(s)")
+    assert read_queue(config_file) == []
+
+
+# --------------------------------------------------------------------------- config, status
+
+
+def test_config_check_prints_the_effective_config(tmp_path: Path, cli: Run) -> None:
+    config_file = write_config(tmp_path, "max_commands = 500",
+                               extra='[mqtt]\nhost = "broker.example"\nport = 8883')
+    code, out, err = cli("config", "check", "--config", str(config_file))
+    assert (code, err) == (0, "")
+    head, _, body = out.partition("\n")
+    assert head == f"# {config_file}: valid"
+    effective = json.loads(body)
+    assert effective["gateway_id"] == "gw-cli"
+    assert effective["store"]["max_commands"] == 500
+    assert effective["store"]["overflow"] == "reject"  # a default, shown as in effect
+    assert (effective["mqtt"]["host"], effective["mqtt"]["port"]) == ("broker.example", 8883)
+    assert effective["mqtt"]["topic_prefix"] == "pigateway"
+
+
+def test_config_check_of_a_bad_file_exits_2(tmp_path: Path, cli: Run) -> None:
+    config_file = write_config(tmp_path, 'overflow = "drop-newest"')
+    code, out, err = cli("config", "check", "--config", str(config_file))
+    assert (code, out) == (2, "")
+    assert "store.overflow" in err and "drop-newest" in err and "'drop-oldest'" in err
+
+
+def test_status_without_a_service_says_so_and_shows_the_queue(cli: Run,
+                                                             config_file: Path) -> None:
+    fill(config_file, 4)
+    code, out, _ = cli("status", "--config", str(config_file))
+    assert code == 0
+    assert "not running" in out
+    assert "queued:     4 commands" in out
+    code, out, _ = cli("status", "--json", "--config", str(config_file))
+    state = json.loads(out)
+    assert (code, state["running"], state["depth"]) == (0, False, 4)
+    assert str(config_file.parent / "control.sock") in state["why"]
+
+
+def test_python_dash_m_and_version(config_file: Path) -> None:
+    done = child("--version")
+    assert done.returncode == 0 and done.stdout.startswith("pigateway ")
+    done = child("queue", "stats", "--json", "--config", str(config_file))
+    assert done.returncode == 0 and json.loads(done.stdout)["depth"] == 0
