@@ -186,7 +186,7 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 async def main(quick: bool) -> None:
-    trips_count, sustained_count = (150, 3000) if quick else (1000, 20_000)
+    trips_count, sustained_count = (150, 3000) if quick else (1000, 10_000)
     with tempfile.TemporaryDirectory(prefix="bench-inbound-") as tmp:
         folder = Path(tmp)
         async with service_and_client(folder) as (client, results, config):
