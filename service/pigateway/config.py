@@ -224,12 +224,15 @@ def _check_cross_fields(config: Config) -> None:
             "gateway_id",
             f"{config.gateway_id!r} is not allowed: use 1-64 of letters, digits, '_', '-', '.'",
         )
-    if config.uplink.backoff_max < config.uplink.backoff_initial:
-        raise ConfigError("uplink.backoff_max", "must be >= uplink.backoff_initial")
-    if config.inbound.backoff_max < config.inbound.backoff_initial:
-        raise ConfigError("inbound.backoff_max", "must be >= inbound.backoff_initial")
+    for section in ("uplink", "inbound"):
+        backoff = getattr(config, section)
+        if backoff.backoff_max < backoff.backoff_initial:
+            raise ConfigError(f"{section}.backoff_max",
+                              f"{backoff.backoff_max} is not allowed: it must be >= "
+                              f"{section}.backoff_initial ({backoff.backoff_initial})")
     if config.mqtt.tls.key_file and not config.mqtt.tls.cert_file:
-        raise ConfigError("mqtt.tls.key_file", "needs mqtt.tls.cert_file too")
+        raise ConfigError("mqtt.tls.key_file",
+                          f"'{config.mqtt.tls.key_file}' needs mqtt.tls.cert_file too")
     pins = [p for p in _gpio_pins(config.gpio) if p is not None]
     if config.gpio.enabled and len(pins) != len(set(pins)):
         raise ConfigError("gpio", f"a pin is used twice: {sorted(pins)}")

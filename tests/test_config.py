@@ -1,0 +1,199 @@
+"""Config validation: every bad value names its key, the value and what is allowed.
+
+The table below holds one bad value per rule and section; each row says which key the
+error must name and which words must appear in it. A gateway that will not start must
+say why in one line that an operator can act on without reading the source.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pigateway import config as configuration
+from pigateway.config import DEFAULT_PATH, Config, StoreConfig
+from pigateway.errors import ConfigError
+
+GW = 'gateway_id = "gw-1"\n'
+
+#: (TOML, the key the error names, words the message must contain)
+BAD_VALUES: list[tuple[str, str, tuple[str, ...]]] = [
+    ("", "gateway_id", ("is required",)),
+    ('gateway_id = "bad id!"', "gateway_id", ("'bad id!'", "letters, digits")),
+    ("gateway_id = 5", "gateway_id", ("int 5", "non-empty string")),
+    (GW + "store = 5", "store", ("int 5", "must be a table")),
+    (GW + "[store]\nmax_commands = 0", "store.max_commands", ("0", "least allowed is 1")),
+    (GW + '[store]\nmax_commands = "many"', "store.max_commands",
+     ("str 'many'", "whole number")),
+    (GW + "[store]\nmax_commands = true", "store.max_commands", ("bool True", "whole number")),
+    (GW + "[store]\nmax_commands = 1.5", "store.max_commands", ("float 1.5", "whole number")),
+    (GW + "[store]\nmax_bytes = 10", "store.max_bytes", ("10", "least allowed is 1024")),
+    (GW + '[store]\noverflow = "drop-newest"', "store.overflow",
+     ("'drop-newest'", "'reject', 'drop-oldest'")),
+    (GW + '[store]\nsynchronous = "off"', "store.synchronous", ("'off'", "'full', 'normal'")),
+    (GW + "[store]\ndefault_ttl = -1", "store.default_ttl", ("-1", "least allowed is 0")),
+    (GW + '[store]\ndefault_ttl = "1h"', "store.default_ttl", ("str '1h'", "number")),
+    (GW + "[store]\nmax_attempts = 0", "store.max_attempts", ("0", "least allowed is 1")),
+    (GW + "[store]\nmin_free_bytes = -1", "store.min_free_bytes", ("-1", "least allowed is 0")),
+    (GW + "[store]\nmax_params_bytes = 8", "store.max_params_bytes", ("8", "least allowed")),
+    (GW + '[store]\npath = ""', "store.path", ("''", "non-empty string")),
+    (GW + "[mqtt]\nport = 70000", "mqtt.port", ("70000", "most allowed is 65535")),
+    (GW + "[mqtt]\nport = 0", "mqtt.port", ("0", "least allowed is 1")),
+    (GW + '[mqtt]\nprotocol = "4"', "mqtt.protocol", ("'4'", "'5', '3.1.1'")),
+    (GW + '[mqtt]\ntopic_prefix = "a/#"', "mqtt.topic_prefix", ("'a/#'", "does not match")),
+    (GW + "[mqtt]\nkeepalive = 1", "mqtt.keepalive", ("1", "least allowed is 5")),
+    (GW + "[mqtt]\nhost = 5", "mqtt.host", ("int 5", "non-empty string")),
+    (GW + '[mqtt.tls]\nenabled = "yes"', "mqtt.tls.enabled", ("str 'yes'", "true or false")),
+    (GW + '[mqtt.tls]\nkey_file = "/k.pem"', "mqtt.tls.key_file", ("mqtt.tls.cert_file",)),
+    (GW + "[uplink]\nbatch_delay = 100", "uplink.batch_delay", ("100", "most allowed is 60")),
+    (GW + "[uplink]\nmax_inflight = 0", "uplink.max_inflight", ("0", "least allowed is 1")),
+    (GW + "[uplink]\nbackoff_initial = 5.0\nbackoff_max = 1.0", "uplink.backoff_max",
+     ("1.0", "5.0", ">= uplink.backoff_initial")),
+    (GW + "[inbound]\nworkers = 0", "inbound.workers", ("0", "least allowed is 1")),
+    (GW + "[inbound]\nbackoff_initial = 9.0\nbackoff_max = 2.0", "inbound.backoff_max",
+     ("2.0", "9.0", ">= inbound.backoff_initial")),
+    (GW + '[gpio]\npin_factory = "rpigpio"', "gpio.pin_factory",
+     ("'rpigpio'", "'auto', 'lgpio', 'mock'")),
+    (GW + "[gpio]\ngreen_led = 60", "gpio.green_led", ("60", "most allowed is 53")),
+    (GW + "[gpio]\nbargraph = 5", "gpio.bargraph", ("int 5", "must be a list")),
+    (GW + '[gpio]\nbargraph = [20, "x"]', "gpio.bargraph[1]", ("str 'x'", "whole number")),
+    (GW + "[gpio]\ngreen_led = 5", "gpio", ("used twice", "5")),
+    (GW + "[control]\nsocket = 5", "control.socket", ("int 5", "non-empty string")),
+    (GW + '[log]\nlevel = "verbose"', "log.level", ("'verbose'", "'debug', 'info'")),
+    (GW + "devices = 5", "devices", ("table",)),
+    (GW + "[devices]\nlamp = 5", "devices.lamp", ("must be a table", "handler")),
+    (GW + "[devices.lamp]\npin = 4", "devices.lamp.handler", ("is required", "None")),
+    (GW + '[devices."bad name"]\nhandler = "log"', "devices.bad name", ("letters, digits",)),
+]
+
+UNKNOWN_KEYS: list[tuple[str, str, str]] = [
+    (GW + "colour = 1", "colour", "gateway_id"),
+    (GW + "[store]\nmax_comands = 1", "store.max_comands", "max_commands"),
+    (GW + "[mqtt.tls]\nverify = false", "mqtt.tls.verify", "ca_file"),
+    (GW + "[nosuch]\nx = 1", "nosuch", "store"),
+    (GW + "[gpio]\nled = 4", "gpio.led", "green_led"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "words"), BAD_VALUES,
+                         ids=[row[1] + "-" + str(i) for i, row in enumerate(BAD_VALUES)])
+def test_a_bad_value_names_the_key_the_value_and_what_is_allowed(
+        text: str, key: str, words: tuple[str, ...]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        configuration.parse(text)
+    assert caught.value.key == key
+    message = str(caught.value)
+    assert message.startswith(f"config: {key}: ")
+    missing = [word for word in words if word not in message]
+    assert missing == [], message
+
+
+@pytest.mark.parametrize(("text", "key", "allowed"), UNKNOWN_KEYS)
+def test_unknown_keys_are_errors_that_list_the_allowed_ones(text: str, key: str,
+                                                            allowed: str) -> None:
+    with pytest.raises(ConfigError, match="unknown key") as caught:
+        configuration.parse(text)
+    assert caught.value.key == key
+    assert allowed in str(caught.value)
+
+
+def test_defaults_are_what_a_pi_gateway_needs() -> None:
+    config = configuration.parse(GW)
+    assert config.gateway_id == "gw-1"
+    assert config.store == StoreConfig()
+    assert config.store.path == Path("/var/lib/pigateway/queue.db")
+    assert (config.store.overflow, config.store.synchronous) == ("reject", "full")
+    assert config.store.max_commands == 1_000_000
+    assert config.store.min_free_bytes > 0 and config.store.default_ttl > 0
+    assert (config.mqtt.host, config.mqtt.port, config.mqtt.topic_prefix) == \
+        ("localhost", 1883, "pigateway")
+    assert config.mqtt.tls.enabled is False
+    assert config.gpio.pin_factory == "auto"
+    assert config.control.socket == Path("/run/pigateway/control.sock")
+    assert config.log.level == "info"
+    assert config.devices == {}
+    assert config.source is None
+
+
+def test_values_are_converted_to_their_types() -> None:
+    config = configuration.parse(GW + '[store]\npath = "/data/q.db"\ndefault_ttl = 60\n'
+                                 '[uplink]\nbatch_delay = 1\n[gpio]\nbargraph = [20, 21]\n'
+                                 "red_led = 22\n"
+                                 '[devices.lamp]\nhandler = "gpio"\npin = 4\n')
+    assert config.store.path == Path("/data/q.db")
+    assert isinstance(config.store.default_ttl, float) and config.store.default_ttl == 60.0
+    assert isinstance(config.uplink.batch_delay, float)
+    assert config.gpio.bargraph == [20, 21]
+    lamp = config.devices["lamp"]
+    assert (lamp.name, lamp.handler, lamp.options) == ("lamp", "gpio", {"pin": 4})
+
+
+def test_the_config_is_frozen() -> None:
+    config = configuration.parse(GW)
+    with pytest.raises(AttributeError):
+        config.gateway_id = "other"  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        config.store.max_commands = 1  # type: ignore[misc]
+
+
+def test_as_dict_is_plain_json() -> None:
+    config = configuration.parse(GW + '[devices.lamp]\nhandler = "log"\n')
+    data = json.loads(json.dumps(config.as_dict()))
+    assert data["store"]["path"] == "/var/lib/pigateway/queue.db"
+    assert data["devices"]["lamp"]["handler"] == "log"
+
+
+def test_a_syntax_error_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(GW + "[store\n")
+    with pytest.raises(ConfigError, match="not valid TOML") as caught:
+        configuration.load(path)
+    assert caught.value.key == "(syntax)"
+    assert str(path) in str(caught.value)
+
+
+def test_a_missing_file_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist") as caught:
+        configuration.load(tmp_path / "absent.toml")
+    assert str(tmp_path / "absent.toml") in str(caught.value)
+
+
+def test_a_file_that_is_not_text_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="cannot read"):
+        configuration.load(path)
+
+
+def test_load_remembers_where_the_config_came_from(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(GW)
+    assert configuration.load(path).source == path
+
+
+def test_pigateway_config_is_used_when_no_path_is_given(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from_env = tmp_path / "env.toml"
+    from_env.write_text('gateway_id = "from-env"\n')
+    explicit = tmp_path / "explicit.toml"
+    explicit.write_text('gateway_id = "explicit"\n')
+    monkeypatch.setenv("PIGATEWAY_CONFIG", str(from_env))
+    assert configuration.load().gateway_id == "from-env"
+    assert configuration.load(explicit).gateway_id == "explicit"  # --config wins
+
+
+def test_without_a_path_or_environment_the_default_path_is_used(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PIGATEWAY_CONFIG", raising=False)
+    assert configuration.config_path() == DEFAULT_PATH == Path("/etc/pigateway/config.toml")
+    assert configuration.config_path("x.toml") == Path("x.toml")
+
+
+def test_the_reference_covers_every_option() -> None:
+    keys = {row[0] for row in configuration.fields_reference()}
+    assert {f"store.{name}" for name in StoreConfig.__dataclass_fields__} <= keys
+    assert {"mqtt.tls.ca_file", "uplink.max_inflight", "gpio.pin_factory", "log.level"} <= keys
+    assert "gateway_id" not in keys and "devices" not in keys
+    assert Config.__dataclass_fields__.keys() >= {"gateway_id", "store", "mqtt", "gpio"}
