@@ -382,3 +382,16 @@ async def test_inbox_ls_shows_pending_and_finished_commands(tmp_path: Path) -> N
     assert [(r["id"], r["state"], r["status"]) for r in rows] == [
         ("waiting", "pending", None), ("done1", "done", "ok")]
     assert rows[1]["result"]["detail"] == {"n": 1}
+
+
+async def test_requeueing_dead_letters_never_sends_an_unreadable_message(
+        tmp_path: Path) -> None:
+    config = make_config(tmp_path, ["a"])
+    async with await Store.open(config.store) as store:
+        inbound = Inbound(config, store, factories=factory({}))
+        await inbound.accept(b"garbage")
+        [dead] = await store.list_dead()
+        assert dead.command.kind == "inbound" and dead.detail and "not JSON" in dead.detail
+        await store.requeue_dead()
+        assert await store.list_queued() == []
+        assert [d.command.kind for d in await store.list_dead()] == ["inbound"]

@@ -789,7 +789,10 @@ class Store:
                            "dead_reason": reason})
 
     def _requeue(self, conn: sqlite3.Connection, id_: str | None) -> int:
-        where, params = ("WHERE id = ?", (id_,)) if id_ else ("", ())
+        # only what can be sent: the inbound records (kind 'inbound', messages that had no
+        # id to answer) stay where they are, as evidence
+        where = "WHERE kind IN ('action', 'result')" + (" AND id = ?" if id_ else "")
+        params: tuple[str, ...] = (id_,) if id_ else ()
         ttl = self.config.default_ttl
         now = time.time()
         conn.execute(
