@@ -232,3 +232,13 @@ async def test_mqtt_handler_broker_down_is_retryable_then_reconnects(mosquitto: 
     assert await handler.run(Request(id="m3", device="hall", name="set", params={})) == {
         "topic": "zigbee2mqtt/hall/set"}
     await handler.close()
+
+
+async def test_gpio_pulse_longer_than_the_handler_timeout_is_rejected(pins: MockFactory) -> None:
+    config = from_dict({"gateway_id": "gw", "gpio": {"pin_factory": "mock"},
+                        "inbound": {"handler_timeout": 5},
+                        "devices": {"dev": {"handler": "gpio", "pin": 19}}})
+    handler = build(config.devices["dev"], config)
+    with pytest.raises(InvalidCommand, match=r"inbound\.handler_timeout"):
+        await handler.run(request("pulse", {"duration": 6}))
+    await handler.close()

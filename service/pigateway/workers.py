@@ -170,7 +170,11 @@ class WorkerPool:
         lane = self._lanes[device]
         try:
             while lane:
-                await self._execute(lane[0])
+                try:
+                    await self._execute(lane[0])
+                except Exception:  # a bug must not stop every device; the row stays unfinished
+                    log.exception("command %s on %s could not be finished; it runs again after "
+                                  "a restart", lane[0].id, device)
                 lane.popleft()
                 self._loaded -= 1
                 if self._loaded == MAX_LOADED - 1:

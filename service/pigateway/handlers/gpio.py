@@ -70,6 +70,7 @@ class GpioHandler:
         options.finish()
         _check_panel_pins(options.key("pin"), pin, config.gpio)
         self.name = device.name
+        self.max_pulse = min(MAX_PULSE, config.inbound.handler_timeout)
         self._toggled: OrderedDict[str, bool] = OrderedDict()
         try:
             self.output = DigitalOutputDevice(pin, active_high=active_high,
@@ -114,7 +115,7 @@ class GpioHandler:
             self._toggled.popitem(last=False)
 
     async def _pulse(self, request: Request) -> None:
-        duration = _duration(request.params)
+        duration = _duration(request.params, self.max_pulse)
         self.output.on()
         try:
             await asyncio.sleep(duration)
@@ -138,15 +139,17 @@ def _no_params(request: Request) -> None:
         raise InvalidCommand(f"{request.name!r} takes no params, got {sorted(request.params)}")
 
 
-def _duration(params: dict[str, Any]) -> float:
+def _duration(params: dict[str, Any], longest: float) -> float:
+    """The pulse length; longer than ``inbound.handler_timeout`` it could never finish."""
     unknown = sorted(set(params) - {"duration"})
     if unknown:
         raise InvalidCommand(f"'pulse' takes only 'duration', got {unknown}")
     value = params.get("duration", 1.0)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InvalidCommand(f"params.duration must be a number of seconds, got {value!r}")
-    if not 0 < value <= MAX_PULSE:
-        raise InvalidCommand(f"params.duration must be > 0 and <= {MAX_PULSE:g}, got {value}")
+    if not 0 < value <= longest:
+        raise InvalidCommand(f"params.duration must be > 0 and <= {longest:g} (at most "
+                             f"{MAX_PULSE:g} and inbound.handler_timeout), got {value}")
     return float(value)
 
 
