@@ -336,6 +336,28 @@ class TestStoreContract:
         finally:
             await store.close()
 
+    async def test_drop_oldest_holds_for_puts_that_share_a_commit(self, store: Store) -> None:
+        store = await reopen(store, max_commands=3, overflow="drop-oldest")
+        try:
+            commands = await asyncio.gather(*(store.put("d", str(i)) for i in range(7)))
+            assert [c.name for c in await store.list_queued()] == ["4", "5", "6"]
+            dead = await store.list_dead()
+            assert sorted(d.command.id for d in dead) == sorted(c.id for c in commands[:4])
+            assert {d.reason for d in dead} == {"overflow"}
+        finally:
+            await store.close()
+
+    async def test_a_command_bigger_than_max_bytes_drops_nothing(self, store: Store) -> None:
+        store = await reopen(store, max_bytes=1024, overflow="drop-oldest")
+        try:
+            small = await store.put("d", "small")
+            with pytest.raises(QueueFull, match="max_bytes=1024"):
+                await store.put("d", "huge", {"v": "x" * 2000})
+            assert queued_ids(store.path) == [small.id]
+            assert (await store.stats()).dead == {}
+        finally:
+            await store.close()
+
     async def test_drop_oldest_never_drops_in_flight(self, store: Store) -> None:
         store = await reopen(store, max_commands=2, overflow="drop-oldest")
         try:

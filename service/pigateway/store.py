@@ -53,6 +53,8 @@ LOGGED_IDS = 100
 PAGE_SIZE = 2048
 WAL_CHECKPOINT_PAGES = 10_000
 
+_INSERT = ("INSERT INTO outbox (id, kind, device, name, params, size, queued_at, expires_at) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 _COLUMNS = "seq, id, kind, device, name, params, size, queued_at, expires_at, attempts, last_error"
 
 #: Schema migrations, applied in order and tracked by ``PRAGMA user_version``.
@@ -652,6 +654,11 @@ class Store:
             assert job.rows is not None
             prepared = job.rows
             need_count, need_bytes = len(prepared), sum(row[5] for row in prepared)
+            if rows and (count + need_count > self.config.max_commands
+                         or size + need_bytes > self.config.max_bytes):
+                # drop-oldest may have to drop rows of this very group: write them first
+                conn.executemany(_INSERT, rows)
+                rows = []
             refused, freed_count, freed_bytes = self._make_room(
                 conn, count, size, need_count, need_bytes)
             if refused is not None:
@@ -668,9 +675,7 @@ class Store:
                         last_error=None)
                 for r, item in zip(prepared, job.items, strict=True)
             ])
-        conn.executemany(
-            "INSERT INTO outbox (id, kind, device, name, params, size, queued_at, expires_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        conn.executemany(_INSERT, rows)
         return outcomes
 
     def _make_room(self, conn: sqlite3.Connection, count: int, size: int,
@@ -682,7 +687,8 @@ class Store:
             return None, 0, 0
         limits = (f"store.max_commands={self.config.max_commands}, "
                   f"store.max_bytes={self.config.max_bytes}")
-        if self.config.overflow == "reject" or need_count > self.config.max_commands:
+        if (self.config.overflow == "reject" or need_count > self.config.max_commands
+                or need_bytes > self.config.max_bytes):
             return QueueFull(f"the queue is full ({count} commands, {size} bytes; {limits}); "
                              "the command was not queued"), 0, 0
         freed = self._drop_oldest(conn, max(over_count, 0), max(over_bytes, 0))
