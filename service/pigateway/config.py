@@ -9,6 +9,7 @@ Unknown keys are errors, and every error names the key, the bad value and what i
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -319,6 +320,8 @@ def _scalar(hint: Any, value: Any, key: str, meta: typing.Mapping[str, Any]) -> 
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"must be a number (seconds), got {_show(value)}")
+        if not math.isfinite(value):  # TOML has nan and inf; no bound check catches nan
+            raise ConfigError(key, f"must be a finite number (seconds), got {_show(value)}")
         _check_bounds(value, key, meta)
         return float(value)
     if hint in (str, Path):
