@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -306,6 +307,17 @@ def test_status_without_a_service_says_so_and_shows_the_queue(cli: Run,
     state = json.loads(out)
     assert (code, state["running"], state["depth"]) == (0, False, 4)
     assert str(config_file.parent / "control.sock") in state["why"]
+
+
+def test_status_with_a_stale_socket_says_not_running(cli: Run, config_file: Path) -> None:
+    """A service killed with SIGKILL leaves its socket file; nothing listens on it."""
+    path = config_file.parent / "control.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(path))
+    assert path.exists()
+    code, out, _ = cli("status", "--json", "--config", str(config_file))
+    assert code == 0
+    assert json.loads(out)["running"] is False
 
 
 def test_python_dash_m_and_version(config_file: Path) -> None:

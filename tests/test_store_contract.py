@@ -211,6 +211,18 @@ class TestStoreContract:
         finally:
             await store.close()
 
+    async def test_verbs_take_more_ids_than_sqlite_binds_at_once(self, store: Store) -> None:
+        ids = [c.id for c in await store.put_many([NewCommand("d", "n")] * 1500)]
+        assert len(await store.claim(1500)) == 1500
+        await store.nack(ids[:1200], "link lost")
+        assert [c.attempts for c in await store.claim(1500)] == [1] * 1200
+        assert await store.ack(ids[:1100]) == 1100
+        await store.dead_letter(ids[1100:], "invalid")
+        stats = await store.stats()
+        assert (stats.depth, stats.in_flight, stats.dead) == (0, 0, {"invalid": 400})
+        assert await store.requeue_dead() == 400
+        assert queued_ids(store.path) == ids[1100:]
+
     # ---- dead letters
 
     async def test_dead_letter_moves_with_a_reason_and_logs(

@@ -81,6 +81,26 @@ async def test_a_damaged_file_is_quarantined_and_a_fresh_store_works(
         assert conn.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
 
 
+async def test_the_wal_and_shm_go_aside_with_the_file(tmp_path: Path,
+                                                     store_config: StoreConfig) -> None:
+    """A WAL left beside a fresh file would be replayed into it: it must move too."""
+    live = StoreConfig(path=tmp_path / "live" / "queue.db", min_free_bytes=0)
+    async with await Store.open(live) as store:
+        await store.put_many([NewCommand("d", "n", {"pad": "p" * 300})] * 200)
+        sides = {suffix: (live.path.parent / f"queue.db{suffix}").read_bytes()
+                 for suffix in ("", "-wal", "-shm")}  # copied while open: a hot WAL
+    assert sides["-wal"], "the WAL was empty; the test proved little"
+    for suffix, content in sides.items():
+        (store_config.path.parent / f"queue.db{suffix}").write_bytes(content)
+    store_config.path.write_bytes(b"garbage" * 1000)
+    async with await Store.open(store_config) as store:
+        assert (await store.stats()).depth == 0
+        await store.put("d", "fresh")
+    [aside] = list(store_config.path.parent.glob("queue.db.corrupt-*[0-9]"))
+    assert aside.with_name(aside.name + "-wal").read_bytes() == sides["-wal"]
+    assert aside.with_name(aside.name + "-shm").exists()
+
+
 async def test_quarantine_never_overwrites_an_earlier_one(store_config: StoreConfig) -> None:
     contents = [f"not a database, round {round_}\n".encode() * 40 for round_ in range(3)]
     for content in contents:  # three in one second: the names must still differ
