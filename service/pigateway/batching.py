@@ -197,6 +197,8 @@ def take_batch(pending: Sequence[C], rules: Rules, *, now: float,
     A result row at the head travels alone. Otherwise the action rows are packed in order,
     skipping result rows (they stay pending) and any device that already had to wait.
     """
+    if pending and pending[0].kind == "result" and not is_expired(pending[0], now):
+        return _take_result(list(pending), rules, [])  # no scan: results go one at a time
     expired = [c for c in pending if is_expired(c, now)]
     live = [c for c in pending if not is_expired(c, now)]
     if not live:
@@ -347,6 +349,8 @@ class Batcher(Generic[C]):
 
     def _full(self) -> bool:
         """A cheap estimate of whether pending already makes at least one whole batch."""
+        if self.pending and self.pending[0].kind == "result":
+            return True  # a result travels alone: nothing to wait or claim for
         devices = {c.device for c in self.pending}
         size = sum(c.size + len(c.name) + 96 for c in self.pending)
         return len(devices) >= self.rules.max_actions or size >= self.rules.max_batch_bytes
