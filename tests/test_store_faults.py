@@ -9,6 +9,7 @@ one: a 4 MiB tmpfs mounted by the test (root only; skipped with a reason otherwi
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sqlite3
@@ -235,3 +236,38 @@ async def test_draining_a_queue_that_filled_the_disk_makes_room_again(tmp_path: 
             second = await fill(store, 20_000)
             assert second >= first // 2
             assert (await store.stats()).depth == second
+
+
+def corrupt_files(folder: Path) -> list[Path]:
+    return list(folder.glob("*.corrupt-*"))
+
+
+def fill_to_the_brim(path: Path) -> None:
+    """Write zeros until the file system says ENOSPC (bounded: the disk is 4 MiB)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for _ in range(4096):
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    else:
+        raise AssertionError("the small disk never filled up")
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.root
+async def test_a_restart_on_a_brim_full_disk_keeps_the_queue(small_disk: Path) -> None:
+    """SQLite cannot even make its -shm file: that is a full disk, not a corrupt queue."""
+    config = StoreConfig(path=small_disk / "queue.db", min_free_bytes=0)
+    async with await Store.open(config) as store:
+        ids = [c.id for c in await store.put_many([NewCommand("d", "n", {"i": i})
+                                                    for i in range(100)])]
+    filler = small_disk / "filler"
+    fill_to_the_brim(filler)
+    with pytest.raises(StoreFull, match="left as it is"):
+        await Store.open(config)
+    assert corrupt_files(small_disk) == [], "a sound queue was quarantined"
+    filler.unlink()
+    async with await Store.open(config) as store:
+        assert [c.id for c in await store.list_queued(200)] == ids

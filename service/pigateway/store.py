@@ -286,7 +286,15 @@ def check_integrity(path: Path) -> str | None:
             return "not an SQLite database (bad header)"
         with contextlib.closing(sqlite3.connect(path, timeout=30)) as conn:
             rows = conn.execute("PRAGMA quick_check").fetchall()
-    except sqlite3.DatabaseError as exc:
+    except sqlite3.OperationalError as exc:
+        # a full disk (no room for the -shm), a lock, an I/O error: the file may be sound,
+        # and moving a sound queue aside would strand every command in it
+        stat = os.statvfs(path.parent)
+        full = stat.f_bavail * stat.f_frsize < 1 << 20
+        raise (StoreFull if full else StoreError)(
+            f"cannot check {path} ({exc}{'; the disk is full' if full else ''}); "
+            "it was left as it is") from exc
+    except sqlite3.DatabaseError as exc:  # SQLITE_CORRUPT, SQLITE_NOTADB
         return f"{type(exc).__name__}: {exc}"
     except OSError as exc:
         raise StoreError(f"cannot read {path}: {exc}") from exc
