@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pigateway.config import StoreConfig
-from pigateway.errors import StoreFull
+from pigateway.errors import StoreError, StoreFull
 from pigateway.store import MIGRATIONS, NewCommand, Store
 
 PAGE = 4096
@@ -271,3 +271,27 @@ async def test_a_restart_on_a_brim_full_disk_keeps_the_queue(small_disk: Path) -
     filler.unlink()
     async with await Store.open(config) as store:
         assert [c.id for c in await store.list_queued(200)] == ids
+
+
+def remount_read_only(mount: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+
+
+@pytest.mark.root
+async def test_a_read_only_file_system_is_a_store_error(small_disk: Path) -> None:
+    """SD cards remount read-only after errors: a clear StoreError, never an OSError."""
+    config = StoreConfig(path=small_disk / "queue.db", min_free_bytes=0)
+    async with await Store.open(config) as store:
+        await store.put("d", "n")
+    (small_disk / "queue.db.lock").unlink()
+    broken = StoreConfig(path=small_disk / "broken" / "queue.db", min_free_bytes=0)
+    broken.path.parent.mkdir()
+    broken.path.write_bytes(b"not a database" * 100)
+    remount_read_only(small_disk)
+    for drainer in (True, False):
+        with pytest.raises(StoreError) as caught:
+            await Store.open(config, drainer=drainer)
+        assert "Read-only" in str(caught.value) or "unable to open" in str(caught.value)
+        with pytest.raises(StoreError):
+            await Store.open(broken, drainer=drainer)
+    assert broken.path.read_bytes() == b"not a database" * 100

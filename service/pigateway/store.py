@@ -310,11 +310,15 @@ def quarantine(path: Path, why: str) -> Path:
     while target.exists():
         target = path.with_name(f"{path.name}.corrupt-{stamp}-{counter}")
         counter += 1
-    path.rename(target)
-    for suffix in ("-wal", "-shm"):
-        side = path.with_name(path.name + suffix)
-        if side.exists():
-            side.rename(target.with_name(target.name + suffix))
+    try:
+        path.rename(target)
+        for suffix in ("-wal", "-shm"):
+            side = path.with_name(path.name + suffix)
+            if side.exists():
+                side.rename(target.with_name(target.name + suffix))
+    except OSError as exc:
+        raise StoreCorrupt(f"{path} failed its integrity check ({why}) and cannot be moved "
+                           f"aside: {exc}") from exc
     log.critical("queue database %s failed its integrity check (%s); moved it aside as %s "
                  "and started a fresh queue. Recover commands from it with sqlite3.",
                  path, why, target)
@@ -377,8 +381,11 @@ class Store:
         drain one queue, and puts back whatever was in flight when the last one died.
         Producers (``pigateway send``, the Python API) pass ``drainer=False``.
         """
-        config.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_fd = _take_drainer_lock(config.path) if drainer else None
+        try:
+            config.path.parent.mkdir(parents=True, exist_ok=True)
+            lock_fd = _take_drainer_lock(config.path) if drainer else None
+        except OSError as exc:  # a read-only file system, a folder owned by someone else
+            raise StoreError(f"cannot use {config.path.parent}: {exc}") from exc
         try:
             problem = await asyncio.to_thread(check_integrity, config.path)
             if problem is not None:
