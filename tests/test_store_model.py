@@ -2,10 +2,10 @@
 
 The model is the queue written the obvious way, as a Python list in put order with an
 in-flight flag per command, a dead-letter dict and the overflow rule. Whatever sequence of
-put, put_many, claim, ack, nack, dead_letter and reopen hypothesis finds, the real store
-(a SQLite file on disk, closed and opened again as a drainer would be after a crash) must
-agree with the model on which commands are queued, in which order, which are in flight,
-and which are dead and why.
+put, put_many, claim, ack, nack, dead_letter, requeue, purge and reopen hypothesis finds,
+the real store (a SQLite file on disk, closed and opened again as a drainer would be after
+a crash) must agree with the model on which commands are queued, in which order, which
+are in flight, and which are dead and why.
 
 Each example gets its own event loop (``asyncio.Runner``) and its own folder; the store
 is closed in ``teardown``.
@@ -191,6 +191,23 @@ class StoreMachine(RuleBasedStateMachine):
         ids = data.draw(st.lists(st.sampled_from(every), min_size=1, max_size=3, unique=True))
         self.run(self.store.dead_letter(ids, reason))
         self.model.bury(ids, reason)
+
+    @precondition(lambda self: bool(self.model.dead))
+    @rule(data=st.data())
+    def requeue_one(self, data: st.DataObject) -> None:
+        """A dead letter goes back to the tail, attempts reset (limits do not apply)."""
+        id_ = data.draw(st.sampled_from(sorted(self.model.dead)))
+        assert self.run(self.store.requeue_dead(id_)) == 1
+        del self.model.dead[id_]
+        self.model.queue.append(Entry(id_, ""))
+
+    @rule(queued=st.booleans())
+    def purge(self, queued: bool) -> None:
+        expected = len(self.model.dead) + (len(self.model.queue) if queued else 0)
+        assert self.run(self.store.purge(queued=queued)) == expected
+        self.model.dead.clear()
+        if queued:
+            self.model.queue.clear()
 
     @rule()
     def reopen(self) -> None:
