@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 
+from broker import Mosquitto, mosquitto_binary
 from pigateway.config import Config, DeviceConfig, from_dict
 from pigateway.errors import ConfigError, InvalidCommand
 from pigateway.handlers import Handler, Request, available, build
@@ -242,3 +246,35 @@ async def test_gpio_pulse_longer_than_the_handler_timeout_is_rejected(pins: Mock
     with pytest.raises(InvalidCommand, match=r"inbound\.handler_timeout"):
         await handler.run(request("pulse", {"duration": 6}))
     await handler.close()
+
+
+@pytest.fixture
+def passwd(tmp_path: Path) -> Path:
+    """A mosquitto password file with user ``gw``, password ``s3cret``."""
+    if shutil.which("mosquitto_passwd") is None or mosquitto_binary() is None:
+        pytest.skip("mosquitto and mosquitto_passwd are needed")
+    path = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(path), "gw", "s3cret"], check=True,
+                   capture_output=True)
+    return path
+
+
+@pytest.mark.broker
+async def test_mqtt_handler_reads_its_password_from_a_systemd_credential(
+        tmp_path: Path, passwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "creds").mkdir()
+    (tmp_path / "creds" / "z2m-password").write_text("s3cret\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "creds"))
+    # as root, mosquitto would drop to its own user and not read our password file
+    extra = ["user root", "allow_anonymous false", f"password_file {passwd}"]
+    with Mosquitto(tmp_path / "broker", extra=extra) as broker:
+        devices = {"hall": {"handler": "mqtt", "port": broker.port, "username": "gw",
+                            "password_credential": "z2m-password"}}
+        handler = make(devices, "hall")
+        assert await handler.run(Request(id="p1", device="hall", name="set", params={})) == {
+            "topic": "zigbee2mqtt/hall/set"}
+        await handler.close()
+        monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+        with pytest.raises(ConfigError) as caught:
+            make(devices, "hall")
+    assert caught.value.key == "devices.hall.password_credential"

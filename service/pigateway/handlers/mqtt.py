@@ -3,7 +3,8 @@
 Options: ``topic`` (a template, default ``"zigbee2mqtt/{device}/set"``; placeholders
 ``{device}`` (the ``target`` option, else the device's name), ``{name}`` (the command's
 name) and ``{gateway}``), ``host`` (default ``127.0.0.1``), ``port`` (1883), ``username``,
-``password_file``, ``qos`` (0-2, default 1), ``retain`` (default false).
+``password_file`` or ``password_credential`` (a systemd ``LoadCredential=`` name), ``qos``
+(0-2, default 1), ``retain`` (default false).
 
 The payload is the command's ``params`` as JSON, so ``{"state": "ON"}`` sent to a device
 ``hall`` becomes that message on ``zigbee2mqtt/hall/set``. With QoS 1 or 2 the command is
@@ -28,7 +29,7 @@ from typing import Any
 from pigateway.config import TOPIC_PATTERN, Config, DeviceConfig
 from pigateway.errors import ConfigError, InvalidCommand, RetryableHandlerError, UplinkError
 from pigateway.handlers import Options, Request
-from pigateway.uplink import local_publisher
+from pigateway.uplink import credential, local_publisher
 
 DEFAULT_TOPIC = "zigbee2mqtt/{device}/set"
 QOS = {"0": 0, "1": 1, "2": 2}
@@ -45,11 +46,22 @@ class MqttHandler:
         self.port = options.integer("port", 1883, low=1, high=65535)
         self.username = options.text("username")
         password_file = options.text("password_file")
+        password_credential = options.text("password_credential")
         self.qos = options.integer("qos", 1, low=0, high=2)
         self.retain = options.flag("retain", False)
         options.finish()
         self.gateway = config.gateway_id
         self.client_id = f"pigateway-{config.gateway_id}-{device.name}"[:64]
+        if password_file and password_credential:
+            raise ConfigError(options.key("password_credential"),
+                              "give password_file or password_credential, not both")
+        if password_credential:
+            found = credential(password_credential)
+            if found is None:
+                raise ConfigError(options.key("password_credential"),
+                                  f"no credential {password_credential!r} in "
+                                  "$CREDENTIALS_DIRECTORY (systemd LoadCredential=)")
+            password_file = str(found)
         self.password = _read_password(options.key("password_file"), password_file)
         _check_template(options.key("topic"), self.template)
         self._stack: contextlib.AsyncExitStack | None = None
@@ -91,7 +103,7 @@ def _read_password(key: str, path: str | None) -> str | None:
     if path is None:
         return None
     try:
-        return Path(path).read_text(encoding="utf-8").strip()
+        return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(key, f"cannot read {path}: {exc}") from exc
 
