@@ -129,7 +129,10 @@ def test_param_values_that_read_as_json_are_json(cli: Run, config_file: Path, va
     (["--params-json", "[1, 2]"], "must be a JSON object"),
     (["--params-json", '"text"'], "must be a JSON object"),
     (["--params-json", "{bad"], "not valid JSON"),
+    (["--param", "x=NaN"], "not JSON"),
+    (["--params-json", '{"x": Infinity}'], "not JSON"),
     (["--ttl", "-5"], "ttl"),
+    (["--ttl", "inf"], "ttl"),
     (["--device", ""], "device"),
 ])
 def test_bad_input_exits_2_and_queues_nothing(cli: Run, config_file: Path, args: list[str],

@@ -398,6 +398,19 @@ class TestStoreContract:
         assert queued_ids(store.path) == [command.id]
         assert await store.read("SELECT count(*) FROM notes") == [(1,)]
 
+    async def test_a_failing_also_fails_alone_in_a_shared_commit(self, store: Store) -> None:
+        await store.write([("CREATE TABLE notes (id TEXT PRIMARY KEY)", ()),
+                           ("INSERT INTO notes VALUES ('taken')", ())])
+        outcomes = await asyncio.gather(
+            store.put("d", "a", also=[("INSERT INTO notes VALUES (?)", ("a",))]),
+            store.put("d", "b", also=[("INSERT INTO notes VALUES (?)", ("taken",))]),
+            store.put("d", "c", also=[("INSERT INTO notes VALUES (?)", ("c",))]),
+            return_exceptions=True)
+        assert isinstance(outcomes[1], StoreError)
+        assert [c.name for c in await store.list_queued()] == ["a", "c"]
+        assert await store.read("SELECT id FROM notes ORDER BY id") == \
+            [("a",), ("c",), ("taken",)]
+
     async def test_also_is_skipped_when_the_put_is_refused(self, store: Store) -> None:
         store = await reopen(store, max_commands=1, overflow="reject")
         try:
