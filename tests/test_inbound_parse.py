@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pigateway import inbox
+from pigateway.config import from_dict
 from pigateway.errors import RejectedCommand
-from pigateway.inbound import Limits, parse_command
+from pigateway.inbound import Inbound, Limits, parse_command, readable_id
+from pigateway.store import Store
 
 LIMITS = Limits(max_bytes=4096, max_depth=8, devices=frozenset({"lamp", "relay"}))
 GOOD: dict[str, Any] = {"v": 1, "id": "c-1", "device": "lamp", "name": "on", "params": {"x": 1}}
@@ -141,3 +146,46 @@ def test_fuzz_any_params_inside_a_good_envelope(params: Any) -> None:
         assert not isinstance(params, dict) or "nested" in exc.reason or "limit" in exc.reason
     else:
         assert command.params == params
+
+
+# --------------------------------------------------------------------------- fuzz accept
+
+
+def _readable(payload: bytes) -> str | None:
+    try:
+        document = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    return readable_id(document) if isinstance(document, dict) else None
+
+
+async def _accept_all(folder: Path, payloads: list[bytes]) -> None:
+    config = from_dict({"gateway_id": "gw", "devices": {"lamp": {"handler": "log"}},
+                        "store": {"path": str(folder / "queue.db"), "min_free_bytes": 0}})
+    async with await Store.open(config.store) as store:
+        inbound = Inbound(config, store)
+        for payload in payloads:
+            dead_before = (await store.stats()).dead_total
+            await inbound.accept(payload)  # never raises for bad input
+            command_id = _readable(payload)
+            recorded = command_id is not None and await inbox.find(store, command_id)
+            dead_after = (await store.stats()).dead_total
+            assert recorded or dead_after == dead_before + 1, payload
+        for entry in await inbox.listing(store, 1000):
+            if entry.state == "done":
+                assert entry.status == "rejected" and entry.result is not None
+
+
+envelopes = st.fixed_dictionaries(
+    {}, optional={"v": st.sampled_from([1, 2, "1", None]), "id": st.text(max_size=4),
+                  "device": st.sampled_from(["lamp", "toaster", 3]),
+                  "name": st.sampled_from(["on", "", "a b"]), "params": json_values,
+                  "ttl": st.sampled_from([1, -1, "x", None])})
+
+
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.lists(st.binary(max_size=64) | envelopes.map(encode), max_size=25))
+def test_fuzz_accept_persists_or_dead_letters_every_message(tmp_path_factory: Any,
+                                                            payloads: list[bytes]) -> None:
+    asyncio.run(_accept_all(tmp_path_factory.mktemp("fuzz"), payloads))
