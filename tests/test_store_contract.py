@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -489,6 +489,14 @@ class TestStoreContract:
     async def test_schema_is_at_the_newest_version(self, store: Store) -> None:
         assert raw_rows(store.path, "PRAGMA user_version") == [(len(MIGRATIONS),)]
         assert raw_rows(store.path, "PRAGMA journal_mode") == [("wal",)]
+
+    @pytest.mark.parametrize(("mode", "level"), [("full", 2), ("normal", 1)])
+    async def test_synchronous_is_what_the_config_says(
+            self, store_config: StoreConfig, mode: Literal["full", "normal"], level: int) -> None:
+        config = dataclasses.replace(store_config, synchronous=mode, busy_timeout=2.5)
+        async with await Store.open(config) as store:
+            assert await store.read("PRAGMA synchronous") == [(level,)]
+            assert await store.read("PRAGMA busy_timeout") == [(2500,)]
 
     async def test_an_old_schema_is_migrated_forward_keeping_rows(
             self, store_config: StoreConfig) -> None:
