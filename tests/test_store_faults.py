@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pigateway.config import StoreConfig
-from pigateway.errors import StoreError, StoreFull
+from pigateway.errors import StoreCorrupt, StoreError, StoreFull
 from pigateway.store import MIGRATIONS, NewCommand, Store
 
 PAGE = 4096
@@ -295,3 +295,23 @@ async def test_a_read_only_file_system_is_a_store_error(small_disk: Path) -> Non
         with pytest.raises(StoreError):
             await Store.open(broken, drainer=drainer)
     assert broken.path.read_bytes() == b"not a database" * 100
+
+
+async def test_a_producer_leaves_a_bad_file_to_the_running_service(
+        store_config: StoreConfig) -> None:
+    """``pigateway send`` must not move the file from under the service that has it open."""
+    service = await Store.open(store_config)
+    try:
+        await service.put("d", "n")
+        with store_config.path.open("r+b") as handle:  # the card fails under the service
+            handle.write(b"garbage!" * 16)
+        with pytest.raises(StoreCorrupt, match="restarted"):
+            await Store.open(store_config, drainer=False)
+        assert corrupt_files(store_config.path.parent) == []
+    finally:
+        with contextlib.suppress(StoreError):
+            await service.close()
+    store_config.path.write_bytes(b"garbage!" * 512)  # still bad once the service stopped
+    async with await Store.open(store_config, drainer=False) as producer:
+        await producer.put("d", "after")  # no service now: the producer moves it aside
+    assert len(corrupt_files(store_config.path.parent)) == 1

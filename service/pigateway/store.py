@@ -389,6 +389,10 @@ class Store:
         try:
             problem = await asyncio.to_thread(check_integrity, config.path)
             if problem is not None:
+                if not drainer and _drainer_running(config.path):
+                    # moved from under the running service, the file would split in two
+                    raise StoreCorrupt(f"{config.path} failed its integrity check ({problem}); "
+                                       "the running service moves it aside when restarted")
                 quarantine(config.path, problem)
             writer, raw_writer = await _connect(config)
             try:
@@ -1001,6 +1005,21 @@ def _take_drainer_lock(path: Path) -> int:
         raise StoreError(f"another pigateway service is already draining {path} "
                          f"(it holds {lock_path}); stop it first") from exc
     return fd
+
+
+def _drainer_running(path: Path) -> bool:
+    """Whether a service holds the drainer lock of ``path`` right now."""
+    try:
+        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _release_lock(fd: int | None) -> None:
