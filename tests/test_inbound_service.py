@@ -270,3 +270,20 @@ async def test_sigkill_mid_run_every_command_ends_with_exactly_one_result(
     entries = await list_inbox(load(tmp_path / "config.toml"), limit=1000)
     assert sorted(e["id"] for e in entries) == ids
     assert {(e["state"], e["status"]) for e in entries} == {("done", "ok")}
+
+
+async def test_a_bad_device_option_fails_the_start_naming_the_key(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    config = write_config(tmp_path, mosquitto, unique_prefix,
+                          {"porch": {"handler": "gpio", "pinn": 20}})
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pigateway", "run", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(child.communicate(), 30)
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+    assert child.returncode != 0
+    assert b"devices.porch.pin: is required" in out

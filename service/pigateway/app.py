@@ -98,18 +98,17 @@ class Gateway:
         """Open the store and serve until :meth:`stop`; raise the first part's fatal error."""
         async with self.notifier.extending(START_EXTENSION):  # a long integrity check
             store = await Store.open(self.config.store)
-        async with store, self._views():
+        async with store, self._views(), self._inbound(store) as inbound:
             self.store = store
             self.notifier.ready()  # store open and recovered, panel claimed; never the broker
             try:
-                await self._serve(store)
+                await self._serve(store, inbound)
             except BaseExceptionGroup as group:
                 raise _first(group) from group
             finally:
                 self.store = None
 
-    async def _serve(self, store: Store) -> None:
-        inbound = Inbound(self.config, store) if self.config.inbound.enabled else None
+    async def _serve(self, store: Store, inbound: Inbound | None) -> None:
         uplink = Uplink(self.config, store, self.state, policy=self.policy,
                         on_command=None if inbound is None else inbound.accept)
         self.uplink = uplink
@@ -141,6 +140,16 @@ class Gateway:
                            on_flush=self.flush)
         async with self.panel, ControlServer(self.config.control.socket, self):
             yield
+
+    @contextlib.asynccontextmanager
+    async def _inbound(self, store: Store) -> AsyncIterator[Inbound | None]:
+        """Device handlers claim their pins and check their options before READY too, so a
+        bad ``[devices.NAME]`` fails the start instead of the running service."""
+        if not self.config.inbound.enabled:
+            yield None
+            return
+        async with Inbound(self.config, store) as inbound:
+            yield inbound
 
     async def _keep_stats(self, store: Store) -> None:
         """Mirror the queue's depth, oldest age and dead letters into the state."""
