@@ -311,11 +311,13 @@ def quarantine(path: Path, why: str) -> Path:
         target = path.with_name(f"{path.name}.corrupt-{stamp}-{counter}")
         counter += 1
     try:
-        path.rename(target)
+        # the -wal first: left behind by a crash between the renames, it would be
+        # replayed into the fresh file; a main file left behind is just checked again
         for suffix in ("-wal", "-shm"):
             side = path.with_name(path.name + suffix)
             if side.exists():
                 side.rename(target.with_name(target.name + suffix))
+        path.rename(target)
     except OSError as exc:
         raise StoreCorrupt(f"{path} failed its integrity check ({why}) and cannot be moved "
                            f"aside: {exc}") from exc
