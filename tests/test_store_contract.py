@@ -450,6 +450,8 @@ class TestStoreContract:
 
     async def test_wait_for_work_wakes_on_a_put_by_another_process(self, store: Store) -> None:
         waiter = asyncio.create_task(store.wait_for_work(60))
+        await asyncio.sleep(0.2)
+        assert not waiter.done()
         child = await asyncio.create_subprocess_exec(
             sys.executable, str(HELPERS / "put_one.py"), str(store.path),
             stdout=asyncio.subprocess.PIPE)
