@@ -6,6 +6,7 @@ import asyncio
 import logging
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from gpiozero.pins.mock import MockFactory
 from broker import Mosquitto, mosquitto_binary
 from pigateway.config import Config, DeviceConfig, from_dict
 from pigateway.errors import ConfigError, InvalidCommand
-from pigateway.handlers import Handler, Request, available, build
+from pigateway.handlers import Handler, Request, available, build, check
 from pigateway.handlers.gpio import GpioHandler
 from pigateway.handlers.log import LogHandler
 
@@ -278,3 +279,29 @@ async def test_mqtt_handler_reads_its_password_from_a_systemd_credential(
         with pytest.raises(ConfigError) as caught:
             make(devices, "hall")
     assert caught.value.key == "devices.hall.password_credential"
+
+
+def test_check_validates_every_device_without_claiming_pins(pins: MockFactory) -> None:
+    good = config_with({"porch": {"handler": "gpio", "pin": 20}, "probe": {"handler": "log"},
+                        "bulb": {"handler": "mqtt", "port": 1}})
+    check(good)
+    from gpiozero import DigitalOutputDevice  # noqa: PLC0415
+
+    DigitalOutputDevice(20, pin_factory=pins).close()  # the pin is still free
+    for devices, key in [({"porch": {"handler": "gpio"}}, "devices.porch.pin"),
+                         ({"probe": {"handler": "log", "lvl": 1}}, "devices.probe.lvl"),
+                         ({"bulb": {"handler": "mqtt", "topic": "#"}}, "devices.bulb.topic"),
+                         ({"x": {"handler": "nope"}}, "devices.x.handler")]:
+        with pytest.raises(ConfigError) as caught:
+            check(config_with(devices))
+        assert caught.value.key == key
+
+
+def test_config_check_names_a_bad_device_option(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('gateway_id = "gw"\n[devices.hall]\nhandler = "mqtt"\nprot = 1883\n')
+    done = subprocess.run([sys.executable, "-m", "pigateway", "config", "check", "--config",
+                           str(config)], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 2
+    assert "devices.hall.prot: unknown option for handler 'mqtt'" in done.stderr

@@ -211,7 +211,10 @@ async def cmd_queue_purge(args: argparse.Namespace) -> int:
 
 
 async def cmd_config_check(args: argparse.Namespace) -> int:
+    from pigateway import handlers  # noqa: PLC0415
+
     config = _load(args)
+    handlers.check(config)  # device options too, without touching a pin or a broker
     print(f"# {config.source}: valid")
     print(json.dumps(config.as_dict(), indent=2, default=str))
     return EXIT_OK

@@ -36,6 +36,7 @@ __all__ = [
     "Request",
     "available",
     "build",
+    "check",
 ]
 
 ENTRY_POINT_GROUP = "pigateway.handlers"
@@ -87,6 +88,18 @@ def _lazy(load: Callable[[], Any]) -> HandlerFactory:
         handler: Handler = load()(device, config)
         return handler
 
+    factory.load = load  # type: ignore[attr-defined]  # for check(): the real class
+    return factory
+
+
+def _factory(device: DeviceConfig,
+             factories: Mapping[str, HandlerFactory] | None) -> HandlerFactory:
+    known = dict(factories) if factories is not None else available()
+    factory = known.get(device.handler)
+    if factory is None:
+        names = ", ".join(sorted(known)) or "(none installed)"
+        raise ConfigError(f"devices.{device.name}.handler",
+                          f"unknown handler {device.handler!r}; installed: {names}")
     return factory
 
 
@@ -94,13 +107,19 @@ def build(device: DeviceConfig, config: Config,
           factories: Mapping[str, HandlerFactory] | None = None) -> Handler:
     """Make the handler of ``device``; a bad handler name or option is a :class:`ConfigError`
     naming ``devices.NAME.KEY``."""
-    known = dict(factories) if factories is not None else available()
-    factory = known.get(device.handler)
-    if factory is None:
-        names = ", ".join(sorted(known)) or "(none installed)"
-        raise ConfigError(f"devices.{device.name}.handler",
-                          f"unknown handler {device.handler!r}; installed: {names}")
-    return factory(device, config)
+    return _factory(device, factories)(device, config)
+
+
+def check(config: Config, factories: Mapping[str, HandlerFactory] | None = None) -> None:
+    """Validate every device's handler name and options without touching a pin or a network
+    (for ``pigateway config check``). A handler class may offer ``check(device, config)``;
+    one without it is only checked by name here, and fully at the service's start."""
+    for device in config.devices.values():
+        factory = _factory(device, factories)
+        target = factory.load() if hasattr(factory, "load") else factory
+        checker = getattr(target, "check", None)
+        if callable(checker):
+            checker(device, config)
 
 
 class Options:

@@ -63,12 +63,7 @@ class GpioHandler:
     """One output pin; see the module docstring for its commands."""
 
     def __init__(self, device: DeviceConfig, config: Config) -> None:
-        options = Options(device)
-        pin = options.integer("pin", REQUIRED, low=0, high=53)
-        active_high = options.flag("active_high", True)
-        initial = options.choice("initial", False, INITIAL)
-        options.finish()
-        _check_panel_pins(options.key("pin"), pin, config.gpio)
+        pin, active_high, initial = self.check(device, config)
         self.name = device.name
         self.max_pulse = min(MAX_PULSE, config.inbound.handler_timeout)
         self._toggled: OrderedDict[str, bool] = OrderedDict()
@@ -77,7 +72,19 @@ class GpioHandler:
                                               initial_value=initial,
                                               pin_factory=pin_factory(config.gpio))
         except GPIOZeroError as exc:
-            raise ConfigError(options.key("pin"), f"cannot use pin {pin}: {exc}") from exc
+            raise ConfigError(f"devices.{device.name}.pin", f"cannot use pin {pin}: {exc}") \
+                from exc
+
+    @staticmethod
+    def check(device: DeviceConfig, config: Config) -> tuple[int, bool, bool | None]:
+        """The options (pin, active_high, initial), checked without claiming the pin."""
+        options = Options(device)
+        pin = options.integer("pin", REQUIRED, low=0, high=53)
+        active_high = options.flag("active_high", True)
+        initial = options.choice("initial", False, INITIAL)
+        options.finish()
+        _check_panel_pins(options.key("pin"), pin, config.gpio)
+        return pin, active_high, initial
 
     async def run(self, request: Request) -> Any:
         action = ACTIONS.get(request.name)

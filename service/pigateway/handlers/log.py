@@ -24,10 +24,16 @@ class LogHandler:
     """Records every command at the configured level, with ``command_id`` and ``device``."""
 
     def __init__(self, device: DeviceConfig, config: Config) -> None:
-        options = Options(device)
         self.device = device.name
-        self.level = options.choice("level", logging.INFO, LEVELS)
+        self.level = self.check(device, config)
+
+    @staticmethod
+    def check(device: DeviceConfig, config: Config) -> int:
+        """The log level from the options (``pigateway config check`` calls this alone)."""
+        options = Options(device)
+        level = options.choice("level", logging.INFO, LEVELS)
         options.finish()
+        return level
 
     async def run(self, request: Request) -> Any:
         log.log(self.level, "command %s for %s: %s %s (attempt %d)", request.id, request.device,

@@ -38,6 +38,11 @@ QOS = {"0": 0, "1": 1, "2": 2}
 class MqttHandler:
     """Publishes each command's params to a topic made from the template."""
 
+    @classmethod
+    def check(cls, device: DeviceConfig, config: Config) -> None:
+        """Building one connects nowhere (the connection opens at the first command)."""
+        cls(device, config)
+
     def __init__(self, device: DeviceConfig, config: Config) -> None:
         options = Options(device)
         self.template = options.text("topic", DEFAULT_TOPIC)
