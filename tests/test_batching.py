@@ -251,5 +251,8 @@ async def test_a_claim_cut_off_by_cancellation_is_still_given_back(
             await task
         ids = batcher.give_back()
         assert len(ids) == 50  # recorded although the caller was cancelled
-        await store.nack(ids, "test")
+        await store.release(ids)  # never sent: back at the head, no attempt counted
         assert (await store.stats()).in_flight == 0
+        queued = await store.list_queued(50)
+        assert [c.name for c in queued] == [f"c{n}" for n in range(50)]
+        assert {c.attempts for c in queued} == {0}

@@ -65,6 +65,7 @@ class WorkSource(Protocol[C]):
     """The part of the store the batcher uses (narrow on purpose: tests can read it at a glance)."""
 
     async def claim(self, limit: int) -> list[C]: ...
+    async def release(self, ids: Sequence[str]) -> None: ...
     async def wait_for_work(self, timeout: float) -> None: ...
     async def dead_letter(
         self, ids: Sequence[str], reason: str, detail: str | None = None
@@ -301,7 +302,7 @@ class Batcher(Generic[C]):
         self._interrupt.clear()
 
     def give_back(self) -> list[str]:
-        """Forget the pending rows and return their ids (the caller nacks them)."""
+        """Forget the pending rows and return their ids (the caller releases them)."""
         ids = [command.id for command in self.pending]
         self.pending = []
         return ids

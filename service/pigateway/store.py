@@ -484,6 +484,19 @@ class Store:
         """Put claimed commands back at the head; past ``max_attempts`` they are dead-lettered."""
         await self._call(lambda conn: self._nack(conn, ids, error))
 
+    async def release(self, ids: Sequence[str]) -> None:
+        """Put claimed commands back at the head without counting an attempt.
+
+        For rows a drainer claimed but never sent (its link ended first): they were not
+        tried, so they must not creep towards ``max_attempts``.
+        """
+        def run(conn: sqlite3.Connection) -> None:
+            for chunk in _chunks(list(ids), 500):
+                marks = ",".join("?" * len(chunk))
+                conn.execute(f"DELETE FROM inflight WHERE seq IN (SELECT seq FROM outbox "
+                             f"WHERE id IN ({marks}))", chunk)
+        await self._call(run)
+
     async def dead_letter(self, ids: Sequence[str], reason: str,
                           detail: str | None = None) -> None:
         """Move commands to the dead-letter table with a reason; logs one warning line."""
@@ -568,39 +581,16 @@ class Store:
         return await future
 
     async def _write_loop(self) -> None:
+        """Take every job waiting and commit them together: one transaction, one fsync."""
         while True:
-            job = await self._jobs.get()
-            if job is None:
+            jobs = [await self._jobs.get()]
+            while len(jobs) < GROUP_LIMIT and not self._jobs.empty():
+                jobs.append(self._jobs.get_nowait())
+            work = [job for job in jobs if job is not None]
+            if work:
+                await self._commit(work)
+            if len(work) < len(jobs):  # close() asked us to stop
                 return
-            if job.rows is None:
-                await self._run_single(job)
-                continue
-            group = [job]
-            stop = False
-            while len(group) < GROUP_LIMIT and not self._jobs.empty():
-                nxt = self._jobs.get_nowait()
-                if nxt is None:
-                    stop = True
-                    break
-                if nxt.rows is None:
-                    await self._run_puts(group)
-                    group = []
-                    await self._run_single(nxt)
-                    continue
-                group.append(nxt)
-            if group:
-                await self._run_puts(group)
-            if stop:
-                return
-
-    async def _run_single(self, job: _Job) -> None:
-        assert job.run is not None
-        try:
-            result = await self._transaction(job.run)
-        except Exception as exc:
-            _settle(job.future, error=exc)
-        else:
-            _settle(job.future, result=result)
 
     async def _transaction(self, run: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``run(conn)`` as one transaction, wholly on the writer connection's thread.
@@ -613,38 +603,53 @@ class Store:
         """
         return await _on_thread(self._writer, _run_transaction, self._raw_writer, self.path, run)
 
-    async def _run_puts(self, group: list[_Job], *, reclaimed: bool = False) -> None:
-        """Commit a group of puts at once; a job that does not fit fails alone."""
+    async def _commit(self, jobs: list[_Job], *, reclaimed: bool = False) -> None:
+        """Run ``jobs`` in one transaction and hand each caller its own outcome."""
         try:
-            outcomes = await self._transaction(lambda conn: self._insert_group(conn, group))
-        except StoreFull as exc:
-            if not reclaimed:
-                # the WAL keeps space the file system counts as used: hand it back, try again
-                await _on_thread(self._writer, _truncate_wal, self._raw_writer)
-                await self._run_puts(group, reclaimed=True)
-                return
-            for job in group:
-                _settle(job.future, error=exc)
-            return
-        except StoreError as exc:
-            if len(group) > 1:
-                # one bad job (a duplicate id, a failing ``also``) must not spoil the
-                # commit it shares: retry each on its own, so only the culprit fails
-                for job in group:
-                    await self._run_puts([job])
-                return
-            for job in group:
-                _settle(job.future, error=exc)
-            return
-        except Exception as exc:
-            for job in group:
-                _settle(job.future, error=exc)
-            return
-        for job, outcome in zip(group, outcomes, strict=True):
-            if isinstance(outcome, Exception):
+            outcomes = await self._transaction(lambda conn: self._run_jobs(conn, jobs))
+        except Exception as exc:  # the commit itself failed: none of it happened
+            outcomes = [exc] * len(jobs)
+        full = [job for job, out in zip(jobs, outcomes, strict=True)
+                if isinstance(out, StoreFull)]
+        if full and not reclaimed:
+            # the WAL keeps space the file system counts as used: hand it back, try again
+            await _on_thread(self._writer, _truncate_wal, self._raw_writer)
+            await self._commit(full, reclaimed=True)
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            if full and not reclaimed and isinstance(outcome, StoreFull):
+                continue  # settled by the retry
+            if isinstance(outcome, BaseException):
                 _settle(job.future, error=outcome)
             else:
                 _settle(job.future, result=outcome)
+
+    def _run_jobs(self, conn: sqlite3.Connection, jobs: list[_Job]) -> list[Any]:
+        """Each job's result or error, in order; consecutive puts share one insert."""
+        outcomes: list[Any] = []
+        for segment in _segments(jobs):
+            outcomes += self._run_segment(conn, segment)
+        return outcomes
+
+    def _run_segment(self, conn: sqlite3.Connection, segment: list[_Job]) -> list[Any]:
+        """One savepoint: a failing job is undone alone and the others still commit.
+
+        A group of puts that fails as a whole (a duplicate id, a failing ``also``) is tried
+        again put by put, so only the culprit fails.
+        """
+        conn.execute("SAVEPOINT job")
+        try:
+            if segment[0].run is not None:
+                outcomes: list[Any] = [segment[0].run(conn)]
+            else:
+                outcomes = list(self._insert_group(conn, segment))
+        except Exception as exc:
+            conn.execute("ROLLBACK TO job")
+            conn.execute("RELEASE job")
+            if len(segment) > 1:
+                return [out for job in segment for out in self._run_segment(conn, [job])]
+            return [_translate(exc, self.path) if isinstance(exc, sqlite3.Error) else exc]
+        conn.execute("RELEASE job")
+        return outcomes
 
     def _check_disk(self, conn: sqlite3.Connection) -> None:
         """Keep ``min_free_bytes`` free; pages free inside the file count as free.
@@ -985,6 +990,21 @@ def _settle(future: asyncio.Future[Any], *, result: Any = None,
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+def _segments(jobs: list[_Job]) -> Iterable[list[_Job]]:
+    """Consecutive puts together (one insert for all), every other job alone."""
+    run: list[_Job] = []
+    for job in jobs:
+        if job.rows is not None:
+            run.append(job)
+            continue
+        if run:
+            yield run
+            run = []
+        yield [job]
+    if run:
+        yield run
 
 
 def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:

@@ -632,14 +632,21 @@ class Uplink:
             await self._publish(client, topic(self.config, "state"), OFFLINE, retain=True)
 
     async def _give_back(self, why: str) -> None:
-        """Nack every row this link claimed but the broker did not acknowledge."""
-        ids = [i for batch in self.outstanding.values() for i in batch.ids]
-        ids += self.batcher.give_back()
+        """Put back every row this link claimed but the broker did not acknowledge.
+
+        Rows that were published count an attempt (``nack``); rows only claimed do not.
+        """
+        sent = [i for batch in self.outstanding.values() for i in batch.ids]
+        unsent = self.batcher.give_back()
         self.outstanding.clear()
         self._settled.set()
-        if ids:
-            await self.store.nack(ids, why)
-            log.info("uplink: %d command(s) back at the head of the queue (%s)", len(ids), why)
+        if unsent:
+            await self.store.release(unsent)
+        if sent:
+            await self.store.nack(sent, why)
+        if sent or unsent:
+            log.info("uplink: %d command(s) back at the head of the queue (%s)",
+                     len(sent) + len(unsent), why)
 
 
 def _worth_retrying(exc: BaseException) -> bool:
