@@ -207,6 +207,16 @@ async def test_the_window_starts_at_the_first_command_and_is_not_reset(
         assert late.id not in batch.ids
 
 
+async def test_a_wall_clock_set_back_does_not_hold_the_batch(store_config: StoreConfig) -> None:
+    async with await Store.open(store_config) as store:
+        batcher = Batcher(store, RULES, batch_delay=0.2,
+                          clock=lambda: time.time() - 3600)  # the clock went back an hour
+        await store.put("a", "go")
+        async with asyncio.timeout(5):
+            batch = await batcher.next_batch()
+        assert batch is not None and [c.name for c in batch.commands] == ["go"]
+
+
 async def test_flush_ends_the_window_and_interrupt_returns_none(
         store_config: StoreConfig) -> None:
     async with await Store.open(store_config) as store:

@@ -335,11 +335,14 @@ class Batcher(Generic[C]):
             if not await self._claim():
                 self._flush.clear()
                 await self._wait(self.idle_poll)
-        deadline = min(c.queued_at for c in self.pending) + self.batch_delay
+        # the window is counted on the monotonic clock: a wall clock set back (a Pi without
+        # an RTC meeting NTP) must not hold a batch for the size of the jump
+        age = max(0.0, self.clock() - min(c.queued_at for c in self.pending))
+        deadline = time.monotonic() + max(0.0, self.batch_delay - age)
         while not self._flush.is_set() and not self._full():
             if self._interrupt.is_set():
                 return False
-            left = deadline - self.clock()
+            left = deadline - time.monotonic()
             if left <= 0:
                 break
             await self._wait(left)
