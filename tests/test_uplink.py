@@ -252,3 +252,20 @@ async def test_the_retained_state_is_refreshed_while_online(
     assert {"v", "gateway", "version", "link", "depth", "dead_letters", "uptime"} <= set(
         documents[0])
     assert sub.states[-1] == "offline"  # said by the gateway itself on a clean stop
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_commands_sent_while_the_gateway_is_away_arrive_on_its_session(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str, protocol: str) -> None:
+    taken: list[bytes] = []
+
+    async def on_command(payload: bytes) -> None:
+        taken.append(payload)
+
+    cfg = make_config(tmp_path, mosquitto.port, unique_prefix, mqtt={"protocol": protocol})
+    async with running_uplink(cfg, on_command=on_command) as run:
+        assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
+    async with Client("127.0.0.1", mosquitto.port) as cloud:  # the gateway is away now
+        await cloud.publish(topic(cfg, "commands"), b'{"v":1,"id":"while-away"}', qos=1)
+    async with running_uplink(cfg, on_command=on_command) as run:
+        assert await wait_until(lambda: taken == [b'{"v":1,"id":"while-away"}'], 10)
