@@ -37,8 +37,10 @@ def password_file(path: Path, user: str, password: str) -> Path:
     return path
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 async def test_refused_login_is_a_named_fault_retried_at_the_cap(
-        tmp_path: Path, unique_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, unique_prefix: str, monkeypatch: pytest.MonkeyPatch,
+        protocol: str) -> None:
     if shutil.which("mosquitto_passwd") is None:
         pytest.skip("mosquitto_passwd is not installed")
     passwords = password_file(tmp_path / "passwd", "gw", "right-secret")
@@ -53,7 +55,8 @@ async def test_refused_login_is_a_named_fault_retried_at_the_cap(
 
     with broker:
         cfg = make_config(tmp_path, broker.port, unique_prefix, backoff_max=5.0,
-                          mqtt={"username": "gw", "password_file": str(wrong)})
+                          mqtt={"username": "gw", "password_file": str(wrong),
+                                "protocol": protocol})
         policy = reconnect_policy(cfg.uplink).copy(sleep=sleep)
         async with running_uplink(cfg, policy=policy) as run:
             await run.store.put("lock", "close")
