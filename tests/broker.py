@@ -49,6 +49,10 @@ class Mosquitto:
     def host(self) -> str:
         return "127.0.0.1"
 
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
     def write_config(self) -> Path:
         lines = [
             f"listener {self.port} 127.0.0.1",
@@ -81,7 +85,7 @@ class Mosquitto:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"mosquitto exited: {self.log_path.read_text()[-2000:]}")
-            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), 0.2):
+            with contextlib.suppress(OSError), socket.create_connection(self.address, 0.2):
                 return
             time.sleep(0.05)
         self.kill()

@@ -11,9 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from broker import Mosquitto, mosquitto_binary  # noqa: E402
-
-from pigateway.config import StoreConfig  # noqa: E402
+from broker import Mosquitto, mosquitto_binary
+from pigateway.config import StoreConfig
 
 
 @pytest.fixture
