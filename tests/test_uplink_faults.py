@@ -138,3 +138,19 @@ async def test_offline_start_queues_and_reports_link_state(
         run.uplink.flush()
         assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
         assert await drained(run.store, 10)
+
+
+async def test_an_idle_link_that_goes_silent_is_noticed_by_keepalive(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    """No publish to time out: only MQTT keepalive can tell (mqtt.keepalive = 5 s)."""
+    proxy = await Proxy(mosquitto.port).start()
+    cfg = make_config(tmp_path, proxy.port, unique_prefix)
+    try:
+        async with running_uplink(cfg) as run:
+            assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
+            proxy.blackhole()
+            assert await wait_until(lambda: run.state.link != Link.ONLINE, 3 * 5 + 5)
+            proxy.heal()
+            assert await wait_until(lambda: run.state.link == Link.ONLINE, 20)
+    finally:
+        await proxy.close()
