@@ -218,3 +218,26 @@ def test_awkward_values_survive_rendering(
     config = parse(text)
     assert config.gateway_id == "gw.x_1" and config.store.default_ttl == 0.5
     assert config.mqtt.topic_prefix == "acme/eu"
+
+
+# --------------------------------------------------------------------------- scripts/e2e
+
+
+def test_e2e_scripts_pass_shellcheck(e2e_venv: Path) -> None:
+    done = _run(e2e_venv, "shellcheck", "scripts/e2e", "scripts/e2e-venv", cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(("ci", "code", "word"), [("", 0, "SKIPPED"), ("true", 1, "FAILED")])
+def test_e2e_skips_without_root_but_never_on_ci(ci: str, code: int, word: str) -> None:
+    """Not root: a clear skip by hand, a failure on CI (where it must run)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run scripts/e2e as another user")
+    env = {k: v for k, v in os.environ.items() if k != "CI"} | ({"CI": ci} if ci else {})
+    done = subprocess.run(
+        ["runuser", "-u", "nobody", "--", "bash", str(ROOT / "scripts" / "e2e")],
+        cwd="/", env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == code, done.stderr
+    assert f"e2e: {word}" in done.stderr and "needs root" in done.stderr
