@@ -164,9 +164,9 @@ async def test_a_silent_link_is_noticed_and_nothing_is_deleted_without_puback(
             proxy.blackhole()
             await run.store.put("pump", "start")
             assert await wait_until(lambda: run.state.link != Link.ONLINE, 10)
-            assert "PUBACK" in (run.state.last_error or "")
+            assert await wait_until(lambda: "PUBACK" in (run.state.last_error or ""), 10)
             stats = await run.store.stats()
-            assert stats.depth == 1  # nacked, back at the head: not deleted
+            assert stats.depth == 1 and stats.in_flight == 0  # back at the head, not deleted
             queued = await run.store.list_queued()
             assert queued[0].attempts >= 1
             proxy.heal()

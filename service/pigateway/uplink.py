@@ -230,6 +230,10 @@ class _Client(aiomqtt.Client):
             raise aiomqtt.MqttError("the link dropped before the PUBACK" if lost in done
                                     else f"no PUBACK within {timeout}s")
 
+    def when_lost(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` the moment the connection drops, before any clean-up runs."""
+        self._disconnected.add_done_callback(lambda _: callback())
+
     def ack(self, mid: int, qos: int) -> None:
         """Acknowledge an inbound message (manual ack mode)."""
         self._client.ack(mid, qos)
@@ -255,6 +259,11 @@ async def _enter(client: _Client, bound: float) -> None:
     except TimeoutError:
         client.abort()
         raise UplinkError(f"no CONNACK within {bound:.0f}s") from None
+    except aiomqtt.MqttError as exc:
+        client.abort()
+        if str(exc) == "Operation timed out":  # aiomqtt's own CONNACK wait (its timeout)
+            raise UplinkError(f"no CONNACK within {client.timeout:.0f}s") from exc
+        raise
     except BaseException:
         client.abort()
         raise
@@ -466,6 +475,8 @@ class Uplink:
                  self.config.mqtt.port, client.session_present)
         self._online_since = time.monotonic()
         self.state.update(link=Link.ONLINE, fault=None, retry_at=None)
+        # views learn of a drop at once; handing rows back may wait on a busy disk
+        client.when_lost(lambda: self.state.update(link=Link.OFFLINE))
         try:
             async with asyncio.TaskGroup() as tasks:
                 session = _Session(client, asyncio.Semaphore(self.config.uplink.max_inflight),
