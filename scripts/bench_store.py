@@ -26,7 +26,13 @@ from pigateway.config import StoreConfig
 from pigateway.store import NewCommand, Store
 
 PARAMS = {"level": 80, "note": "x" * 180}  # about 200 bytes of JSON
-WINDOW = float(os.environ.get("BENCH_WINDOW", "2.0"))  # seconds each rate is measured for
+LIMIT = 4_000_000  # the backlogs measured here stay below the queue's bounds
+WINDOW = float(os.environ.get("BENCH_WINDOW", "1.5"))  # seconds each rate is measured for
+
+
+def bench_config(path: Path) -> StoreConfig:
+    """The defaults (synchronous=FULL), with room for the largest backlog measured."""
+    return StoreConfig(path=path, min_free_bytes=0, max_commands=LIMIT, max_bytes=LIMIT * 1024)
 
 
 def io_written() -> int:
@@ -133,22 +139,49 @@ async def fill(store: Store, target: int) -> None:
             print(f"  backlog {depth:,}", file=sys.stderr)
 
 
-async def rates_at(store: Store) -> dict[str, float]:
-    rates = {
-        "put, 1 producer": await one_producer(store),
-        "put, 64 producers": await many_producers(store),
-        "put_many(1000)": await put_many(store),
-    }
-    # claim+ack must not eat into the backlog being measured: put back what it takes
-    depth = (await store.stats()).depth
-    rates["claim+ack"] = await claim_ack(store)
-    await fill(store, depth)
+#: Each rate is the best of this many windows: the figure the code can reach on this
+#: machine, not whatever else the machine was doing in one window.
+REPEATS = 3
+#: Commands queued on top of the backlog for claim+ack to take.
+WORKING_SET = 100_000
+RATES: dict[str, Callable[[Store], Awaitable[float]]] = {
+    "put, 1 producer": one_producer,
+    "put, 64 producers": many_producers,
+    "put_many(1000)": put_many,
+    "claim+ack": claim_ack,
+}
+
+
+async def rates_at(store: Store, backlog: int) -> dict[str, float]:
+    """Every rate at ``backlog`` commands queued (set again before each window)."""
+    rates: dict[str, float] = {}
+    for name, measure in RATES.items():
+        best = 0.0
+        # claim+ack needs something to take: it works on a batch queued behind the backlog
+        level = backlog + (WORKING_SET if measure is claim_ack else 0)
+        for _ in range(REPEATS):
+            await trim(store, level)
+            await fill(store, level)
+            best = max(best, await measure(store))
+        rates[name] = best
     return rates
 
 
-async def bytes_per_command(folder: Path, count: int = 20_000) -> tuple[float, int]:
+async def trim(store: Store, target: int) -> None:
+    """Take the backlog back down to ``target`` (the puts being measured add to it)."""
+    depth = (await store.stats()).depth
+    if target == 0 and depth:
+        await store.purge(queued=True)
+        return
+    while depth > target:
+        claimed = await store.claim(min(5_000, depth - target))
+        await store.ack([c.id for c in claimed])
+        depth -= len(claimed)
+
+
+async def bytes_per_command(folder: Path, count: int = 100_000) -> tuple[float, int]:
     """Bytes written per command over put (64 producers), claim and ack, checkpoints included."""
-    config = StoreConfig(path=folder / "io.db", min_free_bytes=0)
+    config = bench_config(folder / "io.db")
     store = await Store.open(config)
     before = io_written()
     per_producer = count // 64
@@ -180,7 +213,8 @@ def open_and_rss(path: Path) -> dict[str, float]:
         "from pigateway.store import Store\n"
         "async def main():\n"
         "    start = time.perf_counter()\n"
-        f"    store = await Store.open(StoreConfig(path={str(path)!r}, min_free_bytes=0))\n"
+        f"    store = await Store.open(StoreConfig(path={str(path)!r}, min_free_bytes=0,\n"
+        f"        max_commands={LIMIT}, max_bytes={LIMIT * 1024}))\n"
         "    opened = time.perf_counter() - start\n"
         "    stats = await store.stats()\n"
         "    for _ in range(20):\n"
@@ -225,11 +259,11 @@ async def main(quick: bool) -> None:
         print("# store benchmark (synchronous=FULL, ~200-byte params)")
         raw = raw_sqlite_commits(folder)
         pq_put, pq_get = persist_queue_rates(folder)
-        store = await Store.open(StoreConfig(path=folder / "queue.db", min_free_bytes=0))
+        store = await Store.open(bench_config(folder / "queue.db"))
         table: dict[int, dict[str, float]] = {}
         for backlog in backlogs:
             await fill(store, backlog)
-            table[backlog] = await rates_at(store)
+            table[backlog] = await rates_at(store, backlog)
         await store.close()
         top = backlogs[-1]
         opened = open_and_rss(folder / "queue.db")

@@ -63,7 +63,7 @@ MIGRATIONS: list[str] = [
     # 1: the queue
     """
     CREATE TABLE outbox (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        seq INTEGER PRIMARY KEY,  -- no AUTOINCREMENT: it would rewrite a page every commit
         id TEXT NOT NULL UNIQUE,
         kind TEXT NOT NULL,
         device TEXT NOT NULL,
