@@ -269,3 +269,20 @@ async def test_commands_sent_while_the_gateway_is_away_arrive_on_its_session(
         await cloud.publish(topic(cfg, "commands"), b'{"v":1,"id":"while-away"}', qos=1)
     async with running_uplink(cfg, on_command=on_command) as run:
         assert await wait_until(lambda: taken == [b'{"v":1,"id":"while-away"}'], 10)
+
+
+async def test_each_acknowledged_batch_is_logged_with_its_command_ids(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    cfg = make_config(tmp_path, mosquitto.port, unique_prefix, batch_delay=0.2)
+    caplog.set_level("INFO", logger="pigateway.uplink")
+    async with subscribed(mosquitto.port, unique_prefix) as sub, running_uplink(cfg) as run:
+        assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
+        sent = [await run.store.put(f"pump{n % 2}", "set", {"n": n}) for n in range(4)]
+        assert await sub.wait_for(4, 10)
+        assert await wait_until(lambda: run.state.in_flight == 0, 5)
+    records = [r for r in caplog.records if getattr(r, "batch_id", None)]
+    logged = [command_id for r in records for command_id in getattr(r, "command_id", [])]
+    assert sorted(logged) == sorted(c.id for c in sent)
+    assert {r.batch_id for r in records} == {b["batch"] for b in sub.batches}
+    assert all(set(getattr(r, "device", [])) <= {"pump0", "pump1"} for r in records)

@@ -557,6 +557,7 @@ class Uplink:
                 timeout=self.config.uplink.publish_timeout)
             if code is None:
                 await self.store.ack(batch.ids)
+                self._log_delivered(batch)
             else:
                 await self.store.dead_letter(
                     batch.ids, REJECTED, f"PUBACK reason code {code.value}: {code}")
@@ -568,6 +569,18 @@ class Uplink:
             self._show_progress()
             if not self.outstanding:
                 self._settled.set()
+
+    def _log_delivered(self, batch: Batch[Command]) -> None:
+        """One line per acknowledged batch, carrying every command id for the journal.
+
+        ``journalctl -u pigateway COMMAND_ID=...`` finds the batch a command went out in.
+        """
+        devices = sorted({command.device for command in batch.commands})
+        log.info("uplink: batch %s acknowledged by the broker: %d %s for %s", batch.id,
+                 len(batch.commands), batch.kind, ", ".join(devices[:10])
+                 + (f" and {len(devices) - 10} more" if len(devices) > 10 else ""),
+                 extra={"batch_id": batch.id, "command_id": batch.ids, "device": devices,
+                        "queue_depth": self.state.depth})
 
     def _show_progress(self) -> None:
         """``in_flight`` and ``draining`` (rows on their way: in flight or claimed) for views."""
