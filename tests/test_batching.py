@@ -17,11 +17,11 @@ from pigateway.batching import (
     Rules,
     encode_command,
     fits_alone,
-    new_id,
     plan,
     take_batch,
 )
 from pigateway.config import StoreConfig
+from pigateway.ids import new_id
 from pigateway.store import NewCommand, Store
 
 

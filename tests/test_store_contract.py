@@ -25,7 +25,8 @@ import pytest
 
 from pigateway.config import StoreConfig
 from pigateway.errors import InvalidCommand, QueueFull, StoreError
-from pigateway.store import MIGRATIONS, NewCommand, Store, new_id
+from pigateway.ids import new_id
+from pigateway.store import MIGRATIONS, NewCommand, Store
 
 CROCKFORD = set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
 HELPERS = Path(__file__).parent / "helpers"
@@ -89,7 +90,7 @@ class TestStoreContract:
         assert all(len(i) == 26 and set(i) <= CROCKFORD for i in everything)
 
     def test_ids_from_two_processes_never_collide(self) -> None:
-        script = "from pigateway.store import new_id\nfor _ in range(2000): print(new_id())"
+        script = "from pigateway.ids import new_id\nfor _ in range(2000): print(new_id())"
         outputs = [
             subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
             for _ in range(2)

@@ -24,17 +24,16 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
+from pigateway.ids import new_id
+
 WIRE_VERSION = 1
 REASON_TOO_LARGE = "too-large"
 REASON_EXPIRED = "expired"
-
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
 class Queued(Protocol):
@@ -114,13 +113,6 @@ class Take(Generic[C]):
     rest: list[C]
     too_large: list[C] = field(default_factory=list)
     expired: list[C] = field(default_factory=list)
-
-
-def new_id(now: float | None = None) -> str:
-    """A sortable unique id (ULID layout: 48 bits of milliseconds, 80 random bits, 26 chars)."""
-    millis = int((time.time() if now is None else now) * 1000)
-    value = (millis << 80) | int.from_bytes(os.urandom(10), "big")
-    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
 
 
 def _json(value: Any) -> str:

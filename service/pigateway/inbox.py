@@ -21,7 +21,8 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pigateway.store import Store, new_id
+from pigateway.ids import new_id
+from pigateway.store import Store
 
 Statement = tuple[str, Sequence[Any]]
 

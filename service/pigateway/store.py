@@ -23,7 +23,6 @@ import fcntl
 import json
 import logging
 import os
-import secrets
 import sqlite3
 import time
 import typing
@@ -36,6 +35,7 @@ import aiosqlite
 
 from pigateway.config import StoreConfig
 from pigateway.errors import InvalidCommand, QueueFull, StoreCorrupt, StoreError, StoreFull
+from pigateway.ids import new_id
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -205,31 +205,6 @@ class Stats:
 
 # --------------------------------------------------------------------------- ids
 
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-#: Every pair of Crockford characters, so an id is 13 lookups of 10 bits each.
-_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]
-_last_id = [0, 0]  # (ms, random) of the last id made by this process
-
-
-def new_id() -> str:
-    """A ULID: 26 characters of Crockford base32, sortable by creation time.
-
-    48 bits of milliseconds then 80 random bits, so ids are unique across processes.
-    Within one millisecond the random part counts up, so the ids one process makes sort
-    in the order it made them.
-    """
-    ms = time.time_ns() // 1_000_000
-    if ms <= _last_id[0]:
-        ms, rand = _last_id[0], (_last_id[1] + 1) & _RANDOM_MASK
-    else:
-        rand = secrets.randbits(80)
-    _last_id[0], _last_id[1] = ms, rand
-    value = (ms << 80) | rand
-    return "".join([_PAIRS[(value >> shift) & 1023] for shift in _SHIFTS])
-
-
-_SHIFTS = range(120, -10, -10)
-_RANDOM_MASK = (1 << 80) - 1
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
