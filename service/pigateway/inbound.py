@@ -13,7 +13,6 @@ The running side is :mod:`pigateway.workers`; :meth:`Inbound.run` starts it.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -232,9 +231,8 @@ class Inbound:
         self.config = config
         self.store = store
         self.limits = Limits.from_config(config)
-        self.writes = inbox.Writes(store)
         self._last_stamp = 0.0
-        self.pool = WorkerPool(config, store, factories=factories, writes=self.writes)
+        self.pool = WorkerPool(config, store, factories=factories)
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -276,14 +274,14 @@ class Inbound:
         if entry is not None and entry.received_at != now and await self._repeat(entry):
             return
         if entry is not None and entry.received_at != now:  # stale: a new command after all
-            await self.writes.write([inbox.forget(command.id), insert])
+            await self.store.write([inbox.forget(command.id), insert])
         self.pool.wake()
 
     async def _insert_then_find(self, command_id: str,
                                 insert: inbox.Statement) -> inbox.Entry | None:
         """Insert and look the id up at the same time (the read sees the row as it was
         before or after the insert; either way its stamp tells whose it is)."""
-        written = asyncio.ensure_future(self.writes.submit([insert]))
+        written = self.store.submit_write([insert])
         try:
             entry = await inbox.find(self.store, command_id)
         finally:
@@ -316,13 +314,13 @@ class Inbound:
         if exc.command_id is None:
             log.warning("dropped a message on the commands topic (no usable id, so no result "
                         "can answer it): %s", exc.reason)
-            await self.writes.write([inbox.dead_letter(exc.reason, payload, now)])
+            await self.store.write([inbox.dead_letter(exc.reason, payload, now)])
             return
         entry = await inbox.find(self.store, exc.command_id)
         if entry is not None and await self._repeat(entry):
             return
         if entry is not None:  # stale
-            await self.writes.write([inbox.forget(exc.command_id)])
+            await self.store.write([inbox.forget(exc.command_id)])
         log.warning("rejected command %s: %s", exc.command_id, exc.reason,
                     extra={"command_id": exc.command_id})
         document = inbox.result_document(exc.command_id, "rejected", exc.reason, now=now)

@@ -14,10 +14,9 @@ leaves both the result and the record.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,48 +177,6 @@ async def listing(store: Store, limit: int) -> list[Entry]:
         f"SELECT {_COLUMNS} FROM inbox ORDER BY state = 'done', "
         "CASE WHEN state = 'done' THEN -seq ELSE seq END LIMIT ?", (limit,))
     return [_entry(row) for row in rows]
-
-
-class Writes:
-    """Group commit for inbox statements: callers that arrive while a write is in flight
-    share the next transaction, so four lanes marking commands cost one commit, not four.
-
-    (The store groups puts itself; plain statements it runs one job at a time.)
-    """
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self._queue: list[tuple[Sequence[Statement], asyncio.Future[None]]] = []
-        self._lock = asyncio.Lock()
-
-    async def write(self, statements: Sequence[Statement]) -> None:
-        """Durable on return, like :meth:`Store.write`."""
-        await self.submit(statements)
-
-    def submit(self, statements: Sequence[Statement]) -> Awaitable[None]:
-        """Queue ``statements`` now (their place in the order is taken on this call) and
-        return what to await for their commit."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((statements, future))
-        return self._commit(future)
-
-    async def _commit(self, future: asyncio.Future[None]) -> None:
-        async with self._lock:
-            if future.done():  # an earlier holder wrote ours with its own
-                return future.result()
-            batch, self._queue = self._queue, []
-            try:
-                await self.store.write([s for group, _ in batch for s in group])
-            except BaseException as exc:
-                failure = exc if isinstance(exc, Exception) else asyncio.CancelledError()
-                for _, other in batch:
-                    if other is not future and not other.done():
-                        other.set_exception(failure)
-                raise
-            for _, other in batch:
-                if not other.done():
-                    other.set_result(None)
-        return None
 
 
 async def record(store: Store, device: str, document: dict[str, Any],

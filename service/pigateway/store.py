@@ -435,7 +435,7 @@ class Store:
         # bad input fails here, in the caller, before it can spoil a shared commit
         rows = [prepare(item, self.config, now) for item in items]
         future: asyncio.Future[list[Command]] = asyncio.get_running_loop().create_future()
-        await self._enqueue(_Job(run=None, rows=rows, items=items, future=future, also=also))
+        self._enqueue(_Job(run=None, rows=rows, items=items, future=future, also=also))
         result = await future
         self._put_event.set()
         return result
@@ -534,10 +534,16 @@ class Store:
 
     async def write(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
         """Run statements in one durable transaction through the writer."""
+        await self.submit_write(statements)
+
+    def submit_write(self, statements: Sequence[tuple[str, Sequence[Any]]]
+                     ) -> asyncio.Future[None]:
+        """Queue statements now (their place in the commit order is taken on this call);
+        await the returned future for their commit."""
         def run(conn: sqlite3.Connection) -> None:
             for sql, params in statements:
                 conn.execute(sql, params)
-        await self._call(run)
+        return self._submit(run)
 
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run a read-only query on the reader connection."""
@@ -545,15 +551,18 @@ class Store:
 
     # ---- the writer: one task, one connection, one commit for many puts
 
-    async def _enqueue(self, job: _Job) -> None:
+    def _enqueue(self, job: _Job) -> None:
         if self._closed:
             raise StoreError(f"the store {self.path} is closed")
         self._jobs.put_nowait(job)
 
-    async def _call(self, run: Callable[[sqlite3.Connection], T]) -> T:
+    def _submit(self, run: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        await self._enqueue(_Job(run=run, rows=None, future=future))
-        return await future
+        self._enqueue(_Job(run=run, rows=None, future=future))
+        return future
+
+    async def _call(self, run: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._submit(run)
 
     async def _write_loop(self) -> None:
         """Take every job waiting and commit them together: one transaction, one fsync."""

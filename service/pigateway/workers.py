@@ -90,11 +90,9 @@ class WorkerPool:
     """Runs the inbox: see the module docstring."""
 
     def __init__(self, config: Config, store: Store, *,
-                 factories: Mapping[str, HandlerFactory] | None = None,
-                 writes: inbox.Writes | None = None) -> None:
+                 factories: Mapping[str, HandlerFactory] | None = None) -> None:
         self.config = config
         self.store = store
-        self.writes = writes or inbox.Writes(store)
         self.factories = factories
         self.handlers: dict[str, Handler] = {}
         self._slots = asyncio.Semaphore(config.inbound.workers)
@@ -186,7 +184,7 @@ class WorkerPool:
         while True:
             before = time.time() - self.config.inbound.dedupe_window
             try:
-                await self.writes.write([inbox.prune(before)])
+                await self.store.write([inbox.prune(before)])
             except StoreError as exc:
                 log.warning("could not prune finished inbound commands: %s", exc)
             await asyncio.sleep(PRUNE_EVERY)
@@ -238,7 +236,7 @@ class WorkerPool:
     async def _attempt(self, entry: Entry, handler: Handler, attempt: int) -> Any:
         if _expired(entry):
             raise _Expired
-        await self.writes.write([inbox.mark_running(entry.id, attempt, time.time())])
+        await self.store.write([inbox.mark_running(entry.id, attempt, time.time())])
         request = Request(id=entry.id, device=entry.device, name=entry.name,
                           params=entry.params, attempt=attempt)
         timeout = self.config.inbound.handler_timeout
@@ -292,7 +290,7 @@ class WorkerPool:
 
     async def _note(self, statement: inbox.Statement) -> None:
         try:
-            await self.writes.write([statement])
+            await self.store.write([statement])
         except StoreError as exc:  # only bookkeeping: the attempt count is on disk already
             log.warning("could not note a failed attempt: %s", exc)
 
