@@ -62,6 +62,8 @@ class Mosquitto:
             "autosave_interval 1",
             "max_queued_messages 1000000",
             "max_inflight_messages 0",
+            # as a broker for gateways should be: no 40 ms Nagle/delayed-ACK stall per packet
+            "set_tcp_nodelay true",
             "log_dest stderr",
             "log_type error",
             "log_type warning",

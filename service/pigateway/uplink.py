@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import random
+import socket
 import ssl
 import sys
 import time
@@ -237,6 +238,17 @@ class _Client(aiomqtt.Client):
     def ack(self, mid: int, qos: int) -> None:
         """Acknowledge an inbound message (manual ack mode)."""
         self._client.ack(mid, qos)
+
+    def send_at_once(self) -> None:
+        """Turn Nagle's algorithm off on the connection (TCP_NODELAY).
+
+        MQTT packets are small; with Nagle on, a PUBLISH that follows a PUBACK waits for
+        the broker's delayed ACK, 40 ms on Linux, on every command and result.
+        """
+        sock = self._client.socket()
+        if isinstance(sock, socket.socket):  # ssl.SSLSocket is one too
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def abort(self) -> None:
         """Close the socket without a DISCONNECT (a failed or hung connect, a hung exit)."""
@@ -470,6 +482,7 @@ class Uplink:
     # ---- one connection
 
     async def _serve(self, client: _Client) -> None:
+        client.send_at_once()
         self._adopt_packet_limit(client)
         log.info("uplink: online at %s:%d (session present: %s)", self.config.mqtt.host,
                  self.config.mqtt.port, client.session_present)
