@@ -842,7 +842,12 @@ class Store:
         return rows[0]
 
     async def _read_data_version(self) -> int:
-        return int((await self._one("PRAGMA data_version"))[0])
+        """Asked of the writer connection, whose data_version moves only when *another*
+        connection commits: our own claims and acks do not wake :meth:`wait_for_work`.
+        (It runs on the writer's thread between two transactions, never inside one.)"""
+        def read() -> int:
+            return int(self._raw_writer.execute("PRAGMA data_version").fetchone()[0])
+        return await _on_thread(self._writer, read)
 
 
 # --------------------------------------------------------------------------- helpers
