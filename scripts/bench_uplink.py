@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -203,13 +205,11 @@ async def drain_bridge(folder: Path, count: int) -> float:
 # --------------------------------------------------------------------------- latency
 
 
-async def online_latency(folder: Path, seconds: float,
-                         per_second: int = 100) -> tuple[list[float], list[float]]:
-    """Latency to receipt at a subscriber from the put call, and from its return (durable).
-
-    ``per_second`` puts for ``seconds``; the first includes the synchronous commit.
-    """
-    count = int(seconds * per_second)
+@contextlib.asynccontextmanager
+async def online_uplink(folder: Path, count: int,
+                        seconds: float) -> AsyncIterator[tuple[Store, Receiver, Path]]:
+    """A broker, a receiver expecting ``count`` commands, and a store drained by an uplink
+    that is online; the uplink is stopped on the way out."""
     with broker(folder / "broker") as mosq:
         cfg = gateway_config(folder, mosq.port)
         receiver = Receiver(mosq.port, f"{PREFIX}/{GATEWAY}/actions", count, "latency",
@@ -220,18 +220,31 @@ async def online_latency(folder: Path, seconds: float,
             task = asyncio.create_task(uplink.run())
             while state.link != Link.ONLINE:  # noqa: ASYNC110 (the state wakes on any change)
                 await asyncio.sleep(0.05)
-            start = time.monotonic()
-            called: dict[str, float] = {}
-            durable: dict[str, float] = {}
-            for n in range(count):
-                await asyncio.sleep(max(0.0, start + n / per_second - time.monotonic()))
-                before = time.time()
-                command = await store.put(f"device{n % DEVICES:02d}", "set", PARAMS)
-                called[command.id], durable[command.id] = before, time.time()
-            seen = await asyncio.to_thread(receiver.result, 70)
-            await uplink.stop(5)
-            await asyncio.wait({task}, timeout=5)
-            task.cancel()
+            try:
+                yield store, receiver, cfg.store.path
+            finally:
+                await uplink.stop(5)
+                await asyncio.wait({task}, timeout=5)
+                task.cancel()
+
+
+async def online_latency(folder: Path, seconds: float,
+                         per_second: int = 100) -> tuple[list[float], list[float]]:
+    """Latency to receipt at a subscriber from the put call, and from its return (durable).
+
+    ``per_second`` puts for ``seconds``; the first includes the synchronous commit.
+    """
+    count = int(seconds * per_second)
+    async with online_uplink(folder, count, seconds) as (store, receiver, _):
+        start = time.monotonic()
+        called: dict[str, float] = {}
+        durable: dict[str, float] = {}
+        for n in range(count):
+            await asyncio.sleep(max(0.0, start + n / per_second - time.monotonic()))
+            before = time.time()
+            command = await store.put(f"device{n % DEVICES:02d}", "set", PARAMS)
+            called[command.id], durable[command.id] = before, time.time()
+        seen = await asyncio.to_thread(receiver.result, 70)
     arrivals: dict[str, float] = seen["arrivals"]
     return (sorted(arrivals[i] - called[i] for i in arrivals),
             sorted(arrivals[i] - durable[i] for i in arrivals))
@@ -255,23 +268,11 @@ async def other_process_latency(folder: Path, seconds: float,
                                 per_second: int = 100) -> list[float]:
     """Latency from the put call in another process (like ``pigateway send``) to receipt."""
     count = int(seconds * per_second)
-    with broker(folder / "broker") as mosq:
-        cfg = gateway_config(folder, mosq.port)
-        receiver = Receiver(mosq.port, f"{PREFIX}/{GATEWAY}/actions", count, "latency",
-                            seconds + 60)
-        async with await Store.open(cfg.store) as store:
-            state = GatewayState()
-            uplink = Uplink(cfg, store, state)
-            task = asyncio.create_task(uplink.run())
-            while state.link != Link.ONLINE:  # noqa: ASYNC110 (the state wakes on any change)
-                await asyncio.sleep(0.05)
-            producer = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", PRODUCER, str(cfg.store.path), str(count), str(per_second))
-            await producer.wait()
-            seen = await asyncio.to_thread(receiver.result, 70)
-            await uplink.stop(5)
-            await asyncio.wait({task}, timeout=5)
-            task.cancel()
+    async with online_uplink(folder, count, seconds) as (_, receiver, path):
+        producer = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", PRODUCER, str(path), str(count), str(per_second))
+        await producer.wait()
+        seen = await asyncio.to_thread(receiver.result, 70)
     return sorted(seen["delays"])
 
 
