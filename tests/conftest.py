@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import uuid
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from broker import Mosquitto, mosquitto_binary
 from pigateway.config import StoreConfig
+from sockets import short_dir
 
 
 @pytest.fixture
@@ -22,6 +24,14 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
         pytest.skip("mosquitto is not installed; scripts/test installs it")
     with Mosquitto(tmp_path / "broker") as broker:
         yield broker
+
+
+@pytest.fixture
+def folder() -> Iterator[Path]:
+    """A folder with a short path: unix socket paths are limited to 108 bytes."""
+    path = short_dir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

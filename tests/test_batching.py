@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -266,3 +267,14 @@ async def test_a_claim_cut_off_by_cancellation_is_still_given_back(
         queued = await store.list_queued(50)
         assert [c.name for c in queued] == [f"c{n}" for n in range(50)]
         assert {c.attempts for c in queued} == {0}
+
+
+async def test_cancelling_a_waiting_batcher_cancels_it(store_config: StoreConfig) -> None:
+    async with await Store.open(store_config) as store:
+        batcher = Batcher(store, RULES, batch_delay=0.04, idle_poll=30.0)
+        waiting = asyncio.create_task(batcher.next_batch())
+        await asyncio.sleep(0.1)  # idle: inside the wait for work
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(waiting, 2)
+        assert waiting.cancelled()

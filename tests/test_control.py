@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import socket
 import stat
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ from pigateway import control
 from pigateway.control import ControlServer, request
 from pigateway.errors import ControlError, ServiceNotRunning, StoreFull
 from pigateway.state import GatewayState
-from sockets import short_dir
 
 
 class Switchboard:
@@ -43,13 +41,6 @@ class Switchboard:
     def _maybe_fail(self) -> None:
         if self.fail_with is not None:
             raise self.fail_with
-
-
-@pytest.fixture
-def folder() -> Iterator[Path]:
-    path = short_dir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pigateway.control import request
-from sockets import DatagramListener, short_dir
+from sockets import DatagramListener
 
 PIGATEWAY = Path(sys.executable).parent / "pigateway"
 WATCHDOG_USEC = 1_000_000  # pings every 0.5 s
@@ -83,13 +82,6 @@ def notify() -> Iterator[DatagramListener]:
     listener = DatagramListener("notify.sock")
     yield listener
     listener.close()
-
-
-@pytest.fixture
-def folder() -> Iterator[Path]:
-    path = short_dir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -375,8 +375,9 @@ class Batcher(Generic[C]):
         finally:
             for task in waiters:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            # asyncio.wait, not await: suppressing CancelledError here could swallow a
+            # cancel meant for us (pause, stop) on Python 3.11
+            await asyncio.wait(waiters)
 
     async def _discard(self, take: Take[C]) -> None:
         if take.too_large:

@@ -317,10 +317,12 @@ class Panel:
     # ---------------------------------------------------------------- showing the state
 
     async def _follow(self) -> None:
+        seen = self.state.version
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(FOLLOW_TICK):  # not wait_for: 3.11's can lose a cancel
-                    await self.state.changed()
+                    # since=: a change made while we were showing the last one is not missed
+                    seen = await self.state.changed(since=seen)
             self._show(pattern_for(self.state))
 
     def _show(self, pattern: PanelPattern) -> None:

@@ -243,6 +243,7 @@ async def _keep_status(notifier: Notifier, state: GatewayState) -> None:
     loop = asyncio.get_running_loop()
     last = ""
     while True:
+        seen = state.version
         line = status_line(state)
         sent_at = loop.time()
         if line != last:
@@ -250,7 +251,7 @@ async def _keep_status(notifier: Notifier, state: GatewayState) -> None:
             last = line
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STATUS_MIN_GAP):  # not wait_for: 3.11's can lose a cancel
-                await state.changed()
+                await state.changed(since=seen)  # a change made meanwhile is not missed
         await asyncio.sleep(max(0.0, sent_at + STATUS_MIN_GAP - loop.time()))
 
 
