@@ -36,3 +36,38 @@ def test_readme_led_legend_is_the_panel_table() -> None:
 
     readme = (ROOT / "README.md").read_text()
     assert "\n".join(legend()) in readme, "README's LED legend differs from panel.RULES"
+
+
+#: A Markdown link: [text](target), where target is not a web address.
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _markdown_files() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+            *sorted((ROOT / "ansible").rglob("README.md"))]
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings."""
+    anchors = set()
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
+def test_every_link_in_the_docs_resolves_inside_the_clone() -> None:
+    """A user's clone is all there is: no link may leave it or name a missing file/heading."""
+    broken = []
+    for page in _markdown_files():
+        for target in _LINK.findall(page.read_text()):
+            if re.match(r"^[a-z]+:", target):  # https:, mailto:
+                continue
+            file_part, _, anchor = target.partition("#")
+            where = (page.parent / file_part).resolve() if file_part else page
+            if not where.is_relative_to(ROOT) or not where.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+            elif anchor and where.suffix == ".md" and anchor not in _anchors(where):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert broken == []
