@@ -267,9 +267,11 @@ class Inbound:
             await self._reject(exc, payload)
             return
         now = self._stamp()
-        expires_at = None if command.ttl is None else now + command.ttl
+        # on the gateway clock, which a wall-clock step (NTP at boot) does not move
+        expires_at = None if command.ttl is None else self.store.clock.deadline(command.ttl)
         insert = inbox.insert_pending(command.id, command.device, command.name,
-                                      command.params, expires_at=expires_at, now=now)
+                                      command.params, expires_at=expires_at, now=now,
+                                      ttl=command.ttl)
         entry = await self._insert_then_find(command.id, insert)
         if entry is not None and entry.received_at != now and await self._repeat(entry):
             return
@@ -332,4 +334,5 @@ class Inbound:
 async def list_inbox(config: Config, limit: int = 100) -> list[dict[str, Any]]:
     """Pending, running and recently finished commands, for ``pigateway inbox ls``."""
     async with await Store.open(config.store, drainer=False) as store:
-        return [entry.as_dict() for entry in await inbox.listing(store, limit)]
+        return [{**entry.as_dict(), "expires_at": store.clock.to_wall(entry.expires_at)}
+                for entry in await inbox.listing(store, limit)]

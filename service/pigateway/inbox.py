@@ -30,7 +30,7 @@ NO_DEVICE = "-"
 _MAX_DEVICE = 128
 
 _COLUMNS = ("seq, id, device, name, params, received_at, expires_at, state, attempts, "
-            "started_at, last_error, status, result, finished_at")
+            "started_at, last_error, status, result, finished_at, ttl")
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Entry:
     name: str
     params: dict[str, Any]
     received_at: float
-    expires_at: float | None
+    expires_at: float | None  # on the store's gateway clock (pigateway.clock), not the wall's
     state: str
     attempts: int
     started_at: float | None
@@ -51,6 +51,7 @@ class Entry:
     status: str | None
     result: dict[str, Any] | None
     finished_at: float | None
+    ttl: float | None = None  # as the command came (None also for rows of before migration 3)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready, for ``pigateway inbox ls --json``."""
@@ -65,12 +66,12 @@ class Entry:
 
 def _entry(row: Sequence[Any]) -> Entry:
     (seq, id_, device, name, params, received_at, expires_at, state, attempts, started_at,
-     last_error, status, result, finished_at) = row
+     last_error, status, result, finished_at, ttl) = row
     return Entry(seq=seq, id=id_, device=device, name=name, params=json.loads(params),
                  received_at=received_at, expires_at=expires_at, state=state,
                  attempts=attempts, started_at=started_at, last_error=last_error,
                  status=status, result=None if result is None else json.loads(result),
-                 finished_at=finished_at)
+                 finished_at=finished_at, ttl=ttl)
 
 
 def _json(value: Any) -> str:
@@ -98,10 +99,11 @@ def outbox_device(device: Any) -> str:
 
 
 def insert_pending(command_id: str, device: str, name: str, params: dict[str, Any], *,
-                   expires_at: float | None, now: float) -> Statement:
-    return ("INSERT INTO inbox (id, device, name, params, received_at, expires_at) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-            (command_id, device, name, _json(params), now, expires_at))
+                   expires_at: float | None, now: float, ttl: float | None = None) -> Statement:
+    """``now`` (wall clock) is ``received_at``; ``expires_at`` is on the gateway clock."""
+    return ("INSERT INTO inbox (id, device, name, params, received_at, expires_at, ttl) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            (command_id, device, name, _json(params), now, expires_at, ttl))
 
 
 def insert_done(command_id: str, device: str, name: str, document: dict[str, Any],
