@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pigateway import clock
+from pigateway import clock, inbox
 from pigateway.batching import Batcher, Rules
 from pigateway.config import StoreConfig
 from pigateway.handlers import Request
@@ -317,7 +317,60 @@ async def test_existing_deadlines_keep_their_meaning_after_the_migration(
         conn.execute("INSERT INTO outbox (id, kind, device, name, params, size, queued_at, "
                      "expires_at) VALUES ('old', 'action', 'lamp', 'on', '{}', 2, ?, ?)",
                      (now, now + 60))
+        for id_, finished_at in (("done-long-ago", now - 100), ("done-now", now)):
+            conn.execute("INSERT INTO inbox (id, device, name, params, received_at, state, "
+                         "finished_at) VALUES (?, 'lamp', 'on', '{}', ?, 'done', ?)",
+                         (id_, finished_at, finished_at))
         conn.commit()
     async with opened(store_config) as store:
         assert store.clock.now() == pytest.approx(time.time(), abs=1)
         assert await claimed_ids(store) == ["old"]
+        await store.write([inbox.prune(store.clock.now() - 50)])
+        assert [row[0] for row in await store.read("SELECT id FROM inbox")] == ["done-now"]
+
+
+# --------------------------------------------------------------------------- the dedupe window
+
+
+async def test_a_redelivery_after_a_step_forward_is_still_a_repeat(
+        tmp_path: Path, wall: Wall) -> None:
+    lamp = Scripted(lambda r: None)
+    async with running(make_config(tmp_path, ["a"]), {"a": lamp}) as (inbound, store):
+        await inbound.accept(command("c1"))
+        await results(store, 1)
+        wall.step = YEAR  # NTP answers; the broker redelivers (PUBACK lost)
+        await inbound.accept(command("c1"))
+        answers = await results(store, 2)
+    assert [a["status"] for a in answers] == ["ok", "ok"]  # the record, sent again
+    assert [r.id for _, r in lamp.calls] == ["c1"]  # run once
+
+
+async def test_a_step_forward_does_not_prune_the_dedupe_records(
+        tmp_path: Path, wall: Wall) -> None:
+    config = make_config(tmp_path, ["a"])
+    lamp = Scripted(lambda r: None)
+    async with opened(config.store) as store:
+        async with running(config, {"a": lamp}, store) as (inbound, _):
+            await inbound.accept(command("c1"))
+            await results(store, 1)
+        wall.step = YEAR
+        async with running(config, {"a": lamp}, store) as (inbound, _):  # prunes as it starts
+            await asyncio.sleep(0.1)
+            await inbound.accept(command("c1"))
+            answers = await results(store, 2)
+    assert len(answers) == 2
+    assert [r.id for _, r in lamp.calls] == ["c1"]
+
+
+async def test_the_dedupe_window_still_ends_after_a_step_back(
+        tmp_path: Path, wall: Wall) -> None:
+    config = make_config(tmp_path, ["a"], dedupe_window=0.2)
+    lamp = Scripted(lambda r: None)
+    async with running(config, {"a": lamp}) as (inbound, store):
+        await inbound.accept(command("c1"))
+        await results(store, 1)
+        wall.step = -HOUR
+        await asyncio.sleep(0.3)
+        await inbound.accept(command("c1"))  # a new command after all: the window is over
+        await results(store, 2)
+    assert [r.id for _, r in lamp.calls] == ["c1", "c1"]

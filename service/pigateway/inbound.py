@@ -300,7 +300,7 @@ class Inbound:
         window; a finished one is answered again with its stored result, an unfinished one
         will answer by itself."""
         window = self.config.inbound.dedupe_window
-        if entry.state == "done" and (entry.finished_at or 0) < time.time() - window:
+        if entry.state == "done" and entry.done_since() < self.store.clock.now() - window:
             return False
         if entry.state == "done" and entry.result is not None:
             log.info("command %s was received again; its result (%s) is sent again",
@@ -328,7 +328,8 @@ class Inbound:
         document = inbox.result_document(exc.command_id, "rejected", exc.reason, now=now)
         device = inbox.outbox_device(exc.device)
         await inbox.record(self.store, device, document,
-                           also=[inbox.insert_done(exc.command_id, device, "-", document, now)])
+                           also=[inbox.insert_done(exc.command_id, device, "-", document, now,
+                                                   done_on=self.store.clock.now())])
 
 
 async def list_inbox(config: Config, limit: int = 100) -> list[dict[str, Any]]:

@@ -130,7 +130,8 @@ MIGRATIONS: list[str] = [
     CREATE INDEX inbox_finished ON inbox (finished_at) WHERE state = 'done';
     """,
     # 3: the gateway clock every expires_at is on (owned by pigateway.clock); the ttl an
-    # inbound command came with (its expires_at no longer shares a clock with received_at)
+    # inbound command came with (its expires_at no longer shares a clock with received_at),
+    # and when it was done on that clock (the dedupe window; finished_at is wall time)
     """
     CREATE TABLE clock (
         id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -142,6 +143,7 @@ MIGRATIONS: list[str] = [
         gap_from REAL
     );
     ALTER TABLE inbox ADD COLUMN ttl REAL;
+    ALTER TABLE inbox ADD COLUMN done_on REAL;
     """,
 ]
 

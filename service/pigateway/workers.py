@@ -184,7 +184,7 @@ class WorkerPool:
 
     async def _prune_loop(self) -> None:
         while True:
-            before = time.time() - self.config.inbound.dedupe_window
+            before = self.store.clock.now() - self.config.inbound.dedupe_window
             try:
                 await self.store.write([inbox.prune(before)])
             except StoreError as exc:
@@ -280,7 +280,7 @@ class WorkerPool:
     async def _finish(self, entry: Entry, status: str, detail: Any,
                       after: Entry | None = None) -> None:
         document = inbox.result_document(entry.id, status, detail)
-        also = [inbox.finish(entry.id, document)]
+        also = [inbox.finish(entry.id, document, done_on=self.store.clock.now())]
         if after is not None:
             also.append(inbox.mark_running(after.id, after.attempts + 1, time.time()))
         level = logging.INFO if status == "ok" else logging.WARNING
