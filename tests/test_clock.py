@@ -374,3 +374,34 @@ async def test_the_dedupe_window_still_ends_after_a_step_back(
         await inbound.accept(command("c1"))  # a new command after all: the window is over
         await results(store, 2)
     assert [r.id for _, r in lamp.calls] == ["c1", "c1"]
+
+
+async def test_a_command_keeps_the_ttl_it_was_put_with(store_config: StoreConfig) -> None:
+    """expires_at and queued_at are on different clocks: the ttl is stored, not derived."""
+    async with opened(store_config) as store:
+        command_ = await store.put("lamp", "on", ttl=30)
+        forever = await store.put("lamp", "off", ttl=0)
+        assert await store.read("SELECT ttl FROM outbox ORDER BY seq") == [(30.0,), (0.0,)]
+        await store.dead_letter([command_.id, forever.id], "max-attempts")
+        dead = await store.read("SELECT id, ttl FROM dead_letters")
+    assert sorted(dead) == sorted([(command_.id, 30.0), (forever.id, 0.0)])
+
+
+async def test_the_drainer_writes_readings_while_it_runs(
+        store_config: StoreConfig, machine: Machine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A power cut loses at most one heartbeat of the TTLs' time, not the whole uptime."""
+    monkeypatch.setattr(clock, "HEARTBEAT", 0.02)
+
+    def stored() -> float:
+        with contextlib.closing(sqlite3.connect(store_config.path)) as conn:
+            reading = clock.load(conn)
+        assert reading is not None
+        return reading.reading
+
+    async with opened(store_config) as store:
+        machine.wait(30)
+        for _ in range(250):  # 5 s at most
+            if stored() >= store.clock.now():
+                break
+            await asyncio.sleep(0.02)
+        assert stored() == pytest.approx(store.clock.now())

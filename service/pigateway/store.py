@@ -56,8 +56,8 @@ LOGGED_IDS = 100
 PAGE_SIZE = 2048
 WAL_CHECKPOINT_PAGES = 10_000
 
-_INSERT = ("INSERT INTO outbox (id, kind, device, name, params, size, queued_at, expires_at) "
-           "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT = ("INSERT INTO outbox (id, kind, device, name, params, size, queued_at, expires_at, "
+           "ttl) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _COLUMNS = "seq, id, kind, device, name, params, size, queued_at, expires_at, attempts, last_error"
 
 #: Schema migrations, applied in order and tracked by ``PRAGMA user_version``.
@@ -129,9 +129,10 @@ MIGRATIONS: list[str] = [
     CREATE INDEX inbox_state ON inbox (state, seq);
     CREATE INDEX inbox_finished ON inbox (finished_at) WHERE state = 'done';
     """,
-    # 3: the gateway clock every expires_at is on (owned by pigateway.clock); the ttl an
-    # inbound command came with (its expires_at no longer shares a clock with received_at),
-    # and when it was done on that clock (the dedupe window; finished_at is wall time)
+    # 3: the gateway clock every expires_at is on (owned by pigateway.clock); the ttl each
+    # command came with (expires_at no longer shares a clock with queued_at/received_at, so
+    # the ttl cannot be derived from them), and when an inbound one was done on that clock
+    # (the dedupe window; finished_at is wall time)
     """
     CREATE TABLE clock (
         id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -142,6 +143,8 @@ MIGRATIONS: list[str] = [
         synced INTEGER NOT NULL,
         gap_from REAL
     );
+    ALTER TABLE outbox ADD COLUMN ttl REAL;
+    ALTER TABLE dead_letters ADD COLUMN ttl REAL;
     ALTER TABLE inbox ADD COLUMN ttl REAL;
     ALTER TABLE inbox ADD COLUMN done_on REAL;
     """,
@@ -263,7 +266,8 @@ def prepare(item: NewCommand, config: StoreConfig, now: float,
         raise InvalidCommand(f"ttl must be a number of seconds >= 0, got {item.ttl!r}")
     start = now if gateway_now is None else gateway_now
     expires_at = start + ttl if ttl > 0 else None
-    return (item.id or new_id(), item.kind, item.device, item.name, params, size, now, expires_at)
+    return (item.id or new_id(), item.kind, item.device, item.name, params, size, now, expires_at,
+            float(ttl))
 
 
 def _row_to_command(row: Sequence[Any]) -> Command:
@@ -435,8 +439,9 @@ class Store:
         if self._closed:
             return
         if self._heartbeat_task is not None:
+            # not awaited: nothing may stand between close() and stopping the writer
             self._heartbeat_task.cancel()
-            await asyncio.wait({self._heartbeat_task})
+            self._heartbeat_task = None
             # the last reading, so the next boot continues from the moment we stopped
             _consume(self._submit(clock.heartbeat))
         self._closed = True
@@ -854,9 +859,9 @@ class Store:
             marks = ",".join("?" * len(chunk))
             conn.execute(
                 "INSERT OR REPLACE INTO dead_letters (id, kind, device, name, params, size, "
-                "queued_at, expires_at, attempts, last_error, reason, detail, dead_at) "
-                "SELECT id, kind, device, name, params, size, queued_at, expires_at, attempts, "
-                f"last_error, ?, ?, ? FROM outbox WHERE seq IN ({marks})",
+                "queued_at, expires_at, ttl, attempts, last_error, reason, detail, dead_at) "
+                "SELECT id, kind, device, name, params, size, queued_at, expires_at, ttl, "
+                f"attempts, last_error, ?, ?, ? FROM outbox WHERE seq IN ({marks})",
                 (reason, detail, now, *chunk))
             conn.execute(f"DELETE FROM inflight WHERE seq IN ({marks})", chunk)
             buried += conn.execute(f"DELETE FROM outbox WHERE seq IN ({marks}) "
