@@ -1010,7 +1010,15 @@ def _clock_reading(conn: sqlite3.Connection, path: Path) -> clock.Reading:
     stored = clock.load(conn)
     if stored is not None and stored.boot_id == clock.boot_id():
         return stored
-    return _run_transaction(conn, path, clock.establish)
+    reading = _run_transaction(conn, path, clock.establish)
+    if stored is not None and reading.boot_id != stored.boot_id:
+        off = reading.offset - stored.reading
+        log.info("a new boot: TTLs continue from the last reading of the last one; %s",
+                 "the time the gateway was off counts once the wall clock is synchronised"
+                 if reading.gap_from is not None else
+                 f"the {off:.0f} s the gateway was off count too" if off > 0 else
+                 "the time the gateway was off cannot be known and does not count")
+    return reading
 
 
 def _statements(script: str) -> Iterable[str]:
