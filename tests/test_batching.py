@@ -235,13 +235,15 @@ async def test_flush_ends_the_window_and_interrupt_returns_none(
         batcher.proceed()
 
 
-async def test_the_driver_buries_too_large_and_expired_rows(store_config: StoreConfig) -> None:
+async def test_the_driver_buries_too_large_and_expired_rows(
+        store_config: StoreConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     async with await Store.open(store_config) as store:
         await store.put("a", "huge", {"blob": "x" * 5000})
         await store.put("a", "fine")
-        batcher = Batcher(store, RULES, batch_delay=0.0,
-                          clock=lambda: time.time() + 3600)  # sends an hour later
+        batcher = Batcher(store, RULES, batch_delay=0.0)
         short = await store.put("b", "stale", ttl=60)
+        hour_later = store.clock.now() + 3600  # sends an hour later (on the TTLs' clock)
+        monkeypatch.setattr(store.clock, "now", lambda: hour_later)
         async with asyncio.timeout(5):
             batch = await batcher.next_batch()
         assert batch is not None and [c.name for c in batch.commands] == ["fine"]

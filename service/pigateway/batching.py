@@ -60,8 +60,17 @@ class Queued(Protocol):
 C = TypeVar("C", bound=Queued)
 
 
+class Deadlines(Protocol):
+    """The clock ``expires_at`` is on (the store's gateway clock, :mod:`pigateway.clock`)."""
+
+    def now(self) -> float: ...
+
+
 class WorkSource(Protocol[C]):
     """The part of the store the batcher uses (narrow on purpose: tests can read it at a glance)."""
+
+    @property
+    def clock(self) -> Deadlines: ...
 
     async def claim(self, limit: int) -> list[C]: ...
     async def release(self, ids: Sequence[str]) -> None: ...
@@ -184,16 +193,19 @@ def fits_alone(command: Queued, rules: Rules, encoded: str | None = None) -> boo
 
 
 def take_batch(pending: Sequence[C], rules: Rules, *, now: float,
-               batch_id: str | None = None) -> Take[C]:
+               batch_id: str | None = None, expires_now: float | None = None) -> Take[C]:
     """Take the next batch from ``pending`` (oldest first); return it with what is left.
 
     A result row at the head travels alone. Otherwise the action rows are packed in order,
     skipping result rows (they stay pending) and any device that already had to wait.
+    ``now`` is the wall clock (``sent_at``, the batch id); ``expires_now`` the clock
+    ``expires_at`` is on (the store's gateway clock; ``now`` when not given).
     """
-    if pending and pending[0].kind == "result" and not is_expired(pending[0], now):
+    expiry_now = now if expires_now is None else expires_now
+    if pending and pending[0].kind == "result" and not is_expired(pending[0], expiry_now):
         return _take_result(list(pending), rules, [])  # no scan: results go one at a time
-    expired = [c for c in pending if is_expired(c, now)]
-    live = [c for c in pending if not is_expired(c, now)]
+    expired = [c for c in pending if is_expired(c, expiry_now)]
+    live = [c for c in pending if not is_expired(c, expiry_now)]
     if not live:
         return Take(None, [], expired=expired)
     if live[0].kind == "result":
@@ -272,6 +284,9 @@ class Batcher(Generic[C]):
     def __init__(self, store: WorkSource[C], rules: Rules, *, batch_delay: float,
                  claim_limit: int = 500, idle_poll: float = 5.0,
                  clock: Callable[[], float] = time.time) -> None:
+        """``clock`` is the wall clock (``queued_at``, ``sent_at``); expiry is judged on
+        ``store.clock``, the clock ``expires_at`` is on, which a wall-clock step does not
+        move."""
         self.store = store
         self.rules = rules
         self.batch_delay = batch_delay
@@ -304,7 +319,8 @@ class Batcher(Generic[C]):
         while True:
             if not await self._gather():
                 return None
-            take = take_batch(self.pending, self.rules, now=self.clock())
+            take = take_batch(self.pending, self.rules, now=self.clock(),
+                              expires_now=self.store.clock.now())
             self.pending = take.rest
             try:
                 await self._discard(take)

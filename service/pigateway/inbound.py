@@ -267,9 +267,11 @@ class Inbound:
             await self._reject(exc, payload)
             return
         now = self._stamp()
-        expires_at = None if command.ttl is None else now + command.ttl
+        # on the gateway clock, which a wall-clock step (NTP at boot) does not move
+        expires_at = None if command.ttl is None else self.store.clock.deadline(command.ttl)
         insert = inbox.insert_pending(command.id, command.device, command.name,
-                                      command.params, expires_at=expires_at, now=now)
+                                      command.params, expires_at=expires_at, now=now,
+                                      ttl=command.ttl)
         entry = await self._insert_then_find(command.id, insert)
         if entry is not None and entry.received_at != now and await self._repeat(entry):
             return
@@ -298,7 +300,7 @@ class Inbound:
         window; a finished one is answered again with its stored result, an unfinished one
         will answer by itself."""
         window = self.config.inbound.dedupe_window
-        if entry.state == "done" and (entry.finished_at or 0) < time.time() - window:
+        if entry.state == "done" and entry.done_since() < self.store.clock.now() - window:
             return False
         if entry.state == "done" and entry.result is not None:
             log.info("command %s was received again; its result (%s) is sent again",
@@ -326,10 +328,12 @@ class Inbound:
         document = inbox.result_document(exc.command_id, "rejected", exc.reason, now=now)
         device = inbox.outbox_device(exc.device)
         await inbox.record(self.store, device, document,
-                           also=[inbox.insert_done(exc.command_id, device, "-", document, now)])
+                           also=[inbox.insert_done(exc.command_id, device, "-", document, now,
+                                                   done_on=self.store.clock.now())])
 
 
 async def list_inbox(config: Config, limit: int = 100) -> list[dict[str, Any]]:
     """Pending, running and recently finished commands, for ``pigateway inbox ls``."""
     async with await Store.open(config.store, drainer=False) as store:
-        return [entry.as_dict() for entry in await inbox.listing(store, limit)]
+        return [{**entry.as_dict(), "expires_at": store.clock.to_wall(entry.expires_at)}
+                for entry in await inbox.listing(store, limit)]

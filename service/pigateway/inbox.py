@@ -30,7 +30,7 @@ NO_DEVICE = "-"
 _MAX_DEVICE = 128
 
 _COLUMNS = ("seq, id, device, name, params, received_at, expires_at, state, attempts, "
-            "started_at, last_error, status, result, finished_at")
+            "started_at, last_error, status, result, finished_at, ttl, done_on")
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Entry:
     name: str
     params: dict[str, Any]
     received_at: float
-    expires_at: float | None
+    expires_at: float | None  # on the store's gateway clock (pigateway.clock), not the wall's
     state: str
     attempts: int
     started_at: float | None
@@ -51,6 +51,13 @@ class Entry:
     status: str | None
     result: dict[str, Any] | None
     finished_at: float | None
+    ttl: float | None = None  # as the command came (None also for rows of before migration 3)
+    done_on: float | None = None  # when it was done, on the gateway clock (dedupe window)
+
+    def done_since(self) -> float:
+        """When it was done, on the gateway clock (rows of before migration 3: their wall
+        time, which the gateway clock started equal to)."""
+        return self.done_on if self.done_on is not None else (self.finished_at or 0.0)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready, for ``pigateway inbox ls --json``."""
@@ -65,12 +72,12 @@ class Entry:
 
 def _entry(row: Sequence[Any]) -> Entry:
     (seq, id_, device, name, params, received_at, expires_at, state, attempts, started_at,
-     last_error, status, result, finished_at) = row
+     last_error, status, result, finished_at, ttl, done_on) = row
     return Entry(seq=seq, id=id_, device=device, name=name, params=json.loads(params),
                  received_at=received_at, expires_at=expires_at, state=state,
                  attempts=attempts, started_at=started_at, last_error=last_error,
                  status=status, result=None if result is None else json.loads(result),
-                 finished_at=finished_at)
+                 finished_at=finished_at, ttl=ttl, done_on=done_on)
 
 
 def _json(value: Any) -> str:
@@ -98,20 +105,24 @@ def outbox_device(device: Any) -> str:
 
 
 def insert_pending(command_id: str, device: str, name: str, params: dict[str, Any], *,
-                   expires_at: float | None, now: float) -> Statement:
-    return ("INSERT INTO inbox (id, device, name, params, received_at, expires_at) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-            (command_id, device, name, _json(params), now, expires_at))
+                   expires_at: float | None, now: float, ttl: float | None = None) -> Statement:
+    """``now`` (wall clock) is ``received_at``; ``expires_at`` is on the gateway clock."""
+    return ("INSERT INTO inbox (id, device, name, params, received_at, expires_at, ttl) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            (command_id, device, name, _json(params), now, expires_at, ttl))
 
 
 def insert_done(command_id: str, device: str, name: str, document: dict[str, Any],
-                now: float) -> Statement:
-    """A command answered at once (rejected on receipt): recorded so a repeat is deduped."""
+                now: float, *, done_on: float) -> Statement:
+    """A command answered at once (rejected on receipt): recorded so a repeat is deduped.
+
+    ``now`` is wall time; ``done_on`` the gateway clock's now (the dedupe window's start).
+    """
     return ("INSERT INTO inbox (id, device, name, params, received_at, state, status, result, "
-            "last_error, finished_at) VALUES (?, ?, ?, '{}', ?, 'done', ?, ?, ?, ?) "
+            "last_error, finished_at, done_on) VALUES (?, ?, ?, '{}', ?, 'done', ?, ?, ?, ?, ?) "
             "ON CONFLICT (id) DO NOTHING",
             (command_id, device, name, now, document["status"], _json(document),
-             document.get("detail"), now))
+             document.get("detail"), now, done_on))
 
 
 def forget(command_id: str) -> Statement:
@@ -128,12 +139,14 @@ def mark_failed_attempt(command_id: str, error: str) -> Statement:
             (error, command_id))
 
 
-def finish(command_id: str, document: dict[str, Any]) -> Statement:
+def finish(command_id: str, document: dict[str, Any], *, done_on: float) -> Statement:
+    """``done_on``: the gateway clock's now, where the dedupe window starts."""
     detail = document.get("detail")
     error = None if document["status"] == "ok" else (None if detail is None else str(detail))
     return ("UPDATE inbox SET state = 'done', status = ?, result = ?, finished_at = ?, "
-            "last_error = coalesce(?, last_error) WHERE id = ?",
-            (document["status"], _json(document), document["finished_at"], error, command_id))
+            "done_on = ?, last_error = coalesce(?, last_error) WHERE id = ?",
+            (document["status"], _json(document), document["finished_at"], done_on, error,
+             command_id))
 
 
 def recover() -> Statement:
@@ -142,8 +155,10 @@ def recover() -> Statement:
 
 
 def prune(before: float) -> Statement:
-    """Forget finished commands older than the dedupe window (bounds the table)."""
-    return ("DELETE FROM inbox WHERE state = 'done' AND finished_at < ?", (before,))
+    """Forget finished commands done before ``before`` on the gateway clock (the dedupe
+    window; bounds the table). Rows of before migration 3 go by their wall time."""
+    return ("DELETE FROM inbox WHERE state = 'done' AND (done_on < ? OR "
+            "(done_on IS NULL AND finished_at < ?))", (before, before))
 
 
 def dead_letter(reason: str, payload: bytes, now: float) -> Statement:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -33,6 +34,8 @@ from typing import Any, Self, TypeVar
 
 import aiosqlite
 
+from pigateway import clock
+from pigateway.clock import GatewayClock
 from pigateway.config import StoreConfig
 from pigateway.errors import InvalidCommand, QueueFull, StoreCorrupt, StoreError, StoreFull
 from pigateway.ids import new_id
@@ -53,8 +56,8 @@ LOGGED_IDS = 100
 PAGE_SIZE = 2048
 WAL_CHECKPOINT_PAGES = 10_000
 
-_INSERT = ("INSERT INTO outbox (id, kind, device, name, params, size, queued_at, expires_at) "
-           "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT = ("INSERT INTO outbox (id, kind, device, name, params, size, queued_at, expires_at, "
+           "ttl) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _COLUMNS = "seq, id, kind, device, name, params, size, queued_at, expires_at, attempts, last_error"
 
 #: Schema migrations, applied in order and tracked by ``PRAGMA user_version``.
@@ -126,6 +129,25 @@ MIGRATIONS: list[str] = [
     CREATE INDEX inbox_state ON inbox (state, seq);
     CREATE INDEX inbox_finished ON inbox (finished_at) WHERE state = 'done';
     """,
+    # 3: the gateway clock every expires_at is on (owned by pigateway.clock); the ttl each
+    # command came with (expires_at no longer shares a clock with queued_at/received_at, so
+    # the ttl cannot be derived from them), and when an inbound one was done on that clock
+    # (the dedupe window; finished_at is wall time)
+    """
+    CREATE TABLE clock (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        boot_id TEXT NOT NULL,
+        base REAL NOT NULL,
+        reading REAL NOT NULL,
+        wall REAL NOT NULL,
+        synced INTEGER NOT NULL,
+        gap_from REAL
+    );
+    ALTER TABLE outbox ADD COLUMN ttl REAL;
+    ALTER TABLE dead_letters ADD COLUMN ttl REAL;
+    ALTER TABLE inbox ADD COLUMN ttl REAL;
+    ALTER TABLE inbox ADD COLUMN done_on REAL;
+    """,
 ]
 
 
@@ -134,7 +156,12 @@ MIGRATIONS: list[str] = [
 
 @dataclass(frozen=True)
 class Command:
-    """One queued command, as stored."""
+    """One queued command, as stored.
+
+    ``queued_at`` is wall time; ``expires_at`` is on the store's gateway clock
+    (:mod:`pigateway.clock`), except in :meth:`Store.list_queued`/:meth:`Store.list_dead`,
+    which show it as wall time.
+    """
 
     id: str
     device: str
@@ -211,8 +238,13 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan
 # --------------------------------------------------------------------------- validation
 
 
-def prepare(item: NewCommand, config: StoreConfig, now: float) -> tuple[Any, ...]:
-    """Check one new command and turn it into a row; raise :class:`InvalidCommand`."""
+def prepare(item: NewCommand, config: StoreConfig, now: float,
+            gateway_now: float | None = None) -> tuple[Any, ...]:
+    """Check one new command and turn it into a row; raise :class:`InvalidCommand`.
+
+    ``now`` (wall clock) is its ``queued_at``; its ``expires_at`` counts from
+    ``gateway_now`` (:mod:`pigateway.clock`), so a wall-clock step cannot move it.
+    """
     for label, value in (("device", item.device), ("command name", item.name)):
         if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME:
             raise InvalidCommand(f"{label} must be a non-empty string of at most {MAX_NAME} "
@@ -232,8 +264,10 @@ def prepare(item: NewCommand, config: StoreConfig, now: float) -> tuple[Any, ...
     ttl = config.default_ttl if item.ttl is None else item.ttl
     if not isinstance(ttl, (int, float)) or not 0 <= ttl < float("inf"):
         raise InvalidCommand(f"ttl must be a number of seconds >= 0, got {item.ttl!r}")
-    expires_at = now + ttl if ttl > 0 else None
-    return (item.id or new_id(), item.kind, item.device, item.name, params, size, now, expires_at)
+    start = now if gateway_now is None else gateway_now
+    expires_at = start + ttl if ttl > 0 else None
+    return (item.id or new_id(), item.kind, item.device, item.name, params, size, now, expires_at,
+            float(ttl))
 
 
 def _row_to_command(row: Sequence[Any]) -> Command:
@@ -334,8 +368,10 @@ class Store:
 
     def __init__(self, config: StoreConfig, writer: aiosqlite.Connection,
                  raw_writer: sqlite3.Connection, reader: aiosqlite.Connection, *,
-                 drainer: bool) -> None:
+                 drainer: bool, gateway_clock: GatewayClock) -> None:
         self.config = config
+        #: the clock of every ``expires_at`` in the file (see :mod:`pigateway.clock`)
+        self.clock = gateway_clock
         self.path = config.path
         self.drainer = drainer
         self._writer = writer
@@ -344,6 +380,7 @@ class Store:
         self._jobs: asyncio.Queue[_Job | None] = asyncio.Queue()
         self._put_event = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None
         self._closed = False
         self._data_version = 0
@@ -374,6 +411,7 @@ class Store:
             writer, raw_writer = await _connect(config)
             try:
                 await _on_thread(writer, _migrate, raw_writer, config.path)
+                reading = await _on_thread(writer, _clock_reading, raw_writer, config.path)
                 reader, _ = await _connect(config)
             except BaseException:
                 await writer.close()
@@ -381,7 +419,8 @@ class Store:
         except BaseException:
             _release_lock(lock_fd)
             raise
-        store = cls(config, writer, raw_writer, reader, drainer=drainer)
+        store = cls(config, writer, raw_writer, reader, drainer=drainer,
+                    gateway_clock=GatewayClock(reading))
         store._lock_fd = lock_fd
         if drainer:
             resumed = await store._resume_in_flight()
@@ -390,12 +429,21 @@ class Store:
                             "they are queued again, first", resumed)
         store._data_version = await store._read_data_version()
         store._writer_task = asyncio.create_task(store._write_loop(), name="store-writer")
+        if drainer:
+            store._heartbeat_task = asyncio.create_task(store._heartbeat_loop(),
+                                                        name="store-clock")
         return store
 
     async def close(self) -> None:
         """Finish pending writes and close both connections. Safe to call twice."""
         if self._closed:
             return
+        if self._heartbeat_task is not None:
+            # not awaited: nothing may stand between close() and stopping the writer
+            self._heartbeat_task.cancel()
+            self._heartbeat_task = None
+            # the last reading, so the next boot continues from the moment we stopped
+            _consume(self._submit(clock.heartbeat))
         self._closed = True
         if self._writer_task is not None:
             self._jobs.put_nowait(None)
@@ -431,9 +479,9 @@ class Store:
 
     async def _submit_put(self, items: list[NewCommand],
                           also: Sequence[tuple[str, Sequence[Any]]]) -> list[Command]:
-        now = time.time()
+        now, gateway_now = time.time(), self.clock.now()
         # bad input fails here, in the caller, before it can spoil a shared commit
-        rows = [prepare(item, self.config, now) for item in items]
+        rows = [prepare(item, self.config, now, gateway_now) for item in items]
         future: asyncio.Future[list[Command]] = asyncio.get_running_loop().create_future()
         self._enqueue(_Job(run=None, rows=rows, items=items, future=future, also=also))
         result = await future
@@ -490,17 +538,24 @@ class Store:
                      dead={reason: count for reason, count in dead})
 
     async def list_queued(self, limit: int = 100) -> list[Command]:
-        """The oldest ``limit`` commands, in the order they will be sent."""
+        """The oldest ``limit`` commands, in the order they will be sent.
+
+        For people: ``expires_at`` is shown as the wall time it falls at now.
+        """
         rows = await self._fetch(f"SELECT {_COLUMNS} FROM outbox ORDER BY seq LIMIT ?", (limit,))
-        return [_row_to_command(row) for row in rows]
+        return [self._for_display(_row_to_command(row)) for row in rows]
+
+    def _for_display(self, command: Command) -> Command:
+        return dataclasses.replace(command, expires_at=self.clock.to_wall(command.expires_at))
 
     async def list_dead(self, limit: int = 100) -> list[DeadLetter]:
-        """The newest ``limit`` dead letters."""
+        """The newest ``limit`` dead letters (``expires_at`` as wall time, as above)."""
         rows = await self._fetch(
             "SELECT 0, id, kind, device, name, params, size, queued_at, expires_at, attempts, "
             "last_error, reason, detail, dead_at FROM dead_letters ORDER BY dead_at DESC LIMIT ?",
             (limit,))
-        return [DeadLetter(_row_to_command(row), row[11], row[12], row[13]) for row in rows]
+        return [DeadLetter(self._for_display(_row_to_command(row)), row[11], row[12], row[13])
+                for row in rows]
 
     async def wait_for_work(self, timeout: float) -> None:
         """Return when a put happened here or another process committed, or after ``timeout``."""
@@ -517,6 +572,20 @@ class Store:
             if version != self._data_version:
                 self._data_version = version
                 return
+
+    async def heartbeat(self) -> None:
+        """Write a reading of the gateway clock (a new boot continues from the last one)."""
+        self.clock.adopt(await self._call(clock.heartbeat))
+
+    async def _heartbeat_loop(self) -> None:
+        """The drainer's readings, every :data:`pigateway.clock.HEARTBEAT` seconds: one
+        small row, committed with whatever else is being written then."""
+        while True:
+            await asyncio.sleep(clock.HEARTBEAT)
+            try:
+                await self.heartbeat()
+            except StoreError as exc:  # the next one may pass; a reboot meanwhile loses a beat
+                log.warning("could not write a reading of the gateway clock: %s", exc)
 
     async def ping(self) -> None:
         """Return once the writer task and its connection answer (for the watchdog)."""
@@ -732,14 +801,14 @@ class Store:
 
     def _claim(self, conn: sqlite3.Connection, limit: int) -> list[Command]:
         claimed: list[Command] = []
-        now = time.time()
+        now, gateway_now = time.time(), self.clock.now()
         while len(claimed) < limit:
             rows = _all(
                 conn, f"SELECT {_COLUMNS} FROM outbox WHERE seq NOT IN (SELECT seq FROM "
                 "inflight) ORDER BY seq LIMIT ?", (limit - len(claimed),))
             if not rows:
                 break
-            expired = [row[0] for row in rows if row[8] is not None and row[8] <= now]
+            expired = [row[0] for row in rows if row[8] is not None and row[8] <= gateway_now]
             if expired:
                 self._bury_seqs(conn, expired, "expired", "its ttl ran out before it "
                                       "could be sent")
@@ -790,9 +859,9 @@ class Store:
             marks = ",".join("?" * len(chunk))
             conn.execute(
                 "INSERT OR REPLACE INTO dead_letters (id, kind, device, name, params, size, "
-                "queued_at, expires_at, attempts, last_error, reason, detail, dead_at) "
-                "SELECT id, kind, device, name, params, size, queued_at, expires_at, attempts, "
-                f"last_error, ?, ?, ? FROM outbox WHERE seq IN ({marks})",
+                "queued_at, expires_at, ttl, attempts, last_error, reason, detail, dead_at) "
+                "SELECT id, kind, device, name, params, size, queued_at, expires_at, ttl, "
+                f"attempts, last_error, ?, ?, ? FROM outbox WHERE seq IN ({marks})",
                 (reason, detail, now, *chunk))
             conn.execute(f"DELETE FROM inflight WHERE seq IN ({marks})", chunk)
             buried += conn.execute(f"DELETE FROM outbox WHERE seq IN ({marks}) "
@@ -810,12 +879,12 @@ class Store:
         where = "WHERE kind IN ('action', 'result')" + (" AND id = ?" if id_ else "")
         params: tuple[str, ...] = (id_,) if id_ else ()
         ttl = self.config.default_ttl
-        now = time.time()
+        now, gateway_now = time.time(), self.clock.now()
         conn.execute(
             "INSERT INTO outbox (id, kind, device, name, params, size, queued_at, expires_at) "
             "SELECT id, kind, device, name, params, size, ?, "
             f"CASE WHEN ? > 0 THEN ? + ? ELSE NULL END FROM dead_letters {where} "
-            "ORDER BY dead_at, queued_at", (now, ttl, now, ttl, *params))
+            "ORDER BY dead_at, queued_at", (now, ttl, gateway_now, ttl, *params))
         cursor = conn.execute(f"DELETE FROM dead_letters {where}", params)
         return cursor.rowcount
 
@@ -936,6 +1005,22 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
         _run_transaction(conn, path, step)
 
 
+def _clock_reading(conn: sqlite3.Connection, path: Path) -> clock.Reading:
+    """This boot's reading of the gateway clock; the write lock only at a boot's first open."""
+    stored = clock.load(conn)
+    if stored is not None and stored.boot_id == clock.boot_id():
+        return stored
+    reading = _run_transaction(conn, path, clock.establish)
+    if stored is not None and reading.boot_id != stored.boot_id:
+        off = reading.offset - stored.reading
+        log.info("a new boot: TTLs continue from the last reading of the last one; %s",
+                 "the time the gateway was off counts once the wall clock is synchronised"
+                 if reading.gap_from is not None else
+                 f"the {off:.0f} s the gateway was off count too" if off > 0 else
+                 "the time the gateway was off cannot be known and does not count")
+    return reading
+
+
 def _statements(script: str) -> Iterable[str]:
     """Split a migration script into statements (triggers contain ';' inside BEGIN..END)."""
     buffer = ""
@@ -970,6 +1055,12 @@ def _rollback(conn: sqlite3.Connection) -> None:
     if conn.in_transaction:
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Let a future nobody awaits fail quietly: for the last reading of a closing drainer,
+    whose loss costs the TTLs at most one heartbeat of time after a reboot."""
+    future.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 def _settle(future: asyncio.Future[Any], *, result: Any = None,

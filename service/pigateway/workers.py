@@ -184,7 +184,7 @@ class WorkerPool:
 
     async def _prune_loop(self) -> None:
         while True:
-            before = time.time() - self.config.inbound.dedupe_window
+            before = self.store.clock.now() - self.config.inbound.dedupe_window
             try:
                 await self.store.write([inbox.prune(before)])
             except StoreError as exc:
@@ -201,7 +201,7 @@ class WorkerPool:
         if handler is None:
             status, detail = "rejected", (f"unknown device {entry.device!r}: it is no longer "
                                           "in the config")
-        elif _expired(entry):
+        elif _expired(entry, self.store.clock.now()):
             status, detail = "expired", _expired_detail(entry)
         elif entry.attempts >= limit:
             status, detail = "error", (f"interrupted {entry.attempts} times (the service "
@@ -238,7 +238,7 @@ class WorkerPool:
         return "ok", self._detail(value)
 
     async def _attempt(self, entry: Entry, handler: Handler, attempt: int) -> Any:
-        if _expired(entry):
+        if _expired(entry, self.store.clock.now()):
             raise _Expired
         # durable before the handler runs, so a command that kills the process is counted
         if not (attempt == entry.attempts + 1 and entry.id in self._premarked):
@@ -280,7 +280,7 @@ class WorkerPool:
     async def _finish(self, entry: Entry, status: str, detail: Any,
                       after: Entry | None = None) -> None:
         document = inbox.result_document(entry.id, status, detail)
-        also = [inbox.finish(entry.id, document)]
+        also = [inbox.finish(entry.id, document, done_on=self.store.clock.now())]
         if after is not None:
             also.append(inbox.mark_running(after.id, after.attempts + 1, time.time()))
         level = logging.INFO if status == "ok" else logging.WARNING
@@ -313,13 +313,15 @@ def backoff(initial: float, longest: float) -> wait_base:
     return wait_exponential(multiplier=initial, max=longest) + wait_random(0, initial)
 
 
-def _expired(entry: Entry) -> bool:
-    return entry.expires_at is not None and time.time() >= entry.expires_at
+def _expired(entry: Entry, now: float) -> bool:
+    """``now`` on the gateway clock (``store.clock``), the clock ``expires_at`` is on."""
+    return entry.expires_at is not None and now >= entry.expires_at
 
 
 def _expired_detail(entry: Entry) -> str:
     assert entry.expires_at is not None
-    ttl = entry.expires_at - entry.received_at
+    # rows of before migration 3 have no ttl, and their expires_at is a wall time
+    ttl = entry.ttl if entry.ttl is not None else entry.expires_at - entry.received_at
     return f"its ttl of {ttl:g}s ran out before it could run"
 
 

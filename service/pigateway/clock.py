@@ -1,0 +1,211 @@
+"""The gateway clock: seconds that only move forward, for every TTL in the queue file.
+
+A Raspberry Pi has no real-time clock. It boots with the time fake-hwclock saved at the
+last shutdown (or 1970) and steps to the real time when NTP answers, hours, months or
+years later; an operator may set it back. A TTL measured on the wall clock dies at the
+step forward and lives too long after a step back. The gateway clock does not step:
+
+* within one boot it is ``CLOCK_BOOTTIME`` (counts suspend, never set) plus an offset;
+* the offset of each boot is kept in the ``clock`` table of the queue file (one row, for
+  the current boot, named by ``/proc/sys/kernel/random/boot_id``);
+* a new boot continues from the last reading the old boot left: the drainer writes a
+  reading every :data:`HEARTBEAT` seconds (in a commit it shares with other writes when
+  there are any) and when it closes;
+* the time the gateway was down is added only when it can be known: the wall clock was
+  synchronised at the old boot's last reading and is synchronised in this boot. If it is
+  not yet synchronised at the new boot, the downtime is added when it becomes so (the
+  clock jumps forward then, never back). Otherwise it is not counted: a TTL then outlives
+  the downtime (at most the downtime plus one heartbeat), which is the price of a clock
+  that can never kill a command early.
+
+The gateway clock starts equal to the wall clock the first time a queue file gets its
+``clock`` row, so TTLs written before it existed (wall-clock deadlines) keep their
+meaning. ``queued_at``, ``dead_at`` and the wire contract stay on the wall clock;
+only ``expires_at`` (outbox and inbox) is on the gateway clock, and displays convert it
+back with :meth:`GatewayClock.to_wall`.
+
+The sources (:func:`wall`, :func:`boottime`, :func:`boot_id`, :func:`synchronised`) are
+module-level functions so that tests can step the wall clock or simulate a reboot.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from pigateway.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+#: Created by systemd-timesyncd once the wall clock is synchronised (removed at boot).
+SYNCED_PATH = Path("/run/systemd/timesync/synchronized")
+#: Seconds between two readings the drainer writes; bounds the time a reboot can lose.
+HEARTBEAT = 60.0
+#: The longest boot id read (a UUID is 36 characters).
+_MAX_BOOT_ID = 64
+
+_COLUMNS = "boot_id, base, reading, wall, synced, gap_from"
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def wall() -> float:
+    """The wall clock (steps when NTP or a person sets it)."""
+    return time.time()
+
+
+def boottime() -> float:
+    """Seconds since this boot, suspend included; never set, starts near 0 at every boot."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def boot_id() -> str:
+    """This boot's id, which changes at every boot."""
+    try:
+        text = BOOT_ID_PATH.read_text(encoding="ascii", errors="replace")
+    except OSError as exc:
+        raise StoreError(f"cannot read the boot id from {BOOT_ID_PATH} ({exc}); the queue's "
+                         "TTLs need it (is /proc mounted?)") from exc
+    return text.strip()[:_MAX_BOOT_ID]
+
+
+def synchronised() -> bool:
+    """Whether the wall clock is synchronised (systemd-timesyncd says so)."""
+    return SYNCED_PATH.exists()
+
+
+# --------------------------------------------------------------------------- readings
+
+
+@dataclass(frozen=True)
+class Reading:
+    """The ``clock`` row: how to read the gateway clock in one boot, and its last reading.
+
+    ``gap_from`` is the wall time of the previous boot's last synchronised reading while
+    this boot's downtime is still to be counted (the wall clock was not yet synchronised
+    when this boot began); ``None`` once counted or when it cannot be known.
+    """
+
+    boot_id: str
+    offset: float  # gateway time = boottime() + offset, in this boot
+    reading: float  # the gateway time of the last reading written
+    wall: float  # the wall time of that reading
+    synced: bool  # whether the wall clock was synchronised then
+    gap_from: float | None = None
+
+    def now(self) -> float:
+        return boottime() + self.offset
+
+
+def first_reading() -> Reading:
+    """A new queue file: the gateway clock starts equal to the wall clock."""
+    now_wall, since_boot = wall(), boottime()
+    return Reading(boot_id(), now_wall - since_boot, now_wall, now_wall, synchronised())
+
+
+def next_boot(last: Reading) -> Reading:
+    """The first reading of a new boot: continue from ``last``, plus the downtime if known."""
+    since_boot, now_wall, synced = boottime(), wall(), synchronised()
+    gap_from = last.wall if last.synced else None
+    offset = last.reading
+    if gap_from is not None and synced:
+        offset += _downtime(gap_from, now_wall - since_boot)
+        gap_from = None
+    return Reading(boot_id(), offset, offset + since_boot, now_wall, synced, gap_from)
+
+
+def beat(current: Reading) -> Reading:
+    """A new reading in the same boot; counts the downtime once the wall clock is synced."""
+    synced = synchronised()
+    now_wall, since_boot = wall(), boottime()
+    offset, gap_from = current.offset, current.gap_from
+    if gap_from is not None and synced:
+        offset += _downtime(gap_from, now_wall - since_boot)
+        gap_from = None
+    return replace(current, offset=offset, reading=since_boot + offset, wall=now_wall,
+                   synced=synced, gap_from=gap_from)
+
+
+def _downtime(last_wall: float, boot_wall: float) -> float:
+    """Seconds from the last reading of the old boot to the start of this one (never < 0)."""
+    return max(0.0, boot_wall - last_wall)
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def load(conn: sqlite3.Connection) -> Reading | None:
+    """The stored row, or ``None`` (a queue file that never had one)."""
+    row = conn.execute(f"SELECT {_COLUMNS} FROM clock WHERE id = 1").fetchone()
+    if row is None:
+        return None
+    return Reading(str(row[0]), float(row[1]), float(row[2]), float(row[3]), bool(row[4]),
+                   None if row[5] is None else float(row[5]))
+
+
+def save(conn: sqlite3.Connection, reading: Reading) -> None:
+    conn.execute(
+        f"INSERT OR REPLACE INTO clock (id, {_COLUMNS}) VALUES (1, ?, ?, ?, ?, ?, ?)",
+        (reading.boot_id, reading.offset, reading.reading, reading.wall, int(reading.synced),
+         reading.gap_from))
+
+
+def current(stored: Reading | None) -> Reading:
+    """The reading for this boot, given the stored one (``None``: a new file)."""
+    if stored is None:
+        return first_reading()
+    if stored.boot_id != boot_id():
+        return next_boot(stored)
+    return stored
+
+
+def establish(conn: sqlite3.Connection) -> Reading:
+    """Inside a write transaction: this boot's reading, written if it is new."""
+    stored = load(conn)
+    reading = current(stored)
+    if reading != stored:
+        save(conn, reading)
+    return reading
+
+
+def heartbeat(conn: sqlite3.Connection) -> Reading:
+    """Inside a write transaction: write a new reading of this boot (the drainer's beat)."""
+    reading = beat(current(load(conn)))
+    save(conn, reading)
+    return reading
+
+
+# --------------------------------------------------------------------------- the clock
+
+
+class GatewayClock:
+    """The clock every ``expires_at`` in the queue file is on (see the module docstring)."""
+
+    def __init__(self, reading: Reading) -> None:
+        self.reading = reading
+
+    def now(self) -> float:
+        """Gateway seconds now; never less than an earlier answer in this boot."""
+        return self.reading.now()
+
+    def deadline(self, ttl: float) -> float:
+        """The ``expires_at`` of a TTL of ``ttl`` seconds starting now."""
+        return self.now() + ttl
+
+    def to_wall(self, at: float | None) -> float | None:
+        """A gateway time as the wall time it is (or was), for a person to read."""
+        return None if at is None else at - self.now() + wall()
+
+    def adopt(self, reading: Reading) -> None:
+        """Take a reading written by a heartbeat (it may have counted the downtime)."""
+        if reading.boot_id != self.reading.boot_id or reading.offset < self.reading.offset:
+            return
+        if reading.offset > self.reading.offset:
+            log.info("the wall clock is synchronised: %.0f s the gateway was down now count "
+                     "towards TTLs", reading.offset - self.reading.offset)
+        self.reading = reading
