@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,6 +65,15 @@ BAD_VALUES: list[tuple[str, str, tuple[str, ...]]] = [
     (GW + '[gpio]\nbargraph = [20, "x"]', "gpio.bargraph[1]", ("str 'x'", "whole number")),
     (GW + "[gpio]\ngreen_led = 5", "gpio", ("used twice", "5")),
     (GW + "[control]\nsocket = 5", "control.socket", ("int 5", "non-empty string")),
+    (GW + '[store]\npath = "queue.db"', "store.path", ("'queue.db'", "absolute")),
+    (GW + '[store]\npath = "./var/q.db"', "store.path", ("'var/q.db'", "absolute")),
+    (GW + '[store]\npath = "/var/q\\u0000.db"', "store.path", ("'/var/q\\x00.db'", "NUL")),
+    (GW + '[control]\nsocket = "c.sock"', "control.socket", ("'c.sock'", "absolute")),
+    (GW + '[mqtt]\npassword_file = "pw"', "mqtt.password_file", ("'pw'", "absolute")),
+    (GW + '[mqtt.tls]\nca_file = "ca.pem"', "mqtt.tls.ca_file", ("'ca.pem'", "absolute")),
+    (GW + '[mqtt.tls]\ncert_file = "c.pem"', "mqtt.tls.cert_file", ("'c.pem'", "absolute")),
+    (GW + '[mqtt.tls]\ncert_file = "/c.pem"\nkey_file = "k.pem"', "mqtt.tls.key_file",
+     ("'k.pem'", "absolute")),
     (GW + '[log]\nlevel = "verbose"', "log.level", ("'verbose'", "'debug', 'info'")),
     (GW + "devices = 5", "devices", ("table",)),
     (GW + "[devices]\nlamp = 5", "devices.lamp", ("must be a table", "handler")),
@@ -192,6 +202,50 @@ def test_without_a_path_or_environment_the_default_path_is_used(
     monkeypatch.delenv("PIGATEWAY_CONFIG", raising=False)
     assert configuration.config_path() == DEFAULT_PATH == Path("/etc/pigateway/config.toml")
     assert configuration.config_path("x.toml") == Path("x.toml")
+
+
+def _path_keys() -> list[str]:
+    """Every option of the schema whose type is a path (found, not listed by hand)."""
+    return [key for key, kind, _, _ in configuration.fields_reference() if "path" in kind]
+
+
+def _config_with(key: str, value: str) -> dict[str, Any]:
+    """A config mapping with ``value`` at the dotted ``key`` (and what it needs beside it)."""
+    data: dict[str, Any] = {"gateway_id": "gw"}
+    *sections, leaf = key.split(".")
+    table = data
+    for section in sections:
+        table = table.setdefault(section, {})
+    table[leaf] = value
+    if key == "mqtt.tls.key_file":
+        table["cert_file"] = "/etc/pigateway/cert.pem"
+    return data
+
+
+def test_the_schema_has_path_options() -> None:
+    assert {"store.path", "control.socket", "mqtt.password_file", "mqtt.tls.ca_file",
+            "mqtt.tls.cert_file", "mqtt.tls.key_file"} <= set(_path_keys())
+
+
+@pytest.mark.parametrize("key", _path_keys())
+def test_every_path_option_must_be_absolute(key: str) -> None:
+    """A relative path means a different file in each working directory (under systemd,
+    ``/run/pigateway``, deleted at every stop): each one, present and future, is refused."""
+    with pytest.raises(ConfigError) as caught:
+        configuration.from_dict(_config_with(key, "relative/file"))
+    assert caught.value.key == key
+    assert "'relative/file'" in caught.value.problem and "absolute" in caught.value.problem
+    configuration.from_dict(_config_with(key, "/abs/file"))
+
+
+def test_python_callers_get_the_same_rule() -> None:
+    with pytest.raises(ConfigError) as caught:
+        StoreConfig(path="queue.db")  # type: ignore[arg-type]
+    assert caught.value.key == "store.path"
+    with pytest.raises(ConfigError) as caught:
+        configuration.ControlConfig(socket=Path("c.sock"))
+    assert caught.value.key == "control.socket"
+    assert StoreConfig(path="/data/q.db").path == Path("/data/q.db")  # type: ignore[arg-type]
 
 
 def test_the_reference_covers_every_option() -> None:

@@ -80,6 +80,7 @@ OPTION_ERRORS = [
     ({"handler": "mqtt", "port": 0}, "devices.dev.port", "too small"),
     ({"handler": "mqtt", "password_file": "/nonexistent/pw"}, "devices.dev.password_file",
      "cannot read"),
+    ({"handler": "mqtt", "password_file": "pw"}, "devices.dev.password_file", "absolute"),
 ]
 
 

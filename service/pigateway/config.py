@@ -16,8 +16,8 @@ import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from pathlib import Path, PurePath
+from typing import Any, ClassVar, Literal
 
 from pigateway.errors import ConfigError
 
@@ -37,8 +37,48 @@ def _opt(default: Any, *, min: float | None = None, max: float | None = None,
     return field(default=default, metadata=meta)
 
 
+class _Section:
+    """What every ``[section]`` shares: its path options are absolute paths.
+
+    The rule lives here, in the schema, so it holds for each path option there is or will
+    be, whether the values come from the TOML file or from a Python caller. A relative path
+    names a different file in each working directory: ``pigateway send`` in a shell and the
+    service (whose working directory is ``/`` or a runtime folder) would use two queues.
+    """
+
+    _section: ClassVar[str]
+
+    def __init_subclass__(cls, *, section: str, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._section = section  # set here, not in the body: a dataclass field it is not
+
+    def __post_init__(self) -> None:
+        for name in _path_fields(type(self)):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, absolute_path(f"{self._section}.{name}", value))
+
+
+def _path_fields(cls: type[Any]) -> tuple[str, ...]:
+    """The fields of ``cls`` typed ``Path`` or ``Path | None``."""
+    hints = typing.get_type_hints(cls)
+    return tuple(fld.name for fld in dataclasses.fields(cls)
+                 if Path in (hints[fld.name], *typing.get_args(hints[fld.name])))
+
+
+def absolute_path(key: str, value: str | PurePath) -> Path:
+    """``value`` as a :class:`Path`; :class:`ConfigError` naming ``key`` unless absolute."""
+    path = Path(value)
+    if "\x00" in str(path):
+        raise ConfigError(key, f"{str(path)[:200]!r} is not allowed: a path has no NUL")
+    if not path.is_absolute():
+        raise ConfigError(key, f"{str(path)[:200]!r} is not allowed: a path must be absolute "
+                          "(a relative one means another file in each working directory)")
+    return path
+
+
 @dataclass(frozen=True)
-class StoreConfig:
+class StoreConfig(_Section, section="store"):
     """``[store]``: the durable queue on disk."""
 
     path: Path = _opt(Path("/var/lib/pigateway/queue.db"), doc="SQLite file of the queue")
@@ -52,13 +92,9 @@ class StoreConfig:
     max_params_bytes: int = _opt(64 * 1024, min=16, doc="size limit of one command's params")
     busy_timeout: float = _opt(10.0, min=0.1, doc="seconds to wait for another writer")
 
-    def __post_init__(self) -> None:
-        # Python callers may hand a str; the store wants a Path.
-        object.__setattr__(self, "path", Path(self.path))
-
 
 @dataclass(frozen=True)
-class TlsConfig:
+class TlsConfig(_Section, section="mqtt.tls"):
     """``[mqtt.tls]``: TLS to the broker (hostname always checked)."""
 
     enabled: bool = _opt(False, doc="connect with TLS; the host name is always checked")
@@ -68,7 +104,7 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
-class MqttConfig:
+class MqttConfig(_Section, section="mqtt"):
     """``[mqtt]``: the broker connection."""
 
     host: str = _opt("localhost", doc="broker host name or address")
@@ -85,7 +121,7 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
-class UplinkConfig:
+class UplinkConfig(_Section, section="uplink"):
     """``[uplink]``: batching, back-pressure and reconnect backoff."""
 
     batch_delay: float = _opt(0.1, min=0, max=60, doc="seconds a batch waits for company")
@@ -100,7 +136,7 @@ class UplinkConfig:
 
 
 @dataclass(frozen=True)
-class InboundConfig:
+class InboundConfig(_Section, section="inbound"):
     """``[inbound]``: commands from the broker to local devices."""
 
     enabled: bool = _opt(True, doc="take commands from the broker")
@@ -124,7 +160,7 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
-class GpioConfig:
+class GpioConfig(_Section, section="gpio"):
     """``[gpio]``: status LEDs and buttons (BCM pin numbers)."""
 
     enabled: bool = _opt(True, doc="drive the status LEDs and read the buttons")
@@ -142,7 +178,7 @@ class GpioConfig:
 
 
 @dataclass(frozen=True)
-class ControlConfig:
+class ControlConfig(_Section, section="control"):
     """``[control]``: the local control socket."""
 
     socket: Path = _opt(Path("/run/pigateway/control.sock"),
@@ -150,7 +186,7 @@ class ControlConfig:
 
 
 @dataclass(frozen=True)
-class LogConfig:
+class LogConfig(_Section, section="log"):
     """``[log]``: logging."""
 
     level: Literal["debug", "info", "warning", "error"] = _opt("info", doc="least level logged")
@@ -383,7 +419,7 @@ def _type_name(hint: Any) -> str:
     text = str(hint)
     for noise in ("typing.", "pathlib.", "<class '", "'>"):
         text = text.replace(noise, "")
-    return text
+    return text.replace("Path", "absolute path")
 
 
 def reference_markdown() -> str:

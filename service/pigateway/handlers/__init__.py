@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from pigateway.config import Config, DeviceConfig
+from pigateway.config import Config, DeviceConfig, absolute_path
 from pigateway.errors import ConfigError
 
 __all__ = [
@@ -167,6 +167,11 @@ class Options:
         if value is not None and (not isinstance(value, str) or not value):
             raise ConfigError(self.key(name), f"must be a non-empty string, got {value!r}")
         return value
+
+    def path(self, name: str, default: Any = None) -> Any:
+        """A file option: an absolute path (the one rule of the config schema), or ``None``."""
+        value = self.text(name, default)
+        return None if value is None else absolute_path(self.key(name), value)
 
     def flag(self, name: str, default: bool) -> bool:
         value = self._get(name, default)

@@ -50,7 +50,7 @@ class MqttHandler:
         self.host = options.text("host", "127.0.0.1")
         self.port = options.integer("port", 1883, low=1, high=65535)
         self.username = options.text("username")
-        password_file = options.text("password_file")
+        password_file = options.path("password_file")
         password_credential = options.text("password_credential")
         self.qos = options.integer("qos", 1, low=0, high=2)
         self.retain = options.flag("retain", False)
@@ -66,7 +66,7 @@ class MqttHandler:
                 raise ConfigError(options.key("password_credential"),
                                   f"no credential {password_credential!r} in "
                                   "$CREDENTIALS_DIRECTORY (systemd LoadCredential=)")
-            password_file = str(found)
+            password_file = found
         self.password = _read_password(options.key("password_file"), password_file)
         _check_template(options.key("topic"), self.template)
         self._stack: contextlib.AsyncExitStack | None = None
@@ -104,11 +104,11 @@ class MqttHandler:
                 await stack.aclose()
 
 
-def _read_password(key: str, path: str | None) -> str | None:
+def _read_password(key: str, path: Path | None) -> str | None:
     if path is None:
         return None
     try:
-        return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(key, f"cannot read {path}: {exc}") from exc
 
