@@ -8,6 +8,7 @@ say why in one line that an operator can act on without reading the source.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -254,3 +255,27 @@ def test_the_reference_covers_every_option() -> None:
     assert {"mqtt.tls.ca_file", "uplink.max_inflight", "gpio.pin_factory", "log.level"} <= keys
     assert "gateway_id" not in keys and "devices" not in keys
     assert Config.__dataclass_fields__.keys() >= {"gateway_id", "store", "mqtt", "gpio"}
+
+
+def _unit_seconds(key: str) -> float:
+    """A time setting of the shipped unit file (``30s``, ``1min``, ``90``) in seconds."""
+    unit = Path(__file__).resolve().parent.parent / "systemd" / "pigateway.service"
+    [value] = [line.split("=", 1)[1].strip() for line in unit.read_text().splitlines()
+               if line.startswith(f"{key}=")]
+    number, unit_name = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(s|sec|min|)", value).groups()  # type: ignore[union-attr]
+    return float(number) * (60 if unit_name == "min" else 1)
+
+
+def test_the_longest_publish_timeout_lets_a_stop_fit_the_units_timeout() -> None:
+    """The bounded stop (app.py) lasts publish_timeout + WIND_DOWN + STOP_SLACK; systemd
+    kills the service at TimeoutStopSec. With the largest publish_timeout the config
+    accepts, the stop must still end by itself, before the kill."""
+    from pigateway.app import STOP_SLACK, WIND_DOWN  # noqa: PLC0415 - the service's parts
+
+    largest = configuration.UplinkConfig.__dataclass_fields__["publish_timeout"].metadata["max"]
+    assert largest is not None, "uplink.publish_timeout needs an upper bound"
+    assert largest + WIND_DOWN + STOP_SLACK < _unit_seconds("TimeoutStopSec")
+    configuration.parse(GW + f"[uplink]\npublish_timeout = {largest}")
+    with pytest.raises(ConfigError, match="most allowed") as caught:
+        configuration.parse(GW + f"[uplink]\npublish_timeout = {largest + 0.5}")
+    assert caught.value.key == "uplink.publish_timeout"

@@ -131,7 +131,10 @@ class UplinkConfig(_Section, section="uplink"):
     backoff_initial: float = _opt(1.0, min=0.01, doc="first reconnect wait, seconds")
     backoff_max: float = _opt(120.0, min=0.01, doc="longest reconnect wait, seconds")
     backoff_reset: float = _opt(30.0, min=0, doc="seconds online after which backoff starts over")
-    publish_timeout: float = _opt(10.0, min=0.1, doc="seconds to wait for a PUBACK")
+    # At most 20: a stop takes publish_timeout + app.WIND_DOWN + app.STOP_SLACK (27 s), and
+    # the unit's TimeoutStopSec=30s must stay above it (tests/test_config.py checks both).
+    publish_timeout: float = _opt(10.0, min=0.1, max=20, doc=(
+        "seconds to wait for a PUBACK (at most 20, so a stop fits TimeoutStopSec=30s)"))
     state_interval: float = _opt(30.0, min=1, doc="seconds between retained state refreshes")
 
 
