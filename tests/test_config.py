@@ -48,6 +48,7 @@ BAD_VALUES: list[tuple[str, str, tuple[str, ...]]] = [
     (GW + "[mqtt]\nport = 0", "mqtt.port", ("0", "least allowed is 1")),
     (GW + '[mqtt]\nprotocol = "4"', "mqtt.protocol", ("'4'", "'5', '3.1.1'")),
     (GW + '[mqtt]\ntopic_prefix = "a/#"', "mqtt.topic_prefix", ("'a/#'", "does not match")),
+    (GW + '[mqtt]\ntopic_prefix = "a\\nb"', "mqtt.topic_prefix", ("'a\\nb'", "does not match")),
     (GW + "[mqtt]\nkeepalive = 1", "mqtt.keepalive", ("1", "least allowed is 5")),
     (GW + "[mqtt]\nhost = 5", "mqtt.host", ("int 5", "non-empty string")),
     (GW + '[mqtt.tls]\nenabled = "yes"', "mqtt.tls.enabled", ("str 'yes'", "true or false")),

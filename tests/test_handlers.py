@@ -81,6 +81,18 @@ OPTION_ERRORS = [
     ({"handler": "mqtt", "password_file": "/nonexistent/pw"}, "devices.dev.password_file",
      "cannot read"),
     ({"handler": "mqtt", "password_file": "pw"}, "devices.dev.password_file", "absolute"),
+    ({"handler": "mqtt", "target": "hall/#"}, "devices.dev.target", "'hall/#'"),
+    ({"handler": "mqtt", "target": "hall/+/x"}, "devices.dev.target", "wildcard"),
+    ({"handler": "mqtt", "target": "hall\x00"}, "devices.dev.target", "control character"),
+    ({"handler": "mqtt", "target": "hall\nlamp"}, "devices.dev.target", "control character"),
+    ({"handler": "mqtt", "target": "x" * 70_000}, "devices.dev.target", "65535"),
+    ({"handler": "mqtt", "topic": "z/\x7f/{device}"}, "devices.dev.topic", "control character"),
+    ({"handler": "mqtt", "topic": "z/{device:>70000}"}, "devices.dev.topic", "65535"),
+    ({"handler": "mqtt", "host": "broker example"}, "devices.dev.host", "host name"),
+    ({"handler": "mqtt", "host": "a" * 300}, "devices.dev.host", "host name"),
+    ({"handler": "mqtt", "username": "gw\x00"}, "devices.dev.username", "control character"),
+    ({"handler": "mqtt", "password_credential": "../../etc/shadow"},
+     "devices.dev.password_credential", "credential name"),
 ]
 
 
@@ -292,6 +304,8 @@ def test_check_validates_every_device_without_claiming_pins(pins: MockFactory) -
     for devices, key in [({"porch": {"handler": "gpio"}}, "devices.porch.pin"),
                          ({"probe": {"handler": "log", "lvl": 1}}, "devices.probe.lvl"),
                          ({"bulb": {"handler": "mqtt", "topic": "#"}}, "devices.bulb.topic"),
+                         ({"bulb": {"handler": "mqtt", "target": "hall/#"}},
+                          "devices.bulb.target"),
                          ({"x": {"handler": "nope"}}, "devices.x.handler")]:
         with pytest.raises(ConfigError) as caught:
             check(config_with(devices))
@@ -306,3 +320,34 @@ def test_config_check_names_a_bad_device_option(tmp_path: Path) -> None:
                           check=False)
     assert done.returncode == 2
     assert "devices.hall.prot: unknown option for handler 'mqtt'" in done.stderr
+
+
+@pytest.mark.parametrize("name", ["a\nb", "a/#", "+", "x\x00", "\ud800", "n" * 70_000])
+async def test_mqtt_a_name_that_makes_no_topic_is_rejected_bounded(name: str) -> None:
+    """Target and template are checked at start, so a bad topic at run time is the name's
+    fault: a typed rejection that says so, short, before any connection is tried."""
+    handler = make({"hall": {"handler": "mqtt", "topic": "z/{device}/{name}", "port": 1}},
+                   "hall")
+    with pytest.raises(InvalidCommand, match="the command name") as caught:
+        await handler.run(Request(id="b1", device="hall", name=name, params={}))
+    assert len(str(caught.value)) < 400
+    await handler.close()
+
+
+async def test_log_handler_lines_are_bounded_and_one_line(
+        caplog: pytest.LogCaptureFixture) -> None:
+    handler = make({"dev": {"handler": "log"}}, "dev")
+    with caplog.at_level(logging.INFO, logger="pigateway.handlers.log"):
+        await handler.run(request("forged\nERROR line", {"k" * 50_000: "v" * 50_000}))
+    [record] = [r for r in caplog.records if r.name == "pigateway.handlers.log"]
+    assert "\n" not in record.getMessage() and len(record.getMessage()) < 1000
+
+
+async def test_gpio_rejections_are_bounded(pins: MockFactory) -> None:
+    handler = make({"dev": {"handler": "gpio", "pin": 25}}, "dev")
+    for name, params in [("x" * 100_000, {}), ("on", {f"k{i}": i for i in range(10_000)}),
+                         ("pulse", {"duration": 10 ** 5000}), ("pulse", {"d" * 100_000: 1})]:
+        with pytest.raises(InvalidCommand) as caught:
+            await handler.run(request(name, params))
+        assert len(str(caught.value)) < 400
+    await handler.close()

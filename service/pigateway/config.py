@@ -25,7 +25,8 @@ T = typing.TypeVar("T")
 
 DEFAULT_PATH = Path("/etc/pigateway/config.toml")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-TOPIC_PATTERN = re.compile(r"^[^#+\x00]+$")
+#: A topic prefix: no wildcards, no NUL or other control characters (brokers refuse them).
+TOPIC_PATTERN = re.compile(r"^[^#+\x00-\x1f\x7f-\x9f]+$")
 
 
 def _opt(default: Any, *, min: float | None = None, max: float | None = None,

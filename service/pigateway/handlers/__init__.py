@@ -37,6 +37,7 @@ __all__ = [
     "available",
     "build",
     "check",
+    "is_number",
 ]
 
 ENTRY_POINT_GROUP = "pigateway.handlers"
@@ -157,7 +158,7 @@ class Options:
         value = self._get(name, default)
         if value is None:
             return None
-        if not _is_number(value):
+        if not is_number(value):
             raise ConfigError(self.key(name), f"must be a number, got {value!r}")
         self._bounds(name, value, low, high)
         return float(value)
@@ -201,11 +202,12 @@ class Options:
             raise ConfigError(self.key(name), f"{value} is too large; the most allowed is {high}")
 
 
-def _is_number(value: Any) -> bool:
-    """A finite int or float (JSON/TOML numbers), never a bool."""
+def is_number(value: Any) -> bool:
+    """A finite int or float (JSON/TOML numbers), never a bool. An int is finite however
+    large (``math.isfinite`` would raise OverflowError on a 5,000-digit one)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
-    return math.isfinite(value)
+    return isinstance(value, int) or math.isfinite(value)
 
 
 _REQUIRED: Any = object()

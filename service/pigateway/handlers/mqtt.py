@@ -23,16 +23,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
-from pigateway.config import TOPIC_PATTERN, Config, DeviceConfig
+from pigateway.config import Config, DeviceConfig
 from pigateway.errors import ConfigError, InvalidCommand, RetryableHandlerError, UplinkError
 from pigateway.handlers import Options, Request
+from pigateway.inputs import shown, text_problem, topic_problem
 from pigateway.uplink import credential, local_publisher
 
 DEFAULT_TOPIC = "zigbee2mqtt/{device}/set"
 QOS = {"0": 0, "1": 1, "2": 2}
+#: A host name or an IPv4/IPv6 address (no scheme, no port, no spaces).
+HOST = re.compile(r"^[A-Za-z0-9_.:%-]{1,253}$")
+#: A systemd credential name: a file name in $CREDENTIALS_DIRECTORY, never a path out of it.
+CREDENTIAL = re.compile(r"^[A-Za-z0-9_@-][A-Za-z0-9_.@-]{0,254}$")
 
 
 class MqttHandler:
@@ -61,6 +67,8 @@ class MqttHandler:
             raise ConfigError(options.key("password_credential"),
                               "give password_file or password_credential, not both")
         if password_credential:
+            _check_pattern(options.key("password_credential"), password_credential,
+                           CREDENTIAL, "a credential name (letters, digits, '_.@-', no '/')")
             found = credential(password_credential)
             if found is None:
                 raise ConfigError(options.key("password_credential"),
@@ -68,7 +76,7 @@ class MqttHandler:
                                   "$CREDENTIALS_DIRECTORY (systemd LoadCredential=)")
             password_file = found
         self.password = _read_password(options.key("password_file"), password_file)
-        _check_template(options.key("topic"), self.template)
+        _check_options(options, self)
         self._stack: contextlib.AsyncExitStack | None = None
         self._publisher: Any = None
 
@@ -77,8 +85,10 @@ class MqttHandler:
 
     async def run(self, request: Request) -> Any:
         topic = self.topic(request.name)
-        if not TOPIC_PATTERN.match(topic):
-            raise InvalidCommand(f"the command name makes an invalid topic {topic!r}")
+        problem = topic_problem(topic)
+        if problem is not None:  # target and template were checked: the name is the cause
+            raise InvalidCommand(f"the command name {shown(request.name, 40)} makes an invalid "
+                                 f"topic {shown(topic, 80)}: it {problem}")
         payload = json.dumps(request.params, separators=(",", ":"), ensure_ascii=False).encode()
         try:
             publisher = await self._connected()
@@ -113,11 +123,36 @@ def _read_password(key: str, path: Path | None) -> str | None:
         raise ConfigError(key, f"cannot read {path}: {exc}") from exc
 
 
+def _check_options(options: Options, handler: MqttHandler) -> None:
+    """What ``config check`` can know before the first command: the topic made from the
+    template and ``target`` is one we can publish to, and the connection options are usable
+    (a bad one would otherwise fail every command, blaming the command)."""
+    _check_template(options.key("topic"), handler.template)
+    problem = topic_problem(handler.target)
+    if problem is not None:
+        raise ConfigError(options.key("target"), f"{shown(handler.target)} is not usable in a "
+                          f"topic: it {problem}")
+    _check_topic(options, handler, handler.topic("n"))
+    _check_pattern(options.key("host"), handler.host, HOST, "a host name or an IP address")
+    if handler.username is not None and (problem := text_problem(handler.username)):
+        raise ConfigError(options.key("username"), f"{shown(handler.username)} {problem}")
+
+
+def _check_topic(options: Options, handler: MqttHandler, topic: str) -> None:
+    problem = topic_problem(topic)
+    if problem is not None:  # target is sound (checked first): the template is the cause
+        raise ConfigError(options.key("topic"), f"{shown(handler.template)} makes an invalid "
+                          f"topic {shown(topic)}: it {problem}")
+
+
+def _check_pattern(key: str, value: str, pattern: re.Pattern[str], what: str) -> None:
+    if not pattern.match(value):
+        raise ConfigError(key, f"{shown(value)} is not {what}")
+
+
 def _check_template(key: str, template: str) -> None:
     try:
-        topic = template.format(device="d", name="n", gateway="g")
+        template.format(device="d", name="n", gateway="g")
     except (KeyError, IndexError, ValueError) as exc:
-        raise ConfigError(key, f"{template!r} is not a topic template: use only {{device}}, "
-                          f"{{name}}, {{gateway}} ({exc!r})") from exc
-    if not TOPIC_PATTERN.match(topic):
-        raise ConfigError(key, f"{template!r} makes an invalid topic (no '+', '#' or NUL)")
+        raise ConfigError(key, f"{shown(template)} is not a topic template: use only "
+                          f"{{device}}, {{name}}, {{gateway}} ({shown(exc)})") from exc
