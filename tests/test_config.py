@@ -48,9 +48,15 @@ BAD_VALUES: list[tuple[str, str, tuple[str, ...]]] = [
     (GW + "[mqtt]\nport = 0", "mqtt.port", ("0", "least allowed is 1")),
     (GW + '[mqtt]\nprotocol = "4"', "mqtt.protocol", ("'4'", "'5', '3.1.1'")),
     (GW + '[mqtt]\ntopic_prefix = "a/#"', "mqtt.topic_prefix", ("'a/#'", "does not match")),
-    (GW + '[mqtt]\ntopic_prefix = "a\\nb"', "mqtt.topic_prefix", ("'a\\nb'", "does not match")),
+    (GW + '[mqtt]\ntopic_prefix = "a\\nb"', "mqtt.topic_prefix", ("'a\\nb'", "control character")),
     (GW + "[mqtt]\nkeepalive = 1", "mqtt.keepalive", ("1", "least allowed is 5")),
     (GW + "[mqtt]\nhost = 5", "mqtt.host", ("int 5", "non-empty string")),
+    (GW + '[mqtt]\nhost = "broker example"', "mqtt.host", ("'broker example'",
+                                                          "host name or an IP address")),
+    (GW + '[mqtt]\nhost = "mqtt://broker"', "mqtt.host", ("host name or an IP address",)),
+    (GW + '[mqtt]\nusername = "gw\\u0000"', "mqtt.username", ("'gw\\x00'", "control character")),
+    (GW + '[mqtt]\nusername = "gw\\nx"', "mqtt.username", ("control character (U+000A",)),
+    (GW + '[mqtt]\nhost = "' + "h" * 300 + '"', "mqtt.host", ("...", "host name")),
     (GW + '[mqtt.tls]\nenabled = "yes"', "mqtt.tls.enabled", ("str 'yes'", "true or false")),
     (GW + '[mqtt.tls]\nkey_file = "/k.pem"', "mqtt.tls.key_file", ("mqtt.tls.cert_file",)),
     (GW + "[uplink]\nbatch_delay = 100", "uplink.batch_delay", ("100", "most allowed is 60")),
@@ -69,7 +75,8 @@ BAD_VALUES: list[tuple[str, str, tuple[str, ...]]] = [
     (GW + "[control]\nsocket = 5", "control.socket", ("int 5", "non-empty string")),
     (GW + '[store]\npath = "queue.db"', "store.path", ("'queue.db'", "absolute")),
     (GW + '[store]\npath = "./var/q.db"', "store.path", ("'var/q.db'", "absolute")),
-    (GW + '[store]\npath = "/var/q\\u0000.db"', "store.path", ("'/var/q\\x00.db'", "NUL")),
+    (GW + '[store]\npath = "/var/q\\u0000.db"', "store.path",
+     ("'/var/q\\x00.db'", "control character (U+0000")),
     (GW + '[control]\nsocket = "c.sock"', "control.socket", ("'c.sock'", "absolute")),
     (GW + '[mqtt]\npassword_file = "pw"', "mqtt.password_file", ("'pw'", "absolute")),
     (GW + '[mqtt.tls]\nca_file = "ca.pem"', "mqtt.tls.ca_file", ("'ca.pem'", "absolute")),
@@ -160,6 +167,19 @@ def test_as_dict_is_plain_json() -> None:
     assert data["devices"]["lamp"]["handler"] == "log"
 
 
+@pytest.mark.parametrize("text", [
+    GW + "x = " + "[" * 5000 + "]" * 5000,
+    GW + "x = " + "{y = " * 3000 + "1" + "}" * 3000,
+    GW + "[store]\nmax_commands = " + "9" * 5000,
+])
+def test_toml_that_python_cannot_hold_is_a_config_error(text: str) -> None:
+    """tomllib raises RecursionError on deep nesting and ValueError on a 5,000-digit integer."""
+    with pytest.raises(ConfigError) as caught:
+        configuration.parse(text, origin="deep.toml")
+    assert caught.value.key == "(syntax)" and "deep.toml" in str(caught.value)
+    assert len(str(caught.value)) < 500
+
+
 def test_a_syntax_error_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text(GW + "[store\n")
@@ -247,6 +267,8 @@ def test_python_callers_get_the_same_rule() -> None:
     with pytest.raises(ConfigError) as caught:
         configuration.ControlConfig(socket=Path("c.sock"))
     assert caught.value.key == "control.socket"
+    with pytest.raises(ConfigError, match="NUL"):
+        StoreConfig(path="/data/q\x00.db")  # type: ignore[arg-type]
     assert StoreConfig(path="/data/q.db").path == Path("/data/q.db")  # type: ignore[arg-type]
 
 

@@ -312,6 +312,23 @@ def test_check_validates_every_device_without_claiming_pins(pins: MockFactory) -
         assert caught.value.key == key
 
 
+class _Fussy(LogHandler):
+    """A third-party handler whose check() raises a builtin exception on a bad option."""
+
+    @staticmethod
+    def check(device: DeviceConfig, config: Config) -> int:
+        return int(device.options["volume"])  # ValueError, KeyError
+
+
+@pytest.mark.parametrize("options", [{"volume": "loud"}, {}])
+def test_a_builtin_error_of_a_handlers_check_is_a_config_error(options: dict[str, Any]) -> None:
+    config = config_with({"siren": {"handler": "fussy", **options}})
+    with pytest.raises(ConfigError) as caught:
+        check(config, {"fussy": _Fussy})
+    assert caught.value.key == "devices.siren"
+    assert "'fussy'" in caught.value.problem and len(caught.value.problem) < 400
+
+
 def test_config_check_names_a_bad_device_option(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text('gateway_id = "gw"\n[devices.hall]\nhandler = "mqtt"\nprot = 1883\n')

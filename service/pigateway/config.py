@@ -20,6 +20,7 @@ from pathlib import Path, PurePath
 from typing import Any, ClassVar, Literal
 
 from pigateway.errors import ConfigError
+from pigateway.inputs import shown, text_problem
 
 T = typing.TypeVar("T")
 
@@ -27,12 +28,15 @@ DEFAULT_PATH = Path("/etc/pigateway/config.toml")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: A topic prefix: no wildcards, no NUL or other control characters (brokers refuse them).
 TOPIC_PATTERN = re.compile(r"^[^#+\x00-\x1f\x7f-\x9f]+$")
+#: A host name or an IPv4/IPv6 address: no scheme, no port, no spaces.
+HOST_PATTERN = re.compile(r"^[A-Za-z0-9_.:%-]{1,253}$")
 
 
 def _opt(default: Any, *, min: float | None = None, max: float | None = None,
-         pattern: re.Pattern[str] | None = None, doc: str = "") -> Any:
-    """A config field with bounds; ``doc`` feeds the reference page."""
-    meta = {"min": min, "max": max, "pattern": pattern, "doc": doc}
+         pattern: re.Pattern[str] | None = None, allowed: str = "", doc: str = "") -> Any:
+    """A config field with bounds; ``allowed`` says in words what ``pattern`` lets through;
+    ``doc`` feeds the reference page."""
+    meta = {"min": min, "max": max, "pattern": pattern, "allowed": allowed, "doc": doc}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -108,7 +112,8 @@ class TlsConfig(_Section, section="mqtt.tls"):
 class MqttConfig(_Section, section="mqtt"):
     """``[mqtt]``: the broker connection."""
 
-    host: str = _opt("localhost", doc="broker host name or address")
+    host: str = _opt("localhost", pattern=HOST_PATTERN, allowed="a host name or an IP address",
+                     doc="broker host name or address")
     port: int = _opt(1883, min=1, max=65535, doc="broker port (8883 is usual with TLS)")
     protocol: Literal["5", "3.1.1"] = _opt("5", doc="MQTT protocol version")
     topic_prefix: str = _opt("pigateway", pattern=TOPIC_PATTERN,
@@ -246,6 +251,9 @@ def parse(text: str, *, origin: str = "<string>") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("(syntax)", f"{origin} is not valid TOML: {exc}") from exc
+    except (RecursionError, ValueError) as exc:  # deep nesting; an integer of 5,000 digits
+        raise ConfigError("(syntax)", f"{origin} cannot be read: {shown(str(exc), 120)}") \
+            from None
     return from_dict(data)
 
 
@@ -365,13 +373,24 @@ def _scalar(hint: Any, value: Any, key: str, meta: typing.Mapping[str, Any]) -> 
         _check_bounds(value, key, meta)
         return float(value)
     if hint in (str, Path):
-        if not isinstance(value, str) or not value:
-            raise ConfigError(key, f"must be a non-empty string, got {_show(value)}")
-        pattern = meta.get("pattern")
-        if pattern is not None and not pattern.match(value):
-            raise ConfigError(key, f"{value!r} does not match {pattern.pattern}")
-        return Path(value) if hint is Path else value
+        return _text(hint, value, key, meta)
     raise ConfigError(key, f"unsupported type {hint!r}")  # a bug in this module, not in the file
+
+
+def _text(hint: Any, value: Any, key: str, meta: typing.Mapping[str, Any]) -> Any:
+    """A string option: never a control character (no option needs one, and each would end
+    up in a topic, a file name, a log line or a broker login)."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, f"must be a non-empty string, got {_show(value)}")
+    problem = text_problem(value)
+    if problem is not None:
+        raise ConfigError(key, f"{shown(value)} {problem}")
+    pattern = meta.get("pattern")
+    if pattern is not None and not pattern.match(value):
+        if meta.get("allowed"):
+            raise ConfigError(key, f"{shown(value)} is not {meta['allowed']}")
+        raise ConfigError(key, f"{shown(value)} does not match {pattern.pattern}")
+    return Path(value) if hint is Path else value
 
 
 def _check_bounds(value: float, key: str, meta: typing.Mapping[str, Any]) -> None:
@@ -383,7 +402,7 @@ def _check_bounds(value: float, key: str, meta: typing.Mapping[str, Any]) -> Non
 
 
 def _show(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"
+    return f"{type(value).__name__} {shown(value)}"
 
 
 def _plain(value: Any) -> Any:

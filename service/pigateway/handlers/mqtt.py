@@ -27,16 +27,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pigateway.config import Config, DeviceConfig
+from pigateway.config import HOST_PATTERN, Config, DeviceConfig
 from pigateway.errors import ConfigError, InvalidCommand, RetryableHandlerError, UplinkError
 from pigateway.handlers import Options, Request
-from pigateway.inputs import shown, text_problem, topic_problem
+from pigateway.inputs import shown, topic_problem
 from pigateway.uplink import credential, local_publisher
 
 DEFAULT_TOPIC = "zigbee2mqtt/{device}/set"
 QOS = {"0": 0, "1": 1, "2": 2}
-#: A host name or an IPv4/IPv6 address (no scheme, no port, no spaces).
-HOST = re.compile(r"^[A-Za-z0-9_.:%-]{1,253}$")
 #: A systemd credential name: a file name in $CREDENTIALS_DIRECTORY, never a path out of it.
 CREDENTIAL = re.compile(r"^[A-Za-z0-9_@-][A-Za-z0-9_.@-]{0,254}$")
 
@@ -133,9 +131,8 @@ def _check_options(options: Options, handler: MqttHandler) -> None:
         raise ConfigError(options.key("target"), f"{shown(handler.target)} is not usable in a "
                           f"topic: it {problem}")
     _check_topic(options, handler, handler.topic("n"))
-    _check_pattern(options.key("host"), handler.host, HOST, "a host name or an IP address")
-    if handler.username is not None and (problem := text_problem(handler.username)):
-        raise ConfigError(options.key("username"), f"{shown(handler.username)} {problem}")
+    _check_pattern(options.key("host"), handler.host, HOST_PATTERN,
+                   "a host name or an IP address")
 
 
 def _check_topic(options: Options, handler: MqttHandler, topic: str) -> None:
