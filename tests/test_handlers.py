@@ -351,6 +351,17 @@ async def test_mqtt_a_name_that_makes_no_topic_is_rejected_bounded(name: str) ->
     await handler.close()
 
 
+@pytest.mark.parametrize("params", [{"x": float("inf")}, {"x": float("nan")},
+                                    {"x": "\ud800"}, {"\udfff": 1}])
+async def test_mqtt_params_a_receiver_could_not_read_are_rejected(params: dict[str, Any]) -> None:
+    """``Infinity`` is not JSON and a lone surrogate is not UTF-8: rejected before connecting,
+    never published (nor a builtin exception that reads as a handler bug)."""
+    handler = make({"hall": {"handler": "mqtt", "port": 1}}, "hall")
+    with pytest.raises(InvalidCommand, match="params"):
+        await handler.run(Request(id="b2", device="hall", name="set", params=params))
+    await handler.close()
+
+
 async def test_log_handler_lines_are_bounded_and_one_line(
         caplog: pytest.LogCaptureFixture) -> None:
     handler = make({"dev": {"handler": "log"}}, "dev")

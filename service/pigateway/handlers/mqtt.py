@@ -87,7 +87,7 @@ class MqttHandler:
         if problem is not None:  # target and template were checked: the name is the cause
             raise InvalidCommand(f"the command name {shown(request.name, 40)} makes an invalid "
                                  f"topic {shown(topic, 80)}: it {problem}")
-        payload = json.dumps(request.params, separators=(",", ":"), ensure_ascii=False).encode()
+        payload = _payload(request.params)
         try:
             publisher = await self._connected()
             await publisher.publish(topic, payload, qos=self.qos, retain=self.retain)
@@ -110,6 +110,15 @@ class MqttHandler:
         if stack is not None:
             with contextlib.suppress(UplinkError):
                 await stack.aclose()
+
+
+def _payload(params: dict[str, Any]) -> bytes:
+    """The params as strict JSON in UTF-8: what a receiver can read, or InvalidCommand."""
+    try:
+        return json.dumps(params, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False).encode()
+    except (TypeError, ValueError, RecursionError) as exc:  # NaN, a lone surrogate, depth
+        raise InvalidCommand(f"params cannot be sent as JSON: {str(exc)[:200]}") from exc
 
 
 def _read_password(key: str, path: Path | None) -> str | None:
