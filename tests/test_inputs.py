@@ -235,3 +235,25 @@ class _Collect(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
+
+
+# --------------------------------------------------------------------------- the inbound side
+
+
+@pytest.mark.parametrize("device", ["lamp\n1", "lamp\x00", "lamp\x1b[2J", "x" * 100])
+async def test_a_command_for_a_device_with_control_characters_is_still_answered(
+        tmp_path: Path, device: str) -> None:
+    """Results are filed under the command's device; a device the names rule refuses must
+    not make the rejection unrecordable (it is filed under the placeholder instead)."""
+    from pigateway.config import from_dict  # noqa: PLC0415
+    from pigateway.inbound import Inbound  # noqa: PLC0415
+
+    config = from_dict({"gateway_id": "gw", "gpio": {"enabled": False},
+                        "store": {"path": str(tmp_path / "queue.db"), "min_free_bytes": 0},
+                        "devices": {"lamp": {"handler": "log"}}})
+    message = json.dumps({"v": 1, "id": "c1", "device": device, "name": "on", "params": {}})
+    async with await Store.open(config.store) as store, Inbound(config, store) as inbound:
+        await inbound.accept(message.encode())
+        [result] = [c for c in await store.list_queued(100) if c.kind == "result"]
+    assert (result.params["id"], result.params["status"]) == ("c1", "rejected")
+    assert inputs.text_problem(result.device) is None
