@@ -84,6 +84,22 @@ PAIRS = st.lists(st.tuples(TEXT, st.one_of(JSON_TEXT, TEXT)).map(lambda kv: f"{k
                  | TEXT, max_size=4)
 
 
+# --------------------------------------------------------------------------- the shared rule
+
+
+@FUZZ
+@given(text=st.one_of(JSON_TEXT, OBJECTS))
+def test_loads_gives_json_that_can_be_sent_on_or_a_typed_error(text: str) -> None:
+    try:
+        value = inputs.loads(text)
+    except InvalidCommand as exc:
+        assert len(str(exc)) < 400
+        return
+    encoded = json.dumps(value, ensure_ascii=False, allow_nan=False).encode()
+    assert json.loads(encoded) == value
+    assert inputs.depth(text) <= inputs.MAX_DEPTH
+
+
 # --------------------------------------------------------------------------- send
 
 
