@@ -178,21 +178,22 @@ class Options:
         self._bounds(name, value, low, high)
         return float(value)
 
-    def text(self, name: str, default: Any = None) -> Any:
-        """A string option; as in the config schema, never with a control character."""
+    def text(self, name: str, default: Any = None, *, printable: bool = False) -> Any:
+        """A string option. ``printable``: no control character either (a name, a topic or a
+        login; a handler that needs ``"\\r\\n"`` in an option leaves it off)."""
         value = self._get(name, default)
         if value is None:
             return None
         if not isinstance(value, str) or not value:
             raise ConfigError(self.key(name), f"must be a non-empty string, got {shown(value)}")
-        problem = text_problem(value)
+        problem = text_problem(value) if printable else None
         if problem is not None:
             raise ConfigError(self.key(name), f"{shown(value)} {problem}")
         return value
 
     def path(self, name: str, default: Any = None) -> Any:
         """A file option: an absolute path (the one rule of the config schema), or ``None``."""
-        value = self.text(name, default)
+        value = self.text(name, default, printable=True)
         return None if value is None else absolute_path(self.key(name), value)
 
     def flag(self, name: str, default: bool) -> bool:

@@ -49,13 +49,13 @@ class MqttHandler:
 
     def __init__(self, device: DeviceConfig, config: Config) -> None:
         options = Options(device)
-        self.template = options.text("topic", DEFAULT_TOPIC)
-        self.target = options.text("target", device.name)
-        self.host = options.text("host", "127.0.0.1")
+        self.template = options.text("topic", DEFAULT_TOPIC, printable=True)
+        self.target = options.text("target", device.name, printable=True)
+        self.host = options.text("host", "127.0.0.1", printable=True)
         self.port = options.integer("port", 1883, low=1, high=65535)
-        self.username = options.text("username")
+        self.username = options.text("username", printable=True)
         password_file = options.path("password_file")
-        password_credential = options.text("password_credential")
+        password_credential = options.text("password_credential", printable=True)
         self.qos = options.integer("qos", 1, low=0, high=2)
         self.retain = options.flag("retain", False)
         options.finish()
