@@ -134,6 +134,25 @@ def test_param_values_that_read_as_json_are_json(cli: Run, config_file: Path, va
     (["--ttl", "-5"], "ttl"),
     (["--ttl", "inf"], "ttl"),
     (["--device", ""], "device"),
+    (["--param", "n=" + "9" * 5000], "5000 digits"),
+    (["--param", "n=-" + "9" * 5000], "5000 digits"),
+    (["--params-json", '{"a": ' + "[" * 4000 + "]" * 4000 + "}"], "nested 4001 deep"),
+    (["--params-json", "[" * 100_000], "nested"),
+    (["--param", "a=" + "{" * 5000], "nested"),
+    (["--params-json", '{"a": 1e400}'], "not finite"),
+    (["--params-json", '{"a": -1e999}'], "not finite"),
+    (["--param", "a=1e400"], "not finite"),
+    (["--params-json", '{"a": "\\ud800"}'], "surrogate"),
+    (["--params-json", '{"\\udfff": 1}'], "surrogate"),
+    (["--param", "k=\udcff"], "surrogate"),  # a byte that is not UTF-8, as argv decodes it
+    (["--param", "\udcff=1"], "surrogate"),
+    (["--params-json", '{"a": 1}'.encode("utf-16").decode("latin-1")], "not valid JSON"),
+    (["--device", "lamp\n1"], "control character"),
+    (["--device", "lamp\x1b[31m"], "control character"),
+    (["--command", "on\x00"], "control character"),
+    (["--command", "on\x85"], "control character"),
+    (["--device", "\udcff"], "surrogate"),
+    (["--command", "x" * 100_000], "at most 128"),
 ])
 def test_bad_input_exits_2_and_queues_nothing(cli: Run, config_file: Path, args: list[str],
                                               needle: str) -> None:
@@ -142,7 +161,19 @@ def test_bad_input_exits_2_and_queues_nothing(cli: Run, config_file: Path, args:
     code, out, err = cli(*argv)
     assert (code, out) == (2, "")
     assert needle in err and err.startswith("pigateway: ")
+    assert len(err) < 1000 and err.count("\n") == 1, "one bounded line"
     assert [r["id"] for r in read_queue(config_file)] == first
+
+
+def test_input_python_cannot_hold_exits_2_without_a_traceback(config_file: Path) -> None:
+    """The real process: what json.loads turns into a builtin exception is a message."""
+    base = ["send", "--config", str(config_file), "--device", "d", "--command", "c"]
+    for extra in (["--param", "n=" + "7" * 5000], ["--params-json", "[" * 5000],
+                  ["--params-json", '{"x": ' + '{"y": ' * 3000 + "1" + "}" * 3001]):
+        done = child(*base, *extra)
+        assert (done.returncode, done.stdout) == (2, ""), done.stderr[-2000:]
+        assert "Traceback" not in done.stderr and done.stderr.startswith("pigateway: ")
+    assert read_queue(config_file) == []
 
 
 def test_usage_errors_of_argparse_exit_2(cli: Run, config_file: Path) -> None:

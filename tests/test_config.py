@@ -8,7 +8,9 @@ say why in one line that an operator can act on without reading the source.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,8 +48,15 @@ BAD_VALUES: list[tuple[str, str, tuple[str, ...]]] = [
     (GW + "[mqtt]\nport = 0", "mqtt.port", ("0", "least allowed is 1")),
     (GW + '[mqtt]\nprotocol = "4"', "mqtt.protocol", ("'4'", "'5', '3.1.1'")),
     (GW + '[mqtt]\ntopic_prefix = "a/#"', "mqtt.topic_prefix", ("'a/#'", "does not match")),
+    (GW + '[mqtt]\ntopic_prefix = "a\\nb"', "mqtt.topic_prefix", ("'a\\nb'", "control character")),
     (GW + "[mqtt]\nkeepalive = 1", "mqtt.keepalive", ("1", "least allowed is 5")),
     (GW + "[mqtt]\nhost = 5", "mqtt.host", ("int 5", "non-empty string")),
+    (GW + '[mqtt]\nhost = "broker example"', "mqtt.host", ("'broker example'",
+                                                          "host name or an IP address")),
+    (GW + '[mqtt]\nhost = "mqtt://broker"', "mqtt.host", ("host name or an IP address",)),
+    (GW + '[mqtt]\nusername = "gw\\u0000"', "mqtt.username", ("'gw\\x00'", "control character")),
+    (GW + '[mqtt]\nusername = "gw\\nx"', "mqtt.username", ("control character (U+000A",)),
+    (GW + '[mqtt]\nhost = "' + "h" * 300 + '"', "mqtt.host", ("...", "host name")),
     (GW + '[mqtt.tls]\nenabled = "yes"', "mqtt.tls.enabled", ("str 'yes'", "true or false")),
     (GW + '[mqtt.tls]\nkey_file = "/k.pem"', "mqtt.tls.key_file", ("mqtt.tls.cert_file",)),
     (GW + "[uplink]\nbatch_delay = 100", "uplink.batch_delay", ("100", "most allowed is 60")),
@@ -64,6 +73,16 @@ BAD_VALUES: list[tuple[str, str, tuple[str, ...]]] = [
     (GW + '[gpio]\nbargraph = [20, "x"]', "gpio.bargraph[1]", ("str 'x'", "whole number")),
     (GW + "[gpio]\ngreen_led = 5", "gpio", ("used twice", "5")),
     (GW + "[control]\nsocket = 5", "control.socket", ("int 5", "non-empty string")),
+    (GW + '[store]\npath = "queue.db"', "store.path", ("'queue.db'", "absolute")),
+    (GW + '[store]\npath = "./var/q.db"', "store.path", ("'var/q.db'", "absolute")),
+    (GW + '[store]\npath = "/var/q\\u0000.db"', "store.path",
+     ("'/var/q\\x00.db'", "control character (U+0000")),
+    (GW + '[control]\nsocket = "c.sock"', "control.socket", ("'c.sock'", "absolute")),
+    (GW + '[mqtt]\npassword_file = "pw"', "mqtt.password_file", ("'pw'", "absolute")),
+    (GW + '[mqtt.tls]\nca_file = "ca.pem"', "mqtt.tls.ca_file", ("'ca.pem'", "absolute")),
+    (GW + '[mqtt.tls]\ncert_file = "c.pem"', "mqtt.tls.cert_file", ("'c.pem'", "absolute")),
+    (GW + '[mqtt.tls]\ncert_file = "/c.pem"\nkey_file = "k.pem"', "mqtt.tls.key_file",
+     ("'k.pem'", "absolute")),
     (GW + '[log]\nlevel = "verbose"', "log.level", ("'verbose'", "'debug', 'info'")),
     (GW + "devices = 5", "devices", ("table",)),
     (GW + "[devices]\nlamp = 5", "devices.lamp", ("must be a table", "handler")),
@@ -148,6 +167,19 @@ def test_as_dict_is_plain_json() -> None:
     assert data["devices"]["lamp"]["handler"] == "log"
 
 
+@pytest.mark.parametrize("text", [
+    GW + "x = " + "[" * 5000 + "]" * 5000,
+    GW + "x = " + "{y = " * 3000 + "1" + "}" * 3000,
+    GW + "[store]\nmax_commands = " + "9" * 5000,
+])
+def test_toml_that_python_cannot_hold_is_a_config_error(text: str) -> None:
+    """tomllib raises RecursionError on deep nesting and ValueError on a 5,000-digit integer."""
+    with pytest.raises(ConfigError) as caught:
+        configuration.parse(text, origin="deep.toml")
+    assert caught.value.key == "(syntax)" and "deep.toml" in str(caught.value)
+    assert len(str(caught.value)) < 500
+
+
 def test_a_syntax_error_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text(GW + "[store\n")
@@ -194,9 +226,79 @@ def test_without_a_path_or_environment_the_default_path_is_used(
     assert configuration.config_path("x.toml") == Path("x.toml")
 
 
+def _path_keys() -> list[str]:
+    """Every option of the schema whose type is a path (found, not listed by hand)."""
+    return [key for key, kind, _, _ in configuration.fields_reference() if "path" in kind]
+
+
+def _config_with(key: str, value: str) -> dict[str, Any]:
+    """A config mapping with ``value`` at the dotted ``key`` (and what it needs beside it)."""
+    data: dict[str, Any] = {"gateway_id": "gw"}
+    *sections, leaf = key.split(".")
+    table = data
+    for section in sections:
+        table = table.setdefault(section, {})
+    table[leaf] = value
+    if key == "mqtt.tls.key_file":
+        table["cert_file"] = "/etc/pigateway/cert.pem"
+    return data
+
+
+def test_the_schema_has_path_options() -> None:
+    assert {"store.path", "control.socket", "mqtt.password_file", "mqtt.tls.ca_file",
+            "mqtt.tls.cert_file", "mqtt.tls.key_file"} <= set(_path_keys())
+
+
+@pytest.mark.parametrize("key", _path_keys())
+def test_every_path_option_must_be_absolute(key: str) -> None:
+    """A relative path means a different file in each working directory (under systemd,
+    ``/run/pigateway``, deleted at every stop): each one, present and future, is refused."""
+    with pytest.raises(ConfigError) as caught:
+        configuration.from_dict(_config_with(key, "relative/file"))
+    assert caught.value.key == key
+    assert "'relative/file'" in caught.value.problem and "absolute" in caught.value.problem
+    configuration.from_dict(_config_with(key, "/abs/file"))
+
+
+def test_python_callers_get_the_same_rule() -> None:
+    with pytest.raises(ConfigError) as caught:
+        StoreConfig(path="queue.db")  # type: ignore[arg-type]
+    assert caught.value.key == "store.path"
+    with pytest.raises(ConfigError) as caught:
+        configuration.ControlConfig(socket=Path("c.sock"))
+    assert caught.value.key == "control.socket"
+    with pytest.raises(ConfigError, match="NUL"):
+        StoreConfig(path="/data/q\x00.db")  # type: ignore[arg-type]
+    assert StoreConfig(path="/data/q.db").path == Path("/data/q.db")  # type: ignore[arg-type]
+
+
 def test_the_reference_covers_every_option() -> None:
     keys = {row[0] for row in configuration.fields_reference()}
     assert {f"store.{name}" for name in StoreConfig.__dataclass_fields__} <= keys
     assert {"mqtt.tls.ca_file", "uplink.max_inflight", "gpio.pin_factory", "log.level"} <= keys
     assert "gateway_id" not in keys and "devices" not in keys
     assert Config.__dataclass_fields__.keys() >= {"gateway_id", "store", "mqtt", "gpio"}
+
+
+def _unit_seconds(key: str) -> float:
+    """A time setting of the shipped unit file (``30s``, ``1min``, ``90``) in seconds."""
+    unit = Path(__file__).resolve().parent.parent / "systemd" / "pigateway.service"
+    [value] = [line.split("=", 1)[1].strip() for line in unit.read_text().splitlines()
+               if line.startswith(f"{key}=")]
+    number, unit_name = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(s|sec|min|)", value).groups()  # type: ignore[union-attr]
+    return float(number) * (60 if unit_name == "min" else 1)
+
+
+def test_the_longest_publish_timeout_lets_a_stop_fit_the_units_timeout() -> None:
+    """The bounded stop (app.py) lasts publish_timeout + WIND_DOWN + STOP_SLACK; systemd
+    kills the service at TimeoutStopSec. With the largest publish_timeout the config
+    accepts, the stop must still end by itself, before the kill."""
+    from pigateway.app import STOP_SLACK, WIND_DOWN  # noqa: PLC0415 - the service's parts
+
+    largest = configuration.UplinkConfig.__dataclass_fields__["publish_timeout"].metadata["max"]
+    assert largest is not None, "uplink.publish_timeout needs an upper bound"
+    assert largest + WIND_DOWN + STOP_SLACK < _unit_seconds("TimeoutStopSec")
+    configuration.parse(GW + f"[uplink]\npublish_timeout = {largest}")
+    with pytest.raises(ConfigError, match="most allowed") as caught:
+        configuration.parse(GW + f"[uplink]\npublish_timeout = {largest + 0.5}")
+    assert caught.value.key == "uplink.publish_timeout"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import stat
 from collections.abc import AsyncIterator
@@ -120,6 +121,47 @@ async def test_bad_requests_get_an_error_and_the_connection_goes_on(
     assert error in bad["error"]
     assert good["ok"] is True
     assert board.state.paused
+
+
+BAD_LINES = [
+    pytest.param(b"[" * 4000 + b"\n", "nested 4000 deep", id="4000-brackets"),
+    pytest.param(b'{"cmd": ' + b"[" * 2000 + b"\n", "nested", id="deep-value"),
+    pytest.param(b'{"cmd": "status", "x": 1e400}\n', "not finite", id="1e400"),
+    pytest.param(b'{"cmd": "status", "x": -Infinity}\n', "not JSON", id="-Infinity"),
+    pytest.param(b'{"cmd": "status", "x": NaN}\n', "not JSON", id="NaN"),
+    pytest.param(b'{"cmd": "\\ud800"}\n', "surrogate", id="surrogate-verb"),
+    pytest.param(b'{"cmd": "status", "\\udfff": 1}\n', "surrogate", id="surrogate-key"),
+    pytest.param(b'{"cmd": "status", "n": ' + b"9" * 4000 + b"}\n", "digits", id="huge-int"),
+    pytest.param(b'{"cmd": "st\x00atus"}\n', "not a JSON request", id="raw-NUL"),
+]
+
+
+@pytest.mark.parametrize(("line", "error"), BAD_LINES)
+async def test_what_json_loads_cannot_hold_is_a_warning_and_an_error_reply(
+        server: ControlServer, board: Switchboard, caplog: pytest.LogCaptureFixture,
+        line: bytes, error: str) -> None:
+    """Deep nesting, non-finite numbers, huge integers, lone surrogates: each one a bounded
+    warning and an error reply, never an ERROR traceback; the connection goes on."""
+    with caplog.at_level(logging.DEBUG, logger="pigateway.control"):
+        bad, good = await _talk(server.path, line, b'{"cmd": "pause"}\n')
+    assert bad["ok"] is False and error in bad["error"], bad
+    assert len(bad["error"]) < 300
+    assert good["ok"] is True and board.state.paused
+    records = [r for r in caplog.records if r.name == "pigateway.control"]
+    assert [r for r in records if r.levelno >= logging.ERROR or r.exc_info] == []
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and len(warnings[0]) < 400 and "\n" not in warnings[0]
+
+
+async def test_a_bigger_line_limit_still_refuses_huge_numbers_and_depth(
+        folder: Path, board: Switchboard, caplog: pytest.LogCaptureFixture) -> None:
+    """With a line limit above Python's int-printing limit (4,300 digits) and recursion limit."""
+    async with ControlServer(folder / "big.sock", board, max_line=1 << 20) as srv:
+        with caplog.at_level(logging.DEBUG, logger="pigateway.control"):
+            replies = await _talk(srv.path, b'{"cmd": "status", "n": ' + b"9" * 5000 + b"}\n",
+                                  b"[" * 200_000 + b"\n", b'{"cmd": "status"}\n')
+    assert [r["ok"] for r in replies] == [False, False, True]
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_a_huge_line_is_refused_and_the_server_goes_on(server: ControlServer) -> None:

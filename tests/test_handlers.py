@@ -80,6 +80,19 @@ OPTION_ERRORS = [
     ({"handler": "mqtt", "port": 0}, "devices.dev.port", "too small"),
     ({"handler": "mqtt", "password_file": "/nonexistent/pw"}, "devices.dev.password_file",
      "cannot read"),
+    ({"handler": "mqtt", "password_file": "pw"}, "devices.dev.password_file", "absolute"),
+    ({"handler": "mqtt", "target": "hall/#"}, "devices.dev.target", "'hall/#'"),
+    ({"handler": "mqtt", "target": "hall/+/x"}, "devices.dev.target", "wildcard"),
+    ({"handler": "mqtt", "target": "hall\x00"}, "devices.dev.target", "control character"),
+    ({"handler": "mqtt", "target": "hall\nlamp"}, "devices.dev.target", "control character"),
+    ({"handler": "mqtt", "target": "x" * 70_000}, "devices.dev.target", "65535"),
+    ({"handler": "mqtt", "topic": "z/\x7f/{device}"}, "devices.dev.topic", "control character"),
+    ({"handler": "mqtt", "topic": "z/{device:>70000}"}, "devices.dev.topic", "65535"),
+    ({"handler": "mqtt", "host": "broker example"}, "devices.dev.host", "host name"),
+    ({"handler": "mqtt", "host": "a" * 300}, "devices.dev.host", "host name"),
+    ({"handler": "mqtt", "username": "gw\x00"}, "devices.dev.username", "control character"),
+    ({"handler": "mqtt", "password_credential": "../../etc/shadow"},
+     "devices.dev.password_credential", "credential name"),
 ]
 
 
@@ -291,10 +304,29 @@ def test_check_validates_every_device_without_claiming_pins(pins: MockFactory) -
     for devices, key in [({"porch": {"handler": "gpio"}}, "devices.porch.pin"),
                          ({"probe": {"handler": "log", "lvl": 1}}, "devices.probe.lvl"),
                          ({"bulb": {"handler": "mqtt", "topic": "#"}}, "devices.bulb.topic"),
+                         ({"bulb": {"handler": "mqtt", "target": "hall/#"}},
+                          "devices.bulb.target"),
                          ({"x": {"handler": "nope"}}, "devices.x.handler")]:
         with pytest.raises(ConfigError) as caught:
             check(config_with(devices))
         assert caught.value.key == key
+
+
+class _Fussy(LogHandler):
+    """A third-party handler whose check() raises a builtin exception on a bad option."""
+
+    @staticmethod
+    def check(device: DeviceConfig, config: Config) -> int:
+        return int(device.options["volume"])  # ValueError, KeyError
+
+
+@pytest.mark.parametrize("options", [{"volume": "loud"}, {}])
+def test_a_builtin_error_of_a_handlers_check_is_a_config_error(options: dict[str, Any]) -> None:
+    config = config_with({"siren": {"handler": "fussy", **options}})
+    with pytest.raises(ConfigError) as caught:
+        check(config, {"fussy": _Fussy})
+    assert caught.value.key == "devices.siren"
+    assert "'fussy'" in caught.value.problem and len(caught.value.problem) < 400
 
 
 def test_config_check_names_a_bad_device_option(tmp_path: Path) -> None:
@@ -305,3 +337,45 @@ def test_config_check_names_a_bad_device_option(tmp_path: Path) -> None:
                           check=False)
     assert done.returncode == 2
     assert "devices.hall.prot: unknown option for handler 'mqtt'" in done.stderr
+
+
+@pytest.mark.parametrize("name", ["a\nb", "a/#", "+", "x\x00", "\ud800", "n" * 70_000])
+async def test_mqtt_a_name_that_makes_no_topic_is_rejected_bounded(name: str) -> None:
+    """Target and template are checked at start, so a bad topic at run time is the name's
+    fault: a typed rejection that says so, short, before any connection is tried."""
+    handler = make({"hall": {"handler": "mqtt", "topic": "z/{device}/{name}", "port": 1}},
+                   "hall")
+    with pytest.raises(InvalidCommand, match="the command name") as caught:
+        await handler.run(Request(id="b1", device="hall", name=name, params={}))
+    assert len(str(caught.value)) < 400
+    await handler.close()
+
+
+@pytest.mark.parametrize("params", [{"x": float("inf")}, {"x": float("nan")},
+                                    {"x": "\ud800"}, {"\udfff": 1}])
+async def test_mqtt_params_a_receiver_could_not_read_are_rejected(params: dict[str, Any]) -> None:
+    """``Infinity`` is not JSON and a lone surrogate is not UTF-8: rejected before connecting,
+    never published (nor a builtin exception that reads as a handler bug)."""
+    handler = make({"hall": {"handler": "mqtt", "port": 1}}, "hall")
+    with pytest.raises(InvalidCommand, match="params"):
+        await handler.run(Request(id="b2", device="hall", name="set", params=params))
+    await handler.close()
+
+
+async def test_log_handler_lines_are_bounded_and_one_line(
+        caplog: pytest.LogCaptureFixture) -> None:
+    handler = make({"dev": {"handler": "log"}}, "dev")
+    with caplog.at_level(logging.INFO, logger="pigateway.handlers.log"):
+        await handler.run(request("forged\nERROR line", {"k" * 50_000: "v" * 50_000}))
+    [record] = [r for r in caplog.records if r.name == "pigateway.handlers.log"]
+    assert "\n" not in record.getMessage() and len(record.getMessage()) < 1000
+
+
+async def test_gpio_rejections_are_bounded(pins: MockFactory) -> None:
+    handler = make({"dev": {"handler": "gpio", "pin": 25}}, "dev")
+    for name, params in [("x" * 100_000, {}), ("on", {f"k{i}": i for i in range(10_000)}),
+                         ("pulse", {"duration": 10 ** 5000}), ("pulse", {"d" * 100_000: 1})]:
+        with pytest.raises(InvalidCommand) as caught:
+            await handler.run(request(name, params))
+        assert len(str(caught.value)) < 400
+    await handler.close()

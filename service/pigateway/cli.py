@@ -15,11 +15,12 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from pigateway import __version__
+from pigateway import __version__, inputs
 from pigateway import config as configuration
 from pigateway.errors import (
     ConfigError,
     InvalidCommand,
+    InvalidJson,
     PigatewayError,
     QueueFull,
     ServiceNotRunning,
@@ -51,26 +52,35 @@ def parse_params(pairs: Sequence[str], params_json: str | None) -> dict[str, Any
     """Build a command's params from ``--params-json`` and ``--param KEY=VALUE`` pairs.
 
     A VALUE that reads as JSON (``5``, ``true``, ``"x"``, ``[1,2]``) is taken as that; any
-    other text is a string. ``--param`` wins over the same key in ``--params-json``.
+    other text is a string. ``--param`` wins over the same key in ``--params-json``. JSON
+    that cannot be stored or sent on (too deep, not finite, a huge integer, a lone
+    surrogate: see :mod:`pigateway.inputs`) is a :class:`UsageError`, never a traceback.
     """
     params: dict[str, Any] = {}
     if params_json is not None:
         try:
-            loaded = json.loads(params_json)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"--params-json is not valid JSON: {exc}") from exc
+            loaded = inputs.loads(params_json)
+        except InvalidCommand as exc:
+            raise UsageError(f"--params-json {exc}") from exc
         if not isinstance(loaded, dict):
             raise UsageError(f"--params-json must be a JSON object, got {type(loaded).__name__}")
         params.update(loaded)
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
-            raise UsageError(f"--param {pair!r} must look like KEY=VALUE")
-        try:
-            params[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            params[key.strip()] = raw
+            raise UsageError(f"--param {inputs.shown(pair)} must look like KEY=VALUE")
+        params[key.strip()] = _param_value(key.strip(), raw)
     return params
+
+
+def _param_value(key: str, raw: str) -> Any:
+    """``raw`` as JSON when it reads as JSON, else the text itself."""
+    try:
+        return inputs.loads(raw)
+    except InvalidJson:
+        return raw
+    except InvalidCommand as exc:
+        raise UsageError(f"--param {inputs.shown(key, 40)}: {exc}") from exc
 
 
 def build_parser() -> argparse.ArgumentParser:

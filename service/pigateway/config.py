@@ -16,29 +16,74 @@ import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from pathlib import Path, PurePath
+from typing import Any, ClassVar, Literal
 
 from pigateway.errors import ConfigError
+from pigateway.inputs import shown, text_problem
 
 T = typing.TypeVar("T")
 
 DEFAULT_PATH = Path("/etc/pigateway/config.toml")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-TOPIC_PATTERN = re.compile(r"^[^#+\x00]+$")
+#: A topic prefix: no wildcards, no NUL or other control characters (brokers refuse them).
+TOPIC_PATTERN = re.compile(r"^[^#+\x00-\x1f\x7f-\x9f]+$")
+#: A host name or an IPv4/IPv6 address: no scheme, no port, no spaces.
+HOST_PATTERN = re.compile(r"^[A-Za-z0-9_.:%-]{1,253}$")
 
 
 def _opt(default: Any, *, min: float | None = None, max: float | None = None,
-         pattern: re.Pattern[str] | None = None, doc: str = "") -> Any:
-    """A config field with bounds; ``doc`` feeds the reference page."""
-    meta = {"min": min, "max": max, "pattern": pattern, "doc": doc}
+         pattern: re.Pattern[str] | None = None, allowed: str = "", doc: str = "") -> Any:
+    """A config field with bounds; ``allowed`` says in words what ``pattern`` lets through;
+    ``doc`` feeds the reference page."""
+    meta = {"min": min, "max": max, "pattern": pattern, "allowed": allowed, "doc": doc}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
+class _Section:
+    """What every ``[section]`` shares: its path options are absolute paths.
+
+    The rule lives here, in the schema, so it holds for each path option there is or will
+    be, whether the values come from the TOML file or from a Python caller. A relative path
+    names a different file in each working directory: ``pigateway send`` in a shell and the
+    service (whose working directory is ``/`` or a runtime folder) would use two queues.
+    """
+
+    _section: ClassVar[str]
+
+    def __init_subclass__(cls, *, section: str, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._section = section  # set here, not in the body: a dataclass field it is not
+
+    def __post_init__(self) -> None:
+        for name in _path_fields(type(self)):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, absolute_path(f"{self._section}.{name}", value))
+
+
+def _path_fields(cls: type[Any]) -> tuple[str, ...]:
+    """The fields of ``cls`` typed ``Path`` or ``Path | None``."""
+    hints = typing.get_type_hints(cls)
+    return tuple(fld.name for fld in dataclasses.fields(cls)
+                 if Path in (hints[fld.name], *typing.get_args(hints[fld.name])))
+
+
+def absolute_path(key: str, value: str | PurePath) -> Path:
+    """``value`` as a :class:`Path`; :class:`ConfigError` naming ``key`` unless absolute."""
+    path = Path(value)
+    if "\x00" in str(path):
+        raise ConfigError(key, f"{str(path)[:200]!r} is not allowed: a path has no NUL")
+    if not path.is_absolute():
+        raise ConfigError(key, f"{str(path)[:200]!r} is not allowed: a path must be absolute "
+                          "(a relative one means another file in each working directory)")
+    return path
+
+
 @dataclass(frozen=True)
-class StoreConfig:
+class StoreConfig(_Section, section="store"):
     """``[store]``: the durable queue on disk."""
 
     path: Path = _opt(Path("/var/lib/pigateway/queue.db"), doc="SQLite file of the queue")
@@ -52,13 +97,9 @@ class StoreConfig:
     max_params_bytes: int = _opt(64 * 1024, min=16, doc="size limit of one command's params")
     busy_timeout: float = _opt(10.0, min=0.1, doc="seconds to wait for another writer")
 
-    def __post_init__(self) -> None:
-        # Python callers may hand a str; the store wants a Path.
-        object.__setattr__(self, "path", Path(self.path))
-
 
 @dataclass(frozen=True)
-class TlsConfig:
+class TlsConfig(_Section, section="mqtt.tls"):
     """``[mqtt.tls]``: TLS to the broker (hostname always checked)."""
 
     enabled: bool = _opt(False, doc="connect with TLS; the host name is always checked")
@@ -68,10 +109,11 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
-class MqttConfig:
+class MqttConfig(_Section, section="mqtt"):
     """``[mqtt]``: the broker connection."""
 
-    host: str = _opt("localhost", doc="broker host name or address")
+    host: str = _opt("localhost", pattern=HOST_PATTERN, allowed="a host name or an IP address",
+                     doc="broker host name or address")
     port: int = _opt(1883, min=1, max=65535, doc="broker port (8883 is usual with TLS)")
     protocol: Literal["5", "3.1.1"] = _opt("5", doc="MQTT protocol version")
     topic_prefix: str = _opt("pigateway", pattern=TOPIC_PATTERN,
@@ -85,7 +127,7 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
-class UplinkConfig:
+class UplinkConfig(_Section, section="uplink"):
     """``[uplink]``: batching, back-pressure and reconnect backoff."""
 
     batch_delay: float = _opt(0.1, min=0, max=60, doc="seconds a batch waits for company")
@@ -95,12 +137,15 @@ class UplinkConfig:
     backoff_initial: float = _opt(1.0, min=0.01, doc="first reconnect wait, seconds")
     backoff_max: float = _opt(120.0, min=0.01, doc="longest reconnect wait, seconds")
     backoff_reset: float = _opt(30.0, min=0, doc="seconds online after which backoff starts over")
-    publish_timeout: float = _opt(10.0, min=0.1, doc="seconds to wait for a PUBACK")
+    # At most 20: a stop takes publish_timeout + app.WIND_DOWN + app.STOP_SLACK (27 s), and
+    # the unit's TimeoutStopSec=30s must stay above it (tests/test_config.py checks both).
+    publish_timeout: float = _opt(10.0, min=0.1, max=20, doc=(
+        "seconds to wait for a PUBACK (at most 20, so a stop fits TimeoutStopSec=30s)"))
     state_interval: float = _opt(30.0, min=1, doc="seconds between retained state refreshes")
 
 
 @dataclass(frozen=True)
-class InboundConfig:
+class InboundConfig(_Section, section="inbound"):
     """``[inbound]``: commands from the broker to local devices."""
 
     enabled: bool = _opt(True, doc="take commands from the broker")
@@ -124,7 +169,7 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
-class GpioConfig:
+class GpioConfig(_Section, section="gpio"):
     """``[gpio]``: status LEDs and buttons (BCM pin numbers)."""
 
     enabled: bool = _opt(True, doc="drive the status LEDs and read the buttons")
@@ -142,7 +187,7 @@ class GpioConfig:
 
 
 @dataclass(frozen=True)
-class ControlConfig:
+class ControlConfig(_Section, section="control"):
     """``[control]``: the local control socket."""
 
     socket: Path = _opt(Path("/run/pigateway/control.sock"),
@@ -150,7 +195,7 @@ class ControlConfig:
 
 
 @dataclass(frozen=True)
-class LogConfig:
+class LogConfig(_Section, section="log"):
     """``[log]``: logging."""
 
     level: Literal["debug", "info", "warning", "error"] = _opt("info", doc="least level logged")
@@ -206,6 +251,9 @@ def parse(text: str, *, origin: str = "<string>") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("(syntax)", f"{origin} is not valid TOML: {exc}") from exc
+    except (RecursionError, ValueError) as exc:  # deep nesting; an integer of 5,000 digits
+        raise ConfigError("(syntax)", f"{origin} cannot be read: {shown(str(exc), 120)}") \
+            from None
     return from_dict(data)
 
 
@@ -325,13 +373,24 @@ def _scalar(hint: Any, value: Any, key: str, meta: typing.Mapping[str, Any]) -> 
         _check_bounds(value, key, meta)
         return float(value)
     if hint in (str, Path):
-        if not isinstance(value, str) or not value:
-            raise ConfigError(key, f"must be a non-empty string, got {_show(value)}")
-        pattern = meta.get("pattern")
-        if pattern is not None and not pattern.match(value):
-            raise ConfigError(key, f"{value!r} does not match {pattern.pattern}")
-        return Path(value) if hint is Path else value
+        return _text(hint, value, key, meta)
     raise ConfigError(key, f"unsupported type {hint!r}")  # a bug in this module, not in the file
+
+
+def _text(hint: Any, value: Any, key: str, meta: typing.Mapping[str, Any]) -> Any:
+    """A string option: never a control character (no option needs one, and each would end
+    up in a topic, a file name, a log line or a broker login)."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, f"must be a non-empty string, got {_show(value)}")
+    problem = text_problem(value)
+    if problem is not None:
+        raise ConfigError(key, f"{shown(value)} {problem}")
+    pattern = meta.get("pattern")
+    if pattern is not None and not pattern.match(value):
+        if meta.get("allowed"):
+            raise ConfigError(key, f"{shown(value)} is not {meta['allowed']}")
+        raise ConfigError(key, f"{shown(value)} does not match {pattern.pattern}")
+    return Path(value) if hint is Path else value
 
 
 def _check_bounds(value: float, key: str, meta: typing.Mapping[str, Any]) -> None:
@@ -343,7 +402,7 @@ def _check_bounds(value: float, key: str, meta: typing.Mapping[str, Any]) -> Non
 
 
 def _show(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"
+    return f"{type(value).__name__} {shown(value)}"
 
 
 def _plain(value: Any) -> Any:
@@ -383,7 +442,7 @@ def _type_name(hint: Any) -> str:
     text = str(hint)
     for noise in ("typing.", "pathlib.", "<class '", "'>"):
         text = text.replace(noise, "")
-    return text
+    return text.replace("Path", "absolute path")
 
 
 def reference_markdown() -> str:

@@ -2,7 +2,9 @@
 
 One request per line, ``{"cmd": "status"}``; one reply per line, ``{"ok": true, "state":
 {...}}`` or ``{"ok": false, "error": "..."}``. A bad request (not JSON, unknown verb, a line
-over :data:`MAX_LINE`) gets an error reply; a client that goes away mid-line is dropped.
+over :data:`MAX_LINE`, nested deeper than :data:`MAX_DEPTH`, a number that is not finite or
+too long, a lone surrogate) gets an error reply and one bounded warning in the journal; a
+client that goes away mid-line is dropped.
 Nothing a client sends can stop the server or the service.
 
 The server reaches the service only through :class:`Controls`, so it knows nothing of the
@@ -22,13 +24,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from pigateway.errors import ControlError, PigatewayError, ServiceNotRunning
+from pigateway import inputs
+from pigateway.errors import ControlError, InvalidCommand, PigatewayError, ServiceNotRunning
 from pigateway.state import GatewayState
 
 log = logging.getLogger(__name__)
 
 MAX_LINE: Final = 4096
 """Bytes per request line at most; a longer one is refused and its connection closed."""
+MAX_DEPTH: Final = 4
+"""JSON nesting of a request at most (``{"cmd": "status"}`` is 1)."""
 MAX_CLIENTS: Final = 16
 """Connections served at once; more get an error reply and are closed."""
 IDLE_TIMEOUT: Final = 30.0
@@ -148,14 +153,21 @@ class ControlServer:
             except asyncio.IncompleteReadError:
                 return  # EOF, possibly mid-line: nobody is left to answer
             except asyncio.LimitOverrunError:
+                log.warning("control: refused a request line longer than %d bytes",
+                            self.max_line)
                 await _reply(writer, _error(f"request line longer than {self.max_line} bytes"))
                 return
             await _reply(writer, self.handle(line))
 
     def handle(self, line: bytes) -> dict[str, Any]:
-        """The reply to one request line (never raises)."""
+        """The reply to one request line (never raises). A bad request is the client's
+        mistake: one bounded warning and an error reply, never a traceback."""
         try:
             verb = _parse(line)
+        except ControlError as exc:
+            log.warning("control: refused request %s: %s", inputs.shown(line, 80), exc)
+            return _error(str(exc))
+        try:
             action = VERBS[verb]
             if action is not None:
                 log.info("control: %s", verb)
@@ -166,21 +178,23 @@ class ControlServer:
         except PigatewayError as exc:
             return _error(f"{type(exc).__name__}: {exc}")
         except Exception:
-            log.exception("control request %r failed", line[:200])
+            log.exception("control request %s failed", inputs.shown(line, 80))
             return _error("internal error; see the journal")
 
 
 def _parse(line: bytes) -> str:
-    """The verb of a request line; :class:`ControlError` says what is wrong with it."""
+    """The verb of a request line; :class:`ControlError` says what is wrong with it (the
+    JSON rules are :func:`pigateway.inputs.loads`: depth, finite numbers, UTF-8)."""
     try:
-        request = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        request = inputs.loads(line, max_depth=MAX_DEPTH)
+    except InvalidCommand as exc:
         raise ControlError(f"not a JSON request: {exc}") from exc
     if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
         raise ControlError('a request is a JSON object like {"cmd": "status"}')
     verb: str = request["cmd"]
     if verb not in VERBS:
-        raise ControlError(f"unknown command {verb[:40]!r}; use one of {', '.join(VERBS)}")
+        raise ControlError(f"unknown command {inputs.shown(verb, 40)}; "
+                           f"use one of {', '.join(VERBS)}")
     return verb
 
 
@@ -271,8 +285,8 @@ def _check_reply(line: bytes) -> dict[str, Any]:
     if not line:
         raise ControlError("pigateway closed the control connection without a reply")
     try:
-        reply = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        reply = inputs.loads(line)
+    except InvalidCommand as exc:
         raise ControlError(f"pigateway sent a reply that is not JSON: {exc}") from exc
     if not isinstance(reply, dict):
         raise ControlError("pigateway sent a reply that is not a JSON object")

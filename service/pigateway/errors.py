@@ -25,6 +25,10 @@ class InvalidCommand(PigatewayError):
     """A command does not fit the contract (bad device, name, params or ttl)."""
 
 
+class InvalidJson(InvalidCommand):
+    """Text that should be JSON is not (a syntax error, or not UTF-8)."""
+
+
 class RejectedCommand(InvalidCommand):
     """A command from the broker does not fit the wire contract; it is answered ``rejected``.
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pigateway.ids import new_id
+from pigateway.inputs import text_problem
 from pigateway.store import Store
 
 Statement = tuple[str, Sequence[Any]]
@@ -95,8 +96,10 @@ def result_document(command_id: str, status: str, detail: Any = None, *,
 
 
 def outbox_device(device: Any) -> str:
-    """The device a result is filed under in the outbox (a placeholder when unusable)."""
-    if isinstance(device, str) and device.strip() and len(device) <= _MAX_DEVICE:
+    """The device a result is filed under in the outbox (a placeholder when unusable: by
+    the same rule as ``store.prepare``, so filing a rejection can never be refused)."""
+    if isinstance(device, str) and device.strip() and len(device) <= _MAX_DEVICE \
+            and text_problem(device) is None:
         return device
     return NO_DEVICE
 

@@ -39,6 +39,7 @@ from pigateway.clock import GatewayClock
 from pigateway.config import StoreConfig
 from pigateway.errors import InvalidCommand, QueueFull, StoreCorrupt, StoreError, StoreFull
 from pigateway.ids import new_id
+from pigateway.inputs import shown, text_problem
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -248,16 +249,19 @@ def prepare(item: NewCommand, config: StoreConfig, now: float,
     for label, value in (("device", item.device), ("command name", item.name)):
         if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME:
             raise InvalidCommand(f"{label} must be a non-empty string of at most {MAX_NAME} "
-                                 f"characters, got {value!r}")
+                                 f"characters, got {shown(value)}")
+        problem = text_problem(value)  # one rule for the CLI, the API and every caller
+        if problem is not None:
+            raise InvalidCommand(f"{label} {shown(value)} {problem}")
     if item.kind not in KINDS:
         raise InvalidCommand(f"kind must be one of {KINDS}, got {item.kind!r}")
     if not isinstance(item.params, dict):
         raise InvalidCommand(f"params must be a JSON object, got {type(item.params).__name__}")
     try:
         params = _ENCODER.encode(item.params)
-    except (TypeError, ValueError) as exc:
-        raise InvalidCommand(f"params are not JSON: {exc}") from exc
-    size = len(params.encode())
+        size = len(params.encode())  # a lone surrogate is no UTF-8: UnicodeEncodeError
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidCommand(f"params are not JSON: {str(exc)[:200]}") from exc
     if size > config.max_params_bytes:
         raise InvalidCommand(f"params are {size} bytes; the limit is {config.max_params_bytes} "
                              "(store.max_params_bytes)")

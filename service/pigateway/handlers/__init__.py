@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from pigateway.config import Config, DeviceConfig
-from pigateway.errors import ConfigError
+from pigateway.config import Config, DeviceConfig, absolute_path
+from pigateway.errors import ConfigError, PigatewayError
+from pigateway.inputs import shown, text_problem
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -37,6 +38,7 @@ __all__ = [
     "available",
     "build",
     "check",
+    "is_number",
 ]
 
 ENTRY_POINT_GROUP = "pigateway.handlers"
@@ -119,7 +121,21 @@ def check(config: Config, factories: Mapping[str, HandlerFactory] | None = None)
         target = factory.load() if hasattr(factory, "load") else factory
         checker = getattr(target, "check", None)
         if callable(checker):
-            checker(device, config)
+            _run_check(checker, device, config)
+
+
+def _run_check(checker: Callable[[DeviceConfig, Config], Any], device: DeviceConfig,
+               config: Config) -> None:
+    """A handler's ``check``: a builtin exception (a third-party handler reading an option
+    with ``int()``) becomes a :class:`ConfigError` naming the device, not a traceback."""
+    try:
+        checker(device, config)
+    except PigatewayError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"devices.{device.name}",
+                          f"the {device.handler!r} handler refused its options: "
+                          f"{type(exc).__name__}: {shown(str(exc), 200)}") from exc
 
 
 class Options:
@@ -148,7 +164,7 @@ class Options:
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(self.key(name), f"must be a whole number, got {value!r}")
+            raise ConfigError(self.key(name), f"must be a whole number, got {shown(value)}")
         self._bounds(name, value, low, high)
         return value
 
@@ -157,21 +173,33 @@ class Options:
         value = self._get(name, default)
         if value is None:
             return None
-        if not _is_number(value):
-            raise ConfigError(self.key(name), f"must be a number, got {value!r}")
+        if not is_number(value):
+            raise ConfigError(self.key(name), f"must be a number, got {shown(value)}")
         self._bounds(name, value, low, high)
         return float(value)
 
-    def text(self, name: str, default: Any = None) -> Any:
+    def text(self, name: str, default: Any = None, *, printable: bool = False) -> Any:
+        """A string option. ``printable``: no control character either (a name, a topic or a
+        login; a handler that needs ``"\\r\\n"`` in an option leaves it off)."""
         value = self._get(name, default)
-        if value is not None and (not isinstance(value, str) or not value):
-            raise ConfigError(self.key(name), f"must be a non-empty string, got {value!r}")
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise ConfigError(self.key(name), f"must be a non-empty string, got {shown(value)}")
+        problem = text_problem(value) if printable else None
+        if problem is not None:
+            raise ConfigError(self.key(name), f"{shown(value)} {problem}")
         return value
+
+    def path(self, name: str, default: Any = None) -> Any:
+        """A file option: an absolute path (the one rule of the config schema), or ``None``."""
+        value = self.text(name, default, printable=True)
+        return None if value is None else absolute_path(self.key(name), value)
 
     def flag(self, name: str, default: bool) -> bool:
         value = self._get(name, default)
         if not isinstance(value, bool):
-            raise ConfigError(self.key(name), f"must be true or false, got {value!r}")
+            raise ConfigError(self.key(name), f"must be true or false, got {shown(value)}")
         return value
 
     def choice(self, name: str, default: T, allowed: Mapping[str, T]) -> T:
@@ -179,7 +207,7 @@ class Options:
         if value is None:
             return default
         if value not in allowed:
-            raise ConfigError(self.key(name), f"{value!r} is not allowed; use one of "
+            raise ConfigError(self.key(name), f"{shown(value)} is not allowed; use one of "
                               + ", ".join(repr(a) for a in allowed))
         return allowed[value]
 
@@ -196,11 +224,12 @@ class Options:
             raise ConfigError(self.key(name), f"{value} is too large; the most allowed is {high}")
 
 
-def _is_number(value: Any) -> bool:
-    """A finite int or float (JSON/TOML numbers), never a bool."""
+def is_number(value: Any) -> bool:
+    """A finite int or float (JSON/TOML numbers), never a bool. An int is finite however
+    large (``math.isfinite`` would raise OverflowError on a 5,000-digit one)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
-    return math.isfinite(value)
+    return isinstance(value, int) or math.isfinite(value)
 
 
 _REQUIRED: Any = object()

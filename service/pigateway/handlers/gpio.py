@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -30,7 +29,8 @@ from gpiozero.pins.mock import MockFactory
 
 from pigateway.config import Config, DeviceConfig, GpioConfig
 from pigateway.errors import ConfigError, HandlerError, InvalidCommand
-from pigateway.handlers import REQUIRED, Options, Request
+from pigateway.handlers import REQUIRED, Options, Request, is_number
+from pigateway.inputs import shown
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,8 @@ class GpioHandler:
     async def run(self, request: Request) -> Any:
         action = ACTIONS.get(request.name)
         if action is None:
-            raise InvalidCommand(f"gpio device {self.name!r} does not know {request.name!r}; "
-                                 f"use one of {', '.join(ACTIONS)}")
+            raise InvalidCommand(f"gpio device {self.name!r} does not know "
+                                 f"{shown(request.name, 40)}; use one of {', '.join(ACTIONS)}")
         try:
             await action(self, request)
         except GPIOZeroError as exc:
@@ -143,20 +143,21 @@ ACTIONS: dict[str, Action] = {
 
 def _no_params(request: Request) -> None:
     if request.params:
-        raise InvalidCommand(f"{request.name!r} takes no params, got {sorted(request.params)}")
+        raise InvalidCommand(f"{request.name!r} takes no params, got "
+                             f"{shown(sorted(request.params))}")
 
 
 def _duration(params: dict[str, Any], longest: float) -> float:
     """The pulse length; longer than ``inbound.handler_timeout`` it could never finish."""
     unknown = sorted(set(params) - {"duration"})
     if unknown:
-        raise InvalidCommand(f"'pulse' takes only 'duration', got {unknown}")
+        raise InvalidCommand(f"'pulse' takes only 'duration', got {shown(unknown)}")
     value = params.get("duration", 1.0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidCommand(f"params.duration must be a number of seconds, got {value!r}")
+    if not is_number(value):
+        raise InvalidCommand(f"params.duration must be a number of seconds, got {shown(value)}")
     if not 0 < value <= longest:
         raise InvalidCommand(f"params.duration must be > 0 and <= {longest:g} (at most "
-                             f"{MAX_PULSE:g} and inbound.handler_timeout), got {value}")
+                             f"{MAX_PULSE:g} and inbound.handler_timeout), got {shown(value)}")
     return float(value)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from pigateway.config import Config, DeviceConfig
 from pigateway.handlers import Options, Request
+from pigateway.inputs import shown
 
 log = logging.getLogger("pigateway.handlers.log")
 
@@ -36,8 +37,10 @@ class LogHandler:
         return level
 
     async def run(self, request: Request) -> Any:
-        log.log(self.level, "command %s for %s: %s %s (attempt %d)", request.id, request.device,
-                request.name, request.params, request.attempt,
+        # name and params come from the broker: shown bounded and escaped, one line each
+        log.log(self.level, "command %s for %s: %s %s (attempt %d)", shown(request.id, 40),
+                request.device, shown(request.name, 80), shown(request.params, 400),
+                request.attempt,
                 extra={"command_id": request.id, "device": request.device})
         return None
 

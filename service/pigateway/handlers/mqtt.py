@@ -23,16 +23,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
-from pigateway.config import TOPIC_PATTERN, Config, DeviceConfig
+from pigateway.config import HOST_PATTERN, Config, DeviceConfig
 from pigateway.errors import ConfigError, InvalidCommand, RetryableHandlerError, UplinkError
 from pigateway.handlers import Options, Request
+from pigateway.inputs import shown, topic_problem
 from pigateway.uplink import credential, local_publisher
 
 DEFAULT_TOPIC = "zigbee2mqtt/{device}/set"
 QOS = {"0": 0, "1": 1, "2": 2}
+#: A systemd credential name: a file name in $CREDENTIALS_DIRECTORY, never a path out of it.
+CREDENTIAL = re.compile(r"^[A-Za-z0-9_@-][A-Za-z0-9_.@-]{0,254}$")
 
 
 class MqttHandler:
@@ -45,13 +49,13 @@ class MqttHandler:
 
     def __init__(self, device: DeviceConfig, config: Config) -> None:
         options = Options(device)
-        self.template = options.text("topic", DEFAULT_TOPIC)
-        self.target = options.text("target", device.name)
-        self.host = options.text("host", "127.0.0.1")
+        self.template = options.text("topic", DEFAULT_TOPIC, printable=True)
+        self.target = options.text("target", device.name, printable=True)
+        self.host = options.text("host", "127.0.0.1", printable=True)
         self.port = options.integer("port", 1883, low=1, high=65535)
-        self.username = options.text("username")
-        password_file = options.text("password_file")
-        password_credential = options.text("password_credential")
+        self.username = options.text("username", printable=True)
+        password_file = options.path("password_file")
+        password_credential = options.text("password_credential", printable=True)
         self.qos = options.integer("qos", 1, low=0, high=2)
         self.retain = options.flag("retain", False)
         options.finish()
@@ -61,14 +65,16 @@ class MqttHandler:
             raise ConfigError(options.key("password_credential"),
                               "give password_file or password_credential, not both")
         if password_credential:
+            _check_pattern(options.key("password_credential"), password_credential,
+                           CREDENTIAL, "a credential name (letters, digits, '_.@-', no '/')")
             found = credential(password_credential)
             if found is None:
                 raise ConfigError(options.key("password_credential"),
                                   f"no credential {password_credential!r} in "
                                   "$CREDENTIALS_DIRECTORY (systemd LoadCredential=)")
-            password_file = str(found)
+            password_file = found
         self.password = _read_password(options.key("password_file"), password_file)
-        _check_template(options.key("topic"), self.template)
+        _check_options(options, self)
         self._stack: contextlib.AsyncExitStack | None = None
         self._publisher: Any = None
 
@@ -77,9 +83,11 @@ class MqttHandler:
 
     async def run(self, request: Request) -> Any:
         topic = self.topic(request.name)
-        if not TOPIC_PATTERN.match(topic):
-            raise InvalidCommand(f"the command name makes an invalid topic {topic!r}")
-        payload = json.dumps(request.params, separators=(",", ":"), ensure_ascii=False).encode()
+        problem = topic_problem(topic)
+        if problem is not None:  # target and template were checked: the name is the cause
+            raise InvalidCommand(f"the command name {shown(request.name, 40)} makes an invalid "
+                                 f"topic {shown(topic, 80)}: it {problem}")
+        payload = _payload(request.params)
         try:
             publisher = await self._connected()
             await publisher.publish(topic, payload, qos=self.qos, retain=self.retain)
@@ -104,20 +112,53 @@ class MqttHandler:
                 await stack.aclose()
 
 
-def _read_password(key: str, path: str | None) -> str | None:
+def _payload(params: dict[str, Any]) -> bytes:
+    """The params as strict JSON in UTF-8: what a receiver can read, or InvalidCommand."""
+    try:
+        return json.dumps(params, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False).encode()
+    except (TypeError, ValueError, RecursionError) as exc:  # NaN, a lone surrogate, depth
+        raise InvalidCommand(f"params cannot be sent as JSON: {str(exc)[:200]}") from exc
+
+
+def _read_password(key: str, path: Path | None) -> str | None:
     if path is None:
         return None
     try:
-        return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(key, f"cannot read {path}: {exc}") from exc
 
 
+def _check_options(options: Options, handler: MqttHandler) -> None:
+    """What ``config check`` can know before the first command: the topic made from the
+    template and ``target`` is one we can publish to, and the connection options are usable
+    (a bad one would otherwise fail every command, blaming the command)."""
+    _check_template(options.key("topic"), handler.template)
+    problem = topic_problem(handler.target)
+    if problem is not None:
+        raise ConfigError(options.key("target"), f"{shown(handler.target)} is not usable in a "
+                          f"topic: it {problem}")
+    _check_topic(options, handler, handler.topic("n"))
+    _check_pattern(options.key("host"), handler.host, HOST_PATTERN,
+                   "a host name or an IP address")
+
+
+def _check_topic(options: Options, handler: MqttHandler, topic: str) -> None:
+    problem = topic_problem(topic)
+    if problem is not None:  # target is sound (checked first): the template is the cause
+        raise ConfigError(options.key("topic"), f"{shown(handler.template)} makes an invalid "
+                          f"topic {shown(topic)}: it {problem}")
+
+
+def _check_pattern(key: str, value: str, pattern: re.Pattern[str], what: str) -> None:
+    if not pattern.match(value):
+        raise ConfigError(key, f"{shown(value)} is not {what}")
+
+
 def _check_template(key: str, template: str) -> None:
     try:
-        topic = template.format(device="d", name="n", gateway="g")
+        template.format(device="d", name="n", gateway="g")
     except (KeyError, IndexError, ValueError) as exc:
-        raise ConfigError(key, f"{template!r} is not a topic template: use only {{device}}, "
-                          f"{{name}}, {{gateway}} ({exc!r})") from exc
-    if not TOPIC_PATTERN.match(topic):
-        raise ConfigError(key, f"{template!r} makes an invalid topic (no '+', '#' or NUL)")
+        raise ConfigError(key, f"{shown(template)} is not a topic template: use only "
+                          f"{{device}}, {{name}}, {{gateway}} ({shown(exc)})") from exc
