@@ -153,6 +153,15 @@ async def test_the_python_api_has_the_same_rule_as_send(tmp_path: Path, device: 
         assert await store.list_queued(10) == []
 
 
+async def test_a_ttl_python_cannot_hold_as_seconds_is_bad_input(tmp_path: Path) -> None:
+    config = StoreConfig(path=tmp_path / "queue.db", min_free_bytes=0)
+    async with await Store.open(config, drainer=False) as store:
+        for ttl in (10**400, -1, float("nan"), float("inf"), True, "5"):
+            with pytest.raises(InvalidCommand, match="ttl must be"):
+                await store.put("lamp", "on", {}, ttl=ttl)  # type: ignore[arg-type]
+        assert await store.list_queued(10) == []
+
+
 def _nested(levels: int) -> dict[str, Any]:
     value: dict[str, Any] = {}
     for _ in range(levels):

@@ -23,6 +23,7 @@ import dataclasses
 import fcntl
 import json
 import logging
+import math
 import os
 import sqlite3
 import time
@@ -265,13 +266,24 @@ def prepare(item: NewCommand, config: StoreConfig, now: float,
     if size > config.max_params_bytes:
         raise InvalidCommand(f"params are {size} bytes; the limit is {config.max_params_bytes} "
                              "(store.max_params_bytes)")
-    ttl = config.default_ttl if item.ttl is None else item.ttl
-    if not isinstance(ttl, (int, float)) or not 0 <= ttl < float("inf"):
-        raise InvalidCommand(f"ttl must be a number of seconds >= 0, got {item.ttl!r}")
+    ttl = _ttl_seconds(config.default_ttl if item.ttl is None else item.ttl)
     start = now if gateway_now is None else gateway_now
     expires_at = start + ttl if ttl > 0 else None
     return (item.id or new_id(), item.kind, item.device, item.name, params, size, now, expires_at,
-            float(ttl))
+            ttl)
+
+
+def _ttl_seconds(value: Any) -> float:
+    """A ttl as finite seconds >= 0; anything else (bool, 10**400, nan) is bad input."""
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError
+        seconds = float(value)  # OverflowError for an int too big for a float
+    except (TypeError, OverflowError):
+        seconds = math.nan
+    if not 0 <= seconds < math.inf:
+        raise InvalidCommand(f"ttl must be a number of seconds >= 0, got {shown(value)}")
+    return seconds
 
 
 def _row_to_command(row: Sequence[Any]) -> Command:
