@@ -305,12 +305,11 @@ class Batcher(Generic[C]):
             if not await self._gather():
                 return None
             take = take_batch(self.pending, self.rules, now=self.clock())
+            # pending is changed only once the dead letters are on disk: a cancel (the link
+            # dropped) or a store error while they are written leaves every row here, the
+            # batch's too, in order, for give_back() or the next call
+            await self._discard(take)
             self.pending = take.rest
-            try:
-                await self._discard(take)
-            except asyncio.CancelledError:
-                self.pending = [*take.too_large, *take.expired, *self.pending]
-                raise
             if not self.pending:
                 self._flush.clear()
             if take.batch is not None:
