@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from pigateway.app import Gateway
 from pigateway.state import Link
 from pigateway.store import NewCommand, Store
 from uplink_helpers import (
+    drained,
     make_config,
     start_service,
     subscribed,
@@ -114,3 +116,39 @@ async def test_sigterm_waits_for_pubacks_then_nacks_the_rest(
     assert gone <= sub.ids()
     assert queued[0].attempts == 1 and queued[0].last_error  # nacked, kept at the head
     assert "stopping" in log.read_text()
+
+
+async def test_another_writer_holding_the_lock_past_busy_timeout_is_waited_out(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    """P8: a second sqlite3 connection holds BEGIN IMMEDIATE for 6x busy_timeout while the
+    service drains a backlog: it stays up, says why, and drains once the lock goes."""
+    cfg = make_config(tmp_path, mosquitto.port, unique_prefix, max_batch_bytes=2048,
+                      store={"busy_timeout": 0.5})
+    gateway = Gateway(cfg)
+    task = asyncio.create_task(gateway.run())
+    holder = sqlite3.connect(cfg.store.path, isolation_level=None, timeout=10,
+                             check_same_thread=False)
+    try:
+        async with subscribed(mosquitto.port, unique_prefix) as sub:
+            assert await wait_until(lambda: gateway.state.link == Link.ONLINE, 10)
+            assert gateway.store is not None
+            gateway.pause()
+            put = await gateway.store.put_many(
+                [NewCommand(f"dev{n % 7}", "set", {"n": n, "pad": "q" * 40}) for n in range(300)])
+            await asyncio.to_thread(holder.execute, "BEGIN IMMEDIATE")
+            gateway.resume()  # the drain claims: the writer meets the lock
+            await asyncio.sleep(6 * 0.5)
+            assert not task.done(), task.exception() if task.done() else None
+            assert "locked" in (gateway.state.last_error or "")
+            assert gateway.state.link == Link.ONLINE  # the broker link was never the problem
+            await asyncio.to_thread(holder.execute, "ROLLBACK")
+            assert await sub.wait_for(len(put), 20)
+            assert await drained(gateway.store, 10)
+            assert (await gateway.store.stats()).dead_total == 0
+        gateway.stop()
+        async with asyncio.timeout(15):
+            await task
+    finally:
+        holder.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

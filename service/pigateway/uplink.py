@@ -17,7 +17,10 @@ Per connection (a fresh client each time, so paho never replays anything on its 
   ``uplink.max_inflight`` unacknowledged at a time; a batch's rows are deleted only after
   its PUBACK; an MQTT 5 PUBACK with a failure code dead-letters them
   (``rejected-by-broker``); a failed or timed-out publish ends the connection and every row
-  not acknowledged goes back to the head of the queue (``nack``).
+  not acknowledged goes back to the head of the queue (``nack``);
+- the store: every store call of the drain (claim, ack, nack, release, dead letter) waits
+  out a busy, locked or full store with the link's backoff (:meth:`Uplink._with_store`)
+  and keeps its rows in memory until the store took them; only a corrupt store ends it.
 
 aiomqtt 2.5 drops two facts we need, so :class:`_Client` keeps them: the reason code of each
 PUBACK, and the broker's Maximum Packet Size from CONNACK (a batch is never built bigger, so
@@ -43,7 +46,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -56,7 +59,13 @@ from paho.mqtt.reasoncodes import ReasonCode
 from pigateway import __version__
 from pigateway.batching import Batch, Batcher, Rules
 from pigateway.config import Config, MqttConfig, TlsConfig, UplinkConfig
-from pigateway.errors import LoginRefused, PigatewayError, UplinkError
+from pigateway.errors import (
+    LoginRefused,
+    PigatewayError,
+    StoreCorrupt,
+    StoreError,
+    UplinkError,
+)
 from pigateway.state import GatewayState, Link
 from pigateway.store import Command, Store
 
@@ -90,6 +99,19 @@ MIN_BATCH_BYTES: Final = 512
 def topic(config: Config, leaf: str) -> str:
     """The full topic of ``leaf`` ("actions", "results", "commands", "state")."""
     return TOPICS[leaf].format(prefix=config.mqtt.topic_prefix, gateway=config.gateway_id)
+
+
+def store_is_gone(exc: StoreError) -> bool:
+    """Whether a store error means the store is gone (corrupt), not merely busy for now.
+
+    Busy, locked and full stores heal by themselves (another process lets go, space is
+    freed): the service waits them out. A corrupt file only heals by a restart, which moves
+    it aside; that one ends the service, shown as a fault first.
+    """
+    return isinstance(exc, StoreCorrupt)
+
+
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- backoff
@@ -331,6 +353,8 @@ class Uplink:
         self.rules = Rules(config.gateway_id, up.max_actions, up.max_batch_bytes)
         self.batcher: Batcher[Command] = Batcher(store, self.rules, batch_delay=up.batch_delay)
         self.outstanding: dict[str, Batch[Command]] = {}
+        #: batches the broker acknowledged whose rows are not deleted yet (a busy store)
+        self.delivered: dict[str, Batch[Command]] = {}
         self._policy = (policy or reconnect_policy(up)).copy(
             retry=tenacity.retry_if_exception(_worth_retrying), stop=tenacity.stop_never,
             reraise=True, before_sleep=self._before_sleep)
@@ -405,8 +429,8 @@ class Uplink:
             raise error from exc
         finally:
             self._learn_from(error)
-            await self._give_back("the link ended before the broker acknowledged")
             self._offline(error)
+            await self._give_back("the link ended before the broker acknowledged")
 
     async def _connect_and_serve(self) -> None:
         self._online_since = None
@@ -540,7 +564,7 @@ class Uplink:
                 continue
             await session.slots.acquire()
             try:
-                batch = await self.batcher.next_batch()
+                batch = await self._with_store("claim the next batch", self.batcher.next_batch)
             except BaseException:
                 session.slots.release()
                 raise
@@ -569,19 +593,73 @@ class Uplink:
                 topic(self.config, batch.kind), batch.payload,
                 timeout=self.config.uplink.publish_timeout)
             if code is None:
-                await self.store.ack(batch.ids)
-                self._log_delivered(batch)
+                await self._record_delivery(batch)
             else:
-                await self.store.dead_letter(
-                    batch.ids, REJECTED, f"PUBACK reason code {code.value}: {code}")
-            del self.outstanding[batch.id]
+                await self._refused(batch, code)
         except aiomqtt.MqttError as exc:
             raise UplinkError(f"publish of batch {batch.id} failed: {_classify(exc)}") from exc
         finally:
             session.slots.release()
             self._show_progress()
-            if not self.outstanding:
+            if not self.outstanding and not self.delivered:
                 self._settled.set()
+
+    async def _record_delivery(self, batch: Batch[Command]) -> None:
+        """Delete the rows of an acknowledged batch, however long the store takes.
+
+        From the PUBACK on the batch is ``delivered``, not ``outstanding``: if the link
+        ends while the store is busy, :meth:`_give_back` deletes these rows, never sends
+        them again.
+        """
+        self.delivered[batch.id] = self.outstanding.pop(batch.id)
+        await self._with_store("delete delivered commands", lambda: self.store.ack(batch.ids))
+        del self.delivered[batch.id]
+        self._log_delivered(batch)
+
+    async def _refused(self, batch: Batch[Command], code: ReasonCode) -> None:
+        """A PUBACK failure code: the batch is dead-lettered."""
+        await self._with_store("dead-letter a refused batch", lambda: self.store.dead_letter(
+            batch.ids, REJECTED, f"PUBACK reason code {code.value}: {code}"))
+        del self.outstanding[batch.id]
+
+    async def _with_store(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``await call()`` until the store takes it: a busy, locked or full store is waited
+        out with the link's backoff, said once as a warning and in ``last_error``.
+
+        Only a store that is gone (:func:`store_is_gone`) ends the drain, and with it the
+        service (systemd restarts it, which moves a corrupt file aside); it is shown as a
+        fault first (LEDs, ``STATUS=``).
+        """
+        failures = 0
+        while True:
+            try:
+                result = await call()
+            except StoreError as exc:
+                if store_is_gone(exc):
+                    self.state.update(fault=f"store: {exc}", last_error=str(exc))
+                    log.critical("uplink: cannot %s: %s", what, exc)
+                    raise
+                failures += 1
+                self._store_trouble(what, exc, failures)
+                await asyncio.sleep(self._store_wait(failures))
+                continue
+            if failures:
+                log.warning("uplink: the store answers again (%s after %d tries)", what,
+                            failures + 1)
+            return result
+
+    def _store_trouble(self, what: str, exc: StoreError, failures: int) -> None:
+        """Say it once per streak as a warning (and in ``last_error``); then at debug."""
+        self.state.update(last_error=f"store: cannot {what}: {exc}")
+        level = logging.WARNING if failures == 1 else logging.DEBUG
+        log.log(level, "uplink: cannot %s (%s); the drain waits and tries again, nothing "
+                "is lost", what, exc)
+
+    def _store_wait(self, failures: int) -> float:
+        """The link's backoff (``backoff_initial`` doubling up to ``backoff_max``), jittered."""
+        up = self.config.uplink
+        base = min(up.backoff_max, up.backoff_initial * 2.0 ** min(failures - 1, 30))
+        return float(base * (1 - 0.2 * random.random()))
 
     def _log_delivered(self, batch: Batch[Command]) -> None:
         """One line per acknowledged batch, carrying every command id for the journal.
@@ -598,7 +676,8 @@ class Uplink:
     def _show_progress(self) -> None:
         """``in_flight`` and ``draining`` (rows on their way: in flight or claimed) for views."""
         self.state.update(in_flight=len(self.outstanding),
-                          draining=bool(self.outstanding or self.batcher.pending))
+                          draining=bool(self.outstanding or self.delivered
+                                        or self.batcher.pending))
 
     async def _watch(self, client: _Client) -> None:
         """Inbound commands; also how a dropped link is noticed (the iterator raises).
@@ -671,16 +750,27 @@ class Uplink:
     async def _give_back(self, why: str) -> None:
         """Put back every row this link claimed but the broker did not acknowledge.
 
-        Rows that were published count an attempt (``nack``); rows only claimed do not.
+        Rows that were published count an attempt (``nack``); rows only claimed do not;
+        rows the broker acknowledged but the store has not deleted yet are deleted. Each
+        write waits out a busy store, and the memory forgets the rows only once the store
+        took them: a cancel or an error in between leaves them where the next try finds them.
         """
+        delivered = [i for batch in self.delivered.values() for i in batch.ids]
         sent = [i for batch in self.outstanding.values() for i in batch.ids]
-        unsent = self.batcher.give_back()
+        unsent = [command.id for command in self.batcher.pending]
+        if delivered:
+            await self._with_store("delete delivered commands",
+                                   lambda: self.store.ack(delivered))
+        if unsent:
+            await self._with_store("put claimed commands back",
+                                   lambda: self.store.release(unsent))
+        if sent:
+            await self._with_store("put sent commands back",
+                                   lambda: self.store.nack(sent, why))
+        self.delivered.clear()
+        self.batcher.give_back()
         self.outstanding.clear()
         self._settled.set()
-        if unsent:
-            await self.store.release(unsent)
-        if sent:
-            await self.store.nack(sent, why)
         if sent or unsent:
             log.info("uplink: %d command(s) back at the head of the queue (%s)",
                      len(sent) + len(unsent), why)
