@@ -15,8 +15,10 @@ Per connection (a fresh client each time, so paho never replays anything on its 
   ``await on_command(payload)`` returned, so a crash before that gets it delivered again;
 - the drain: batches from :class:`~pigateway.batching.Batcher`, at most
   ``uplink.max_inflight`` unacknowledged at a time; a batch's rows are deleted only after
-  its PUBACK; an MQTT 5 PUBACK with a failure code dead-letters them
-  (``rejected-by-broker``); a failed or timed-out publish ends the connection and every row
+  its PUBACK; an MQTT 5 PUBACK failure code either dead-letters them
+  (``rejected-by-broker``: not authorised, bad topic, too large, bad payload) or, for a
+  refusal *for now* (quota, rate, busy: :data:`PUBACK_REFUSALS`), ends the connection like
+  a lost link; a failed or timed-out publish ends the connection and every row
   not acknowledged goes back to the head of the queue (``nack``);
 - the store: every store call of the drain (claim, ack, nack, release, dead letter) waits
   out a busy, locked or full store with the link's backoff (:meth:`Uplink._with_store`)
@@ -46,12 +48,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import aiomqtt
 import paho.mqtt.client as paho
 import tenacity
 from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -80,6 +84,24 @@ TOPICS: Final = {
 }
 OFFLINE: Final = b'"offline"'
 REJECTED: Final = "rejected-by-broker"
+#: An MQTT 5 PUBACK failure code (>= 0x80) and what it means for the batch it answers:
+#: ``retry`` (the broker cannot take it *now*: the rows go back to the head of the queue, an
+#: attempt counted, and the link backs off) or ``dead-letter`` (this message will never be
+#: taken: ``rejected-by-broker`` with the code and its name). A success code (< 0x80, e.g.
+#: 0x10 "no matching subscribers") means delivered. A failure code missing here is retried:
+#: ``store.max_attempts`` bounds it, and nothing is lost to a code nobody foresaw.
+PUBACK_REFUSALS: Final[dict[int, tuple[str, Literal["retry", "dead-letter"]]]] = {
+    0x80: ("unspecified error", "retry"),
+    0x83: ("implementation specific error", "retry"),
+    0x87: ("not authorized", "dead-letter"),
+    0x89: ("server busy", "retry"),
+    0x90: ("topic name invalid", "dead-letter"),
+    0x91: ("packet identifier in use", "retry"),
+    0x95: ("packet too large", "dead-letter"),
+    0x96: ("message rate too high", "retry"),
+    0x97: ("quota exceeded", "retry"),
+    0x99: ("payload format invalid", "dead-letter"),
+}
 #: Inbound commands taken at once (acknowledged in order as each is persisted).
 INBOUND_WINDOW: Final = 64
 #: CONNACK reason codes that mean "fix the credentials": a fault, retried at the cap.
@@ -99,6 +121,11 @@ MIN_BATCH_BYTES: Final = 512
 def topic(config: Config, leaf: str) -> str:
     """The full topic of ``leaf`` ("actions", "results", "commands", "state")."""
     return TOPICS[leaf].format(prefix=config.mqtt.topic_prefix, gateway=config.gateway_id)
+
+
+def refusal(code: int) -> tuple[str, Literal["retry", "dead-letter"]]:
+    """The name of a PUBACK failure code and what it means (:data:`PUBACK_REFUSALS`)."""
+    return PUBACK_REFUSALS.get(code, (f"reason code 0x{code:02X}", "retry"))
 
 
 def store_is_gone(exc: StoreError) -> bool:
@@ -151,6 +178,10 @@ class LinkLost(UplinkError):
     """A connection that had been up for ``uplink.backoff_reset`` seconds went down."""
 
 
+class BrokerBusy(UplinkError):
+    """The broker refused a batch for now (quota, rate, busy): the link ends and backs off."""
+
+
 # --------------------------------------------------------------------------- credentials
 
 
@@ -200,8 +231,34 @@ class _Client(aiomqtt.Client):
         self.session_present = False
         self._puback_codes: dict[int, ReasonCode] = {}
         self._client.manual_ack_set(manual_ack)
+        self._client._handle_pubackcomp = self._lenient_puback(  # type: ignore[method-assign,assignment]
+            self._client._handle_pubackcomp)
         # a full in-flight window is normal here; aiomqtt warns past 10 pending calls
         self.pending_calls_threshold = (kwargs.get("max_inflight_messages") or 0) + 16
+
+    def _lenient_puback(self, handle: Callable[[Any], MQTTErrorCode]
+                        ) -> Callable[[Any], MQTTErrorCode]:
+        """paho drops the link on a PUBACK whose code MQTT 5 keeps for DISCONNECT (0x89
+        server busy, 0x95 packet too large, 0x96 message rate too high); brokers send them
+        anyway. Such a PUBACK is passed on as the refusal it is (:data:`PUBACK_REFUSALS`).
+        """
+        inner = self._client
+
+        def lenient(cmd: Any) -> MQTTErrorCode:
+            try:
+                return handle(cmd)
+            except MalformedPacket:
+                packet = bytes(inner._in_packet["packet"])
+                if cmd != "PUBACK" or len(packet) < 3 or packet[2] not in PUBACK_REFUSALS:
+                    raise
+                mid = int.from_bytes(packet[:2], "big")
+                code = ReasonCode(PacketTypes.DISCONNECT, identifier=packet[2])
+                properties = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+                with inner._out_message_mutex:
+                    if mid in inner._out_messages:
+                        return inner._do_on_publish(mid, code, properties)
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return lenient
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags,
                     reason_code: ReasonCode, properties: Properties | None = None) -> None:
@@ -430,7 +487,8 @@ class Uplink:
         finally:
             self._learn_from(error)
             self._offline(error)
-            await self._give_back("the link ended before the broker acknowledged")
+            await self._give_back(str(error) if error is not None
+                                  else "the link ended before the broker acknowledged")
 
     async def _connect_and_serve(self) -> None:
         self._online_since = None
@@ -445,6 +503,8 @@ class Uplink:
         """The error to retry on; :class:`LinkLost` when the link had been up a while."""
         error = _classify(exc) if isinstance(exc, aiomqtt.MqttError) else exc
         assert isinstance(error, UplinkError)
+        if isinstance(error, BrokerBusy):
+            return error  # the broker asked us to slow down: back off, never start over
         since = self._online_since
         if since is not None and time.monotonic() - since >= self.config.uplink.backoff_reset:
             return LinkLost(f"link lost: {error}")
@@ -595,7 +655,7 @@ class Uplink:
             if code is None:
                 await self._record_delivery(batch)
             else:
-                await self._refused(batch, code)
+                await self._refused(batch, code.value)
         except aiomqtt.MqttError as exc:
             raise UplinkError(f"publish of batch {batch.id} failed: {_classify(exc)}") from exc
         finally:
@@ -616,10 +676,15 @@ class Uplink:
         del self.delivered[batch.id]
         self._log_delivered(batch)
 
-    async def _refused(self, batch: Batch[Command], code: ReasonCode) -> None:
-        """A PUBACK failure code: the batch is dead-lettered."""
-        await self._with_store("dead-letter a refused batch", lambda: self.store.dead_letter(
-            batch.ids, REJECTED, f"PUBACK reason code {code.value}: {code}"))
+    async def _refused(self, batch: Batch[Command], code: int) -> None:
+        """A PUBACK failure code: bury the batch, or end the link to send it again later."""
+        name, verdict = refusal(code)
+        what = f"PUBACK reason code {code} (0x{code:02X}: {name})"
+        if verdict == "retry":
+            raise BrokerBusy(f"the broker refused batch {batch.id} for now: {what}; its "
+                             "commands go back to the head of the queue")
+        await self._with_store("dead-letter a refused batch",
+                               lambda: self.store.dead_letter(batch.ids, REJECTED, what))
         del self.outstanding[batch.id]
 
     async def _with_store(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
