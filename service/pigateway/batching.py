@@ -347,7 +347,7 @@ class Batcher(Generic[C]):
         if self.pending and self.pending[0].kind == "result":
             return True  # a result travels alone: nothing to wait or claim for
         devices = {c.device for c in self.pending}
-        size = sum(c.size + len(c.name) + 96 for c in self.pending)
+        size = sum(c.size + len(c.name.encode()) + 96 for c in self.pending)
         return len(devices) >= self.rules.max_actions or size >= self.rules.max_batch_bytes
 
     async def _claim(self) -> int:

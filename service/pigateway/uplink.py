@@ -128,6 +128,14 @@ def refusal(code: int) -> tuple[str, Literal["retry", "dead-letter"]]:
     return PUBACK_REFUSALS.get(code, (f"reason code 0x{code:02X}", "retry"))
 
 
+def publish_room(max_packet_size: int, where: str) -> int:
+    """Payload bytes a PUBLISH on ``where`` may carry under the broker's ``max_packet_size``.
+
+    The topic travels UTF-8 encoded: its bytes count, not its characters.
+    """
+    return max_packet_size - PUBLISH_OVERHEAD - len(where.encode())
+
+
 def store_is_gone(exc: StoreError) -> bool:
     """Whether a store error means the store is gone (corrupt), not merely busy for now.
 
@@ -594,7 +602,8 @@ class Uplink:
         """Batches no bigger than the broker takes (MQTT 5 says; 3.1.1 is learnt by halving)."""
         hard = self.config.uplink.max_batch_bytes
         if client.max_packet_size:
-            room = client.max_packet_size - PUBLISH_OVERHEAD - len(topic(self.config, "actions"))
+            room = min(publish_room(client.max_packet_size, topic(self.config, leaf))
+                       for leaf in ("actions", "results"))
             hard = max(1, min(hard, room))
         self.batcher.rules = dataclasses.replace(
             self.rules, max_batch_bytes=min(hard, self._halved or sys.maxsize), hard_bytes=hard)
