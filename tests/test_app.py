@@ -152,3 +152,4 @@ async def test_another_writer_holding_the_lock_past_busy_timeout_is_waited_out(
         holder.close()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+

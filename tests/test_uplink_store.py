@@ -67,3 +67,27 @@ async def test_acks_wait_out_a_lock_held_by_another_process(
     assert len(sub.commands) == total  # a batch acknowledged is never sent again
     assert per_device_order_holds([(c.device, c.id) for c in put],
                                   [c.id for c in sub.first_deliveries()])
+
+
+async def test_a_store_that_stays_busy_becomes_a_fault_and_clears_itself(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    """Busy past ``store_fault_after``: an operator should look (red LED, STATUS=FAULT)."""
+    cfg = make_config(tmp_path, mosquitto.port, unique_prefix, store={"busy_timeout": BUSY})
+    holder = sqlite3.connect(cfg.store.path, isolation_level=None, timeout=10,
+                             check_same_thread=False)
+    try:
+        async with running_uplink(cfg) as run:
+            run.uplink.store_fault_after = 1.0
+            assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
+            run.uplink.pause()
+            await run.store.put_many([NewCommand("pump", "step", {"n": n}) for n in range(5)])
+            await asyncio.to_thread(holder.execute, "BEGIN IMMEDIATE")
+            run.uplink.resume()
+            assert await wait_until(lambda: (run.state.fault or "").startswith("store"), 10)
+            assert "locked" in (run.state.fault or "")
+            assert run.state.link == Link.ONLINE and not run.task.done()
+            await asyncio.to_thread(holder.execute, "ROLLBACK")
+            assert await drained(run.store, 10)
+            assert await wait_until(lambda: run.state.fault is None, 5)
+    finally:
+        holder.close()

@@ -112,6 +112,11 @@ LOGIN_REFUSED: Final = {134: "bad user name or password", 135: "not authorised",
 TLS_FAULTS: Final = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed",
                      "hostname mismatch", "doesn't match", "TLSV1_ALERT", "SSLV3_ALERT",
                      "PEM lib", "No such file")
+#: How a fault starts when the store has refused the drain's calls for too long.
+STORE_STUCK: Final = "store: the drain cannot"
+#: Seconds a store may stay busy, locked or full before that shows as a fault (an operator
+#: should look: a purge or a backup holding the lock, a full disk), while still retried.
+STORE_FAULT_AFTER: Final = 60.0
 #: Bytes a PUBLISH adds around its payload (fixed header, topic length, packet id, props).
 PUBLISH_OVERHEAD: Final = 16
 #: The smallest batch size limit halving goes down to.
@@ -432,6 +437,7 @@ class Uplink:
         self._settled = asyncio.Event()  # set while nothing is in flight
         self._online_since: float | None = None
         self._halved: int | None = None  # a batch size limit learnt under MQTT 3.1.1
+        self.store_fault_after = STORE_FAULT_AFTER
         self._settled.set()
 
     # ---- controls (the app's pause/resume/flush land here)
@@ -698,13 +704,15 @@ class Uplink:
 
     async def _with_store(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """``await call()`` until the store takes it: a busy, locked or full store is waited
-        out with the link's backoff, said once as a warning and in ``last_error``.
+        out with the link's backoff, said once as a warning and in ``last_error``, and as a
+        fault once it lasted :attr:`store_fault_after` seconds (cleared when it answers).
 
         Only a store that is gone (:func:`store_is_gone`) ends the drain, and with it the
         service (systemd restarts it, which moves a corrupt file aside); it is shown as a
         fault first (LEDs, ``STATUS=``).
         """
         failures = 0
+        since = time.monotonic()
         while True:
             try:
                 result = await call()
@@ -714,20 +722,28 @@ class Uplink:
                     log.critical("uplink: cannot %s: %s", what, exc)
                     raise
                 failures += 1
-                self._store_trouble(what, exc, failures)
+                self._store_trouble(what, exc, failures, time.monotonic() - since)
                 await asyncio.sleep(self._store_wait(failures))
                 continue
             if failures:
                 log.warning("uplink: the store answers again (%s after %d tries)", what,
                             failures + 1)
+                if (self.state.fault or "").startswith(STORE_STUCK):
+                    self.state.update(fault=None)  # only the fault this set
             return result
 
-    def _store_trouble(self, what: str, exc: StoreError, failures: int) -> None:
-        """Say it once per streak as a warning (and in ``last_error``); then at debug."""
+    def _store_trouble(self, what: str, exc: StoreError, failures: int,
+                       lasted: float) -> None:
+        """Say it once per streak as a warning (and in ``last_error``); then at debug; and
+        as a fault once it lasted :attr:`store_fault_after` (unless another fault shows)."""
         self.state.update(last_error=f"store: cannot {what}: {exc}")
         level = logging.WARNING if failures == 1 else logging.DEBUG
         log.log(level, "uplink: cannot %s (%s); the drain waits and tries again, nothing "
                 "is lost", what, exc)
+        if lasted >= self.store_fault_after and self.state.fault is None:
+            self.state.update(fault=f"{STORE_STUCK} {what} for {lasted:.0f}s: {exc}")
+            log.error("uplink: the store has refused to %s for %.0fs (%s): another process "
+                      "holding its lock, or a full disk?", what, lasted, exc)
 
     def _store_wait(self, failures: int) -> float:
         """The link's backoff (``backoff_initial`` doubling up to ``backoff_max``), jittered."""
