@@ -500,9 +500,11 @@ class Uplink:
             raise error from exc
         finally:
             self._learn_from(error)
-            self._offline(error)
-            await self._give_back(str(error) if error is not None
-                                  else "the link ended before the broker acknowledged")
+            try:  # last_error shows the end of the link once its rows are back
+                await self._give_back(str(error) if error is not None
+                                      else "the link ended before the broker acknowledged")
+            finally:
+                self._offline(error)
 
     async def _connect_and_serve(self) -> None:
         self._online_since = None
