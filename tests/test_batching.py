@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +23,9 @@ from pigateway.batching import (
     take_batch,
 )
 from pigateway.config import StoreConfig
+from pigateway.errors import StoreError
 from pigateway.ids import new_id
-from pigateway.store import NewCommand, Store
+from pigateway.store import Command, NewCommand, Store
 
 
 @dataclass(frozen=True)
@@ -280,3 +282,94 @@ async def test_cancelling_a_waiting_batcher_cancels_it(store_config: StoreConfig
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(waiting, 2)
         assert waiting.cancelled()
+
+
+class GatedStore:
+    """The real store, with its dead-letter writes held at a gate (or failing) on demand.
+
+    Only the timing is the test's: every call still reaches the real store on disk.
+    """
+
+    def __init__(self, store: Store, *, fail: bool = False, ahead: float = 0.0) -> None:
+        self.store = store
+        self.fail = fail
+        self.ahead = ahead
+        self.reached = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    @property
+    def clock(self) -> GatedStore:
+        """The batcher sends ``ahead`` seconds later than the store claimed (a TTL runs out
+        between the claim and the batch)."""
+        return self
+
+    def now(self) -> float:
+        return self.store.clock.now() + self.ahead
+
+    async def claim(self, limit: int) -> list[Command]:
+        return await self.store.claim(limit)
+
+    async def release(self, ids: Sequence[str]) -> None:
+        await self.store.release(ids)
+
+    async def wait_for_work(self, timeout: float) -> None:
+        await self.store.wait_for_work(timeout)
+
+    async def dead_letter(self, ids: Sequence[str], reason: str,
+                          detail: str | None = None) -> None:
+        self.reached.set()
+        await self.gate.wait()
+        if self.fail:
+            raise StoreError("queue.db stayed locked by another process: database is locked")
+        await self.store.dead_letter(ids, reason, detail)
+
+
+async def stale_then_fresh(store: Store) -> list[str]:
+    """Device a: a command stale by send time, then two live ones; b: one live one."""
+    put = [await store.put("a", "stale", ttl=60), await store.put("a", "first"),
+           await store.put("b", "other"), await store.put("a", "second")]
+    return [c.id for c in put]
+
+
+async def test_a_cancel_while_burying_keeps_the_batch_pending_in_order(
+        store_config: StoreConfig) -> None:
+    """P5: the link drops while the batcher dead-letters an expired row."""
+    async with await Store.open(store_config) as store:
+        ids = await stale_then_fresh(store)
+        gated = GatedStore(store, ahead=3600)
+        batcher = Batcher(gated, RULES, batch_delay=0.0)
+        task = asyncio.create_task(batcher.next_batch())
+        async with asyncio.timeout(5):
+            await gated.reached.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert [c.id for c in batcher.pending] == ids  # the built batch was not dropped
+        await store.release(batcher.give_back())  # what the uplink does when its link ends
+        assert (await store.stats()).in_flight == 0
+        assert [c.id for c in await store.list_queued()] == ids
+        gated.gate.set()
+        async with asyncio.timeout(5):
+            batch = await batcher.next_batch()
+        assert batch is not None and batch.ids == ids[1:]
+        assert [d.command.id for d in await store.list_dead()] == [ids[0]]
+
+
+async def test_a_store_error_while_burying_keeps_every_row_pending(
+        store_config: StoreConfig) -> None:
+    """Class 1: a busy store while dead-lettering loses nothing; the next call goes on."""
+    async with await Store.open(store_config) as store:
+        ids = await stale_then_fresh(store)
+        gated = GatedStore(store, fail=True, ahead=3600)
+        gated.gate.set()
+        batcher = Batcher(gated, RULES, batch_delay=0.0)
+        with pytest.raises(StoreError):
+            async with asyncio.timeout(5):
+                await batcher.next_batch()
+        assert [c.id for c in batcher.pending] == ids
+        gated.fail = False
+        async with asyncio.timeout(5):
+            batch = await batcher.next_batch()
+        assert batch is not None and batch.ids == ids[1:]
+        assert batcher.pending == []
+        assert [d.command.id for d in await store.list_dead()] == [ids[0]]

@@ -31,6 +31,7 @@ from pigateway.systemd import (
     watchdog_interval,
 )
 from sockets import DatagramListener
+from uplink_helpers import wait_until
 
 
 @pytest.fixture
@@ -315,3 +316,23 @@ def test_an_abstract_notify_socket_works(monkeypatch: pytest.MonkeyPatch) -> Non
         notifier.ready()
         assert sock.recv(100) == b"READY=1"
         notifier.close()
+
+
+async def test_a_store_that_answers_locked_is_one_warning_line_not_a_traceback(
+    notify: DatagramListener, store_config: StoreConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ping's typed store error says what is wrong; a traceback per ping says nothing more."""
+    config = dataclasses.replace(store_config, busy_timeout=0.1)
+    state = GatewayState()
+    async with await Store.open(config) as store, _supervising(store, state, 0.4, 0.3):
+        locker = sqlite3.connect(config.path, isolation_level=None)
+        try:
+            locker.execute("BEGIN EXCLUSIVE")
+            assert await wait_until(lambda: state.fault is not None, 5)
+            locker.execute("COMMIT")
+        finally:
+            locker.close()
+    failed = [r for r in caplog.records if r.name == "pigateway.systemd"
+              and "ping failed" in r.getMessage()]
+    assert failed and all(r.exc_info is None for r in failed)
+    assert all("locked" in r.getMessage() for r in failed)

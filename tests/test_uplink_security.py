@@ -10,14 +10,25 @@ import asyncio
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from broker import Mosquitto
+from pigateway.batching import Rules, plan
+from pigateway.ids import new_id
 from pigateway.state import Link
-from pigateway.uplink import reconnect_policy
-from uplink_helpers import drained, make_config, running_uplink, wait_until
+from pigateway.store import Command
+from pigateway.uplink import PUBLISH_OVERHEAD, reconnect_policy
+from uplink_helpers import (
+    GATEWAY,
+    RecordingState,
+    drained,
+    make_config,
+    running_uplink,
+    wait_until,
+)
 
 pytestmark = pytest.mark.broker
 
@@ -183,3 +194,37 @@ async def test_mqtt_311_link_drains_too(tmp_path: Path, unique_prefix: str) -> N
             assert run.state.link == Link.ONLINE
             document = run.uplink.state_document()
             assert json.loads(json.dumps(document))["gateway"] == cfg.gateway_id
+
+
+async def test_the_packet_limit_counts_topic_bytes_not_characters(
+        tmp_path: Path, unique_prefix: str) -> None:
+    """S7: a non-ASCII topic prefix is longer on the wire than in characters."""
+    limit = 2048
+    prefix = f"{unique_prefix}-" + "€" * 30  # 30 characters more, 90 bytes more
+    topic_chars = len(f"{prefix}/{GATEWAY}/actions")
+    topic_bytes = len(f"{prefix}/{GATEWAY}/actions".encode())
+    # a command whose batch fits under the limit if the topic is counted in characters,
+    # and not if it is counted in bytes (the ids' and times' widths vary by a few bytes)
+    target = limit - PUBLISH_OVERHEAD - topic_chars - 10
+    assert target + 20 > limit - PUBLISH_OVERHEAD - topic_bytes
+    pad = target - single_batch_size("camera", "upload", {"blob": ""})
+    broker = broker_with(tmp_path, f"max_packet_size {limit}")
+    with broker:
+        cfg = make_config(tmp_path, broker.port, prefix)
+        state = RecordingState()
+        async with running_uplink(cfg, state=state) as run:
+            assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
+            await run.store.put("camera", "upload", {"blob": "y" * pad})
+            await run.store.put("lamp", "on")
+            assert await drained(run.store, 10)
+            assert await dead_reasons(run.store) == {"too-large": 1}
+            assert state.history["link"].count(Link.ONLINE) == 1  # never dropped
+
+
+def single_batch_size(device: str, name: str, params: dict[str, object]) -> int:
+    """Bytes of the batch payload that carries this one command alone."""
+    command = Command(id=new_id(time.time()), device=device, name=name, params=dict(params),
+                      kind="action", queued_at=time.time(), expires_at=None, attempts=0,
+                      last_error=None, size=0)
+    made = plan([command], Rules(GATEWAY, max_batch_bytes=1 << 20), now=time.time())
+    return len(made.batches[0].payload)

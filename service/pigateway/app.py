@@ -24,14 +24,14 @@ import tenacity
 
 from pigateway.config import Config
 from pigateway.control import ControlServer
-from pigateway.errors import PigatewayError
+from pigateway.errors import PigatewayError, StoreError
 from pigateway.inbound import Inbound
 from pigateway.logs import setup_logging
 from pigateway.panel import Panel
 from pigateway.state import GatewayState
 from pigateway.store import Store
 from pigateway.systemd import Notifier, bound_stop, supervise
-from pigateway.uplink import Uplink
+from pigateway.uplink import Uplink, store_is_gone
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class Gateway:
         self.uplink = uplink
         if self.state.paused:
             uplink.pause()
-        await self._refresh(store)
+        await self._refresh_or_say(store, failing=False)
         log.info("store %s open and recovered; %d queued", store.path, self.state.depth)
         async with asyncio.TaskGroup() as parts:
             link = parts.create_task(uplink.run(), name="uplink")
@@ -130,7 +130,7 @@ class Gateway:
             await asyncio.wait({link}, timeout=WIND_DOWN)
             for task in [link, *others]:
                 task.cancel()
-        await self._refresh(store)
+        await self._refresh_or_say(store, failing=False)
         log.info("stopped; %d command(s) stay queued on disk", self.state.depth)
 
     @contextlib.asynccontextmanager
@@ -153,9 +153,31 @@ class Gateway:
 
     async def _keep_stats(self, store: Store) -> None:
         """Mirror the queue's depth, oldest age and dead letters into the state."""
+        failing = False
         while True:
             await asyncio.sleep(STATS_INTERVAL)
+            failing = await self._refresh_or_say(store, failing=failing)
+
+    async def _refresh_or_say(self, store: Store, *, failing: bool) -> bool:
+        """:meth:`_refresh`; a store that cannot answer now is said once (and asked again at
+        the next interval) instead of ending the service. Returns whether it failed.
+
+        Only a store that is gone (corrupt) ends the service, shown as a fault first.
+        """
+        try:
             await self._refresh(store)
+        except StoreError as exc:
+            if store_is_gone(exc):
+                self.state.update(fault=f"store: {exc}", last_error=str(exc))
+                log.critical("store: %s", exc)
+                raise
+            if not failing:
+                log.warning("store: cannot read the queue's stats now (%s); the views keep "
+                            "the last figures", exc)
+            return True
+        if failing:
+            log.warning("store: the queue's stats read again")
+        return False
 
     async def _refresh(self, store: Store) -> None:
         stats = await store.stats()

@@ -321,12 +321,11 @@ class Batcher(Generic[C]):
                 return None
             take = take_batch(self.pending, self.rules, now=self.clock(),
                               expires_now=self.store.clock.now())
+            # pending is changed only once the dead letters are on disk: a cancel (the link
+            # dropped) or a store error while they are written leaves every row here, the
+            # batch's too, in order, for give_back() or the next call
+            await self._discard(take)
             self.pending = take.rest
-            try:
-                await self._discard(take)
-            except asyncio.CancelledError:
-                self.pending = [*take.too_large, *take.expired, *self.pending]
-                raise
             if not self.pending:
                 self._flush.clear()
             if take.batch is not None:
@@ -364,7 +363,7 @@ class Batcher(Generic[C]):
         if self.pending and self.pending[0].kind == "result":
             return True  # a result travels alone: nothing to wait or claim for
         devices = {c.device for c in self.pending}
-        size = sum(c.size + len(c.name) + 96 for c in self.pending)
+        size = sum(c.size + len(c.name.encode()) + 96 for c in self.pending)
         return len(devices) >= self.rules.max_actions or size >= self.rules.max_batch_bytes
 
     async def _claim(self) -> int:

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import sdnotify
 
+from pigateway.errors import StoreError
 from pigateway.state import GatewayState, Link
 
 log = logging.getLogger(__name__)
@@ -283,6 +284,9 @@ async def _answers(ping: Callable[[], Awaitable[None]], bound: float) -> bool:
         async with asyncio.timeout(bound):
             await ping()
     except TimeoutError:
+        return False
+    except StoreError as exc:  # busy, locked, full: its message says it; no traceback per ping
+        log.warning("store ping failed: %s", exc)
         return False
     except Exception:
         log.exception("store ping failed")

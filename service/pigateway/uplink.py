@@ -15,9 +15,14 @@ Per connection (a fresh client each time, so paho never replays anything on its 
   ``await on_command(payload)`` returned, so a crash before that gets it delivered again;
 - the drain: batches from :class:`~pigateway.batching.Batcher`, at most
   ``uplink.max_inflight`` unacknowledged at a time; a batch's rows are deleted only after
-  its PUBACK; an MQTT 5 PUBACK with a failure code dead-letters them
-  (``rejected-by-broker``); a failed or timed-out publish ends the connection and every row
-  not acknowledged goes back to the head of the queue (``nack``).
+  its PUBACK; an MQTT 5 PUBACK failure code either dead-letters them
+  (``rejected-by-broker``: not authorised, bad topic, too large, bad payload) or, for a
+  refusal *for now* (quota, rate, busy: :data:`PUBACK_REFUSALS`), ends the connection like
+  a lost link; a failed or timed-out publish ends the connection and every row
+  not acknowledged goes back to the head of the queue (``nack``);
+- the store: every store call of the drain (claim, ack, nack, release, dead letter) waits
+  out a busy, locked or full store with the link's backoff (:meth:`Uplink._with_store`)
+  and keeps its rows in memory until the store took them; only a corrupt store ends it.
 
 aiomqtt 2.5 drops two facts we need, so :class:`_Client` keeps them: the reason code of each
 PUBACK, and the broker's Maximum Packet Size from CONNACK (a batch is never built bigger, so
@@ -43,12 +48,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal, TypeVar
 
 import aiomqtt
 import paho.mqtt.client as paho
 import tenacity
 from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -56,7 +63,13 @@ from paho.mqtt.reasoncodes import ReasonCode
 from pigateway import __version__
 from pigateway.batching import Batch, Batcher, Rules
 from pigateway.config import Config, MqttConfig, TlsConfig, UplinkConfig
-from pigateway.errors import LoginRefused, PigatewayError, UplinkError
+from pigateway.errors import (
+    LoginRefused,
+    PigatewayError,
+    StoreCorrupt,
+    StoreError,
+    UplinkError,
+)
 from pigateway.state import GatewayState, Link
 from pigateway.store import Command, Store
 
@@ -71,6 +84,24 @@ TOPICS: Final = {
 }
 OFFLINE: Final = b'"offline"'
 REJECTED: Final = "rejected-by-broker"
+#: An MQTT 5 PUBACK failure code (>= 0x80) and what it means for the batch it answers:
+#: ``retry`` (the broker cannot take it *now*: the rows go back to the head of the queue, an
+#: attempt counted, and the link backs off) or ``dead-letter`` (this message will never be
+#: taken: ``rejected-by-broker`` with the code and its name). A success code (< 0x80, e.g.
+#: 0x10 "no matching subscribers") means delivered. A failure code missing here is retried:
+#: ``store.max_attempts`` bounds it, and nothing is lost to a code nobody foresaw.
+PUBACK_REFUSALS: Final[dict[int, tuple[str, Literal["retry", "dead-letter"]]]] = {
+    0x80: ("unspecified error", "retry"),
+    0x83: ("implementation specific error", "retry"),
+    0x87: ("not authorized", "dead-letter"),
+    0x89: ("server busy", "retry"),
+    0x90: ("topic name invalid", "dead-letter"),
+    0x91: ("packet identifier in use", "retry"),
+    0x95: ("packet too large", "dead-letter"),
+    0x96: ("message rate too high", "retry"),
+    0x97: ("quota exceeded", "retry"),
+    0x99: ("payload format invalid", "dead-letter"),
+}
 #: Inbound commands taken at once (acknowledged in order as each is persisted).
 INBOUND_WINDOW: Final = 64
 #: CONNACK reason codes that mean "fix the credentials": a fault, retried at the cap.
@@ -81,6 +112,11 @@ LOGIN_REFUSED: Final = {134: "bad user name or password", 135: "not authorised",
 TLS_FAULTS: Final = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed",
                      "hostname mismatch", "doesn't match", "TLSV1_ALERT", "SSLV3_ALERT",
                      "PEM lib", "No such file")
+#: How a fault starts when the store has refused the drain's calls for too long.
+STORE_STUCK: Final = "store: the drain cannot"
+#: Seconds a store may stay busy, locked or full before that shows as a fault (an operator
+#: should look: a purge or a backup holding the lock, a full disk), while still retried.
+STORE_FAULT_AFTER: Final = 60.0
 #: Bytes a PUBLISH adds around its payload (fixed header, topic length, packet id, props).
 PUBLISH_OVERHEAD: Final = 16
 #: The smallest batch size limit halving goes down to.
@@ -90,6 +126,32 @@ MIN_BATCH_BYTES: Final = 512
 def topic(config: Config, leaf: str) -> str:
     """The full topic of ``leaf`` ("actions", "results", "commands", "state")."""
     return TOPICS[leaf].format(prefix=config.mqtt.topic_prefix, gateway=config.gateway_id)
+
+
+def refusal(code: int) -> tuple[str, Literal["retry", "dead-letter"]]:
+    """The name of a PUBACK failure code and what it means (:data:`PUBACK_REFUSALS`)."""
+    return PUBACK_REFUSALS.get(code, (f"reason code 0x{code:02X}", "retry"))
+
+
+def publish_room(max_packet_size: int, where: str) -> int:
+    """Payload bytes a PUBLISH on ``where`` may carry under the broker's ``max_packet_size``.
+
+    The topic travels UTF-8 encoded: its bytes count, not its characters.
+    """
+    return max_packet_size - PUBLISH_OVERHEAD - len(where.encode())
+
+
+def store_is_gone(exc: StoreError) -> bool:
+    """Whether a store error means the store is gone (corrupt), not merely busy for now.
+
+    Busy, locked and full stores heal by themselves (another process lets go, space is
+    freed): the service waits them out. A corrupt file only heals by a restart, which moves
+    it aside; that one ends the service, shown as a fault first.
+    """
+    return isinstance(exc, StoreCorrupt)
+
+
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- backoff
@@ -127,6 +189,10 @@ class LinkFault(UplinkError):
 
 class LinkLost(UplinkError):
     """A connection that had been up for ``uplink.backoff_reset`` seconds went down."""
+
+
+class BrokerBusy(UplinkError):
+    """The broker refused a batch for now (quota, rate, busy): the link ends and backs off."""
 
 
 # --------------------------------------------------------------------------- credentials
@@ -178,8 +244,34 @@ class _Client(aiomqtt.Client):
         self.session_present = False
         self._puback_codes: dict[int, ReasonCode] = {}
         self._client.manual_ack_set(manual_ack)
+        self._client._handle_pubackcomp = self._lenient_puback(  # type: ignore[method-assign,assignment]
+            self._client._handle_pubackcomp)
         # a full in-flight window is normal here; aiomqtt warns past 10 pending calls
         self.pending_calls_threshold = (kwargs.get("max_inflight_messages") or 0) + 16
+
+    def _lenient_puback(self, handle: Callable[[Any], MQTTErrorCode]
+                        ) -> Callable[[Any], MQTTErrorCode]:
+        """paho drops the link on a PUBACK whose code MQTT 5 keeps for DISCONNECT (0x89
+        server busy, 0x95 packet too large, 0x96 message rate too high); brokers send them
+        anyway. Such a PUBACK is passed on as the refusal it is (:data:`PUBACK_REFUSALS`).
+        """
+        inner = self._client
+
+        def lenient(cmd: Any) -> MQTTErrorCode:
+            try:
+                return handle(cmd)
+            except MalformedPacket:
+                packet = bytes(inner._in_packet["packet"])
+                if cmd != "PUBACK" or len(packet) < 3 or packet[2] not in PUBACK_REFUSALS:
+                    raise
+                mid = int.from_bytes(packet[:2], "big")
+                code = ReasonCode(PacketTypes.DISCONNECT, identifier=packet[2])
+                properties = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+                with inner._out_message_mutex:
+                    if mid in inner._out_messages:
+                        return inner._do_on_publish(mid, code, properties)
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return lenient
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags,
                     reason_code: ReasonCode, properties: Properties | None = None) -> None:
@@ -331,6 +423,8 @@ class Uplink:
         self.rules = Rules(config.gateway_id, up.max_actions, up.max_batch_bytes)
         self.batcher: Batcher[Command] = Batcher(store, self.rules, batch_delay=up.batch_delay)
         self.outstanding: dict[str, Batch[Command]] = {}
+        #: batches the broker acknowledged whose rows are not deleted yet (a busy store)
+        self.delivered: dict[str, Batch[Command]] = {}
         self._policy = (policy or reconnect_policy(up)).copy(
             retry=tenacity.retry_if_exception(_worth_retrying), stop=tenacity.stop_never,
             reraise=True, before_sleep=self._before_sleep)
@@ -343,6 +437,7 @@ class Uplink:
         self._settled = asyncio.Event()  # set while nothing is in flight
         self._online_since: float | None = None
         self._halved: int | None = None  # a batch size limit learnt under MQTT 3.1.1
+        self.store_fault_after = STORE_FAULT_AFTER
         self._settled.set()
 
     # ---- controls (the app's pause/resume/flush land here)
@@ -405,8 +500,11 @@ class Uplink:
             raise error from exc
         finally:
             self._learn_from(error)
-            await self._give_back("the link ended before the broker acknowledged")
-            self._offline(error)
+            try:  # last_error shows the end of the link once its rows are back
+                await self._give_back(str(error) if error is not None
+                                      else "the link ended before the broker acknowledged")
+            finally:
+                self._offline(error)
 
     async def _connect_and_serve(self) -> None:
         self._online_since = None
@@ -421,6 +519,8 @@ class Uplink:
         """The error to retry on; :class:`LinkLost` when the link had been up a while."""
         error = _classify(exc) if isinstance(exc, aiomqtt.MqttError) else exc
         assert isinstance(error, UplinkError)
+        if isinstance(error, BrokerBusy):
+            return error  # the broker asked us to slow down: back off, never start over
         since = self._online_since
         if since is not None and time.monotonic() - since >= self.config.uplink.backoff_reset:
             return LinkLost(f"link lost: {error}")
@@ -510,7 +610,8 @@ class Uplink:
         """Batches no bigger than the broker takes (MQTT 5 says; 3.1.1 is learnt by halving)."""
         hard = self.config.uplink.max_batch_bytes
         if client.max_packet_size:
-            room = client.max_packet_size - PUBLISH_OVERHEAD - len(topic(self.config, "actions"))
+            room = min(publish_room(client.max_packet_size, topic(self.config, leaf))
+                       for leaf in ("actions", "results"))
             hard = max(1, min(hard, room))
         self.batcher.rules = dataclasses.replace(
             self.rules, max_batch_bytes=min(hard, self._halved or sys.maxsize), hard_bytes=hard)
@@ -540,7 +641,7 @@ class Uplink:
                 continue
             await session.slots.acquire()
             try:
-                batch = await self.batcher.next_batch()
+                batch = await self._with_store("claim the next batch", self.batcher.next_batch)
             except BaseException:
                 session.slots.release()
                 raise
@@ -569,19 +670,88 @@ class Uplink:
                 topic(self.config, batch.kind), batch.payload,
                 timeout=self.config.uplink.publish_timeout)
             if code is None:
-                await self.store.ack(batch.ids)
-                self._log_delivered(batch)
+                await self._record_delivery(batch)
             else:
-                await self.store.dead_letter(
-                    batch.ids, REJECTED, f"PUBACK reason code {code.value}: {code}")
-            del self.outstanding[batch.id]
+                await self._refused(batch, code.value)
         except aiomqtt.MqttError as exc:
             raise UplinkError(f"publish of batch {batch.id} failed: {_classify(exc)}") from exc
         finally:
             session.slots.release()
             self._show_progress()
-            if not self.outstanding:
+            if not self.outstanding and not self.delivered:
                 self._settled.set()
+
+    async def _record_delivery(self, batch: Batch[Command]) -> None:
+        """Delete the rows of an acknowledged batch, however long the store takes.
+
+        From the PUBACK on the batch is ``delivered``, not ``outstanding``: if the link
+        ends while the store is busy, :meth:`_give_back` deletes these rows, never sends
+        them again.
+        """
+        self.delivered[batch.id] = self.outstanding.pop(batch.id)
+        await self._with_store("delete delivered commands", lambda: self.store.ack(batch.ids))
+        del self.delivered[batch.id]
+        self._log_delivered(batch)
+
+    async def _refused(self, batch: Batch[Command], code: int) -> None:
+        """A PUBACK failure code: bury the batch, or end the link to send it again later."""
+        name, verdict = refusal(code)
+        what = f"PUBACK reason code {code} (0x{code:02X}: {name})"
+        if verdict == "retry":
+            raise BrokerBusy(f"the broker refused batch {batch.id} for now: {what}; its "
+                             "commands go back to the head of the queue")
+        await self._with_store("dead-letter a refused batch",
+                               lambda: self.store.dead_letter(batch.ids, REJECTED, what))
+        del self.outstanding[batch.id]
+
+    async def _with_store(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``await call()`` until the store takes it: a busy, locked or full store is waited
+        out with the link's backoff, said once as a warning and in ``last_error``, and as a
+        fault once it lasted :attr:`store_fault_after` seconds (cleared when it answers).
+
+        Only a store that is gone (:func:`store_is_gone`) ends the drain, and with it the
+        service (systemd restarts it, which moves a corrupt file aside); it is shown as a
+        fault first (LEDs, ``STATUS=``).
+        """
+        failures = 0
+        since = time.monotonic()
+        while True:
+            try:
+                result = await call()
+            except StoreError as exc:
+                if store_is_gone(exc):
+                    self.state.update(fault=f"store: {exc}", last_error=str(exc))
+                    log.critical("uplink: cannot %s: %s", what, exc)
+                    raise
+                failures += 1
+                self._store_trouble(what, exc, failures, time.monotonic() - since)
+                await asyncio.sleep(self._store_wait(failures))
+                continue
+            if failures:
+                log.warning("uplink: the store answers again (%s after %d tries)", what,
+                            failures + 1)
+                if (self.state.fault or "").startswith(STORE_STUCK):
+                    self.state.update(fault=None)  # only the fault this set
+            return result
+
+    def _store_trouble(self, what: str, exc: StoreError, failures: int,
+                       lasted: float) -> None:
+        """Say it once per streak as a warning (and in ``last_error``); then at debug; and
+        as a fault once it lasted :attr:`store_fault_after` (unless another fault shows)."""
+        self.state.update(last_error=f"store: cannot {what}: {exc}")
+        level = logging.WARNING if failures == 1 else logging.DEBUG
+        log.log(level, "uplink: cannot %s (%s); the drain waits and tries again, nothing "
+                "is lost", what, exc)
+        if lasted >= self.store_fault_after and self.state.fault is None:
+            self.state.update(fault=f"{STORE_STUCK} {what} for {lasted:.0f}s: {exc}")
+            log.error("uplink: the store has refused to %s for %.0fs (%s): another process "
+                      "holding its lock, or a full disk?", what, lasted, exc)
+
+    def _store_wait(self, failures: int) -> float:
+        """The link's backoff (``backoff_initial`` doubling up to ``backoff_max``), jittered."""
+        up = self.config.uplink
+        base = min(up.backoff_max, up.backoff_initial * 2.0 ** min(failures - 1, 30))
+        return float(base * (1 - 0.2 * random.random()))
 
     def _log_delivered(self, batch: Batch[Command]) -> None:
         """One line per acknowledged batch, carrying every command id for the journal.
@@ -598,7 +768,8 @@ class Uplink:
     def _show_progress(self) -> None:
         """``in_flight`` and ``draining`` (rows on their way: in flight or claimed) for views."""
         self.state.update(in_flight=len(self.outstanding),
-                          draining=bool(self.outstanding or self.batcher.pending))
+                          draining=bool(self.outstanding or self.delivered
+                                        or self.batcher.pending))
 
     async def _watch(self, client: _Client) -> None:
         """Inbound commands; also how a dropped link is noticed (the iterator raises).
@@ -671,16 +842,27 @@ class Uplink:
     async def _give_back(self, why: str) -> None:
         """Put back every row this link claimed but the broker did not acknowledge.
 
-        Rows that were published count an attempt (``nack``); rows only claimed do not.
+        Rows that were published count an attempt (``nack``); rows only claimed do not;
+        rows the broker acknowledged but the store has not deleted yet are deleted. Each
+        write waits out a busy store, and the memory forgets the rows only once the store
+        took them: a cancel or an error in between leaves them where the next try finds them.
         """
+        delivered = [i for batch in self.delivered.values() for i in batch.ids]
         sent = [i for batch in self.outstanding.values() for i in batch.ids]
-        unsent = self.batcher.give_back()
+        unsent = [command.id for command in self.batcher.pending]
+        if delivered:
+            await self._with_store("delete delivered commands",
+                                   lambda: self.store.ack(delivered))
+        if unsent:
+            await self._with_store("put claimed commands back",
+                                   lambda: self.store.release(unsent))
+        if sent:
+            await self._with_store("put sent commands back",
+                                   lambda: self.store.nack(sent, why))
+        self.delivered.clear()
+        self.batcher.give_back()
         self.outstanding.clear()
         self._settled.set()
-        if unsent:
-            await self.store.release(unsent)
-        if sent:
-            await self.store.nack(sent, why)
         if sent or unsent:
             log.info("uplink: %d command(s) back at the head of the queue (%s)",
                      len(sent) + len(unsent), why)

@@ -1,0 +1,172 @@
+"""An MQTT-aware TCP proxy on 127.0.0.1 that answers chosen PUBLISHes with a chosen PUBACK code.
+
+mosquitto never answers a PUBLISH with 0x97 (quota exceeded), 0x89 (server busy) and most
+other MQTT 5 refusals, so this proxy plays the broker for the publishes ``decide`` picks:
+such a PUBLISH is not forwarded (a refusing broker does not deliver it) and the client
+gets a PUBACK with ``decide``'s reason code at once. Everything else goes both ways
+unchanged, whole packets at a time, so an injected PUBACK never splits another packet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+#: ``decide(connection number from 1, topic, payload)``: a reason code to refuse with, or None.
+Decide = Callable[[int, str, bytes], int | None]
+
+PUBLISH = 3
+CONNECT = 1
+
+
+@dataclass(frozen=True)
+class Refused:
+    connection: int
+    code: int
+    topic: str
+    payload: bytes
+
+
+async def read_packet(reader: asyncio.StreamReader) -> bytes | None:
+    """One whole MQTT packet (fixed header included), or None at the end of the stream."""
+    try:
+        head = await reader.readexactly(1)
+        length, shift, raw = 0, 0, b""
+        for _ in range(4):  # the remaining length is at most four bytes
+            byte = await reader.readexactly(1)
+            raw += byte
+            length |= (byte[0] & 0x7F) << shift
+            shift += 7
+            if not byte[0] & 0x80:
+                break
+        return head + raw + await reader.readexactly(length)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    """A variable byte integer at ``at``: its value and the offset after it."""
+    value, shift = 0, 0
+    for _ in range(4):
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    return value, at
+
+
+def parse_publish(packet: bytes, version: int) -> tuple[str, int | None, bytes]:
+    """The topic, packet id (None for QoS 0) and payload of a PUBLISH packet."""
+    qos = (packet[0] >> 1) & 3
+    _, at = _varint(packet, 1)
+    (size,) = struct.unpack_from("!H", packet, at)
+    topic = packet[at + 2:at + 2 + size].decode()
+    at += 2 + size
+    packet_id = None
+    if qos:
+        (packet_id,) = struct.unpack_from("!H", packet, at)
+        at += 2
+    if version == 5:
+        props, at = _varint(packet, at)
+        at += props
+    return topic, packet_id, packet[at:]
+
+
+def puback(packet_id: int, code: int) -> bytes:
+    """An MQTT 5 PUBACK with a reason code and no properties (remaining length 3)."""
+    return struct.pack("!BBHB", 0x40, 3, packet_id, code)
+
+
+class RefusingProxy:
+    """Forwards 127.0.0.1:``port`` to ``target_port``; refuses what ``decide`` picks."""
+
+    def __init__(self, target_port: int, decide: Decide) -> None:
+        self.target_port = target_port
+        self.decide = decide
+        self.port = 0
+        self.connections = 0
+        self.refused: list[Refused] = []
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> RefusingProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0,
+                                                  family=socket.AF_INET)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await task
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        number = self.connections
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self._writers += [writer, up_writer]
+        for pump in (self._upstream(number, reader, up_writer, writer),
+                     self._pump(up_reader, writer)):
+            task = asyncio.create_task(pump)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _upstream(self, number: int, reader: asyncio.StreamReader,
+                        broker: asyncio.StreamWriter, client: asyncio.StreamWriter) -> None:
+        """Client to broker, one packet at a time; a refused PUBLISH is answered here."""
+        version = 4
+        try:
+            for _ in range(10_000_000):  # bounded: far more packets than any test sends
+                packet = await read_packet(reader)
+                if packet is None:
+                    break
+                kind = packet[0] >> 4
+                if kind == CONNECT:
+                    _, at = _varint(packet, 1)
+                    version = packet[at + 6]  # after the protocol name "MQTT" (2 + 4 bytes)
+                elif kind == PUBLISH:
+                    topic, packet_id, payload = parse_publish(packet, version)
+                    code = self.decide(number, topic, payload) if packet_id else None
+                    if code is not None and packet_id is not None:
+                        self.refused.append(Refused(number, code, topic, payload))
+                        client.write(puback(packet_id, code))
+                        await client.drain()
+                        continue
+                broker.write(packet)
+                await broker.drain()
+        except OSError:
+            pass
+        finally:
+            broker.close()
+            client.close()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Broker to client, whole packets only (so an injected PUBACK lands between them)."""
+        try:
+            for _ in range(10_000_000):
+                packet = await read_packet(reader)
+                if packet is None:
+                    break
+                writer.write(packet)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()

@@ -1,0 +1,165 @@
+"""MQTT 5 PUBACK refusals, through an MQTT-aware proxy in front of a real mosquitto.
+
+mosquitto never answers with quota exceeded, server busy and most other refusals, so
+:class:`mqttproxy.RefusingProxy` answers the publishes a test picks with the code it picks
+(and does not deliver them, as a refusing broker would not). Transient codes must lose
+nothing, dead-letter nothing and keep each device's order; permanent ones dead-letter
+exactly the refused batch, with its code and name; 0x10 means delivered.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker import Mosquitto
+from mqttproxy import Decide, RefusingProxy
+from pigateway.state import Link
+from pigateway.store import NewCommand
+from pigateway.uplink import PUBACK_REFUSALS
+from uplink_helpers import (
+    RecordingState,
+    drained,
+    make_config,
+    per_device_order_holds,
+    running_uplink,
+    subscribed,
+    wait_until,
+)
+
+pytestmark = pytest.mark.broker
+
+TRANSIENT = [0x80, 0x83, 0x89, 0x96, 0x97]
+PERMANENT = [0x87, 0x90, 0x95, 0x99]
+
+
+def batch_ids(payload: bytes) -> list[str]:
+    """The command ids in a batch, from the wire contract alone."""
+    document = json.loads(payload)
+    return [command["id"] for action in document["actions"] for command in action["commands"]]
+
+
+def commands(count: int, devices: int = 4) -> list[NewCommand]:
+    return [NewCommand(f"dev{n % devices}", "set", {"n": n, "pad": "p" * 60})
+            for n in range(count)]
+
+
+@asynccontextmanager
+async def refusing(port: int, decide: Decide) -> AsyncIterator[RefusingProxy]:
+    proxy = await RefusingProxy(port, decide).start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
+def on_actions(decide: Decide) -> Decide:
+    """Only batches are refused; the state document always goes through."""
+    def on(connection: int, where: str, payload: bytes) -> int | None:
+        return decide(connection, where, payload) if where.endswith("/actions") else None
+    return on
+
+
+def test_the_table_names_every_code_the_issue_lists() -> None:
+    for code in TRANSIENT:
+        assert PUBACK_REFUSALS[code][1] == "retry"
+    for code in PERMANENT:
+        assert PUBACK_REFUSALS[code][1] == "dead-letter"
+
+
+@pytest.mark.parametrize("code", TRANSIENT)
+async def test_a_transient_refusal_loses_nothing_and_keeps_order(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str, code: int) -> None:
+    seen: dict[int, int] = {}
+
+    def decide(connection: int, where: str, payload: bytes) -> int | None:
+        """The first two connections: two batches through, then the broker says "not now"."""
+        seen[connection] = seen.get(connection, 0) + 1
+        return code if connection <= 2 and seen[connection] > 2 else None
+
+    total = 60
+    async with refusing(mosquitto.port, on_actions(decide)) as proxy, \
+            subscribed(mosquitto.port, unique_prefix) as sub:
+        cfg = make_config(tmp_path, proxy.port, unique_prefix, max_batch_bytes=1024,
+                          max_inflight=4)
+        state = RecordingState()
+        async with running_uplink(cfg, state=state) as run:
+            sent = [(c.device, c.id) for c in await run.store.put_many(commands(total))]
+            assert await sub.wait_for(total, 20)
+            assert await drained(run.store, 10)
+            stats = await run.store.stats()
+    assert proxy.refused and {r.code for r in proxy.refused} == {code}
+    assert proxy.connections >= 3  # the link ended at each refusal and came back
+    assert stats.dead_total == 0 and stats.in_flight == 0
+    assert {command_id for _, command_id in sent} <= sub.ids()
+    assert per_device_order_holds(sent, [c.id for c in sub.first_deliveries()])
+    name = PUBACK_REFUSALS[code][0]
+    assert any(name in (error or "") for error in state.history.get("last_error", []))
+
+
+async def test_a_transient_refusal_counts_attempts_up_to_max_attempts(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    """Refused for now, for ever: the attempts are counted, and max_attempts bounds them."""
+    def decide(connection: int, where: str, payload: bytes) -> int | None:
+        return 0x97 if b'"device":"stuck"' in payload else None
+
+    async with refusing(mosquitto.port, on_actions(decide)) as proxy:
+        cfg = make_config(tmp_path, proxy.port, unique_prefix, store={"max_attempts": 3})
+        async with running_uplink(cfg) as run:
+            await run.store.put("stuck", "on")
+            assert await drained(run.store, 20)
+            dead = await run.store.list_dead()
+    assert [d.reason for d in dead] == ["max-attempts"]
+    assert dead[0].command.attempts == 3
+    assert "quota exceeded" in (dead[0].detail or "")
+    assert len(proxy.refused) == 3
+
+
+@pytest.mark.parametrize("code", PERMANENT)
+async def test_a_permanent_refusal_buries_exactly_the_refused_batch(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str, code: int) -> None:
+    def decide(connection: int, where: str, payload: bytes) -> int | None:
+        return code if b'"device":"vault"' in payload else None
+
+    async with refusing(mosquitto.port, on_actions(decide)) as proxy, \
+            subscribed(mosquitto.port, unique_prefix) as sub:
+        cfg = make_config(tmp_path, proxy.port, unique_prefix, max_batch_bytes=1024)
+        async with running_uplink(cfg) as run:
+            put = await run.store.put_many(
+                [*commands(12), NewCommand("vault", "open"), *commands(12)])
+            assert await drained(run.store, 20)
+            dead = await run.store.list_dead(100)
+            assert run.state.link == Link.ONLINE
+    assert len(proxy.refused) == 1 and proxy.connections == 1  # the link stayed up
+    refused = set(batch_ids(proxy.refused[0].payload))
+    assert {d.command.id for d in dead} == refused
+    assert {d.reason for d in dead} == {"rejected-by-broker"}
+    name = PUBACK_REFUSALS[code][0]
+    assert all(f"0x{code:02X}" in (d.detail or "") and name in (d.detail or "") for d in dead)
+    others = {c.id for c in put} - refused
+    assert await wait_until(lambda: others <= sub.ids(), 10)
+
+
+async def test_no_matching_subscribers_is_delivered(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    """0x10 is a success code: the rows are deleted, nothing is dead or sent again."""
+    answered: list[Any] = []
+
+    def decide(connection: int, where: str, payload: bytes) -> int | None:
+        answered.append(payload)
+        return 0x10
+
+    async with refusing(mosquitto.port, on_actions(decide)) as proxy:
+        cfg = make_config(tmp_path, proxy.port, unique_prefix)
+        async with running_uplink(cfg) as run:
+            await run.store.put_many(commands(5))
+            assert await drained(run.store, 10)
+            stats = await run.store.stats()
+    assert stats.dead_total == 0
+    assert len(answered) == len(proxy.refused) >= 1 and proxy.connections == 1
+    assert sum(len(batch_ids(p)) for p in answered) == 5  # each command went once
