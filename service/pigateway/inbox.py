@@ -22,6 +22,7 @@ from typing import Any
 
 from pigateway.ids import new_id
 from pigateway.store import Store
+from pigateway.text import bounded, fit_json
 
 Statement = tuple[str, Sequence[Any]]
 
@@ -77,14 +78,40 @@ def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def result_document(command_id: str, status: str, detail: Any = None, *,
+def result_document(command_id: str, status: str, detail: Any = None, *, max_bytes: int,
                     now: float | None = None) -> dict[str, Any]:
-    """The wire contract's result: ``{"v":1,"id","status","detail"?,"finished_at"}``."""
+    """The wire contract's result: ``{"v":1,"id","status","detail"?,"finished_at"}``.
+
+    It always fits ``max_bytes`` (``store.max_params_bytes``) as stored JSON: a text detail
+    is :func:`~pigateway.text.bounded` and cut to the room left, and a detail that cannot be
+    encoded or does not fit is replaced by a note saying so. So recording a result, which
+    is what finishes a command, never fails because of what the command or handler said.
+    """
     document: dict[str, Any] = {"v": 1, "id": command_id, "status": status}
-    if detail is not None:
-        document["detail"] = detail
     document["finished_at"] = round(time.time() if now is None else now, 3)
+    if detail is None:
+        return document
+    room = max_bytes - _size(document) - len(',"detail":')
+    document = {**document, "detail": _fitted(detail, room)}
+    document["finished_at"] = document.pop("finished_at")  # the contract's key order
     return document
+
+
+def _fitted(detail: Any, room: int) -> Any:
+    """``detail`` as it can be stored in ``room`` bytes of JSON."""
+    if not isinstance(detail, str):
+        try:
+            if _size(detail) <= room:
+                return detail
+            detail = f"(a detail of {_size(detail)} bytes was left out: it did not fit " \
+                     "store.max_params_bytes)"
+        except (TypeError, ValueError, UnicodeEncodeError, RecursionError):
+            detail = bounded(detail)
+    return fit_json(bounded(detail), room)
+
+
+def _size(value: Any) -> int:
+    return len(_json(value).encode("utf-8"))
 
 
 def outbox_device(device: Any) -> str:
@@ -125,12 +152,12 @@ def mark_running(command_id: str, attempt: int, now: float) -> Statement:
 
 def mark_failed_attempt(command_id: str, error: str) -> Statement:
     return ("UPDATE inbox SET state = 'pending', last_error = ? WHERE id = ?",
-            (error, command_id))
+            (bounded(error), command_id))
 
 
 def finish(command_id: str, document: dict[str, Any]) -> Statement:
     detail = document.get("detail")
-    error = None if document["status"] == "ok" else (None if detail is None else str(detail))
+    error = None if document["status"] == "ok" or detail is None else bounded(detail)
     return ("UPDATE inbox SET state = 'done', status = ?, result = ?, finished_at = ?, "
             "last_error = coalesce(?, last_error) WHERE id = ?",
             (document["status"], _json(document), document["finished_at"], error, command_id))
@@ -148,12 +175,12 @@ def prune(before: float) -> Statement:
 
 def dead_letter(reason: str, payload: bytes, now: float) -> Statement:
     """A record of a message that had no readable id, so no result could answer it."""
-    preview = payload[:256].decode("utf-8", errors="backslashreplace")
+    preview = bounded(payload[:256].decode("utf-8", errors="backslashreplace"), 1024)
     params = _json({"payload": preview, "bytes": len(payload)})
     return ("INSERT INTO dead_letters (id, kind, device, name, params, size, queued_at, "
             "expires_at, attempts, last_error, reason, detail, dead_at) "
             "VALUES (?, 'inbound', ?, 'invalid', ?, ?, ?, NULL, 0, NULL, 'invalid', ?, ?)",
-            (new_id(), NO_DEVICE, params, len(payload), now, reason, now))
+            (new_id(), NO_DEVICE, params, len(payload), now, bounded(reason), now))
 
 
 # --------------------------------------------------------------------------- reads and writes

@@ -48,6 +48,7 @@ from pigateway.errors import (
 from pigateway.handlers import Handler, HandlerFactory, Request
 from pigateway.inbox import Entry
 from pigateway.store import Store
+from pigateway.text import bounded
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +260,8 @@ class WorkerPool:
         error = state.outcome.exception() if state.outcome else None
         wait = state.upcoming_sleep
         log.warning("command %s on %s failed (attempt %d), trying again in %.1fs: %s",
-                    entry.id, entry.device, entry.attempts + state.attempt_number, wait, error,
+                    entry.id, entry.device, entry.attempts + state.attempt_number, wait,
+                    bounded(error),
                     extra={"command_id": entry.id, "device": entry.device})
         await self._note(inbox.mark_failed_attempt(entry.id, str(error)))
 
@@ -279,20 +281,28 @@ class WorkerPool:
 
     async def _finish(self, entry: Entry, status: str, detail: Any,
                       after: Entry | None = None) -> None:
-        document = inbox.result_document(entry.id, status, detail)
+        document = inbox.result_document(entry.id, status, detail,
+                                         max_bytes=self.config.store.max_params_bytes)
         also = [inbox.finish(entry.id, document)]
         if after is not None:
             also.append(inbox.mark_running(after.id, after.attempts + 1, time.time()))
         level = logging.INFO if status == "ok" else logging.WARNING
+        shown = document.get("detail")
         log.log(level, "command %s on %s: %s%s", entry.id, entry.device, status,
-                "" if detail is None or status == "ok" else f" ({detail})",
+                "" if shown is None or status == "ok" else f" ({bounded(shown)})",
                 extra={"command_id": entry.id, "device": entry.device})
+        await self._durably_record(entry, document, also)
+        if after is not None:
+            self._premarked.add(after.id)
+
+    async def _durably_record(self, entry: Entry, document: dict[str, Any],
+                              also: list[inbox.Statement]) -> None:
+        """Record the result, waiting out a store that refuses it (busy, full): the result
+        is kept meanwhile and the lane waits, so the device's order holds."""
         delay = RECORD_BACKOFF[0]
         while True:
             try:
                 await inbox.record(self.store, entry.device, document, also=also)
-                if after is not None:
-                    self._premarked.add(after.id)
                 return
             except StoreError as exc:
                 log.error("cannot record the result of command %s (%s); retrying in %.0fs",

@@ -1,0 +1,108 @@
+"""Inbound messages at the edges of the input space: each is that message's failure, never
+the service's (issue 9, classes 1 and 2). A real store on disk, the real ``accept`` path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pigateway import inbox
+from pigateway.errors import HandlerError
+from pigateway.handlers import Request
+from pigateway.inbound import Inbound
+from pigateway.store import Store
+from test_inbound import Scripted, by_id, make_config, results, running
+
+GOOD: dict[str, Any] = {"v": 1, "id": "c-1", "device": "a", "name": "go", "params": {}}
+
+
+def raw(document: str) -> bytes:
+    """A payload written by hand, so escapes like ``\\ud800`` reach json.loads as they are."""
+    return document.encode()
+
+
+async def accepted(tmp_path: Path, payload: bytes, **store: Any) -> tuple[list[dict[str, Any]],
+                                                                         int]:
+    """Accept one message into a fresh store; (the result documents, dead letters)."""
+    config = make_config(tmp_path, ["a"])
+    async with await Store.open(config.store) as opened:
+        await Inbound(config, opened).accept(payload)
+        documents = [c.params for c in await opened.list_queued(100) if c.kind == "result"]
+        return documents, (await opened.stats()).dead_total
+
+
+UNSTORABLE = [
+    ("huge float in params", raw('{"v":1,"id":"c-1","device":"a","name":"go",'
+                                 '"params":{"x":1e400}}'), "params.x"),
+    ("huge negative float deep", raw('{"v":1,"id":"c-1","device":"a","name":"go",'
+                                     '"params":{"x":[{"y":-1e999}]}}'), "params.x[0].y"),
+    ("surrogate in a params value", raw('{"v":1,"id":"c-1","device":"a","name":"go",'
+                                        '"params":{"x":"\\ud800"}}'), "params.x"),
+    ("surrogate in a params key", raw('{"v":1,"id":"c-1","device":"a","name":"go",'
+                                      '"params":{"\\udfff":1}}'), "params"),
+    ("surrogate in the device", raw('{"v":1,"id":"c-1","device":"\\udc80","name":"go",'
+                                    '"params":{}}'), "device"),
+    ("surrogate in the name", raw('{"v":1,"id":"c-1","device":"a","name":"\\ud83d",'
+                                  '"params":{}}'), "name"),
+    ("surrogate on a v2 document", raw('{"v":2,"id":"c-1","device":"\\ud800","name":"go",'
+                                       '"params":{"k":"\\udbff"}}'), "device"),
+    ("surrogate in an unknown key", raw('{"v":1,"id":"c-1","device":"a","name":"go",'
+                                        '"params":{},"\\ud800x":1}'), "a field name"),
+    ("surrogate in the ttl", raw('{"v":1,"id":"c-1","device":"a","name":"go",'
+                                 '"params":{},"ttl":"\\ud800"}'), "ttl"),
+]
+
+
+@pytest.mark.parametrize(("payload", "field"), [c[1:] for c in UNSTORABLE],
+                         ids=[c[0] for c in UNSTORABLE])
+async def test_unstorable_json_is_rejected_naming_the_field(tmp_path: Path, payload: bytes,
+                                                           field: str) -> None:
+    documents, dead = await accepted(tmp_path, payload)
+    assert dead == 0
+    assert [d["status"] for d in documents] == ["rejected"]
+    assert field in documents[0]["detail"]
+    json.dumps(documents[0], ensure_ascii=False).encode()  # the result itself is storable
+
+
+@pytest.mark.parametrize("id_", ["\\ud800", "a\\udfffb", "\\u0000"])
+async def test_an_id_with_a_lone_surrogate_is_dead_lettered(tmp_path: Path, id_: str) -> None:
+    documents, dead = await accepted(
+        tmp_path, raw(f'{{"v":1,"id":"{id_}","device":"a","name":"go","params":{{}}}}'))
+    assert (documents, dead) == ([], 1)
+
+
+async def test_a_huge_unknown_key_gets_a_shortened_reason(tmp_path: Path) -> None:
+    key = "k" * 13_000
+    payload = json.dumps({**GOOD, key: 1}).encode()
+    config = make_config(tmp_path, ["a"])
+    async with await Store.open(config.store) as store:
+        await Inbound(config, store).accept(payload)
+        documents = [c.params for c in await store.list_queued(10) if c.kind == "result"]
+        entry = await inbox.find(store, "c-1")
+    assert [d["status"] for d in documents] == ["rejected"]
+    assert "unknown field 'kkkk" in documents[0]["detail"]
+    assert len(documents[0]["detail"]) <= 1000
+    assert entry is not None and entry.state == "done"
+
+
+async def test_a_huge_handler_error_is_shortened_and_the_lane_goes_on(tmp_path: Path) -> None:
+    def fail(request: Request) -> None:
+        raise HandlerError("bad keys: " + ", ".join(f"key{n}" for n in range(20_000)))
+
+    config = make_config(tmp_path, ["a"])
+    handler = Scripted(lambda r: fail(r) if r.id == "big" else "fine")
+    async with running(config, {"a": handler}) as (inbound, store):
+        await inbound.accept(json.dumps({**GOOD, "id": "big"}).encode())
+        await inbound.accept(json.dumps({**GOOD, "id": "next"}).encode())
+        found = by_id(await results(store, 2))
+        big = await inbox.find(store, "big")
+    assert found["big"]["status"] == "error"
+    assert found["big"]["detail"].startswith("bad keys: key0, key1")
+    assert len(json.dumps(found["big"]).encode()) <= config.store.max_params_bytes
+    assert found["next"]["status"] == "ok"
+    assert big is not None and big.state == "done"
+    assert big.last_error is not None and len(big.last_error) < 2000
+    assert [r.id for _, r in handler.calls] == ["big", "next"]
