@@ -4,6 +4,7 @@ the service's (issue 9, classes 1 and 2). A real store on disk, the real ``accep
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,24 @@ async def test_a_huge_handler_error_is_shortened_and_the_lane_goes_on(tmp_path: 
     assert big is not None and big.state == "done"
     assert big.last_error is not None and len(big.last_error) < 2000
     assert [r.id for _, r in handler.calls] == ["big", "next"]
+
+
+async def test_a_store_error_marking_running_is_waited_out_not_a_result(
+        tmp_path: Path) -> None:
+    """S4: the store refusing ``mark_running`` (here a real SQLite error from a trigger) is
+    not the command's fault: no ``error`` result; it runs once the store takes the write."""
+    config = make_config(tmp_path, ["a"])
+    handler = Scripted(lambda r: "ran")
+    async with running(config, {"a": handler}) as (inbound, store):
+        with sqlite3.connect(config.store.path) as other:
+            other.execute("CREATE TRIGGER refuse BEFORE UPDATE OF state ON inbox "
+                          "WHEN NEW.state = 'running' "
+                          "BEGIN SELECT RAISE(ABORT, 'simulated store error'); END")
+        await inbound.accept(json.dumps(GOOD).encode())
+        assert await results(store, 1, timeout=1.5) == []  # waiting, not answered "error"
+        assert handler.calls == []
+        with sqlite3.connect(config.store.path) as other:
+            other.execute("DROP TRIGGER refuse")
+        found = await results(store, 1)
+    assert [(d["id"], d["status"]) for d in found] == [("c-1", "ok")]
+    assert len(handler.calls) == 1

@@ -243,7 +243,8 @@ class WorkerPool:
             raise _Expired
         # durable before the handler runs, so a command that kills the process is counted
         if not (attempt == entry.attempts + 1 and entry.id in self._premarked):
-            await self.store.write([inbox.mark_running(entry.id, attempt, time.time())])
+            await self._durably([inbox.mark_running(entry.id, attempt, time.time())],
+                                f"mark command {entry.id} running")
         self._premarked.discard(entry.id)
         request = Request(id=entry.id, device=entry.device, name=entry.name,
                           params=entry.params, attempt=attempt)
@@ -307,6 +308,23 @@ class WorkerPool:
             except StoreError as exc:
                 log.error("cannot record the result of command %s (%s); retrying in %.0fs",
                           entry.id, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECORD_BACKOFF[1])
+
+    async def _durably(self, statements: list[inbox.Statement], what: str) -> None:
+        """Write ``statements``, waiting out a store error with capped backoff.
+
+        A store error (busy, locked, full) is not the command's fault, so it never becomes
+        the command's result: the lane waits here, keeping its order, until the store
+        takes the write (or the pool is cancelled, and the command runs after a restart).
+        """
+        delay = RECORD_BACKOFF[0]
+        while True:
+            try:
+                await self.store.write(statements)
+                return
+            except StoreError as exc:
+                log.error("cannot %s (%s); retrying in %.1fs", what, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECORD_BACKOFF[1])
 
