@@ -1,0 +1,107 @@
+"""Inbound messages through a real mosquitto and the real uplink: whatever one message does,
+the link stays up and the message is taken once or dropped, never redelivered for ever
+(issue 9, class 1; S3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from aiomqtt import Client  # the tests play the cloud side
+
+from broker import Mosquitto
+from pigateway.config import Config
+from pigateway.errors import StoreError
+from pigateway.state import Link
+from pigateway.uplink import TAKE_TRIES, topic
+from uplink_helpers import RecordingState, make_config, running_uplink, wait_until
+
+pytestmark = pytest.mark.broker
+
+
+async def publish(cfg: Config, port: int, payload: bytes, where: str | None = None) -> None:
+    async with Client("127.0.0.1", port) as cloud:
+        await cloud.publish(where or topic(cfg, "commands"), payload, qos=1)
+
+
+def went_offline(state: RecordingState) -> bool:
+    """Whether the link dropped after it first came online."""
+    links = state.history.get("link", [])
+    online = links.index(Link.ONLINE) if Link.ONLINE in links else len(links)
+    return Link.OFFLINE in links[online:]
+
+
+async def redelivered(cfg: Config, seconds: float = 1.5) -> list[bytes]:
+    """What the broker sends to a fresh start of the gateway's session within ``seconds``."""
+    again: list[bytes] = []
+
+    async def on_command(payload: bytes) -> None:
+        again.append(payload)
+
+    async with running_uplink(cfg, on_command=on_command) as run:
+        assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
+        await wait_until(lambda: bool(again), seconds)
+    return again
+
+
+async def test_a_store_error_is_waited_out_with_the_link_up(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    calls: list[bytes] = []
+
+    async def on_command(payload: bytes) -> None:
+        calls.append(payload)
+        if len(calls) <= 2:
+            raise StoreError("database is locked (simulated)")
+
+    cfg = make_config(tmp_path, mosquitto.port, unique_prefix)
+    state = RecordingState()
+    async with running_uplink(cfg, on_command=on_command, state=state) as run:
+        assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
+        await publish(cfg, mosquitto.port, b"first")
+        assert await wait_until(lambda: len(calls) == 3, 10)
+        assert not went_offline(state)
+    assert await redelivered(cfg) == []  # acknowledged once it was taken
+
+
+async def test_a_message_that_breaks_on_command_is_dropped_after_bounded_tries(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    calls: list[bytes] = []
+
+    async def on_command(payload: bytes) -> None:
+        calls.append(payload)
+        if payload == b"poison":
+            raise RuntimeError("a bug in on_command")
+
+    cfg = make_config(tmp_path, mosquitto.port, unique_prefix)
+    state = RecordingState()
+    async with running_uplink(cfg, on_command=on_command, state=state) as run:
+        assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
+        await publish(cfg, mosquitto.port, b"poison")
+        await publish(cfg, mosquitto.port, b"good")
+        assert await wait_until(lambda: calls.count(b"poison") == TAKE_TRIES, 15)
+        assert await wait_until(lambda: b"good" in calls, 5)
+        assert not await wait_until(lambda: calls.count(b"poison") > TAKE_TRIES, 1.0)
+        assert not went_offline(state)
+    assert await redelivered(cfg) == []
+
+
+async def test_a_message_on_an_old_subscription_is_acknowledged_not_run(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    taken: list[bytes] = []
+
+    async def on_command(payload: bytes) -> None:
+        taken.append(payload)
+
+    old = make_config(tmp_path, mosquitto.port, f"{unique_prefix}old")
+    async with running_uplink(old, on_command=on_command) as run:  # the session subscribes
+        assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
+    new = make_config(tmp_path, mosquitto.port, f"{unique_prefix}new")
+    async with running_uplink(new, on_command=on_command) as run:  # same session, new prefix
+        assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
+        await publish(new, mosquitto.port, b"stale", where=topic(old, "commands"))
+        await publish(new, mosquitto.port, b"fresh")
+        assert await wait_until(lambda: b"fresh" in taken, 10)
+    assert taken == [b"fresh"]
+    assert any("ignored a message on" in r.getMessage() for r in caplog.records)
+    assert await redelivered(new) == []
