@@ -4,18 +4,21 @@ the service's (issue 9, classes 1 and 2). A real store on disk, the real ``accep
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pigateway import inbox
-from pigateway.errors import HandlerError
+from pigateway.errors import HandlerError, StoreFull
 from pigateway.handlers import Request
 from pigateway.inbound import Inbound
 from pigateway.store import Store
 from test_inbound import Scripted, by_id, make_config, results, running
+from test_store_faults import tmpfs
 
 GOOD: dict[str, Any] = {"v": 1, "id": "c-1", "device": "a", "name": "go", "params": {}}
 
@@ -109,6 +112,17 @@ async def test_a_huge_handler_error_is_shortened_and_the_lane_goes_on(tmp_path: 
     assert [r.id for _, r in handler.calls] == ["big", "next"]
 
 
+async def test_under_the_disk_reserve_a_command_is_refused_not_run(tmp_path: Path) -> None:
+    config = make_config(tmp_path, ["a"])
+    reserve = replace(config, store=replace(config.store, min_free_bytes=1 << 62))
+    handler = Scripted(lambda r: "ran")
+    async with running(reserve, {"a": handler}) as (inbound, store):
+        with pytest.raises(StoreFull):
+            await inbound.accept(json.dumps(GOOD).encode())
+        assert await inbox.find(store, "c-1") is None
+    assert handler.calls == []
+
+
 async def test_a_store_error_marking_running_is_waited_out_not_a_result(
         tmp_path: Path) -> None:
     """S4: the store refusing ``mark_running`` (here a real SQLite error from a trigger) is
@@ -128,3 +142,26 @@ async def test_a_store_error_marking_running_is_waited_out_not_a_result(
         found = await results(store, 1)
     assert [(d["id"], d["status"]) for d in found] == [("c-1", "ok")]
     assert len(handler.calls) == 1
+
+
+async def test_on_a_full_tmpfs_commands_are_refused_until_there_is_room(
+        tmp_path: Path) -> None:
+    """P6 on a real size-limited disk: below the reserve nothing is accepted (so nothing
+    runs without room for its result); once space is freed the command is taken and
+    answered."""
+    with tmpfs(tmp_path / "disk", "8m") as disk:
+        config = make_config(disk, ["a"])
+        config = replace(config, store=replace(config.store, min_free_bytes=2 << 20))
+        handler = Scripted(lambda r: "ran")
+        async with running(config, {"a": handler}) as (inbound, store):
+            ballast = disk / "ballast"
+            free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+            ballast.write_bytes(b"\0" * (free - config.store.min_free_bytes + (64 << 10)))
+            with pytest.raises(StoreFull):
+                await inbound.accept(json.dumps(GOOD).encode())
+            assert await inbox.find(store, "c-1") is None
+            ballast.unlink()
+            await inbound.accept(json.dumps(GOOD).encode())
+            found = await results(store, 1)
+        assert [(d["id"], d["status"]) for d in found] == [("c-1", "ok")]
+        assert len(handler.calls) == 1

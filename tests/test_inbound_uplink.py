@@ -1,17 +1,23 @@
 """Inbound messages through a real mosquitto and the real uplink: whatever one message does,
 the link stays up and the message is taken once or dropped, never redelivered for ever
-(issue 9, class 1; S3)."""
+(issue 9, class 1; S3 and P6)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiomqtt import Client  # the tests play the cloud side
 
 from broker import Mosquitto
-from pigateway.config import Config
+from pigateway import inbox
+from pigateway.config import Config, from_dict
 from pigateway.errors import StoreError
+from pigateway.inbound import Inbound
 from pigateway.state import Link
 from pigateway.uplink import TAKE_TRIES, topic
 from uplink_helpers import RecordingState, make_config, running_uplink, wait_until
@@ -105,3 +111,43 @@ async def test_a_message_on_an_old_subscription_is_acknowledged_not_run(
     assert taken == [b"fresh"]
     assert any("ignored a message on" in r.getMessage() for r in caplog.records)
     assert await redelivered(new) == []
+
+
+def inbound_config(tmp_path: Path, port: int, prefix: str, **store: Any) -> Config:
+    return from_dict({
+        "gateway_id": "gw-test",
+        "store": {"path": str(tmp_path / "queue.db"), "min_free_bytes": 0, **store},
+        "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": prefix, "keepalive": 5},
+        "uplink": {"batch_delay": 0.05, "backoff_initial": 0.05, "backoff_max": 0.4},
+        "gpio": {"enabled": False}, "control": {"socket": str(tmp_path / "control.sock")},
+        "devices": {"lamp": {"handler": "log"}},
+    })
+
+
+async def test_under_the_disk_reserve_a_command_stays_at_the_broker(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    cfg = inbound_config(tmp_path, mosquitto.port, unique_prefix)
+    short = replace(cfg, store=replace(cfg.store, min_free_bytes=1 << 62))  # more than any disk
+    command = json.dumps({"v": 1, "id": "c-1", "device": "lamp", "name": "on", "params": {}})
+    state = RecordingState()
+    inbound: list[Inbound] = []  # made on the uplink's own store (one drainer per file)
+
+    async def on_command(payload: bytes) -> None:
+        await inbound[0].accept(payload)
+
+    async with running_uplink(short, on_command=on_command, state=state) as run:
+        inbound.append(Inbound(short, run.store))
+        assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
+        await publish(cfg, mosquitto.port, command.encode())
+        await asyncio.sleep(1.0)  # it is refused meanwhile: the store is under its reserve
+        assert await inbox.find(run.store, "c-1") is None
+        assert not went_offline(state)
+    inbound.clear()
+    async with running_uplink(cfg, on_command=on_command) as run:
+        inbound.append(Inbound(cfg, run.store))
+        for _ in range(200):  # bounded: 200 x 50 ms
+            if await inbox.find(run.store, "c-1") is not None:
+                break
+            await asyncio.sleep(0.05)
+        # the broker kept it and delivered it again once there was room
+        assert await inbox.find(run.store, "c-1") is not None

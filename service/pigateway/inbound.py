@@ -37,6 +37,8 @@ FIELDS = ("v", "id", "device", "name", "params", "ttl")
 MAX_ID = 128
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 MAX_TTL = 366 * 24 * 3600.0
+#: Bytes a stored result adds beyond its document (row, index entries, WAL frame).
+RESULT_ROW_BYTES = 4096
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number",
                float: "a number", bool: "a boolean", type(None): "null"}
@@ -341,14 +343,21 @@ class Inbound:
         if entry is not None and entry.received_at != now and await self._repeat(entry):
             return
         if entry is not None and entry.received_at != now:  # stale: a new command after all
-            await self.store.write([inbox.forget(command.id), insert])
+            await self.store.submit_write_keeping_free([inbox.forget(command.id), insert],
+                                                       self._result_room())
         self.pool.wake()
+
+    def _result_room(self) -> int:
+        """Bytes an accepted command keeps free beyond ``store.min_free_bytes``: room for
+        its result (at most ``max_params_bytes``, plus the row around it), so a command is
+        refused (left at the broker) rather than run with no room to record its result."""
+        return self.config.store.max_params_bytes + RESULT_ROW_BYTES
 
     async def _insert_then_find(self, command_id: str,
                                 insert: inbox.Statement) -> inbox.Entry | None:
         """Insert and look the id up at the same time (the read sees the row as it was
         before or after the insert; either way its stamp tells whose it is)."""
-        written = self.store.submit_write([insert])
+        written = self.store.submit_write_keeping_free([insert], self._result_room())
         try:
             entry = await inbox.find(self.store, command_id)
         finally:
