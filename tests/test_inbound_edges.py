@@ -3,6 +3,7 @@ the service's (issue 9, classes 1 and 2). A real store on disk, the real ``accep
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sqlite3
@@ -165,3 +166,31 @@ async def test_on_a_full_tmpfs_commands_are_refused_until_there_is_room(
             found = await results(store, 1)
         assert [(d["id"], d["status"]) for d in found] == [("c-1", "ok")]
         assert len(handler.calls) == 1
+
+
+async def _finished_long_ago(config: Any, command_id: str, seconds: float) -> None:
+    """Move a finished row's ``finished_at`` back, as if the gateway had been away."""
+    with sqlite3.connect(config.store.path) as other:
+        other.execute("UPDATE inbox SET finished_at = finished_at - ? WHERE id = ?",
+                      (seconds, command_id))
+
+
+@pytest.mark.parametrize(("protocol", "runs"), [("5", 1), ("3.1.1", 2)])
+async def test_a_redelivery_within_the_session_is_answered_not_run_again(
+        tmp_path: Path, protocol: str, runs: int) -> None:
+    """S2: a message whose PUBACK was lost comes again when the session resumes, up to
+    session_expiry later (MQTT 5): the id is remembered that long even with a shorter
+    dedupe_window. Under 3.1.1 the broker decides, and the configured window holds."""
+    config = make_config(tmp_path, ["a"], dedupe_window=60.0)
+    config = replace(config, mqtt=replace(config.mqtt, protocol=protocol,
+                                          session_expiry=7 * 86_400))
+    handler = Scripted(lambda r: "ran")
+    async with running(config, {"a": handler}) as (inbound, store):
+        await inbound.accept(json.dumps(GOOD).encode())
+        assert len(await results(store, 1)) == 1
+    await _finished_long_ago(config, "c-1", 2 * 86_400)  # two days away: past the window
+    async with running(config, {"a": handler}) as (inbound, store):  # prunes at its start
+        await asyncio.sleep(0.2)
+        await inbound.accept(json.dumps(GOOD).encode())  # the broker delivers it again
+        await results(store, 2, timeout=2.0)
+    assert len(handler.calls) == runs

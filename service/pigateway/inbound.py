@@ -373,7 +373,7 @@ class Inbound:
         """Whether ``entry`` (received before) makes this message a repeat within the dedupe
         window; a finished one is answered again with its stored result, an unfinished one
         will answer by itself."""
-        window = self.config.inbound.dedupe_window
+        window = inbox.dedupe_horizon(self.config)
         if entry.state == "done" and (entry.finished_at or 0) < time.time() - window:
             return False
         if entry.state == "done" and entry.result is not None:

@@ -1,7 +1,8 @@
 """The inbox table: commands from the broker, from receipt to their one recorded result.
 
 A row moves ``pending`` -> ``running`` -> ``done``. ``done`` rows keep their result
-document for ``inbound.dedupe_window`` seconds, so a command delivered again (MQTT is
+document for ``inbound.dedupe_window`` seconds (never less than the broker's session can
+deliver a message again: :func:`dedupe_horizon`), so a command delivered again (MQTT is
 at-least-once) is answered from the record instead of being run twice. The table lives in
 the store's SQLite file (migration 2 of :data:`pigateway.store.MIGRATIONS`); every write
 goes through the store's writer, so it is durable when the call returns.
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pigateway.config import Config
 from pigateway.ids import new_id
 from pigateway.store import Store
 from pigateway.text import bounded, fit_json
@@ -119,6 +121,23 @@ def outbox_device(device: Any) -> str:
     if isinstance(device, str) and device.strip() and len(device) <= _MAX_DEVICE:
         return device
     return NO_DEVICE
+
+
+def dedupe_horizon(config: Config) -> float:
+    """Seconds a finished command id is remembered: ``inbound.dedupe_window``, but never
+    less than the broker can still deliver the message again.
+
+    A message whose PUBACK was lost (the link dropped right after it) comes again when the
+    session resumes, up to ``mqtt.session_expiry`` after the drop under MQTT 5, and the drop
+    is noticed within about two keepalives. Forgetting the id before that would run the
+    command twice. Under MQTT 3.1.1 the broker alone decides how long a session lives
+    (mosquitto: ``persistent_client_expiration``), so the window is taken as configured:
+    docs/handlers.md says to keep that broker setting within it.
+    """
+    window = config.inbound.dedupe_window
+    if config.mqtt.protocol == "5" and config.mqtt.session_expiry > 0:  # 0: no session kept
+        return max(window, float(config.mqtt.session_expiry + 2 * config.mqtt.keepalive))
+    return window
 
 
 # --------------------------------------------------------------------------- statements

@@ -185,7 +185,7 @@ class WorkerPool:
 
     async def _prune_loop(self) -> None:
         while True:
-            before = time.time() - self.config.inbound.dedupe_window
+            before = time.time() - inbox.dedupe_horizon(self.config)
             try:
                 await self.store.write([inbox.prune(before)])
             except StoreError as exc:
