@@ -194,3 +194,19 @@ async def test_a_redelivery_within_the_session_is_answered_not_run_again(
         await inbound.accept(json.dumps(GOOD).encode())  # the broker delivers it again
         await results(store, 2, timeout=2.0)
     assert len(handler.calls) == runs
+
+
+async def test_a_handler_value_that_cannot_be_stored_still_gives_a_result(
+        tmp_path: Path) -> None:
+    """Class 2 for ``ok`` too: a handler returning a lone surrogate or an infinity."""
+    values = {"sur": {"k": "\ud800"}, "inf": {"k": float("inf")}, "ctl": "a\x00b"}
+    config = make_config(tmp_path, ["a"])
+    handler = Scripted(lambda r: values[r.id])
+    async with running(config, {"a": handler}) as (inbound, store):
+        for command_id in values:
+            await inbound.accept(json.dumps({**GOOD, "id": command_id}).encode())
+        found = by_id(await results(store, 3))
+    assert {d["status"] for d in found.values()} == {"ok"}
+    assert "\\ud800" in found["sur"]["detail"]
+    assert "inf" in found["inf"]["detail"]
+    assert found["ctl"]["detail"] == "a\\x00b"
