@@ -32,7 +32,9 @@ def bounded(value: object, limit: int = MAX_TEXT) -> str:
     text = _UNPRINTABLE.sub(_escape, text)
     if len(text) <= limit:
         return text
-    return text[:max(0, limit - len(_MARK))] + _MARK
+    if limit <= len(_MARK):
+        return text[:max(0, limit)]
+    return text[:limit - len(_MARK)] + _MARK
 
 
 def quoted(value: object, limit: int = MAX_QUOTE) -> str:
