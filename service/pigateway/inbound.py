@@ -3,10 +3,12 @@
 The uplink awaits :meth:`Inbound.accept` for every message on ``{prefix}/{gateway}/commands``
 and acknowledges the message to the broker only after it returned, so a command is on disk
 before the broker forgets it. ``accept`` is quick (a parse and one commit) and never raises
-for bad input: a command that does not fit the contract is answered ``rejected`` with the
-reason, and one without a readable id is logged and dead-lettered. It raises only when the
-store cannot record anything (:class:`~pigateway.errors.StoreError`), and then the broker
-keeps the message and delivers it again.
+for what a message holds: a command that does not fit the contract (including what
+``json.loads`` takes but nothing can store: ``1e400``, lone surrogates) is answered
+``rejected`` with a bounded reason naming the field, and one without a readable id is logged
+and dead-lettered. It raises only when the store cannot record anything now
+(:class:`~pigateway.errors.StoreError`: busy, or under ``store.min_free_bytes`` plus room for
+the command's result); the message then stays unacknowledged and the uplink tries again.
 
 The running side is :mod:`pigateway.workers`; :meth:`Inbound.run` starts it.
 """
@@ -93,8 +95,7 @@ def _parse(payload: bytes, limits: Limits) -> InboundCommand:
     try:
         return _validate(document, limits)
     except RejectedCommand as exc:  # the answer is filed under the device only if it is ours
-        raise RejectedCommand(exc.reason, command_id=command_id,
-                              device=ours) from None
+        raise RejectedCommand(exc.reason, command_id=command_id, device=ours) from None
 
 
 def readable_id(document: dict[str, Any]) -> str | None:

@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +58,7 @@ MAX_LOADED = 1000
 POLL = 1.0
 #: Seconds between prunes of finished commands past the dedupe window.
 PRUNE_EVERY = 60.0
-#: Backoff while the store refuses to record a result (the result is kept meanwhile).
+#: Backoff while the store refuses a lane's write (a result is kept in memory meanwhile).
 RECORD_BACKOFF = (0.5, 30.0)
 
 
@@ -243,7 +243,8 @@ class WorkerPool:
             raise _Expired
         # durable before the handler runs, so a command that kills the process is counted
         if not (attempt == entry.attempts + 1 and entry.id in self._premarked):
-            await self._durably([inbox.mark_running(entry.id, attempt, time.time())],
+            mark = inbox.mark_running(entry.id, attempt, time.time())
+            await self._durably(lambda: self.store.write([mark]),
                                 f"mark command {entry.id} running")
         self._premarked.discard(entry.id)
         request = Request(id=entry.id, device=entry.device, name=entry.name,
@@ -292,36 +293,23 @@ class WorkerPool:
         log.log(level, "command %s on %s: %s%s", entry.id, entry.device, status,
                 "" if shown is None or status == "ok" else f" ({bounded(shown)})",
                 extra={"command_id": entry.id, "device": entry.device})
-        await self._durably_record(entry, document, also)
+        await self._durably(lambda: inbox.record(self.store, entry.device, document, also=also),
+                            f"record the result of command {entry.id}")
         if after is not None:
             self._premarked.add(after.id)
 
-    async def _durably_record(self, entry: Entry, document: dict[str, Any],
-                              also: list[inbox.Statement]) -> None:
-        """Record the result, waiting out a store that refuses it (busy, full): the result
-        is kept meanwhile and the lane waits, so the device's order holds."""
-        delay = RECORD_BACKOFF[0]
-        while True:
-            try:
-                await inbox.record(self.store, entry.device, document, also=also)
-                return
-            except StoreError as exc:
-                log.error("cannot record the result of command %s (%s); retrying in %.0fs",
-                          entry.id, exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RECORD_BACKOFF[1])
-
-    async def _durably(self, statements: list[inbox.Statement], what: str) -> None:
-        """Write ``statements``, waiting out a store error with capped backoff.
+    async def _durably(self, write: Callable[[], Awaitable[object]], what: str) -> None:
+        """Run ``write``, waiting out a store error with capped backoff.
 
         A store error (busy, locked, full) is not the command's fault, so it never becomes
         the command's result: the lane waits here, keeping its order, until the store
         takes the write (or the pool is cancelled, and the command runs after a restart).
+        A result waiting here is kept in memory meanwhile.
         """
         delay = RECORD_BACKOFF[0]
         while True:
             try:
-                await self.store.write(statements)
+                await write()
                 return
             except StoreError as exc:
                 log.error("cannot %s (%s); retrying in %.1fs", what, exc, delay)
