@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,10 @@ async def test_a_message_that_breaks_on_command_is_dropped_after_bounded_tries(
     assert await redelivered(cfg) == []
 
 
+def ignored(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "ignored a message on" in r.getMessage()]
+
+
 async def test_a_message_on_an_old_subscription_is_acknowledged_not_run(
         tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -108,9 +113,16 @@ async def test_a_message_on_an_old_subscription_is_acknowledged_not_run(
         await publish(new, mosquitto.port, b"stale", where=topic(old, "commands"))
         await publish(new, mosquitto.port, b"fresh")
         assert await wait_until(lambda: b"fresh" in taken, 10)
+        assert await wait_until(lambda: len(ignored(caplog)) == 1, 5)
     assert taken == [b"fresh"]
-    assert any("ignored a message on" in r.getMessage() for r in caplog.records)
     assert await redelivered(new) == []
+    async with running_uplink(new, on_command=on_command) as run:  # unsubscribed for good
+        assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
+        await publish(new, mosquitto.port, b"stale again", where=topic(old, "commands"))
+        await publish(new, mosquitto.port, b"fresh again")
+        assert await wait_until(lambda: b"fresh again" in taken, 10)
+        await asyncio.sleep(0.3)
+    assert taken == [b"fresh", b"fresh again"] and len(ignored(caplog)) == 1
 
 
 def inbound_config(tmp_path: Path, port: int, prefix: str, **store: Any) -> Config:

@@ -82,6 +82,8 @@ REJECTED: Final = "rejected-by-broker"
 INBOUND_WINDOW: Final = 64
 #: Backoff while the store cannot take an inbound command (it stays unacknowledged).
 TAKE_BACKOFF: Final = (0.5, 30.0)
+#: Topics of stray messages logged (and unsubscribed) per connection at most.
+MAX_STRAY_TOPICS: Final = 100
 #: Tries of an inbound command whose ``on_command`` fails with a bug before it is dropped.
 TAKE_TRIES: Final = 3
 #: CONNACK reason codes that mean "fix the credentials": a fault, retried at the cap.
@@ -621,6 +623,7 @@ class Uplink:
         acknowledged and logged, never run.
         """
         commands = topic(self.config, "commands")
+        strays: set[str] = set()
         async with asyncio.TaskGroup() as group:
             taken: asyncio.Queue[tuple[asyncio.Task[PigatewayError | None], int, int]] = \
                 asyncio.Queue(INBOUND_WINDOW)
@@ -633,7 +636,8 @@ class Uplink:
                 if str(message.topic) == commands:
                     take = group.create_task(self._take(self.on_command, payload))
                 else:
-                    take = group.create_task(self._ignore(str(message.topic), commands))
+                    take = group.create_task(self._ignore(client, str(message.topic),
+                                                          commands, strays))
                 await taken.put((take, message.mid, message.qos))
 
     @staticmethod
@@ -667,10 +671,21 @@ class Uplink:
             delay = min(delay * 2, TAKE_BACKOFF[1])
 
     @staticmethod
-    async def _ignore(where: str, commands: str) -> None:
-        """A message on a topic that is not our commands topic: acknowledged, never run."""
+    async def _ignore(client: _Client, where: str, commands: str, strays: set[str]) -> None:
+        """A message on a topic that is not our commands topic: acknowledged, never run.
+
+        The first one per topic is logged and the topic unsubscribed, which ends an old
+        exact subscription the persistent session kept (a wildcard one stays: its messages
+        are acknowledged and dropped, one log line per connection and topic).
+        """
+        if where in strays or len(strays) >= MAX_STRAY_TOPICS:
+            return
+        strays.add(where)
         log.warning("uplink: ignored a message on %s (commands come on %s only; an old "
-                    "subscription of the persistent session?)", bounded(where, 200), commands)
+                    "subscription of the persistent session?); unsubscribing from it",
+                    bounded(where, 200), commands)
+        with contextlib.suppress(aiomqtt.MqttError):  # a broken link ends the watch anyway
+            await client.unsubscribe(where, timeout=5.0)
 
     async def _ack_in_order(self, client: _Client, taken: asyncio.Queue[
             tuple[asyncio.Task[PigatewayError | None], int, int]]) -> None:
