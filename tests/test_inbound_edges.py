@@ -1,5 +1,6 @@
 """Inbound messages at the edges of the input space: each is that message's failure, never
-the service's (issue 9, classes 1 and 2). A real store on disk, the real ``accept`` path."""
+the service's (issue 9, classes 1 and 2; P1, P2, P6, P7, S2, S4). A real store on disk (and
+a real tmpfs when root), the real ``accept`` path and worker pool."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from pigateway import inbox
+from pigateway.config import Config
 from pigateway.errors import HandlerError, StoreFull
 from pigateway.handlers import Request
 from pigateway.inbound import Inbound
@@ -29,8 +31,7 @@ def raw(document: str) -> bytes:
     return document.encode()
 
 
-async def accepted(tmp_path: Path, payload: bytes, **store: Any) -> tuple[list[dict[str, Any]],
-                                                                         int]:
+async def accepted(tmp_path: Path, payload: bytes) -> tuple[list[dict[str, Any]], int]:
     """Accept one message into a fresh store; (the result documents, dead letters)."""
     config = make_config(tmp_path, ["a"])
     async with await Store.open(config.store) as opened:
@@ -168,7 +169,7 @@ async def test_on_a_full_tmpfs_commands_are_refused_until_there_is_room(
         assert len(handler.calls) == 1
 
 
-async def _finished_long_ago(config: Any, command_id: str, seconds: float) -> None:
+def _finished_long_ago(config: Config, command_id: str, seconds: float) -> None:
     """Move a finished row's ``finished_at`` back, as if the gateway had been away."""
     with sqlite3.connect(config.store.path) as other:
         other.execute("UPDATE inbox SET finished_at = finished_at - ? WHERE id = ?",
@@ -188,7 +189,7 @@ async def test_a_redelivery_within_the_session_is_answered_not_run_again(
     async with running(config, {"a": handler}) as (inbound, store):
         await inbound.accept(json.dumps(GOOD).encode())
         assert len(await results(store, 1)) == 1
-    await _finished_long_ago(config, "c-1", 2 * 86_400)  # two days away: past the window
+    _finished_long_ago(config, "c-1", 2 * 86_400)  # two days away: past the window
     async with running(config, {"a": handler}) as (inbound, store):  # prunes at its start
         await asyncio.sleep(0.2)
         await inbound.accept(json.dumps(GOOD).encode())  # the broker delivers it again
