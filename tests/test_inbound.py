@@ -11,6 +11,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,7 @@ async def test_duplicate_ids_run_once_and_a_finished_one_is_answered_again(
 async def test_an_id_past_the_dedupe_window_runs_again(tmp_path: Path) -> None:
     lamp = Scripted(lambda r: None)
     config = make_config(tmp_path, ["a"], dedupe_window=0.0)
+    config = replace(config, mqtt=replace(config.mqtt, session_expiry=0))  # nothing to redeliver
     async with running(config, {"a": lamp}) as (inbound, store):
         await inbound.accept(command("again"))
         await results(store, 1)

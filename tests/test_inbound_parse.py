@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +190,104 @@ envelopes = st.fixed_dictionaries(
 def test_fuzz_accept_persists_or_dead_letters_every_message(tmp_path_factory: Any,
                                                             payloads: list[bytes]) -> None:
     asyncio.run(_accept_all(tmp_path_factory.mktemp("fuzz"), payloads))
+
+
+# --------------------------------------------------------------------------- the whole input space
+# What json.loads accepts but no store or encoder takes: numbers beyond a double (1e400 is
+# infinity once parsed), lone surrogate escapes, control characters, very long keys. The
+# payloads are rendered by hand so these reach json.loads exactly as a client can send them.
+
+
+class Huge(float):
+    """A number json.loads turns into +-infinity; rendered as ``1e400`` / ``-1e999``."""
+
+
+def render(value: Any) -> str:
+    """JSON text of ``value``; strings ASCII-escaped, so lone surrogates become ``\\udXXX``."""
+    if isinstance(value, Huge):
+        return "1e400" if value > 0 else "-1e999"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{render(k)}:{render(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(render(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=True)
+
+
+any_char = st.characters(blacklist_categories=())  # surrogates (Cs) and controls (Cc) too
+edge_text = (st.text(any_char, max_size=6)
+             | st.sampled_from(["\ud800", "\udfff", "a\udc80b", "\x00", "\x1b[31m", "\n"])
+             | st.integers(1000, 60_000).map(lambda n: "k" * n))
+edge_scalars = (st.none() | st.booleans() | st.integers(-(10**30), 10**30) | edge_text
+                | st.floats(allow_nan=False, allow_infinity=False)
+                | st.sampled_from([Huge(1.0), Huge(-1.0)]))
+edge_values = st.recursive(
+    edge_scalars,
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(edge_text, children, max_size=3),
+    max_leaves=8,
+)
+edge_documents = st.fixed_dictionaries(
+    {}, optional={"v": st.sampled_from([1, 2]) | edge_values,
+                  "id": st.sampled_from(["c-1", "c-2"]) | edge_text,
+                  "device": st.sampled_from(["lamp", "relay"]) | edge_values,
+                  "name": st.sampled_from(["on", "set"]) | edge_values,
+                  "params": st.dictionaries(edge_text, edge_values, max_size=3) | edge_values,
+                  "ttl": st.sampled_from([30, Huge(1.0), Huge(-1.0)]) | edge_values}
+).flatmap(lambda document: st.dictionaries(edge_text, edge_values, max_size=1).map(
+    lambda extra: {**document, **extra}))
+
+
+def storable(value: Any) -> bool:
+    """Whether the store can hold ``value`` as JSON text: finite numbers, UTF-8 strings."""
+    try:
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (ValueError, UnicodeEncodeError):
+        return False
+    return True
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                    HealthCheck.data_too_large])
+@given(edge_documents)
+def test_fuzz_the_parser_over_what_json_loads_accepts(document: dict[str, Any]) -> None:
+    limits = Limits(max_bytes=256 * 1024, max_depth=8, devices=LIMITS.devices)
+    try:
+        command = parse_command(render(document).encode(), limits)
+    except RejectedCommand as exc:
+        assert storable(exc.reason) and len(exc.reason) <= 500
+        assert exc.command_id is None or storable(exc.command_id)
+    else:
+        assert storable(command.params) and storable([command.id, command.name])
+        assert command.ttl is None or math.isfinite(command.ttl)
+
+
+async def _accept_edges(folder: Path, payloads: list[bytes]) -> None:
+    """Every payload through the real accept into a real store: nothing escapes, each is
+    recorded, answered or dead-lettered, and every stored result fits and re-encodes."""
+    config = from_dict({"gateway_id": "gw", "devices": {"lamp": {"handler": "log"}},
+                        "store": {"path": str(folder / "queue.db"), "min_free_bytes": 0,
+                                  "max_params_bytes": 4096},
+                        "inbound": {"max_payload_bytes": 256 * 1024}})
+    async with await Store.open(config.store) as store:
+        inbound = Inbound(config, store)
+        for payload in payloads:
+            dead_before = (await store.stats()).dead_total
+            await inbound.accept(payload)  # raises only StoreError, and the store is fine
+            command_id = _readable(payload)
+            recorded = command_id is not None and await inbox.find(store, command_id)
+            assert recorded or (await store.stats()).dead_total == dead_before + 1
+        for command in await store.list_queued(1000):
+            assert command.kind == "result"
+            encoded = json.dumps(command.params, ensure_ascii=False, allow_nan=False)
+            assert len(encoded.encode("utf-8")) <= config.store.max_params_bytes
+        for entry in await inbox.listing(store, 1000):
+            assert entry.last_error is None or storable(entry.last_error)
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(st.lists(edge_documents.map(lambda d: render(d).encode()), min_size=1, max_size=8))
+def test_fuzz_accept_over_what_json_loads_accepts(tmp_path_factory: Any,
+                                                 payloads: list[bytes]) -> None:
+    asyncio.run(_accept_edges(tmp_path_factory.mktemp("edges"), payloads))

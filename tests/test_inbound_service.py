@@ -229,6 +229,42 @@ async def test_malformed_messages_are_answered_and_the_service_stays_up(
     assert log.count("dropped a message on the commands topic") == 5
 
 
+async def test_unstorable_and_oversized_commands_are_rejected_and_the_service_stays_up(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    """P1/P2 through the real service: each was an exit 1 and a redelivery at every start."""
+    devices = {"lamp": {"handler": "log"}}
+    edges: dict[str, bytes] = {
+        "inf": b'{"v":1,"id":"inf","device":"lamp","name":"on","params":{"x":1e400}}',
+        "neg": b'{"v":1,"id":"neg","device":"lamp","name":"on","params":{"x":[-1e999]}}',
+        "sur": b'{"v":2,"id":"sur","device":"\\ud800","name":"on","params":{"k":"\\udfff"}}',
+        "key": json.dumps({"v": 1, "id": "key", "device": "lamp", "name": "on", "params": {},
+                           "k" * 13_000: 1}).encode(),
+    }
+    async with gateway(tmp_path, mosquitto, unique_prefix, devices) as (service, observer):
+        await start(service, observer)
+        for payload in edges.values():
+            await observer.send(payload)
+        await observer.send({"v": 1, "id": "good", "device": "lamp", "name": "on",
+                             "params": {}})
+        await until(lambda: {*edges, "good"} <= set(observer.by_id()), 20, "every answer",
+                    service)
+        assert service.alive
+        assert service.stop() == 0
+        seen = len(observer.results)
+        await start(service, observer)  # every message was acknowledged: nothing comes again
+        await asyncio.sleep(1.0)
+        assert service.stop() == 0
+        assert len(observer.results) == seen
+    results = {d["id"]: d for d in observer.results}
+    assert {results[i]["status"] for i in edges} == {"rejected"}
+    assert "'params.x'" in results["inf"]["detail"]
+    assert "'params.x[0]'" in results["neg"]["detail"]
+    assert "'device'" in results["sur"]["detail"]
+    assert "unknown field 'kkk" in results["key"]["detail"]
+    assert len(results["key"]["detail"]) <= 500
+    assert results["good"]["status"] == "ok"
+
+
 async def test_commands_sent_while_stopped_run_after_the_start(
         tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
     devices = {"lamp": {"handler": "log"}}

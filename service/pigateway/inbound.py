@@ -3,10 +3,12 @@
 The uplink awaits :meth:`Inbound.accept` for every message on ``{prefix}/{gateway}/commands``
 and acknowledges the message to the broker only after it returned, so a command is on disk
 before the broker forgets it. ``accept`` is quick (a parse and one commit) and never raises
-for bad input: a command that does not fit the contract is answered ``rejected`` with the
-reason, and one without a readable id is logged and dead-lettered. It raises only when the
-store cannot record anything (:class:`~pigateway.errors.StoreError`), and then the broker
-keeps the message and delivers it again.
+for what a message holds: a command that does not fit the contract (including what
+``json.loads`` takes but nothing can store: ``1e400``, lone surrogates) is answered
+``rejected`` with a bounded reason naming the field, and one without a readable id is logged
+and dead-lettered. It raises only when the store cannot record anything now
+(:class:`~pigateway.errors.StoreError`: busy, or under ``store.min_free_bytes`` plus room for
+the command's result); the message then stays unacknowledged and the uplink tries again.
 
 The running side is :mod:`pigateway.workers`; :meth:`Inbound.run` starts it.
 """
@@ -24,9 +26,10 @@ from typing import Any, Self
 
 from pigateway import inbox
 from pigateway.config import Config
-from pigateway.errors import RejectedCommand
+from pigateway.errors import RejectedCommand, StoreError
 from pigateway.handlers import HandlerFactory
 from pigateway.store import Store
+from pigateway.text import bounded, encodable, quoted
 from pigateway.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,8 @@ FIELDS = ("v", "id", "device", "name", "params", "ttl")
 MAX_ID = 128
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 MAX_TTL = 366 * 24 * 3600.0
+#: Bytes a stored result adds beyond its document (row, index entries, WAL frame).
+RESULT_ROW_BYTES = 4096
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number",
                float: "a number", bool: "a boolean", type(None): "null"}
@@ -71,22 +76,34 @@ class InboundCommand:
 
 def parse_command(payload: bytes, limits: Limits) -> InboundCommand:
     """Check one message against the wire contract; raise :class:`RejectedCommand` saying
-    what is wrong (with the id and device when they could be read)."""
+    what is wrong (with the id and device when they could be read). The reason is
+    :func:`~pigateway.text.bounded`, so it can always be recorded and logged."""
+    try:
+        return _parse(payload, limits)
+    except RejectedCommand as exc:
+        raise RejectedCommand(bounded(exc.reason), command_id=exc.command_id,
+                              device=exc.device) from None
+
+
+def _parse(payload: bytes, limits: Limits) -> InboundCommand:
     document = _decode(payload, limits)
     if not isinstance(document, dict):
         raise RejectedCommand(f"the payload must be a JSON object, got {_kind(document)}")
     command_id = readable_id(document)
-    device = document.get("device") if isinstance(document.get("device"), str) else None
+    device = document.get("device")
+    ours = device if isinstance(device, str) and device in limits.devices else None
     try:
         return _validate(document, limits)
-    except RejectedCommand as exc:
-        raise RejectedCommand(exc.reason, command_id=command_id, device=device) from None
+    except RejectedCommand as exc:  # the answer is filed under the device only if it is ours
+        raise RejectedCommand(exc.reason, command_id=command_id, device=ours) from None
 
 
 def readable_id(document: dict[str, Any]) -> str | None:
-    """The command's id when it is usable in a result: 1-128 printable characters."""
+    """The command's id when it is usable in a result: 1-128 printable characters that
+    UTF-8 can encode (a lone surrogate cannot be stored or sent)."""
     value = document.get("id")
-    if isinstance(value, str) and 0 < len(value) <= MAX_ID and not _CONTROL.search(value):
+    if (isinstance(value, str) and 0 < len(value) <= MAX_ID and not _CONTROL.search(value)
+            and encodable(value)):
         return value
     return None
 
@@ -138,6 +155,41 @@ def _deeper_than(value: Any, limit: int) -> bool:
     return False
 
 
+def _check_storable(document: dict[str, Any], limits: Limits) -> None:
+    """What ``json.loads`` takes but no store or encoder does: numbers beyond a double
+    (``1e400`` becomes infinity) and lone surrogates (``"\\ud800"``), in any key or value."""
+    found = _unstorable(document)
+    if found is not None:
+        where, problem = found
+        raise RejectedCommand(f"{where} holds {problem}")
+
+
+def _unstorable(document: dict[str, Any]) -> tuple[str, str] | None:
+    """(where, what) of the first value that cannot be stored, in document order."""
+    stack: list[tuple[str, Any]] = [("", document)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return _field(path), "a number out of range (JSON numbers here fit a double)"
+        if isinstance(value, str) and not encodable(value):
+            return _field(path), "a lone surrogate escape, which is not Unicode text"
+        if isinstance(value, dict):
+            for key in value:
+                if not encodable(key):
+                    where = f"a key of the field {quoted(path)}" if path else "a field name"
+                    return where, "a lone surrogate escape, which is not Unicode text"
+            children = [(f"{path}.{key}" if path else key, child)
+                        for key, child in value.items()]
+            stack.extend(reversed(children))
+        elif isinstance(value, list):
+            stack.extend(reversed([(f"{path}[{n}]", child) for n, child in enumerate(value)]))
+    return None
+
+
+def _field(path: str) -> str:
+    return f"the field {quoted(path)}"
+
+
 def _validate(document: dict[str, Any], limits: Limits) -> InboundCommand:
     for check in _CHECKS:
         check(document, limits)
@@ -163,8 +215,8 @@ def _check_version(document: dict[str, Any], limits: Limits) -> None:
 def _check_fields(document: dict[str, Any], limits: Limits) -> None:
     unknown = sorted(set(document) - set(FIELDS))
     if unknown:
-        raise RejectedCommand(f"unknown field {unknown[0]!r}; a v{VERSION} command has only "
-                              f"{', '.join(FIELDS)}")
+        raise RejectedCommand(f"unknown field {quoted(unknown[0])}; a v{VERSION} command has "
+                              f"only {', '.join(FIELDS)}")
 
 
 def _check_id(document: dict[str, Any], limits: Limits) -> None:
@@ -180,7 +232,7 @@ def _check_device(document: dict[str, Any], limits: Limits) -> None:
         raise RejectedCommand(f"the field 'device' must be a string, got {_kind(value)}")
     if value not in limits.devices:
         known = ", ".join(sorted(limits.devices)[:20]) or "(none configured)"
-        raise RejectedCommand(f"unknown device {value[:MAX_ID]!r}; this gateway has: {known}")
+        raise RejectedCommand(f"unknown device {quoted(value)}; this gateway has: {known}")
 
 
 def _check_name(document: dict[str, Any], limits: Limits) -> None:
@@ -206,14 +258,13 @@ def _check_ttl(document: dict[str, Any], limits: Limits) -> None:
                               f"got {_kind(value)}")
 
 
-_CHECKS = (_check_version, _check_fields, _check_id, _check_device, _check_name, _check_params,
-           _check_ttl)
+_CHECKS = (_check_storable, _check_version, _check_fields, _check_id, _check_device,
+           _check_name, _check_params, _check_ttl)
 
 
 def _kind(value: Any) -> str:
     """A value as a person reading the contract would name it, shortened."""
-    shown = json.dumps(value, ensure_ascii=False, default=str)
-    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    shown = bounded(json.dumps(value, ensure_ascii=False, default=str)[:400], 40)
     return f"{_JSON_TYPES.get(type(value), type(value).__name__)} {shown}"
 
 
@@ -256,16 +307,35 @@ class Inbound:
     async def accept(self, payload: bytes) -> None:
         """Validate, deduplicate and persist one message; durable on return.
 
+        Raises only :class:`~pigateway.errors.StoreError` (the store cannot take anything
+        now: the message stays unacknowledged and the uplink tries again). Any other failure
+        is this message's: it is answered ``rejected`` or dead-lettered, never raised, so
+        one message can never end the link or the service.
+        """
+        try:
+            command = parse_command(payload, self.limits)
+        except RejectedCommand as exc:
+            await self._refuse(exc, payload)
+            return
+        try:
+            await self._persist(command)
+        except StoreError:
+            raise
+        except Exception as exc:  # a bug or a value the checks missed: this message's failure
+            log.exception("command %s could not be stored; it is answered rejected",
+                          command.id, extra={"command_id": command.id})
+            reason = f"the command could not be stored: {type(exc).__name__}: {bounded(exc)}"
+            await self._refuse(RejectedCommand(bounded(reason), command_id=command.id,
+                                               device=command.device), payload)
+
+    async def _persist(self, command: InboundCommand) -> None:
+        """Insert ``command`` unless it is a repeat; the pool is woken for a new one.
+
         Concurrent calls keep their order (the insert is queued before the first ``await``)
         and share one commit. The insert comes first and the duplicate check after it: a
         row whose ``received_at`` is not this call's stamp was there before, so this
         message is a repeat.
         """
-        try:
-            command = parse_command(payload, self.limits)
-        except RejectedCommand as exc:
-            await self._reject(exc, payload)
-            return
         now = self._stamp()
         # on the gateway clock, which a wall-clock step (NTP at boot) does not move
         expires_at = None if command.ttl is None else self.store.clock.deadline(command.ttl)
@@ -276,14 +346,21 @@ class Inbound:
         if entry is not None and entry.received_at != now and await self._repeat(entry):
             return
         if entry is not None and entry.received_at != now:  # stale: a new command after all
-            await self.store.write([inbox.forget(command.id), insert])
+            await self.store.submit_write_keeping_free([inbox.forget(command.id), insert],
+                                                       self._result_room())
         self.pool.wake()
+
+    def _result_room(self) -> int:
+        """Bytes an accepted command keeps free beyond ``store.min_free_bytes``: room for
+        its result (at most ``max_params_bytes``, plus the row around it), so a command is
+        refused (left at the broker) rather than run with no room to record its result."""
+        return self.config.store.max_params_bytes + RESULT_ROW_BYTES
 
     async def _insert_then_find(self, command_id: str,
                                 insert: inbox.Statement) -> inbox.Entry | None:
         """Insert and look the id up at the same time (the read sees the row as it was
         before or after the insert; either way its stamp tells whose it is)."""
-        written = self.store.submit_write([insert])
+        written = self.store.submit_write_keeping_free([insert], self._result_room())
         try:
             entry = await inbox.find(self.store, command_id)
         finally:
@@ -299,7 +376,7 @@ class Inbound:
         """Whether ``entry`` (received before) makes this message a repeat within the dedupe
         window; a finished one is answered again with its stored result, an unfinished one
         will answer by itself."""
-        window = self.config.inbound.dedupe_window
+        window = inbox.dedupe_horizon(self.config)
         if entry.state == "done" and entry.done_since() < self.store.clock.now() - window:
             return False
         if entry.state == "done" and entry.result is not None:
@@ -311,11 +388,29 @@ class Inbound:
                      entry.state, extra={"command_id": entry.id})
         return True
 
+    async def _refuse(self, exc: RejectedCommand, payload: bytes) -> None:
+        """Answer ``rejected`` (or dead-letter); if even that fails for a reason other than
+        the store, dead-letter it, and if that fails too, log it: the message is dropped
+        (acknowledged) rather than ending the link at every delivery."""
+        try:
+            await self._reject(exc, payload)
+            return
+        except StoreError:
+            raise
+        except Exception:
+            log.exception("could not answer a rejected message; it is dead-lettered instead")
+        try:
+            await self.store.write([inbox.dead_letter(exc.reason, payload, time.time())])
+        except StoreError:
+            raise
+        except Exception:
+            log.exception("could not dead-letter a rejected message either; it is dropped")
+
     async def _reject(self, exc: RejectedCommand, payload: bytes) -> None:
         now = time.time()
         if exc.command_id is None:
             log.warning("dropped a message on the commands topic (no usable id, so no result "
-                        "can answer it): %s", exc.reason)
+                        "can answer it): %s", bounded(exc.reason))
             await self.store.write([inbox.dead_letter(exc.reason, payload, now)])
             return
         entry = await inbox.find(self.store, exc.command_id)
@@ -323,9 +418,10 @@ class Inbound:
             return
         if entry is not None:  # stale
             await self.store.write([inbox.forget(exc.command_id)])
-        log.warning("rejected command %s: %s", exc.command_id, exc.reason,
+        log.warning("rejected command %s: %s", exc.command_id, bounded(exc.reason),
                     extra={"command_id": exc.command_id})
-        document = inbox.result_document(exc.command_id, "rejected", exc.reason, now=now)
+        document = inbox.result_document(exc.command_id, "rejected", exc.reason, now=now,
+                                         max_bytes=self.config.store.max_params_bytes)
         device = inbox.outbox_device(exc.device)
         await inbox.record(self.store, device, document,
                            also=[inbox.insert_done(exc.command_id, device, "-", document, now,

@@ -1,7 +1,8 @@
 """The inbox table: commands from the broker, from receipt to their one recorded result.
 
 A row moves ``pending`` -> ``running`` -> ``done``. ``done`` rows keep their result
-document for ``inbound.dedupe_window`` seconds, so a command delivered again (MQTT is
+document for ``inbound.dedupe_window`` seconds (never less than the broker's session can
+deliver a message again: :func:`dedupe_horizon`), so a command delivered again (MQTT is
 at-least-once) is answered from the record instead of being run twice. The table lives in
 the store's SQLite file (migration 2 of :data:`pigateway.store.MIGRATIONS`); every write
 goes through the store's writer, so it is durable when the call returns.
@@ -20,9 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pigateway.config import Config
 from pigateway.ids import new_id
 from pigateway.inputs import text_problem
 from pigateway.store import Store
+from pigateway.text import bounded, fit_json
 
 Statement = tuple[str, Sequence[Any]]
 
@@ -85,14 +88,40 @@ def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def result_document(command_id: str, status: str, detail: Any = None, *,
+def result_document(command_id: str, status: str, detail: Any = None, *, max_bytes: int,
                     now: float | None = None) -> dict[str, Any]:
-    """The wire contract's result: ``{"v":1,"id","status","detail"?,"finished_at"}``."""
+    """The wire contract's result: ``{"v":1,"id","status","detail"?,"finished_at"}``.
+
+    It always fits ``max_bytes`` (``store.max_params_bytes``) as stored JSON: a text detail
+    is :func:`~pigateway.text.bounded` and cut to the room left, and a detail that cannot be
+    encoded or does not fit is replaced by a note saying so. So recording a result, which
+    is what finishes a command, never fails because of what the command or handler said.
+    """
     document: dict[str, Any] = {"v": 1, "id": command_id, "status": status}
-    if detail is not None:
-        document["detail"] = detail
     document["finished_at"] = round(time.time() if now is None else now, 3)
+    if detail is None:
+        return document
+    room = max_bytes - _size(document) - len(',"detail":')
+    document = {**document, "detail": _fitted(detail, room)}
+    document["finished_at"] = document.pop("finished_at")  # the contract's key order
     return document
+
+
+def _fitted(detail: Any, room: int) -> Any:
+    """``detail`` as it can be stored in ``room`` bytes of JSON."""
+    if not isinstance(detail, str):
+        try:
+            if _size(detail) <= room:
+                return detail
+            detail = f"(a detail of {_size(detail)} bytes was left out: it did not fit " \
+                     "store.max_params_bytes)"
+        except (TypeError, ValueError, UnicodeEncodeError, RecursionError):
+            detail = bounded(detail)
+    return fit_json(bounded(detail), room)
+
+
+def _size(value: Any) -> int:
+    return len(_json(value).encode("utf-8"))
 
 
 def outbox_device(device: Any) -> str:
@@ -102,6 +131,23 @@ def outbox_device(device: Any) -> str:
             and text_problem(device) is None:
         return device
     return NO_DEVICE
+
+
+def dedupe_horizon(config: Config) -> float:
+    """Seconds a finished command id is remembered: ``inbound.dedupe_window``, but never
+    less than the broker can still deliver the message again.
+
+    A message whose PUBACK was lost (the link dropped right after it) comes again when the
+    session resumes, up to ``mqtt.session_expiry`` after the drop under MQTT 5, and the drop
+    is noticed within about two keepalives. Forgetting the id before that would run the
+    command twice. Under MQTT 3.1.1 the broker alone decides how long a session lives
+    (mosquitto: ``persistent_client_expiration``), so the window is taken as configured:
+    docs/handlers.md says to keep that broker setting within it.
+    """
+    window = config.inbound.dedupe_window
+    if config.mqtt.protocol == "5" and config.mqtt.session_expiry > 0:  # 0: no session kept
+        return max(window, float(config.mqtt.session_expiry + 2 * config.mqtt.keepalive))
+    return window
 
 
 # --------------------------------------------------------------------------- statements
@@ -139,13 +185,13 @@ def mark_running(command_id: str, attempt: int, now: float) -> Statement:
 
 def mark_failed_attempt(command_id: str, error: str) -> Statement:
     return ("UPDATE inbox SET state = 'pending', last_error = ? WHERE id = ?",
-            (error, command_id))
+            (bounded(error), command_id))
 
 
 def finish(command_id: str, document: dict[str, Any], *, done_on: float) -> Statement:
     """``done_on``: the gateway clock's now, where the dedupe window starts."""
     detail = document.get("detail")
-    error = None if document["status"] == "ok" else (None if detail is None else str(detail))
+    error = None if document["status"] == "ok" or detail is None else bounded(detail)
     return ("UPDATE inbox SET state = 'done', status = ?, result = ?, finished_at = ?, "
             "done_on = ?, last_error = coalesce(?, last_error) WHERE id = ?",
             (document["status"], _json(document), document["finished_at"], done_on, error,
@@ -166,12 +212,12 @@ def prune(before: float) -> Statement:
 
 def dead_letter(reason: str, payload: bytes, now: float) -> Statement:
     """A record of a message that had no readable id, so no result could answer it."""
-    preview = payload[:256].decode("utf-8", errors="backslashreplace")
+    preview = bounded(payload[:256].decode("utf-8", errors="backslashreplace"), 1024)
     params = _json({"payload": preview, "bytes": len(payload)})
     return ("INSERT INTO dead_letters (id, kind, device, name, params, size, queued_at, "
             "expires_at, attempts, last_error, reason, detail, dead_at) "
             "VALUES (?, 'inbound', ?, 'invalid', ?, ?, ?, NULL, 0, NULL, 'invalid', ?, ?)",
-            (new_id(), NO_DEVICE, params, len(payload), now, reason, now))
+            (new_id(), NO_DEVICE, params, len(payload), now, bounded(reason), now))
 
 
 # --------------------------------------------------------------------------- reads and writes

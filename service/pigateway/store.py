@@ -630,6 +630,17 @@ class Store:
                 conn.execute(sql, params)
         return self._submit(run)
 
+    def submit_write_keeping_free(self, statements: Sequence[tuple[str, Sequence[Any]]],
+                                  headroom: int) -> asyncio.Future[None]:
+        """:meth:`submit_write` for a write that promises more writes (an accepted inbound
+        command promises its result): refused with :class:`StoreFull` unless
+        ``store.min_free_bytes`` plus ``headroom`` bytes stay free, like a put."""
+        def run(conn: sqlite3.Connection) -> None:
+            self._check_disk(conn, headroom)
+            for sql, params in statements:
+                conn.execute(sql, params)
+        return self._submit(run)
+
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run a read-only query on the reader connection."""
         return await self._fetch(sql, params)
@@ -720,7 +731,7 @@ class Store:
         conn.execute("RELEASE job")
         return outcomes
 
-    def _check_disk(self, conn: sqlite3.Connection) -> None:
+    def _check_disk(self, conn: sqlite3.Connection, headroom: int = 0) -> None:
         """Keep ``min_free_bytes`` free; pages free inside the file count as free.
 
         The file never shrinks: a drained backlog leaves its pages inside it, where new
@@ -729,12 +740,13 @@ class Store:
         """
         if self.config.min_free_bytes <= 0:
             return
+        need = self.config.min_free_bytes + headroom
         stat = os.statvfs(self.path.parent)
         free = stat.f_bavail * stat.f_frsize
-        if free < self.config.min_free_bytes:
+        if free < need:
             free += (_first(conn, "PRAGMA freelist_count")[0]
                      * _first(conn, "PRAGMA page_size")[0])
-        if free < self.config.min_free_bytes:
+        if free < need:
             raise StoreFull(f"only {free} bytes free under {self.path.parent}; pigateway keeps "
                             f"store.min_free_bytes={self.config.min_free_bytes} free. Queued "
                             "commands are kept; new ones are refused until space is freed")

@@ -72,6 +72,7 @@ from pigateway.errors import (
 )
 from pigateway.state import GatewayState, Link
 from pigateway.store import Command, Store
+from pigateway.text import bounded
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,12 @@ PUBACK_REFUSALS: Final[dict[int, tuple[str, Literal["retry", "dead-letter"]]]] =
 }
 #: Inbound commands taken at once (acknowledged in order as each is persisted).
 INBOUND_WINDOW: Final = 64
+#: Backoff while the store cannot take an inbound command (it stays unacknowledged).
+TAKE_BACKOFF: Final = (0.5, 30.0)
+#: Topics of stray messages logged (and unsubscribed) per connection at most.
+MAX_STRAY_TOPICS: Final = 100
+#: Tries of an inbound command whose ``on_command`` fails with a bug before it is dropped.
+TAKE_TRIES: Final = 3
 #: CONNACK reason codes that mean "fix the credentials": a fault, retried at the cap.
 #: (paho reports MQTT 3.1.1's return codes 4 and 5 as these MQTT 5 codes too.)
 LOGIN_REFUSED: Final = {134: "bad user name or password", 135: "not authorised",
@@ -776,8 +783,12 @@ class Uplink:
 
         Up to :data:`INBOUND_WINDOW` commands are taken at once, so their inbox writes share
         one commit; each is acknowledged only after its ``on_command`` returned, and in the
-        order received (MQTT wants PUBACKs in order).
+        order received (MQTT wants PUBACKs in order). A message on any other topic (an old
+        subscription the persistent session kept, e.g. after a ``topic_prefix`` change) is
+        acknowledged and logged, never run.
         """
+        commands = topic(self.config, "commands")
+        strays: set[str] = set()
         async with asyncio.TaskGroup() as group:
             taken: asyncio.Queue[tuple[asyncio.Task[PigatewayError | None], int, int]] = \
                 asyncio.Queue(INBOUND_WINDOW)
@@ -787,17 +798,59 @@ class Uplink:
                     continue
                 payload = message.payload if isinstance(message.payload, bytes) \
                     else str(message.payload).encode()
-                take = group.create_task(self._take(self.on_command, payload))
+                if str(message.topic) == commands:
+                    take = group.create_task(self._take(self.on_command, payload))
+                else:
+                    take = group.create_task(self._ignore(client, str(message.topic),
+                                                          commands, strays))
                 await taken.put((take, message.mid, message.qos))
 
     @staticmethod
     async def _take(on_command: OnCommand, payload: bytes) -> PigatewayError | None:
-        """Run ``on_command``; its typed failure is handed to the acker, in order."""
-        try:
-            await on_command(payload)
-        except PigatewayError as exc:
-            return exc
-        return None
+        """Run ``on_command`` until it takes the message; only a fault of the whole store is
+        handed to the acker (which ends the link, so the broker sends the message again).
+
+        A store error (busy, locked, under ``store.min_free_bytes``) is waited out here with
+        capped backoff: the message stays unacknowledged and the link and the drain go on. Any
+        other exception is a bug of ``on_command``, this message's failure: tried
+        :data:`TAKE_TRIES` times, then logged and acknowledged (dropped), so one message can
+        never end the service.
+        """
+        delay, failures = TAKE_BACKOFF[0], 0
+        while True:
+            try:
+                await on_command(payload)
+                return None
+            except StoreCorrupt as exc:
+                return exc
+            except StoreError as exc:
+                log.warning("uplink: the store cannot take an inbound command now (%s); it stays "
+                            "unacknowledged, trying again in %.1fs", exc, delay)
+            except Exception as exc:
+                failures += 1
+                if failures >= TAKE_TRIES:
+                    log.error("uplink: an inbound command failed %d times and is dropped: %s: %s",
+                              failures, type(exc).__name__, bounded(exc), exc_info=exc)
+                    return None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, TAKE_BACKOFF[1])
+
+    @staticmethod
+    async def _ignore(client: _Client, where: str, commands: str, strays: set[str]) -> None:
+        """A message on a topic that is not our commands topic: acknowledged, never run.
+
+        The first one per topic is logged and the topic unsubscribed, which ends an old
+        exact subscription the persistent session kept (a wildcard one stays: its messages
+        are acknowledged and dropped, one log line per connection and topic).
+        """
+        if where in strays or len(strays) >= MAX_STRAY_TOPICS:
+            return
+        strays.add(where)
+        log.warning("uplink: ignored a message on %s (commands come on %s only; an old "
+                    "subscription of the persistent session?); unsubscribing from it",
+                    bounded(where, 200), commands)
+        with contextlib.suppress(aiomqtt.MqttError):  # a broken link ends the watch anyway
+            await client.unsubscribe(where, timeout=5.0)
 
     async def _ack_in_order(self, client: _Client, taken: asyncio.Queue[
             tuple[asyncio.Task[PigatewayError | None], int, int]]) -> None:

@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +48,7 @@ from pigateway.errors import (
 from pigateway.handlers import Handler, HandlerFactory, Request
 from pigateway.inbox import Entry
 from pigateway.store import Store
+from pigateway.text import bounded
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ MAX_LOADED = 1000
 POLL = 1.0
 #: Seconds between prunes of finished commands past the dedupe window.
 PRUNE_EVERY = 60.0
-#: Backoff while the store refuses to record a result (the result is kept meanwhile).
+#: Backoff while the store refuses a lane's write (a result is kept in memory meanwhile).
 RECORD_BACKOFF = (0.5, 30.0)
 
 
@@ -184,7 +185,7 @@ class WorkerPool:
 
     async def _prune_loop(self) -> None:
         while True:
-            before = self.store.clock.now() - self.config.inbound.dedupe_window
+            before = self.store.clock.now() - inbox.dedupe_horizon(self.config)
             try:
                 await self.store.write([inbox.prune(before)])
             except StoreError as exc:
@@ -242,7 +243,9 @@ class WorkerPool:
             raise _Expired
         # durable before the handler runs, so a command that kills the process is counted
         if not (attempt == entry.attempts + 1 and entry.id in self._premarked):
-            await self.store.write([inbox.mark_running(entry.id, attempt, time.time())])
+            mark = inbox.mark_running(entry.id, attempt, time.time())
+            await self._durably(lambda: self.store.write([mark]),
+                                f"mark command {entry.id} running")
         self._premarked.discard(entry.id)
         request = Request(id=entry.id, device=entry.device, name=entry.name,
                           params=entry.params, attempt=attempt)
@@ -259,7 +262,8 @@ class WorkerPool:
         error = state.outcome.exception() if state.outcome else None
         wait = state.upcoming_sleep
         log.warning("command %s on %s failed (attempt %d), trying again in %.1fs: %s",
-                    entry.id, entry.device, entry.attempts + state.attempt_number, wait, error,
+                    entry.id, entry.device, entry.attempts + state.attempt_number, wait,
+                    bounded(error),
                     extra={"command_id": entry.id, "device": entry.device})
         await self._note(inbox.mark_failed_attempt(entry.id, str(error)))
 
@@ -279,24 +283,36 @@ class WorkerPool:
 
     async def _finish(self, entry: Entry, status: str, detail: Any,
                       after: Entry | None = None) -> None:
-        document = inbox.result_document(entry.id, status, detail)
+        document = inbox.result_document(entry.id, status, detail,
+                                         max_bytes=self.config.store.max_params_bytes)
         also = [inbox.finish(entry.id, document, done_on=self.store.clock.now())]
         if after is not None:
             also.append(inbox.mark_running(after.id, after.attempts + 1, time.time()))
         level = logging.INFO if status == "ok" else logging.WARNING
+        shown = document.get("detail")
         log.log(level, "command %s on %s: %s%s", entry.id, entry.device, status,
-                "" if detail is None or status == "ok" else f" ({detail})",
+                "" if shown is None or status == "ok" else f" ({bounded(shown)})",
                 extra={"command_id": entry.id, "device": entry.device})
+        await self._durably(lambda: inbox.record(self.store, entry.device, document, also=also),
+                            f"record the result of command {entry.id}")
+        if after is not None:
+            self._premarked.add(after.id)
+
+    async def _durably(self, write: Callable[[], Awaitable[object]], what: str) -> None:
+        """Run ``write``, waiting out a store error with capped backoff.
+
+        A store error (busy, locked, full) is not the command's fault, so it never becomes
+        the command's result: the lane waits here, keeping its order, until the store
+        takes the write (or the pool is cancelled, and the command runs after a restart).
+        A result waiting here is kept in memory meanwhile.
+        """
         delay = RECORD_BACKOFF[0]
         while True:
             try:
-                await inbox.record(self.store, entry.device, document, also=also)
-                if after is not None:
-                    self._premarked.add(after.id)
+                await write()
                 return
             except StoreError as exc:
-                log.error("cannot record the result of command %s (%s); retrying in %.0fs",
-                          entry.id, exc, delay)
+                log.error("cannot %s (%s); retrying in %.1fs", what, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECORD_BACKOFF[1])
 
