@@ -57,6 +57,7 @@ from pigateway import __version__
 from pigateway.batching import Batch, Batcher, Rules
 from pigateway.config import Config, MqttConfig, TlsConfig, UplinkConfig
 from pigateway.errors import LoginRefused, PigatewayError, UplinkError
+from pigateway.metrics import COUNTERS
 from pigateway.state import GatewayState, Link
 from pigateway.store import Command, Store
 
@@ -488,6 +489,7 @@ class Uplink:
                  self.config.mqtt.port, client.session_present)
         self._online_since = time.monotonic()
         self.state.update(link=Link.ONLINE, fault=None, retry_at=None)
+        COUNTERS.link_up()
         # views learn of a drop at once; handing rows back may wait on a busy disk
         client.when_lost(lambda: self.state.update(link=Link.OFFLINE))
         try:
@@ -570,8 +572,10 @@ class Uplink:
                 timeout=self.config.uplink.publish_timeout)
             if code is None:
                 await self.store.ack(batch.ids)
+                COUNTERS.batch_acked(len(batch.ids), len(batch.payload))
                 self._log_delivered(batch)
             else:
+                COUNTERS.batch_refused(code.value)
                 await self.store.dead_letter(
                     batch.ids, REJECTED, f"PUBACK reason code {code.value}: {code}")
             del self.outstanding[batch.id]
@@ -654,7 +658,8 @@ class Uplink:
         keep = ("link", "paused", "draining", "depth", "oldest_age", "in_flight",
                 "dead_letters", "last_error", "fault", "uptime")
         return {"v": 1, "gateway": self.config.gateway_id, "version": __version__,
-                "sent_at": round(time.time(), 3), **{key: now.get(key) for key in keep}}
+                "sent_at": round(time.time(), 3), **{key: now.get(key) for key in keep},
+                "counters": COUNTERS.as_dict()}  # what pigateway_*_total show (since start)
 
     async def _publish(self, client: _Client, where: str, payload: bytes, *,
                        retain: bool = False) -> None:

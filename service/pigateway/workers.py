@@ -47,6 +47,7 @@ from pigateway.errors import (
 )
 from pigateway.handlers import Handler, HandlerFactory, Request
 from pigateway.inbox import Entry
+from pigateway.metrics import COUNTERS
 from pigateway.store import Store
 
 log = logging.getLogger(__name__)
@@ -287,6 +288,7 @@ class WorkerPool:
         log.log(level, "command %s on %s: %s%s", entry.id, entry.device, status,
                 "" if detail is None or status == "ok" else f" ({detail})",
                 extra={"command_id": entry.id, "device": entry.device})
+        COUNTERS.inbound_done(status)
         delay = RECORD_BACKOFF[0]
         while True:
             try:
