@@ -258,14 +258,14 @@ def _queue_families(snap: Snapshot) -> Iterator[Metric]:
         GaugeMetricFamily as Gauge,
     )
 
-    queue, state = snap.queue, snap.state or {}
-    # the running service's state object is what every view shows; the file otherwise
-    depth = state.get("depth", queue.depth)
-    age = state.get("oldest_age", queue.oldest_age) if state else queue.oldest_age
-    yield Gauge("pigateway_queue_depth", "commands queued on disk", value=depth)
+    # one reading of the rows that the state object's depth and oldest_age mirror (every
+    # 0.5 s), so depth, bytes, age, ttl and dead letters of one scrape agree with each other
+    queue = snap.queue
+    yield Gauge("pigateway_queue_depth", "commands queued on disk", value=queue.depth)
     yield Gauge("pigateway_queue_bytes", "params bytes queued on disk", value=queue.bytes)
     yield Gauge("pigateway_queue_oldest_age_seconds",
-                "age of the oldest queued command (0: the queue is empty)", value=age or 0.0)
+                "age of the oldest queued command (0: the queue is empty)",
+                value=queue.oldest_age or 0.0)
     yield Gauge("pigateway_queue_oldest_ttl_seconds",
                 "the ttl the oldest queued command came with (0: none, or it lives forever)",
                 value=queue.oldest_ttl or 0.0)
