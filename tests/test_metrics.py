@@ -370,6 +370,20 @@ async def test_the_endpoint_answers_metrics_only_and_refuses_remote_binds(
             await Exporter(sneaky, GatewayState(), store).start_server()
 
 
+async def test_a_busy_listen_address_stops_the_service_naming_the_key(tmp_path: Path) -> None:
+    taken = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    try:
+        port = taken.sockets[0].getsockname()[1]
+        cfg = with_metrics(make_config(tmp_path, free_port(), "t"), listen=f"127.0.0.1:{port}")
+        with pytest.raises(ConfigError) as stopped:
+            async with asyncio.timeout(20):
+                await Gateway(cfg).run()
+        assert stopped.value.key == "metrics.listen"
+    finally:
+        taken.close()
+        await taken.wait_closed()
+
+
 # --------------------------------------------------------------------------- pigateway metrics
 
 
