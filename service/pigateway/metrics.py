@@ -53,6 +53,8 @@ CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 #: Bytes of an HTTP request head at most, and seconds a client may take to send it.
 MAX_REQUEST: Final = 8192
 REQUEST_TIMEOUT: Final = 5.0
+#: Scrapes answered at once; more get 503 (each one reads the store).
+MAX_SCRAPES: Final = 4
 
 
 # --------------------------------------------------------------------------- counters
@@ -334,6 +336,7 @@ class Exporter:
         self.state = state
         self.store = store
         self.server: asyncio.Server | None = None
+        self._scrapes = asyncio.Semaphore(MAX_SCRAPES)
 
     @property
     def enabled(self) -> bool:
@@ -403,8 +406,11 @@ class Exporter:
             return "405 Method Not Allowed", b"only GET\n"
         if target != b"/metrics":
             return "404 Not Found", b"see /metrics\n"
+        if self._scrapes.locked():
+            return "503 Service Unavailable", b"too many scrapes at once\n"
         try:
-            return "200 OK", await self.render()
+            async with self._scrapes:
+                return "200 OK", await self.render()
         except PigatewayError as exc:
             log.warning("metrics: %s", exc)
             return "503 Service Unavailable", f"{exc}\n".encode()
