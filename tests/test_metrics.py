@@ -34,6 +34,7 @@ from pigateway import config as configuration
 from pigateway.app import Gateway
 from pigateway.config import MetricsConfig
 from pigateway.errors import ConfigError
+from pigateway.inbound import Inbound
 from pigateway.metrics import COUNTERS, Exporter, render, snapshot, write_atomically
 from pigateway.state import GatewayState, Link
 from pigateway.store import Store
@@ -275,6 +276,36 @@ async def test_a_refused_publish_counts_by_reason_code_and_as_a_dead_letter(
     assert refused[1] - refused[0] == 1
     assert value(after, "pigateway_commands_total", outcome="dead",
                  reason="rejected-by-broker") == 1
+
+
+async def test_inbound_results_count_by_status(tmp_path: Path) -> None:
+    cfg = configuration.from_dict({
+        "gateway_id": GATEWAY, "store": {"path": str(tmp_path / "queue.db"), "min_free_bytes": 0},
+        "devices": {"lamp": {"handler": "log"}}})
+    async with await Store.open(cfg.store) as store, Inbound(cfg, store) as inbound:
+        before = samples(render(await snapshot(GatewayState(), store)))
+        pool = asyncio.create_task(inbound.run())
+        try:
+            for payload in ({"id": "c1", "device": "lamp", "name": "on"},    # ok
+                            {"id": "c2", "device": "ghost", "name": "on"},   # rejected
+                            {"id": "c3", "device": "lamp", "name": "on", "ttl": 1e-6}):
+                await inbound.accept(json.dumps({"v": 1, "params": {}, **payload}).encode())
+            await inbound.accept(b"not json, so no id to answer")         # dropped
+            await asyncio.sleep(0.05)
+
+            for _ in range(200):  # up to 10 s for the three results
+                rows = await store.read("SELECT count(*) FROM inbox WHERE state = 'done'")
+                if rows[0][0] >= 3:
+                    break
+                await asyncio.sleep(0.05)
+            after = samples(render(await snapshot(GatewayState(), store)))
+        finally:
+            pool.cancel()
+            await asyncio.gather(pool, return_exceptions=True)
+    moved = {status: (value(after, "pigateway_inbound_total", status=status) or 0)
+             - (value(before, "pigateway_inbound_total", status=status) or 0)
+             for status in ("ok", "rejected", "expired", "dropped", "error")}
+    assert moved == {"ok": 1, "rejected": 1, "expired": 1, "dropped": 1, "error": 0}
 
 
 # --------------------------------------------------------------------------- the textfile
