@@ -463,3 +463,15 @@ def test_rules_and_dashboard_name_only_series_that_exist() -> None:
     used = {word for text in texts for word in re.findall(r"\b(?:pigateway|node)_\w+", text)}
     assert used - names == set()
     assert {"pigateway_queue_depth", "pigateway_link_up"} <= used
+
+
+@pytest.mark.parametrize(("ci", "outcome"), [("", "1 skipped"), ("true", "1 failed")])
+def test_a_missing_debian_tool_skips_by_hand_but_fails_on_ci(ci: str, outcome: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "CI"} | ({"CI": ci} if ci else {})
+    env["PATH"] = str(Path(sys.executable).parent)  # the venv's tools only: no promtool
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         f"{__file__}::test_alert_rules_pass_promtool_and_their_unit_tests"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert outcome in done.stdout, done.stdout[-2000:]
+    assert "promtool is missing (Debian package prometheus" in done.stdout
