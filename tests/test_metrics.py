@@ -431,6 +431,17 @@ def test_pigateway_metrics_never_creates_the_queue_file(tmp_path: Path) -> None:
     promtool_accepts(done.stdout)
 
 
+def test_pigateway_metrics_on_a_broken_queue_file_names_it_and_leaves_it(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, free_port(), "t")
+    cfg.store.path.write_bytes(b"not a database" * 100)
+    config_file = toml_config(tmp_path / "config.toml", cfg)
+    before = files_of(tmp_path)
+    done = cli(config_file, "metrics")
+    assert done.returncode == 1
+    assert f"cannot read the queue {cfg.store.path}" in done.stderr.decode()
+    assert files_of(tmp_path) == before
+
+
 # --------------------------------------------------------------------------- rules, dashboard
 
 

@@ -170,13 +170,16 @@ def read_file(path: Path) -> QueueReading:
     """
     if not path.exists():
         return QueueReading()
-    wal = Path(f"{path}-wal").exists()
-    uri = f"file:{quote(str(path))}?" + ("mode=ro" if wal else "immutable=1")
-    try:
-        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5.0)) as conn:
-            return _reading(conn)
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot read the queue {path} for metrics: {exc}") from exc
+    for attempt in (1, 2):  # a producer may have checkpointed under an immutable read: again
+        wal = Path(f"{path}-wal").exists()
+        uri = f"file:{quote(str(path))}?" + ("mode=ro" if wal else "immutable=1")
+        try:
+            with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5.0)) as conn:
+                return _reading(conn)
+        except sqlite3.Error as exc:
+            if attempt == 2 or wal:
+                raise StoreError(f"cannot read the queue {path} for metrics: {exc}") from exc
+    raise AssertionError("unreachable")
 
 
 def _reading(conn: sqlite3.Connection) -> QueueReading:
