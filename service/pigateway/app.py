@@ -27,6 +27,7 @@ from pigateway.control import ControlServer
 from pigateway.errors import PigatewayError, StoreError
 from pigateway.inbound import Inbound
 from pigateway.logs import setup_logging
+from pigateway.metrics import Exporter
 from pigateway.panel import Panel
 from pigateway.state import GatewayState
 from pigateway.store import Store
@@ -123,6 +124,8 @@ class Gateway:
                                         name="systemd")]
             if inbound is not None:  # the worker pool; it closes the handlers when it ends
                 others.append(parts.create_task(inbound.run(), name="inbound"))
+            if (exporter := Exporter(self.config.metrics, self.state, store)).enabled:
+                others.append(parts.create_task(exporter.run(), name="metrics"))
             await self._stopping.wait()
             log.info("stopping: no new batches; waiting up to %.0fs for PUBACKs in flight",
                      self.config.uplink.publish_timeout)

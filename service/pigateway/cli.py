@@ -153,6 +153,9 @@ def _add_service_verbs(verbs: Any, common: argparse.ArgumentParser) -> None:
     status = verbs.add_parser("status", parents=[common], help="what the gateway is doing")
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=cmd_status)
+    metrics = verbs.add_parser("metrics", parents=[common],
+                               help="print Prometheus metrics (service running or not)")
+    metrics.set_defaults(handler=cmd_metrics)
     for verb, text in (("pause", "stop draining (queueing goes on)"), ("resume", "drain again"),
                        ("flush", "send the batch window now and retry the link at once")):
         sub = verbs.add_parser(verb, parents=[common], help=text)
@@ -248,6 +251,13 @@ async def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(f"{state['why']}; the queue on disk:")
         print(_stats_text(state))
+    return EXIT_OK
+
+
+async def cmd_metrics(args: argparse.Namespace) -> int:
+    from pigateway import metrics  # noqa: PLC0415 - prometheus-client only for this verb
+
+    sys.stdout.buffer.write(metrics.render(await metrics.cli_snapshot(_load(args))))
     return EXIT_OK
 
 

@@ -201,6 +201,50 @@ class LogConfig(_Section, section="log"):
     level: Literal["debug", "info", "warning", "error"] = _opt("info", doc="least level logged")
 
 
+def listen_address(value: str, *, key: str = "metrics.listen") -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) split and checked; :class:`ConfigError` if not."""
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(key, f"{value!r} is not HOST:PORT (like '127.0.0.1:9108')")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (a loopback address, or ``localhost``)."""
+    import ipaddress  # noqa: PLC0415 - only a config with [metrics] listen needs it
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class MetricsConfig(_Section, section="metrics"):
+    """``[metrics]``: Prometheus metrics (docs/operations.md); each way out is optional."""
+
+    textfile: Path | None = _opt(
+        None, doc="node_exporter textfile to write (atomically) every interval; none: off")
+    interval: float = _opt(15.0, min=1, max=3600, doc="seconds between textfile writes")
+    listen: str | None = _opt(
+        None, doc="HOST:PORT of an HTTP /metrics endpoint (e.g. '127.0.0.1:9108'); none: off")
+    allow_remote: bool = _opt(
+        False, doc="let listen be a non-loopback address (the operator's exposure)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.listen is None:
+            return
+        host, _ = listen_address(self.listen)
+        if not self.allow_remote and not is_loopback(host):
+            raise ConfigError("metrics.listen", f"{self.listen!r} is not a loopback address; "
+                              "/metrics has no authentication, so serving it to the network "
+                              "needs metrics.allow_remote = true (your exposure: firewall it)")
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole, validated configuration."""
@@ -213,6 +257,7 @@ class Config:
     gpio: GpioConfig = field(default_factory=GpioConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     devices: dict[str, DeviceConfig] = field(default_factory=dict)
     source: Path | None = None
 

@@ -26,6 +26,7 @@ from typing import Any, Final, Protocol
 
 from pigateway import inputs
 from pigateway.errors import ControlError, InvalidCommand, PigatewayError, ServiceNotRunning
+from pigateway.metrics import COUNTERS
 from pigateway.state import GatewayState
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ VERBS: Final[dict[str, Callable[[Controls], None] | None]] = {
     "pause": lambda c: c.pause(),
     "resume": lambda c: c.resume(),
     "flush": lambda c: c.flush(),
+    "metrics": None,  # the state, and this process's counters (pigateway metrics)
 }
 
 
@@ -172,7 +174,10 @@ class ControlServer:
             if action is not None:
                 log.info("control: %s", verb)
                 action(self.controls)
-            return {"ok": True, "state": self.controls.state.as_dict()}
+            reply: dict[str, Any] = {"ok": True, "state": self.controls.state.as_dict()}
+            if verb == "metrics":
+                reply["counters"] = COUNTERS.as_dict()
+            return reply
         except ControlError as exc:
             return _error(str(exc))
         except PigatewayError as exc:

@@ -28,6 +28,7 @@ from pigateway import inbox
 from pigateway.config import Config
 from pigateway.errors import RejectedCommand, StoreError
 from pigateway.handlers import HandlerFactory
+from pigateway.metrics import COUNTERS
 from pigateway.store import Store
 from pigateway.text import bounded, encodable, quoted
 from pigateway.workers import WorkerPool
@@ -411,6 +412,7 @@ class Inbound:
         if exc.command_id is None:
             log.warning("dropped a message on the commands topic (no usable id, so no result "
                         "can answer it): %s", bounded(exc.reason))
+            COUNTERS.inbound_done("dropped")
             await self.store.write([inbox.dead_letter(exc.reason, payload, now)])
             return
         entry = await inbox.find(self.store, exc.command_id)
@@ -420,6 +422,7 @@ class Inbound:
             await self.store.write([inbox.forget(exc.command_id)])
         log.warning("rejected command %s: %s", exc.command_id, bounded(exc.reason),
                     extra={"command_id": exc.command_id})
+        COUNTERS.inbound_done("rejected")
         document = inbox.result_document(exc.command_id, "rejected", exc.reason, now=now,
                                          max_bytes=self.config.store.max_params_bytes)
         device = inbox.outbox_device(exc.device)

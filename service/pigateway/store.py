@@ -41,6 +41,7 @@ from pigateway.config import StoreConfig
 from pigateway.errors import InvalidCommand, QueueFull, StoreCorrupt, StoreError, StoreFull
 from pigateway.ids import new_id
 from pigateway.inputs import shown, text_problem
+from pigateway.metrics import COUNTERS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -685,8 +686,10 @@ class Store:
 
     async def _commit(self, jobs: list[_Job], *, reclaimed: bool = False) -> None:
         """Run ``jobs`` in one transaction and hand each caller its own outcome."""
+        started = time.monotonic()
         try:
             outcomes = await self._transaction(lambda conn: self._run_jobs(conn, jobs))
+            COUNTERS.commit_seconds.observe(time.monotonic() - started)
         except Exception as exc:  # the commit itself failed: none of it happened
             outcomes = [exc] * len(jobs)
         full = [job for job, out in zip(jobs, outcomes, strict=True)

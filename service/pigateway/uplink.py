@@ -70,6 +70,7 @@ from pigateway.errors import (
     StoreError,
     UplinkError,
 )
+from pigateway.metrics import COUNTERS
 from pigateway.state import GatewayState, Link
 from pigateway.store import Command, Store
 from pigateway.text import bounded
@@ -595,6 +596,7 @@ class Uplink:
                  self.config.mqtt.port, client.session_present)
         self._online_since = time.monotonic()
         self.state.update(link=Link.ONLINE, fault=None, retry_at=None)
+        COUNTERS.link_up()
         # views learn of a drop at once; handing rows back may wait on a busy disk
         client.when_lost(lambda: self.state.update(link=Link.OFFLINE))
         try:
@@ -698,11 +700,13 @@ class Uplink:
         self.delivered[batch.id] = self.outstanding.pop(batch.id)
         await self._with_store("delete delivered commands", lambda: self.store.ack(batch.ids))
         del self.delivered[batch.id]
+        COUNTERS.batch_acked(len(batch.ids), len(batch.payload))
         self._log_delivered(batch)
 
     async def _refused(self, batch: Batch[Command], code: int) -> None:
         """A PUBACK failure code: bury the batch, or end the link to send it again later."""
         name, verdict = refusal(code)
+        COUNTERS.batch_refused(code)
         what = f"PUBACK reason code {code} (0x{code:02X}: {name})"
         if verdict == "retry":
             raise BrokerBusy(f"the broker refused batch {batch.id} for now: {what}; its "
@@ -878,7 +882,8 @@ class Uplink:
         keep = ("link", "paused", "draining", "depth", "oldest_age", "in_flight",
                 "dead_letters", "last_error", "fault", "uptime")
         return {"v": 1, "gateway": self.config.gateway_id, "version": __version__,
-                "sent_at": round(time.time(), 3), **{key: now.get(key) for key in keep}}
+                "sent_at": round(time.time(), 3), **{key: now.get(key) for key in keep},
+                "counters": COUNTERS.as_dict()}  # what pigateway_*_total show (since start)
 
     async def _publish(self, client: _Client, where: str, payload: bytes, *,
                        retain: bool = False) -> None:

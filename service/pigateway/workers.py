@@ -47,6 +47,7 @@ from pigateway.errors import (
 )
 from pigateway.handlers import Handler, HandlerFactory, Request
 from pigateway.inbox import Entry
+from pigateway.metrics import COUNTERS
 from pigateway.store import Store
 from pigateway.text import bounded
 
@@ -295,6 +296,7 @@ class WorkerPool:
                 extra={"command_id": entry.id, "device": entry.device})
         await self._durably(lambda: inbox.record(self.store, entry.device, document, also=also),
                             f"record the result of command {entry.id}")
+        COUNTERS.inbound_done(status)
         if after is not None:
             self._premarked.add(after.id)
 
