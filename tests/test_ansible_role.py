@@ -106,13 +106,43 @@ def test_every_change_restarts_through_the_handler(yaml_of: Callable[[Path], Any
     handlers = yaml_of(ROLE / "handlers" / "main.yml")
     assert [h["name"] for h in handlers] == ["Restart pigateway"]
     notifying = {t["name"] for t in install + configure if t.get("notify") == "Restart pigateway"}
-    for needle in ("wheel", "unit", "config", "secrets", "dependencies"):
+    for needle in ("wheel", "Debian package", "unit", "config", "secrets", "dependencies"):
         assert any(needle in name for name in notifying), needle
     names = [t["name"] for t in configure]
     flush = next(
         i for i, t in enumerate(configure) if t.get("ansible.builtin.meta") == "flush_handlers"
     )
     assert flush < names.index("Enable and start pigateway")
+
+
+def test_install_methods(yaml_of: Callable[[Path], Any]) -> None:
+    """deb by default; every task that installs one way runs only for that way, and switching
+    removes the other way's install first."""
+    defaults = yaml_of(ROLE / "defaults" / "main.yml")
+    assert defaults["pigateway_install_method"] == "deb"
+    install = {t["name"]: t for t in yaml_of(ROLE / "tasks" / "install.yml")}
+
+    def only(method: str, name: str) -> None:
+        when = install[name].get("when", "")
+        text = " ".join(when) if isinstance(when, list) else when
+        assert f'pigateway_install_method == "{method}"' in text, name
+
+    for name in ("Install python3-venv", "Copy the wheel", "Install the unit file as it is",
+                 "Install pigateway and its dependencies into the venv",
+                 "Put the pigateway command on the PATH",
+                 "Remove the Debian package before a wheel install"):
+        only("wheel", name)
+    for name in ("Copy the Debian package", "Remove a wheel install",
+                 "Stop and disable a wheel install before the package replaces it",
+                 "Install the Debian package (pigateway, its venv and its dependencies)"):
+        only("deb", name)
+    names = list(install)
+    assert names.index("Remove a wheel install") < names.index("Copy the Debian package")
+    assert names.index("Remove the Debian package before a wheel install") < names.index(
+        "Install pigateway and its dependencies into the venv")
+    apt = install["Install the Debian package (pigateway, its venv and its dependencies)"]
+    argv = apt["ansible.builtin.command"]["argv"]
+    assert "Dpkg::Options::=--force-confold" in argv, "the role's config stays the config"
 
 
 def test_site_rolls_out_in_batches(yaml_of: Callable[[Path], Any]) -> None:
