@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tomllib
 from collections.abc import Callable
@@ -248,6 +249,50 @@ def test_awkward_values_survive_rendering(
     config = parse(text)
     assert config.gateway_id == "gw.x_1" and config.store.default_ttl == 0.5
     assert config.mqtt.topic_prefix == "acme/eu"
+
+
+# --------------------------------------------------------------------------- the Debian package
+
+
+def _find_deb(venv: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """The role's find-deb.yml alone, on this machine as the gateway."""
+    playbook = tmp_path / "find.yml"
+    playbook.write_text(json.dumps([{
+        "name": "Find", "hosts": "localhost", "gather_facts": False,
+        "vars": {"pigateway_install_method": "deb", "pigateway_deb": "",
+                 "pigateway_deb_dir": str(tmp_path / "debs")},
+        "tasks": [
+            {"name": "Find", "ansible.builtin.import_tasks": str(ROLE / "tasks" / "find-deb.yml")},
+            {"name": "Show", "ansible.builtin.debug": {"var": "__pigateway_deb_file"}},
+        ],
+    }]))
+    return _run(venv, "ansible-playbook", "-i", "localhost,", "-c", "local", str(playbook),
+                "-e", "ansible_python_interpreter=/usr/bin/python3", *extra)
+
+
+@pytest.mark.skipif(shutil.which("dpkg") is None, reason="not a Debian machine")
+def test_the_role_takes_the_package_of_the_gateways_architecture(
+    e2e_venv: Path, tmp_path: Path
+) -> None:
+    arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
+                          timeout=30, check=True).stdout.strip()
+    other = "armhf" if arch != "armhf" else "arm64"
+    debs = tmp_path / "debs"
+    debs.mkdir()
+    done = _find_deb(e2e_venv, tmp_path)
+    assert done.returncode != 0 and "run scripts/package on a" in done.stdout, done.stdout
+
+    for i, name in enumerate((f"pigateway_0.1.0-1_{other}.deb", f"pigateway_0.0.9-1_{arch}.deb",
+                              f"pigateway_0.1.0-1_{arch}.deb")):
+        (debs / name).write_bytes(b"")
+        os.utime(debs / name, (1_700_000_000 + i, 1_700_000_000 + i))
+    done = _find_deb(e2e_venv, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert f'"__pigateway_deb_file": "{debs}/pigateway_0.1.0-1_{arch}.deb"' in done.stdout
+
+    given = f"pigateway_deb={debs}/pigateway_0.1.0-1_{other}.deb"
+    done = _find_deb(e2e_venv, tmp_path, "-e", given)
+    assert done.returncode != 0 and f"No Debian package of pigateway for {arch}" in done.stdout
 
 
 # --------------------------------------------------------------------------- scripts/e2e
