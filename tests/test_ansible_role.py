@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tomllib
 from collections.abc import Callable
@@ -106,13 +107,43 @@ def test_every_change_restarts_through_the_handler(yaml_of: Callable[[Path], Any
     handlers = yaml_of(ROLE / "handlers" / "main.yml")
     assert [h["name"] for h in handlers] == ["Restart pigateway"]
     notifying = {t["name"] for t in install + configure if t.get("notify") == "Restart pigateway"}
-    for needle in ("wheel", "unit", "config", "secrets", "dependencies"):
+    for needle in ("wheel", "Debian package", "unit", "config", "secrets", "dependencies"):
         assert any(needle in name for name in notifying), needle
     names = [t["name"] for t in configure]
     flush = next(
         i for i, t in enumerate(configure) if t.get("ansible.builtin.meta") == "flush_handlers"
     )
     assert flush < names.index("Enable and start pigateway")
+
+
+def test_install_methods(yaml_of: Callable[[Path], Any]) -> None:
+    """deb by default; every task that installs one way runs only for that way, and switching
+    removes the other way's install first."""
+    defaults = yaml_of(ROLE / "defaults" / "main.yml")
+    assert defaults["pigateway_install_method"] == "deb"
+    install = {t["name"]: t for t in yaml_of(ROLE / "tasks" / "install.yml")}
+
+    def only(method: str, name: str) -> None:
+        when = install[name].get("when", "")
+        text = " ".join(when) if isinstance(when, list) else when
+        assert f'pigateway_install_method == "{method}"' in text, name
+
+    for name in ("Install python3-venv", "Copy the wheel", "Install the unit file as it is",
+                 "Install pigateway and its dependencies into the venv",
+                 "Put the pigateway command on the PATH",
+                 "Remove the Debian package before a wheel install"):
+        only("wheel", name)
+    for name in ("Copy the Debian package", "Remove a wheel install",
+                 "Stop and disable a wheel install before the package replaces it",
+                 "Install the Debian package (pigateway, its venv and its dependencies)"):
+        only("deb", name)
+    names = list(install)
+    assert names.index("Remove a wheel install") < names.index("Copy the Debian package")
+    assert names.index("Remove the Debian package before a wheel install") < names.index(
+        "Install pigateway and its dependencies into the venv")
+    apt = install["Install the Debian package (pigateway, its venv and its dependencies)"]
+    argv = apt["ansible.builtin.command"]["argv"]
+    assert "Dpkg::Options::=--force-confold" in argv, "the role's config stays the config"
 
 
 def test_site_rolls_out_in_batches(yaml_of: Callable[[Path], Any]) -> None:
@@ -218,6 +249,50 @@ def test_awkward_values_survive_rendering(
     config = parse(text)
     assert config.gateway_id == "gw.x_1" and config.store.default_ttl == 0.5
     assert config.mqtt.topic_prefix == "acme/eu"
+
+
+# --------------------------------------------------------------------------- the Debian package
+
+
+def _find_deb(venv: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """The role's find-deb.yml alone, on this machine as the gateway."""
+    playbook = tmp_path / "find.yml"
+    playbook.write_text(json.dumps([{
+        "name": "Find", "hosts": "localhost", "gather_facts": False,
+        "vars": {"pigateway_install_method": "deb", "pigateway_deb": "",
+                 "pigateway_deb_dir": str(tmp_path / "debs")},
+        "tasks": [
+            {"name": "Find", "ansible.builtin.import_tasks": str(ROLE / "tasks" / "find-deb.yml")},
+            {"name": "Show", "ansible.builtin.debug": {"var": "__pigateway_deb_file"}},
+        ],
+    }]))
+    return _run(venv, "ansible-playbook", "-i", "localhost,", "-c", "local", str(playbook),
+                "-e", "ansible_python_interpreter=/usr/bin/python3", *extra)
+
+
+@pytest.mark.skipif(shutil.which("dpkg") is None, reason="not a Debian machine")
+def test_the_role_takes_the_package_of_the_gateways_architecture(
+    e2e_venv: Path, tmp_path: Path
+) -> None:
+    arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
+                          timeout=30, check=True).stdout.strip()
+    other = "armhf" if arch != "armhf" else "arm64"
+    debs = tmp_path / "debs"
+    debs.mkdir()
+    done = _find_deb(e2e_venv, tmp_path)
+    assert done.returncode != 0 and "run scripts/package on a" in done.stdout, done.stdout
+
+    for i, name in enumerate((f"pigateway_0.1.0-1_{other}.deb", f"pigateway_0.0.9-1_{arch}.deb",
+                              f"pigateway_0.1.0-1_{arch}.deb")):
+        (debs / name).write_bytes(b"")
+        os.utime(debs / name, (1_700_000_000 + i, 1_700_000_000 + i))
+    done = _find_deb(e2e_venv, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert f'"__pigateway_deb_file": "{debs}/pigateway_0.1.0-1_{arch}.deb"' in done.stdout
+
+    given = f"pigateway_deb={debs}/pigateway_0.1.0-1_{other}.deb"
+    done = _find_deb(e2e_venv, tmp_path, "-e", given)
+    assert done.returncode != 0 and f"No Debian package of pigateway for {arch}" in done.stdout
 
 
 # --------------------------------------------------------------------------- scripts/e2e
