@@ -128,8 +128,11 @@ def _add_queue_verbs(verbs: Any, common: argparse.ArgumentParser) -> None:
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(handler=cmd_queue_stats)
     requeue = queue.add_parser("requeue-dead", parents=[common],
-                               help="send dead letters again (all, or one --id)")
+                               help="send dead letters again (all but the expired, or one --id)")
     requeue.add_argument("--id")
+    requeue.add_argument("--expired", action="store_true",
+                         help="with --id: send an expired command again (it is stale, and "
+                              "may have been delivered already)")
     requeue.set_defaults(handler=cmd_queue_requeue)
     purge = queue.add_parser("purge", parents=[common], help="delete dead letters or everything")
     which = purge.add_mutually_exclusive_group(required=True)
@@ -192,8 +195,12 @@ async def cmd_queue_stats(args: argparse.Namespace) -> int:
 
 
 async def cmd_queue_requeue(args: argparse.Namespace) -> int:
+    if args.expired and not args.id:
+        raise UsageError("--expired needs --id: stale commands are sent again one by one, "
+                         "never all at once")
     async with await _open_store(args) as store:
-        count = await store.requeue_dead(args.id)
+        count = await store.requeue_dead(args.id, expired=args.expired,
+                                         progress=_progress("requeued"))
     if args.id and count == 0:
         raise UsageError(f"no dead letter has id {args.id!r}")
     print(f"requeued {count} dead letter(s)")
@@ -205,7 +212,7 @@ async def cmd_queue_purge(args: argparse.Namespace) -> int:
     if not args.yes:
         raise UsageError(f"this deletes {what}; add --yes to confirm")
     async with await _open_store(args) as store:
-        count = await store.purge(queued=args.all)
+        count = await store.purge(queued=args.all, progress=_progress("deleted"))
     print(f"deleted {count} row(s): {what}")
     return EXIT_OK
 
@@ -270,6 +277,21 @@ def _load(args: argparse.Namespace) -> configuration.Config:
 
 async def _open_store(args: argparse.Namespace) -> Store:
     return await Store.open(_load(args).store, drainer=False)
+
+
+#: Rows between two progress lines of a long purge or requeue.
+PROGRESS_EVERY = 50_000
+
+
+def _progress(verb: str) -> Callable[[int], None]:
+    """A progress line on stderr every :data:`PROGRESS_EVERY` rows of a long sweep."""
+    shown = [0]
+
+    def show(done: int) -> None:
+        if done - shown[0] >= PROGRESS_EVERY:
+            shown[0] = done
+            print(f"pigateway: {verb} {done:,} row(s) so far", file=sys.stderr, flush=True)
+    return show
 
 
 def _stats_text(stats: dict[str, Any]) -> str:

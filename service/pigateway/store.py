@@ -39,10 +39,13 @@ from pigateway.ids import new_id
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: Told the running total of rows a long sweep has handled (the CLI prints it).
+Progress = Callable[[int], None]
 
 KINDS = ("action", "result")
 MAX_NAME = 128
 SQLITE_MAGIC = b"SQLite format 3\x00"
+HEADER_SIZE = 100
 #: How often a drainer looks for commits made by other processes (``pigateway send``).
 POLL_INTERVAL = 0.05
 #: Puts coalesced into one transaction at most.
@@ -52,6 +55,16 @@ LOGGED_IDS = 100
 #: Page size of a new queue file, and WAL pages between automatic checkpoints.
 PAGE_SIZE = 2048
 WAL_CHECKPOINT_PAGES = 10_000
+#: Bytes the WAL is cut back to after a checkpoint: one checkpoint interval. Without it the
+#: file keeps the size of the largest transaction it ever held (a purge, a migration).
+JOURNAL_SIZE_LIMIT = WAL_CHECKPOINT_PAGES * PAGE_SIZE
+#: Rows one transaction of a sweep (expiry, purge, requeue, drop-oldest, dead-letter
+#: pruning) handles at most: each chunk is its own commit, so the watchdog's ping,
+#: producers and the drain get the writer between chunks, and a kill keeps the chunks done.
+SWEEP_CHUNK = 500
+#: Seconds one ``claim`` call goes on burying an expired backlog before it hands back an
+#: empty claim (and wakes :meth:`Store.wait_for_work`): a cancelled claim ends soon.
+CLAIM_SWEEP_SECONDS = 1.0
 
 _INSERT = ("INSERT INTO outbox (id, kind, device, name, params, size, queued_at, expires_at) "
            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
@@ -125,6 +138,25 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX inbox_state ON inbox (state, seq);
     CREATE INDEX inbox_finished ON inbox (finished_at) WHERE state = 'done';
+    """,
+    # 3: dead letters are bounded (store.max_dead_letters, max_dead_bytes, dead_letter_ttl):
+    # their count and bytes kept by triggers like the outbox's, and an index to find the
+    # oldest. (fix/store; the lead renumbers it after the clock's migration.)
+    """
+    ALTER TABLE totals ADD COLUMN dead_count INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE totals ADD COLUMN dead_bytes INTEGER NOT NULL DEFAULT 0;
+    UPDATE totals SET dead_count = (SELECT count(*) FROM dead_letters),
+                      dead_bytes = (SELECT coalesce(sum(size), 0) FROM dead_letters)
+        WHERE id = 1;
+    CREATE TRIGGER dead_counted AFTER INSERT ON dead_letters BEGIN
+        UPDATE totals SET dead_count = dead_count + 1, dead_bytes = dead_bytes + NEW.size
+            WHERE id = 1;
+    END;
+    CREATE TRIGGER dead_uncounted AFTER DELETE ON dead_letters BEGIN
+        UPDATE totals SET dead_count = dead_count - 1, dead_bytes = dead_bytes - OLD.size
+            WHERE id = 1;
+    END;
+    CREATE INDEX dead_letters_age ON dead_letters (dead_at);
     """,
 ]
 
@@ -347,6 +379,9 @@ class Store:
         self._lock_fd: int | None = None
         self._closed = False
         self._data_version = 0
+        #: What the transaction under way will have to say once it commits (dead-lettered,
+        #: pruned): said after the COMMIT, never for work a rollback undid.
+        self._after_commit: list[Callable[[], None]] = []
 
     # ---- lifecycle
 
@@ -390,6 +425,12 @@ class Store:
                             "they are queued again, first", resumed)
         store._data_version = await store._read_data_version()
         store._writer_task = asyncio.create_task(store._write_loop(), name="store-writer")
+        if drainer:
+            try:
+                await store.prune_dead()  # bounds lowered since, or dead letters aged out
+            except BaseException:
+                await store.close()
+                raise
         return store
 
     async def close(self) -> None:
@@ -445,11 +486,21 @@ class Store:
     async def claim(self, limit: int) -> list[Command]:
         """Mark up to ``limit`` of the oldest queued commands in flight and return them.
 
-        Expired commands met on the way are dead-lettered as ``expired`` and not returned.
+        Expired commands met on the way are dead-lettered as ``expired`` and not returned,
+        at most :data:`SWEEP_CHUNK` per transaction: an expired backlog is buried chunk by
+        chunk, each its own commit. After :data:`CLAIM_SWEEP_SECONDS` of that an empty claim
+        comes back and :meth:`wait_for_work` returns at once, so the caller claims again.
         """
         if not self.drainer:
             raise StoreError("this store was opened as a producer; only a drainer claims")
-        return await self._call(lambda conn: self._claim(conn, limit))
+        deadline = time.monotonic() + CLAIM_SWEEP_SECONDS
+        while True:
+            claimed, more_expired = await self._call(lambda conn: self._claim(conn, limit))
+            if claimed or not more_expired:
+                return claimed
+            if time.monotonic() >= deadline:
+                self._put_event.set()  # more to bury: the drain comes back at once
+                return claimed
 
     async def ack(self, ids: Sequence[str]) -> int:
         """Delete delivered commands (call only after the broker acknowledged them)."""
@@ -524,13 +575,51 @@ class Store:
 
     # ---- maintenance
 
-    async def requeue_dead(self, id: str | None = None) -> int:
-        """Move dead letters (all, or one by id) back to the tail of the queue, attempts reset."""
-        return await self._call(lambda conn: self._requeue(conn, id))
+    async def requeue_dead(self, id: str | None = None, *, expired: bool = False,
+                           progress: Progress | None = None) -> int:
+        """Move dead letters back to the tail of the queue, attempts reset; each keeps its
+        own ttl, counted again from now (:func:`requeued_expiry`).
 
-    async def purge(self, *, queued: bool) -> int:
-        """Delete dead letters, and with ``queued`` the whole queue too. Returns rows deleted."""
-        return await self._call(lambda conn: self._purge(conn, queued))
+        All of them: every one but the ``expired``, in chunks, each its own commit (a stale
+        command is never replayed to a device unasked; one may also have been delivered
+        with its PUBACK lost). One by ``id``: an expired one only with ``expired=True``,
+        else :class:`InvalidCommand` says how to ask.
+        """
+        if id is not None:
+            return await self._call(lambda conn: self._requeue_one(conn, id, expired=expired))
+        bound = await self._call(_max_rowid("dead_letters"))
+        return await self._sweep(lambda conn: self._requeue_chunk(conn, bound), progress)
+
+    async def purge(self, *, queued: bool, progress: Progress | None = None) -> int:
+        """Delete dead letters, and with ``queued`` the whole queue too. Returns rows deleted.
+
+        In chunks, each its own commit, so a running service keeps its writer; only rows
+        that existed when the purge began are deleted (puts meanwhile are kept).
+        """
+        bound, last = await self._call(
+            lambda conn: (_max_rowid("dead_letters")(conn), _max_rowid("outbox")(conn)))
+        total = await self._sweep(lambda conn: _purge_dead_chunk(conn, bound), progress)
+        if queued:
+            total += await self._sweep(lambda conn: _purge_queued_chunk(conn, last),
+                                       lambda done: progress(total + done) if progress else None)
+        return total
+
+    async def prune_dead(self) -> int:
+        """Bring dead letters within their bounds now, in chunks (a drainer does it at open)."""
+        return await self._sweep(lambda conn: self._prune_dead(conn, 0), None)
+
+    async def _sweep(self, step: Callable[[sqlite3.Connection], int],
+                     progress: Progress | None) -> int:
+        """Run ``step`` (which handles at most :data:`SWEEP_CHUNK` rows) in its own
+        transactions until it handles fewer: other writers' jobs commit in between."""
+        total = 0
+        while True:
+            done = await self._call(step)
+            total += done
+            if progress is not None and done:
+                progress(total)
+            if done < SWEEP_CHUNK:
+                return total
 
     async def write(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
         """Run statements in one durable transaction through the writer."""
@@ -589,10 +678,15 @@ class Store:
 
     async def _commit(self, jobs: list[_Job], *, reclaimed: bool = False) -> None:
         """Run ``jobs`` in one transaction and hand each caller its own outcome."""
+        self._after_commit = []
         try:
             outcomes = await self._transaction(lambda conn: self._run_jobs(conn, jobs))
         except Exception as exc:  # the commit itself failed: none of it happened
             outcomes = [exc] * len(jobs)
+        else:
+            said, self._after_commit = self._after_commit, []
+            for say in said:
+                say()
         full = [job for job, out in zip(jobs, outcomes, strict=True)
                 if isinstance(out, StoreFull)]
         if full and not reclaimed:
@@ -621,6 +715,7 @@ class Store:
         again put by put, so only the culprit fails.
         """
         conn.execute("SAVEPOINT job")
+        said = len(self._after_commit)
         try:
             if segment[0].run is not None:
                 outcomes: list[Any] = [segment[0].run(conn)]
@@ -629,6 +724,7 @@ class Store:
         except Exception as exc:
             conn.execute("ROLLBACK TO job")
             conn.execute("RELEASE job")
+            del self._after_commit[said:]  # undone: nothing to say about it
             if len(segment) > 1:
                 return [out for job in segment for out in self._run_segment(conn, [job])]
             return [_translate(exc, self.path) if isinstance(exc, sqlite3.Error) else exc]
@@ -701,53 +797,63 @@ class Store:
                 or need_bytes > self.config.max_bytes):
             return QueueFull(f"the queue is full ({count} commands, {size} bytes; {limits}); "
                              "the command was not queued"), 0, 0
-        freed = self._drop_oldest(conn, max(over_count, 0), max(over_bytes, 0))
+        freed = self._drop_oldest(conn, max(over_count, 0), max(over_bytes, 0), need_count)
         if freed is None:
             return QueueFull(f"the queue is full and every queued command is in flight "
                              f"({limits}); the command was not queued"), 0, 0
         return None, *freed
 
-    def _drop_oldest(self, conn: sqlite3.Connection, count: int,
-                           nbytes: int) -> tuple[int, int] | None:
-        """Dead-letter the oldest queued commands (never in-flight ones) to free room."""
+    def _drop_oldest(self, conn: sqlite3.Connection, count: int, nbytes: int,
+                     need_count: int) -> tuple[int, int] | None:
+        """Dead-letter the oldest queued commands (never in-flight ones) to free room.
+
+        A queue already over its limits (they were lowered) is not trimmed all at once:
+        a put of ``need_count`` commands drops at most ``need_count`` plus
+        :data:`SWEEP_CHUNK`, and is queued; the next puts go on trimming.
+        """
+        most = need_count + SWEEP_CHUNK
+        rows = _all(conn, "SELECT seq, size FROM outbox WHERE seq NOT IN (SELECT seq FROM "
+                    "inflight) ORDER BY seq LIMIT ?", (most,))
         dropped: list[int] = []
         freed = 0
-        cursor = conn.execute(
-            "SELECT seq, size FROM outbox WHERE seq NOT IN (SELECT seq FROM inflight) "
-            "ORDER BY seq")
-        for seq, size in cursor:
+        for seq, size in rows:
             if len(dropped) >= count and freed >= nbytes:
                 break
             dropped.append(seq)
             freed += size
-        cursor.close()
-        if len(dropped) < count or freed < nbytes:
-            return None
-        for chunk in _chunks(dropped, 500):
+        if (len(dropped) < count or freed < nbytes) and len(rows) < most:
+            return None  # not enough outside the in-flight rows
+        for chunk in _chunks(dropped, SWEEP_CHUNK):
             self._bury_seqs(conn, chunk, "overflow",
-                                  "dropped to make room (store.overflow = drop-oldest)")
+                            "dropped to make room (store.overflow = drop-oldest)")
         return len(dropped), freed
 
     # ---- verbs, each inside the writer's transaction
 
-    def _claim(self, conn: sqlite3.Connection, limit: int) -> list[Command]:
+    def _claim(self, conn: sqlite3.Connection, limit: int) -> tuple[list[Command], bool]:
+        """Claim up to ``limit`` live rows, burying at most :data:`SWEEP_CHUNK` expired
+        ones on the way: (claimed, whether the budget ran out with more rows to look at)."""
         claimed: list[Command] = []
         now = time.time()
-        while len(claimed) < limit:
+        buried = 0
+        self._prune_dead(conn, 0, aged_only=True)
+        while len(claimed) < limit and buried < SWEEP_CHUNK:
+            room = min(limit - len(claimed), SWEEP_CHUNK - buried)
             rows = _all(
                 conn, f"SELECT {_COLUMNS} FROM outbox WHERE seq NOT IN (SELECT seq FROM "
-                "inflight) ORDER BY seq LIMIT ?", (limit - len(claimed),))
+                "inflight) ORDER BY seq LIMIT ?", (room,))
             if not rows:
-                break
-            expired = [row[0] for row in rows if row[8] is not None and row[8] <= now]
+                return claimed, False
+            expired = {row[0] for row in rows if row[8] is not None and row[8] <= now}
             if expired:
-                self._bury_seqs(conn, expired, "expired", "its ttl ran out before it "
-                                      "could be sent")
-            live = [row for row in rows if row[0] not in set(expired)]
+                self._bury_seqs(conn, sorted(expired), "expired",
+                                "its ttl ran out before it could be sent")
+                buried += len(expired)
+            live = [row for row in rows if row[0] not in expired]
             conn.executemany("INSERT INTO inflight (seq, claimed_at) VALUES (?, ?)",
-                                   [(row[0], now) for row in live])
+                             [(row[0], now) for row in live])
             claimed.extend(_row_to_command(row) for row in live)
-        return claimed
+        return claimed, buried >= SWEEP_CHUNK
 
     def _delete(self, conn: sqlite3.Connection, ids: Sequence[str]) -> int:
         total = 0
@@ -780,16 +886,21 @@ class Store:
         self._bury_seqs(conn, seqs, reason, detail)
 
     def _bury_seqs(self, conn: sqlite3.Connection, seqs: Sequence[int], reason: str,
-                         detail: str | None) -> None:
-        """Move rows to ``dead_letters`` with a reason, and say so once in the log."""
+                   detail: str | None) -> None:
+        """Move rows to ``dead_letters`` with a reason, keep dead letters within their
+        bounds, and say so once in the log after the commit."""
         if not seqs:
             return
         now = time.time()
         buried: list[tuple[str, str]] = []
-        for chunk in _chunks(list(seqs), 500):
+        for chunk in _chunks(list(seqs), SWEEP_CHUNK):
             marks = ",".join("?" * len(chunk))
+            # not INSERT OR REPLACE: its implied delete fires no trigger, and the dead-letter
+            # totals would drift
+            conn.execute(f"DELETE FROM dead_letters WHERE id IN (SELECT id FROM outbox "
+                         f"WHERE seq IN ({marks}))", chunk)
             conn.execute(
-                "INSERT OR REPLACE INTO dead_letters (id, kind, device, name, params, size, "
+                "INSERT INTO dead_letters (id, kind, device, name, params, size, "
                 "queued_at, expires_at, attempts, last_error, reason, detail, dead_at) "
                 "SELECT id, kind, device, name, params, size, queued_at, expires_at, attempts, "
                 f"last_error, ?, ?, ? FROM outbox WHERE seq IN ({marks})",
@@ -797,34 +908,75 @@ class Store:
             conn.execute(f"DELETE FROM inflight WHERE seq IN ({marks})", chunk)
             buried += conn.execute(f"DELETE FROM outbox WHERE seq IN ({marks}) "
                                    "RETURNING id, device", chunk).fetchall()
-        # one line for the lot; the journal indexes every id (COMMAND_ID=...) in it
-        log.warning("dead-lettered %d command(s): %s (%s); see `pigateway queue ls --dead`",
-                    len(buried), reason, detail or "no detail",
-                    extra={"command_id": [row[0] for row in buried[:LOGGED_IDS]],
-                           "device": sorted({row[1] for row in buried})[:LOGGED_IDS],
-                           "dead_reason": reason})
+        self._after_commit.append(lambda: _log_buried(buried, reason, detail))
+        self._prune_dead(conn, len(buried))
 
-    def _requeue(self, conn: sqlite3.Connection, id_: str | None) -> int:
+    def _prune_dead(self, conn: sqlite3.Connection, added: int, *,
+                    aged_only: bool = False) -> int:
+        """Delete the oldest dead letters over ``store.max_dead_letters``,
+        ``store.max_dead_bytes`` or older than ``store.dead_letter_ttl``: at most what was
+        just ``added`` plus :data:`SWEEP_CHUNK` in this transaction, oldest first."""
+        config = self.config
+        count, nbytes = _first(conn, "SELECT dead_count, dead_bytes FROM totals WHERE id = 1")
+        over_count = 0 if aged_only else count - config.max_dead_letters
+        over_bytes = 0 if aged_only else nbytes - config.max_dead_bytes
+        cutoff = time.time() - config.dead_letter_ttl if config.dead_letter_ttl > 0 else None
+        if over_count <= 0 and over_bytes <= 0 and cutoff is None:
+            return 0
+        doomed: list[int] = []
+        freed = 0
+        cursor = conn.execute("SELECT rowid, size, dead_at FROM dead_letters "
+                              "ORDER BY dead_at LIMIT ?", (added + SWEEP_CHUNK,))
+        for rowid, size, dead_at in cursor:  # lazily: mostly the first row says "none"
+            aged = cutoff is not None and dead_at < cutoff
+            if not aged and len(doomed) >= over_count and freed >= over_bytes:
+                break
+            doomed.append(rowid)
+            freed += size
+        cursor.close()
+        for chunk in _chunks(doomed, SWEEP_CHUNK):
+            conn.execute(f"DELETE FROM dead_letters WHERE rowid IN ({','.join('?' * len(chunk))})",
+                         chunk)
+        if doomed:
+            limits = (f"store.max_dead_letters={config.max_dead_letters}, "
+                      f"store.max_dead_bytes={config.max_dead_bytes}, "
+                      f"store.dead_letter_ttl={config.dead_letter_ttl:g}")
+            self._after_commit.append(lambda: log.warning(
+                "pruned the %d oldest dead letter(s) to keep within %s", len(doomed), limits))
+        return len(doomed)
+
+    def _requeue_one(self, conn: sqlite3.Connection, id_: str, *, expired: bool) -> int:
+        row = conn.execute("SELECT reason FROM dead_letters WHERE id = ? AND "
+                           "kind IN ('action', 'result')", (id_,)).fetchone()
+        if row is None:
+            return 0
+        if row[0] == "expired" and not expired:
+            raise InvalidCommand(
+                f"dead letter {id_} expired: its ttl ran out, and it may even have been "
+                "delivered with the broker's PUBACK lost. A stale command is sent again only "
+                "when asked explicitly: pigateway queue requeue-dead --id ID --expired")
+        return self._requeue_rows(conn, "id = ?", (id_,))
+
+    def _requeue_chunk(self, conn: sqlite3.Connection, bound: int) -> int:
         # only what can be sent: the inbound records (kind 'inbound', messages that had no
-        # id to answer) stay where they are, as evidence
-        where = "WHERE kind IN ('action', 'result')" + (" AND id = ?" if id_ else "")
-        params: tuple[str, ...] = (id_,) if id_ else ()
-        ttl = self.config.default_ttl
-        now = time.time()
-        conn.execute(
-            "INSERT INTO outbox (id, kind, device, name, params, size, queued_at, expires_at) "
-            "SELECT id, kind, device, name, params, size, ?, "
-            f"CASE WHEN ? > 0 THEN ? + ? ELSE NULL END FROM dead_letters {where} "
-            "ORDER BY dead_at, queued_at", (now, ttl, now, ttl, *params))
-        cursor = conn.execute(f"DELETE FROM dead_letters {where}", params)
-        return cursor.rowcount
+        # id to answer) stay where they are, as evidence; expired ones stay dead
+        return self._requeue_rows(
+            conn, "rowid IN (SELECT rowid FROM dead_letters WHERE rowid <= ? AND reason != "
+            "'expired' AND kind IN ('action', 'result') ORDER BY dead_at, queued_at LIMIT ?)",
+            (bound, SWEEP_CHUNK))
 
-    def _purge(self, conn: sqlite3.Connection, queued: bool) -> int:
-        total = (conn.execute("DELETE FROM dead_letters")).rowcount
-        if queued:
-            conn.execute("DELETE FROM inflight")
-            total += (conn.execute("DELETE FROM outbox")).rowcount
-        return total
+    def _requeue_rows(self, conn: sqlite3.Connection, where: str,
+                      params: Sequence[Any]) -> int:
+        now = time.time()
+        rows = _all(conn, "SELECT rowid, id, kind, device, name, params, size, queued_at, "
+                    f"expires_at FROM dead_letters WHERE {where} ORDER BY dead_at, queued_at",
+                    params)
+        conn.executemany(_INSERT, [(*row[1:7], now, requeued_expiry(row[7], row[8], now))
+                                   for row in rows])
+        for chunk in _chunks([row[0] for row in rows], SWEEP_CHUNK):
+            conn.execute(f"DELETE FROM dead_letters WHERE rowid IN ({','.join('?' * len(chunk))})",
+                         chunk)
+        return len(rows)
 
     async def _resume_in_flight(self) -> int:
         return await self._transaction(lambda conn: conn.execute("DELETE FROM inflight").rowcount)
@@ -851,6 +1003,43 @@ class Store:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def requeued_expiry(queued_at: float, expires_at: float | None, now: float) -> float | None:
+    """When a requeued command expires: its own ttl (``expires_at - queued_at``, ``None``
+    for one that never expires), counted again from ``now``, the requeue."""
+    return None if expires_at is None else now + (expires_at - queued_at)
+
+
+def _log_buried(buried: Sequence[tuple[str, str]], reason: str, detail: str | None) -> None:
+    """One line for the lot; the journal indexes every id (COMMAND_ID=...) in it."""
+    log.warning("dead-lettered %d command(s): %s (%s); see `pigateway queue ls --dead`",
+                len(buried), reason, detail or "no detail",
+                extra={"command_id": [row[0] for row in buried[:LOGGED_IDS]],
+                       "device": sorted({row[1] for row in buried})[:LOGGED_IDS],
+                       "dead_reason": reason})
+
+
+def _max_rowid(table: str) -> Callable[[sqlite3.Connection], int]:
+    """The newest row of ``table`` now: a sweep goes no further, so it ends even while
+    rows keep arriving."""
+    def read(conn: sqlite3.Connection) -> int:
+        return int(_first(conn, f"SELECT coalesce(max(rowid), 0) FROM {table}")[0])
+    return read
+
+
+def _purge_dead_chunk(conn: sqlite3.Connection, bound: int) -> int:
+    return conn.execute("DELETE FROM dead_letters WHERE rowid IN (SELECT rowid FROM "
+                        "dead_letters WHERE rowid <= ? LIMIT ?)", (bound, SWEEP_CHUNK)).rowcount
+
+
+def _purge_queued_chunk(conn: sqlite3.Connection, last_seq: int) -> int:
+    seqs = [row[0] for row in _all(conn, "SELECT seq FROM outbox WHERE seq <= ? ORDER BY seq "
+                                   "LIMIT ?", (last_seq, SWEEP_CHUNK))]
+    marks = ",".join("?" * len(seqs))
+    conn.execute(f"DELETE FROM inflight WHERE seq IN ({marks})", seqs)
+    return conn.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", seqs).rowcount
+
 
 
 async def _on_thread(conn: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:
@@ -893,6 +1082,7 @@ def _raw_connect(config: StoreConfig) -> sqlite3.Connection:
         conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # takes effect on a new file only
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
+        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
         conn.execute(f"PRAGMA synchronous = {config.synchronous.upper()}")
         conn.execute(f"PRAGMA busy_timeout = {int(config.busy_timeout * 1000)}")
         conn.execute("PRAGMA cache_size = -2000")
