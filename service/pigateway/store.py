@@ -278,19 +278,39 @@ def _row_to_command(row: Sequence[Any]) -> Command:
 # --------------------------------------------------------------------------- opening
 
 
-def _is_sqlite_file(path: Path) -> bool:
+def _read_header(path: Path) -> bytes:
     with path.open("rb") as handle:
-        head = handle.read(len(SQLITE_MAGIC))
-    return head in (SQLITE_MAGIC, b"")
+        return handle.read(HEADER_SIZE)
+
+
+def check_header(path: Path) -> str | None:
+    """The producer's cheap check: ``None`` when the file is missing, empty or starts with a
+    whole SQLite header, else what is wrong with it. Reads 100 bytes, whatever the backlog."""
+    try:
+        head = _read_header(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from exc
+    if head == b"":
+        return None
+    if not head.startswith(SQLITE_MAGIC):
+        return "not an SQLite database (bad header)"
+    if len(head) < HEADER_SIZE:
+        return f"truncated: {len(head)} bytes, shorter than an SQLite header"
+    return None
 
 
 def check_integrity(path: Path) -> str | None:
-    """``None`` when the file is a sound SQLite database, else what is wrong with it."""
+    """The drainer's full check at its open: ``None`` when the file is a sound SQLite
+    database, else what is wrong with it. ``PRAGMA quick_check`` reads every page, so only
+    the drainer runs it (once per start), never a producer (once per ``pigateway send``)."""
     if not path.exists():
         return None
+    problem = check_header(path)
+    if problem is not None:
+        return problem
     try:
-        if not _is_sqlite_file(path):
-            return "not an SQLite database (bad header)"
         with contextlib.closing(sqlite3.connect(path, timeout=30)) as conn:
             rows = conn.execute("PRAGMA quick_check").fetchall()
     except sqlite3.OperationalError as exc:
@@ -310,7 +330,13 @@ def check_integrity(path: Path) -> str | None:
 
 
 def quarantine(path: Path, why: str) -> Path:
-    """Move a bad database (and its -wal/-shm) aside; never delete a user's data."""
+    """Move a bad database (and its -wal/-shm) aside; never delete a user's data.
+
+    Only a drainer calls it, holding the drainer lock, so no second process can check or
+    move the file meanwhile: the file renamed is the one that was checked. The real file is
+    moved (a symlinked ``store.path`` keeps its link), since SQLite keeps its -wal beside it.
+    """
+    path = path.resolve()
     stamp = time.strftime("%Y%m%dT%H%M%S")
     target = path.with_name(f"{path.name}.corrupt-{stamp}")
     counter = 1
@@ -332,6 +358,27 @@ def quarantine(path: Path, why: str) -> Path:
                  "and started a fresh queue. Recover commands from it with sqlite3.",
                  path, why, target)
     return target
+
+
+def _producer_refusal(path: Path, problem: str) -> StoreCorrupt:
+    """A producer never moves a queue file: that is the drainer's, under its lock (a
+    producer's fresh file could be moved by the next producer, with commands in it)."""
+    return StoreCorrupt(
+        f"{path} is not a sound queue ({problem}); nothing was queued. The service moves it "
+        "aside and starts a fresh queue when it is started or restarted")
+
+
+async def _check_before_open(path: Path, *, drainer: bool) -> None:
+    """The drainer, holding its lock, runs the full check and moves a bad file aside; a
+    producer reads the header only and refuses a bad file (see :func:`_producer_refusal`)."""
+    if drainer:
+        problem = await asyncio.to_thread(check_integrity, path)
+        if problem is not None:
+            quarantine(path, problem)
+        return
+    problem = check_header(path)
+    if problem is not None:
+        raise _producer_refusal(path, problem)
 
 
 def _translate(exc: sqlite3.Error, path: Path) -> StoreError:
@@ -399,17 +446,14 @@ class Store:
         except OSError as exc:  # a read-only file system, a folder owned by someone else
             raise StoreError(f"cannot use {config.path.parent}: {exc}") from exc
         try:
-            problem = await asyncio.to_thread(check_integrity, config.path)
-            if problem is not None:
-                if not drainer and _drainer_running(config.path):
-                    # moved from under the running service, the file would split in two
-                    raise StoreCorrupt(f"{config.path} failed its integrity check ({problem}); "
-                                       "the running service moves it aside when restarted")
-                quarantine(config.path, problem)
+            await _check_before_open(config.path, drainer=drainer)
             writer, raw_writer = await _connect(config)
             try:
                 await _on_thread(writer, _migrate, raw_writer, config.path)
                 reader, _ = await _connect(config)
+            except sqlite3.Error as exc:  # a producer met damage its cheap check missed
+                await writer.close()
+                raise _translate(exc, config.path) from exc
             except BaseException:
                 await writer.close()
                 raise
@@ -1113,6 +1157,7 @@ async def _connect(config: StoreConfig) -> tuple[aiosqlite.Connection, sqlite3.C
 def _migrate(conn: sqlite3.Connection, path: Path) -> None:
     """Bring the schema forward to the newest version, one transaction per step."""
     version = int(_first(conn, "PRAGMA user_version")[0])
+    conn.execute("SELECT name FROM sqlite_master").fetchall()  # a damaged schema fails here
     if version > len(MIGRATIONS):
         raise StoreError(f"{path} has schema version {version}, newer than this pigateway "
                          f"knows ({len(MIGRATIONS)}); upgrade pigateway")
@@ -1196,9 +1241,16 @@ def _seqs_sql(ids: Sequence[str]) -> str:
     return f"id IN ({','.join('?' * len(ids))})" if ids else "0"
 
 
+def _lock_path(path: Path) -> Path:
+    """``<db>.lock`` beside the real file: every name of one queue (a symlink, a relative
+    or ``..`` path) takes the same lock."""
+    real = path.resolve()
+    return real.with_name(real.name + ".lock")
+
+
 def _take_drainer_lock(path: Path) -> int:
     """One drainer per queue: an exclusive, non-blocking lock on ``<db>.lock``."""
-    lock_path = path.with_name(path.name + ".lock")
+    lock_path = _lock_path(path)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o640)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1207,21 +1259,6 @@ def _take_drainer_lock(path: Path) -> int:
         raise StoreError(f"another pigateway service is already draining {path} "
                          f"(it holds {lock_path}); stop it first") from exc
     return fd
-
-
-def _drainer_running(path: Path) -> bool:
-    """Whether a service holds the drainer lock of ``path`` right now."""
-    try:
-        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def _release_lock(fd: int | None) -> None:
