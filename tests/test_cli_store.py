@@ -8,6 +8,7 @@ file. The CLI runs in this process (:func:`pigateway.cli.main`), as in test_cli.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -83,3 +84,62 @@ def test_an_expired_command_is_requeued_only_by_id_with_expired(cli: Run,
     [row] = read_queue(config_file)
     assert row["id"] == stale
     assert row["expires_at"] - row["queued_at"] == pytest.approx(0.05)
+
+
+# --------------------------------------------------------------------------- P13, class 4
+
+LOOKING_VERBS = [
+    ("status",), ("status", "--json"), ("queue", "ls"), ("queue", "ls", "--dead"),
+    ("queue", "ls", "--json"), ("queue", "stats"), ("queue", "stats", "--json"),
+    ("inbox", "ls"), ("inbox", "ls", "--json"),
+]
+
+
+def listing(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"<dir>"
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("verb", LOOKING_VERBS, ids=" ".join)
+def test_a_looking_verb_on_a_missing_queue_creates_nothing(cli: Run, tmp_path: Path,
+                                                           verb: tuple[str, ...]) -> None:
+    """P13: `pigateway status` as root with the service stopped created a root-owned
+    queue.db the service user could not write."""
+    config_file = write_config(tmp_path)
+    before = listing(tmp_path)
+    code, out, err = cli(*verb, "--config", str(config_file))
+    assert code == 0, err
+    assert "no queue file" in err
+    assert listing(tmp_path) == before
+    if "--json" in verb and verb[0] != "status":
+        assert out.strip() == "[]" or '"depth": 0' in out
+
+
+@pytest.mark.parametrize("verb", LOOKING_VERBS, ids=" ".join)
+def test_a_looking_verb_on_a_corrupt_queue_reports_and_moves_nothing(
+        cli: Run, tmp_path: Path, verb: tuple[str, ...]) -> None:
+    config_file = write_config(tmp_path)
+    (tmp_path / "queue.db").write_bytes(b"SQLite format 3\x00" + b"\xde\xad\xbe\xef" * 1000)
+    before = listing(tmp_path)
+    code, _, err = cli(*verb, "--config", str(config_file))
+    assert code == 1
+    assert str(tmp_path / "queue.db") in err and "left as it is" in err
+    assert listing(tmp_path) == before
+
+
+def test_looking_verbs_neither_migrate_an_old_schema_nor_fail_on_what_it_has(
+        cli: Run, tmp_path: Path) -> None:
+    from pigateway.store import MIGRATIONS, _statements  # noqa: PLC0415
+
+    config_file = write_config(tmp_path)
+    with sqlite3.connect(tmp_path / "queue.db") as conn:
+        for statement in _statements(MIGRATIONS[0]):
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 1")
+    code, out, err = cli("queue", "stats", "--config", str(config_file))
+    assert code == 0 and "queued:     0 commands" in out
+    assert "schema version 1" in err and "migrates" in err
+    code, _, err = cli("inbox", "ls", "--config", str(config_file))
+    assert code == 1 and "run the service once to migrate" in err
+    with sqlite3.connect(tmp_path / "queue.db") as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1

@@ -25,7 +25,7 @@ from pigateway.errors import (
     ServiceNotRunning,
     StoreFull,
 )
-from pigateway.store import Store
+from pigateway.store import QueueReader, Store
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_NOT_RUNNING = 0, 1, 2, 3, 4
 
@@ -172,7 +172,7 @@ async def cmd_send(args: argparse.Namespace) -> int:
 
 
 async def cmd_queue_ls(args: argparse.Namespace) -> int:
-    async with await _open_store(args) as store:
+    async with await _open_reader(args) as store:
         items = await (store.list_dead(args.limit) if args.dead else store.list_queued(args.limit))
     rows = [item.as_dict() for item in items]
     if args.json:
@@ -185,7 +185,7 @@ async def cmd_queue_ls(args: argparse.Namespace) -> int:
 
 
 async def cmd_queue_stats(args: argparse.Namespace) -> int:
-    async with await _open_store(args) as store:
+    async with await _open_reader(args) as store:
         stats = (await store.stats()).as_dict()
     if args.json:
         print(json.dumps(stats, indent=2))
@@ -235,7 +235,8 @@ async def cmd_status(args: argparse.Namespace) -> int:
         reply = await control.request(config.control.socket, "status")
         state: dict[str, Any] = {"running": True, **reply.get("state", {})}
     except ServiceNotRunning as exc:
-        async with await Store.open(config.store, drainer=False) as store:
+        async with await QueueReader.open(config.store) as store:  # looks, never creates
+            _say_note(store)
             stats = (await store.stats()).as_dict()
         state = {"running": False, "why": str(exc), **stats}
     if args.json:
@@ -258,9 +259,10 @@ async def cmd_control(args: argparse.Namespace) -> int:
 
 
 async def cmd_inbox_ls(args: argparse.Namespace) -> int:
-    from pigateway import inbound  # noqa: PLC0415 - only inbox ls needs it
+    from pigateway import inbox  # noqa: PLC0415 - only inbox ls needs it
 
-    rows = await inbound.list_inbox(_load(args), args.limit)
+    async with await _open_reader(args) as reader:
+        rows = [entry.as_dict() for entry in await inbox.listing(reader, args.limit)]
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
     else:
@@ -277,6 +279,18 @@ def _load(args: argparse.Namespace) -> configuration.Config:
 
 async def _open_store(args: argparse.Namespace) -> Store:
     return await Store.open(_load(args).store, drainer=False)
+
+
+async def _open_reader(args: argparse.Namespace) -> QueueReader:
+    """The queue for a verb that only looks: read-only, never created, migrated or moved."""
+    reader = await QueueReader.open(_load(args).store)
+    _say_note(reader)
+    return reader
+
+
+def _say_note(reader: QueueReader) -> None:
+    if reader.note:  # on stderr: stdout stays the table or the JSON
+        print(f"pigateway: {reader.note}", file=sys.stderr)
 
 
 #: Rows between two progress lines of a long purge or requeue.

@@ -26,7 +26,7 @@ from pigateway import inbox
 from pigateway.config import Config
 from pigateway.errors import RejectedCommand
 from pigateway.handlers import HandlerFactory
-from pigateway.store import Store
+from pigateway.store import QueueReader, Store
 from pigateway.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -331,5 +331,5 @@ class Inbound:
 
 async def list_inbox(config: Config, limit: int = 100) -> list[dict[str, Any]]:
     """Pending, running and recently finished commands, for ``pigateway inbox ls``."""
-    async with await Store.open(config.store, drainer=False) as store:
-        return [entry.as_dict() for entry in await inbox.listing(store, limit)]
+    async with await QueueReader.open(config.store) as reader:  # looks, never creates
+        return [entry.as_dict() for entry in await inbox.listing(reader, limit)]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pigateway.ids import new_id
-from pigateway.store import Store
+from pigateway.store import Reads, Store
 
 Statement = tuple[str, Sequence[Any]]
 
@@ -171,7 +171,7 @@ async def pending(store: Store, after_seq: int, limit: int) -> list[Entry]:
     return [_entry(row) for row in rows]
 
 
-async def listing(store: Store, limit: int) -> list[Entry]:
+async def listing(store: Reads, limit: int) -> list[Entry]:
     """Unfinished commands first (in run order), then the newest finished ones."""
     rows = await store.read(
         f"SELECT {_COLUMNS} FROM inbox ORDER BY state = 'done', "

@@ -408,7 +408,128 @@ class _Job:
     also: Sequence[tuple[str, Sequence[Any]]] = ()
 
 
-class Store:
+class Reads:
+    """What every view of the queue reads: the service's and producers' :class:`Store`, and
+    the read-only :class:`QueueReader` of ``status``, ``queue ls/stats`` and ``inbox ls``."""
+
+    async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a read-only query."""
+        return await self._fetch(sql, params)
+
+    async def stats(self) -> Stats:
+        """Depth, bytes, oldest age, in flight and dead letters, read from the rows."""
+        totals = await self._fetch("SELECT commands, bytes FROM totals WHERE id = 1")
+        commands, size = totals[0] if totals else (0, 0)
+        oldest = await self._fetch("SELECT queued_at FROM outbox ORDER BY seq LIMIT 1")
+        in_flight = await self._fetch("SELECT count(*) FROM inflight")
+        dead = await self._fetch("SELECT reason, count(*) FROM dead_letters GROUP BY reason")
+        age = max(0.0, time.time() - oldest[0][0]) if oldest else None
+        return Stats(depth=commands, bytes=size, oldest_age=age,
+                     in_flight=in_flight[0][0] if in_flight else 0,
+                     dead={reason: count for reason, count in dead})
+
+    async def list_queued(self, limit: int = 100) -> list[Command]:
+        """The oldest ``limit`` commands, in the order they will be sent."""
+        rows = await self._fetch(f"SELECT {_COLUMNS} FROM outbox ORDER BY seq LIMIT ?", (limit,))
+        return [_row_to_command(row) for row in rows]
+
+    async def list_dead(self, limit: int = 100) -> list[DeadLetter]:
+        """The newest ``limit`` dead letters."""
+        rows = await self._fetch(
+            "SELECT 0, id, kind, device, name, params, size, queued_at, expires_at, attempts, "
+            "last_error, reason, detail, dead_at FROM dead_letters ORDER BY dead_at DESC LIMIT ?",
+            (limit,))
+        return [DeadLetter(_row_to_command(row), row[11], row[12], row[13]) for row in rows]
+
+
+class QueueReader(Reads):
+    """The queue file opened read-only (``mode=ro``), for the verbs that only look.
+
+    It never creates, migrates or moves a file: a missing file reads as an empty queue with
+    a :attr:`note`; a damaged one raises :class:`StoreCorrupt` and is left where it is (the
+    service moves it aside); an older schema is read as far as it goes, with a note. (Over
+    an existing file SQLite may add its -wal/-shm, owned like the file even when run as root.)
+    """
+
+    def __init__(self, path: Path, conn: sqlite3.Connection | None, note: str | None) -> None:
+        self.path = path
+        self.note = note
+        self._conn = conn
+
+    @classmethod
+    async def open(cls, config: StoreConfig) -> QueueReader:
+        return await asyncio.to_thread(cls._open, config)
+
+    @classmethod
+    def _open(cls, config: StoreConfig) -> QueueReader:
+        path = config.path
+        if not path.exists():
+            return cls(path, None, f"no queue file at {path} yet: nothing is queued")
+        problem = check_header(path)
+        if problem is not None:
+            raise _reader_refusal(path, problem)
+        if path.stat().st_size == 0:
+            return cls(path, None, f"{path} is empty: nothing is queued")
+        uri = f"{path.resolve().as_uri()}?mode=ro"
+        try:
+            conn = sqlite3.connect(uri, uri=True, timeout=config.busy_timeout,
+                                   check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read {path}: {exc}") from exc
+        try:
+            version = int(_first(conn, "PRAGMA user_version")[0])
+            conn.execute("SELECT name FROM sqlite_master").fetchall()
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise _reader_refusal(path, str(exc)) from exc
+        if version > len(MIGRATIONS):
+            conn.close()
+            raise StoreError(f"{path} has schema version {version}, newer than this pigateway "
+                             f"knows ({len(MIGRATIONS)}); upgrade pigateway")
+        note = None if version == len(MIGRATIONS) else (
+            f"{path} has schema version {version}; the service migrates it to "
+            f"{len(MIGRATIONS)} when it starts")
+        return cls(path, conn, note)
+
+    async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        if self._conn is None:
+            return []
+        return await asyncio.to_thread(self._fetch_now, self._conn, sql, params)
+
+    def _fetch_now(self, conn: sqlite3.Connection, sql: str,
+                   params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        try:
+            return [tuple(row) for row in conn.execute(sql, params).fetchall()]
+        except sqlite3.OperationalError as exc:
+            if "no such" in str(exc):
+                raise StoreError(f"{self.path} has an older schema ({exc}); run the service "
+                                 "once to migrate it") from exc
+            raise _translate(exc, self.path) from exc
+        except sqlite3.DatabaseError as exc:
+            raise _reader_refusal(self.path, str(exc)) from exc
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _reader_refusal(path: Path, problem: str) -> StoreCorrupt:
+    return StoreCorrupt(f"{path} is not a sound queue ({problem}); it was left as it is. "
+                        "The service moves it aside and starts a fresh queue when it is "
+                        "started or restarted")
+
+
+class Store(Reads):
     """The queue. Open with ``await Store.open(config)``; use as an async context manager."""
 
     def __init__(self, config: StoreConfig, writer: aiosqlite.Connection,
@@ -574,29 +695,6 @@ class Store:
 
     # ---- observing
 
-    async def stats(self) -> Stats:
-        """Depth, bytes, oldest age, in flight and dead letters, read from the rows."""
-        commands, size = await self._one("SELECT commands, bytes FROM totals WHERE id = 1")
-        oldest = await self._fetch("SELECT queued_at FROM outbox ORDER BY seq LIMIT 1")
-        in_flight = await self._one("SELECT count(*) FROM inflight")
-        dead = await self._fetch("SELECT reason, count(*) FROM dead_letters GROUP BY reason")
-        age = max(0.0, time.time() - oldest[0][0]) if oldest else None
-        return Stats(depth=commands, bytes=size, oldest_age=age, in_flight=in_flight[0],
-                     dead={reason: count for reason, count in dead})
-
-    async def list_queued(self, limit: int = 100) -> list[Command]:
-        """The oldest ``limit`` commands, in the order they will be sent."""
-        rows = await self._fetch(f"SELECT {_COLUMNS} FROM outbox ORDER BY seq LIMIT ?", (limit,))
-        return [_row_to_command(row) for row in rows]
-
-    async def list_dead(self, limit: int = 100) -> list[DeadLetter]:
-        """The newest ``limit`` dead letters."""
-        rows = await self._fetch(
-            "SELECT 0, id, kind, device, name, params, size, queued_at, expires_at, attempts, "
-            "last_error, reason, detail, dead_at FROM dead_letters ORDER BY dead_at DESC LIMIT ?",
-            (limit,))
-        return [DeadLetter(_row_to_command(row), row[11], row[12], row[13]) for row in rows]
-
     async def wait_for_work(self, timeout: float) -> None:
         """Return when a put happened here or another process committed, or after ``timeout``."""
         deadline = time.monotonic() + timeout
@@ -677,10 +775,6 @@ class Store:
             for sql, params in statements:
                 conn.execute(sql, params)
         return self._submit(run)
-
-    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Run a read-only query on the reader connection."""
-        return await self._fetch(sql, params)
 
     # ---- the writer: one task, one connection, one commit for many puts
 
@@ -1032,10 +1126,6 @@ class Store:
             return await _fetch_all(self._reader, sql, params)
         except sqlite3.Error as exc:
             raise _translate(exc, self.path) from exc
-
-    async def _one(self, sql: str) -> tuple[Any, ...]:
-        rows = await self._fetch(sql)
-        return rows[0]
 
     async def _read_data_version(self) -> int:
         """Asked of the writer connection, whose data_version moves only when *another*
