@@ -294,6 +294,20 @@ async def test_dead_letters_are_bounded_by_bytes_and_by_age(store_config: StoreC
         assert await store.list_dead(100) == []
 
 
+async def test_dead_letters_written_by_the_inbox_are_bounded_too(
+        store_config: StoreConfig) -> None:
+    """The inbox records unreadable messages as dead letters with its own statement."""
+    from pigateway import inbox  # noqa: PLC0415
+
+    config = dataclasses.replace(store_config, max_dead_letters=50)
+    async with await Store.open(config) as store:
+        for _ in range(3):
+            await store.write([inbox.dead_letter("not JSON", b"garbage", time.time())
+                               for _ in range(40)])
+            await store.claim(1)  # the drain's next claim prunes
+        assert (await store.stats()).dead_total == 50
+
+
 async def test_lowered_bounds_are_applied_when_the_service_starts(
         store_config: StoreConfig) -> None:
     async with await Store.open(roomy(store_config)) as store:

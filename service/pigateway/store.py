@@ -974,7 +974,9 @@ class Store(Reads):
         claimed: list[Command] = []
         now = time.time()
         buried = 0
-        self._prune_dead(conn, 0, aged_only=True)
+        # dead letters written by others (the inbox's records of unreadable messages) and
+        # aged ones are pruned here too, a chunk at a time
+        self._prune_dead(conn, 0)
         while len(claimed) < limit and buried < SWEEP_CHUNK:
             room = min(limit - len(claimed), SWEEP_CHUNK - buried)
             rows = _all(
@@ -1049,15 +1051,14 @@ class Store(Reads):
         self._after_commit.append(lambda: _log_buried(buried, reason, detail))
         self._prune_dead(conn, len(buried))
 
-    def _prune_dead(self, conn: sqlite3.Connection, added: int, *,
-                    aged_only: bool = False) -> int:
+    def _prune_dead(self, conn: sqlite3.Connection, added: int) -> int:
         """Delete the oldest dead letters over ``store.max_dead_letters``,
         ``store.max_dead_bytes`` or older than ``store.dead_letter_ttl``: at most what was
         just ``added`` plus :data:`SWEEP_CHUNK` in this transaction, oldest first."""
         config = self.config
         count, nbytes = _first(conn, "SELECT dead_count, dead_bytes FROM totals WHERE id = 1")
-        over_count = 0 if aged_only else count - config.max_dead_letters
-        over_bytes = 0 if aged_only else nbytes - config.max_dead_bytes
+        over_count = count - config.max_dead_letters
+        over_bytes = nbytes - config.max_dead_bytes
         cutoff = time.time() - config.dead_letter_ttl if config.dead_letter_ttl > 0 else None
         if over_count <= 0 and over_bytes <= 0 and cutoff is None:
             return 0
