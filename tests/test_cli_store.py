@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pigateway import config as configuration
-from pigateway.store import Store
+from pigateway.store import NewCommand, Store
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -143,3 +143,26 @@ def test_looking_verbs_neither_migrate_an_old_schema_nor_fail_on_what_it_has(
     assert code == 1 and "run the service once to migrate" in err
     with sqlite3.connect(tmp_path / "queue.db") as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+
+
+# --------------------------------------------------------------------------- P8
+
+
+def test_purge_and_requeue_print_progress_for_long_work(
+        cli: Run, config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """P8: a purge of a big backlog runs in chunks and says how far it got, on stderr."""
+    from pigateway import cli as cli_module  # noqa: PLC0415
+
+    monkeypatch.setattr(cli_module, "PROGRESS_EVERY", 500)
+
+    async def bury_many() -> None:
+        async with await Store.open(configuration.load(config_file).store) as store:
+            commands = await store.put_many([NewCommand("d", "n")] * 1200)
+            await store.dead_letter([c.id for c in commands], "max-attempts")
+    asyncio.run(bury_many())
+    code, out, err = cli("queue", "requeue-dead", "--config", str(config_file))
+    assert (code, out) == (0, "requeued 1200 dead letter(s)\n")
+    assert "requeued 500 row(s) so far" in err and "requeued 1,000 row(s) so far" in err
+    code, out, err = cli("queue", "purge", "--all", "--yes", "--config", str(config_file))
+    assert code == 0 and out.startswith("deleted 1200 row(s)")
+    assert "deleted 500 row(s) so far" in err and "deleted 1,000 row(s) so far" in err
