@@ -312,6 +312,9 @@ async def test_a_producer_leaves_a_bad_file_to_the_running_service(
         with contextlib.suppress(StoreError):
             await service.close()
     store_config.path.write_bytes(b"garbage!" * 512)  # still bad once the service stopped
-    async with await Store.open(store_config, drainer=False) as producer:
-        await producer.put("d", "after")  # no service now: the producer moves it aside
+    with pytest.raises(StoreCorrupt, match="started"):  # no service: still only the drainer
+        await Store.open(store_config, drainer=False)  # moves it (P4: producers raced)
+    assert corrupt_files(store_config.path.parent) == []
+    async with await Store.open(store_config) as service:
+        await service.put("d", "after")
     assert len(corrupt_files(store_config.path.parent)) == 1

@@ -26,7 +26,7 @@ from pigateway.errors import (
     ServiceNotRunning,
     StoreFull,
 )
-from pigateway.store import Store
+from pigateway.store import QueueReader, Store
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_NOT_RUNNING = 0, 1, 2, 3, 4
 
@@ -138,8 +138,11 @@ def _add_queue_verbs(verbs: Any, common: argparse.ArgumentParser) -> None:
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(handler=cmd_queue_stats)
     requeue = queue.add_parser("requeue-dead", parents=[common],
-                               help="send dead letters again (all, or one --id)")
+                               help="send dead letters again (all but the expired, or one --id)")
     requeue.add_argument("--id")
+    requeue.add_argument("--expired", action="store_true",
+                         help="with --id: send an expired command again (it is stale, and "
+                              "may have been delivered already)")
     requeue.set_defaults(handler=cmd_queue_requeue)
     purge = queue.add_parser("purge", parents=[common], help="delete dead letters or everything")
     which = purge.add_mutually_exclusive_group(required=True)
@@ -182,7 +185,7 @@ async def cmd_send(args: argparse.Namespace) -> int:
 
 
 async def cmd_queue_ls(args: argparse.Namespace) -> int:
-    async with await _open_store(args) as store:
+    async with await _open_reader(args) as store:
         items = await (store.list_dead(args.limit) if args.dead else store.list_queued(args.limit))
     rows = [item.as_dict() for item in items]
     if args.json:
@@ -195,7 +198,7 @@ async def cmd_queue_ls(args: argparse.Namespace) -> int:
 
 
 async def cmd_queue_stats(args: argparse.Namespace) -> int:
-    async with await _open_store(args) as store:
+    async with await _open_reader(args) as store:
         stats = (await store.stats()).as_dict()
     if args.json:
         print(json.dumps(stats, indent=2))
@@ -205,8 +208,12 @@ async def cmd_queue_stats(args: argparse.Namespace) -> int:
 
 
 async def cmd_queue_requeue(args: argparse.Namespace) -> int:
+    if args.expired and not args.id:
+        raise UsageError("--expired needs --id: stale commands are sent again one by one, "
+                         "never all at once")
     async with await _open_store(args) as store:
-        count = await store.requeue_dead(args.id)
+        count = await store.requeue_dead(args.id, expired=args.expired,
+                                         progress=_progress("requeued"))
     if args.id and count == 0:
         raise UsageError(f"no dead letter has id {args.id!r}")
     print(f"requeued {count} dead letter(s)")
@@ -218,7 +225,7 @@ async def cmd_queue_purge(args: argparse.Namespace) -> int:
     if not args.yes:
         raise UsageError(f"this deletes {what}; add --yes to confirm")
     async with await _open_store(args) as store:
-        count = await store.purge(queued=args.all)
+        count = await store.purge(queued=args.all, progress=_progress("deleted"))
     print(f"deleted {count} row(s): {what}")
     return EXIT_OK
 
@@ -241,7 +248,8 @@ async def cmd_status(args: argparse.Namespace) -> int:
         reply = await control.request(config.control.socket, "status")
         state: dict[str, Any] = {"running": True, **reply.get("state", {})}
     except ServiceNotRunning as exc:
-        async with await Store.open(config.store, drainer=False) as store:
+        async with await QueueReader.open(config.store) as store:  # looks, never creates
+            _say_note(store)
             stats = (await store.stats()).as_dict()
         state = {"running": False, "why": str(exc), **stats}
     if args.json:
@@ -271,9 +279,10 @@ async def cmd_control(args: argparse.Namespace) -> int:
 
 
 async def cmd_inbox_ls(args: argparse.Namespace) -> int:
-    from pigateway import inbound  # noqa: PLC0415 - only inbox ls needs it
+    from pigateway import inbox  # noqa: PLC0415 - only inbox ls needs it
 
-    rows = await inbound.list_inbox(_load(args), args.limit)
+    async with await _open_reader(args) as reader:
+        rows = [entry.as_dict() for entry in await inbox.listing(reader, args.limit)]
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
     else:
@@ -290,6 +299,33 @@ def _load(args: argparse.Namespace) -> configuration.Config:
 
 async def _open_store(args: argparse.Namespace) -> Store:
     return await Store.open(_load(args).store, drainer=False)
+
+
+async def _open_reader(args: argparse.Namespace) -> QueueReader:
+    """The queue for a verb that only looks: read-only, never created, migrated or moved."""
+    reader = await QueueReader.open(_load(args).store)
+    _say_note(reader)
+    return reader
+
+
+def _say_note(reader: QueueReader) -> None:
+    if reader.note:  # on stderr: stdout stays the table or the JSON
+        print(f"pigateway: {reader.note}", file=sys.stderr)
+
+
+#: Rows between two progress lines of a long purge or requeue.
+PROGRESS_EVERY = 50_000
+
+
+def _progress(verb: str) -> Callable[[int], None]:
+    """A progress line on stderr every :data:`PROGRESS_EVERY` rows of a long sweep."""
+    shown = [0]
+
+    def show(done: int) -> None:
+        if done - shown[0] >= PROGRESS_EVERY:
+            shown[0] = done
+            print(f"pigateway: {verb} {done:,} row(s) so far", file=sys.stderr, flush=True)
+    return show
 
 
 def _stats_text(stats: dict[str, Any]) -> str:

@@ -96,6 +96,12 @@ class StoreConfig(_Section, section="store"):
     min_free_bytes: int = _opt(32 * 1024 * 1024, min=0, doc="disk space always kept free")
     max_params_bytes: int = _opt(64 * 1024, min=16, doc="size limit of one command's params")
     busy_timeout: float = _opt(10.0, min=0.1, doc="seconds to wait for another writer")
+    max_dead_letters: int = _opt(10_000, min=1,
+                                 doc="dead letters kept at most (the oldest are pruned)")
+    max_dead_bytes: int = _opt(16 * 1024 * 1024, min=1024,
+                               doc="params bytes of dead letters kept at most")
+    dead_letter_ttl: float = _opt(30 * 24 * 3600.0, min=0,
+                                  doc="seconds a dead letter is kept (0: no age limit)")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from pigateway.config import Config
 from pigateway.errors import RejectedCommand, StoreError
 from pigateway.handlers import HandlerFactory
 from pigateway.metrics import COUNTERS
-from pigateway.store import Store
+from pigateway.store import QueueReader, Store
 from pigateway.text import bounded, encodable, quoted
 from pigateway.workers import WorkerPool
 
@@ -433,6 +433,6 @@ class Inbound:
 
 async def list_inbox(config: Config, limit: int = 100) -> list[dict[str, Any]]:
     """Pending, running and recently finished commands, for ``pigateway inbox ls``."""
-    async with await Store.open(config.store, drainer=False) as store:
-        return [{**entry.as_dict(), "expires_at": store.clock.to_wall(entry.expires_at)}
-                for entry in await inbox.listing(store, limit)]
+    async with await QueueReader.open(config.store) as reader:  # looks, never creates
+        return [{**entry.as_dict(), "expires_at": reader.clock.to_wall(entry.expires_at)}
+                for entry in await inbox.listing(reader, limit)]

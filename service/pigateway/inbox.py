@@ -24,7 +24,7 @@ from typing import Any
 from pigateway.config import Config
 from pigateway.ids import new_id
 from pigateway.inputs import text_problem
-from pigateway.store import Store
+from pigateway.store import SWEEP_CHUNK, Reads, Store
 from pigateway.text import bounded, fit_json
 
 Statement = tuple[str, Sequence[Any]]
@@ -204,10 +204,13 @@ def recover() -> Statement:
 
 
 def prune(before: float) -> Statement:
-    """Forget finished commands done before ``before`` on the gateway clock (the dedupe
-    window; bounds the table). Rows of before migration 3 go by their wall time."""
-    return ("DELETE FROM inbox WHERE state = 'done' AND (done_on < ? OR "
-            "(done_on IS NULL AND finished_at < ?))", (before, before))
+    """Forget up to one sweep chunk of finished commands done before ``before`` on the
+    gateway clock (the dedupe window; bounds the table); run it with :meth:`Store.sweep`,
+    which repeats it, each chunk its own commit. Rows of before migration 3 go by their
+    wall time."""
+    return ("DELETE FROM inbox WHERE seq IN (SELECT seq FROM inbox WHERE state = 'done' AND "
+            "(done_on < ? OR (done_on IS NULL AND finished_at < ?)) LIMIT ?)",
+            (before, before, SWEEP_CHUNK))
 
 
 def dead_letter(reason: str, payload: bytes, now: float) -> Statement:
@@ -235,7 +238,7 @@ async def pending(store: Store, after_seq: int, limit: int) -> list[Entry]:
     return [_entry(row) for row in rows]
 
 
-async def listing(store: Store, limit: int) -> list[Entry]:
+async def listing(store: Reads, limit: int) -> list[Entry]:
     """Unfinished commands first (in run order), then the newest finished ones."""
     rows = await store.read(
         f"SELECT {_COLUMNS} FROM inbox ORDER BY state = 'done', "

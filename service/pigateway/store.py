@@ -45,10 +45,13 @@ from pigateway.metrics import COUNTERS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: Told the running total of rows a long sweep has handled (the CLI prints it).
+Progress = Callable[[int], None]
 
 KINDS = ("action", "result")
 MAX_NAME = 128
 SQLITE_MAGIC = b"SQLite format 3\x00"
+HEADER_SIZE = 100
 #: How often a drainer looks for commits made by other processes (``pigateway send``).
 POLL_INTERVAL = 0.05
 #: Puts coalesced into one transaction at most.
@@ -58,6 +61,16 @@ LOGGED_IDS = 100
 #: Page size of a new queue file, and WAL pages between automatic checkpoints.
 PAGE_SIZE = 2048
 WAL_CHECKPOINT_PAGES = 10_000
+#: Bytes the WAL is cut back to after a checkpoint: one checkpoint interval. Without it the
+#: file keeps the size of the largest transaction it ever held (a purge, a migration).
+JOURNAL_SIZE_LIMIT = WAL_CHECKPOINT_PAGES * PAGE_SIZE
+#: Rows one transaction of a sweep (expiry, purge, requeue, drop-oldest, dead-letter
+#: pruning) handles at most: each chunk is its own commit, so the watchdog's ping,
+#: producers and the drain get the writer between chunks, and a kill keeps the chunks done.
+SWEEP_CHUNK = 500
+#: Seconds one ``claim`` call goes on burying an expired backlog before it hands back an
+#: empty claim (and wakes :meth:`Store.wait_for_work`): a cancelled claim ends soon.
+CLAIM_SWEEP_SECONDS = 1.0
 
 _INSERT = ("INSERT INTO outbox (id, kind, device, name, params, size, queued_at, expires_at, "
            "ttl) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
@@ -150,6 +163,25 @@ MIGRATIONS: list[str] = [
     ALTER TABLE dead_letters ADD COLUMN ttl REAL;
     ALTER TABLE inbox ADD COLUMN ttl REAL;
     ALTER TABLE inbox ADD COLUMN done_on REAL;
+    """,
+    # 4: dead letters are bounded (store.max_dead_letters, max_dead_bytes, dead_letter_ttl):
+    # their count and bytes kept by triggers like the outbox's, and an index to find the
+    # oldest.
+    """
+    ALTER TABLE totals ADD COLUMN dead_count INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE totals ADD COLUMN dead_bytes INTEGER NOT NULL DEFAULT 0;
+    UPDATE totals SET dead_count = (SELECT count(*) FROM dead_letters),
+                      dead_bytes = (SELECT coalesce(sum(size), 0) FROM dead_letters)
+        WHERE id = 1;
+    CREATE TRIGGER dead_counted AFTER INSERT ON dead_letters BEGIN
+        UPDATE totals SET dead_count = dead_count + 1, dead_bytes = dead_bytes + NEW.size
+            WHERE id = 1;
+    END;
+    CREATE TRIGGER dead_uncounted AFTER DELETE ON dead_letters BEGIN
+        UPDATE totals SET dead_count = dead_count - 1, dead_bytes = dead_bytes - OLD.size
+            WHERE id = 1;
+    END;
+    CREATE INDEX dead_letters_age ON dead_letters (dead_at);
     """,
 ]
 
@@ -297,19 +329,39 @@ def _row_to_command(row: Sequence[Any]) -> Command:
 # --------------------------------------------------------------------------- opening
 
 
-def _is_sqlite_file(path: Path) -> bool:
+def _read_header(path: Path) -> bytes:
     with path.open("rb") as handle:
-        head = handle.read(len(SQLITE_MAGIC))
-    return head in (SQLITE_MAGIC, b"")
+        return handle.read(HEADER_SIZE)
+
+
+def check_header(path: Path) -> str | None:
+    """The producer's cheap check: ``None`` when the file is missing, empty or starts with a
+    whole SQLite header, else what is wrong with it. Reads 100 bytes, whatever the backlog."""
+    try:
+        head = _read_header(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from exc
+    if head == b"":
+        return None
+    if not head.startswith(SQLITE_MAGIC):
+        return "not an SQLite database (bad header)"
+    if len(head) < HEADER_SIZE:
+        return f"truncated: {len(head)} bytes, shorter than an SQLite header"
+    return None
 
 
 def check_integrity(path: Path) -> str | None:
-    """``None`` when the file is a sound SQLite database, else what is wrong with it."""
+    """The drainer's full check at its open: ``None`` when the file is a sound SQLite
+    database, else what is wrong with it. ``PRAGMA quick_check`` reads every page, so only
+    the drainer runs it (once per start), never a producer (once per ``pigateway send``)."""
     if not path.exists():
         return None
+    problem = check_header(path)
+    if problem is not None:
+        return problem
     try:
-        if not _is_sqlite_file(path):
-            return "not an SQLite database (bad header)"
         with contextlib.closing(sqlite3.connect(path, timeout=30)) as conn:
             rows = conn.execute("PRAGMA quick_check").fetchall()
     except sqlite3.OperationalError as exc:
@@ -329,7 +381,13 @@ def check_integrity(path: Path) -> str | None:
 
 
 def quarantine(path: Path, why: str) -> Path:
-    """Move a bad database (and its -wal/-shm) aside; never delete a user's data."""
+    """Move a bad database (and its -wal/-shm) aside; never delete a user's data.
+
+    Only a drainer calls it, holding the drainer lock, so no second process can check or
+    move the file meanwhile: the file renamed is the one that was checked. The real file is
+    moved (a symlinked ``store.path`` keeps its link), since SQLite keeps its -wal beside it.
+    """
+    path = path.resolve()
     stamp = time.strftime("%Y%m%dT%H%M%S")
     target = path.with_name(f"{path.name}.corrupt-{stamp}")
     counter = 1
@@ -351,6 +409,27 @@ def quarantine(path: Path, why: str) -> Path:
                  "and started a fresh queue. Recover commands from it with sqlite3.",
                  path, why, target)
     return target
+
+
+def _producer_refusal(path: Path, problem: str) -> StoreCorrupt:
+    """A producer never moves a queue file: that is the drainer's, under its lock (a
+    producer's fresh file could be moved by the next producer, with commands in it)."""
+    return StoreCorrupt(
+        f"{path} is not a sound queue ({problem}); nothing was queued. The service moves it "
+        "aside and starts a fresh queue when it is started or restarted")
+
+
+async def _check_before_open(path: Path, *, drainer: bool) -> None:
+    """The drainer, holding its lock, runs the full check and moves a bad file aside; a
+    producer reads the header only and refuses a bad file (see :func:`_producer_refusal`)."""
+    if drainer:
+        problem = await asyncio.to_thread(check_integrity, path)
+        if problem is not None:
+            quarantine(path, problem)
+        return
+    problem = check_header(path)
+    if problem is not None:
+        raise _producer_refusal(path, problem)
 
 
 def _translate(exc: sqlite3.Error, path: Path) -> StoreError:
@@ -380,7 +459,150 @@ class _Job:
     also: Sequence[tuple[str, Sequence[Any]]] = ()
 
 
-class Store:
+class Reads:
+    """What every view of the queue reads: the service's and producers' :class:`Store`, and
+    the read-only :class:`QueueReader` of ``status``, ``queue ls/stats`` and ``inbox ls``."""
+
+    #: the clock of every ``expires_at`` in the file (see :mod:`pigateway.clock`)
+    clock: GatewayClock
+
+    async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a read-only query."""
+        return await self._fetch(sql, params)
+
+    async def stats(self) -> Stats:
+        """Depth, bytes, oldest age, in flight and dead letters, read from the rows."""
+        totals = await self._fetch("SELECT commands, bytes FROM totals WHERE id = 1")
+        commands, size = totals[0] if totals else (0, 0)
+        oldest = await self._fetch("SELECT queued_at FROM outbox ORDER BY seq LIMIT 1")
+        in_flight = await self._fetch("SELECT count(*) FROM inflight")
+        dead = await self._fetch("SELECT reason, count(*) FROM dead_letters GROUP BY reason")
+        age = max(0.0, time.time() - oldest[0][0]) if oldest else None
+        return Stats(depth=commands, bytes=size, oldest_age=age,
+                     in_flight=in_flight[0][0] if in_flight else 0,
+                     dead={reason: count for reason, count in dead})
+
+    async def list_queued(self, limit: int = 100) -> list[Command]:
+        """The oldest ``limit`` commands, in the order they will be sent.
+
+        For people: ``expires_at`` is shown as the wall time it falls at now.
+        """
+        rows = await self._fetch(f"SELECT {_COLUMNS} FROM outbox ORDER BY seq LIMIT ?", (limit,))
+        return [self._for_display(_row_to_command(row)) for row in rows]
+
+    async def list_dead(self, limit: int = 100) -> list[DeadLetter]:
+        """The newest ``limit`` dead letters (``expires_at`` as wall time, as above)."""
+        rows = await self._fetch(
+            "SELECT 0, id, kind, device, name, params, size, queued_at, expires_at, attempts, "
+            "last_error, reason, detail, dead_at FROM dead_letters ORDER BY dead_at DESC LIMIT ?",
+            (limit,))
+        return [DeadLetter(self._for_display(_row_to_command(row)), row[11], row[12], row[13])
+                for row in rows]
+
+    def _for_display(self, command: Command) -> Command:
+        return dataclasses.replace(command, expires_at=self.clock.to_wall(command.expires_at))
+
+
+class QueueReader(Reads):
+    """The queue file opened read-only (``mode=ro``), for the verbs that only look.
+
+    It never creates, migrates or moves a file: a missing file reads as an empty queue with
+    a :attr:`note`; a damaged one raises :class:`StoreCorrupt` and is left where it is (the
+    service moves it aside); an older schema is read as far as it goes, with a note. (Over
+    an existing file SQLite may add its -wal/-shm, owned like the file even when run as root.)
+    """
+
+    def __init__(self, path: Path, conn: sqlite3.Connection | None, note: str | None) -> None:
+        self.path = path
+        self.note = note
+        self._conn = conn
+        self.clock = GatewayClock(clock.current(_stored_reading(conn)))
+
+    @classmethod
+    async def open(cls, config: StoreConfig) -> QueueReader:
+        return await asyncio.to_thread(cls._open, config)
+
+    @classmethod
+    def _open(cls, config: StoreConfig) -> QueueReader:
+        path = config.path
+        if not path.exists():
+            return cls(path, None, f"no queue file at {path} yet: nothing is queued")
+        problem = check_header(path)
+        if problem is not None:
+            raise _reader_refusal(path, problem)
+        if path.stat().st_size == 0:
+            return cls(path, None, f"{path} is empty: nothing is queued")
+        uri = f"{path.resolve().as_uri()}?mode=ro"
+        try:
+            conn = sqlite3.connect(uri, uri=True, timeout=config.busy_timeout,
+                                   check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read {path}: {exc}") from exc
+        try:
+            version = int(_first(conn, "PRAGMA user_version")[0])
+            conn.execute("SELECT name FROM sqlite_master").fetchall()
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise _reader_refusal(path, str(exc)) from exc
+        if version > len(MIGRATIONS):
+            conn.close()
+            raise StoreError(f"{path} has schema version {version}, newer than this pigateway "
+                             f"knows ({len(MIGRATIONS)}); upgrade pigateway")
+        note = None if version == len(MIGRATIONS) else (
+            f"{path} has schema version {version}; the service migrates it to "
+            f"{len(MIGRATIONS)} when it starts")
+        return cls(path, conn, note)
+
+    async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        if self._conn is None:
+            return []
+        return await asyncio.to_thread(self._fetch_now, self._conn, sql, params)
+
+    def _fetch_now(self, conn: sqlite3.Connection, sql: str,
+                   params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        try:
+            return [tuple(row) for row in conn.execute(sql, params).fetchall()]
+        except sqlite3.OperationalError as exc:
+            if "no such" in str(exc):
+                raise StoreError(f"{self.path} has an older schema ({exc}); run the service "
+                                 "once to migrate it") from exc
+            raise _translate(exc, self.path) from exc
+        except sqlite3.DatabaseError as exc:
+            raise _reader_refusal(self.path, str(exc)) from exc
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _stored_reading(conn: sqlite3.Connection | None) -> clock.Reading | None:
+    """The gateway clock's row, read without writing (``None``: no file, or a schema from
+    before the clock, whose deadlines are wall time, which a new clock starts equal to)."""
+    if conn is None:
+        return None
+    try:
+        return clock.load(conn)
+    except sqlite3.OperationalError:  # no clock table yet
+        return None
+
+
+def _reader_refusal(path: Path, problem: str) -> StoreCorrupt:
+    return StoreCorrupt(f"{path} is not a sound queue ({problem}); it was left as it is. "
+                        "The service moves it aside and starts a fresh queue when it is "
+                        "started or restarted")
+
+
+class Store(Reads):
     """The queue. Open with ``await Store.open(config)``; use as an async context manager."""
 
     def __init__(self, config: StoreConfig, writer: aiosqlite.Connection,
@@ -401,6 +623,9 @@ class Store:
         self._lock_fd: int | None = None
         self._closed = False
         self._data_version = 0
+        #: What the transaction under way will have to say once it commits (dead-lettered,
+        #: pruned): said after the COMMIT, never for work a rollback undid.
+        self._after_commit: list[Callable[[], None]] = []
 
     # ---- lifecycle
 
@@ -418,18 +643,15 @@ class Store:
         except OSError as exc:  # a read-only file system, a folder owned by someone else
             raise StoreError(f"cannot use {config.path.parent}: {exc}") from exc
         try:
-            problem = await asyncio.to_thread(check_integrity, config.path)
-            if problem is not None:
-                if not drainer and _drainer_running(config.path):
-                    # moved from under the running service, the file would split in two
-                    raise StoreCorrupt(f"{config.path} failed its integrity check ({problem}); "
-                                       "the running service moves it aside when restarted")
-                quarantine(config.path, problem)
+            await _check_before_open(config.path, drainer=drainer)
             writer, raw_writer = await _connect(config)
             try:
                 await _on_thread(writer, _migrate, raw_writer, config.path)
                 reading = await _on_thread(writer, _clock_reading, raw_writer, config.path)
                 reader, _ = await _connect(config)
+            except sqlite3.Error as exc:  # a producer met damage its cheap check missed
+                await writer.close()
+                raise _translate(exc, config.path) from exc
             except BaseException:
                 await writer.close()
                 raise
@@ -449,6 +671,11 @@ class Store:
         if drainer:
             store._heartbeat_task = asyncio.create_task(store._heartbeat_loop(),
                                                         name="store-clock")
+            try:
+                await store.prune_dead()  # bounds lowered since, or dead letters aged out
+            except BaseException:
+                await store.close()
+                raise
         return store
 
     async def close(self) -> None:
@@ -510,11 +737,21 @@ class Store:
     async def claim(self, limit: int) -> list[Command]:
         """Mark up to ``limit`` of the oldest queued commands in flight and return them.
 
-        Expired commands met on the way are dead-lettered as ``expired`` and not returned.
+        Expired commands met on the way are dead-lettered as ``expired`` and not returned,
+        at most :data:`SWEEP_CHUNK` per transaction: an expired backlog is buried chunk by
+        chunk, each its own commit. After :data:`CLAIM_SWEEP_SECONDS` of that an empty claim
+        comes back and :meth:`wait_for_work` returns at once, so the caller claims again.
         """
         if not self.drainer:
             raise StoreError("this store was opened as a producer; only a drainer claims")
-        return await self._call(lambda conn: self._claim(conn, limit))
+        deadline = time.monotonic() + CLAIM_SWEEP_SECONDS
+        while True:
+            claimed, more_expired = await self._call(lambda conn: self._claim(conn, limit))
+            if claimed or not more_expired:
+                return claimed
+            if time.monotonic() >= deadline:
+                self._put_event.set()  # more to bury: the drain comes back at once
+                return claimed
 
     async def ack(self, ids: Sequence[str]) -> int:
         """Delete delivered commands (call only after the broker acknowledged them)."""
@@ -543,36 +780,6 @@ class Store:
         await self._call(lambda conn: self._bury(conn, _seqs_sql(ids), list(ids), reason, detail))
 
     # ---- observing
-
-    async def stats(self) -> Stats:
-        """Depth, bytes, oldest age, in flight and dead letters, read from the rows."""
-        commands, size = await self._one("SELECT commands, bytes FROM totals WHERE id = 1")
-        oldest = await self._fetch("SELECT queued_at FROM outbox ORDER BY seq LIMIT 1")
-        in_flight = await self._one("SELECT count(*) FROM inflight")
-        dead = await self._fetch("SELECT reason, count(*) FROM dead_letters GROUP BY reason")
-        age = max(0.0, time.time() - oldest[0][0]) if oldest else None
-        return Stats(depth=commands, bytes=size, oldest_age=age, in_flight=in_flight[0],
-                     dead={reason: count for reason, count in dead})
-
-    async def list_queued(self, limit: int = 100) -> list[Command]:
-        """The oldest ``limit`` commands, in the order they will be sent.
-
-        For people: ``expires_at`` is shown as the wall time it falls at now.
-        """
-        rows = await self._fetch(f"SELECT {_COLUMNS} FROM outbox ORDER BY seq LIMIT ?", (limit,))
-        return [self._for_display(_row_to_command(row)) for row in rows]
-
-    def _for_display(self, command: Command) -> Command:
-        return dataclasses.replace(command, expires_at=self.clock.to_wall(command.expires_at))
-
-    async def list_dead(self, limit: int = 100) -> list[DeadLetter]:
-        """The newest ``limit`` dead letters (``expires_at`` as wall time, as above)."""
-        rows = await self._fetch(
-            "SELECT 0, id, kind, device, name, params, size, queued_at, expires_at, attempts, "
-            "last_error, reason, detail, dead_at FROM dead_letters ORDER BY dead_at DESC LIMIT ?",
-            (limit,))
-        return [DeadLetter(self._for_display(_row_to_command(row)), row[11], row[12], row[13])
-                for row in rows]
 
     async def wait_for_work(self, timeout: float) -> None:
         """Return when a put happened here or another process committed, or after ``timeout``."""
@@ -610,13 +817,57 @@ class Store:
 
     # ---- maintenance
 
-    async def requeue_dead(self, id: str | None = None) -> int:
-        """Move dead letters (all, or one by id) back to the tail of the queue, attempts reset."""
-        return await self._call(lambda conn: self._requeue(conn, id))
+    async def requeue_dead(self, id: str | None = None, *, expired: bool = False,
+                           progress: Progress | None = None) -> int:
+        """Move dead letters back to the tail of the queue, attempts reset; each keeps its
+        own ttl, counted again from now (:func:`requeued_expiry`).
 
-    async def purge(self, *, queued: bool) -> int:
-        """Delete dead letters, and with ``queued`` the whole queue too. Returns rows deleted."""
-        return await self._call(lambda conn: self._purge(conn, queued))
+        All of them: every one but the ``expired``, in chunks, each its own commit (a stale
+        command is never replayed to a device unasked; one may also have been delivered
+        with its PUBACK lost). One by ``id``: an expired one only with ``expired=True``,
+        else :class:`InvalidCommand` says how to ask.
+        """
+        if id is not None:
+            return await self._call(lambda conn: self._requeue_one(conn, id, expired=expired))
+        bound = await self._call(_max_rowid("dead_letters"))
+        return await self._sweep(lambda conn: self._requeue_chunk(conn, bound), progress)
+
+    async def purge(self, *, queued: bool, progress: Progress | None = None) -> int:
+        """Delete dead letters, and with ``queued`` the whole queue too. Returns rows deleted.
+
+        In chunks, each its own commit, so a running service keeps its writer; only rows
+        that existed when the purge began are deleted (puts meanwhile are kept).
+        """
+        bound, last = await self._call(
+            lambda conn: (_max_rowid("dead_letters")(conn), _max_rowid("outbox")(conn)))
+        total = await self._sweep(lambda conn: _purge_dead_chunk(conn, bound), progress)
+        if queued:
+            total += await self._sweep(lambda conn: _purge_queued_chunk(conn, last),
+                                       lambda done: progress(total + done) if progress else None)
+        return total
+
+    async def prune_dead(self) -> int:
+        """Bring dead letters within their bounds now, in chunks (a drainer does it at open)."""
+        return await self._sweep(lambda conn: self._prune_dead(conn, 0), None)
+
+    async def _sweep(self, step: Callable[[sqlite3.Connection], int],
+                     progress: Progress | None) -> int:
+        """Run ``step`` (which handles at most :data:`SWEEP_CHUNK` rows) in its own
+        transactions until it handles fewer: other writers' jobs commit in between."""
+        total = 0
+        while True:
+            done = await self._call(step)
+            total += done
+            if progress is not None and done:
+                progress(total)
+            if done < SWEEP_CHUNK:
+                return total
+
+    async def sweep(self, statement: tuple[str, Sequence[Any]]) -> int:
+        """Run a statement that deletes at most :data:`SWEEP_CHUNK` rows again and again,
+        each time its own commit, until it deletes fewer; returns the rows deleted."""
+        sql, params = statement
+        return await self._sweep(lambda conn: conn.execute(sql, params).rowcount, None)
 
     async def write(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
         """Run statements in one durable transaction through the writer."""
@@ -641,10 +892,6 @@ class Store:
             for sql, params in statements:
                 conn.execute(sql, params)
         return self._submit(run)
-
-    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Run a read-only query on the reader connection."""
-        return await self._fetch(sql, params)
 
     # ---- the writer: one task, one connection, one commit for many puts
 
@@ -687,11 +934,16 @@ class Store:
     async def _commit(self, jobs: list[_Job], *, reclaimed: bool = False) -> None:
         """Run ``jobs`` in one transaction and hand each caller its own outcome."""
         started = time.monotonic()
+        self._after_commit = []
         try:
             outcomes = await self._transaction(lambda conn: self._run_jobs(conn, jobs))
             COUNTERS.commit_seconds.observe(time.monotonic() - started)
         except Exception as exc:  # the commit itself failed: none of it happened
             outcomes = [exc] * len(jobs)
+        else:
+            said, self._after_commit = self._after_commit, []
+            for say in said:
+                say()
         full = [job for job, out in zip(jobs, outcomes, strict=True)
                 if isinstance(out, StoreFull)]
         if full and not reclaimed:
@@ -720,6 +972,7 @@ class Store:
         again put by put, so only the culprit fails.
         """
         conn.execute("SAVEPOINT job")
+        said = len(self._after_commit)
         try:
             if segment[0].run is not None:
                 outcomes: list[Any] = [segment[0].run(conn)]
@@ -728,6 +981,7 @@ class Store:
         except Exception as exc:
             conn.execute("ROLLBACK TO job")
             conn.execute("RELEASE job")
+            del self._after_commit[said:]  # undone: nothing to say about it
             if len(segment) > 1:
                 return [out for job in segment for out in self._run_segment(conn, [job])]
             return [_translate(exc, self.path) if isinstance(exc, sqlite3.Error) else exc]
@@ -801,53 +1055,65 @@ class Store:
                 or need_bytes > self.config.max_bytes):
             return QueueFull(f"the queue is full ({count} commands, {size} bytes; {limits}); "
                              "the command was not queued"), 0, 0
-        freed = self._drop_oldest(conn, max(over_count, 0), max(over_bytes, 0))
+        freed = self._drop_oldest(conn, max(over_count, 0), max(over_bytes, 0), need_count)
         if freed is None:
             return QueueFull(f"the queue is full and every queued command is in flight "
                              f"({limits}); the command was not queued"), 0, 0
         return None, *freed
 
-    def _drop_oldest(self, conn: sqlite3.Connection, count: int,
-                           nbytes: int) -> tuple[int, int] | None:
-        """Dead-letter the oldest queued commands (never in-flight ones) to free room."""
+    def _drop_oldest(self, conn: sqlite3.Connection, count: int, nbytes: int,
+                     need_count: int) -> tuple[int, int] | None:
+        """Dead-letter the oldest queued commands (never in-flight ones) to free room.
+
+        A queue already over its limits (they were lowered) is not trimmed all at once:
+        a put of ``need_count`` commands drops at most ``need_count`` plus
+        :data:`SWEEP_CHUNK`, and is queued; the next puts go on trimming.
+        """
+        most = need_count + SWEEP_CHUNK
+        rows = _all(conn, "SELECT seq, size FROM outbox WHERE seq NOT IN (SELECT seq FROM "
+                    "inflight) ORDER BY seq LIMIT ?", (most,))
         dropped: list[int] = []
         freed = 0
-        cursor = conn.execute(
-            "SELECT seq, size FROM outbox WHERE seq NOT IN (SELECT seq FROM inflight) "
-            "ORDER BY seq")
-        for seq, size in cursor:
+        for seq, size in rows:
             if len(dropped) >= count and freed >= nbytes:
                 break
             dropped.append(seq)
             freed += size
-        cursor.close()
-        if len(dropped) < count or freed < nbytes:
-            return None
-        for chunk in _chunks(dropped, 500):
+        if (len(dropped) < count or freed < nbytes) and len(rows) < most:
+            return None  # not enough outside the in-flight rows
+        for chunk in _chunks(dropped, SWEEP_CHUNK):
             self._bury_seqs(conn, chunk, "overflow",
-                                  "dropped to make room (store.overflow = drop-oldest)")
+                            "dropped to make room (store.overflow = drop-oldest)")
         return len(dropped), freed
 
     # ---- verbs, each inside the writer's transaction
 
-    def _claim(self, conn: sqlite3.Connection, limit: int) -> list[Command]:
+    def _claim(self, conn: sqlite3.Connection, limit: int) -> tuple[list[Command], bool]:
+        """Claim up to ``limit`` live rows, burying at most :data:`SWEEP_CHUNK` expired
+        ones on the way: (claimed, whether the budget ran out with more rows to look at)."""
         claimed: list[Command] = []
         now, gateway_now = time.time(), self.clock.now()
-        while len(claimed) < limit:
+        buried = 0
+        # dead letters written by others (the inbox's records of unreadable messages) and
+        # aged ones are pruned here too, a chunk at a time
+        self._prune_dead(conn, 0)
+        while len(claimed) < limit and buried < SWEEP_CHUNK:
+            room = min(limit - len(claimed), SWEEP_CHUNK - buried)
             rows = _all(
                 conn, f"SELECT {_COLUMNS} FROM outbox WHERE seq NOT IN (SELECT seq FROM "
-                "inflight) ORDER BY seq LIMIT ?", (limit - len(claimed),))
+                "inflight) ORDER BY seq LIMIT ?", (room,))
             if not rows:
-                break
-            expired = [row[0] for row in rows if row[8] is not None and row[8] <= gateway_now]
+                return claimed, False
+            expired = {row[0] for row in rows if row[8] is not None and row[8] <= gateway_now}
             if expired:
-                self._bury_seqs(conn, expired, "expired", "its ttl ran out before it "
-                                      "could be sent")
-            live = [row for row in rows if row[0] not in set(expired)]
+                self._bury_seqs(conn, sorted(expired), "expired",
+                                "its ttl ran out before it could be sent")
+                buried += len(expired)
+            live = [row for row in rows if row[0] not in expired]
             conn.executemany("INSERT INTO inflight (seq, claimed_at) VALUES (?, ?)",
-                                   [(row[0], now) for row in live])
+                             [(row[0], now) for row in live])
             claimed.extend(_row_to_command(row) for row in live)
-        return claimed
+        return claimed, buried >= SWEEP_CHUNK
 
     def _delete(self, conn: sqlite3.Connection, ids: Sequence[str]) -> int:
         total = 0
@@ -880,16 +1146,21 @@ class Store:
         self._bury_seqs(conn, seqs, reason, detail)
 
     def _bury_seqs(self, conn: sqlite3.Connection, seqs: Sequence[int], reason: str,
-                         detail: str | None) -> None:
-        """Move rows to ``dead_letters`` with a reason, and say so once in the log."""
+                   detail: str | None) -> None:
+        """Move rows to ``dead_letters`` with a reason, keep dead letters within their
+        bounds, and say so once in the log after the commit."""
         if not seqs:
             return
         now = time.time()
         buried: list[tuple[str, str]] = []
-        for chunk in _chunks(list(seqs), 500):
+        for chunk in _chunks(list(seqs), SWEEP_CHUNK):
             marks = ",".join("?" * len(chunk))
+            # not INSERT OR REPLACE: its implied delete fires no trigger, and the dead-letter
+            # totals would drift
+            conn.execute(f"DELETE FROM dead_letters WHERE id IN (SELECT id FROM outbox "
+                         f"WHERE seq IN ({marks}))", chunk)
             conn.execute(
-                "INSERT OR REPLACE INTO dead_letters (id, kind, device, name, params, size, "
+                "INSERT INTO dead_letters (id, kind, device, name, params, size, "
                 "queued_at, expires_at, ttl, attempts, last_error, reason, detail, dead_at) "
                 "SELECT id, kind, device, name, params, size, queued_at, expires_at, ttl, "
                 f"attempts, last_error, ?, ?, ? FROM outbox WHERE seq IN ({marks})",
@@ -897,34 +1168,77 @@ class Store:
             conn.execute(f"DELETE FROM inflight WHERE seq IN ({marks})", chunk)
             buried += conn.execute(f"DELETE FROM outbox WHERE seq IN ({marks}) "
                                    "RETURNING id, device", chunk).fetchall()
-        # one line for the lot; the journal indexes every id (COMMAND_ID=...) in it
-        log.warning("dead-lettered %d command(s): %s (%s); see `pigateway queue ls --dead`",
-                    len(buried), reason, detail or "no detail",
-                    extra={"command_id": [row[0] for row in buried[:LOGGED_IDS]],
-                           "device": sorted({row[1] for row in buried})[:LOGGED_IDS],
-                           "dead_reason": reason})
+        self._after_commit.append(lambda: _log_buried(buried, reason, detail))
+        self._prune_dead(conn, len(buried))
 
-    def _requeue(self, conn: sqlite3.Connection, id_: str | None) -> int:
+    def _prune_dead(self, conn: sqlite3.Connection, added: int) -> int:
+        """Delete the oldest dead letters over ``store.max_dead_letters``,
+        ``store.max_dead_bytes`` or older than ``store.dead_letter_ttl``: at most what was
+        just ``added`` plus :data:`SWEEP_CHUNK` in this transaction, oldest first."""
+        config = self.config
+        count, nbytes = _first(conn, "SELECT dead_count, dead_bytes FROM totals WHERE id = 1")
+        over_count = count - config.max_dead_letters
+        over_bytes = nbytes - config.max_dead_bytes
+        cutoff = time.time() - config.dead_letter_ttl if config.dead_letter_ttl > 0 else None
+        if over_count <= 0 and over_bytes <= 0 and cutoff is None:
+            return 0
+        doomed: list[int] = []
+        freed = 0
+        cursor = conn.execute("SELECT rowid, size, dead_at FROM dead_letters "
+                              "ORDER BY dead_at LIMIT ?", (added + SWEEP_CHUNK,))
+        for rowid, size, dead_at in cursor:  # lazily: mostly the first row says "none"
+            aged = cutoff is not None and dead_at < cutoff
+            if not aged and len(doomed) >= over_count and freed >= over_bytes:
+                break
+            doomed.append(rowid)
+            freed += size
+        cursor.close()
+        for chunk in _chunks(doomed, SWEEP_CHUNK):
+            conn.execute(f"DELETE FROM dead_letters WHERE rowid IN ({','.join('?' * len(chunk))})",
+                         chunk)
+        if doomed:
+            limits = (f"store.max_dead_letters={config.max_dead_letters}, "
+                      f"store.max_dead_bytes={config.max_dead_bytes}, "
+                      f"store.dead_letter_ttl={config.dead_letter_ttl:g}")
+            self._after_commit.append(lambda: log.warning(
+                "pruned the %d oldest dead letter(s) to keep within %s", len(doomed), limits))
+        return len(doomed)
+
+    def _requeue_one(self, conn: sqlite3.Connection, id_: str, *, expired: bool) -> int:
+        row = conn.execute("SELECT reason FROM dead_letters WHERE id = ? AND "
+                           "kind IN ('action', 'result')", (id_,)).fetchone()
+        if row is None:
+            return 0
+        if row[0] == "expired" and not expired:
+            raise InvalidCommand(
+                f"dead letter {id_} expired: its ttl ran out, and it may even have been "
+                "delivered with the broker's PUBACK lost. A stale command is sent again only "
+                "when asked explicitly: pigateway queue requeue-dead --id ID --expired")
+        return self._requeue_rows(conn, "id = ?", (id_,))
+
+    def _requeue_chunk(self, conn: sqlite3.Connection, bound: int) -> int:
         # only what can be sent: the inbound records (kind 'inbound', messages that had no
-        # id to answer) stay where they are, as evidence
-        where = "WHERE kind IN ('action', 'result')" + (" AND id = ?" if id_ else "")
-        params: tuple[str, ...] = (id_,) if id_ else ()
-        ttl = self.config.default_ttl
-        now, gateway_now = time.time(), self.clock.now()
-        conn.execute(
-            "INSERT INTO outbox (id, kind, device, name, params, size, queued_at, expires_at) "
-            "SELECT id, kind, device, name, params, size, ?, "
-            f"CASE WHEN ? > 0 THEN ? + ? ELSE NULL END FROM dead_letters {where} "
-            "ORDER BY dead_at, queued_at", (now, ttl, gateway_now, ttl, *params))
-        cursor = conn.execute(f"DELETE FROM dead_letters {where}", params)
-        return cursor.rowcount
+        # id to answer) stay where they are, as evidence; expired ones stay dead
+        return self._requeue_rows(
+            conn, "rowid IN (SELECT rowid FROM dead_letters WHERE rowid <= ? AND reason != "
+            "'expired' AND kind IN ('action', 'result') ORDER BY dead_at, queued_at LIMIT ?)",
+            (bound, SWEEP_CHUNK))
 
-    def _purge(self, conn: sqlite3.Connection, queued: bool) -> int:
-        total = (conn.execute("DELETE FROM dead_letters")).rowcount
-        if queued:
-            conn.execute("DELETE FROM inflight")
-            total += (conn.execute("DELETE FROM outbox")).rowcount
-        return total
+    def _requeue_rows(self, conn: sqlite3.Connection, where: str,
+                      params: Sequence[Any]) -> int:
+        now, gateway_now = time.time(), self.clock.now()
+        rows = _all(conn, "SELECT rowid, id, kind, device, name, params, size, queued_at, "
+                    f"expires_at, ttl FROM dead_letters WHERE {where} "
+                    "ORDER BY dead_at, queued_at", params)
+        requeued = []
+        for row in rows:
+            ttl = own_ttl(row[7], row[8], row[9])
+            requeued.append((*row[1:7], now, requeued_expiry(ttl, gateway_now), ttl))
+        conn.executemany(_INSERT, requeued)
+        for chunk in _chunks([row[0] for row in rows], SWEEP_CHUNK):
+            conn.execute(f"DELETE FROM dead_letters WHERE rowid IN ({','.join('?' * len(chunk))})",
+                         chunk)
+        return len(rows)
 
     async def _resume_in_flight(self) -> int:
         return await self._transaction(lambda conn: conn.execute("DELETE FROM inflight").rowcount)
@@ -937,10 +1251,6 @@ class Store:
         except sqlite3.Error as exc:
             raise _translate(exc, self.path) from exc
 
-    async def _one(self, sql: str) -> tuple[Any, ...]:
-        rows = await self._fetch(sql)
-        return rows[0]
-
     async def _read_data_version(self) -> int:
         """Asked of the writer connection, whose data_version moves only when *another*
         connection commits: our own claims and acks do not wake :meth:`wait_for_work`.
@@ -951,6 +1261,51 @@ class Store:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def own_ttl(queued_at: float, expires_at: float | None, ttl: float | None) -> float:
+    """The ttl a command was put with (0: never expires). Rows from before the stored ttl
+    (schema 3) had both times on the wall clock, so it is their difference."""
+    if ttl is not None:
+        return float(ttl)
+    return 0.0 if expires_at is None else max(0.0, expires_at - queued_at)
+
+
+def requeued_expiry(ttl: float, gateway_now: float) -> float | None:
+    """When a requeued command expires: its own ``ttl`` counted again from the requeue
+    (``gateway_now``, on the gateway clock); ``None`` for one that never expires."""
+    return gateway_now + ttl if ttl > 0 else None
+
+
+def _log_buried(buried: Sequence[tuple[str, str]], reason: str, detail: str | None) -> None:
+    """One line for the lot; the journal indexes every id (COMMAND_ID=...) in it."""
+    log.warning("dead-lettered %d command(s): %s (%s); see `pigateway queue ls --dead`",
+                len(buried), reason, detail or "no detail",
+                extra={"command_id": [row[0] for row in buried[:LOGGED_IDS]],
+                       "device": sorted({row[1] for row in buried})[:LOGGED_IDS],
+                       "dead_reason": reason})
+
+
+def _max_rowid(table: str) -> Callable[[sqlite3.Connection], int]:
+    """The newest row of ``table`` now: a sweep goes no further, so it ends even while
+    rows keep arriving."""
+    def read(conn: sqlite3.Connection) -> int:
+        return int(_first(conn, f"SELECT coalesce(max(rowid), 0) FROM {table}")[0])
+    return read
+
+
+def _purge_dead_chunk(conn: sqlite3.Connection, bound: int) -> int:
+    return conn.execute("DELETE FROM dead_letters WHERE rowid IN (SELECT rowid FROM "
+                        "dead_letters WHERE rowid <= ? LIMIT ?)", (bound, SWEEP_CHUNK)).rowcount
+
+
+def _purge_queued_chunk(conn: sqlite3.Connection, last_seq: int) -> int:
+    seqs = [row[0] for row in _all(conn, "SELECT seq FROM outbox WHERE seq <= ? ORDER BY seq "
+                                   "LIMIT ?", (last_seq, SWEEP_CHUNK))]
+    marks = ",".join("?" * len(seqs))
+    conn.execute(f"DELETE FROM inflight WHERE seq IN ({marks})", seqs)
+    return conn.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", seqs).rowcount
+
 
 
 async def _on_thread(conn: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:
@@ -993,6 +1348,7 @@ def _raw_connect(config: StoreConfig) -> sqlite3.Connection:
         conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # takes effect on a new file only
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
+        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
         conn.execute(f"PRAGMA synchronous = {config.synchronous.upper()}")
         conn.execute(f"PRAGMA busy_timeout = {int(config.busy_timeout * 1000)}")
         conn.execute("PRAGMA cache_size = -2000")
@@ -1023,6 +1379,7 @@ async def _connect(config: StoreConfig) -> tuple[aiosqlite.Connection, sqlite3.C
 def _migrate(conn: sqlite3.Connection, path: Path) -> None:
     """Bring the schema forward to the newest version, one transaction per step."""
     version = int(_first(conn, "PRAGMA user_version")[0])
+    conn.execute("SELECT name FROM sqlite_master").fetchall()  # a damaged schema fails here
     if version > len(MIGRATIONS):
         raise StoreError(f"{path} has schema version {version}, newer than this pigateway "
                          f"knows ({len(MIGRATIONS)}); upgrade pigateway")
@@ -1128,9 +1485,16 @@ def _seqs_sql(ids: Sequence[str]) -> str:
     return f"id IN ({','.join('?' * len(ids))})" if ids else "0"
 
 
+def _lock_path(path: Path) -> Path:
+    """``<db>.lock`` beside the real file: every name of one queue (a symlink, a relative
+    or ``..`` path) takes the same lock."""
+    real = path.resolve()
+    return real.with_name(real.name + ".lock")
+
+
 def _take_drainer_lock(path: Path) -> int:
     """One drainer per queue: an exclusive, non-blocking lock on ``<db>.lock``."""
-    lock_path = path.with_name(path.name + ".lock")
+    lock_path = _lock_path(path)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o640)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1139,21 +1503,6 @@ def _take_drainer_lock(path: Path) -> int:
         raise StoreError(f"another pigateway service is already draining {path} "
                          f"(it holds {lock_path}); stop it first") from exc
     return fd
-
-
-def _drainer_running(path: Path) -> bool:
-    """Whether a service holds the drainer lock of ``path`` right now."""
-    try:
-        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def _release_lock(fd: int | None) -> None:

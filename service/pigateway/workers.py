@@ -188,7 +188,7 @@ class WorkerPool:
         while True:
             before = self.store.clock.now() - inbox.dedupe_horizon(self.config)
             try:
-                await self.store.write([inbox.prune(before)])
+                await self.store.sweep(inbox.prune(before))
             except StoreError as exc:
                 log.warning("could not prune finished inbound commands: %s", exc)
             await asyncio.sleep(PRUNE_EVERY)
