@@ -31,7 +31,7 @@ from pigateway.metrics import Exporter
 from pigateway.panel import Panel
 from pigateway.state import GatewayState
 from pigateway.store import Store
-from pigateway.systemd import Notifier, bound_stop, supervise
+from pigateway.systemd import Notifier, bound_stop, ping_bound, supervise, watchdog_interval
 from pigateway.uplink import Uplink, store_is_gone
 
 log = logging.getLogger(__name__)
@@ -119,9 +119,10 @@ class Gateway:
         log.info("store %s open and recovered; %d queued", store.path, self.state.depth)
         async with asyncio.TaskGroup() as parts:
             link = parts.create_task(uplink.run(), name="uplink")
+            watchdog = supervise(self.notifier, self.state, store.ping,
+                                 ping_timeout=self._ping_bound())
             others = [parts.create_task(self._keep_stats(store), name="store-stats"),
-                      parts.create_task(supervise(self.notifier, self.state, store.ping),
-                                        name="systemd")]
+                      parts.create_task(watchdog, name="systemd")]
             if inbound is not None:  # the worker pool; it closes the handlers when it ends
                 others.append(parts.create_task(inbound.run(), name="inbound"))
             if (exporter := Exporter(self.config.metrics, self.state, store)).enabled:
@@ -135,6 +136,11 @@ class Gateway:
                 task.cancel()
         await self._refresh_or_say(store, failing=False)
         log.info("stopped; %d command(s) stay queued on disk", self.state.depth)
+
+    def _ping_bound(self) -> float | None:
+        """The watchdog's wait for the store's ping (None: no watchdog asked for)."""
+        interval = watchdog_interval()
+        return None if interval is None else ping_bound(interval, self.config.store.busy_timeout)
 
     @contextlib.asynccontextmanager
     async def _views(self) -> AsyncIterator[None]:

@@ -457,6 +457,8 @@ class _Job:
     future: asyncio.Future[Any]
     items: list[NewCommand] = field(default_factory=list)
     also: Sequence[tuple[str, Sequence[Any]]] = ()
+    #: run on the writer's thread outside any transaction (it takes no lock: the ping)
+    bare: bool = False
 
 
 class Reads:
@@ -812,8 +814,16 @@ class Store(Reads):
                 log.warning("could not write a reading of the gateway clock: %s", exc)
 
     async def ping(self) -> None:
-        """Return once the writer task and its connection answer (for the watchdog)."""
-        await self._call(lambda conn: conn.execute("SELECT 1").fetchall())
+        """Return once the writer task and its thread answer (for the watchdog).
+
+        It takes no lock: a lock another process holds is waited out by each transaction
+        for at most ``store.busy_timeout`` and then fails alone, so the ping is answered
+        after at most that long (the watchdog allows it: :func:`pigateway.systemd.ping_bound`).
+        A writer that does not come back (a hung disk) does not answer at all.
+        """
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Job(run=_select_one, rows=None, future=future, bare=True))
+        await future
 
     # ---- maintenance
 
@@ -915,10 +925,22 @@ class Store(Reads):
             while len(jobs) < GROUP_LIMIT and not self._jobs.empty():
                 jobs.append(self._jobs.get_nowait())
             work = [job for job in jobs if job is not None]
+            for job in [job for job in work if job.bare]:  # answered before any lock wait
+                await self._run_bare(job)
+            work = [job for job in work if not job.bare]
             if work:
                 await self._commit(work)
-            if len(work) < len(jobs):  # close() asked us to stop
+            if None in jobs:  # close() asked us to stop
                 return
+                return
+
+    async def _run_bare(self, job: _Job) -> None:
+        assert job.run is not None
+        try:
+            _settle(job.future, result=await _on_thread(self._writer, job.run, self._raw_writer))
+        except Exception as exc:
+            _settle(job.future, error=_translate(exc, self.path)
+                    if isinstance(exc, sqlite3.Error) else exc)
 
     async def _transaction(self, run: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``run(conn)`` as one transaction, wholly on the writer connection's thread.
@@ -1312,6 +1334,11 @@ async def _on_thread(conn: aiosqlite.Connection, fn: Callable[..., T], *args: An
     """Run ``fn(*args)`` on ``conn``'s own worker thread, in one hop."""
     result = await conn._execute(fn, *args)  # type: ignore[no-untyped-call]
     return typing.cast(T, result)
+
+
+def _select_one(conn: sqlite3.Connection) -> None:
+    """The ping: the connection answers a statement that reads no table (takes no lock)."""
+    conn.execute("SELECT 1").fetchall()
 
 
 def _run_transaction(conn: sqlite3.Connection, path: Path,

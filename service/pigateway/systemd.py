@@ -209,6 +209,14 @@ _PARTS: tuple[Callable[[GatewayState, float], str | None], ...] = (
 # --------------------------------------------------------------------------- supervision
 
 
+def ping_bound(watchdog: float, busy_timeout: float) -> float:
+    """How long the watchdog waits for the store's ping: a quarter of the watchdog interval,
+    but longer than one lock wait (``store.busy_timeout``) where the interval allows, so a
+    lock held by another process (a ``sqlite3`` shell, a ``queue purge``) is not taken for a
+    wedged writer; a restart would not free it, and five restarts make systemd give up."""
+    return min(max(watchdog / 4, busy_timeout * 1.2 + 0.1), watchdog * 0.45)
+
+
 async def supervise(
     notifier: Notifier,
     state: GatewayState,
