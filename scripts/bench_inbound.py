@@ -34,7 +34,7 @@ import aiomqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from broker import Mosquitto
+from harness.broker import Mosquitto
 from pigateway.config import load
 from pigateway.inbound import list_inbox
 

@@ -34,7 +34,7 @@ from typing import Any
 import aiomqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from broker import Mosquitto, free_port
+from harness.broker import Mosquitto, free_port
 from pigateway import config as configuration
 from pigateway.state import GatewayState, Link
 from pigateway.store import NewCommand, Store

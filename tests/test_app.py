@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from broker import Mosquitto
+from harness.broker import Mosquitto
 from netproxy import Proxy
 from pigateway.app import Gateway
 from pigateway.state import Link

@@ -15,7 +15,7 @@ import pytest
 from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 
-from broker import Mosquitto, mosquitto_binary
+from harness.broker import Mosquitto, mosquitto_binary
 from pigateway.config import Config, DeviceConfig, from_dict
 from pigateway.errors import ConfigError, InvalidCommand
 from pigateway.handlers import Handler, Request, available, build, check

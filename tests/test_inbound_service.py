@@ -22,7 +22,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from broker import Mosquitto
+from harness.broker import Mosquitto
 from pigateway.config import load
 from pigateway.inbound import list_inbox
 

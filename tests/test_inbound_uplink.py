@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from aiomqtt import Client  # the tests play the cloud side
 
-from broker import Mosquitto
+from harness.broker import Mosquitto
 from pigateway import inbox
 from pigateway.config import Config, from_dict
 from pigateway.errors import StoreError

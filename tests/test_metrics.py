@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker import Mosquitto, free_port, mosquitto_binary
+from harness.broker import Mosquitto, free_port, mosquitto_binary
 from pigateway import config as configuration
 from pigateway.app import Gateway
 from pigateway.config import MetricsConfig

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from gpiozero.pins.mock import MockFactory
 
-from broker import Mosquitto
+from harness.broker import Mosquitto
 from pigateway.app import Gateway
 from pigateway.config import GpioConfig
 from pigateway.errors import GpioError
