@@ -15,6 +15,7 @@ import pytest
 from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 
+from harness import gateway
 from harness.broker import Mosquitto, mosquitto_binary
 from pigateway.config import Config, DeviceConfig, from_dict
 from pigateway.errors import ConfigError, InvalidCommand
@@ -34,8 +35,7 @@ def pins() -> Iterator[MockFactory]:
 
 
 def config_with(devices: dict[str, Any], **gpio: Any) -> Config:
-    return from_dict({"gateway_id": "gw", "gpio": {"pin_factory": "mock", **gpio},
-                      "devices": devices})
+    return gateway.config(gateway_id="gw", gpio={"pin_factory": "mock", **gpio}, devices=devices)
 
 
 def make(devices: dict[str, Any], name: str, **gpio: Any) -> Handler:

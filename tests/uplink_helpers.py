@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ import tenacity
 
 from harness import gateway, service
 from harness.gateway import GATEWAY
-from harness.waits import wait_until  # noqa: F401 -- re-exported: many tests import it from here
+from harness.waits import until, wait_until  # noqa: F401 -- re-exported: many tests import it from here
 from pigateway import config
 from pigateway.state import GatewayState
 from pigateway.store import Store
@@ -92,12 +91,9 @@ async def subscribed(port: int, prefix: str, client_id: str = "wire-sub") -> Asy
 
 async def drained(store: Store, timeout: float) -> bool:
     """Until the queue is empty (every row acknowledged), or ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while (await store.stats()).depth:
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
+    async def empty() -> bool:
+        return not (await store.stats()).depth
+    return await until(empty, timeout, step=0.05)
 
 
 def per_device_order_holds(sent: list[tuple[str, str]], first_ids: list[str]) -> bool:

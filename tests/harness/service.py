@@ -54,7 +54,7 @@ def spawn(config: Path, log: Path | None = None, *, console_script: bool = False
 class Service:
     """``pigateway run`` in a child process, with stop helpers that signal only its PID."""
 
-    def __init__(self, config: Path, log: Path, *, console_script: bool = False,
+    def __init__(self, config: Path, log: Path | None = None, *, console_script: bool = False,
                  env: Mapping[str, str] | None = None) -> None:
         self.config = config
         self.log = log
@@ -100,7 +100,9 @@ class Service:
         self.signal(signal.SIGKILL)
 
     def tail(self, size: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-size:] if self.log.exists() else ""
+        if self.log is None or not self.log.exists():
+            return ""
+        return self.log.read_text(errors="replace")[-size:]
 
     def __enter__(self) -> Service:
         return self.start()
