@@ -10,6 +10,9 @@ sends each result back through the durable outbox. Two figures:
   the outbox before it was sent (checked afterwards in the inbox: all rows ``done``).
 
 Run through ``scripts/bench`` (``--quick`` runs fewer commands for a smoke run).
+
+The brokers, the config and the service come from the tests' harness (``tests/harness``),
+which ``scripts/bench`` puts on ``PYTHONPATH``.
 """
 
 from __future__ import annotations

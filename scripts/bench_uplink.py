@@ -13,6 +13,9 @@ One run on this machine, everything on 127.0.0.1, ~200 bytes of params per comma
 Rates are counted at a receiver in its own process (paho, no asyncio) from the first
 arrival to the last, so each side is timed on the same path. Run through ``scripts/bench``;
 ``--quick`` scales everything down for a smoke run.
+
+The brokers, the config and the service come from the tests' harness (``tests/harness``),
+which ``scripts/bench`` puts on ``PYTHONPATH``.
 """
 
 from __future__ import annotations

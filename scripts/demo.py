@@ -5,6 +5,9 @@ service (``pigateway run``, gpiozero's mock pins), commands sent with ``pigatewa
 as a producer would, a receiver on the actions topic. The broker is stopped for a few
 seconds (the queue grows on disk) and started again (the backlog drains, batched). Ends
 by itself within a minute and stops only the processes it started, by PID.
+
+The broker, the config and the service come from the tests' harness (``tests/harness``),
+which ``scripts/demo`` puts on ``PYTHONPATH``; nothing here needs pytest.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness.broker import Mosquitto, mosquitto_binary
+from harness.gateway import config as gateway_config
 from harness.gateway import plain, to_toml
 from harness.ports import free_port
 from harness.service import running_gateway
@@ -247,9 +248,7 @@ async def test_a_refused_publish_counts_by_reason_code_and_as_a_dead_letter(
 
 
 async def test_inbound_results_count_by_status(tmp_path: Path) -> None:
-    cfg = configuration.from_dict({
-        "gateway_id": GATEWAY, "store": {"path": str(tmp_path / "queue.db"), "min_free_bytes": 0},
-        "devices": {"lamp": {"handler": "log"}}})
+    cfg = gateway_config(tmp_path, gateway_id=GATEWAY, devices={"lamp": {"handler": "log"}})
     async with await Store.open(cfg.store) as store, Inbound(cfg, store) as inbound:
         before = samples(render(await snapshot(GatewayState(), store)))
         pool = asyncio.create_task(inbound.run())

@@ -7,7 +7,7 @@
   in this process) with its stop helpers.
 - ``waits``: bounded waits and polls.
 
-Importable without pytest (the demo and the benches do not install it): pytest fixtures stay
+Importable without pytest (the demo and the benches do not need it): pytest fixtures stay
 in ``tests/conftest.py``. ``tests`` is on the import path through pytest's ``pythonpath``
 setting, and through ``PYTHONPATH`` set by ``scripts/demo`` and ``scripts/bench``.
 """
