@@ -10,6 +10,9 @@ sends each result back through the durable outbox. Two figures:
   the outbox before it was sent (checked afterwards in the inbox: all rows ``done``).
 
 Run through ``scripts/bench`` (``--quick`` runs fewer commands for a smoke run).
+
+The brokers, the config and the service come from the tests' harness (``tests/harness``),
+which ``scripts/bench`` puts on ``PYTHONPATH``.
 """
 
 from __future__ import annotations
@@ -19,22 +22,18 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import IO
 
 import aiomqtt
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from broker import Mosquitto
+from harness import gateway
+from harness.broker import Mosquitto
+from harness.service import Service
 from pigateway.config import load
 from pigateway.inbound import list_inbox
 
@@ -48,21 +47,12 @@ TARGET_SUSTAINED = 1000.0
 
 
 def write_config(folder: Path, port: int) -> Path:
-    lines = [
-        f'gateway_id = "{GATEWAY}"',
-        "[store]", f'path = "{folder / "queue.db"}"', "min_free_bytes = 0",
-        "[mqtt]", 'host = "127.0.0.1"', f"port = {port}", f'topic_prefix = "{PREFIX}"',
-        "[uplink]", "batch_delay = 0.0",
-        "[inbound]", f"workers = {WORKERS}",
-        "[gpio]", 'pin_factory = "mock"', "enabled = false",
-        "[control]", f'socket = "{folder / "control.sock"}"',
-        "[log]", 'level = "warning"',  # the log handler's INFO lines would measure stderr
-    ]
-    for index in range(DEVICES):
-        lines += [f"[devices.d{index:02d}]", 'handler = "log"']
-    path = folder / "config.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return gateway.write(folder / "config.toml", gateway.settings(
+        folder, gateway_id=GATEWAY, port=port, prefix=PREFIX,
+        uplink={"batch_delay": 0.0}, inbound={"workers": WORKERS},
+        gpio={"pin_factory": "mock", "enabled": False},
+        log={"level": "warning"},  # the log handler's INFO lines would measure stderr
+        devices={f"d{index:02d}": {"handler": "log"} for index in range(DEVICES)}))
 
 
 class Results:
@@ -107,19 +97,12 @@ def command(command_id: str, device: int) -> bytes:
                        "name": "ping", "params": {"n": device}}).encode()
 
 
-def spawn(config: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
-    """``pigateway run`` in a subprocess (stopped by its PID at the end)."""
-    return subprocess.Popen([sys.executable, "-m", "pigateway", "run", "--config", str(config)],
-                            stdout=log, stderr=log)
-
-
 @contextlib.asynccontextmanager
 async def service_and_client(folder: Path) -> AsyncIterator[tuple[aiomqtt.Client, Results,
                                                                    Path]]:
     with Mosquitto(folder / "broker") as broker:
         config = write_config(folder, broker.port)
-        log = (folder / "service.log").open("wb")
-        process = spawn(config, log)
+        service = Service(config, folder / "service.log").start()
         try:
             quiet = logging.getLogger("bench.mqtt")
             quiet.setLevel(logging.ERROR)  # aiomqtt warns about every pending publish
@@ -136,14 +119,7 @@ async def service_and_client(folder: Path) -> AsyncIterator[tuple[aiomqtt.Client
                 finally:
                     task.cancel()
         finally:
-            if process.poll() is None:
-                os.kill(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.kill(process.pid, signal.SIGKILL)
-                    process.wait(5)
-            log.close()
+            service.stop(timeout=20)
 
 
 async def round_trips(client: aiomqtt.Client, results: Results, count: int,

@@ -13,6 +13,9 @@ One run on this machine, everything on 127.0.0.1, ~200 bytes of params per comma
 Rates are counted at a receiver in its own process (paho, no asyncio) from the first
 arrival to the last, so each side is timed on the same path. Run through ``scripts/bench``;
 ``--quick`` scales everything down for a smoke run.
+
+The brokers, the config and the service come from the tests' harness (``tests/harness``),
+which ``scripts/bench`` puts on ``PYTHONPATH``.
 """
 
 from __future__ import annotations
@@ -21,8 +24,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,8 +34,10 @@ from typing import Any
 
 import aiomqtt
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from broker import Mosquitto, free_port
+from harness import gateway
+from harness.broker import Mosquitto
+from harness.ports import free_port
+from harness.service import Service
 from pigateway import config as configuration
 from pigateway.state import GatewayState, Link
 from pigateway.store import NewCommand, Store
@@ -122,16 +125,16 @@ async def fill(path: Path, count: int) -> None:
             await store.put_many(commands(min(5000, count - start), start))
 
 
+def gateway_settings(folder: Path, port: int, **tables: Any) -> dict[str, Any]:
+    """The bench gateway: room for the biggest backlog, and ``tables`` over it."""
+    return gateway.settings(folder, gateway_id=GATEWAY, port=port, prefix=PREFIX,
+                            store={"max_commands": 2_000_000, "max_bytes": 2 * 1024**3},
+                            **tables)
+
+
 def gateway_config(folder: Path, port: int, **uplink: Any) -> configuration.Config:
-    return configuration.from_dict({
-        "gateway_id": GATEWAY,
-        "store": {"path": str(folder / "queue.db"), "min_free_bytes": 0,
-                  "max_commands": 2_000_000, "max_bytes": 2 * 1024**3},
-        "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": PREFIX},
-        "uplink": uplink,
-        "gpio": {"enabled": False},
-        "control": {"socket": str(folder / "control.sock")},
-    })
+    return configuration.from_dict(gateway_settings(folder, port, uplink=uplink,
+                                                    gpio={"enabled": False}))
 
 
 # --------------------------------------------------------------------------- drain
@@ -290,50 +293,29 @@ def vm(pid: int, field: str) -> float:
     return 0.0
 
 
-def start_service(config_file: Path) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
-    return subprocess.Popen([sys.executable, "-c", "from pigateway.cli import main; main()",
-                             "run", "--config", str(config_file)], env=env)
-
-
 async def rss_draining(folder: Path, count: int) -> tuple[float, float]:
     """Peak RSS (MB) of ``pigateway run`` draining ``count``, and the seconds it took."""
     with broker(folder / "broker") as mosq:
         cfg = gateway_config(folder, mosq.port)
         await fill(cfg.store.path, count)
-        config_file = folder / "config.toml"
-        config_file.write_text(f"""gateway_id = "{GATEWAY}"
-[store]
-path = "{cfg.store.path}"
-min_free_bytes = 0
-max_commands = 2000000
-max_bytes = 2147483648
-[mqtt]
-host = "127.0.0.1"
-port = {mosq.port}
-topic_prefix = "{PREFIX}"
-[gpio]
-pin_factory = "mock"
-[control]
-socket = "{folder / 'control.sock'}"
-[log]
-level = "warning"
-""")
+        config_file = gateway.write(folder / "config.toml", gateway_settings(
+            folder, mosq.port, gpio={"pin_factory": "mock"}, log={"level": "warning"}))
         started = time.monotonic()
-        service = start_service(config_file)
+        service = Service(config_file).start()
+        assert service.process is not None
+        process = service.process
         peak = 0.0
         try:
             async with await Store.open(cfg.store, drainer=False) as watcher:
                 while (await watcher.stats()).depth > 0:
-                    if service.poll() is not None:
-                        raise SystemExit(f"pigateway run exited with {service.returncode}")
-                    peak = max(peak, vm(service.pid, "VmRSS"))
+                    if process.poll() is not None:
+                        raise SystemExit(f"pigateway run exited with {process.returncode}")
+                    peak = max(peak, vm(process.pid, "VmRSS"))
                     await asyncio.sleep(0.2)
             took = time.monotonic() - started
-            peak = max(peak, vm(service.pid, "VmHWM"))
+            peak = max(peak, vm(process.pid, "VmHWM"))
         finally:
-            service.send_signal(signal.SIGTERM)
-            service.wait(30)
+            service.stop(timeout=30)
     return peak, took
 
 

@@ -5,6 +5,9 @@ service (``pigateway run``, gpiozero's mock pins), commands sent with ``pigatewa
 as a producer would, a receiver on the actions topic. The broker is stopped for a few
 seconds (the queue grows on disk) and started again (the backlog drains, batched). Ends
 by itself within a minute and stops only the processes it started, by PID.
+
+The broker, the config and the service come from the tests' harness (``tests/harness``),
+which ``scripts/demo`` puts on ``PYTHONPATH``; nothing here needs pytest.
 """
 
 from __future__ import annotations
@@ -12,10 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,10 @@ from typing import Any
 
 import aiomqtt
 
+from harness import gateway
+from harness.broker import Mosquitto
+from harness.service import CONSOLE_SCRIPT, Service
+from harness.waits import until
 from pigateway import control
 from pigateway.errors import ControlError
 
@@ -39,79 +42,16 @@ def say(text: str) -> None:
     print(f"[{time.monotonic() - T0:5.1f}s] {text}", flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Broker:
-    """A mosquitto of our own; stopped and started again on the same port."""
-
-    def __init__(self, folder: Path, port: int) -> None:
-        binary = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin")
-        if binary is None:
-            raise SystemExit("mosquitto is not installed (scripts/demo installs it)")
-        self.binary, self.folder, self.port = binary, folder, port
-        self.process: subprocess.Popen[bytes] | None = None
-        folder.mkdir()
-        (folder / "mosquitto.conf").write_text(
-            f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {folder}/\nuser root\nlog_dest file {folder}/log\n")
-
-    def start(self) -> None:
-        self.process = subprocess.Popen([self.binary, "-c", str(self.folder / "mosquitto.conf")],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port),
-                                                                         0.2):
-                return
-            time.sleep(0.05)
-        raise SystemExit("mosquitto did not start")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(10)
-        self.process = None
-
-
 def write_config(folder: Path, port: int) -> Path:
-    path = folder / "config.toml"
-    path.write_text(f"""gateway_id = "{GATEWAY}"
-[store]
-path = "{folder / 'queue.db'}"
-min_free_bytes = 0
-[mqtt]
-host = "127.0.0.1"
-port = {port}
-topic_prefix = "{PREFIX}"
-keepalive = 5
-[uplink]
-batch_delay = 0.5
-max_actions = 10
-backoff_initial = 0.5
-backoff_max = 2.0
-publish_timeout = 3.0
-[gpio]
-pin_factory = "mock"
-[control]
-socket = "{folder / 'control.sock'}"
-[log]
-level = "warning"
-""")
-    return path
-
-
-def start_service(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(pigateway("run", "--config", str(config)), stdout=out,
-                                stderr=out, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return gateway.write(folder / "config.toml", gateway.settings(
+        folder, gateway_id=GATEWAY, port=port, prefix=PREFIX, mqtt={"keepalive": 5},
+        uplink={"batch_delay": 0.5, "max_actions": 10, "backoff_initial": 0.5,
+                "backoff_max": 2.0, "publish_timeout": 3.0},
+        gpio={"pin_factory": "mock"}, log={"level": "warning"}))
 
 
 def pigateway(*args: str) -> list[str]:
-    return [str(Path(sys.executable).with_name("pigateway")), *args]
+    return [str(CONSOLE_SCRIPT), *args]
 
 
 class Receiver:
@@ -178,24 +118,15 @@ async def send_many(config: Path, count: int, start: int) -> list[str]:
     return ids
 
 
-async def until(check: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return True
-        await asyncio.sleep(0.1)
-    return False
-
-
 async def demo(folder: Path) -> int:
-    port = free_port()
-    broker = Broker(folder / "broker", port)
+    broker = Mosquitto(folder / "broker", extra=["user root"])
+    port = broker.port
     config = write_config(folder, port)
     socket_path = folder / "control.sock"
     say(f"starting mosquitto on 127.0.0.1:{port} (folder {folder})")
     broker.start()
     say("starting the service: pigateway run (gpiozero mock pins)")
-    service = start_service(config, folder / "service.log")
+    service = Service(config, folder / "service.log", console_script=True).start()
     receiver = Receiver(port)
     tasks = [asyncio.create_task(receiver.run()), asyncio.create_task(watch_state(socket_path))]
 
@@ -228,13 +159,7 @@ async def demo(folder: Path) -> int:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         say("stopping the service (SIGTERM) and the broker")
-        if service.poll() is None:
-            service.send_signal(signal.SIGTERM)
-            try:
-                service.wait(15)
-            except subprocess.TimeoutExpired:
-                service.kill()
-                service.wait(5)
+        service.stop(timeout=15)
         broker.stop()
 
 

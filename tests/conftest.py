@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from broker import Mosquitto, mosquitto_binary
+from harness.broker import Mosquitto, mosquitto_binary
 from pigateway.config import StoreConfig
 from sockets import short_dir
 

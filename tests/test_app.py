@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from broker import Mosquitto
+from harness.broker import Mosquitto
+from harness.service import running_gateway
 from netproxy import Proxy
 from pigateway.app import Gateway
 from pigateway.state import Link
@@ -31,29 +32,20 @@ pytestmark = pytest.mark.broker
 async def test_gateway_pause_resume_and_flush(
         tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
     cfg = make_config(tmp_path, mosquitto.port, unique_prefix, batch_delay=60.0)
-    gateway = Gateway(cfg)
-    task = asyncio.create_task(gateway.run())
-    try:
-        async with subscribed(mosquitto.port, unique_prefix) as sub:
-            assert await wait_until(lambda: gateway.state.link == Link.ONLINE, 10)
-            gateway.pause()
-            assert gateway.state.paused
-            assert gateway.store is not None
-            await gateway.store.put("heater", "on")
-            gateway.flush()
-            assert not await sub.wait_for(1, 0.5)  # paused: queued, not sent
-            assert await wait_until(lambda: gateway.state.depth == 1, 5)  # the view sees it
-            gateway.resume()
-            assert not await sub.wait_for(1, 0.3)  # the 60 s window still holds it
-            gateway.flush()
-            assert await sub.wait_for(1, 5)
-            assert await wait_until(lambda: gateway.state.depth == 0, 5)
-        gateway.stop()
-        async with asyncio.timeout(15):
-            await task
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    async with running_gateway(cfg) as gateway, subscribed(mosquitto.port, unique_prefix) as sub:
+        assert await wait_until(lambda: gateway.state.link == Link.ONLINE, 10)
+        gateway.pause()
+        assert gateway.state.paused
+        assert gateway.store is not None
+        await gateway.store.put("heater", "on")
+        gateway.flush()
+        assert not await sub.wait_for(1, 0.5)  # paused: queued, not sent
+        assert await wait_until(lambda: gateway.state.depth == 1, 5)  # the view sees it
+        gateway.resume()
+        assert not await sub.wait_for(1, 0.3)  # the 60 s window still holds it
+        gateway.flush()
+        assert await sub.wait_for(1, 5)
+        assert await wait_until(lambda: gateway.state.depth == 0, 5)
 
 
 async def test_gateway_starts_and_stops_while_the_broker_is_away(

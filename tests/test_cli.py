@@ -14,12 +14,14 @@ import os
 import socket
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from harness import gateway
 from pigateway import config as configuration
 from pigateway.cli import main
 from pigateway.store import NewCommand, Store
@@ -28,13 +30,9 @@ Run = Callable[..., tuple[int, str, str]]
 
 
 def write_config(folder: Path, store_lines: str = "", extra: str = "") -> Path:
-    path = folder / "config.toml"
-    path.write_text(
-        'gateway_id = "gw-cli"\n'
-        f"{extra}\n"
-        f'[control]\nsocket = "{folder / "control.sock"}"\n'
-        f'[store]\npath = "{folder / "queue.db"}"\nmin_free_bytes = 0\n{store_lines}\n')
-    return path
+    """The CLI's config: ``store_lines`` (TOML) in [store], ``extra`` (TOML tables) beside it."""
+    return gateway.write(folder / "config.toml", gateway.settings(
+        folder, gateway_id="gw-cli", store=tomllib.loads(store_lines), **tomllib.loads(extra)))
 
 
 @pytest.fixture

@@ -15,8 +15,9 @@ import pytest
 from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 
-from broker import Mosquitto, mosquitto_binary
-from pigateway.config import Config, DeviceConfig, from_dict
+from harness import gateway
+from harness.broker import Mosquitto, mosquitto_binary
+from pigateway.config import Config, DeviceConfig
 from pigateway.errors import ConfigError, InvalidCommand
 from pigateway.handlers import Handler, Request, available, build, check
 from pigateway.handlers.gpio import GpioHandler
@@ -34,8 +35,7 @@ def pins() -> Iterator[MockFactory]:
 
 
 def config_with(devices: dict[str, Any], **gpio: Any) -> Config:
-    return from_dict({"gateway_id": "gw", "gpio": {"pin_factory": "mock", **gpio},
-                      "devices": devices})
+    return gateway.config(gateway_id="gw", gpio={"pin_factory": "mock", **gpio}, devices=devices)
 
 
 def make(devices: dict[str, Any], name: str, **gpio: Any) -> Handler:
@@ -253,9 +253,9 @@ async def test_mqtt_handler_broker_down_is_retryable_then_reconnects(mosquitto: 
 
 
 async def test_gpio_pulse_longer_than_the_handler_timeout_is_rejected(pins: MockFactory) -> None:
-    config = from_dict({"gateway_id": "gw", "gpio": {"pin_factory": "mock"},
-                        "inbound": {"handler_timeout": 5},
-                        "devices": {"dev": {"handler": "gpio", "pin": 19}}})
+    config = gateway.config(gateway_id="gw", gpio={"pin_factory": "mock"},
+                            inbound={"handler_timeout": 5},
+                            devices={"dev": {"handler": "gpio", "pin": 19}})
     handler = build(config.devices["dev"], config)
     with pytest.raises(InvalidCommand, match=r"inbound\.handler_timeout"):
         await handler.run(request("pulse", {"duration": 6}))

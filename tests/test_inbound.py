@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
+from harness import gateway
 from pigateway import inbox
-from pigateway.config import Config, DeviceConfig, from_dict
+from pigateway.config import Config, DeviceConfig
 from pigateway.errors import HandlerError, InvalidCommand, RetryableHandlerError
 from pigateway.handlers import Handler, HandlerFactory, Request
 from pigateway.inbound import Inbound, list_inbox
@@ -53,12 +54,9 @@ def factory(handlers: dict[str, Scripted]) -> dict[str, HandlerFactory]:
 
 
 def make_config(tmp_path: Path, devices: list[str], **inbound: Any) -> Config:
-    return from_dict({
-        "gateway_id": "gw",
-        "store": {"path": str(tmp_path / "queue.db"), "min_free_bytes": 0},
-        "inbound": {"backoff_initial": 0.01, "backoff_max": 0.05, **inbound},
-        "devices": {name: {"handler": "scripted"} for name in devices},
-    })
+    return gateway.config(tmp_path, gateway_id="gw",
+                          inbound={"backoff_initial": 0.01, "backoff_max": 0.05, **inbound},
+                          devices={name: {"handler": "scripted"} for name in devices})
 
 
 def command(id_: str, device: str = "a", name: str = "go", **extra: Any) -> bytes:
@@ -372,9 +370,8 @@ async def test_inbox_ls_shows_pending_and_finished_commands(tmp_path: Path) -> N
         await results(store, 1)
     async with await Store.open(config.store) as store:
         await Inbound(config, store, factories=factory({})).accept(command("waiting"))
-    path = tmp_path / "config.toml"
-    path.write_text(f'gateway_id = "gw"\n[store]\npath = "{config.store.path}"\n'
-                    'min_free_bytes = 0\n[devices.a]\nhandler = "log"\n')
+    path = gateway.write(tmp_path / "config.toml", gateway.settings(
+        tmp_path, gateway_id="gw", devices={"a": {"handler": "log"}}))
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pigateway", "inbox", "ls", "--json", "--config", str(path),
         stdout=asyncio.subprocess.PIPE)

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness import gateway
 from pigateway import inbox
-from pigateway.config import from_dict
 from pigateway.errors import RejectedCommand
 from pigateway.inbound import Inbound, Limits, parse_command, readable_id
 from pigateway.store import Store
@@ -161,8 +161,7 @@ def _readable(payload: bytes) -> str | None:
 
 
 async def _accept_all(folder: Path, payloads: list[bytes]) -> None:
-    config = from_dict({"gateway_id": "gw", "devices": {"lamp": {"handler": "log"}},
-                        "store": {"path": str(folder / "queue.db"), "min_free_bytes": 0}})
+    config = gateway.config(folder, gateway_id="gw", devices={"lamp": {"handler": "log"}})
     async with await Store.open(config.store) as store:
         inbound = Inbound(config, store)
         for payload in payloads:
@@ -264,10 +263,9 @@ def test_fuzz_the_parser_over_what_json_loads_accepts(document: dict[str, Any]) 
 async def _accept_edges(folder: Path, payloads: list[bytes]) -> None:
     """Every payload through the real accept into a real store: nothing escapes, each is
     recorded, answered or dead-lettered, and every stored result fits and re-encodes."""
-    config = from_dict({"gateway_id": "gw", "devices": {"lamp": {"handler": "log"}},
-                        "store": {"path": str(folder / "queue.db"), "min_free_bytes": 0,
-                                  "max_params_bytes": 4096},
-                        "inbound": {"max_payload_bytes": 256 * 1024}})
+    config = gateway.config(folder, gateway_id="gw", devices={"lamp": {"handler": "log"}},
+                            store={"max_params_bytes": 4096},
+                            inbound={"max_payload_bytes": 256 * 1024})
     async with await Store.open(config.store) as store:
         inbound = Inbound(config, store)
         for payload in payloads:

@@ -9,11 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -22,56 +17,16 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from broker import Mosquitto
+from harness import gateway as harness_gateway
+from harness.broker import Mosquitto
+from harness.service import Service, argv
+from harness.waits import wait_until
 from pigateway.config import load
 from pigateway.inbound import list_inbox
 
 pytestmark = pytest.mark.broker
 
 GATEWAY = "gw1"
-
-
-class Service:
-    """``pigateway run`` in a subprocess, signalled only through its own PID."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config = config
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "pigateway", "run", "--config", str(self.config)],
-                stdout=out, stderr=out, cwd=self.config.parent,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"})
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def _signal(self, sig: signal.Signals, timeout: float = 20.0) -> int | None:
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            os.kill(self.process.pid, sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:  # a hang: SIGABRT makes faulthandler dump stacks
-                os.kill(self.process.pid, signal.SIGABRT)
-                self.process.wait(10)
-        code = self.process.returncode
-        self.process = None
-        return code
-
-    def stop(self) -> int | None:
-        return self._signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self._signal(signal.SIGKILL)
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
 
 
 class Observer:
@@ -112,30 +67,17 @@ class Observer:
 async def until(condition: Callable[[], bool], timeout: float, what: str,
                 service: Service) -> None:
     """Wait, bounded in time, for ``condition``; fail with the service's log tail."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}; service log:\n{service.tail()}")
-        await asyncio.sleep(0.02)
+    if not await wait_until(condition, timeout):
+        pytest.fail(f"timed out waiting for {what}; service log:\n{service.tail()}")
 
 
 def write_config(tmp_path: Path, broker: Mosquitto, prefix: str,
                  devices: dict[str, dict[str, Any]]) -> Path:
-    lines = [
-        f'gateway_id = "{GATEWAY}"',
-        "[store]", f'path = "{tmp_path / "queue.db"}"', "min_free_bytes = 0",
-        "[mqtt]", 'host = "127.0.0.1"', f"port = {broker.port}", f'topic_prefix = "{prefix}"',
-        "[uplink]", "batch_delay = 0.01", "backoff_initial = 0.05", "backoff_max = 0.5",
-        "[inbound]", "backoff_initial = 0.05", "backoff_max = 0.2",
-        "[gpio]", 'pin_factory = "mock"',
-        "[control]", f'socket = "{tmp_path / "control.sock"}"',
-    ]
-    for name, options in devices.items():
-        lines.append(f"[devices.{name}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in options.items()]
-    path = tmp_path / "config.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return harness_gateway.write(tmp_path / "config.toml", harness_gateway.settings(
+        tmp_path, gateway_id=GATEWAY, port=broker.port, prefix=prefix,
+        uplink={"batch_delay": 0.01, "backoff_initial": 0.05, "backoff_max": 0.5},
+        inbound={"backoff_initial": 0.05, "backoff_max": 0.2},
+        gpio={"pin_factory": "mock"}, devices=devices))
 
 
 @contextlib.asynccontextmanager
@@ -313,8 +255,7 @@ async def test_a_bad_device_option_fails_the_start_naming_the_key(
     config = write_config(tmp_path, mosquitto, unique_prefix,
                           {"porch": {"handler": "gpio", "pinn": 20}})
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pigateway", "run", "--config", str(config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        *argv(config), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:
         out, _ = await asyncio.wait_for(child.communicate(), 30)
     finally:

@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 from aiomqtt import Client  # the tests play the cloud side
 
-from broker import Mosquitto
+from harness import gateway
+from harness.broker import Mosquitto
 from pigateway import inbox
-from pigateway.config import Config, from_dict
+from pigateway.config import Config
 from pigateway.errors import StoreError
 from pigateway.inbound import Inbound
 from pigateway.state import Link
@@ -126,14 +127,11 @@ async def test_a_message_on_an_old_subscription_is_acknowledged_not_run(
 
 
 def inbound_config(tmp_path: Path, port: int, prefix: str, **store: Any) -> Config:
-    return from_dict({
-        "gateway_id": "gw-test",
-        "store": {"path": str(tmp_path / "queue.db"), "min_free_bytes": 0, **store},
-        "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": prefix, "keepalive": 5},
-        "uplink": {"batch_delay": 0.05, "backoff_initial": 0.05, "backoff_max": 0.4},
-        "gpio": {"enabled": False}, "control": {"socket": str(tmp_path / "control.sock")},
-        "devices": {"lamp": {"handler": "log"}},
-    })
+    return gateway.config(
+        tmp_path, gateway_id="gw-test", port=port, prefix=prefix, store=store,
+        mqtt={"keepalive": 5},
+        uplink={"batch_delay": 0.05, "backoff_initial": 0.05, "backoff_max": 0.4},
+        gpio={"enabled": False}, devices={"lamp": {"handler": "log"}})
 
 
 async def test_under_the_disk_reserve_a_command_stays_at_the_broker(

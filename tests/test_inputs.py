@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness import gateway
 from pigateway import inputs
 from pigateway.cli import main, parse_params
 from pigateway.config import StoreConfig
@@ -178,9 +179,7 @@ def test_send_through_a_real_store_exits_0_or_2(tmp_path: Path, device: str, pai
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """The whole ``pigateway send`` in this process: exit 0 with a row that reads back, or
     exit 2 with one line; never a traceback."""
-    config = tmp_path / "config.toml"
-    config.write_text(f'gateway_id = "gw"\n[store]\npath = "{tmp_path / "queue.db"}"\n'
-                      "min_free_bytes = 0\n")
+    config = gateway.write(tmp_path / "config.toml", gateway.settings(tmp_path, gateway_id="gw"))
     argv = ["send", "--config", str(config), "--device", device or "d", "--command", "on"]
     argv += [arg for pair in pairs for arg in ("--param", pair)]
     argv += [] if params_json is None else ["--params-json", params_json]
@@ -270,12 +269,10 @@ async def test_a_command_for_a_device_with_control_characters_is_still_answered(
         tmp_path: Path, device: str) -> None:
     """Results are filed under the command's device; a device the names rule refuses must
     not make the rejection unrecordable (it is filed under the placeholder instead)."""
-    from pigateway.config import from_dict  # noqa: PLC0415
     from pigateway.inbound import Inbound  # noqa: PLC0415
 
-    config = from_dict({"gateway_id": "gw", "gpio": {"enabled": False},
-                        "store": {"path": str(tmp_path / "queue.db"), "min_free_bytes": 0},
-                        "devices": {"lamp": {"handler": "log"}}})
+    config = gateway.config(tmp_path, gateway_id="gw", gpio={"enabled": False},
+                            devices={"lamp": {"handler": "log"}})
     message = json.dumps({"v": 1, "id": "c1", "device": device, "name": "on", "params": {}})
     async with await Store.open(config.store) as store, Inbound(config, store) as inbound:
         await inbound.accept(message.encode())

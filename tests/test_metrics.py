@@ -22,14 +22,18 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker import Mosquitto, free_port, mosquitto_binary
+from harness.broker import Mosquitto, mosquitto_binary
+from harness.gateway import config as gateway_config
+from harness.gateway import plain, to_toml
+from harness.ports import free_port
+from harness.service import running_gateway
 from pigateway import config as configuration
 from pigateway.app import Gateway
 from pigateway.config import MetricsConfig
@@ -101,49 +105,14 @@ def cli(config: Path, *argv: str) -> subprocess.CompletedProcess[bytes]:
 
 def toml_config(path: Path, cfg: configuration.Config) -> Path:
     """``cfg`` as a TOML file, for the CLI in a child process."""
-    def lines(table: dict[str, Any], prefix: str) -> list[str]:
-        out, subs = [f"[{prefix}]"] if prefix else [], []
-        for key, item in table.items():
-            if isinstance(item, dict):
-                subs += lines(item, f"{prefix}.{key}" if prefix else key)
-            else:
-                out.append(f"{key} = {json.dumps(item)}")
-        return out + subs
-    path.write_text("\n".join(lines(plain(cfg), "")) + "\n")
+    path.write_text(to_toml(plain(cfg)))
     return path
-
-
-def plain(cfg: configuration.Config) -> dict[str, Any]:
-    """``cfg`` as the mapping a config file would hold (no unset options, no devices)."""
-    def drop(table: dict[str, Any]) -> dict[str, Any]:
-        return {k: drop(v) if isinstance(v, dict) else v for k, v in table.items()
-                if v is not None and v != []}
-    data = drop(cfg.as_dict())
-    data.pop("devices", None)
-    return data
 
 
 def files_of(folder: Path) -> dict[str, str]:
     """Each file's name and content hash: what must not change."""
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-@contextlib.asynccontextmanager
-async def running_gateway(cfg: configuration.Config) -> AsyncIterator[Gateway]:
-    gateway = Gateway(cfg)
-    task = asyncio.create_task(gateway.run())
-    try:
-        assert await wait_until(lambda: gateway.store is not None or task.done(), 20)
-        if task.done():
-            await task
-        yield gateway
-        gateway.stop()
-        async with asyncio.timeout(15):
-            await task
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 @contextlib.contextmanager
@@ -279,9 +248,7 @@ async def test_a_refused_publish_counts_by_reason_code_and_as_a_dead_letter(
 
 
 async def test_inbound_results_count_by_status(tmp_path: Path) -> None:
-    cfg = configuration.from_dict({
-        "gateway_id": GATEWAY, "store": {"path": str(tmp_path / "queue.db"), "min_free_bytes": 0},
-        "devices": {"lamp": {"handler": "log"}}})
+    cfg = gateway_config(tmp_path, gateway_id=GATEWAY, devices={"lamp": {"handler": "log"}})
     async with await Store.open(cfg.store) as store, Inbound(cfg, store) as inbound:
         before = samples(render(await snapshot(GatewayState(), store)))
         pool = asyncio.create_task(inbound.run())

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,7 +17,9 @@ from typing import Any
 import pytest
 from gpiozero.pins.mock import MockFactory
 
-from broker import Mosquitto
+from harness.broker import Mosquitto
+from harness.service import running_gateway
+from harness.waits import wait_until
 from pigateway.app import Gateway
 from pigateway.config import GpioConfig
 from pigateway.errors import GpioError
@@ -142,10 +143,7 @@ def _pin(panel: Panel, number: int) -> Any:
 
 
 async def _until(check: Any, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
+    assert await wait_until(check, timeout, step=0.01), "condition not reached in time"
 
 
 async def _assert_light(pin: Any, light: Light) -> None:
@@ -304,15 +302,9 @@ def test_auto_falls_back_to_mock_pins_with_one_warning(caplog: pytest.LogCapture
 async def _gateway(tmp_path: Path, port: int, prefix: str, **uplink: Any) -> AsyncIterator[Gateway]:
     """The real service (store, uplink, panel on mock pins) draining to a real broker."""
     cfg = replace(make_config(tmp_path, port, prefix, **uplink), gpio=CFG)
-    gateway = Gateway(cfg)
-    task = asyncio.create_task(gateway.run(), name="test-gateway")
-    try:
+    async with running_gateway(cfg) as gateway:
         await _until(lambda: gateway.state.link is Link.ONLINE, timeout=10)
         yield gateway
-    finally:
-        gateway.stop()
-        async with asyncio.timeout(15):
-            await task
 
 
 @pytest.mark.broker

@@ -8,73 +8,53 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import harness.service
+from harness import gateway
+from harness.ports import free_port
 from pigateway.control import request
 from sockets import DatagramListener
 
-PIGATEWAY = Path(sys.executable).parent / "pigateway"
 WATCHDOG_USEC = 1_000_000  # pings every 0.5 s
 STOP_BOUND = 10.0  # seconds from SIGTERM to exit at most (publish_timeout 1 + wind-down 2)
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on (bound once, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Service:
-    """``pigateway run`` in a subprocess, killed by PID at the end whatever happens."""
+    """``pigateway run`` (the console script, as the unit runs it) in a subprocess, killed by
+    PID at the end whatever happens."""
 
     def __init__(self, folder: Path, notify: DatagramListener, **env: str) -> None:
         self.folder = folder
         self.socket = folder / "control.sock"
-        config = folder / "config.toml"
-        config.write_text(
-            'gateway_id = "gw-sd"\n'
-            f'[store]\npath = "{folder / "queue.db"}"\nmin_free_bytes = 0\n'
-            f'[mqtt]\nhost = "127.0.0.1"\nport = {free_port()}\n'
-            '[uplink]\nbackoff_initial = 0.2\nbackoff_max = 1.0\npublish_timeout = 1.0\n'
-            '[gpio]\npin_factory = "mock"\ngreen_led = 10\nred_led = 11\n'
-            'pause_button = 20\nflush_button = 21\n'
-            f'[control]\nsocket = "{self.socket}"\n'
-            '[log]\nlevel = "debug"\n'
-        )
-        environ = {k: v for k, v in os.environ.items()
-                   if not k.startswith(("WATCHDOG_", "JOURNAL"))}
-        environ.update(NOTIFY_SOCKET=str(notify.path), **env)
-        self.stderr = (folder / "stderr").open("wb")
-        self.proc = subprocess.Popen(
-            [str(PIGATEWAY), "run", "--config", str(config)],
-            env=environ, stdout=subprocess.DEVNULL, stderr=self.stderr, cwd=folder,
-        )
+        config = gateway.write(folder / "config.toml", gateway.settings(
+            folder, gateway_id="gw-sd", port=free_port(),  # nothing listens there
+            uplink={"backoff_initial": 0.2, "backoff_max": 1.0, "publish_timeout": 1.0},
+            gpio={"pin_factory": "mock", "green_led": 10, "red_led": 11, "pause_button": 20,
+                  "flush_button": 21},
+            log={"level": "debug"}))
+        self.service = harness.service.Service(config, folder / "stderr", console_script=True,
+                                               env={"NOTIFY_SOCKET": str(notify.path), **env})
+        self.service.start()
+        assert self.service.process is not None
+        self.proc = self.service.process
 
     def log(self) -> str:
-        return (self.folder / "stderr").read_text(errors="replace")
+        return self.service.tail(size=1 << 20)
 
     def terminate(self) -> float:
         """SIGTERM, then the seconds until the process exited."""
         started = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=STOP_BOUND + 5)
+        self.service.stop(timeout=STOP_BOUND + 5)
         return time.monotonic() - started
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.stderr.close()
+        self.service.kill()
 
 
 @pytest.fixture

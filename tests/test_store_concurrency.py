@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import gateway
 from pigateway import config as configuration
 from pigateway.store import Store
 
@@ -56,9 +57,9 @@ async def drain(store: Store, producers_done: asyncio.Event, acked: Counter[str]
 @pytest.mark.slow
 async def test_senders_and_a_drainer_at_once_lose_and_duplicate_nothing(
         tmp_path: Path) -> None:
-    config_file = tmp_path / "config.toml"
-    config_file.write_text(f'gateway_id = "gw-conc"\n[store]\npath = "{tmp_path / "q.db"}"\n'
-                           "min_free_bytes = 0\nmax_attempts = 1000\n")
+    config_file = gateway.write(tmp_path / "config.toml", gateway.settings(
+        tmp_path, gateway_id="gw-conc",
+        store={"path": str(tmp_path / "q.db"), "max_attempts": 1000}))
     store_config = configuration.load(config_file).store
     producers_done = asyncio.Event()
     acked: Counter[str] = Counter()

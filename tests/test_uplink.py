@@ -10,7 +10,7 @@ import pytest
 import tenacity
 from aiomqtt import Client  # the tests play the cloud side
 
-from broker import Mosquitto
+from harness.broker import Mosquitto
 from netproxy import Proxy
 from pigateway.errors import StoreError, UplinkError
 from pigateway.state import Link

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from broker import Mosquitto
+from harness.broker import Mosquitto
 from netproxy import Proxy
 from pigateway.state import Link
 from pigateway.store import NewCommand, Store

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from broker import Mosquitto
+from harness.broker import Mosquitto
 from mqttproxy import Decide, RefusingProxy
 from pigateway.state import Link
 from pigateway.store import NewCommand

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from broker import Mosquitto
+from harness.broker import Mosquitto
 from pigateway.batching import Rules, plan
 from pigateway.ids import new_id
 from pigateway.state import Link

@@ -1,13 +1,11 @@
-"""Shared pieces of the uplink tests: a config for a test broker, a running uplink, waiting."""
+"""Shared pieces of the uplink tests: a config for a test broker, a running uplink, waiting
+(the config writer, the launcher and the waits are the harness's)."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,28 +13,24 @@ from typing import Any
 
 import tenacity
 
+from harness import gateway, service
+from harness.gateway import GATEWAY
+from harness.waits import until, wait_until  # noqa: F401 -- re-exported: many tests import it from here
 from pigateway import config
 from pigateway.state import GatewayState
 from pigateway.store import Store
 from pigateway.uplink import OnCommand, Uplink
 from wire_subscriber import WireSubscriber
 
-GATEWAY = "gw-test"
-
 
 def make_config(tmp_path: Path, port: int, prefix: str, *, mqtt: dict[str, Any] | None = None,
                 store: dict[str, Any] | None = None, **uplink: Any) -> config.Config:
     """A config for a broker on 127.0.0.1:``port`` with short waits (tests never idle)."""
-    return config.from_dict({
-        "gateway_id": GATEWAY,
-        "store": {"path": str(tmp_path / "queue.db"), "min_free_bytes": 0, **(store or {})},
-        "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": prefix, "keepalive": 5,
-                 **(mqtt or {})},
-        "uplink": {"batch_delay": 0.05, "backoff_initial": 0.05, "backoff_max": 0.4,
-                   "backoff_reset": 1.0, "publish_timeout": 3.0, **uplink},
-        "gpio": {"enabled": False},
-        "control": {"socket": str(tmp_path / "control.sock")},
-    })
+    return gateway.config(
+        tmp_path, port=port, prefix=prefix, store=store, mqtt={"keepalive": 5, **(mqtt or {})},
+        uplink={"batch_delay": 0.05, "backoff_initial": 0.05, "backoff_max": 0.4,
+                "backoff_reset": 1.0, "publish_timeout": 3.0, **uplink},
+        gpio={"enabled": False})
 
 
 @dataclass
@@ -95,24 +89,11 @@ async def subscribed(port: int, prefix: str, client_id: str = "wire-sub") -> Asy
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.02) -> bool:
-    """Poll ``predicate`` until true or ``timeout`` seconds passed; return the last answer."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(step)
-    return True
-
-
 async def drained(store: Store, timeout: float) -> bool:
     """Until the queue is empty (every row acknowledged), or ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while (await store.stats()).depth:
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
+    async def empty() -> bool:
+        return not (await store.stats()).depth
+    return await until(empty, timeout, step=0.05)
 
 
 def per_device_order_holds(sent: list[tuple[str, str]], first_ids: list[str]) -> bool:
@@ -127,40 +108,13 @@ def per_device_order_holds(sent: list[tuple[str, str]], first_ids: list[str]) ->
 
 def write_service_config(tmp_path: Path, port: int, prefix: str, **uplink: float) -> Path:
     """A TOML config for ``pigateway run`` against 127.0.0.1:``port``, all in ``tmp_path``."""
-    settings = {"batch_delay": 0.02, "max_batch_bytes": 4096, "max_inflight": 4,
-                "backoff_initial": 0.05, "backoff_max": 0.3, "publish_timeout": 3.0, **uplink}
-    uplink_lines = "\n".join(f"{key} = {value}" for key, value in settings.items())
-    path = tmp_path / "config.toml"
-    path.write_text(f"""
-gateway_id = "{GATEWAY}"
-[store]
-path = "{tmp_path / 'queue.db'}"
-min_free_bytes = 0
-[mqtt]
-host = "127.0.0.1"
-port = {port}
-topic_prefix = "{prefix}"
-keepalive = 5
-[uplink]
-{uplink_lines}
-[inbound]
-enabled = false
-[gpio]
-enabled = false
-[control]
-socket = "{tmp_path / 'control.sock'}"
-[log]
-level = "info"
-""")
-    return path
+    return gateway.write(tmp_path / "config.toml", gateway.settings(
+        tmp_path, port=port, prefix=prefix, mqtt={"keepalive": 5},
+        uplink={"batch_delay": 0.02, "max_batch_bytes": 4096, "max_inflight": 4,
+                "backoff_initial": 0.05, "backoff_max": 0.3, "publish_timeout": 3.0, **uplink},
+        inbound={"enabled": False}, gpio={"enabled": False}, log={"level": "info"}))
 
 
 def start_service(config: Path, log: Path) -> subprocess.Popen[bytes]:
     """``pigateway run`` as a child process (outside systemd), its output appended to ``log``."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("NOTIFY_SOCKET", None)
-    env.pop("WATCHDOG_USEC", None)
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-c", "from pigateway.cli import main; main()", "run",
-             "--config", str(config)], stdout=out, stderr=out, env=env)
+    return service.spawn(config, log)

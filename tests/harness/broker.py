@@ -1,4 +1,5 @@
-"""A real mosquitto for the tests: started on a free 127.0.0.1 port in a temporary folder.
+"""A real mosquitto for the tests, the demo and the benches: started on a free 127.0.0.1
+port in a temporary folder.
 
 The tests start it, stop it, kill it (SIGKILL) and start it again on the same port, so an
 outage is a real one. Only the process this object started is ever signalled.
@@ -15,12 +16,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from harness.ports import free_port
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+__all__ = ["Mosquitto", "free_port", "mosquitto_binary"]
 
 
 def mosquitto_binary() -> str | None:

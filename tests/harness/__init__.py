@@ -1,0 +1,13 @@
+"""The harness the tests, ``scripts/demo`` and the ``scripts/bench_*`` share.
+
+- ``ports``: ``free_port``, a loopback port nothing listens on.
+- ``broker``: ``Mosquitto``, a real broker on a free loopback port (start, stop, kill, restart).
+- ``gateway``: the one gateway config writer (a mapping, a ``Config``, a TOML file).
+- ``service``: the one launcher of ``pigateway run`` (a child process, or the ``Gateway``
+  in this process) with its stop helpers.
+- ``waits``: bounded waits and polls.
+
+Importable without pytest (the demo and the benches do not need it): pytest fixtures stay
+in ``tests/conftest.py``. ``tests`` is on the import path through pytest's ``pythonpath``
+setting, and through ``PYTHONPATH`` set by ``scripts/demo`` and ``scripts/bench``.
+"""
