@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import sys
 from pathlib import Path
 
 import pytest
 
 from pigateway import config as configuration
-from pigateway.store import NewCommand, Store
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 from pigateway.cli import main
+from pigateway.store import NewCommand, Store
 from test_cli import Run, read_queue, write_config
 
 
