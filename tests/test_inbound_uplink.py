@@ -20,7 +20,8 @@ from pigateway.config import Config, from_dict
 from pigateway.errors import StoreError
 from pigateway.inbound import Inbound
 from pigateway.state import Link
-from pigateway.uplink import TAKE_TRIES, topic
+from pigateway.uplink import TAKE_TRIES
+from pigateway.wire import topic
 from uplink_helpers import RecordingState, make_config, running_uplink, wait_until
 
 pytestmark = pytest.mark.broker

@@ -18,13 +18,13 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator
-from typing import Any
 
 import tenacity
 
+from pigateway.aio import first_error
 from pigateway.config import Config
 from pigateway.control import ControlServer
-from pigateway.errors import PigatewayError, StoreError
+from pigateway.errors import StoreError
 from pigateway.inbound import Inbound
 from pigateway.logs import setup_logging
 from pigateway.metrics import Exporter
@@ -105,7 +105,7 @@ class Gateway:
             try:
                 await self._serve(store, inbound)
             except BaseExceptionGroup as group:
-                raise _first(group) from group
+                raise first_error(group) from group
             finally:
                 self.store = None
 
@@ -186,20 +186,6 @@ class Gateway:
         stats = await store.stats()
         self.state.update(depth=stats.depth, oldest_age=stats.oldest_age,
                           dead_letters=stats.dead_total)
-
-
-def _first(group: BaseExceptionGroup[Any]) -> BaseException:
-    """The error to report from a TaskGroup: the first pigateway error, else the first one."""
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        item = pending.pop(0)
-        if isinstance(item, BaseExceptionGroup):
-            pending.extend(item.exceptions)
-        else:
-            leaves.append(item)
-    typed = [leaf for leaf in leaves if isinstance(leaf, PigatewayError)]
-    return (typed or leaves)[0]
 
 
 async def run(config: Config) -> None:
