@@ -281,16 +281,16 @@ class Connection:
     """One MQTT connection, up while :func:`connect`'s block runs."""
 
     def __init__(self, client: _Client) -> None:
-        self._client = client
+        self._link = client
 
     @property
     def max_packet_size(self) -> int | None:
         """CONNACK's Maximum Packet Size (MQTT 5), ``None`` when the broker set none."""
-        return self._client.max_packet_size
+        return self._link.max_packet_size
 
     @property
     def session_present(self) -> bool:
-        return self._client.session_present
+        return self._link.session_present
 
     async def deliver(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                       timeout: float) -> int | None:
@@ -299,7 +299,7 @@ class Connection:
         Raises :class:`UplinkError` when the link drops or no PUBACK came in time
         (aiomqtt's own publish would only notice the drop at its timeout).
         """
-        client = self._client
+        client = self._link
         info = client._client.publish(topic, payload, qos, retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise classify(aiomqtt.MqttCodeError(info.rc, "could not publish"))
@@ -316,27 +316,27 @@ class Connection:
 
     async def subscribe(self, topic: str, qos: int = 1) -> None:
         with _translated():
-            await self._client.subscribe(topic, qos=qos)
+            await self._link.subscribe(topic, qos=qos)
 
     async def unsubscribe(self, topic: str, timeout: float) -> None:
         with _translated():
-            await self._client.unsubscribe(topic, timeout=timeout)
+            await self._link.unsubscribe(topic, timeout=timeout)
 
     async def messages(self) -> AsyncIterator[Message]:
         """Inbound messages until the link drops (then :class:`UplinkError`)."""
         with _translated():
-            async for message in self._client.messages:
+            async for message in self._link.messages:
                 payload = message.payload if isinstance(message.payload, bytes) \
                     else str(message.payload).encode()
                 yield Message(str(message.topic), payload, message.mid, message.qos)
 
     def ack(self, message: Message) -> None:
         """Acknowledge an inbound message (persistent sessions: manual acks)."""
-        self._client._client.ack(message.mid, message.qos)
+        self._link._client.ack(message.mid, message.qos)
 
     def when_lost(self, callback: Callable[[], object]) -> None:
         """Call ``callback`` the moment the connection drops, before any clean-up runs."""
-        self._client._disconnected.add_done_callback(lambda _: callback())
+        self._link._disconnected.add_done_callback(lambda _: callback())
 
     def _send_at_once(self) -> None:
         """Turn Nagle's algorithm off on the connection (TCP_NODELAY).
@@ -344,13 +344,13 @@ class Connection:
         MQTT packets are small; with Nagle on, a PUBLISH that follows a PUBACK waits for
         the broker's delayed ACK, 40 ms on Linux, on every command and result.
         """
-        sock = self._client._client.socket()
+        sock = self._link._client.socket()
         if isinstance(sock, socket.socket):  # ssl.SSLSocket is one too
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _client(settings: Settings) -> _Client:
+def _new_client(settings: Settings) -> _Client:
     v5 = settings.protocol == "5"
     properties = None
     if v5:
@@ -377,7 +377,7 @@ async def connect(settings: Settings, *, bound: float,
     """A connection for the block: CONNECT bounded by ``bound`` seconds (a CONNACK that
     never comes), never a half-open socket left behind, a clean DISCONNECT at the end
     bounded by ``leave_bound``. Errors are :mod:`pigateway.errors` types."""
-    client = _client(settings)
+    client = _new_client(settings)
     stack = contextlib.AsyncExitStack()
     try:
         async with asyncio.timeout(bound):
