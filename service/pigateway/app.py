@@ -29,7 +29,7 @@ from pigateway.inbound import Inbound
 from pigateway.logs import setup_logging
 from pigateway.metrics import Exporter
 from pigateway.panel import Panel
-from pigateway.state import GatewayState
+from pigateway.state import FaultSource, GatewayState
 from pigateway.store import Store
 from pigateway.systemd import Notifier, bound_stop, supervise
 from pigateway.uplink import Uplink, store_is_gone
@@ -65,13 +65,13 @@ class Gateway:
 
     def pause(self) -> None:
         """Stop draining; commands keep being queued on disk."""
-        self.state.update(paused=True)
+        self.state.set_paused(True)
         if self.uplink is not None:
             self.uplink.pause()
         log.info("paused: draining stops, queueing goes on")
 
     def resume(self) -> None:
-        self.state.update(paused=False)
+        self.state.set_paused(False)
         if self.uplink is not None:
             self.uplink.resume()
         log.info("resumed: draining again")
@@ -171,7 +171,8 @@ class Gateway:
             await self._refresh(store)
         except StoreError as exc:
             if store_is_gone(exc):
-                self.state.update(fault=f"store: {exc}", last_error=str(exc))
+                self.state.set_fault(FaultSource.STORE, f"store: {exc}")
+                self.state.note_error(str(exc))
                 log.critical("store: %s", exc)
                 raise
             if not failing:
@@ -184,8 +185,7 @@ class Gateway:
 
     async def _refresh(self, store: Store) -> None:
         stats = await store.stats()
-        self.state.update(depth=stats.depth, oldest_age=stats.oldest_age,
-                          dead_letters=stats.dead_total)
+        self.state.set_queue(stats.depth, stats.oldest_age, stats.dead_total)
 
 
 async def run(config: Config) -> None:

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 import sdnotify
 
 from pigateway.errors import StoreError
-from pigateway.state import GatewayState, Link
+from pigateway.state import FaultSource, GatewayState, Link
 
 log = logging.getLogger(__name__)
 
@@ -298,11 +298,11 @@ STORE_FAULT = "store writer not answering"
 
 
 def _mark_fault(state: GatewayState, ok: bool) -> None:
-    """Show a wedged store as a fault (LEDs, STATUS=); clear only the fault we set."""
+    """Show a wedged store as the watchdog's fault (LEDs, STATUS=); clear it once it answers."""
     if not ok:
-        state.update(fault=STORE_FAULT)
-    elif state.fault == STORE_FAULT:
-        state.update(fault=None)
+        state.set_fault(FaultSource.WATCHDOG, STORE_FAULT)
+    else:
+        state.clear_fault(FaultSource.WATCHDOG)
 
 
 def _log_health(ok: bool, bound: float) -> None:

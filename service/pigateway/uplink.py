@@ -69,7 +69,7 @@ from pigateway.mqtt import (
     publish_room,
     refusal,
 )
-from pigateway.state import GatewayState, Link
+from pigateway.state import FaultSource, GatewayState, Link
 from pigateway.store import Command, Store
 from pigateway.text import bounded
 
@@ -241,7 +241,7 @@ class Uplink:
         """One connection from CONNECT to its end; every unacknowledged row is nacked after."""
         if self._stop.is_set():
             raise _Stopped
-        self.state.update(link=Link.CONNECTING, retry_at=None)
+        self.state.set_link(Link.CONNECTING)
         error: UplinkError | None = None
         try:
             await self._connect_and_serve()
@@ -272,15 +272,18 @@ class Uplink:
         return error
 
     def _offline(self, error: UplinkError | None) -> None:
-        changes: dict[str, Any] = {"link": Link.OFFLINE, "in_flight": 0, "draining": False}
-        if error is not None:
-            fault = str(error) if isinstance(error, (LinkFault, LoginRefused)) else None
-            changes.update(last_error=str(error), fault=fault)
-            if fault:
-                log.error("%s", fault)
-            elif self._online_since is not None:
-                log.warning("uplink: %s", error)
-        self.state.update(**changes)
+        self.state.set_link(Link.OFFLINE)
+        self.state.set_progress(in_flight=0, draining=False)
+        if error is None:
+            return
+        self.state.note_error(str(error))
+        if isinstance(error, (LinkFault, LoginRefused)):
+            self.state.set_fault(FaultSource.LINK, str(error))
+            log.error("%s", error)
+            return
+        self.state.clear_fault(FaultSource.LINK)
+        if self._online_since is not None:
+            log.warning("uplink: %s", error)
 
     async def _sleep(self, seconds: float) -> None:
         """The policy's sleep, cut short by :meth:`flush` or :meth:`stop`."""
@@ -292,7 +295,7 @@ class Uplink:
     def _before_sleep(self, retry_state: tenacity.RetryCallState) -> None:
         wait = retry_state.next_action.sleep if retry_state.next_action else 0.0
         error = retry_state.outcome.exception() if retry_state.outcome else None
-        self.state.update(retry_at=time.time() + wait)
+        self.state.set_retry_at(time.time() + wait)
         log.info("uplink: %s; retrying in %.1fs (attempt %d)", error, wait,
                  retry_state.attempt_number)
 
@@ -314,10 +317,11 @@ class Uplink:
         log.info("uplink: online at %s:%d (session present: %s)", self.config.mqtt.host,
                  self.config.mqtt.port, client.session_present)
         self._online_since = time.monotonic()
-        self.state.update(link=Link.ONLINE, fault=None, retry_at=None)
+        self.state.set_link(Link.ONLINE)
+        self.state.clear_fault(FaultSource.LINK)
         COUNTERS.link_up()
         # views learn of a drop at once; handing rows back may wait on a busy disk
-        client.when_lost(lambda: self.state.update(link=Link.OFFLINE))
+        client.when_lost(lambda: self.state.set_link(Link.OFFLINE))
         try:
             async with asyncio.TaskGroup() as tasks:
                 session = _Session(client, asyncio.Semaphore(self.config.uplink.max_inflight),
@@ -379,7 +383,7 @@ class Uplink:
             self._settled.clear()
             self._show_progress()
             session.tasks.create_task(self._ship(session, batch), name=f"ship-{batch.id}")
-        self.state.update(draining=False)
+        self.state.set_progress(draining=False)
 
     async def _ship(self, session: _Session, batch: Batch[Command]) -> None:
         """Publish one batch; delete its rows after the PUBACK (or bury them if refused)."""
@@ -440,7 +444,8 @@ class Uplink:
                 result = await call()
             except StoreError as exc:
                 if store_is_gone(exc):
-                    self.state.update(fault=f"store: {exc}", last_error=str(exc))
+                    self.state.set_fault(FaultSource.DRAIN, f"store: {exc}")
+                    self.state.note_error(str(exc))
                     log.critical("uplink: cannot %s: %s", what, exc)
                     raise
                 failures += 1
@@ -450,20 +455,20 @@ class Uplink:
             if failures:
                 log.warning("uplink: the store answers again (%s after %d tries)", what,
                             failures + 1)
-                if (self.state.fault or "").startswith(STORE_STUCK):
-                    self.state.update(fault=None)  # only the fault this set
+                self.state.clear_fault(FaultSource.DRAIN)
             return result
 
     def _store_trouble(self, what: str, exc: StoreError, failures: int,
                        lasted: float) -> None:
         """Say it once per streak as a warning (and in ``last_error``); then at debug; and
         as a fault once it lasted :attr:`store_fault_after` (unless another fault shows)."""
-        self.state.update(last_error=f"store: cannot {what}: {exc}")
+        self.state.note_error(f"store: cannot {what}: {exc}")
         level = logging.WARNING if failures == 1 else logging.DEBUG
         log.log(level, "uplink: cannot %s (%s); the drain waits and tries again, nothing "
                 "is lost", what, exc)
-        if lasted >= self.store_fault_after and self.state.fault is None:
-            self.state.update(fault=f"{STORE_STUCK} {what} for {lasted:.0f}s: {exc}")
+        if lasted >= self.store_fault_after and self.state.fault_of(FaultSource.DRAIN) is None:
+            self.state.set_fault(FaultSource.DRAIN,
+                                 f"{STORE_STUCK} {what} for {lasted:.0f}s: {exc}")
             log.error("uplink: the store has refused to %s for %.0fs (%s): another process "
                       "holding its lock, or a full disk?", what, lasted, exc)
 
@@ -487,9 +492,9 @@ class Uplink:
 
     def _show_progress(self) -> None:
         """``in_flight`` and ``draining`` (rows on their way: in flight or claimed) for views."""
-        self.state.update(in_flight=len(self.outstanding),
-                          draining=bool(self.outstanding or self.delivered
-                                        or self.batcher.pending))
+        self.state.set_progress(in_flight=len(self.outstanding),
+                                draining=bool(self.outstanding or self.delivered
+                                              or self.batcher.pending))
 
     async def _watch(self, client: Connection) -> None:
         """Inbound commands; also how a dropped link is noticed (the iterator raises).
