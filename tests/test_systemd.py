@@ -23,13 +23,8 @@ import pytest
 from pigateway.config import StoreConfig
 from pigateway.state import GatewayState, Link
 from pigateway.store import Store
-from pigateway.systemd import (
-    Notifier,
-    format_age,
-    status_line,
-    supervise,
-    watchdog_interval,
-)
+from pigateway.systemd import Notifier, status_line, supervise, watchdog_interval
+from pigateway.text import format_age
 from sockets import DatagramListener
 from uplink_helpers import wait_until
 

@@ -12,10 +12,11 @@ from aiomqtt import Client  # the tests play the cloud side
 
 from broker import Mosquitto
 from netproxy import Proxy
+from pigateway.backoff import wait_backoff
 from pigateway.errors import StoreError, UplinkError
 from pigateway.mqtt import local_publisher
 from pigateway.state import Link
-from pigateway.uplink import reconnect_policy, wait_backoff
+from pigateway.uplink import reconnect_policy
 from pigateway.wire import topic
 from uplink_helpers import (
     RecordingState,

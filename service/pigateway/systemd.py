@@ -22,6 +22,7 @@ import sdnotify
 
 from pigateway.errors import StoreError
 from pigateway.state import FaultSource, GatewayState, Link
+from pigateway.text import format_age
 
 log = logging.getLogger(__name__)
 
@@ -138,18 +139,6 @@ def _stop_overdue(seconds: float) -> None:
 
 
 # --------------------------------------------------------------------------- the status line
-
-
-def format_age(seconds: float) -> str:
-    """A short human duration: ``12s``, ``3m``, ``2h 5m``, ``3d 4h``."""
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m"
-    if s < 86400:
-        return f"{s // 3600}h {s % 3600 // 60}m"
-    return f"{s // 86400}d {s % 86400 // 3600}h"
 
 
 def status_line(state: GatewayState, now: float | None = None) -> str:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -47,6 +46,7 @@ import tenacity
 
 from pigateway import __version__, wire
 from pigateway.aio import first_error, first_of
+from pigateway.backoff import wait_backoff
 from pigateway.batching import Batch, Batcher, Rules
 from pigateway.config import Config, UplinkConfig
 from pigateway.credentials import broker_password, tls_context
@@ -79,7 +79,7 @@ REJECTED: Final = "rejected-by-broker"
 #: Inbound commands taken at once (acknowledged in order as each is persisted).
 INBOUND_WINDOW: Final = 64
 #: Backoff while the store cannot take an inbound command (it stays unacknowledged).
-TAKE_BACKOFF: Final = (0.5, 30.0)
+TAKE_BACKOFF: Final = wait_backoff(0.5, 30.0, jitter=0.0)
 #: Topics of stray messages logged (and unsubscribed) per connection at most.
 MAX_STRAY_TOPICS: Final = 100
 #: Tries of an inbound command whose ``on_command`` fails with a bug before it is dropped.
@@ -109,30 +109,11 @@ T = TypeVar("T")
 # --------------------------------------------------------------------------- backoff
 
 
-class wait_backoff(tenacity.wait.wait_base):
-    """Exponential backoff with jitter from ``initial`` to ``maximum``; faults wait ``maximum``.
-
-    Attempt n waits ``min(maximum, initial * 2**(n-1))`` less up to ``jitter`` of it, so
-    a fleet that lost its broker together does not return together. A fault (refused
-    login, TLS set-up) will not heal by itself: it waits the cap every time.
-    """
-
-    def __init__(self, initial: float, maximum: float, jitter: float = 0.2) -> None:
-        self.initial = initial
-        self.maximum = maximum
-        self.jitter = jitter
-
-    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
-        outcome = retry_state.outcome
-        if outcome is not None and isinstance(outcome.exception(), (LinkFault, LoginRefused)):
-            return self.maximum
-        base = min(self.maximum, self.initial * 2.0 ** (retry_state.attempt_number - 1))
-        return float(base * (1 - self.jitter * random.random()))
-
-
 def reconnect_policy(config: UplinkConfig) -> tenacity.AsyncRetrying:
-    """The default policy: :class:`wait_backoff` from ``[uplink]``, forever."""
-    return tenacity.AsyncRetrying(wait=wait_backoff(config.backoff_initial, config.backoff_max))
+    """The default policy: :class:`wait_backoff` from ``[uplink]``, forever; a fault an
+    operator must fix (refused login, TLS set-up) waits the cap every time."""
+    return tenacity.AsyncRetrying(wait=wait_backoff(config.backoff_initial, config.backoff_max,
+                                                    faults=(LinkFault, LoginRefused)))
 
 
 class LinkLost(UplinkError):
@@ -475,8 +456,7 @@ class Uplink:
     def _store_wait(self, failures: int) -> float:
         """The link's backoff (``backoff_initial`` doubling up to ``backoff_max``), jittered."""
         up = self.config.uplink
-        base = min(up.backoff_max, up.backoff_initial * 2.0 ** min(failures - 1, 30))
-        return float(base * (1 - 0.2 * random.random()))
+        return wait_backoff(up.backoff_initial, up.backoff_max).delay(failures)
 
     def _log_delivered(self, batch: Batch[Command]) -> None:
         """One line per acknowledged batch, carrying every command id for the journal.
@@ -531,8 +511,10 @@ class Uplink:
         :data:`TAKE_TRIES` times, then logged and acknowledged (dropped), so one message can
         never end the service.
         """
-        delay, failures = TAKE_BACKOFF[0], 0
+        tries = failures = 0
         while True:
+            tries += 1
+            delay = TAKE_BACKOFF.delay(tries)
             try:
                 await on_command(payload)
                 return None
@@ -548,7 +530,6 @@ class Uplink:
                               failures, type(exc).__name__, bounded(exc), exc_info=exc)
                     return None
             await asyncio.sleep(delay)
-            delay = min(delay * 2, TAKE_BACKOFF[1])
 
     @staticmethod
     async def _ignore(client: Connection, where: str, commands: str, strays: set[str]) -> None:
