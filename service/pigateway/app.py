@@ -31,8 +31,9 @@ from pigateway.metrics import Exporter
 from pigateway.panel import Panel
 from pigateway.state import FaultSource, GatewayState
 from pigateway.store import Store
+from pigateway.store_calls import store_is_gone
 from pigateway.systemd import Notifier, bound_stop, supervise
-from pigateway.uplink import Uplink, store_is_gone
+from pigateway.uplink import Uplink
 
 log = logging.getLogger(__name__)
 

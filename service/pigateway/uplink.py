@@ -1,34 +1,34 @@
 """The uplink: one MQTT connection to the broker, kept up forever, draining the store into it.
 
-The connection itself is :mod:`pigateway.mqtt` (the only importer of aiomqtt and paho), the
-documents and topics are :mod:`pigateway.wire`. The shape follows aiomqtt's own advice: one
-outer reconnect loop that catches only the MQTT error, with the backoff policy (tenacity)
-passed in so that tests run it without waiting.
+This module is the loop only: reconnect with backoff, the drain window, and giving rows
+back when a link ends. Its rooms: :mod:`pigateway.mqtt` (the connection, the only importer
+of aiomqtt and paho), :mod:`pigateway.wire` (topics and documents),
+:mod:`pigateway.credentials` (password, TLS), :mod:`pigateway.intake` (inbound commands,
+acked in order), :mod:`pigateway.announcer` (the retained state), :mod:`pigateway.store_calls`
+(the drain's store calls, patient with a busy store). The shape follows aiomqtt's own
+advice: one outer reconnect loop that catches only the link's error, with the backoff
+policy (tenacity) passed in so that tests run it without waiting.
 
 Per connection (a fresh client each time, so paho never replays anything on its own):
 
-- last will ``"offline"`` (a JSON string), retained, on ``{prefix}/{gw}/state``; a retained
-  JSON state document there on connect and every ``uplink.state_interval``; ``"offline"``
-  again, published by us, on a clean stop (a clean DISCONNECT does not fire the will);
+- last will ``"offline"`` (a JSON string), retained, on ``{prefix}/{gw}/state``; the
+  retained state document while up; ``"offline"`` again on a clean stop;
 - with an ``on_command`` hook: a QoS 1 subscription to ``{prefix}/{gw}/commands`` on a
-  persistent session; each message is acknowledged (paho's manual ack) only after
-  ``await on_command(payload)`` returned, so a crash before that gets it delivered again;
+  persistent session, each message acknowledged only after ``on_command`` took it;
 - the drain: batches from :class:`~pigateway.batching.Batcher`, at most
   ``uplink.max_inflight`` unacknowledged at a time; a batch's rows are deleted only after
   its PUBACK; an MQTT 5 PUBACK failure code either dead-letters them
   (``rejected-by-broker``: not authorised, bad topic, too large, bad payload) or, for a
-  refusal *for now* (quota, rate, busy: :data:`PUBACK_REFUSALS`), ends the connection like
-  a lost link; a failed or timed-out publish ends the connection and every row
-  not acknowledged goes back to the head of the queue (``nack``);
-- the store: every store call of the drain (claim, ack, nack, release, dead letter) waits
-  out a busy, locked or full store with the link's backoff (:meth:`Uplink._with_store`)
-  and keeps its rows in memory until the store took them; only a corrupt store ends it.
+  refusal *for now* (quota, rate, busy: :data:`pigateway.mqtt.PUBACK_REFUSALS`), ends the
+  connection like a lost link; a failed or timed-out publish ends the connection and every
+  row not acknowledged goes back to the head of the queue (``nack``);
+- the store: every store call of the drain waits out a busy, locked or full store and
+  keeps its rows in memory until the store took them; only a corrupt store ends it.
 
-:mod:`pigateway.mqtt` keeps two facts aiomqtt 2.5 drops: the reason code of each PUBACK,
-and the broker's Maximum Packet Size from CONNACK (a batch is never built bigger, so
-a broker with a small ``max_packet_size`` gets smaller batches, and a single command over it
-is dead-lettered ``too-large``). Under MQTT 3.1.1 the broker cannot say either: it drops the
-connection instead, and such a batch ends in ``max-attempts`` after ``store.max_attempts``.
+Batches are never built bigger than the broker takes: MQTT 5 says so in CONNACK (a single
+command over it is dead-lettered ``too-large``). Under MQTT 3.1.1 the broker cannot say: it
+drops the connection instead, so the next link packs batches half the size
+(:meth:`Uplink._learn_from`), and a command alone too big ends in ``max-attempts``.
 """
 
 from __future__ import annotations
@@ -40,12 +40,13 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import tenacity
 
-from pigateway import __version__, wire
+from pigateway import wire
 from pigateway.aio import first_error, first_of
+from pigateway.announcer import Announcer
 from pigateway.backoff import wait_backoff
 from pigateway.batching import Batch, Batcher, Rules
 from pigateway.config import Config, UplinkConfig
@@ -53,57 +54,27 @@ from pigateway.credentials import broker_password, tls_context
 from pigateway.errors import (
     LinkFault,
     LoginRefused,
-    PigatewayError,
-    StoreCorrupt,
-    StoreError,
     UplinkError,
 )
+from pigateway.intake import Intake, OnCommand
 from pigateway.metrics import COUNTERS
 from pigateway.mqtt import (
     Connection,
-    Message,
     Settings,
     Will,
     connect,
-    describe,
     publish_room,
     refusal,
 )
 from pigateway.state import FaultSource, GatewayState, Link
 from pigateway.store import Command, Store
-from pigateway.text import bounded
+from pigateway.store_calls import StoreCalls
 
 log = logging.getLogger(__name__)
 
 REJECTED: Final = "rejected-by-broker"
-#: Inbound commands taken at once (acknowledged in order as each is persisted).
-INBOUND_WINDOW: Final = 64
-#: Backoff while the store cannot take an inbound command (it stays unacknowledged).
-TAKE_BACKOFF: Final = wait_backoff(0.5, 30.0, jitter=0.0)
-#: Topics of stray messages logged (and unsubscribed) per connection at most.
-MAX_STRAY_TOPICS: Final = 100
-#: Tries of an inbound command whose ``on_command`` fails with a bug before it is dropped.
-TAKE_TRIES: Final = 3
-#: How a fault starts when the store has refused the drain's calls for too long.
-STORE_STUCK: Final = "store: the drain cannot"
-#: Seconds a store may stay busy, locked or full before that shows as a fault (an operator
-#: should look: a purge or a backup holding the lock, a full disk), while still retried.
-STORE_FAULT_AFTER: Final = 60.0
 #: The smallest batch size limit halving goes down to.
 MIN_BATCH_BYTES: Final = 512
-
-
-def store_is_gone(exc: StoreError) -> bool:
-    """Whether a store error means the store is gone (corrupt), not merely busy for now.
-
-    Busy, locked and full stores heal by themselves (another process lets go, space is
-    freed): the service waits them out. A corrupt file only heals by a restart, which moves
-    it aside; that one ends the service, shown as a fault first.
-    """
-    return isinstance(exc, StoreCorrupt)
-
-
-T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- backoff
@@ -125,11 +96,6 @@ class BrokerBusy(UplinkError):
 
 
 # --------------------------------------------------------------------------- the uplink
-
-OnCommand = Callable[[bytes], Awaitable[None]]
-#: An inbound message and the task taking it, in the order received (acked in that order).
-Taken = tuple["asyncio.Task[PigatewayError | None]", Message]
-
 
 @dataclass
 class _Session:
@@ -168,8 +134,23 @@ class Uplink:
         self._settled = asyncio.Event()  # set while nothing is in flight
         self._online_since: float | None = None
         self._halved: int | None = None  # a batch size limit learnt under MQTT 3.1.1
-        self.store_fault_after = STORE_FAULT_AFTER
         self._settled.set()
+        self.store_calls = StoreCalls(state, up)
+        self.announcer = Announcer(config, state)
+        self.intake = Intake(wire.topic(config, "commands"), on_command)
+
+    @property
+    def store_fault_after(self) -> float:
+        """Seconds a busy store may refuse the drain before that shows as a fault."""
+        return self.store_calls.fault_after
+
+    @store_fault_after.setter
+    def store_fault_after(self, seconds: float) -> None:
+        self.store_calls.fault_after = seconds
+
+    def state_document(self) -> dict[str, Any]:
+        """The retained state document now (:meth:`Announcer.document`)."""
+        return self.announcer.document()
 
     # ---- controls (the app's pause/resume/flush land here)
 
@@ -309,11 +290,12 @@ class Uplink:
                                    tasks)
                 if self.on_command is not None:
                     await client.subscribe(wire.topic(self.config, "commands"), qos=1)
-                await self._announce(client)
-                watch = tasks.create_task(self._watch(client), name="uplink-watch")
-                announce = tasks.create_task(self._keep_announcing(client), name="uplink-state")
+                await self.announcer.announce(client)
+                watch = tasks.create_task(self.intake.run(client), name="uplink-watch")
+                announce = tasks.create_task(self.announcer.keep_announcing(client),
+                                             name="uplink-state")
                 await self._drain(session)
-                await self._finish(client)
+                await self.announcer.say_offline(client)
                 watch.cancel()
                 announce.cancel()
         except BaseExceptionGroup as group:
@@ -353,7 +335,7 @@ class Uplink:
                 continue
             await session.slots.acquire()
             try:
-                batch = await self._with_store("claim the next batch", self.batcher.next_batch)
+                batch = await self.store_calls.call("claim the next batch", self.batcher.next_batch)
             except BaseException:
                 session.slots.release()
                 raise
@@ -392,7 +374,7 @@ class Uplink:
         them again.
         """
         self.delivered[batch.id] = self.outstanding.pop(batch.id)
-        await self._with_store("delete delivered commands", lambda: self.store.ack(batch.ids))
+        await self.store_calls.call("delete delivered commands", lambda: self.store.ack(batch.ids))
         del self.delivered[batch.id]
         COUNTERS.batch_acked(len(batch.ids), len(batch.payload))
         self._log_delivered(batch)
@@ -405,58 +387,9 @@ class Uplink:
         if verdict == "retry":
             raise BrokerBusy(f"the broker refused batch {batch.id} for now: {what}; its "
                              "commands go back to the head of the queue")
-        await self._with_store("dead-letter a refused batch",
+        await self.store_calls.call("dead-letter a refused batch",
                                lambda: self.store.dead_letter(batch.ids, REJECTED, what))
         del self.outstanding[batch.id]
-
-    async def _with_store(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """``await call()`` until the store takes it: a busy, locked or full store is waited
-        out with the link's backoff, said once as a warning and in ``last_error``, and as a
-        fault once it lasted :attr:`store_fault_after` seconds (cleared when it answers).
-
-        Only a store that is gone (:func:`store_is_gone`) ends the drain, and with it the
-        service (systemd restarts it, which moves a corrupt file aside); it is shown as a
-        fault first (LEDs, ``STATUS=``).
-        """
-        failures = 0
-        since = time.monotonic()
-        while True:
-            try:
-                result = await call()
-            except StoreError as exc:
-                if store_is_gone(exc):
-                    self.state.set_fault(FaultSource.DRAIN, f"store: {exc}")
-                    self.state.note_error(str(exc))
-                    log.critical("uplink: cannot %s: %s", what, exc)
-                    raise
-                failures += 1
-                self._store_trouble(what, exc, failures, time.monotonic() - since)
-                await asyncio.sleep(self._store_wait(failures))
-                continue
-            if failures:
-                log.warning("uplink: the store answers again (%s after %d tries)", what,
-                            failures + 1)
-                self.state.clear_fault(FaultSource.DRAIN)
-            return result
-
-    def _store_trouble(self, what: str, exc: StoreError, failures: int,
-                       lasted: float) -> None:
-        """Say it once per streak as a warning (and in ``last_error``); then at debug; and
-        as a fault once it lasted :attr:`store_fault_after` (unless another fault shows)."""
-        self.state.note_error(f"store: cannot {what}: {exc}")
-        level = logging.WARNING if failures == 1 else logging.DEBUG
-        log.log(level, "uplink: cannot %s (%s); the drain waits and tries again, nothing "
-                "is lost", what, exc)
-        if lasted >= self.store_fault_after and self.state.fault_of(FaultSource.DRAIN) is None:
-            self.state.set_fault(FaultSource.DRAIN,
-                                 f"{STORE_STUCK} {what} for {lasted:.0f}s: {exc}")
-            log.error("uplink: the store has refused to %s for %.0fs (%s): another process "
-                      "holding its lock, or a full disk?", what, lasted, exc)
-
-    def _store_wait(self, failures: int) -> float:
-        """The link's backoff (``backoff_initial`` doubling up to ``backoff_max``), jittered."""
-        up = self.config.uplink
-        return wait_backoff(up.backoff_initial, up.backoff_max).delay(failures)
 
     def _log_delivered(self, batch: Batch[Command]) -> None:
         """One line per acknowledged batch, carrying every command id for the journal.
@@ -476,117 +409,6 @@ class Uplink:
                                 draining=bool(self.outstanding or self.delivered
                                               or self.batcher.pending))
 
-    async def _watch(self, client: Connection) -> None:
-        """Inbound commands; also how a dropped link is noticed (the iterator raises).
-
-        Up to :data:`INBOUND_WINDOW` commands are taken at once, so their inbox writes share
-        one commit; each is acknowledged only after its ``on_command`` returned, and in the
-        order received (MQTT wants PUBACKs in order). A message on any other topic (an old
-        subscription the persistent session kept, e.g. after a ``topic_prefix`` change) is
-        acknowledged and logged, never run.
-        """
-        commands = wire.topic(self.config, "commands")
-        strays: set[str] = set()
-        async with asyncio.TaskGroup() as group:
-            taken: asyncio.Queue[Taken] = asyncio.Queue(INBOUND_WINDOW)
-            group.create_task(self._ack_in_order(client, taken), name="uplink-acks")
-            async for message in client.messages():
-                if self.on_command is None:
-                    continue
-                if message.topic == commands:
-                    take = group.create_task(self._take(self.on_command, message.payload))
-                else:
-                    take = group.create_task(self._ignore(client, message.topic, commands,
-                                                          strays))
-                await taken.put((take, message))
-
-    @staticmethod
-    async def _take(on_command: OnCommand, payload: bytes) -> PigatewayError | None:
-        """Run ``on_command`` until it takes the message; only a fault of the whole store is
-        handed to the acker (which ends the link, so the broker sends the message again).
-
-        A store error (busy, locked, under ``store.min_free_bytes``) is waited out here with
-        capped backoff: the message stays unacknowledged and the link and the drain go on. Any
-        other exception is a bug of ``on_command``, this message's failure: tried
-        :data:`TAKE_TRIES` times, then logged and acknowledged (dropped), so one message can
-        never end the service.
-        """
-        tries = failures = 0
-        while True:
-            tries += 1
-            delay = TAKE_BACKOFF.delay(tries)
-            try:
-                await on_command(payload)
-                return None
-            except StoreCorrupt as exc:
-                return exc
-            except StoreError as exc:
-                log.warning("uplink: the store cannot take an inbound command now (%s); it stays "
-                            "unacknowledged, trying again in %.1fs", exc, delay)
-            except Exception as exc:
-                failures += 1
-                if failures >= TAKE_TRIES:
-                    log.error("uplink: an inbound command failed %d times and is dropped: %s: %s",
-                              failures, type(exc).__name__, bounded(exc), exc_info=exc)
-                    return None
-            await asyncio.sleep(delay)
-
-    @staticmethod
-    async def _ignore(client: Connection, where: str, commands: str, strays: set[str]) -> None:
-        """A message on a topic that is not our commands topic: acknowledged, never run.
-
-        The first one per topic is logged and the topic unsubscribed, which ends an old
-        exact subscription the persistent session kept (a wildcard one stays: its messages
-        are acknowledged and dropped, one log line per connection and topic).
-        """
-        if where in strays or len(strays) >= MAX_STRAY_TOPICS:
-            return
-        strays.add(where)
-        log.warning("uplink: ignored a message on %s (commands come on %s only; an old "
-                    "subscription of the persistent session?); unsubscribing from it",
-                    bounded(where, 200), commands)
-        with contextlib.suppress(UplinkError):  # a broken link ends the watch anyway
-            await client.unsubscribe(where, timeout=5.0)
-
-    async def _ack_in_order(self, client: Connection, taken: asyncio.Queue[Taken]) -> None:
-        while True:
-            take, message = await taken.get()
-            failure = await take
-            if failure is not None:
-                raise UplinkError(f"an inbound command could not be taken ({failure}); it "
-                                  "stays unacknowledged and the broker sends it again") \
-                    from failure
-            client.ack(message)
-
-    async def _keep_announcing(self, client: Connection) -> None:
-        while True:
-            await asyncio.sleep(self.config.uplink.state_interval)
-            await self._announce(client)
-
-    async def _announce(self, client: Connection) -> None:
-        """The retained state document (what every view shows, from the one state object)."""
-        await self._publish(client, wire.topic(self.config, "state"),
-                            wire.encode(self.state_document()).encode(), retain=True)
-
-    def state_document(self) -> dict[str, Any]:
-        """The retained state now (:func:`pigateway.wire.state_document`); its counters are
-        what ``pigateway_*_total`` show (since start)."""
-        return wire.state_document(self.config.gateway_id, __version__, self.state.as_dict(),
-                                   COUNTERS.as_dict(), time.time())
-
-    async def _publish(self, client: Connection, where: str, payload: bytes, *,
-                       retain: bool = False) -> None:
-        code = await client.deliver(where, payload, retain=retain,
-                                    timeout=self.config.uplink.publish_timeout)
-        if code is not None:
-            log.warning("uplink: the broker refused a message on %s: %s", where, describe(code))
-
-    async def _finish(self, client: Connection) -> None:
-        """A clean stop: say "offline" ourselves (a clean DISCONNECT sends no will)."""
-        with contextlib.suppress(UplinkError):
-            await self._publish(client, wire.topic(self.config, "state"), wire.OFFLINE,
-                                retain=True)
-
     async def _give_back(self, why: str) -> None:
         """Put back every row this link claimed but the broker did not acknowledge.
 
@@ -599,13 +421,13 @@ class Uplink:
         sent = [i for batch in self.outstanding.values() for i in batch.ids]
         unsent = [command.id for command in self.batcher.pending]
         if delivered:
-            await self._with_store("delete delivered commands",
+            await self.store_calls.call("delete delivered commands",
                                    lambda: self.store.ack(delivered))
         if unsent:
-            await self._with_store("put claimed commands back",
+            await self.store_calls.call("put claimed commands back",
                                    lambda: self.store.release(unsent))
         if sent:
-            await self._with_store("put sent commands back",
+            await self.store_calls.call("put sent commands back",
                                    lambda: self.store.nack(sent, why))
         self.delivered.clear()
         self.batcher.give_back()
