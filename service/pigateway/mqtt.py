@@ -362,7 +362,7 @@ def _new_client(settings: Settings) -> _Client:
         username=settings.username, password=settings.password,
         protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
         will=None if will is None else aiomqtt.Will(will.topic, will.payload, qos=1,
-                                                     retain=True),
+                                                    retain=True),
         clean_session=None if v5 else not settings.persistent,
         clean_start=(not settings.persistent) if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
         properties=properties, keepalive=settings.keepalive, timeout=settings.timeout,

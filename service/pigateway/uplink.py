@@ -388,7 +388,7 @@ class Uplink:
             raise BrokerBusy(f"the broker refused batch {batch.id} for now: {what}; its "
                              "commands go back to the head of the queue")
         await self.store_calls.call("dead-letter a refused batch",
-                               lambda: self.store.dead_letter(batch.ids, REJECTED, what))
+                                    lambda: self.store.dead_letter(batch.ids, REJECTED, what))
         del self.outstanding[batch.id]
 
     def _log_delivered(self, batch: Batch[Command]) -> None:
@@ -422,13 +422,13 @@ class Uplink:
         unsent = [command.id for command in self.batcher.pending]
         if delivered:
             await self.store_calls.call("delete delivered commands",
-                                   lambda: self.store.ack(delivered))
+                                        lambda: self.store.ack(delivered))
         if unsent:
             await self.store_calls.call("put claimed commands back",
-                                   lambda: self.store.release(unsent))
+                                        lambda: self.store.release(unsent))
         if sent:
             await self.store_calls.call("put sent commands back",
-                                   lambda: self.store.nack(sent, why))
+                                        lambda: self.store.nack(sent, why))
         self.delivered.clear()
         self.batcher.give_back()
         self.outstanding.clear()
