@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pigateway.aio import cancel_and_wait
 from pigateway.config import GpioConfig
 from pigateway.errors import GpioError
 from pigateway.pins import pin_factory
@@ -211,8 +212,7 @@ class Panel:
             return
         self._closed = True
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait({self._task})  # never swallows a cancellation of our own
+            await cancel_and_wait(self._task)
         self._release()
 
     # ---------------------------------------------------------------- pins

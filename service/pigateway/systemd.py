@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import sdnotify
 
+from pigateway.aio import cancel_and_wait
 from pigateway.errors import StoreError
 from pigateway.state import FaultSource, GatewayState, Link
 from pigateway.text import format_age
@@ -87,8 +88,7 @@ class Notifier:
         try:
             yield
         finally:
-            task.cancel()
-            await asyncio.wait({task})  # never swallows a cancellation of our own
+            await cancel_and_wait(task)
 
     async def _keep_extending(self, step: float) -> None:
         while True:
