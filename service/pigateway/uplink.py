@@ -28,7 +28,7 @@ Per connection (a fresh client each time, so paho never replays anything on its 
 Batches are never built bigger than the broker takes: MQTT 5 says so in CONNACK (a single
 command over it is dead-lettered ``too-large``). Under MQTT 3.1.1 the broker cannot say: it
 drops the connection instead, so the next link packs batches half the size
-(:meth:`Uplink._learn_from`), and a command alone too big ends in ``max-attempts``.
+(:class:`PacketLimit`), and a command alone too big ends in ``max-attempts``.
 """
 
 from __future__ import annotations
@@ -97,6 +97,41 @@ class BrokerBusy(UplinkError):
 
 # --------------------------------------------------------------------------- the uplink
 
+class PacketLimit:
+    """Batches no bigger than the broker takes, set on the batcher per connection."""
+
+    def __init__(self, config: Config, batcher: Batcher[Command]) -> None:
+        self.config = config
+        self.batcher = batcher
+        self.halved: int | None = None  # a batch size limit learnt under MQTT 3.1.1
+
+    def adopt(self, client: Connection) -> None:
+        """MQTT 5 says the limit in CONNACK; a limit learnt under 3.1.1 packs smaller."""
+        hard = self.config.uplink.max_batch_bytes
+        if client.max_packet_size:
+            room = min(publish_room(client.max_packet_size, wire.topic(self.config, leaf))
+                       for leaf in ("actions", "results"))
+            hard = max(1, min(hard, room))
+        self.batcher.limit(packing=self.halved or sys.maxsize, hard=hard)
+
+    def learn(self, error: UplinkError | None, in_flight: list[int]) -> None:
+        """Under MQTT 3.1.1 a broker drops the link on a packet over its limit, silently.
+
+        So when a 3.1.1 link dies with batches in flight (``in_flight``: their sizes), the
+        next link sends batches half the size of the largest of them: the commands that fit
+        get through, and only one that alone is too big is left to ``store.max_attempts``.
+        A stable link forgets it.
+        """
+        if error is None or isinstance(error, LinkLost) or self.config.mqtt.protocol == "5":
+            self.halved = None
+            return
+        if in_flight:
+            half = max(in_flight) // 2
+            self.halved = max(MIN_BATCH_BYTES, min(half, self.halved or half))
+            log.info("uplink: the link died with batches in flight; next batches at most %d "
+                     "bytes (a broker packet limit under MQTT 3.1.1?)", self.halved)
+
+
 @dataclass
 class _Session:
     """What one connection holds: its client, its in-flight slots and its tasks."""
@@ -133,8 +168,8 @@ class Uplink:
         self._stop = asyncio.Event()
         self._settled = asyncio.Event()  # set while nothing is in flight
         self._online_since: float | None = None
-        self._halved: int | None = None  # a batch size limit learnt under MQTT 3.1.1
         self._settled.set()
+        self.packet_limit = PacketLimit(config, self.batcher)
         self.store_calls = StoreCalls(state, up)
         self.announcer = Announcer(config, state)
         self.intake = Intake(wire.topic(config, "commands"), on_command)
@@ -211,7 +246,8 @@ class Uplink:
             error = self._typed(exc)
             raise error from exc
         finally:
-            self._learn_from(error)
+            self.packet_limit.learn(error, [len(batch.payload)
+                                            for batch in self.outstanding.values()])
             try:  # last_error shows the end of the link once its rows are back
                 await self._give_back(str(error) if error is not None
                                       else "the link ended before the broker acknowledged")
@@ -275,7 +311,7 @@ class Uplink:
     # ---- one connection
 
     async def _serve(self, client: Connection) -> None:
-        self._adopt_packet_limit(client)
+        self.packet_limit.adopt(client)
         log.info("uplink: online at %s:%d (session present: %s)", self.config.mqtt.host,
                  self.config.mqtt.port, client.session_present)
         self._online_since = time.monotonic()
@@ -300,32 +336,6 @@ class Uplink:
                 announce.cancel()
         except BaseExceptionGroup as group:
             raise first_error(group) from group
-
-    def _adopt_packet_limit(self, client: Connection) -> None:
-        """Batches no bigger than the broker takes (MQTT 5 says; 3.1.1 is learnt by halving)."""
-        hard = self.config.uplink.max_batch_bytes
-        if client.max_packet_size:
-            room = min(publish_room(client.max_packet_size, wire.topic(self.config, leaf))
-                       for leaf in ("actions", "results"))
-            hard = max(1, min(hard, room))
-        self.batcher.limit(packing=self._halved or sys.maxsize, hard=hard)
-
-    def _learn_from(self, error: UplinkError | None) -> None:
-        """Under MQTT 3.1.1 a broker drops the link on a packet over its limit, silently.
-
-        So when a 3.1.1 link dies with batches in flight, the next link sends batches half
-        the size of the largest of them: the commands that fit get through, and only one
-        that alone is too big is left to ``store.max_attempts``. A stable link forgets it.
-        """
-        if error is None or isinstance(error, LinkLost) or self.config.mqtt.protocol == "5":
-            self._halved = None
-            return
-        sizes = [len(batch.payload) for batch in self.outstanding.values()]
-        if sizes:
-            half = max(sizes) // 2
-            self._halved = max(MIN_BATCH_BYTES, min(half, self._halved or half))
-            log.info("uplink: the link died with batches in flight; next batches at most %d "
-                     "bytes (a broker packet limit under MQTT 3.1.1?)", self._halved)
 
     async def _drain(self, session: _Session) -> None:
         """Hand batches to publisher tasks, at most ``max_inflight`` unacknowledged."""
