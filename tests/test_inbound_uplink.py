@@ -20,8 +20,9 @@ from pigateway import inbox
 from pigateway.config import Config
 from pigateway.errors import StoreError
 from pigateway.inbound import Inbound
+from pigateway.intake import TAKE_TRIES
 from pigateway.state import Link
-from pigateway.uplink import TAKE_TRIES, topic
+from pigateway.wire import topic
 from uplink_helpers import RecordingState, make_config, running_uplink, wait_until
 
 pytestmark = pytest.mark.broker

@@ -37,10 +37,10 @@ from pigateway.panel import (
     bar_level,
     describe,
     legend,
-    make_pin_factory,
     pattern_for,
     show_for,
 )
+from pigateway.pins import pin_factory
 from pigateway.state import GatewayState, Link
 from uplink_helpers import make_config, subscribed
 
@@ -284,15 +284,15 @@ def test_auto_falls_back_to_mock_pins_with_one_warning(caplog: pytest.LogCapture
         pass
     else:
         pytest.skip("lgpio is installed here; auto would use it")
-    with caplog.at_level(logging.WARNING, logger="pigateway.panel"):
-        factory = make_pin_factory("auto")
+    with caplog.at_level(logging.WARNING, logger="pigateway.pins"):
+        factory = pin_factory("auto")
     assert isinstance(factory, MockFactory)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "mock pins" in warnings[0].getMessage()
     with pytest.raises(GpioError, match="lgpio"):
-        make_pin_factory("lgpio")
-    assert isinstance(make_pin_factory("mock"), MockFactory)
+        pin_factory("lgpio")
+    assert isinstance(pin_factory("mock"), MockFactory)
 
 
 # --------------------------------------------------------------------------- at a real broker

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from pigateway.state import GatewayState, Link
+from pigateway.state import FaultSource, GatewayState, Link
 
 
 def test_update_reports_whether_anything_changed() -> None:
@@ -52,3 +52,26 @@ async def test_changed_since_the_current_version_waits_for_the_next() -> None:
     assert not waiter.done()
     state.update(depth=2)
     assert await asyncio.wait_for(waiter, 1) == 2
+
+
+def test_a_fault_is_cleared_only_by_its_source() -> None:
+    state = GatewayState()
+    state.set_fault(FaultSource.WATCHDOG, "store writer not answering")
+    state.clear_fault(FaultSource.LINK)  # the link coming up
+    assert state.fault == "store writer not answering"
+    state.set_fault(FaultSource.LINK, "login refused")
+    assert state.fault == "store writer not answering", "the oldest fault shows"
+    state.clear_fault(FaultSource.WATCHDOG)
+    assert state.fault == "login refused"
+    assert state.as_dict()["fault"] == "login refused"
+    state.clear_fault(FaultSource.LINK)
+    assert state.fault is None
+
+
+def test_update_with_fault_is_a_source_of_its_own() -> None:
+    state = GatewayState()
+    state.set_fault(FaultSource.DRAIN, "store: the drain cannot claim")
+    state.update(fault="disk full")
+    state.update(fault=None)
+    assert state.fault == "store: the drain cannot claim"
+    assert state.update(fault=None) is False

@@ -24,14 +24,8 @@ from pigateway.config import StoreConfig
 from pigateway.errors import StoreError
 from pigateway.state import GatewayState, Link
 from pigateway.store import Store
-from pigateway.systemd import (
-    Notifier,
-    format_age,
-    ping_bound,
-    status_line,
-    supervise,
-    watchdog_interval,
-)
+from pigateway.systemd import Notifier, ping_bound, status_line, supervise, watchdog_interval
+from pigateway.text import format_age
 from sockets import DatagramListener
 from uplink_helpers import wait_until
 

@@ -12,9 +12,12 @@ from aiomqtt import Client  # the tests play the cloud side
 
 from harness.broker import Mosquitto
 from netproxy import Proxy
+from pigateway.backoff import wait_backoff
 from pigateway.errors import StoreError, UplinkError
+from pigateway.mqtt import local_publisher
 from pigateway.state import Link
-from pigateway.uplink import local_publisher, reconnect_policy, topic, wait_backoff
+from pigateway.uplink import reconnect_policy
+from pigateway.wire import topic
 from uplink_helpers import (
     RecordingState,
     drained,

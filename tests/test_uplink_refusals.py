@@ -19,9 +19,9 @@ import pytest
 
 from harness.broker import Mosquitto
 from mqttproxy import Decide, RefusingProxy
+from pigateway.mqtt import PUBACK_REFUSALS
 from pigateway.state import Link
 from pigateway.store import NewCommand
-from pigateway.uplink import PUBACK_REFUSALS
 from uplink_helpers import (
     RecordingState,
     drained,

@@ -18,9 +18,10 @@ import pytest
 from harness.broker import Mosquitto
 from pigateway.batching import Rules, plan
 from pigateway.ids import new_id
+from pigateway.mqtt import PUBLISH_OVERHEAD
 from pigateway.state import Link
 from pigateway.store import Command
-from pigateway.uplink import PUBLISH_OVERHEAD, reconnect_policy
+from pigateway.uplink import reconnect_policy
 from uplink_helpers import (
     GATEWAY,
     RecordingState,

@@ -16,7 +16,8 @@ import pytest
 
 from harness.broker import Mosquitto
 from netproxy import Proxy
-from pigateway.state import Link
+from pigateway import systemd
+from pigateway.state import GatewayState, Link
 from pigateway.store import NewCommand
 from uplink_helpers import (
     RecordingState,
@@ -91,3 +92,18 @@ async def test_a_store_that_stays_busy_becomes_a_fault_and_clears_itself(
             assert await wait_until(lambda: run.state.fault is None, 5)
     finally:
         holder.close()
+
+
+async def test_going_online_keeps_a_fault_the_store_watchdog_set(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    """A fault belongs to its source: the link coming up must not hide a wedged store writer
+    (systemd's watchdog set it; only the watchdog clears it, once the writer answers)."""
+    cfg = make_config(tmp_path, mosquitto.port, unique_prefix)
+    state = GatewayState()
+    systemd._mark_fault(state, False)
+    async with running_uplink(cfg, state=state) as run:
+        assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
+        await asyncio.sleep(0.1)
+        assert state.fault == systemd.STORE_FAULT, "the uplink cleared the watchdog's fault"
+        systemd._mark_fault(state, True)
+        assert state.fault is None

@@ -18,21 +18,22 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator
-from typing import Any
 
 import tenacity
 
+from pigateway.aio import first_error
 from pigateway.config import Config
 from pigateway.control import ControlServer
-from pigateway.errors import PigatewayError, StoreError
+from pigateway.errors import StoreError
 from pigateway.inbound import Inbound
 from pigateway.logs import setup_logging
 from pigateway.metrics import Exporter
 from pigateway.panel import Panel
-from pigateway.state import GatewayState
+from pigateway.state import FaultSource, GatewayState
 from pigateway.store import Store
+from pigateway.store_calls import store_is_gone
 from pigateway.systemd import Notifier, bound_stop, ping_bound, supervise, watchdog_interval
-from pigateway.uplink import Uplink, store_is_gone
+from pigateway.uplink import Uplink
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +66,13 @@ class Gateway:
 
     def pause(self) -> None:
         """Stop draining; commands keep being queued on disk."""
-        self.state.update(paused=True)
+        self.state.set_paused(True)
         if self.uplink is not None:
             self.uplink.pause()
         log.info("paused: draining stops, queueing goes on")
 
     def resume(self) -> None:
-        self.state.update(paused=False)
+        self.state.set_paused(False)
         if self.uplink is not None:
             self.uplink.resume()
         log.info("resumed: draining again")
@@ -105,7 +106,7 @@ class Gateway:
             try:
                 await self._serve(store, inbound)
             except BaseExceptionGroup as group:
-                raise _first(group) from group
+                raise first_error(group) from group
             finally:
                 self.store = None
 
@@ -177,7 +178,8 @@ class Gateway:
             await self._refresh(store)
         except StoreError as exc:
             if store_is_gone(exc):
-                self.state.update(fault=f"store: {exc}", last_error=str(exc))
+                self.state.set_fault(FaultSource.STORE, f"store: {exc}")
+                self.state.note_error(str(exc))
                 log.critical("store: %s", exc)
                 raise
             if not failing:
@@ -190,22 +192,7 @@ class Gateway:
 
     async def _refresh(self, store: Store) -> None:
         stats = await store.stats()
-        self.state.update(depth=stats.depth, oldest_age=stats.oldest_age,
-                          dead_letters=stats.dead_total)
-
-
-def _first(group: BaseExceptionGroup[Any]) -> BaseException:
-    """The error to report from a TaskGroup: the first pigateway error, else the first one."""
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        item = pending.pop(0)
-        if isinstance(item, BaseExceptionGroup):
-            pending.extend(item.exceptions)
-        else:
-            leaves.append(item)
-    typed = [leaf for leaf in leaves if isinstance(leaf, PigatewayError)]
-    return (typed or leaves)[0]
+        self.state.set_queue(stats.depth, stats.oldest_age, stats.dead_total)
 
 
 async def run(config: Config) -> None:

@@ -23,15 +23,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
+from pigateway import wire
+from pigateway.aio import first_of
 from pigateway.ids import new_id
 
-WIRE_VERSION = 1
 REASON_TOO_LARGE = "too-large"
 REASON_EXPIRED = "expired"
 
@@ -124,16 +124,9 @@ class Take(Generic[C]):
     expired: list[C] = field(default_factory=list)
 
 
-def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
 def encode_command(command: Queued) -> str:
-    """The wire form of one command inside a batch: ``{"id","name","params","queued_at"}``."""
-    return _json({
-        "id": command.id, "name": command.name, "params": command.params,
-        "queued_at": command.queued_at,
-    })
+    """The wire form of one command inside a batch (:func:`pigateway.wire.batch_command`)."""
+    return wire.batch_command(command.id, command.name, command.params, command.queued_at)
 
 
 def is_expired(command: Queued, now: float) -> bool:
@@ -145,18 +138,15 @@ class _Builder:
 
     def __init__(self, rules: Rules, batch_id: str, sent_at: float) -> None:
         self.rules = rules
-        self.head = (
-            f'{{"v":{WIRE_VERSION},"gateway":{_json(rules.gateway)},"batch":{_json(batch_id)},'
-            f'"sent_at":{sent_at:.3f},"actions":['
-        )
+        self.head = wire.batch_head(rules.gateway, batch_id, sent_at)
         self.batch_id = batch_id
         self.actions: dict[str, list[str]] = {}
         self.members: list[Queued] = []
-        self.size = len(self.head.encode()) + len("]}")
+        self.size = len(self.head.encode()) + len(wire.batch_tail())
 
     @staticmethod
     def _action_frame(device: str) -> int:
-        return len(f'{{"device":{_json(device)},"commands":[]}}'.encode())
+        return len(wire.action(device, []).encode())
 
     def cost(self, device: str, encoded: str) -> int:
         """Bytes that adding ``encoded`` for ``device`` would add to the payload."""
@@ -176,17 +166,15 @@ class _Builder:
         self.members.append(command)
 
     def payload(self) -> bytes:
-        actions = ",".join(
-            f'{{"device":{_json(device)},"commands":[{",".join(commands)}]}}'
-            for device, commands in self.actions.items()
-        )
-        return f"{self.head}{actions}]}}".encode()
+        actions = ",".join(wire.action(device, commands)
+                           for device, commands in self.actions.items())
+        return f"{self.head}{actions}{wire.batch_tail()}".encode()
 
 
 def fits_alone(command: Queued, rules: Rules, encoded: str | None = None) -> bool:
     """Whether a command can travel at all under ``max_batch_bytes``."""
     if command.kind == "result":
-        return len(_json(command.params).encode()) <= rules.too_large_above
+        return len(wire.encode(command.params).encode()) <= rules.too_large_above
     hard = dataclasses.replace(rules, max_batch_bytes=rules.too_large_above)
     builder = _Builder(hard, new_id(0), time.time())
     return builder.fits(command.device, encoded or encode_command(command))
@@ -215,7 +203,7 @@ def take_batch(pending: Sequence[C], rules: Rules, *, now: float,
 
 def _take_result(live: list[C], rules: Rules, expired: list[C]) -> Take[C]:
     head, rest = live[0], live[1:]
-    payload = _json(head.params).encode()
+    payload = wire.encode(head.params).encode()
     if len(payload) > rules.too_large_above:
         return Take(None, rest, too_large=[head], expired=expired)
     return Take(Batch(head.id, "results", (head,), payload), rest, expired=expired)
@@ -288,6 +276,7 @@ class Batcher(Generic[C]):
         ``store.clock``, the clock ``expires_at`` is on, which a wall-clock step does not
         move."""
         self.store = store
+        self.base_rules = rules
         self.rules = rules
         self.batch_delay = batch_delay
         self.claim_limit = claim_limit
@@ -296,6 +285,16 @@ class Batcher(Generic[C]):
         self.pending: list[C] = []
         self._flush = asyncio.Event()
         self._interrupt = asyncio.Event()
+
+    def limit(self, packing: int, hard: int) -> None:
+        """Pack batches to ``packing`` bytes and call ``too-large`` only above ``hard``.
+
+        Both are capped by the rules the batcher was made with; the uplink calls this per
+        connection with what the broker takes (see :class:`Rules`).
+        """
+        self.rules = dataclasses.replace(
+            self.base_rules, max_batch_bytes=min(packing, hard, self.base_rules.max_batch_bytes),
+            hard_bytes=min(hard, self.base_rules.max_batch_bytes))
 
     def flush(self) -> None:
         """End the current window now: what is pending goes at once."""
@@ -382,17 +381,8 @@ class Batcher(Generic[C]):
         """Until the store sees new work, a flush, an interrupt, or ``seconds`` pass."""
         if self._flush.is_set() or self._interrupt.is_set():
             return
-        waiters = [asyncio.ensure_future(self.store.wait_for_work(seconds)),
-                   asyncio.ensure_future(self._flush.wait()),
-                   asyncio.ensure_future(self._interrupt.wait())]
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in waiters:
-                task.cancel()
-            # asyncio.wait, not await: suppressing CancelledError here could swallow a
-            # cancel meant for us (pause, stop) on Python 3.11
-            await asyncio.wait(waiters)
+        await first_of(self.store.wait_for_work(seconds), self._flush.wait(),
+                       self._interrupt.wait())
 
     async def _discard(self, take: Take[C]) -> None:
         if take.too_large:

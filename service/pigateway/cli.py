@@ -27,6 +27,7 @@ from pigateway.errors import (
     StoreFull,
 )
 from pigateway.store import QueueReader, Store
+from pigateway.text import format_age
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_NOT_RUNNING = 0, 1, 2, 3, 4
 
@@ -334,18 +335,11 @@ def _stats_text(stats: dict[str, Any]) -> str:
     lines = [
         f"queued:     {stats['depth']:,} commands, {stats['bytes']:,} bytes",
         f"in flight:  {stats['in_flight']:,}",
-        f"oldest:     {_age(age) if age is not None else '-'}",
+        f"oldest:     {format_age(age) if age is not None else '-'}",
         f"dead:       {sum(dead.values()):,}"
         + (f" ({', '.join(f'{k} {v}' for k, v in sorted(dead.items()))})" if dead else ""),
     ]
     return "\n".join(lines)
-
-
-def _age(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.1f}s"
 
 
 def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:

@@ -67,6 +67,10 @@ class LoginRefused(UplinkError):
     """The broker refused our credentials or authorisation: a fault an operator must fix."""
 
 
+class LinkFault(UplinkError):
+    """A connection failure an operator must fix (credentials, TLS); named in ``state.fault``."""
+
+
 class ControlError(PigatewayError):
     """A control-socket request failed or the service is not running."""
 

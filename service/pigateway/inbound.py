@@ -24,7 +24,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Self
 
-from pigateway import inbox
+from pigateway import inbox, wire
 from pigateway.config import Config
 from pigateway.errors import RejectedCommand, StoreError
 from pigateway.handlers import HandlerFactory
@@ -35,7 +35,7 @@ from pigateway.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = wire.VERSION
 FIELDS = ("v", "id", "device", "name", "params", "ttl")
 MAX_ID = 128
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")

@@ -24,8 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pigateway.aio import cancel_and_wait
 from pigateway.config import GpioConfig
 from pigateway.errors import GpioError
+from pigateway.pins import pin_factory
 from pigateway.state import GatewayState, Link
 
 log = logging.getLogger(__name__)
@@ -143,41 +145,6 @@ def bar_level(depth: int, leds: int) -> int:
     return min(leds, 1 + math.floor(math.log10(depth)))
 
 
-# --------------------------------------------------------------------------- pin factory
-
-
-def make_pin_factory(kind: str) -> Any:
-    """The gpiozero pin factory for ``gpio.pin_factory``: ``mock``, ``lgpio`` or ``auto``.
-
-    ``auto`` tries lgpio and falls back to gpiozero's MockFactory with one warning, so the
-    service runs (without lights) on a machine without GPIO.
-    """
-    if kind == "mock":
-        return _mock_factory()
-    try:
-        return _lgpio_factory()
-    except GpioError as exc:
-        if kind == "lgpio":
-            raise
-        log.warning("no GPIO here (%s); the panel uses mock pins", exc)
-        return _mock_factory()
-
-
-def _mock_factory() -> Any:
-    from gpiozero.pins.mock import MockFactory  # noqa: PLC0415 (gpiozero is slow to import)
-
-    return MockFactory()
-
-
-def _lgpio_factory() -> Any:
-    try:
-        from gpiozero.pins.lgpio import LGPIOFactory  # noqa: PLC0415
-
-        return LGPIOFactory()
-    except Exception as exc:  # ImportError, lgpio.error, gpiozero's PinError, OSError ...
-        raise GpioError(f"lgpio cannot open a gpiochip: {exc}") from exc
-
-
 # --------------------------------------------------------------------------- the panel
 
 
@@ -230,7 +197,7 @@ class Panel:
             return
         self._loop = asyncio.get_running_loop()
         if self.pin_factory is None:
-            self.pin_factory = make_pin_factory(self.cfg.pin_factory)
+            self.pin_factory = pin_factory(self.cfg.pin_factory)
         try:
             self._claim()
         except Exception as exc:  # gpiozero's PinInvalidPin, GPIOPinInUse, lgpio.error ...
@@ -245,8 +212,7 @@ class Panel:
             return
         self._closed = True
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait({self._task})  # never swallows a cancellation of our own
+            await cancel_and_wait(self._task)
         self._release()
 
     # ---------------------------------------------------------------- pins

@@ -1,8 +1,13 @@
 """The one observable state of a running gateway.
 
 LEDs, systemd's ``STATUS=`` line, the retained state message, the control socket and
-``pigateway status`` all read this object; nothing computes its own copy. Writers call
-:meth:`GatewayState.update`, readers await :meth:`GatewayState.changed`.
+``pigateway status`` all read this object; nothing computes its own copy. Writers call the
+typed writers (:meth:`GatewayState.set_link`, :meth:`~GatewayState.set_fault`, ...) or
+:meth:`GatewayState.update`; readers await :meth:`GatewayState.changed`.
+
+A fault is owned by its source (:class:`FaultSource`): each sets and clears only its own, so
+the link coming up cannot hide a wedged store. ``fault``, what the views read, is the oldest
+fault still set.
 """
 
 from __future__ import annotations
@@ -12,6 +17,16 @@ import enum
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+
+class FaultSource(enum.StrEnum):
+    """Who set a fault; only that source clears it."""
+
+    LINK = "link"  #: the uplink: refused login, TLS set-up
+    DRAIN = "drain"  #: the uplink's drain: a store stuck or gone under it
+    WATCHDOG = "watchdog"  #: systemd.py: the store writer does not answer
+    STORE = "store"  #: the app: the store is gone (corrupt)
+    OTHER = "other"  #: :meth:`GatewayState.update` with ``fault=`` (tests, tools)
 
 
 class Link(enum.StrEnum):
@@ -24,7 +39,7 @@ class Link(enum.StrEnum):
 
 @dataclass
 class GatewayState:
-    """What the gateway is doing now. Mutate only through :meth:`update`."""
+    """What the gateway is doing now. Mutate only through the writers and :meth:`update`."""
 
     link: Link = Link.OFFLINE
     paused: bool = False
@@ -40,13 +55,83 @@ class GatewayState:
     started_at: float = field(default_factory=time.time)
     version: int = 0
     _changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
+    _faults: dict[FaultSource, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.fault is not None:
+            self._faults[FaultSource.OTHER] = self.fault
+
+    # ---- typed writers
+
+    def set_link(self, link: Link, *, retry_at: float | None = None) -> bool:
+        """Where the uplink stands; ``retry_at`` (wall clock) while it waits to reconnect."""
+        return self.update(link=link, retry_at=retry_at)
+
+    def set_retry_at(self, retry_at: float | None) -> bool:
+        return self.update(retry_at=retry_at)
+
+    def set_paused(self, paused: bool) -> bool:
+        return self.update(paused=paused)
+
+    def set_progress(self, *, in_flight: int | None = None,
+                     draining: bool | None = None) -> bool:
+        """Batches unacknowledged, and whether rows are on their way (given ones only)."""
+        changes: dict[str, Any] = {}
+        if in_flight is not None:
+            changes["in_flight"] = in_flight
+        if draining is not None:
+            changes["draining"] = draining
+        return self.update(**changes)
+
+    def set_queue(self, depth: int, oldest_age: float | None, dead_letters: int) -> bool:
+        """The store's figures: queued rows, the oldest one's age, dead letters."""
+        return self.update(depth=depth, oldest_age=oldest_age, dead_letters=dead_letters)
+
+    def note_error(self, text: str | None) -> bool:
+        """The last error worth showing (``last_error``); not a fault."""
+        return self.update(last_error=text)
+
+    def set_fault(self, source: FaultSource, text: str) -> bool:
+        """Show a fault an operator must fix, owned by ``source``."""
+        self._faults[source] = text
+        return self._show_fault()
+
+    def clear_fault(self, source: FaultSource) -> bool:
+        """Clear ``source``'s fault (another source's stays)."""
+        self._faults.pop(source, None)
+        return self._show_fault()
+
+    def fault_of(self, source: FaultSource) -> str | None:
+        return self._faults.get(source)
+
+    def _show_fault(self) -> bool:
+        return self._apply({"fault": self._shown_fault()})
+
+    def _shown_fault(self) -> str | None:
+        """The oldest fault still set: what the views show."""
+        return next(iter(self._faults.values()), None)
+
+    # ---- the general writer
 
     def update(self, **changes: Any) -> bool:
-        """Set fields; wake the readers when anything really changed. Returns whether it did."""
-        dirty = False
-        for name, value in changes.items():
+        """Set fields; wake the readers when anything really changed. Returns whether it did.
+
+        ``fault=`` sets (or, with ``None``, clears) the fault of :attr:`FaultSource.OTHER`.
+        """
+        for name in changes:
             if name.startswith("_") or not hasattr(self, name):
                 raise AttributeError(f"GatewayState has no field {name!r}")
+        if "fault" in changes:
+            if changes["fault"] is None:
+                self._faults.pop(FaultSource.OTHER, None)
+            else:
+                self._faults[FaultSource.OTHER] = changes["fault"]
+            changes["fault"] = self._shown_fault()
+        return self._apply(changes)
+
+    def _apply(self, changes: dict[str, Any]) -> bool:
+        dirty = False
+        for name, value in changes.items():
             if getattr(self, name) != value:
                 setattr(self, name, value)
                 dirty = True

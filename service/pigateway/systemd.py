@@ -20,8 +20,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import sdnotify
 
+from pigateway.aio import cancel_and_wait
 from pigateway.errors import StoreError
-from pigateway.state import GatewayState, Link
+from pigateway.state import FaultSource, GatewayState, Link
+from pigateway.text import format_age
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +88,7 @@ class Notifier:
         try:
             yield
         finally:
-            task.cancel()
-            await asyncio.wait({task})  # never swallows a cancellation of our own
+            await cancel_and_wait(task)
 
     async def _keep_extending(self, step: float) -> None:
         while True:
@@ -138,18 +139,6 @@ def _stop_overdue(seconds: float) -> None:
 
 
 # --------------------------------------------------------------------------- the status line
-
-
-def format_age(seconds: float) -> str:
-    """A short human duration: ``12s``, ``3m``, ``2h 5m``, ``3d 4h``."""
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m"
-    if s < 86400:
-        return f"{s // 3600}h {s % 3600 // 60}m"
-    return f"{s // 86400}d {s % 86400 // 3600}h"
 
 
 def status_line(state: GatewayState, now: float | None = None) -> str:
@@ -306,11 +295,11 @@ STORE_FAULT = "store writer not answering"
 
 
 def _mark_fault(state: GatewayState, ok: bool) -> None:
-    """Show a wedged store as a fault (LEDs, STATUS=); clear only the fault we set."""
+    """Show a wedged store as the watchdog's fault (LEDs, STATUS=); clear it once it answers."""
     if not ok:
-        state.update(fault=STORE_FAULT)
-    elif state.fault == STORE_FAULT:
-        state.update(fault=None)
+        state.set_fault(FaultSource.WATCHDOG, STORE_FAULT)
+    else:
+        state.clear_fault(FaultSource.WATCHDOG)
 
 
 def _log_health(ok: bool, bound: float) -> None:

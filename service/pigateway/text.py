@@ -6,6 +6,7 @@ service writes about such a message (a rejection reason, a handler's error, ``la
 a journal line) goes through :func:`bounded` first, so recording it cannot fail: the result
 is printable, encodable and short. :func:`fit_json` then cuts a text to a byte budget of its
 JSON form, which is what a stored result has to fit (``store.max_params_bytes``).
+:func:`format_age` is the one way a duration is shown to people (``STATUS=``, the CLI).
 """
 
 from __future__ import annotations
@@ -75,3 +76,15 @@ def _str(value: object) -> str:
 def _escape(match: re.Match[str]) -> str:
     code = ord(match.group())
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def format_age(seconds: float) -> str:
+    """A short human duration: ``12s``, ``3m``, ``2h 5m``, ``3d 4h``."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"

@@ -1,198 +1,90 @@
 """The uplink: one MQTT connection to the broker, kept up forever, draining the store into it.
 
-This is the only module that imports aiomqtt or paho; their errors become
-:class:`~pigateway.errors.UplinkError` here. The shape follows aiomqtt's own advice: one
-outer reconnect loop that catches only the MQTT error, with the backoff policy (tenacity)
-passed in so that tests run it without waiting.
+This module is the loop only: reconnect with backoff, the drain window, and giving rows
+back when a link ends. Its rooms: :mod:`pigateway.mqtt` (the connection, the only importer
+of aiomqtt and paho), :mod:`pigateway.wire` (topics and documents),
+:mod:`pigateway.credentials` (password, TLS), :mod:`pigateway.intake` (inbound commands,
+acked in order), :mod:`pigateway.announcer` (the retained state), :mod:`pigateway.store_calls`
+(the drain's store calls, patient with a busy store). The shape follows aiomqtt's own
+advice: one outer reconnect loop that catches only the link's error, with the backoff
+policy (tenacity) passed in so that tests run it without waiting.
 
 Per connection (a fresh client each time, so paho never replays anything on its own):
 
-- last will ``"offline"`` (a JSON string), retained, on ``{prefix}/{gw}/state``; a retained
-  JSON state document there on connect and every ``uplink.state_interval``; ``"offline"``
-  again, published by us, on a clean stop (a clean DISCONNECT does not fire the will);
+- last will ``"offline"`` (a JSON string), retained, on ``{prefix}/{gw}/state``; the
+  retained state document while up; ``"offline"`` again on a clean stop;
 - with an ``on_command`` hook: a QoS 1 subscription to ``{prefix}/{gw}/commands`` on a
-  persistent session; each message is acknowledged (paho's manual ack) only after
-  ``await on_command(payload)`` returned, so a crash before that gets it delivered again;
+  persistent session, each message acknowledged only after ``on_command`` took it;
 - the drain: batches from :class:`~pigateway.batching.Batcher`, at most
   ``uplink.max_inflight`` unacknowledged at a time; a batch's rows are deleted only after
   its PUBACK; an MQTT 5 PUBACK failure code either dead-letters them
   (``rejected-by-broker``: not authorised, bad topic, too large, bad payload) or, for a
-  refusal *for now* (quota, rate, busy: :data:`PUBACK_REFUSALS`), ends the connection like
-  a lost link; a failed or timed-out publish ends the connection and every row
-  not acknowledged goes back to the head of the queue (``nack``);
-- the store: every store call of the drain (claim, ack, nack, release, dead letter) waits
-  out a busy, locked or full store with the link's backoff (:meth:`Uplink._with_store`)
-  and keeps its rows in memory until the store took them; only a corrupt store ends it.
+  refusal *for now* (quota, rate, busy: :data:`pigateway.mqtt.PUBACK_REFUSALS`), ends the
+  connection like a lost link; a failed or timed-out publish ends the connection and every
+  row not acknowledged goes back to the head of the queue (``nack``);
+- the store: every store call of the drain waits out a busy, locked or full store and
+  keeps its rows in memory until the store took them; only a corrupt store ends it.
 
-aiomqtt 2.5 drops two facts we need, so :class:`_Client` keeps them: the reason code of each
-PUBACK, and the broker's Maximum Packet Size from CONNACK (a batch is never built bigger, so
-a broker with a small ``max_packet_size`` gets smaller batches, and a single command over it
-is dead-lettered ``too-large``). Under MQTT 3.1.1 the broker cannot say either: it drops the
-connection instead, and such a batch ends in ``max-attempts`` after ``store.max_attempts``.
+Batches are never built bigger than the broker takes: MQTT 5 says so in CONNACK (a single
+command over it is dead-lettered ``too-large``). Under MQTT 3.1.1 the broker cannot say: it
+drops the connection instead, so the next link packs batches half the size
+(:class:`PacketLimit`), and a command alone too big ends in ``max-attempts``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import json
 import logging
-import os
-import random
-import socket
-import ssl
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final
 
-import aiomqtt
-import paho.mqtt.client as paho
 import tenacity
-from aiomqtt.exceptions import MqttConnectError
-from paho.mqtt.enums import MQTTErrorCode
-from paho.mqtt.exception import MalformedPacket
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
-from pigateway import __version__
+from pigateway import wire
+from pigateway.aio import first_error, first_of
+from pigateway.announcer import Announcer
+from pigateway.backoff import wait_backoff
 from pigateway.batching import Batch, Batcher, Rules
-from pigateway.config import Config, MqttConfig, TlsConfig, UplinkConfig
+from pigateway.config import Config, UplinkConfig
+from pigateway.credentials import broker_password, tls_context
 from pigateway.errors import (
+    LinkFault,
     LoginRefused,
-    PigatewayError,
-    StoreCorrupt,
-    StoreError,
     UplinkError,
 )
+from pigateway.intake import Intake, OnCommand
 from pigateway.metrics import COUNTERS
-from pigateway.state import GatewayState, Link
+from pigateway.mqtt import (
+    Connection,
+    Settings,
+    Will,
+    connect,
+    publish_room,
+    refusal,
+)
+from pigateway.state import FaultSource, GatewayState, Link
 from pigateway.store import Command, Store
-from pigateway.text import bounded
+from pigateway.store_calls import StoreCalls
 
 log = logging.getLogger(__name__)
 
-#: The wire contract's topics (``design.md``), by leaf.
-TOPICS: Final = {
-    "actions": "{prefix}/{gateway}/actions",
-    "results": "{prefix}/{gateway}/results",
-    "commands": "{prefix}/{gateway}/commands",
-    "state": "{prefix}/{gateway}/state",
-}
-OFFLINE: Final = b'"offline"'
 REJECTED: Final = "rejected-by-broker"
-#: An MQTT 5 PUBACK failure code (>= 0x80) and what it means for the batch it answers:
-#: ``retry`` (the broker cannot take it *now*: the rows go back to the head of the queue, an
-#: attempt counted, and the link backs off) or ``dead-letter`` (this message will never be
-#: taken: ``rejected-by-broker`` with the code and its name). A success code (< 0x80, e.g.
-#: 0x10 "no matching subscribers") means delivered. A failure code missing here is retried:
-#: ``store.max_attempts`` bounds it, and nothing is lost to a code nobody foresaw.
-PUBACK_REFUSALS: Final[dict[int, tuple[str, Literal["retry", "dead-letter"]]]] = {
-    0x80: ("unspecified error", "retry"),
-    0x83: ("implementation specific error", "retry"),
-    0x87: ("not authorized", "dead-letter"),
-    0x89: ("server busy", "retry"),
-    0x90: ("topic name invalid", "dead-letter"),
-    0x91: ("packet identifier in use", "retry"),
-    0x95: ("packet too large", "dead-letter"),
-    0x96: ("message rate too high", "retry"),
-    0x97: ("quota exceeded", "retry"),
-    0x99: ("payload format invalid", "dead-letter"),
-}
-#: Inbound commands taken at once (acknowledged in order as each is persisted).
-INBOUND_WINDOW: Final = 64
-#: Backoff while the store cannot take an inbound command (it stays unacknowledged).
-TAKE_BACKOFF: Final = (0.5, 30.0)
-#: Topics of stray messages logged (and unsubscribed) per connection at most.
-MAX_STRAY_TOPICS: Final = 100
-#: Tries of an inbound command whose ``on_command`` fails with a bug before it is dropped.
-TAKE_TRIES: Final = 3
-#: CONNACK reason codes that mean "fix the credentials": a fault, retried at the cap.
-#: (paho reports MQTT 3.1.1's return codes 4 and 5 as these MQTT 5 codes too.)
-LOGIN_REFUSED: Final = {134: "bad user name or password", 135: "not authorised",
-                        138: "banned", 140: "bad authentication method"}
-#: Words in a connection error that mean an operator must act (TLS set-up), not wait.
-TLS_FAULTS: Final = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed",
-                     "hostname mismatch", "doesn't match", "TLSV1_ALERT", "SSLV3_ALERT",
-                     "PEM lib", "No such file")
-#: How a fault starts when the store has refused the drain's calls for too long.
-STORE_STUCK: Final = "store: the drain cannot"
-#: Seconds a store may stay busy, locked or full before that shows as a fault (an operator
-#: should look: a purge or a backup holding the lock, a full disk), while still retried.
-STORE_FAULT_AFTER: Final = 60.0
-#: Bytes a PUBLISH adds around its payload (fixed header, topic length, packet id, props).
-PUBLISH_OVERHEAD: Final = 16
 #: The smallest batch size limit halving goes down to.
 MIN_BATCH_BYTES: Final = 512
-
-
-def topic(config: Config, leaf: str) -> str:
-    """The full topic of ``leaf`` ("actions", "results", "commands", "state")."""
-    return TOPICS[leaf].format(prefix=config.mqtt.topic_prefix, gateway=config.gateway_id)
-
-
-def refusal(code: int) -> tuple[str, Literal["retry", "dead-letter"]]:
-    """The name of a PUBACK failure code and what it means (:data:`PUBACK_REFUSALS`)."""
-    return PUBACK_REFUSALS.get(code, (f"reason code 0x{code:02X}", "retry"))
-
-
-def publish_room(max_packet_size: int, where: str) -> int:
-    """Payload bytes a PUBLISH on ``where`` may carry under the broker's ``max_packet_size``.
-
-    The topic travels UTF-8 encoded: its bytes count, not its characters.
-    """
-    return max_packet_size - PUBLISH_OVERHEAD - len(where.encode())
-
-
-def store_is_gone(exc: StoreError) -> bool:
-    """Whether a store error means the store is gone (corrupt), not merely busy for now.
-
-    Busy, locked and full stores heal by themselves (another process lets go, space is
-    freed): the service waits them out. A corrupt file only heals by a restart, which moves
-    it aside; that one ends the service, shown as a fault first.
-    """
-    return isinstance(exc, StoreCorrupt)
-
-
-T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- backoff
 
 
-class wait_backoff(tenacity.wait.wait_base):
-    """Exponential backoff with jitter from ``initial`` to ``maximum``; faults wait ``maximum``.
-
-    Attempt n waits ``min(maximum, initial * 2**(n-1))`` less up to ``jitter`` of it, so
-    a fleet that lost its broker together does not return together. A fault (refused
-    login, TLS set-up) will not heal by itself: it waits the cap every time.
-    """
-
-    def __init__(self, initial: float, maximum: float, jitter: float = 0.2) -> None:
-        self.initial = initial
-        self.maximum = maximum
-        self.jitter = jitter
-
-    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
-        outcome = retry_state.outcome
-        if outcome is not None and isinstance(outcome.exception(), (LinkFault, LoginRefused)):
-            return self.maximum
-        base = min(self.maximum, self.initial * 2.0 ** (retry_state.attempt_number - 1))
-        return float(base * (1 - self.jitter * random.random()))
-
-
 def reconnect_policy(config: UplinkConfig) -> tenacity.AsyncRetrying:
-    """The default policy: :class:`wait_backoff` from ``[uplink]``, forever."""
-    return tenacity.AsyncRetrying(wait=wait_backoff(config.backoff_initial, config.backoff_max))
-
-
-class LinkFault(UplinkError):
-    """A connection failure an operator must fix (credentials, TLS); named in ``state.fault``."""
+    """The default policy: :class:`wait_backoff` from ``[uplink]``, forever; a fault an
+    operator must fix (refused login, TLS set-up) waits the cap every time."""
+    return tenacity.AsyncRetrying(wait=wait_backoff(config.backoff_initial, config.backoff_max,
+                                                    faults=(LinkFault, LoginRefused)))
 
 
 class LinkLost(UplinkError):
@@ -203,216 +95,48 @@ class BrokerBusy(UplinkError):
     """The broker refused a batch for now (quota, rate, busy): the link ends and backs off."""
 
 
-# --------------------------------------------------------------------------- credentials
-
-
-def credential(name: str) -> Path | None:
-    """``$CREDENTIALS_DIRECTORY/name`` (systemd ``LoadCredential=``) when it exists."""
-    folder = os.environ.get("CREDENTIALS_DIRECTORY")
-    if not folder:
-        return None
-    path = Path(folder) / name
-    return path if path.is_file() else None
-
-
-def read_password(mqtt: MqttConfig) -> str | None:
-    """The broker password from ``password_file`` or the credential ``mqtt-password``."""
-    path = mqtt.password_file or credential("mqtt-password")
-    if path is None:
-        return None
-    try:
-        return path.read_text(encoding="utf-8").rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LinkFault(f"cannot read the MQTT password from {path}: {exc}") from exc
-
-
-def tls_context(tls: TlsConfig) -> ssl.SSLContext | None:
-    """A client TLS context that verifies the broker's certificate and hostname."""
-    if not tls.enabled:
-        return None
-    try:
-        context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
-        if tls.cert_file is not None:
-            key = tls.key_file or credential("mqtt-key")
-            context.load_cert_chain(str(tls.cert_file), str(key) if key else None)
-    except (OSError, ssl.SSLError) as exc:
-        raise LinkFault(f"TLS set-up failed (mqtt.tls): {exc}") from exc
-    return context
-
-
-# --------------------------------------------------------------------------- the client
-
-
-class _Client(aiomqtt.Client):
-    """aiomqtt's client plus what 2.5 drops: PUBACK reason codes and CONNACK's packet limit."""
-
-    def __init__(self, *args: Any, manual_ack: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.max_packet_size: int | None = None
-        self.session_present = False
-        self._puback_codes: dict[int, ReasonCode] = {}
-        self._client.manual_ack_set(manual_ack)
-        self._client._handle_pubackcomp = self._lenient_puback(  # type: ignore[method-assign,assignment]
-            self._client._handle_pubackcomp)
-        # a full in-flight window is normal here; aiomqtt warns past 10 pending calls
-        self.pending_calls_threshold = (kwargs.get("max_inflight_messages") or 0) + 16
-
-    def _lenient_puback(self, handle: Callable[[Any], MQTTErrorCode]
-                        ) -> Callable[[Any], MQTTErrorCode]:
-        """paho drops the link on a PUBACK whose code MQTT 5 keeps for DISCONNECT (0x89
-        server busy, 0x95 packet too large, 0x96 message rate too high); brokers send them
-        anyway. Such a PUBACK is passed on as the refusal it is (:data:`PUBACK_REFUSALS`).
-        """
-        inner = self._client
-
-        def lenient(cmd: Any) -> MQTTErrorCode:
-            try:
-                return handle(cmd)
-            except MalformedPacket:
-                packet = bytes(inner._in_packet["packet"])
-                if cmd != "PUBACK" or len(packet) < 3 or packet[2] not in PUBACK_REFUSALS:
-                    raise
-                mid = int.from_bytes(packet[:2], "big")
-                code = ReasonCode(PacketTypes.DISCONNECT, identifier=packet[2])
-                properties = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
-                with inner._out_message_mutex:
-                    if mid in inner._out_messages:
-                        return inner._do_on_publish(mid, code, properties)
-                return MQTTErrorCode.MQTT_ERR_SUCCESS
-        return lenient
-
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags,
-                    reason_code: ReasonCode, properties: Properties | None = None) -> None:
-        if properties is not None and hasattr(properties, "MaximumPacketSize"):
-            self.max_packet_size = int(properties.MaximumPacketSize)
-        self.session_present = bool(flags.session_present)
-        super()._on_connect(client, userdata, flags, reason_code, properties)
-
-    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: paho.DisconnectFlags,
-                       reason_code: ReasonCode, properties: Properties | None = None) -> None:
-        # aiomqtt ignores a close before CONNACK and would wait for the CONNACK forever
-        if not self._connected.done():
-            self._connected.set_exception(
-                aiomqtt.MqttError(f"the broker closed the connection before CONNACK "
-                                  f"({reason_code})"))
-        super()._on_disconnect(client, userdata, flags, reason_code, properties)
-
-    def _on_publish(self, client: paho.Client, userdata: Any, mid: int,
-                    reason_code: ReasonCode, properties: Properties) -> None:
-        if reason_code.is_failure:
-            self._puback_codes[mid] = reason_code
-        super()._on_publish(client, userdata, mid, reason_code, properties)
-
-    async def deliver(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                      timeout: float) -> ReasonCode | None:
-        """Publish; return after the PUBACK with its failure code, or ``None`` for success.
-
-        Raises :class:`aiomqtt.MqttError` when the link drops or no PUBACK came in time
-        (aiomqtt's own publish would only notice the drop at its timeout).
-        """
-        info = self._client.publish(topic, payload, qos, retain)
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            raise aiomqtt.MqttCodeError(info.rc, "could not publish")
-        if qos > 0 and not info.is_published():
-            confirmation = asyncio.Event()
-            with self._pending_call(info.mid, confirmation, self._pending_publishes):
-                await self._until(confirmation, timeout)
-        return self._puback_codes.pop(info.mid, None)
-
-    async def _until(self, confirmation: asyncio.Event, timeout: float) -> None:
-        waiter = asyncio.ensure_future(confirmation.wait())
-        lost: asyncio.Future[Any] = self._disconnected
-        try:
-            done, _ = await asyncio.wait({waiter, lost}, timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-        if waiter not in done:
-            raise aiomqtt.MqttError("the link dropped before the PUBACK" if lost in done
-                                    else f"no PUBACK within {timeout}s")
-
-    def when_lost(self, callback: Callable[[], object]) -> None:
-        """Call ``callback`` the moment the connection drops, before any clean-up runs."""
-        self._disconnected.add_done_callback(lambda _: callback())
-
-    def ack(self, mid: int, qos: int) -> None:
-        """Acknowledge an inbound message (manual ack mode)."""
-        self._client.ack(mid, qos)
-
-    def send_at_once(self) -> None:
-        """Turn Nagle's algorithm off on the connection (TCP_NODELAY).
-
-        MQTT packets are small; with Nagle on, a PUBLISH that follows a PUBACK waits for
-        the broker's delayed ACK, 40 ms on Linux, on every command and result.
-        """
-        sock = self._client.socket()
-        if isinstance(sock, socket.socket):  # ssl.SSLSocket is one too
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def abort(self) -> None:
-        """Close the socket without a DISCONNECT (a failed or hung connect, a hung exit)."""
-        with contextlib.suppress(Exception):
-            self._client._sock_close()
-        self.settle()
-
-    def settle(self) -> None:
-        """Mark the connection futures' errors as seen: this client is done with."""
-        for future in (self._connected, self._disconnected):
-            if future.done() and not future.cancelled():
-                future.exception()
-
-
-async def _enter(client: _Client, bound: float) -> None:
-    """Connect, bounded (a CONNACK that never comes), and never leave a half-open socket."""
-    try:
-        async with asyncio.timeout(bound):
-            await client.__aenter__()
-    except TimeoutError:
-        client.abort()
-        raise UplinkError(f"no CONNACK within {bound:.0f}s") from None
-    except aiomqtt.MqttError as exc:
-        client.abort()
-        if str(exc) == "Operation timed out":  # aiomqtt's own CONNACK wait (its timeout)
-            raise UplinkError(f"no CONNACK within {client.timeout:.0f}s") from exc
-        raise
-    except BaseException:
-        client.abort()
-        raise
-
-
-async def _leave(client: _Client, bound: float) -> None:
-    try:
-        async with asyncio.timeout(bound):
-            await client.__aexit__(None, None, None)
-    except (TimeoutError, aiomqtt.MqttError):
-        client.abort()
-    client.settle()
-
-
-def _classify(exc: aiomqtt.MqttError) -> UplinkError:
-    """The typed error for an MQTT failure: a fault to fix, or a link to wait for."""
-    code = getattr(exc, "rc", None)
-    value = getattr(code, "value", code)
-    if isinstance(exc, MqttConnectError) and value in LOGIN_REFUSED:
-        return LoginRefused(f"login refused by the broker: {LOGIN_REFUSED[value]} "
-                            "(check mqtt.username and the password)")
-    text = str(exc)
-    if any(word in text for word in TLS_FAULTS):
-        return LinkFault(f"TLS failed: {text}")
-    return UplinkError(text or type(exc).__name__)
-
-
 # --------------------------------------------------------------------------- the uplink
 
-OnCommand = Callable[[bytes], Awaitable[None]]
+class PacketLimit:
+    """Batches no bigger than the broker takes, set on the batcher per connection."""
+
+    def __init__(self, config: Config, batcher: Batcher[Command]) -> None:
+        self.config = config
+        self.batcher = batcher
+        self.halved: int | None = None  # a batch size limit learnt under MQTT 3.1.1
+
+    def adopt(self, client: Connection) -> None:
+        """MQTT 5 says the limit in CONNACK; a limit learnt under 3.1.1 packs smaller."""
+        hard = self.config.uplink.max_batch_bytes
+        if client.max_packet_size:
+            room = min(publish_room(client.max_packet_size, wire.topic(self.config, leaf))
+                       for leaf in ("actions", "results"))
+            hard = max(1, min(hard, room))
+        self.batcher.limit(packing=self.halved or sys.maxsize, hard=hard)
+
+    def learn(self, error: UplinkError | None, in_flight: list[int]) -> None:
+        """Under MQTT 3.1.1 a broker drops the link on a packet over its limit, silently.
+
+        So when a 3.1.1 link dies with batches in flight (``in_flight``: their sizes), the
+        next link sends batches half the size of the largest of them: the commands that fit
+        get through, and only one that alone is too big is left to ``store.max_attempts``.
+        A stable link forgets it.
+        """
+        if error is None or isinstance(error, LinkLost) or self.config.mqtt.protocol == "5":
+            self.halved = None
+            return
+        if in_flight:
+            half = max(in_flight) // 2
+            self.halved = max(MIN_BATCH_BYTES, min(half, self.halved or half))
+            log.info("uplink: the link died with batches in flight; next batches at most %d "
+                     "bytes (a broker packet limit under MQTT 3.1.1?)", self.halved)
 
 
 @dataclass
 class _Session:
     """What one connection holds: its client, its in-flight slots and its tasks."""
 
-    client: _Client
+    client: Connection
     slots: asyncio.Semaphore
     tasks: asyncio.TaskGroup
 
@@ -444,9 +168,24 @@ class Uplink:
         self._stop = asyncio.Event()
         self._settled = asyncio.Event()  # set while nothing is in flight
         self._online_since: float | None = None
-        self._halved: int | None = None  # a batch size limit learnt under MQTT 3.1.1
-        self.store_fault_after = STORE_FAULT_AFTER
         self._settled.set()
+        self.packet_limit = PacketLimit(config, self.batcher)
+        self.store_calls = StoreCalls(state, up)
+        self.announcer = Announcer(config, state)
+        self.intake = Intake(wire.topic(config, "commands"), on_command)
+
+    @property
+    def store_fault_after(self) -> float:
+        """Seconds a busy store may refuse the drain before that shows as a fault."""
+        return self.store_calls.fault_after
+
+    @store_fault_after.setter
+    def store_fault_after(self, seconds: float) -> None:
+        self.store_calls.fault_after = seconds
+
+    def state_document(self) -> dict[str, Any]:
+        """The retained state document now (:meth:`Announcer.document`)."""
+        return self.announcer.document()
 
     # ---- controls (the app's pause/resume/flush land here)
 
@@ -499,15 +238,16 @@ class Uplink:
         """One connection from CONNECT to its end; every unacknowledged row is nacked after."""
         if self._stop.is_set():
             raise _Stopped
-        self.state.update(link=Link.CONNECTING, retry_at=None)
+        self.state.set_link(Link.CONNECTING)
         error: UplinkError | None = None
         try:
             await self._connect_and_serve()
-        except (aiomqtt.MqttError, UplinkError) as exc:
+        except UplinkError as exc:
             error = self._typed(exc)
             raise error from exc
         finally:
-            self._learn_from(error)
+            self.packet_limit.learn(error, [len(batch.payload)
+                                            for batch in self.outstanding.values()])
             try:  # last_error shows the end of the link once its rows are back
                 await self._give_back(str(error) if error is not None
                                       else "the link ended before the broker acknowledged")
@@ -516,17 +256,12 @@ class Uplink:
 
     async def _connect_and_serve(self) -> None:
         self._online_since = None
-        client = self._make_client()
-        await _enter(client, self.config.uplink.publish_timeout + 5)
-        try:
+        async with connect(self._settings(), bound=self.config.uplink.publish_timeout + 5) \
+                as client:
             await self._serve(client)
-        finally:
-            await _leave(client, 5.0)
 
-    def _typed(self, exc: BaseException) -> UplinkError:
+    def _typed(self, error: UplinkError) -> UplinkError:
         """The error to retry on; :class:`LinkLost` when the link had been up a while."""
-        error = _classify(exc) if isinstance(exc, aiomqtt.MqttError) else exc
-        assert isinstance(error, UplinkError)
         if isinstance(error, BrokerBusy):
             return error  # the broker asked us to slow down: back off, never start over
         since = self._online_since
@@ -535,122 +270,82 @@ class Uplink:
         return error
 
     def _offline(self, error: UplinkError | None) -> None:
-        changes: dict[str, Any] = {"link": Link.OFFLINE, "in_flight": 0, "draining": False}
-        if error is not None:
-            fault = str(error) if isinstance(error, (LinkFault, LoginRefused)) else None
-            changes.update(last_error=str(error), fault=fault)
-            if fault:
-                log.error("%s", fault)
-            elif self._online_since is not None:
-                log.warning("uplink: %s", error)
-        self.state.update(**changes)
+        self.state.set_link(Link.OFFLINE)
+        self.state.set_progress(in_flight=0, draining=False)
+        if error is None:
+            return
+        self.state.note_error(str(error))
+        if isinstance(error, (LinkFault, LoginRefused)):
+            self.state.set_fault(FaultSource.LINK, str(error))
+            log.error("%s", error)
+            return
+        self.state.clear_fault(FaultSource.LINK)
+        if self._online_since is not None:
+            log.warning("uplink: %s", error)
 
     async def _sleep(self, seconds: float) -> None:
         """The policy's sleep, cut short by :meth:`flush` or :meth:`stop`."""
         self._retry_now.clear()
-        sleeper = asyncio.ensure_future(self._policy_sleep(seconds))
-        waker = asyncio.ensure_future(self._retry_now.wait())
-        try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            waker.cancel()
+        await first_of(self._policy_sleep(seconds), self._retry_now.wait())
         if self._stop.is_set():
             raise _Stopped
 
     def _before_sleep(self, retry_state: tenacity.RetryCallState) -> None:
         wait = retry_state.next_action.sleep if retry_state.next_action else 0.0
         error = retry_state.outcome.exception() if retry_state.outcome else None
-        self.state.update(retry_at=time.time() + wait)
+        self.state.set_retry_at(time.time() + wait)
         log.info("uplink: %s; retrying in %.1fs (attempt %d)", error, wait,
                  retry_state.attempt_number)
 
-    def _make_client(self) -> _Client:
+    def _settings(self) -> Settings:
         mqtt = self.config.mqtt
-        v5 = mqtt.protocol == "5"
-        persistent = self.on_command is not None
-        properties = None
-        if v5:
-            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = mqtt.session_expiry if persistent else 0
-        return _Client(
-            mqtt.host, mqtt.port, identifier=self.config.gateway_id,
-            username=mqtt.username, password=read_password(mqtt) if mqtt.username else None,
-            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-            will=aiomqtt.Will(topic(self.config, "state"), OFFLINE, qos=1, retain=True),
-            clean_session=None if v5 else not persistent,
-            clean_start=(not persistent) if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
-            properties=properties, keepalive=mqtt.keepalive,
-            timeout=self.config.uplink.publish_timeout,
-            tls_context=tls_context(mqtt.tls),
-            max_inflight_messages=self.config.uplink.max_inflight + 8,
-            manual_ack=persistent,
-        )
+        return Settings(
+            mqtt.host, mqtt.port, client_id=self.config.gateway_id, username=mqtt.username,
+            password=broker_password(mqtt) if mqtt.username else None,
+            protocol="5" if mqtt.protocol == "5" else "3.1.1",
+            will=Will(wire.topic(self.config, "state"), wire.OFFLINE),
+            persistent=self.on_command is not None, session_expiry=mqtt.session_expiry,
+            keepalive=mqtt.keepalive, timeout=self.config.uplink.publish_timeout,
+            tls=tls_context(mqtt.tls), max_inflight=self.config.uplink.max_inflight + 8)
 
     # ---- one connection
 
-    async def _serve(self, client: _Client) -> None:
-        client.send_at_once()
-        self._adopt_packet_limit(client)
+    async def _serve(self, client: Connection) -> None:
+        self.packet_limit.adopt(client)
         log.info("uplink: online at %s:%d (session present: %s)", self.config.mqtt.host,
                  self.config.mqtt.port, client.session_present)
         self._online_since = time.monotonic()
-        self.state.update(link=Link.ONLINE, fault=None, retry_at=None)
+        self.state.set_link(Link.ONLINE)
+        self.state.clear_fault(FaultSource.LINK)
         COUNTERS.link_up()
         # views learn of a drop at once; handing rows back may wait on a busy disk
-        client.when_lost(lambda: self.state.update(link=Link.OFFLINE))
+        client.when_lost(lambda: self.state.set_link(Link.OFFLINE))
         try:
             async with asyncio.TaskGroup() as tasks:
                 session = _Session(client, asyncio.Semaphore(self.config.uplink.max_inflight),
                                    tasks)
                 if self.on_command is not None:
-                    await client.subscribe(topic(self.config, "commands"), qos=1)
-                await self._announce(client)
-                watch = tasks.create_task(self._watch(client), name="uplink-watch")
-                announce = tasks.create_task(self._keep_announcing(client), name="uplink-state")
+                    await client.subscribe(wire.topic(self.config, "commands"), qos=1)
+                await self.announcer.announce(client)
+                watch = tasks.create_task(self.intake.run(client), name="uplink-watch")
+                announce = tasks.create_task(self.announcer.keep_announcing(client),
+                                             name="uplink-state")
                 await self._drain(session)
-                await self._finish(client)
+                await self.announcer.say_offline(client)
                 watch.cancel()
                 announce.cancel()
         except BaseExceptionGroup as group:
-            raise _first(group) from group
-
-    def _adopt_packet_limit(self, client: _Client) -> None:
-        """Batches no bigger than the broker takes (MQTT 5 says; 3.1.1 is learnt by halving)."""
-        hard = self.config.uplink.max_batch_bytes
-        if client.max_packet_size:
-            room = min(publish_room(client.max_packet_size, topic(self.config, leaf))
-                       for leaf in ("actions", "results"))
-            hard = max(1, min(hard, room))
-        self.batcher.rules = dataclasses.replace(
-            self.rules, max_batch_bytes=min(hard, self._halved or sys.maxsize), hard_bytes=hard)
-
-    def _learn_from(self, error: UplinkError | None) -> None:
-        """Under MQTT 3.1.1 a broker drops the link on a packet over its limit, silently.
-
-        So when a 3.1.1 link dies with batches in flight, the next link sends batches half
-        the size of the largest of them: the commands that fit get through, and only one
-        that alone is too big is left to ``store.max_attempts``. A stable link forgets it.
-        """
-        if error is None or isinstance(error, LinkLost) or self.config.mqtt.protocol == "5":
-            self._halved = None
-            return
-        sizes = [len(batch.payload) for batch in self.outstanding.values()]
-        if sizes:
-            half = max(sizes) // 2
-            self._halved = max(MIN_BATCH_BYTES, min(half, self._halved or half))
-            log.info("uplink: the link died with batches in flight; next batches at most %d "
-                     "bytes (a broker packet limit under MQTT 3.1.1?)", self._halved)
+            raise first_error(group) from group
 
     async def _drain(self, session: _Session) -> None:
         """Hand batches to publisher tasks, at most ``max_inflight`` unacknowledged."""
         while not self._stop.is_set():
             if not self._resumed.is_set():
-                await self._until_resumed_or_stopped()
+                await first_of(self._resumed.wait(), self._stop.wait())
                 continue
             await session.slots.acquire()
             try:
-                batch = await self._with_store("claim the next batch", self.batcher.next_batch)
+                batch = await self.store_calls.call("claim the next batch", self.batcher.next_batch)
             except BaseException:
                 session.slots.release()
                 raise
@@ -661,29 +356,20 @@ class Uplink:
             self._settled.clear()
             self._show_progress()
             session.tasks.create_task(self._ship(session, batch), name=f"ship-{batch.id}")
-        self.state.update(draining=False)
-
-    async def _until_resumed_or_stopped(self) -> None:
-        waiters = [asyncio.ensure_future(self._resumed.wait()),
-                   asyncio.ensure_future(self._stop.wait())]
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
+        self.state.set_progress(draining=False)
 
     async def _ship(self, session: _Session, batch: Batch[Command]) -> None:
         """Publish one batch; delete its rows after the PUBACK (or bury them if refused)."""
         try:
             code = await session.client.deliver(
-                topic(self.config, batch.kind), batch.payload,
+                wire.topic(self.config, batch.kind), batch.payload,
                 timeout=self.config.uplink.publish_timeout)
             if code is None:
                 await self._record_delivery(batch)
             else:
-                await self._refused(batch, code.value)
-        except aiomqtt.MqttError as exc:
-            raise UplinkError(f"publish of batch {batch.id} failed: {_classify(exc)}") from exc
+                await self._refused(batch, code)
+        except UplinkError as exc:
+            raise UplinkError(f"publish of batch {batch.id} failed: {exc}") from exc
         finally:
             session.slots.release()
             self._show_progress()
@@ -698,7 +384,7 @@ class Uplink:
         them again.
         """
         self.delivered[batch.id] = self.outstanding.pop(batch.id)
-        await self._with_store("delete delivered commands", lambda: self.store.ack(batch.ids))
+        await self.store_calls.call("delete delivered commands", lambda: self.store.ack(batch.ids))
         del self.delivered[batch.id]
         COUNTERS.batch_acked(len(batch.ids), len(batch.payload))
         self._log_delivered(batch)
@@ -711,58 +397,9 @@ class Uplink:
         if verdict == "retry":
             raise BrokerBusy(f"the broker refused batch {batch.id} for now: {what}; its "
                              "commands go back to the head of the queue")
-        await self._with_store("dead-letter a refused batch",
-                               lambda: self.store.dead_letter(batch.ids, REJECTED, what))
+        await self.store_calls.call("dead-letter a refused batch",
+                                    lambda: self.store.dead_letter(batch.ids, REJECTED, what))
         del self.outstanding[batch.id]
-
-    async def _with_store(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """``await call()`` until the store takes it: a busy, locked or full store is waited
-        out with the link's backoff, said once as a warning and in ``last_error``, and as a
-        fault once it lasted :attr:`store_fault_after` seconds (cleared when it answers).
-
-        Only a store that is gone (:func:`store_is_gone`) ends the drain, and with it the
-        service (systemd restarts it, which moves a corrupt file aside); it is shown as a
-        fault first (LEDs, ``STATUS=``).
-        """
-        failures = 0
-        since = time.monotonic()
-        while True:
-            try:
-                result = await call()
-            except StoreError as exc:
-                if store_is_gone(exc):
-                    self.state.update(fault=f"store: {exc}", last_error=str(exc))
-                    log.critical("uplink: cannot %s: %s", what, exc)
-                    raise
-                failures += 1
-                self._store_trouble(what, exc, failures, time.monotonic() - since)
-                await asyncio.sleep(self._store_wait(failures))
-                continue
-            if failures:
-                log.warning("uplink: the store answers again (%s after %d tries)", what,
-                            failures + 1)
-                if (self.state.fault or "").startswith(STORE_STUCK):
-                    self.state.update(fault=None)  # only the fault this set
-            return result
-
-    def _store_trouble(self, what: str, exc: StoreError, failures: int,
-                       lasted: float) -> None:
-        """Say it once per streak as a warning (and in ``last_error``); then at debug; and
-        as a fault once it lasted :attr:`store_fault_after` (unless another fault shows)."""
-        self.state.update(last_error=f"store: cannot {what}: {exc}")
-        level = logging.WARNING if failures == 1 else logging.DEBUG
-        log.log(level, "uplink: cannot %s (%s); the drain waits and tries again, nothing "
-                "is lost", what, exc)
-        if lasted >= self.store_fault_after and self.state.fault is None:
-            self.state.update(fault=f"{STORE_STUCK} {what} for {lasted:.0f}s: {exc}")
-            log.error("uplink: the store has refused to %s for %.0fs (%s): another process "
-                      "holding its lock, or a full disk?", what, lasted, exc)
-
-    def _store_wait(self, failures: int) -> float:
-        """The link's backoff (``backoff_initial`` doubling up to ``backoff_max``), jittered."""
-        up = self.config.uplink
-        base = min(up.backoff_max, up.backoff_initial * 2.0 ** min(failures - 1, 30))
-        return float(base * (1 - 0.2 * random.random()))
 
     def _log_delivered(self, batch: Batch[Command]) -> None:
         """One line per acknowledged batch, carrying every command id for the journal.
@@ -778,124 +415,9 @@ class Uplink:
 
     def _show_progress(self) -> None:
         """``in_flight`` and ``draining`` (rows on their way: in flight or claimed) for views."""
-        self.state.update(in_flight=len(self.outstanding),
-                          draining=bool(self.outstanding or self.delivered
-                                        or self.batcher.pending))
-
-    async def _watch(self, client: _Client) -> None:
-        """Inbound commands; also how a dropped link is noticed (the iterator raises).
-
-        Up to :data:`INBOUND_WINDOW` commands are taken at once, so their inbox writes share
-        one commit; each is acknowledged only after its ``on_command`` returned, and in the
-        order received (MQTT wants PUBACKs in order). A message on any other topic (an old
-        subscription the persistent session kept, e.g. after a ``topic_prefix`` change) is
-        acknowledged and logged, never run.
-        """
-        commands = topic(self.config, "commands")
-        strays: set[str] = set()
-        async with asyncio.TaskGroup() as group:
-            taken: asyncio.Queue[tuple[asyncio.Task[PigatewayError | None], int, int]] = \
-                asyncio.Queue(INBOUND_WINDOW)
-            group.create_task(self._ack_in_order(client, taken), name="uplink-acks")
-            async for message in client.messages:
-                if self.on_command is None:
-                    continue
-                payload = message.payload if isinstance(message.payload, bytes) \
-                    else str(message.payload).encode()
-                if str(message.topic) == commands:
-                    take = group.create_task(self._take(self.on_command, payload))
-                else:
-                    take = group.create_task(self._ignore(client, str(message.topic),
-                                                          commands, strays))
-                await taken.put((take, message.mid, message.qos))
-
-    @staticmethod
-    async def _take(on_command: OnCommand, payload: bytes) -> PigatewayError | None:
-        """Run ``on_command`` until it takes the message; only a fault of the whole store is
-        handed to the acker (which ends the link, so the broker sends the message again).
-
-        A store error (busy, locked, under ``store.min_free_bytes``) is waited out here with
-        capped backoff: the message stays unacknowledged and the link and the drain go on. Any
-        other exception is a bug of ``on_command``, this message's failure: tried
-        :data:`TAKE_TRIES` times, then logged and acknowledged (dropped), so one message can
-        never end the service.
-        """
-        delay, failures = TAKE_BACKOFF[0], 0
-        while True:
-            try:
-                await on_command(payload)
-                return None
-            except StoreCorrupt as exc:
-                return exc
-            except StoreError as exc:
-                log.warning("uplink: the store cannot take an inbound command now (%s); it stays "
-                            "unacknowledged, trying again in %.1fs", exc, delay)
-            except Exception as exc:
-                failures += 1
-                if failures >= TAKE_TRIES:
-                    log.error("uplink: an inbound command failed %d times and is dropped: %s: %s",
-                              failures, type(exc).__name__, bounded(exc), exc_info=exc)
-                    return None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, TAKE_BACKOFF[1])
-
-    @staticmethod
-    async def _ignore(client: _Client, where: str, commands: str, strays: set[str]) -> None:
-        """A message on a topic that is not our commands topic: acknowledged, never run.
-
-        The first one per topic is logged and the topic unsubscribed, which ends an old
-        exact subscription the persistent session kept (a wildcard one stays: its messages
-        are acknowledged and dropped, one log line per connection and topic).
-        """
-        if where in strays or len(strays) >= MAX_STRAY_TOPICS:
-            return
-        strays.add(where)
-        log.warning("uplink: ignored a message on %s (commands come on %s only; an old "
-                    "subscription of the persistent session?); unsubscribing from it",
-                    bounded(where, 200), commands)
-        with contextlib.suppress(aiomqtt.MqttError):  # a broken link ends the watch anyway
-            await client.unsubscribe(where, timeout=5.0)
-
-    async def _ack_in_order(self, client: _Client, taken: asyncio.Queue[
-            tuple[asyncio.Task[PigatewayError | None], int, int]]) -> None:
-        while True:
-            take, mid, qos = await taken.get()
-            failure = await take
-            if failure is not None:
-                raise UplinkError(f"an inbound command could not be taken ({failure}); it "
-                                  "stays unacknowledged and the broker sends it again") \
-                    from failure
-            client.ack(mid, qos)
-
-    async def _keep_announcing(self, client: _Client) -> None:
-        while True:
-            await asyncio.sleep(self.config.uplink.state_interval)
-            await self._announce(client)
-
-    async def _announce(self, client: _Client) -> None:
-        """The retained state document (what every view shows, from the one state object)."""
-        await self._publish(client, topic(self.config, "state"),
-                            json.dumps(self.state_document()).encode(), retain=True)
-
-    def state_document(self) -> dict[str, Any]:
-        now = self.state.as_dict()
-        keep = ("link", "paused", "draining", "depth", "oldest_age", "in_flight",
-                "dead_letters", "last_error", "fault", "uptime")
-        return {"v": 1, "gateway": self.config.gateway_id, "version": __version__,
-                "sent_at": round(time.time(), 3), **{key: now.get(key) for key in keep},
-                "counters": COUNTERS.as_dict()}  # what pigateway_*_total show (since start)
-
-    async def _publish(self, client: _Client, where: str, payload: bytes, *,
-                       retain: bool = False) -> None:
-        code = await client.deliver(where, payload, retain=retain,
-                                    timeout=self.config.uplink.publish_timeout)
-        if code is not None:
-            log.warning("uplink: the broker refused a message on %s: %s", where, code)
-
-    async def _finish(self, client: _Client) -> None:
-        """A clean stop: say "offline" ourselves (a clean DISCONNECT sends no will)."""
-        with contextlib.suppress(aiomqtt.MqttError):
-            await self._publish(client, topic(self.config, "state"), OFFLINE, retain=True)
+        self.state.set_progress(in_flight=len(self.outstanding),
+                                draining=bool(self.outstanding or self.delivered
+                                              or self.batcher.pending))
 
     async def _give_back(self, why: str) -> None:
         """Put back every row this link claimed but the broker did not acknowledge.
@@ -909,14 +431,14 @@ class Uplink:
         sent = [i for batch in self.outstanding.values() for i in batch.ids]
         unsent = [command.id for command in self.batcher.pending]
         if delivered:
-            await self._with_store("delete delivered commands",
-                                   lambda: self.store.ack(delivered))
+            await self.store_calls.call("delete delivered commands",
+                                        lambda: self.store.ack(delivered))
         if unsent:
-            await self._with_store("put claimed commands back",
-                                   lambda: self.store.release(unsent))
+            await self.store_calls.call("put claimed commands back",
+                                        lambda: self.store.release(unsent))
         if sent:
-            await self._with_store("put sent commands back",
-                                   lambda: self.store.nack(sent, why))
+            await self.store_calls.call("put sent commands back",
+                                        lambda: self.store.nack(sent, why))
         self.delivered.clear()
         self.batcher.give_back()
         self.outstanding.clear()
@@ -935,49 +457,4 @@ class _Stopped(Exception):
     """Raised inside the retry loop when :meth:`Uplink.stop` was called."""
 
 
-def _first(group: BaseExceptionGroup[Any]) -> BaseException:
-    """The first leaf of an exception group (a TaskGroup wraps even a single failure)."""
-    first: BaseException = group
-    while isinstance(first, BaseExceptionGroup):
-        first = first.exceptions[0]
-    return first
 
-
-# --------------------------------------------------------------------------- local broker
-
-
-class LocalPublisher:
-    """Publishes to a local broker (e.g. zigbee2mqtt's) for the ``mqtt`` device handler."""
-
-    def __init__(self, client: _Client, timeout: float) -> None:
-        self._client = client
-        self._timeout = timeout
-
-    async def publish(self, topic: str, payload: bytes, qos: int = 1,
-                      retain: bool = False) -> None:
-        """Return after the PUBACK (QoS 1); raise :class:`UplinkError` on any failure."""
-        try:
-            code = await self._client.deliver(topic, payload, qos=qos, retain=retain,
-                                              timeout=self._timeout)
-        except aiomqtt.MqttError as exc:
-            raise UplinkError(f"local broker: publish to {topic!r} failed: {exc}") from exc
-        if code is not None:
-            raise UplinkError(f"local broker refused the message on {topic!r}: {code}")
-
-
-@asynccontextmanager
-async def local_publisher(host: str, port: int, *, username: str | None = None,
-                          password: str | None = None, client_id: str | None = None,
-                          timeout: float = 10.0) -> AsyncIterator[LocalPublisher]:
-    """A connection to a local broker (MQTT 3.1.1, which every local broker speaks)."""
-    client = _Client(host, port, username=username, password=password,
-                     identifier=client_id, protocol=aiomqtt.ProtocolVersion.V311,
-                     timeout=timeout)
-    try:
-        await _enter(client, timeout)
-    except aiomqtt.MqttError as exc:
-        raise UplinkError(f"local broker {host}:{port}: {_classify(exc)}") from exc
-    try:
-        yield LocalPublisher(client, timeout)
-    finally:
-        await _leave(client, timeout)

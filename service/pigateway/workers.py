@@ -30,13 +30,11 @@ from tenacity import (
     RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
-    wait_exponential,
-    wait_random,
 )
-from tenacity.wait import wait_base
 
 from pigateway import handlers as registry
 from pigateway import inbox
+from pigateway.backoff import wait_backoff
 from pigateway.config import Config
 from pigateway.errors import (
     HandlerError,
@@ -222,7 +220,8 @@ class WorkerPool:
 
         retrying = AsyncRetrying(
             stop=stop_after_attempt(inbound.max_attempts - entry.attempts),
-            wait=backoff(inbound.backoff_initial, inbound.backoff_max),
+            wait=wait_backoff(inbound.backoff_initial, inbound.backoff_max,
+                              floor=inbound.backoff_initial),
             retry=retry_if_exception_type(RETRYABLE),
             before_sleep=before_sleep,
             reraise=True,
@@ -323,12 +322,6 @@ class WorkerPool:
             await self.store.write([statement])
         except StoreError as exc:  # only bookkeeping: the attempt count is on disk already
             log.warning("could not note a failed attempt: %s", exc)
-
-
-def backoff(initial: float, longest: float) -> wait_base:
-    """Exponential from ``initial``, capped at ``longest``, plus up to ``initial`` of jitter
-    (so that devices failing together do not retry in step)."""
-    return wait_exponential(multiplier=initial, max=longest) + wait_random(0, initial)
 
 
 def _expired(entry: Entry, now: float) -> bool:

@@ -18,45 +18,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import warnings
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from gpiozero import Device, DigitalOutputDevice
+from gpiozero import DigitalOutputDevice
 from gpiozero.exc import GPIOZeroError
-from gpiozero.pins.mock import MockFactory
 
 from pigateway.config import Config, DeviceConfig, GpioConfig
-from pigateway.errors import ConfigError, HandlerError, InvalidCommand
+from pigateway.errors import ConfigError, GpioError, HandlerError, InvalidCommand
 from pigateway.handlers import REQUIRED, Options, Request, is_number
 from pigateway.inputs import shown
+from pigateway.pins import pin_factory
 
 log = logging.getLogger(__name__)
 
 INITIAL = {"off": False, "on": True, "keep": None}
 MAX_PULSE = 3600.0
 REMEMBERED_TOGGLES = 256
-
-
-def pin_factory(gpio: GpioConfig) -> Any:
-    """The pin factory named by ``[gpio] pin_factory``; ``mock`` (and ``auto`` on a machine
-    without GPIO) shares gpiozero's process-wide factory, so every part of the service sees
-    the same mock pins and a pin used twice is caught."""
-    if gpio.pin_factory == "lgpio":
-        from gpiozero.pins.lgpio import LGPIOFactory  # noqa: PLC0415 (only on a Pi)
-
-        return LGPIOFactory()
-    if gpio.pin_factory == "auto":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                return Device._default_pin_factory()
-            except GPIOZeroError:
-                log.warning("no GPIO on this machine: devices use gpiozero's MockFactory")
-    if not isinstance(Device.pin_factory, MockFactory):
-        Device.pin_factory = MockFactory()
-    return Device.pin_factory
 
 
 class GpioHandler:
@@ -70,8 +49,8 @@ class GpioHandler:
         try:
             self.output = DigitalOutputDevice(pin, active_high=active_high,
                                               initial_value=initial,
-                                              pin_factory=pin_factory(config.gpio))
-        except GPIOZeroError as exc:
+                                              pin_factory=pin_factory(config.gpio.pin_factory))
+        except (GPIOZeroError, GpioError) as exc:
             raise ConfigError(f"devices.{device.name}.pin", f"cannot use pin {pin}: {exc}") \
                 from exc
 

@@ -16,25 +16,25 @@ them; prefer absolute states over ``TOGGLE`` for that reason.
 
 The connection is opened at the first command and kept; when it fails the command is
 retried (``RetryableHandlerError``) on a fresh connection. Every aiomqtt call lives in
-:mod:`pigateway.uplink` (``local_publisher``).
+:mod:`pigateway.mqtt` (``local_publisher``); secrets are read by :mod:`pigateway.credentials`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from pathlib import Path
 from typing import Any
 
+from pigateway import wire
 from pigateway.config import HOST_PATTERN, Config, DeviceConfig
+from pigateway.credentials import credential, read_secret
 from pigateway.errors import ConfigError, InvalidCommand, RetryableHandlerError, UplinkError
 from pigateway.handlers import Options, Request
 from pigateway.inputs import shown, topic_problem
-from pigateway.uplink import credential, local_publisher
+from pigateway.mqtt import local_publisher
 
 DEFAULT_TOPIC = "zigbee2mqtt/{device}/set"
-QOS = {"0": 0, "1": 1, "2": 2}
 #: A systemd credential name: a file name in $CREDENTIALS_DIRECTORY, never a path out of it.
 CREDENTIAL = re.compile(r"^[A-Za-z0-9_@-][A-Za-z0-9_.@-]{0,254}$")
 
@@ -115,8 +115,7 @@ class MqttHandler:
 def _payload(params: dict[str, Any]) -> bytes:
     """The params as strict JSON in UTF-8: what a receiver can read, or InvalidCommand."""
     try:
-        return json.dumps(params, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False).encode()
+        return wire.encode(params).encode()
     except (TypeError, ValueError, RecursionError) as exc:  # NaN, a lone surrogate, depth
         raise InvalidCommand(f"params cannot be sent as JSON: {str(exc)[:200]}") from exc
 
@@ -125,7 +124,7 @@ def _read_password(key: str, path: Path | None) -> str | None:
     if path is None:
         return None
     try:
-        return path.read_text(encoding="utf-8").rstrip("\r\n")
+        return read_secret(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(key, f"cannot read {path}: {exc}") from exc
 

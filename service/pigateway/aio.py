@@ -1,0 +1,65 @@
+"""Two asyncio idioms the service uses in many places, defined once.
+
+- :func:`first_of`: wait for the first of some awaitables, then cancel and await the
+  others, so no task outlives the wait (a sleep cut short by a flush, a PUBACK raced
+  against a lost link, a batch window raced against new work).
+- :func:`cancel_and_wait`: end a task of ours and wait until it has ended.
+- :func:`first_error`: the error to report out of a ``TaskGroup``'s exception group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any
+
+from pigateway.errors import PigatewayError
+
+
+async def first_of(*awaitables: Awaitable[Any], timeout: float | None = None) -> int | None:
+    """Wait until one of ``awaitables`` is done (or ``timeout`` passed); return its index.
+
+    When several are done, the lowest index wins; ``None`` means the timeout. Every other
+    one is cancelled and awaited before this returns (:func:`cancel_and_wait`). Results and
+    errors of the winners are marked seen: callers that care keep their own handle (wrap a
+    future that is not ours in ``asyncio.shield``).
+    """
+    futures = [asyncio.ensure_future(each) for each in awaitables]
+    try:
+        done, _ = await asyncio.wait(futures, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await cancel_and_wait(*futures)
+    for future in done:
+        if not future.cancelled():
+            future.exception()  # seen: the caller asked which, not what
+    return next((index for index, future in enumerate(futures) if future in done), None)
+
+
+async def cancel_and_wait(*tasks: asyncio.Future[Any]) -> None:
+    """Cancel ``tasks`` and wait until each has ended.
+
+    ``asyncio.wait``, not ``await task`` under ``suppress(CancelledError)``: that could
+    swallow a cancel meant for the caller (Python 3.11).
+    """
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)
+
+
+def first_error(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The error to report from a TaskGroup: the first pigateway error, else the first one.
+
+    A TaskGroup wraps even a single failure in a group, nested when groups nest.
+    """
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        item = pending.pop(0)
+        if isinstance(item, BaseExceptionGroup):
+            pending.extend(item.exceptions)
+        else:
+            leaves.append(item)
+    typed = [leaf for leaf in leaves if isinstance(leaf, PigatewayError)]
+    return (typed or leaves)[0]

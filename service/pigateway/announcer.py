@@ -1,0 +1,59 @@
+"""The retained state message: what every view shows, for whoever watches the broker.
+
+On connect and every ``uplink.state_interval`` the uplink's connection carries
+:func:`pigateway.wire.state_document` of the one state object, retained on
+``{prefix}/{gw}/state``; on a clean stop ``"offline"``, said by us (a clean DISCONNECT does
+not fire the last will, which says the same when the link dies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from pigateway import __version__, wire
+from pigateway.config import Config
+from pigateway.errors import UplinkError
+from pigateway.metrics import COUNTERS
+from pigateway.mqtt import Connection, describe
+from pigateway.state import GatewayState
+
+#: the uplink's own lines in the journal
+log = logging.getLogger("pigateway.uplink")
+
+
+class Announcer:
+    """Publishes the state of ``state`` for the gateway of ``config``."""
+
+    def __init__(self, config: Config, state: GatewayState) -> None:
+        self.config = config
+        self.state = state
+        self.topic = wire.topic(config, "state")
+
+    def document(self) -> dict[str, Any]:
+        """The retained state now; its counters are what ``pigateway_*_total`` show."""
+        return wire.state_document(self.config.gateway_id, __version__, self.state.as_dict(),
+                                   COUNTERS.as_dict(), time.time())
+
+    async def announce(self, client: Connection) -> None:
+        await self._publish(client, wire.encode(self.document()).encode())
+
+    async def keep_announcing(self, client: Connection) -> None:
+        while True:
+            await asyncio.sleep(self.config.uplink.state_interval)
+            await self.announce(client)
+
+    async def say_offline(self, client: Connection) -> None:
+        """A clean stop: say "offline" ourselves (a clean DISCONNECT sends no will)."""
+        with contextlib.suppress(UplinkError):
+            await self._publish(client, wire.OFFLINE)
+
+    async def _publish(self, client: Connection, payload: bytes) -> None:
+        code = await client.deliver(self.topic, payload, retain=True,
+                                    timeout=self.config.uplink.publish_timeout)
+        if code is not None:
+            log.warning("uplink: the broker refused a message on %s: %s", self.topic,
+                        describe(code))

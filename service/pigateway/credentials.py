@@ -1,0 +1,57 @@
+"""Credentials and TLS: where secrets are read, for the uplink and the ``mqtt`` handler.
+
+Secrets come from a file named in the config or from a systemd credential
+(``LoadCredential=``, found under ``$CREDENTIALS_DIRECTORY``); they never sit in the config
+itself. The TLS context always verifies the broker's certificate and hostname.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from pathlib import Path
+
+from pigateway.config import MqttConfig, TlsConfig
+from pigateway.errors import LinkFault
+
+
+def credential(name: str) -> Path | None:
+    """``$CREDENTIALS_DIRECTORY/name`` (systemd ``LoadCredential=``) when it exists."""
+    folder = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not folder:
+        return None
+    path = Path(folder) / name
+    return path if path.is_file() else None
+
+
+def read_secret(path: Path) -> str:
+    """The secret in ``path`` (UTF-8, one trailing line break dropped).
+
+    Raises ``OSError`` or ``UnicodeDecodeError``: the caller says which setting named it.
+    """
+    return path.read_text(encoding="utf-8").rstrip("\r\n")
+
+
+def broker_password(mqtt: MqttConfig) -> str | None:
+    """The broker password from ``password_file`` or the credential ``mqtt-password``."""
+    path = mqtt.password_file or credential("mqtt-password")
+    if path is None:
+        return None
+    try:
+        return read_secret(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LinkFault(f"cannot read the MQTT password from {path}: {exc}") from exc
+
+
+def tls_context(tls: TlsConfig) -> ssl.SSLContext | None:
+    """A client TLS context that verifies the broker's certificate and hostname."""
+    if not tls.enabled:
+        return None
+    try:
+        context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+        if tls.cert_file is not None:
+            key = tls.key_file or credential("mqtt-key")
+            context.load_cert_chain(str(tls.cert_file), str(key) if key else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise LinkFault(f"TLS set-up failed (mqtt.tls): {exc}") from exc
+    return context

@@ -1,0 +1,446 @@
+"""MQTT: the only module that imports aiomqtt or paho.
+
+What the rest of the service sees is a :class:`Connection` opened with :func:`connect` (an
+async context manager): ``deliver`` (publish and wait for the PUBACK, returning its failure
+code), manual ``ack`` of inbound messages, ``messages``, ``subscribe``, ``when_lost``, and
+what the broker said in CONNACK (``max_packet_size``, ``session_present``). Every aiomqtt or
+paho error becomes a :mod:`pigateway.errors` type here (:func:`classify`): ``LoginRefused``
+and ``LinkFault`` for what an operator must fix, ``UplinkError`` for a link to wait for.
+
+aiomqtt 2.5 drops two facts we need, so :class:`_Client` keeps them: the reason code of each
+PUBACK, and the broker's Maximum Packet Size from CONNACK. Doing that, and two repairs
+(a PUBACK code paho refuses, a close before CONNACK), needs private members of aiomqtt and
+paho: every one is named in :data:`PRIVATE_API`, and ``tests/test_mqtt_private_api.py``
+fails by name when an upgrade moves one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Final, Literal, NamedTuple
+
+import aiomqtt
+import paho.mqtt.client as paho
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.exception import MalformedPacket
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from pigateway.aio import first_of
+from pigateway.errors import LinkFault, LoginRefused, UplinkError
+
+
+class PrivateMember(NamedTuple):
+    """A private member of aiomqtt or paho this module relies on, and why."""
+
+    owner: Literal["aiomqtt.Client", "paho.Client"]
+    name: str
+    kind: Literal["method", "attribute"]
+    #: a method's parameter names after ``self``; an attribute's type name
+    shape: tuple[str, ...] | str
+    why: str
+
+
+#: Every private member of aiomqtt 2.5 / paho 2.2 used here, in one place.
+PRIVATE_API: Final = (
+    PrivateMember("aiomqtt.Client", "_client", "attribute", "Client",
+                  "the paho client: manual acks, publish without aiomqtt's wait, the socket"),
+    PrivateMember("aiomqtt.Client", "_connected", "attribute", "Future",
+                  "fail the CONNACK wait when the broker closes first"),
+    PrivateMember("aiomqtt.Client", "_disconnected", "attribute", "Future",
+                  "notice a lost link while waiting for a PUBACK; when_lost"),
+    PrivateMember("aiomqtt.Client", "_pending_publishes", "attribute", "dict",
+                  "register a publish so aiomqtt's PUBACK callback wakes deliver()"),
+    PrivateMember("aiomqtt.Client", "_pending_call", "method", ("mid", "value", "pending_dict"),
+                  "the same registration, removed again however deliver() ends"),
+    PrivateMember("aiomqtt.Client", "_on_connect", "method",
+                  ("client", "userdata", "flags", "reason_code", "properties"),
+                  "overridden: keep CONNACK's Maximum Packet Size and session present"),
+    PrivateMember("aiomqtt.Client", "_on_disconnect", "method",
+                  ("client", "userdata", "flags", "reason_code", "properties"),
+                  "overridden: a close before CONNACK fails the connect instead of hanging"),
+    PrivateMember("aiomqtt.Client", "_on_publish", "method",
+                  ("client", "userdata", "mid", "reason_code", "properties"),
+                  "overridden: keep each PUBACK's failure reason code"),
+    PrivateMember("paho.Client", "_handle_pubackcomp", "method", ("cmd",),
+                  "wrapped: a PUBACK with 0x89/0x95/0x96 is a refusal, not a broken link"),
+    PrivateMember("paho.Client", "_in_packet", "attribute", "dict",
+                  "the raw PUBACK paho refused to parse"),
+    PrivateMember("paho.Client", "_out_message_mutex", "attribute", "RLock",
+                  "guard paho's outgoing messages as paho does"),
+    PrivateMember("paho.Client", "_out_messages", "attribute", "OrderedDict",
+                  "whether the refused PUBACK answers a message of ours"),
+    PrivateMember("paho.Client", "_do_on_publish", "method",
+                  ("mid", "reason_code", "properties"),
+                  "finish that message with the refusal's code"),
+    PrivateMember("paho.Client", "_sock_close", "method", (),
+                  "close a hung connection without a DISCONNECT (abort)"),
+)
+
+#: An MQTT 5 PUBACK failure code (>= 0x80) and what it means for the message it answers:
+#: ``retry`` (the broker cannot take it *now*) or ``dead-letter`` (it will never be taken).
+#: A success code (< 0x80, e.g. 0x10 "no matching subscribers") means delivered. A failure
+#: code missing here is retried: nothing is lost to a code nobody foresaw.
+PUBACK_REFUSALS: Final[dict[int, tuple[str, Literal["retry", "dead-letter"]]]] = {
+    0x80: ("unspecified error", "retry"),
+    0x83: ("implementation specific error", "retry"),
+    0x87: ("not authorized", "dead-letter"),
+    0x89: ("server busy", "retry"),
+    0x90: ("topic name invalid", "dead-letter"),
+    0x91: ("packet identifier in use", "retry"),
+    0x95: ("packet too large", "dead-letter"),
+    0x96: ("message rate too high", "retry"),
+    0x97: ("quota exceeded", "retry"),
+    0x99: ("payload format invalid", "dead-letter"),
+}
+#: CONNACK reason codes that mean "fix the credentials": a fault, retried at the cap.
+#: (paho reports MQTT 3.1.1's return codes 4 and 5 as these MQTT 5 codes too.)
+LOGIN_REFUSED: Final = {134: "bad user name or password", 135: "not authorised",
+                        138: "banned", 140: "bad authentication method"}
+#: Words in a connection error that mean an operator must act (TLS set-up), not wait.
+TLS_FAULTS: Final = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed",
+                     "hostname mismatch", "doesn't match", "TLSV1_ALERT", "SSLV3_ALERT",
+                     "PEM lib", "No such file")
+#: Bytes a PUBLISH adds around its payload (fixed header, topic length, packet id, props).
+PUBLISH_OVERHEAD: Final = 16
+#: Seconds a clean DISCONNECT may take before the socket is closed anyway.
+LEAVE_BOUND: Final = 5.0
+
+
+def refusal(code: int) -> tuple[str, Literal["retry", "dead-letter"]]:
+    """The name of a PUBACK failure code and what it means (:data:`PUBACK_REFUSALS`)."""
+    return PUBACK_REFUSALS.get(code, (f"reason code 0x{code:02X}", "retry"))
+
+
+def describe(code: int) -> str:
+    """A PUBACK reason code for people: ``0x87 (not authorized)``."""
+    return f"0x{code:02X} ({refusal(code)[0]})"
+
+
+def publish_room(max_packet_size: int, where: str) -> int:
+    """Payload bytes a PUBLISH on ``where`` may carry under the broker's ``max_packet_size``.
+
+    The topic travels UTF-8 encoded: its bytes count, not its characters.
+    """
+    return max_packet_size - PUBLISH_OVERHEAD - len(where.encode())
+
+
+def classify(exc: aiomqtt.MqttError) -> UplinkError:
+    """The typed error for an MQTT failure: a fault to fix, or a link to wait for."""
+    code = getattr(exc, "rc", None)
+    value = getattr(code, "value", code)
+    if isinstance(exc, MqttConnectError) and value in LOGIN_REFUSED:
+        return LoginRefused(f"login refused by the broker: {LOGIN_REFUSED[value]} "
+                            "(check mqtt.username and the password)")
+    text = str(exc)
+    if any(word in text for word in TLS_FAULTS):
+        return LinkFault(f"TLS failed: {text}")
+    return UplinkError(text or type(exc).__name__)
+
+
+@contextlib.contextmanager
+def _translated(what: str = "") -> Iterator[None]:
+    """aiomqtt's and paho's errors as :func:`classify` types (``what`` goes in front)."""
+    try:
+        yield
+    except aiomqtt.MqttError as exc:
+        error = classify(exc)
+        if what:
+            raise UplinkError(f"{what}: {error}") from exc
+        raise error from exc
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to connect: the broker, who we are, and the session we want.
+
+    ``persistent``: a session the broker keeps (``session_expiry`` seconds under MQTT 5)
+    and manual acks of inbound messages; else a clean session, acked by paho.
+    ``timeout`` bounds the CONNACK wait and each subscribe.
+    """
+
+    host: str
+    port: int
+    client_id: str | None = None
+    username: str | None = None
+    password: str | None = None
+    protocol: Literal["5", "3.1.1"] = "3.1.1"
+    will: Will | None = None
+    persistent: bool = False
+    session_expiry: int = 0
+    keepalive: int = 60
+    timeout: float = 10.0
+    tls: ssl.SSLContext | None = None
+    max_inflight: int | None = None
+
+
+@dataclass(frozen=True)
+class Message:
+    """An inbound message, for :meth:`Connection.ack`."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+
+
+# --------------------------------------------------------------------------- the client
+
+
+class _Client(aiomqtt.Client):
+    """aiomqtt's client plus what 2.5 drops: PUBACK reason codes and CONNACK's packet limit."""
+
+    def __init__(self, *args: Any, manual_ack: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_packet_size: int | None = None
+        self.session_present = False
+        self.puback_codes: dict[int, ReasonCode] = {}
+        self._client.manual_ack_set(manual_ack)
+        self._client._handle_pubackcomp = self._lenient_puback(  # type: ignore[method-assign,assignment]
+            self._client._handle_pubackcomp)
+        # a full in-flight window is normal here; aiomqtt warns past 10 pending calls
+        self.pending_calls_threshold = (kwargs.get("max_inflight_messages") or 0) + 16
+
+    def _lenient_puback(self, handle: Callable[[Any], MQTTErrorCode]
+                        ) -> Callable[[Any], MQTTErrorCode]:
+        """paho drops the link on a PUBACK whose code MQTT 5 keeps for DISCONNECT (0x89
+        server busy, 0x95 packet too large, 0x96 message rate too high); brokers send them
+        anyway. Such a PUBACK is passed on as the refusal it is (:data:`PUBACK_REFUSALS`).
+        """
+        inner = self._client
+
+        def lenient(cmd: Any) -> MQTTErrorCode:
+            try:
+                return handle(cmd)
+            except MalformedPacket:
+                packet = bytes(inner._in_packet["packet"])
+                if cmd != "PUBACK" or len(packet) < 3 or packet[2] not in PUBACK_REFUSALS:
+                    raise
+                mid = int.from_bytes(packet[:2], "big")
+                code = ReasonCode(PacketTypes.DISCONNECT, identifier=packet[2])
+                properties = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+                with inner._out_message_mutex:
+                    if mid in inner._out_messages:
+                        return inner._do_on_publish(mid, code, properties)
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return lenient
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags,
+                    reason_code: ReasonCode, properties: Properties | None = None) -> None:
+        if properties is not None and hasattr(properties, "MaximumPacketSize"):
+            self.max_packet_size = int(properties.MaximumPacketSize)
+        self.session_present = bool(flags.session_present)
+        super()._on_connect(client, userdata, flags, reason_code, properties)
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: paho.DisconnectFlags,
+                       reason_code: ReasonCode, properties: Properties | None = None) -> None:
+        # aiomqtt ignores a close before CONNACK and would wait for the CONNACK forever
+        if not self._connected.done():
+            self._connected.set_exception(
+                aiomqtt.MqttError(f"the broker closed the connection before CONNACK "
+                                  f"({reason_code})"))
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int,
+                    reason_code: ReasonCode, properties: Properties) -> None:
+        if reason_code.is_failure:
+            self.puback_codes[mid] = reason_code
+        super()._on_publish(client, userdata, mid, reason_code, properties)
+
+    def abort(self) -> None:
+        """Close the socket without a DISCONNECT (a failed or hung connect, a hung exit)."""
+        with contextlib.suppress(Exception):
+            self._client._sock_close()
+        self.settle()
+
+    def settle(self) -> None:
+        """Mark the connection futures' errors as seen: this client is done with."""
+        for future in (self._connected, self._disconnected):
+            if future.done() and not future.cancelled():
+                future.exception()
+
+
+class Connection:
+    """One MQTT connection, up while :func:`connect`'s block runs."""
+
+    def __init__(self, client: _Client) -> None:
+        self._link = client
+
+    @property
+    def max_packet_size(self) -> int | None:
+        """CONNACK's Maximum Packet Size (MQTT 5), ``None`` when the broker set none."""
+        return self._link.max_packet_size
+
+    @property
+    def session_present(self) -> bool:
+        return self._link.session_present
+
+    async def deliver(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                      timeout: float) -> int | None:
+        """Publish; return after the PUBACK with its failure reason code, ``None`` for success.
+
+        Raises :class:`UplinkError` when the link drops or no PUBACK came in time
+        (aiomqtt's own publish would only notice the drop at its timeout).
+        """
+        client = self._link
+        info = client._client.publish(topic, payload, qos, retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise classify(aiomqtt.MqttCodeError(info.rc, "could not publish"))
+        if qos > 0 and not info.is_published():
+            confirmation = asyncio.Event()
+            with client._pending_call(info.mid, confirmation, client._pending_publishes):
+                winner = await first_of(confirmation.wait(), asyncio.shield(client._disconnected),
+                                        timeout=timeout)
+            if winner != 0:
+                raise UplinkError("the link dropped before the PUBACK" if winner == 1
+                                  else f"no PUBACK within {timeout}s")
+        code = client.puback_codes.pop(info.mid, None)
+        return None if code is None else int(code.value)
+
+    async def subscribe(self, topic: str, qos: int = 1) -> None:
+        with _translated():
+            await self._link.subscribe(topic, qos=qos)
+
+    async def unsubscribe(self, topic: str, timeout: float) -> None:
+        with _translated():
+            await self._link.unsubscribe(topic, timeout=timeout)
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Inbound messages until the link drops (then :class:`UplinkError`)."""
+        with _translated():
+            async for message in self._link.messages:
+                payload = message.payload if isinstance(message.payload, bytes) \
+                    else str(message.payload).encode()
+                yield Message(str(message.topic), payload, message.mid, message.qos)
+
+    def ack(self, message: Message) -> None:
+        """Acknowledge an inbound message (persistent sessions: manual acks)."""
+        self._link._client.ack(message.mid, message.qos)
+
+    def when_lost(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` the moment the connection drops, before any clean-up runs."""
+        self._link._disconnected.add_done_callback(lambda _: callback())
+
+    def _send_at_once(self) -> None:
+        """Turn Nagle's algorithm off on the connection (TCP_NODELAY).
+
+        MQTT packets are small; with Nagle on, a PUBLISH that follows a PUBACK waits for
+        the broker's delayed ACK, 40 ms on Linux, on every command and result.
+        """
+        sock = self._link._client.socket()
+        if isinstance(sock, socket.socket):  # ssl.SSLSocket is one too
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _new_client(settings: Settings) -> _Client:
+    v5 = settings.protocol == "5"
+    properties = None
+    if v5:
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = settings.session_expiry if settings.persistent else 0
+    will = settings.will
+    return _Client(
+        settings.host, settings.port, identifier=settings.client_id,
+        username=settings.username, password=settings.password,
+        protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+        will=None if will is None else aiomqtt.Will(will.topic, will.payload, qos=1,
+                                                    retain=True),
+        clean_session=None if v5 else not settings.persistent,
+        clean_start=(not settings.persistent) if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+        properties=properties, keepalive=settings.keepalive, timeout=settings.timeout,
+        tls_context=settings.tls, max_inflight_messages=settings.max_inflight,
+        manual_ack=settings.persistent,
+    )
+
+
+@asynccontextmanager
+async def connect(settings: Settings, *, bound: float,
+                  leave_bound: float = LEAVE_BOUND) -> AsyncIterator[Connection]:
+    """A connection for the block: CONNECT bounded by ``bound`` seconds (a CONNACK that
+    never comes), never a half-open socket left behind, a clean DISCONNECT at the end
+    bounded by ``leave_bound``. Errors are :mod:`pigateway.errors` types."""
+    client = _new_client(settings)
+    stack = contextlib.AsyncExitStack()
+    try:
+        async with asyncio.timeout(bound):
+            await stack.enter_async_context(client)
+    except TimeoutError:
+        client.abort()
+        raise UplinkError(f"no CONNACK within {bound:.0f}s") from None
+    except aiomqtt.MqttError as exc:
+        client.abort()
+        if isinstance(exc.__context__, TimeoutError):  # aiomqtt's own CONNACK wait
+            raise UplinkError(f"no CONNACK within {client.timeout:.0f}s") from exc
+        raise classify(exc) from exc
+    except BaseException:
+        client.abort()
+        raise
+    try:
+        connection = Connection(client)
+        connection._send_at_once()
+        yield connection
+    finally:
+        try:
+            async with asyncio.timeout(leave_bound):
+                await stack.aclose()
+        except (TimeoutError, aiomqtt.MqttError):
+            client.abort()
+        client.settle()
+
+
+# --------------------------------------------------------------------------- local broker
+
+
+class LocalPublisher:
+    """Publishes to a local broker (e.g. zigbee2mqtt's) for the ``mqtt`` device handler."""
+
+    def __init__(self, connection: Connection, timeout: float) -> None:
+        self._connection = connection
+        self._timeout = timeout
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1,
+                      retain: bool = False) -> None:
+        """Return after the PUBACK (QoS 1); raise :class:`UplinkError` on any failure."""
+        try:
+            code = await self._connection.deliver(topic, payload, qos=qos, retain=retain,
+                                                  timeout=self._timeout)
+        except UplinkError as exc:
+            raise UplinkError(f"local broker: publish to {topic!r} failed: {exc}") from exc
+        if code is not None:
+            raise UplinkError(f"local broker refused the message on {topic!r}: "
+                              f"{describe(code)}")
+
+
+@asynccontextmanager
+async def local_publisher(host: str, port: int, *, username: str | None = None,
+                          password: str | None = None, client_id: str | None = None,
+                          timeout: float = 10.0) -> AsyncIterator[LocalPublisher]:
+    """A connection to a local broker (MQTT 3.1.1, which every local broker speaks)."""
+    settings = Settings(host, port, client_id=client_id, username=username, password=password,
+                        timeout=timeout)
+    stack = contextlib.AsyncExitStack()
+    try:
+        connection = await stack.enter_async_context(
+            connect(settings, bound=timeout, leave_bound=timeout))
+    except UplinkError as exc:
+        raise UplinkError(f"local broker {host}:{port}: {exc}") from exc
+    async with stack:
+        yield LocalPublisher(connection, timeout)

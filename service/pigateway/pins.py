@@ -1,0 +1,53 @@
+"""The one pin-factory maker, for the status panel and the ``gpio`` device handler.
+
+``gpio.pin_factory`` means the same for both:
+
+- ``lgpio``: gpiozero's LGPIOFactory (a Pi's gpiochip), or :class:`GpioError`;
+- ``mock``: gpiozero's process-wide MockFactory (``Device.pin_factory``), shared, so every
+  part of the service sees the same mock pins and a pin used twice is caught;
+- ``auto``: lgpio when a gpiochip opens, else the mock, with one warning, so the service
+  runs (without lights or relays) on a machine without GPIO.
+
+gpiozero is imported here only when a factory is made: it is slow to import, and the CLI
+never needs it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pigateway.errors import GpioError
+
+log = logging.getLogger(__name__)
+
+
+def pin_factory(kind: str) -> Any:
+    """The gpiozero pin factory for ``gpio.pin_factory`` (``auto``, ``lgpio`` or ``mock``)."""
+    if kind == "mock":
+        return _mock_factory()
+    try:
+        return _lgpio_factory()
+    except GpioError as exc:
+        if kind == "lgpio":
+            raise
+        log.warning("no GPIO here (%s); the panel and gpio devices use mock pins", exc)
+        return _mock_factory()
+
+
+def _mock_factory() -> Any:
+    from gpiozero import Device  # noqa: PLC0415 (gpiozero is slow to import)
+    from gpiozero.pins.mock import MockFactory  # noqa: PLC0415
+
+    if not isinstance(Device.pin_factory, MockFactory):
+        Device.pin_factory = MockFactory()
+    return Device.pin_factory
+
+
+def _lgpio_factory() -> Any:
+    try:
+        from gpiozero.pins.lgpio import LGPIOFactory  # noqa: PLC0415
+
+        return LGPIOFactory()
+    except Exception as exc:  # ImportError, lgpio.error, gpiozero's PinError, OSError ...
+        raise GpioError(f"lgpio cannot open a gpiochip: {exc}") from exc

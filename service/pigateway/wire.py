@@ -1,0 +1,78 @@
+"""The wire contract in one place: topics, the version, the documents and their JSON.
+
+Everything the gateway puts on the broker, or takes from it, is shaped here:
+
+- topics ``{prefix}/{gateway}/{actions,results,commands,state}`` (:func:`topic`);
+- version ``"v": 1`` in every document (:data:`VERSION`), checked on inbound commands;
+- a batch of actions ``{"v","gateway","batch","sent_at","actions":[{"device","commands":
+  [{"id","name","params","queued_at"}]}]}`` (:func:`batch_head`, :func:`action`,
+  :func:`batch_command`; :mod:`pigateway.batching` packs them to a byte limit);
+- a result: the stored params of a ``result`` row, sent as they are;
+- the retained state ``{"v","gateway","version","sent_at",<state fields>,"counters"}``
+  (:func:`state_document`), and the last will / clean-stop value ``"offline"``;
+- JSON: compact, UTF-8 as is, no NaN or Infinity (:func:`encode`), the one encoder for
+  what is sent and what is stored to be sent.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from pigateway.config import Config
+
+#: The version of every document of the contract.
+VERSION: Final = 1
+#: The topics, by leaf.
+TOPICS: Final = {
+    "actions": "{prefix}/{gateway}/actions",
+    "results": "{prefix}/{gateway}/results",
+    "commands": "{prefix}/{gateway}/commands",
+    "state": "{prefix}/{gateway}/state",
+}
+#: The retained state while the gateway is not connected (last will, clean stop).
+OFFLINE: Final = b'"offline"'
+#: The state fields the retained state document carries (from :class:`GatewayState`).
+STATE_FIELDS: Final = ("link", "paused", "draining", "depth", "oldest_age", "in_flight",
+                       "dead_letters", "last_error", "fault", "uptime")
+
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def encode(value: Any) -> str:
+    """Compact JSON, non-ASCII kept as is, NaN and Infinity refused (``ValueError``)."""
+    return _ENCODER.encode(value)
+
+
+def topic(config: Config, leaf: str) -> str:
+    """The full topic of ``leaf`` ("actions", "results", "commands", "state")."""
+    return TOPICS[leaf].format(prefix=config.mqtt.topic_prefix, gateway=config.gateway_id)
+
+
+def batch_head(gateway: str, batch_id: str, sent_at: float) -> str:
+    """A batch document up to its first action (the caller appends actions and ``]}``)."""
+    return (f'{{"v":{VERSION},"gateway":{encode(gateway)},"batch":{encode(batch_id)},'
+            f'"sent_at":{sent_at:.3f},"actions":[')
+
+
+def batch_tail() -> str:
+    return "]}"
+
+
+def action(device: str, commands: list[str]) -> str:
+    """One action of a batch: a device and its encoded commands, in order."""
+    return f'{{"device":{encode(device)},"commands":[{",".join(commands)}]}}'
+
+
+def batch_command(command_id: str, name: str, params: dict[str, Any], queued_at: float) -> str:
+    """One command inside an action: ``{"id","name","params","queued_at"}``."""
+    return encode({"id": command_id, "name": name, "params": params, "queued_at": queued_at})
+
+
+def state_document(gateway: str, version: str, state: dict[str, Any],
+                   counters: dict[str, Any], sent_at: float) -> dict[str, Any]:
+    """The retained state: what every view shows, and the counters since start."""
+    return {"v": VERSION, "gateway": gateway, "version": version,
+            "sent_at": round(sent_at, 3), **{key: state.get(key) for key in STATE_FIELDS},
+            "counters": counters}

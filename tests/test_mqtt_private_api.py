@@ -1,0 +1,63 @@
+"""Every private member of aiomqtt or paho that pigateway.mqtt relies on, checked by name.
+
+An upgrade of aiomqtt or paho that moves, renames or reshapes one of them fails here with
+the member's name, instead of somewhere deep in the uplink. The list is
+``pigateway.mqtt.PRIVATE_API``: the one place such a member may be named.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from pigateway.mqtt import PRIVATE_API, PrivateMember
+
+SERVICE = Path(__file__).resolve().parents[1] / "service" / "pigateway"
+
+
+def _instances() -> dict[str, Any]:
+    client = aiomqtt.Client("127.0.0.1", 1)  # never connected: only looked at
+    return {"aiomqtt.Client": client, "paho.Client": client._client}
+
+
+def _advice(member: PrivateMember) -> str:
+    return (f"{member.owner}.{member.name} ({member.why}) moved or changed shape in this "
+            f"aiomqtt/paho: adapt pigateway/mqtt.py (and PRIVATE_API) to the new version, or "
+            f"pin the old one in pyproject.toml")
+
+
+@pytest.mark.parametrize("member", PRIVATE_API, ids=lambda m: f"{m.owner}.{m.name}")
+async def test_private_member_is_where_pigateway_expects_it(member: PrivateMember) -> None:
+    instance = _instances()[member.owner]
+    assert hasattr(instance, member.name), f"missing: {_advice(member)}"
+    value = getattr(instance, member.name)
+    if member.kind == "method":
+        assert callable(value), f"not a method any more: {_advice(member)}"
+        names = tuple(inspect.signature(value).parameters)
+        assert names == member.shape, (f"parameters {names}, expected {member.shape}: "
+                                       f"{_advice(member)}")
+    else:
+        kind = type(value).__name__
+        assert kind == member.shape, f"a {kind}, expected a {member.shape}: {_advice(member)}"
+
+
+def test_private_members_are_named_only_in_the_table() -> None:
+    """A private aiomqtt/paho member used in mqtt.py must be in PRIVATE_API (so it is guarded)."""
+    source = (SERVICE / "mqtt.py").read_text()
+    ours = {"_link", "_send_at_once", "_connection", "_timeout", "_lenient_puback"}
+    named = {member.name for member in PRIVATE_API}
+    used = set(re.findall(r"\.(_[a-z][a-z_]*)\b", source)) - ours
+    assert used <= named, f"private members used but not in PRIVATE_API: {sorted(used - named)}"
+    assert named <= used, f"PRIVATE_API names members no longer used: {sorted(named - used)}"
+
+
+def test_only_the_mqtt_module_imports_aiomqtt_or_paho() -> None:
+    importers = sorted(path.relative_to(SERVICE).as_posix() for path in SERVICE.rglob("*.py")
+                       if re.search(r"^\s*(import|from) (aiomqtt|paho)\b", path.read_text(),
+                                    re.MULTILINE))
+    assert importers == ["mqtt.py"]
