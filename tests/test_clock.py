@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pigateway import clock, inbox
+from pigateway import clock
 from pigateway.batching import Batcher, Rules
 from pigateway.config import StoreConfig
 from pigateway.handlers import Request
@@ -326,7 +326,7 @@ async def test_existing_deadlines_keep_their_meaning_after_the_migration(
     async with opened(store_config) as store:
         assert store.clock.now() == pytest.approx(time.time(), abs=1)
         assert await claimed_ids(store) == ["old"]
-        await store.write([inbox.prune(store.clock.now() - 50)])
+        await store.inbox.prune(store.clock.now() - 50, chunks=1)
         assert [row[0] for row in await store.read("SELECT id FROM inbox")] == ["done-now"]
 
 

@@ -155,9 +155,8 @@ _DEAD = "SELECT reason, count(*) FROM dead_letters GROUP BY reason"
 async def read_store(store: Store) -> QueueReading:
     """The reading through the service's own (open) store."""
     stats = await store.stats()
-    oldest = await store.read(_OLDEST)
     return QueueReading(depth=stats.depth, bytes=stats.bytes, oldest_age=stats.oldest_age,
-                        oldest_ttl=oldest[0][1] if oldest else None, dead=stats.dead)
+                        oldest_ttl=await store.oldest_ttl(), dead=stats.dead)
 
 
 def read_file(path: Path) -> QueueReading:
