@@ -24,7 +24,7 @@ from pigateway import clock
 from pigateway.batching import Batcher, Rules
 from pigateway.config import StoreConfig
 from pigateway.handlers import Request
-from pigateway.store import MIGRATIONS, Store
+from pigateway.store import MIGRATIONS, Store, clock_row
 from test_inbound import Scripted, by_id, command, make_config, results, running
 
 YEAR = 365 * 86400.0
@@ -303,7 +303,7 @@ async def test_the_drainer_writes_a_reading_as_it_closes(
         machine.wait(30)
         now = store.clock.now()
     with contextlib.closing(sqlite3.connect(store_config.path)) as conn:
-        reading = clock.load(conn)
+        reading = clock_row.load(conn)
     assert reading is not None and reading.reading == pytest.approx(now)
 
 
@@ -397,7 +397,7 @@ async def test_the_drainer_writes_readings_while_it_runs(
 
     def stored() -> float:
         with contextlib.closing(sqlite3.connect(store_config.path)) as conn:
-            reading = clock.load(conn)
+            reading = clock_row.load(conn)
         assert reading is not None
         return reading.reading
 

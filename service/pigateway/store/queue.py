@@ -19,7 +19,7 @@ from pigateway.clock import GatewayClock
 from pigateway.config import StoreConfig
 from pigateway.errors import StoreError
 from pigateway.inbox import outbox_device
-from pigateway.store import files, schema
+from pigateway.store import clock_row, files, schema
 from pigateway.store.connection import SqliteThread, data_version, fetch_all, select_one, translate
 from pigateway.store.inbox import Inbox
 from pigateway.store.outbox import (
@@ -137,7 +137,7 @@ class Store(Reads):
             self._heartbeat_task.cancel()
             self._heartbeat_task = None
             # the last reading, so the next boot continues from the moment we stopped
-            _consume(self._submit(clock.heartbeat))
+            _consume(self._submit(clock_row.heartbeat))
         self._closed = True
         await self._writer.close()
         await self._reader.close()
@@ -250,7 +250,7 @@ class Store(Reads):
 
     async def heartbeat(self) -> None:
         """Write a reading of the gateway clock (a new boot continues from the last one)."""
-        self.clock.adopt(await self._call(clock.heartbeat))
+        self.clock.adopt(await self._call(clock_row.heartbeat))
 
     async def _heartbeat_loop(self) -> None:
         """The drainer's readings, every :data:`pigateway.clock.HEARTBEAT` seconds: one

@@ -16,6 +16,7 @@ from pigateway import clock
 from pigateway.clock import GatewayClock
 from pigateway.config import StoreConfig
 from pigateway.errors import StoreCorrupt, StoreError
+from pigateway.store import clock_row
 from pigateway.store.connection import first, translate
 from pigateway.store.files import check_header
 from pigateway.store.inbox import InboxReads
@@ -160,13 +161,25 @@ class QueueReader(Reads):
         await self.close()
 
 
+def figures(conn: sqlite3.Connection) -> tuple[int, int, float | None, float | None,
+                                               dict[str, int]]:
+    """Depth, bytes, oldest age, the oldest command's ttl and dead letters by reason, in
+    one snapshot of a connection of its own (``pigateway metrics`` with no service up)."""
+    conn.execute("BEGIN")  # one snapshot for every read below
+    depth, size = first(conn, "SELECT commands, bytes FROM totals WHERE id = 1")
+    oldest = conn.execute("SELECT queued_at, ttl FROM outbox ORDER BY seq LIMIT 1").fetchone()
+    dead = dict(conn.execute("SELECT reason, count(*) FROM dead_letters GROUP BY reason"))
+    age = max(0.0, time.time() - oldest[0]) if oldest else None
+    return depth, size, age, oldest[1] if oldest else None, dead
+
+
 def _stored_reading(conn: sqlite3.Connection | None) -> clock.Reading | None:
     """The gateway clock's row, read without writing (``None``: no file, or a schema from
     before the clock, whose deadlines are wall time, which a new clock starts equal to)."""
     if conn is None:
         return None
     try:
-        return clock.load(conn)
+        return clock_row.load(conn)
     except sqlite3.OperationalError:  # no clock table yet
         return None
 

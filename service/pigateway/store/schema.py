@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pigateway import clock
 from pigateway.errors import StoreError
+from pigateway.store import clock_row
 from pigateway.store.connection import first, run_transaction
 
 log = logging.getLogger("pigateway.store")
@@ -143,10 +144,10 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
 
 def clock_reading(conn: sqlite3.Connection, path: Path) -> clock.Reading:
     """This boot's reading of the gateway clock; the write lock only at a boot's first open."""
-    stored = clock.load(conn)
+    stored = clock_row.load(conn)
     if stored is not None and stored.boot_id == clock.boot_id():
         return stored
-    reading = run_transaction(conn, path, clock.establish)
+    reading = run_transaction(conn, path, clock_row.establish)
     if stored is not None and reading.boot_id != stored.boot_id:
         off = reading.offset - stored.reading
         log.info("a new boot: TTLs continue from the last reading of the last one; %s",
