@@ -121,8 +121,10 @@ async def test_a_transient_refusal_counts_attempts_up_to_max_attempts(
 
 
 @pytest.mark.parametrize("code", PERMANENT)
-async def test_a_permanent_refusal_buries_exactly_the_refused_batch(
+async def test_a_permanent_refusal_buries_exactly_the_refused_command(
         tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str, code: int) -> None:
+    """The whole batch is refused for one bad command: it is split down to that command,
+    which alone is dead-lettered with the code; every other command is delivered."""
     def decide(connection: int, where: str, payload: bytes) -> int | None:
         return code if b'"device":"vault"' in payload else None
 
@@ -135,14 +137,41 @@ async def test_a_permanent_refusal_buries_exactly_the_refused_batch(
             assert await drained(run.store, 20)
             dead = await run.store.list_dead(100)
             assert run.state.link == Link.ONLINE
-    assert len(proxy.refused) == 1 and proxy.connections == 1  # the link stayed up
-    refused = set(batch_ids(proxy.refused[0].payload))
-    assert {d.command.id for d in dead} == refused
+    vault = next(c.id for c in put if c.device == "vault")
+    assert proxy.connections == 1  # the link stayed up
+    assert len(batch_ids(proxy.refused[0].payload)) > 1  # a batch of several was refused
+    assert batch_ids(proxy.refused[-1].payload) == [vault]  # ... and split down to the one
+    assert len(proxy.refused) <= 2 * len(batch_ids(proxy.refused[0].payload)).bit_length()
+    assert [d.command.id for d in dead] == [vault]
     assert {d.reason for d in dead} == {"rejected-by-broker"}
     name = PUBACK_REFUSALS[code][0]
-    assert all(f"0x{code:02X}" in (d.detail or "") and name in (d.detail or "") for d in dead)
-    others = {c.id for c in put} - refused
+    assert f"0x{code:02X}" in (dead[0].detail or "") and name in (dead[0].detail or "")
+    others = {c.id for c in put} - {vault}
     assert await wait_until(lambda: others <= sub.ids(), 10)
+
+
+async def test_later_commands_of_a_device_refused_for_good_are_delivered_in_order(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    """The documented choice: a command refused for good is dead-lettered alone; the
+    device's commands before and after it are delivered, in the order they were put."""
+    def decide(connection: int, where: str, payload: bytes) -> int | None:
+        return 0x99 if b'"poison"' in payload else None
+
+    batch = [NewCommand("lamp", "set", {"n": n, "pad": "p" * 40}) for n in range(10)]
+    batch[4] = NewCommand("lamp", "set", {"n": 4, "poison": True})
+    async with refusing(mosquitto.port, on_actions(decide)) as proxy, \
+            subscribed(mosquitto.port, unique_prefix) as sub:
+        cfg = make_config(tmp_path, proxy.port, unique_prefix, max_batch_bytes=4096,
+                          max_inflight=1, batch_delay=0.5)
+        async with running_uplink(cfg) as run:
+            put = await run.store.put_many(batch)
+            assert await drained(run.store, 20)
+            dead = await run.store.list_dead(100)
+    assert [d.command.id for d in dead] == [put[4].id]
+    assert len(batch_ids(proxy.refused[0].payload)) == 10  # they had travelled together
+    wanted = [c.id for c in put if c.id != put[4].id]
+    assert await wait_until(lambda: set(wanted) <= sub.ids(), 10)
+    assert [i for i in (c.id for c in sub.first_deliveries()) if i in wanted] == wanted
 
 
 async def test_no_matching_subscribers_is_delivered(

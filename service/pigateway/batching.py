@@ -257,6 +257,20 @@ def plan(commands: Sequence[C], rules: Rules, *, now: float) -> Plan[C]:
     return result
 
 
+def split(batch: Batch[C], rules: Rules, *, now: float) -> list[Batch[C]]:
+    """A refused batch of several commands as two batches (its halves, in order).
+
+    A broker that refuses a whole batch for good (too large, invalid) may object to one
+    command only: halving again and again finds that one while the others are delivered.
+    Each half is a subset of a batch that fitted, so it fits in one batch of its own.
+    """
+    if len(batch.commands) < 2:
+        return [batch]
+    middle = len(batch.commands) // 2
+    halves = (batch.commands[:middle], batch.commands[middle:])
+    return [part for half in halves for part in plan(half, rules, now=now).batches]
+
+
 # --------------------------------------------------------------------------- the driver
 
 

@@ -48,7 +48,7 @@ from pigateway import wire
 from pigateway.aio import first_error, first_of
 from pigateway.announcer import Announcer
 from pigateway.backoff import wait_backoff
-from pigateway.batching import Batch, Batcher, Rules
+from pigateway.batching import Batch, Batcher, Rules, split
 from pigateway.config import Config, UplinkConfig
 from pigateway.credentials import broker_password, tls_context
 from pigateway.errors import (
@@ -361,13 +361,7 @@ class Uplink:
     async def _ship(self, session: _Session, batch: Batch[Command]) -> None:
         """Publish one batch; delete its rows after the PUBACK (or bury them if refused)."""
         try:
-            code = await session.client.deliver(
-                wire.topic(self.config, batch.kind), batch.payload,
-                timeout=self.config.uplink.publish_timeout)
-            if code is None:
-                await self._record_delivery(batch)
-            else:
-                await self._refused(batch, code)
+            await self._send(session.client, batch)
         except UplinkError as exc:
             raise UplinkError(f"publish of batch {batch.id} failed: {exc}") from exc
         finally:
@@ -375,6 +369,15 @@ class Uplink:
             self._show_progress()
             if not self.outstanding and not self.delivered:
                 self._settled.set()
+
+    async def _send(self, client: Connection, batch: Batch[Command]) -> None:
+        """One publish of an outstanding batch and what its PUBACK says to do."""
+        code = await client.deliver(wire.topic(self.config, batch.kind), batch.payload,
+                                    timeout=self.config.uplink.publish_timeout)
+        if code is None:
+            await self._record_delivery(batch)
+        else:
+            await self._refused(client, batch, code)
 
     async def _record_delivery(self, batch: Batch[Command]) -> None:
         """Delete the rows of an acknowledged batch, however long the store takes.
@@ -389,17 +392,39 @@ class Uplink:
         COUNTERS.batch_acked(len(batch.ids), len(batch.payload))
         self._log_delivered(batch)
 
-    async def _refused(self, batch: Batch[Command], code: int) -> None:
-        """A PUBACK failure code: bury the batch, or end the link to send it again later."""
+    async def _refused(self, client: Connection, batch: Batch[Command], code: int) -> None:
+        """A PUBACK failure code: end the link to send it again later, split the batch to
+        find the one command refused for good, or bury that one command."""
         name, verdict = refusal(code)
         COUNTERS.batch_refused(code)
         what = f"PUBACK reason code {code} (0x{code:02X}: {name})"
         if verdict == "retry":
             raise BrokerBusy(f"the broker refused batch {batch.id} for now: {what}; its "
                              "commands go back to the head of the queue")
+        if len(batch.commands) > 1:
+            await self._split(client, batch, what)
+            return
+        log.warning("uplink: the broker refused command %s of %s for good: %s", batch.ids[0],
+                    batch.commands[0].device, what)
         await self.store_calls.call("dead-letter a refused batch",
                                     lambda: self.store.dead_letter(batch.ids, REJECTED, what))
         del self.outstanding[batch.id]
+
+    async def _split(self, client: Connection, batch: Batch[Command], what: str) -> None:
+        """Send a batch refused for good again as halves, one after the other, in order.
+
+        The halves replace the batch in :attr:`outstanding` at once, so a link that ends
+        meanwhile gives all their rows back. Halving ends at single commands: only the
+        command the broker refuses alone is dead-lettered (at most 2*log2(n) publishes).
+        """
+        parts = split(batch, self.batcher.rules, now=time.time())
+        log.info("uplink: the broker refused batch %s of %d commands for good (%s); sending "
+                 "it again in %d parts to find the refused command", batch.id,
+                 len(batch.commands), what, len(parts))
+        del self.outstanding[batch.id]
+        self.outstanding.update({part.id: part for part in parts})
+        for part in parts:
+            await self._send(client, part)
 
     def _log_delivered(self, batch: Batch[Command]) -> None:
         """One line per acknowledged batch, carrying every command id for the journal.
