@@ -21,6 +21,7 @@ Decide = Callable[[int, str, bytes], int | None]
 
 PUBLISH = 3
 CONNECT = 1
+PUBACK = 4
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,10 @@ class RefusingProxy:
         self.port = 0
         self.connections = 0
         self.refused: list[Refused] = []
+        #: QoS 1 publishes forwarded to the broker and not yet acknowledged, per connection
+        self.unacked: dict[int, set[int]] = {}
+        #: the most of them there ever were at once (the client's Receive Maximum at work)
+        self.max_unacked = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
@@ -123,7 +128,7 @@ class RefusingProxy:
             return
         self._writers += [writer, up_writer]
         for pump in (self._upstream(number, reader, up_writer, writer),
-                     self._pump(up_reader, writer)):
+                     self._pump(number, up_reader, writer)):
             task = asyncio.create_task(pump)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -149,6 +154,8 @@ class RefusingProxy:
                         client.write(puback(packet_id, code))
                         await client.drain()
                         continue
+                    if packet_id is not None:
+                        self._sent(number, packet_id)
                 broker.write(packet)
                 await broker.drain()
         except OSError:
@@ -157,13 +164,23 @@ class RefusingProxy:
             broker.close()
             client.close()
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _sent(self, number: int, packet_id: int) -> None:
+        waiting = self.unacked.setdefault(number, set())
+        waiting.add(packet_id)
+        self.max_unacked = max(self.max_unacked, len(waiting))
+
+    async def _pump(self, number: int, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
         """Broker to client, whole packets only (so an injected PUBACK lands between them)."""
         try:
             for _ in range(10_000_000):
                 packet = await read_packet(reader)
                 if packet is None:
                     break
+                if packet[0] >> 4 == PUBACK:
+                    _, at = _varint(packet, 1)
+                    (packet_id,) = struct.unpack_from("!H", packet, at)
+                    self.unacked.get(number, set()).discard(packet_id)
                 writer.write(packet)
                 await writer.drain()
         except OSError:

@@ -54,6 +54,7 @@ from pigateway.credentials import broker_password, tls_context
 from pigateway.errors import (
     LinkFault,
     LoginRefused,
+    RetainNotSupported,
     UplinkError,
 )
 from pigateway.intake import Intake, OnCommand
@@ -173,6 +174,8 @@ class Uplink:
         self.store_calls = StoreCalls(state, up)
         self.announcer = Announcer(config, state)
         self.intake = Intake(wire.topic(config, "commands"), on_command)
+        #: False once a broker said Retain Available = 0 (a retained will would be refused)
+        self._will_retained = True
 
     @property
     def store_fault_after(self) -> float:
@@ -243,6 +246,8 @@ class Uplink:
         try:
             await self._connect_and_serve()
         except UplinkError as exc:
+            if isinstance(exc, RetainNotSupported):
+                self._will_retained = False  # the next CONNECT carries an unretained will
             error = self._typed(exc)
             raise error from exc
         finally:
@@ -303,15 +308,47 @@ class Uplink:
             mqtt.host, mqtt.port, client_id=self.config.gateway_id, username=mqtt.username,
             password=broker_password(mqtt) if mqtt.username else None,
             protocol="5" if mqtt.protocol == "5" else "3.1.1",
-            will=Will(wire.topic(self.config, "state"), wire.OFFLINE),
+            will=Will(wire.topic(self.config, "state"), wire.OFFLINE,
+                      retain=self._will_retained),
             persistent=self.on_command is not None, session_expiry=mqtt.session_expiry,
             keepalive=mqtt.keepalive, timeout=self.config.uplink.publish_timeout,
             tls=tls_context(mqtt.tls), max_inflight=self.config.uplink.max_inflight + 8)
 
     # ---- one connection
 
-    async def _serve(self, client: Connection) -> None:
+    def limits_in_force(self, client: Connection) -> dict[str, Any]:
+        """What this link may send: the broker's CONNACK limits met with ``[uplink]``.
+
+        Shown in the state document and ``pigateway status`` (``limits``), so that a slow
+        drain can be told from a broker that allows two messages in flight.
+        """
+        broker = client.limits
+        return {"max_inflight": min(self.config.uplink.max_inflight, broker.receive_maximum),
+                "receive_maximum": broker.receive_maximum, "maximum_qos": broker.maximum_qos,
+                "retain_available": broker.retain, "max_packet_size": client.max_packet_size,
+                "max_batch_bytes": self.batcher.rules.max_batch_bytes}
+
+    def _adopt(self, client: Connection) -> dict[str, Any]:
+        """Take the broker's CONNACK limits for this link; warn where they cost something."""
         self.packet_limit.adopt(client)
+        limits = self.limits_in_force(client)
+        if limits["max_inflight"] < self.config.uplink.max_inflight:
+            log.info("uplink: the broker's Receive Maximum is %d: at most %d batches in flight "
+                     "(uplink.max_inflight = %d)", client.limits.receive_maximum,
+                     limits["max_inflight"], self.config.uplink.max_inflight)
+        if not client.limits.retain:
+            log.warning("uplink: the broker does not take retained messages (Retain "
+                        "Available = 0): the state document goes unretained, so a receiver "
+                        "that subscribes later sees it only at the next state_interval")
+            self._will_retained = False
+        if client.limits.maximum_qos < 1:
+            log.warning("uplink: the broker allows QoS 0 only: commands go at most once, a "
+                        "lost message is not sent again")
+        self.state.set_limits(limits)
+        return limits
+
+    async def _serve(self, client: Connection) -> None:
+        limits = self._adopt(client)
         log.info("uplink: online at %s:%d (session present: %s)", self.config.mqtt.host,
                  self.config.mqtt.port, client.session_present)
         self._online_since = time.monotonic()
@@ -322,8 +359,7 @@ class Uplink:
         client.when_lost(lambda: self.state.set_link(Link.OFFLINE))
         try:
             async with asyncio.TaskGroup() as tasks:
-                session = _Session(client, asyncio.Semaphore(self.config.uplink.max_inflight),
-                                   tasks)
+                session = _Session(client, asyncio.Semaphore(limits["max_inflight"]), tasks)
                 if self.on_command is not None:
                     await client.subscribe(wire.topic(self.config, "commands"), qos=1)
                 await self.announcer.announce(client)
