@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -97,6 +98,8 @@ class RefusingProxy:
         self.unacked: dict[int, set[int]] = {}
         #: the most of them there ever were at once (the client's Receive Maximum at work)
         self.max_unacked = 0
+        #: (monotonic time, topic) of every PUBLISH forwarded to the broker
+        self.published: list[tuple[float, str]] = []
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
@@ -154,6 +157,7 @@ class RefusingProxy:
                         client.write(puback(packet_id, code))
                         await client.drain()
                         continue
+                    self.published.append((time.monotonic(), topic))
                     if packet_id is not None:
                         self._sent(number, packet_id)
                 broker.write(packet)

@@ -148,6 +148,11 @@ class UplinkConfig(_Section, section="uplink"):
     publish_timeout: float = _opt(10.0, min=0.1, max=20, doc=(
         "seconds to wait for a PUBACK (at most 20, so a stop fits TimeoutStopSec=30s)"))
     state_interval: float = _opt(30.0, min=1, doc="seconds between retained state refreshes")
+    max_messages_per_second: float = _opt(0.0, min=0, doc=(
+        "publishes per second at most, a burst of one second's worth (0: no limit; a cloud "
+        "broker's publish quota, e.g. 100 for AWS IoT Core)"))
+    max_bytes_per_second: int = _opt(0, min=0, doc=(
+        "payload bytes per second at most, a burst of one second's worth (0: no limit)"))
 
 
 @dataclass(frozen=True)

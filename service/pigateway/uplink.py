@@ -67,6 +67,7 @@ from pigateway.mqtt import (
     publish_room,
     refusal,
 )
+from pigateway.pacing import Pacer
 from pigateway.state import FaultSource, GatewayState, Link
 from pigateway.store import Command, Store
 from pigateway.store_calls import StoreCalls
@@ -172,7 +173,8 @@ class Uplink:
         self._settled.set()
         self.packet_limit = PacketLimit(config, self.batcher)
         self.store_calls = StoreCalls(state, up)
-        self.announcer = Announcer(config, state)
+        self.pacer = Pacer(up.max_messages_per_second, up.max_bytes_per_second)
+        self.announcer = Announcer(config, state, self.pacer)
         self.intake = Intake(wire.topic(config, "commands"), on_command)
         #: False once a broker said Retain Available = 0 (a retained will would be refused)
         self._will_retained = True
@@ -326,7 +328,9 @@ class Uplink:
         return {"max_inflight": min(self.config.uplink.max_inflight, broker.receive_maximum),
                 "receive_maximum": broker.receive_maximum, "maximum_qos": broker.maximum_qos,
                 "retain_available": broker.retain, "max_packet_size": client.max_packet_size,
-                "max_batch_bytes": self.batcher.rules.max_batch_bytes}
+                "max_batch_bytes": self.batcher.rules.max_batch_bytes,
+                "max_messages_per_second": self.config.uplink.max_messages_per_second or None,
+                "max_bytes_per_second": self.config.uplink.max_bytes_per_second or None}
 
     def _adopt(self, client: Connection) -> dict[str, Any]:
         """Take the broker's CONNACK limits for this link; warn where they cost something."""
@@ -407,7 +411,8 @@ class Uplink:
                 self._settled.set()
 
     async def _send(self, client: Connection, batch: Batch[Command]) -> None:
-        """One publish of an outstanding batch and what its PUBACK says to do."""
+        """One publish of an outstanding batch (paced) and what its PUBACK says to do."""
+        await self.pacer.publish_slot(len(batch.payload))
         code = await client.deliver(wire.topic(self.config, batch.kind), batch.payload,
                                     timeout=self.config.uplink.publish_timeout)
         if code is None:
