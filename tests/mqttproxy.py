@@ -80,6 +80,11 @@ def parse_publish(packet: bytes, version: int) -> tuple[str, int | None, bytes]:
     return topic, packet_id, packet[at:]
 
 
+def disconnect(code: int) -> bytes:
+    """An MQTT 5 DISCONNECT from the server with a reason code and no properties."""
+    return struct.pack("!BBBB", 0xE0, 2, code, 0)
+
+
 def puback(packet_id: int, code: int) -> bytes:
     """An MQTT 5 PUBACK with a reason code and no properties (remaining length 3)."""
     return struct.pack("!BBHB", 0x40, 3, packet_id, code)
@@ -88,9 +93,15 @@ def puback(packet_id: int, code: int) -> bytes:
 class RefusingProxy:
     """Forwards 127.0.0.1:``port`` to ``target_port``; refuses what ``decide`` picks."""
 
-    def __init__(self, target_port: int, decide: Decide) -> None:
+    def __init__(self, target_port: int, decide: Decide, *, disconnect: bool = False) -> None:
+        """``disconnect``: answer a refused PUBLISH with a DISCONNECT carrying the code (a
+        cloud broker's 0x96 message rate too high, 0x89 server busy) and close, instead of
+        a PUBACK with it."""
         self.target_port = target_port
         self.decide = decide
+        self.disconnect = disconnect
+        #: monotonic time each connection came in
+        self.connected_at: list[float] = []
         self.port = 0
         self.connections = 0
         self.refused: list[Refused] = []
@@ -123,6 +134,7 @@ class RefusingProxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.connected_at.append(time.monotonic())
         number = self.connections
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
@@ -154,6 +166,10 @@ class RefusingProxy:
                     code = self.decide(number, topic, payload) if packet_id else None
                     if code is not None and packet_id is not None:
                         self.refused.append(Refused(number, code, topic, payload))
+                        if self.disconnect:
+                            client.write(disconnect(code))
+                            await client.drain()
+                            break
                         client.write(puback(packet_id, code))
                         await client.drain()
                         continue

@@ -9,6 +9,7 @@ exactly the refused batch, with its code and name; 0x10 means delivered.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -50,8 +51,9 @@ def commands(count: int, devices: int = 4) -> list[NewCommand]:
 
 
 @asynccontextmanager
-async def refusing(port: int, decide: Decide) -> AsyncIterator[RefusingProxy]:
-    proxy = await RefusingProxy(port, decide).start()
+async def refusing(port: int, decide: Decide, *,
+                   disconnect: bool = False) -> AsyncIterator[RefusingProxy]:
+    proxy = await RefusingProxy(port, decide, disconnect=disconnect).start()
     try:
         yield proxy
     finally:
@@ -99,6 +101,42 @@ async def test_a_transient_refusal_loses_nothing_and_keeps_order(
     assert {command_id for _, command_id in sent} <= sub.ids()
     assert per_device_order_holds(sent, [c.id for c in sub.first_deliveries()])
     name = PUBACK_REFUSALS[code][0]
+    assert any(name in (error or "") for error in state.history.get("last_error", []))
+
+
+@pytest.mark.parametrize("code", [0x96, 0x89])
+async def test_a_disconnect_to_slow_down_loses_nothing_and_the_backoff_grows(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str, code: int) -> None:
+    """DISCONNECT 0x96 (message rate too high) / 0x89 (server busy) on five links in a row:
+    nothing lost or dead, each device in order, the waits between links grow while the
+    refusals continue, and last_error names the code."""
+    seen: dict[int, int] = {}
+    refusing_links = 5
+
+    def decide(connection: int, where: str, payload: bytes) -> int | None:
+        seen[connection] = seen.get(connection, 0) + 1
+        return code if connection <= refusing_links and seen[connection] > 1 else None
+
+    total = 40
+    async with refusing(mosquitto.port, on_actions(decide), disconnect=True) as proxy, \
+            subscribed(mosquitto.port, unique_prefix) as sub:
+        cfg = make_config(tmp_path, proxy.port, unique_prefix, max_batch_bytes=1024,
+                          max_inflight=1, backoff_initial=0.1, backoff_max=3.2,
+                          backoff_reset=5.0)
+        state = RecordingState()
+        async with running_uplink(cfg, state=state) as run:
+            sent = [(c.device, c.id) for c in await run.store.put_many(commands(total))]
+            assert await sub.wait_for(total, 30)
+            assert await drained(run.store, 10)
+            stats = await run.store.stats()
+    assert len(proxy.refused) == refusing_links
+    assert stats.dead_total == 0
+    assert per_device_order_holds(sent, [c.id for c in sub.first_deliveries()])
+    starts = proxy.connected_at[:refusing_links + 1]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
+    assert all(later > earlier for earlier, later in itertools.pairwise(gaps)), gaps
+    assert gaps[-1] > 4 * gaps[0]
+    name = "message rate too high" if code == 0x96 else "server busy"
     assert any(name in (error or "") for error in state.history.get("last_error", []))
 
 

@@ -101,6 +101,12 @@ PUBACK_REFUSALS: Final[dict[int, tuple[str, Literal["retry", "dead-letter"]]]] =
     0x97: ("quota exceeded", "retry"),
     0x99: ("payload format invalid", "dead-letter"),
 }
+#: DISCONNECT reason codes from the server that mean "slow down": the link is retried with
+#: a backoff that keeps growing while they continue (never started over at once).
+SLOW_DOWN: Final = {0x80: "unspecified error", 0x83: "implementation specific error",
+                    0x89: "server busy", 0x93: "receive maximum exceeded",
+                    0x96: "message rate too high", 0x97: "quota exceeded",
+                    0x9F: "connection rate exceeded"}
 #: CONNACK reason codes that mean "fix the credentials": a fault, retried at the cap.
 #: (paho reports MQTT 3.1.1's return codes 4 and 5 as these MQTT 5 codes too.)
 LOGIN_REFUSED: Final = {134: "bad user name or password", 135: "not authorised",
@@ -252,6 +258,8 @@ class _Client(aiomqtt.Client):
         self.max_packet_size: int | None = None
         self.limits = BrokerLimits()
         self.session_present = False
+        #: the reason code of a DISCONNECT the broker sent, if it sent one
+        self.disconnect_code: int | None = None
         self.puback_codes: dict[int, ReasonCode] = {}
         self._client.manual_ack_set(manual_ack)
         self._client._handle_pubackcomp = self._lenient_puback(  # type: ignore[method-assign,assignment]
@@ -293,6 +301,8 @@ class _Client(aiomqtt.Client):
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: paho.DisconnectFlags,
                        reason_code: ReasonCode, properties: Properties | None = None) -> None:
+        if reason_code is not None and reason_code.is_failure:
+            self.disconnect_code = int(reason_code.value)
         # aiomqtt ignores a close before CONNACK and would wait for the CONNACK forever
         if not self._connected.done():
             self._connected.set_exception(
@@ -336,6 +346,14 @@ class Connection:
     def max_packet_size(self) -> int | None:
         """CONNACK's Maximum Packet Size (MQTT 5), ``None`` when the broker set none."""
         return self._link.max_packet_size
+
+    @property
+    def slow_down(self) -> str | None:
+        """What the broker said when it disconnected us to slow down (:data:`SLOW_DOWN`)."""
+        code = self._link.disconnect_code
+        if code is None or code not in SLOW_DOWN:
+            return None
+        return f"DISCONNECT reason code 0x{code:02X} ({SLOW_DOWN[code]})"
 
     @property
     def session_present(self) -> bool:

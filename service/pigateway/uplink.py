@@ -90,7 +90,14 @@ def reconnect_policy(config: UplinkConfig) -> tenacity.AsyncRetrying:
 
 
 class LinkLost(UplinkError):
-    """A connection that had been up for ``uplink.backoff_reset`` seconds went down."""
+    """A connection that had been up for ``uplink.backoff_reset`` seconds went down.
+
+    The backoff starts over; ``wait`` seconds first (a broker that said "slow down").
+    """
+
+    def __init__(self, message: str, *, wait: float = 0.0) -> None:
+        super().__init__(message)
+        self.wait = wait
 
 
 class BrokerBusy(UplinkError):
@@ -234,7 +241,13 @@ class Uplink:
                     with attempt:
                         await self._connect_once()
                 return
-            except LinkLost:
+            except LinkLost as lost:
+                if lost.wait:  # the backoff starts over, after the first wait
+                    self.state.set_retry_at(time.time() + lost.wait)
+                    try:
+                        await self._sleep(lost.wait)
+                    except _Stopped:
+                        return
                 continue  # the link had been up a while: the backoff starts over
             except _Stopped:
                 return
@@ -265,14 +278,24 @@ class Uplink:
         self._online_since = None
         async with connect(self._settings(), bound=self.config.uplink.publish_timeout + 5) \
                 as client:
-            await self._serve(client)
+            try:
+                await self._serve(client)
+            except UplinkError as exc:
+                if client.slow_down is None or isinstance(exc, BrokerBusy):
+                    raise
+                raise BrokerBusy(f"the broker disconnected us to slow down: "
+                                 f"{client.slow_down}") from exc
 
     def _typed(self, error: UplinkError) -> UplinkError:
         """The error to retry on; :class:`LinkLost` when the link had been up a while."""
-        if isinstance(error, BrokerBusy):
-            return error  # the broker asked us to slow down: back off, never start over
         since = self._online_since
-        if since is not None and time.monotonic() - since >= self.config.uplink.backoff_reset:
+        quiet = since is not None and time.monotonic() - since >= self.config.uplink.backoff_reset
+        if isinstance(error, BrokerBusy):
+            # the broker asked us to slow down: the backoff grows while it keeps asking, and
+            # starts over (after one first wait, never at once) only after a quiet while
+            return LinkLost(str(error), wait=self.config.uplink.backoff_initial) if quiet \
+                else error
+        if quiet:
             return LinkLost(f"link lost: {error}")
         return error
 
