@@ -7,15 +7,29 @@ counted at an MQTT-aware proxy between the gateway and the broker, not in the ga
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from harness.broker import Mosquitto
+from harness.service import Service, environment
+from harness.waits import until
 from mqttproxy import RefusingProxy
 from pigateway.store import NewCommand
-from uplink_helpers import drained, make_config, running_uplink, subscribed, wait_until
+from uplink_helpers import (
+    drained,
+    make_config,
+    running_uplink,
+    subscribed,
+    wait_until,
+    write_service_config,
+)
 
 pytestmark = pytest.mark.broker
 
@@ -74,3 +88,26 @@ async def test_no_retain_available_sends_the_state_unretained_with_a_warning(
             limits = run.state.limits
     assert limits is not None and limits["retain_available"] is False
     assert "Retain Available = 0" in caplog.text
+
+
+def status(config: Path) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, "-m", "pigateway", "status", "--json", "--config",
+                           str(config)], check=False, capture_output=True, text=True,
+                          timeout=30, env=environment())
+    result: dict[str, Any] = json.loads(done.stdout) if done.returncode == 0 else {}
+    return result
+
+
+async def test_pigateway_status_shows_the_limits_in_force(folder: Path, unique_prefix: str) -> None:
+    with Mosquitto(folder / "broker", extra=["max_inflight_messages 2"]) as broker:
+        config = write_service_config(folder, broker.port, unique_prefix, max_inflight=4,
+                                      max_messages_per_second=50)
+        with Service(config, folder / "service.log") as service:
+            async def online() -> bool:
+                shown = await asyncio.to_thread(status, config)
+                return shown.get("link") == "online" and bool(shown.get("limits"))
+            assert await until(online, 20, step=0.2), service.tail()
+            limits = (await asyncio.to_thread(status, config))["limits"]
+    assert limits["receive_maximum"] == 2 and limits["max_inflight"] == 2
+    assert limits["max_messages_per_second"] == 50
+    assert limits["retain_available"] is True
