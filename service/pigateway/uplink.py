@@ -481,7 +481,10 @@ class Uplink:
         meanwhile gives all their rows back. Halving ends at single commands: only the
         command the broker refuses alone is dead-lettered (at most 2*log2(n) publishes).
         """
-        parts = split(batch, self.batcher.rules, now=time.time())
+        try:
+            parts = split(batch, self.batcher.rules, now=time.time())
+        except ValueError as exc:  # the link ends and every row goes back: nothing is lost
+            raise UplinkError(str(exc)) from exc
         log.info("uplink: the broker refused batch %s of %d commands for good (%s); sending "
                  "it again in %d parts to find the refused command", batch.id,
                  len(batch.commands), what, len(parts))
