@@ -301,7 +301,8 @@ class _Client(aiomqtt.Client):
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: paho.DisconnectFlags,
                        reason_code: ReasonCode, properties: Properties | None = None) -> None:
-        if reason_code is not None and reason_code.is_failure:
+        # a DISCONNECT the broker sent, not a dropped socket (paho calls that 0x80 too)
+        if flags.is_disconnect_packet_from_server and reason_code.is_failure:
             self.disconnect_code = int(reason_code.value)
         # aiomqtt ignores a close before CONNACK and would wait for the CONNACK forever
         if not self._connected.done():
