@@ -280,10 +280,8 @@ async def cmd_control(args: argparse.Namespace) -> int:
 
 
 async def cmd_inbox_ls(args: argparse.Namespace) -> int:
-    from pigateway import inbox  # noqa: PLC0415 - only inbox ls needs it
-
     async with await _open_reader(args) as reader:
-        rows = [entry.as_dict() for entry in await inbox.listing(reader, args.limit)]
+        rows = [entry.as_dict() for entry in await reader.inbox.listing(args.limit)]
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
     else:
