@@ -3,7 +3,9 @@
 Figures from one run on this machine, ~200-byte params, ``synchronous=FULL``:
 raw sqlite3 single-row commits (the floor fsync sets) and persist-queue's SQLiteAckQueue
 beside pigateway's put (1 producer, 64 producers), put_many, claim+ack, each at backlogs of
-0, 100k and 1M; bytes written per command over its life; open time and RSS at 1M.
+0, 100k and 1M; bytes written per command over its life; open time and RSS at 1M;
+priority lanes (``--priority`` runs only them): claim+ack of ``high`` commands queued
+behind a ``normal`` backlog of 0 and 1M, and of the ``normal`` backlog itself.
 
 Run through ``scripts/bench`` (``--quick`` scales the backlogs down for a smoke run).
 """
@@ -252,6 +254,38 @@ def verdict(ok: bool) -> str:
     return "MET" if ok else "MISSED"
 
 
+async def lane_rate(store: Store, backlog: int, priority: str) -> float:
+    """claim+ack of a working set put with ``priority`` behind ``backlog`` normal commands."""
+    best = 0.0
+    for _ in range(REPEATS):
+        await store.purge(queued=True)
+        await fill(store, backlog)
+        chunk = [NewCommand(f"dev-{i % 50}", "set", PARAMS, priority=priority)
+                 for i in range(10_000)]
+        for _ in range(WORKING_SET // len(chunk)):
+            await store.put_many(chunk)
+        best = max(best, await claim_ack(store))
+    return best
+
+
+async def priorities(quick: bool) -> None:
+    """claim+ack with priority lanes at a backlog of 0 and 1M (quick: 100k)."""
+    top = 100_000 if quick else 1_000_000
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
+        store = await Store.open(bench_config(Path(tmp) / "queue.db"))
+        high0 = await lane_rate(store, 0, "high")
+        high_top = await lane_rate(store, top, "high")
+        normal_top = await lane_rate(store, top, "normal")
+        await store.close()
+    print(f"# priority lanes: claim+ack (500 a claim), best of {REPEATS} {WINDOW}s windows")
+    print(f"  high, backlog 0                 {high0:>10,.0f}/s")
+    print(f"  high behind {top:>9,} normal   {high_top:>10,.0f}/s")
+    print(f"  normal, backlog {top:>9,}       {normal_top:>10,.0f}/s")
+    ratio = high_top / high0
+    print(f"\n{'high behind ' + format(top, ',') + ' vs at 0':<44}{ratio:.2f}x{'':<8}"
+          f">= 0.80x      {verdict(ratio >= 0.8)}")
+
+
 async def main(quick: bool) -> None:
     backlogs = [0, 10_000, 100_000] if quick else [0, 100_000, 1_000_000]
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
@@ -313,4 +347,6 @@ async def main(quick: bool) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small backlogs, for a smoke run")
-    asyncio.run(main(parser.parse_args().quick))
+    parser.add_argument("--priority", action="store_true", help="only the priority lanes")
+    options = parser.parse_args()
+    asyncio.run(priorities(options.quick) if options.priority else main(options.quick))

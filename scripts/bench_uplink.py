@@ -8,7 +8,11 @@ One run on this machine, everything on 127.0.0.1, ~200 bytes of params per comma
   (b) a mosquitto bridge forwarding the same 100,000 messages after an outage (an edge
   broker that queued them, bridged to the receiving broker);
 - online latency from ``put`` to receipt at a subscriber at 100 commands/s, p50 and p99;
-- RSS of ``pigateway run`` while it drains a 1,000,000-command backlog.
+- RSS of ``pigateway run`` while it drains a 1,000,000-command backlog;
+- cloud part (``--cloud`` runs only it): the drain under ``max_messages_per_second = 100``
+  (a cloud's publish quota) as commands/s, and the time to drain 100,000 through the
+  refusing proxy (``tests/mqttproxy.py``) answering 10% of PUBACKs 0x97 (quota exceeded)
+  for the first 10 s, with the dead letters it left (target 0).
 
 Rates are counted at a receiver in its own process (paho, no asyncio) from the first
 arrival to the last, so each side is timed on the same path. Run through ``scripts/bench``;
@@ -38,6 +42,7 @@ from harness import gateway
 from harness.broker import Mosquitto
 from harness.ports import free_port
 from harness.service import Service
+from mqttproxy import RefusingProxy
 from pigateway import config as configuration
 from pigateway.state import GatewayState, Link
 from pigateway.store import NewCommand, Store
@@ -63,7 +68,12 @@ def on_message(client, userdata, msg):
     now = time.time()
     if seen["first"] is None:
         seen["first"] = now
-    if mode in ("batch", "latency"):
+    if mode == "paced":
+        doc = json.loads(msg.payload)
+        got = sum(len(action["commands"]) for action in doc["actions"])
+        seen["count"] += got
+        seen["delays"].append((now, got))
+    elif mode in ("batch", "latency"):
         doc = json.loads(msg.payload)
         for action in doc["actions"]:
             for command in action["commands"]:
@@ -322,11 +332,120 @@ async def rss_draining(folder: Path, count: int) -> tuple[float, float]:
 # --------------------------------------------------------------------------- report
 
 
+# --------------------------------------------------------------------------- cloud
+
+
+async def drain_paced(folder: Path, count: int, per_second: float,
+                      batch_bytes: int = 128 * 1024) -> tuple[float, int, float]:
+    """Commands/s delivered from a backlog under ``max_messages_per_second``.
+
+    Batches of at most ``batch_bytes`` (AWS IoT Core's message limit). Returns (commands/s
+    first to last arrival, messages, messages/s first to last). The bucket lets one
+    second's worth go at once, so messages/s over a short drain is above the limit by at
+    most ``per_second / span``; commands per message times the limit is the steady state.
+    """
+    with broker(folder / "broker") as mosq:
+        cfg = gateway_config(folder, mosq.port, max_messages_per_second=per_second,
+                             max_batch_bytes=batch_bytes)
+        await fill(cfg.store.path, count)
+        receiver = Receiver(mosq.port, f"{PREFIX}/{GATEWAY}/actions", count, "paced", 600)
+        async with await Store.open(cfg.store) as store:
+            uplink = Uplink(cfg, store, GatewayState())
+            task = asyncio.create_task(uplink.run())
+            seen = await asyncio.to_thread(receiver.result, 610)
+            await uplink.stop(5)
+            await asyncio.wait({task}, timeout=5)
+            task.cancel()
+    if seen["count"] < count:
+        raise SystemExit(f"paced drain delivered only {seen['count']} of {count}")
+    messages = seen["delays"]
+    span = messages[-1][0] - messages[0][0]
+    if span <= 0:
+        raise SystemExit("paced drain: every message arrived at once")
+    return seen["count"] / span, len(messages), (len(messages) - 1) / span
+
+
+async def drain_refused(folder: Path, count: int, share: float = 0.1,
+                        seconds: float = 10.0) -> tuple[float, int, int]:
+    """Seconds to drain ``count`` while ``share`` of PUBACKs say 0x97 for ``seconds``.
+
+    Returns (seconds, dead letters, refusals). The refusals are every n-th publish on the
+    actions topic (deterministic), only during the first ``seconds`` of the run.
+    """
+    every = round(1 / share)
+    seen = {"publishes": 0}
+    with broker(folder / "broker") as mosq:
+        cfg = gateway_config(folder, mosq.port)  # for the store path; the proxy port below
+        await fill(cfg.store.path, count)
+        started = time.monotonic()
+
+        def decide(connection: int, where: str, payload: bytes) -> int | None:
+            if not where.endswith("/actions"):
+                return None
+            seen["publishes"] += 1
+            refusing = time.monotonic() - started < seconds
+            return 0x97 if refusing and seen["publishes"] % every == 0 else None
+
+        proxy = await RefusingProxy(mosq.port, decide).start()
+        cfg = gateway_config(folder, proxy.port)
+        try:
+            async with await Store.open(cfg.store) as store:
+                uplink = Uplink(cfg, store, GatewayState())
+                task = asyncio.create_task(uplink.run())
+                for _ in range(int(600 / 0.1)):  # bounded: ten minutes
+                    if not (await store.stats()).depth:
+                        break
+                    await asyncio.sleep(0.1)
+                took = time.monotonic() - started
+                stats = await store.stats()
+                await uplink.stop(5)
+                await asyncio.wait({task}, timeout=5)
+                task.cancel()
+        finally:
+            await proxy.close()
+    if stats.depth:
+        raise SystemExit(f"refused drain left {stats.depth} of {count} queued")
+    return took, stats.dead_total, len(proxy.refused)
+
+
+async def cloud(quick: bool) -> list[tuple[str, str, str, float, bool]]:
+    """The cloud rows: drain under 100 msg/s, drain through 10% 0x97 refusals."""
+    paced_count = 100_000 if quick else 500_000
+    refused_count = 100_000
+    with tempfile.TemporaryDirectory(prefix="pigateway-bench-") as tmp:
+        folder = Path(tmp)
+        paced, messages, per_second = await drain_paced(folder / "paced", paced_count, 100)
+        print(f"  drain at 100 msg/s  {paced:>10,.0f} commands/s first to last arrival "
+              f"({messages} messages of <= 128 KiB, {per_second:.0f} messages/s incl. the "
+              f"burst; steady state {100 * paced_count / messages:,.0f} commands/s)",
+              flush=True)
+        took, dead, refusals = await drain_refused(folder / "refused", refused_count)
+        print(f"  drain {refused_count:,} through 10% 0x97 for 10 s: {took:.1f} s, "
+              f"{refusals} refusals, {dead} dead letters", flush=True)
+    return [
+        (f"drain {paced_count:,} at 100 msg/s", f"{paced:,.0f} commands/s", ">= 1,500/s",
+         paced / 1500, paced >= 1500),
+        (f"drain {refused_count:,}, 10% 0x97 for 10 s", f"{took:.1f} s, {dead} dead",
+         "0 dead", float(dead), dead == 0),
+    ]
+
+
 def verdict(ok: bool) -> str:
     return "MET" if ok else "NOT MET"
 
 
-async def main(quick: bool) -> None:
+def table(rows: list[tuple[str, str, str, float, bool]]) -> None:
+    print(f"\n{'figure':<40}{'measured':<36}{'target':<12}{'ratio':>8}  verdict")
+    for name, measured, target, ratio, ok in rows:
+        print(f"{name:<40}{measured:<36}{target:<12}{ratio:>7.2f}x  {verdict(ok)}")
+
+
+async def main(quick: bool, only_cloud: bool = False) -> None:
+    if only_cloud:
+        print(f"# uplink benchmark, cloud part ({'quick' if quick else 'full'}; loopback "
+              f"mosquitto, ~200-byte params, {DEVICES} devices)")
+        table(await cloud(quick))
+        return
     backlog = 10_000 if quick else 100_000
     big = 50_000 if quick else 1_000_000
     seconds = 3.0 if quick else 10.0
@@ -353,6 +472,7 @@ async def main(quick: bool) -> None:
               f"producer in another process ({len(remote)} commands at 100/s)", flush=True)
         rss, took = await rss_draining(folder / "rss", big)
         print(f"  RSS draining {big:,}: peak {rss:.1f} MB ({took:.0f} s)", flush=True)
+    cloud_rows = await cloud(quick)
     rows = [
         (f"drain {backlog:,} vs raw aiomqtt (w=100)", f"{ours:,.0f}/s vs {raw:,.0f}/s",
          ">= 3x", ours / raw if raw else float("inf"), ours >= 3 * raw),
@@ -364,10 +484,9 @@ async def main(quick: bool) -> None:
         ("  same, producer in another process", f"{r99 * 1000:.0f} ms (p50 {r50 * 1000:.0f})",
          f"<= {(delay + 0.05) * 1000:.0f} ms", r99 / (delay + 0.05), r99 <= delay + 0.05),
         (f"RSS draining {big:,}", f"{rss:.1f} MB", "< 60 MB", rss / 60, rss < 60),
+        *cloud_rows,
     ]
-    print(f"\n{'figure':<40}{'measured':<36}{'target':<12}{'ratio':>8}  verdict")
-    for name, measured, target, ratio, ok in rows:
-        print(f"{name:<40}{measured:<36}{target:<12}{ratio:>7.2f}x  {verdict(ok)}")
+    table(rows)
     if quick:
         print("(quick run: backlogs scaled down; run without --quick for the real figures)")
 
@@ -375,4 +494,7 @@ async def main(quick: bool) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small backlogs, for a smoke run")
-    asyncio.run(main(parser.parse_args().quick))
+    parser.add_argument("--cloud", action="store_true",
+                        help="only the cloud part (pacing, refusals)")
+    options = parser.parse_args()
+    asyncio.run(main(options.quick, options.cloud))

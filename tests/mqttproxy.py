@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ Decide = Callable[[int, str, bytes], int | None]
 
 PUBLISH = 3
 CONNECT = 1
+PUBACK = 4
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,11 @@ def parse_publish(packet: bytes, version: int) -> tuple[str, int | None, bytes]:
     return topic, packet_id, packet[at:]
 
 
+def disconnect(code: int) -> bytes:
+    """An MQTT 5 DISCONNECT from the server with a reason code and no properties."""
+    return struct.pack("!BBBB", 0xE0, 2, code, 0)
+
+
 def puback(packet_id: int, code: int) -> bytes:
     """An MQTT 5 PUBACK with a reason code and no properties (remaining length 3)."""
     return struct.pack("!BBHB", 0x40, 3, packet_id, code)
@@ -86,12 +93,24 @@ def puback(packet_id: int, code: int) -> bytes:
 class RefusingProxy:
     """Forwards 127.0.0.1:``port`` to ``target_port``; refuses what ``decide`` picks."""
 
-    def __init__(self, target_port: int, decide: Decide) -> None:
+    def __init__(self, target_port: int, decide: Decide, *, disconnect: bool = False) -> None:
+        """``disconnect``: answer a refused PUBLISH with a DISCONNECT carrying the code (a
+        cloud broker's 0x96 message rate too high, 0x89 server busy) and close, instead of
+        a PUBACK with it."""
         self.target_port = target_port
         self.decide = decide
+        self.disconnect = disconnect
+        #: monotonic time each connection came in
+        self.connected_at: list[float] = []
         self.port = 0
         self.connections = 0
         self.refused: list[Refused] = []
+        #: QoS 1 publishes forwarded to the broker and not yet acknowledged, per connection
+        self.unacked: dict[int, set[int]] = {}
+        #: the most of them there ever were at once (the client's Receive Maximum at work)
+        self.max_unacked = 0
+        #: (monotonic time, topic) of every PUBLISH forwarded to the broker
+        self.published: list[tuple[float, str]] = []
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
@@ -115,6 +134,7 @@ class RefusingProxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.connected_at.append(time.monotonic())
         number = self.connections
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
@@ -123,7 +143,7 @@ class RefusingProxy:
             return
         self._writers += [writer, up_writer]
         for pump in (self._upstream(number, reader, up_writer, writer),
-                     self._pump(up_reader, writer)):
+                     self._pump(number, up_reader, writer)):
             task = asyncio.create_task(pump)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -146,9 +166,16 @@ class RefusingProxy:
                     code = self.decide(number, topic, payload) if packet_id else None
                     if code is not None and packet_id is not None:
                         self.refused.append(Refused(number, code, topic, payload))
+                        if self.disconnect:
+                            client.write(disconnect(code))
+                            await client.drain()
+                            break
                         client.write(puback(packet_id, code))
                         await client.drain()
                         continue
+                    self.published.append((time.monotonic(), topic))
+                    if packet_id is not None:
+                        self._sent(number, packet_id)
                 broker.write(packet)
                 await broker.drain()
         except OSError:
@@ -157,13 +184,23 @@ class RefusingProxy:
             broker.close()
             client.close()
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _sent(self, number: int, packet_id: int) -> None:
+        waiting = self.unacked.setdefault(number, set())
+        waiting.add(packet_id)
+        self.max_unacked = max(self.max_unacked, len(waiting))
+
+    async def _pump(self, number: int, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
         """Broker to client, whole packets only (so an injected PUBACK lands between them)."""
         try:
             for _ in range(10_000_000):
                 packet = await read_packet(reader)
                 if packet is None:
                     break
+                if packet[0] >> 4 == PUBACK:
+                    _, at = _varint(packet, 1)
+                    (packet_id,) = struct.unpack_from("!H", packet, at)
+                    self.unacked.get(number, set()).discard(packet_id)
                 writer.write(packet)
                 await writer.drain()
         except OSError:

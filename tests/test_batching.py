@@ -20,6 +20,7 @@ from pigateway.batching import (
     encode_command,
     fits_alone,
     plan,
+    split,
     take_batch,
 )
 from pigateway.config import StoreConfig
@@ -373,3 +374,18 @@ async def test_a_store_error_while_burying_keeps_every_row_pending(
         assert batch is not None and batch.ids == ids[1:]
         assert batcher.pending == []
         assert [d.command.id for d in await store.list_dead()] == [ids[0]]
+
+
+def test_split_halves_a_batch_in_order_and_keeps_every_command() -> None:
+    """Even a command past its TTL stays in a part: a claimed row must never be dropped."""
+    rules = Rules("gw", max_actions=50, max_batch_bytes=64 * 1024)
+    claimed = [Row(f"c{n}", f"dev{n % 3}", params={"n": n},
+                   expires_at=1_700_000_001.0 if n == 2 else None) for n in range(7)]
+    whole = take_batch(claimed, rules, now=1_700_000_000.0).batch
+    assert whole is not None and len(whole.commands) == 7
+    later = 1_700_000_100.0  # c2 has expired by now
+    parts = split(whole, rules, now=later)
+    assert [p.ids for p in parts] == [["c0", "c1", "c2"], ["c3", "c4", "c5", "c6"]]
+    assert [p.ids for p in split(parts[0], rules, now=later)] == [["c0"], ["c1", "c2"]]
+    single = split(split(parts[0], rules, now=later)[0], rules, now=later)
+    assert [p.ids for p in single] == [["c0"]]

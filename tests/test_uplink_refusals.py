@@ -9,6 +9,7 @@ exactly the refused batch, with its code and name; 0x10 means delivered.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -50,8 +51,9 @@ def commands(count: int, devices: int = 4) -> list[NewCommand]:
 
 
 @asynccontextmanager
-async def refusing(port: int, decide: Decide) -> AsyncIterator[RefusingProxy]:
-    proxy = await RefusingProxy(port, decide).start()
+async def refusing(port: int, decide: Decide, *,
+                   disconnect: bool = False) -> AsyncIterator[RefusingProxy]:
+    proxy = await RefusingProxy(port, decide, disconnect=disconnect).start()
     try:
         yield proxy
     finally:
@@ -102,6 +104,42 @@ async def test_a_transient_refusal_loses_nothing_and_keeps_order(
     assert any(name in (error or "") for error in state.history.get("last_error", []))
 
 
+@pytest.mark.parametrize("code", [0x96, 0x89])
+async def test_a_disconnect_to_slow_down_loses_nothing_and_the_backoff_grows(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str, code: int) -> None:
+    """DISCONNECT 0x96 (message rate too high) / 0x89 (server busy) on five links in a row:
+    nothing lost or dead, each device in order, the waits between links grow while the
+    refusals continue, and last_error names the code."""
+    seen: dict[int, int] = {}
+    refusing_links = 5
+
+    def decide(connection: int, where: str, payload: bytes) -> int | None:
+        seen[connection] = seen.get(connection, 0) + 1
+        return code if connection <= refusing_links and seen[connection] > 1 else None
+
+    total = 40
+    async with refusing(mosquitto.port, on_actions(decide), disconnect=True) as proxy, \
+            subscribed(mosquitto.port, unique_prefix) as sub:
+        cfg = make_config(tmp_path, proxy.port, unique_prefix, max_batch_bytes=1024,
+                          max_inflight=1, backoff_initial=0.1, backoff_max=3.2,
+                          backoff_reset=5.0)
+        state = RecordingState()
+        async with running_uplink(cfg, state=state) as run:
+            sent = [(c.device, c.id) for c in await run.store.put_many(commands(total))]
+            assert await sub.wait_for(total, 30)
+            assert await drained(run.store, 10)
+            stats = await run.store.stats()
+    assert len(proxy.refused) == refusing_links
+    assert stats.dead_total == 0
+    assert per_device_order_holds(sent, [c.id for c in sub.first_deliveries()])
+    starts = proxy.connected_at[:refusing_links + 1]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
+    assert all(later > earlier for earlier, later in itertools.pairwise(gaps)), gaps
+    assert gaps[-1] > 4 * gaps[0]
+    name = "message rate too high" if code == 0x96 else "server busy"
+    assert any(name in (error or "") for error in state.history.get("last_error", []))
+
+
 async def test_a_transient_refusal_counts_attempts_up_to_max_attempts(
         tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
     """Refused for now, for ever: the attempts are counted, and max_attempts bounds them."""
@@ -121,8 +159,10 @@ async def test_a_transient_refusal_counts_attempts_up_to_max_attempts(
 
 
 @pytest.mark.parametrize("code", PERMANENT)
-async def test_a_permanent_refusal_buries_exactly_the_refused_batch(
+async def test_a_permanent_refusal_buries_exactly_the_refused_command(
         tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str, code: int) -> None:
+    """The whole batch is refused for one bad command: it is split down to that command,
+    which alone is dead-lettered with the code; every other command is delivered."""
     def decide(connection: int, where: str, payload: bytes) -> int | None:
         return code if b'"device":"vault"' in payload else None
 
@@ -135,14 +175,41 @@ async def test_a_permanent_refusal_buries_exactly_the_refused_batch(
             assert await drained(run.store, 20)
             dead = await run.store.list_dead(100)
             assert run.state.link == Link.ONLINE
-    assert len(proxy.refused) == 1 and proxy.connections == 1  # the link stayed up
-    refused = set(batch_ids(proxy.refused[0].payload))
-    assert {d.command.id for d in dead} == refused
+    vault = next(c.id for c in put if c.device == "vault")
+    assert proxy.connections == 1  # the link stayed up
+    assert len(batch_ids(proxy.refused[0].payload)) > 1  # a batch of several was refused
+    assert batch_ids(proxy.refused[-1].payload) == [vault]  # ... and split down to the one
+    assert len(proxy.refused) <= 2 * len(batch_ids(proxy.refused[0].payload)).bit_length()
+    assert [d.command.id for d in dead] == [vault]
     assert {d.reason for d in dead} == {"rejected-by-broker"}
     name = PUBACK_REFUSALS[code][0]
-    assert all(f"0x{code:02X}" in (d.detail or "") and name in (d.detail or "") for d in dead)
-    others = {c.id for c in put} - refused
+    assert f"0x{code:02X}" in (dead[0].detail or "") and name in (dead[0].detail or "")
+    others = {c.id for c in put} - {vault}
     assert await wait_until(lambda: others <= sub.ids(), 10)
+
+
+async def test_later_commands_of_a_device_refused_for_good_are_delivered_in_order(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    """The documented choice: a command refused for good is dead-lettered alone; the
+    device's commands before and after it are delivered, in the order they were put."""
+    def decide(connection: int, where: str, payload: bytes) -> int | None:
+        return 0x99 if b'"poison"' in payload else None
+
+    batch = [NewCommand("lamp", "set", {"n": n, "pad": "p" * 40}) for n in range(10)]
+    batch[4] = NewCommand("lamp", "set", {"n": 4, "poison": True})
+    async with refusing(mosquitto.port, on_actions(decide)) as proxy, \
+            subscribed(mosquitto.port, unique_prefix) as sub:
+        cfg = make_config(tmp_path, proxy.port, unique_prefix, max_batch_bytes=4096,
+                          max_inflight=1, batch_delay=0.5)
+        async with running_uplink(cfg) as run:
+            put = await run.store.put_many(batch)
+            assert await drained(run.store, 20)
+            dead = await run.store.list_dead(100)
+    assert [d.command.id for d in dead] == [put[4].id]
+    assert len(batch_ids(proxy.refused[0].payload)) == 10  # they had travelled together
+    wanted = [c.id for c in put if c.id != put[4].id]
+    assert await wait_until(lambda: set(wanted) <= sub.ids(), 10)
+    assert [i for i in (c.id for c in sub.first_deliveries()) if i in wanted] == wanted
 
 
 async def test_no_matching_subscribers_is_delivered(

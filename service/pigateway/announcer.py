@@ -19,6 +19,7 @@ from pigateway.config import Config
 from pigateway.errors import UplinkError
 from pigateway.metrics import COUNTERS
 from pigateway.mqtt import Connection, describe
+from pigateway.pacing import Pacer
 from pigateway.state import GatewayState
 
 #: the uplink's own lines in the journal
@@ -28,9 +29,10 @@ log = logging.getLogger("pigateway.uplink")
 class Announcer:
     """Publishes the state of ``state`` for the gateway of ``config``."""
 
-    def __init__(self, config: Config, state: GatewayState) -> None:
+    def __init__(self, config: Config, state: GatewayState, pacer: Pacer | None = None) -> None:
         self.config = config
         self.state = state
+        self.pacer = pacer or Pacer(0, 0)
         self.topic = wire.topic(config, "state")
 
     def document(self) -> dict[str, Any]:
@@ -52,6 +54,7 @@ class Announcer:
             await self._publish(client, wire.OFFLINE)
 
     async def _publish(self, client: Connection, payload: bytes) -> None:
+        await self.pacer.publish_slot(len(payload))  # the state counts against the quota too
         code = await client.deliver(self.topic, payload, retain=True,
                                     timeout=self.config.uplink.publish_timeout)
         if code is not None:

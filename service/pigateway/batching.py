@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -255,6 +256,34 @@ def plan(commands: Sequence[C], rules: Rules, *, now: float) -> Plan[C]:
             result.batches.append(take.batch)
         pending = take.rest
     return result
+
+
+def split(batch: Batch[C], rules: Rules, *, now: float) -> list[Batch[C]]:
+    """A refused batch of several commands as batches of its two halves, in order.
+
+    A broker that refuses a whole batch for good (too large, invalid) may object to one
+    command only: halving again and again finds that one while the others are delivered.
+    Each half is a subset of a batch that fitted, so it fits in one batch of its own; none
+    is judged expired here (every claimed row must stay in some batch, or it would stay
+    claimed with nobody to give it back). Raises ``ValueError`` if a row found no batch.
+    """
+    if len(batch.commands) < 2:
+        return [batch]
+    middle = len(batch.commands) // 2
+    parts: list[Batch[C]] = []
+    for half in (batch.commands[:middle], batch.commands[middle:]):
+        pending: list[C] = list(half)
+        for _ in range(len(half)):  # at most one batch per command
+            take = take_batch(pending, rules, now=now, expires_now=-math.inf)
+            if take.batch is None:
+                break
+            parts.append(take.batch)
+            pending = take.rest
+            if not pending:
+                break
+    if sorted(i for part in parts for i in part.ids) != sorted(batch.ids):
+        raise ValueError(f"batch {batch.id} could not be split without losing a command")
+    return parts
 
 
 # --------------------------------------------------------------------------- the driver

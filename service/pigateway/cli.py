@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     send.add_argument("--params-json", metavar="JSON")
     send.add_argument("--ttl", type=float, metavar="SECONDS")
+    send.add_argument("--priority", choices=("high", "normal", "low"), default="normal",
+                      help="claimed before lower priorities; a device's order holds within "
+                           "one priority only (docs/uplink.md)")
     send.set_defaults(handler=cmd_send)
 
     _add_queue_verbs(verbs, common)
@@ -180,7 +183,8 @@ async def cmd_send(args: argparse.Namespace) -> int:
     config = _load(args)
     params = parse_params(args.param, args.params_json)
     async with await Store.open(config.store, drainer=False) as store:
-        command = await store.put(args.device, args.name, params, ttl=args.ttl)
+        command = await store.put(args.device, args.name, params, ttl=args.ttl,
+                                  priority=args.priority)
     print(command.id)
     return EXIT_OK
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, ClassVar, Literal
 
+from pigateway import profiles
 from pigateway.errors import ConfigError
 from pigateway.inputs import shown, text_problem
 
@@ -122,6 +123,9 @@ class MqttConfig(_Section, section="mqtt"):
                      doc="broker host name or address")
     port: int = _opt(1883, min=1, max=65535, doc="broker port (8883 is usual with TLS)")
     protocol: Literal["5", "3.1.1"] = _opt("5", doc="MQTT protocol version")
+    profile: Literal["generic", "aws-iot", "azure-iot-hub", "hivemq-cloud"] = _opt(
+        "generic", doc=("the cloud broker: its defaults, topics and limits (docs/config.md, "
+                        "Cloud profiles); generic: any broker"))
     topic_prefix: str = _opt("pigateway", pattern=TOPIC_PATTERN,
                              doc="topics are {topic_prefix}/{gateway_id}/...")
     keepalive: int = _opt(15, min=5, max=3600, doc="seconds between pings")
@@ -148,6 +152,11 @@ class UplinkConfig(_Section, section="uplink"):
     publish_timeout: float = _opt(10.0, min=0.1, max=20, doc=(
         "seconds to wait for a PUBACK (at most 20, so a stop fits TimeoutStopSec=30s)"))
     state_interval: float = _opt(30.0, min=1, doc="seconds between retained state refreshes")
+    max_messages_per_second: float = _opt(0.0, min=0, doc=(
+        "publishes per second at most, a burst of one second's worth (0: no limit; a cloud "
+        "broker's publish quota, e.g. 100 for AWS IoT Core)"))
+    max_bytes_per_second: int = _opt(0, min=0, doc=(
+        "payload bytes per second at most, a burst of one second's worth (0: no limit)"))
 
 
 @dataclass(frozen=True)
@@ -310,7 +319,7 @@ def parse(text: str, *, origin: str = "<string>") -> Config:
 
 def from_dict(data: dict[str, Any]) -> Config:
     """Validate an already parsed mapping into a :class:`Config`."""
-    data = dict(data)
+    data = profiles.with_defaults(dict(data))
     devices = _devices(data.pop("devices", {}))
     config = _build(Config, data, prefix="", skip=frozenset({"devices", "source"}))
     config = dataclasses.replace(config, devices=devices)
@@ -336,6 +345,7 @@ def _check_cross_fields(config: Config) -> None:
     pins = [p for p in _gpio_pins(config.gpio) if p is not None]
     if config.gpio.enabled and len(pins) != len(set(pins)):
         raise ConfigError("gpio", f"a pin is used twice: {sorted(pins)}")
+    profiles.check(config)
 
 
 def _gpio_pins(gpio: GpioConfig) -> list[int | None]:

@@ -71,6 +71,11 @@ class LinkFault(UplinkError):
     """A connection failure an operator must fix (credentials, TLS); named in ``state.fault``."""
 
 
+class RetainNotSupported(UplinkError):
+    """The broker refused CONNECT for its retained last will (CONNACK 0x9A): connect again
+    with an unretained will."""
+
+
 class ControlError(PigatewayError):
     """A control-socket request failed or the service is not running."""
 

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Final
 
+from pigateway import wire
 from pigateway.backoff import wait_backoff
 from pigateway.errors import PigatewayError, StoreCorrupt, StoreError, UplinkError
 from pigateway.mqtt import Connection, Message
@@ -55,7 +56,7 @@ class Intake:
             async for message in client.messages():
                 if self.on_command is None:
                     continue
-                if message.topic == self.commands:
+                if wire.matches(self.commands, message.topic):
                     take = group.create_task(self._take(self.on_command, message.payload))
                 else:
                     take = group.create_task(self._ignore(client, message.topic, strays))

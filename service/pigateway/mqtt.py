@@ -35,7 +35,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from pigateway.aio import first_of
-from pigateway.errors import LinkFault, LoginRefused, UplinkError
+from pigateway.errors import LinkFault, LoginRefused, RetainNotSupported, UplinkError
 
 
 class PrivateMember(NamedTuple):
@@ -101,10 +101,18 @@ PUBACK_REFUSALS: Final[dict[int, tuple[str, Literal["retry", "dead-letter"]]]] =
     0x97: ("quota exceeded", "retry"),
     0x99: ("payload format invalid", "dead-letter"),
 }
+#: DISCONNECT reason codes from the server that mean "slow down": the link is retried with
+#: a backoff that keeps growing while they continue (never started over at once).
+SLOW_DOWN: Final = {0x80: "unspecified error", 0x83: "implementation specific error",
+                    0x89: "server busy", 0x93: "receive maximum exceeded",
+                    0x96: "message rate too high", 0x97: "quota exceeded",
+                    0x9F: "connection rate exceeded"}
 #: CONNACK reason codes that mean "fix the credentials": a fault, retried at the cap.
 #: (paho reports MQTT 3.1.1's return codes 4 and 5 as these MQTT 5 codes too.)
 LOGIN_REFUSED: Final = {134: "bad user name or password", 135: "not authorised",
                         138: "banned", 140: "bad authentication method"}
+#: CONNACK 0x9A: the broker does not take a retained message (our last will is one).
+RETAIN_NOT_SUPPORTED: Final = 0x9A
 #: Words in a connection error that mean an operator must act (TLS set-up), not wait.
 TLS_FAULTS: Final = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed",
                      "hostname mismatch", "doesn't match", "TLSV1_ALERT", "SSLV3_ALERT",
@@ -140,6 +148,9 @@ def classify(exc: aiomqtt.MqttError) -> UplinkError:
     if isinstance(exc, MqttConnectError) and value in LOGIN_REFUSED:
         return LoginRefused(f"login refused by the broker: {LOGIN_REFUSED[value]} "
                             "(check mqtt.username and the password)")
+    if isinstance(exc, MqttConnectError) and value == RETAIN_NOT_SUPPORTED:
+        return RetainNotSupported("the broker does not take retained messages (CONNACK 0x9A "
+                                  "retain not supported)")
     text = str(exc)
     if any(word in text for word in TLS_FAULTS):
         return LinkFault(f"TLS failed: {text}")
@@ -165,6 +176,7 @@ def _translated(what: str = "") -> Iterator[None]:
 class Will:
     topic: str
     payload: bytes
+    retain: bool = True
 
 
 @dataclass(frozen=True)
@@ -201,6 +213,40 @@ class Message:
     qos: int
 
 
+# --------------------------------------------------------------------------- CONNACK
+
+
+#: CONNACK properties (MQTT 5) that limit what we may send, with their default when the
+#: broker leaves one out: (paho's property name, BrokerLimits field, default).
+CONNACK_LIMITS: Final = (
+    ("ReceiveMaximum", "receive_maximum", 65535),
+    ("MaximumQoS", "maximum_qos", 2),
+    ("RetainAvailable", "retain_available", 1),
+    ("TopicAliasMaximum", "topic_alias_maximum", 0),
+)
+
+
+@dataclass(frozen=True)
+class BrokerLimits:
+    """What the broker said in CONNACK about what it takes (MQTT 5; 3.1.1 says nothing,
+    so the defaults are the protocol's own: no limit, QoS 2, retain available)."""
+
+    receive_maximum: int = 65535
+    maximum_qos: int = 2
+    retain_available: int = 1
+    topic_alias_maximum: int = 0
+
+    @classmethod
+    def from_connack(cls, properties: Properties | None) -> BrokerLimits:
+        values = {field: int(getattr(properties, name, default)) if properties is not None
+                  else default for name, field, default in CONNACK_LIMITS}
+        return cls(**values)
+
+    @property
+    def retain(self) -> bool:
+        return bool(self.retain_available)
+
+
 # --------------------------------------------------------------------------- the client
 
 
@@ -210,7 +256,10 @@ class _Client(aiomqtt.Client):
     def __init__(self, *args: Any, manual_ack: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_packet_size: int | None = None
+        self.limits = BrokerLimits()
         self.session_present = False
+        #: the reason code of a DISCONNECT the broker sent, if it sent one
+        self.disconnect_code: int | None = None
         self.puback_codes: dict[int, ReasonCode] = {}
         self._client.manual_ack_set(manual_ack)
         self._client._handle_pubackcomp = self._lenient_puback(  # type: ignore[method-assign,assignment]
@@ -246,11 +295,15 @@ class _Client(aiomqtt.Client):
                     reason_code: ReasonCode, properties: Properties | None = None) -> None:
         if properties is not None and hasattr(properties, "MaximumPacketSize"):
             self.max_packet_size = int(properties.MaximumPacketSize)
+        self.limits = BrokerLimits.from_connack(properties)
         self.session_present = bool(flags.session_present)
         super()._on_connect(client, userdata, flags, reason_code, properties)
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: paho.DisconnectFlags,
                        reason_code: ReasonCode, properties: Properties | None = None) -> None:
+        # a DISCONNECT the broker sent, not a dropped socket (paho calls that 0x80 too)
+        if flags.is_disconnect_packet_from_server and reason_code.is_failure:
+            self.disconnect_code = int(reason_code.value)
         # aiomqtt ignores a close before CONNACK and would wait for the CONNACK forever
         if not self._connected.done():
             self._connected.set_exception(
@@ -282,11 +335,26 @@ class Connection:
 
     def __init__(self, client: _Client) -> None:
         self._link = client
+        #: never more unacknowledged QoS 1 publishes than the broker's Receive Maximum
+        self.quota = asyncio.Semaphore(client.limits.receive_maximum)
+
+    @property
+    def limits(self) -> BrokerLimits:
+        """What the broker said in CONNACK (Receive Maximum, Maximum QoS, Retain Available)."""
+        return self._link.limits
 
     @property
     def max_packet_size(self) -> int | None:
         """CONNACK's Maximum Packet Size (MQTT 5), ``None`` when the broker set none."""
         return self._link.max_packet_size
+
+    @property
+    def slow_down(self) -> str | None:
+        """What the broker said when it disconnected us to slow down (:data:`SLOW_DOWN`)."""
+        code = self._link.disconnect_code
+        if code is None or code not in SLOW_DOWN:
+            return None
+        return f"DISCONNECT reason code 0x{code:02X} ({SLOW_DOWN[code]})"
 
     @property
     def session_present(self) -> bool:
@@ -297,9 +365,30 @@ class Connection:
         """Publish; return after the PUBACK with its failure reason code, ``None`` for success.
 
         Raises :class:`UplinkError` when the link drops or no PUBACK came in time
-        (aiomqtt's own publish would only notice the drop at its timeout).
+        (aiomqtt's own publish would only notice the drop at its timeout). What CONNACK
+        said holds for every caller: at most Receive Maximum QoS 1 publishes unacknowledged
+        (a publish waits for a free one, at most ``timeout``), no QoS above Maximum QoS, no
+        retain flag unless Retain Available.
         """
+        if qos == 0:
+            return await self.publish_now(topic, payload, 0, retain, timeout)
+        try:
+            async with asyncio.timeout(timeout):  # a quota comes back within one PUBACK wait
+                await self.quota.acquire()
+        except TimeoutError:
+            raise UplinkError(f"no free slot under the broker's Receive Maximum "
+                              f"({self.limits.receive_maximum}) within {timeout}s") from None
+        try:
+            return await self.publish_now(topic, payload, qos, retain, timeout)
+        finally:
+            self.quota.release()
+
+    async def publish_now(self, topic: str, payload: bytes, qos: int, retain: bool,
+                          timeout: float) -> int | None:
+        """:meth:`deliver` without the wait for a Receive Maximum slot (the caller has one)."""
         client = self._link
+        qos = min(qos, client.limits.maximum_qos)
+        retain = retain and client.limits.retain
         info = client._client.publish(topic, payload, qos, retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise classify(aiomqtt.MqttCodeError(info.rc, "could not publish"))
@@ -362,7 +451,7 @@ def _new_client(settings: Settings) -> _Client:
         username=settings.username, password=settings.password,
         protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
         will=None if will is None else aiomqtt.Will(will.topic, will.payload, qos=1,
-                                                    retain=True),
+                                                    retain=will.retain),
         clean_session=None if v5 else not settings.persistent,
         clean_start=(not settings.persistent) if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
         properties=properties, keepalive=settings.keepalive, timeout=settings.timeout,

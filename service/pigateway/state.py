@@ -50,6 +50,8 @@ class GatewayState:
     dead_letters: int = 0
     last_error: str | None = None
     fault: str | None = None
+    #: what the broker and the config allow on the current link (see Uplink.limits_in_force)
+    limits: dict[str, Any] | None = None
     retry_at: float | None = None
     link_since: float = field(default_factory=time.time)
     started_at: float = field(default_factory=time.time)
@@ -86,6 +88,10 @@ class GatewayState:
     def set_queue(self, depth: int, oldest_age: float | None, dead_letters: int) -> bool:
         """The store's figures: queued rows, the oldest one's age, dead letters."""
         return self.update(depth=depth, oldest_age=oldest_age, dead_letters=dead_letters)
+
+    def set_limits(self, limits: dict[str, Any] | None) -> bool:
+        """The limits in force on the link (CONNACK's and the pacing), for every view."""
+        return self.update(limits=limits)
 
     def note_error(self, text: str | None) -> bool:
         """The last error worth showing (``last_error``); not a fault."""

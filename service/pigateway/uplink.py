@@ -48,12 +48,13 @@ from pigateway import wire
 from pigateway.aio import first_error, first_of
 from pigateway.announcer import Announcer
 from pigateway.backoff import wait_backoff
-from pigateway.batching import Batch, Batcher, Rules
+from pigateway.batching import Batch, Batcher, Rules, split
 from pigateway.config import Config, UplinkConfig
 from pigateway.credentials import broker_password, tls_context
 from pigateway.errors import (
     LinkFault,
     LoginRefused,
+    RetainNotSupported,
     UplinkError,
 )
 from pigateway.intake import Intake, OnCommand
@@ -66,6 +67,7 @@ from pigateway.mqtt import (
     publish_room,
     refusal,
 )
+from pigateway.pacing import Pacer
 from pigateway.state import FaultSource, GatewayState, Link
 from pigateway.store import Command, Store
 from pigateway.store_calls import StoreCalls
@@ -88,7 +90,14 @@ def reconnect_policy(config: UplinkConfig) -> tenacity.AsyncRetrying:
 
 
 class LinkLost(UplinkError):
-    """A connection that had been up for ``uplink.backoff_reset`` seconds went down."""
+    """A connection that had been up for ``uplink.backoff_reset`` seconds went down.
+
+    The backoff starts over; ``wait`` seconds first (a broker that said "slow down").
+    """
+
+    def __init__(self, message: str, *, wait: float = 0.0) -> None:
+        super().__init__(message)
+        self.wait = wait
 
 
 class BrokerBusy(UplinkError):
@@ -171,8 +180,11 @@ class Uplink:
         self._settled.set()
         self.packet_limit = PacketLimit(config, self.batcher)
         self.store_calls = StoreCalls(state, up)
-        self.announcer = Announcer(config, state)
+        self.pacer = Pacer(up.max_messages_per_second, up.max_bytes_per_second)
+        self.announcer = Announcer(config, state, self.pacer)
         self.intake = Intake(wire.topic(config, "commands"), on_command)
+        #: False once a broker said Retain Available = 0 (a retained will would be refused)
+        self._will_retained = True
 
     @property
     def store_fault_after(self) -> float:
@@ -229,7 +241,13 @@ class Uplink:
                     with attempt:
                         await self._connect_once()
                 return
-            except LinkLost:
+            except LinkLost as lost:
+                if lost.wait:  # the backoff starts over, after the first wait
+                    self.state.set_retry_at(time.time() + lost.wait)
+                    try:
+                        await self._sleep(lost.wait)
+                    except _Stopped:
+                        return
                 continue  # the link had been up a while: the backoff starts over
             except _Stopped:
                 return
@@ -243,6 +261,8 @@ class Uplink:
         try:
             await self._connect_and_serve()
         except UplinkError as exc:
+            if isinstance(exc, RetainNotSupported):
+                self._will_retained = False  # the next CONNECT carries an unretained will
             error = self._typed(exc)
             raise error from exc
         finally:
@@ -258,14 +278,24 @@ class Uplink:
         self._online_since = None
         async with connect(self._settings(), bound=self.config.uplink.publish_timeout + 5) \
                 as client:
-            await self._serve(client)
+            try:
+                await self._serve(client)
+            except UplinkError as exc:
+                if client.slow_down is None or isinstance(exc, BrokerBusy):
+                    raise
+                raise BrokerBusy(f"the broker disconnected us to slow down: "
+                                 f"{client.slow_down}") from exc
 
     def _typed(self, error: UplinkError) -> UplinkError:
         """The error to retry on; :class:`LinkLost` when the link had been up a while."""
-        if isinstance(error, BrokerBusy):
-            return error  # the broker asked us to slow down: back off, never start over
         since = self._online_since
-        if since is not None and time.monotonic() - since >= self.config.uplink.backoff_reset:
+        quiet = since is not None and time.monotonic() - since >= self.config.uplink.backoff_reset
+        if isinstance(error, BrokerBusy):
+            # the broker asked us to slow down: the backoff grows while it keeps asking, and
+            # starts over (after one first wait, never at once) only after a quiet while
+            return LinkLost(str(error), wait=self.config.uplink.backoff_initial) if quiet \
+                else error
+        if quiet:
             return LinkLost(f"link lost: {error}")
         return error
 
@@ -303,15 +333,49 @@ class Uplink:
             mqtt.host, mqtt.port, client_id=self.config.gateway_id, username=mqtt.username,
             password=broker_password(mqtt) if mqtt.username else None,
             protocol="5" if mqtt.protocol == "5" else "3.1.1",
-            will=Will(wire.topic(self.config, "state"), wire.OFFLINE),
+            will=Will(wire.topic(self.config, "state"), wire.OFFLINE,
+                      retain=self._will_retained),
             persistent=self.on_command is not None, session_expiry=mqtt.session_expiry,
             keepalive=mqtt.keepalive, timeout=self.config.uplink.publish_timeout,
             tls=tls_context(mqtt.tls), max_inflight=self.config.uplink.max_inflight + 8)
 
     # ---- one connection
 
-    async def _serve(self, client: Connection) -> None:
+    def limits_in_force(self, client: Connection) -> dict[str, Any]:
+        """What this link may send: the broker's CONNACK limits met with ``[uplink]``.
+
+        Shown in the state document and ``pigateway status`` (``limits``), so that a slow
+        drain can be told from a broker that allows two messages in flight.
+        """
+        broker = client.limits
+        return {"max_inflight": min(self.config.uplink.max_inflight, broker.receive_maximum),
+                "receive_maximum": broker.receive_maximum, "maximum_qos": broker.maximum_qos,
+                "retain_available": broker.retain, "max_packet_size": client.max_packet_size,
+                "max_batch_bytes": self.batcher.rules.max_batch_bytes,
+                "max_messages_per_second": self.config.uplink.max_messages_per_second or None,
+                "max_bytes_per_second": self.config.uplink.max_bytes_per_second or None}
+
+    def _adopt(self, client: Connection) -> dict[str, Any]:
+        """Take the broker's CONNACK limits for this link; warn where they cost something."""
         self.packet_limit.adopt(client)
+        limits = self.limits_in_force(client)
+        if limits["max_inflight"] < self.config.uplink.max_inflight:
+            log.info("uplink: the broker's Receive Maximum is %d: at most %d batches in flight "
+                     "(uplink.max_inflight = %d)", client.limits.receive_maximum,
+                     limits["max_inflight"], self.config.uplink.max_inflight)
+        if not client.limits.retain:
+            log.warning("uplink: the broker does not take retained messages (Retain "
+                        "Available = 0): the state document goes unretained, so a receiver "
+                        "that subscribes later sees it only at the next state_interval")
+            self._will_retained = False
+        if client.limits.maximum_qos < 1:
+            log.warning("uplink: the broker allows QoS 0 only: commands go at most once, a "
+                        "lost message is not sent again")
+        self.state.set_limits(limits)
+        return limits
+
+    async def _serve(self, client: Connection) -> None:
+        limits = self._adopt(client)
         log.info("uplink: online at %s:%d (session present: %s)", self.config.mqtt.host,
                  self.config.mqtt.port, client.session_present)
         self._online_since = time.monotonic()
@@ -322,8 +386,7 @@ class Uplink:
         client.when_lost(lambda: self.state.set_link(Link.OFFLINE))
         try:
             async with asyncio.TaskGroup() as tasks:
-                session = _Session(client, asyncio.Semaphore(self.config.uplink.max_inflight),
-                                   tasks)
+                session = _Session(client, asyncio.Semaphore(limits["max_inflight"]), tasks)
                 if self.on_command is not None:
                     await client.subscribe(wire.topic(self.config, "commands"), qos=1)
                 await self.announcer.announce(client)
@@ -361,13 +424,7 @@ class Uplink:
     async def _ship(self, session: _Session, batch: Batch[Command]) -> None:
         """Publish one batch; delete its rows after the PUBACK (or bury them if refused)."""
         try:
-            code = await session.client.deliver(
-                wire.topic(self.config, batch.kind), batch.payload,
-                timeout=self.config.uplink.publish_timeout)
-            if code is None:
-                await self._record_delivery(batch)
-            else:
-                await self._refused(batch, code)
+            await self._send(session.client, batch)
         except UplinkError as exc:
             raise UplinkError(f"publish of batch {batch.id} failed: {exc}") from exc
         finally:
@@ -375,6 +432,16 @@ class Uplink:
             self._show_progress()
             if not self.outstanding and not self.delivered:
                 self._settled.set()
+
+    async def _send(self, client: Connection, batch: Batch[Command]) -> None:
+        """One publish of an outstanding batch (paced) and what its PUBACK says to do."""
+        await self.pacer.publish_slot(len(batch.payload))
+        code = await client.deliver(wire.topic(self.config, batch.kind), batch.payload,
+                                    timeout=self.config.uplink.publish_timeout)
+        if code is None:
+            await self._record_delivery(batch)
+        else:
+            await self._refused(client, batch, code)
 
     async def _record_delivery(self, batch: Batch[Command]) -> None:
         """Delete the rows of an acknowledged batch, however long the store takes.
@@ -389,17 +456,42 @@ class Uplink:
         COUNTERS.batch_acked(len(batch.ids), len(batch.payload))
         self._log_delivered(batch)
 
-    async def _refused(self, batch: Batch[Command], code: int) -> None:
-        """A PUBACK failure code: bury the batch, or end the link to send it again later."""
+    async def _refused(self, client: Connection, batch: Batch[Command], code: int) -> None:
+        """A PUBACK failure code: end the link to send it again later, split the batch to
+        find the one command refused for good, or bury that one command."""
         name, verdict = refusal(code)
         COUNTERS.batch_refused(code)
         what = f"PUBACK reason code {code} (0x{code:02X}: {name})"
         if verdict == "retry":
             raise BrokerBusy(f"the broker refused batch {batch.id} for now: {what}; its "
                              "commands go back to the head of the queue")
+        if len(batch.commands) > 1:
+            await self._split(client, batch, what)
+            return
+        log.warning("uplink: the broker refused command %s of %s for good: %s", batch.ids[0],
+                    batch.commands[0].device, what)
         await self.store_calls.call("dead-letter a refused batch",
                                     lambda: self.store.dead_letter(batch.ids, REJECTED, what))
         del self.outstanding[batch.id]
+
+    async def _split(self, client: Connection, batch: Batch[Command], what: str) -> None:
+        """Send a batch refused for good again as halves, one after the other, in order.
+
+        The halves replace the batch in :attr:`outstanding` at once, so a link that ends
+        meanwhile gives all their rows back. Halving ends at single commands: only the
+        command the broker refuses alone is dead-lettered (at most 2*log2(n) publishes).
+        """
+        try:
+            parts = split(batch, self.batcher.rules, now=time.time())
+        except ValueError as exc:  # the link ends and every row goes back: nothing is lost
+            raise UplinkError(str(exc)) from exc
+        log.info("uplink: the broker refused batch %s of %d commands for good (%s); sending "
+                 "it again in %d parts to find the refused command", batch.id,
+                 len(batch.commands), what, len(parts))
+        del self.outstanding[batch.id]
+        self.outstanding.update({part.id: part for part in parts})
+        for part in parts:
+            await self._send(client, part)
 
     def _log_delivered(self, batch: Batch[Command]) -> None:
         """One line per acknowledged batch, carrying every command id for the journal.

@@ -19,12 +19,15 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, Final
 
+from pigateway import profiles
+
 if TYPE_CHECKING:
     from pigateway.config import Config
 
 #: The version of every document of the contract.
 VERSION: Final = 1
-#: The topics, by leaf.
+#: The topic template of each message kind (``{prefix}``: ``mqtt.topic_prefix``,
+#: ``{gateway}``: ``gateway_id``); a cloud profile replaces some (:mod:`pigateway.profiles`).
 TOPICS: Final = {
     "actions": "{prefix}/{gateway}/actions",
     "results": "{prefix}/{gateway}/results",
@@ -35,7 +38,7 @@ TOPICS: Final = {
 OFFLINE: Final = b'"offline"'
 #: The state fields the retained state document carries (from :class:`GatewayState`).
 STATE_FIELDS: Final = ("link", "paused", "draining", "depth", "oldest_age", "in_flight",
-                       "dead_letters", "last_error", "fault", "uptime")
+                       "dead_letters", "last_error", "fault", "limits", "uptime")
 
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
@@ -46,8 +49,21 @@ def encode(value: Any) -> str:
 
 
 def topic(config: Config, leaf: str) -> str:
-    """The full topic of ``leaf`` ("actions", "results", "commands", "state")."""
-    return TOPICS[leaf].format(prefix=config.mqtt.topic_prefix, gateway=config.gateway_id)
+    """The full topic of ``leaf`` ("actions", "results", "commands", "state"): the profile's
+    template for it, else :data:`TOPICS`'s."""
+    template = profiles.get(config.mqtt.profile).topics.get(leaf, TOPICS[leaf])
+    return template.format(prefix=config.mqtt.topic_prefix, gateway=config.gateway_id)
+
+
+def matches(pattern: str, where: str) -> bool:
+    """Whether topic ``where`` is one that subscription ``pattern`` (``+``, ``#``) takes."""
+    parts, levels = pattern.split("/"), where.split("/")
+    for n, part in enumerate(parts):
+        if part == "#":
+            return True
+        if n >= len(levels) or part not in ("+", levels[n]):
+            return False
+    return len(parts) == len(levels)
 
 
 def batch_head(gateway: str, batch_id: str, sent_at: float) -> str:

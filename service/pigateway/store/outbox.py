@@ -36,7 +36,7 @@ SWEEP_CHUNK = 500
 LOGGED_IDS = 100
 
 _INSERT = ("INSERT INTO outbox (id, kind, device, name, params, size, queued_at, expires_at, "
-           "ttl) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+           "ttl, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 #: Run in a put's transaction after its rows (the inbox's record of a result).
 Then = Callable[[sqlite3.Connection], None]
 
@@ -176,7 +176,7 @@ class Outbox:
             room = min(limit - len(claimed), SWEEP_CHUNK - buried)
             rows = fetch_all(
                 conn, f"SELECT {COMMAND_COLUMNS} FROM outbox WHERE seq NOT IN (SELECT seq FROM "
-                "inflight) ORDER BY seq LIMIT ?", (room,))
+                "inflight) ORDER BY priority, seq LIMIT ?", (room,))
             if not rows:
                 return claimed, False
             expired = {row[0] for row in rows if row[8] is not None and row[8] <= gateway_now}
@@ -234,9 +234,10 @@ class Outbox:
                          f"WHERE seq IN ({in_list}))", chunk)
             conn.execute(
                 "INSERT INTO dead_letters (id, kind, device, name, params, size, "
-                "queued_at, expires_at, ttl, attempts, last_error, reason, detail, dead_at) "
-                "SELECT id, kind, device, name, params, size, queued_at, expires_at, ttl, "
-                f"attempts, last_error, ?, ?, ? FROM outbox WHERE seq IN ({in_list})",
+                "queued_at, expires_at, ttl, attempts, last_error, reason, detail, dead_at, "
+                "priority) SELECT id, kind, device, name, params, size, queued_at, expires_at, "
+                f"ttl, attempts, last_error, ?, ?, ?, priority FROM outbox WHERE seq IN "
+                f"({in_list})",
                 (reason, detail, now, *chunk))
             conn.execute(f"DELETE FROM inflight WHERE seq IN ({in_list})", chunk)
             buried += conn.execute(f"DELETE FROM outbox WHERE seq IN ({in_list}) "
@@ -300,12 +301,12 @@ class Outbox:
                       params: Sequence[Any]) -> int:
         now, gateway_now = time.time(), self.clock.now()
         rows = fetch_all(conn, "SELECT rowid, id, kind, device, name, params, size, "
-                         f"queued_at, expires_at, ttl FROM dead_letters WHERE {where} "
+                         f"queued_at, expires_at, ttl, priority FROM dead_letters WHERE {where} "
                          "ORDER BY dead_at, queued_at", params)
         requeued = []
         for row in rows:
             ttl = own_ttl(row[7], row[8], row[9])
-            requeued.append((*row[1:7], now, requeued_expiry(ttl, gateway_now), ttl))
+            requeued.append((*row[1:7], now, requeued_expiry(ttl, gateway_now), ttl, row[10]))
         conn.executemany(_INSERT, requeued)
         for chunk in chunks([row[0] for row in rows], SWEEP_CHUNK):
             conn.execute(f"DELETE FROM dead_letters WHERE rowid IN ({marks(len(chunk))})", chunk)

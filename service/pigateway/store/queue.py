@@ -154,10 +154,14 @@ class Store(Reads):
 
     async def put(self, device: str, name: str, params: dict[str, Any] | None = None, *,
                   ttl: float | None = None, kind: str = "action", id: str | None = None,
-                  also: Sequence[Statement] = ()) -> Command:
-        """Queue one command; durable on return. ``also`` runs in the same transaction."""
+                  priority: str | None = None, also: Sequence[Statement] = ()) -> Command:
+        """Queue one command; durable on return. ``also`` runs in the same transaction.
+
+        ``priority`` ("high", "normal", "low"; None: results high, actions normal): higher
+        priorities are claimed first; within one, the order of puts holds.
+        """
         item = NewCommand(device=device, name=name, params={} if params is None else params,
-                          ttl=ttl, kind=kind, id=id)
+                          ttl=ttl, kind=kind, id=id, priority=priority)
         commands = await self._submit_put([item], _statements(also) if also else None)
         return commands[0]
 

@@ -122,6 +122,16 @@ MIGRATIONS: list[str] = [
     END;
     CREATE INDEX dead_letters_age ON dead_letters (dead_at);
     """,
+    # 5: priority lanes (issue 12): 0 high, 1 normal, 2 low, claimed in (priority, seq)
+    # order; results are high (they never wait behind a backlog of actions). Dead letters
+    # keep theirs for a requeue.
+    """
+    ALTER TABLE outbox ADD COLUMN priority INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE dead_letters ADD COLUMN priority INTEGER NOT NULL DEFAULT 1;
+    UPDATE outbox SET priority = 0 WHERE kind = 'result';
+    UPDATE dead_letters SET priority = 0 WHERE kind = 'result';
+    CREATE INDEX outbox_claim ON outbox (priority, seq);
+    """,
 ]
 
 

@@ -16,6 +16,10 @@ from pigateway.ids import new_id
 from pigateway.inputs import shown, text_problem
 
 KINDS = ("action", "result")
+#: The priorities a command can be put with, and the number stored: claimed lowest first.
+PRIORITIES: dict[str, int] = {"high": 0, "normal": 1, "low": 2}
+#: A kind's priority when the put names none: results never wait behind a backlog of actions.
+KIND_PRIORITY: dict[str, str] = {"action": "normal", "result": "high"}
 MAX_NAME = 128
 #: The columns :func:`row_to_command` reads, in its order.
 COMMAND_COLUMNS = ("seq, id, kind, device, name, params, size, queued_at, expires_at, "
@@ -76,6 +80,8 @@ class NewCommand:
     ttl: float | None = None
     kind: str = "action"
     id: str | None = None
+    #: "high", "normal" or "low" (:data:`PRIORITIES`); None: the kind's (:data:`KIND_PRIORITY`)
+    priority: str | None = None
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,16 @@ def prepare(item: NewCommand, config: StoreConfig, now: float,
     start = now if gateway_now is None else gateway_now
     expires_at = start + ttl if ttl > 0 else None
     return (item.id or new_id(), item.kind, item.device, item.name, params, size, now, expires_at,
-            ttl)
+            ttl, priority_number(item.priority, item.kind))
+
+
+def priority_number(priority: str | None, kind: str) -> int:
+    """The stored number of ``priority`` (None: the kind's); :class:`InvalidCommand` if unknown."""
+    name = KIND_PRIORITY.get(kind, "normal") if priority is None else priority
+    if name not in PRIORITIES:
+        raise InvalidCommand(f"priority must be one of {', '.join(PRIORITIES)}, got "
+                             f"{shown(priority)}")
+    return PRIORITIES[name]
 
 
 def _ttl_seconds(value: Any) -> float:
