@@ -36,6 +36,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from pigateway.aio import first_of
 from pigateway.errors import LinkFault, LoginRefused, UplinkError
+from pigateway.forwarded import Extras
 
 
 class PrivateMember(NamedTuple):
@@ -189,6 +190,8 @@ class Settings:
     timeout: float = 10.0
     tls: ssl.SSLContext | None = None
     max_inflight: int | None = None
+    #: MQTT 5 Receive Maximum: unacknowledged QoS 1/2 messages the broker may send us
+    receive_maximum: int | None = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,33 @@ class Message:
     payload: bytes
     mid: int
     qos: int
+    extras: Extras = Extras()
+
+
+def _extras(message: aiomqtt.Message) -> Extras:
+    """Retain flag, content type, user properties and expiry of an inbound message."""
+    props = message.properties
+    if props is None:
+        return Extras(retain=bool(message.retain))
+    users = tuple((str(k), str(v)) for k, v in getattr(props, "UserProperty", []) or [])
+    expiry = getattr(props, "MessageExpiryInterval", None)
+    content = getattr(props, "ContentType", None)
+    return Extras(retain=bool(message.retain), content_type=None if content is None else str(content),
+                  user_properties=users, expiry=None if expiry is None else int(expiry))
+
+
+def _properties(extras: Extras) -> Properties | None:
+    """``extras`` as MQTT 5 PUBLISH properties (None when there are none)."""
+    if extras.content_type is None and not extras.user_properties and extras.expiry is None:
+        return None
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    if extras.content_type is not None:
+        props.ContentType = extras.content_type
+    if extras.user_properties:
+        props.UserProperty = list(extras.user_properties)
+    if extras.expiry is not None:
+        props.MessageExpiryInterval = max(1, extras.expiry)
+    return props
 
 
 # --------------------------------------------------------------------------- the client
@@ -293,14 +323,19 @@ class Connection:
         return self._link.session_present
 
     async def deliver(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                      timeout: float) -> int | None:
+                      timeout: float, extras: Extras | None = None) -> int | None:
         """Publish; return after the PUBACK with its failure reason code, ``None`` for success.
 
         Raises :class:`UplinkError` when the link drops or no PUBACK came in time
         (aiomqtt's own publish would only notice the drop at its timeout).
         """
         client = self._link
-        info = client._client.publish(topic, payload, qos, retain)
+        properties = None
+        if extras is not None:
+            retain = retain or extras.retain
+            if client._client.protocol == paho.MQTTv5:
+                properties = _properties(extras)
+        info = client._client.publish(topic, payload, qos, retain, properties)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise classify(aiomqtt.MqttCodeError(info.rc, "could not publish"))
         if qos > 0 and not info.is_published():
@@ -328,7 +363,8 @@ class Connection:
             async for message in self._link.messages:
                 payload = message.payload if isinstance(message.payload, bytes) \
                     else str(message.payload).encode()
-                yield Message(str(message.topic), payload, message.mid, message.qos)
+                yield Message(str(message.topic), payload, message.mid, message.qos,
+                              _extras(message))
 
     def ack(self, message: Message) -> None:
         """Acknowledge an inbound message (persistent sessions: manual acks)."""
@@ -356,6 +392,8 @@ def _new_client(settings: Settings) -> _Client:
     if v5:
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = settings.session_expiry if settings.persistent else 0
+        if settings.receive_maximum is not None:
+            properties.ReceiveMaximum = settings.receive_maximum
     will = settings.will
     return _Client(
         settings.host, settings.port, identifier=settings.client_id,

@@ -48,7 +48,7 @@ T = TypeVar("T")
 #: Told the running total of rows a long sweep has handled (the CLI prints it).
 Progress = Callable[[int], None]
 
-KINDS = ("action", "result")
+KINDS = ("action", "result", "forward")
 MAX_NAME = 128
 SQLITE_MAGIC = b"SQLite format 3\x00"
 HEADER_SIZE = 100
@@ -1228,7 +1228,7 @@ class Store(Reads):
 
     def _requeue_one(self, conn: sqlite3.Connection, id_: str, *, expired: bool) -> int:
         row = conn.execute("SELECT reason FROM dead_letters WHERE id = ? AND "
-                           "kind IN ('action', 'result')", (id_,)).fetchone()
+                           "kind IN ('action', 'result', 'forward')", (id_,)).fetchone()
         if row is None:
             return 0
         if row[0] == "expired" and not expired:
@@ -1243,7 +1243,7 @@ class Store(Reads):
         # id to answer) stay where they are, as evidence; expired ones stay dead
         return self._requeue_rows(
             conn, "rowid IN (SELECT rowid FROM dead_letters WHERE rowid <= ? AND reason != "
-            "'expired' AND kind IN ('action', 'result') ORDER BY dead_at, queued_at LIMIT ?)",
+            "'expired' AND kind IN ('action', 'result', 'forward') ORDER BY dead_at, queued_at LIMIT ?)",
             (bound, SWEEP_CHUNK))
 
     def _requeue_rows(self, conn: sqlite3.Connection, where: str,

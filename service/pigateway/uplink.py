@@ -361,9 +361,11 @@ class Uplink:
     async def _ship(self, session: _Session, batch: Batch[Command]) -> None:
         """Publish one batch; delete its rows after the PUBACK (or bury them if refused)."""
         try:
+            forward = batch.forward
             code = await session.client.deliver(
-                wire.topic(self.config, batch.kind), batch.payload,
-                timeout=self.config.uplink.publish_timeout)
+                wire.topic(self.config, batch.kind) if forward is None else forward.topic,
+                batch.payload, timeout=self.config.uplink.publish_timeout,
+                extras=None if forward is None else forward.extras)
             if code is None:
                 await self._record_delivery(batch)
             else:
