@@ -36,7 +36,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from pigateway.aio import first_of
 from pigateway.errors import LinkFault, LoginRefused, UplinkError
-from pigateway.forwarded import Extras
+from pigateway.forwarded import ORIGIN_PROPERTY, Extras
 
 
 class PrivateMember(NamedTuple):
@@ -213,7 +213,8 @@ def _extras(message: aiomqtt.Message) -> Extras:
     users = tuple((str(k), str(v)) for k, v in getattr(props, "UserProperty", []) or [])
     expiry = getattr(props, "MessageExpiryInterval", None)
     content = getattr(props, "ContentType", None)
-    return Extras(retain=bool(message.retain), content_type=None if content is None else str(content),
+    return Extras(retain=bool(message.retain),
+                  content_type=None if content is None else str(content),
                   user_properties=users, expiry=None if expiry is None else int(expiry))
 
 
@@ -450,16 +451,18 @@ async def connect(settings: Settings, *, bound: float,
 class LocalPublisher:
     """Publishes to a local broker (e.g. zigbee2mqtt's) for the ``mqtt`` device handler."""
 
-    def __init__(self, connection: Connection, timeout: float) -> None:
+    def __init__(self, connection: Connection, timeout: float,
+                 extras: Extras | None = None) -> None:
         self._connection = connection
         self._timeout = timeout
+        self._extras = extras
 
     async def publish(self, topic: str, payload: bytes, qos: int = 1,
                       retain: bool = False) -> None:
         """Return after the PUBACK (QoS 1); raise :class:`UplinkError` on any failure."""
         try:
             code = await self._connection.deliver(topic, payload, qos=qos, retain=retain,
-                                                  timeout=self._timeout)
+                                                  timeout=self._timeout, extras=self._extras)
         except UplinkError as exc:
             raise UplinkError(f"local broker: publish to {topic!r} failed: {exc}") from exc
         if code is not None:
@@ -470,10 +473,16 @@ class LocalPublisher:
 @asynccontextmanager
 async def local_publisher(host: str, port: int, *, username: str | None = None,
                           password: str | None = None, client_id: str | None = None,
-                          timeout: float = 10.0) -> AsyncIterator[LocalPublisher]:
-    """A connection to a local broker (MQTT 3.1.1, which every local broker speaks)."""
+                          timeout: float = 10.0, origin: str | None = None
+                          ) -> AsyncIterator[LocalPublisher]:
+    """A connection to a local broker (MQTT 3.1.1, which every local broker speaks).
+
+    With ``origin`` (the gateway id) it speaks MQTT 5 and marks each message with the user
+    property ``pigateway-origin``: :mod:`pigateway.ingest` never takes those back in.
+    """
     settings = Settings(host, port, client_id=client_id, username=username, password=password,
-                        timeout=timeout)
+                        timeout=timeout, protocol="3.1.1" if origin is None else "5")
+    extras = None if origin is None else Extras(user_properties=((ORIGIN_PROPERTY, origin),))
     stack = contextlib.AsyncExitStack()
     try:
         connection = await stack.enter_async_context(
@@ -481,4 +490,4 @@ async def local_publisher(host: str, port: int, *, username: str | None = None,
     except UplinkError as exc:
         raise UplinkError(f"local broker {host}:{port}: {exc}") from exc
     async with stack:
-        yield LocalPublisher(connection, timeout)
+        yield LocalPublisher(connection, timeout, extras)

@@ -734,6 +734,21 @@ class Store(Reads):
         self._put_event.set()
         return result
 
+    async def bury_new(self, items: Sequence[NewCommand], reason: str, detail: str) -> None:
+        """Keep messages that never became commands (an ingested payload that is not one)
+        as dead letters with ``reason``: for people to see and requeue by hand, never sent."""
+        now, gateway_now = time.time(), self.clock.now()
+        rows = [prepare(item, self.config, now, gateway_now) for item in items]
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT INTO dead_letters (id, kind, device, name, params, size, queued_at, "
+                "expires_at, ttl, attempts, last_error, reason, detail, dead_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, NULL, ?, ?, ?)",
+                [(*row, reason, detail, now) for row in rows])
+            self._prune_dead(conn, len(rows))
+        await self._call(run)
+
     # ---- draining
 
     async def claim(self, limit: int) -> list[Command]:
@@ -1243,7 +1258,8 @@ class Store(Reads):
         # id to answer) stay where they are, as evidence; expired ones stay dead
         return self._requeue_rows(
             conn, "rowid IN (SELECT rowid FROM dead_letters WHERE rowid <= ? AND reason != "
-            "'expired' AND kind IN ('action', 'result', 'forward') ORDER BY dead_at, queued_at LIMIT ?)",
+            "'expired' AND kind IN ('action', 'result', 'forward') "
+            "ORDER BY dead_at, queued_at LIMIT ?)",
             (bound, SWEEP_CHUNK))
 
     def _requeue_rows(self, conn: sqlite3.Connection, where: str,
