@@ -61,6 +61,7 @@ class Gateway:
         self.store: Store | None = None
         self.uplink: Uplink | None = None
         self.panel: Panel | None = None
+        self.ingest: Ingest | None = None
         self._stopping = asyncio.Event()
 
     # ---- controls (control socket, GPIO buttons, signals)
@@ -119,7 +120,7 @@ class Gateway:
             uplink.pause()
         await self._refresh_or_say(store, failing=False)
         log.info("store %s open and recovered; %d queued", store.path, self.state.depth)
-        ingest = Ingest(self.config, store, self.state)
+        ingest = self.ingest = Ingest(self.config, store, self.state)
         async with asyncio.TaskGroup() as parts:
             link = parts.create_task(uplink.run(), name="uplink")
             watchdog = supervise(self.notifier, self.state, store.ping,

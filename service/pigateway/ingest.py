@@ -41,6 +41,7 @@ from pigateway.errors import (
     InvalidCommand,
     LinkFault,
     LoginRefused,
+    QueueFull,
     StoreCorrupt,
     StoreError,
     UplinkError,
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 #: The reason of an ingested message that cannot be a command.
 INVALID: Final = "invalid"
 #: Backoff while the store refuses (full, disk full, busy): nothing acknowledged meanwhile.
-REFUSED_BACKOFF: Final = wait_backoff(0.2, 10.0, jitter=0.1)
+REFUSED_BACKOFF: Final = wait_backoff(0.1, 2.0, jitter=0.1)
 #: Bytes of a bad payload kept in its dead letter, at most.
 KEPT_PAYLOAD: Final = 2048
 #: Seconds a clean stop waits for taken messages to be committed and acknowledged.
@@ -220,7 +221,7 @@ class Ingest:
 
     async def _serve(self, client: Connection) -> None:
         for rule in self.rules:
-            await client.subscribe(rule.topic, qos=rule.qos)
+            await client.subscribe(rule.topic, qos=rule.qos, as_published=True)
         log.info("ingest: online at local broker %s:%d (session present: %s), %d rule(s)",
                  self.config.local.host, self.config.local.port, client.session_present,
                  len(self.rules))
@@ -261,38 +262,58 @@ class Ingest:
                     first = None
                     break
                 group.append(message)
-            if group:
-                await self._commit(group)
-                for message in group:
-                    client.ack(message)
-                self.taken += len(group)
+            await self._take(client, group)
             if first is None:
                 return
 
-    async def _commit(self, group: Sequence[Message]) -> None:
-        """Queue ``group`` in one commit, waiting out a store that refuses (back-pressure)."""
-        rows, dead = self._classify(group)
+    async def _take(self, client: Connection, group: Sequence[Message]) -> None:
+        """Commit ``group`` and acknowledge it, in order, waiting out a store that refuses.
+
+        A full queue may take part of a group: the part that fits goes first (halving), so
+        the order holds and nothing waits behind a group too big for the room left.
+        """
+        pending = list(group)
+        size = len(pending)
         attempt = 0
-        while True:
-            attempt += 1
+        while pending:
+            part = pending[:size]
             try:
-                await self._write(rows, dead)
-                break
+                await self._write(part)
             except StoreCorrupt:
                 raise
+            except QueueFull as exc:
+                if size > 1:
+                    size = max(1, size // 2)
+                    continue
+                attempt += 1
+                await self._refused(len(pending), exc, attempt)
+                continue
             except StoreError as exc:
-                delay = REFUSED_BACKOFF.delay(attempt)
-                if not self.refusing:
-                    log.warning("ingest: the queue refuses %d message(s) (%s); nothing is "
-                                "acknowledged and nothing read until it takes them: the local "
-                                "broker keeps them", len(group), exc)
-                self.refusing = True
-                await asyncio.sleep(delay)
-        if self.refusing:
-            log.info("ingest: the queue takes messages again")
-            self.refusing = False
+                attempt += 1
+                await self._refused(len(pending), exc, attempt)
+                continue
+            for message in part:
+                client.ack(message)
+            self.taken += len(part)
+            pending = pending[len(part):]
+            size = min(len(group), size * 2)
+            attempt = 0
+            if self.refusing:
+                log.info("ingest: the queue takes messages again")
+                self.refusing = False
 
-    async def _write(self, rows: list[NewCommand], dead: list[Taken]) -> None:
+    async def _refused(self, count: int, error: StoreError, attempt: int) -> None:
+        """Back-pressure: nothing acknowledged, nothing more read, tried again by itself."""
+        if not self.refusing:
+            log.warning("ingest: the queue refuses %d message(s) (%s); nothing is "
+                        "acknowledged and nothing read until it takes them: the local "
+                        "broker keeps them", count, error)
+        self.refusing = True
+        await asyncio.sleep(REFUSED_BACKOFF.delay(attempt))
+
+    async def _write(self, part: Sequence[Message]) -> None:
+        """One commit for the rows of ``part``; its dead letters after (a rare second one)."""
+        rows, dead = self._classify(part)
         if rows:
             await self.store.put_many(rows)
         for taken in dead:
@@ -302,6 +323,10 @@ class Ingest:
                 await self.store.bury_new([taken.item], INVALID, taken.refusal or INVALID)
             except InvalidCommand as exc:  # not even a dead letter can hold it: said, dropped
                 log.error("ingest: a message on %s is dropped: %s",
+                          bounded(taken.item.device, 200), exc)
+            except StoreError as exc:  # the rows are in: never write them twice for this
+                log.error("ingest: a message on %s that is not a command is dropped (the "
+                          "store could not keep its dead letter: %s)",
                           bounded(taken.item.device, 200), exc)
 
     def _classify(self, group: Sequence[Message]) -> tuple[list[NewCommand], list[Taken]]:

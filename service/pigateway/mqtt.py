@@ -33,6 +33,7 @@ from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from pigateway.aio import first_of
 from pigateway.errors import LinkFault, LoginRefused, UplinkError
@@ -350,9 +351,18 @@ class Connection:
         code = client.puback_codes.pop(info.mid, None)
         return None if code is None else int(code.value)
 
-    async def subscribe(self, topic: str, qos: int = 1) -> None:
+    async def subscribe(self, topic: str, qos: int = 1, *, as_published: bool = False) -> None:
+        """Subscribe. ``as_published`` (MQTT 5 only; ignored under 3.1.1): keep the retain
+        flag a message was published with (Retain As Published), never hear our own
+        publishes back (No Local), and get the retained messages only when the subscription
+        is new (Retain Handling 1), not again at every reconnect of a persistent session."""
         with _translated():
-            await self._link.subscribe(topic, qos=qos)
+            if as_published and self._link._client.protocol == paho.MQTTv5:
+                options = SubscribeOptions(qos=qos, noLocal=True, retainAsPublished=True,
+                                           retainHandling=1)
+                await self._link.subscribe(topic, options=options)
+            else:
+                await self._link.subscribe(topic, qos=qos)
 
     async def unsubscribe(self, topic: str, timeout: float) -> None:
         with _translated():
