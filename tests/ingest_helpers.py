@@ -17,9 +17,10 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from harness.broker import Mosquitto, mosquitto_binary
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from harness.broker import Mosquitto, mosquitto_binary
 
 V5 = aiomqtt.ProtocolVersion.V5
 

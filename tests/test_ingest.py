@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
 from harness.broker import Mosquitto
 from harness.gateway import settings
 from harness.service import running_gateway
 from harness.waits import until, wait_until
 from ingest_helpers import brokers, collecting, ingest_settings, publish
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from pigateway.config import Config, from_dict
 from pigateway.forwarded import ID_PROPERTY
 from pigateway.handlers import Request
