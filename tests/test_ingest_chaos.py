@@ -101,7 +101,7 @@ def gateway_file(folder: Path, local: Mosquitto, uplink: Mosquitto) -> Path:
     return write(folder / "config.toml", data)
 
 
-async def chaos(service: Service, uplink: Mosquitto, bridged: Mosquitto, rng: random.Random,
+async def chaos(service: Service, uplink: Mosquitto, bridged: Mosquitto, rng: random.Random, *,
                 log: list[str], received: Collector) -> None:
     """Uplink down for a while; pigateway SIGKILLed (KILLS rounds) at random moments, once
     during the outage and then while it publishes or drains the backlog; the bridging
@@ -171,7 +171,8 @@ async def test_nothing_accepted_is_lost_through_kills_and_an_outage(
             service.tail()
         try:
             async with asyncio.timeout(DEADLINE):
-                await asyncio.gather(chaos(service, uplink, bridged, rng, events, mine),
+                await asyncio.gather(chaos(service, uplink, bridged, rng, log=events,
+                                           received=mine),
                                      publish_all(local, messages, ours),
                                      publish_all(bridged, messages, theirs))
                 await until(lambda: _all_in(mine, ours), DEADLINE)
