@@ -204,3 +204,31 @@ async def test_a_full_queue_leaves_messages_with_the_local_broker(
 
 async def _depth_is(gateway: Any, depth: int) -> bool:
     return gateway.store is not None and (await gateway.store.stats()).depth == depth
+
+
+async def test_queue_stats_count_forwarded_messages_apart(
+        pair: tuple[Mosquitto, Mosquitto], folder: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`pigateway queue stats` and `pigateway status` show ingest: forwarded rows counted
+    apart from commands, the local link in the state."""
+    from harness.gateway import write  # noqa: PLC0415
+    from pigateway.cli import main  # noqa: PLC0415
+
+    local, uplink = pair
+    uplink.stop()
+    data = settings(folder, port=uplink.port, prefix="pg", uplink=FAST)
+    data.update(ingest_settings(local))
+    data["gpio"] = {"enabled": False}
+    path = write(folder / "config.toml", data)
+    async with running_gateway(from_dict(data)) as gateway:
+        assert await wait_until(lambda: gateway.state.local is Link.ONLINE, 10)
+        assert gateway.store is not None
+        await gateway.store.put("lamp", "on")
+        await publish(local, [("z2m/x/state", b"abc"), ("z2m/y/state", b"de")])
+        assert await until(lambda: _depth_is(gateway, 3), 10)
+        assert gateway.state.as_dict()["local"] == "online"
+        code = await asyncio.to_thread(main, ["queue", "stats", "--config", str(path)])
+        out = capsys.readouterr().out
+    assert code == 0
+    assert "queued:     1 commands" in out
+    assert "forwarded:  2 messages" in out

@@ -201,6 +201,11 @@ async def cmd_queue_ls(args: argparse.Namespace) -> int:
 async def cmd_queue_stats(args: argparse.Namespace) -> int:
     async with await _open_reader(args) as store:
         stats = (await store.stats()).as_dict()
+        # forwarded messages (ingest) apart from commands; counted here only, not in the
+        # service's twice-a-second stats: there is no index on kind
+        rows = await store.read("SELECT count(*), coalesce(sum(size), 0) FROM outbox "
+                                "WHERE kind = 'forward'")
+        stats["forwarded"], stats["forwarded_bytes"] = rows[0] if rows else (0, 0)
     if args.json:
         print(json.dumps(stats, indent=2))
     else:
@@ -333,7 +338,10 @@ def _stats_text(stats: dict[str, Any]) -> str:
     age = stats.get("oldest_age")
     dead = stats.get("dead") or {}
     lines = [
-        f"queued:     {stats['depth']:,} commands, {stats['bytes']:,} bytes",
+        f"queued:     {stats['depth'] - stats.get('forwarded', 0):,} commands, "
+        f"{stats['bytes'] - stats.get('forwarded_bytes', 0):,} bytes",
+        *([f"forwarded:  {stats['forwarded']:,} messages, {stats['forwarded_bytes']:,} bytes"]
+          if "forwarded" in stats else []),
         f"in flight:  {stats['in_flight']:,}",
         f"oldest:     {format_age(age) if age is not None else '-'}",
         f"dead:       {sum(dead.values()):,}"
