@@ -355,6 +355,8 @@ class Batcher(Generic[C]):
             if not await self._claim():
                 self._flush.clear()
                 await self._wait(self.idle_poll)
+        if self.pending[0].kind in SOLO:
+            return not self._interrupt.is_set()  # travels alone: no window to wait for
         # the window is counted on the monotonic clock: a wall clock set back (a Pi without
         # an RTC meeting NTP) must not hold a batch for the size of the jump
         age = max(0.0, self.clock() - min(c.queued_at for c in self.pending))

@@ -408,12 +408,15 @@ class Uplink:
 
         ``journalctl -u pigateway COMMAND_ID=...`` finds the batch a command went out in.
         """
+        if batch.kind == "forward" and not log.isEnabledFor(logging.DEBUG):
+            return  # a device's own message: thousands a second, one line each is too many
         devices = sorted({command.device for command in batch.commands})
-        log.info("uplink: batch %s acknowledged by the broker: %d %s for %s", batch.id,
-                 len(batch.commands), batch.kind, ", ".join(devices[:10])
-                 + (f" and {len(devices) - 10} more" if len(devices) > 10 else ""),
-                 extra={"batch_id": batch.id, "command_id": batch.ids, "device": devices,
-                        "queue_depth": self.state.depth})
+        log.log(logging.DEBUG if batch.kind == "forward" else logging.INFO,
+                "uplink: batch %s acknowledged by the broker: %d %s for %s", batch.id,
+                len(batch.commands), batch.kind, ", ".join(devices[:10])
+                + (f" and {len(devices) - 10} more" if len(devices) > 10 else ""),
+                extra={"batch_id": batch.id, "command_id": batch.ids, "device": devices,
+                       "queue_depth": self.state.depth})
 
     def _show_progress(self) -> None:
         """``in_flight`` and ``draining`` (rows on their way: in flight or claimed) for views."""
