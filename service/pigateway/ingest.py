@@ -60,7 +60,7 @@ REFUSED_BACKOFF: Final = wait_backoff(0.1, 2.0, jitter=0.1)
 #: Bytes of a bad payload kept in its dead letter, at most.
 KEPT_PAYLOAD: Final = 2048
 #: Seconds a clean stop waits for taken messages to be committed and acknowledged.
-STOP_GRACE: Final = 5.0
+STOP_GRACE: Final = 2.0
 
 
 def topic_matches(pattern: str, topic: str) -> bool:

@@ -35,7 +35,7 @@ from typing import Any, Self, TypeVar
 
 import aiosqlite
 
-from pigateway import clock
+from pigateway import clock, delivery
 from pigateway.clock import GatewayClock
 from pigateway.config import StoreConfig
 from pigateway.errors import InvalidCommand, QueueFull, StoreCorrupt, StoreError, StoreFull
@@ -183,6 +183,8 @@ MIGRATIONS: list[str] = [
     END;
     CREATE INDEX dead_letters_age ON dead_letters (dead_at);
     """,
+    # issue 11: delivery records and producer keys (pigateway.delivery)
+    delivery.SCHEMA,
 ]
 
 
@@ -487,6 +489,17 @@ class Reads:
                      in_flight=in_flight[0][0] if in_flight else 0,
                      dead={reason: count for reason, count in dead})
 
+    async def where(self, id_: str) -> delivery.Where:
+        """Where command ``id_`` is: queued (position, attempts, last error), in flight,
+        delivered (batch, when; kept :data:`pigateway.delivery.KEPT_SECONDS`), dead
+        (reason), or unknown."""
+        queued, in_flight, ahead, done, dead = [
+            await self._fetch(sql, (id_,)) for sql in delivery.WHERE_SQL]
+        return delivery.where_from(
+            id_, queued[0][:2] if queued else None, in_flight=bool(in_flight and in_flight[0][0]),
+            ahead=ahead[0][0] if ahead else 0, delivered=done[0] if done else None,
+            dead=dead[0] if dead else None)
+
     async def list_queued(self, limit: int = 100) -> list[Command]:
         """The oldest ``limit`` commands, in the order they will be sent.
 
@@ -770,9 +783,36 @@ class Store(Reads):
                 self._put_event.set()  # more to bury: the drain comes back at once
                 return claimed
 
-    async def ack(self, ids: Sequence[str]) -> int:
-        """Delete delivered commands (call only after the broker acknowledged them)."""
-        return await self._call(lambda conn: self._delete(conn, ids))
+    async def ack(self, ids: Sequence[str], batch: str | None = None) -> int:
+        """Delete delivered commands (call only after the broker acknowledged them); with
+        ``batch``, keep a delivery record of each in the same transaction
+        (:mod:`pigateway.delivery`: ``queue show``, ``send --wait``)."""
+        def run(conn: sqlite3.Connection) -> int:
+            deleted = self._delete(conn, ids)
+            if batch is not None:
+                now = time.time()
+                delivery.record(conn, ids, batch, now)
+                delivery.prune(conn, now, len(ids))
+            return deleted
+        return await self._call(run)
+
+    async def put_keyed(self, key: str, item: NewCommand) -> tuple[Command | None, str]:
+        """Queue ``item`` unless producer ``key`` was used in the last
+        :data:`pigateway.delivery.KEY_SECONDS`: then nothing is queued and the first
+        command's id comes back (``(None, id)``); else ``(command, its id)``."""
+        id_ = item.id or new_id()
+        statements = delivery.key_statements(key, id_, time.time())
+        try:
+            commands = await self._submit_put([dataclasses.replace(item, id=id_)], statements)
+        except StoreError as exc:
+            if "producer_keys" not in str(exc):
+                raise
+            owner = await self._fetch(delivery.KEY_OWNER_SQL,
+                                      (key, time.time() - delivery.KEY_SECONDS))
+            if not owner:
+                raise
+            return None, str(owner[0][0])
+        return commands[0], id_
 
     async def nack(self, ids: Sequence[str], error: str) -> None:
         """Put claimed commands back at the head; past ``max_attempts`` they are dead-lettered."""

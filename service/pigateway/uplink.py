@@ -386,7 +386,8 @@ class Uplink:
         them again.
         """
         self.delivered[batch.id] = self.outstanding.pop(batch.id)
-        await self.store_calls.call("delete delivered commands", lambda: self.store.ack(batch.ids))
+        await self.store_calls.call("delete delivered commands",
+                                    lambda: self.store.ack(batch.ids, batch.id))
         del self.delivered[batch.id]
         COUNTERS.batch_acked(len(batch.ids), len(batch.payload))
         self._log_delivered(batch)
@@ -418,6 +419,10 @@ class Uplink:
                 extra={"batch_id": batch.id, "command_id": batch.ids, "device": devices,
                        "queue_depth": self.state.depth})
 
+    async def _ack_batch(self, batch: Batch[Command]) -> None:
+        await self.store_calls.call("delete delivered commands",
+                                    lambda: self.store.ack(batch.ids, batch.id))
+
     def _show_progress(self) -> None:
         """``in_flight`` and ``draining`` (rows on their way: in flight or claimed) for views."""
         self.state.set_progress(in_flight=len(self.outstanding),
@@ -432,12 +437,11 @@ class Uplink:
         write waits out a busy store, and the memory forgets the rows only once the store
         took them: a cancel or an error in between leaves them where the next try finds them.
         """
-        delivered = [i for batch in self.delivered.values() for i in batch.ids]
         sent = [i for batch in self.outstanding.values() for i in batch.ids]
         unsent = [command.id for command in self.batcher.pending]
-        if delivered:
-            await self.store_calls.call("delete delivered commands",
-                                        lambda: self.store.ack(delivered))
+        for done in list(self.delivered.values()):
+            await self._ack_batch(done)
+            del self.delivered[done.id]
         if unsent:
             await self.store_calls.call("put claimed commands back",
                                         lambda: self.store.release(unsent))
