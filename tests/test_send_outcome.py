@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from harness.broker import Mosquitto
 from harness.gateway import settings, write
 from harness.service import CONSOLE_SCRIPT, Service, environment
