@@ -198,7 +198,8 @@ async def cmd_send(args: argparse.Namespace) -> int:
     params = parse_params(args.param, args.params_json)
     async with await Store.open(config.store, drainer=False) as store:
         if args.key is None:
-            command_id = (await store.put(args.device, args.name, params, ttl=args.ttl)).id
+            command_id = (await store.put(args.device, args.name, params, ttl=args.ttl,
+                                          watch=args.wait)).id
         else:
             _, command_id = await store.put_keyed(args.key, NewCommand(
                 args.device, args.name, params, ttl=args.ttl))

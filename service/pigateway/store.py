@@ -723,8 +723,13 @@ class Store(Reads):
 
     async def put(self, device: str, name: str, params: dict[str, Any] | None = None, *,
                   ttl: float | None = None, kind: str = "action", id: str | None = None,
-                  also: Sequence[tuple[str, Sequence[Any]]] = ()) -> Command:
-        """Queue one command; durable on return. ``also`` runs in the same transaction."""
+                  also: Sequence[tuple[str, Sequence[Any]]] = (),
+                  watch: bool = False) -> Command:
+        """Queue one command; durable on return. ``also`` runs in the same transaction.
+        ``watch``: keep a record of its delivery for :meth:`where` (:mod:`pigateway.delivery`)."""
+        if watch:
+            id = id or new_id()
+            also = [*also, *delivery.watch_statements(id, time.time())]
         item = NewCommand(device=device, name=name, params={} if params is None else params,
                           ttl=ttl, kind=kind, id=id)
         commands = await self._submit_put([item], also)
@@ -791,8 +796,8 @@ class Store(Reads):
             deleted = self._delete(conn, ids)
             if batch is not None:
                 now = time.time()
-                delivery.record(conn, ids, batch, now)
-                delivery.prune(conn, now, len(ids))
+                if noted := delivery.record(conn, ids, batch, now):
+                    delivery.prune(conn, now, noted)
             return deleted
         return await self._call(run)
 
@@ -801,7 +806,9 @@ class Store(Reads):
         :data:`pigateway.delivery.KEY_SECONDS`: then nothing is queued and the first
         command's id comes back (``(None, id)``); else ``(command, its id)``."""
         id_ = item.id or new_id()
-        statements = delivery.key_statements(key, id_, time.time())
+        now = time.time()
+        statements = [*delivery.key_statements(key, id_, now),
+                      *delivery.watch_statements(id_, now)]
         try:
             commands = await self._submit_put([dataclasses.replace(item, id=id_)], statements)
         except StoreError as exc:
