@@ -125,11 +125,11 @@ def test_a_looking_verb_on_a_corrupt_queue_reports_and_moves_nothing(
 
 def test_looking_verbs_neither_migrate_an_old_schema_nor_fail_on_what_it_has(
         cli: Run, tmp_path: Path) -> None:
-    from pigateway.store import MIGRATIONS, _statements  # noqa: PLC0415
+    from pigateway.store.schema import MIGRATIONS, statements  # noqa: PLC0415
 
     config_file = write_config(tmp_path)
     with sqlite3.connect(tmp_path / "queue.db") as conn:
-        for statement in _statements(MIGRATIONS[0]):
+        for statement in statements(MIGRATIONS[0]):
             conn.execute(statement)
         conn.execute("PRAGMA user_version = 1")
     code, out, err = cli("queue", "stats", "--config", str(config_file))

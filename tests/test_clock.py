@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from pigateway import clock, inbox
+from pigateway import clock
 from pigateway.batching import Batcher, Rules
 from pigateway.config import StoreConfig
 from pigateway.handlers import Request
-from pigateway.store import MIGRATIONS, Store
+from pigateway.store import MIGRATIONS, Store, clock_row
 from test_inbound import Scripted, by_id, command, make_config, results, running
 
 YEAR = 365 * 86400.0
@@ -303,7 +303,7 @@ async def test_the_drainer_writes_a_reading_as_it_closes(
         machine.wait(30)
         now = store.clock.now()
     with contextlib.closing(sqlite3.connect(store_config.path)) as conn:
-        reading = clock.load(conn)
+        reading = clock_row.load(conn)
     assert reading is not None and reading.reading == pytest.approx(now)
 
 
@@ -326,7 +326,7 @@ async def test_existing_deadlines_keep_their_meaning_after_the_migration(
     async with opened(store_config) as store:
         assert store.clock.now() == pytest.approx(time.time(), abs=1)
         assert await claimed_ids(store) == ["old"]
-        await store.write([inbox.prune(store.clock.now() - 50)])
+        await store.inbox.prune(store.clock.now() - 50, chunks=1)
         assert [row[0] for row in await store.read("SELECT id FROM inbox")] == ["done-now"]
 
 
@@ -397,7 +397,7 @@ async def test_the_drainer_writes_readings_while_it_runs(
 
     def stored() -> float:
         with contextlib.closing(sqlite3.connect(store_config.path)) as conn:
-            reading = clock.load(conn)
+            reading = clock_row.load(conn)
         assert reading is not None
         return reading.reading
 

@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 
 from harness import gateway
-from pigateway import inbox
 from pigateway.config import Config, DeviceConfig
 from pigateway.errors import HandlerError, InvalidCommand, RetryableHandlerError
 from pigateway.handlers import Handler, HandlerFactory, Request
@@ -317,8 +316,8 @@ async def test_an_interrupted_command_runs_again_after_a_restart(tmp_path: Path)
         inbound = Inbound(config, store, factories=factory({"a": Scripted(lambda r: None)}))
         await inbound.accept(command("x1"))
         await inbound.accept(command("x2"))
-        await store.write([inbox.mark_running("x1", 1, time.time())])  # died while running
-        await store.write([inbox.mark_running("x2", 3, time.time())])  # died 3 times
+        await store.inbox.mark_running("x1", 1, time.time())  # died while running
+        await store.inbox.mark_running("x2", 3, time.time())  # died 3 times
     lamp = Scripted(lambda r: "again")
     async with running(config, {"a": lamp}) as (_, store):
         documents = by_id(await results(store, 2))
@@ -346,7 +345,7 @@ async def test_finished_commands_are_pruned_after_the_window(tmp_path: Path) -> 
         inbound = Inbound(config, store, factories=factory({}))
         await inbound.accept(command("old", device="nope"))  # rejected: done at once
         assert len(await list_inbox(config)) == 1
-        await store.write([inbox.prune(time.time() + 1)])
+        await store.inbox.prune(time.time() + 1, chunks=1)
         assert await list_inbox(config) == []
 
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from pigateway import inbox
 from pigateway.config import Config
 from pigateway.errors import HandlerError, StoreFull
 from pigateway.handlers import Request
@@ -87,7 +86,7 @@ async def test_a_huge_unknown_key_gets_a_shortened_reason(tmp_path: Path) -> Non
     async with await Store.open(config.store) as store:
         await Inbound(config, store).accept(payload)
         documents = [c.params for c in await store.list_queued(10) if c.kind == "result"]
-        entry = await inbox.find(store, "c-1")
+        entry = await store.inbox.find("c-1")
     assert [d["status"] for d in documents] == ["rejected"]
     assert "unknown field 'kkkk" in documents[0]["detail"]
     assert len(documents[0]["detail"]) <= 1000
@@ -104,7 +103,7 @@ async def test_a_huge_handler_error_is_shortened_and_the_lane_goes_on(tmp_path: 
         await inbound.accept(json.dumps({**GOOD, "id": "big"}).encode())
         await inbound.accept(json.dumps({**GOOD, "id": "next"}).encode())
         found = by_id(await results(store, 2))
-        big = await inbox.find(store, "big")
+        big = await store.inbox.find("big")
     assert found["big"]["status"] == "error"
     assert found["big"]["detail"].startswith("bad keys: key0, key1")
     assert len(json.dumps(found["big"]).encode()) <= config.store.max_params_bytes
@@ -121,7 +120,7 @@ async def test_under_the_disk_reserve_a_command_is_refused_not_run(tmp_path: Pat
     async with running(reserve, {"a": handler}) as (inbound, store):
         with pytest.raises(StoreFull):
             await inbound.accept(json.dumps(GOOD).encode())
-        assert await inbox.find(store, "c-1") is None
+        assert await store.inbox.find("c-1") is None
     assert handler.calls == []
 
 
@@ -161,7 +160,7 @@ async def test_on_a_full_tmpfs_commands_are_refused_until_there_is_room(
             ballast.write_bytes(b"\0" * (free - config.store.min_free_bytes + (64 << 10)))
             with pytest.raises(StoreFull):
                 await inbound.accept(json.dumps(GOOD).encode())
-            assert await inbox.find(store, "c-1") is None
+            assert await store.inbox.find("c-1") is None
             ballast.unlink()
             await inbound.accept(json.dumps(GOOD).encode())
             found = await results(store, 1)

@@ -13,7 +13,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness import gateway
-from pigateway import inbox
 from pigateway.errors import RejectedCommand
 from pigateway.inbound import Inbound, Limits, parse_command, readable_id
 from pigateway.store import Store
@@ -168,10 +167,10 @@ async def _accept_all(folder: Path, payloads: list[bytes]) -> None:
             dead_before = (await store.stats()).dead_total
             await inbound.accept(payload)  # never raises for bad input
             command_id = _readable(payload)
-            recorded = command_id is not None and await inbox.find(store, command_id)
+            recorded = command_id is not None and await store.inbox.find(command_id)
             dead_after = (await store.stats()).dead_total
             assert recorded or dead_after == dead_before + 1, payload
-        for entry in await inbox.listing(store, 1000):
+        for entry in await store.inbox.listing(1000):
             if entry.state == "done":
                 assert entry.status == "rejected" and entry.result is not None
 
@@ -272,13 +271,13 @@ async def _accept_edges(folder: Path, payloads: list[bytes]) -> None:
             dead_before = (await store.stats()).dead_total
             await inbound.accept(payload)  # raises only StoreError, and the store is fine
             command_id = _readable(payload)
-            recorded = command_id is not None and await inbox.find(store, command_id)
+            recorded = command_id is not None and await store.inbox.find(command_id)
             assert recorded or (await store.stats()).dead_total == dead_before + 1
         for command in await store.list_queued(1000):
             assert command.kind == "result"
             encoded = json.dumps(command.params, ensure_ascii=False, allow_nan=False)
             assert len(encoded.encode("utf-8")) <= config.store.max_params_bytes
-        for entry in await inbox.listing(store, 1000):
+        for entry in await store.inbox.listing(1000):
             assert entry.last_error is None or storable(entry.last_error)
 
 

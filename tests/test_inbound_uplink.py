@@ -16,7 +16,6 @@ from aiomqtt import Client  # the tests play the cloud side
 
 from harness import gateway
 from harness.broker import Mosquitto
-from pigateway import inbox
 from pigateway.config import Config
 from pigateway.errors import StoreError
 from pigateway.inbound import Inbound
@@ -151,14 +150,14 @@ async def test_under_the_disk_reserve_a_command_stays_at_the_broker(
         assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
         await publish(cfg, mosquitto.port, command.encode())
         await asyncio.sleep(1.0)  # it is refused meanwhile: the store is under its reserve
-        assert await inbox.find(run.store, "c-1") is None
+        assert await run.store.inbox.find("c-1") is None
         assert not went_offline(state)
     inbound.clear()
     async with running_uplink(cfg, on_command=on_command) as run:
         inbound.append(Inbound(cfg, run.store))
         for _ in range(200):  # bounded: 200 x 50 ms
-            if await inbox.find(run.store, "c-1") is not None:
+            if await run.store.inbox.find("c-1") is not None:
                 break
             await asyncio.sleep(0.05)
         # the broker kept it and delivered it again once there was room
-        assert await inbox.find(run.store, "c-1") is not None
+        assert await run.store.inbox.find("c-1") is not None

@@ -288,11 +288,11 @@ def test_by_hand_several_ids_read_as_a_list(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @pytest.mark.usefixtures("root_logging")
-def test_debug_shows_our_records_not_every_sqlite_statement(
+def test_debug_shows_our_records_not_every_library_operation(
     journal: DatagramListener, stream: io.TextIOWrapper
 ) -> None:
     setup_logging("debug", stream=stream)
-    logging.getLogger("aiosqlite").debug("executing SELECT 1")
+    logging.getLogger("asyncio").debug("Using selector: EpollSelector")
     logging.getLogger("pigateway.store").debug("ours")
     journal.wait_for(lambda t: "MESSAGE=ours" in t)
     assert [parse_native(d.data)["MESSAGE"] for d in journal.messages()] == ["ours"]

@@ -101,7 +101,7 @@ def test_every_lintian_override_gives_its_reason() -> None:
 def test_the_venv_the_unit_and_the_command(built: Built) -> None:
     files = built.files
     assert f"{VENV}/bin/pigateway" in files
-    assert f"{SITE}/pigateway/store.py" in files
+    assert f"{SITE}/pigateway/store/__init__.py" in files
     assert "usr/bin/pigateway" in files
     assert files["usr/bin/pigateway"].split(" -> ")[1] == f"/{VENV}/bin/pigateway"
     assert os.readlink(built.tree / VENV / "bin" / "python3.11") == "/usr/bin/python3.11"

@@ -297,13 +297,13 @@ async def test_dead_letters_are_bounded_by_bytes_and_by_age(store_config: StoreC
 async def test_dead_letters_written_by_the_inbox_are_bounded_too(
         store_config: StoreConfig) -> None:
     """The inbox records unreadable messages as dead letters with its own statement."""
-    from pigateway import inbox  # noqa: PLC0415
 
     config = dataclasses.replace(store_config, max_dead_letters=50)
     async with await Store.open(config) as store:
         for _ in range(3):
-            await store.write([inbox.dead_letter("not JSON", b"garbage", time.time())
-                               for _ in range(40)])
+            await asyncio.gather(*(store.inbox.record_unreadable("not JSON", b"garbage",
+                                                                 time.time())
+                                   for _ in range(40)))
             await store.claim(1)  # the drain's next claim prunes
         assert (await store.stats()).dead_total == 50
 
@@ -358,7 +358,6 @@ async def test_the_wal_is_cut_back_after_a_big_transaction(store_config: StoreCo
 async def test_the_inbox_prune_is_chunked_and_sweeps_everything(
         store_config: StoreConfig) -> None:
     """Class 3 for the inbox: finished commands past the dedupe window go a chunk a commit."""
-    from pigateway import inbox  # noqa: PLC0415 - only this test looks at the inbox
 
     async with await Store.open(store_config) as store:
         now = store.clock.now()
@@ -366,8 +365,8 @@ async def test_the_inbox_prune_is_chunked_and_sweeps_everything(
         await store.write([("INSERT INTO inbox (id, device, name, params, received_at, state, "
                             "finished_at, done_on) VALUES (?, 'd', 'n', '{}', 0, 'done', 0, ?)",
                             row) for row in rows])
-        await store.write([inbox.prune(now)])  # one run of the statement: one chunk
+        assert await store.inbox.prune(now, chunks=1) == SWEEP_CHUNK  # one chunk, one commit
         left = await store.read("SELECT count(*) FROM inbox")
         assert left == [(len(rows) - SWEEP_CHUNK,)]
-        assert await store.sweep(inbox.prune(now)) == len(rows) - SWEEP_CHUNK
+        assert await store.inbox.prune(now) == len(rows) - SWEEP_CHUNK
         assert await store.read("SELECT count(*) FROM inbox") == [(0,)]

@@ -256,11 +256,8 @@ async def cmd_queue_ls(args: argparse.Namespace) -> int:
 async def cmd_queue_stats(args: argparse.Namespace) -> int:
     async with await _open_reader(args) as store:
         stats = (await store.stats()).as_dict()
-        # forwarded messages (ingest) apart from commands; counted here only, not in the
-        # service's twice-a-second stats: there is no index on kind
-        rows = await store.read("SELECT count(*), coalesce(sum(size), 0) FROM outbox "
-                                "WHERE kind = 'forward'")
-        stats["forwarded"], stats["forwarded_bytes"] = rows[0] if rows else (0, 0)
+        # forwarded messages (ingest) apart from commands (a scan: here only)
+        stats["forwarded"], stats["forwarded_bytes"] = await store.forwarded()
     if args.json:
         print(json.dumps(stats, indent=2))
     else:
@@ -340,10 +337,8 @@ async def cmd_control(args: argparse.Namespace) -> int:
 
 
 async def cmd_inbox_ls(args: argparse.Namespace) -> int:
-    from pigateway import inbox  # noqa: PLC0415 - only inbox ls needs it
-
     async with await _open_reader(args) as reader:
-        rows = [entry.as_dict() for entry in await inbox.listing(reader, args.limit)]
+        rows = [entry.as_dict() for entry in await reader.inbox.listing(args.limit)]
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
     else:

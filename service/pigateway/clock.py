@@ -7,7 +7,8 @@ step forward and lives too long after a step back. The gateway clock does not st
 
 * within one boot it is ``CLOCK_BOOTTIME`` (counts suspend, never set) plus an offset;
 * the offset of each boot is kept in the ``clock`` table of the queue file (one row, for
-  the current boot, named by ``/proc/sys/kernel/random/boot_id``);
+  the current boot, named by ``/proc/sys/kernel/random/boot_id``; read and written by
+  :mod:`pigateway.store.clock_row`);
 * a new boot continues from the last reading the old boot left: the drainer writes a
   reading every :data:`HEARTBEAT` seconds (in a commit it shares with other writes when
   there are any) and when it closes;
@@ -31,7 +32,6 @@ module-level functions so that tests can step the wall clock or simulate a reboo
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,7 +48,6 @@ HEARTBEAT = 60.0
 #: The longest boot id read (a UUID is 36 characters).
 _MAX_BOOT_ID = 64
 
-_COLUMNS = "boot_id, base, reading, wall, synced, gap_from"
 
 
 # --------------------------------------------------------------------------- sources
@@ -136,25 +135,6 @@ def _downtime(last_wall: float, boot_wall: float) -> float:
     return max(0.0, boot_wall - last_wall)
 
 
-# --------------------------------------------------------------------------- the table
-
-
-def load(conn: sqlite3.Connection) -> Reading | None:
-    """The stored row, or ``None`` (a queue file that never had one)."""
-    row = conn.execute(f"SELECT {_COLUMNS} FROM clock WHERE id = 1").fetchone()
-    if row is None:
-        return None
-    return Reading(str(row[0]), float(row[1]), float(row[2]), float(row[3]), bool(row[4]),
-                   None if row[5] is None else float(row[5]))
-
-
-def save(conn: sqlite3.Connection, reading: Reading) -> None:
-    conn.execute(
-        f"INSERT OR REPLACE INTO clock (id, {_COLUMNS}) VALUES (1, ?, ?, ?, ?, ?, ?)",
-        (reading.boot_id, reading.offset, reading.reading, reading.wall, int(reading.synced),
-         reading.gap_from))
-
-
 def current(stored: Reading | None) -> Reading:
     """The reading for this boot, given the stored one (``None``: a new file)."""
     if stored is None:
@@ -162,22 +142,6 @@ def current(stored: Reading | None) -> Reading:
     if stored.boot_id != boot_id():
         return next_boot(stored)
     return stored
-
-
-def establish(conn: sqlite3.Connection) -> Reading:
-    """Inside a write transaction: this boot's reading, written if it is new."""
-    stored = load(conn)
-    reading = current(stored)
-    if reading != stored:
-        save(conn, reading)
-    return reading
-
-
-def heartbeat(conn: sqlite3.Connection) -> Reading:
-    """Inside a write transaction: write a new reading of this boot (the drainer's beat)."""
-    reading = beat(current(load(conn)))
-    save(conn, reading)
-    return reading
 
 
 # --------------------------------------------------------------------------- the clock

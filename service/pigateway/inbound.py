@@ -283,7 +283,6 @@ class Inbound:
         self.config = config
         self.store = store
         self.limits = Limits.from_config(config)
-        self._last_stamp = 0.0
         self.pool = WorkerPool(config, store, factories=factories)
 
     async def __aenter__(self) -> Self:
@@ -333,22 +332,21 @@ class Inbound:
         """Insert ``command`` unless it is a repeat; the pool is woken for a new one.
 
         Concurrent calls keep their order (the insert is queued before the first ``await``)
-        and share one commit. The insert comes first and the duplicate check after it: a
-        row whose ``received_at`` is not this call's stamp was there before, so this
-        message is a repeat.
+        and share one commit; the store says whether the id was there before (a repeat).
         """
-        now = self._stamp()
         # on the gateway clock, which a wall-clock step (NTP at boot) does not move
         expires_at = None if command.ttl is None else self.store.clock.deadline(command.ttl)
-        insert = inbox.insert_pending(command.id, command.device, command.name,
-                                      command.params, expires_at=expires_at, now=now,
-                                      ttl=command.ttl)
-        entry = await self._insert_then_find(command.id, insert)
-        if entry is not None and entry.received_at != now and await self._repeat(entry):
+
+        async def receive(*, replace: bool) -> inbox.Entry | None:
+            return await self.store.inbox.receive(
+                command.id, command.device, command.name, command.params,
+                expires_at=expires_at, ttl=command.ttl, now=time.time(),
+                headroom=self._result_room(), replace=replace)
+        before = await receive(replace=False)
+        if before is not None and await self._repeat(before):
             return
-        if entry is not None and entry.received_at != now:  # stale: a new command after all
-            await self.store.submit_write_keeping_free([inbox.forget(command.id), insert],
-                                                       self._result_room())
+        if before is not None:  # stale: a new command after all
+            await receive(replace=True)
         self.pool.wake()
 
     def _result_room(self) -> int:
@@ -356,22 +354,6 @@ class Inbound:
         its result (at most ``max_params_bytes``, plus the row around it), so a command is
         refused (left at the broker) rather than run with no room to record its result."""
         return self.config.store.max_params_bytes + RESULT_ROW_BYTES
-
-    async def _insert_then_find(self, command_id: str,
-                                insert: inbox.Statement) -> inbox.Entry | None:
-        """Insert and look the id up at the same time (the read sees the row as it was
-        before or after the insert; either way its stamp tells whose it is)."""
-        written = self.store.submit_write_keeping_free([insert], self._result_room())
-        try:
-            entry = await inbox.find(self.store, command_id)
-        finally:
-            await written
-        return entry
-
-    def _stamp(self) -> float:
-        """``received_at`` of this call: unique in this process, so a row shows its writer."""
-        self._last_stamp = max(time.time(), self._last_stamp + 1e-6)
-        return self._last_stamp
 
     async def _repeat(self, entry: inbox.Entry) -> bool:
         """Whether ``entry`` (received before) makes this message a repeat within the dedupe
@@ -383,7 +365,7 @@ class Inbound:
         if entry.state == "done" and entry.result is not None:
             log.info("command %s was received again; its result (%s) is sent again",
                      entry.id, entry.status, extra={"command_id": entry.id})
-            await inbox.record(self.store, entry.device, entry.result, also=())
+            await self.store.inbox.answer_again(entry)
         else:
             log.info("command %s was received again while %s; it runs once", entry.id,
                      entry.state, extra={"command_id": entry.id})
@@ -401,7 +383,7 @@ class Inbound:
         except Exception:
             log.exception("could not answer a rejected message; it is dead-lettered instead")
         try:
-            await self.store.write([inbox.dead_letter(exc.reason, payload, time.time())])
+            await self.store.inbox.record_unreadable(exc.reason, payload, time.time())
         except StoreError:
             raise
         except Exception:
@@ -413,26 +395,25 @@ class Inbound:
             log.warning("dropped a message on the commands topic (no usable id, so no result "
                         "can answer it): %s", bounded(exc.reason))
             COUNTERS.inbound_done("dropped")
-            await self.store.write([inbox.dead_letter(exc.reason, payload, now)])
+            await self.store.inbox.record_unreadable(exc.reason, payload, now)
             return
-        entry = await inbox.find(self.store, exc.command_id)
+        entry = await self.store.inbox.find(exc.command_id)
         if entry is not None and await self._repeat(entry):
             return
         if entry is not None:  # stale
-            await self.store.write([inbox.forget(exc.command_id)])
+            await self.store.inbox.forget(exc.command_id)
         log.warning("rejected command %s: %s", exc.command_id, bounded(exc.reason),
                     extra={"command_id": exc.command_id})
         COUNTERS.inbound_done("rejected")
         document = inbox.result_document(exc.command_id, "rejected", exc.reason, now=now,
                                          max_bytes=self.config.store.max_params_bytes)
         device = inbox.outbox_device(exc.device)
-        await inbox.record(self.store, device, document,
-                           also=[inbox.insert_done(exc.command_id, device, "-", document, now,
-                                                   done_on=self.store.clock.now())])
+        await self.store.inbox.reject(exc.command_id, device, document, now=now,
+                                      done_on=self.store.clock.now())
 
 
 async def list_inbox(config: Config, limit: int = 100) -> list[dict[str, Any]]:
     """Pending, running and recently finished commands, for ``pigateway inbox ls``."""
     async with await QueueReader.open(config.store) as reader:  # looks, never creates
         return [{**entry.as_dict(), "expires_at": reader.clock.to_wall(entry.expires_at)}
-                for entry in await inbox.listing(reader, limit)]
+                for entry in await reader.inbox.listing(limit)]

@@ -44,9 +44,9 @@ PRIORITIES: Final = (  # (lowest Python level, priority), highest first
 )
 DEBUG_PRIORITY: Final = 7
 
-# Libraries whose debug output is per operation: at ``debug`` they would bury our own records
-# (aiosqlite logs every statement twice). They never go below this level.
-QUIET: Final = {"aiosqlite": logging.INFO, "asyncio": logging.INFO}
+# Libraries whose debug output is per operation: at ``debug`` they would bury our own records.
+# They never go below this level.
+QUIET: Final = {"asyncio": logging.INFO}
 
 # record attribute (from ``extra=``) -> journal field
 FIELDS: Final = {

@@ -27,7 +27,6 @@ import contextlib
 import logging
 import os
 import sqlite3
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -61,7 +60,7 @@ MAX_SCRAPES: Final = 4
 # --------------------------------------------------------------------------- counters
 
 
-# Plain classes and NamedTuples, not dataclasses: store.py imports this module, so
+# Plain classes and NamedTuples, not dataclasses: the store package imports this module, so
 # `pigateway send` pays for its set-up (four dataclasses cost ~4 ms here, ~10x on a Pi Zero).
 
 
@@ -148,16 +147,11 @@ class QueueReading(NamedTuple):
     dead: Mapping[str, int] = MappingProxyType({})
 
 
-_OLDEST = "SELECT queued_at, ttl FROM outbox ORDER BY seq LIMIT 1"
-_DEAD = "SELECT reason, count(*) FROM dead_letters GROUP BY reason"
-
-
 async def read_store(store: Store) -> QueueReading:
     """The reading through the service's own (open) store."""
     stats = await store.stats()
-    oldest = await store.read(_OLDEST)
     return QueueReading(depth=stats.depth, bytes=stats.bytes, oldest_age=stats.oldest_age,
-                        oldest_ttl=oldest[0][1] if oldest else None, dead=stats.dead)
+                        oldest_ttl=await store.oldest_ttl(), dead=stats.dead)
 
 
 def read_file(path: Path) -> QueueReading:
@@ -183,13 +177,10 @@ def read_file(path: Path) -> QueueReading:
 
 
 def _reading(conn: sqlite3.Connection) -> QueueReading:
-    conn.execute("BEGIN")  # one snapshot for every read below
-    depth, size = conn.execute("SELECT commands, bytes FROM totals WHERE id = 1").fetchone()
-    oldest = conn.execute(_OLDEST).fetchone()
-    dead = dict(conn.execute(_DEAD).fetchall())
-    age = max(0.0, time.time() - oldest[0]) if oldest else None
-    return QueueReading(depth=depth, bytes=size, oldest_age=age,
-                        oldest_ttl=oldest[1] if oldest else None, dead=dead)
+    # not at the top: the store imports this module (COUNTERS)
+    from pigateway.store.reading import figures  # noqa: PLC0415
+
+    return QueueReading(*figures(conn))
 
 
 # --------------------------------------------------------------------------- one snapshot

@@ -7,10 +7,10 @@ so a device that is waiting to retry does not take a worker from the others). No
 runs on the MQTT loop: :meth:`pigateway.inbound.Inbound.accept` only persists.
 
 Every command ends with exactly one result, recorded in the same transaction that marks it
-done (:func:`pigateway.inbox.record`). A command that was running when the process died is
-``running`` in the inbox; :meth:`WorkerPool.run` puts it back to ``pending`` and runs it
-again, which is why handlers must be idempotent. Attempts are counted on disk, so a command
-that keeps killing the process stops after ``inbound.max_attempts`` starts.
+done (:meth:`pigateway.store.inbox.Inbox.finish`). A command that was running when the
+process died is ``running`` in the inbox; :meth:`WorkerPool.run` puts it back to ``pending``
+and runs it again, which is why handlers must be idempotent. Attempts are counted on disk,
+so a command that keeps killing the process stops after ``inbound.max_attempts`` starts.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class WorkerPool:
         closed when it ends (so a caller that only runs it needs no ``async with``)."""
         await self.open()
         try:
-            await self.store.write([inbox.recover()])
+            await self.store.inbox.recover()
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._prune_loop(), name="inbox-prune")
                 while True:
@@ -153,7 +153,7 @@ class WorkerPool:
         """Hand newly pending commands to their device's lane, starting lanes as needed."""
         while self._loaded < MAX_LOADED:
             room = MAX_LOADED - self._loaded
-            entries = await inbox.pending(self.store, self._cursor, room)
+            entries = await self.store.inbox.pending(self._cursor, room)
             for entry in entries:
                 self._cursor = entry.seq
                 self._loaded += 1
@@ -186,7 +186,7 @@ class WorkerPool:
         while True:
             before = self.store.clock.now() - inbox.dedupe_horizon(self.config)
             try:
-                await self.store.sweep(inbox.prune(before))
+                await self.store.inbox.prune(before)
             except StoreError as exc:
                 log.warning("could not prune finished inbound commands: %s", exc)
             await asyncio.sleep(PRUNE_EVERY)
@@ -243,8 +243,8 @@ class WorkerPool:
             raise _Expired
         # durable before the handler runs, so a command that kills the process is counted
         if not (attempt == entry.attempts + 1 and entry.id in self._premarked):
-            mark = inbox.mark_running(entry.id, attempt, time.time())
-            await self._durably(lambda: self.store.write([mark]),
+            started = time.time()
+            await self._durably(lambda: self.store.inbox.mark_running(entry.id, attempt, started),
                                 f"mark command {entry.id} running")
         self._premarked.discard(entry.id)
         request = Request(id=entry.id, device=entry.device, name=entry.name,
@@ -265,7 +265,10 @@ class WorkerPool:
                     entry.id, entry.device, entry.attempts + state.attempt_number, wait,
                     bounded(error),
                     extra={"command_id": entry.id, "device": entry.device})
-        await self._note(inbox.mark_failed_attempt(entry.id, str(error)))
+        try:
+            await self.store.inbox.note_failed_attempt(entry.id, str(error))
+        except StoreError as exc:  # only bookkeeping: the attempt count is on disk already
+            log.warning("could not note a failed attempt: %s", exc)
 
     def _detail(self, value: Any) -> Any:
         """The handler's return value as the ``detail`` of ``ok``, if it is JSON and fits."""
@@ -285,15 +288,16 @@ class WorkerPool:
                       after: Entry | None = None) -> None:
         document = inbox.result_document(entry.id, status, detail,
                                          max_bytes=self.config.store.max_params_bytes)
-        also = [inbox.finish(entry.id, document, done_on=self.store.clock.now())]
-        if after is not None:
-            also.append(inbox.mark_running(after.id, after.attempts + 1, time.time()))
+        then_running = None if after is None else (after.id, after.attempts + 1, time.time())
+        done_on = self.store.clock.now()
         level = logging.INFO if status == "ok" else logging.WARNING
         shown = document.get("detail")
         log.log(level, "command %s on %s: %s%s", entry.id, entry.device, status,
                 "" if shown is None or status == "ok" else f" ({bounded(shown)})",
                 extra={"command_id": entry.id, "device": entry.device})
-        await self._durably(lambda: inbox.record(self.store, entry.device, document, also=also),
+        await self._durably(lambda: self.store.inbox.finish(entry.id, entry.device, document,
+                                                            done_on=done_on,
+                                                            then_running=then_running),
                             f"record the result of command {entry.id}")
         COUNTERS.inbound_done(status)
         if after is not None:
@@ -316,12 +320,6 @@ class WorkerPool:
                 log.error("cannot %s (%s); retrying in %.1fs", what, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECORD_BACKOFF[1])
-
-    async def _note(self, statement: inbox.Statement) -> None:
-        try:
-            await self.store.write([statement])
-        except StoreError as exc:  # only bookkeeping: the attempt count is on disk already
-            log.warning("could not note a failed attempt: %s", exc)
 
 
 def _expired(entry: Entry, now: float) -> bool:

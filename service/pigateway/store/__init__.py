@@ -1,0 +1,68 @@
+"""The durable command queue: one SQLite file in WAL mode, shared by several processes.
+
+A command is durable once :meth:`Store.put` returns: it is committed, synchronously, to
+disk. Concurrent puts share one commit (group commit) through a single writer task, so
+durability does not cost throughput. Callers use verbs, never SQL:
+
+* the outbox (:mod:`~pigateway.store.outbox`): ``put``, ``claim``, ``ack``, ``nack``,
+  ``release``, ``dead_letter``, ``requeue_dead``, ``purge``. ``outbox`` holds queued commands
+  in ``seq`` order; ``inflight`` marks the ones a drainer has claimed (emptied when a
+  drainer opens, so whatever was in flight when the process died is queued again, first);
+  ``dead_letters`` keeps everything that left the queue without delivery, with a reason;
+  ``totals`` is one row of counts and bytes kept by triggers inside every transaction, so
+  limits are checked without scanning and can never drift from the rows;
+* the inbox (:mod:`~pigateway.store.inbox`, ``store.inbox``): ``receive``, ``finish``,
+  ``mark_running``, ``prune``, ... for commands from the broker.
+
+The rooms: :mod:`~pigateway.store.files` (integrity check, quarantine, drainer lock),
+:mod:`~pigateway.store.schema` (migrations), :mod:`~pigateway.store.connection` (a
+connection on its own thread), :mod:`~pigateway.store.writer` (group commit),
+:mod:`~pigateway.store.queue` (:class:`Store`), :mod:`~pigateway.store.reading`
+(:class:`QueueReader`), :mod:`~pigateway.store.values`. Nothing is loaded into memory as
+a whole; every read is bounded by a ``LIMIT``.
+"""
+
+from pigateway.store.connection import JOURNAL_SIZE_LIMIT, PAGE_SIZE, WAL_CHECKPOINT_PAGES
+from pigateway.store.files import check_header, check_integrity, quarantine
+from pigateway.store.inbox import Inbox, InboxReads
+from pigateway.store.outbox import SWEEP_CHUNK
+from pigateway.store.queue import CLAIM_SWEEP_SECONDS, POLL_INTERVAL, Progress, Store
+from pigateway.store.reading import QueueReader, Reads
+from pigateway.store.schema import MIGRATIONS
+from pigateway.store.values import (
+    Command,
+    DeadLetter,
+    NewCommand,
+    Stats,
+    own_ttl,
+    prepare,
+    requeued_expiry,
+)
+from pigateway.store.writer import GROUP_LIMIT
+
+__all__ = [
+    "CLAIM_SWEEP_SECONDS",
+    "GROUP_LIMIT",
+    "JOURNAL_SIZE_LIMIT",
+    "MIGRATIONS",
+    "PAGE_SIZE",
+    "POLL_INTERVAL",
+    "SWEEP_CHUNK",
+    "WAL_CHECKPOINT_PAGES",
+    "Command",
+    "DeadLetter",
+    "Inbox",
+    "InboxReads",
+    "NewCommand",
+    "Progress",
+    "QueueReader",
+    "Reads",
+    "Stats",
+    "Store",
+    "check_header",
+    "check_integrity",
+    "own_ttl",
+    "prepare",
+    "quarantine",
+    "requeued_expiry",
+]

@@ -1,0 +1,373 @@
+"""The outbox's verbs as they run inside the writer's transaction: put (with the overflow
+policy and the free-space rule), claim, ack, nack, release, dead-letter, the bounds of
+the dead letters, requeue and purge. :class:`~pigateway.store.queue.Store` queues them on
+its writer; nothing here awaits."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pigateway.clock import GatewayClock
+from pigateway.config import StoreConfig
+from pigateway.errors import InvalidCommand, QueueFull, StoreFull
+from pigateway.store.connection import chunks, fetch_all, first, marks
+from pigateway.store.values import (
+    COMMAND_COLUMNS,
+    Command,
+    NewCommand,
+    own_ttl,
+    requeued_expiry,
+    row_to_command,
+)
+
+log = logging.getLogger("pigateway.store")
+
+#: Rows one transaction of a sweep (expiry, purge, requeue, drop-oldest, dead-letter
+#: pruning) handles at most: each chunk is its own commit, so the watchdog's ping,
+#: producers and the drain get the writer between chunks, and a kill keeps the chunks done.
+SWEEP_CHUNK = 500
+#: Command ids named in one log record at most.
+LOGGED_IDS = 100
+
+_INSERT = ("INSERT INTO outbox (id, kind, device, name, params, size, queued_at, expires_at, "
+           "ttl) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+#: Run in a put's transaction after its rows (the inbox's record of a result).
+Then = Callable[[sqlite3.Connection], None]
+
+
+class Put:
+    """Prepared rows of one put, the items they came from, and what runs with them."""
+
+    __slots__ = ("items", "rows", "then")
+
+    def __init__(self, rows: list[tuple[Any, ...]], items: list[NewCommand],
+                 then: Then | None) -> None:
+        self.rows, self.items, self.then = rows, items, then
+
+
+class Outbox:
+    """The verbs, each run on the writer's connection inside its transaction. What a verb
+    has to say once its work commits goes to ``after_commit`` (the writer says it after
+    the COMMIT, never for work a rollback undid)."""
+
+    def __init__(self, config: StoreConfig, gateway_clock: GatewayClock,
+                 after_commit: list[Callable[[], None]]) -> None:
+        self.config = config
+        self.clock = gateway_clock
+        self.path: Path = config.path
+        self.after_commit = after_commit
+
+    def check_disk(self, conn: sqlite3.Connection, headroom: int = 0) -> None:
+        """Keep ``min_free_bytes`` free; pages free inside the file count as free.
+
+        The file never shrinks: a drained backlog leaves its pages inside it, where new
+        commands go first. Without counting them a queue that once filled the disk would
+        refuse every command forever, even when empty.
+        """
+        if self.config.min_free_bytes <= 0:
+            return
+        need = self.config.min_free_bytes + headroom
+        stat = os.statvfs(self.path.parent)
+        free = stat.f_bavail * stat.f_frsize
+        if free < need:
+            free += (first(conn, "PRAGMA freelist_count")[0]
+                     * first(conn, "PRAGMA page_size")[0])
+        if free < need:
+            raise StoreFull(f"only {free} bytes free under {self.path.parent}; pigateway keeps "
+                            f"store.min_free_bytes={self.config.min_free_bytes} free. Queued "
+                            "commands are kept; new ones are refused until space is freed")
+
+    def insert_group(self, conn: sqlite3.Connection,
+                     group: list[Put]) -> list[list[Command] | Exception]:
+        """Consecutive puts in one insert; each refused alone by the limits."""
+        self.check_disk(conn)
+        count, size = first(conn, "SELECT commands, bytes FROM totals WHERE id = 1")
+        outcomes: list[list[Command] | Exception] = []
+        rows: list[tuple[Any, ...]] = []
+        for job in group:
+            prepared = job.rows
+            need_count, need_bytes = len(prepared), sum(row[5] for row in prepared)
+            if rows and (count + need_count > self.config.max_commands
+                         or size + need_bytes > self.config.max_bytes):
+                # drop-oldest may have to drop rows of this very group: write them first
+                conn.executemany(_INSERT, rows)
+                rows = []
+            refused, freed_count, freed_bytes = self._make_room(
+                conn, count, size, need_count, need_bytes)
+            if refused is not None:
+                outcomes.append(refused)
+                continue
+            count = count - freed_count + need_count
+            size = size - freed_bytes + need_bytes
+            rows.extend(prepared)
+            if job.then is not None:
+                job.then(conn)
+            outcomes.append([
+                Command(id=r[0], kind=r[1], device=r[2], name=r[3], params=item.params,
+                        size=r[5], queued_at=r[6], expires_at=r[7], attempts=0,
+                        last_error=None)
+                for r, item in zip(prepared, job.items, strict=True)
+            ])
+        conn.executemany(_INSERT, rows)
+        return outcomes
+
+    def _make_room(self, conn: sqlite3.Connection, count: int, size: int,
+                   need_count: int, need_bytes: int) -> tuple[Exception | None, int, int]:
+        """Apply the overflow policy: (refusal or ``None``, commands freed, bytes freed)."""
+        over_count = count + need_count - self.config.max_commands
+        over_bytes = size + need_bytes - self.config.max_bytes
+        if over_count <= 0 and over_bytes <= 0:
+            return None, 0, 0
+        limits = (f"store.max_commands={self.config.max_commands}, "
+                  f"store.max_bytes={self.config.max_bytes}")
+        if (self.config.overflow == "reject" or need_count > self.config.max_commands
+                or need_bytes > self.config.max_bytes):
+            return QueueFull(f"the queue is full ({count} commands, {size} bytes; {limits}); "
+                             "the command was not queued"), 0, 0
+        freed = self._drop_oldest(conn, max(over_count, 0), max(over_bytes, 0), need_count)
+        if freed is None:
+            return QueueFull(f"the queue is full and every queued command is in flight "
+                             f"({limits}); the command was not queued"), 0, 0
+        return None, *freed
+
+    def _drop_oldest(self, conn: sqlite3.Connection, count: int, nbytes: int,
+                     need_count: int) -> tuple[int, int] | None:
+        """Dead-letter the oldest queued commands (never in-flight ones) to free room.
+
+        A queue already over its limits (they were lowered) is not trimmed all at once:
+        a put of ``need_count`` commands drops at most ``need_count`` plus
+        :data:`SWEEP_CHUNK`, and is queued; the next puts go on trimming.
+        """
+        most = need_count + SWEEP_CHUNK
+        rows = fetch_all(conn, "SELECT seq, size FROM outbox WHERE seq NOT IN (SELECT seq "
+                         "FROM inflight) ORDER BY seq LIMIT ?", (most,))
+        dropped: list[int] = []
+        freed = 0
+        for seq, size in rows:
+            if len(dropped) >= count and freed >= nbytes:
+                break
+            dropped.append(seq)
+            freed += size
+        if (len(dropped) < count or freed < nbytes) and len(rows) < most:
+            return None  # not enough outside the in-flight rows
+        for chunk in chunks(dropped, SWEEP_CHUNK):
+            self._bury_seqs(conn, chunk, "overflow",
+                            "dropped to make room (store.overflow = drop-oldest)")
+        return len(dropped), freed
+
+    # ---- verbs, each inside the writer's transaction
+
+    def claim(self, conn: sqlite3.Connection, limit: int) -> tuple[list[Command], bool]:
+        """Claim up to ``limit`` live rows, burying at most :data:`SWEEP_CHUNK` expired
+        ones on the way: (claimed, whether the budget ran out with more rows to look at)."""
+        claimed: list[Command] = []
+        now, gateway_now = time.time(), self.clock.now()
+        buried = 0
+        # dead letters written by others (the inbox's records of unreadable messages) and
+        # aged ones are pruned here too, a chunk at a time
+        self.prune_dead(conn, 0)
+        while len(claimed) < limit and buried < SWEEP_CHUNK:
+            room = min(limit - len(claimed), SWEEP_CHUNK - buried)
+            rows = fetch_all(
+                conn, f"SELECT {COMMAND_COLUMNS} FROM outbox WHERE seq NOT IN (SELECT seq FROM "
+                "inflight) ORDER BY seq LIMIT ?", (room,))
+            if not rows:
+                return claimed, False
+            expired = {row[0] for row in rows if row[8] is not None and row[8] <= gateway_now}
+            if expired:
+                self._bury_seqs(conn, sorted(expired), "expired",
+                                "its ttl ran out before it could be sent")
+                buried += len(expired)
+            live = [row for row in rows if row[0] not in expired]
+            conn.executemany("INSERT INTO inflight (seq, claimed_at) VALUES (?, ?)",
+                             [(row[0], now) for row in live])
+            claimed.extend(row_to_command(row) for row in live)
+        return claimed, buried >= SWEEP_CHUNK
+
+    def ack(self, conn: sqlite3.Connection, ids: Sequence[str]) -> int:
+        """Delete delivered commands; the number deleted."""
+        total = 0
+        for chunk in chunks(list(ids), SWEEP_CHUNK):
+            self.release(conn, chunk)
+            in_list = marks(len(chunk))
+            total += conn.execute(f"DELETE FROM outbox WHERE id IN ({in_list})", chunk).rowcount
+        return total
+
+    def nack(self, conn: sqlite3.Connection, ids: Sequence[str], error: str) -> None:
+        for chunk in chunks(list(ids), SWEEP_CHUNK):
+            self.release(conn, chunk)
+            in_list = marks(len(chunk))
+            conn.execute(f"UPDATE outbox SET attempts = attempts + 1, last_error = ? "
+                         f"WHERE id IN ({in_list})", (error, *chunk))
+            spent = fetch_all(conn, f"SELECT seq FROM outbox WHERE id IN ({in_list}) AND "
+                              "attempts >= ?", (*chunk, self.config.max_attempts))
+            if spent:
+                self._bury_seqs(conn, [row[0] for row in spent], "max-attempts",
+                                f"gave up after {self.config.max_attempts} attempts; "
+                                f"last error: {error}")
+
+    def _bury(self, conn: sqlite3.Connection, where: str, params: Sequence[Any],
+              reason: str, detail: str | None) -> None:
+        seqs = [row[0] for row in fetch_all(conn, f"SELECT seq FROM outbox WHERE {where}",
+                                            params)]
+        self._bury_seqs(conn, seqs, reason, detail)
+
+    def _bury_seqs(self, conn: sqlite3.Connection, seqs: Sequence[int], reason: str,
+                   detail: str | None) -> None:
+        """Move rows to ``dead_letters`` with a reason, keep dead letters within their
+        bounds, and say so once in the log after the commit."""
+        if not seqs:
+            return
+        now = time.time()
+        buried: list[tuple[str, str]] = []
+        for chunk in chunks(list(seqs), SWEEP_CHUNK):
+            in_list = marks(len(chunk))
+            # not INSERT OR REPLACE: its implied delete fires no trigger, and the dead-letter
+            # totals would drift
+            conn.execute(f"DELETE FROM dead_letters WHERE id IN (SELECT id FROM outbox "
+                         f"WHERE seq IN ({in_list}))", chunk)
+            conn.execute(
+                "INSERT INTO dead_letters (id, kind, device, name, params, size, "
+                "queued_at, expires_at, ttl, attempts, last_error, reason, detail, dead_at) "
+                "SELECT id, kind, device, name, params, size, queued_at, expires_at, ttl, "
+                f"attempts, last_error, ?, ?, ? FROM outbox WHERE seq IN ({in_list})",
+                (reason, detail, now, *chunk))
+            conn.execute(f"DELETE FROM inflight WHERE seq IN ({in_list})", chunk)
+            buried += conn.execute(f"DELETE FROM outbox WHERE seq IN ({in_list}) "
+                                   "RETURNING id, device", chunk).fetchall()
+        self.after_commit.append(lambda: _log_buried(buried, reason, detail))
+        self.prune_dead(conn, len(buried))
+
+    def prune_dead(self, conn: sqlite3.Connection, added: int) -> int:
+        """Delete the oldest dead letters over ``store.max_dead_letters``,
+        ``store.max_dead_bytes`` or older than ``store.dead_letter_ttl``: at most what was
+        just ``added`` plus :data:`SWEEP_CHUNK` in this transaction, oldest first."""
+        config = self.config
+        count, nbytes = first(conn, "SELECT dead_count, dead_bytes FROM totals WHERE id = 1")
+        over_count = count - config.max_dead_letters
+        over_bytes = nbytes - config.max_dead_bytes
+        cutoff = time.time() - config.dead_letter_ttl if config.dead_letter_ttl > 0 else None
+        if over_count <= 0 and over_bytes <= 0 and cutoff is None:
+            return 0
+        doomed: list[int] = []
+        freed = 0
+        cursor = conn.execute("SELECT rowid, size, dead_at FROM dead_letters "
+                              "ORDER BY dead_at LIMIT ?", (added + SWEEP_CHUNK,))
+        for rowid, size, dead_at in cursor:  # lazily: mostly the first row says "none"
+            aged = cutoff is not None and dead_at < cutoff
+            if not aged and len(doomed) >= over_count and freed >= over_bytes:
+                break
+            doomed.append(rowid)
+            freed += size
+        cursor.close()
+        for chunk in chunks(doomed, SWEEP_CHUNK):
+            conn.execute(f"DELETE FROM dead_letters WHERE rowid IN ({marks(len(chunk))})", chunk)
+        if doomed:
+            limits = (f"store.max_dead_letters={config.max_dead_letters}, "
+                      f"store.max_dead_bytes={config.max_dead_bytes}, "
+                      f"store.dead_letter_ttl={config.dead_letter_ttl:g}")
+            self.after_commit.append(lambda: log.warning(
+                "pruned the %d oldest dead letter(s) to keep within %s", len(doomed), limits))
+        return len(doomed)
+
+    def requeue_one(self, conn: sqlite3.Connection, id_: str, *, expired: bool) -> int:
+        row = conn.execute("SELECT reason FROM dead_letters WHERE id = ? AND "
+                           "kind IN ('action', 'result', 'forward')", (id_,)).fetchone()
+        if row is None:
+            return 0
+        if row[0] == "expired" and not expired:
+            raise InvalidCommand(
+                f"dead letter {id_} expired: its ttl ran out, and it may even have been "
+                "delivered with the broker's PUBACK lost. A stale command is sent again only "
+                "when asked explicitly: pigateway queue requeue-dead --id ID --expired")
+        return self._requeue_rows(conn, "id = ?", (id_,))
+
+    def requeue_chunk(self, conn: sqlite3.Connection, bound: int) -> int:
+        # only what can be sent: the inbound records (kind 'inbound', messages that had no
+        # id to answer) stay where they are, as evidence; expired ones stay dead
+        return self._requeue_rows(
+            conn, "rowid IN (SELECT rowid FROM dead_letters WHERE rowid <= ? AND reason != "
+            "'expired' AND kind IN ('action', 'result', 'forward') "
+            "ORDER BY dead_at, queued_at LIMIT ?)",
+            (bound, SWEEP_CHUNK))
+
+    def _requeue_rows(self, conn: sqlite3.Connection, where: str,
+                      params: Sequence[Any]) -> int:
+        now, gateway_now = time.time(), self.clock.now()
+        rows = fetch_all(conn, "SELECT rowid, id, kind, device, name, params, size, "
+                         f"queued_at, expires_at, ttl FROM dead_letters WHERE {where} "
+                         "ORDER BY dead_at, queued_at", params)
+        requeued = []
+        for row in rows:
+            ttl = own_ttl(row[7], row[8], row[9])
+            requeued.append((*row[1:7], now, requeued_expiry(ttl, gateway_now), ttl))
+        conn.executemany(_INSERT, requeued)
+        for chunk in chunks([row[0] for row in rows], SWEEP_CHUNK):
+            conn.execute(f"DELETE FROM dead_letters WHERE rowid IN ({marks(len(chunk))})", chunk)
+        return len(rows)
+
+    def resume_in_flight(self, conn: sqlite3.Connection) -> int:
+        """Whatever was in flight when the last drainer died is queued again, first."""
+        return conn.execute("DELETE FROM inflight").rowcount
+
+    def release(self, conn: sqlite3.Connection, ids: Sequence[str]) -> None:
+        for chunk in chunks(list(ids), SWEEP_CHUNK):
+            conn.execute(f"DELETE FROM inflight WHERE seq IN (SELECT seq FROM outbox "
+                         f"WHERE id IN ({marks(len(chunk))}))", chunk)
+
+    def bury_new(self, conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], reason: str,
+                 detail: str) -> None:
+        """Prepared rows that never were queued, straight into the dead letters (an ingested
+        message that is not a command), within the dead letters' bounds."""
+        now = time.time()
+        conn.executemany(
+            "INSERT INTO dead_letters (id, kind, device, name, params, size, queued_at, "
+            "expires_at, ttl, attempts, last_error, reason, detail, dead_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, NULL, ?, ?, ?)",
+            [(*row, reason, detail, now) for row in rows])
+        self.prune_dead(conn, len(rows))
+
+    def dead_letter(self, conn: sqlite3.Connection, ids: Sequence[str], reason: str,
+                    detail: str | None) -> None:
+        self._bury(conn, _ids_sql(ids), list(ids), reason, detail)
+
+
+def _log_buried(buried: Sequence[tuple[str, str]], reason: str, detail: str | None) -> None:
+    """One line for the lot; the journal indexes every id (COMMAND_ID=...) in it."""
+    log.warning("dead-lettered %d command(s): %s (%s); see `pigateway queue ls --dead`",
+                len(buried), reason, detail or "no detail",
+                extra={"command_id": [row[0] for row in buried[:LOGGED_IDS]],
+                       "device": sorted({row[1] for row in buried})[:LOGGED_IDS],
+                       "dead_reason": reason})
+
+
+def max_rowid(table: str) -> Callable[[sqlite3.Connection], int]:
+    """The newest row of ``table`` now: a sweep goes no further, so it ends even while
+    rows keep arriving."""
+    def read(conn: sqlite3.Connection) -> int:
+        return int(first(conn, f"SELECT coalesce(max(rowid), 0) FROM {table}")[0])
+    return read
+
+
+def purge_dead_chunk(conn: sqlite3.Connection, bound: int) -> int:
+    return conn.execute("DELETE FROM dead_letters WHERE rowid IN (SELECT rowid FROM "
+                        "dead_letters WHERE rowid <= ? LIMIT ?)", (bound, SWEEP_CHUNK)).rowcount
+
+
+def purge_queued_chunk(conn: sqlite3.Connection, last_seq: int) -> int:
+    seqs = [row[0] for row in fetch_all(conn, "SELECT seq FROM outbox WHERE seq <= ? "
+                                        "ORDER BY seq LIMIT ?", (last_seq, SWEEP_CHUNK))]
+    in_list = marks(len(seqs))
+    conn.execute(f"DELETE FROM inflight WHERE seq IN ({in_list})", seqs)
+    return conn.execute(f"DELETE FROM outbox WHERE seq IN ({in_list})", seqs).rowcount
+
+
+def _ids_sql(ids: Sequence[str]) -> str:
+    return f"id IN ({','.join('?' * len(ids))})" if ids else "0"
+

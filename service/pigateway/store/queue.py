@@ -1,0 +1,414 @@
+"""The :class:`Store`: the queue as the service and producers use it. It opens the file
+(checking, quarantining, migrating, holding the drainer lock), starts the writer and
+hands each verb to it; what the verbs do inside a transaction is in
+:mod:`pigateway.store.outbox` and :mod:`pigateway.store.inbox`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from functools import cached_property
+from typing import Any, Self, TypeVar
+
+from pigateway import clock
+from pigateway.clock import GatewayClock
+from pigateway.config import StoreConfig
+from pigateway.errors import StoreError
+from pigateway.ids import new_id
+from pigateway.inbox import outbox_device
+from pigateway.store import clock_row, delivery, files, schema
+from pigateway.store.connection import SqliteThread, data_version, fetch_all, select_one, translate
+from pigateway.store.inbox import Inbox
+from pigateway.store.outbox import (
+    SWEEP_CHUNK,
+    Outbox,
+    Put,
+    Then,
+    max_rowid,
+    purge_dead_chunk,
+    purge_queued_chunk,
+)
+from pigateway.store.reading import Reads
+from pigateway.store.values import Command, NewCommand, prepare
+from pigateway.store.writer import Writer
+
+log = logging.getLogger("pigateway.store")
+T = TypeVar("T")
+#: Told the running total of rows a long sweep has handled (the CLI prints it).
+Progress = Callable[[int], None]
+Statement = tuple[str, Sequence[Any]]
+
+#: How often a drainer looks for commits made by other processes (``pigateway send``).
+POLL_INTERVAL = 0.05
+#: Seconds one ``claim`` call goes on burying an expired backlog before it hands back an
+#: empty claim (and wakes :meth:`Store.wait_for_work`): a cancelled claim ends soon.
+CLAIM_SWEEP_SECONDS = 1.0
+
+
+class Store(Reads):
+    """The queue. Open with ``await Store.open(config)``; use as an async context manager."""
+
+    def __init__(self, config: StoreConfig, writer: Writer, outbox: Outbox,
+                 reader: SqliteThread, *, drainer: bool) -> None:
+        self.config = config
+        #: the clock of every ``expires_at`` in the file (see :mod:`pigateway.clock`)
+        self.clock = outbox.clock
+        self.path = config.path
+        self.drainer = drainer
+        self._writer = writer
+        self._outbox = outbox
+        self._reader = reader
+        self._put_event = asyncio.Event()
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._lock_fd: int | None = None
+        self._closed = False
+        self._data_version = 0
+
+    # ---- lifecycle
+
+    @classmethod
+    async def open(cls, config: StoreConfig, *, drainer: bool = True) -> Store:
+        """Open (creating, migrating, quarantining a corrupt file) and start the writer.
+
+        A ``drainer`` (the service) holds an exclusive lock file so that two services never
+        drain one queue, and puts back whatever was in flight when the last one died.
+        Producers (``pigateway send``, the Python API) pass ``drainer=False``.
+        """
+        try:
+            config.path.parent.mkdir(parents=True, exist_ok=True)
+            lock_fd = files.take_drainer_lock(config.path) if drainer else None
+        except OSError as exc:  # a read-only file system, a folder owned by someone else
+            raise StoreError(f"cannot use {config.path.parent}: {exc}") from exc
+        try:
+            store = await cls._connect(config, drainer=drainer)
+        except BaseException:
+            files.release_lock(lock_fd)
+            raise
+        store._lock_fd = lock_fd
+        await store._start()
+        return store
+
+    @classmethod
+    async def _connect(cls, config: StoreConfig, *, drainer: bool) -> Store:
+        """Check the file, connect the writer, migrate, read the clock, connect the reader."""
+        await files.check_before_open(config.path, drainer=drainer)
+        thread = await SqliteThread.open(config, "store-writer")
+        try:
+            await thread.call(schema.migrate, config.path)
+            reading = await thread.call(schema.clock_reading, config.path)
+            reader = await SqliteThread.open(config, "store-reader")
+        except sqlite3.Error as exc:  # a producer met damage its cheap check missed
+            await thread.close()
+            raise translate(exc, config.path) from exc
+        except BaseException:
+            await thread.close()
+            raise
+        outbox = Outbox(config, GatewayClock(reading), [])
+        return cls(config, Writer(thread, config.path, outbox), outbox, reader,
+                   drainer=drainer)
+
+    async def _start(self) -> None:
+        """A drainer takes back what was in flight; then the writer (and heartbeat) start."""
+        if self.drainer:
+            resumed = await self._writer.transaction(self._outbox.resume_in_flight)
+            if resumed:
+                log.warning("%d commands were in flight when pigateway last stopped; "
+                            "they are queued again, first", resumed)
+        self._data_version = await self._writer.on_thread(data_version)
+        self._writer.start()
+        if self.drainer:
+            self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(),
+                                                       name="store-clock")
+            try:
+                await self.prune_dead()  # bounds lowered since, or dead letters aged out
+            except BaseException:
+                await self.close()
+                raise
+
+    async def close(self) -> None:
+        """Finish pending writes and close both connections. Safe to call twice."""
+        if self._closed:
+            return
+        if self._heartbeat_task is not None:
+            # not awaited: nothing may stand between close() and stopping the writer
+            self._heartbeat_task.cancel()
+            self._heartbeat_task = None
+            # the last reading, so the next boot continues from the moment we stopped
+            _consume(self._submit(clock_row.heartbeat))
+        self._closed = True
+        await self._writer.close()
+        await self._reader.close()
+        files.release_lock(self._lock_fd)
+        self._lock_fd = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---- producing
+
+    async def put(self, device: str, name: str, params: dict[str, Any] | None = None, *,
+                  ttl: float | None = None, kind: str = "action", id: str | None = None,
+                  also: Sequence[Statement] = (), watch: bool = False) -> Command:
+        """Queue one command; durable on return. ``also`` runs in the same transaction.
+        ``watch``: keep a record of its delivery for :meth:`where`
+        (:mod:`pigateway.store.delivery`)."""
+        if watch:
+            id = id or new_id()
+            also = [*also, *delivery.watch_statements(id, time.time())]
+        item = NewCommand(device=device, name=name, params={} if params is None else params,
+                          ttl=ttl, kind=kind, id=id)
+        commands = await self._submit_put([item], _statements(also) if also else None)
+        return commands[0]
+
+    async def put_keyed(self, key: str, item: NewCommand) -> tuple[Command | None, str]:
+        """Queue ``item`` (watched) unless producer ``key`` was used in the last
+        :data:`~pigateway.store.delivery.KEY_SECONDS`: then nothing is queued and the first
+        command's id comes back (``(None, id)``); else ``(command, its id)``."""
+        id_ = item.id or new_id()
+        now = time.time()
+        statements = [*delivery.key_statements(key, id_, now),
+                      *delivery.watch_statements(id_, now)]
+        try:
+            commands = await self._submit_put([dataclasses.replace(item, id=id_)],
+                                              _statements(statements))
+        except StoreError as exc:
+            if "producer_keys" not in str(exc):
+                raise
+            owner = await self._fetch(delivery.KEY_OWNER_SQL,
+                                      (key, time.time() - delivery.KEY_SECONDS))
+            if not owner:
+                raise
+            return None, str(owner[0][0])
+        return commands[0], id_
+
+    async def bury_new(self, items: Sequence[NewCommand], reason: str, detail: str) -> None:
+        """Keep messages that never became commands (an ingested payload that is not one)
+        as dead letters with ``reason``: for people to see and requeue by hand, never sent."""
+        now, gateway_now = time.time(), self.clock.now()
+        rows = [prepare(item, self.config, now, gateway_now) for item in items]
+        await self._call(lambda conn: self._outbox.bury_new(conn, rows, reason, detail))
+
+    async def put_many(self, items: Sequence[NewCommand]) -> list[Command]:
+        """Queue a list at once, all or nothing; durable on return."""
+        if not items:
+            return []
+        return await self._submit_put(list(items), None)
+
+    async def _submit_put(self, items: list[NewCommand], then: Then | None) -> list[Command]:
+        now, gateway_now = time.time(), self.clock.now()
+        # bad input fails here, in the caller, before it can spoil a shared commit
+        rows = [prepare(item, self.config, now, gateway_now) for item in items]
+        result: list[Command] = await self._writer.submit_put(Put(rows, items, then))
+        self._put_event.set()
+        return result
+
+    async def _put_result(self, device: str, document: dict[str, Any],
+                          then: Then | None) -> None:
+        """Queue an inbound command's result, and ``then`` in the same transaction."""
+        item = NewCommand(device=outbox_device(device), name="result", params=document,
+                          kind="result")
+        await self._submit_put([item], then)
+
+    @cached_property
+    def inbox(self) -> Inbox:
+        """The inbox of commands from the broker: receive, finish, ... (its verbs)."""
+        return Inbox(self)
+
+    # ---- draining
+
+    async def claim(self, limit: int) -> list[Command]:
+        """Mark up to ``limit`` of the oldest queued commands in flight and return them.
+
+        Expired commands met on the way are dead-lettered as ``expired`` and not returned,
+        at most :data:`SWEEP_CHUNK` per transaction: an expired backlog is buried chunk by
+        chunk, each its own commit. After :data:`CLAIM_SWEEP_SECONDS` of that an empty claim
+        comes back and :meth:`wait_for_work` returns at once, so the caller claims again.
+        """
+        if not self.drainer:
+            raise StoreError("this store was opened as a producer; only a drainer claims")
+        deadline = time.monotonic() + CLAIM_SWEEP_SECONDS
+        while True:
+            claimed, more_expired = await self._call(
+                lambda conn: self._outbox.claim(conn, limit))
+            if claimed or not more_expired:
+                return claimed
+            if time.monotonic() >= deadline:
+                self._put_event.set()  # more to bury: the drain comes back at once
+                return claimed
+
+    async def ack(self, ids: Sequence[str], batch: str | None = None) -> int:
+        """Delete delivered commands (call only after the broker acknowledged them); with
+        ``batch``, the watched ones get a delivery record in the same transaction
+        (:mod:`pigateway.store.delivery`: ``queue show``, ``send --wait``)."""
+        def run(conn: sqlite3.Connection) -> int:
+            deleted = self._outbox.ack(conn, ids)
+            if batch is not None:
+                now = time.time()
+                if noted := delivery.record(conn, ids, batch, now):
+                    delivery.prune(conn, now, noted)
+            return deleted
+        return await self._call(run)
+
+    async def nack(self, ids: Sequence[str], error: str) -> None:
+        """Put claimed commands back at the head; past ``max_attempts`` they are dead-lettered."""
+        await self._call(lambda conn: self._outbox.nack(conn, ids, error))
+
+    async def release(self, ids: Sequence[str]) -> None:
+        """Put claimed commands back at the head without counting an attempt.
+
+        For rows a drainer claimed but never sent (its link ended first): they were not
+        tried, so they must not creep towards ``max_attempts``.
+        """
+        await self._call(lambda conn: self._outbox.release(conn, ids))
+
+    async def dead_letter(self, ids: Sequence[str], reason: str,
+                          detail: str | None = None) -> None:
+        """Move commands to the dead-letter table with a reason; logs one warning line."""
+        await self._call(lambda conn: self._outbox.dead_letter(conn, ids, reason, detail))
+
+    # ---- observing
+
+    async def wait_for_work(self, timeout: float) -> None:
+        """Return when a put happened here or another process committed, or after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, POLL_INTERVAL)):
+                    await self._put_event.wait()
+                # consumed here, not cleared on entry: a put that committed after the
+                # caller's last (empty) claim must wake it now, not at the next poll
+                self._put_event.clear()
+                return
+            version = await self._read_data_version()
+            if version != self._data_version:
+                self._data_version = version
+                return
+
+    async def heartbeat(self) -> None:
+        """Write a reading of the gateway clock (a new boot continues from the last one)."""
+        self.clock.adopt(await self._call(clock_row.heartbeat))
+
+    async def _heartbeat_loop(self) -> None:
+        """The drainer's readings, every :data:`pigateway.clock.HEARTBEAT` seconds: one
+        small row, committed with whatever else is being written then."""
+        while True:
+            await asyncio.sleep(clock.HEARTBEAT)
+            try:
+                await self.heartbeat()
+            except StoreError as exc:  # the next one may pass; a reboot meanwhile loses a beat
+                log.warning("could not write a reading of the gateway clock: %s", exc)
+
+    async def ping(self) -> None:
+        """Return once the writer task and its thread answer (for the watchdog).
+
+        It takes no lock: a lock another process holds is waited out by each transaction
+        for at most ``store.busy_timeout`` and then fails alone, so the ping is answered
+        after at most that long (the watchdog allows it: :func:`pigateway.systemd.ping_bound`).
+        A writer that does not come back (a hung disk) does not answer at all.
+        """
+        await self._writer.submit(select_one, bare=True)
+
+    # ---- maintenance
+
+    async def requeue_dead(self, id: str | None = None, *, expired: bool = False,
+                           progress: Progress | None = None) -> int:
+        """Move dead letters back to the tail of the queue, attempts reset; each keeps its
+        own ttl, counted again from now (:func:`~pigateway.store.values.requeued_expiry`).
+
+        All of them: every one but the ``expired``, in chunks, each its own commit (a stale
+        command is never replayed to a device unasked; one may also have been delivered
+        with its PUBACK lost). One by ``id``: an expired one only with ``expired=True``,
+        else :class:`InvalidCommand` says how to ask.
+        """
+        if id is not None:
+            return await self._call(
+                lambda conn: self._outbox.requeue_one(conn, id, expired=expired))
+        bound = await self._call(max_rowid("dead_letters"))
+        return await self._sweep(lambda conn: self._outbox.requeue_chunk(conn, bound), progress)
+
+    async def purge(self, *, queued: bool, progress: Progress | None = None) -> int:
+        """Delete dead letters, and with ``queued`` the whole queue too. Returns rows deleted.
+
+        In chunks, each its own commit, so a running service keeps its writer; only rows
+        that existed when the purge began are deleted (puts meanwhile are kept).
+        """
+        bound, last = await self._call(
+            lambda conn: (max_rowid("dead_letters")(conn), max_rowid("outbox")(conn)))
+        total = await self._sweep(lambda conn: purge_dead_chunk(conn, bound), progress)
+        if queued:
+            total += await self._sweep(lambda conn: purge_queued_chunk(conn, last),
+                                       lambda done: progress(total + done) if progress else None)
+        return total
+
+    async def prune_dead(self) -> int:
+        """Bring dead letters within their bounds now, in chunks (a drainer does it at open)."""
+        return await self._sweep(lambda conn: self._outbox.prune_dead(conn, 0), None)
+
+    # ---- raw statements: for tests and repairs; the service uses the verbs above
+
+    async def write(self, statements: Sequence[Statement]) -> None:
+        """Run statements in one durable transaction through the writer."""
+        await self._call(_statements(statements))
+
+    async def sweep(self, statement: Statement) -> int:
+        """Run a statement that deletes at most :data:`SWEEP_CHUNK` rows again and again,
+        each time its own commit, until it deletes fewer; returns the rows deleted."""
+        sql, params = statement
+        return await self._sweep(lambda conn: conn.execute(sql, params).rowcount, None)
+
+    # ---- through the writer
+
+    def _submit(self, run: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        return self._writer.submit(run)
+
+    async def _call(self, run: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._writer.submit(run)
+
+    async def _sweep(self, step: Callable[[sqlite3.Connection], int],
+                     progress: Progress | None, *, chunks: int | None = None) -> int:
+        """Run ``step`` (which handles at most :data:`SWEEP_CHUNK` rows) in its own
+        transactions until it handles fewer (or ``chunks`` times): other writers' jobs
+        commit in between."""
+        total = 0
+        while True:
+            done = await self._call(step)
+            total += done
+            if progress is not None and done:
+                progress(total)
+            if chunks is not None:
+                chunks -= 1
+            if done < SWEEP_CHUNK or chunks == 0:
+                return total
+
+    async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return await self._reader.call(fetch_all, sql, params)
+        except sqlite3.Error as exc:
+            raise translate(exc, self.path) from exc
+
+    async def _read_data_version(self) -> int:
+        """Asked of the writer connection, whose data_version moves only when *another*
+        connection commits: our own claims and acks do not wake :meth:`wait_for_work`.
+        (It runs on the writer's thread between two transactions, never inside one.)"""
+        return await self._writer.on_thread(data_version)
+
+
+def _statements(statements: Sequence[Statement]) -> Callable[[sqlite3.Connection], None]:
+    def run(conn: sqlite3.Connection) -> None:
+        for sql, params in statements:
+            conn.execute(sql, params)
+    return run
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Let a future nobody awaits fail quietly: for the last reading of a closing drainer,
+    whose loss costs the TTLs at most one heartbeat of time after a reboot."""
+    future.add_done_callback(lambda done: done.cancelled() or done.exception())

@@ -1,0 +1,175 @@
+"""The queue file's schema: :data:`MIGRATIONS`, applied in order, tracked by
+``PRAGMA user_version``; and this boot's reading of the gateway clock, taken at open."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+
+from pigateway import clock
+from pigateway.errors import StoreError
+from pigateway.store import clock_row, delivery
+from pigateway.store.connection import first, run_transaction
+
+log = logging.getLogger("pigateway.store")
+
+#: Schema migrations, applied in order and tracked by ``PRAGMA user_version``.
+#: Never edit an entry that has shipped; append a new one.
+MIGRATIONS: list[str] = [
+    # 1: the queue
+    """
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY,  -- no AUTOINCREMENT: it would rewrite a page every commit
+        id TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        device TEXT NOT NULL,
+        name TEXT NOT NULL,
+        params TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        queued_at REAL NOT NULL,
+        expires_at REAL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT
+    );
+    CREATE TABLE inflight (seq INTEGER PRIMARY KEY, claimed_at REAL NOT NULL);
+    CREATE TABLE dead_letters (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        device TEXT NOT NULL,
+        name TEXT NOT NULL,
+        params TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        queued_at REAL NOT NULL,
+        expires_at REAL,
+        attempts INTEGER NOT NULL,
+        last_error TEXT,
+        reason TEXT NOT NULL,
+        detail TEXT,
+        dead_at REAL NOT NULL
+    );
+    CREATE INDEX dead_letters_reason ON dead_letters (reason);
+    CREATE TABLE totals (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        commands INTEGER NOT NULL,
+        bytes INTEGER NOT NULL
+    );
+    INSERT INTO totals VALUES (1, 0, 0);
+    CREATE TRIGGER outbox_counted AFTER INSERT ON outbox BEGIN
+        UPDATE totals SET commands = commands + 1, bytes = bytes + NEW.size WHERE id = 1;
+    END;
+    CREATE TRIGGER outbox_uncounted AFTER DELETE ON outbox BEGIN
+        UPDATE totals SET commands = commands - 1, bytes = bytes - OLD.size WHERE id = 1;
+    END;
+    """,
+    # 2: the inbox of commands from the broker (owned by pigateway.inbound)
+    """
+    CREATE TABLE inbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        device TEXT NOT NULL,
+        name TEXT NOT NULL,
+        params TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        expires_at REAL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        started_at REAL,
+        last_error TEXT,
+        status TEXT,
+        result TEXT,
+        finished_at REAL
+    );
+    CREATE INDEX inbox_state ON inbox (state, seq);
+    CREATE INDEX inbox_finished ON inbox (finished_at) WHERE state = 'done';
+    """,
+    # 3: the gateway clock every expires_at is on (owned by pigateway.clock); the ttl each
+    # command came with (expires_at no longer shares a clock with queued_at/received_at, so
+    # the ttl cannot be derived from them), and when an inbound one was done on that clock
+    # (the dedupe window; finished_at is wall time)
+    """
+    CREATE TABLE clock (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        boot_id TEXT NOT NULL,
+        base REAL NOT NULL,
+        reading REAL NOT NULL,
+        wall REAL NOT NULL,
+        synced INTEGER NOT NULL,
+        gap_from REAL
+    );
+    ALTER TABLE outbox ADD COLUMN ttl REAL;
+    ALTER TABLE dead_letters ADD COLUMN ttl REAL;
+    ALTER TABLE inbox ADD COLUMN ttl REAL;
+    ALTER TABLE inbox ADD COLUMN done_on REAL;
+    """,
+    # 4: dead letters are bounded (store.max_dead_letters, max_dead_bytes, dead_letter_ttl):
+    # their count and bytes kept by triggers like the outbox's, and an index to find the
+    # oldest.
+    """
+    ALTER TABLE totals ADD COLUMN dead_count INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE totals ADD COLUMN dead_bytes INTEGER NOT NULL DEFAULT 0;
+    UPDATE totals SET dead_count = (SELECT count(*) FROM dead_letters),
+                      dead_bytes = (SELECT coalesce(sum(size), 0) FROM dead_letters)
+        WHERE id = 1;
+    CREATE TRIGGER dead_counted AFTER INSERT ON dead_letters BEGIN
+        UPDATE totals SET dead_count = dead_count + 1, dead_bytes = dead_bytes + NEW.size
+            WHERE id = 1;
+    END;
+    CREATE TRIGGER dead_uncounted AFTER DELETE ON dead_letters BEGIN
+        UPDATE totals SET dead_count = dead_count - 1, dead_bytes = dead_bytes - OLD.size
+            WHERE id = 1;
+    END;
+    CREATE INDEX dead_letters_age ON dead_letters (dead_at);
+    """,
+    # 5: delivery records of watched commands, and producer keys (issue 11:
+    # :mod:`pigateway.store.delivery`, ``send --wait``, ``send --id``, ``queue show``).
+    delivery.SCHEMA,
+]
+
+
+def migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring the schema forward to the newest version, one transaction per step."""
+    version = int(first(conn, "PRAGMA user_version")[0])
+    conn.execute("SELECT name FROM sqlite_master").fetchall()  # a damaged schema fails here
+    if version > len(MIGRATIONS):
+        raise StoreError(f"{path} has schema version {version}, newer than this pigateway "
+                         f"knows ({len(MIGRATIONS)}); upgrade pigateway")
+    for number in range(version, len(MIGRATIONS)):
+        def step(conn: sqlite3.Connection, number: int = number) -> None:
+            if int(first(conn, "PRAGMA user_version")[0]) > number:
+                return  # another process migrated meanwhile
+            for statement in statements(MIGRATIONS[number]):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number + 1}")
+        run_transaction(conn, path, step)
+
+
+def clock_reading(conn: sqlite3.Connection, path: Path) -> clock.Reading:
+    """This boot's reading of the gateway clock; the write lock only at a boot's first open."""
+    stored = clock_row.load(conn)
+    if stored is not None and stored.boot_id == clock.boot_id():
+        return stored
+    reading = run_transaction(conn, path, clock_row.establish)
+    if stored is not None and reading.boot_id != stored.boot_id:
+        off = reading.offset - stored.reading
+        log.info("a new boot: TTLs continue from the last reading of the last one; %s",
+                 "the time the gateway was off counts once the wall clock is synchronised"
+                 if reading.gap_from is not None else
+                 f"the {off:.0f} s the gateway was off count too" if off > 0 else
+                 "the time the gateway was off cannot be known and does not count")
+    return reading
+
+
+def statements(script: str) -> Iterable[str]:
+    """Split a migration script into statements (triggers contain ';' inside BEGIN..END)."""
+    buffer = ""
+    for line in script.strip().splitlines():
+        buffer += line + "\n"
+        if sqlite3.complete_statement(buffer):
+            yield buffer.strip()
+            buffer = ""
+    if buffer.strip():
+        yield buffer.strip()
+
+

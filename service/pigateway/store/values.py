@@ -1,0 +1,167 @@
+"""The store's values: a command as stored, a dead letter, a new command and a queue
+snapshot; the check that turns a new command into a row; a command's own ttl."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pigateway import wire
+from pigateway.config import StoreConfig
+from pigateway.errors import InvalidCommand
+from pigateway.ids import new_id
+from pigateway.inputs import shown, text_problem
+
+KINDS = ("action", "result", "forward")
+MAX_NAME = 128
+#: The columns :func:`row_to_command` reads, in its order.
+COMMAND_COLUMNS = ("seq, id, kind, device, name, params, size, queued_at, expires_at, "
+                   "attempts, last_error")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One queued command, as stored.
+
+    ``queued_at`` is wall time; ``expires_at`` is on the store's gateway clock
+    (:mod:`pigateway.clock`), except in :meth:`Store.list_queued`/:meth:`Store.list_dead`,
+    which show it as wall time.
+    """
+
+    id: str
+    device: str
+    name: str
+    params: dict[str, Any]
+    kind: str
+    queued_at: float
+    expires_at: float | None
+    attempts: int
+    last_error: str | None
+    size: int
+    seq: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, for ``pigateway queue ls --json``."""
+        return {
+            "id": self.id, "kind": self.kind, "device": self.device, "name": self.name,
+            "params": self.params, "queued_at": self.queued_at, "expires_at": self.expires_at,
+            "attempts": self.attempts, "last_error": self.last_error, "size": self.size,
+        }
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A command that left the queue without delivery, and why."""
+
+    command: Command
+    reason: str
+    detail: str | None
+    dead_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.command.as_dict(), "reason": self.reason, "detail": self.detail,
+                "dead_at": self.dead_at}
+
+
+@dataclass(frozen=True)
+class NewCommand:
+    """What a producer hands to :meth:`Store.put_many`."""
+
+    device: str
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    ttl: float | None = None
+    kind: str = "action"
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A snapshot of the queue, read from the rows (never from a cache)."""
+
+    depth: int
+    bytes: int
+    oldest_age: float | None
+    in_flight: int
+    dead: dict[str, int]
+
+    @property
+    def dead_total(self) -> int:
+        return sum(self.dead.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"depth": self.depth, "bytes": self.bytes, "oldest_age": self.oldest_age,
+                "in_flight": self.in_flight, "dead": dict(self.dead),
+                "dead_total": self.dead_total}
+
+
+
+
+def prepare(item: NewCommand, config: StoreConfig, now: float,
+            gateway_now: float | None = None) -> tuple[Any, ...]:
+    """Check one new command and turn it into a row; raise :class:`InvalidCommand`.
+
+    ``now`` (wall clock) is its ``queued_at``; its ``expires_at`` counts from
+    ``gateway_now`` (:mod:`pigateway.clock`), so a wall-clock step cannot move it.
+    """
+    for label, value in (("device", item.device), ("command name", item.name)):
+        if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME:
+            raise InvalidCommand(f"{label} must be a non-empty string of at most {MAX_NAME} "
+                                 f"characters, got {shown(value)}")
+        problem = text_problem(value)  # one rule for the CLI, the API and every caller
+        if problem is not None:
+            raise InvalidCommand(f"{label} {shown(value)} {problem}")
+    if item.kind not in KINDS:
+        raise InvalidCommand(f"kind must be one of {KINDS}, got {item.kind!r}")
+    if not isinstance(item.params, dict):
+        raise InvalidCommand(f"params must be a JSON object, got {type(item.params).__name__}")
+    try:
+        params = wire.encode(item.params)
+        size = len(params.encode())  # a lone surrogate is no UTF-8: UnicodeEncodeError
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidCommand(f"params are not JSON: {str(exc)[:200]}") from exc
+    if size > config.max_params_bytes:
+        raise InvalidCommand(f"params are {size} bytes; the limit is {config.max_params_bytes} "
+                             "(store.max_params_bytes)")
+    ttl = _ttl_seconds(config.default_ttl if item.ttl is None else item.ttl)
+    start = now if gateway_now is None else gateway_now
+    expires_at = start + ttl if ttl > 0 else None
+    return (item.id or new_id(), item.kind, item.device, item.name, params, size, now, expires_at,
+            ttl)
+
+
+def _ttl_seconds(value: Any) -> float:
+    """A ttl as finite seconds >= 0; anything else (bool, 10**400, nan) is bad input."""
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError
+        seconds = float(value)  # OverflowError for an int too big for a float
+    except (TypeError, OverflowError):
+        seconds = math.nan
+    if not 0 <= seconds < math.inf:
+        raise InvalidCommand(f"ttl must be a number of seconds >= 0, got {shown(value)}")
+    return seconds
+
+
+def row_to_command(row: Sequence[Any]) -> Command:
+    seq, id_, kind, device, name, params, size, queued_at, expires_at, attempts, error = row[:11]
+    return Command(id=id_, device=device, name=name, params=json.loads(params), kind=kind,
+                   queued_at=queued_at, expires_at=expires_at, attempts=attempts,
+                   last_error=error, size=size, seq=seq)
+
+def own_ttl(queued_at: float, expires_at: float | None, ttl: float | None) -> float:
+    """The ttl a command was put with (0: never expires). Rows from before the stored ttl
+    (schema 3) had both times on the wall clock, so it is their difference."""
+    if ttl is not None:
+        return float(ttl)
+    return 0.0 if expires_at is None else max(0.0, expires_at - queued_at)
+
+
+def requeued_expiry(ttl: float, gateway_now: float) -> float | None:
+    """When a requeued command expires: its own ``ttl`` counted again from the requeue
+    (``gateway_now``, on the gateway clock); ``None`` for one that never expires."""
+    return gateway_now + ttl if ttl > 0 else None
+
