@@ -224,6 +224,8 @@ def test_example_fleet_renders_configs_pigateway_accepts(
     assert north.gpio.green_led == 22 and north.devices["pump"].options == {"pin": 24}
     assert north.uplink.batch_delay == 0.2
     assert south.uplink.batch_delay == 1.0 and south.uplink.max_inflight == 2
+    assert [(r.topic, r.mode) for r in south.ingest] == [("zigbee2mqtt/+", "forward")]
+    assert south.local.port == 1883 and north.ingest == []
     assert "Ansible managed" in rendered["gw-north-01"]
 
 

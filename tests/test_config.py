@@ -239,7 +239,7 @@ def _config_with(key: str, value: str) -> dict[str, Any]:
     for section in sections:
         table = table.setdefault(section, {})
     table[leaf] = value
-    if key == "mqtt.tls.key_file":
+    if key in ("mqtt.tls.key_file", "local.tls.key_file"):
         table["cert_file"] = "/etc/pigateway/cert.pem"
     return data
 

@@ -49,7 +49,7 @@ async def test_private_member_is_where_pigateway_expects_it(member: PrivateMembe
 def test_private_members_are_named_only_in_the_table() -> None:
     """A private aiomqtt/paho member used in mqtt.py must be in PRIVATE_API (so it is guarded)."""
     source = (SERVICE / "mqtt.py").read_text()
-    ours = {"_link", "_send_at_once", "_connection", "_timeout", "_lenient_puback"}
+    ours = {"_link", "_send_at_once", "_connection", "_timeout", "_lenient_puback", "_extras"}
     named = {member.name for member in PRIVATE_API}
     used = set(re.findall(r"\.(_[a-z][a-z_]*)\b", source)) - ours
     assert used <= named, f"private members used but not in PRIVATE_API: {sorted(used - named)}"

@@ -63,6 +63,11 @@ CASES: list[tuple[dict[str, Any], Show]] = [
     ({"link": Link.OFFLINE, "paused": True}, Show.PAUSED),
     ({"link": Link.ONLINE, "paused": True, "fault": "disk full"}, Show.FAULT),
     ({"link": Link.OFFLINE, "fault": "login refused"}, Show.FAULT),
+    ({"link": Link.ONLINE, "local": Link.OFFLINE}, Show.LOCAL_DOWN),
+    ({"link": Link.ONLINE, "local": Link.CONNECTING}, Show.LOCAL_DOWN),
+    ({"link": Link.ONLINE, "local": Link.ONLINE}, Show.ONLINE),
+    ({"link": Link.ONLINE, "local": Link.OFFLINE, "depth": 5}, Show.DRAINING),
+    ({"link": Link.OFFLINE, "local": Link.OFFLINE}, Show.CONNECTING),
 ]
 
 

@@ -159,6 +159,9 @@ def _state(**changes: object) -> GatewayState:
         ({"fault": "login refused", "link_since": NOW - 90_000},
          "FAULT login refused · offline 1d 1h · queue 0"),
         ({"link": Link.ONLINE, "depth": 4, "oldest_age": 0.2}, "online · queue 4 · dead 0"),
+        ({"link": Link.ONLINE, "local": Link.OFFLINE},
+         "online · local offline · queue 0 · dead 0"),
+        ({"link": Link.ONLINE, "local": Link.ONLINE}, "online · queue 0 · dead 0"),
     ],
 )
 def test_status_line(changes: dict[str, object], line: str) -> None:

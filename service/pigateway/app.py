@@ -26,6 +26,7 @@ from pigateway.config import Config
 from pigateway.control import ControlServer
 from pigateway.errors import StoreError
 from pigateway.inbound import Inbound
+from pigateway.ingest import Ingest
 from pigateway.logs import setup_logging
 from pigateway.metrics import Exporter
 from pigateway.panel import Panel
@@ -60,6 +61,7 @@ class Gateway:
         self.store: Store | None = None
         self.uplink: Uplink | None = None
         self.panel: Panel | None = None
+        self.ingest: Ingest | None = None
         self._stopping = asyncio.Event()
 
     # ---- controls (control socket, GPIO buttons, signals)
@@ -118,6 +120,7 @@ class Gateway:
             uplink.pause()
         await self._refresh_or_say(store, failing=False)
         log.info("store %s open and recovered; %d queued", store.path, self.state.depth)
+        ingest = self.ingest = Ingest(self.config, store, self.state)
         async with asyncio.TaskGroup() as parts:
             link = parts.create_task(uplink.run(), name="uplink")
             watchdog = supervise(self.notifier, self.state, store.ping,
@@ -126,9 +129,13 @@ class Gateway:
                       parts.create_task(watchdog, name="systemd")]
             if inbound is not None:  # the worker pool; it closes the handlers when it ends
                 others.append(parts.create_task(inbound.run(), name="inbound"))
+            if ingest.enabled:  # the gateway's own broker into the queue
+                others.append(parts.create_task(ingest.run(), name="ingest"))
             if (exporter := Exporter(self.config.metrics, self.state, store)).enabled:
                 others.append(parts.create_task(exporter.run(), name="metrics"))
             await self._stopping.wait()
+            if ingest.enabled:  # what it took is committed and acknowledged first
+                await ingest.stop()
             log.info("stopping: no new batches; waiting up to %.0fs for PUBACKs in flight",
                      self.config.uplink.publish_timeout)
             await uplink.stop(self.config.uplink.publish_timeout)

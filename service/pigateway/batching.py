@@ -12,7 +12,9 @@ commit; batching only decides how rows that are already on disk travel to the br
 - a command that alone does not fit in ``max_batch_bytes`` is dead-lettered ``too-large``
   (never retried forever), one past its TTL ``expired`` (stale commands are never replayed
   to a physical device);
-- rows of kind ``result`` travel alone, one message each, on the results topic.
+- rows of kind ``result`` travel alone, one message each, on the results topic; rows of
+  kind ``forward`` (:mod:`pigateway.ingest`) too, each as the device's own message on its
+  own topic (:func:`pigateway.forwarded.unpack`).
 
 The pure functions (:func:`encode_command`, :func:`take_batch`, :func:`plan`) are what the
 tests call directly; :class:`Batcher` is the small async driver between store and uplink.
@@ -29,12 +31,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
-from pigateway import wire
+from pigateway import forwarded, wire
 from pigateway.aio import first_of
 from pigateway.ids import new_id
 
 REASON_TOO_LARGE = "too-large"
 REASON_EXPIRED = "expired"
+#: Kinds of rows that travel alone, one message each.
+SOLO = ("result", "forward")
 
 
 class Queued(Protocol):
@@ -106,9 +110,11 @@ class Batch(Generic[C]):
     """One MQTT message: a batch of actions, or a single result document."""
 
     id: str
-    kind: Literal["actions", "results"]
+    kind: Literal["actions", "results", "forward"]
     commands: tuple[C, ...]
     payload: bytes
+    #: a forwarded message: its uplink topic and what it carries besides the payload
+    forward: forwarded.Forward | None = None
 
     @property
     def ids(self) -> list[str]:
@@ -174,8 +180,8 @@ class _Builder:
 
 def fits_alone(command: Queued, rules: Rules, encoded: str | None = None) -> bool:
     """Whether a command can travel at all under ``max_batch_bytes``."""
-    if command.kind == "result":
-        return len(wire.encode(command.params).encode()) <= rules.too_large_above
+    if command.kind in SOLO:
+        return True  # one message each: the broker's PUBACK says whether it is too large
     hard = dataclasses.replace(rules, max_batch_bytes=rules.too_large_above)
     builder = _Builder(hard, new_id(0), time.time())
     return builder.fits(command.device, encoded or encode_command(command))
@@ -191,19 +197,27 @@ def take_batch(pending: Sequence[C], rules: Rules, *, now: float,
     ``expires_at`` is on (the store's gateway clock; ``now`` when not given).
     """
     expiry_now = now if expires_now is None else expires_now
-    if pending and pending[0].kind == "result" and not is_expired(pending[0], expiry_now):
-        return _take_result(list(pending), rules, [])  # no scan: results go one at a time
+    if pending and pending[0].kind in SOLO and not is_expired(pending[0], expiry_now):
+        return _take_result(list(pending), rules, [], expiry_now)  # no scan: one at a time
     expired = [c for c in pending if is_expired(c, expiry_now)]
     live = [c for c in pending if not is_expired(c, expiry_now)]
     if not live:
         return Take(None, [], expired=expired)
-    if live[0].kind == "result":
-        return _take_result(live, rules, expired)
+    if live[0].kind in SOLO:
+        return _take_result(live, rules, expired, expiry_now)
     return _take_actions(live, rules, now, batch_id or new_id(now), expired)
 
 
-def _take_result(live: list[C], rules: Rules, expired: list[C]) -> Take[C]:
+def _take_result(live: list[C], rules: Rules, expired: list[C], now: float) -> Take[C]:
     head, rest = live[0], live[1:]
+    if head.kind == "forward":
+        left = None if head.expires_at is None else head.expires_at - now
+        try:
+            forward = forwarded.unpack(head.params, ttl_left=left, command_id=head.id)
+        except ValueError:
+            return Take(None, rest, too_large=[head], expired=expired)
+        return Take(Batch(head.id, "forward", (head,), forward.payload, forward), rest,
+                    expired=expired)
     payload = wire.encode(head.params).encode()
     if len(payload) > rules.too_large_above:
         return Take(None, rest, too_large=[head], expired=expired)
@@ -217,7 +231,7 @@ def _take_actions(live: list[C], rules: Rules, now: float, batch_id: str,
     rest: list[C] = []
     too_large: list[C] = []
     for command in live:
-        if command.kind == "result" or command.device in waiting:
+        if command.kind in SOLO or command.device in waiting:
             rest.append(command)
             continue
         encoded = encode_command(command)
@@ -370,6 +384,8 @@ class Batcher(Generic[C]):
             if not await self._claim():
                 self._flush.clear()
                 await self._wait(self.idle_poll)
+        if self.pending[0].kind in SOLO:
+            return not self._interrupt.is_set()  # travels alone: no window to wait for
         # the window is counted on the monotonic clock: a wall clock set back (a Pi without
         # an RTC meeting NTP) must not hold a batch for the size of the jump
         age = max(0.0, self.clock() - min(c.queued_at for c in self.pending))
@@ -388,8 +404,8 @@ class Batcher(Generic[C]):
 
     def _full(self) -> bool:
         """A cheap estimate of whether pending already makes at least one whole batch."""
-        if self.pending and self.pending[0].kind == "result":
-            return True  # a result travels alone: nothing to wait or claim for
+        if self.pending and self.pending[0].kind in SOLO:
+            return True  # a result or forwarded message travels alone: nothing to wait or claim for
         devices = {c.device for c in self.pending}
         size = sum(c.size + len(c.name.encode()) + 96 for c in self.pending)
         return len(devices) >= self.rules.max_actions or size >= self.rules.max_batch_bytes

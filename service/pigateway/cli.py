@@ -1,8 +1,9 @@
 """The ``pigateway`` command line. Its verbs, options and exit codes are a contract.
 
 Exit codes: 0 done; 1 the service or store failed; 2 bad input (arguments, config,
-params); 3 the queue refused the command (full queue, full disk); 4 the service is not
-running (for verbs that need it).
+params); 3 the queue refused the command (full queue, full disk), or ``send --wait``: it was
+dead-lettered; 4 the service is not running (for verbs that need it); 5 ``send --wait``:
+queued, not yet delivered when the timeout ran out (it stays queued).
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ from pigateway.errors import (
     ServiceNotRunning,
     StoreFull,
 )
-from pigateway.store import QueueReader, Store
+from pigateway.store import NewCommand, QueueReader, Store
 from pigateway.text import format_age
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_NOT_RUNNING = 0, 1, 2, 3, 4
+EXIT_PENDING = 5
+#: Seconds between two looks at the store while ``send --wait`` waits.
+WAIT_POLL = 0.05
 
 #: Which error means which exit code (most specific first).
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
@@ -109,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--priority", choices=("high", "normal", "low"), default="normal",
                       help="claimed before lower priorities; a device's order holds within "
                            "one priority only (docs/uplink.md)")
+    send.add_argument("--id", dest="key", metavar="KEY",
+                      help="a producer's idempotency key: the same key again within 24 h "
+                           "queues nothing and prints the first command's id")
+    send.add_argument("--wait", action="store_true",
+                      help="return once the broker acknowledged it: prints the command id "
+                           "and the batch id (exit 5: not yet; 3: dead-lettered)")
+    send.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                      help="how long --wait waits (default 30)")
     send.set_defaults(handler=cmd_send)
 
     _add_queue_verbs(verbs, common)
@@ -133,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_queue_verbs(verbs: Any, common: argparse.ArgumentParser) -> None:
     queue = verbs.add_parser("queue", help="look at and repair the queue").add_subparsers(
         dest="queue_verb", required=True, metavar="VERB")
+    show = queue.add_parser("show", parents=[common],
+                            help="where one command is: queued, in flight, delivered, dead")
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=cmd_queue_show)
     ls = queue.add_parser("ls", parents=[common], help="list queued (or dead) commands")
     ls.add_argument("--dead", action="store_true", help="list dead letters instead")
     ls.add_argument("--limit", type=int, default=50)
@@ -183,10 +200,47 @@ async def cmd_send(args: argparse.Namespace) -> int:
     config = _load(args)
     params = parse_params(args.param, args.params_json)
     async with await Store.open(config.store, drainer=False) as store:
-        command = await store.put(args.device, args.name, params, ttl=args.ttl,
-                                  priority=args.priority)
-    print(command.id)
-    return EXIT_OK
+        if args.key is None:
+            command_id = (await store.put(args.device, args.name, params, ttl=args.ttl,
+                                          priority=args.priority, watch=args.wait)).id
+        else:
+            _, command_id = await store.put_keyed(args.key, NewCommand(
+                args.device, args.name, params, ttl=args.ttl, priority=args.priority))
+        if not args.wait:
+            print(command_id)
+            return EXIT_OK
+        return await _wait_for(store, command_id, args.timeout)
+
+
+async def _wait_for(store: Store, command_id: str, timeout: float) -> int:
+    """Until the command is delivered (0), dead (3) or ``timeout`` ran out (5).
+
+    It only reads the store, so a restart of the service meanwhile changes nothing.
+    """
+    deadline = time.monotonic() + max(0.0, timeout)
+    while True:
+        where = await store.where(command_id)
+        if where.state == "delivered":
+            print(f"{command_id} {where.batch}")
+            return EXIT_OK
+        if where.state == "dead":
+            print(f"{command_id} dead-lettered: {where.reason}"
+                  + (f": {where.detail}" if where.detail else ""), file=sys.stderr)
+            return EXIT_REFUSED
+        if time.monotonic() >= deadline:
+            print(f"{command_id} queued, not yet delivered ({where.state})", file=sys.stderr)
+            return EXIT_PENDING
+        await asyncio.sleep(WAIT_POLL)
+
+
+async def cmd_queue_show(args: argparse.Namespace) -> int:
+    async with await _open_reader(args) as store:
+        where = await store.where(args.id)
+    if args.json:
+        print(json.dumps(where.as_dict(), indent=2))
+    else:
+        print("\n".join(f"{key:>10}: {value}" for key, value in where.as_dict().items()))
+    return EXIT_OK if where.state != "unknown" else EXIT_BAD_INPUT
 
 
 async def cmd_queue_ls(args: argparse.Namespace) -> int:
@@ -205,6 +259,8 @@ async def cmd_queue_ls(args: argparse.Namespace) -> int:
 async def cmd_queue_stats(args: argparse.Namespace) -> int:
     async with await _open_reader(args) as store:
         stats = (await store.stats()).as_dict()
+        # forwarded messages (ingest) apart from commands (a scan: here only)
+        stats["forwarded"], stats["forwarded_bytes"] = await store.forwarded()
     if args.json:
         print(json.dumps(stats, indent=2))
     else:
@@ -335,7 +391,10 @@ def _stats_text(stats: dict[str, Any]) -> str:
     age = stats.get("oldest_age")
     dead = stats.get("dead") or {}
     lines = [
-        f"queued:     {stats['depth']:,} commands, {stats['bytes']:,} bytes",
+        f"queued:     {stats['depth'] - stats.get('forwarded', 0):,} commands, "
+        f"{stats['bytes'] - stats.get('forwarded_bytes', 0):,} bytes",
+        *([f"forwarded:  {stats['forwarded']:,} messages, {stats['forwarded_bytes']:,} bytes"]
+          if "forwarded" in stats else []),
         f"in flight:  {stats['in_flight']:,}",
         f"oldest:     {format_age(age) if age is not None else '-'}",
         f"dead:       {sum(dead.values()):,}"

@@ -137,6 +137,58 @@ class MqttConfig(_Section, section="mqtt"):
 
 
 @dataclass(frozen=True)
+class LocalTlsConfig(TlsConfig, section="local.tls"):
+    """``[local.tls]``: TLS to the local broker, like ``[mqtt.tls]``."""
+
+
+@dataclass(frozen=True)
+class LocalConfig(_Section, section="local"):
+    """``[local]``: the broker on the gateway that ``[[ingest]]`` rules read from."""
+
+    host: str = _opt("127.0.0.1", pattern=HOST_PATTERN, allowed="a host name or an IP address",
+                     doc="local broker host name or address")
+    port: int = _opt(1883, min=1, max=65535, doc="local broker port")
+    protocol: Literal["5", "3.1.1"] = _opt(
+        "5", doc="MQTT protocol version (5 keeps content type, user properties, expiry)")
+    username: str | None = _opt(None, doc="local broker user name; none: anonymous")
+    password_file: Path | None = _opt(
+        None, doc="file with the password, or the systemd credential 'local-password'")
+    client_id: str | None = _opt(None, pattern=re.compile(r"^[A-Za-z0-9_.:-]{1,128}$"),
+                                 allowed="1-128 of letters, digits, '_', '.', ':', '-'",
+                                 doc="client id of ingest's session; none: {gateway_id}-ingest")
+    session_expiry: int = _opt(7 * 86_400, min=60,
+                               doc="seconds the local broker keeps ingest's session (and "
+                                   "the messages queued for it) while pigateway is down")
+    keepalive: int = _opt(15, min=5, max=3600, doc="seconds between pings")
+    window: int = _opt(256, min=1, max=65535,
+                       doc="messages taken but not yet acknowledged at most (Receive Maximum)")
+    tls: LocalTlsConfig = field(default_factory=LocalTlsConfig)
+
+
+#: ``{1}``, ``{2}``...: a 1-based level of the local topic.
+LEVEL_TEMPLATE = re.compile(r"^\{([1-9][0-9]?)\}$")
+#: What a ``remote_topic`` template may name.
+REMOTE_FIELDS = frozenset({"prefix", "gateway", "topic"})
+
+
+@dataclass(frozen=True)
+class IngestRule(_Section, section="ingest"):
+    """``[[ingest]]``: what to take from the local broker, and as what."""
+
+    topic: str = _opt("", doc="MQTT topic filter on the local broker ('+' and '#' allowed)")
+    mode: Literal["forward", "command"] = _opt(
+        "forward", doc="forward: the message whole to remote_topic; command: a queued command")
+    qos: int = _opt(1, min=0, max=2, doc="subscription QoS (0 is never acknowledged: no "
+                                           "guarantee)")
+    remote_topic: str = _opt("{prefix}/{gateway}/forward/{topic}",
+                             doc="forward: uplink topic; {prefix}, {gateway}, {topic} (local)")
+    device: str = _opt("{2}", doc="command: the device, a 1-based level of the local topic")
+    name: str = _opt("{3}", doc="command: the command name, a 1-based level of the topic")
+    ttl: float | None = _opt(None, min=0, doc="seconds a message lives in the queue; none: "
+                                               "its MQTT 5 expiry, else store.default_ttl")
+
+
+@dataclass(frozen=True)
 class UplinkConfig(_Section, section="uplink"):
     """``[uplink]``: batching, back-pressure and reconnect backoff."""
 
@@ -273,6 +325,8 @@ class Config:
     control: ControlConfig = field(default_factory=ControlConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
+    ingest: list[IngestRule] = field(default_factory=list)
     devices: dict[str, DeviceConfig] = field(default_factory=dict)
     source: Path | None = None
 
@@ -342,10 +396,70 @@ def _check_cross_fields(config: Config) -> None:
     if config.mqtt.tls.key_file and not config.mqtt.tls.cert_file:
         raise ConfigError("mqtt.tls.key_file",
                           f"'{config.mqtt.tls.key_file}' needs mqtt.tls.cert_file too")
+    if config.local.tls.key_file and not config.local.tls.cert_file:
+        raise ConfigError("local.tls.key_file",
+                          f"'{config.local.tls.key_file}' needs local.tls.cert_file too")
+    for index, rule in enumerate(config.ingest):
+        _check_rule(config, f"ingest[{index}]", rule)
     pins = [p for p in _gpio_pins(config.gpio) if p is not None]
     if config.gpio.enabled and len(pins) != len(set(pins)):
         raise ConfigError("gpio", f"a pin is used twice: {sorted(pins)}")
     profiles.check(config)
+
+
+def filter_problem(value: str) -> str | None:
+    """What keeps ``value`` from being an MQTT topic filter (None: nothing)."""
+    problem = text_problem(value)
+    if problem is not None:
+        return problem
+    levels = value.split("/")
+    for index, level in enumerate(levels):
+        if "#" in level and (level != "#" or index != len(levels) - 1):
+            return "uses '#' other than as the whole last level"
+        if "+" in level and level != "+":
+            return "uses '+' other than as a whole level"
+    return None
+
+
+def _check_rule(config: Config, key: str, rule: IngestRule) -> None:
+    """One ``[[ingest]]`` rule: a filter, templates that name only what exists, no loop."""
+    if not rule.topic:
+        raise ConfigError(f"{key}.topic", "is required (an MQTT topic filter)")
+    problem = filter_problem(rule.topic)
+    if problem is not None:
+        raise ConfigError(f"{key}.topic", f"{shown(rule.topic)} {problem}")
+    if rule.topic.startswith("$"):
+        raise ConfigError(f"{key}.topic", f"{shown(rule.topic)}: '$' topics are the broker's")
+    if rule.mode == "forward":
+        _check_remote(f"{key}.remote_topic", rule.remote_topic)
+    else:
+        for part in ("device", "name"):
+            if not LEVEL_TEMPLATE.match(getattr(rule, part)):
+                raise ConfigError(f"{key}.{part}", f"{shown(getattr(rule, part))} is not a "
+                                  "topic level like '{2}' (1-based)")
+    def where(host: str, port: int) -> tuple[str, int]:
+        return ("127.0.0.1" if host == "localhost" else host, port)
+
+    if where(config.local.host, config.local.port) == where(config.mqtt.host, config.mqtt.port):
+        raise ConfigError(f"{key}.topic", "local and mqtt name the same broker "
+                          f"({config.mqtt.host}:{config.mqtt.port}): what ingest forwards "
+                          "would come back in (a loop); point [local] at the gateway's broker")
+
+
+def _check_remote(key: str, template: str) -> None:
+    import string  # noqa: PLC0415 - only configs with forward rules need it
+
+    try:
+        names = {part for _, part, _, _ in string.Formatter().parse(template)
+                 if part is not None}
+    except ValueError as exc:
+        raise ConfigError(key, f"{shown(template)} is not a template: {exc}") from None
+    unknown = sorted(names - REMOTE_FIELDS)
+    if unknown:
+        raise ConfigError(key, f"{shown(template)} names {{{unknown[0]}}}; allowed: "
+                          "{prefix}, {gateway}, {topic}")
+    if "+" in template or "#" in template:
+        raise ConfigError(key, f"{shown(template)} has an MQTT wildcard")
 
 
 def _gpio_pins(gpio: GpioConfig) -> list[int | None]:
@@ -488,6 +602,10 @@ def fields_reference() -> list[tuple[str, str, Any, str]]:
             hint = hints[fld.name]
             if dataclasses.is_dataclass(hint):
                 walk(hint, f"{prefix}{fld.name}.")  # type: ignore[arg-type]
+                continue
+            inner = typing.get_args(hint)
+            if typing.get_origin(hint) is list and inner and dataclasses.is_dataclass(inner[0]):
+                walk(inner[0], f"{prefix}{fld.name}[].")  # type: ignore[arg-type]
                 continue
             default = fld.default if fld.default is not dataclasses.MISSING else (
                 fld.default_factory() if fld.default_factory is not dataclasses.MISSING else None

@@ -33,9 +33,11 @@ from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from pigateway.aio import first_of
 from pigateway.errors import LinkFault, LoginRefused, RetainNotSupported, UplinkError
+from pigateway.forwarded import ORIGIN_PROPERTY, Extras
 
 
 class PrivateMember(NamedTuple):
@@ -201,6 +203,8 @@ class Settings:
     timeout: float = 10.0
     tls: ssl.SSLContext | None = None
     max_inflight: int | None = None
+    #: MQTT 5 Receive Maximum: unacknowledged QoS 1/2 messages the broker may send us
+    receive_maximum: int | None = None
 
 
 @dataclass(frozen=True)
@@ -211,6 +215,34 @@ class Message:
     payload: bytes
     mid: int
     qos: int
+    extras: Extras = Extras()
+
+
+def _extras(message: aiomqtt.Message) -> Extras:
+    """Retain flag, content type, user properties and expiry of an inbound message."""
+    props = message.properties
+    if props is None:
+        return Extras(retain=bool(message.retain))
+    users = tuple((str(k), str(v)) for k, v in getattr(props, "UserProperty", []) or [])
+    expiry = getattr(props, "MessageExpiryInterval", None)
+    content = getattr(props, "ContentType", None)
+    return Extras(retain=bool(message.retain),
+                  content_type=None if content is None else str(content),
+                  user_properties=users, expiry=None if expiry is None else int(expiry))
+
+
+def _properties(extras: Extras) -> Properties | None:
+    """``extras`` as MQTT 5 PUBLISH properties (None when there are none)."""
+    if extras.content_type is None and not extras.user_properties and extras.expiry is None:
+        return None
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    if extras.content_type is not None:
+        props.ContentType = extras.content_type
+    if extras.user_properties:
+        props.UserProperty = list(extras.user_properties)
+    if extras.expiry is not None:
+        props.MessageExpiryInterval = max(1, extras.expiry)
+    return props
 
 
 # --------------------------------------------------------------------------- CONNACK
@@ -361,7 +393,7 @@ class Connection:
         return self._link.session_present
 
     async def deliver(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                      timeout: float) -> int | None:
+                      timeout: float, extras: Extras | None = None) -> int | None:
         """Publish; return after the PUBACK with its failure reason code, ``None`` for success.
 
         Raises :class:`UplinkError` when the link drops or no PUBACK came in time
@@ -371,7 +403,8 @@ class Connection:
         retain flag unless Retain Available.
         """
         if qos == 0:
-            return await self.publish_now(topic, payload, 0, retain, timeout)
+            return await self.publish_now(topic, payload, 0, retain, timeout=timeout,
+                                          extras=extras)
         try:
             async with asyncio.timeout(timeout):  # a quota comes back within one PUBACK wait
                 await self.quota.acquire()
@@ -379,17 +412,23 @@ class Connection:
             raise UplinkError(f"no free slot under the broker's Receive Maximum "
                               f"({self.limits.receive_maximum}) within {timeout}s") from None
         try:
-            return await self.publish_now(topic, payload, qos, retain, timeout)
+            return await self.publish_now(topic, payload, qos, retain, timeout=timeout,
+                                          extras=extras)
         finally:
             self.quota.release()
 
-    async def publish_now(self, topic: str, payload: bytes, qos: int, retain: bool,
-                          timeout: float) -> int | None:
+    async def publish_now(self, topic: str, payload: bytes, qos: int, retain: bool, *,
+                          timeout: float, extras: Extras | None = None) -> int | None:
         """:meth:`deliver` without the wait for a Receive Maximum slot (the caller has one)."""
         client = self._link
         qos = min(qos, client.limits.maximum_qos)
+        properties = None
+        if extras is not None:
+            retain = retain or extras.retain
+            if client._client.protocol == paho.MQTTv5:
+                properties = _properties(extras)
         retain = retain and client.limits.retain
-        info = client._client.publish(topic, payload, qos, retain)
+        info = client._client.publish(topic, payload, qos, retain, properties)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise classify(aiomqtt.MqttCodeError(info.rc, "could not publish"))
         if qos > 0 and not info.is_published():
@@ -403,9 +442,18 @@ class Connection:
         code = client.puback_codes.pop(info.mid, None)
         return None if code is None else int(code.value)
 
-    async def subscribe(self, topic: str, qos: int = 1) -> None:
+    async def subscribe(self, topic: str, qos: int = 1, *, as_published: bool = False) -> None:
+        """Subscribe. ``as_published`` (MQTT 5 only; ignored under 3.1.1): keep the retain
+        flag a message was published with (Retain As Published), never hear our own
+        publishes back (No Local), and get the retained messages only when the subscription
+        is new (Retain Handling 1), not again at every reconnect of a persistent session."""
         with _translated():
-            await self._link.subscribe(topic, qos=qos)
+            if as_published and self._link._client.protocol == paho.MQTTv5:
+                options = SubscribeOptions(qos=qos, noLocal=True, retainAsPublished=True,
+                                           retainHandling=1)
+                await self._link.subscribe(topic, options=options)
+            else:
+                await self._link.subscribe(topic, qos=qos)
 
     async def unsubscribe(self, topic: str, timeout: float) -> None:
         with _translated():
@@ -417,7 +465,8 @@ class Connection:
             async for message in self._link.messages:
                 payload = message.payload if isinstance(message.payload, bytes) \
                     else str(message.payload).encode()
-                yield Message(str(message.topic), payload, message.mid, message.qos)
+                yield Message(str(message.topic), payload, message.mid, message.qos,
+                              _extras(message))
 
     def ack(self, message: Message) -> None:
         """Acknowledge an inbound message (persistent sessions: manual acks)."""
@@ -445,6 +494,8 @@ def _new_client(settings: Settings) -> _Client:
     if v5:
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = settings.session_expiry if settings.persistent else 0
+        if settings.receive_maximum is not None:
+            properties.ReceiveMaximum = settings.receive_maximum
     will = settings.will
     return _Client(
         settings.host, settings.port, identifier=settings.client_id,
@@ -501,16 +552,18 @@ async def connect(settings: Settings, *, bound: float,
 class LocalPublisher:
     """Publishes to a local broker (e.g. zigbee2mqtt's) for the ``mqtt`` device handler."""
 
-    def __init__(self, connection: Connection, timeout: float) -> None:
+    def __init__(self, connection: Connection, timeout: float,
+                 extras: Extras | None = None) -> None:
         self._connection = connection
         self._timeout = timeout
+        self._extras = extras
 
     async def publish(self, topic: str, payload: bytes, qos: int = 1,
                       retain: bool = False) -> None:
         """Return after the PUBACK (QoS 1); raise :class:`UplinkError` on any failure."""
         try:
             code = await self._connection.deliver(topic, payload, qos=qos, retain=retain,
-                                                  timeout=self._timeout)
+                                                  timeout=self._timeout, extras=self._extras)
         except UplinkError as exc:
             raise UplinkError(f"local broker: publish to {topic!r} failed: {exc}") from exc
         if code is not None:
@@ -521,10 +574,16 @@ class LocalPublisher:
 @asynccontextmanager
 async def local_publisher(host: str, port: int, *, username: str | None = None,
                           password: str | None = None, client_id: str | None = None,
-                          timeout: float = 10.0) -> AsyncIterator[LocalPublisher]:
-    """A connection to a local broker (MQTT 3.1.1, which every local broker speaks)."""
+                          timeout: float = 10.0, origin: str | None = None
+                          ) -> AsyncIterator[LocalPublisher]:
+    """A connection to a local broker (MQTT 3.1.1, which every local broker speaks).
+
+    With ``origin`` (the gateway id) it speaks MQTT 5 and marks each message with the user
+    property ``pigateway-origin``: :mod:`pigateway.ingest` never takes those back in.
+    """
     settings = Settings(host, port, client_id=client_id, username=username, password=password,
-                        timeout=timeout)
+                        timeout=timeout, protocol="3.1.1" if origin is None else "5")
+    extras = None if origin is None else Extras(user_properties=((ORIGIN_PROPERTY, origin),))
     stack = contextlib.AsyncExitStack()
     try:
         connection = await stack.enter_async_context(
@@ -532,4 +591,4 @@ async def local_publisher(host: str, port: int, *, username: str | None = None,
     except UplinkError as exc:
         raise UplinkError(f"local broker {host}:{port}: {exc}") from exc
     async with stack:
-        yield LocalPublisher(connection, timeout)
+        yield LocalPublisher(connection, timeout, extras)

@@ -81,6 +81,9 @@ class Show(enum.Enum):
     DRAINING = PanelPattern("online, draining", FAST, OFF, FAST,
                             "online and sending a backlog")
     ONLINE = PanelPattern("online, idle", ON, OFF, OFF, "online, nothing waiting")
+    LOCAL_DOWN = PanelPattern("online, local broker down", ON, BLIP, BLIP,
+                              "uplink online, nothing waiting; ingest cannot reach the "
+                              "gateway's own broker (not a fault: it reconnects)")
     QUEUEING = PanelPattern("offline, queueing", OFF, ON, ON,
                             "no link; commands wait safely on disk")
     CONNECTING = PanelPattern("connecting", OFF, BLIP, OFF,
@@ -99,6 +102,7 @@ RULES: tuple[Rule, ...] = (
     Rule(Show.FAULT, lambda s: s.fault is not None),
     Rule(Show.PAUSED, lambda s: s.paused),
     Rule(Show.DRAINING, lambda s: s.link is Link.ONLINE and (s.draining or s.depth > 0)),
+    Rule(Show.LOCAL_DOWN, lambda s: s.link is Link.ONLINE and s.local not in (None, Link.ONLINE)),
     Rule(Show.ONLINE, lambda s: s.link is Link.ONLINE),
     Rule(Show.QUEUEING, lambda s: s.link is Link.OFFLINE and s.depth > 0),
     Rule(Show.CONNECTING, lambda s: True),

@@ -42,6 +42,8 @@ class GatewayState:
     """What the gateway is doing now. Mutate only through the writers and :meth:`update`."""
 
     link: Link = Link.OFFLINE
+    #: the local broker's link of :mod:`pigateway.ingest`; None when no ``[[ingest]]`` rule
+    local: Link | None = None
     paused: bool = False
     draining: bool = False
     depth: int = 0
@@ -68,6 +70,10 @@ class GatewayState:
     def set_link(self, link: Link, *, retry_at: float | None = None) -> bool:
         """Where the uplink stands; ``retry_at`` (wall clock) while it waits to reconnect."""
         return self.update(link=link, retry_at=retry_at)
+
+    def set_local(self, link: Link | None) -> bool:
+        """Where ingest's link to the local broker stands (None: no ingest)."""
+        return self.update(local=link)
 
     def set_retry_at(self, retry_at: float | None) -> bool:
         return self.update(retry_at=retry_at)
@@ -164,6 +170,7 @@ class GatewayState:
         """A JSON-ready snapshot (for the control socket, the retained message, the CLI)."""
         data = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
         data["link"] = str(self.link)
+        data["local"] = None if self.local is None else str(self.local)
         data["retry_in"] = (
             max(0.0, round(self.retry_at - time.time(), 1)) if self.retry_at is not None else None
         )

@@ -144,7 +144,8 @@ def _stop_overdue(seconds: float) -> None:
 def status_line(state: GatewayState, now: float | None = None) -> str:
     """The one-line ``STATUS=`` of ``state``, e.g. ``online · queue 0 · dead 0``.
 
-    Parts in order: the fault (if any), the link (with how long it has been down), paused,
+    Parts in order: the fault (if any), the link (with how long it has been down), the local
+    broker's link of ingest while it is down (``local offline``), paused,
     draining, the queue depth (with the oldest command's age), dead letters (always while
     online, else only when there are any), and the next reconnect.
     """
@@ -161,6 +162,13 @@ def _link(state: GatewayState, now: float) -> str:
     if state.link is Link.ONLINE:
         return "online"
     return f"{state.link} {format_age(now - state.link_since)}"
+
+
+def _local(state: GatewayState, now: float) -> str | None:
+    """The local broker's link (ingest), only while it is not online."""
+    if state.local is None or state.local is Link.ONLINE:
+        return None
+    return f"local {state.local}"
 
 
 def _paused(state: GatewayState, now: float) -> str | None:
@@ -191,7 +199,7 @@ def _retry(state: GatewayState, now: float) -> str | None:
 
 
 _PARTS: tuple[Callable[[GatewayState, float], str | None], ...] = (
-    _fault, _link, _paused, _draining, _queue, _dead, _retry,
+    _fault, _link, _local, _paused, _draining, _queue, _dead, _retry,
 )
 
 

@@ -436,8 +436,11 @@ class Uplink:
     async def _send(self, client: Connection, batch: Batch[Command]) -> None:
         """One publish of an outstanding batch (paced) and what its PUBACK says to do."""
         await self.pacer.publish_slot(len(batch.payload))
-        code = await client.deliver(wire.topic(self.config, batch.kind), batch.payload,
-                                    timeout=self.config.uplink.publish_timeout)
+        forward = batch.forward  # a forwarded message keeps its own topic and properties
+        code = await client.deliver(
+            wire.topic(self.config, batch.kind) if forward is None else forward.topic,
+            batch.payload, timeout=self.config.uplink.publish_timeout,
+            extras=None if forward is None else forward.extras)
         if code is None:
             await self._record_delivery(batch)
         else:
@@ -451,7 +454,8 @@ class Uplink:
         them again.
         """
         self.delivered[batch.id] = self.outstanding.pop(batch.id)
-        await self.store_calls.call("delete delivered commands", lambda: self.store.ack(batch.ids))
+        await self.store_calls.call("delete delivered commands",
+                                    lambda: self.store.ack(batch.ids, batch.id))
         del self.delivered[batch.id]
         COUNTERS.batch_acked(len(batch.ids), len(batch.payload))
         self._log_delivered(batch)
@@ -498,12 +502,19 @@ class Uplink:
 
         ``journalctl -u pigateway COMMAND_ID=...`` finds the batch a command went out in.
         """
+        if batch.kind == "forward" and not log.isEnabledFor(logging.DEBUG):
+            return  # a device's own message: thousands a second, one line each is too many
         devices = sorted({command.device for command in batch.commands})
-        log.info("uplink: batch %s acknowledged by the broker: %d %s for %s", batch.id,
-                 len(batch.commands), batch.kind, ", ".join(devices[:10])
-                 + (f" and {len(devices) - 10} more" if len(devices) > 10 else ""),
-                 extra={"batch_id": batch.id, "command_id": batch.ids, "device": devices,
-                        "queue_depth": self.state.depth})
+        log.log(logging.DEBUG if batch.kind == "forward" else logging.INFO,
+                "uplink: batch %s acknowledged by the broker: %d %s for %s", batch.id,
+                len(batch.commands), batch.kind, ", ".join(devices[:10])
+                + (f" and {len(devices) - 10} more" if len(devices) > 10 else ""),
+                extra={"batch_id": batch.id, "command_id": batch.ids, "device": devices,
+                       "queue_depth": self.state.depth})
+
+    async def _ack_batch(self, batch: Batch[Command]) -> None:
+        await self.store_calls.call("delete delivered commands",
+                                    lambda: self.store.ack(batch.ids, batch.id))
 
     def _show_progress(self) -> None:
         """``in_flight`` and ``draining`` (rows on their way: in flight or claimed) for views."""
@@ -519,12 +530,11 @@ class Uplink:
         write waits out a busy store, and the memory forgets the rows only once the store
         took them: a cancel or an error in between leaves them where the next try finds them.
         """
-        delivered = [i for batch in self.delivered.values() for i in batch.ids]
         sent = [i for batch in self.outstanding.values() for i in batch.ids]
         unsent = [command.id for command in self.batcher.pending]
-        if delivered:
-            await self.store_calls.call("delete delivered commands",
-                                        lambda: self.store.ack(delivered))
+        for done in list(self.delivered.values()):
+            await self._ack_batch(done)
+            del self.delivered[done.id]
         if unsent:
             await self.store_calls.call("put claimed commands back",
                                         lambda: self.store.release(unsent))

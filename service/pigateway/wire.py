@@ -37,7 +37,7 @@ TOPICS: Final = {
 #: The retained state while the gateway is not connected (last will, clean stop).
 OFFLINE: Final = b'"offline"'
 #: The state fields the retained state document carries (from :class:`GatewayState`).
-STATE_FIELDS: Final = ("link", "paused", "draining", "depth", "oldest_age", "in_flight",
+STATE_FIELDS: Final = ("link", "local", "paused", "draining", "depth", "oldest_age", "in_flight",
                        "dead_letters", "last_error", "fault", "limits", "uptime")
 
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)

@@ -46,11 +46,15 @@ def config(folder: Path | None = None, **options: Any) -> Config:
 
 def to_toml(data: Mapping[str, Any]) -> str:
     """A config mapping as TOML text (tables after the keys; ``None`` means unset)."""
-    def lines(table: Mapping[str, Any], prefix: str) -> list[str]:
-        out, subs = [f"[{prefix}]"] if prefix else [], []
+    def lines(table: Mapping[str, Any], prefix: str, head: str = "") -> list[str]:
+        out, subs = [head or f"[{prefix}]"] if prefix else [], []
         for key, item in table.items():
+            name = f"{prefix}.{key}" if prefix else key
             if isinstance(item, Mapping):
-                subs += lines(item, f"{prefix}.{key}" if prefix else key)
+                subs += lines(item, name)
+            elif isinstance(item, list) and item and all(isinstance(i, Mapping) for i in item):
+                for entry in item:  # an array of tables: [[ingest]]
+                    subs += lines(entry, name, f"[[{name}]]")
             elif item is not None:
                 out.append(f"{key} = {json.dumps(item)}")
         return out + subs

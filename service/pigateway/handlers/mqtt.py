@@ -6,6 +6,10 @@ name) and ``{gateway}``), ``host`` (default ``127.0.0.1``), ``port`` (1883), ``u
 ``password_file`` or ``password_credential`` (a systemd ``LoadCredential=`` name), ``qos``
 (0-2, default 1), ``retain`` (default false).
 
+With ``[[ingest]]`` rules configured the connection speaks MQTT 5 and every message carries
+the user property ``pigateway-origin = <gateway_id>``: ingest never takes it back in, even
+when a rule's filter matches its topic (no loops).
+
 The payload is the command's ``params`` as JSON, so ``{"state": "ON"}`` sent to a device
 ``hall`` becomes that message on ``zigbee2mqtt/hall/set``. With QoS 1 or 2 the command is
 ``ok`` once the local broker acknowledged the message.
@@ -60,6 +64,9 @@ class MqttHandler:
         self.retain = options.flag("retain", False)
         options.finish()
         self.gateway = config.gateway_id
+        #: with ``[[ingest]]`` rules, publish under MQTT 5 with the user property
+        #: ``pigateway-origin``, so that ingest never takes our own message back in
+        self.origin = bool(config.ingest)
         self.client_id = f"pigateway-{config.gateway_id}-{device.name}"[:64]
         if password_file and password_credential:
             raise ConfigError(options.key("password_credential"),
@@ -101,7 +108,7 @@ class MqttHandler:
             stack = contextlib.AsyncExitStack()
             self._publisher = await stack.enter_async_context(local_publisher(
                 self.host, self.port, username=self.username, password=self.password,
-                client_id=self.client_id))
+                client_id=self.client_id, origin=self.gateway if self.origin else None))
             self._stack = stack
         return self._publisher
 

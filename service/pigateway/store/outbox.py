@@ -279,7 +279,7 @@ class Outbox:
 
     def requeue_one(self, conn: sqlite3.Connection, id_: str, *, expired: bool) -> int:
         row = conn.execute("SELECT reason FROM dead_letters WHERE id = ? AND "
-                           "kind IN ('action', 'result')", (id_,)).fetchone()
+                           "kind IN ('action', 'result', 'forward')", (id_,)).fetchone()
         if row is None:
             return 0
         if row[0] == "expired" and not expired:
@@ -294,7 +294,8 @@ class Outbox:
         # id to answer) stay where they are, as evidence; expired ones stay dead
         return self._requeue_rows(
             conn, "rowid IN (SELECT rowid FROM dead_letters WHERE rowid <= ? AND reason != "
-            "'expired' AND kind IN ('action', 'result') ORDER BY dead_at, queued_at LIMIT ?)",
+            "'expired' AND kind IN ('action', 'result', 'forward') "
+            "ORDER BY dead_at, queued_at LIMIT ?)",
             (bound, SWEEP_CHUNK))
 
     def _requeue_rows(self, conn: sqlite3.Connection, where: str,
@@ -320,6 +321,18 @@ class Outbox:
         for chunk in chunks(list(ids), SWEEP_CHUNK):
             conn.execute(f"DELETE FROM inflight WHERE seq IN (SELECT seq FROM outbox "
                          f"WHERE id IN ({marks(len(chunk))}))", chunk)
+
+    def bury_new(self, conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], reason: str,
+                 detail: str) -> None:
+        """Prepared rows that never were queued, straight into the dead letters (an ingested
+        message that is not a command), within the dead letters' bounds."""
+        now = time.time()
+        conn.executemany(
+            "INSERT INTO dead_letters (id, kind, device, name, params, size, queued_at, "
+            "expires_at, ttl, attempts, last_error, reason, detail, dead_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, NULL, ?, ?, ?)",
+            [(*row, reason, detail, now) for row in rows])
+        self.prune_dead(conn, len(rows))
 
     def dead_letter(self, conn: sqlite3.Connection, ids: Sequence[str], reason: str,
                     detail: str | None) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import sqlite3
 import time
@@ -18,8 +19,9 @@ from pigateway import clock
 from pigateway.clock import GatewayClock
 from pigateway.config import StoreConfig
 from pigateway.errors import StoreError
+from pigateway.ids import new_id
 from pigateway.inbox import outbox_device
-from pigateway.store import clock_row, files, schema
+from pigateway.store import clock_row, delivery, files, schema
 from pigateway.store.connection import SqliteThread, data_version, fetch_all, select_one, translate
 from pigateway.store.inbox import Inbox
 from pigateway.store.outbox import (
@@ -154,16 +156,49 @@ class Store(Reads):
 
     async def put(self, device: str, name: str, params: dict[str, Any] | None = None, *,
                   ttl: float | None = None, kind: str = "action", id: str | None = None,
-                  priority: str | None = None, also: Sequence[Statement] = ()) -> Command:
+                  priority: str | None = None, also: Sequence[Statement] = (),
+                  watch: bool = False) -> Command:
         """Queue one command; durable on return. ``also`` runs in the same transaction.
 
         ``priority`` ("high", "normal", "low"; None: results high, actions normal): higher
-        priorities are claimed first; within one, the order of puts holds.
+        priorities are claimed first; within one, the order of puts holds. ``watch``: keep a
+        record of its delivery for :meth:`where` (:mod:`pigateway.store.delivery`).
         """
+        if watch:
+            id = id or new_id()
+            also = [*also, *delivery.watch_statements(id, time.time())]
         item = NewCommand(device=device, name=name, params={} if params is None else params,
                           ttl=ttl, kind=kind, id=id, priority=priority)
         commands = await self._submit_put([item], _statements(also) if also else None)
         return commands[0]
+
+    async def put_keyed(self, key: str, item: NewCommand) -> tuple[Command | None, str]:
+        """Queue ``item`` (watched) unless producer ``key`` was used in the last
+        :data:`~pigateway.store.delivery.KEY_SECONDS`: then nothing is queued and the first
+        command's id comes back (``(None, id)``); else ``(command, its id)``."""
+        id_ = item.id or new_id()
+        now = time.time()
+        statements = [*delivery.key_statements(key, id_, now),
+                      *delivery.watch_statements(id_, now)]
+        try:
+            commands = await self._submit_put([dataclasses.replace(item, id=id_)],
+                                              _statements(statements))
+        except StoreError as exc:
+            if "producer_keys" not in str(exc):
+                raise
+            owner = await self._fetch(delivery.KEY_OWNER_SQL,
+                                      (key, time.time() - delivery.KEY_SECONDS))
+            if not owner:
+                raise
+            return None, str(owner[0][0])
+        return commands[0], id_
+
+    async def bury_new(self, items: Sequence[NewCommand], reason: str, detail: str) -> None:
+        """Keep messages that never became commands (an ingested payload that is not one)
+        as dead letters with ``reason``: for people to see and requeue by hand, never sent."""
+        now, gateway_now = time.time(), self.clock.now()
+        rows = [prepare(item, self.config, now, gateway_now) for item in items]
+        await self._call(lambda conn: self._outbox.bury_new(conn, rows, reason, detail))
 
     async def put_many(self, items: Sequence[NewCommand]) -> list[Command]:
         """Queue a list at once, all or nothing; durable on return."""
@@ -213,9 +248,18 @@ class Store(Reads):
                 self._put_event.set()  # more to bury: the drain comes back at once
                 return claimed
 
-    async def ack(self, ids: Sequence[str]) -> int:
-        """Delete delivered commands (call only after the broker acknowledged them)."""
-        return await self._call(lambda conn: self._outbox.ack(conn, ids))
+    async def ack(self, ids: Sequence[str], batch: str | None = None) -> int:
+        """Delete delivered commands (call only after the broker acknowledged them); with
+        ``batch``, the watched ones get a delivery record in the same transaction
+        (:mod:`pigateway.store.delivery`: ``queue show``, ``send --wait``)."""
+        def run(conn: sqlite3.Connection) -> int:
+            deleted = self._outbox.ack(conn, ids)
+            if batch is not None:
+                now = time.time()
+                if noted := delivery.record(conn, ids, batch, now):
+                    delivery.prune(conn, now, noted)
+            return deleted
+        return await self._call(run)
 
     async def nack(self, ids: Sequence[str], error: str) -> None:
         """Put claimed commands back at the head; past ``max_attempts`` they are dead-lettered."""

@@ -16,7 +16,7 @@ from pigateway import clock
 from pigateway.clock import GatewayClock
 from pigateway.config import StoreConfig
 from pigateway.errors import StoreCorrupt, StoreError
-from pigateway.store import clock_row
+from pigateway.store import clock_row, delivery
 from pigateway.store.connection import first, translate
 from pigateway.store.files import check_header
 from pigateway.store.inbox import InboxReads
@@ -54,6 +54,24 @@ class Reads:
         return Stats(depth=commands, bytes=size, oldest_age=age,
                      in_flight=in_flight[0][0] if in_flight else 0,
                      dead={reason: count for reason, count in dead})
+
+    async def where(self, id_: str) -> delivery.Where:
+        """Where command ``id_`` is: queued (position, attempts, last error), in flight,
+        delivered (batch, when: watched commands, kept
+        :data:`~pigateway.store.delivery.KEPT_SECONDS`), dead (reason), or unknown."""
+        queued, in_flight, ahead, done, dead = [
+            await self._fetch(sql, (id_,)) for sql in delivery.WHERE_SQL]
+        return delivery.where_from(
+            id_, queued[0][:2] if queued else None,
+            in_flight=bool(in_flight and in_flight[0][0]), ahead=ahead[0][0] if ahead else 0,
+            delivered=done[0] if done else None, dead=dead[0] if dead else None)
+
+    async def forwarded(self) -> tuple[int, int]:
+        """Queued forwarded messages (ingest) and their bytes, apart from commands; a scan
+        (no index on kind): for ``queue stats``, not for the service's twice-a-second view."""
+        rows = await self._fetch("SELECT count(*), coalesce(sum(size), 0) FROM outbox "
+                                 "WHERE kind = 'forward'")
+        return (int(rows[0][0]), int(rows[0][1])) if rows else (0, 0)
 
     async def list_queued(self, limit: int = 100) -> list[Command]:
         """The oldest ``limit`` commands, in the order they will be sent.

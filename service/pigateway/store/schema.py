@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pigateway import clock
 from pigateway.errors import StoreError
-from pigateway.store import clock_row
+from pigateway.store import clock_row, delivery
 from pigateway.store.connection import first, run_transaction
 
 log = logging.getLogger("pigateway.store")
@@ -132,6 +132,9 @@ MIGRATIONS: list[str] = [
     UPDATE dead_letters SET priority = 0 WHERE kind = 'result';
     CREATE INDEX outbox_claim ON outbox (priority, seq);
     """,
+    # 6: delivery records of watched commands, and producer keys (issue 11:
+    # :mod:`pigateway.store.delivery`, ``send --wait``, ``send --id``, ``queue show``).
+    delivery.SCHEMA,
 ]
 
 

@@ -1,0 +1,365 @@
+"""Ingest: the gateway's own MQTT broker into the durable queue, acknowledged after commit.
+
+Devices and automations (zigbee2mqtt, Tasmota, Node-RED...) publish to the broker on the
+gateway. For every ``[[ingest]]`` rule this module subscribes there, on one connection with
+a persistent session (clean start off, ``local.session_expiry``) and manual acks, and turns
+each message into a queue row:
+
+- ``forward``: the message whole (:mod:`pigateway.forwarded`), published by the uplink on
+  ``remote_topic`` as it came (payload bytes, retain, MQTT 5 content type, user properties,
+  expiry as its TTL), one message each, in order per local topic;
+- ``command``: a command like ``pigateway send`` makes (device and name from topic levels,
+  params from the JSON object payload); anything else is dead-lettered ``invalid``.
+
+The local PUBACK goes out only after the row is committed: messages taken together share
+one commit (group commit, up to ``local.window``), and are acknowledged in the order they
+came. A crash between commit and PUBACK means the broker sends the message again: at least
+once. When the queue refuses (full under ``reject``, the disk under ``store.min_free_bytes``)
+nothing is acknowledged and nothing more is read: the local broker keeps the messages in
+ingest's session (its own limits apply) and ingest tries again with capped backoff, by
+itself. Messages pigateway itself published to the local broker (the ``mqtt`` handler)
+carry the user property ``pigateway-origin`` and are never taken back in (no loops).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from pigateway import forwarded
+from pigateway.aio import first_error, first_of
+from pigateway.backoff import wait_backoff
+from pigateway.config import LEVEL_TEMPLATE, Config, IngestRule
+from pigateway.credentials import credential, read_secret, tls_context
+from pigateway.errors import (
+    InvalidCommand,
+    LinkFault,
+    LoginRefused,
+    QueueFull,
+    StoreCorrupt,
+    StoreError,
+    UplinkError,
+)
+from pigateway.mqtt import Connection, Message, Settings, connect
+from pigateway.state import GatewayState, Link
+from pigateway.store import NewCommand, Store, prepare
+from pigateway.text import bounded
+
+log = logging.getLogger(__name__)
+
+#: The reason of an ingested message that cannot be a command.
+INVALID: Final = "invalid"
+#: Backoff while the store refuses (full, disk full, busy): nothing acknowledged meanwhile.
+REFUSED_BACKOFF: Final = wait_backoff(0.1, 2.0, jitter=0.1)
+#: Bytes of a bad payload kept in its dead letter, at most.
+KEPT_PAYLOAD: Final = 2048
+#: Seconds a clean stop waits for taken messages to be committed and acknowledged.
+STOP_GRACE: Final = 2.0
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    """Whether ``topic`` matches the MQTT filter ``pattern`` (``+`` one level, ``#`` the rest).
+
+    ``$`` topics match no filter that starts with a wildcard (MQTT 4.7.2).
+    """
+    if topic.startswith("$") and pattern[:1] in ("+", "#"):
+        return False
+    want, have = pattern.split("/"), topic.split("/")
+    for index, level in enumerate(want):
+        if level == "#":
+            return True
+        if index >= len(have) or (level != "+" and level != have[index]):
+            return False
+    return len(want) == len(have)
+
+
+def remote_topic(config: Config, rule: IngestRule, topic: str) -> str:
+    """The uplink topic of a message that came on local ``topic``."""
+    return rule.remote_topic.format(prefix=config.mqtt.topic_prefix, gateway=config.gateway_id,
+                                    topic=topic)
+
+
+def _level(template: str, topic: str) -> str | None:
+    match = LEVEL_TEMPLATE.match(template)
+    levels = topic.split("/")
+    if match is None or int(match.group(1)) > len(levels):
+        return None
+    return levels[int(match.group(1)) - 1] or None
+
+
+@dataclass(frozen=True)
+class Taken:
+    """What one message becomes: a row to queue, or a dead letter with its reason."""
+
+    item: NewCommand
+    refusal: str | None = None
+
+
+def _kept_payload(payload: bytes) -> dict[str, Any]:
+    text = payload[:KEPT_PAYLOAD].decode("utf-8", errors="replace")
+    return {"payload": text, "bytes": len(payload)}
+
+
+def as_command(rule: IngestRule, message: Message) -> Taken:
+    """A ``command`` rule's message as a command, or a dead letter saying why not."""
+    device = _level(rule.device, message.topic)
+    name = _level(rule.name, message.topic)
+    item = NewCommand(device=device or "?", name=name or "?",
+                      params=_kept_payload(message.payload), ttl=rule.ttl)
+    if device is None or name is None:
+        return Taken(item, f"topic {message.topic!r} has no level {rule.device} (device) or "
+                           f"{rule.name} (name)")
+    try:
+        params = json.loads(message.payload)
+    except (ValueError, RecursionError) as exc:
+        return Taken(item, f"the payload is not JSON: {bounded(exc, 200)}")
+    if not isinstance(params, dict):
+        return Taken(item, f"the payload is JSON {type(params).__name__}, not an object")
+    return Taken(NewCommand(device=device, name=name, params=params, ttl=rule.ttl))
+
+
+def as_forward(config: Config, rule: IngestRule, message: Message) -> Taken:
+    """A ``forward`` rule's message as a row of kind ``forward``."""
+    extras = message.extras
+    ttl = rule.ttl if rule.ttl is not None else extras.expiry
+    device = message.topic if len(message.topic) <= 128 else message.topic[:127] + "…"
+    params = forwarded.pack(remote_topic(config, rule, message.topic), message.payload, extras)
+    return Taken(NewCommand(device=device, name="forward", params=params, ttl=ttl,
+                            kind="forward"))
+
+
+class Ingest:
+    """Takes the local broker's messages into the store. Run with :meth:`run`."""
+
+    def __init__(self, config: Config, store: Store, state: GatewayState) -> None:
+        self.config = config
+        self.store = store
+        self.state = state
+        self.rules = tuple(config.ingest)
+        up = config.uplink
+        self.backoff = wait_backoff(up.backoff_initial, up.backoff_max,
+                                    faults=(LinkFault, LoginRefused))
+        self._stop = asyncio.Event()
+        self._idle = asyncio.Event()  # set while no connection is open
+        self._idle.set()
+        self.taken = 0  # messages committed and acknowledged since start
+        self.looped = 0  # messages of our own that were not taken back in
+        self.refusing = False  # the store refuses: nothing is acknowledged
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.rules)
+
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        """Stop reading; what was taken is committed and acknowledged within ``grace``."""
+        self._stop.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
+
+    # ---- the reconnect loop
+
+    async def run(self) -> None:
+        """Connect, take, reconnect with backoff until :meth:`stop`; a corrupt store ends it."""
+        self.state.set_local(Link.OFFLINE)
+        attempt = 0
+        while not self._stop.is_set():
+            started = time.monotonic()
+            error: UplinkError | None = None
+            try:
+                await self._connect_once()
+            except UplinkError as exc:
+                error = exc
+            if self._stop.is_set():
+                return
+            if time.monotonic() - started >= self.config.uplink.backoff_reset:
+                attempt = 0
+            attempt += 1
+            wait = self.backoff.maximum if isinstance(error, (LinkFault, LoginRefused)) \
+                else self.backoff.delay(attempt)
+            log.log(logging.ERROR if isinstance(error, (LinkFault, LoginRefused))
+                    else logging.INFO, "ingest: local broker %s:%d: %s; retrying in %.1fs",
+                    self.config.local.host, self.config.local.port, error or "link ended", wait)
+            await first_of(asyncio.sleep(wait), self._stop.wait())
+
+    async def _connect_once(self) -> None:
+        self.state.set_local(Link.CONNECTING)
+        self._idle.clear()
+        try:
+            async with connect(self._settings(), bound=15.0, leave_bound=5.0) as client:
+                await self._serve(client)
+        finally:
+            self.state.set_local(Link.OFFLINE)
+            self._idle.set()
+
+    def _settings(self) -> Settings:
+        local = self.config.local
+        return Settings(
+            local.host, local.port, client_id=local.client_id or f"{self.config.gateway_id}-ingest",
+            username=local.username, password=self._password(),
+            protocol="5" if local.protocol == "5" else "3.1.1", persistent=True,
+            session_expiry=local.session_expiry, keepalive=local.keepalive, timeout=10.0,
+            tls=tls_context(local.tls), receive_maximum=local.window)
+
+    def _password(self) -> str | None:
+        local = self.config.local
+        path = local.password_file or credential("local-password")
+        if local.username is None or path is None:
+            return None
+        try:
+            return read_secret(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LinkFault(f"cannot read local.password_file {path}: {exc}") from exc
+
+    # ---- one connection
+
+    async def _serve(self, client: Connection) -> None:
+        for rule in self.rules:
+            await client.subscribe(rule.topic, qos=rule.qos, as_published=True)
+        log.info("ingest: online at local broker %s:%d (session present: %s), %d rule(s)",
+                 self.config.local.host, self.config.local.port, client.session_present,
+                 len(self.rules))
+        self.state.set_local(Link.ONLINE)
+        client.when_lost(lambda: self.state.set_local(Link.OFFLINE))
+        window: asyncio.Queue[Message | None] = asyncio.Queue(self.config.local.window)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                taker = tasks.create_task(self._take_loop(client, window), name="ingest-take")
+                reader = tasks.create_task(self._read(client, window), name="ingest-read")
+                stop = tasks.create_task(self._stop.wait(), name="ingest-stop")
+                await asyncio.wait({taker, reader, stop}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                reader.cancel()
+                await asyncio.wait({reader})
+                try:  # the taker commits and acknowledges what it has, then ends
+                    window.put_nowait(None)
+                except asyncio.QueueFull:
+                    taker.cancel()  # a store that refuses: the broker sends it all again
+        except BaseExceptionGroup as group:
+            raise first_error(group) from group
+
+    async def _read(self, client: Connection, window: asyncio.Queue[Message | None]) -> None:
+        """Messages into the window; a full window stops the reading (back-pressure)."""
+        async for message in client.messages():
+            await window.put(message)
+        raise UplinkError("the local broker closed the connection")
+
+    async def _take_loop(self, client: Connection,
+                         window: asyncio.Queue[Message | None]) -> None:
+        """Take what is waiting in one commit, then acknowledge it in order."""
+        while True:
+            first = await window.get()
+            group = [first] if first is not None else []
+            while not window.empty() and len(group) < self.config.local.window:
+                message = window.get_nowait()
+                if message is None:
+                    first = None
+                    break
+                group.append(message)
+            await self._take(client, group)
+            if first is None:
+                return
+
+    async def _take(self, client: Connection, group: Sequence[Message]) -> None:
+        """Commit ``group`` and acknowledge it, in order, waiting out a store that refuses.
+
+        A full queue may take part of a group: the part that fits goes first (halving), so
+        the order holds and nothing waits behind a group too big for the room left.
+        """
+        pending = list(group)
+        size = len(pending)
+        attempt = 0
+        while pending:
+            part = pending[:size]
+            try:
+                await self._write(part)
+            except StoreCorrupt:
+                raise
+            except QueueFull as exc:
+                if size > 1:
+                    size = max(1, size // 2)
+                    continue
+                attempt += 1
+                await self._refused(len(pending), exc, attempt)
+                continue
+            except StoreError as exc:
+                attempt += 1
+                await self._refused(len(pending), exc, attempt)
+                continue
+            for message in part:
+                client.ack(message)
+            self.taken += len(part)
+            pending = pending[len(part):]
+            size = min(len(group), size * 2)
+            attempt = 0
+            if self.refusing:
+                log.info("ingest: the queue takes messages again")
+                self.refusing = False
+
+    async def _refused(self, count: int, error: StoreError, attempt: int) -> None:
+        """Back-pressure: nothing acknowledged, nothing more read, tried again by itself."""
+        if not self.refusing:
+            log.warning("ingest: the queue refuses %d message(s) (%s); nothing is "
+                        "acknowledged and nothing read until it takes them: the local "
+                        "broker keeps them", count, error)
+        self.refusing = True
+        await asyncio.sleep(REFUSED_BACKOFF.delay(attempt))
+
+    async def _write(self, part: Sequence[Message]) -> None:
+        """One commit for the rows of ``part``; its dead letters after (a rare second one)."""
+        rows, dead = self._classify(part)
+        if rows:
+            await self.store.put_many(rows)
+        for taken in dead:
+            log.warning("ingest: a message on %s is dead-lettered %s: %s",
+                        bounded(taken.item.device, 200), INVALID, taken.refusal)
+            try:
+                await self.store.bury_new([taken.item], INVALID, taken.refusal or INVALID)
+            except InvalidCommand as exc:  # not even a dead letter can hold it: said, dropped
+                log.error("ingest: a message on %s is dropped: %s",
+                          bounded(taken.item.device, 200), exc)
+            except StoreError as exc:  # the rows are in: never write them twice for this
+                log.error("ingest: a message on %s that is not a command is dropped (the "
+                          "store could not keep its dead letter: %s)",
+                          bounded(taken.item.device, 200), exc)
+
+    def _classify(self, group: Sequence[Message]) -> tuple[list[NewCommand], list[Taken]]:
+        """Each message as a row or a dead letter; our own messages as nothing."""
+        rows: list[NewCommand] = []
+        dead: list[Taken] = []
+        now = time.time()
+        for message in group:
+            taken = self._taken(message)
+            if taken is None:
+                continue
+            if taken.refusal is None:
+                try:  # a bad row alone must not refuse the whole group
+                    prepare(taken.item, self.store.config, now)
+                except InvalidCommand as exc:
+                    taken = Taken(NewCommand(device=taken.item.device[:128] or "?",
+                                             name=taken.item.name[:128] or "?",
+                                             params=_kept_payload(message.payload)), str(exc))
+            if taken.refusal is None:
+                rows.append(taken.item)
+            else:
+                dead.append(taken)
+        return rows, dead
+
+    def _taken(self, message: Message) -> Taken | None:
+        """What ``message`` becomes under the first rule matching its topic (None: nothing)."""
+        origin = dict(message.extras.user_properties).get(forwarded.ORIGIN_PROPERTY)
+        if origin == self.config.gateway_id:
+            self.looped += 1
+            return None
+        rule = next((r for r in self.rules if topic_matches(r.topic, message.topic)), None)
+        if rule is None:
+            return None  # an old subscription the persistent session kept: acknowledged
+        if rule.mode == "command":
+            return as_command(rule, message)
+        return as_forward(self.config, rule, message)
