@@ -73,6 +73,7 @@ async def test_the_migration_makes_queued_results_high(tmp_path: Path) -> None:
     with contextlib.closing(sqlite3.connect(config.path)) as conn:  # back to schema 4
         conn.executescript("DROP INDEX outbox_claim; ALTER TABLE outbox DROP COLUMN priority; "
                            "ALTER TABLE dead_letters DROP COLUMN priority; "
+                           "DROP TABLE delivered; DROP TABLE watched; DROP TABLE producer_keys; "
                            "PRAGMA user_version = 4;")
     async with await Store.open(config) as upgraded:
         assert [c.id for c in await upgraded.claim(10)] == [result.id, action.id]

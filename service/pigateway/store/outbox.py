@@ -329,8 +329,8 @@ class Outbox:
         now = time.time()
         conn.executemany(
             "INSERT INTO dead_letters (id, kind, device, name, params, size, queued_at, "
-            "expires_at, ttl, attempts, last_error, reason, detail, dead_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, NULL, ?, ?, ?)",
+            "expires_at, ttl, priority, attempts, last_error, reason, detail, dead_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, NULL, ?, ?, ?)",
             [(*row, reason, detail, now) for row in rows])
         self.prune_dead(conn, len(rows))
 
