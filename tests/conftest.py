@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -41,3 +41,23 @@ def store_config(tmp_path: Path) -> StoreConfig:
 def unique_prefix() -> str:
     """A topic prefix of its own for each test, so retained messages never leak."""
     return f"t{uuid.uuid4().hex[:10]}"
+
+
+#: ``cli("queue", "ls", ...)`` -> (exit code, stdout, stderr)
+Run = Callable[..., tuple[int, str, str]]
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Run:
+    """The command line run in this process: ``cli("send", ...)`` -> (exit code, stdout,
+    stderr); argparse's own usage errors are exit codes too."""
+    from pigateway.cli import main  # noqa: PLC0415 - only the CLI tests need it
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        try:
+            code = main(list(argv))
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run

@@ -23,7 +23,6 @@ import pytest
 
 from harness import gateway
 from pigateway import config as configuration
-from pigateway.cli import main
 from pigateway.store import NewCommand, Store
 
 Run = Callable[..., tuple[int, str, str]]
@@ -38,19 +37,6 @@ def write_config(folder: Path, store_lines: str = "", extra: str = "") -> Path:
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
     return write_config(tmp_path)
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Run:
-    """``cli("send", ...)`` -> (exit code, stdout, stderr), in this process."""
-    def run(*argv: str) -> tuple[int, str, str]:
-        try:
-            code = main(list(argv))
-        except SystemExit as exc:  # argparse's own usage errors
-            code = int(exc.code or 0)
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
 
 
 def child(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

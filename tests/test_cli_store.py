@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from pigateway import config as configuration
-from pigateway.cli import main
 from pigateway.store import NewCommand, Store
 from test_cli import Run, read_queue, write_config
 
@@ -22,19 +21,6 @@ from test_cli import Run, read_queue, write_config
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
     return write_config(tmp_path)
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Run:
-    """``cli("queue", ...)`` -> (exit code, stdout, stderr), in this process."""
-    def run(*argv: str) -> tuple[int, str, str]:
-        try:
-            code = main(list(argv))
-        except SystemExit as exc:  # argparse's own usage errors
-            code = int(exc.code or 0)
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
 
 
 def bury(config_file: Path, ttl: float, reason: str | None) -> str:

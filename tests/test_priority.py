@@ -4,7 +4,6 @@ actions. Real SQLite files; the uplink tests run against a real mosquitto."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import sqlite3
 import subprocess
@@ -16,11 +15,10 @@ from typing import Any
 import pytest
 
 from harness.broker import Mosquitto
-from harness.gateway import GATEWAY
 from pigateway.config import StoreConfig
 from pigateway.errors import InvalidCommand
 from pigateway.store import NewCommand, Store
-from uplink_helpers import drained, make_config, running_uplink
+from uplink_helpers import drained, make_config, running_uplink, subscribed
 from wire_subscriber import WireSubscriber
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,19 +117,6 @@ class ArrivalOrder(WireSubscriber):
             self.arrivals.append(("results", [str(self.results[-1].get("id"))]))
 
 
-@contextlib.asynccontextmanager
-async def listening(port: int, prefix: str) -> AsyncIterator[ArrivalOrder]:
-    sub = ArrivalOrder("127.0.0.1", port, prefix, GATEWAY, client_id="order-sub")
-    task = asyncio.create_task(sub.run())
-    try:
-        async with asyncio.timeout(10):
-            await sub.connected.wait()
-        yield sub
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-
 @pytest.mark.broker
 async def test_a_result_and_a_high_command_put_last_behind_a_backlog_arrive_first(
         tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
@@ -140,7 +125,7 @@ async def test_a_result_and_a_high_command_put_last_behind_a_backlog_arrive_firs
     backlog = 50_000
     cfg = make_config(tmp_path, mosquitto.port, unique_prefix, store={
         "max_commands": 100_000, "min_free_bytes": 0})
-    async with listening(mosquitto.port, unique_prefix) as sub:  # a persistent session
+    async with subscribed(mosquitto.port, unique_prefix, "order-sub", kind=ArrivalOrder) as sub:
         mosquitto.stop()
         async with running_uplink(cfg) as run:
             for start in range(0, backlog, 5000):
@@ -166,7 +151,7 @@ async def test_across_priorities_a_devices_high_command_goes_before_its_earlier_
     """Insert-front: a device's high command overtakes its normal ones still queued; the
     normal ones keep their order among themselves."""
     cfg = make_config(tmp_path, mosquitto.port, unique_prefix)
-    async with listening(mosquitto.port, unique_prefix) as sub:
+    async with subscribed(mosquitto.port, unique_prefix, "order-sub", kind=ArrivalOrder) as sub:
         mosquitto.stop()
         async with running_uplink(cfg) as run:
             normal = [await run.store.put("valve", "set", {"n": n}) for n in range(3)]

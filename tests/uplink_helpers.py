@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import tenacity
 
@@ -21,6 +21,9 @@ from pigateway.state import GatewayState
 from pigateway.store import Store
 from pigateway.uplink import OnCommand, Uplink
 from wire_subscriber import WireSubscriber
+
+#: A subscriber kind: the contract-only WireSubscriber or one that records more.
+S = TypeVar("S", bound=WireSubscriber)
 
 
 def make_config(tmp_path: Path, port: int, prefix: str, *, mqtt: dict[str, Any] | None = None,
@@ -75,10 +78,11 @@ async def running_uplink(cfg: config.Config, *, policy: tenacity.AsyncRetrying |
 
 
 @asynccontextmanager
-async def subscribed(port: int, prefix: str, client_id: str = "wire-sub") -> AsyncIterator[
-        WireSubscriber]:
-    """A contract-only subscriber with a persistent session, connected before it is yielded."""
-    sub = WireSubscriber("127.0.0.1", port, prefix, GATEWAY, client_id=client_id)
+async def subscribed(port: int, prefix: str, client_id: str = "wire-sub", *,
+                     kind: type[S] = WireSubscriber) -> AsyncIterator[S]:
+    """A contract-only subscriber (``kind``: WireSubscriber or a subclass) with a persistent
+    session, connected before it is yielded."""
+    sub = kind("127.0.0.1", port, prefix, GATEWAY, client_id=client_id)
     task = asyncio.create_task(sub.run())
     try:
         async with asyncio.timeout(10):
