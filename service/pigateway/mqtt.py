@@ -23,7 +23,7 @@ import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Final, Literal, NamedTuple
+from typing import Any, Final, Literal, NamedTuple, cast
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -35,7 +35,6 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from pigateway.aio import first_of
 from pigateway.errors import LinkFault, LoginRefused, RetainNotSupported, UplinkError
 from pigateway.forwarded import ORIGIN_PROPERTY, Extras
 
@@ -245,6 +244,47 @@ def _properties(extras: Extras) -> Properties | None:
     return props
 
 
+class _Confirmation:
+    """One publish's wait for its PUBACK, the link's end or a timeout: one future and two
+    callbacks, not three tasks (``first_of``), as the drain does it for every message.
+
+    aiomqtt calls :meth:`set` (as it would an ``asyncio.Event``'s) when the PUBACK came.
+    """
+
+    __slots__ = ("confirmed", "future")
+
+    def __init__(self) -> None:
+        self.confirmed = False
+        self.future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+
+    def set(self) -> None:
+        self.confirmed = True
+        if not self.future.done():
+            self.future.set_result(0)
+
+    async def wait(self, ended: asyncio.Future[Any], timeout: float) -> int | None:
+        """0: the PUBACK came (it wins over the rest, like ``first_of``'s lowest index);
+        1: ``ended`` (the link) is done first; ``None``: ``timeout`` passed."""
+        future = self.future
+
+        def link_ended(_: asyncio.Future[Any]) -> None:
+            if not future.done():
+                future.set_result(1)
+
+        def timed_out() -> None:
+            if not future.done():
+                future.set_result(None)
+
+        ended.add_done_callback(link_ended)
+        timer = future.get_loop().call_later(timeout, timed_out)
+        try:
+            winner = await future
+        finally:
+            timer.cancel()
+            ended.remove_done_callback(link_ended)
+        return 0 if self.confirmed else winner
+
+
 # --------------------------------------------------------------------------- CONNACK
 
 
@@ -432,10 +472,11 @@ class Connection:
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise classify(aiomqtt.MqttCodeError(info.rc, "could not publish"))
         if qos > 0 and not info.is_published():
-            confirmation = asyncio.Event()
-            with client._pending_call(info.mid, confirmation, client._pending_publishes):
-                winner = await first_of(confirmation.wait(), asyncio.shield(client._disconnected),
-                                        timeout=timeout)
+            confirmation = _Confirmation()
+            # aiomqtt only calls set() on what it keeps for a publish
+            with client._pending_call(info.mid, cast(asyncio.Event, confirmation),
+                                      client._pending_publishes):
+                winner = await confirmation.wait(client._disconnected, timeout)
             if winner != 0:
                 raise UplinkError("the link dropped before the PUBACK" if winner == 1
                                   else f"no PUBACK within {timeout}s")
