@@ -15,6 +15,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from pigateway.forwarded import Extras
 from pigateway.mqtt import PRIVATE_API, PrivateMember
 
 SERVICE = Path(__file__).resolve().parents[1] / "service" / "pigateway"
@@ -61,3 +62,36 @@ def test_only_the_mqtt_module_imports_aiomqtt_or_paho() -> None:
                        if re.search(r"^\s*(import|from) (aiomqtt|paho)\b", path.read_text(),
                                     re.MULTILINE))
     assert importers == ["mqtt.py"]
+
+
+@pytest.mark.parametrize("extras", [
+    Extras(expiry=60),
+    Extras(content_type="application/json"),
+    Extras(user_properties=(("pigateway-id", "01ABC"), ("k", "v é"), ("k", "again"))),
+    Extras(retain=True, content_type="text/plain", user_properties=(("a", "b"),), expiry=0),
+], ids=["expiry", "content-type", "user-properties", "all"])
+def test_publish_properties_pack_as_paho_packs_them(extras: Extras) -> None:
+    """pigateway packs a forwarded message's PUBLISH properties itself (per message, paho's
+    ``Properties`` costs ~60 us): the bytes must be paho's own, in paho's order."""
+    from paho.mqtt.packettypes import PacketTypes  # noqa: PLC0415
+    from paho.mqtt.properties import Properties  # noqa: PLC0415
+
+    from pigateway.mqtt import _properties  # noqa: PLC0415
+
+    theirs = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    if extras.content_type is not None:
+        theirs.ContentType = extras.content_type
+    if extras.user_properties:
+        theirs.UserProperty = list(extras.user_properties)
+    if extras.expiry is not None:
+        theirs.MessageExpiryInterval = max(1, extras.expiry)
+    ours = _properties(extras)
+    assert ours is not None
+    assert bytes(ours.pack()) == bytes(theirs.pack())  # type: ignore[no-untyped-call]
+    assert ours.packetType == PacketTypes.PUBLISH
+
+
+def test_no_publish_properties_without_extras() -> None:
+    from pigateway.mqtt import _properties  # noqa: PLC0415
+
+    assert _properties(Extras(retain=True)) is None

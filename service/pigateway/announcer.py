@@ -16,8 +16,8 @@ from typing import Any
 
 from pigateway import __version__, wire
 from pigateway.config import Config
+from pigateway.counters import COUNTERS
 from pigateway.errors import UplinkError
-from pigateway.metrics import COUNTERS
 from pigateway.mqtt import Connection, describe
 from pigateway.pacing import Pacer
 from pigateway.state import GatewayState

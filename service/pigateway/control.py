@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from pigateway import inputs
+from pigateway.counters import COUNTERS
 from pigateway.errors import ControlError, InvalidCommand, PigatewayError, ServiceNotRunning
-from pigateway.metrics import COUNTERS
 from pigateway.state import GatewayState
 
 log = logging.getLogger(__name__)

@@ -26,9 +26,9 @@ from typing import Any, Self
 
 from pigateway import inbox, wire
 from pigateway.config import Config
+from pigateway.counters import COUNTERS
 from pigateway.errors import RejectedCommand, StoreError
 from pigateway.handlers import HandlerFactory
-from pigateway.metrics import COUNTERS
 from pigateway.store import QueueReader, Store
 from pigateway.text import bounded, encodable, quoted
 from pigateway.workers import WorkerPool

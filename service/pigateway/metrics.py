@@ -35,6 +35,7 @@ from urllib.parse import quote
 
 from pigateway import __version__
 from pigateway.config import Config, MetricsConfig, is_loopback, listen_address
+from pigateway.counters import COUNTERS
 from pigateway.errors import ConfigError, PigatewayError, ServiceNotRunning, StoreError
 
 if TYPE_CHECKING:
@@ -45,9 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Upper bounds (seconds) of the commit time histogram: an fsync on an SD card is 2-50 ms.
-COMMIT_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                         5.0, 10.0)
 #: ``Content-Type`` of the text exposition format.
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 #: Bytes of an HTTP request head at most, and seconds a client may take to send it.
@@ -55,83 +53,6 @@ MAX_REQUEST: Final = 8192
 REQUEST_TIMEOUT: Final = 5.0
 #: Scrapes answered at once; more get 503 (each one reads the store).
 MAX_SCRAPES: Final = 4
-
-
-# --------------------------------------------------------------------------- counters
-
-
-# Plain classes and NamedTuples, not dataclasses: the store package imports this module, so
-# `pigateway send` pays for its set-up (four dataclasses cost ~4 ms here, ~10x on a Pi Zero).
-
-
-class Histogram:
-    """A Prometheus histogram kept as plain numbers (observing must cost nothing)."""
-
-    __slots__ = ("bounds", "counts", "total")
-
-    def __init__(self, bounds: tuple[float, ...] = COMMIT_BUCKETS) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        index = next((i for i, bound in enumerate(self.bounds) if value <= bound),
-                     len(self.bounds))
-        self.counts[index] += 1
-        self.total += value
-
-    def as_dict(self) -> dict[str, Any]:
-        """Cumulative buckets by upper bound (``"+Inf"`` last), ``sum`` and ``count``."""
-        running, buckets = 0, {}
-        for bound, count in zip((*map(repr, self.bounds), "+Inf"), self.counts, strict=True):
-            running += count
-            buckets[bound] = running
-        return {"buckets": buckets, "sum": self.total, "count": running}
-
-
-class Counters:
-    """What this process saw happen; zero at its start (the store holds the rest)."""
-
-    __slots__ = ("batches", "bytes_published", "commit_seconds", "connects", "delivered",
-                 "inbound", "refusals")
-
-    def __init__(self) -> None:
-        self.delivered = 0
-        self.batches = 0
-        self.bytes_published = 0
-        self.connects = 0
-        self.refusals: dict[str, int] = {}
-        self.inbound: dict[str, int] = {}
-        self.commit_seconds = Histogram()
-
-    def batch_acked(self, commands: int, size: int) -> None:
-        """A batch of ``commands`` and ``size`` payload bytes got its PUBACK."""
-        self.delivered += commands
-        self.batches += 1
-        self.bytes_published += size
-
-    def batch_refused(self, code: int) -> None:
-        """The broker answered a batch with a failure reason code (its rows are dead)."""
-        self.refusals[str(code)] = self.refusals.get(str(code), 0) + 1
-
-    def link_up(self) -> None:
-        """The uplink came online (every time after the first is a reconnect)."""
-        self.connects += 1
-
-    def inbound_done(self, status: str) -> None:
-        """An inbound command got its one result (``ok``, ``error``, ``rejected``, ...)."""
-        self.inbound[status] = self.inbound.get(status, 0) + 1
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready: the retained state document and the control socket carry this."""
-        return {"delivered": self.delivered, "batches": self.batches,
-                "bytes_published": self.bytes_published,
-                "reconnects": max(0, self.connects - 1), "refusals": dict(self.refusals),
-                "inbound": dict(self.inbound), "commit_seconds": self.commit_seconds.as_dict()}
-
-
-#: The counters of this process. One per process, like the process itself: a restart resets.
-COUNTERS: Final = Counters()
 
 
 # --------------------------------------------------------------------------- the queue's rows
@@ -177,7 +98,6 @@ def read_file(path: Path) -> QueueReading:
 
 
 def _reading(conn: sqlite3.Connection) -> QueueReading:
-    # not at the top: the store imports this module (COUNTERS)
     from pigateway.store.reading import figures  # noqa: PLC0415
 
     return QueueReading(*figures(conn))

@@ -50,6 +50,7 @@ from pigateway.announcer import Announcer
 from pigateway.backoff import wait_backoff
 from pigateway.batching import Batch, Batcher, Rules, split
 from pigateway.config import Config, UplinkConfig
+from pigateway.counters import COUNTERS
 from pigateway.credentials import broker_password, tls_context
 from pigateway.errors import (
     LinkFault,
@@ -58,7 +59,6 @@ from pigateway.errors import (
     UplinkError,
 )
 from pigateway.intake import Intake, OnCommand
-from pigateway.metrics import COUNTERS
 from pigateway.mqtt import (
     Connection,
     Settings,

@@ -36,6 +36,7 @@ from pigateway import handlers as registry
 from pigateway import inbox
 from pigateway.backoff import wait_backoff
 from pigateway.config import Config
+from pigateway.counters import COUNTERS
 from pigateway.errors import (
     HandlerError,
     InvalidCommand,
@@ -45,7 +46,6 @@ from pigateway.errors import (
 )
 from pigateway.handlers import Handler, HandlerFactory, Request
 from pigateway.inbox import Entry
-from pigateway.metrics import COUNTERS
 from pigateway.store import Store
 from pigateway.text import bounded
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pigateway.counters import COUNTERS
 from pigateway.errors import StoreError, StoreFull
-from pigateway.metrics import COUNTERS
 from pigateway.store.connection import SqliteThread, run_transaction, translate, truncate_wal
 from pigateway.store.outbox import Outbox, Put
 
