@@ -69,7 +69,7 @@ async def test_the_migration_makes_queued_results_high(tmp_path: Path) -> None:
         action = await old.put("a", "set")
         result = await old.put("gw", "result", {}, kind="result")
     with contextlib.closing(sqlite3.connect(config.path)) as conn:  # back to schema 4
-        conn.executescript("DROP INDEX outbox_claim; ALTER TABLE outbox DROP COLUMN priority; "
+        conn.executescript("DROP INDEX outbox_urgent; ALTER TABLE outbox DROP COLUMN priority; "
                            "ALTER TABLE dead_letters DROP COLUMN priority; "
                            "DROP TABLE delivered; DROP TABLE watched; DROP TABLE producer_keys; "
                            "PRAGMA user_version = 4;")

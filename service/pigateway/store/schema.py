@@ -130,7 +130,7 @@ MIGRATIONS: list[str] = [
     ALTER TABLE dead_letters ADD COLUMN priority INTEGER NOT NULL DEFAULT 1;
     UPDATE outbox SET priority = 0 WHERE kind = 'result';
     UPDATE dead_letters SET priority = 0 WHERE kind = 'result';
-    CREATE INDEX outbox_claim ON outbox (priority, seq);
+    CREATE INDEX outbox_urgent ON outbox (priority, seq) WHERE priority != 1;
     """,
     # 6: delivery records of watched commands, and producer keys (issue 11:
     # :mod:`pigateway.store.delivery`, ``send --wait``, ``send --id``, ``queue show``).
