@@ -17,7 +17,7 @@ import pytest
 from harness.broker import Mosquitto
 from pigateway.config import StoreConfig
 from pigateway.errors import InvalidCommand
-from pigateway.store import NewCommand, Store
+from pigateway.store import NewCommand, QueueReader, Store
 from uplink_helpers import drained, make_config, running_uplink, subscribed
 from wire_subscriber import WireSubscriber
 
@@ -60,6 +60,48 @@ async def test_a_requeued_dead_letter_keeps_its_priority(store: Store) -> None:
 async def test_an_unknown_priority_is_refused_naming_the_choices(store: Store) -> None:
     with pytest.raises(InvalidCommand, match="high, normal, low"):
         await store.put("a", "x", priority="urgent")
+
+
+async def test_drop_oldest_gives_up_the_lowest_priority_first(tmp_path: Path) -> None:
+    """A full queue under drop-oldest keeps a result or a high command while a normal or
+    low one can go (it dropped the oldest row, whatever its priority)."""
+    config = StoreConfig(path=tmp_path / "queue.db", min_free_bytes=0, max_commands=3,
+                         overflow="drop-oldest")
+    async with await Store.open(config) as store:
+        high = await store.put("a", "hi", priority="high")
+        low = await store.put("a", "lo", priority="low")
+        first = await store.put("a", "n1")
+        await store.put("a", "n2")
+        assert [d.command.id for d in await store.list_dead()] == [low.id]
+        await store.put("a", "n3")
+        assert [d.command.id for d in await store.list_dead()][-1] == low.id
+        assert first.id in [d.command.id for d in await store.list_dead()]
+        assert (await store.claim(1))[0].id == high.id
+
+
+async def test_queue_ls_and_queue_show_follow_the_claim_order(store: Store) -> None:
+    normal = [await store.put("a", f"n{n}") for n in range(3)]
+    low = await store.put("a", "lo", priority="low")
+    high = await store.put("a", "hi", priority="high")
+    order = [high.id, *(c.id for c in normal), low.id]
+    assert [c.id for c in await store.list_queued()] == order
+    assert [(await store.where(i)).position for i in order] == [0, 1, 2, 3, 4]
+    assert [c.id for c in await store.claim(10)] == order
+
+
+async def test_queue_show_reads_a_file_the_service_has_not_migrated(tmp_path: Path) -> None:
+    """Right after an upgrade (schema 4, no priority, no delivery records): still shown."""
+    config = StoreConfig(path=tmp_path / "queue.db", min_free_bytes=0)
+    async with await Store.open(config) as store:
+        command = await store.put("a", "set")
+    with contextlib.closing(sqlite3.connect(config.path)) as conn:  # back to schema 4
+        conn.executescript("DROP INDEX outbox_urgent; ALTER TABLE outbox DROP COLUMN priority; "
+                           "ALTER TABLE dead_letters DROP COLUMN priority; "
+                           "DROP TABLE delivered; DROP TABLE watched; DROP TABLE producer_keys; "
+                           "PRAGMA user_version = 4;")
+    async with await QueueReader.open(config) as reader:
+        where = await reader.where(command.id)
+    assert where.state == "queued"
 
 
 async def test_the_migration_makes_queued_results_high(tmp_path: Path) -> None:

@@ -55,6 +55,11 @@ class StoreFull(StoreError):
     """The disk under the store is (nearly) full; queued commands are kept, new ones refused."""
 
 
+class OlderSchema(StoreError):
+    """A read-only look at a queue file the service has not migrated yet met a table or
+    column it lacks (``pigateway queue ...`` right after an upgrade)."""
+
+
 class StoreCorrupt(StoreError):
     """The database file failed its integrity check (it is moved aside, never deleted)."""
 

@@ -153,7 +153,9 @@ def where_from(id_: str, queued: Sequence[Any] | None, *, in_flight: bool, ahead
 WHERE_SQL: Final = (
     "SELECT attempts, last_error, seq FROM outbox WHERE id = ?",
     "SELECT count(*) FROM inflight WHERE seq = (SELECT seq FROM outbox WHERE id = ?)",
-    "SELECT count(*) FROM outbox WHERE seq < (SELECT seq FROM outbox WHERE id = ?)",
+    # ahead of it in claim order: a higher priority, or the same and put before it
+    "SELECT count(*) FROM outbox AS o, (SELECT priority, seq FROM outbox WHERE id = ?) AS t "
+    "WHERE o.priority < t.priority OR (o.priority = t.priority AND o.seq < t.seq)",
     "SELECT batch, at FROM delivered WHERE id = ?",
     "SELECT reason, detail, attempts FROM dead_letters WHERE id = ?",
 )

@@ -51,30 +51,38 @@ class Put:
         self.rows, self.items, self.then = rows, items, then
 
 
-#: The claim order, one query a tier (high, normal, low). Most rows are normal and are read
-#: in put order from the table itself; high and low ones come from the partial index
-#: ``outbox_urgent`` (schema migration 5), whose ``priority != 1`` term each query repeats so
-#: that SQLite may use it. A normal put or ack so writes no index page (a full (priority,
-#: seq) index cost 38% more bytes written per command). The price: a backlog of low rows
-#: older than the normal ones is scanned past by each normal claim.
-_CLAIM_TIERS = (
-    f"SELECT {COMMAND_COLUMNS} FROM outbox WHERE priority != 1 AND priority < 1 AND seq NOT IN "
-    "(SELECT seq FROM inflight) ORDER BY priority, seq LIMIT ?",
-    f"SELECT {COMMAND_COLUMNS} FROM outbox WHERE priority = 1 AND seq NOT IN "
-    "(SELECT seq FROM inflight) ORDER BY seq LIMIT ?",
-    f"SELECT {COMMAND_COLUMNS} FROM outbox WHERE priority != 1 AND priority > 1 AND seq NOT IN "
-    "(SELECT seq FROM inflight) ORDER BY priority, seq LIMIT ?",
-)
+#: The priority tiers in claim order (high, normal, low), each a WHERE term. Most rows are
+#: normal and are read in put order from the table itself; high and low ones come from the
+#: partial index ``outbox_urgent`` (schema migration 5), whose ``priority != 1`` term their
+#: queries repeat so that SQLite may use it. A normal put or ack so writes no index page (a
+#: full (priority, seq) index cost 38% more bytes written per command). The price: a backlog
+#: of low rows older than the normal ones is scanned past by each normal claim.
+TIERS = ("priority != 1 AND priority < 1", "priority = 1", "priority != 1 AND priority > 1")
+_UNCLAIMED = "seq NOT IN (SELECT seq FROM inflight)"
 
 
-def _next_unclaimed(conn: sqlite3.Connection, limit: int) -> list[tuple[Any, ...]]:
-    """Up to ``limit`` rows not in flight, in claim order: priority, then put order."""
+def tier_queries(columns: str, *, unclaimed: bool, reverse: bool = False) -> list[str]:
+    """One ``SELECT columns ... LIMIT ?`` a tier, in claim order (``reverse``: the order in
+    which drop-oldest gives rows up: low first), oldest first within a tier."""
+    tiers = reversed(TIERS) if reverse else TIERS
+    only = f" AND {_UNCLAIMED}" if unclaimed else ""
+    return [f"SELECT {columns} FROM outbox WHERE {tier}{only} ORDER BY priority, seq LIMIT ?"
+            for tier in tiers]
+
+
+def in_tiers(conn: sqlite3.Connection, queries: Sequence[str],
+             limit: int) -> list[tuple[Any, ...]]:
+    """Up to ``limit`` rows from ``queries`` (from :func:`tier_queries`), tier after tier."""
     rows: list[tuple[Any, ...]] = []
-    for query in _CLAIM_TIERS:
+    for query in queries:
         if len(rows) >= limit:
             break
         rows += fetch_all(conn, query, (limit - len(rows),))
     return rows
+
+
+_CLAIM_ORDER = tier_queries(COMMAND_COLUMNS, unclaimed=True)
+_DROP_ORDER = tier_queries("seq, size", unclaimed=True, reverse=True)
 
 
 class Outbox:
@@ -164,15 +172,16 @@ class Outbox:
 
     def _drop_oldest(self, conn: sqlite3.Connection, count: int, nbytes: int,
                      need_count: int) -> tuple[int, int] | None:
-        """Dead-letter the oldest queued commands (never in-flight ones) to free room.
+        """Dead-letter the oldest queued commands (never in-flight ones) to free room: the
+        lowest priority first (a backlog of actions never pushes out a result or a high
+        command while a normal or low one is queued), the oldest first within it.
 
         A queue already over its limits (they were lowered) is not trimmed all at once:
         a put of ``need_count`` commands drops at most ``need_count`` plus
         :data:`SWEEP_CHUNK`, and is queued; the next puts go on trimming.
         """
         most = need_count + SWEEP_CHUNK
-        rows = fetch_all(conn, "SELECT seq, size FROM outbox WHERE seq NOT IN (SELECT seq "
-                         "FROM inflight) ORDER BY seq LIMIT ?", (most,))
+        rows = in_tiers(conn, _DROP_ORDER, most)
         dropped: list[int] = []
         freed = 0
         for seq, size in rows:
@@ -200,7 +209,7 @@ class Outbox:
         self.prune_dead(conn, 0)
         while len(claimed) < limit and buried < SWEEP_CHUNK:
             room = min(limit - len(claimed), SWEEP_CHUNK - buried)
-            rows = _next_unclaimed(conn, room)
+            rows = in_tiers(conn, _CLAIM_ORDER, room)
             if not rows:
                 return claimed, False
             expired = {row[0] for row in rows if row[8] is not None and row[8] <= gateway_now}

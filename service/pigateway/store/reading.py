@@ -15,13 +15,17 @@ from typing import Any, Self
 from pigateway import clock
 from pigateway.clock import GatewayClock
 from pigateway.config import StoreConfig
-from pigateway.errors import StoreCorrupt, StoreError
+from pigateway.errors import OlderSchema, StoreCorrupt, StoreError
 from pigateway.store import clock_row, delivery
 from pigateway.store.connection import first, translate
 from pigateway.store.files import check_header
 from pigateway.store.inbox import InboxReads
+from pigateway.store.outbox import tier_queries
 from pigateway.store.schema import MIGRATIONS
 from pigateway.store.values import COMMAND_COLUMNS, Command, DeadLetter, Stats, row_to_command
+
+#: ``queue ls``: every queued row, in flights too, in the order the drain claims them.
+_LISTING_ORDER = tier_queries(COMMAND_COLUMNS, unclaimed=False)
 
 
 class Reads:
@@ -60,11 +64,19 @@ class Reads:
         delivered (batch, when: watched commands, kept
         :data:`~pigateway.store.delivery.KEPT_SECONDS`), dead (reason), or unknown."""
         queued, in_flight, ahead, done, dead = [
-            await self._fetch(sql, (id_,)) for sql in delivery.WHERE_SQL]
+            await self._fetch_if_there(sql, (id_,)) for sql in delivery.WHERE_SQL]
         return delivery.where_from(
             id_, queued[0][:2] if queued else None,
             in_flight=bool(in_flight and in_flight[0][0]), ahead=ahead[0][0] if ahead else 0,
             delivered=done[0] if done else None, dead=dead[0] if dead else None)
+
+    async def _fetch_if_there(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """:meth:`_fetch`, with nothing for a table or column an older schema lacks (a file
+        the service has not migrated yet is read as far as it goes)."""
+        try:
+            return await self._fetch(sql, params)
+        except OlderSchema:
+            return []
 
     async def forwarded(self) -> tuple[int, int]:
         """Queued forwarded messages (ingest) and their bytes, apart from commands; a scan
@@ -78,8 +90,10 @@ class Reads:
 
         For people: ``expires_at`` is shown as the wall time it falls at now.
         """
-        rows = await self._fetch(f"SELECT {COMMAND_COLUMNS} FROM outbox ORDER BY seq LIMIT ?",
-                                 (limit,))
+        rows: list[tuple[Any, ...]] = []
+        for query in _LISTING_ORDER:
+            if len(rows) < limit:
+                rows += await self._fetch(query, (limit - len(rows),))
         return [self._for_display(row_to_command(row)) for row in rows]
 
     async def list_dead(self, limit: int = 100) -> list[DeadLetter]:
@@ -161,8 +175,8 @@ class QueueReader(Reads):
             return [tuple(row) for row in conn.execute(sql, params).fetchall()]
         except sqlite3.OperationalError as exc:
             if "no such" in str(exc):
-                raise StoreError(f"{self.path} has an older schema ({exc}); run the service "
-                                 "once to migrate it") from exc
+                raise OlderSchema(f"{self.path} has an older schema ({exc}); run the service "
+                                  "once to migrate it") from exc
             raise translate(exc, self.path) from exc
         except sqlite3.DatabaseError as exc:
             raise _reader_refusal(self.path, str(exc)) from exc
