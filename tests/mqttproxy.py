@@ -10,12 +10,12 @@ unchanged, whole packets at a time, so an injected PUBACK never splits another p
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from netproxy import LoopbackRelay
 
 #: ``decide(connection number from 1, topic, payload)``: a reason code to refuse with, or None.
 Decide = Callable[[int, str, bytes], int | None]
@@ -90,20 +90,18 @@ def puback(packet_id: int, code: int) -> bytes:
     return struct.pack("!BBHB", 0x40, 3, packet_id, code)
 
 
-class RefusingProxy:
+class RefusingProxy(LoopbackRelay):
     """Forwards 127.0.0.1:``port`` to ``target_port``; refuses what ``decide`` picks."""
 
     def __init__(self, target_port: int, decide: Decide, *, disconnect: bool = False) -> None:
         """``disconnect``: answer a refused PUBLISH with a DISCONNECT carrying the code (a
         cloud broker's 0x96 message rate too high, 0x89 server busy) and close, instead of
         a PUBACK with it."""
-        self.target_port = target_port
+        super().__init__(target_port)
         self.decide = decide
         self.disconnect = disconnect
         #: monotonic time each connection came in
         self.connected_at: list[float] = []
-        self.port = 0
-        self.connections = 0
         self.refused: list[Refused] = []
         #: QoS 1 publishes forwarded to the broker and not yet acknowledged, per connection
         self.unacked: dict[int, set[int]] = {}
@@ -111,26 +109,6 @@ class RefusingProxy:
         self.max_unacked = 0
         #: (monotonic time, topic) of every PUBLISH forwarded to the broker
         self.published: list[tuple[float, str]] = []
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> RefusingProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0,
-                                                  family=socket.AF_INET)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for writer in self._writers:
-            writer.close()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, OSError):
-                await task
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -141,12 +119,8 @@ class RefusingProxy:
         except OSError:
             writer.close()
             return
-        self._writers += [writer, up_writer]
-        for pump in (self._upstream(number, reader, up_writer, writer),
-                     self._pump(number, up_reader, writer)):
-            task = asyncio.create_task(pump)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self._relay([writer, up_writer], [self._upstream(number, reader, up_writer, writer),
+                                          self._pump(number, up_reader, writer)])
 
     async def _upstream(self, number: int, reader: asyncio.StreamReader,
                         broker: asyncio.StreamWriter, client: asyncio.StreamWriter) -> None:

@@ -11,40 +11,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Coroutine
+from typing import Any, Self
 
 
-class Proxy:
-    """Forwards 127.0.0.1:``port`` to ``target_port``; start with ``await proxy.start()``."""
+class LoopbackRelay:
+    """What every test proxy shares: a server on 127.0.0.1 (``start``) whose ``_serve``
+    connects to ``target_port`` and runs its pumps (``_relay``), and a ``close`` that ends
+    the server, every connection and every pump."""
 
-    def __init__(self, target_port: int, *, delay: float = 0.0) -> None:
+    def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.delay = delay
         self.port = 0
         self.connections = 0
-        self._open = asyncio.Event()
-        self._open.set()
-        self.refusing = False
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
 
-    async def start(self) -> Proxy:
+    async def start(self) -> Self:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0,
                                                   family=socket.AF_INET)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
-
-    def blackhole(self) -> None:
-        self._open.clear()
-
-    def heal(self) -> None:
-        self._open.set()
-
-    def refuse(self) -> None:
-        self.refusing = True
-
-    def accept(self) -> None:
-        self.refusing = False
 
     async def close(self) -> None:
         if self._server is not None:
@@ -58,6 +46,41 @@ class Proxy:
                 await task
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    def _relay(self, writers: list[asyncio.StreamWriter],
+               pumps: list[Coroutine[Any, Any, None]]) -> None:
+        """Keep ``writers`` for ``close`` and run ``pumps`` until they end or it is called."""
+        self._writers += writers
+        for pump in pumps:
+            task = asyncio.create_task(pump)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+
+class Proxy(LoopbackRelay):
+    """Forwards 127.0.0.1:``port`` to ``target_port``; start with ``await proxy.start()``."""
+
+    def __init__(self, target_port: int, *, delay: float = 0.0) -> None:
+        super().__init__(target_port)
+        self.delay = delay
+        self._open = asyncio.Event()
+        self._open.set()
+        self.refusing = False
+
+    def blackhole(self) -> None:
+        self._open.clear()
+
+    def heal(self) -> None:
+        self._open.set()
+
+    def refuse(self) -> None:
+        self.refusing = True
+
+    def accept(self) -> None:
+        self.refusing = False
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.refusing:
             writer.close()
             return
@@ -67,11 +90,8 @@ class Proxy:
         except OSError:
             writer.close()
             return
-        self._writers += [writer, up_writer]
-        for pump in (self._pump(reader, up_writer, False), self._pump(up_reader, writer, True)):
-            task = asyncio.create_task(pump)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self._relay([writer, up_writer],
+                    [self._pump(reader, up_writer, False), self._pump(up_reader, writer, True)])
 
     async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter,
                     delayed: bool) -> None:

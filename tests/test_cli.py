@@ -15,17 +15,15 @@ import socket
 import subprocess
 import sys
 import tomllib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import Run
 from harness import gateway
 from pigateway import config as configuration
 from pigateway.store import NewCommand, Store
-
-Run = Callable[..., tuple[int, str, str]]
 
 
 def write_config(folder: Path, store_lines: str = "", extra: str = "") -> Path:

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import Run
 from pigateway import config as configuration
 from pigateway.store import NewCommand, Store
-from test_cli import Run, read_queue, write_config
+from test_cli import read_queue, write_config
 
 
 @pytest.fixture
