@@ -205,7 +205,8 @@ class Ingest:
             username=local.username, password=self._password(),
             protocol="5" if local.protocol == "5" else "3.1.1", persistent=True,
             session_expiry=local.session_expiry, keepalive=local.keepalive, timeout=10.0,
-            tls=tls_context(local.tls), receive_maximum=local.window)
+            tls=tls_context(local.tls), receive_maximum=local.window,
+            inbox_limit=2 * local.window)
 
     def _password(self) -> str | None:
         local = self.config.local

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import ssl
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -71,6 +73,14 @@ PRIVATE_API: Final = (
     PrivateMember("aiomqtt.Client", "_on_publish", "method",
                   ("client", "userdata", "mid", "reason_code", "properties"),
                   "overridden: keep each PUBACK's failure reason code"),
+    PrivateMember("aiomqtt.Client", "_on_message", "method", ("client", "userdata", "message"),
+                  "overridden: inbound messages go to the bounded Inbox, not aiomqtt's queue"),
+    PrivateMember("aiomqtt.Client", "_on_socket_open", "method", ("client", "userdata", "sock"),
+                  "extended: our own socket reader, which the Inbox can pause"),
+    PrivateMember("aiomqtt.Client", "_on_socket_close", "method", ("client", "userdata", "sock"),
+                  "extended: a paused reader is never resumed on a closed socket"),
+    PrivateMember("aiomqtt.Client", "_loop", "attribute", "_UnixSelectorEventLoop",
+                  "the loop aiomqtt registered the socket's reader with"),
     PrivateMember("paho.Client", "_handle_pubackcomp", "method", ("cmd",),
                   "wrapped: a PUBACK with 0x89/0x95/0x96 is a refusal, not a broken link"),
     PrivateMember("paho.Client", "_in_packet", "attribute", "dict",
@@ -122,6 +132,10 @@ TLS_FAULTS: Final = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed",
 PUBLISH_OVERHEAD: Final = 16
 #: Seconds a clean DISCONNECT may take before the socket is closed anyway.
 LEAVE_BOUND: Final = 5.0
+#: The topic of an inbound message whose topic is not UTF-8 (no rule matches it).
+NOT_UTF8: Final = "\ufffd"
+
+log = logging.getLogger(__name__)
 
 
 def refusal(code: int) -> tuple[str, Literal["retry", "dead-letter"]]:
@@ -204,6 +218,8 @@ class Settings:
     max_inflight: int | None = None
     #: MQTT 5 Receive Maximum: unacknowledged QoS 1/2 messages the broker may send us
     receive_maximum: int | None = None
+    #: inbound messages held at most before reading the socket pauses (:class:`Inbox`)
+    inbox_limit: int = 1024
 
 
 @dataclass(frozen=True)
@@ -217,9 +233,9 @@ class Message:
     extras: Extras = Extras()
 
 
-def _extras(message: aiomqtt.Message) -> Extras:
+def _extras(message: paho.MQTTMessage) -> Extras:
     """Retain flag, content type, user properties and expiry of an inbound message."""
-    props = message.properties
+    props = getattr(message, "properties", None)
     if props is None:
         return Extras(retain=bool(message.retain))
     users = tuple((str(k), str(v)) for k, v in getattr(props, "UserProperty", []) or [])
@@ -228,6 +244,69 @@ def _extras(message: aiomqtt.Message) -> Extras:
     return Extras(retain=bool(message.retain),
                   content_type=None if content is None else str(content),
                   user_properties=users, expiry=None if expiry is None else int(expiry))
+
+
+def _inbound(message: paho.MQTTMessage) -> Message:
+    """paho's message as ours, without aiomqtt's own wrapper in between."""
+    try:
+        topic = message.topic
+    except UnicodeDecodeError:  # a broker should have refused it; ending the link would not
+        log.warning("mqtt: a message whose topic is not UTF-8 came in; it is acknowledged "
+                    "and ignored")
+        topic = NOT_UTF8
+    return Message(topic, message.payload, message.mid, message.qos, _extras(message))
+
+
+class Inbox:
+    """Inbound messages between paho's socket reads and their consumer, bounded.
+
+    aiomqtt keeps them in an unbounded queue and reads the socket whatever its length; a
+    broker that sends past our Receive Maximum (mosquitto 2.0 with ``max_inflight_messages
+    0`` does once acknowledgements flow) fills it as fast as the consumer is slower: 14,000
+    messages and 130 MiB in a burst, measured. Here reading the socket pauses at ``limit``
+    messages (TCP's window holds the rest at the broker) and resumes at half of it.
+    """
+
+    def __init__(self, limit: int, pause: Callable[[], None], resume: Callable[[], None]
+                 ) -> None:
+        self.limit = max(2, limit)
+        self.paused = False
+        self._items: deque[Message] = deque()
+        self._pause = pause
+        self._resume = resume
+        self._waiter: asyncio.Future[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, message: Message) -> None:
+        self._items.append(message)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        if not self.paused and len(self._items) >= self.limit:
+            self.paused = True
+            self._pause()
+
+    def take(self) -> Message | None:
+        """The oldest message, ``None`` when there is none."""
+        if not self._items:
+            return None
+        message = self._items.popleft()
+        if self.paused and len(self._items) <= self.limit // 2:
+            self.paused = False
+            self._resume()
+        return message
+
+    async def wait(self, ended: asyncio.Future[Any]) -> bool:
+        """Until a message is there (True) or ``ended`` (the link) is done (False)."""
+        if self._items:
+            return True
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait((self._waiter, ended), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._waiter = None
+        return bool(self._items)
 
 
 def _properties(extras: Extras) -> Properties | None:
@@ -351,8 +430,11 @@ class BrokerLimits:
 class _Client(aiomqtt.Client):
     """aiomqtt's client plus what 2.5 drops: PUBACK reason codes and CONNACK's packet limit."""
 
-    def __init__(self, *args: Any, manual_ack: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, manual_ack: bool = False, inbox_limit: int = 1024,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.inbox = Inbox(inbox_limit, self._pause_reading, self._resume_reading)
+        self._reading_fd = -1
         self.max_packet_size: int | None = None
         self.limits = BrokerLimits()
         self.session_present = False
@@ -415,6 +497,47 @@ class _Client(aiomqtt.Client):
             self.puback_codes[mid] = reason_code
         super()._on_publish(client, userdata, mid, reason_code, properties)
 
+    def _on_message(self, client: paho.Client, userdata: Any,
+                    message: paho.MQTTMessage) -> None:
+        self.inbox.put(_inbound(message))
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        super()._on_socket_open(client, userdata, sock)  # its reader, its keepalive task
+        # called from the thread paho connects on; this add_reader replaces aiomqtt's
+        self._loop.call_soon_threadsafe(self._start_reading, sock.fileno())
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._reading_fd = -1
+        super()._on_socket_close(client, userdata, sock)
+
+    def _start_reading(self, fd: int) -> None:
+        self._reading_fd = fd
+        if not self.inbox.paused:
+            self._loop.add_reader(fd, self._read_socket)
+
+    def _read_socket(self) -> None:
+        """aiomqtt's reader: what the socket has, and what TLS already decrypted; an error
+        ends the link. It stops early when the inbox pauses reading."""
+        inner = self._client
+        try:
+            while True:
+                inner.loop_read()
+                sock = inner.socket()
+                if self.inbox.paused or not (hasattr(sock, "pending") and sock.pending() > 0):
+                    break
+        except Exception as exc:
+            if not self._disconnected.done():
+                self._disconnected.set_exception(exc)
+
+    def _pause_reading(self) -> None:
+        if self._reading_fd >= 0:
+            self._loop.remove_reader(self._reading_fd)
+
+    def _resume_reading(self) -> None:
+        if self._reading_fd >= 0:
+            self._loop.add_reader(self._reading_fd, self._read_socket)
+            self._loop.call_soon(self._read_socket)  # bytes TLS decrypted while paused
+
     def abort(self) -> None:
         """Close the socket without a DISCONNECT (a failed or hung connect, a hung exit)."""
         with contextlib.suppress(Exception):
@@ -457,6 +580,11 @@ class Connection:
     @property
     def session_present(self) -> bool:
         return self._link.session_present
+
+    @property
+    def waiting(self) -> int:
+        """Inbound messages read from the socket and not yet taken (:class:`Inbox`)."""
+        return len(self._link.inbox)
 
     async def deliver(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                       timeout: float, extras: Extras | None = None) -> int | None:
@@ -527,13 +655,15 @@ class Connection:
             await self._link.unsubscribe(topic, timeout=timeout)
 
     async def messages(self) -> AsyncIterator[Message]:
-        """Inbound messages until the link drops (then :class:`UplinkError`)."""
-        with _translated():
-            async for message in self._link.messages:
-                payload = message.payload if isinstance(message.payload, bytes) \
-                    else str(message.payload).encode()
-                yield Message(str(message.topic), payload, message.mid, message.qos,
-                              _extras(message))
+        """Inbound messages until the link drops (then :class:`UplinkError`); at most
+        ``Settings.inbox_limit`` wait here (:class:`Inbox`)."""
+        inbox, ended = self._link.inbox, self._link._disconnected
+        while True:
+            message = inbox.take()
+            if message is not None:
+                yield message
+            elif not await inbox.wait(ended):
+                raise UplinkError("the link dropped") from _error_of(ended)
 
     def ack(self, message: Message) -> None:
         """Acknowledge an inbound message (persistent sessions: manual acks)."""
@@ -555,6 +685,10 @@ class Connection:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _error_of(future: asyncio.Future[Any]) -> BaseException | None:
+    return None if future.cancelled() or not future.done() else future.exception()
+
+
 def _new_client(settings: Settings) -> _Client:
     v5 = settings.protocol == "5"
     properties = None
@@ -574,7 +708,7 @@ def _new_client(settings: Settings) -> _Client:
         clean_start=(not settings.persistent) if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
         properties=properties, keepalive=settings.keepalive, timeout=settings.timeout,
         tls_context=settings.tls, max_inflight_messages=settings.max_inflight,
-        manual_ack=settings.persistent,
+        manual_ack=settings.persistent, inbox_limit=settings.inbox_limit,
     )
 
 
