@@ -254,7 +254,7 @@ def _inbound(message: paho.MQTTMessage) -> Message:
         log.warning("mqtt: a message whose topic is not UTF-8 came in; it is acknowledged "
                     "and ignored")
         topic = NOT_UTF8
-    return Message(topic, message.payload, message.mid, message.qos, _extras(message))
+    return Message(topic, bytes(message.payload), message.mid, message.qos, _extras(message))
 
 
 class Inbox:
@@ -522,8 +522,7 @@ class _Client(aiomqtt.Client):
         try:
             while True:
                 inner.loop_read()
-                sock = inner.socket()
-                if self.inbox.paused or not (hasattr(sock, "pending") and sock.pending() > 0):
+                if self.inbox.paused or not _tls_pending(inner.socket()):
                     break
         except Exception as exc:
             if not self._disconnected.done():
@@ -683,6 +682,11 @@ class Connection:
         if isinstance(sock, socket.socket):  # ssl.SSLSocket is one too
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _tls_pending(sock: object) -> bool:
+    """Whether TLS holds decrypted bytes the socket's readiness will never announce."""
+    return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
 
 def _error_of(future: asyncio.Future[Any]) -> BaseException | None:
