@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from pigateway import forwarded
-from pigateway.aio import first_error, first_of
+from pigateway.aio import first_of
 from pigateway.backoff import wait_backoff
 from pigateway.config import LEVEL_TEMPLATE, Config, IngestRule
 from pigateway.credentials import credential, read_secret, tls_context
@@ -228,44 +228,12 @@ class Ingest:
                  len(self.rules))
         self.state.set_local(Link.ONLINE)
         client.when_lost(lambda: self.state.set_local(Link.OFFLINE))
-        window: asyncio.Queue[Message | None] = asyncio.Queue(self.config.local.window)
-        try:
-            async with asyncio.TaskGroup() as tasks:
-                taker = tasks.create_task(self._take_loop(client, window), name="ingest-take")
-                reader = tasks.create_task(self._read(client, window), name="ingest-read")
-                stop = tasks.create_task(self._stop.wait(), name="ingest-stop")
-                await asyncio.wait({taker, reader, stop}, return_when=asyncio.FIRST_COMPLETED)
-                stop.cancel()
-                reader.cancel()
-                await asyncio.wait({reader})
-                try:  # the taker commits and acknowledges what it has, then ends
-                    window.put_nowait(None)
-                except asyncio.QueueFull:
-                    taker.cancel()  # a store that refuses: the broker sends it all again
-        except BaseExceptionGroup as group:
-            raise first_error(group) from group
-
-    async def _read(self, client: Connection, window: asyncio.Queue[Message | None]) -> None:
-        """Messages into the window; a full window stops the reading (back-pressure)."""
-        async for message in client.messages():
-            await window.put(message)
-        raise UplinkError("the local broker closed the connection")
-
-    async def _take_loop(self, client: Connection,
-                         window: asyncio.Queue[Message | None]) -> None:
-        """Take what is waiting in one commit, then acknowledge it in order."""
-        while True:
-            first = await window.get()
-            group = [first] if first is not None else []
-            while not window.empty() and len(group) < self.config.local.window:
-                message = window.get_nowait()
-                if message is None:
-                    first = None
-                    break
-                group.append(message)
-            await self._take(client, group)
-            if first is None:
-                return
+        while not self._stop.is_set():
+            group = client.take(self.config.local.window)  # raises once the link dropped
+            if group:
+                await self._take(client, group)
+            else:
+                await first_of(client.incoming(), self._stop.wait())
 
     async def _take(self, client: Connection, group: Sequence[Message]) -> None:
         """Commit ``group`` and acknowledge it, in order, waiting out a store that refuses.
@@ -277,6 +245,8 @@ class Ingest:
         size = len(pending)
         attempt = 0
         while pending:
+            if attempt and (self._stop.is_set() or client.lost):
+                return  # refused until the end: unacknowledged, the broker sends them again
             part = pending[:size]
             try:
                 await self._write(part)
@@ -310,7 +280,7 @@ class Ingest:
                         "acknowledged and nothing read until it takes them: the local "
                         "broker keeps them", count, error)
         self.refusing = True
-        await asyncio.sleep(REFUSED_BACKOFF.delay(attempt))
+        await first_of(asyncio.sleep(REFUSED_BACKOFF.delay(attempt)), self._stop.wait())
 
     async def _write(self, part: Sequence[Message]) -> None:
         """One commit for the rows of ``part``; its dead letters after (a rare second one)."""

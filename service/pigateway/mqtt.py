@@ -62,8 +62,6 @@ PRIVATE_API: Final = (
                   "notice a lost link while waiting for a PUBACK; when_lost"),
     PrivateMember("aiomqtt.Client", "_pending_publishes", "attribute", "dict",
                   "register a publish so aiomqtt's PUBACK callback wakes deliver()"),
-    PrivateMember("aiomqtt.Client", "_pending_call", "method", ("mid", "value", "pending_dict"),
-                  "the same registration, removed again however deliver() ends"),
     PrivateMember("aiomqtt.Client", "_on_connect", "method",
                   ("client", "userdata", "flags", "reason_code", "properties"),
                   "overridden: keep CONNACK's Maximum Packet Size and session present"),
@@ -581,6 +579,11 @@ class Connection:
         return self._link.session_present
 
     @property
+    def lost(self) -> bool:
+        """Whether the link has dropped (or was closed)."""
+        return self._link._disconnected.done()
+
+    @property
     def waiting(self) -> int:
         """Inbound messages read from the socket and not yet taken (:class:`Inbox`)."""
         return len(self._link.inbox)
@@ -626,10 +629,17 @@ class Connection:
             raise classify(aiomqtt.MqttCodeError(info.rc, "could not publish"))
         if qos > 0 and not info.is_published():
             confirmation = _Confirmation()
-            # aiomqtt only calls set() on what it keeps for a publish
-            with client._pending_call(info.mid, cast(asyncio.Event, confirmation),
-                                      client._pending_publishes):
+            # aiomqtt's PUBACK callback pops it and calls set(), as it would an Event's;
+            # registered here, not with aiomqtt's _pending_call, which counts every pending
+            # call twice for each publish (O(window) per message)
+            pending = client._pending_publishes
+            registered = cast(asyncio.Event, confirmation)
+            pending[info.mid] = registered
+            try:
                 winner = await confirmation.wait(client._disconnected, timeout)
+            finally:
+                if pending.get(info.mid) is registered:
+                    del pending[info.mid]
             if winner != 0:
                 raise UplinkError("the link dropped before the PUBACK" if winner == 1
                                   else f"no PUBACK within {timeout}s")
@@ -663,6 +673,26 @@ class Connection:
                 yield message
             elif not await inbox.wait(ended):
                 raise UplinkError("the link dropped") from _error_of(ended)
+
+    def take(self, limit: int) -> list[Message]:
+        """Up to ``limit`` waiting messages, oldest first, without waiting.
+
+        Raises :class:`UplinkError` once the link has dropped, even with messages still
+        waiting: they can no longer be acknowledged, and the broker sends them again on the
+        next connection of a persistent session.
+        """
+        ended = self._link._disconnected
+        if ended.done():
+            raise UplinkError("the link dropped") from _error_of(ended)
+        inbox = self._link.inbox
+        group: list[Message] = []
+        while len(group) < limit and (message := inbox.take()) is not None:
+            group.append(message)
+        return group
+
+    async def incoming(self) -> None:
+        """Until a message is waiting or the link drops (then :meth:`take` raises)."""
+        await self._link.inbox.wait(self._link._disconnected)
 
     def ack(self, message: Message) -> None:
         """Acknowledge an inbound message (persistent sessions: manual acks)."""
