@@ -216,8 +216,12 @@ class Settings:
     max_inflight: int | None = None
     #: MQTT 5 Receive Maximum: unacknowledged QoS 1/2 messages the broker may send us
     receive_maximum: int | None = None
-    #: inbound messages held at most before reading the socket pauses (:class:`Inbox`)
-    inbox_limit: int = 1024
+    #: inbound messages held at most before reading the socket pauses (:class:`Inbox`);
+    #: ``None``: never paused. Only for a connection that waits on no inbound packet of its
+    #: own (ingest's): a paused socket holds back PUBACKs and PINGRESPs as well, so the
+    #: uplink, whose forwarding waits for PUBACKs on the socket its commands come in on,
+    #: must not pause (its inbound commands are bounded by the broker's in-flight limit)
+    inbox_limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -265,9 +269,9 @@ class Inbox:
     messages (TCP's window holds the rest at the broker) and resumes at half of it.
     """
 
-    def __init__(self, limit: int, pause: Callable[[], None], resume: Callable[[], None]
-                 ) -> None:
-        self.limit = max(2, limit)
+    def __init__(self, limit: int | None, pause: Callable[[], None],
+                 resume: Callable[[], None]) -> None:
+        self.limit = None if limit is None else max(2, limit)
         self.paused = False
         self._items: deque[Message] = deque()
         self._pause = pause
@@ -281,7 +285,7 @@ class Inbox:
         self._items.append(message)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
-        if not self.paused and len(self._items) >= self.limit:
+        if not self.paused and self.limit is not None and len(self._items) >= self.limit:
             self.paused = True
             self._pause()
 
@@ -290,7 +294,7 @@ class Inbox:
         if not self._items:
             return None
         message = self._items.popleft()
-        if self.paused and len(self._items) <= self.limit // 2:
+        if self.paused and self.limit is not None and len(self._items) <= self.limit // 2:
             self.paused = False
             self._resume()
         return message
@@ -428,7 +432,7 @@ class BrokerLimits:
 class _Client(aiomqtt.Client):
     """aiomqtt's client plus what 2.5 drops: PUBACK reason codes and CONNACK's packet limit."""
 
-    def __init__(self, *args: Any, manual_ack: bool = False, inbox_limit: int = 1024,
+    def __init__(self, *args: Any, manual_ack: bool = False, inbox_limit: int | None = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.inbox = Inbox(inbox_limit, self._pause_reading, self._resume_reading)

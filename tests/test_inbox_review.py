@@ -1,0 +1,79 @@
+"""Adversarial review of the bounded Inbox (pigateway.mqtt.Inbox, commits 273c046/952b8ff):
+what pausing the socket read costs the rest of the connection.
+
+Real mosquitto brokers on loopback (``max_inflight_messages 0``, the harness' setting: a
+broker that sends past our Receive Maximum, the case the Inbox exists for).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from harness.broker import Mosquitto, mosquitto_binary
+from ingest_helpers import as_us, publish
+from pigateway import wire
+from pigateway.errors import StoreError, UplinkError
+from pigateway.mqtt import Connection, Settings, connect
+from pigateway.state import Link
+from uplink_helpers import RecordingState, drained, make_config, running_uplink, wait_until
+
+pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
+
+
+async def _paused(client: Connection, limit: int, within: float = 10.0) -> None:
+    """Until the inbox holds ``limit`` messages (reading paused)."""
+    assert await wait_until(lambda: client.waiting >= limit, within), client.waiting
+
+
+async def test_a_command_flood_does_not_stall_the_uplinks_forwarding(
+        tmp_path: Path, unique_prefix: str) -> None:
+    """The uplink's one connection carries both the inbound commands (Intake) and the
+    PUBACKs its forwarding waits for. Commands the store cannot take yet (under its disk
+    reserve, locked: Intake waits them out, unacknowledged) pile up in the Inbox; once it is
+    full, reading pauses and no PUBACK is read either: every publish times out, the link
+    restarts, the queue never drains. Before 273c046 aiomqtt read the socket regardless."""
+    with Mosquitto(tmp_path / "broker", extra=as_us()) as broker:
+        cfg = make_config(tmp_path, broker.port, unique_prefix)
+
+        async def on_command(payload: bytes) -> None:
+            raise StoreError("under the disk reserve (simulated)")
+
+        state = RecordingState()
+        async with running_uplink(cfg, on_command=on_command, state=state) as run:
+            assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
+            flood = 1500  # past the uplink's inbox_limit (the default, 1024)
+            assert await publish(broker, [(wire.topic(cfg, "commands"), b"{}")] * flood,
+                                 window=100) == flood
+            await asyncio.sleep(1.0)  # the broker pushes them all (max_inflight_messages 0)
+            for n in range(20):
+                await run.store.put(f"dev{n % 4}", "reading", {"n": n})
+            assert await drained(run.store, 15), "readings stuck behind unread PUBACKs"
+            assert not _went_offline(state)
+
+
+def _went_offline(state: RecordingState) -> bool:
+    links = state.history.get("link", [])
+    online = links.index(Link.ONLINE) if Link.ONLINE in links else len(links)
+    return Link.OFFLINE in links[online:]
+
+
+async def test_messages_raises_once_the_inbox_is_drained_after_a_drop(tmp_path: Path) -> None:
+    """Non-defect check: what was read before a drop is still yielded, then UplinkError."""
+    with Mosquitto(tmp_path / "broker", extra=as_us()) as broker:
+        settings = Settings(broker.host, broker.port, client_id="drop", protocol="5",
+                            persistent=True, session_expiry=300, inbox_limit=10)
+        async with connect(settings, bound=10) as client:
+            await client.subscribe("z2m/#", qos=1)
+            assert await publish(broker, [(f"z2m/{n}", b"x") for n in range(50)]) == 50
+            await _paused(client, 10)
+            broker.kill()
+            got = 0
+            with pytest.raises(UplinkError):
+                async with asyncio.timeout(20):
+                    async for message in client.messages():
+                        got += 1
+                        client.ack(message)  # on a closed client: must not raise
+            assert got >= 10
