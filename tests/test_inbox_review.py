@@ -60,6 +60,34 @@ def _went_offline(state: RecordingState) -> bool:
     return Link.OFFLINE in links[online:]
 
 
+async def test_a_paused_inbox_does_not_drop_the_link_at_keepalive(tmp_path: Path) -> None:
+    """The store refusing for longer than the keepalive (15 s by default) is normal
+    back-pressure, not a dead broker: the PINGRESP is only unread because we paused."""
+    limit, keepalive = 20, 5
+    with Mosquitto(tmp_path / "broker", extra=as_us()) as broker:
+        settings = Settings(broker.host, broker.port, client_id="slow", protocol="5",
+                            persistent=True, session_expiry=300, inbox_limit=limit,
+                            keepalive=keepalive)
+        async with connect(settings, bound=10) as client:
+            lost: list[float] = []
+            client.when_lost(lambda: lost.append(asyncio.get_running_loop().time()))
+            await client.subscribe("z2m/#", qos=1)
+            count = 200
+            assert await publish(broker, [(f"z2m/{n}", str(n).encode())
+                                          for n in range(count)]) == count
+            await _paused(client, limit)
+            await asyncio.sleep(3 * keepalive)  # nothing taken: a store that refuses
+            assert not lost, "the link dropped while reading was paused"
+            got: list[bytes] = []
+            async with asyncio.timeout(30):
+                async for message in client.messages():
+                    got.append(message.payload)
+                    client.ack(message)
+                    if len(got) == count:
+                        break
+            assert got == [str(n).encode() for n in range(count)]
+
+
 async def test_messages_raises_once_the_inbox_is_drained_after_a_drop(tmp_path: Path) -> None:
     """Non-defect check: what was read before a drop is still yielded, then UplinkError."""
     with Mosquitto(tmp_path / "broker", extra=as_us()) as broker:

@@ -81,6 +81,12 @@ PRIVATE_API: Final = (
                   "the loop aiomqtt registered the socket's reader with"),
     PrivateMember("paho.Client", "_handle_pubackcomp", "method", ("cmd",),
                   "wrapped: a PUBACK with 0x89/0x95/0x96 is a refusal, not a broken link"),
+    PrivateMember("paho.Client", "_check_keepalive", "method", (),
+                  "wrapped: a read the Inbox paused is no dead broker (its PINGRESP waits)"),
+    PrivateMember("paho.Client", "_ping_t", "attribute", "float",
+                  "cleared while reading is paused: the PINGRESP is unread, not missing"),
+    PrivateMember("paho.Client", "_last_bytes_received", "attribute", "float",
+                  "renewed while reading is paused (paho's keepalive check)"),
     PrivateMember("paho.Client", "_in_packet", "attribute", "dict",
                   "the raw PUBACK paho refused to parse"),
     PrivateMember("paho.Client", "_out_message_mutex", "attribute", "RLock",
@@ -446,6 +452,8 @@ class _Client(aiomqtt.Client):
         self._client.manual_ack_set(manual_ack)
         self._client._handle_pubackcomp = self._lenient_puback(  # type: ignore[method-assign,assignment]
             self._client._handle_pubackcomp)
+        self._client._check_keepalive = self._keepalive_unless_paused(  # type: ignore[method-assign]
+            self._client._check_keepalive)
         # a full in-flight window is normal here; aiomqtt warns past 10 pending calls
         self.pending_calls_threshold = (kwargs.get("max_inflight_messages") or 0) + 16
 
@@ -472,6 +480,21 @@ class _Client(aiomqtt.Client):
                         return inner._do_on_publish(mid, code, properties)
                 return MQTTErrorCode.MQTT_ERR_SUCCESS
         return lenient
+
+    def _keepalive_unless_paused(self, check: Callable[[], None]) -> Callable[[], None]:
+        """paho ends the link when no byte came in for a keepalive after its PINGREQ (1.5 to
+        2 x keepalive); while the Inbox pauses reading, the PINGRESP is there, unread behind
+        the messages nobody took yet. A paused read counts as a live one: the PINGREQs still
+        go out every keepalive (the broker's check is met), and a dead broker is noticed
+        within two keepalives of reading again."""
+        inner = self._client
+
+        def checked() -> None:
+            if self.inbox.paused:
+                inner._ping_t = 0.0
+                inner._last_bytes_received = paho.time_func()
+            check()
+        return checked
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags,
                     reason_code: ReasonCode, properties: Properties | None = None) -> None:
