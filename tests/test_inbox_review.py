@@ -8,16 +8,20 @@ broker that sends past our Receive Maximum, the case the Inbox exists for).
 from __future__ import annotations
 
 import asyncio
+import shutil
+import ssl
 from pathlib import Path
 
+import aiomqtt
 import pytest
 
-from harness.broker import Mosquitto, mosquitto_binary
+from harness.broker import Mosquitto, free_port, mosquitto_binary
 from ingest_helpers import as_us, publish
 from pigateway import wire
 from pigateway.errors import StoreError, UplinkError
 from pigateway.mqtt import Connection, Settings, connect
 from pigateway.state import Link
+from test_uplink_security import make_pki
 from uplink_helpers import RecordingState, drained, make_config, running_uplink, wait_until
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
@@ -105,3 +109,72 @@ async def test_messages_raises_once_the_inbox_is_drained_after_a_drop(tmp_path: 
                         got += 1
                         client.ack(message)  # on a closed client: must not raise
             assert got >= 10
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+async def test_over_tls_pause_and_resume_lose_nothing_and_keep_the_order(
+        tmp_path: Path) -> None:
+    """Non-defect check: TLS (decrypted bytes the socket's readiness never announces), sizes
+    from 10 bytes to 40 KiB (a message across TLS records), paused and resumed many times."""
+    pki = make_pki(tmp_path / "pki")
+    plain = free_port()
+    extra = [*as_us(), f"cafile {pki / 'ca.crt'}", f"certfile {pki / 'server.crt'}",
+             f"keyfile {pki / 'server.key'}", f"listener {plain} 127.0.0.1"]
+    sizes = [10, 3000, 17000, 41000, 200]
+    count, limit = 600, 10
+    sent = [(f"z2m/{n}", str(n).encode().ljust(sizes[n % len(sizes)], b".")) for n in range(count)]
+    with Mosquitto(tmp_path / "broker", extra=extra) as broker:
+        tls = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        settings = Settings(broker.host, broker.port, client_id="tls", protocol="5",
+                            persistent=True, session_expiry=300, inbox_limit=limit, tls=tls)
+        async with connect(settings, bound=10) as client:
+            await client.subscribe("z2m/#", qos=1)
+            side = Mosquitto(tmp_path / "unused", port=plain)  # only its address is used
+            assert await publish(side, sent, window=100) == count
+            got: list[bytes] = []
+            most = 0
+            async with asyncio.timeout(60):
+                async for message in client.messages():
+                    got.append(message.payload)
+                    client.ack(message)
+                    assert client.waiting <= 2 * limit + 100
+                    most = max(most, client.waiting)
+                    if len(got) % 7 == 0:
+                        await asyncio.sleep(0.01)  # a slow consumer: pause, resume
+                    if len(got) == count:
+                        break
+    assert got == [p for _, p in sent]
+    assert most >= limit - 1, "reading never paused"  # counted after a take
+
+
+async def test_qos2_messages_fill_no_more_than_the_inbox(tmp_path: Path) -> None:
+    """paho's loop_read reads as many packets at once as QoS 2 messages wait for their
+    PUBREL (and our publishes for their acks), whatever the Inbox holds: a QoS 2 burst from
+    a broker past our Receive Maximum filled it 100 times over its limit. Read one packet at
+    a time, reading stops at the limit. All arrive, once and in order."""
+    count, limit = 2000, 10
+    with Mosquitto(tmp_path / "broker", extra=as_us()) as broker:
+        settings = Settings(broker.host, broker.port, client_id="qos2", protocol="5",
+                            persistent=True, session_expiry=300, receive_maximum=20,
+                            inbox_limit=limit)
+        async with connect(settings, bound=10) as client:
+            await client.subscribe("z2m/#", qos=2)
+            async with aiomqtt.Client(broker.host, broker.port,
+                                      max_inflight_messages=100) as cloud:
+                cloud.pending_calls_threshold = 200
+                for start in range(0, count, 100):
+                    await asyncio.gather(*(cloud.publish(f"z2m/{n}", str(n).encode(), qos=2)
+                                           for n in range(start, start + 100)))
+            got: list[int] = []
+            most = 0
+            async with asyncio.timeout(60):
+                async for message in client.messages():
+                    got.append(int(message.payload))
+                    client.ack(message)
+                    most = max(most, client.waiting)
+                    if len(got) % 5 == 0:
+                        await asyncio.sleep(0.01)  # a slow consumer
+                    if len(got) == count:
+                        break
+            assert most < limit + 20, f"the inbox held {most} messages (limit {limit})"
+    assert got == list(range(count))

@@ -87,6 +87,10 @@ PRIVATE_API: Final = (
                   "cleared while reading is paused: the PINGRESP is unread, not missing"),
     PrivateMember("paho.Client", "_last_bytes_received", "attribute", "float",
                   "renewed while reading is paused (paho's keepalive check)"),
+    PrivateMember("paho.Client", "_packet_read", "method", (),
+                  "called: one inbound packet at a time, so a paused Inbox stops the reading"),
+    PrivateMember("paho.Client", "_loop_rc_handle", "method", ("rc",),
+                  "called: a failed read ends the link as loop_read would"),
     PrivateMember("paho.Client", "_in_packet", "attribute", "dict",
                   "the raw PUBACK paho refused to parse"),
     PrivateMember("paho.Client", "_out_message_mutex", "attribute", "RLock",
@@ -136,6 +140,8 @@ TLS_FAULTS: Final = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed",
 PUBLISH_OVERHEAD: Final = 16
 #: Seconds a clean DISCONNECT may take before the socket is closed anyway.
 LEAVE_BOUND: Final = 5.0
+#: Inbound packets read at most per readiness of the socket (then other tasks run).
+READ_BUDGET: Final = 64
 #: The topic of an inbound message whose topic is not UTF-8 (no rule matches it).
 NOT_UTF8: Final = "\ufffd"
 
@@ -542,13 +548,23 @@ class _Client(aiomqtt.Client):
 
     def _read_socket(self) -> None:
         """aiomqtt's reader: what the socket has, and what TLS already decrypted; an error
-        ends the link. It stops early when the inbox pauses reading."""
+        ends the link. One packet at a time, so it stops the moment the inbox pauses
+        reading: paho's ``loop_read`` reads as many packets at once as QoS 2 messages wait
+        for their PUBREL and publishes of ours for their acks, past any limit."""
         inner = self._client
         try:
-            while True:
-                inner.loop_read()
-                if self.inbox.paused or not _tls_pending(inner.socket()):
-                    break
+            for _ in range(READ_BUDGET):
+                if self.inbox.paused or inner.socket() is None:
+                    return
+                rc = inner._packet_read()
+                if rc > 0:
+                    inner._loop_rc_handle(rc)  # closes, on_disconnect: as loop_read does
+                    return
+                if rc == paho.MQTT_ERR_AGAIN:  # the socket is empty, TLS's buffer too
+                    return
+            # the budget is spent: more may wait in TLS's buffer, which no readiness shows
+            if _tls_pending(inner.socket()):
+                self._loop.call_soon(self._read_socket)
         except Exception as exc:
             if not self._disconnected.done():
                 self._disconnected.set_exception(exc)
