@@ -79,3 +79,13 @@ async def test_a_broker_past_our_receive_maximum_fills_no_more_than_the_inbox(
                     if len(got) == count:
                         break
     assert got == [str(n).encode() for n in range(count)]
+
+
+async def test_two_waiters_both_wake_for_a_message() -> None:
+    inbox = Inbox(4, lambda: None, lambda: None)
+    ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    first = asyncio.ensure_future(inbox.wait(ended))
+    second = asyncio.ensure_future(inbox.wait(ended))
+    await asyncio.sleep(0)
+    inbox.put(_message(1))
+    assert await asyncio.wait_for(asyncio.gather(first, second), 5) == [True, True]

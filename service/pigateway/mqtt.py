@@ -315,11 +315,9 @@ class Inbox:
         """Until a message is there (True) or ``ended`` (the link) is done (False)."""
         if self._items:
             return True
-        self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await asyncio.wait((self._waiter, ended), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self._waiter = None
+        if self._waiter is None or self._waiter.done():  # shared by whoever waits now
+            self._waiter = asyncio.get_running_loop().create_future()
+        await asyncio.wait((self._waiter, ended), return_when=asyncio.FIRST_COMPLETED)
         return bool(self._items)
 
 
@@ -543,7 +541,9 @@ class _Client(aiomqtt.Client):
 
     def _start_reading(self, fd: int) -> None:
         self._reading_fd = fd
-        if not self.inbox.paused:
+        if self.inbox.paused:  # filled before this ran: aiomqtt's reader must not go on
+            self._loop.remove_reader(fd)
+        else:
             self._loop.add_reader(fd, self._read_socket)
 
     def _read_socket(self) -> None:

@@ -58,7 +58,7 @@ from pigateway.errors import (
     RetainNotSupported,
     UplinkError,
 )
-from pigateway.intake import Intake, OnCommand
+from pigateway.intake import INBOUND_WINDOW, Intake, OnCommand
 from pigateway.mqtt import (
     Connection,
     Settings,
@@ -337,7 +337,9 @@ class Uplink:
                       retain=self._will_retained),
             persistent=self.on_command is not None, session_expiry=mqtt.session_expiry,
             keepalive=mqtt.keepalive, timeout=self.config.uplink.publish_timeout,
-            tls=tls_context(mqtt.tls), max_inflight=self.config.uplink.max_inflight + 8)
+            tls=tls_context(mqtt.tls), max_inflight=self.config.uplink.max_inflight + 8,
+            # commands unacknowledged at once: what intake takes (MQTT 5 brokers honour it)
+            receive_maximum=INBOUND_WINDOW)
 
     # ---- one connection
 
