@@ -161,7 +161,9 @@ class LocalConfig(_Section, section="local"):
                                    "the messages queued for it) while pigateway is down")
     keepalive: int = _opt(15, min=5, max=3600, doc="seconds between pings")
     window: int = _opt(256, min=1, max=65535,
-                       doc="messages taken but not yet acknowledged at most (Receive Maximum)")
+                       doc="messages taken but not yet acknowledged at most (Receive "
+                           "Maximum); twice that many are read ahead at most, then the socket "
+                           "waits")
     tls: LocalTlsConfig = field(default_factory=LocalTlsConfig)
 
 
