@@ -16,7 +16,8 @@ durability does not cost throughput. Callers use verbs, never SQL:
 
 The rooms: :mod:`~pigateway.store.files` (integrity check, quarantine, drainer lock),
 :mod:`~pigateway.store.schema` (migrations), :mod:`~pigateway.store.connection` (a
-connection on its own thread), :mod:`~pigateway.store.writer` (group commit),
+connection), :mod:`~pigateway.store.thread` (a connection on its own thread),
+:mod:`~pigateway.store.writer` (group commit),
 :mod:`~pigateway.store.queue` (:class:`Store`), :mod:`~pigateway.store.reading`
 (:class:`QueueReader`), :mod:`~pigateway.store.values`. Nothing is loaded into memory as
 a whole; every read is bounded by a ``LIMIT``.

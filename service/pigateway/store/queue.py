@@ -22,7 +22,7 @@ from pigateway.errors import StoreError
 from pigateway.ids import new_id
 from pigateway.inbox import outbox_device
 from pigateway.store import clock_row, delivery, files, schema
-from pigateway.store.connection import SqliteThread, data_version, fetch_all, select_one, translate
+from pigateway.store.connection import data_version, fetch_all, select_one, translate
 from pigateway.store.inbox import Inbox
 from pigateway.store.outbox import (
     SWEEP_CHUNK,
@@ -34,6 +34,7 @@ from pigateway.store.outbox import (
     purge_queued_chunk,
 )
 from pigateway.store.reading import Reads
+from pigateway.store.thread import SqliteThread
 from pigateway.store.values import Command, NewCommand, prepare
 from pigateway.store.writer import Writer
 
@@ -79,11 +80,7 @@ class Store(Reads):
         drain one queue, and puts back whatever was in flight when the last one died.
         Producers (``pigateway send``, the Python API) pass ``drainer=False``.
         """
-        try:
-            config.path.parent.mkdir(parents=True, exist_ok=True)
-            lock_fd = files.take_drainer_lock(config.path) if drainer else None
-        except OSError as exc:  # a read-only file system, a folder owned by someone else
-            raise StoreError(f"cannot use {config.path.parent}: {exc}") from exc
+        lock_fd = files.enter_folder(config.path, drainer=drainer)
         try:
             store = await cls._connect(config, drainer=drainer)
         except BaseException:
@@ -96,15 +93,14 @@ class Store(Reads):
     @classmethod
     async def _connect(cls, config: StoreConfig, *, drainer: bool) -> Store:
         """Check the file, connect the writer, migrate, read the clock, connect the reader."""
-        await files.check_before_open(config.path, drainer=drainer)
+        if drainer:
+            await asyncio.to_thread(files.check_as_drainer, config.path)
+        else:
+            files.check_as_producer(config.path)
         thread = await SqliteThread.open(config, "store-writer")
         try:
-            await thread.call(schema.migrate, config.path)
-            reading = await thread.call(schema.clock_reading, config.path)
+            reading = await thread.call(schema.ready, config.path)
             reader = await SqliteThread.open(config, "store-reader")
-        except sqlite3.Error as exc:  # a producer met damage its cheap check missed
-            await thread.close()
-            raise translate(exc, config.path) from exc
         except BaseException:
             await thread.close()
             raise

@@ -19,8 +19,9 @@ from typing import Any, TypeVar
 
 from pigateway.counters import COUNTERS
 from pigateway.errors import StoreError, StoreFull
-from pigateway.store.connection import SqliteThread, run_transaction, translate, truncate_wal
+from pigateway.store.connection import run_transaction, translate, truncate_wal
 from pigateway.store.outbox import Outbox, Put
+from pigateway.store.thread import SqliteThread
 
 T = TypeVar("T")
 Run = Callable[[sqlite3.Connection], Any]
