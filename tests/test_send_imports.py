@@ -7,9 +7,14 @@ import of one of these (directly or through another module) fails here.
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
+
+import pytest
+
+from pigateway import store
 
 #: Modules ``send`` must never load: MQTT, GPIO, metrics, retries, the service's parts.
 FORBIDDEN = ("aiomqtt", "paho", "gpiozero", "prometheus_client", "tenacity",
@@ -46,3 +51,13 @@ def test_the_probe_sees_what_send_imports() -> None:
     assert "pigateway.cli" in modules
     assert "pigateway.store" in modules
     assert "pigateway.config" in modules
+
+
+def test_every_public_name_of_the_store_is_its_rooms() -> None:
+    """The store's names are imported lazily, each from the room :data:`_ROOMS` names."""
+    assert sorted(store._ROOMS) == sorted(store.__all__)
+    for name in store.__all__:
+        room = importlib.import_module(f"pigateway.store.{store._ROOMS[name]}")
+        assert getattr(store, name) is getattr(room, name), name
+    with pytest.raises(AttributeError, match="no attribute 'Stroe'"):
+        getattr(store, "Stroe")  # noqa: B009 - the name is the point
