@@ -9,12 +9,11 @@ queued, not yet delivered when the timeout ran out (it stays queued).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pigateway import __version__, inputs
 from pigateway import config as configuration
@@ -27,8 +26,12 @@ from pigateway.errors import (
     ServiceNotRunning,
     StoreFull,
 )
-from pigateway.store import NewCommand, QueueReader, Store
+from pigateway.store.producer import Producer
+from pigateway.store.values import NewCommand
 from pigateway.text import format_age
+
+if TYPE_CHECKING:  # the verbs that use them import them: send runs without asyncio
+    from pigateway.store import QueueReader, Store
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_NOT_RUNNING = 0, 1, 2, 3, 4
 EXIT_PENDING = 5
@@ -196,30 +199,32 @@ async def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def cmd_send(args: argparse.Namespace) -> int:
+def cmd_send(args: argparse.Namespace) -> int:
+    """Queue one command. No event loop: the :class:`Producer` puts on a connection of its
+    own, so ``send`` never imports asyncio (issue 11: it returns within 100 ms)."""
     config = _load(args)
     params = parse_params(args.param, args.params_json)
-    async with await Store.open(config.store, drainer=False) as store:
+    with Producer.open(config.store) as producer:
         if args.key is None:
-            command_id = (await store.put(args.device, args.name, params, ttl=args.ttl,
-                                          priority=args.priority, watch=args.wait)).id
+            command_id = producer.put(args.device, args.name, params, ttl=args.ttl,
+                                      priority=args.priority, watch=args.wait).id
         else:
-            _, command_id = await store.put_keyed(args.key, NewCommand(
+            _, command_id = producer.put_keyed(args.key, NewCommand(
                 args.device, args.name, params, ttl=args.ttl, priority=args.priority))
         if not args.wait:
             print(command_id)
             return EXIT_OK
-        return await _wait_for(store, command_id, args.timeout)
+        return _wait_for(producer, command_id, args.timeout)
 
 
-async def _wait_for(store: Store, command_id: str, timeout: float) -> int:
+def _wait_for(producer: Producer, command_id: str, timeout: float) -> int:
     """Until the command is delivered (0), dead (3) or ``timeout`` ran out (5).
 
     It only reads the store, so a restart of the service meanwhile changes nothing.
     """
     deadline = time.monotonic() + max(0.0, timeout)
     while True:
-        where = await store.where(command_id)
+        where = producer.where(command_id)
         if where.state == "delivered":
             print(f"{command_id} {where.batch}")
             return EXIT_OK
@@ -230,7 +235,7 @@ async def _wait_for(store: Store, command_id: str, timeout: float) -> int:
         if time.monotonic() >= deadline:
             print(f"{command_id} queued, not yet delivered ({where.state})", file=sys.stderr)
             return EXIT_PENDING
-        await asyncio.sleep(WAIT_POLL)
+        time.sleep(WAIT_POLL)
 
 
 async def cmd_queue_show(args: argparse.Namespace) -> int:
@@ -309,8 +314,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
         reply = await control.request(config.control.socket, "status")
         state: dict[str, Any] = {"running": True, **reply.get("state", {})}
     except ServiceNotRunning as exc:
-        async with await QueueReader.open(config.store) as store:  # looks, never creates
-            _say_note(store)
+        async with await _reader(config.store) as store:  # looks, never creates
             stats = (await store.stats()).as_dict()
         state = {"running": False, "why": str(exc), **stats}
     if args.json:
@@ -357,12 +361,20 @@ def _load(args: argparse.Namespace) -> configuration.Config:
 
 
 async def _open_store(args: argparse.Namespace) -> Store:
+    from pigateway.store import Store  # noqa: PLC0415 - asyncio: never for send
+
     return await Store.open(_load(args).store, drainer=False)
 
 
 async def _open_reader(args: argparse.Namespace) -> QueueReader:
     """The queue for a verb that only looks: read-only, never created, migrated or moved."""
-    reader = await QueueReader.open(_load(args).store)
+    return await _reader(_load(args).store)
+
+
+async def _reader(config: configuration.StoreConfig) -> QueueReader:
+    from pigateway.store import QueueReader  # noqa: PLC0415 - asyncio: never for send
+
+    reader = await QueueReader.open(config)
     _say_note(reader)
     return reader
 
@@ -433,17 +445,31 @@ def exit_code(exc: BaseException) -> int:
     return next((code for kind, code in EXIT_CODES if isinstance(exc, kind)), EXIT_FAILED)
 
 
+#: A verb: its exit code, or (most verbs, async) a coroutine that returns it.
+Handler = Callable[[argparse.Namespace], int | Coroutine[Any, Any, int]]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one verb; errors become one line on stderr and an exit code."""
     args = build_parser().parse_args(argv)
-    handler: Callable[[argparse.Namespace], Coroutine[Any, Any, int]] = args.handler
+    handler: Handler = args.handler
     try:
-        return asyncio.run(handler(args))
+        return _finish(handler(args))
     except PigatewayError as exc:
         print(f"pigateway: {exc}", file=sys.stderr)
         return exit_code(exc)
     except KeyboardInterrupt:
         return 130
+
+
+def _finish(outcome: int | Coroutine[Any, Any, int]) -> int:
+    """An async verb's coroutine run to its end in an event loop of its own; asyncio is
+    imported here, for the verbs that need it (``send`` needs none)."""
+    if isinstance(outcome, int):
+        return outcome
+    import asyncio  # noqa: PLC0415 - not for send (issue 11)
+
+    return asyncio.run(outcome)
 
 
 if __name__ == "__main__":
