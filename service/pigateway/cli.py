@@ -114,6 +114,12 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _group(verbs: Any, verb: str, text: str) -> Any:
+    """The subparsers of a verb that has verbs of its own (``queue ls``, ``config check``)."""
+    return verbs.add_parser(verb, help=text).add_subparsers(
+        dest=f"{verb}_verb", required=True, metavar="VERB")
+
+
 def _add_run(verbs: Any, common: argparse.ArgumentParser) -> None:
     run = verbs.add_parser("run", parents=[common], help="run the service")
     run.set_defaults(handler=cmd_run)
@@ -142,8 +148,7 @@ def _add_send(verbs: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _add_queue(verbs: Any, common: argparse.ArgumentParser) -> None:
-    queue = verbs.add_parser("queue", help="look at and repair the queue").add_subparsers(
-        dest="queue_verb", required=True, metavar="VERB")
+    queue = _group(verbs, "queue", "look at and repair the queue")
     show = queue.add_parser("show", parents=[common],
                             help="where one command is: queued, in flight, delivered, dead")
     show.add_argument("id")
@@ -193,16 +198,14 @@ def _control(verb: str, text: str) -> AddVerb:
 
 
 def _add_config(verbs: Any, common: argparse.ArgumentParser) -> None:
-    cfg = verbs.add_parser("config", help="check the config").add_subparsers(
-        dest="config_verb", required=True, metavar="VERB")
+    cfg = _group(verbs, "config", "check the config")
     check = cfg.add_parser("check", parents=[common],
                            help="validate and print the effective config")
     check.set_defaults(handler=cmd_config_check)
 
 
 def _add_inbox(verbs: Any, common: argparse.ArgumentParser) -> None:
-    inbox = verbs.add_parser("inbox", help="commands from the broker").add_subparsers(
-        dest="inbox_verb", required=True, metavar="VERB")
+    inbox = _group(verbs, "inbox", "commands from the broker")
     inbox_ls = inbox.add_parser("ls", parents=[common],
                                 help="pending, running and finished commands")
     inbox_ls.add_argument("--limit", type=int, default=100)
