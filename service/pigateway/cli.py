@@ -98,8 +98,8 @@ def _param_value(key: str, raw: str) -> Any:
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     """The command line, one subparser per verb of :data:`VERBS`. With ``verb`` (the word
     the arguments start with) only that verb's subparser is built: parsing its arguments
-    needs no other, and building them all is ~4 ms of every ``send``. Anything else
-    (``--help``, ``--version``, a misspelt verb) gets them all."""
+    needs no other, and building them all would cost every ``send`` ~4 ms more. Anything
+    else (``--help``, ``--version``, a misspelt verb) gets them all."""
     parser = argparse.ArgumentParser(
         prog="pigateway",
         description="Durable device commands from a Raspberry Pi gateway to MQTT.")
