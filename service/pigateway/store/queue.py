@@ -75,7 +75,8 @@ class Store(Reads):
 
         A ``drainer`` (the service) holds an exclusive lock file so that two services never
         drain one queue, and puts back whatever was in flight when the last one died.
-        Producers (``pigateway send``, the Python API) pass ``drainer=False``.
+        Producers pass ``drainer=False``; ``pigateway send`` uses the same without an event
+        loop, :class:`~pigateway.store.producer.Producer`.
         """
         lock_fd = files.enter_folder(config.path, drainer=drainer)
         try:
