@@ -1,48 +1,84 @@
 """``pigateway send`` imports only what it needs (issue 11: <= 100 ms on an idle machine).
 
-The CLI module and everything ``send`` runs (config, store) are imported in a fresh
-interpreter; none of the service's heavy modules may come with them. A new module-level
-import of one of these (directly or through another module) fails here.
+``send`` is run in a fresh interpreter, in each of its ways (plain, params, ``--id``,
+``--wait``, a refusal); none of the service's heavy modules may come with it, nor asyncio
+(~40 ms of imports: ssl, concurrent.futures, inspect, logging), which ``send`` does without
+(:class:`~pigateway.store.producer.Producer`). A new import of one of these, at module
+level or inside what ``send`` runs, directly or through another module, fails here.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
 
-#: Modules ``send`` must never load: MQTT, GPIO, metrics, retries, the service's parts.
-FORBIDDEN = ("aiomqtt", "paho", "gpiozero", "prometheus_client", "tenacity",
-             "pigateway.metrics", "pigateway.ingest", "pigateway.mqtt", "pigateway.uplink",
-             "pigateway.app", "pigateway.control", "pigateway.handlers")
+import pytest
+
+from pigateway import store
+
+#: Modules ``send`` must never load: asyncio and what it brings, MQTT, GPIO, metrics,
+#: retries, the service's parts and the Store's (its writer task and threads).
+FORBIDDEN = ("asyncio", "ssl", "concurrent.futures", "aiomqtt", "paho", "gpiozero",
+             "prometheus_client", "tenacity", "pigateway.metrics", "pigateway.ingest",
+             "pigateway.mqtt", "pigateway.uplink", "pigateway.app", "pigateway.control",
+             "pigateway.handlers", "pigateway.store.queue", "pigateway.store.writer",
+             "pigateway.store.thread", "pigateway.store.reading")
+
+#: Each way ``send`` runs, and the exit code it must end with.
+SENDS = (
+    (["--param", "speed=3", "--params-json", '{"mode": "eco"}', "--ttl", "60"], 0),
+    (["--priority", "high", "--id", "k-1"], 0),
+    (["--id", "k-1"], 0),  # the key taken: the first command's id
+    (["--wait", "--timeout", "0.1"], 5),  # no service: still queued
+    (["--ttl", "-1"], 2),
+)
 
 PROBE = """
 import json, sys
-sys.argv = ["pigateway", "send", "--device", "d", "--command", "on"]
-import pigateway.cli
-from pigateway.cli import build_parser, cmd_send
-build_parser().parse_args(sys.argv[1:])
-import pigateway.store
-print(json.dumps(sorted(sys.modules)))
+from pigateway.cli import main
+config, sends = sys.argv[1], json.loads(sys.argv[2])
+codes = [main(["send", "--config", config, "--device", "d", "--command", "on", *extra])
+         for extra in sends]
+print(json.dumps({"codes": codes, "modules": sorted(sys.modules)}), file=sys.stderr)
 """
 
 
-def loaded_by_send() -> list[str]:
-    out = subprocess.run([sys.executable, "-c", PROBE], check=True, capture_output=True,
-                         text=True, timeout=60)
-    return json.loads(out.stdout)
+@pytest.fixture(scope="module")
+def loaded_by_send(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """The modules loaded once ``send`` ran every way of :data:`SENDS`."""
+    folder = tmp_path_factory.mktemp("send")
+    config = folder / "config.toml"
+    config.write_text(f'gateway_id = "gw1"\n[store]\npath = "{folder / "q.db"}"\n'
+                      "min_free_bytes = 0\n")
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, str(config), json.dumps([extra for extra, _ in SENDS])],
+        check=True, capture_output=True, text=True, timeout=60)
+    report = json.loads(done.stderr.splitlines()[-1])
+    assert report["codes"] == [code for _, code in SENDS], done.stderr
+    modules: list[str] = report["modules"]
+    return modules
 
 
-def test_send_imports_none_of_the_heavy_modules() -> None:
-    modules = loaded_by_send()
-    heavy = sorted(name for name in modules
+def test_send_imports_none_of_the_heavy_modules(loaded_by_send: list[str]) -> None:
+    heavy = sorted(name for name in loaded_by_send
                    if any(name == bad or name.startswith(bad + ".") for bad in FORBIDDEN))
     assert heavy == [], f"`pigateway send` imports {heavy}: import them lazily"
 
 
-def test_the_probe_sees_what_send_imports() -> None:
+def test_the_probe_sees_what_send_imports(loaded_by_send: list[str]) -> None:
     """The probe is not empty-handed: the modules ``send`` does need are there."""
-    modules = loaded_by_send()
-    assert "pigateway.cli" in modules
-    assert "pigateway.store" in modules
-    assert "pigateway.config" in modules
+    for needed in ("pigateway.cli", "pigateway.config", "pigateway.store",
+                   "pigateway.store.producer", "pigateway.store.commit", "sqlite3"):
+        assert needed in loaded_by_send
+
+
+def test_every_public_name_of_the_store_is_its_rooms() -> None:
+    """The store's names are imported lazily, each from the room :data:`_ROOMS` names."""
+    assert sorted(store._ROOMS) == sorted(store.__all__)
+    for name in store.__all__:
+        room = importlib.import_module(f"pigateway.store.{store._ROOMS[name]}")
+        assert getattr(store, name) is getattr(room, name), name
+    with pytest.raises(AttributeError, match="no attribute 'Stroe'"):
+        getattr(store, "Stroe")  # noqa: B009 - the name is the point

@@ -9,12 +9,11 @@ queued, not yet delivered when the timeout ran out (it stays queued).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pigateway import __version__, inputs
 from pigateway import config as configuration
@@ -27,8 +26,12 @@ from pigateway.errors import (
     ServiceNotRunning,
     StoreFull,
 )
-from pigateway.store import NewCommand, QueueReader, Store
+from pigateway.store.producer import Producer
+from pigateway.store.values import NewCommand
 from pigateway.text import format_age
+
+if TYPE_CHECKING:  # the verbs that use them import them: send runs without asyncio
+    from pigateway.store import QueueReader, Store
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_NOT_RUNNING = 0, 1, 2, 3, 4
 EXIT_PENDING = 5
@@ -44,6 +47,10 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (ServiceNotRunning, EXIT_NOT_RUNNING),
     (PigatewayError, EXIT_FAILED),
 )
+
+
+#: What adds one verb's subparser (to the subparsers, with the options every verb has).
+AddVerb = Callable[[Any, argparse.ArgumentParser], None]
 
 
 class UsageError(PigatewayError):
@@ -88,8 +95,11 @@ def _param_value(key: str, raw: str) -> Any:
         raise UsageError(f"--param {inputs.shown(key, 40)}: {exc}") from exc
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command line, one subparser per verb."""
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The command line, one subparser per verb of :data:`VERBS`. With ``verb`` (the word
+    the arguments start with) only that verb's subparser is built: parsing its arguments
+    needs no other, and building them all would cost every ``send`` ~4 ms more. Anything
+    else (``--help``, ``--version``, a misspelt verb) gets them all."""
     parser = argparse.ArgumentParser(
         prog="pigateway",
         description="Durable device commands from a Raspberry Pi gateway to MQTT.")
@@ -99,10 +109,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", metavar="FILE",
         help="config file (default: $PIGATEWAY_CONFIG or /etc/pigateway/config.toml)")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name in [verb] if verb in VERBS else VERBS:
+        VERBS[name](verbs, common)
+    return parser
 
+
+def _group(verbs: Any, verb: str, text: str) -> Any:
+    """The subparsers of a verb that has verbs of its own (``queue ls``, ``config check``)."""
+    return verbs.add_parser(verb, help=text).add_subparsers(
+        dest=f"{verb}_verb", required=True, metavar="VERB")
+
+
+def _add_run(verbs: Any, common: argparse.ArgumentParser) -> None:
     run = verbs.add_parser("run", parents=[common], help="run the service")
     run.set_defaults(handler=cmd_run)
 
+
+def _add_send(verbs: Any, common: argparse.ArgumentParser) -> None:
     send = verbs.add_parser("send", parents=[common],
                             help="queue one command (durable on exit 0)")
     send.add_argument("--device", required=True)
@@ -123,28 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="how long --wait waits (default 30)")
     send.set_defaults(handler=cmd_send)
 
-    _add_queue_verbs(verbs, common)
-    _add_service_verbs(verbs, common)
 
-    cfg = verbs.add_parser("config", help="check the config").add_subparsers(
-        dest="config_verb", required=True, metavar="VERB")
-    check = cfg.add_parser("check", parents=[common],
-                           help="validate and print the effective config")
-    check.set_defaults(handler=cmd_config_check)
-
-    inbox = verbs.add_parser("inbox", help="commands from the broker").add_subparsers(
-        dest="inbox_verb", required=True, metavar="VERB")
-    inbox_ls = inbox.add_parser("ls", parents=[common],
-                                help="pending, running and finished commands")
-    inbox_ls.add_argument("--limit", type=int, default=100)
-    inbox_ls.add_argument("--json", action="store_true")
-    inbox_ls.set_defaults(handler=cmd_inbox_ls)
-    return parser
-
-
-def _add_queue_verbs(verbs: Any, common: argparse.ArgumentParser) -> None:
-    queue = verbs.add_parser("queue", help="look at and repair the queue").add_subparsers(
-        dest="queue_verb", required=True, metavar="VERB")
+def _add_queue(verbs: Any, common: argparse.ArgumentParser) -> None:
+    queue = _group(verbs, "queue", "look at and repair the queue")
     show = queue.add_parser("show", parents=[common],
                             help="where one command is: queued, in flight, delivered, dead")
     show.add_argument("id")
@@ -173,17 +177,55 @@ def _add_queue_verbs(verbs: Any, common: argparse.ArgumentParser) -> None:
     purge.set_defaults(handler=cmd_queue_purge)
 
 
-def _add_service_verbs(verbs: Any, common: argparse.ArgumentParser) -> None:
+def _add_status(verbs: Any, common: argparse.ArgumentParser) -> None:
     status = verbs.add_parser("status", parents=[common], help="what the gateway is doing")
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=cmd_status)
+
+
+def _add_metrics(verbs: Any, common: argparse.ArgumentParser) -> None:
     metrics = verbs.add_parser("metrics", parents=[common],
                                help="print Prometheus metrics (service running or not)")
     metrics.set_defaults(handler=cmd_metrics)
-    for verb, text in (("pause", "stop draining (queueing goes on)"), ("resume", "drain again"),
-                       ("flush", "send the batch window now and retry the link at once")):
+
+
+def _control(verb: str, text: str) -> AddVerb:
+    """The adder of a verb that asks the running service to do ``verb``."""
+    def add(verbs: Any, common: argparse.ArgumentParser) -> None:
         sub = verbs.add_parser(verb, parents=[common], help=text)
         sub.set_defaults(handler=cmd_control, control_verb=verb)
+    return add
+
+
+def _add_config(verbs: Any, common: argparse.ArgumentParser) -> None:
+    cfg = _group(verbs, "config", "check the config")
+    check = cfg.add_parser("check", parents=[common],
+                           help="validate and print the effective config")
+    check.set_defaults(handler=cmd_config_check)
+
+
+def _add_inbox(verbs: Any, common: argparse.ArgumentParser) -> None:
+    inbox = _group(verbs, "inbox", "commands from the broker")
+    inbox_ls = inbox.add_parser("ls", parents=[common],
+                                help="pending, running and finished commands")
+    inbox_ls.add_argument("--limit", type=int, default=100)
+    inbox_ls.add_argument("--json", action="store_true")
+    inbox_ls.set_defaults(handler=cmd_inbox_ls)
+
+
+#: Each verb, in the order ``--help`` lists them, and what adds its subparser.
+VERBS: dict[str, AddVerb] = {
+    "run": _add_run,
+    "send": _add_send,
+    "queue": _add_queue,
+    "status": _add_status,
+    "metrics": _add_metrics,
+    "pause": _control("pause", "stop draining (queueing goes on)"),
+    "resume": _control("resume", "drain again"),
+    "flush": _control("flush", "send the batch window now and retry the link at once"),
+    "config": _add_config,
+    "inbox": _add_inbox,
+}
 
 
 # --------------------------------------------------------------------------- verbs
@@ -196,30 +238,32 @@ async def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def cmd_send(args: argparse.Namespace) -> int:
+def cmd_send(args: argparse.Namespace) -> int:
+    """Queue one command. No event loop: the :class:`Producer` puts on a connection of its
+    own, so ``send`` never imports asyncio (issue 11: it returns within 100 ms)."""
     config = _load(args)
     params = parse_params(args.param, args.params_json)
-    async with await Store.open(config.store, drainer=False) as store:
+    with Producer.open(config.store) as producer:
         if args.key is None:
-            command_id = (await store.put(args.device, args.name, params, ttl=args.ttl,
-                                          priority=args.priority, watch=args.wait)).id
+            command_id = producer.put(args.device, args.name, params, ttl=args.ttl,
+                                      priority=args.priority, watch=args.wait).id
         else:
-            _, command_id = await store.put_keyed(args.key, NewCommand(
+            _, command_id = producer.put_keyed(args.key, NewCommand(
                 args.device, args.name, params, ttl=args.ttl, priority=args.priority))
         if not args.wait:
             print(command_id)
             return EXIT_OK
-        return await _wait_for(store, command_id, args.timeout)
+        return _wait_for(producer, command_id, args.timeout)
 
 
-async def _wait_for(store: Store, command_id: str, timeout: float) -> int:
+def _wait_for(producer: Producer, command_id: str, timeout: float) -> int:
     """Until the command is delivered (0), dead (3) or ``timeout`` ran out (5).
 
     It only reads the store, so a restart of the service meanwhile changes nothing.
     """
     deadline = time.monotonic() + max(0.0, timeout)
     while True:
-        where = await store.where(command_id)
+        where = producer.where(command_id)
         if where.state == "delivered":
             print(f"{command_id} {where.batch}")
             return EXIT_OK
@@ -230,7 +274,7 @@ async def _wait_for(store: Store, command_id: str, timeout: float) -> int:
         if time.monotonic() >= deadline:
             print(f"{command_id} queued, not yet delivered ({where.state})", file=sys.stderr)
             return EXIT_PENDING
-        await asyncio.sleep(WAIT_POLL)
+        time.sleep(WAIT_POLL)
 
 
 async def cmd_queue_show(args: argparse.Namespace) -> int:
@@ -309,8 +353,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
         reply = await control.request(config.control.socket, "status")
         state: dict[str, Any] = {"running": True, **reply.get("state", {})}
     except ServiceNotRunning as exc:
-        async with await QueueReader.open(config.store) as store:  # looks, never creates
-            _say_note(store)
+        async with await _reader(config.store) as store:  # looks, never creates
             stats = (await store.stats()).as_dict()
         state = {"running": False, "why": str(exc), **stats}
     if args.json:
@@ -357,12 +400,20 @@ def _load(args: argparse.Namespace) -> configuration.Config:
 
 
 async def _open_store(args: argparse.Namespace) -> Store:
+    from pigateway.store import Store  # noqa: PLC0415 - asyncio: never for send
+
     return await Store.open(_load(args).store, drainer=False)
 
 
 async def _open_reader(args: argparse.Namespace) -> QueueReader:
     """The queue for a verb that only looks: read-only, never created, migrated or moved."""
-    reader = await QueueReader.open(_load(args).store)
+    return await _reader(_load(args).store)
+
+
+async def _reader(config: configuration.StoreConfig) -> QueueReader:
+    from pigateway.store import QueueReader  # noqa: PLC0415 - asyncio: never for send
+
+    reader = await QueueReader.open(config)
     _say_note(reader)
     return reader
 
@@ -433,17 +484,32 @@ def exit_code(exc: BaseException) -> int:
     return next((code for kind, code in EXIT_CODES if isinstance(exc, kind)), EXIT_FAILED)
 
 
+#: A verb: its exit code, or (most verbs, async) a coroutine that returns it.
+Handler = Callable[[argparse.Namespace], int | Coroutine[Any, Any, int]]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one verb; errors become one line on stderr and an exit code."""
-    args = build_parser().parse_args(argv)
-    handler: Callable[[argparse.Namespace], Coroutine[Any, Any, int]] = args.handler
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
+    handler: Handler = args.handler
     try:
-        return asyncio.run(handler(args))
+        return _finish(handler(args))
     except PigatewayError as exc:
         print(f"pigateway: {exc}", file=sys.stderr)
         return exit_code(exc)
     except KeyboardInterrupt:
         return 130
+
+
+def _finish(outcome: int | Coroutine[Any, Any, int]) -> int:
+    """An async verb's coroutine run to its end in an event loop of its own; asyncio is
+    imported here, for the verbs that need it (``send`` needs none)."""
+    if isinstance(outcome, int):
+        return outcome
+    import asyncio  # noqa: PLC0415 - not for send (issue 11)
+
+    return asyncio.run(outcome)
 
 
 if __name__ == "__main__":

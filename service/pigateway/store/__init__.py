@@ -16,29 +16,42 @@ durability does not cost throughput. Callers use verbs, never SQL:
 
 The rooms: :mod:`~pigateway.store.files` (integrity check, quarantine, drainer lock),
 :mod:`~pigateway.store.schema` (migrations), :mod:`~pigateway.store.connection` (a
-connection on its own thread), :mod:`~pigateway.store.writer` (group commit),
+connection), :mod:`~pigateway.store.thread` (a connection on its own thread),
+:mod:`~pigateway.store.writer` (group commit),
 :mod:`~pigateway.store.queue` (:class:`Store`), :mod:`~pigateway.store.reading`
 (:class:`QueueReader`), :mod:`~pigateway.store.values`. Nothing is loaded into memory as
-a whole; every read is bounded by a ``LIMIT``.
+a whole; every read is bounded by a ``LIMIT``. ``pigateway send`` uses
+:class:`~pigateway.store.producer.Producer`, the rooms without an event loop.
+
+The names below are imported from their rooms on first use, not with the package:
+``pigateway send`` imports :mod:`~pigateway.store.producer`, and with it this package,
+and must not pay for the :class:`Store`'s asyncio (issue 11: ``send`` in 100 ms).
 """
 
-from pigateway.store.connection import JOURNAL_SIZE_LIMIT, PAGE_SIZE, WAL_CHECKPOINT_PAGES
-from pigateway.store.files import check_header, check_integrity, quarantine
-from pigateway.store.inbox import Inbox, InboxReads
-from pigateway.store.outbox import SWEEP_CHUNK
-from pigateway.store.queue import CLAIM_SWEEP_SECONDS, POLL_INTERVAL, Progress, Store
-from pigateway.store.reading import QueueReader, Reads
-from pigateway.store.schema import MIGRATIONS
-from pigateway.store.values import (
-    Command,
-    DeadLetter,
-    NewCommand,
-    Stats,
-    own_ttl,
-    prepare,
-    requeued_expiry,
-)
-from pigateway.store.writer import GROUP_LIMIT
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pigateway.store.connection import JOURNAL_SIZE_LIMIT, PAGE_SIZE, WAL_CHECKPOINT_PAGES
+    from pigateway.store.files import check_header, check_integrity, quarantine
+    from pigateway.store.inbox import Inbox, InboxReads
+    from pigateway.store.outbox import SWEEP_CHUNK
+    from pigateway.store.producer import Producer
+    from pigateway.store.queue import CLAIM_SWEEP_SECONDS, POLL_INTERVAL, Progress, Store
+    from pigateway.store.reading import QueueReader, Reads
+    from pigateway.store.schema import MIGRATIONS
+    from pigateway.store.values import (
+        Command,
+        DeadLetter,
+        NewCommand,
+        Stats,
+        own_ttl,
+        prepare,
+        requeued_expiry,
+    )
+    from pigateway.store.writer import GROUP_LIMIT
 
 __all__ = [
     "CLAIM_SWEEP_SECONDS",
@@ -54,6 +67,7 @@ __all__ = [
     "Inbox",
     "InboxReads",
     "NewCommand",
+    "Producer",
     "Progress",
     "QueueReader",
     "Reads",
@@ -66,3 +80,30 @@ __all__ = [
     "quarantine",
     "requeued_expiry",
 ]
+
+#: The room each name of :data:`__all__` comes from (the imports above, for mypy).
+_ROOMS: dict[str, str] = {
+    "JOURNAL_SIZE_LIMIT": "connection", "PAGE_SIZE": "connection",
+    "WAL_CHECKPOINT_PAGES": "connection",
+    "check_header": "files", "check_integrity": "files", "quarantine": "files",
+    "Inbox": "inbox", "InboxReads": "inbox",
+    "SWEEP_CHUNK": "outbox",
+    "Producer": "producer",
+    "CLAIM_SWEEP_SECONDS": "queue", "POLL_INTERVAL": "queue", "Progress": "queue",
+    "Store": "queue",
+    "QueueReader": "reading", "Reads": "reading",
+    "MIGRATIONS": "schema",
+    "Command": "values", "DeadLetter": "values", "NewCommand": "values", "Stats": "values",
+    "own_ttl": "values", "prepare": "values", "requeued_expiry": "values",
+    "GROUP_LIMIT": "writer",
+}
+
+if not TYPE_CHECKING:
+    def __getattr__(name: str) -> Any:
+        """A public name, imported from its room now (and kept, so this runs once)."""
+        room = _ROOMS.get(name)
+        if room is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"{__name__}.{room}"), name)
+        globals()[name] = value
+        return value

@@ -134,22 +134,24 @@ def key_statements(key: str, id_: str, now: float) -> list[tuple[str, Sequence[A
 KEY_OWNER_SQL: Final = "SELECT id FROM producer_keys WHERE key = ? AND at >= ?"
 
 
-def where_from(id_: str, queued: Sequence[Any] | None, *, in_flight: bool, ahead: int,
-               delivered: Sequence[Any] | None, dead: Sequence[Any] | None) -> Where:
-    """A :class:`Where` from the rows :data:`WHERE_SQL` read."""
-    if queued is not None:
-        attempts, last_error = queued
-        if in_flight:
+def where_of(id_: str, rows: Sequence[Sequence[Sequence[Any]]]) -> Where:
+    """A :class:`Where` from the rows each of :data:`WHERE_SQL` read, in order (none: the
+    query found nothing, or an older schema lacks its table)."""
+    queued, in_flight, ahead, delivered, dead = rows
+    if queued:
+        attempts, last_error = queued[0][:2]
+        if in_flight and in_flight[0][0]:
             return Where(id_, "in-flight", attempts=attempts, last_error=last_error)
-        return Where(id_, "queued", position=ahead, attempts=attempts, last_error=last_error)
-    if delivered is not None:
-        return Where(id_, "delivered", batch=delivered[0], at=delivered[1])
-    if dead is not None:
-        return Where(id_, "dead", reason=dead[0], detail=dead[1], attempts=dead[2])
+        return Where(id_, "queued", position=ahead[0][0] if ahead else 0, attempts=attempts,
+                     last_error=last_error)
+    if delivered:
+        return Where(id_, "delivered", batch=delivered[0][0], at=delivered[0][1])
+    if dead:
+        return Where(id_, "dead", reason=dead[0][0], detail=dead[0][1], attempts=dead[0][2])
     return Where(id_, "unknown")
 
 
-#: The reads behind :func:`where_from`, in order, each with the id as its one parameter.
+#: The reads behind :func:`where_of`, in order, each with the id as its one parameter.
 WHERE_SQL: Final = (
     "SELECT attempts, last_error, seq FROM outbox WHERE id = ?",
     "SELECT count(*) FROM inflight WHERE seq = (SELECT seq FROM outbox WHERE id = ?)",

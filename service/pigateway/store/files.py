@@ -4,7 +4,6 @@ it), and the drainer lock (one service per queue)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import logging
@@ -111,17 +110,32 @@ def _producer_refusal(path: Path, problem: str) -> StoreCorrupt:
         "aside and starts a fresh queue when it is started or restarted")
 
 
-async def check_before_open(path: Path, *, drainer: bool) -> None:
-    """The drainer, holding its lock, runs the full check and moves a bad file aside; a
-    producer reads the header only and refuses a bad file (see :func:`_producer_refusal`)."""
-    if drainer:
-        problem = await asyncio.to_thread(check_integrity, path)
-        if problem is not None:
-            quarantine(path, problem)
-        return
+def check_as_drainer(path: Path) -> None:
+    """The drainer's check at its open, holding its lock: the full check, and a bad file
+    moved aside (a fresh queue starts). It reads every page: the service runs it off its
+    event loop."""
+    problem = check_integrity(path)
+    if problem is not None:
+        quarantine(path, problem)
+
+
+def check_as_producer(path: Path) -> None:
+    """A producer's check at its open: the header only, and a bad file refused, never moved
+    (see :func:`_producer_refusal`)."""
     problem = check_header(path)
     if problem is not None:
         raise _producer_refusal(path, problem)
+
+
+def enter_folder(path: Path, *, drainer: bool) -> int | None:
+    """Make the queue's folder (a producer may come before the service ever ran) and, for a
+    drainer, take the drainer lock: its file descriptor, else ``None``."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return take_drainer_lock(path) if drainer else None
+    except OSError as exc:  # a read-only file system, a folder owned by someone else
+        raise StoreError(f"cannot use {path.parent}: {exc}") from exc
+
 
 def _lock_path(path: Path) -> Path:
     """``<db>.lock`` beside the real file: every name of one queue (a symlink, a relative

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import sqlite3
 import time
@@ -19,29 +18,28 @@ from pigateway import clock
 from pigateway.clock import GatewayClock
 from pigateway.config import StoreConfig
 from pigateway.errors import StoreError
-from pigateway.ids import new_id
 from pigateway.inbox import outbox_device
-from pigateway.store import clock_row, delivery, files, schema
-from pigateway.store.connection import SqliteThread, data_version, fetch_all, select_one, translate
+from pigateway.store import clock_row, delivery, files, puts, schema
+from pigateway.store.connection import data_version, fetch_all, select_one, translate
 from pigateway.store.inbox import Inbox
 from pigateway.store.outbox import (
     SWEEP_CHUNK,
     Outbox,
-    Put,
     Then,
     max_rowid,
     purge_dead_chunk,
     purge_queued_chunk,
 )
+from pigateway.store.puts import Statement
 from pigateway.store.reading import Reads
-from pigateway.store.values import Command, NewCommand, prepare
+from pigateway.store.thread import SqliteThread
+from pigateway.store.values import Command, NewCommand
 from pigateway.store.writer import Writer
 
 log = logging.getLogger("pigateway.store")
 T = TypeVar("T")
 #: Told the running total of rows a long sweep has handled (the CLI prints it).
 Progress = Callable[[int], None]
-Statement = tuple[str, Sequence[Any]]
 
 #: How often a drainer looks for commits made by other processes (``pigateway send``).
 POLL_INTERVAL = 0.05
@@ -77,13 +75,10 @@ class Store(Reads):
 
         A ``drainer`` (the service) holds an exclusive lock file so that two services never
         drain one queue, and puts back whatever was in flight when the last one died.
-        Producers (``pigateway send``, the Python API) pass ``drainer=False``.
+        Producers pass ``drainer=False``; ``pigateway send`` uses the same without an event
+        loop, :class:`~pigateway.store.producer.Producer`.
         """
-        try:
-            config.path.parent.mkdir(parents=True, exist_ok=True)
-            lock_fd = files.take_drainer_lock(config.path) if drainer else None
-        except OSError as exc:  # a read-only file system, a folder owned by someone else
-            raise StoreError(f"cannot use {config.path.parent}: {exc}") from exc
+        lock_fd = files.enter_folder(config.path, drainer=drainer)
         try:
             store = await cls._connect(config, drainer=drainer)
         except BaseException:
@@ -96,15 +91,14 @@ class Store(Reads):
     @classmethod
     async def _connect(cls, config: StoreConfig, *, drainer: bool) -> Store:
         """Check the file, connect the writer, migrate, read the clock, connect the reader."""
-        await files.check_before_open(config.path, drainer=drainer)
+        if drainer:
+            await asyncio.to_thread(files.check_as_drainer, config.path)
+        else:
+            files.check_as_producer(config.path)
         thread = await SqliteThread.open(config, "store-writer")
         try:
-            await thread.call(schema.migrate, config.path)
-            reading = await thread.call(schema.clock_reading, config.path)
+            reading = await thread.call(schema.ready, config.path)
             reader = await SqliteThread.open(config, "store-reader")
-        except sqlite3.Error as exc:  # a producer met damage its cheap check missed
-            await thread.close()
-            raise translate(exc, config.path) from exc
         except BaseException:
             await thread.close()
             raise
@@ -164,40 +158,28 @@ class Store(Reads):
         priorities are claimed first; within one, the order of puts holds. ``watch``: keep a
         record of its delivery for :meth:`where` (:mod:`pigateway.store.delivery`).
         """
-        if watch:
-            id = id or new_id()
-            also = [*also, *delivery.watch_statements(id, time.time())]
-        item = NewCommand(device=device, name=name, params={} if params is None else params,
-                          ttl=ttl, kind=kind, id=id, priority=priority)
-        commands = await self._submit_put([item], _statements(also) if also else None)
-        return commands[0]
+        item, then = puts.command(device, name, params, ttl=ttl, kind=kind, id=id,
+                                  priority=priority, also=also, watch=watch)
+        [command] = await self._submit_put([item], then)
+        return command
 
     async def put_keyed(self, key: str, item: NewCommand) -> tuple[Command | None, str]:
         """Queue ``item`` (watched) unless producer ``key`` was used in the last
         :data:`~pigateway.store.delivery.KEY_SECONDS`: then nothing is queued and the first
         command's id comes back (``(None, id)``); else ``(command, its id)``."""
-        id_ = item.id or new_id()
-        now = time.time()
-        statements = [*delivery.key_statements(key, id_, now),
-                      *delivery.watch_statements(id_, now)]
+        item, then = puts.keyed(key, item)
         try:
-            commands = await self._submit_put([dataclasses.replace(item, id=id_)],
-                                              _statements(statements))
+            [command] = await self._submit_put([item], then)
         except StoreError as exc:
-            if "producer_keys" not in str(exc):
+            if not puts.key_taken(exc):
                 raise
-            owner = await self._fetch(delivery.KEY_OWNER_SQL,
-                                      (key, time.time() - delivery.KEY_SECONDS))
-            if not owner:
-                raise
-            return None, str(owner[0][0])
-        return commands[0], id_
+            return None, puts.owner(await self._fetch(*puts.owner_query(key)), exc)
+        return command, command.id
 
     async def bury_new(self, items: Sequence[NewCommand], reason: str, detail: str) -> None:
         """Keep messages that never became commands (an ingested payload that is not one)
         as dead letters with ``reason``: for people to see and requeue by hand, never sent."""
-        now, gateway_now = time.time(), self.clock.now()
-        rows = [prepare(item, self.config, now, gateway_now) for item in items]
+        rows = puts.new_put(items, self.config, self.clock, None).rows
         await self._call(lambda conn: self._outbox.bury_new(conn, rows, reason, detail))
 
     async def put_many(self, items: Sequence[NewCommand]) -> list[Command]:
@@ -207,10 +189,8 @@ class Store(Reads):
         return await self._submit_put(list(items), None)
 
     async def _submit_put(self, items: list[NewCommand], then: Then | None) -> list[Command]:
-        now, gateway_now = time.time(), self.clock.now()
-        # bad input fails here, in the caller, before it can spoil a shared commit
-        rows = [prepare(item, self.config, now, gateway_now) for item in items]
-        result: list[Command] = await self._writer.submit_put(Put(rows, items, then))
+        put = puts.new_put(items, self.config, self.clock, then)
+        result: list[Command] = await self._writer.submit_put(put)
         self._put_event.set()
         return result
 
@@ -360,7 +340,7 @@ class Store(Reads):
 
     async def write(self, statements: Sequence[Statement]) -> None:
         """Run statements in one durable transaction through the writer."""
-        await self._call(_statements(statements))
+        await self._call(puts.statements(statements))
 
     async def sweep(self, statement: Statement) -> int:
         """Run a statement that deletes at most :data:`SWEEP_CHUNK` rows again and again,
@@ -403,13 +383,6 @@ class Store(Reads):
         connection commits: our own claims and acks do not wake :meth:`wait_for_work`.
         (It runs on the writer's thread between two transactions, never inside one.)"""
         return await self._writer.on_thread(data_version)
-
-
-def _statements(statements: Sequence[Statement]) -> Callable[[sqlite3.Connection], None]:
-    def run(conn: sqlite3.Connection) -> None:
-        for sql, params in statements:
-            conn.execute(sql, params)
-    return run
 
 
 def _consume(future: asyncio.Future[Any]) -> None:

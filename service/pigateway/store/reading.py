@@ -63,12 +63,8 @@ class Reads:
         """Where command ``id_`` is: queued (position, attempts, last error), in flight,
         delivered (batch, when: watched commands, kept
         :data:`~pigateway.store.delivery.KEPT_SECONDS`), dead (reason), or unknown."""
-        queued, in_flight, ahead, done, dead = [
-            await self._fetch_if_there(sql, (id_,)) for sql in delivery.WHERE_SQL]
-        return delivery.where_from(
-            id_, queued[0][:2] if queued else None,
-            in_flight=bool(in_flight and in_flight[0][0]), ahead=ahead[0][0] if ahead else 0,
-            delivered=done[0] if done else None, dead=dead[0] if dead else None)
+        return delivery.where_of(id_, [await self._fetch_if_there(sql, (id_,))
+                                       for sql in delivery.WHERE_SQL])
 
     async def _fetch_if_there(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         """:meth:`_fetch`, with nothing for a table or column an older schema lacks (a file

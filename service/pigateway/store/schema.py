@@ -11,7 +11,7 @@ from pathlib import Path
 from pigateway import clock
 from pigateway.errors import StoreError
 from pigateway.store import clock_row, delivery
-from pigateway.store.connection import first, run_transaction
+from pigateway.store.connection import first, run_transaction, translate
 
 log = logging.getLogger("pigateway.store")
 
@@ -136,6 +136,17 @@ MIGRATIONS: list[str] = [
     # :mod:`pigateway.store.delivery`, ``send --wait``, ``send --id``, ``queue show``).
     delivery.SCHEMA,
 ]
+
+
+def ready(conn: sqlite3.Connection, path: Path) -> clock.Reading:
+    """What every writer of the queue does once, at its open: bring the file to the newest
+    schema and take this boot's reading of the gateway clock. Damage met on the way (that a
+    producer's cheap check missed) is the store error it means."""
+    try:
+        migrate(conn, path)
+        return clock_reading(conn, path)
+    except sqlite3.Error as exc:
+        raise translate(exc, path) from exc
 
 
 def migrate(conn: sqlite3.Connection, path: Path) -> None:

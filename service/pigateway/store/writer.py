@@ -2,6 +2,7 @@
 everything waiting.
 
 Callers queue jobs (a put, a verb, or the ping); the writer takes every job waiting and
+hands them to its thread in one hop, where :class:`~pigateway.store.commit.GroupCommit`
 runs them in ONE transaction (one fsync), each in its own savepoint, so a failing job is
 undone alone and the others still commit. A caller's future is settled only after the
 COMMIT: durable on return.
@@ -11,31 +12,30 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pigateway.counters import COUNTERS
-from pigateway.errors import StoreError, StoreFull
-from pigateway.store.connection import SqliteThread, run_transaction, translate, truncate_wal
+from pigateway.errors import StoreError
+from pigateway.store.commit import GroupCommit, Job, translated
+from pigateway.store.connection import run_transaction
 from pigateway.store.outbox import Outbox, Put
+from pigateway.store.thread import SqliteThread
 
 T = TypeVar("T")
-Run = Callable[[sqlite3.Connection], Any]
 
 #: Jobs coalesced into one transaction at most.
 GROUP_LIMIT = 4096
 
 
 @dataclass
-class _Job:
-    """One unit of work: a put (``put``; consecutive ones share one insert) or ``run``."""
+class _Queued:
+    """A job (a :class:`Put`, or a function of the connection) and the future of its caller."""
 
     future: asyncio.Future[Any]
-    run: Run | None = None
-    put: Put | None = None
+    job: Job
     #: run on the writer's thread outside any transaction (it takes no lock: the ping)
     bare: bool = False
 
@@ -47,10 +47,8 @@ class Writer:
     def __init__(self, thread: SqliteThread, path: Path, outbox: Outbox) -> None:
         self.path = path
         self._thread = thread
-        self._outbox = outbox
-        #: what the transaction under way says once it commits (shared with the outbox)
-        self._after_commit = outbox.after_commit
-        self._jobs: asyncio.Queue[_Job | None] = asyncio.Queue()
+        self._group = GroupCommit(path, outbox)
+        self._jobs: asyncio.Queue[_Queued | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -71,12 +69,12 @@ class Writer:
         """Queue ``run(conn)`` now (its place in the commit order is taken on this call);
         the future is settled after the commit. ``bare``: outside any transaction."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._enqueue(_Job(future=future, run=run, bare=bare))
+        self._enqueue(_Queued(future=future, job=run, bare=bare))
         return future
 
     def submit_put(self, put: Put) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._enqueue(_Job(future=future, put=put))
+        self._enqueue(_Queued(future=future, job=put))
         return future
 
     async def transaction(self, run: Callable[[sqlite3.Connection], T]) -> T:
@@ -88,7 +86,7 @@ class Writer:
         """Run ``fn(conn, *args)`` on the writer's thread, outside any transaction."""
         return await self._thread.call(fn, *args)
 
-    def _enqueue(self, job: _Job) -> None:
+    def _enqueue(self, job: _Queued) -> None:
         if self._closed:
             raise StoreError(f"the store {self.path} is closed")
         self._jobs.put_nowait(job)
@@ -108,74 +106,29 @@ class Writer:
             if None in jobs:  # close() asked us to stop
                 return
 
-    async def _run_bare(self, job: _Job) -> None:
-        assert job.run is not None
+    async def _run_bare(self, job: _Queued) -> None:
+        assert not isinstance(job.job, Put)
         try:
-            _settle(job.future, result=await self._thread.call(job.run))
+            _settle(job.future, result=await self._thread.call(job.job))
         except Exception as exc:
-            _settle(job.future, error=self._translated(exc))
+            _settle(job.future, error=translated(exc, self.path))
 
-    async def _commit(self, jobs: list[_Job], *, reclaimed: bool = False) -> None:
-        """Run ``jobs`` in one transaction and hand each caller its own outcome."""
-        started = time.monotonic()
-        self._after_commit.clear()
+    async def _commit(self, jobs: list[_Queued]) -> None:
+        """Commit ``jobs`` together, in one hop to the thread, and hand each caller its own
+        outcome."""
         try:
-            outcomes = await self.transaction(lambda conn: self._run_jobs(conn, jobs))
-            COUNTERS.commit_seconds.observe(time.monotonic() - started)
-        except Exception as exc:  # the commit itself failed: none of it happened
-            outcomes = [exc] * len(jobs)
+            done = await self._thread.call(self._group.commit, [job.job for job in jobs])
+        except Exception as exc:  # the thread is gone: none of it happened
+            outcomes: list[Any] = [exc] * len(jobs)
         else:
-            said = list(self._after_commit)
-            self._after_commit.clear()
-            for say in said:
-                say()
-        full = [job for job, out in zip(jobs, outcomes, strict=True)
-                if isinstance(out, StoreFull)]
-        if full and not reclaimed:
-            # the WAL keeps space the file system counts as used: hand it back, try again
-            await self._thread.call(truncate_wal)
-            await self._commit(full, reclaimed=True)
+            outcomes = done.outcomes
+            for seconds in done.seconds:
+                COUNTERS.commit_seconds.observe(seconds)
         for job, outcome in zip(jobs, outcomes, strict=True):
-            if full and not reclaimed and isinstance(outcome, StoreFull):
-                continue  # settled by the retry
             if isinstance(outcome, BaseException):
                 _settle(job.future, error=outcome)
             else:
                 _settle(job.future, result=outcome)
-
-    def _run_jobs(self, conn: sqlite3.Connection, jobs: list[_Job]) -> list[Any]:
-        """Each job's result or error, in order; consecutive puts share one insert."""
-        outcomes: list[Any] = []
-        for segment in _segments(jobs):
-            outcomes += self._run_segment(conn, segment)
-        return outcomes
-
-    def _run_segment(self, conn: sqlite3.Connection, segment: list[_Job]) -> list[Any]:
-        """One savepoint: a failing job is undone alone and the others still commit.
-
-        A group of puts that fails as a whole (a duplicate id, a failing ``then``) is tried
-        again put by put, so only the culprit fails.
-        """
-        conn.execute("SAVEPOINT job")
-        said = len(self._after_commit)
-        try:
-            if segment[0].run is not None:
-                outcomes: list[Any] = [segment[0].run(conn)]
-            else:
-                puts = [job.put for job in segment if job.put is not None]
-                outcomes = list(self._outbox.insert_group(conn, puts))
-        except Exception as exc:
-            conn.execute("ROLLBACK TO job")
-            conn.execute("RELEASE job")
-            del self._after_commit[said:]  # undone: nothing to say about it
-            if len(segment) > 1:
-                return [out for job in segment for out in self._run_segment(conn, [job])]
-            return [self._translated(exc)]
-        conn.execute("RELEASE job")
-        return outcomes
-
-    def _translated(self, exc: Exception) -> Exception:
-        return translate(exc, self.path) if isinstance(exc, sqlite3.Error) else exc
 
 
 def _settle(future: asyncio.Future[Any], *, result: Any = None,
@@ -186,18 +139,3 @@ def _settle(future: asyncio.Future[Any], *, result: Any = None,
         future.set_exception(error)
     else:
         future.set_result(result)
-
-
-def _segments(jobs: list[_Job]) -> Iterable[list[_Job]]:
-    """Consecutive puts together (one insert for all), every other job alone."""
-    run: list[_Job] = []
-    for job in jobs:
-        if job.put is not None:
-            run.append(job)
-            continue
-        if run:
-            yield run
-            run = []
-        yield [job]
-    if run:
-        yield run

@@ -1,0 +1,84 @@
+"""What a producer's put is made of before it is committed, for both ways to put: the
+:class:`~pigateway.store.queue.Store` (the service and the Python API: async, group
+commit) and the :class:`~pigateway.store.producer.Producer` (``pigateway send``: no event
+loop). One definition each of the rows a put writes and when they are checked
+(:func:`new_put`), of a watched put (:func:`command`) and of a keyed one (:func:`keyed`,
+:func:`key_taken`, :func:`owner_query`, :func:`owner`), so that the two agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pigateway.clock import GatewayClock
+from pigateway.config import StoreConfig
+from pigateway.errors import StoreError
+from pigateway.ids import new_id
+from pigateway.store import delivery
+from pigateway.store.outbox import Put, Then
+from pigateway.store.values import NewCommand, prepare
+
+#: One SQL statement and its parameters.
+Statement = tuple[str, Sequence[Any]]
+
+
+def new_put(items: Sequence[NewCommand], config: StoreConfig, gateway_clock: GatewayClock,
+            then: Then | None) -> Put:
+    """``items`` checked and made rows now, in the caller: bad input fails here, before it
+    can spoil a commit shared with others. ``queued_at`` is the wall clock's now;
+    ``expires_at`` counts from the gateway clock's (:mod:`pigateway.clock`)."""
+    now, gateway_now = time.time(), gateway_clock.now()
+    return Put([prepare(item, config, now, gateway_now) for item in items], list(items), then)
+
+
+def command(device: str, name: str, params: dict[str, Any] | None, *, ttl: float | None,
+            kind: str, id: str | None, priority: str | None, also: Sequence[Statement],
+            watch: bool) -> tuple[NewCommand, Then | None]:
+    """The command of one put, and what runs in its transaction: ``also``, and with
+    ``watch`` the record that notes its delivery (:mod:`pigateway.store.delivery`)."""
+    if watch:
+        id = id or new_id()
+        also = [*also, *delivery.watch_statements(id, time.time())]
+    item = NewCommand(device=device, name=name, params={} if params is None else params,
+                      ttl=ttl, kind=kind, id=id, priority=priority)
+    return item, statements(also) if also else None
+
+
+def keyed(key: str, item: NewCommand) -> tuple[NewCommand, Then]:
+    """``item`` with its id settled, and what runs in its transaction: producer ``key``
+    claimed for it (a key taken within :data:`~pigateway.store.delivery.KEY_SECONDS` fails
+    the put: :func:`key_taken`), and the record that notes its delivery."""
+    id_ = item.id or new_id()
+    now = time.time()
+    return dataclasses.replace(item, id=id_), statements(
+        [*delivery.key_statements(key, id_, now), *delivery.watch_statements(id_, now)])
+
+
+def key_taken(exc: StoreError) -> bool:
+    """Whether a keyed put failed because its key is taken (then nothing was queued, and
+    :func:`owner_query` reads whose it is)."""
+    return "producer_keys" in str(exc)
+
+
+def owner_query(key: str) -> tuple[str, tuple[Any, ...]]:
+    """The read of the command id that holds producer ``key`` now."""
+    return delivery.KEY_OWNER_SQL, (key, time.time() - delivery.KEY_SECONDS)
+
+
+def owner(rows: Sequence[Sequence[Any]], refusal: StoreError) -> str:
+    """The id :func:`owner_query` read; none (the key went stale meanwhile): ``refusal``."""
+    if not rows:
+        raise refusal
+    return str(rows[0][0])
+
+
+def statements(items: Sequence[Statement]) -> Then:
+    """Run ``items`` in order on the put's connection (inside its transaction)."""
+    def run(conn: sqlite3.Connection) -> None:
+        for sql, params in items:
+            conn.execute(sql, params)
+    return run
