@@ -162,20 +162,22 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _bare_rate(root: Path, local: Mosquitto, uplink: Mosquitto, count: int) -> float:
+def _bare_rate(root: Path, local: Mosquitto, uplink: Mosquitto, count: int,
+               kind: str) -> float:
     bare = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare_forwarder.py")),
-                             str(local.port), str(uplink.port), "bare/"], stdout=subprocess.PIPE)
+                             kind, str(local.port), str(uplink.port), f"{kind}/"],
+                            stdout=subprocess.PIPE)
     try:
         assert bare.stdout is not None
         bare.stdout.readline()  # subscribed
-        return _c_clients(root, local, uplink, "bare/z2m/", count)[0]
+        return _c_clients(root, local, uplink, f"{kind}/z2m/", count)[0]
     finally:
         bare.kill()
         bare.wait()
 
 
 async def forward_rates(root: Path, count: int) -> dict[str, Any]:
-    """pigateway, a bare aiomqtt forwarder (no store: the ceiling of the MQTT stack
+    """pigateway, bare aiomqtt and paho forwarders (no store: the ceiling of the MQTT stack
     pigateway is built on) and a mosquitto bridge, one after the other, same brokers."""
     with broker(root / "up") as uplink, broker(root / "local") as local, \
             bridged(root / "bridged", uplink) as bridge:
@@ -191,11 +193,13 @@ async def forward_rates(root: Path, count: int) -> dict[str, Any]:
             cpu = _cpu_seconds(svc.process.pid) - cpu
         finally:
             svc.stop()
-        stack = await asyncio.to_thread(_bare_rate, root, local, uplink, count)
+        stack = await asyncio.to_thread(_bare_rate, root, local, uplink, count, "aiomqtt")
+        lean = await asyncio.to_thread(_bare_rate, root, local, uplink, count, "paho")
         theirs, _ = await asyncio.to_thread(_c_clients, root, bridge, uplink, "bridge/z2m/",
                                             count)
     return {"messages": count, "pigateway_msgs_per_s": round(ours),
-            "bare_aiomqtt_msgs_per_s": round(stack), "bridge_msgs_per_s": round(theirs),
+            "bare_aiomqtt_msgs_per_s": round(stack), "bare_paho_msgs_per_s": round(lean),
+            "bridge_msgs_per_s": round(theirs),
             "ratio": round(ours / theirs, 2), "ratio_to_bare_aiomqtt": round(ours / stack, 2),
             "pigateway_cpu_ms_per_1000": round(cpu * 1e6 / count),
             "rss_mib": round(rss / 1024, 1)}
@@ -376,8 +380,16 @@ async def main() -> None:
     print(f"forward: pigateway {forward['pigateway_msgs_per_s']}/s vs bridge "
           f"{forward['bridge_msgs_per_s']}/s = {forward['ratio']}x (target >= 1.0x); a bare "
           f"aiomqtt forwarder without a store {forward['bare_aiomqtt_msgs_per_s']}/s "
-          f"(pigateway {forward['ratio_to_bare_aiomqtt']}x of it); pigateway RSS "
-          f"{forward['rss_mib']} MiB")
+          f"(pigateway {forward['ratio_to_bare_aiomqtt']}x of it), bare paho on threads "
+          f"{forward['bare_paho_msgs_per_s']}/s; pigateway RSS {forward['rss_mib']} MiB")
+    sends = results["latency_100_per_s"]
+    print(f"pigateway send p50/p99: {sends['send_wall']['p50_ms']}/"
+          f"{sends['send_wall']['p99_ms']} ms (target <= 100 ms); send --wait online: "
+          f"{sends['send_wait_wall']['p50_ms']}/{sends['send_wait_wall']['p99_ms']} ms")
+    for each in results["bytes_per_command"]:
+        print(f"bytes per command, batches of {each['batch_size']}: delivery records "
+              f"{each['unwatched_change_pct']:+}% unwatched, {each['watched_change_pct']:+}% "
+              f"watched (send --wait/--id) (target +{each['target_pct']}%)")
     print(f"lost at one SIGKILL in a {lost['outage_s']:.0f}s outage: pigateway "
           f"{lost['pigateway_lost']} (target 0), bridge {lost['bridge_lost']} "
           f"of {lost['messages']}")
