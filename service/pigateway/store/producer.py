@@ -16,6 +16,7 @@ connection's ``PRAGMA data_version`` moves, which a drainer reads every
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Sequence
 from typing import Any, Self
 
@@ -32,7 +33,10 @@ from pigateway.store.values import Command, NewCommand
 
 class Producer:
     """Puts, keyed puts and where a command is. Open with ``Producer.open(config)``; use
-    as a context manager."""
+    as a context manager. Safe to share between threads: its one connection is opened
+    without sqlite3's same-thread check (:func:`~pigateway.store.connection.connect`), so
+    a lock keeps each put's transaction whole (interleaved, one thread's ROLLBACK undid
+    another's reported put)."""
 
     def __init__(self, config: StoreConfig, conn: sqlite3.Connection, reading: Reading) -> None:
         self.config = config
@@ -40,6 +44,8 @@ class Producer:
         #: the clock of every ``expires_at`` in the file (see :mod:`pigateway.clock`)
         self.clock = GatewayClock(reading)
         self._conn: sqlite3.Connection | None = conn
+        #: one user of the connection at a time (threading: logging loads it anyway)
+        self._lock = threading.Lock()
         self._group = GroupCommit(config.path, Outbox(config, self.clock, []))
 
     @classmethod
@@ -57,9 +63,10 @@ class Producer:
 
     def close(self) -> None:
         """Close the connection. Safe to call twice."""
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     def __enter__(self) -> Self:
         return self
@@ -95,7 +102,8 @@ class Producer:
 
     def _put(self, items: list[NewCommand], then: Then | None) -> list[Command]:
         put = puts.new_put(items, self.config, self.clock, then)
-        [outcome] = self._group.commit(self._connection(), [put]).outcomes
+        with self._lock:
+            [outcome] = self._group.commit(self._connection(), [put]).outcomes
         if isinstance(outcome, Exception):
             raise outcome
         commands: list[Command] = outcome
@@ -103,7 +111,8 @@ class Producer:
 
     def _fetch(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         try:
-            return fetch_all(self._connection(), sql, params)
+            with self._lock:
+                return fetch_all(self._connection(), sql, params)
         except sqlite3.Error as exc:
             raise translate(exc, self.path) from exc
 

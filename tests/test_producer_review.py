@@ -1,0 +1,64 @@
+"""Review of the Producer (``pigateway send`` without asyncio): what broke under attack.
+
+Each test names the promise it checks: no command a caller was told is queued may be
+missing, and none it was told failed may be queued (its retry would send it twice).
+Real SQLite files on disk, bounded loops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from pathlib import Path
+
+from pigateway.config import StoreConfig
+from pigateway.store.producer import Producer
+from pigateway.store.values import NewCommand
+
+THREADS, PUTS = 8, 50
+
+
+def stored_ids(path: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return [row[0] for row in conn.execute("SELECT id FROM outbox")]
+
+
+def test_one_producer_shared_by_threads_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    """A Producer is a public, synchronous class; its connection is opened with
+    ``check_same_thread=False`` (the service's thread needs that), so sqlite3 does not stop
+    a second thread from using it. Puts from several threads then interleaved on the one
+    connection: one thread's BEGIN/ROLLBACK undid another's put after it was reported
+    queued (lost), and a put whose COMMIT failed had been committed by a RELEASE (its retry
+    duplicates it). Each put must be all or nothing, whatever thread it comes from."""
+    config = StoreConfig(path=tmp_path / "q.db", min_free_bytes=0, synchronous="normal")
+    returned: list[str] = []
+    failed: list[tuple[int, int, str]] = []
+    keyed: list[str] = []
+
+    with Producer.open(config) as producer:
+        def work(number: int) -> None:
+            for i in range(PUTS):
+                try:
+                    returned.append(producer.put("dev", "set", {"n": number, "i": i},
+                                                 id=f"T{number:02d}-{i:04d}").id)
+                    producer.where(returned[-1])
+                except Exception as exc:  # counted and shown below
+                    failed.append((number, i, f"{type(exc).__name__}: {exc}"))
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not any(thread.is_alive() for thread in threads)
+        _, first = producer.put_keyed("k", NewCommand("dev", "set", {}))
+        keyed.append(first)
+
+    on_file = stored_ids(config.path)
+    assert sorted(set(returned) - set(on_file)) == [], "reported queued, not in the file"
+    failed_ids = {f"T{n:02d}-{i:04d}" for n, i, _ in failed}
+    assert sorted(failed_ids & set(on_file)) == [], "reported failed, yet queued"
+    assert failed == []
+    assert len(on_file) == THREADS * PUTS + 1 == len(set(on_file))
+    assert keyed[0] in on_file
