@@ -12,6 +12,8 @@ import sqlite3
 import threading
 from pathlib import Path
 
+import pytest
+
 from pigateway.config import StoreConfig
 from pigateway.store.producer import Producer
 from pigateway.store.values import NewCommand
@@ -62,3 +64,26 @@ def test_one_producer_shared_by_threads_loses_and_duplicates_nothing(tmp_path: P
     assert failed == []
     assert len(on_file) == THREADS * PUTS + 1 == len(set(on_file))
     assert keyed[0] in on_file
+
+
+async def test_a_taken_key_is_a_no_op_even_when_the_queue_is_full(tmp_path: Path) -> None:
+    """``send --id KEY`` again while the first command is queued prints its id (exit 0):
+    a full queue (``reject``) refused the put before the key was looked at, so the resend
+    of a command that *is* queued came back as "queue full" (exit 3). Both ways in: the
+    Producer (``send``) and the async Store (the Python API)."""
+    from pigateway.errors import QueueFull  # noqa: PLC0415
+    from pigateway.store import Store  # noqa: PLC0415
+
+    config = StoreConfig(path=tmp_path / "q.db", min_free_bytes=0, max_commands=1)
+    with Producer.open(config) as producer:
+        first, first_id = producer.put_keyed("k-1", NewCommand("lamp", "on", {}))
+        assert first is not None
+        assert producer.put_keyed("k-1", NewCommand("lamp", "on", {})) == (None, first_id)
+        with pytest.raises(QueueFull):  # a new key on a full queue is refused
+            producer.put_keyed("k-2", NewCommand("lamp", "off", {}))
+    store = await Store.open(config, drainer=False)
+    try:
+        assert await store.put_keyed("k-1", NewCommand("lamp", "on", {})) == (None, first_id)
+    finally:
+        await store.close()
+    assert stored_ids(config.path) == [first_id]

@@ -91,7 +91,7 @@ class Producer:
         try:
             [command] = self._put([item], then)
         except StoreError as exc:
-            if not puts.key_taken(exc):
+            if not puts.key_may_be_taken(exc):
                 raise
             return None, puts.owner(self._fetch(*puts.owner_query(key)), exc)
         return command, command.id

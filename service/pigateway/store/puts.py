@@ -16,7 +16,7 @@ from typing import Any
 
 from pigateway.clock import GatewayClock
 from pigateway.config import StoreConfig
-from pigateway.errors import StoreError
+from pigateway.errors import QueueFull, StoreError, StoreFull
 from pigateway.ids import new_id
 from pigateway.store import delivery
 from pigateway.store.outbox import Put, Then
@@ -58,10 +58,12 @@ def keyed(key: str, item: NewCommand) -> tuple[NewCommand, Then]:
         [*delivery.key_statements(key, id_, now), *delivery.watch_statements(id_, now)])
 
 
-def key_taken(exc: StoreError) -> bool:
-    """Whether a keyed put failed because its key is taken (then nothing was queued, and
-    :func:`owner_query` reads whose it is)."""
-    return "producer_keys" in str(exc)
+def key_may_be_taken(exc: StoreError) -> bool:
+    """Whether a keyed put's failure may mean its key is taken, so that :func:`owner_query`
+    must be read before the failure is the answer: the key's own conflict, or a queue (or
+    disk) too full to take the put, which comes first, even when the key's first command is
+    already queued (resending it is then still a no-op, not a refusal)."""
+    return "producer_keys" in str(exc) or isinstance(exc, (QueueFull, StoreFull))
 
 
 def owner_query(key: str) -> tuple[str, tuple[Any, ...]]:

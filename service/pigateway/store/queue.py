@@ -171,7 +171,7 @@ class Store(Reads):
         try:
             [command] = await self._submit_put([item], then)
         except StoreError as exc:
-            if not puts.key_taken(exc):
+            if not puts.key_may_be_taken(exc):
                 raise
             return None, puts.owner(await self._fetch(*puts.owner_query(key)), exc)
         return command, command.id
