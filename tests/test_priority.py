@@ -97,6 +97,8 @@ async def test_queue_show_reads_a_file_the_service_has_not_migrated(tmp_path: Pa
     with contextlib.closing(sqlite3.connect(config.path)) as conn:  # back to schema 4
         conn.executescript("DROP INDEX outbox_urgent; ALTER TABLE outbox DROP COLUMN priority; "
                            "ALTER TABLE dead_letters DROP COLUMN priority; "
+                           "DROP INDEX dead_letters_on; ALTER TABLE dead_letters DROP COLUMN "
+                           "dead_on; "
                            "DROP TABLE delivered; DROP TABLE watched; DROP TABLE producer_keys; "
                            "PRAGMA user_version = 4;")
     async with await QueueReader.open(config) as reader:
@@ -113,6 +115,8 @@ async def test_the_migration_makes_queued_results_high(tmp_path: Path) -> None:
     with contextlib.closing(sqlite3.connect(config.path)) as conn:  # back to schema 4
         conn.executescript("DROP INDEX outbox_urgent; ALTER TABLE outbox DROP COLUMN priority; "
                            "ALTER TABLE dead_letters DROP COLUMN priority; "
+                           "DROP INDEX dead_letters_on; ALTER TABLE dead_letters DROP COLUMN "
+                           "dead_on; "
                            "DROP TABLE delivered; DROP TABLE watched; DROP TABLE producer_keys; "
                            "PRAGMA user_version = 4;")
     async with await Store.open(config) as upgraded:

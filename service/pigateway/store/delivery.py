@@ -81,16 +81,18 @@ class Where:
         return {key: value for key, value in self.__dict__.items() if value is not None}
 
 
-def record(conn: sqlite3.Connection, ids: Sequence[str], batch: str, now: float) -> int:
+def record(conn: sqlite3.Connection, ids: Sequence[str], batch: str, now: float,
+           gateway_now: float) -> int:
     """Note the watched ones of ``ids`` as delivered in ``batch`` (in the transaction that
-    deletes their rows); returns how many. Unwatched ids cost a look-up, no write."""
+    deletes their rows) at wall time ``now`` (shown) and gateway time ``gateway_now`` (its
+    age is counted from it); returns how many. Unwatched ids cost a look-up, no write."""
     noted = 0
     for start in range(0, len(ids), 500):
         chunk = list(ids[start:start + 500])
         marks = ",".join("?" * len(chunk))
         noted += conn.execute(
-            "INSERT OR REPLACE INTO delivered (id, batch, at) SELECT id, ?, ? FROM watched "
-            f"WHERE id IN ({marks})", (batch, now, *chunk)).rowcount
+            "INSERT OR REPLACE INTO delivered (id, batch, at, kept_on) SELECT id, ?, ?, ? "
+            f"FROM watched WHERE id IN ({marks})", (batch, now, gateway_now, *chunk)).rowcount
         if noted:
             conn.execute(f"DELETE FROM watched WHERE id IN ({marks})", chunk)
     return noted
@@ -98,19 +100,22 @@ def record(conn: sqlite3.Connection, ids: Sequence[str], batch: str, now: float)
 
 def watch_statements(id_: str, now: float) -> list[tuple[str, Sequence[Any]]]:
     """Statements to run with the put of ``id_``: record its delivery when it comes, and
-    forget watches older than :data:`KEPT_SECONDS` (commands that died or expired)."""
+    forget watches older than :data:`KEPT_SECONDS` (commands that died or expired). ``now``
+    is the gateway clock's (every age here is: a wall-clock step ages nothing)."""
     return [("DELETE FROM watched WHERE id IN (SELECT id FROM watched WHERE at < ? "
              "ORDER BY id LIMIT 100)", (now - KEPT_SECONDS,)),
             ("INSERT OR IGNORE INTO watched (id, at) VALUES (?, ?)", (id_, now))]
 
 
-def prune(conn: sqlite3.Connection, now: float, added: int) -> int:
-    """Delete records past :data:`KEPT_SECONDS`, and over :data:`KEPT_ROWS`, oldest ids
-    first, at most ``added`` + :data:`PRUNE_CHUNK` of them."""
+def prune(conn: sqlite3.Connection, gateway_now: float, added: int) -> int:
+    """Delete records past :data:`KEPT_SECONDS` on the gateway clock (a record from before
+    migration 7 counts from its wall time), and over :data:`KEPT_ROWS`, oldest ids first,
+    at most ``added`` + :data:`PRUNE_CHUNK` of them."""
     limit = added + PRUNE_CHUNK
     old = conn.execute(
-        "DELETE FROM delivered WHERE id IN (SELECT id FROM delivered WHERE at < ? "
-        "ORDER BY id LIMIT ?)", (now - KEPT_SECONDS, limit)).rowcount
+        "DELETE FROM delivered WHERE id IN (SELECT id FROM delivered WHERE "
+        "coalesce(kept_on, at) < ? ORDER BY id LIMIT ?)",
+        (gateway_now - KEPT_SECONDS, limit)).rowcount
     count = conn.execute("SELECT count(*) FROM delivered").fetchone()[0] if added else 0
     over = max(0, min(limit, count - KEPT_ROWS))
     if over:
@@ -120,7 +125,8 @@ def prune(conn: sqlite3.Connection, now: float, added: int) -> int:
 
 
 def key_statements(key: str, id_: str, now: float) -> list[tuple[str, Sequence[Any]]]:
-    """Statements to run with the put of ``id_``: forget a stale ``key``, then claim it.
+    """Statements to run with the put of ``id_``: forget a stale ``key``, then claim it
+    (``now`` on the gateway clock, as :func:`watch_statements`).
 
     A fresh key makes the INSERT fail (primary key), which undoes the put: the caller then
     reads the first command's id with :func:`key_owner`.

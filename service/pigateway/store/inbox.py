@@ -161,11 +161,13 @@ class Inbox(InboxReads):
         it (kind ``inbound``: kept as evidence, never requeued)."""
         preview = bounded(payload[:256].decode("utf-8", errors="backslashreplace"), 1024)
         params = wire.encode({"payload": preview, "bytes": len(payload)})
-        row = (new_id(), NO_DEVICE, params, len(payload), now, bounded(reason), now)
+        row = (new_id(), NO_DEVICE, params, len(payload), now, bounded(reason), now,
+               self._store.clock.now())
         await self._store._call(lambda conn: conn.execute(
             "INSERT INTO dead_letters (id, kind, device, name, params, size, queued_at, "
-            "expires_at, attempts, last_error, reason, detail, dead_at) "
-            "VALUES (?, 'inbound', ?, 'invalid', ?, ?, ?, NULL, 0, NULL, 'invalid', ?, ?)", row))
+            "expires_at, attempts, last_error, reason, detail, dead_at, dead_on) "
+            "VALUES (?, 'inbound', ?, 'invalid', ?, ?, ?, NULL, 0, NULL, 'invalid', ?, ?, ?)",
+            row))
 
 
 def _entry(row: Sequence[Any]) -> Entry:

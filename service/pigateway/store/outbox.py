@@ -34,6 +34,9 @@ log = logging.getLogger("pigateway.store")
 SWEEP_CHUNK = 500
 #: Command ids named in one log record at most.
 LOGGED_IDS = 100
+#: When a dead letter died, on the gateway clock (migration 7; before it, its wall time):
+#: what its age is counted from. Exactly the expression of the index dead_letters_on.
+DIED_ON = "coalesce(dead_on, dead_at)"
 
 _INSERT = ("INSERT INTO outbox (id, kind, device, name, params, size, queued_at, expires_at, "
            "ttl, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
@@ -257,7 +260,7 @@ class Outbox:
         bounds, and say so once in the log after the commit."""
         if not seqs:
             return
-        now = time.time()
+        now, gateway_now = time.time(), self.clock.now()
         buried: list[tuple[str, str]] = []
         for chunk in chunks(list(seqs), SWEEP_CHUNK):
             in_list = marks(len(chunk))
@@ -268,10 +271,10 @@ class Outbox:
             conn.execute(
                 "INSERT INTO dead_letters (id, kind, device, name, params, size, "
                 "queued_at, expires_at, ttl, attempts, last_error, reason, detail, dead_at, "
-                "priority) SELECT id, kind, device, name, params, size, queued_at, expires_at, "
-                f"ttl, attempts, last_error, ?, ?, ?, priority FROM outbox WHERE seq IN "
-                f"({in_list})",
-                (reason, detail, now, *chunk))
+                "dead_on, priority) SELECT id, kind, device, name, params, size, queued_at, "
+                f"expires_at, ttl, attempts, last_error, ?, ?, ?, ?, priority FROM outbox "
+                f"WHERE seq IN ({in_list})",
+                (reason, detail, now, gateway_now, *chunk))
             conn.execute(f"DELETE FROM inflight WHERE seq IN ({in_list})", chunk)
             buried += conn.execute(f"DELETE FROM outbox WHERE seq IN ({in_list}) "
                                    "RETURNING id, device", chunk).fetchall()
@@ -286,15 +289,17 @@ class Outbox:
         count, nbytes = first(conn, "SELECT dead_count, dead_bytes FROM totals WHERE id = 1")
         over_count = count - config.max_dead_letters
         over_bytes = nbytes - config.max_dead_bytes
-        cutoff = time.time() - config.dead_letter_ttl if config.dead_letter_ttl > 0 else None
+        # the age on the gateway clock (a wall-clock step forward ages nothing)
+        ttl = config.dead_letter_ttl
+        cutoff = self.clock.now() - ttl if ttl > 0 else None
         if over_count <= 0 and over_bytes <= 0 and cutoff is None:
             return 0
         doomed: list[int] = []
         freed = 0
-        cursor = conn.execute("SELECT rowid, size, dead_at FROM dead_letters "
-                              "ORDER BY dead_at LIMIT ?", (added + SWEEP_CHUNK,))
-        for rowid, size, dead_at in cursor:  # lazily: mostly the first row says "none"
-            aged = cutoff is not None and dead_at < cutoff
+        cursor = conn.execute(f"SELECT rowid, size, {DIED_ON} FROM dead_letters "
+                              f"ORDER BY {DIED_ON} LIMIT ?", (added + SWEEP_CHUNK,))
+        for rowid, size, died_on in cursor:  # lazily: mostly the first row says "none"
+            aged = cutoff is not None and died_on < cutoff
             if not aged and len(doomed) >= over_count and freed >= over_bytes:
                 break
             doomed.append(rowid)
@@ -359,12 +364,12 @@ class Outbox:
                  detail: str) -> None:
         """Prepared rows that never were queued, straight into the dead letters (an ingested
         message that is not a command), within the dead letters' bounds."""
-        now = time.time()
+        now, gateway_now = time.time(), self.clock.now()
         conn.executemany(
             "INSERT INTO dead_letters (id, kind, device, name, params, size, queued_at, "
-            "expires_at, ttl, priority, attempts, last_error, reason, detail, dead_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, NULL, ?, ?, ?)",
-            [(*row, reason, detail, now) for row in rows])
+            "expires_at, ttl, priority, attempts, last_error, reason, detail, dead_at, "
+            "dead_on) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, NULL, ?, ?, ?, ?)",
+            [(*row, reason, detail, now, gateway_now) for row in rows])
         self.prune_dead(conn, len(rows))
 
     def dead_letter(self, conn: sqlite3.Connection, ids: Sequence[str], reason: str,

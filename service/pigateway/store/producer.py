@@ -80,20 +80,21 @@ class Producer:
             watch: bool = False) -> Command:
         """Queue one command; durable on return (as ``Store.put``, whose arguments these are)."""
         item, then = puts.command(device, name, params, ttl=ttl, kind=kind, id=id,
-                                  priority=priority, also=also, watch=watch)
+                                  priority=priority, also=also, watch=watch,
+                                  gateway_clock=self.clock)
         [command] = self._put([item], then)
         return command
 
     def put_keyed(self, key: str, item: NewCommand) -> tuple[Command | None, str]:
         """Queue ``item`` unless producer ``key`` is taken (as ``Store.put_keyed``):
         ``(command, its id)``, or ``(None, the first command's id)``."""
-        item, then = puts.keyed(key, item)
+        item, then = puts.keyed(key, item, self.clock)
         try:
             [command] = self._put([item], then)
         except StoreError as exc:
             if not puts.key_may_be_taken(exc):
                 raise
-            return None, puts.owner(self._fetch(*puts.owner_query(key)), exc)
+            return None, puts.owner(self._fetch(*puts.owner_query(key, self.clock)), exc)
         return command, command.id
 
     def where(self, id_: str) -> delivery.Where:

@@ -37,23 +37,23 @@ def new_put(items: Sequence[NewCommand], config: StoreConfig, gateway_clock: Gat
 
 def command(device: str, name: str, params: dict[str, Any] | None, *, ttl: float | None,
             kind: str, id: str | None, priority: str | None, also: Sequence[Statement],
-            watch: bool) -> tuple[NewCommand, Then | None]:
+            watch: bool, gateway_clock: GatewayClock) -> tuple[NewCommand, Then | None]:
     """The command of one put, and what runs in its transaction: ``also``, and with
     ``watch`` the record that notes its delivery (:mod:`pigateway.store.delivery`)."""
     if watch:
         id = id or new_id()
-        also = [*also, *delivery.watch_statements(id, time.time())]
+        also = [*also, *delivery.watch_statements(id, gateway_clock.now())]
     item = NewCommand(device=device, name=name, params={} if params is None else params,
                       ttl=ttl, kind=kind, id=id, priority=priority)
     return item, statements(also) if also else None
 
 
-def keyed(key: str, item: NewCommand) -> tuple[NewCommand, Then]:
+def keyed(key: str, item: NewCommand, gateway_clock: GatewayClock) -> tuple[NewCommand, Then]:
     """``item`` with its id settled, and what runs in its transaction: producer ``key``
     claimed for it (a key taken within :data:`~pigateway.store.delivery.KEY_SECONDS` fails
     the put: :func:`key_taken`), and the record that notes its delivery."""
     id_ = item.id or new_id()
-    now = time.time()
+    now = gateway_clock.now()  # the key's age, as every age in delivery, on this clock
     return dataclasses.replace(item, id=id_), statements(
         [*delivery.key_statements(key, id_, now), *delivery.watch_statements(id_, now)])
 
@@ -66,9 +66,9 @@ def key_may_be_taken(exc: StoreError) -> bool:
     return "producer_keys" in str(exc) or isinstance(exc, (QueueFull, StoreFull))
 
 
-def owner_query(key: str) -> tuple[str, tuple[Any, ...]]:
+def owner_query(key: str, gateway_clock: GatewayClock) -> tuple[str, tuple[Any, ...]]:
     """The read of the command id that holds producer ``key`` now."""
-    return delivery.KEY_OWNER_SQL, (key, time.time() - delivery.KEY_SECONDS)
+    return delivery.KEY_OWNER_SQL, (key, gateway_clock.now() - delivery.KEY_SECONDS)
 
 
 def owner(rows: Sequence[Sequence[Any]], refusal: StoreError) -> str:

@@ -159,7 +159,8 @@ class Store(Reads):
         record of its delivery for :meth:`where` (:mod:`pigateway.store.delivery`).
         """
         item, then = puts.command(device, name, params, ttl=ttl, kind=kind, id=id,
-                                  priority=priority, also=also, watch=watch)
+                                  priority=priority, also=also, watch=watch,
+                                  gateway_clock=self.clock)
         [command] = await self._submit_put([item], then)
         return command
 
@@ -167,13 +168,13 @@ class Store(Reads):
         """Queue ``item`` (watched) unless producer ``key`` was used in the last
         :data:`~pigateway.store.delivery.KEY_SECONDS`: then nothing is queued and the first
         command's id comes back (``(None, id)``); else ``(command, its id)``."""
-        item, then = puts.keyed(key, item)
+        item, then = puts.keyed(key, item, self.clock)
         try:
             [command] = await self._submit_put([item], then)
         except StoreError as exc:
             if not puts.key_may_be_taken(exc):
                 raise
-            return None, puts.owner(await self._fetch(*puts.owner_query(key)), exc)
+            return None, puts.owner(await self._fetch(*puts.owner_query(key, self.clock)), exc)
         return command, command.id
 
     async def bury_new(self, items: Sequence[NewCommand], reason: str, detail: str) -> None:
@@ -235,9 +236,9 @@ class Store(Reads):
         def run(conn: sqlite3.Connection) -> int:
             deleted = self._outbox.ack(conn, ids)
             if batch is not None:
-                now = time.time()
-                if noted := delivery.record(conn, ids, batch, now):
-                    delivery.prune(conn, now, noted)
+                gateway_now = self.clock.now()
+                if noted := delivery.record(conn, ids, batch, time.time(), gateway_now):
+                    delivery.prune(conn, gateway_now, noted)
             return deleted
         return await self._call(run)
 

@@ -135,6 +135,17 @@ MIGRATIONS: list[str] = [
     # 6: delivery records of watched commands, and producer keys (issue 11:
     # :mod:`pigateway.store.delivery`, ``send --wait``, ``send --id``, ``queue show``).
     delivery.SCHEMA,
+    # 7: ages on the gateway clock, not the wall clock a Pi steps at NTP's first answer
+    # (a dead letter of the minute before the step was pruned as "older than
+    # dead_letter_ttl" at the next burial): when a dead letter died, when a delivery was
+    # recorded. Rows from before have none: their wall time stands in. Producer keys and
+    # watches keep their column, now on the gateway clock (it runs behind the wall clock
+    # by uncounted downtime only, so an old wall time there reads younger, never older).
+    """
+    ALTER TABLE dead_letters ADD COLUMN dead_on REAL;
+    CREATE INDEX dead_letters_on ON dead_letters (coalesce(dead_on, dead_at));
+    ALTER TABLE delivered ADD COLUMN kept_on REAL;
+    """,
 ]
 
 

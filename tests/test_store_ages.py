@@ -1,0 +1,98 @@
+"""Every age the queue file keeps counts on the gateway clock, not the wall clock.
+
+A Raspberry Pi without a real-time clock boots at the time of its last shutdown and steps
+to the real time when NTP answers, days later after a long outage. Ages on the wall clock
+jump with it: a dead letter buried the minute before the step (the commands that expired
+during the outage, buried at boot) was pruned as older than ``store.dead_letter_ttl`` at
+the next burial, a producer key lost its 24 h window (a retried ``send --id`` queued a
+second command), and a delivery record vanished under ``send --wait``. TTLs were already on
+the gateway clock (tests/test_clock.py); these are the same class of bug, fixed the same
+way (migration 7). Real SQLite files; the wall clock is stepped by patching ``time.time``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+import time
+from collections.abc import Callable
+
+import pytest
+
+from pigateway.config import StoreConfig
+from pigateway.store import NewCommand, Store
+from pigateway.store.producer import Producer
+
+DAY = 24 * 3600.0
+
+
+@pytest.fixture
+def step_wall(monkeypatch: pytest.MonkeyPatch) -> Callable[[float], None]:
+    """Step the wall clock forward by some seconds (as NTP does at its first answer)."""
+    real = time.time
+    offset = [0.0]
+    monkeypatch.setattr(time, "time", lambda: real() + offset[0])
+
+    def step(seconds: float) -> None:
+        offset[0] += seconds
+    return step
+
+
+async def test_a_wall_clock_step_prunes_no_young_dead_letter(
+        store_config: StoreConfig, step_wall: Callable[[float], None]) -> None:
+    config = dataclasses.replace(store_config, dead_letter_ttl=3600.0)
+    store = await Store.open(config)
+    try:
+        first = await store.put("lamp", "on")
+        await store.dead_letter([first.id], "expired", "its ttl ran out")
+        step_wall(30 * DAY)
+        second = await store.put("lamp", "off")
+        await store.dead_letter([second.id], "expired", "its ttl ran out")  # prunes
+        assert {d.command.id for d in await store.list_dead()} == {first.id, second.id}
+    finally:
+        await store.close()
+
+
+async def test_a_dead_letter_older_than_its_ttl_on_the_gateway_clock_is_pruned(
+        store_config: StoreConfig) -> None:
+    """The check can fail: one really older than the ttl goes (a row from before
+    migration 7, no dead_on, counts from its wall time)."""
+    config = dataclasses.replace(store_config, dead_letter_ttl=3600.0)
+    store = await Store.open(config)
+    try:
+        old = await store.put("lamp", "on")
+        await store.dead_letter([old.id], "expired", "its ttl ran out")
+        with sqlite3.connect(config.path) as conn:
+            conn.execute("UPDATE dead_letters SET dead_on = NULL, dead_at = ?",
+                         (time.time() - 2 * 3600,))
+        young = await store.put("lamp", "off")
+        await store.dead_letter([young.id], "expired", "its ttl ran out")  # prunes
+        assert [d.command.id for d in await store.list_dead()] == [young.id]
+    finally:
+        await store.close()
+
+
+def test_a_wall_clock_step_keeps_a_producer_key(
+        store_config: StoreConfig, step_wall: Callable[[float], None]) -> None:
+    with Producer.open(store_config) as producer:
+        first, first_id = producer.put_keyed("k-1", NewCommand("lamp", "on", {}))
+        assert first is not None
+        step_wall(2 * DAY)
+        assert producer.put_keyed("k-1", NewCommand("lamp", "on", {})) == (None, first_id)
+
+
+async def test_a_wall_clock_step_keeps_a_delivery_record(
+        store_config: StoreConfig, step_wall: Callable[[float], None]) -> None:
+    store = await Store.open(store_config)
+    try:
+        first = await store.put("lamp", "on", watch=True)
+        [claimed] = await store.claim(10)
+        await store.ack([claimed.id], "batch-1")
+        step_wall(2 * DAY)
+        await store.put("lamp", "off", watch=True)
+        [second] = await store.claim(10)
+        await store.ack([second.id], "batch-2")  # prunes
+        where = await store.where(first.id)
+        assert (where.state, where.batch) == ("delivered", "batch-1")
+    finally:
+        await store.close()
