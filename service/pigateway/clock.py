@@ -22,8 +22,9 @@ step forward and lives too long after a step back. The gateway clock does not st
 The gateway clock starts equal to the wall clock the first time a queue file gets its
 ``clock`` row, so TTLs written before it existed (wall-clock deadlines) keep their
 meaning. ``queued_at``, ``dead_at`` and the wire contract stay on the wall clock;
-only ``expires_at`` (outbox and inbox) is on the gateway clock, and displays convert it
-back with :meth:`GatewayClock.to_wall`.
+``expires_at`` (outbox and inbox) and every age the file keeps (the inbox's ``done_on``, a
+dead letter's ``dead_on``, a delivery record's ``kept_on``, producer keys, watches) are on
+the gateway clock, and displays convert ``expires_at`` back with :meth:`GatewayClock.to_wall`.
 
 The sources (:func:`wall`, :func:`boottime`, :func:`boot_id`, :func:`synchronised`) are
 module-level functions so that tests can step the wall clock or simulate a reboot.
