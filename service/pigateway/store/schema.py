@@ -138,13 +138,21 @@ MIGRATIONS: list[str] = [
     # 7: ages on the gateway clock, not the wall clock a Pi steps at NTP's first answer
     # (a dead letter of the minute before the step was pruned as "older than
     # dead_letter_ttl" at the next burial): when a dead letter died, when a delivery was
-    # recorded. Rows from before have none: their wall time stands in. Producer keys and
-    # watches keep their column, now on the gateway clock (it runs behind the wall clock
-    # by uncounted downtime only, so an old wall time there reads younger, never older).
+    # recorded. Producer keys and watches keep their column, now on the gateway clock.
+    # The wall times of the rows from before are converted to gateway time here, by how far
+    # apart the two clocks were at the last reading: the gateway clock may run months behind
+    # (a file made before NTP's first answer, uncounted downtime), and an old wall time
+    # compared as it is read that much younger (a key refused a new command for months; the
+    # count bound pruned the newest dead letters first). No clock row: they stay wall time
+    # (dead_on NULL: coalesce).
     """
     ALTER TABLE dead_letters ADD COLUMN dead_on REAL;
+    UPDATE dead_letters SET dead_on = dead_at + (SELECT reading - wall FROM clock);
     CREATE INDEX dead_letters_on ON dead_letters (coalesce(dead_on, dead_at));
     ALTER TABLE delivered ADD COLUMN kept_on REAL;
+    UPDATE delivered SET kept_on = at + (SELECT reading - wall FROM clock);
+    UPDATE producer_keys SET at = at + coalesce((SELECT reading - wall FROM clock), 0);
+    UPDATE watched SET at = at + coalesce((SELECT reading - wall FROM clock), 0);
     """,
 ]
 
