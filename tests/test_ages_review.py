@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from pigateway import clock
 from pigateway.config import StoreConfig
 from pigateway.store import NewCommand, Store
 from pigateway.store.producer import Producer
+from test_clock import Machine
 
 DAY = 24 * 3600.0
 #: How far the gateway clock runs behind the wall clock (created before NTP answered).
@@ -106,3 +108,60 @@ async def test_a_producer_key_older_than_its_window_queues_again_after_the_upgra
     with Producer.open(store_config) as producer:  # migration 7
         again, again_id = producer.put_keyed("nightly", NewCommand("lamp", "on", {}))
     assert again is not None and again_id != first_id, "the second command was never queued"
+
+
+# --------------------------------------------------------------------------- the gap counted
+
+
+@pytest.fixture
+def machine(monkeypatch: pytest.MonkeyPatch) -> Machine:
+    """A simulated gateway (tests/test_clock.py's), its wall clock time.time's too."""
+    sim = Machine()
+    monkeypatch.setattr(clock, "boot_id", lambda: sim.boot)
+    monkeypatch.setattr(clock, "boottime", lambda: sim.since_boot)
+    monkeypatch.setattr(clock, "wall", lambda: sim.wall)
+    monkeypatch.setattr(clock, "synchronised", lambda: sim.synced)
+    monkeypatch.setattr(time, "time", lambda: sim.wall)
+    return sim
+
+
+async def boot_after_an_outage(config: StoreConfig, machine: Machine, down: float) -> None:
+    """The service ran synchronised, then the Pi was off ``down`` seconds and boots at the
+    time fake-hwclock saved (the downtime counts once NTP answers: the clock jumps)."""
+    async with await Store.open(config):
+        machine.wait(60)
+    machine.reboot(down=down, wall_at_boot=machine.wall, synced=False)
+
+
+async def ntp_answers(store: Store, machine: Machine, down: float) -> None:
+    machine.wall += down
+    machine.synced = True
+    await store.heartbeat()  # counts the downtime: the gateway clock jumps forward
+
+
+async def test_a_key_claimed_before_ntp_answers_keeps_its_window_when_the_downtime_counts(
+        store_config: StoreConfig, machine: Machine) -> None:
+    """The commit's own case (a Pi off for days, its clock stepped when NTP answers): a
+    key claimed before the answer was aged by the whole downtime, and a retried send --id
+    a minute later queued a second command."""
+    await boot_after_an_outage(store_config, machine, 2 * DAY)
+    async with await Store.open(store_config) as store:
+        first, first_id = await store.put_keyed("k-1", NewCommand("lamp", "on", {}))
+        assert first is not None
+        await ntp_answers(store, machine, 2 * DAY)
+        machine.wait(60)
+        assert await store.put_keyed("k-1", NewCommand("lamp", "on", {})) == (None, first_id)
+
+
+async def test_a_dead_letter_buried_before_ntp_answers_is_not_pruned_when_the_downtime_counts(
+        store_config: StoreConfig, machine: Machine) -> None:
+    config = dataclasses.replace(store_config, dead_letter_ttl=30 * DAY)
+    await boot_after_an_outage(config, machine, 40 * DAY)
+    async with await Store.open(config) as store:
+        early = await store.put("lamp", "on")
+        await store.dead_letter([early.id], "max-attempts", "before NTP answered")
+        await ntp_answers(store, machine, 40 * DAY)
+        machine.wait(60)
+        later = await store.put("lamp", "off")
+        await store.dead_letter([later.id], "max-attempts", "after")  # prunes
+        assert {d.command.id for d in await store.list_dead()} == {early.id, later.id}

@@ -35,8 +35,22 @@ def establish(conn: sqlite3.Connection) -> Reading:
     return reading
 
 
+#: The times of events kept on the gateway clock (every age the file keeps, migration 7).
+STAMPS = (("dead_letters", "dead_on"), ("delivered", "kept_on"), ("producer_keys", "at"),
+          ("watched", "at"), ("inbox", "done_on"))
+
+
 def heartbeat(conn: sqlite3.Connection) -> Reading:
-    """Inside a write transaction: write a new reading of this boot (the drainer's beat)."""
-    reading = beat(current(load(conn)))
+    """Inside a write transaction: write a new reading of this boot (the drainer's beat).
+
+    When it counts the downtime (the clock jumps forward), the events of this boot before
+    it jump too: they happened after the downtime, and would be aged by it (a key claimed
+    before NTP answered lost its window, a dead letter was pruned as older than its ttl)."""
+    last = current(load(conn))
+    reading = beat(last)
+    if reading.offset > last.offset:
+        for table, column in STAMPS:  # this boot's stamps are all past its start, offset
+            conn.execute(f"UPDATE {table} SET {column} = {column} + ? WHERE {column} > ?",
+                         (reading.offset - last.offset, last.offset))
     save(conn, reading)
     return reading
