@@ -165,3 +165,19 @@ async def test_a_dead_letter_buried_before_ntp_answers_is_not_pruned_when_the_do
         later = await store.put("lamp", "off")
         await store.dead_letter([later.id], "max-attempts", "after")  # prunes
         assert {d.command.id for d in await store.list_dead()} == {early.id, later.id}
+
+
+async def test_a_command_queued_before_ntp_answers_keeps_its_ttl_when_the_downtime_counts(
+        store_config: StoreConfig, machine: Machine) -> None:
+    """The gateway's core case: it boots offline after days off, commands are queued (ttl
+    1 h) while neither the broker nor NTP answers; the network comes back, NTP answers and
+    the downtime counts. Their deadlines were on the clock before the jump: they were
+    dead-lettered ``expired`` minutes after being queued, never sent. A deadline of this
+    boot moves with the clock (outbox and inbox alike)."""
+    await boot_after_an_outage(store_config, machine, 2 * DAY)
+    async with await Store.open(store_config) as store:
+        queued = await store.put("lamp", "on", ttl=3600)
+        await ntp_answers(store, machine, 2 * DAY)
+        machine.wait(60)
+        assert [c.id for c in await store.claim(10)] == [queued.id]
+        assert await store.list_dead() == []

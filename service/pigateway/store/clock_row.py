@@ -38,6 +38,8 @@ def establish(conn: sqlite3.Connection) -> Reading:
 #: The times of events kept on the gateway clock (every age the file keeps, migration 7).
 STAMPS = (("dead_letters", "dead_on"), ("delivered", "kept_on"), ("producer_keys", "at"),
           ("watched", "at"), ("inbox", "done_on"))
+#: The tables whose rows carry a deadline (``expires_at``) counted from their ``ttl``.
+DEADLINES = ("outbox", "inbox")
 
 
 def heartbeat(conn: sqlite3.Connection) -> Reading:
@@ -45,12 +47,19 @@ def heartbeat(conn: sqlite3.Connection) -> Reading:
 
     When it counts the downtime (the clock jumps forward), the events of this boot before
     it jump too: they happened after the downtime, and would be aged by it (a key claimed
-    before NTP answered lost its window, a dead letter was pruned as older than its ttl)."""
+    before NTP answered lost its window, a dead letter was pruned as older than its ttl, a
+    command queued offline after the boot expired minutes after its put). Once a boot, at
+    the jump: the deadlines' update reads the whole outbox, and writes the rows of this
+    boot only."""
     last = current(load(conn))
     reading = beat(last)
     if reading.offset > last.offset:
+        jump = reading.offset - last.offset
         for table, column in STAMPS:  # this boot's stamps are all past its start, offset
             conn.execute(f"UPDATE {table} SET {column} = {column} + ? WHERE {column} > ?",
-                         (reading.offset - last.offset, last.offset))
+                         (jump, last.offset))
+        for table in DEADLINES:  # a deadline set in this boot (put or requeued after it)
+            conn.execute(f"UPDATE {table} SET expires_at = expires_at + ? WHERE "
+                         "expires_at - ttl > ?", (jump, last.offset))
     save(conn, reading)
     return reading
