@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -61,3 +62,16 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Run:
         out, err = capsys.readouterr()
         return code, out, err
     return run
+
+
+@pytest.fixture
+def set_wall(monkeypatch: pytest.MonkeyPatch) -> Callable[[float], None]:
+    """Set the wall clock (``time.time``, which every wall reading goes through) some
+    seconds from the real one: a Pi's clock stepped by NTP, or behind before it answers."""
+    real = time.time
+    offset = [0.0]
+    monkeypatch.setattr(time, "time", lambda: real() + offset[0])
+
+    def set_to(seconds: float) -> None:
+        offset[0] = seconds
+    return set_to

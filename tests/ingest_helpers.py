@@ -21,6 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from harness.broker import Mosquitto, mosquitto_binary
+from pigateway.mqtt import Connection
 
 V5 = aiomqtt.ProtocolVersion.V5
 
@@ -142,3 +143,16 @@ def ingest_settings(local: Mosquitto, **rule: Any) -> dict[str, Any]:
     """``[local]`` on ``local`` with a fast reconnect, and one ``[[ingest]]`` rule."""
     return {"local": {"host": local.host, "port": local.port},
             "ingest": [{"topic": "z2m/+/state", **rule}]}
+
+
+async def take_acked(client: Connection, got: list[bytes], until: int,
+                     timeout: float) -> list[bytes]:
+    """Messages from a pigateway connection into ``got``, each acknowledged, until it holds
+    ``until`` (a manual-ack session: what is not acknowledged comes again)."""
+    async with asyncio.timeout(timeout):
+        async for message in client.messages():
+            got.append(message.payload)
+            client.ack(message)
+            if len(got) >= until:
+                break
+    return got

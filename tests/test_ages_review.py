@@ -17,36 +17,23 @@ from pathlib import Path
 
 import pytest
 
-from pigateway import clock
 from pigateway.config import StoreConfig
 from pigateway.store import NewCommand, Store
 from pigateway.store.producer import Producer
-from test_clock import Machine
+from test_clock import Machine, simulate
 
 DAY = 24 * 3600.0
 #: How far the gateway clock runs behind the wall clock (created before NTP answered).
 BEHIND = 90 * DAY
 
 
-@pytest.fixture
-def shift_wall(monkeypatch: pytest.MonkeyPatch) -> Callable[[float], None]:
-    """Set the wall clock ``seconds`` from the real one (every wall reading is time.time)."""
-    real = time.time
-    offset = [0.0]
-    monkeypatch.setattr(time, "time", lambda: real() + offset[0])
-
-    def shift(seconds: float) -> None:
-        offset[0] = seconds
-    return shift
-
-
-async def created_behind(config: StoreConfig, shift_wall: Callable[[float], None]) -> None:
+async def created_behind(config: StoreConfig, set_wall: Callable[[float], None]) -> None:
     """A queue file made while the wall clock was BEHIND behind; then NTP answers, and the
     service runs on (its readings of the gateway clock carry the new wall time)."""
-    shift_wall(-BEHIND)
+    set_wall(-BEHIND)
     async with await Store.open(config):
         pass
-    shift_wall(0.0)
+    set_wall(0.0)
     async with await Store.open(config) as store:
         await store.heartbeat()
 
@@ -64,9 +51,9 @@ def back_to_version_6(path: Path, *, key_at: float | None = None) -> None:
 
 
 async def test_the_count_bound_prunes_the_oldest_dead_letter_not_the_newest_after_the_upgrade(
-        store_config: StoreConfig, shift_wall: Callable[[float], None]) -> None:
+        store_config: StoreConfig, set_wall: Callable[[float], None]) -> None:
     config = dataclasses.replace(store_config, max_dead_letters=3, dead_letter_ttl=0)
-    await created_behind(config, shift_wall)
+    await created_behind(config, set_wall)
     async with await Store.open(config) as old:
         olds = [await old.put("lamp", f"old-{n}") for n in range(3)]
         await old.dead_letter([c.id for c in olds], "max-attempts", "before the upgrade")
@@ -80,9 +67,9 @@ async def test_the_count_bound_prunes_the_oldest_dead_letter_not_the_newest_afte
 
 
 async def test_a_dead_letter_from_before_the_upgrade_still_ages_out(
-        store_config: StoreConfig, shift_wall: Callable[[float], None]) -> None:
+        store_config: StoreConfig, set_wall: Callable[[float], None]) -> None:
     config = dataclasses.replace(store_config, dead_letter_ttl=3600.0)
-    await created_behind(config, shift_wall)
+    await created_behind(config, set_wall)
     async with await Store.open(config) as old:
         stale = await old.put("lamp", "on")
         await old.dead_letter([stale.id], "max-attempts", "two hours ago")
@@ -97,10 +84,10 @@ async def test_a_dead_letter_from_before_the_upgrade_still_ages_out(
 
 
 async def test_a_producer_key_older_than_its_window_queues_again_after_the_upgrade(
-        store_config: StoreConfig, shift_wall: Callable[[float], None]) -> None:
+        store_config: StoreConfig, set_wall: Callable[[float], None]) -> None:
     """send --id KEY a day after the first: a new command. It was refused as a repeat (and
     so never queued) for as long as the gateway clock runs behind."""
-    await created_behind(store_config, shift_wall)
+    await created_behind(store_config, set_wall)
     with Producer.open(store_config) as producer:
         first, first_id = producer.put_keyed("nightly", NewCommand("lamp", "on", {}))
         assert first is not None
@@ -116,11 +103,7 @@ async def test_a_producer_key_older_than_its_window_queues_again_after_the_upgra
 @pytest.fixture
 def machine(monkeypatch: pytest.MonkeyPatch) -> Machine:
     """A simulated gateway (tests/test_clock.py's), its wall clock time.time's too."""
-    sim = Machine()
-    monkeypatch.setattr(clock, "boot_id", lambda: sim.boot)
-    monkeypatch.setattr(clock, "boottime", lambda: sim.since_boot)
-    monkeypatch.setattr(clock, "wall", lambda: sim.wall)
-    monkeypatch.setattr(clock, "synchronised", lambda: sim.synced)
+    sim = simulate(monkeypatch)
     monkeypatch.setattr(time, "time", lambda: sim.wall)
     return sim
 

@@ -70,14 +70,19 @@ class Machine:
         del down  # a machine that is off measures nothing: only the wall clock may know
 
 
-@pytest.fixture
-def machine(monkeypatch: pytest.MonkeyPatch) -> Machine:
+def simulate(monkeypatch: pytest.MonkeyPatch) -> Machine:
+    """A simulated gateway behind pigateway.clock's sources (boot id, boottime, wall, sync)."""
     sim = Machine()
     monkeypatch.setattr(clock, "boot_id", lambda: sim.boot)
     monkeypatch.setattr(clock, "boottime", lambda: sim.since_boot)
     monkeypatch.setattr(clock, "wall", lambda: sim.wall)
     monkeypatch.setattr(clock, "synchronised", lambda: sim.synced)
     return sim
+
+
+@pytest.fixture
+def machine(monkeypatch: pytest.MonkeyPatch) -> Machine:
+    return simulate(monkeypatch)
 
 
 @contextlib.asynccontextmanager

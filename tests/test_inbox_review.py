@@ -16,7 +16,7 @@ import aiomqtt
 import pytest
 
 from harness.broker import Mosquitto, free_port, mosquitto_binary
-from ingest_helpers import as_us, publish
+from ingest_helpers import as_us, publish, take_acked
 from pigateway import wire
 from pigateway.errors import StoreError, UplinkError
 from pigateway.mqtt import Connection, Settings, connect
@@ -82,13 +82,7 @@ async def test_a_paused_inbox_does_not_drop_the_link_at_keepalive(tmp_path: Path
             await _paused(client, limit)
             await asyncio.sleep(3 * keepalive)  # nothing taken: a store that refuses
             assert not lost, "the link dropped while reading was paused"
-            got: list[bytes] = []
-            async with asyncio.timeout(30):
-                async for message in client.messages():
-                    got.append(message.payload)
-                    client.ack(message)
-                    if len(got) == count:
-                        break
+            got = await take_acked(client, [], until=count, timeout=30)
             assert got == [str(n).encode() for n in range(count)]
 
 

@@ -12,7 +12,7 @@ import asyncio
 from pathlib import Path
 
 from harness.broker import Mosquitto
-from ingest_helpers import as_us, publish
+from ingest_helpers import as_us, publish, take_acked
 from pigateway.mqtt import Inbox, Message, Settings, connect
 
 
@@ -62,22 +62,12 @@ async def test_a_broker_past_our_receive_maximum_fills_no_more_than_the_inbox(
             accepted = await publish(broker, [(f"z2m/d/{n}", str(n).encode())
                                               for n in range(count)], window=100)
             assert accepted == count
-            got: list[bytes] = []
-            async with asyncio.timeout(30):  # acks flowing: then mosquitto stops counting
-                async for message in client.messages():
-                    got.append(message.payload)
-                    client.ack(message)
-                    if len(got) == 100:
-                        break
+            # acks flowing: then mosquitto stops counting
+            got = await take_acked(client, [], until=100, timeout=30)
             await asyncio.sleep(1.0)  # the broker pushes what it will; nobody takes
             held = client.waiting
             assert limit <= held < limit + 100, f"the inbox held {held} messages"
-            async with asyncio.timeout(60):
-                async for message in client.messages():
-                    got.append(message.payload)
-                    client.ack(message)
-                    if len(got) == count:
-                        break
+            await take_acked(client, got, until=count, timeout=60)
     assert got == [str(n).encode() for n in range(count)]
 
 

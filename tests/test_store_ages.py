@@ -17,8 +17,6 @@ import sqlite3
 import time
 from collections.abc import Callable
 
-import pytest
-
 from pigateway.config import StoreConfig
 from pigateway.store import NewCommand, Store
 from pigateway.store.producer import Producer
@@ -26,26 +24,14 @@ from pigateway.store.producer import Producer
 DAY = 24 * 3600.0
 
 
-@pytest.fixture
-def step_wall(monkeypatch: pytest.MonkeyPatch) -> Callable[[float], None]:
-    """Step the wall clock forward by some seconds (as NTP does at its first answer)."""
-    real = time.time
-    offset = [0.0]
-    monkeypatch.setattr(time, "time", lambda: real() + offset[0])
-
-    def step(seconds: float) -> None:
-        offset[0] += seconds
-    return step
-
-
 async def test_a_wall_clock_step_prunes_no_young_dead_letter(
-        store_config: StoreConfig, step_wall: Callable[[float], None]) -> None:
+        store_config: StoreConfig, set_wall: Callable[[float], None]) -> None:
     config = dataclasses.replace(store_config, dead_letter_ttl=3600.0)
     store = await Store.open(config)
     try:
         first = await store.put("lamp", "on")
         await store.dead_letter([first.id], "expired", "its ttl ran out")
-        step_wall(30 * DAY)
+        set_wall(30 * DAY)
         second = await store.put("lamp", "off")
         await store.dead_letter([second.id], "expired", "its ttl ran out")  # prunes
         assert {d.command.id for d in await store.list_dead()} == {first.id, second.id}
@@ -73,22 +59,22 @@ async def test_a_dead_letter_older_than_its_ttl_on_the_gateway_clock_is_pruned(
 
 
 def test_a_wall_clock_step_keeps_a_producer_key(
-        store_config: StoreConfig, step_wall: Callable[[float], None]) -> None:
+        store_config: StoreConfig, set_wall: Callable[[float], None]) -> None:
     with Producer.open(store_config) as producer:
         first, first_id = producer.put_keyed("k-1", NewCommand("lamp", "on", {}))
         assert first is not None
-        step_wall(2 * DAY)
+        set_wall(2 * DAY)
         assert producer.put_keyed("k-1", NewCommand("lamp", "on", {})) == (None, first_id)
 
 
 async def test_a_wall_clock_step_keeps_a_delivery_record(
-        store_config: StoreConfig, step_wall: Callable[[float], None]) -> None:
+        store_config: StoreConfig, set_wall: Callable[[float], None]) -> None:
     store = await Store.open(store_config)
     try:
         first = await store.put("lamp", "on", watch=True)
         [claimed] = await store.claim(10)
         await store.ack([claimed.id], "batch-1")
-        step_wall(2 * DAY)
+        set_wall(2 * DAY)
         await store.put("lamp", "off", watch=True)
         [second] = await store.claim(10)
         await store.ack([second.id], "batch-2")  # prunes
