@@ -89,18 +89,23 @@ async def test_queue_ls_and_queue_show_follow_the_claim_order(store: Store) -> N
     assert [c.id for c in await store.claim(10)] == order
 
 
-async def test_queue_show_reads_a_file_the_service_has_not_migrated(tmp_path: Path) -> None:
-    """Right after an upgrade (schema 4, no priority, no delivery records): still shown."""
-    config = StoreConfig(path=tmp_path / "queue.db", min_free_bytes=0)
-    async with await Store.open(config) as store:
-        command = await store.put("a", "set")
-    with contextlib.closing(sqlite3.connect(config.path)) as conn:  # back to schema 4
+def back_to_schema_4(path: Path) -> None:
+    """The file as pigateway left it before priorities (migrations 5-7 undone)."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
         conn.executescript("DROP INDEX outbox_urgent; ALTER TABLE outbox DROP COLUMN priority; "
                            "ALTER TABLE dead_letters DROP COLUMN priority; "
                            "DROP INDEX dead_letters_on; ALTER TABLE dead_letters DROP COLUMN "
                            "dead_on; "
                            "DROP TABLE delivered; DROP TABLE watched; DROP TABLE producer_keys; "
                            "PRAGMA user_version = 4;")
+
+
+async def test_queue_show_reads_a_file_the_service_has_not_migrated(tmp_path: Path) -> None:
+    """Right after an upgrade (schema 4, no priority, no delivery records): still shown."""
+    config = StoreConfig(path=tmp_path / "queue.db", min_free_bytes=0)
+    async with await Store.open(config) as store:
+        command = await store.put("a", "set")
+    back_to_schema_4(config.path)
     async with await QueueReader.open(config) as reader:
         where = await reader.where(command.id)
     assert where.state == "queued"
@@ -112,13 +117,7 @@ async def test_the_migration_makes_queued_results_high(tmp_path: Path) -> None:
     async with await Store.open(config) as old:
         action = await old.put("a", "set")
         result = await old.put("gw", "result", {}, kind="result")
-    with contextlib.closing(sqlite3.connect(config.path)) as conn:  # back to schema 4
-        conn.executescript("DROP INDEX outbox_urgent; ALTER TABLE outbox DROP COLUMN priority; "
-                           "ALTER TABLE dead_letters DROP COLUMN priority; "
-                           "DROP INDEX dead_letters_on; ALTER TABLE dead_letters DROP COLUMN "
-                           "dead_on; "
-                           "DROP TABLE delivered; DROP TABLE watched; DROP TABLE producer_keys; "
-                           "PRAGMA user_version = 4;")
+    back_to_schema_4(config.path)
     async with await Store.open(config) as upgraded:
         assert [c.id for c in await upgraded.claim(10)] == [result.id, action.id]
 

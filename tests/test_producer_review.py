@@ -87,3 +87,51 @@ async def test_a_taken_key_is_a_no_op_even_when_the_queue_is_full(tmp_path: Path
     finally:
         await store.close()
     assert stored_ids(config.path) == [first_id]
+
+
+@pytest.mark.parametrize("bad", ["", " ", "x" * 129, "\ud800", "a\x00b", "line\nforged"],
+                         ids=["empty", "blank", "huge", "lone-surrogate", "nul", "newline"])
+async def test_a_bad_key_or_id_is_refused_by_name_and_stores_nothing(
+        tmp_path: Path, bad: str) -> None:
+    """A producer key or a command id is a name like a device's: a 200 KB key was stored
+    whole, and a lone surrogate (argv of non-UTF-8 bytes) came out of SQLite as a bare
+    UnicodeEncodeError, a traceback at the CLI. Each way in says which one is bad."""
+    from pigateway.errors import InvalidCommand  # noqa: PLC0415
+    from pigateway.store import Store  # noqa: PLC0415
+
+    config = StoreConfig(path=tmp_path / "q.db", min_free_bytes=0)
+    with Producer.open(config) as producer:
+        with pytest.raises(InvalidCommand, match="producer key"):
+            producer.put_keyed(bad, NewCommand("lamp", "on", {}))
+        with pytest.raises(InvalidCommand, match="command id"):
+            producer.put("lamp", "on", id=bad)
+        with pytest.raises(InvalidCommand, match="command id"):
+            producer.where(bad)
+    async with await Store.open(config, drainer=False) as store:
+        with pytest.raises(InvalidCommand, match="producer key"):
+            await store.put_keyed(bad, NewCommand("lamp", "on", {}))
+        with pytest.raises(InvalidCommand, match="command id"):
+            await store.where(bad)
+    assert stored_ids(config.path) == []
+    with contextlib.closing(sqlite3.connect(config.path)) as conn:
+        assert conn.execute("SELECT count(*) FROM producer_keys").fetchone() == (0,)
+
+
+def test_the_cli_names_an_id_that_is_not_utf8(tmp_path: Path) -> None:
+    """``pigateway queue show`` / ``send --id`` with bytes that are not UTF-8 in argv (a
+    shell variable from a binary file): a clear error and the bad-input exit, no traceback."""
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    config = tmp_path / "config.toml"
+    config.write_text(f'gateway_id = "gw"\n[store]\npath = "{tmp_path / "q.db"}"\n'
+                      "min_free_bytes = 0\n")
+    base = [sys.executable, "-m", "pigateway"]
+    for argv in (["queue", "show", b"\xff\xfe"], ["send", "--device", "lamp", "--command",
+                                                   "on", "--id", b"k\xff"]):
+        done = subprocess.run([*base, *argv, "--config", str(config)], capture_output=True,
+                              text=True, timeout=60, check=False, env=os.environ.copy())
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr
+        assert "lone surrogate" in done.stderr

@@ -28,7 +28,7 @@ from pigateway.store.commit import GroupCommit
 from pigateway.store.connection import connect, fetch_all, translate
 from pigateway.store.outbox import Outbox, Then
 from pigateway.store.puts import Statement
-from pigateway.store.values import Command, NewCommand
+from pigateway.store.values import Command, NewCommand, check_name
 
 
 class Producer:
@@ -99,6 +99,7 @@ class Producer:
 
     def where(self, id_: str) -> delivery.Where:
         """Where command ``id_`` is now (as ``Store.where``)."""
+        check_name("command id", id_)
         return delivery.where_of(id_, [self._fetch(sql, (id_,)) for sql in delivery.WHERE_SQL])
 
     def _put(self, items: list[NewCommand], then: Then | None) -> list[Command]:

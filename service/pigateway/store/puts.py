@@ -20,7 +20,7 @@ from pigateway.errors import QueueFull, StoreError, StoreFull
 from pigateway.ids import new_id
 from pigateway.store import delivery
 from pigateway.store.outbox import Put, Then
-from pigateway.store.values import NewCommand, prepare
+from pigateway.store.values import NewCommand, check_name, prepare
 
 #: One SQL statement and its parameters.
 Statement = tuple[str, Sequence[Any]]
@@ -52,6 +52,7 @@ def keyed(key: str, item: NewCommand, gateway_clock: GatewayClock) -> tuple[NewC
     """``item`` with its id settled, and what runs in its transaction: producer ``key``
     claimed for it (a key taken within :data:`~pigateway.store.delivery.KEY_SECONDS` fails
     the put: :func:`key_taken`), and the record that notes its delivery."""
+    check_name("producer key", key)
     id_ = item.id or new_id()
     now = gateway_clock.now()  # the key's age, as every age in delivery, on this clock
     return dataclasses.replace(item, id=id_), statements(

@@ -22,7 +22,14 @@ from pigateway.store.files import check_header
 from pigateway.store.inbox import InboxReads
 from pigateway.store.outbox import tier_queries
 from pigateway.store.schema import MIGRATIONS
-from pigateway.store.values import COMMAND_COLUMNS, Command, DeadLetter, Stats, row_to_command
+from pigateway.store.values import (
+    COMMAND_COLUMNS,
+    Command,
+    DeadLetter,
+    Stats,
+    check_name,
+    row_to_command,
+)
 
 #: ``queue ls``: every queued row, in flights too, in the order the drain claims them.
 _LISTING_ORDER = tier_queries(COMMAND_COLUMNS, unclaimed=False)
@@ -63,6 +70,7 @@ class Reads:
         """Where command ``id_`` is: queued (position, attempts, last error), in flight,
         delivered (batch, when: watched commands, kept
         :data:`~pigateway.store.delivery.KEPT_SECONDS`), dead (reason), or unknown."""
+        check_name("command id", id_)
         return delivery.where_of(id_, [await self._fetch_if_there(sql, (id_,))
                                        for sql in delivery.WHERE_SQL])
 

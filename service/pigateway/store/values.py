@@ -106,6 +106,19 @@ class Stats:
 
 
 
+def check_name(label: str, value: object) -> None:
+    """A name a caller gave (device, command name, command id, producer key) must be a
+    non-empty string of at most :data:`MAX_NAME` characters, no control character, no lone
+    surrogate; else :class:`InvalidCommand` naming ``label``. One rule for the CLI, the API
+    and every caller, checked before anything is stored or looked up."""
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME:
+        raise InvalidCommand(f"{label} must be a non-empty string of at most {MAX_NAME} "
+                             f"characters, got {shown(value)}")
+    problem = text_problem(value)
+    if problem is not None:
+        raise InvalidCommand(f"{label} {shown(value)} {problem}")
+
+
 def prepare(item: NewCommand, config: StoreConfig, now: float,
             gateway_now: float | None = None) -> tuple[Any, ...]:
     """Check one new command and turn it into a row; raise :class:`InvalidCommand`.
@@ -113,13 +126,10 @@ def prepare(item: NewCommand, config: StoreConfig, now: float,
     ``now`` (wall clock) is its ``queued_at``; its ``expires_at`` counts from
     ``gateway_now`` (:mod:`pigateway.clock`), so a wall-clock step cannot move it.
     """
-    for label, value in (("device", item.device), ("command name", item.name)):
-        if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME:
-            raise InvalidCommand(f"{label} must be a non-empty string of at most {MAX_NAME} "
-                                 f"characters, got {shown(value)}")
-        problem = text_problem(value)  # one rule for the CLI, the API and every caller
-        if problem is not None:
-            raise InvalidCommand(f"{label} {shown(value)} {problem}")
+    check_name("device", item.device)
+    check_name("command name", item.name)
+    if item.id is not None:
+        check_name("command id", item.id)
     if item.kind not in KINDS:
         raise InvalidCommand(f"kind must be one of {KINDS}, got {item.kind!r}")
     if not isinstance(item.params, dict):
