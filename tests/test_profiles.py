@@ -97,6 +97,7 @@ def test_the_accepted_forms_pass() -> None:
           'password_file = "/etc/p"\n')
     parse('[mqtt]\nprofile = "hivemq-cloud"\nusername = "u"\npassword_file = "/etc/p"\n')
     assert set(profiles.PROFILES) == set(profiles.NAMES)
+    assert set(wire.CLOUD_TOPICS) < set(profiles.NAMES)
 
 
 def test_config_check_fails_with_the_key_and_the_limit(tmp_path: Path) -> None:

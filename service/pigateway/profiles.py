@@ -2,8 +2,9 @@
 
 A profile is a few defaults (applied only where the config file says nothing) and a few
 checks (a config the cloud would refuse fails ``pigateway config check`` naming the key and
-the limit), plus topic templates that replace :data:`pigateway.wire.TOPICS` per message
-kind. QoS 2 is never used by any profile (the gateway publishes at QoS 1 at most).
+the limit). The topics a cloud takes are the wire's (:data:`pigateway.wire.CLOUD_TOPICS`),
+checked here against the cloud's limits. QoS 2 is never used by any profile (the gateway
+publishes at QoS 1 at most).
 
 The numbers are the clouds' documented quotas:
 
@@ -23,6 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
+from pigateway import wire
 from pigateway.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -38,8 +40,6 @@ class Profile:
 
     name: str
     cloud: str
-    #: templates per message kind that replace :data:`pigateway.wire.TOPICS`
-    topics: Mapping[str, str] = field(default_factory=dict)
     #: "section.key" (or "mqtt.tls.enabled") -> value, where the config file sets none
     defaults: Mapping[str, Any] = field(default_factory=dict)
     max_message_bytes: int | None = None
@@ -55,8 +55,6 @@ class Profile:
     reserved_prefixes: tuple[str, ...] = ()
 
 
-AZURE_EVENTS: Final = "devices/{gateway}/messages/events/"
-
 PROFILES: Final[dict[str, Profile]] = {
     "generic": Profile("generic", "any MQTT broker"),
     "aws-iot": Profile(
@@ -68,10 +66,6 @@ PROFILES: Final[dict[str, Profile]] = {
         reserved_prefixes=("$aws",)),
     "azure-iot-hub": Profile(
         "azure-iot-hub", "Azure IoT Hub",
-        topics={"actions": AZURE_EVENTS + "kind=actions",
-                "results": AZURE_EVENTS + "kind=results",
-                "state": AZURE_EVENTS + "kind=state",
-                "commands": "devices/{gateway}/messages/devicebound/#"},
         defaults={"mqtt.port": 8883, "mqtt.tls.enabled": True, "mqtt.protocol": "3.1.1",
                   "uplink.max_batch_bytes": 256 * 1024, "uplink.max_messages_per_second": 100},
         max_message_bytes=256 * 1024, keepalive=(5, 1177), tls_required=True,
@@ -163,8 +157,6 @@ def _username(p: Profile, c: Config) -> None:
 
 
 def _topics(p: Profile, c: Config) -> None:
-    from pigateway import wire  # noqa: PLC0415 - wire imports this module
-
     for leaf in wire.TOPICS:
         where = wire.topic(c, leaf)
         if p.max_topic_bytes and len(where.encode()) > p.max_topic_bytes:

@@ -2,7 +2,8 @@
 
 Everything the gateway puts on the broker, or takes from it, is shaped here:
 
-- topics ``{prefix}/{gateway}/{actions,results,commands,state}`` (:func:`topic`);
+- topics ``{prefix}/{gateway}/{actions,results,commands,state}`` (:func:`topic`), or a
+  cloud's own form of them (:data:`CLOUD_TOPICS`, by ``[mqtt] profile``);
 - version ``"v": 1`` in every document (:data:`VERSION`), checked on inbound commands;
 - a batch of actions ``{"v","gateway","batch","sent_at","actions":[{"device","commands":
   [{"id","name","params","queued_at"}]}]}`` (:func:`batch_head`, :func:`action`,
@@ -19,20 +20,30 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, Final
 
-from pigateway import profiles
-
 if TYPE_CHECKING:
     from pigateway.config import Config
 
 #: The version of every document of the contract.
 VERSION: Final = 1
 #: The topic template of each message kind (``{prefix}``: ``mqtt.topic_prefix``,
-#: ``{gateway}``: ``gateway_id``); a cloud profile replaces some (:mod:`pigateway.profiles`).
+#: ``{gateway}``: ``gateway_id``); a cloud profile replaces some (:data:`CLOUD_TOPICS`).
 TOPICS: Final = {
     "actions": "{prefix}/{gateway}/actions",
     "results": "{prefix}/{gateway}/results",
     "commands": "{prefix}/{gateway}/commands",
     "state": "{prefix}/{gateway}/state",
+}
+_AZURE_EVENTS: Final = "devices/{gateway}/messages/events/"
+#: The templates a cloud (``[mqtt] profile``, :mod:`pigateway.profiles`) puts in place of
+#: :data:`TOPICS`'s. They are the wire on that cloud, so they live here, with the contract;
+#: the profile's checks (topic length, slashes, reserved prefixes) read them through
+#: :func:`topic`. Azure IoT Hub takes telemetry only on the device's events topic (the kind
+#: as a property bag after it) and sends commands on its devicebound topic.
+CLOUD_TOPICS: Final[dict[str, dict[str, str]]] = {
+    "azure-iot-hub": {"actions": _AZURE_EVENTS + "kind=actions",
+                      "results": _AZURE_EVENTS + "kind=results",
+                      "state": _AZURE_EVENTS + "kind=state",
+                      "commands": "devices/{gateway}/messages/devicebound/#"},
 }
 #: The retained state while the gateway is not connected (last will, clean stop).
 OFFLINE: Final = b'"offline"'
@@ -50,8 +61,8 @@ def encode(value: Any) -> str:
 
 def topic(config: Config, leaf: str) -> str:
     """The full topic of ``leaf`` ("actions", "results", "commands", "state"): the profile's
-    template for it, else :data:`TOPICS`'s."""
-    template = profiles.get(config.mqtt.profile).topics.get(leaf, TOPICS[leaf])
+    template for it (:data:`CLOUD_TOPICS`), else :data:`TOPICS`'s."""
+    template = CLOUD_TOPICS.get(config.mqtt.profile, {}).get(leaf, TOPICS[leaf])
     return template.format(prefix=config.mqtt.topic_prefix, gateway=config.gateway_id)
 
 
