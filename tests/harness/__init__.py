@@ -6,6 +6,10 @@
 - ``service``: the one launcher of ``pigateway run`` (a child process, or the ``Gateway``
   in this process) with its stop helpers.
 - ``waits``: bounded waits and polls.
+- ``mqttwire``: MQTT packets byte by byte (what paho refuses to write too), a packet reader.
+- ``hostile``: ``HostileBroker``, a scripted broker (CONNACK limits, PUBACK codes per
+  message, QoS 2 flows cut at any step, DISCONNECTs with reasons, any bytes injected), and
+  ``RawClient``, a byte-by-byte publisher for a real mosquitto.
 
 Importable without pytest (the demo and the benches do not need it): pytest fixtures stay
 in ``tests/conftest.py``. ``tests`` is on the import path through pytest's ``pythonpath``
