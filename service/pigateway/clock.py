@@ -48,6 +48,8 @@ SYNCED_PATH = Path("/run/systemd/timesync/synchronized")
 HEARTBEAT = 60.0
 #: The longest boot id read (a UUID is 36 characters).
 _MAX_BOOT_ID = 64
+#: Seconds of float rounding allowed when comparing boot times (offsets are ~1.8e9 s).
+_SAME_BOOT_SLACK = 0.01
 
 
 
@@ -140,9 +142,24 @@ def current(stored: Reading | None) -> Reading:
     """The reading for this boot, given the stored one (``None``: a new file)."""
     if stored is None:
         return first_reading()
-    if stored.boot_id != boot_id():
+    if stored.boot_id != boot_id() and restarted(stored):
         return next_boot(stored)
     return stored
+
+
+def restarted(stored: Reading) -> bool:
+    """Whether ``CLOCK_BOOTTIME`` began again since ``stored`` was read: a new boot.
+
+    A boot id that differs is not enough. Under systemd-nspawn (and any container whose
+    init gives a unit a fresh procfs) the service and a shell read different boot ids of
+    one running kernel; taking each other's for a new boot, each leapt the gateway clock
+    forward by the host's uptime (a ttl of 4000 s ran out in 144 s). ``CLOCK_BOOTTIME``
+    is the kernel's, the same in every view, and starts near 0 at a boot: when it has run
+    on since the stored reading, this is the boot that wrote it. (A real reboot whose old
+    boot lasted less than the new one has run when it first opens the file is taken for
+    the same boot: the clock then continues from the offset, the TTLs longer by at most
+    that short uptime, never shorter.)"""
+    return boottime() < stored.reading - stored.offset - _SAME_BOOT_SLACK
 
 
 # --------------------------------------------------------------------------- the clock
@@ -166,11 +183,13 @@ class GatewayClock:
         """A gateway time as the wall time it is (or was), for a person to read."""
         return None if at is None else at - self.now() + wall()
 
-    def adopt(self, reading: Reading) -> None:
-        """Take a reading written by a heartbeat (it may have counted the downtime)."""
-        if reading.boot_id != self.reading.boot_id or reading.offset < self.reading.offset:
-            return
-        if reading.offset > self.reading.offset:
-            log.info("the wall clock is synchronised: %.0f s the gateway was down now count "
-                     "towards TTLs", reading.offset - self.reading.offset)
+    def adopt(self, reading: Reading | None) -> float:
+        """Take the reading the file holds now (a heartbeat may have counted a downtime:
+        the clock jumped forward); the seconds it moved this clock forward (0: none).
+        A reading of another boot, or behind this one, is not taken: never backwards."""
+        if (reading is None or reading.boot_id != self.reading.boot_id
+                or reading.offset < self.reading.offset):
+            return 0.0
+        jump = reading.offset - self.reading.offset
         self.reading = reading
+        return jump

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from pigateway.clock import Reading, beat, current
+from pigateway.clock import GatewayClock, Reading, beat, current
 
 _COLUMNS = "boot_id, base, reading, wall, synced, gap_from"
 
@@ -24,6 +24,16 @@ def save(conn: sqlite3.Connection, reading: Reading) -> None:
         f"INSERT OR REPLACE INTO clock (id, {_COLUMNS}) VALUES (1, ?, ?, ?, ?, ?, ?)",
         (reading.boot_id, reading.offset, reading.reading, reading.wall, int(reading.synced),
          reading.gap_from))
+
+
+def follow(conn: sqlite3.Connection, gateway_clock: GatewayClock) -> None:
+    """Inside a transaction, before anything in it reads the clock: ``gateway_clock``
+    takes the reading the file holds. The drainer's heartbeat moves it (it counts a
+    downtime once NTP answers); a producer or a second :class:`~pigateway.store.Store`
+    open since before would otherwise put on the offset it read at its open, and its
+    TTLs and producer keys would be that downtime old on arrival. One row, one page that
+    every commit reads anyway."""
+    gateway_clock.adopt(load(conn))
 
 
 def establish(conn: sqlite3.Connection) -> Reading:

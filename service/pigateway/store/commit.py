@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from pigateway.errors import StoreFull
+from pigateway.store import clock_row
 from pigateway.store.connection import run_transaction, translate, truncate_wal
 from pigateway.store.outbox import Outbox, Put
 
@@ -77,7 +78,10 @@ class GroupCommit:
         return outcomes, [seconds]
 
     def _run_jobs(self, conn: sqlite3.Connection, jobs: Sequence[Job]) -> list[Any]:
-        """Each job's result or error, in order; consecutive puts share one insert."""
+        """Each job's result or error, in order; consecutive puts share one insert. The
+        gateway clock is read here, in the transaction, where it cannot move under the
+        jobs (:func:`~pigateway.store.clock_row.follow`)."""
+        clock_row.follow(conn, self._outbox.clock)
         outcomes: list[Any] = []
         for segment in _segments(jobs):
             outcomes += self._run_segment(conn, segment)

@@ -45,13 +45,15 @@ Then = Callable[[sqlite3.Connection], None]
 
 
 class Put:
-    """Prepared rows of one put, the items they came from, and what runs with them."""
+    """Prepared rows of one put, the items they came from, what runs with them, and the
+    offset of the gateway clock their ``expires_at`` were counted on (the clock the file
+    holds may have moved by the commit: :meth:`Outbox.insert_group` moves them with it)."""
 
-    __slots__ = ("items", "rows", "then")
+    __slots__ = ("items", "offset", "rows", "then")
 
     def __init__(self, rows: list[tuple[Any, ...]], items: list[NewCommand],
-                 then: Then | None) -> None:
-        self.rows, self.items, self.then = rows, items, then
+                 then: Then | None, offset: float = 0.0) -> None:
+        self.rows, self.items, self.then, self.offset = rows, items, then, offset
 
 
 #: The priority tiers in claim order (high, normal, low), each a WHERE term. Most rows are
@@ -128,7 +130,7 @@ class Outbox:
         outcomes: list[list[Command] | Exception] = []
         rows: list[tuple[Any, ...]] = []
         for job in group:
-            prepared = job.rows
+            prepared = self._on_this_clock(job)
             need_count, need_bytes = len(prepared), sum(row[5] for row in prepared)
             if rows and (count + need_count > self.config.max_commands
                          or size + need_bytes > self.config.max_bytes):
@@ -153,6 +155,16 @@ class Outbox:
             ])
         conn.executemany(_INSERT, rows)
         return outcomes
+
+    def _on_this_clock(self, job: Put) -> list[tuple[Any, ...]]:
+        """``job``'s rows with their deadlines on the clock the transaction read (the
+        drainer counted a downtime since they were made: the clock jumped, and a deadline
+        left behind would run out that much early)."""
+        jump = self.clock.reading.offset - job.offset
+        if not jump:
+            return job.rows
+        return [row if row[7] is None else (*row[:7], row[7] + jump, *row[8:])
+                for row in job.rows]
 
     def _make_room(self, conn: sqlite3.Connection, count: int, size: int,
                    need_count: int, need_bytes: int) -> tuple[Exception | None, int, int]:

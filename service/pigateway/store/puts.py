@@ -9,9 +9,10 @@ loop). One definition each of the rows a put writes and when they are checked
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pigateway.clock import GatewayClock
@@ -32,7 +33,8 @@ def new_put(items: Sequence[NewCommand], config: StoreConfig, gateway_clock: Gat
     can spoil a commit shared with others. ``queued_at`` is the wall clock's now;
     ``expires_at`` counts from the gateway clock's (:mod:`pigateway.clock`)."""
     now, gateway_now = time.time(), gateway_clock.now()
-    return Put([prepare(item, config, now, gateway_now) for item in items], list(items), then)
+    return Put([prepare(item, config, now, gateway_now) for item in items], list(items), then,
+               gateway_clock.reading.offset)
 
 
 def command(device: str, name: str, params: dict[str, Any] | None, *, ttl: float | None,
@@ -40,12 +42,13 @@ def command(device: str, name: str, params: dict[str, Any] | None, *, ttl: float
             watch: bool, gateway_clock: GatewayClock) -> tuple[NewCommand, Then | None]:
     """The command of one put, and what runs in its transaction: ``also``, and with
     ``watch`` the record that notes its delivery (:mod:`pigateway.store.delivery`)."""
+    then = statements(also) if also else None
     if watch:
         id = id or new_id()
-        also = [*also, *delivery.watch_statements(id, gateway_clock.now())]
+        then = _and_then(then, timed(gateway_clock, functools.partial(_watch, id)))
     item = NewCommand(device=device, name=name, params={} if params is None else params,
                       ttl=ttl, kind=kind, id=id, priority=priority)
-    return item, statements(also) if also else None
+    return item, then
 
 
 def keyed(key: str, item: NewCommand, gateway_clock: GatewayClock) -> tuple[NewCommand, Then]:
@@ -54,9 +57,13 @@ def keyed(key: str, item: NewCommand, gateway_clock: GatewayClock) -> tuple[NewC
     the put: :func:`key_taken`), and the record that notes its delivery."""
     check_name("producer key", key)
     id_ = item.id or new_id()
-    now = gateway_clock.now()  # the key's age, as every age in delivery, on this clock
-    return dataclasses.replace(item, id=id_), statements(
-        [*delivery.key_statements(key, id_, now), *delivery.watch_statements(id_, now)])
+    # the key's age, as every age in delivery, on the clock the put's transaction read
+    return dataclasses.replace(item, id=id_), timed(gateway_clock, lambda now: [
+        *delivery.key_statements(key, id_, now), *delivery.watch_statements(id_, now)])
+
+
+def _watch(id_: str, now: float) -> Sequence[Statement]:
+    return delivery.watch_statements(id_, now)
 
 
 def key_may_be_taken(exc: StoreError) -> bool:
@@ -77,6 +84,25 @@ def owner(rows: Sequence[Sequence[Any]], refusal: StoreError) -> str:
     if not rows:
         raise refusal
     return str(rows[0][0])
+
+
+def timed(gateway_clock: GatewayClock, make: Callable[[float], Sequence[Statement]]) -> Then:
+    """Statements stamped with the gateway clock's now *inside* the put's transaction,
+    where the clock is the one the file holds (:func:`pigateway.store.clock_row.follow`):
+    a producer open for days stamps on the clock the drainer moved meanwhile."""
+    def run(conn: sqlite3.Connection) -> None:
+        statements(make(gateway_clock.now()))(conn)
+    return run
+
+
+def _and_then(first: Then | None, second: Then) -> Then:
+    if first is None:
+        return second
+
+    def run(conn: sqlite3.Connection) -> None:
+        first(conn)
+        second(conn)
+    return run
 
 
 def statements(items: Sequence[Statement]) -> Then:

@@ -279,7 +279,10 @@ class Store(Reads):
 
     async def heartbeat(self) -> None:
         """Write a reading of the gateway clock (a new boot continues from the last one)."""
-        self.clock.adopt(await self._call(clock_row.heartbeat))
+        jump = self.clock.adopt(await self._call(clock_row.heartbeat))
+        if jump:  # only a beat moves the offset within a boot: the downtime, now counted
+            log.info("the wall clock is synchronised: the %.0f s the gateway was down now "
+                     "count towards TTLs", jump)
 
     async def _heartbeat_loop(self) -> None:
         """The drainer's readings, every :data:`pigateway.clock.HEARTBEAT` seconds: one

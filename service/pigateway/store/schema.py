@@ -190,6 +190,12 @@ def clock_reading(conn: sqlite3.Connection, path: Path) -> clock.Reading:
     stored = clock_row.load(conn)
     if stored is not None and stored.boot_id == clock.boot_id():
         return stored
+    if stored is not None and not clock.restarted(stored):
+        log.info("the boot id reads %s here, the queue's clock was read in boot %s, and "
+                 "CLOCK_BOOTTIME ran on since: the same boot seen through another /proc (a "
+                 "container), not a reboot; the gateway clock continues as it was",
+                 clock.boot_id(), stored.boot_id)
+        return stored
     reading = run_transaction(conn, path, clock_row.establish)
     if stored is not None and reading.boot_id != stored.boot_id:
         off = reading.offset - stored.reading
