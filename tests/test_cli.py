@@ -1,4 +1,5 @@
-"""The command line is a contract: verbs, output and exit codes (0 ok, 2 bad input, 3 refused).
+"""The command line is a contract: verbs, output and exit codes (0 ok, 2 bad input, 3 refused,
+78 a config error).
 
 Most checks call :func:`pigateway.cli.main` in this process (same code, no interpreter
 start-up); the ones whose point is the real process (``python -m pigateway``, exit codes
@@ -195,19 +196,56 @@ def test_the_disk_guard_exits_3(tmp_path: Path, cli: Run) -> None:
     assert read_queue(config_file) == []
 
 
-def test_a_config_error_exits_2_and_names_the_key(tmp_path: Path, cli: Run) -> None:
+def test_a_config_error_exits_78_and_names_the_key(tmp_path: Path, cli: Run) -> None:
+    """A config error is not the producer's bad input (2): it has its own code, EX_CONFIG."""
     config_file = write_config(tmp_path, "max_commands = 0")
     code, out, err = cli("send", "--config", str(config_file), "--device", "d",
                          "--command", "c")
-    assert (code, out) == (2, "")
+    assert (code, out) == (78, "")
     assert "store.max_commands" in err and "0" in err and "least allowed is 1" in err
 
 
-def test_a_missing_config_file_exits_2(tmp_path: Path, cli: Run) -> None:
+def test_a_missing_config_file_exits_78(tmp_path: Path, cli: Run) -> None:
     code, _, err = cli("send", "--config", str(tmp_path / "nope.toml"), "--device", "d",
                        "--command", "c")
-    assert code == 2
+    assert code == 78
     assert "nope.toml" in err and "does not exist" in err
+
+
+def test_send_queues_whatever_a_section_it_does_not_use_says(tmp_path: Path, cli: Run) -> None:
+    """A typo in [uplink] is the service's problem; a producer still queues (exit 0)."""
+    config_file = write_config(tmp_path, extra="[uplink]\nbatch_dealy = 0.5\n"
+                                               '[mqtt]\nport = "not a port"')
+    code, out, err = cli("send", "--config", str(config_file), "--device", "d",
+                         "--command", "c")
+    assert (code, err) == (0, "")
+    assert [row["id"] for row in read_queue_store(config_file)] == [out.strip()]
+
+
+def read_queue_store(config_file: Path) -> list[dict[str, Any]]:
+    """The queued rows, reading [store] alone (the rest of the file may be broken)."""
+    async def read() -> list[dict[str, Any]]:
+        store_config = configuration.load_store(config_file)
+        async with await Store.open(store_config, drainer=False) as store:
+            return [c.as_dict() for c in await store.list_queued(1000)]
+    return asyncio.run(read())
+
+
+#: Every verb, with what it needs besides --config.
+EVERY_VERB = (["send", "--device", "d", "--command", "c"], ["queue", "ls"],
+              ["queue", "stats"], ["queue", "show", "01J"], ["queue", "requeue-dead"],
+              ["queue", "purge", "--dead", "--yes"], ["status"], ["metrics"], ["pause"],
+              ["resume"], ["flush"], ["config", "check"], ["inbox", "ls"], ["run"])
+
+
+@pytest.mark.parametrize("argv", EVERY_VERB, ids=" ".join)
+def test_every_verb_exits_78_for_a_config_error(tmp_path: Path, argv: list[str]) -> None:
+    """sysexits' EX_CONFIG, in a real process as a shell and systemd see it."""
+    config_file = write_config(tmp_path, "max_commands = 0")
+    done = child(*argv, "--config", str(config_file))
+    assert done.returncode == 78, done.stderr
+    assert "store.max_commands" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 # --------------------------------------------------------------------------- queue
@@ -305,10 +343,10 @@ def test_config_check_prints_the_effective_config(tmp_path: Path, cli: Run) -> N
     assert effective["mqtt"]["topic_prefix"] == "pigateway"
 
 
-def test_config_check_of_a_bad_file_exits_2(tmp_path: Path, cli: Run) -> None:
+def test_config_check_of_a_bad_file_exits_78(tmp_path: Path, cli: Run) -> None:
     config_file = write_config(tmp_path, 'overflow = "drop-newest"')
     code, out, err = cli("config", "check", "--config", str(config_file))
-    assert (code, out) == (2, "")
+    assert (code, out) == (78, "")
     assert "store.overflow" in err and "drop-newest" in err and "'drop-oldest'" in err
 
 

@@ -67,6 +67,7 @@ def root_logging() -> Iterator[None]:
     root.setLevel(level)
     for name, old in quiet.items():
         logging.getLogger(name).setLevel(old)
+    logging.captureWarnings(False)  # setup_logging's; pytest's own recorder comes back
 
 
 @pytest.fixture
@@ -296,3 +297,20 @@ def test_debug_shows_our_records_not_every_library_operation(
     logging.getLogger("pigateway.store").debug("ours")
     journal.wait_for(lambda t: "MESSAGE=ours" in t)
     assert [parse_native(d.data)["MESSAGE"] for d in journal.messages()] == ["ours"]
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_python_warnings_are_records_at_warning_not_bare_stderr(
+    journal: DatagramListener, stream: io.TextIOWrapper
+) -> None:
+    """Under the unit, bare stderr is read at err (SyslogLevel=err): a library's
+    DeprecationWarning must not land there."""
+    import warnings  # noqa: PLC0415
+
+    setup_logging("info", stream=stream)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("an old way", DeprecationWarning, stacklevel=1)
+    record = parse_native(journal.wait_for(lambda t: "an old way" in t).data)
+    assert record["PRIORITY"] == "4"
+    assert _written(stream) == ""

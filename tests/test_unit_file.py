@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from pigateway.cli import EXIT_CONFIG
+
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "pigateway.service"
 EXEC_START = "/opt/pigateway/venv/bin/pigateway"
 HOST_UNITS = Path("/lib/systemd/system")
@@ -121,8 +123,28 @@ def test_the_contract_of_the_unit() -> None:
     }
     for key, values in expected.items():
         assert unit.get(key) == values, key
-    for key in ("WatchdogSec", "StartLimitIntervalSec", "StartLimitBurst", "TimeoutStopSec"):
+    for key in ("WatchdogSec", "TimeoutStopSec"):
         assert key in unit, key
+
+
+def test_a_config_error_is_not_restarted_and_no_restart_is_ever_refused() -> None:
+    """The service's config-error exit (78) is the one the unit does not restart on (so a
+    typo does not loop), and there is no start limit: an operator's ``systemctl restart``
+    after a fix is never refused, and never leaves the old process running."""
+    unit = directives(UNIT.read_text())
+    assert unit["RestartPreventExitStatus"] == [str(EXIT_CONFIG)]
+    assert unit["StartLimitIntervalSec"] == ["0"]
+    assert "StartLimitBurst" not in unit, "no limit: a burst would mean nothing"
+    assert unit["RestartSec"] == ["5s"], "a crash loop is paced, not a busy loop"
+
+
+def test_what_reaches_the_stream_unprefixed_is_an_error() -> None:
+    """Our records carry their priority (native journal, or ``<N>`` prefixes); anything
+    else on stdout/stderr (a traceback before logging exists, a crash of the interpreter)
+    is trouble, and must show under ``journalctl -p err``."""
+    unit = directives(UNIT.read_text())
+    assert unit["SyslogLevel"] == ["err"]
+    assert unit.get("SyslogLevelPrefix", ["yes"]) == ["yes"]
 
 
 def test_gpio_stays_reachable() -> None:

@@ -16,15 +16,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import pwd
 import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import tenacity
 
 from pigateway.aio import first_error
 from pigateway.config import Config
 from pigateway.control import ControlServer
-from pigateway.errors import StoreError
+from pigateway.errors import PigatewayError, StoreError
 from pigateway.inbound import Inbound
 from pigateway.ingest import Ingest
 from pigateway.logs import setup_logging
@@ -200,6 +203,44 @@ class Gateway:
     async def _refresh(self, store: Store) -> None:
         stats = await store.stats()
         self.state.set_queue(stats.depth, stats.oldest_age, stats.dead_total)
+
+
+def report_failure(exc: BaseException, config_path: Path, *, config_error: bool) -> None:
+    """Say why the service cannot start or stopped, at crit, with what an operator runs.
+
+    Under systemd stderr is the journal at priority info, where the documented
+    ``journalctl -u pigateway -p warning`` does not look: every reason the service ends
+    goes through logging instead (set up before the config is read, so a config that
+    cannot be read is said too). A config error is not retried by the unit
+    (``RestartPreventExitStatus=78``), so its line says how to start again once fixed.
+    """
+    if config_error:
+        log.critical("%s. pigateway cannot start: fix %s (`pigateway config check` checks "
+                     "it as the service will meet it), then run `systemctl restart "
+                     "pigateway`; systemd does not restart it by itself after a config error",
+                     exc, config_path)
+        return
+    hint = _permission_hint(exc)
+    if isinstance(exc, PigatewayError):
+        log.critical("pigateway cannot run: %s%s", exc, hint)
+    else:  # a bug: the traceback is what a report needs
+        log.critical("pigateway cannot run: %s: %s%s", type(exc).__name__, exc, hint,
+                     exc_info=exc)
+
+
+def _permission_hint(exc: BaseException) -> str:
+    """What to run when a file the service needs belongs to another user (a queue a
+    ``sudo pigateway send`` created as root, a folder made by hand)."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, PermissionError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None or not cause.filename:
+        return ""
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    folder = Path(os.fsdecode(cause.filename)).parent
+    return (f". The service runs as user {user}, which may not use {os.fsdecode(cause.filename)}:"
+            f" give it the folder, e.g. `chown -R {user}: {folder}`, then run "
+            "`systemctl restart pigateway`")
 
 
 async def run(config: Config) -> None:

@@ -1,9 +1,12 @@
 """The ``pigateway`` command line. Its verbs, options and exit codes are a contract.
 
-Exit codes: 0 done; 1 the service or store failed; 2 bad input (arguments, config,
-params); 3 the queue refused the command (full queue, full disk), or ``send --wait``: it was
+Exit codes: 0 done; 1 the service or store failed; 2 bad input (arguments, params); 3 the
+queue refused the command (full queue, full disk), or ``send --wait``: it was
 dead-lettered; 4 the service is not running (for verbs that need it); 5 ``send --wait``:
-queued, not yet delivered when the timeout ran out (it stays queued).
+queued, not yet delivered when the timeout ran out (it stays queued); 78 the config cannot
+be used (EX_CONFIG of sysexits(3), the service's too: its unit does not restart on it).
+``send`` reads ``[store]`` alone, so a mistake elsewhere in the file never refuses a
+producer's command.
 """
 
 from __future__ import annotations
@@ -35,12 +38,13 @@ if TYPE_CHECKING:  # the verbs that use them import them: send runs without asyn
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_NOT_RUNNING = 0, 1, 2, 3, 4
 EXIT_PENDING = 5
+EXIT_CONFIG = 78  # sysexits(3) EX_CONFIG
 #: Seconds between two looks at the store while ``send --wait`` waits.
 WAIT_POLL = 0.05
 
 #: Which error means which exit code (most specific first).
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
-    (ConfigError, EXIT_BAD_INPUT),
+    (ConfigError, EXIT_CONFIG),
     (InvalidCommand, EXIT_BAD_INPUT),
     (QueueFull, EXIT_REFUSED),
     (StoreFull, EXIT_REFUSED),
@@ -231,19 +235,26 @@ VERBS: dict[str, AddVerb] = {
 # --------------------------------------------------------------------------- verbs
 
 
-async def cmd_run(args: argparse.Namespace) -> int:
-    from pigateway.app import run  # noqa: PLC0415 - the service pulls in MQTT and GPIO; send does not
+def cmd_run(args: argparse.Namespace) -> int:
+    """The service. Logging comes before the config, so a config that cannot be read is in
+    the journal at crit like every other reason it stops (:func:`main` reports them)."""
+    import asyncio  # noqa: PLC0415 - not for send
 
-    await run(_load(args))
+    from pigateway import app  # noqa: PLC0415 - the service pulls in MQTT and GPIO; send does not
+    from pigateway.logs import setup_logging  # noqa: PLC0415
+
+    setup_logging("info")
+    config = _load(args)
+    asyncio.run(app.run(config))
     return EXIT_OK
 
 
 def cmd_send(args: argparse.Namespace) -> int:
     """Queue one command. No event loop: the :class:`Producer` puts on a connection of its
     own, so ``send`` never imports asyncio (issue 11: it returns within 100 ms)."""
-    config = _load(args)
+    store = configuration.load_store(args.config)  # [store] alone: what send uses
     params = parse_params(args.param, args.params_json)
-    with Producer.open(config.store) as producer:
+    with Producer.open(store) as producer:
         if args.key is None:
             command_id = producer.put(args.device, args.name, params, ttl=args.ttl,
                                       priority=args.priority, watch=args.wait).id
@@ -496,10 +507,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _finish(handler(args))
     except PigatewayError as exc:
+        if handler is cmd_run:  # the journal at crit, not stderr (priority info there)
+            return _service_failed(exc, args)
         print(f"pigateway: {exc}", file=sys.stderr)
         return exit_code(exc)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if handler is cmd_run:  # a bug: its traceback in the journal at crit, exit 1
+            return _service_failed(exc, args)
+        raise
+
+
+def _service_failed(exc: BaseException, args: argparse.Namespace) -> int:
+    from pigateway import app  # noqa: PLC0415 - only the service
+
+    code = exit_code(exc)
+    app.report_failure(exc, configuration.config_path(args.config),
+                       config_error=code == EXIT_CONFIG)
+    return code
 
 
 def _finish(outcome: int | Coroutine[Any, Any, int]) -> int:

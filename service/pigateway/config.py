@@ -352,25 +352,41 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
 def load(path: str | os.PathLike[str] | None = None) -> Config:
     """Read and validate the config file; raise :class:`ConfigError` naming the problem."""
     where = config_path(path)
+    return dataclasses.replace(parse(_read(where), origin=str(where)), source=where)
+
+
+def load_store(path: str | os.PathLike[str] | None = None) -> StoreConfig:
+    """Only ``[store]`` of the config file, checked as :func:`load` checks it: all that
+    ``pigateway send`` uses. A mistake in another section is the service's to report (it
+    will not start, ``config check`` names it), never a reason to refuse a producer's
+    command: the producer could neither queue nor tell its own bad input from it."""
+    where = config_path(path)
+    data = profiles.with_defaults(_toml(_read(where), str(where)))
+    return _build(StoreConfig, data.get("store", {}), prefix="store.")
+
+
+def _read(where: Path) -> str:
     try:
-        text = where.read_text(encoding="utf-8")
+        return where.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise ConfigError("(file)", f"{where} does not exist") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("(file)", f"cannot read {where}: {exc}") from exc
-    return dataclasses.replace(parse(text, origin=str(where)), source=where)
 
 
 def parse(text: str, *, origin: str = "<string>") -> Config:
     """Validate TOML text into a :class:`Config`."""
+    return from_dict(_toml(text, origin))
+
+
+def _toml(text: str, origin: str) -> dict[str, Any]:
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("(syntax)", f"{origin} is not valid TOML: {exc}") from exc
     except (RecursionError, ValueError) as exc:  # deep nesting; an integer of 5,000 digits
         raise ConfigError("(syntax)", f"{origin} cannot be read: {shown(str(exc), 120)}") \
             from None
-    return from_dict(data)
 
 
 def from_dict(data: dict[str, Any]) -> Config:

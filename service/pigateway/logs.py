@@ -83,6 +83,9 @@ def setup_logging(level: str, *, stream: TextIO | None = None) -> None:
     root.setLevel(threshold)
     for name, floor in QUIET.items():
         logging.getLogger(name).setLevel(max(threshold, floor))
+    # A library's warnings.warn() as a record at warning: bare stderr is read at err under
+    # the unit (SyslogLevel=err), where only trouble belongs.
+    logging.captureWarnings(True)
 
 
 def _handler_for(out: TextIO) -> logging.Handler:
