@@ -291,19 +291,19 @@ def test_queue_stats(cli: Run, config_file: Path) -> None:
     assert stats["bytes"] == sum(len(json.dumps({"i": i}, separators=(",", ":")))
                                  for i in range(3))
     code, out, _ = cli("queue", "stats", "--config", str(config_file))
-    assert code == 0 and "queued:     3 commands" in out
+    assert code == 0 and "Queued: 3 commands, 21 B" in out
 
 
 def test_requeue_dead_by_id_and_all(cli: Run, config_file: Path) -> None:
     fill(config_file, 3)
     ids = dead_letter_all(config_file, "max-attempts")
     code, out, _ = cli("queue", "requeue-dead", "--id", ids[1], "--config", str(config_file))
-    assert (code, out) == (0, "requeued 1 dead letter(s)\n")
+    assert (code, out) == (0, "requeued 1 dead letter\n")
     assert [r["id"] for r in read_queue(config_file)] == [ids[1]]
     code, _, err = cli("queue", "requeue-dead", "--id", "NOPE", "--config", str(config_file))
     assert code == 2 and "NOPE" in err
     code, out, _ = cli("queue", "requeue-dead", "--config", str(config_file))
-    assert (code, out) == (0, "requeued 2 dead letter(s)\n")
+    assert (code, out) == (0, "requeued 2 dead letters\n")
     assert sorted(r["id"] for r in read_queue(config_file)) == sorted(ids)
 
 
@@ -318,10 +318,10 @@ def test_purge_needs_yes_and_deletes_what_it_says(cli: Run, config_file: Path) -
     assert [r["id"] for r in read_queue(config_file)] == kept  # nothing deleted
     assert cli("queue", "purge", "--yes", "--config", str(config_file))[0] == 2  # which?
     code, out, _ = cli("queue", "purge", "--dead", "--yes", "--config", str(config_file))
-    assert (code, out) == (0, "deleted 2 row(s): every dead letter\n")
+    assert (code, out) == (0, "deleted 2 rows: every dead letter\n")
     assert [r["id"] for r in read_queue(config_file)] == kept
     code, out, _ = cli("queue", "purge", "--all", "--yes", "--config", str(config_file))
-    assert code == 0 and out.startswith("deleted 3 row(s)")
+    assert code == 0 and out.startswith("deleted 3 rows")
     assert read_queue(config_file) == []
 
 
@@ -354,12 +354,12 @@ def test_status_without_a_service_says_so_and_shows_the_queue(cli: Run,
                                                              config_file: Path) -> None:
     fill(config_file, 4)
     code, out, _ = cli("status", "--config", str(config_file))
-    assert code == 0
-    assert "not running" in out
-    assert "queued:     4 commands" in out
+    assert code == 4  # as systemctl status exits non-zero for an inactive unit
+    assert out.startswith("○ pigateway - not running")
+    assert "Queue: 4 commands" in out
     code, out, _ = cli("status", "--json", "--config", str(config_file))
     state = json.loads(out)
-    assert (code, state["running"], state["depth"]) == (0, False, 4)
+    assert (code, state["running"], state["depth"]) == (4, False, 4)
     assert str(config_file.parent / "control.sock") in state["why"]
 
 
@@ -370,7 +370,7 @@ def test_status_with_a_stale_socket_says_not_running(cli: Run, config_file: Path
         dead.bind(str(path))
     assert path.exists()
     code, out, _ = cli("status", "--json", "--config", str(config_file))
-    assert code == 0
+    assert code == 4
     assert json.loads(out)["running"] is False
 
 
@@ -379,3 +379,71 @@ def test_python_dash_m_and_version(config_file: Path) -> None:
     assert done.returncode == 0 and done.stdout.startswith("pigateway ")
     done = child("queue", "stats", "--json", "--config", str(config_file))
     assert done.returncode == 0 and json.loads(done.stdout)["depth"] == 0
+
+
+# --------------------------------------------------------------------------- for people
+
+
+@pytest.mark.parametrize("verb", [("queue", "ls"), ("queue", "ls", "--dead"), ("inbox", "ls")],
+                         ids=" ".join)
+@pytest.mark.parametrize("limit", ["0", "-1", "x"])
+def test_a_limit_below_one_is_bad_input_not_an_empty_list(cli: Run, config_file: Path,
+                                                          verb: tuple[str, ...],
+                                                          limit: str) -> None:
+    fill(config_file, 3)
+    code, out, err = cli(*verb, "--limit", limit, "--config", str(config_file))
+    assert (code, out) == (2, "")
+    assert "--limit" in err and "(none)" not in err
+
+
+def test_queue_ls_says_when_it_shows_only_part_of_the_queue(cli: Run,
+                                                           config_file: Path) -> None:
+    fill(config_file, 60)
+    code, out, _ = cli("queue", "ls", "--config", str(config_file))
+    rows = out.splitlines()
+    assert code == 0 and len(rows) == 1 + 50 + 1
+    assert rows[-1] == "(50 of 60 queued shown; --limit 100 for more, --json for every field)"
+    code, out, err = cli("queue", "ls", "--json", "--config", str(config_file))
+    assert len(json.loads(out)) == 50 and "50 of 60 queued shown" in err
+    code, out, _ = cli("queue", "ls", "--limit", "60", "--config", str(config_file))
+    assert len(out.splitlines()) == 61 and "shown" not in out
+
+
+def test_send_with_a_used_key_for_another_command_is_refused(cli: Run,
+                                                             config_file: Path) -> None:
+    base = ("send", "--config", str(config_file), "--id", "k-1", "--device", "pump")
+    code, first, _ = cli(*base, "--command", "start", "--param", "speed=3")
+    assert code == 0
+    code, again, err = cli(*base, "--command", "start", "--param", "speed=3")
+    assert (code, again, err) == (0, first, "")  # a retry: the same command, the first id
+    code, out, err = cli(*base, "--command", "stop")
+    assert (code, out) == (6, "")
+    assert first.strip() in err and "different command" in err and "nothing queued" in err
+    assert [row["name"] for row in read_queue(config_file)] == ["start"]
+
+
+def test_queue_show_finds_a_command_by_its_producer_key(cli: Run, config_file: Path) -> None:
+    code, first, _ = cli("send", "--config", str(config_file), "--id", "order-17",
+                         "--device", "pump", "--command", "start")
+    code, out, _ = cli("queue", "show", "--key", "order-17", "--config", str(config_file))
+    assert code == 0
+    assert f"Command: {first.strip()}" in out and "Producer key: order-17" in out
+    assert "queued, next to go" in out
+    code, out, _ = cli("queue", "show", "--key", "order-17", "--json", "--config",
+                       str(config_file))
+    assert json.loads(out)["id"] == first.strip()
+    code, _, err = cli("queue", "show", "--key", "nope", "--config", str(config_file))
+    assert code == 2 and "no command was sent with --id 'nope'" in err
+    code, _, err = cli("queue", "show", "--config", str(config_file))
+    assert code == 2 and "a command id or --key" in err
+
+
+def test_send_wait_says_at_once_that_the_service_is_not_running(config_file: Path) -> None:
+    done = child("send", "--config", str(config_file), "--device", "d", "--command", "c",
+                 "--wait", "--timeout", "0.2")
+    assert done.returncode == 5 and done.stdout == ""
+    note, last = done.stderr.splitlines()
+    [row] = read_queue(config_file)
+    assert note.startswith(f"{row['id']} queued; pigateway is not running")
+    assert "goes out once the service runs" in note
+    assert last.startswith(f"{row['id']} queued, not yet delivered")

@@ -1,12 +1,14 @@
 """The ``pigateway`` command line. Its verbs, options and exit codes are a contract.
 
-Exit codes: 0 done; 1 the service or store failed; 2 bad input (arguments, params); 3 the
-queue refused the command (full queue, full disk), or ``send --wait``: it was
-dead-lettered; 4 the service is not running (for verbs that need it); 5 ``send --wait``:
-queued, not yet delivered when the timeout ran out (it stays queued); 78 the config cannot
-be used (EX_CONFIG of sysexits(3), the service's too: its unit does not restart on it).
-``send`` reads ``[store]`` alone, so a mistake elsewhere in the file never refuses a
-producer's command.
+Exit codes: :data:`EXIT_MEANINGS` (``--help`` and the man page print it): 0 done; 1 the
+service or store failed; 2 bad input (arguments, params); 3 the queue refused the command
+(full queue, full disk), or ``send --wait``: it was dead-lettered; 4 the service is not
+running (``status`` too, as ``systemctl status`` exits non-zero for an inactive unit: its 3
+is taken here by refusals); 5 ``send --wait``: queued, not yet delivered when the timeout
+ran out (a service not running is said at once; the wait goes on, as it may be starting);
+6 ``send --id``: the key names another command; 78 the config cannot be used (EX_CONFIG of
+sysexits(3), the service's too: its unit does not restart on it). ``send`` reads
+``[store]`` alone, so a mistake elsewhere in the file never refuses a producer's command.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pigateway import __version__, inputs
@@ -29,15 +32,15 @@ from pigateway.errors import (
     ServiceNotRunning,
     StoreFull,
 )
+from pigateway.report import plural
 from pigateway.store.producer import Producer
 from pigateway.store.values import NewCommand
-from pigateway.text import format_age
 
 if TYPE_CHECKING:  # the verbs that use them import them: send runs without asyncio
     from pigateway.store import QueueReader, Store
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_NOT_RUNNING = 0, 1, 2, 3, 4
-EXIT_PENDING = 5
+EXIT_PENDING, EXIT_KEY_CONFLICT = 5, 6
 EXIT_CONFIG = 78  # sysexits(3) EX_CONFIG
 #: Seconds between two looks at the store while ``send --wait`` waits.
 WAIT_POLL = 0.05
@@ -59,6 +62,10 @@ AddVerb = Callable[[Any, argparse.ArgumentParser], None]
 
 class UsageError(PigatewayError):
     """Bad command-line input (exit 2)."""
+
+
+class KeyConflict(PigatewayError):
+    """``send --id KEY`` for a command other than the one the key already names (exit 6)."""
 
 
 # --------------------------------------------------------------------------- parsing
@@ -99,15 +106,59 @@ def _param_value(key: str, raw: str) -> Any:
         raise UsageError(f"--param {inputs.shown(key, 40)}: {exc}") from exc
 
 
+#: Each exit code and what it means: the ``--help`` epilog and the man page say the same.
+EXIT_MEANINGS: tuple[tuple[int, str], ...] = (
+    (EXIT_OK, "done (send: the command is on disk)"),
+    (EXIT_FAILED, "the service or the store failed (the message says what to do)"),
+    (EXIT_BAD_INPUT, "bad input: arguments, params; queue show: no such command"),
+    (EXIT_REFUSED, "the queue refused the command (full queue, full disk); "
+                   "send --wait: it was dead-lettered"),
+    (EXIT_NOT_RUNNING, "the service is not running (status, pause, resume, flush)"),
+    (EXIT_PENDING, "send --wait: queued, not yet delivered when --timeout ran out "
+                   "(it stays queued and goes out once the service runs)"),
+    (EXIT_KEY_CONFLICT, "send --id: the key already names a different command; "
+                        "nothing queued"),
+    (EXIT_CONFIG, "the config cannot be used (EX_CONFIG; pigateway config check says why)"),
+)
+
+
+def _epilog() -> str:
+    return "exit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_MEANINGS)
+
+
+def _positive(text: str) -> int:
+    """An ``--limit``: a whole number of at least 1 (0 or -1 would list nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A ``--timeout``: seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not {text}")
+    return value
+
+
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     """The command line, one subparser per verb of :data:`VERBS`. With ``verb`` (the word
     the arguments start with) only that verb's subparser is built: parsing its arguments
     needs no other, and building them all would cost every ``send`` ~4 ms more. Anything
-    else (``--help``, ``--version``, a misspelt verb) gets them all."""
+    else (``--help``, ``--version``, a misspelt verb) gets them all. Every option has a
+    help text that names its default (a test walks the tree and holds that)."""
     parser = argparse.ArgumentParser(
-        prog="pigateway",
+        prog="pigateway", epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Durable device commands from a Raspberry Pi gateway to MQTT.")
-    parser.add_argument("--version", action="version", version=f"pigateway {__version__}")
+    parser.add_argument("--version", action="version", version=f"pigateway {__version__}",
+                        help="print the version and exit")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--config", metavar="FILE",
@@ -118,102 +169,135 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _verb(verbs: Any, name: str, text: str, *parents: argparse.ArgumentParser) -> Any:
+    """One verb's subparser: ``text`` in the verb list and atop its own ``--help``, the
+    exit codes below it."""
+    return verbs.add_parser(name, parents=list(parents), help=text, description=text,
+                            epilog=_epilog(),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def _group(verbs: Any, verb: str, text: str) -> Any:
     """The subparsers of a verb that has verbs of its own (``queue ls``, ``config check``)."""
-    return verbs.add_parser(verb, help=text).add_subparsers(
+    return _verb(verbs, verb, text).add_subparsers(
         dest=f"{verb}_verb", required=True, metavar="VERB")
 
 
+def _json(parser: Any) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="print JSON, every field, for scripts (default: text for people)")
+
+
 def _add_run(verbs: Any, common: argparse.ArgumentParser) -> None:
-    run = verbs.add_parser("run", parents=[common], help="run the service")
+    run = _verb(verbs, "run", "run the service (systemd starts it: pigateway.service)", common)
     run.set_defaults(handler=cmd_run)
 
 
 def _add_send(verbs: Any, common: argparse.ArgumentParser) -> None:
-    send = verbs.add_parser("send", parents=[common],
-                            help="queue one command (durable on exit 0)")
-    send.add_argument("--device", required=True)
-    send.add_argument("--command", required=True, dest="name")
-    send.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
-    send.add_argument("--params-json", metavar="JSON")
-    send.add_argument("--ttl", type=float, metavar="SECONDS")
+    send = _verb(verbs, "send", "queue one command; on exit 0 it is on disk and its id printed",
+                 common)
+    send.add_argument("--device", required=True, help="the device the command is for (required)")
+    send.add_argument("--command", required=True, dest="name",
+                      help="the command's name, e.g. start (required)")
+    send.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                      help="one parameter; a VALUE that reads as JSON (5, true, [1,2]) is "
+                           "taken as that, else as text; repeat for more (default: none)")
+    send.add_argument("--params-json", metavar="JSON",
+                      help="the parameters as one JSON object; --param wins over the same "
+                           "key (default: none)")
+    send.add_argument("--ttl", type=float, metavar="SECONDS",
+                      help="dead-letter it as expired if not delivered within SECONDS "
+                           "(default: the config's store.default_ttl, 7 days)")
     send.add_argument("--priority", choices=("high", "normal", "low"), default="normal",
                       help="claimed before lower priorities; a device's order holds within "
-                           "one priority only (docs/uplink.md)")
+                           "one priority only, see docs/uplink.md (default: normal)")
     send.add_argument("--id", dest="key", metavar="KEY",
-                      help="a producer's idempotency key: the same key again within 24 h "
-                           "queues nothing and prints the first command's id")
+                      help="a producer's idempotency key: the same command with the same key "
+                           "within 24 h queues nothing and prints the first command's id; "
+                           "a different command with a used key is refused, exit 6 "
+                           "(default: none)")
     send.add_argument("--wait", action="store_true",
                       help="return once the broker acknowledged it: prints the command id "
-                           "and the batch id (exit 5: not yet; 3: dead-lettered)")
-    send.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                      help="how long --wait waits (default 30)")
+                           "and the batch id (exit 5: not yet; 3: dead-lettered); says at once "
+                           "when the service is not running, and waits on, as it may be "
+                           "starting (default: return once on disk)")
+    send.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
+                      help="how long --wait waits (default: 30)")
     send.set_defaults(handler=cmd_send)
 
 
 def _add_queue(verbs: Any, common: argparse.ArgumentParser) -> None:
     queue = _group(verbs, "queue", "look at and repair the queue")
-    show = queue.add_parser("show", parents=[common],
-                            help="where one command is: queued, in flight, delivered, dead")
-    show.add_argument("id")
-    show.add_argument("--json", action="store_true")
+    show = _verb(queue, "show", "where one command is: queued, in flight, delivered, dead",
+                 common)
+    show.add_argument("id", nargs="?", help="the command's id, as send printed it")
+    show.add_argument("--key", metavar="KEY",
+                      help="find the command by the producer key it was sent with "
+                           "(send --id KEY), instead of its id (default: by id)")
+    _json(show)
     show.set_defaults(handler=cmd_queue_show)
-    ls = queue.add_parser("ls", parents=[common], help="list queued (or dead) commands")
-    ls.add_argument("--dead", action="store_true", help="list dead letters instead")
-    ls.add_argument("--limit", type=int, default=50)
-    ls.add_argument("--json", action="store_true")
+    ls = _verb(queue, "ls", "list queued commands, oldest first (or the newest dead letters)",
+               common)
+    ls.add_argument("--dead", action="store_true",
+                    help="list dead letters instead, newest first (default: the queue)")
+    ls.add_argument("--limit", type=_positive, default=50, metavar="N",
+                    help="list at most N; a line under the list says how many there are "
+                         "(default: 50)")
+    _json(ls)
     ls.set_defaults(handler=cmd_queue_ls)
-    stats = queue.add_parser("stats", parents=[common], help="depth, bytes, age, dead letters")
-    stats.add_argument("--json", action="store_true")
+    stats = _verb(queue, "stats", "depth, size, oldest age, in flight, dead letters", common)
+    _json(stats)
     stats.set_defaults(handler=cmd_queue_stats)
-    requeue = queue.add_parser("requeue-dead", parents=[common],
-                               help="send dead letters again (all but the expired, or one --id)")
-    requeue.add_argument("--id")
+    requeue = _verb(queue, "requeue-dead",
+                    "send dead letters again (all but the expired, or one --id)", common)
+    requeue.add_argument("--id", metavar="ID",
+                         help="only this dead letter (default: all but the expired)")
     requeue.add_argument("--expired", action="store_true",
                          help="with --id: send an expired command again (it is stale, and "
-                              "may have been delivered already)")
+                              "may have been delivered already) (default: never)")
     requeue.set_defaults(handler=cmd_queue_requeue)
-    purge = queue.add_parser("purge", parents=[common], help="delete dead letters or everything")
+    purge = _verb(queue, "purge", "delete dead letters or everything", common)
     which = purge.add_mutually_exclusive_group(required=True)
     which.add_argument("--dead", action="store_true", help="delete the dead letters")
     which.add_argument("--all", action="store_true", help="delete the queue and the dead letters")
-    purge.add_argument("--yes", action="store_true", help="really delete")
+    purge.add_argument("--yes", action="store_true",
+                       help="really delete (default: only say what would go)")
     purge.set_defaults(handler=cmd_queue_purge)
 
 
 def _add_status(verbs: Any, common: argparse.ArgumentParser) -> None:
-    status = verbs.add_parser("status", parents=[common], help="what the gateway is doing")
-    status.add_argument("--json", action="store_true")
+    status = _verb(verbs, "status", "what the gateway is doing (exit 4: not running)", common)
+    _json(status)
     status.set_defaults(handler=cmd_status)
 
 
 def _add_metrics(verbs: Any, common: argparse.ArgumentParser) -> None:
-    metrics = verbs.add_parser("metrics", parents=[common],
-                               help="print Prometheus metrics (service running or not)")
+    metrics = _verb(verbs, "metrics", "print Prometheus metrics (service running or not)",
+                    common)
     metrics.set_defaults(handler=cmd_metrics)
 
 
 def _control(verb: str, text: str) -> AddVerb:
     """The adder of a verb that asks the running service to do ``verb``."""
     def add(verbs: Any, common: argparse.ArgumentParser) -> None:
-        sub = verbs.add_parser(verb, parents=[common], help=text)
+        sub = _verb(verbs, verb, text, common)
         sub.set_defaults(handler=cmd_control, control_verb=verb)
     return add
 
 
 def _add_config(verbs: Any, common: argparse.ArgumentParser) -> None:
     cfg = _group(verbs, "config", "check the config")
-    check = cfg.add_parser("check", parents=[common],
-                           help="validate and print the effective config")
+    check = _verb(cfg, "check", "validate and print the effective config", common)
     check.set_defaults(handler=cmd_config_check)
 
 
 def _add_inbox(verbs: Any, common: argparse.ArgumentParser) -> None:
     inbox = _group(verbs, "inbox", "commands from the broker")
-    inbox_ls = inbox.add_parser("ls", parents=[common],
-                                help="pending, running and finished commands")
-    inbox_ls.add_argument("--limit", type=int, default=100)
-    inbox_ls.add_argument("--json", action="store_true")
+    inbox_ls = _verb(inbox, "ls", "pending, running and finished commands", common)
+    inbox_ls.add_argument("--limit", type=_positive, default=100, metavar="N",
+                          help="list at most N; a line under the list says when there are "
+                               "more (default: 100)")
+    _json(inbox_ls)
     inbox_ls.set_defaults(handler=cmd_inbox_ls)
 
 
@@ -251,7 +335,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_send(args: argparse.Namespace) -> int:
     """Queue one command. No event loop: the :class:`Producer` puts on a connection of its
-    own, so ``send`` never imports asyncio (issue 11: it returns within 100 ms)."""
+    own, so ``send`` never imports asyncio (it returns within 100 ms)."""
     store = configuration.load_store(args.config)  # [store] alone: what send uses
     params = parse_params(args.param, args.params_json)
     with Producer.open(store) as producer:
@@ -259,12 +343,65 @@ def cmd_send(args: argparse.Namespace) -> int:
             command_id = producer.put(args.device, args.name, params, ttl=args.ttl,
                                       priority=args.priority, watch=args.wait).id
         else:
-            _, command_id = producer.put_keyed(args.key, NewCommand(
-                args.device, args.name, params, ttl=args.ttl, priority=args.priority))
+            item = NewCommand(args.device, args.name, params, ttl=args.ttl,
+                              priority=args.priority)
+            command, command_id = producer.put_keyed(args.key, item)
+            if command is None:
+                _same_or_refuse(producer, args.key, command_id, item)
         if not args.wait:
             print(command_id)
             return EXIT_OK
+        socket_path = _control_socket(args)
+        if socket_path is not None and not _service_answers(socket_path):
+            # said at once; the wait goes on (systemd may be starting the service)
+            print(f"{command_id} queued; pigateway is not running (nothing answers on "
+                  f"{socket_path}): it goes out once the service runs; waiting up to "
+                  f"{args.timeout:g}s for that", file=sys.stderr, flush=True)
         return _wait_for(producer, command_id, args.timeout)
+
+
+def _same_or_refuse(producer: Producer, key: str, first_id: str, item: NewCommand) -> None:
+    """A key sent again must name the same command: the same device, name and params as
+    the first (a retry); a different one would be silently dropped, so it is refused
+    (:class:`KeyConflict`, exit 6). A first command already delivered is gone from the
+    file and cannot be compared: a warning says so, and the retry stays a no-op."""
+    first_content = producer.content(first_id)
+    if first_content is None:
+        print(f"pigateway: --id {inputs.shown(key, 40)} was used within 24 h for {first_id}, "
+              "which was delivered; nothing queued (its content is not kept, so this send "
+              "was not compared with it)", file=sys.stderr)
+        return
+    device, name, params = first_content
+    if (device, name, json.loads(params)) != (item.device, item.name,
+                                              json.loads(json.dumps(item.params))):
+        raise KeyConflict(
+            f"--id {inputs.shown(key, 40)} already names command {first_id} "
+            f"({inputs.shown(device, 40)} {inputs.shown(name, 40)} {inputs.shown(params, 80)}),"
+            " a different command; nothing queued. Use a new key for a new command")
+
+
+def _control_socket(args: argparse.Namespace) -> Path | None:
+    """The control socket of the config, for ``send --wait``'s look; ``None`` when the rest
+    of the config does not load (``send`` reads ``[store]`` alone: the service, which would
+    not start, and ``config check`` report that, not a producer)."""
+    try:
+        return _load(args).control.socket
+    except ConfigError:
+        return None
+
+
+def _service_answers(path: Path) -> bool:
+    """Whether the service listens on its control socket: a plain connect (no asyncio,
+    no request), so ``send --wait`` can say at once that nothing will deliver it."""
+    import socket  # noqa: PLC0415 - only for send --wait
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def _wait_for(producer: Producer, command_id: str, timeout: float) -> int:
@@ -289,29 +426,50 @@ def _wait_for(producer: Producer, command_id: str, timeout: float) -> int:
 
 
 async def cmd_queue_show(args: argparse.Namespace) -> int:
+    from pigateway import report  # noqa: PLC0415
+
+    if (args.id is None) == (args.key is None):
+        raise UsageError("queue show takes a command id or --key KEY (one of the two)")
     async with await _open_reader(args) as store:
-        where = await store.where(args.id)
+        command_id = args.id if args.key is None else await store.key_owner(args.key)
+        if command_id is None:
+            raise UsageError(f"no command was sent with --id {inputs.shown(args.key, 40)} "
+                             "in the last 24 h")
+        where = await store.where(command_id)
+    shown = {**where.as_dict(), **({"key": args.key} if args.key is not None else {})}
     if args.json:
-        print(json.dumps(where.as_dict(), indent=2))
+        print(json.dumps(shown, indent=2))
     else:
-        print("\n".join(f"{key:>10}: {value}" for key, value in where.as_dict().items()))
+        print(report.where_text(shown, time.time()))
     return EXIT_OK if where.state != "unknown" else EXIT_BAD_INPUT
 
 
 async def cmd_queue_ls(args: argparse.Namespace) -> int:
+    from pigateway import report  # noqa: PLC0415
+
     async with await _open_reader(args) as store:
         items = await (store.list_dead(args.limit) if args.dead else store.list_queued(args.limit))
+        stats = await store.stats() if len(items) >= args.limit else None
     rows = [item.as_dict() for item in items]
+    total = len(rows) if stats is None else (stats.dead_total if args.dead else stats.depth)
+    note = report.more(len(rows), total, "dead letters" if args.dead else "queued",
+                       max(total, args.limit * 2))
     if args.json:
         print(json.dumps(rows, indent=2))
     elif args.dead:
-        _table(rows, ("id", "device", "name", "reason", "attempts", "detail"))
+        print(report.table(rows, ("id", "device", "name", "reason", "attempts", "dead_at",
+                                  "detail"), time.time()))
     else:
-        _table(rows, ("id", "device", "name", "attempts", "queued_at", "last_error"))
+        print(report.table(rows, ("id", "device", "name", "attempts", "queued_at",
+                                  "last_error"), time.time()))
+    if note:  # on stderr with --json: stdout stays the JSON
+        print(note, file=sys.stderr if args.json else sys.stdout)
     return EXIT_OK
 
 
 async def cmd_queue_stats(args: argparse.Namespace) -> int:
+    from pigateway import report  # noqa: PLC0415
+
     async with await _open_reader(args) as store:
         stats = (await store.stats()).as_dict()
         # forwarded messages (ingest) apart from commands (a scan: here only)
@@ -319,7 +477,7 @@ async def cmd_queue_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(stats, indent=2))
     else:
-        print(_stats_text(stats))
+        print(report.stats_text(stats))
     return EXIT_OK
 
 
@@ -332,7 +490,7 @@ async def cmd_queue_requeue(args: argparse.Namespace) -> int:
                                          progress=_progress("requeued"))
     if args.id and count == 0:
         raise UsageError(f"no dead letter has id {args.id!r}")
-    print(f"requeued {count} dead letter(s)")
+    print(f"requeued {plural(count, 'dead letter')}")
     return EXIT_OK
 
 
@@ -342,7 +500,7 @@ async def cmd_queue_purge(args: argparse.Namespace) -> int:
         raise UsageError(f"this deletes {what}; add --yes to confirm")
     async with await _open_store(args) as store:
         count = await store.purge(queued=args.all, progress=_progress("deleted"))
-    print(f"deleted {count} row(s): {what}")
+    print(f"deleted {plural(count, 'row')}: {what}")
     return EXIT_OK
 
 
@@ -357,7 +515,10 @@ async def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
-    from pigateway import control  # noqa: PLC0415 - only the verbs that talk to the service
+    """The state, for people first (``report``); exit 4 when the service is not running,
+    as ``systemctl status`` exits non-zero for an inactive unit (its 3 is ours for a
+    refusal: see the module's exit codes)."""
+    from pigateway import control, report  # noqa: PLC0415 - only the verbs that talk to the service
 
     config = _load(args)
     try:
@@ -367,14 +528,29 @@ async def cmd_status(args: argparse.Namespace) -> int:
         async with await _reader(config.store) as store:  # looks, never creates
             stats = (await store.stats()).as_dict()
         state = {"running": False, "why": str(exc), **stats}
+    now = time.time()
     if args.json:
         print(json.dumps(state, indent=2, default=str))
     elif state["running"]:
-        print("\n".join(f"{key:>12}: {value}" for key, value in state.items()))
+        print(report.status_running(state, _status_line(state, now), now))
     else:
-        print(f"{state['why']}; the queue on disk:")
-        print(_stats_text(state))
-    return EXIT_OK
+        print(report.status_stopped(state, state["why"], now))
+    return EXIT_OK if state["running"] else EXIT_NOT_RUNNING
+
+
+def _status_line(state: dict[str, Any], now: float) -> str:
+    """The service's own ``STATUS=`` line for ``state`` (one wording for systemd and us)."""
+    from pigateway.state import GatewayState, Link  # noqa: PLC0415 - asyncio: never for send
+    from pigateway.systemd import status_line  # noqa: PLC0415
+
+    local = state.get("local")
+    shown = GatewayState(
+        link=Link(state.get("link", "offline")), local=Link(local) if local else None,
+        paused=bool(state.get("paused")), draining=bool(state.get("draining")),
+        depth=int(state.get("depth") or 0), oldest_age=state.get("oldest_age"),
+        dead_letters=int(state.get("dead_letters") or 0), fault=state.get("fault"),
+        retry_at=state.get("retry_at"), link_since=float(state.get("link_since") or now))
+    return status_line(shown, now)
 
 
 async def cmd_metrics(args: argparse.Namespace) -> int:
@@ -394,12 +570,20 @@ async def cmd_control(args: argparse.Namespace) -> int:
 
 
 async def cmd_inbox_ls(args: argparse.Namespace) -> int:
+    from pigateway import report  # noqa: PLC0415
+
     async with await _open_reader(args) as reader:
-        rows = [entry.as_dict() for entry in await reader.inbox.listing(args.limit)]
+        rows = [entry.as_dict() for entry in await reader.inbox.listing(args.limit + 1)]
+    note = report.more(args.limit, None if len(rows) > args.limit else len(rows),
+                       "inbox entries", args.limit * 2)
+    rows = rows[:args.limit]
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
     else:
-        _table(rows, ("id", "device", "name", "state", "attempts", "result"))
+        print(report.table(rows, ("id", "device", "name", "state", "attempts", "received_at",
+                                  "result"), time.time()))
+    if note:
+        print(note, file=sys.stderr if args.json else sys.stdout)
     return EXIT_OK
 
 
@@ -445,44 +629,8 @@ def _progress(verb: str) -> Callable[[int], None]:
     def show(done: int) -> None:
         if done - shown[0] >= PROGRESS_EVERY:
             shown[0] = done
-            print(f"pigateway: {verb} {done:,} row(s) so far", file=sys.stderr, flush=True)
+            print(f"pigateway: {verb} {plural(done, 'row')} so far", file=sys.stderr, flush=True)
     return show
-
-
-def _stats_text(stats: dict[str, Any]) -> str:
-    age = stats.get("oldest_age")
-    dead = stats.get("dead") or {}
-    lines = [
-        f"queued:     {stats['depth'] - stats.get('forwarded', 0):,} commands, "
-        f"{stats['bytes'] - stats.get('forwarded_bytes', 0):,} bytes",
-        *([f"forwarded:  {stats['forwarded']:,} messages, {stats['forwarded_bytes']:,} bytes"]
-          if "forwarded" in stats else []),
-        f"in flight:  {stats['in_flight']:,}",
-        f"oldest:     {format_age(age) if age is not None else '-'}",
-        f"dead:       {sum(dead.values()):,}"
-        + (f" ({', '.join(f'{k} {v}' for k, v in sorted(dead.items()))})" if dead else ""),
-    ]
-    return "\n".join(lines)
-
-
-def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
-    if not rows:
-        print("(none)")
-        return
-    cells = [[_cell(row.get(col)) for col in columns] for row in rows]
-    widths = [max(len(col), *(len(line[i]) for line in cells)) for i, col in enumerate(columns)]
-    print("  ".join(col.upper().ljust(w) for col, w in zip(columns, widths, strict=True)))
-    for line in cells:
-        print("  ".join(text.ljust(w) for text, w in zip(line, widths, strict=True)))
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float) and value > 1e9:
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # --------------------------------------------------------------------------- entry point
@@ -492,6 +640,8 @@ def exit_code(exc: BaseException) -> int:
     """The exit code for an error, from the :data:`EXIT_CODES` table."""
     if isinstance(exc, UsageError):
         return EXIT_BAD_INPUT
+    if isinstance(exc, KeyConflict):
+        return EXIT_KEY_CONFLICT
     return next((code for kind, code in EXIT_CODES if isinstance(exc, kind)), EXIT_FAILED)
 
 

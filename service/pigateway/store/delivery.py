@@ -138,6 +138,10 @@ def key_statements(key: str, id_: str, now: float) -> list[tuple[str, Sequence[A
 
 
 KEY_OWNER_SQL: Final = "SELECT id FROM producer_keys WHERE key = ? AND at >= ?"
+#: What command ``id`` says (device, name, params as stored), while it is queued or dead:
+#: a keyed send compares it with what the same key now asks for.
+CONTENT_SQL: Final = ("SELECT device, name, params FROM outbox WHERE id = ?1 UNION ALL "
+                      "SELECT device, name, params FROM dead_letters WHERE id = ?1")
 
 
 def where_of(id_: str, rows: Sequence[Sequence[Sequence[Any]]]) -> Where:

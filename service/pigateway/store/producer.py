@@ -97,6 +97,12 @@ class Producer:
             return None, puts.owner(self._fetch(*puts.owner_query(key, self.clock)), exc)
         return command, command.id
 
+    def content(self, id_: str) -> tuple[str, str, str] | None:
+        """Command ``id_``'s device, name and params (JSON text as stored) while it is
+        queued or dead; ``None`` once delivered (its row is gone) or never there."""
+        rows = self._fetch(delivery.CONTENT_SQL, (id_,))
+        return (str(rows[0][0]), str(rows[0][1]), str(rows[0][2])) if rows else None
+
     def where(self, id_: str) -> delivery.Where:
         """Where command ``id_`` is now (as ``Store.where``)."""
         check_name("command id", id_)

@@ -74,6 +74,14 @@ class Reads:
         return delivery.where_of(id_, [await self._fetch_if_there(sql, (id_,))
                                        for sql in delivery.WHERE_SQL])
 
+    async def key_owner(self, key: str) -> str | None:
+        """The id of the command producer ``key`` names (``send --id KEY``), within the
+        :data:`~pigateway.store.delivery.KEY_SECONDS` a key is kept; ``None`` otherwise."""
+        check_name("producer key", key)
+        rows = await self._fetch_if_there(
+            delivery.KEY_OWNER_SQL, (key, self.clock.now() - delivery.KEY_SECONDS))
+        return str(rows[0][0]) if rows else None
+
     async def _fetch_if_there(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         """:meth:`_fetch`, with nothing for a table or column an older schema lacks (a file
         the service has not migrated yet is read as far as it goes)."""
