@@ -29,6 +29,7 @@ from pigateway.config import Config
 from pigateway.counters import COUNTERS
 from pigateway.errors import RejectedCommand, StoreError
 from pigateway.handlers import HandlerFactory
+from pigateway.packets import Undecodable
 from pigateway.store import QueueReader, Store
 from pigateway.text import bounded, encodable, quoted
 from pigateway.workers import WorkerPool
@@ -263,6 +264,20 @@ _CHECKS = (_check_storable, _check_version, _check_fields, _check_id, _check_dev
            _check_name, _check_params, _check_ttl)
 
 
+def undecodable_refusal(packet: Undecodable, limits: Limits) -> RejectedCommand:
+    """Why a message the MQTT library could not decode is refused, filed under its command
+    id when its payload could be found and names one (so the sender gets a ``rejected``
+    result); without an id it is dead-lettered with its raw bytes."""
+    command_id = device = None
+    if packet.payload is not None:
+        try:
+            command = parse_command(packet.payload, limits)
+            command_id, device = command.id, command.device
+        except RejectedCommand as exc:
+            command_id, device = exc.command_id, exc.device
+    return RejectedCommand(bounded(packet.describe()), command_id=command_id, device=device)
+
+
 def _kind(value: Any) -> str:
     """A value as a person reading the contract would name it, shortened."""
     shown = bounded(json.dumps(value, ensure_ascii=False, default=str)[:400], 40)
@@ -312,6 +327,9 @@ class Inbound:
         is this message's: it is answered ``rejected`` or dead-lettered, never raised, so
         one message can never end the link or the service.
         """
+        if isinstance(payload, Undecodable):  # the MQTT library could not decode it
+            await self._refuse(undecodable_refusal(payload, self.limits), payload)
+            return
         try:
             command = parse_command(payload, self.limits)
         except RejectedCommand as exc:

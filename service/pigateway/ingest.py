@@ -47,6 +47,7 @@ from pigateway.errors import (
     UplinkError,
 )
 from pigateway.mqtt import Connection, Message, Settings, connect
+from pigateway.packets import Undecodable
 from pigateway.state import GatewayState, Link
 from pigateway.store import NewCommand, Store, prepare
 from pigateway.text import bounded
@@ -132,6 +133,13 @@ def as_forward(config: Config, rule: IngestRule, message: Message) -> Taken:
     params = forwarded.pack(remote_topic(config, rule, message.topic), message.payload, extras)
     return Taken(NewCommand(device=device, name="forward", params=params, ttl=ttl,
                             kind="forward"))
+
+
+def as_undecodable(message: Message, packet: Undecodable) -> Taken:
+    """A message the MQTT library could not decode: a dead letter keeping its raw bytes."""
+    device = message.topic if len(message.topic) <= 128 else message.topic[:127] + "…"
+    return Taken(NewCommand(device=device or "?", name="undecodable",
+                            params=_kept_payload(packet)), packet.describe())
 
 
 class Ingest:
@@ -331,6 +339,8 @@ class Ingest:
         rule = next((r for r in self.rules if topic_matches(r.topic, message.topic)), None)
         if rule is None:
             return None  # an old subscription the persistent session kept: acknowledged
+        if message.undecodable is not None:
+            return as_undecodable(message, message.undecodable)
         if rule.mode == "command":
             return as_command(rule, message)
         return as_forward(self.config, rule, message)

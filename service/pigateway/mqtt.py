@@ -12,6 +12,12 @@ PUBACK, and the broker's Maximum Packet Size from CONNACK. Doing that, and two r
 (a PUBACK code paho refuses, a close before CONNACK), needs private members of aiomqtt and
 paho: every one is named in :data:`PRIVATE_API`, and ``tests/test_mqtt_private_api.py``
 fails by name when an upgrade moves one.
+
+One packet, one failure: an inbound PUBLISH paho cannot decode (mosquitto passes U+FEFF in a
+user property; paho refuses it), or whose handling raises, is that message's failure and
+never the link's. It reaches the consumer as a :class:`~pigateway.packets.Undecodable`
+payload (its raw bytes, bounded, and why) and is acknowledged like any other message, by
+the consumer, once it recorded it.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from pigateway.errors import LinkFault, LoginRefused, RetainNotSupported, UplinkError
 from pigateway.forwarded import ORIGIN_PROPERTY, Extras
+from pigateway.packets import Undecodable, publish_head
+from pigateway.text import bounded
 
 
 class PrivateMember(NamedTuple):
@@ -102,6 +110,14 @@ PRIVATE_API: Final = (
                   "finish that message with the refusal's code"),
     PrivateMember("paho.Client", "_sock_close", "method", (),
                   "close a hung connection without a DISCONNECT (abort)"),
+    PrivateMember("paho.Client", "_handle_publish", "method", (),
+                  "wrapped: a PUBLISH paho cannot decode fails alone, not the link"),
+    PrivateMember("paho.Client", "_handle_pubrel", "method", (),
+                  "wrapped: a PUBREL paho cannot decode is taken by its packet id"),
+    PrivateMember("paho.Client", "_in_message_mutex", "attribute", "lock",
+                  "guard paho's QoS 2 messages waiting for their PUBREL as paho does"),
+    PrivateMember("paho.Client", "_in_messages", "attribute", "OrderedDict",
+                  "mark an undecodable QoS 2 message that waits for its PUBREL"),
 )
 
 #: An MQTT 5 PUBACK failure code (>= 0x80) and what it means for the message it answers:
@@ -241,10 +257,16 @@ class Message:
     """An inbound message, for :meth:`Connection.ack`."""
 
     topic: str
+    #: an :class:`~pigateway.packets.Undecodable` when the MQTT library could not decode it
     payload: bytes
     mid: int
     qos: int
     extras: Extras = Extras()
+
+    @property
+    def undecodable(self) -> Undecodable | None:
+        """The packet paho could not decode (its raw bytes and why), or None."""
+        return self.payload if isinstance(self.payload, Undecodable) else None
 
 
 def _extras(message: paho.MQTTMessage) -> Extras:
@@ -260,15 +282,19 @@ def _extras(message: paho.MQTTMessage) -> Extras:
                   user_properties=users, expiry=None if expiry is None else int(expiry))
 
 
-def _inbound(message: paho.MQTTMessage) -> Message:
-    """paho's message as ours, without aiomqtt's own wrapper in between."""
+def _topic(message: paho.MQTTMessage) -> str:
     try:
-        topic = message.topic
+        return message.topic
     except UnicodeDecodeError:  # a broker should have refused it; ending the link would not
         log.warning("mqtt: a message whose topic is not UTF-8 came in; it is acknowledged "
                     "and ignored")
-        topic = NOT_UTF8
-    return Message(topic, bytes(message.payload), message.mid, message.qos, _extras(message))
+        return NOT_UTF8
+
+
+def _inbound(message: paho.MQTTMessage) -> Message:
+    """paho's message as ours, without aiomqtt's own wrapper in between."""
+    return Message(_topic(message), bytes(message.payload), message.mid, message.qos,
+                   _extras(message))
 
 
 class Inbox:
@@ -458,6 +484,12 @@ class _Client(aiomqtt.Client):
             self._client._handle_pubackcomp)
         self._client._check_keepalive = self._keepalive_unless_paused(  # type: ignore[method-assign]
             self._client._check_keepalive)
+        #: the undecodable PUBLISH being handed to :meth:`_on_message` (QoS 0 and 1)
+        self._undecodable: Undecodable | None = None
+        self._client._handle_publish = self._tolerant_publish(  # type: ignore[method-assign]
+            self._client._handle_publish)
+        self._client._handle_pubrel = self._tolerant_pubrel(  # type: ignore[method-assign]
+            self._client._handle_pubrel)
         # a full in-flight window is normal here; aiomqtt warns past 10 pending calls
         self.pending_calls_threshold = (kwargs.get("max_inflight_messages") or 0) + 16
 
@@ -500,6 +532,64 @@ class _Client(aiomqtt.Client):
             check()
         return checked
 
+    def _tolerant_publish(self, handle: Callable[[], MQTTErrorCode]
+                          ) -> Callable[[], MQTTErrorCode]:
+        """paho ends the link on a PUBLISH it cannot decode (and on any exception while it
+        hands one over); a persistent session then sends it again first at every reconnect.
+        Here it is that message's failure: the packet is handed over again without its
+        properties (:meth:`~pigateway.packets.PublishHead.plain`), so it takes paho's own
+        QoS flow and manual ack, and its consumer gets an :class:`Undecodable` payload."""
+
+        def tolerant() -> MQTTErrorCode:
+            try:
+                return handle()
+            except Exception as exc:
+                return self._hand_over_undecodable(handle, exc)
+        return tolerant
+
+    def _hand_over_undecodable(self, handle: Callable[[], MQTTErrorCode],
+                               exc: Exception) -> MQTTErrorCode:
+        inner = self._client
+        v5 = inner.protocol == paho.MQTTv5
+        raw = bytes(inner._in_packet["packet"])
+        head = publish_head(int(inner._in_packet["command"]), raw, v5)
+        if head is None:  # not even a packet id to acknowledge: a broken link after all
+            raise exc
+        undecodable = Undecodable(raw, f"{type(exc).__name__}: {exc}", head.payload)
+        log.warning("mqtt: a message on %s (QoS %d) could not be decoded: %s; it is "
+                    "acknowledged once recorded, and the link goes on",
+                    bounded(head.topic.decode("utf-8", "replace"), 200), head.qos,
+                    undecodable.reason)
+        inner._in_packet["packet"] = bytearray(head.plain(v5))
+        self._undecodable = undecodable  # QoS 0 and 1: handed over within this call
+        try:
+            rc = handle()
+        finally:
+            self._undecodable = None
+        if head.qos == 2:  # handed over at its PUBREL: marked where paho keeps it till then
+            with inner._in_message_mutex:
+                waiting = inner._in_messages.get(head.mid)
+                if waiting is not None:
+                    waiting.payload = undecodable
+        return rc
+
+    def _tolerant_pubrel(self, handle: Callable[[], MQTTErrorCode]
+                         ) -> Callable[[], MQTTErrorCode]:
+        """A PUBREL whose reason or properties paho cannot decode releases its message all
+        the same: its packet id (the first two bytes) is all the release needs."""
+        inner = self._client
+
+        def tolerant() -> MQTTErrorCode:
+            try:
+                return handle()
+            except Exception:
+                packet = inner._in_packet["packet"]
+                if len(packet) < 2:
+                    raise
+                inner._in_packet["packet"] = bytearray(packet[:2])
+                return handle()
+        return tolerant
+
     def _on_connect(self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags,
                     reason_code: ReasonCode, properties: Properties | None = None) -> None:
         if properties is not None and hasattr(properties, "MaximumPacketSize"):
@@ -528,7 +618,13 @@ class _Client(aiomqtt.Client):
 
     def _on_message(self, client: paho.Client, userdata: Any,
                     message: paho.MQTTMessage) -> None:
-        self.inbox.put(_inbound(message))
+        undecodable = self._undecodable
+        if undecodable is None and isinstance(message.payload, Undecodable):
+            undecodable = message.payload  # QoS 2, marked until its PUBREL
+        if undecodable is not None:
+            self.inbox.put(Message(_topic(message), undecodable, message.mid, message.qos))
+        else:
+            self.inbox.put(_inbound(message))
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         super()._on_socket_open(client, userdata, sock)  # its reader, its keepalive task
