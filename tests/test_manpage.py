@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -79,3 +80,41 @@ def test_man_reads_the_page_without_a_warning() -> None:
     assert (done.returncode, done.stderr) == (0, "")
     text = re.sub(".\b", "", done.stdout)  # the overstrikes of bold
     assert "pigateway queue ls" in text and "--limit N" in text
+
+
+def _doc_pages() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+            *sorted((ROOT / "ansible").rglob("README.md"))]
+
+
+def _invocations(text: str) -> list[str]:
+    """The ``pigateway VERB ...`` commands of a page's sh/console blocks, as typed (a
+    ``sudo -u pigateway`` before, and a comment, pipe or redirection after, left out)."""
+    found = []
+    for block in re.findall(r"```(?:sh|console)\n(.*?)```", text, re.S):
+        for typed in block.splitlines():
+            line = re.sub(r"\bsudo (-u pigateway )?", "", typed.removeprefix("$ "))
+            match = re.match(r"^\s*(?:/usr/bin/)?pigateway ([^|#;&<>]*)", line)
+            if match:
+                found.append(match.group(1).strip())
+    return found
+
+
+@pytest.mark.parametrize("page", _doc_pages(), ids=lambda page: page.name)
+def test_every_pigateway_command_in_the_docs_parses(page: Path) -> None:
+    """A command in a runbook block is typed as it stands: it must be one the parser takes
+    (a verb, options, placeholders such as ID as values)."""
+    refused = []
+    for command in _invocations(page.read_text()):
+        try:
+            cli.build_parser().parse_args(shlex.split(command))
+        except SystemExit as exc:
+            if exc.code:
+                refused.append(command)
+    assert refused == []
+
+
+@pytest.mark.parametrize("page", _doc_pages(), ids=lambda page: page.name)
+def test_no_page_shows_send_with_positional_arguments(page: Path) -> None:
+    """``send`` takes --device and --command, never ``send DEVICE NAME``."""
+    assert re.findall(r"pigateway send [<\w]", page.read_text()) == []

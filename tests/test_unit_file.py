@@ -119,7 +119,8 @@ def test_the_contract_of_the_unit() -> None:
         "DevicePolicy": ["closed"],
         "DeviceAllow": ["char-gpiochip rw"],
         "LoadCredential": ["mqtt-password:pigateway.mqtt-password",
-                           "mqtt-key:pigateway.mqtt-key"],
+                           "mqtt-key:pigateway.mqtt-key",
+                           "local-password:pigateway.local-password"],
     }
     for key, values in expected.items():
         assert unit.get(key) == values, key
