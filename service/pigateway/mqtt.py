@@ -30,7 +30,7 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, Literal, NamedTuple, cast
 
 import aiomqtt
@@ -113,7 +113,11 @@ PRIVATE_API: Final = (
     PrivateMember("paho.Client", "_handle_publish", "method", (),
                   "wrapped: a PUBLISH paho cannot decode fails alone, not the link"),
     PrivateMember("paho.Client", "_handle_pubrel", "method", (),
-                  "wrapped: a PUBREL paho cannot decode is taken by its packet id"),
+                  "wrapped: with manual acks, every PUBREL is completed (PUBCOMP) at once"),
+    PrivateMember("paho.Client", "_send_pubrec", "method", ("mid",),
+                  "a QoS 2 message acknowledged (PUBREC) only after its consumer's commit"),
+    PrivateMember("paho.Client", "_send_pubcomp", "method", ("mid",),
+                  "complete a PUBREL, also one for a message of an earlier connection"),
     PrivateMember("paho.Client", "_in_message_mutex", "attribute", "lock",
                   "guard paho's QoS 2 messages waiting for their PUBREL as paho does"),
     PrivateMember("paho.Client", "_in_messages", "attribute", "OrderedDict",
@@ -480,6 +484,9 @@ class _Client(aiomqtt.Client):
         self.disconnect_code: int | None = None
         self.puback_codes: dict[int, ReasonCode] = {}
         self._client.manual_ack_set(manual_ack)
+        self.manual_ack = manual_ack
+        #: a QoS 2 PUBLISH is being handed to :meth:`_on_message` as QoS 1 (manual acks)
+        self._qos2 = False
         self._client._handle_pubackcomp = self._lenient_puback(  # type: ignore[method-assign,assignment]
             self._client._handle_pubackcomp)
         self._client._check_keepalive = self._keepalive_unless_paused(  # type: ignore[method-assign]
@@ -540,11 +547,19 @@ class _Client(aiomqtt.Client):
         properties (:meth:`~pigateway.packets.PublishHead.plain`), so it takes paho's own
         QoS flow and manual ack, and its consumer gets an :class:`Undecodable` payload."""
 
+        inner = self._client
+
         def tolerant() -> MQTTErrorCode:
+            command = int(inner._in_packet["command"])
+            self._qos2 = self.manual_ack and (command >> 1) & 3 == 2
+            if self._qos2:  # paho sees QoS 1: handed over now, never acknowledged by paho
+                inner._in_packet["command"] = command & ~0x06 | 0x02
             try:
                 return handle()
             except Exception as exc:
                 return self._hand_over_undecodable(handle, exc)
+            finally:
+                self._qos2 = False
         return tolerant
 
     def _hand_over_undecodable(self, handle: Callable[[], MQTTErrorCode],
@@ -575,20 +590,36 @@ class _Client(aiomqtt.Client):
 
     def _tolerant_pubrel(self, handle: Callable[[], MQTTErrorCode]
                          ) -> Callable[[], MQTTErrorCode]:
-        """A PUBREL whose reason or properties paho cannot decode releases its message all
-        the same: its packet id (the first two bytes) is all the release needs."""
+        """Under manual acks, paho would send a QoS 2 message's PUBREC before its consumer
+        committed it and hand it over only at the PUBREL; a PUBREL for a message of an
+        earlier connection (the broker sends it again after a cut) it never completes, so
+        that packet id stays taken at the broker for good, a slot of Receive Maximum lost
+        each time. Here (see :meth:`_tolerant_publish`) such a message is handed over at
+        once and acknowledged with PUBREC by :meth:`acknowledge`, after the commit; paho
+        holds none, and every PUBREL is completed at once by its packet id (the first two
+        bytes: a reason or properties paho cannot decode change nothing)."""
         inner = self._client
 
         def tolerant() -> MQTTErrorCode:
+            packet = inner._in_packet["packet"]
+            if self.manual_ack and len(packet) >= 2:
+                return inner._send_pubcomp(int.from_bytes(packet[:2], "big"))
             try:
                 return handle()
             except Exception:
-                packet = inner._in_packet["packet"]
                 if len(packet) < 2:
                     raise
                 inner._in_packet["packet"] = bytearray(packet[:2])
                 return handle()
         return tolerant
+
+    def acknowledge(self, message: Message) -> None:
+        """PUBACK (QoS 1), or PUBREC (QoS 2 under manual acks; the PUBREL that follows is
+        completed by :meth:`_tolerant_pubrel`)."""
+        if message.qos == 2 and self.manual_ack:
+            self._client._send_pubrec(message.mid)
+        else:
+            self._client.ack(message.mid, message.qos)
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags,
                     reason_code: ReasonCode, properties: Properties | None = None) -> None:
@@ -620,11 +651,13 @@ class _Client(aiomqtt.Client):
                     message: paho.MQTTMessage) -> None:
         undecodable = self._undecodable
         if undecodable is None and isinstance(message.payload, Undecodable):
-            undecodable = message.payload  # QoS 2, marked until its PUBREL
+            undecodable = message.payload  # QoS 2 without manual acks: marked until PUBREL
+        qos = 2 if self._qos2 else message.qos
         if undecodable is not None:
-            self.inbox.put(Message(_topic(message), undecodable, message.mid, message.qos))
+            self.inbox.put(Message(_topic(message), undecodable, message.mid, qos))
         else:
-            self.inbox.put(_inbound(message))
+            self.inbox.put(replace(_inbound(message), qos=qos) if self._qos2
+                           else _inbound(message))
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         super()._on_socket_open(client, userdata, sock)  # its reader, its keepalive task
@@ -834,8 +867,9 @@ class Connection:
         await self._link.inbox.wait(self._link._disconnected)
 
     def ack(self, message: Message) -> None:
-        """Acknowledge an inbound message (persistent sessions: manual acks)."""
-        self._link._client.ack(message.mid, message.qos)
+        """Acknowledge an inbound message (persistent sessions: manual acks), after its
+        record is committed: PUBACK, or PUBREC for QoS 2."""
+        self._link.acknowledge(message)
 
     def when_lost(self, callback: Callable[[], object]) -> None:
         """Call ``callback`` the moment the connection drops, before any clean-up runs."""

@@ -1,0 +1,252 @@
+"""Both inbound links under the harness's hostile broker, through the real reader: whatever a
+PUBLISH's properties hold (U+FEFF, NUL, a surrogate, bytes that are not UTF-8, 64 KB, a
+property length that lies), on a topic up to MQTT's length limit, at QoS 1 or 2, each
+message is acknowledged, recorded once it is, and the link stays up. QoS 2 deliveries cut at
+every step lose nothing and wedge nothing.
+
+The oracle for "paho refuses it" is paho's own decoder; the packets are the harness's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from paho.mqtt import _packet as paho_packet
+from paho.mqtt.enums import MQTTProtocolVersion
+
+from harness import gateway
+from harness import mqttwire as w
+from harness.hostile import Cut, HostileBroker
+from harness.waits import until, wait_until
+from pigateway.config import Config, from_dict
+from pigateway.inbound import Inbound
+from pigateway.ingest import Ingest
+from pigateway.state import GatewayState, Link
+from pigateway.store import Store
+from pigateway.wire import topic
+from uplink_helpers import running_uplink
+
+#: 64 KB of text: named in a recipe, built when the packet is (so a failure prints a name)
+BIG = "<64 KB>"
+ODD: list[str | bytes] = ["\ufeff", "\ufeffhello", "a\x00b", "\ud800", b"\xff\xfe",
+                          b"\xc3", "é", "", BIG]
+odd_text = st.one_of(st.sampled_from(ODD), st.text(max_size=12), st.binary(max_size=12))
+#: one property as a recipe: ("user", key, value), ("type", value) or ("expiry", seconds)
+one_property = st.one_of(
+    st.tuples(st.just("user"), odd_text, odd_text),
+    st.tuples(st.just("type"), odd_text),
+    st.tuples(st.just("expiry"), st.integers(1, 2**32 - 1)),
+)
+#: a property block as a recipe: honest ("props", [...]) or a length that lies ("lie", junk)
+property_block = st.one_of(
+    st.tuples(st.just("props"), st.lists(one_property, max_size=3)),
+    st.tuples(st.just("lie"), st.binary(max_size=4)),
+)
+#: what must be tried whatever hypothesis draws: each string paho refuses, 64 KB, a lie
+NAMED: list[Any] = [("props", [("user", "k", "\ufeff")]), ("props", [("type", "\ufeff")]),
+                    ("props", [("user", "a\x00b", "v")]), ("props", [("type", b"\xff")]),
+                    ("props", [("user", "big", BIG)]), ("lie", b"ab")]
+FAST = {"backoff_initial": 0.05, "backoff_max": 0.3, "batch_delay": 0.05}
+
+
+def _text(value: str | bytes) -> str | bytes:
+    return "x" * w.MAX_STRING if value == BIG else value
+
+
+def _property(recipe: tuple[Any, ...]) -> bytes:
+    if recipe[0] == "user":
+        return w.user_property(_text(recipe[1]), _text(recipe[2]))
+    if recipe[0] == "type":
+        return w.content_type(_text(recipe[1]))
+    return w.prop_int32(w.MESSAGE_EXPIRY, recipe[1])
+
+
+def block(recipe: tuple[Any, ...]) -> bytes:
+    """The property block (length included) a recipe names."""
+    if recipe[0] == "lie":
+        return w.varint(5000) + recipe[1]
+    return w.properties(*(_property(item) for item in recipe[1]))
+
+
+EXAMPLES = settings(max_examples=10, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def paho_refuses(packet: bytes) -> bool:
+    _, at = w.read_varint(packet, 1)
+    try:
+        paho_packet.decode_publish(packet[0], packet[at:], MQTTProtocolVersion.MQTTv5)
+    except Exception:
+        return True
+    return False
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+def ingest_config(folder: Path, port: int, qos: int = 2) -> Config:
+    data = gateway.settings(folder, gateway_id="gw-test", port=1, prefix="pg",
+                            gpio={"enabled": False}, uplink=FAST,
+                            local={"host": "127.0.0.1", "port": port, "keepalive": 5})
+    data["ingest"] = [{"topic": "dev/#", "qos": qos}]
+    return from_dict(data)
+
+
+class IngestRun:
+    def __init__(self, cfg: Config, store: Store) -> None:
+        self.state = GatewayState()
+        self.ingest = Ingest(cfg, store, self.state)
+        self.task = asyncio.create_task(self.ingest.run())
+
+    async def stop(self) -> None:
+        await self.ingest.stop(1.0)
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+async def _ingest_scenario(messages: list[tuple[int, Any, int]]) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        async with HostileBroker() as broker:
+            cfg = ingest_config(Path(folder), broker.port)
+            async with await Store.open(cfg.store) as store:
+                run = IngestRun(cfg, store)
+                try:
+                    assert await broker.subscribed(10)
+                    refused = 0
+                    for n, (length, props, qos) in enumerate(messages):
+                        mid = broker.new_mid()
+                        where = "dev/" + "t" * (length - 4)
+                        data = w.publish(where, json.dumps({"n": n}).encode(), qos=qos,
+                                         mid=mid, raw_props=block(props))
+                        refused += paho_refuses(data)
+                        last = await broker.deliver(data, mid, qos, timeout=10)
+                        assert last is not None, f"message {n} was never acknowledged"
+                        assert last.kind == (w.PUBACK if qos == 1 else w.PUBCOMP)
+                        assert last.ack_code() == 0
+                    assert len(broker.sessions) == 1, "a message ended the link"
+                    assert run.ingest.taken == len(messages)
+                    dead = await store.list_dead()
+                    assert sum(d.command.name == "undecodable" for d in dead) == refused
+                    assert len(dead) + (await store.stats()).depth == len(messages)
+                finally:
+                    await run.stop()
+
+
+#: a local topic by its length in bytes ("dev/ttt..."), up to MQTT's limit
+topic_length = st.one_of(st.integers(5, 40), st.just(w.MAX_STRING))
+
+
+@EXAMPLES
+@example([(w.MAX_STRING, NAMED[0], 2),
+          *((5, props, 1 + n % 2) for n, props in enumerate(NAMED))])
+@given(st.lists(st.tuples(topic_length, property_block, st.sampled_from([1, 2])),
+                min_size=1, max_size=4))
+def test_ingest_takes_every_message_whatever_its_properties(
+        messages: list[tuple[int, Any, int]]) -> None:
+    asyncio.run(_ingest_scenario(messages))
+
+
+# --------------------------------------------------------------------------- uplink
+
+
+def uplink_config(folder: Path, port: int) -> Config:
+    return gateway.config(folder, gateway_id="gw-test", port=port, prefix="pg",
+                          mqtt={"keepalive": 5}, uplink=FAST, gpio={"enabled": False},
+                          devices={"lamp": {"handler": "log"}})
+
+
+async def _uplink_scenario(messages: list[tuple[Any, int]]) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        async with HostileBroker() as broker:
+            cfg = uplink_config(Path(folder), broker.port)
+            inbound: list[Inbound] = []
+
+            async def on_command(payload: bytes) -> None:
+                await inbound[0].accept(payload)
+
+            async with running_uplink(cfg, on_command=on_command) as run:
+                inbound.append(Inbound(cfg, run.store))
+                assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
+                assert await broker.subscribed(10)
+                where = topic(cfg, "commands")
+                refused: dict[str, bool] = {}
+                for n, (props, qos) in enumerate(messages):
+                    mid = broker.new_mid()
+                    payload = json.dumps({"v": 1, "id": f"c-{n}", "device": "lamp",
+                                          "name": "on", "params": {}}).encode()
+                    data = w.publish(where, payload, qos=qos, mid=mid, raw_props=block(props))
+                    refused[f"c-{n}"] = paho_refuses(data)
+                    last = await broker.deliver(data, mid, qos, timeout=10)
+                    assert last is not None, f"command {n} was never acknowledged"
+                    assert last.ack_code() == 0
+                assert len(broker.sessions) == 1, "a message ended the link"
+                for command_id, undecodable in refused.items():
+                    entry = await run.store.inbox.find(command_id)
+                    found = await run.store.list_dead()
+                    if entry is None:  # no id could be found: a dead letter
+                        assert undecodable and found, f"{command_id} was not recorded"
+                        continue
+                    rejected = entry.status == "rejected" and "decode" in str(entry.result)
+                    assert rejected == undecodable, (command_id, entry)
+
+
+@EXAMPLES
+@example([(props, 1 + n % 2) for n, props in enumerate(NAMED)])
+@given(st.lists(st.tuples(property_block, st.sampled_from([1, 2])), min_size=1, max_size=4))
+def test_the_uplink_takes_every_command_whatever_its_properties(
+        messages: list[tuple[Any, int]]) -> None:
+    asyncio.run(_uplink_scenario(messages))
+
+
+# --------------------------------------------------------------------------- QoS 2 cuts
+
+
+@pytest.mark.parametrize("undecodable", [False, True], ids=["plain", "undecodable"])
+@pytest.mark.parametrize("cut", ["publish", "pubrec", "pubrel"])
+async def test_a_qos2_delivery_cut_at_any_step_is_recorded_and_completes(
+        tmp_path: Path, cut: Cut, undecodable: bool) -> None:
+    """The broker resends what MQTT says it resends after a cut (the PUBLISH before a
+    PUBREC, else the PUBREL): the message is recorded (at least once), and its flow ends
+    with a PUBCOMP; nothing waits for ever."""
+    async with HostileBroker() as broker:
+        cfg = ingest_config(tmp_path, broker.port)
+        async with await Store.open(cfg.store) as store:
+            run = IngestRun(cfg, store)
+            try:
+                assert await broker.subscribed(10)
+                props = w.user_property("k", "\ufeff" if undecodable else "v")
+                mid = broker.new_mid()
+                data = w.publish("dev/q2", b'{"q":2}', qos=2, mid=mid, props=props)
+                await broker.deliver(data, mid, 2, cut=cut, timeout=5)
+                await broker.connected(2)
+                assert await wait_until(lambda: run.state.local == Link.ONLINE, 10)
+                recorded = run.ingest.taken
+                if cut == "publish" or not broker.from_client(w.PUBREC, mid):
+                    again = w.publish("dev/q2", b'{"q":2}', qos=2, mid=mid, props=props,
+                                      dup=True)
+                    last = await broker.deliver(again, mid, 2, timeout=10)
+                else:
+                    await broker.send(w.ack(w.PUBREL, mid))
+                    assert await broker.wait_for(
+                        lambda: bool(broker.from_client(w.PUBCOMP, mid, 2)), 10), \
+                        "the PUBREL sent again after the cut was never completed"
+                    last = broker.from_client(w.PUBCOMP, mid, 2)[-1]
+                assert last is not None and last.kind == w.PUBCOMP
+                assert await until(_at_least_one(store), 10), \
+                    f"the message was lost (taken before the cut: {recorded})"
+            finally:
+                await run.stop()
+
+
+def _at_least_one(store: Store) -> Any:
+    async def check() -> bool:
+        stats = await store.stats()
+        return stats.depth + len(await store.list_dead()) >= 1
+    return check
