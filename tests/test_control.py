@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import socket
@@ -51,7 +52,8 @@ def board() -> Switchboard:
 
 @pytest.fixture
 async def server(folder: Path, board: Switchboard) -> AsyncIterator[ControlServer]:
-    async with ControlServer(folder / "control.sock", board, idle_timeout=5) as srv:
+    async with ControlServer(folder / "control.sock", board,
+                             bounds=dataclasses.replace(control.BOUNDS, request_seconds=5)) as srv:
         yield srv
 
 
@@ -156,7 +158,8 @@ async def test_what_json_loads_cannot_hold_is_a_warning_and_an_error_reply(
 async def test_a_bigger_line_limit_still_refuses_huge_numbers_and_depth(
         folder: Path, board: Switchboard, caplog: pytest.LogCaptureFixture) -> None:
     """With a line limit above Python's int-printing limit (4,300 digits) and recursion limit."""
-    async with ControlServer(folder / "big.sock", board, max_line=1 << 20) as srv:
+    bounds = dataclasses.replace(control.BOUNDS, request_bytes=1 << 20)
+    async with ControlServer(folder / "big.sock", board, bounds=bounds) as srv:
         with caplog.at_level(logging.DEBUG, logger="pigateway.control"):
             replies = await _talk(srv.path, b'{"cmd": "status", "n": ' + b"9" * 5000 + b"}\n",
                                   b"[" * 200_000 + b"\n", b'{"cmd": "status"}\n')
@@ -184,7 +187,8 @@ async def test_a_client_that_leaves_mid_line_is_dropped(server: ControlServer,
 
 async def test_a_silent_client_is_closed_after_the_idle_timeout(folder: Path,
                                                                 board: Switchboard) -> None:
-    async with ControlServer(folder / "c.sock", board, idle_timeout=0.2) as srv:
+    bounds = dataclasses.replace(control.BOUNDS, request_seconds=0.2)
+    async with ControlServer(folder / "c.sock", board, bounds=bounds) as srv:
         reader, writer = await asyncio.open_unix_connection(str(srv.path))
         assert await asyncio.wait_for(reader.read(), 3) == b""
         writer.close()
@@ -194,8 +198,12 @@ async def test_too_many_clients_are_turned_away(server: ControlServer) -> None:
     held = [await asyncio.open_unix_connection(str(server.path))
             for _ in range(control.MAX_CLIENTS)]
     await asyncio.sleep(0.05)
-    (reply,) = await _talk(server.path, b'{"cmd": "status"}\n')
-    assert reply == {"ok": False, "error": "too many clients; try again"}
+    reader, writer = await asyncio.open_unix_connection(str(server.path))
+    # closed as it is accepted, unread: the busy reply, then the end
+    assert json.loads(await asyncio.wait_for(reader.read(), 3)) == control.BUSY
+    writer.close()
+    with pytest.raises(ControlError):
+        await request(server.path, "status")
     for _reader, writer in held:
         writer.close()
     await asyncio.sleep(0.05)

@@ -365,7 +365,7 @@ async def test_the_endpoint_answers_metrics_only_and_refuses_remote_binds(
         sneaky = MetricsConfig(listen="127.0.0.1:1")
         object.__setattr__(sneaky, "listen", "0.0.0.0:9108")
         with pytest.raises(ConfigError, match="allow_remote"):
-            await Exporter(sneaky, GatewayState(), store).start_server()
+            await Exporter(sneaky, GatewayState(), store).bind()
 
 
 async def test_a_busy_listen_address_stops_the_service_naming_the_key(tmp_path: Path) -> None:

@@ -148,6 +148,22 @@ def test_what_reaches_the_stream_unprefixed_is_an_error() -> None:
     assert unit.get("SyslogLevelPrefix", ["yes"]) == ["yes"]
 
 
+#: Descriptors the service holds besides its listeners' connections (store files and
+#: connections, MQTT, the journal, gpiozero's, the listening sockets): a few dozen, doubled.
+OWN_DESCRIPTORS = 128
+
+
+def test_the_descriptor_limit_holds_every_listener_at_its_cap() -> None:
+    """LimitNOFILE= is a number (soft = hard), and every listener full still leaves the
+    service its own descriptors (a flood is refused at the cap, never at EMFILE)."""
+    from pigateway import control, metrics  # noqa: PLC0415 - what the unit must hold
+
+    (limit,) = directives(UNIT.read_text())["LimitNOFILE"]
+    assert limit.isdigit(), f"LimitNOFILE={limit}: one number, not infinity or soft:hard"
+    caps = metrics.BOUNDS.connections + control.BOUNDS.connections
+    assert caps + OWN_DESCRIPTORS <= int(limit) <= 65536
+
+
 def test_gpio_stays_reachable() -> None:
     """PrivateDevices= would hide /dev/gpiochip*; ProcSubset=pid hides /proc/device-tree."""
     unit = directives(UNIT.read_text())

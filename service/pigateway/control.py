@@ -3,8 +3,10 @@
 One request per line, ``{"cmd": "status"}``; one reply per line, ``{"ok": true, "state":
 {...}}`` or ``{"ok": false, "error": "..."}``. A bad request (not JSON, unknown verb, a line
 over :data:`MAX_LINE`, nested deeper than :data:`MAX_DEPTH`, a number that is not finite or
-too long, a lone surrogate) gets an error reply and one bounded warning in the journal; a
-client that goes away mid-line is dropped.
+too long, a lone surrogate) gets an error reply and a bounded warning in the journal (at most
+one a minute); a client that goes away mid-line is dropped. The socket is bounded as every
+listener is (:mod:`pigateway.listeners`): :data:`MAX_CLIENTS` connections, a line in
+:data:`IDLE_TIMEOUT`, a connection in :data:`CONNECTION_TIMEOUT`.
 Nothing a client sends can stop the server or the service.
 
 The server reaches the service only through :class:`Controls`, so it knows nothing of the
@@ -17,7 +19,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import socket
 import stat
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from typing import Any, Final, Protocol
 from pigateway import inputs
 from pigateway.counters import COUNTERS
 from pigateway.errors import ControlError, InvalidCommand, PigatewayError, ServiceNotRunning
+from pigateway.listeners import Bounds, Connection, Listener, Throttled
 from pigateway.state import GatewayState
 
 log = logging.getLogger(__name__)
@@ -36,10 +38,17 @@ MAX_LINE: Final = 4096
 MAX_DEPTH: Final = 4
 """JSON nesting of a request at most (``{"cmd": "status"}`` is 1)."""
 MAX_CLIENTS: Final = 16
-"""Connections served at once; more get an error reply and are closed."""
-IDLE_TIMEOUT: Final = 30.0
-"""Seconds a connection may sit without a complete request."""
+"""Connections served at once; more get an error reply, unread, and are closed."""
+IDLE_TIMEOUT: Final = 10.0
+"""Seconds a connection may take to send its next whole request (the CLI sends at once)."""
+CONNECTION_TIMEOUT: Final = 60.0
+"""Seconds a connection may stay open, however busy."""
 SOCKET_MODE: Final = 0o660
+BUSY: Final = {"ok": False, "error": "too many clients; try again"}
+#: The control socket's bounds.
+BOUNDS: Final = Bounds(connections=MAX_CLIENTS, request_bytes=MAX_LINE,
+                       request_seconds=IDLE_TIMEOUT, connection_seconds=CONNECTION_TIMEOUT,
+                       busy=json.dumps(BUSY).encode() + b"\n")
 
 
 class Controls(Protocol):
@@ -67,14 +76,12 @@ VERBS: Final[dict[str, Callable[[Controls], None] | None]] = {
 class ControlServer:
     """Serves :class:`Controls` on the unix socket ``path`` (mode 0660); async context manager."""
 
-    def __init__(self, path: Path, controls: Controls, *, max_line: int = MAX_LINE,
-                 idle_timeout: float = IDLE_TIMEOUT) -> None:
+    def __init__(self, path: Path, controls: Controls, *, bounds: Bounds = BOUNDS) -> None:
         self.path = Path(path)
         self.controls = controls
-        self.max_line = max_line
-        self.idle_timeout = idle_timeout
-        self._server: asyncio.AbstractServer | None = None
-        self._clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self.bounds = bounds
+        self.listener = Listener("control", self._converse, bounds)
+        self._refusals = Throttled(log, "control: refused request %s: %s")
         self._inode: int | None = None
 
     async def __aenter__(self) -> ControlServer:
@@ -90,9 +97,7 @@ class ControlServer:
         try:
             # systemd's RuntimeDirectory= makes the folder; run by hand we may have to.
             self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-            self._server = await asyncio.start_unix_server(
-                self._serve, path=str(self.path), limit=self.max_line)
-            os.chmod(self.path, SOCKET_MODE)
+            await self.listener.serve_unix(self.path, SOCKET_MODE)
             self._inode = self.path.stat().st_ino
         except OSError as exc:
             await self.aclose()
@@ -101,17 +106,7 @@ class ControlServer:
 
     async def aclose(self) -> None:
         """Stop serving, drop the clients and remove our socket file (idempotent)."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-        # Closing a client's transport ends its handler with EOF; cancelling the handler
-        # instead makes Python 3.11's stream callback log a spurious CancelledError.
-        for writer in list(self._clients.values()):
-            writer.transport.abort()
-        if self._clients:
-            await asyncio.wait(list(self._clients), timeout=5)
-        if server is not None:
-            await server.wait_closed()
+        await self.listener.aclose()
         self._unlink_ours()
 
     def _unlink_ours(self) -> None:
@@ -123,43 +118,20 @@ class ControlServer:
 
     # ---------------------------------------------------------------- one connection
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._clients[task] = writer
-        try:
-            if len(self._clients) > MAX_CLIENTS:
-                await self._turn_away(reader, writer)
-            else:
-                await self._converse(reader, writer)
-        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
-            log.debug("control client went away")
-        finally:
-            del self._clients[task]
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-
-    async def _turn_away(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Read the request (closing on unread data would reset the reply away), refuse it."""
-        with contextlib.suppress(asyncio.LimitOverrunError):
-            async with asyncio.timeout(1.0):
-                await reader.readuntil(b"\n")
-        await _reply(writer, _error("too many clients; try again"))
-
-    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _converse(self, conn: Connection) -> None:
+        """Requests and replies until the client closes; an idle or slow client is cut by
+        the listener (:meth:`Connection.request`)."""
         while True:
             try:
-                async with asyncio.timeout(self.idle_timeout):
-                    line = await reader.readuntil(b"\n")
+                line = await conn.request(b"\n")
             except asyncio.IncompleteReadError:
                 return  # EOF, possibly mid-line: nobody is left to answer
             except asyncio.LimitOverrunError:
-                log.warning("control: refused a request line longer than %d bytes",
-                            self.max_line)
-                await _reply(writer, _error(f"request line longer than {self.max_line} bytes"))
+                limit = self.bounds.request_bytes
+                self._refusals.note("line", f"longer than {limit} bytes")
+                await conn.reply(_line(_error(f"request line longer than {limit} bytes")))
                 return
-            await _reply(writer, self.handle(line))
+            await conn.reply(_line(self.handle(line)))
 
     def handle(self, line: bytes) -> dict[str, Any]:
         """The reply to one request line (never raises). A bad request is the client's
@@ -167,7 +139,7 @@ class ControlServer:
         try:
             verb = _parse(line)
         except ControlError as exc:
-            log.warning("control: refused request %s: %s", inputs.shown(line, 80), exc)
+            self._refusals.note(inputs.shown(line, 80), exc)
             return _error(str(exc))
         try:
             action = VERBS[verb]
@@ -207,9 +179,8 @@ def _error(message: str) -> dict[str, Any]:
     return {"ok": False, "error": message}
 
 
-async def _reply(writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
-    writer.write(json.dumps(reply, default=str).encode() + b"\n")
-    await writer.drain()
+def _line(reply: dict[str, Any]) -> bytes:
+    return json.dumps(reply, default=str).encode() + b"\n"
 
 
 async def _clear_stale(path: Path) -> None:

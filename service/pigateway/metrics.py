@@ -8,7 +8,8 @@ same :class:`Snapshot` with the same :func:`render`, so they cannot disagree:
 2. :class:`Exporter` writes a node_exporter textfile every ``metrics.interval`` seconds
    (temp file + rename, so node_exporter never reads half a file);
 3. :class:`Exporter` serves ``GET /metrics`` on ``metrics.listen`` (loopback unless
-   ``metrics.allow_remote``).
+   ``metrics.allow_remote``), bounded as every listener is (:mod:`pigateway.listeners`,
+   :data:`BOUNDS`): a scraper sends a few hundred bytes at once and reads a few KB.
 
 Where a number comes from decides whether it survives a restart: the queue gauges and the dead
 letters by reason are read from the store's rows (they survive); what only this process saw
@@ -37,6 +38,7 @@ from pigateway import __version__
 from pigateway.config import Config, MetricsConfig, is_loopback, listen_address
 from pigateway.counters import COUNTERS
 from pigateway.errors import ConfigError, PigatewayError, ServiceNotRunning, StoreError
+from pigateway.listeners import Bounds, Connection, Listener
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -53,6 +55,15 @@ MAX_REQUEST: Final = 8192
 REQUEST_TIMEOUT: Final = 5.0
 #: Scrapes answered at once; more get 503 (each one reads the store).
 MAX_SCRAPES: Final = 4
+#: Connections open at once (a scraper holds one); more are closed unread.
+MAX_CONNECTIONS: Final = 8
+#: Seconds one connection may take, its answer included (a scrape reads the store).
+CONNECTION_TIMEOUT: Final = 30.0
+#: The /metrics listener's bounds.
+BOUNDS: Final = Bounds(connections=MAX_CONNECTIONS, request_bytes=MAX_REQUEST,
+                       request_seconds=REQUEST_TIMEOUT, connection_seconds=CONNECTION_TIMEOUT,
+                       busy=b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                            b"Connection: close\r\n\r\n")
 
 
 # --------------------------------------------------------------------------- the queue's rows
@@ -253,11 +264,12 @@ def _counter_families(counters: Mapping[str, Any]) -> Iterator[Metric]:
 class Exporter:
     """The service's metrics task: the textfile and/or ``/metrics``, as configured."""
 
-    def __init__(self, config: MetricsConfig, state: GatewayState, store: Store) -> None:
+    def __init__(self, config: MetricsConfig, state: GatewayState, store: Store, *,
+                 bounds: Bounds = BOUNDS) -> None:
         self.config = config
         self.state = state
         self.store = store
-        self.server: asyncio.Server | None = None
+        self.listener = Listener("metrics", self._serve, bounds)
         self._scrapes = asyncio.Semaphore(MAX_SCRAPES)
 
     @property
@@ -270,15 +282,14 @@ class Exporter:
     async def run(self) -> None:
         """Serve and write until cancelled; errors of one write are logged, not fatal."""
         if self.config.listen is not None:
-            await self.start_server()
+            await self.bind()
         try:
             while self.config.textfile is not None:
                 await self.write_textfile(self.config.textfile)
                 await asyncio.sleep(self.config.interval)
             await asyncio.Future()  # serve only
         finally:
-            if self.server is not None:
-                self.server.close()
+            await self.listener.aclose()
 
     async def write_textfile(self, path: Path) -> None:
         """Write the exposition to ``path`` atomically (temp file in its folder + rename)."""
@@ -288,7 +299,7 @@ class Exporter:
         except (OSError, PigatewayError) as exc:
             log.warning("metrics: cannot write %s: %s", path, exc)
 
-    async def start_server(self) -> asyncio.Server:
+    async def bind(self) -> Listener:
         """Bind ``metrics.listen``; :class:`ConfigError` for a non-loopback address unless
         ``allow_remote`` (checked again here: the config is not the only caller)."""
         assert self.config.listen is not None
@@ -297,29 +308,20 @@ class Exporter:
             raise ConfigError("metrics.listen", f"{self.config.listen!r} is not loopback; "
                               "set metrics.allow_remote = true to expose /metrics")
         try:
-            self.server = await asyncio.start_server(self._serve, host, port,
-                                                     limit=MAX_REQUEST)
+            await self.listener.serve_tcp(host, port)
         except OSError as exc:
+            await self.listener.aclose()
             raise ConfigError("metrics.listen", f"cannot listen on {self.config.listen}: "
                               f"{exc}") from exc
         log.info("metrics: serving /metrics on %s", self.config.listen)
-        return self.server
+        return self.listener
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(REQUEST_TIMEOUT):
-                head = await reader.readuntil(b"\r\n\r\n")
-            status, body = await self._answer(head)
-            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {CONTENT_TYPE}\r\n"
+    async def _serve(self, conn: Connection) -> None:
+        """One request, one answer, then close (the listener bounds the rest)."""
+        status, body = await self._answer(await conn.request(b"\r\n\r\n"))
+        await conn.reply(f"HTTP/1.1 {status}\r\nContent-Type: {CONTENT_TYPE}\r\n"
                          f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
                          + body)
-            await writer.drain()
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            log.debug("metrics: a client went away")
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
 
     async def _answer(self, head: bytes) -> tuple[str, bytes]:
         method, _, rest = head.partition(b" ")
