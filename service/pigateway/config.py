@@ -180,8 +180,9 @@ class IngestRule(_Section, section="ingest"):
     topic: str = _opt("", doc="MQTT topic filter on the local broker ('+' and '#' allowed)")
     mode: Literal["forward", "command"] = _opt(
         "forward", doc="forward: the message whole to remote_topic; command: a queued command")
-    qos: int = _opt(1, min=0, max=2, doc="subscription QoS (0 is never acknowledged: no "
-                                           "guarantee)")
+    qos: int = _opt(1, min=0, max=2, doc="subscription QoS, 1 or 2: each message is "
+                    "acknowledged to the local broker after its commit (PUBACK, PUBREC); 0 is "
+                    "refused (never acknowledged: a stop would lose what ingest held)")
     remote_topic: str = _opt("{prefix}/{gateway}/forward/{topic}",
                              doc="forward: uplink topic; {prefix}, {gateway}, {topic} (local)")
     device: str = _opt("{2}", doc="command: the device, a 1-based level of the local topic")
@@ -448,6 +449,10 @@ def _check_rule(config: Config, key: str, rule: IngestRule) -> None:
         raise ConfigError(f"{key}.topic", f"{shown(rule.topic)} {problem}")
     if rule.topic.startswith("$"):
         raise ConfigError(f"{key}.topic", f"{shown(rule.topic)}: '$' topics are the broker's")
+    if rule.qos == 0:
+        raise ConfigError(f"{key}.qos", "0 is not allowed: a QoS 0 message is never "
+                          "acknowledged, so the local broker keeps no copy of it and a stop or "
+                          "a crash loses what ingest held; use 1 (or 2)")
     if rule.mode == "forward":
         _check_remote(f"{key}.remote_topic", rule.remote_topic)
     else:

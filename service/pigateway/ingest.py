@@ -28,12 +28,12 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 from pigateway import forwarded
-from pigateway.aio import first_of
+from pigateway.aio import cancel_and_wait, first_of
 from pigateway.backoff import wait_backoff
 from pigateway.config import LEVEL_TEMPLATE, Config, IngestRule
 from pigateway.credentials import credential, read_secret, tls_context
@@ -229,19 +229,41 @@ class Ingest:
     # ---- one connection
 
     async def _serve(self, client: Connection) -> None:
+        """Subscribe and take messages at the same time, until the link drops or a stop.
+
+        Not one after the other: a persistent session's broker sends the messages it still
+        has in flight for us right after CONNACK, before the SUBACK, and ignores Receive
+        Maximum for them (mosquitto 2.0 resends all of them). More than the inbox's bound
+        pauses reading the socket, so a subscribe waiting for its SUBACK first would wait
+        behind messages nobody takes: it timed out at every reconnect, for good.
+        """
+        client.when_lost(lambda: self.state.set_local(Link.OFFLINE))
+        subscribed = asyncio.ensure_future(self._subscribe(client))
+        try:
+            while not self._stop.is_set():
+                if subscribed.done():
+                    subscribed.result()  # its failure ends this connection
+                group = client.take(self.config.local.window)  # raises once the link dropped
+                if group:
+                    await self._take(client, group)
+                    continue
+                waits: list[Awaitable[object]] = [client.incoming(), self._stop.wait()]
+                if not subscribed.done():
+                    waits.append(asyncio.shield(subscribed))
+                await first_of(*waits)
+        finally:
+            await cancel_and_wait(subscribed)
+            if not subscribed.cancelled():
+                subscribed.exception()  # seen: the link's end is what this connection reports
+
+    async def _subscribe(self, client: Connection) -> None:
         for rule in self.rules:
             await client.subscribe(rule.topic, qos=rule.qos, as_published=True)
         log.info("ingest: online at local broker %s:%d (session present: %s), %d rule(s)",
                  self.config.local.host, self.config.local.port, client.session_present,
                  len(self.rules))
-        self.state.set_local(Link.ONLINE)
-        client.when_lost(lambda: self.state.set_local(Link.OFFLINE))
-        while not self._stop.is_set():
-            group = client.take(self.config.local.window)  # raises once the link dropped
-            if group:
-                await self._take(client, group)
-            else:
-                await first_of(client.incoming(), self._stop.wait())
+        if not client.lost:
+            self.state.set_local(Link.ONLINE)
 
     async def _take(self, client: Connection, group: Sequence[Message]) -> None:
         """Commit ``group`` and acknowledge it, in order, waiting out a store that refuses.
