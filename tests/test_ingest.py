@@ -236,5 +236,5 @@ async def test_queue_stats_count_forwarded_messages_apart(
         code = await asyncio.to_thread(main, ["queue", "stats", "--config", str(path)])
         out = capsys.readouterr().out
     assert code == 0
-    assert "queued:     1 commands" in out
-    assert "forwarded:  2 messages" in out
+    assert "Queued: 1 command," in out
+    assert "Forwarded: 2 messages" in out
