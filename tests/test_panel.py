@@ -41,7 +41,7 @@ from pigateway.panel import (
     show_for,
 )
 from pigateway.pins import pin_factory
-from pigateway.state import GatewayState, Link
+from pigateway.state import GatewayState, Link, Refusal, Refuser
 from uplink_helpers import make_config, subscribed
 
 GREEN, RED, AMBER, PAUSE, FLUSH = 10, 11, 12, 20, 21
@@ -68,18 +68,25 @@ CASES: list[tuple[dict[str, Any], Show]] = [
     ({"link": Link.ONLINE, "local": Link.ONLINE}, Show.ONLINE),
     ({"link": Link.ONLINE, "local": Link.OFFLINE, "depth": 5}, Show.DRAINING),
     ({"link": Link.OFFLINE, "local": Link.OFFLINE}, Show.CONNECTING),
+    ({"link": Link.ONLINE, "depth": 3, "refusing": Refusal.DISK_RESERVE}, Show.REFUSING),
+    ({"link": Link.OFFLINE, "paused": True, "refusing": Refusal.QUEUE_FULL}, Show.REFUSING),
+    ({"link": Link.OFFLINE, "fault": "login refused", "refusing": Refusal.QUEUE_FULL},
+     Show.FAULT),
 ]
 
 
 def _state(changes: dict[str, Any]) -> GatewayState:
     state = GatewayState()
+    refusing = changes.pop("refusing", None)
     state.update(**changes)
+    if refusing is not None:
+        state.set_refusing(Refuser.QUEUE, refusing, "set by the test")
     return state
 
 
 @pytest.mark.parametrize(("changes", "show"), CASES)
 def test_pattern_of_each_state(changes: dict[str, Any], show: Show) -> None:
-    state = _state(changes)
+    state = _state(dict(changes))
     assert show_for(state) is show
     assert pattern_for(state) == show.value
 

@@ -22,7 +22,7 @@ import pytest
 
 from pigateway.config import StoreConfig
 from pigateway.errors import StoreError
-from pigateway.state import GatewayState, Link
+from pigateway.state import GatewayState, Link, Refusal, Refuser
 from pigateway.store import Store
 from pigateway.systemd import Notifier, ping_bound, status_line, supervise, watchdog_interval
 from pigateway.text import format_age
@@ -166,6 +166,18 @@ def _state(**changes: object) -> GatewayState:
 )
 def test_status_line(changes: dict[str, object], line: str) -> None:
     assert status_line(_state(**changes), now=NOW) == line
+
+
+def test_status_line_says_what_work_is_refused_and_why() -> None:
+    state = _state(link=Link.ONLINE, depth=7)
+    state.set_refusing(Refuser.INGEST, Refusal.DISK_RESERVE, "only 10 bytes free under /q")
+    state.set_refusing(Refuser.QUEUE, Refusal.DISK_RESERVE, "only 10 bytes free under /q")
+    assert status_line(state, now=NOW) == "REFUSING disk-reserve · online · queue 7 · dead 0"
+    state.set_refusing(Refuser.QUEUE, Refusal.QUEUE_FULL, "the queue is full")
+    assert status_line(state, now=NOW).startswith("REFUSING disk-reserve, queue-full · ")
+    state.clear_refusing(Refuser.INGEST)
+    state.clear_refusing(Refuser.QUEUE)
+    assert status_line(state, now=NOW) == "online · queue 7 · dead 0"
 
 
 @pytest.mark.parametrize(

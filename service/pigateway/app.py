@@ -33,7 +33,7 @@ from pigateway.ingest import Ingest
 from pigateway.logs import setup_logging
 from pigateway.metrics import Exporter
 from pigateway.panel import Panel
-from pigateway.state import FaultSource, GatewayState
+from pigateway.state import FaultSource, GatewayState, Refusal, Refuser
 from pigateway.store import Store
 from pigateway.store_calls import store_is_gone
 from pigateway.systemd import Notifier, bound_stop, ping_bound, supervise, watchdog_interval
@@ -203,6 +203,12 @@ class Gateway:
     async def _refresh(self, store: Store) -> None:
         stats = await store.stats()
         self.state.set_queue(stats.depth, stats.oldest_age, stats.dead_total)
+        # what a producer's put would meet now: its refusal is not seen here otherwise
+        refusal = await store.refusal()
+        if refusal is None:
+            self.state.clear_refusing(Refuser.QUEUE)
+        else:
+            self.state.set_refusing(Refuser.QUEUE, Refusal.of(refusal), str(refusal))
 
 
 def report_failure(exc: BaseException, config_path: Path, *, config_error: bool) -> None:

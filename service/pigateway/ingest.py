@@ -48,7 +48,7 @@ from pigateway.errors import (
 )
 from pigateway.mqtt import Connection, Message, Settings, connect
 from pigateway.packets import Undecodable
-from pigateway.state import GatewayState, Link
+from pigateway.state import GatewayState, Link, Refusal, Refuser
 from pigateway.store import NewCommand, Store, prepare
 from pigateway.text import bounded
 
@@ -302,6 +302,7 @@ class Ingest:
             if self.refusing:
                 log.info("ingest: the queue takes messages again")
                 self.refusing = False
+                self.state.clear_refusing(Refuser.INGEST)
 
     async def _refused(self, count: int, error: StoreError, attempt: int) -> None:
         """Back-pressure: nothing acknowledged, nothing more read, tried again by itself."""
@@ -310,6 +311,7 @@ class Ingest:
                         "acknowledged and nothing read until it takes them: the local "
                         "broker keeps them", count, error)
         self.refusing = True
+        self.state.set_refusing(Refuser.INGEST, Refusal.of(error), str(error))  # every view
         await first_of(asyncio.sleep(REFUSED_BACKOFF.delay(attempt)), self._stop.wait())
 
     async def _write(self, part: Sequence[Message]) -> None:

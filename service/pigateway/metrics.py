@@ -39,6 +39,7 @@ from pigateway.config import Config, MetricsConfig, is_loopback, listen_address
 from pigateway.counters import COUNTERS
 from pigateway.errors import ConfigError, PigatewayError, ServiceNotRunning, StoreError
 from pigateway.listeners import Bounds, Connection, Listener
+from pigateway.state import Refusal
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -225,6 +226,12 @@ def _state_families(state: Mapping[str, Any]) -> Iterator[Metric]:
     yield Gauge("pigateway_fault", "1 while a fault an operator must fix is set (see "
                 "pigateway status)", value=state.get("fault") is not None)
     yield Gauge("pigateway_paused", "1 while draining is paused", value=bool(state.get("paused")))
+    refusing = Gauge("pigateway_refusing", "1 while work is turned away for this reason "
+                     "(pigateway status says by whom and why)", labels=["reason"])
+    active = {refusal.get("reason") for refusal in state.get("refusals") or []}
+    for reason in Refusal:
+        refusing.add_metric([str(reason)], reason in active)
+    yield refusing
     yield Gauge("pigateway_in_flight_batches", "batches published and not yet acknowledged",
                 value=state.get("in_flight") or 0)
     yield Gauge("pigateway_start_time_seconds", "when the service started (unix time)",

@@ -76,6 +76,10 @@ class Show(enum.Enum):
 
     FAULT = PanelPattern("fault", OFF, FAST, OFF,
                          "an operator must act: login refused, TLS broken, store not answering")
+    REFUSING = PanelPattern("refusing work", OFF, SLOW, ON,
+                            "an operator must act: the queue takes no new commands (disk at "
+                            "store.min_free_bytes, queue full, store refusing); `pigateway "
+                            "status` says which")
     PAUSED = PanelPattern("paused", ON, ON, SLOW,
                           "paused by button or `pigateway pause`: queueing, not draining")
     DRAINING = PanelPattern("online, draining", FAST, OFF, FAST,
@@ -100,6 +104,7 @@ class Rule:
 
 RULES: tuple[Rule, ...] = (
     Rule(Show.FAULT, lambda s: s.fault is not None),
+    Rule(Show.REFUSING, lambda s: s.refusing is not None),
     Rule(Show.PAUSED, lambda s: s.paused),
     Rule(Show.DRAINING, lambda s: s.link is Link.ONLINE and (s.draining or s.depth > 0)),
     Rule(Show.LOCAL_DOWN, lambda s: s.link is Link.ONLINE and s.local not in (None, Link.ONLINE)),

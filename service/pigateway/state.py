@@ -8,15 +8,33 @@ typed writers (:meth:`GatewayState.set_link`, :meth:`~GatewayState.set_fault`, .
 A fault is owned by its source (:class:`FaultSource`): each sets and clears only its own, so
 the link coming up cannot hide a wedged store. ``fault``, what the views read, is the oldest
 fault still set.
+
+A refusal is work pigateway turns away while it runs (:class:`Refusal`: the queue full, the
+disk at its reserve, a store that cannot take a write), owned like a fault by the part that
+sees it (:class:`Refuser`). Every view shows it (``refusing``, ``refusals``), and its writer
+says it in the journal at warning once per episode, so a gateway that has stopped taking
+commands never looks healthy.
+
+``link_since`` is when the link last went up or down: an outage's clock runs from when the
+link was lost, whatever reconnect attempts come and go inside it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from pigateway.errors import QueueFull, StoreError, StoreFull
+
+log = logging.getLogger(__name__)
+
+#: Seconds after a refusal ended within which the same refusal is the same episode (not
+#: said again at warning).
+EPISODE_GAP = 30.0
 
 
 class FaultSource(enum.StrEnum):
@@ -27,6 +45,30 @@ class FaultSource(enum.StrEnum):
     WATCHDOG = "watchdog"  #: systemd.py: the store writer does not answer
     STORE = "store"  #: the app: the store is gone (corrupt)
     OTHER = "other"  #: :meth:`GatewayState.update` with ``fault=`` (tests, tools)
+
+
+class Refusal(enum.StrEnum):
+    """Why work is refused (the ``reason`` label of ``pigateway_refusing``)."""
+
+    QUEUE_FULL = "queue-full"  #: the queue at store.max_commands/max_bytes, overflow reject
+    DISK_RESERVE = "disk-reserve"  #: the disk under store.min_free_bytes
+    STORE_BUSY = "store-busy"  #: the store cannot take a write now (locked, failing)
+
+    @classmethod
+    def of(cls, error: StoreError) -> Refusal:
+        """The reason of a store's refusal."""
+        if isinstance(error, StoreFull):
+            return cls.DISK_RESERVE
+        if isinstance(error, QueueFull):
+            return cls.QUEUE_FULL
+        return cls.STORE_BUSY
+
+
+class Refuser(enum.StrEnum):
+    """Who sees a refusal; only that part sets and clears it."""
+
+    QUEUE = "queue"  #: the app's look at the queue: every producer would be refused
+    INGEST = "ingest"  #: ingest: the store refuses the local broker's messages
 
 
 class Link(enum.StrEnum):
@@ -52,14 +94,21 @@ class GatewayState:
     dead_letters: int = 0
     last_error: str | None = None
     fault: str | None = None
+    #: the oldest refusal still set, as ``who: reason: detail`` (None: work is taken)
+    refusing: str | None = None
     #: what the broker and the config allow on the current link (see Uplink.limits_in_force)
     limits: dict[str, Any] | None = None
     retry_at: float | None = None
+    #: when the link last went up (online) or down (anything else)
     link_since: float = field(default_factory=time.time)
     started_at: float = field(default_factory=time.time)
     version: int = 0
     _changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
     _faults: dict[FaultSource, str] = field(default_factory=dict, repr=False, compare=False)
+    _refusals: dict[Refuser, tuple[Refusal, str]] = field(default_factory=dict, repr=False,
+                                                          compare=False)
+    _refusals_ended: dict[Refuser, tuple[Refusal, float]] = field(
+        default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.fault is not None:
@@ -123,6 +172,39 @@ class GatewayState:
         """The oldest fault still set: what the views show."""
         return next(iter(self._faults.values()), None)
 
+    def set_refusing(self, who: Refuser, why: Refusal, detail: str) -> bool:
+        """``who`` turns work away for ``why``; said at warning when this episode begins,
+        not again while it lasts. A queue hovering at its limit refuses and takes by turns:
+        the same refusal again within :data:`EPISODE_GAP` seconds of its end is the same
+        episode."""
+        before = self._refusals.get(who)
+        self._refusals[who] = (why, detail)
+        if before is None or before[0] is not why:
+            ended = self._refusals_ended.get(who)
+            same = ended is not None and ended[0] is why \
+                and time.monotonic() - ended[1] < EPISODE_GAP
+            log.log(logging.DEBUG if same else logging.WARNING,
+                    "refusing work: %s: %s: %s", who, why, detail)
+        return self._show_refusal()
+
+    def clear_refusing(self, who: Refuser) -> bool:
+        """``who`` takes work again (another part's refusal stays)."""
+        before = self._refusals.pop(who, None)
+        if before is not None:
+            self._refusals_ended[who] = (before[0], time.monotonic())
+            log.info("%s takes work again (it was refusing it: %s)", who, before[0])
+        return self._show_refusal()
+
+    def refusals(self) -> list[dict[str, str]]:
+        """Every refusal set, oldest first: ``{"by", "reason", "detail"}``."""
+        return [{"by": str(who), "reason": str(why), "detail": detail}
+                for who, (why, detail) in self._refusals.items()]
+
+    def _show_refusal(self) -> bool:
+        first = next(iter(self._refusals.items()), None)
+        shown = None if first is None else f"{first[0]}: {first[1][0]}: {first[1][1]}"
+        return self._apply({"refusing": shown})
+
     # ---- the general writer
 
     def update(self, **changes: Any) -> bool:
@@ -133,6 +215,8 @@ class GatewayState:
         for name in changes:
             if name.startswith("_") or not hasattr(self, name):
                 raise AttributeError(f"GatewayState has no field {name!r}")
+            if name == "refusing":  # owned, and said in the journal: only its writers
+                raise AttributeError("refusing is set by set_refusing and clear_refusing")
         if "fault" in changes:
             if changes["fault"] is None:
                 self._faults.pop(FaultSource.OTHER, None)
@@ -145,10 +229,10 @@ class GatewayState:
         dirty = False
         for name, value in changes.items():
             if getattr(self, name) != value:
+                if name == "link" and (value is Link.ONLINE) != (self.link is Link.ONLINE):
+                    self.link_since = time.time()  # up or down: not each attempt inside
                 setattr(self, name, value)
                 dirty = True
-                if name == "link":
-                    self.link_since = time.time()
         if dirty:
             self.version += 1
             self._changed.set()
@@ -171,6 +255,7 @@ class GatewayState:
         data = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
         data["link"] = str(self.link)
         data["local"] = None if self.local is None else str(self.local)
+        data["refusals"] = self.refusals()
         data["retry_in"] = (
             max(0.0, round(self.retry_at - time.time(), 1)) if self.retry_at is not None else None
         )

@@ -144,7 +144,8 @@ def _stop_overdue(seconds: float) -> None:
 def status_line(state: GatewayState, now: float | None = None) -> str:
     """The one-line ``STATUS=`` of ``state``, e.g. ``online · queue 0 · dead 0``.
 
-    Parts in order: the fault (if any), the link (with how long it has been down), the local
+    Parts in order: the fault (if any), the work refused (``REFUSING disk-reserve``), the
+    link (with how long it has been up or down, from ``link_since``), the local
     broker's link of ingest while it is down (``local offline``), paused,
     draining, the queue depth (with the oldest command's age), dead letters (always while
     online, else only when there are any), and the next reconnect.
@@ -156,6 +157,12 @@ def status_line(state: GatewayState, now: float | None = None) -> str:
 
 def _fault(state: GatewayState, now: float) -> str | None:
     return f"FAULT {state.fault}" if state.fault else None
+
+
+def _refusing(state: GatewayState, now: float) -> str | None:
+    """Work turned away, by reason (``pigateway status`` has the detail)."""
+    reasons = dict.fromkeys(r["reason"] for r in state.refusals())
+    return f"REFUSING {', '.join(reasons)}" if reasons else None
 
 
 def _link(state: GatewayState, now: float) -> str:
@@ -199,7 +206,7 @@ def _retry(state: GatewayState, now: float) -> str | None:
 
 
 _PARTS: tuple[Callable[[GatewayState, float], str | None], ...] = (
-    _fault, _link, _local, _paused, _draining, _queue, _dead, _retry,
+    _fault, _refusing, _link, _local, _paused, _draining, _queue, _dead, _retry,
 )
 
 

@@ -122,6 +122,25 @@ class Outbox:
                             f"store.min_free_bytes={self.config.min_free_bytes} free. Queued "
                             "commands are kept; new ones are refused until space is freed")
 
+    def refusal(self, conn: sqlite3.Connection) -> QueueFull | StoreFull | None:
+        """What a put of one small command would be refused with now (None: it would be
+        taken), by the same rules as a put: the disk reserve, then a full queue under
+        ``reject``. The service shows it: producers are other processes, and their
+        refusals would otherwise go unseen by every view."""
+        try:
+            self.check_disk(conn)
+        except StoreFull as exc:
+            return exc
+        if self.config.overflow != "reject":
+            return None
+        count, size = first(conn, "SELECT commands, bytes FROM totals WHERE id = 1")
+        if count >= self.config.max_commands or size >= self.config.max_bytes:
+            return QueueFull(f"the queue is full ({count} commands, {size} bytes; "
+                             f"store.max_commands={self.config.max_commands}, "
+                             f"store.max_bytes={self.config.max_bytes}); new commands are "
+                             "refused until it drains")
+        return None
+
     def insert_group(self, conn: sqlite3.Connection,
                      group: list[Put]) -> list[list[Command] | Exception]:
         """Consecutive puts in one insert; each refused alone by the limits."""

@@ -304,6 +304,14 @@ class Store(Reads):
         """
         await self._writer.submit(select_one, bare=True)
 
+    async def refusal(self) -> StoreError | None:
+        """What a put would be refused with now (the disk reserve, a full queue), or None;
+        read on the reader's connection, so it waits for no writer."""
+        try:
+            return await self._reader.call(self._outbox.refusal)
+        except sqlite3.Error as exc:
+            raise translate(exc, self.path) from exc
+
     # ---- maintenance
 
     async def requeue_dead(self, id: str | None = None, *, expired: bool = False,
