@@ -28,6 +28,7 @@ from harness.waits import until, wait_until
 from pigateway.config import Config, from_dict
 from pigateway.inbound import Inbound
 from pigateway.ingest import Ingest
+from pigateway.mqtt import Settings, connect
 from pigateway.state import GatewayState, Link
 from pigateway.store import Store
 from pigateway.wire import topic
@@ -250,3 +251,56 @@ def _at_least_one(store: Store) -> Any:
         stats = await store.stats()
         return stats.depth + len(await store.list_dead()) >= 1
     return check
+
+
+# --------------------------------------------------------------------------- the broker's own
+
+
+@pytest.mark.parametrize("code", [0x00, 0x10, 0x97, 0x87])
+@pytest.mark.parametrize("reason", ["\ufeff", "a\x00b", b"\xff"], ids=["U+FEFF", "NUL", "bytes"])
+async def test_a_puback_paho_cannot_decode_still_answers_its_publish(
+        code: int, reason: str | bytes) -> None:
+    """A PUBACK whose Reason String paho refuses answers its publish with its code all the
+    same (the drain's delete or refusal); the link stays up."""
+    async with HostileBroker(decide=lambda p: None) as broker:
+        settings_ = Settings("127.0.0.1", broker.port, client_id="odd-puback", protocol="5")
+        async with connect(settings_, bound=5) as client:
+            sending = asyncio.create_task(client.deliver("t", b"x", timeout=5))
+            assert await broker.wait_for(lambda: bool(broker.published), 5)
+            mid = broker.published[-1][1].mid
+            assert mid is not None
+            await broker.send(w.ack(w.PUBACK, mid, code, props=w.reason_string(reason)))
+            assert await sending == (None if code < 0x80 else code)
+            assert not client.lost
+        assert len(broker.sessions) == 1
+
+
+@pytest.mark.parametrize("reason", ["\ufeff busy", "a\x00b", b"\xff"],
+                         ids=["U+FEFF", "NUL", "bytes"])
+async def test_a_disconnect_paho_cannot_decode_keeps_its_reason_code(reason: str | bytes) -> None:
+    """A server DISCONNECT whose Reason String paho refuses still says "slow down" (0x89):
+    the uplink's backoff keeps growing, as for a plain one."""
+    async with HostileBroker() as broker:
+        settings_ = Settings("127.0.0.1", broker.port, client_id="odd-disconnect", protocol="5")
+        async with connect(settings_, bound=5) as client:
+            await broker.disconnect(0x89, reason=reason)
+            assert await broker.wait_for(lambda: client.lost, 5)
+            assert client.slow_down == "DISCONNECT reason code 0x89 (server busy)"
+
+
+async def test_a_suback_paho_cannot_decode_still_confirms_the_subscription() -> None:
+    async with HostileBroker() as broker:
+        settings_ = Settings("127.0.0.1", broker.port, client_id="odd-suback", protocol="5")
+        async with connect(settings_, bound=5) as client:
+            original = broker._answer
+
+            async def odd_suback(session: Any, found: w.Packet) -> bool:
+                if found.kind != w.SUBSCRIBE:
+                    return await original(session, found)
+                mid, _ = w.parse_subscribe(found)
+                await session.send(w.suback(mid, [1], props=w.reason_string("\ufeff")))
+                return True
+            broker._answer = odd_suback  # type: ignore[method-assign]
+            async with asyncio.timeout(5):
+                await client.subscribe("t/#", qos=1)
+            assert not client.lost

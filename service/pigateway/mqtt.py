@@ -45,7 +45,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from pigateway.errors import LinkFault, LoginRefused, RetainNotSupported, UplinkError
 from pigateway.forwarded import ORIGIN_PROPERTY, Extras
-from pigateway.packets import Undecodable, publish_head
+from pigateway.packets import Undecodable, publish_head, without_properties
 from pigateway.text import bounded
 
 
@@ -110,6 +110,9 @@ PRIVATE_API: Final = (
                   "finish that message with the refusal's code"),
     PrivateMember("paho.Client", "_sock_close", "method", (),
                   "close a hung connection without a DISCONNECT (abort)"),
+    PrivateMember("paho.Client", "_packet_handle", "method", (),
+                  "wrapped: an acknowledgement or DISCONNECT is read again without the "
+                  "properties paho refuses (its codes kept)"),
     PrivateMember("paho.Client", "_handle_publish", "method", (),
                   "wrapped: a PUBLISH paho cannot decode fails alone, not the link"),
     PrivateMember("paho.Client", "_handle_pubrel", "method", (),
@@ -497,6 +500,8 @@ class _Client(aiomqtt.Client):
             self._client._handle_publish)
         self._client._handle_pubrel = self._tolerant_pubrel(  # type: ignore[method-assign]
             self._client._handle_pubrel)
+        self._client._packet_handle = self._without_odd_properties(  # type: ignore[method-assign]
+            self._client._packet_handle)
         # a full in-flight window is normal here; aiomqtt warns past 10 pending calls
         self.pending_calls_threshold = (kwargs.get("max_inflight_messages") or 0) + 16
 
@@ -610,6 +615,32 @@ class _Client(aiomqtt.Client):
                 if len(packet) < 2:
                     raise
                 inner._in_packet["packet"] = bytearray(packet[:2])
+                return handle()
+        return tolerant
+
+    def _without_odd_properties(self, handle: Callable[[], MQTTErrorCode]
+                                ) -> Callable[[], MQTTErrorCode]:
+        """A PUBACK, PUBREC, PUBCOMP, SUBACK, UNSUBACK or DISCONNECT whose Reason String or
+        User Property paho refuses (U+FEFF, NUL, bytes that are not UTF-8) ended the link:
+        a PUBACK's code never reached its publish (sent again at every reconnect), a
+        DISCONNECT's "slow down" was lost. Such a packet is read again with no properties;
+        its packet id and reason codes, which is all we use, stay."""
+        inner = self._client
+
+        def tolerant() -> MQTTErrorCode:
+            try:
+                return handle()
+            except Exception as exc:
+                if inner.protocol != paho.MQTTv5:
+                    raise
+                kind = int(inner._in_packet["command"]) >> 4
+                plain = without_properties(kind, bytes(inner._in_packet["packet"]))
+                if plain is None:
+                    raise
+                log.warning("mqtt: the broker's %s could not be decoded (%s: %s); read again "
+                            "without its properties", PacketTypes.Names[kind].upper(),
+                            type(exc).__name__, bounded(exc, 200))
+                inner._in_packet["packet"] = bytearray(plain)
                 return handle()
         return tolerant
 

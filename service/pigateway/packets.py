@@ -120,3 +120,24 @@ def publish_head(header: int, body: bytes, v5: bool) -> PublishHead | None:
         payload = None if length is None or length[1] + length[0] > len(body) \
             else body[length[1] + length[0]:]
     return PublishHead(qos, mid, topic, payload)
+
+
+#: Packet types whose properties :func:`without_properties` can drop: PUBACK, PUBREC,
+#: PUBCOMP, SUBACK, UNSUBACK, DISCONNECT (the broker's own packets, no user content).
+PUBACK, PUBREC, PUBCOMP, SUBACK, UNSUBACK, DISCONNECT = 4, 5, 7, 9, 11, 14
+
+
+def without_properties(kind: int, body: bytes) -> bytes | None:
+    """An MQTT 5 acknowledgement or DISCONNECT ``body`` with an empty property block: the
+    packet id and reason code(s) kept, a Reason String or User Property the MQTT library
+    refuses dropped. None when there is nothing to drop, or the codes cannot be found."""
+    if kind in (PUBACK, PUBREC, PUBCOMP):
+        return body[:3] + b"\x00" if len(body) > 3 else None
+    if kind == DISCONNECT:
+        return body[:1] + b"\x00" if len(body) > 1 else None
+    if kind in (SUBACK, UNSUBACK):
+        length = _varint(body, 2)
+        if length is None or length[0] == 0 or length[1] + length[0] > len(body):
+            return None
+        return body[:2] + b"\x00" + body[length[1] + length[0]:]
+    return None
