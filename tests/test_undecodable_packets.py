@@ -28,7 +28,7 @@ from pigateway.ingest import Ingest
 from pigateway.state import Link
 from pigateway.store import Store
 from pigateway.wire import topic
-from uplink_helpers import RecordingState, running_uplink
+from uplink_helpers import RecordingState, drained, running_uplink
 
 pytestmark = pytest.mark.broker
 
@@ -78,6 +78,8 @@ async def test_a_command_paho_cannot_decode_is_rejected_and_the_link_stays(
         odd = await run.store.inbox.find("c-feff")
         assert odd is not None and odd.status == "rejected"
         assert odd.result is not None and "decode" in odd.result.get("detail", "")
+        await run.store.put("lamp", "on")  # the drain goes on too (it stopped: 0 batches)
+        assert await drained(run.store, 10), "outbound delivery stopped"
         assert links_dropped(state) == 0
     assert await _redelivered(cfg) == [], "the undecodable message was never acknowledged"
 
