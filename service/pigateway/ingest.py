@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from pigateway import forwarded
+from pigateway import forwarded, profiles
 from pigateway.aio import cancel_and_wait, first_of
 from pigateway.backoff import wait_backoff
 from pigateway.config import LEVEL_TEMPLATE, Config, IngestRule
@@ -50,6 +50,7 @@ from pigateway.mqtt import Connection, Message, Settings, connect
 from pigateway.packets import Undecodable
 from pigateway.state import GatewayState, Link, Refusal, Refuser
 from pigateway.store import NewCommand, Store, prepare
+from pigateway.inputs import topic_problem
 from pigateway.text import bounded
 
 log = logging.getLogger(__name__)
@@ -125,12 +126,38 @@ def as_command(rule: IngestRule, message: Message) -> Taken:
     return Taken(NewCommand(device=device, name=name, params=params, ttl=rule.ttl))
 
 
+def forward_topic_problem(config: Config, topic: str) -> str | None:
+    """What keeps the uplink from publishing on ``topic`` (None: nothing): MQTT's rule for a
+    topic name (:func:`pigateway.inputs.topic_problem`: no wildcard, no control character,
+    at most 65,535 bytes) and the cloud profile's own limits (bytes, slashes, reserved)."""
+    problem = topic_problem(topic)
+    if problem is not None:
+        return problem
+    profile = profiles.get(config.mqtt.profile)
+    size = len(topic.encode())
+    if profile.max_topic_bytes and size > profile.max_topic_bytes:
+        return f"is {size} bytes, over {profile.max_topic_bytes}, the most {profile.name} allows"
+    if profile.max_topic_slashes is not None and topic.count("/") > profile.max_topic_slashes:
+        return (f"has {topic.count('/')} slashes, over {profile.max_topic_slashes}, the most "
+                f"{profile.name} allows")
+    if any(topic.lower().startswith(reserved) for reserved in profile.reserved_prefixes):
+        return f"is under {', '.join(profile.reserved_prefixes)}, reserved by {profile.name}"
+    return None
+
+
 def as_forward(config: Config, rule: IngestRule, message: Message) -> Taken:
-    """A ``forward`` rule's message as a row of kind ``forward``."""
+    """A ``forward`` rule's message as a row of kind ``forward``, or a dead letter when its
+    uplink topic cannot be published: refused here, alone, it never reaches the drain."""
     extras = message.extras
     ttl = rule.ttl if rule.ttl is not None else extras.expiry
     device = message.topic if len(message.topic) <= 128 else message.topic[:127] + "…"
-    params = forwarded.pack(remote_topic(config, rule, message.topic), message.payload, extras)
+    where = remote_topic(config, rule, message.topic)
+    problem = forward_topic_problem(config, where)
+    if problem is not None:
+        kept = {**_kept_payload(message.payload), "topic": bounded(where, 200)}
+        return Taken(NewCommand(device=device, name="forward", params=kept, ttl=ttl),
+                     f"the uplink topic {bounded(where, 80)} {problem}")
+    params = forwarded.pack(where, message.payload, extras)
     return Taken(NewCommand(device=device, name="forward", params=params, ttl=ttl,
                             kind="forward"))
 
