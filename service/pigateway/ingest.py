@@ -46,11 +46,11 @@ from pigateway.errors import (
     StoreError,
     UplinkError,
 )
+from pigateway.inputs import topic_problem
 from pigateway.mqtt import Connection, Message, Settings, connect
 from pigateway.packets import Undecodable
 from pigateway.state import GatewayState, Link, Refusal, Refuser
 from pigateway.store import NewCommand, Store, prepare
-from pigateway.inputs import topic_problem
 from pigateway.text import bounded
 
 log = logging.getLogger(__name__)
