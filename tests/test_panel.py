@@ -23,6 +23,7 @@ from harness.waits import wait_until
 from pigateway.app import Gateway
 from pigateway.config import GpioConfig
 from pigateway.errors import GpioError
+from pigateway.mockpins import BoundedMockFactory
 from pigateway.panel import (
     BLIP,
     BUTTON_ACTIONS,
@@ -145,8 +146,9 @@ def calls() -> Calls:
 
 @pytest.fixture
 async def panel(calls: Calls) -> AsyncIterator[Panel]:
+    # the service's own mock factory (bounded pin history): patterns read from its states
     async with Panel(CFG, GatewayState(), on_toggle_pause=calls.toggle, on_flush=calls.flush,
-                     pin_factory=MockFactory()) as p:
+                     pin_factory=BoundedMockFactory()) as p:
         yield p
 
 

@@ -3,8 +3,10 @@
 ``gpio.pin_factory`` means the same for both:
 
 - ``lgpio``: gpiozero's LGPIOFactory (a Pi's gpiochip), or :class:`GpioError`;
-- ``mock``: gpiozero's process-wide MockFactory (``Device.pin_factory``), shared, so every
-  part of the service sees the same mock pins and a pin used twice is caught;
+- ``mock``: a process-wide MockFactory (``Device.pin_factory``), shared, so every part of
+  the service sees the same mock pins and a pin used twice is caught; the one made here is
+  :class:`pigateway.mockpins.BoundedMockFactory`, whose pins remember a bounded history
+  (gpiozero's own keep every change: a blinking panel grew ~10 MB an hour);
 - ``auto``: lgpio when a gpiochip opens, else the mock, with one warning, so the service
   runs (without lights or relays) on a machine without GPIO.
 
@@ -39,8 +41,10 @@ def _mock_factory() -> Any:
     from gpiozero import Device  # noqa: PLC0415 (gpiozero is slow to import)
     from gpiozero.pins.mock import MockFactory  # noqa: PLC0415
 
-    if not isinstance(Device.pin_factory, MockFactory):
-        Device.pin_factory = MockFactory()
+    from pigateway.mockpins import BoundedMockFactory  # noqa: PLC0415 (imports gpiozero)
+
+    if not isinstance(Device.pin_factory, MockFactory):  # a test's own MockFactory stays
+        Device.pin_factory = BoundedMockFactory()
     return Device.pin_factory
 
 
