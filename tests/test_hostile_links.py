@@ -304,3 +304,18 @@ async def test_a_suback_paho_cannot_decode_still_confirms_the_subscription() -> 
             async with asyncio.timeout(5):
                 await client.subscribe("t/#", qos=1)
             assert not client.lost
+
+
+@pytest.mark.parametrize("odd", [w.reason_string("\ufeff"), w.user_property("a\x00b", "v"),
+                                 w.prop_string(0x12, b"\xff")],
+                         ids=["reason-U+FEFF", "user-NUL", "assigned-id-bytes"])
+async def test_a_connack_paho_cannot_decode_still_connects_with_its_limits(odd: bytes) -> None:
+    """A CONNACK with a string property paho refuses connects all the same, and the limits
+    it sets (Receive Maximum 1, Maximum Packet Size 256) hold: only the strings are lost."""
+    async with HostileBroker(receive_maximum=1, maximum_packet_size=256,
+                             connack_props=odd) as broker:
+        settings_ = Settings("127.0.0.1", broker.port, client_id="odd-connack", protocol="5")
+        async with connect(settings_, bound=5) as client:
+            assert client.limits.receive_maximum == 1
+            assert client.max_packet_size == 256
+            assert await client.deliver("t", b"x", timeout=5) is None

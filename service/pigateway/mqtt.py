@@ -111,8 +111,8 @@ PRIVATE_API: Final = (
     PrivateMember("paho.Client", "_sock_close", "method", (),
                   "close a hung connection without a DISCONNECT (abort)"),
     PrivateMember("paho.Client", "_packet_handle", "method", (),
-                  "wrapped: an acknowledgement or DISCONNECT is read again without the "
-                  "properties paho refuses (its codes kept)"),
+                  "wrapped: an acknowledgement, CONNACK or DISCONNECT is read again "
+                  "without the properties paho refuses (its codes and limits kept)"),
     PrivateMember("paho.Client", "_handle_publish", "method", (),
                   "wrapped: a PUBLISH paho cannot decode fails alone, not the link"),
     PrivateMember("paho.Client", "_handle_pubrel", "method", (),
@@ -620,11 +620,12 @@ class _Client(aiomqtt.Client):
 
     def _without_odd_properties(self, handle: Callable[[], MQTTErrorCode]
                                 ) -> Callable[[], MQTTErrorCode]:
-        """A PUBACK, PUBREC, PUBCOMP, SUBACK, UNSUBACK or DISCONNECT whose Reason String or
-        User Property paho refuses (U+FEFF, NUL, bytes that are not UTF-8) ended the link:
-        a PUBACK's code never reached its publish (sent again at every reconnect), a
-        DISCONNECT's "slow down" was lost. Such a packet is read again with no properties;
-        its packet id and reason codes, which is all we use, stay."""
+        """A CONNACK, PUBACK, PUBREC, PUBCOMP, SUBACK, UNSUBACK or DISCONNECT whose Reason
+        String or User Property paho refuses (U+FEFF, NUL, bytes that are not UTF-8) ended
+        the link: a PUBACK's code never reached its publish (sent again at every reconnect),
+        a DISCONNECT's "slow down" was lost, a CONNACK failed every connect. Such a packet
+        is read again without them (:func:`~pigateway.packets.without_properties`): its
+        packet id, reason codes and a CONNACK's limits, which is all we use, stay."""
         inner = self._client
 
         def tolerant() -> MQTTErrorCode:

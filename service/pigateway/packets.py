@@ -122,15 +122,66 @@ def publish_head(header: int, body: bytes, v5: bool) -> PublishHead | None:
     return PublishHead(qos, mid, topic, payload)
 
 
-#: Packet types whose properties :func:`without_properties` can drop: PUBACK, PUBREC,
-#: PUBCOMP, SUBACK, UNSUBACK, DISCONNECT (the broker's own packets, no user content).
-PUBACK, PUBREC, PUBCOMP, SUBACK, UNSUBACK, DISCONNECT = 4, 5, 7, 9, 11, 14
+#: Packet types whose properties :func:`without_properties` can drop: CONNACK (its numbers
+#: kept), PUBACK, PUBREC, PUBCOMP, SUBACK, UNSUBACK, DISCONNECT (the broker's own packets).
+CONNACK, PUBACK, PUBREC, PUBCOMP, SUBACK, UNSUBACK, DISCONNECT = 2, 4, 5, 7, 9, 11, 14
+#: The size of each MQTT 5 property that is a number, by identifier (4: a Variable Byte
+#: Integer); every other property is a string, a string pair or binary data.
+NUMBERS: Final = {0x01: 1, 0x17: 1, 0x19: 1, 0x24: 1, 0x25: 1, 0x28: 1, 0x29: 1, 0x2A: 1,
+                  0x13: 2, 0x21: 2, 0x22: 2, 0x23: 2, 0x02: 4, 0x11: 4, 0x18: 4, 0x27: 4,
+                  0x0B: -1}
+#: Identifiers of the properties that hold two strings (User Property) rather than one.
+PAIRS: Final = {0x26}
+
+
+def numbers_only(block: bytes) -> bytes | None:
+    """A property block (its length first) with only its numeric properties: the limits a
+    CONNACK sets kept, the strings the MQTT library may refuse dropped. None when the
+    block cannot be walked (a length that runs past it, an unknown identifier)."""
+    head = _varint(block, 0)
+    if head is None or head[1] + head[0] > len(block):
+        return None
+    at, end = head[1], head[1] + head[0]
+    kept = b""
+    while at < end:
+        ident = _varint(block, at)
+        if ident is None:
+            return None
+        start, at = at, ident[1]
+        size = NUMBERS.get(ident[0])
+        if size is not None:
+            value = _varint(block, at) if size < 0 else (0, at + size)
+            if value is None or value[1] > end:
+                return None
+            at = value[1]
+            kept += block[start:at]
+            continue
+        for _ in range(2 if ident[0] in PAIRS else 1):  # a string or binary: skipped
+            if at + 2 > end:
+                return None
+            at += 2 + int.from_bytes(block[at:at + 2], "big")
+        if at > end:
+            return None
+    return _length(len(kept)) + kept
+
+
+def _length(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
 
 
 def without_properties(kind: int, body: bytes) -> bytes | None:
-    """An MQTT 5 acknowledgement or DISCONNECT ``body`` with an empty property block: the
-    packet id and reason code(s) kept, a Reason String or User Property the MQTT library
-    refuses dropped. None when there is nothing to drop, or the codes cannot be found."""
+    """An MQTT 5 acknowledgement, CONNACK or DISCONNECT ``body`` without the properties the
+    MQTT library may refuse (a Reason String, a User Property...): the packet id and reason
+    code(s) kept, and a CONNACK's numbers (Receive Maximum, Maximum Packet Size...). None
+    when there is nothing to drop, or the codes cannot be found."""
+    if kind == CONNACK:
+        block = numbers_only(body[2:]) if len(body) > 2 else None
+        return None if block is None else body[:2] + block
     if kind in (PUBACK, PUBREC, PUBCOMP):
         return body[:3] + b"\x00" if len(body) > 3 else None
     if kind == DISCONNECT:
