@@ -82,6 +82,7 @@ class MqttHandler:
             password_file = found
         self.password = _read_password(options.key("password_file"), password_file)
         _check_options(options, self)
+        _check_no_loop(options, self, config)
         self._stack: contextlib.AsyncExitStack | None = None
         self._publisher: Any = None
 
@@ -148,6 +149,32 @@ def _check_options(options: Options, handler: MqttHandler) -> None:
     _check_topic(options, handler, handler.topic("n"))
     _check_pattern(options.key("host"), handler.host, HOST_PATTERN,
                    "a host name or an IP address")
+
+
+def _check_no_loop(options: Options, handler: MqttHandler, config: Config) -> None:
+    """Ingest keeps our own publishes out by the MQTT 5 user property ``pigateway-origin``;
+    under ``local.protocol = "3.1.1"`` no property arrives, so a rule that can match this
+    handler's topic on the same broker would take them in and forward them (a loop)."""
+    from pigateway.config import is_loopback  # noqa: PLC0415
+    from pigateway.ingest import NAME_SLOT, filter_may_match  # noqa: PLC0415 - ingest only
+
+    local = config.local
+    if not config.ingest or local.protocol == "5" or handler.port != local.port:
+        return
+    if handler.host != local.host and not (is_loopback(handler.host) and
+                                           is_loopback(local.host)):
+        return
+    topic = handler.topic(NAME_SLOT)
+    for index, rule in enumerate(config.ingest):
+        if filter_may_match(rule.topic, topic):
+            shown_topic = shown(handler.template.format(device=handler.target, name="{name}",
+                                                        gateway=handler.gateway))
+            raise ConfigError(options.key("topic"), (
+                f"{shown_topic} on the local broker can match ingest[{index}].topic "
+                f"{shown(rule.topic)}, and under local.protocol = '3.1.1' ingest cannot tell "
+                "this handler's publishes from a device's (no user properties): they would "
+                "be forwarded to the cloud (a loop). Set local.protocol = '5', or narrow "
+                f"ingest[{index}].topic or this topic so they cannot match"))
 
 
 def _check_topic(options: Options, handler: MqttHandler, topic: str) -> None:
