@@ -10,6 +10,7 @@ real store, as ``pigateway send`` does) and at the control socket's request pars
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -22,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness import gateway
-from pigateway import inputs
+from pigateway import control, inputs
 from pigateway.cli import main, parse_params
 from pigateway.config import StoreConfig
 from pigateway.control import ControlServer
@@ -235,7 +236,7 @@ REQUEST_LINES = st.one_of(
 @given(line=REQUEST_LINES)
 def test_the_control_parser_answers_everything_without_an_error_log(line: bytes) -> None:
     server = ControlServer(Path("/nonexistent/control.sock"), _Controls(),
-                           max_line=1 << 20)
+                           bounds=dataclasses.replace(control.BOUNDS, request_bytes=1 << 20))
     logger = logging.getLogger("pigateway.control")
     records: list[logging.LogRecord] = []
     handler = _Collect(records)
