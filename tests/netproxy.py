@@ -3,7 +3,8 @@
 ``delay`` holds every chunk from the broker for that many seconds (PUBACKs come late, so
 batches pile up in flight); ``blackhole()`` stops forwarding in both directions without
 closing anything (a dead link that only keepalive or a publish timeout can notice);
-``refuse()`` closes new connections at once (a broker that is not back yet).
+``refuse()`` closes new connections at once (a broker that is not back yet); ``reset()``
+ends the open ones with an RST (a broker restarted under the link).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import struct
 from collections.abc import Coroutine
 from typing import Any, Self
 
@@ -76,6 +78,17 @@ class Proxy(LoopbackRelay):
 
     def refuse(self) -> None:
         self.refusing = True
+
+    def reset(self) -> None:
+        """End every open connection with a TCP RST (a broker restarted under the link: the
+        service reads ``[Errno 104] Connection reset by peer``); new ones are served."""
+        for writer in self._writers:
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        self._writers.clear()
 
     def accept(self) -> None:
         self.refusing = False

@@ -335,7 +335,7 @@ def test_config_check_names_a_bad_device_option(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "pigateway", "config", "check", "--config",
                            str(config)], capture_output=True, text=True, timeout=60,
                           check=False)
-    assert done.returncode == 2
+    assert done.returncode == 78  # EX_CONFIG
     assert "devices.hall.prot: unknown option for handler 'mqtt'" in done.stderr
 
 

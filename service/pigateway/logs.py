@@ -48,6 +48,14 @@ DEBUG_PRIORITY: Final = 7
 # They never go below this level.
 QUIET: Final = {"asyncio": logging.INFO}
 
+# Library loggers whose records reach the journal, the highest level each gets, and the
+# messages that keep theirs. A library cannot know what the service rides out: paho logs
+# every reset link at ERROR ("failed to receive on socket: [Errno 104] Connection reset by
+# peer") on aiomqtt's logger "mqtt", and the uplink reconnects by itself. err and above
+# mean an operator must act, so only what says a bug of ours (an exception in one of our
+# callbacks) stays above the ceiling.
+CEILINGS: Final = {"mqtt": (logging.WARNING, ("Caught exception in",))}
+
 # record attribute (from ``extra=``) -> journal field
 FIELDS: Final = {
     "command_id": "COMMAND_ID",
@@ -83,9 +91,30 @@ def setup_logging(level: str, *, stream: TextIO | None = None) -> None:
     root.setLevel(threshold)
     for name, floor in QUIET.items():
         logging.getLogger(name).setLevel(max(threshold, floor))
+    for name, (ceiling, kept) in CEILINGS.items():
+        library = logging.getLogger(name)
+        for stale in [f for f in library.filters if isinstance(f, Ceiling)]:
+            library.removeFilter(stale)
+        library.addFilter(Ceiling(ceiling, kept))
     # A library's warnings.warn() as a record at warning: bare stderr is read at err under
     # the unit (SyslogLevel=err), where only trouble belongs.
     logging.captureWarnings(True)
+
+
+class Ceiling(logging.Filter):
+    """Lowers a library's records above ``level`` to it, but for messages that start with
+    one of ``kept`` (see :data:`CEILINGS`)."""
+
+    def __init__(self, level: int, kept: tuple[str, ...]) -> None:
+        super().__init__()
+        self.level = level
+        self.kept = kept
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > self.level and not str(record.msg).startswith(self.kept):
+            record.levelno = self.level
+            record.levelname = logging.getLevelName(self.level)
+        return True
 
 
 def _handler_for(out: TextIO) -> logging.Handler:

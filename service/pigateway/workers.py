@@ -312,12 +312,19 @@ class WorkerPool:
         A result waiting here is kept in memory meanwhile.
         """
         delay = RECORD_BACKOFF[0]
+        failures = 0
         while True:
             try:
                 await write()
+            except StoreError as exc:  # waited out: a warning once, not an error per try
+                failures += 1
+                log.log(logging.WARNING if failures == 1 else logging.DEBUG,
+                        "cannot %s (%s); waiting for the store, retrying in %.1fs", what, exc,
+                        delay)
+            else:
+                if failures:
+                    log.info("%s: the store took it after %d tries", what, failures + 1)
                 return
-            except StoreError as exc:
-                log.error("cannot %s (%s); retrying in %.1fs", what, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECORD_BACKOFF[1])
 
