@@ -127,3 +127,49 @@ async def test_a_flood_of_the_control_socket_is_turned_away_and_the_service_reco
     new = log.read_text().splitlines()[before:]
     assert "Traceback" not in log.read_text(), "\n".join(new[:40])
     assert len(new) <= MAX_NEW_LINES, "\n".join(new[:40])
+
+
+async def _trickle(port: int, seconds: float) -> None:
+    """A slow-loris client: a request head one byte at a time, never finished."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not reader.at_eof():
+            writer.write(b"G")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+async def _oversize(port: int) -> None:
+    """A request head twenty times the bound, sent at once."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 20 * 8192)
+        await writer.drain()
+        await asyncio.wait_for(reader.read(), 5)
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+async def test_slow_and_oversized_metrics_requests_leave_the_control_socket_answering(
+        limited: tuple[Path, int, Path]) -> None:
+    sock_path, port, log = limited
+    assert await wait_until(lambda: "serving /metrics" in log.read_text(), 20), log.read_text()
+    before = len(log.read_text().splitlines())
+    clients = [asyncio.create_task(_trickle(port, 3.0)) for _ in range(20)]
+    clients += [asyncio.create_task(_oversize(port)) for _ in range(20)]
+    try:
+        await asyncio.sleep(1.0)
+        assert await _status_within(sock_path, 2.0)
+    finally:
+        await asyncio.wait_for(asyncio.gather(*clients, return_exceptions=True), 10)
+    assert await _status_within(sock_path, 2.0)
+    new = log.read_text().splitlines()[before:]
+    assert "Traceback" not in log.read_text(), "\n".join(new[:40])
+    assert len(new) <= MAX_NEW_LINES, "\n".join(new[:40])
