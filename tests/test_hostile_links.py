@@ -319,3 +319,35 @@ async def test_a_connack_paho_cannot_decode_still_connects_with_its_limits(odd: 
             assert client.limits.receive_maximum == 1
             assert client.max_packet_size == 256
             assert await client.deliver("t", b"x", timeout=5) is None
+
+
+async def test_an_exception_while_a_message_is_handed_over_fails_that_message_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only a decode: any exception while paho hands a message over (here our own
+    reading of its properties, made to fail for one topic) is that message's failure: it
+    comes as undecodable, is acknowledged when taken, and the next one comes as it is."""
+    from pigateway import mqtt  # noqa: PLC0415
+
+    real = mqtt._extras
+
+    def failing(message: Any) -> Any:
+        if message.topic == "t/bad":
+            raise RuntimeError("a bug while reading the properties")
+        return real(message)
+    monkeypatch.setattr(mqtt, "_extras", failing)
+    async with HostileBroker() as broker:
+        settings_ = Settings("127.0.0.1", broker.port, client_id="bug", protocol="5",
+                             persistent=True, session_expiry=60)
+        async with connect(settings_, bound=5) as client:
+            await client.subscribe("t/#", qos=1)
+            for n, where in enumerate(("t/bad", "t/good"), start=1):
+                await broker.send(w.publish(where, b"{}", qos=1, mid=n))
+            got = [await asyncio.wait_for(anext(client.messages()), 5) for _ in range(2)]
+            assert [m.topic for m in got] == ["t/bad", "t/good"]
+            bad = got[0].undecodable
+            assert bad is not None and "a bug while reading" in bad.reason
+            assert got[1].undecodable is None and got[1].payload == b"{}"
+            for message in got:
+                client.ack(message)
+            assert await broker.wait_for(lambda: len(broker.from_client(w.PUBACK)) == 2, 5)
+            assert not client.lost
