@@ -351,3 +351,22 @@ async def test_an_exception_while_a_message_is_handed_over_fails_that_message_al
                 client.ack(message)
             assert await broker.wait_for(lambda: len(broker.from_client(w.PUBACK)) == 2, 5)
             assert not client.lost
+
+
+async def test_under_mqtt_311_a_publish_paho_refuses_fails_alone() -> None:
+    """MQTT 3.1.1 has no properties; what paho refuses there is an empty topic. It comes as
+    undecodable (its topic U+FFFD, matching no subscription of ours), the link stays."""
+    async with HostileBroker() as broker:
+        settings_ = Settings("127.0.0.1", broker.port, client_id="v3", protocol="3.1.1",
+                             persistent=True)
+        async with connect(settings_, bound=5) as client:
+            await client.subscribe("t/#", qos=1)
+            await broker.send(w.publish("", b"{}", qos=1, mid=1, v5=False))
+            await broker.send(w.publish("t/1", b"{}", qos=1, mid=2, v5=False))
+            got = [await asyncio.wait_for(anext(client.messages()), 5) for _ in range(2)]
+            assert got[0].undecodable is not None and got[0].topic == "\ufffd"
+            assert got[1].undecodable is None and got[1].topic == "t/1"
+            for message in got:
+                client.ack(message)
+            assert await broker.wait_for(lambda: len(broker.from_client(w.PUBACK)) == 2, 5)
+            assert not client.lost
