@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -180,19 +181,23 @@ def test_a_full_queue_exits_3_and_keeps_what_it_has(tmp_path: Path) -> None:
     kept = fill(config_file, 2)
     done = child("send", "--config", str(config_file), "--device", "d", "--command", "c")
     assert (done.returncode, done.stdout) == (3, "")
-    assert "full" in done.stderr and "max_commands=2" in done.stderr
+    assert "the queue is full (2 commands, 14 B; store.max_commands = 2, store.max_bytes = " \
+        "512 MiB)" in done.stderr
     assert [r["id"] for r in read_queue(config_file)] == kept
 
 
 def test_the_disk_guard_exits_3(tmp_path: Path, cli: Run) -> None:
     config_file = write_config(tmp_path)
     text = config_file.read_text().replace("min_free_bytes = 0",
-                                           f"min_free_bytes = {2 ** 62}")
+                                           f"min_free_bytes = {2 ** 50}")  # 1 PiB
     config_file.write_text(text)
     code, out, err = cli("send", "--config", str(config_file), "--device", "d",
                          "--command", "c")
     assert (code, out) == (3, "")
-    assert "min_free_bytes" in err and "bytes free" in err
+    # sizes with units, as df -h shows them: never a raw byte count
+    assert re.search(r"only [\d.]+ [KMGT]iB free under .*store.min_free_bytes = 1024 TiB free",
+                     err), err
+    assert not re.search(r"\d{5}", err.replace(str(tmp_path), "")), err
     assert read_queue(config_file) == []
 
 

@@ -8,9 +8,11 @@ tests/test_cli.py and tests/test_cli_live.py.
 
 from __future__ import annotations
 
+import ast
 import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -108,7 +110,8 @@ def test_status_of_a_stopped_service_says_why_and_what_is_on_disk() -> None:
 
 @pytest.mark.parametrize(("count", "shown"), [
     (0, "0 B"), (812, "812 B"), (1024, "1 KiB"), (262144, "256 KiB"),
-    (1536 * 1024, "1.5 MiB"), (32 * 1024 * 1024, "32 MiB"), (3 * 1024 ** 4, "3072 GiB"),
+    (1536 * 1024, "1.5 MiB"), (32 * 1024 * 1024, "32 MiB"), (3 * 1024 ** 4, "3 TiB"),
+    (1 << 62, "4194304 TiB"),
 ])
 def test_sizes_have_units(count: int, shown: str) -> None:
     assert report.size(count) == shown
@@ -173,3 +176,34 @@ def test_errors_lose_the_errno_and_stay_one_bounded_line() -> None:
     assert report.error("[Errno -2] Name or service not known") == "Name or service not known"
     assert report.error("a\nb" + "x" * 2000).startswith("a\\x0ab")
     assert len(report.error("x" * 2000)) == 500
+
+
+def test_no_message_counts_with_an_s_in_brackets() -> None:
+    """Counts are said with :func:`pigateway.text.plural` ("1 command", "2 commands"), in
+    the journal and the CLI alike: no string of the service says "command(s)" (docstrings,
+    which no one reads in a terminal, aside)."""
+    root = Path(__file__).resolve().parent.parent / "service" / "pigateway"
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.value) for node in ast.walk(tree)
+                      if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)}
+        found += [f"{path.relative_to(root)}:{node.lineno}: {node.value}"
+                  for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                  and id(node) not in docstrings and re.search(r"\w\((s|es)\)", node.value)]
+    assert found == []
+
+
+@pytest.mark.parametrize(("kind", "count", "said"), [
+    ("actions", 1, "1 command"), ("actions", 12, "12 commands"), ("results", 1, "1 result"),
+    ("forward", 3, "3 forwarded messages"),
+])
+def test_the_delivered_line_counts_what_a_batch_carries(kind: str, count: int,
+                                                        said: str) -> None:
+    """An "action" is one device and its commands (the wire format): the journal's line for
+    an acknowledged batch counts commands, results or messages, never "1 actions"."""
+    from pigateway.uplink import BATCH_MEMBERS  # noqa: PLC0415 - the service's modules
+
+    assert report.plural(count, *BATCH_MEMBERS[kind]) == said
+    assert set(BATCH_MEMBERS) == {"actions", "results", "forward"}

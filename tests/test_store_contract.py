@@ -315,7 +315,7 @@ class TestStoreContract:
         try:
             kept = [c.id for c in await store.put_many([NewCommand("d", str(i))
                                                         for i in range(3)])]
-            with pytest.raises(QueueFull, match="max_commands=3"):
+            with pytest.raises(QueueFull, match="max_commands = 3"):
                 await store.put("d", "one-too-many")
             with pytest.raises(QueueFull):
                 await store.put_many([NewCommand("d", "x")])
@@ -328,7 +328,7 @@ class TestStoreContract:
         store = await reopen(store, max_bytes=1024, overflow="reject")
         try:
             await store.put("d", "n", {"v": "x" * 900})
-            with pytest.raises(QueueFull, match="max_bytes=1024"):
+            with pytest.raises(QueueFull, match="max_bytes = 1 KiB"):
                 await store.put("d", "n", {"v": "x" * 200})
             assert (await store.stats()).depth == 1
         finally:
@@ -364,7 +364,7 @@ class TestStoreContract:
         store = await reopen(store, max_bytes=1024, overflow="drop-oldest")
         try:
             small = await store.put("d", "small")
-            with pytest.raises(QueueFull, match="max_bytes=1024"):
+            with pytest.raises(QueueFull, match="max_bytes = 1 KiB"):
                 await store.put("d", "huge", {"v": "x" * 2000})
             assert queued_ids(store.path) == [small.id]
             assert (await store.stats()).dead == {}

@@ -162,7 +162,7 @@ MAX_PUTS = 5000  # 4 MiB holds fewer than 2000 of them: the loop ends by StoreFu
 @pytest.mark.root
 @pytest.mark.parametrize(("min_free_bytes", "needle"), [
     (0, "is full"),                           # SQLite's own SQLITE_FULL
-    (1024 * 1024, "min_free_bytes=1048576"),  # the guard, before SQLite runs out
+    (1024 * 1024, "min_free_bytes = 1 MiB"),  # the guard, before SQLite runs out
 ], ids=["sqlite-full", "guard"])
 async def test_a_full_disk_refuses_puts_keeps_the_queue_and_recovers(
         small_disk: Path, min_free_bytes: int, needle: str) -> None:
@@ -200,7 +200,7 @@ async def test_the_guard_error_says_how_much_is_free(small_disk: Path) -> None:
         with pytest.raises(StoreFull) as refused:
             await store.put("d", "n")
         assert str(small_disk) in str(refused.value)
-        assert "bytes free" in str(refused.value)
+        assert "MiB free" in str(refused.value)
         assert (await store.stats()).depth == 0
 
 

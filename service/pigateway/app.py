@@ -37,6 +37,7 @@ from pigateway.state import FaultSource, GatewayState, Refusal, Refuser
 from pigateway.store import Store
 from pigateway.store_calls import store_is_gone
 from pigateway.systemd import Notifier, bound_stop, ping_bound, supervise, watchdog_interval
+from pigateway.text import plural
 from pigateway.uplink import Uplink
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,8 @@ class Gateway:
             for task in [link, *others]:
                 task.cancel()
         await self._refresh_or_say(store, failing=False)
-        log.info("stopped; %d command(s) stay queued on disk", self.state.depth)
+        log.info("stopped; %s queued on disk", plural(self.state.depth, "command stays",
+                                                        "commands stay"))
 
     def _ping_bound(self) -> float | None:
         """The watchdog's wait for the store's ping (None: no watchdog asked for)."""

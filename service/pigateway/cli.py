@@ -32,9 +32,10 @@ from pigateway.errors import (
     ServiceNotRunning,
     StoreFull,
 )
-from pigateway.report import plural
+from pigateway.report import words
 from pigateway.store.producer import Producer
 from pigateway.store.values import NewCommand
+from pigateway.text import plural
 
 if TYPE_CHECKING:  # the verbs that use them import them: send runs without asyncio
     from pigateway.store import QueueReader, Store
@@ -659,7 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PigatewayError as exc:
         if handler is cmd_run:  # the journal at crit, not stderr (priority info there)
             return _service_failed(exc, args)
-        print(f"pigateway: {exc}", file=sys.stderr)
+        print(f"pigateway: {words(exc)}", file=sys.stderr)  # no [Errno N]: the words say it
         return exit_code(exc)
     except KeyboardInterrupt:
         return 130

@@ -51,7 +51,7 @@ from pigateway.mqtt import Connection, Message, Settings, connect
 from pigateway.packets import Undecodable
 from pigateway.state import GatewayState, Link, Refusal, Refuser
 from pigateway.store import NewCommand, Store, prepare
-from pigateway.text import bounded
+from pigateway.text import bounded, plural
 
 log = logging.getLogger(__name__)
 
@@ -313,9 +313,9 @@ class Ingest:
     async def _subscribe(self, client: Connection) -> None:
         for rule in self.rules:
             await client.subscribe(rule.topic, qos=rule.qos, as_published=True)
-        log.info("ingest: online at local broker %s:%d (session present: %s), %d rule(s)",
+        log.info("ingest: online at local broker %s:%d (session present: %s), %s",
                  self.config.local.host, self.config.local.port, client.session_present,
-                 len(self.rules))
+                 plural(len(self.rules), "rule"))
         if not client.lost:
             self.state.set_local(Link.ONLINE)
 
@@ -361,9 +361,9 @@ class Ingest:
     async def _refused(self, count: int, error: StoreError, attempt: int) -> None:
         """Back-pressure: nothing acknowledged, nothing more read, tried again by itself."""
         if not self.refusing:
-            log.warning("ingest: the queue refuses %d message(s) (%s); nothing is "
+            log.warning("ingest: the queue refuses %s (%s); nothing is "
                         "acknowledged and nothing read until it takes them: the local "
-                        "broker keeps them", count, error)
+                        "broker keeps them", plural(count, "message"), error)
         self.refusing = True
         self.state.set_refusing(Refuser.INGEST, Refusal.of(error), str(error))  # every view
         await first_of(asyncio.sleep(REFUSED_BACKOFF.delay(attempt)), self._stop.wait())

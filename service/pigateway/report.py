@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from pigateway.text import bounded, format_age
+from pigateway.text import bounded, format_age, format_size, plural
 
 #: Width of the labels in the ``status`` and ``queue show`` blocks (as systemctl aligns them).
 LABEL: Final = 11
@@ -29,22 +29,8 @@ _ERRNO: Final = re.compile(r"\[Errno -?\d+\]\s*")
 # --------------------------------------------------------------------------- words
 
 
-def plural(count: int, one: str, many: str | None = None) -> str:
-    """``1 command``, ``2 commands``, ``1,204 commands`` (``many`` for irregular plurals)."""
-    return f"{count:,} {one if count == 1 else (many or one + 's')}"
-
-
-def size(count: float) -> str:
-    """Bytes for people, in binary units as ``df -h`` and ``ls -lh`` show them:
-    ``0 B``, ``812 B``, ``256 KiB``, ``1.5 MiB``, ``32 MiB``."""
-    value = float(max(0, count))
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            if unit == "B":
-                return f"{int(value)} B"
-            return f"{value:.1f} {unit}".replace(".0 ", " ")
-        value /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover - the loop returns at GiB
+#: A size with its unit (``256 KiB``): :func:`pigateway.text.format_size`.
+size = format_size
 
 
 def clock(at: float) -> str:
@@ -63,7 +49,12 @@ def since(at: float, now: float) -> str:
 def error(text: object) -> str:
     """An error as a person reads it: one bounded line, without the ``[Errno 111]`` that
     Python puts before the words (``Connection refused`` says it)."""
-    return bounded(_ERRNO.sub("", str(text)))
+    return bounded(words(text))
+
+
+def words(text: object) -> str:
+    """``text`` without Python's ``[Errno N]`` marks: what every CLI error line prints."""
+    return _ERRNO.sub("", str(text))
 
 
 # --------------------------------------------------------------------------- status

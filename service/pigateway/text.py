@@ -6,7 +6,8 @@ service writes about such a message (a rejection reason, a handler's error, ``la
 a journal line) goes through :func:`bounded` first, so recording it cannot fail: the result
 is printable, encodable and short. :func:`fit_json` then cuts a text to a byte budget of its
 JSON form, which is what a stored result has to fit (``store.max_params_bytes``).
-:func:`format_age` is the one way a duration is shown to people (``STATUS=``, the CLI).
+:func:`format_age` is the one way a duration is shown to people (``STATUS=``, the CLI),
+:func:`format_size` a size and :func:`plural` a count.
 """
 
 from __future__ import annotations
@@ -76,6 +77,26 @@ def _str(value: object) -> str:
 def _escape(match: re.Match[str]) -> str:
     code = ord(match.group())
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def format_size(count: float) -> str:
+    """Bytes for people, in binary units as ``df -h`` and ``ls -lh`` show them: ``0 B``,
+    ``812 B``, ``256 KiB``, ``1.5 MiB``, ``77.9 GiB``: every size a person reads (the CLI,
+    a refusal's message) goes through here, never a raw byte count."""
+    value = float(max(0, count))
+    if value < 1024:
+        return f"{int(value)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit}".replace(".0 ", " ")
+
+
+def plural(count: int, one: str, many: str | None = None) -> str:
+    """``1 command``, ``2 commands``, ``1,204 commands`` (``many`` for irregular plurals):
+    every count a person reads, in the CLI and the journal."""
+    return f"{count:,} {one if count == 1 else (many or one + 's')}"
 
 
 def format_age(seconds: float) -> str:

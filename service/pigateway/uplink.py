@@ -71,6 +71,7 @@ from pigateway.pacing import Pacer
 from pigateway.state import FaultSource, GatewayState, Link
 from pigateway.store import Command, Store
 from pigateway.store_calls import StoreCalls
+from pigateway.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -508,8 +509,8 @@ class Uplink:
             return  # a device's own message: thousands a second, one line each is too many
         devices = sorted({command.device for command in batch.commands})
         log.log(logging.DEBUG if batch.kind == "forward" else logging.INFO,
-                "uplink: batch %s acknowledged by the broker: %d %s for %s", batch.id,
-                len(batch.commands), batch.kind, ", ".join(devices[:10])
+                "uplink: batch %s acknowledged by the broker: %s for %s", batch.id,
+                plural(len(batch.commands), *BATCH_MEMBERS[batch.kind]), ", ".join(devices[:10])
                 + (f" and {len(devices) - 10} more" if len(devices) > 10 else ""),
                 extra={"batch_id": batch.id, "command_id": batch.ids, "device": devices,
                        "queue_depth": self.state.depth})
@@ -548,8 +549,18 @@ class Uplink:
         self.outstanding.clear()
         self._settled.set()
         if sent or unsent:
-            log.info("uplink: %d command(s) back at the head of the queue (%s)",
-                     len(sent) + len(unsent), why)
+            log.info("uplink: %s back at the head of the queue (%s)",
+                     plural(len(sent) + len(unsent), "command"), why)
+
+
+#: What a batch of each kind carries, for people: one word per kind, so that "action" keeps
+#: its one meaning (a device and its commands, in the wire format) and the journal counts
+#: commands, results or messages, never "1 actions".
+BATCH_MEMBERS: dict[str, tuple[str, str]] = {
+    "actions": ("command", "commands"),
+    "results": ("result", "results"),
+    "forward": ("forwarded message", "forwarded messages"),
+}
 
 
 def _worth_retrying(exc: BaseException) -> bool:

@@ -25,6 +25,7 @@ from pigateway.store.values import (
     requeued_expiry,
     row_to_command,
 )
+from pigateway.text import format_size, plural
 
 log = logging.getLogger("pigateway.store")
 
@@ -118,9 +119,10 @@ class Outbox:
             free += (first(conn, "PRAGMA freelist_count")[0]
                      * first(conn, "PRAGMA page_size")[0])
         if free < need:
-            raise StoreFull(f"only {free} bytes free under {self.path.parent}; pigateway keeps "
-                            f"store.min_free_bytes={self.config.min_free_bytes} free. Queued "
-                            "commands are kept; new ones are refused until space is freed")
+            raise StoreFull(f"only {format_size(free)} free under {self.path.parent}; "
+                            "pigateway keeps store.min_free_bytes = "
+                            f"{format_size(self.config.min_free_bytes)} free. Queued commands "
+                            "are kept; new ones are refused until space is freed")
 
     def refusal(self, conn: sqlite3.Connection) -> QueueFull | StoreFull | None:
         """What a put of one small command would be refused with now (None: it would be
@@ -192,11 +194,12 @@ class Outbox:
         over_bytes = size + need_bytes - self.config.max_bytes
         if over_count <= 0 and over_bytes <= 0:
             return None, 0, 0
-        limits = (f"store.max_commands={self.config.max_commands}, "
-                  f"store.max_bytes={self.config.max_bytes}")
+        limits = (f"store.max_commands = {self.config.max_commands:,}, "
+                  f"store.max_bytes = {format_size(self.config.max_bytes)}")
         if (self.config.overflow == "reject" or need_count > self.config.max_commands
                 or need_bytes > self.config.max_bytes):
-            return QueueFull(f"the queue is full ({count} commands, {size} bytes; {limits}); "
+            return QueueFull(f"the queue is full ({plural(count, 'command')}, "
+                             f"{format_size(size)}; {limits}); "
                              "the command was not queued"), 0, 0
         freed = self._drop_oldest(conn, max(over_count, 0), max(over_bytes, 0), need_count)
         if freed is None:
@@ -343,7 +346,8 @@ class Outbox:
                       f"store.max_dead_bytes={config.max_dead_bytes}, "
                       f"store.dead_letter_ttl={config.dead_letter_ttl:g}")
             self.after_commit.append(lambda: log.warning(
-                "pruned the %d oldest dead letter(s) to keep within %s", len(doomed), limits))
+                "pruned the oldest %s to keep within %s", plural(len(doomed), "dead letter"),
+                limits))
         return len(doomed)
 
     def requeue_one(self, conn: sqlite3.Connection, id_: str, *, expired: bool) -> int:
@@ -410,8 +414,8 @@ class Outbox:
 
 def _log_buried(buried: Sequence[tuple[str, str]], reason: str, detail: str | None) -> None:
     """One line for the lot; the journal indexes every id (COMMAND_ID=...) in it."""
-    log.warning("dead-lettered %d command(s): %s (%s); see `pigateway queue ls --dead`",
-                len(buried), reason, detail or "no detail",
+    log.warning("dead-lettered %s: %s (%s); see `pigateway queue ls --dead`",
+                plural(len(buried), "command"), reason, detail or "no detail",
                 extra={"command_id": [row[0] for row in buried[:LOGGED_IDS]],
                        "device": sorted({row[1] for row in buried})[:LOGGED_IDS],
                        "dead_reason": reason})
