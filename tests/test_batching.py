@@ -389,3 +389,33 @@ def test_split_halves_a_batch_in_order_and_keeps_every_command() -> None:
     assert [p.ids for p in split(parts[0], rules, now=later)] == [["c0"], ["c1", "c2"]]
     single = split(split(parts[0], rules, now=later)[0], rules, now=later)
     assert [p.ids for p in single] == [["c0"]]
+
+
+def test_a_busy_devices_rows_wait_in_order_and_the_others_go() -> None:
+    """A device in a batch not acknowledged yet is in no other batch: its rows stay
+    pending, in put order, and the other devices' rows go (the in-flight ledger's rule)."""
+    pending = rows([("a", 1), ("b", 1), ("a", 2), ("c", 1)])
+    take = take_batch(pending, RULES, now=NOW, busy={"a"})
+    assert take.batch is not None
+    assert take.batch.ids == ["c00001", "c00003"]
+    assert [r.id for r in take.rest] == ["c00000", "c00002"]
+    assert take_batch(pending, RULES, now=NOW, busy={"a", "b", "c"}).batch is None
+
+
+def test_a_busy_devices_result_waits_and_the_next_free_row_goes_alone() -> None:
+    pending = [Row(id="r0", device="a", kind="result", params={"v": 1}),
+               Row(id="r1", device="b", kind="result", params={"v": 1}),
+               Row(id="c2", device="a")]
+    take = take_batch(pending, RULES, now=NOW, busy={"a"})
+    assert take.batch is not None and take.batch.ids == ["r1"]
+    assert [r.id for r in take.rest] == ["r0", "c2"]
+
+
+def test_an_action_behind_a_result_of_its_device_waits_for_it() -> None:
+    """Rows that travel alone are skipped by an actions batch, and so is the rest of
+    their device: a device's rows leave in put order whatever their kind."""
+    pending = [Row(id="c0", device="b"), Row(id="r1", device="a", kind="result",
+                                            params={"v": 1}), Row(id="c2", device="a")]
+    take = take_batch(pending, RULES, now=NOW)
+    assert take.batch is not None and take.batch.ids == ["c0"]
+    assert [r.id for r in take.rest] == ["r1", "c2"]

@@ -17,7 +17,7 @@ from typing import Any
 from pigateway import __version__, wire
 from pigateway.config import Config
 from pigateway.counters import COUNTERS
-from pigateway.errors import UplinkError
+from pigateway.errors import PacketTooLarge, UplinkError
 from pigateway.mqtt import Connection, describe
 from pigateway.pacing import Pacer
 from pigateway.state import GatewayState
@@ -54,9 +54,14 @@ class Announcer:
             await self._publish(client, wire.OFFLINE)
 
     async def _publish(self, client: Connection, payload: bytes) -> None:
+        """One state message; one the broker cannot take is left out, never the link's end."""
         await self.pacer.publish_slot(len(payload))  # the state counts against the quota too
-        code = await client.deliver(self.topic, payload, retain=True,
-                                    timeout=self.config.uplink.publish_timeout)
+        try:
+            code = await client.deliver(self.topic, payload, retain=True,
+                                        timeout=self.config.uplink.publish_timeout)
+        except PacketTooLarge as exc:
+            log.warning("uplink: the state document is not sent: %s", exc)
+            return
         if code is not None:
             log.warning("uplink: the broker refused a message on %s: %s", self.topic,
                         describe(code))

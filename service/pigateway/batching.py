@@ -27,7 +27,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
@@ -83,6 +83,27 @@ class WorkSource(Protocol[C]):
     async def dead_letter(
         self, ids: Sequence[str], reason: str, detail: str | None = None
     ) -> None: ...
+
+
+class Gate(Protocol):
+    """Which devices are in a batch not acknowledged yet (:class:`pigateway.inflight.InFlight`)."""
+
+    def busy(self) -> Collection[str]: ...
+    def arm(self) -> None: ...
+    async def wait_freed(self) -> None: ...
+
+
+class Open:
+    """No device is ever busy (tests, the bench's plans): every batch may go at once."""
+
+    def busy(self) -> Collection[str]:
+        return ()
+
+    def arm(self) -> None:
+        return None
+
+    async def wait_freed(self) -> None:
+        await asyncio.Event().wait()  # never: nothing is ever freed
 
 
 @dataclass(frozen=True)
@@ -188,24 +209,31 @@ def fits_alone(command: Queued, rules: Rules, encoded: str | None = None) -> boo
 
 
 def take_batch(pending: Sequence[C], rules: Rules, *, now: float,
-               batch_id: str | None = None, expires_now: float | None = None) -> Take[C]:
+               batch_id: str | None = None, expires_now: float | None = None,
+               busy: Collection[str] = ()) -> Take[C]:
     """Take the next batch from ``pending`` (oldest first); return it with what is left.
 
-    A result row at the head travels alone. Otherwise the action rows are packed in order,
-    skipping result rows (they stay pending) and any device that already had to wait.
-    ``now`` is the wall clock (``sent_at``, the batch id); ``expires_now`` the clock
-    ``expires_at`` is on (the store's gateway clock; ``now`` when not given).
+    Rows of a ``busy`` device (one in a batch the broker has not acknowledged yet,
+    :mod:`pigateway.inflight`) stay pending, in order: a device is in at most one batch at
+    a time. Of the other rows the oldest decides: a result or forwarded row travels alone;
+    otherwise the action rows are packed in order, skipping the rows that travel alone
+    (they stay pending) and any device that already had to wait. ``now`` is the wall
+    clock (``sent_at``, the batch id); ``expires_now`` the clock ``expires_at`` is on (the
+    store's gateway clock; ``now`` when not given).
     """
     expiry_now = now if expires_now is None else expires_now
-    if pending and pending[0].kind in SOLO and not is_expired(pending[0], expiry_now):
+    if pending and pending[0].kind in SOLO and pending[0].device not in busy \
+            and not is_expired(pending[0], expiry_now):
         return _take_result(list(pending), rules, [], expiry_now)  # no scan: one at a time
     expired = [c for c in pending if is_expired(c, expiry_now)]
     live = [c for c in pending if not is_expired(c, expiry_now)]
-    if not live:
-        return Take(None, [], expired=expired)
-    if live[0].kind in SOLO:
-        return _take_result(live, rules, expired, expiry_now)
-    return _take_actions(live, rules, now, batch_id or new_id(now), expired)
+    first = next((n for n, c in enumerate(live) if c.device not in busy), None)
+    if first is None:
+        return Take(None, live, expired=expired)
+    if live[first].kind in SOLO:
+        taken = _take_result(live[first:], rules, expired, expiry_now)
+        return dataclasses.replace(taken, rest=[*live[:first], *taken.rest])
+    return _take_actions(live, rules, now, batch_id or new_id(now), expired, busy=busy)
 
 
 def _take_result(live: list[C], rules: Rules, expired: list[C], now: float) -> Take[C]:
@@ -225,13 +253,14 @@ def _take_result(live: list[C], rules: Rules, expired: list[C], now: float) -> T
 
 
 def _take_actions(live: list[C], rules: Rules, now: float, batch_id: str,
-                  expired: list[C]) -> Take[C]:
+                  expired: list[C], *, busy: Collection[str] = ()) -> Take[C]:
     builder = _Builder(rules, batch_id, now)
-    waiting: set[str] = set()
+    waiting: set[str] = set(busy)
     rest: list[C] = []
     too_large: list[C] = []
     for command in live:
         if command.kind in SOLO or command.device in waiting:
+            waiting.add(command.device)  # a device's later actions wait behind it too
             rest.append(command)
             continue
         encoded = encode_command(command)
@@ -314,11 +343,12 @@ class Batcher(Generic[C]):
 
     def __init__(self, store: WorkSource[C], rules: Rules, *, batch_delay: float,
                  claim_limit: int = 500, idle_poll: float = 5.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, gate: Gate | None = None) -> None:
         """``clock`` is the wall clock (``queued_at``, ``sent_at``); expiry is judged on
         ``store.clock``, the clock ``expires_at`` is on, which a wall-clock step does not
-        move."""
+        move. ``gate``: the devices in a batch not acknowledged yet, whose rows wait."""
         self.store = store
+        self.gate: Gate = gate or Open()
         self.base_rules = rules
         self.rules = rules
         self.batch_delay = batch_delay
@@ -326,6 +356,8 @@ class Batcher(Generic[C]):
         self.idle_poll = idle_poll
         self.clock = clock
         self.pending: list[C] = []
+        self._returned: list[C] = []
+        self._woken = asyncio.Event()  # rows were put back
         self._flush = asyncio.Event()
         self._interrupt = asyncio.Event()
 
@@ -350,19 +382,42 @@ class Batcher(Generic[C]):
     def proceed(self) -> None:
         self._interrupt.clear()
 
+    def put_back(self, commands: Sequence[C]) -> None:
+        """Rows of a batch that failed alone go first again (still claimed): ahead of
+        every later row of their devices, which stayed in :attr:`pending` meanwhile.
+
+        Kept aside until :meth:`next_batch` looks again (it may be waiting on the store
+        with :attr:`pending` in hand), in the order they came back.
+        """
+        self._returned.extend(commands)
+        self._woken.set()
+
+    def claimed(self) -> list[str]:
+        """Ids of every row claimed and not handed out (pending or put back)."""
+        return [command.id for command in (*self._returned, *self.pending)]
+
     def give_back(self) -> list[str]:
         """Forget the pending rows and return their ids (the caller releases them)."""
-        ids = [command.id for command in self.pending]
+        ids = self.claimed()
         self.pending = []
+        self._returned = []
         return ids
+
+    def _merge_returned(self) -> None:
+        self._woken.clear()
+        if self._returned:
+            self.pending[:0] = self._returned
+            self._returned = []
 
     async def next_batch(self) -> Batch[C] | None:
         """Wait for work and the window, then return the next batch (``None``: interrupted)."""
         while True:
             if not await self._gather():
                 return None
+            self.gate.arm()
+            self._merge_returned()
             take = take_batch(self.pending, self.rules, now=self.clock(),
-                              expires_now=self.store.clock.now())
+                              expires_now=self.store.clock.now(), busy=self.gate.busy())
             # pending is changed only once the dead letters are on disk: a cancel (the link
             # dropped) or a store error while they are written leaves every row here, the
             # batch's too, in order, for give_back() or the next call
@@ -372,18 +427,32 @@ class Batcher(Generic[C]):
                 self._flush.clear()
             if take.batch is not None:
                 return take.batch
+            if self.pending:
+                await self._blocked()
+
+    async def _blocked(self) -> None:
+        """Every pending row waits for its device's batch in flight: wait until a device is
+        freed, or new work comes (maybe for another device: then claim it)."""
+        if self._interrupt.is_set():
+            return
+        woken = await first_of(self.gate.wait_freed(), self._interrupt.wait(),
+                               self._woken.wait(), self.store.wait_for_work(self.idle_poll))
+        if woken == 3 and len(self.pending) < self.claim_limit:
+            await self._claim()
 
     async def _gather(self) -> bool:
         """Fill :attr:`pending` until its oldest row's window is over (or a flush, or full).
 
         Returns False when interrupted.
         """
+        self._merge_returned()
         while not self.pending:
             if self._interrupt.is_set():
                 return False
             if not await self._claim():
                 self._flush.clear()
                 await self._wait(self.idle_poll)
+            self._merge_returned()
         if self.pending[0].kind in SOLO:
             return not self._interrupt.is_set()  # travels alone: no window to wait for
         # the window is counted on the monotonic clock: a wall clock set back (a Pi without
@@ -424,10 +493,10 @@ class Batcher(Generic[C]):
 
     async def _wait(self, seconds: float) -> None:
         """Until the store sees new work, a flush, an interrupt, or ``seconds`` pass."""
-        if self._flush.is_set() or self._interrupt.is_set():
+        if self._flush.is_set() or self._interrupt.is_set() or self._returned:
             return
         await first_of(self.store.wait_for_work(seconds), self._flush.wait(),
-                       self._interrupt.wait())
+                       self._interrupt.wait(), self._woken.wait())
 
     async def _discard(self, take: Take[C]) -> None:
         if take.too_large:

@@ -68,6 +68,16 @@ class UplinkError(PigatewayError):
     """The MQTT link failed; the uplink reconnects by itself."""
 
 
+class PacketTooLarge(PigatewayError):
+    """One PUBLISH is bigger than the broker's Maximum Packet Size or MQTT allows; it is
+    never written (a broker drops the link at it). Not a link error: the message fails
+    alone (``too-large``), the link goes on. ``limit`` names the bound it broke."""
+
+    def __init__(self, message: str, *, limit: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
 class LoginRefused(UplinkError):
     """The broker refused our credentials or authorisation: a fault an operator must fix."""
 

@@ -43,7 +43,13 @@ from paho.mqtt.properties import Properties, VariableByteIntegers, writeInt32, w
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from pigateway.errors import LinkFault, LoginRefused, RetainNotSupported, UplinkError
+from pigateway.errors import (
+    LinkFault,
+    LoginRefused,
+    PacketTooLarge,
+    RetainNotSupported,
+    UplinkError,
+)
 from pigateway.forwarded import ORIGIN_PROPERTY, Extras
 from pigateway.packets import Undecodable, publish_head, without_properties
 from pigateway.text import bounded
@@ -161,6 +167,9 @@ TLS_FAULTS: Final = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed",
                      "PEM lib", "No such file")
 #: Bytes a PUBLISH adds around its payload (fixed header, topic length, packet id, props).
 PUBLISH_OVERHEAD: Final = 16
+#: MQTT's own bounds: a topic's UTF-8 bytes, a packet's Remaining Length.
+MAX_TOPIC_BYTES: Final = 65_535
+MAX_REMAINING_LENGTH: Final = 268_435_455
 #: Seconds a clean DISCONNECT may take before the socket is closed anyway.
 LEAVE_BOUND: Final = 5.0
 #: Inbound packets read at most per readiness of the socket (then other tasks run).
@@ -187,6 +196,32 @@ def publish_room(max_packet_size: int, where: str) -> int:
     The topic travels UTF-8 encoded: its bytes count, not its characters.
     """
     return max_packet_size - PUBLISH_OVERHEAD - len(where.encode())
+
+
+def check_publish(topic: bytes, payload: bytes, *, qos: int, properties: bytes | None,
+                  max_packet_size: int | None) -> int:
+    """The whole PUBLISH packet's size, checked against MQTT and the broker's limit.
+
+    The one check every outgoing PUBLISH passes (:meth:`Connection.publish_now`): batches,
+    results, forwards, the state document. ``properties``: the packed MQTT 5 properties
+    with their length (``b"\\x00"`` for none), ``None`` under MQTT 3.1.1. Raises
+    :class:`PacketTooLarge` naming the limit, so one message fails alone instead of making
+    the broker drop the link (or paho raise) for everything behind it.
+    """
+    if len(topic) > MAX_TOPIC_BYTES:
+        raise PacketTooLarge(f"its topic is {len(topic):,} bytes, MQTT allows "
+                             f"{MAX_TOPIC_BYTES:,}", limit=f"MQTT topic {MAX_TOPIC_BYTES:,} bytes")
+    remaining = 2 + len(topic) + (2 if qos else 0) + len(properties or b"") + len(payload)
+    if remaining > MAX_REMAINING_LENGTH:
+        raise PacketTooLarge(f"a PUBLISH of {remaining:,} bytes, MQTT allows "
+                             f"{MAX_REMAINING_LENGTH:,}",
+                             limit=f"MQTT packet {MAX_REMAINING_LENGTH:,} bytes")
+    size = 1 + len(_varint(remaining)) + remaining
+    if max_packet_size is not None and size > max_packet_size:
+        raise PacketTooLarge(f"a PUBLISH of {size:,} bytes, over the broker's Maximum Packet "
+                             f"Size of {max_packet_size} bytes",
+                             limit=f"broker max_packet_size {max_packet_size} bytes")
+    return size
 
 
 def classify(exc: aiomqtt.MqttError) -> UplinkError:
@@ -828,6 +863,9 @@ class Connection:
             if client._client.protocol == paho.MQTTv5:
                 properties = _properties(extras)
         retain = retain and client.limits.retain
+        packed = properties.packed if isinstance(properties, _PublishProperties) else b"\x00"
+        check_publish(topic.encode(), payload, qos=qos, max_packet_size=client.max_packet_size,
+                      properties=packed if client._client.protocol == paho.MQTTv5 else None)
         info = client._client.publish(topic, payload, qos, retain, properties)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise classify(aiomqtt.MqttCodeError(info.rc, "could not publish"))

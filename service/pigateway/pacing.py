@@ -7,6 +7,10 @@ bucket per limit: one token per message, one per payload byte. A bucket holds on
 worth (the burst) and refills at the rate; a publish bigger than a whole second's worth of
 bytes waits for a full bucket and leaves it in debt, so it is never refused outright.
 A limit of 0 is no bucket at all (the default: a local broker has no quota).
+
+Publishes take their slots first come, first served (:meth:`Pacer.publish_slot` is a
+queue): a big message waiting for its bytes is not overtaken by smaller ones behind it, so
+it never starves, and the order the drain made its batches in is the order they leave in.
 """
 
 from __future__ import annotations
@@ -67,14 +71,18 @@ class Pacer:
         self.messages = TokenBucket(messages_per_second, clock=clock) \
             if messages_per_second > 0 else None
         self.bytes = TokenBucket(bytes_per_second, clock=clock) if bytes_per_second > 0 else None
+        self._turn = asyncio.Lock()  # FIFO: waiters get it in the order they asked
 
     @property
     def active(self) -> bool:
         return self.messages is not None or self.bytes is not None
 
     async def publish_slot(self, size: int) -> None:
-        """Wait until one more message of ``size`` payload bytes may go."""
-        if self.messages is not None:
-            await self.messages.take(1)
-        if self.bytes is not None:
-            await self.bytes.take(size)
+        """Wait until one more message of ``size`` payload bytes may go, in turn."""
+        if not self.active:
+            return
+        async with self._turn:
+            if self.messages is not None:
+                await self.messages.take(1)
+            if self.bytes is not None:
+                await self.bytes.take(size)

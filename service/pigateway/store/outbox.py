@@ -272,15 +272,24 @@ class Outbox:
     def nack(self, conn: sqlite3.Connection, ids: Sequence[str], error: str) -> None:
         for chunk in chunks(list(ids), SWEEP_CHUNK):
             self.release(conn, chunk)
+        self.charge(conn, ids, error)
+
+    def charge(self, conn: sqlite3.Connection, ids: Sequence[str], error: str) -> set[str]:
+        """Count an attempt on rows (claimed ones stay claimed); bury those past
+        ``max_attempts``. Returns the ids buried."""
+        buried: set[str] = set()
+        for chunk in chunks(list(ids), SWEEP_CHUNK):
             in_list = marks(len(chunk))
             conn.execute(f"UPDATE outbox SET attempts = attempts + 1, last_error = ? "
                          f"WHERE id IN ({in_list})", (error, *chunk))
-            spent = fetch_all(conn, f"SELECT seq FROM outbox WHERE id IN ({in_list}) AND "
+            spent = fetch_all(conn, f"SELECT seq, id FROM outbox WHERE id IN ({in_list}) AND "
                               "attempts >= ?", (*chunk, self.config.max_attempts))
             if spent:
                 self._bury_seqs(conn, [row[0] for row in spent], "max-attempts",
                                 f"gave up after {self.config.max_attempts} attempts; "
                                 f"last error: {error}")
+                buried.update(row[1] for row in spent)
+        return buried
 
     def _bury(self, conn: sqlite3.Connection, where: str, params: Sequence[Any],
               reason: str, detail: str | None) -> None:

@@ -246,6 +246,11 @@ class Store(Reads):
         """Put claimed commands back at the head; past ``max_attempts`` they are dead-lettered."""
         await self._call(lambda conn: self._outbox.nack(conn, ids, error))
 
+    async def charge(self, ids: Sequence[str], error: str) -> set[str]:
+        """Count an attempt on claimed commands that stay claimed (a drainer tries them again
+        itself); past ``max_attempts`` they are dead-lettered: their ids are returned."""
+        return await self._call(lambda conn: self._outbox.charge(conn, ids, error))
+
     async def release(self, ids: Sequence[str]) -> None:
         """Put claimed commands back at the head without counting an attempt.
 

@@ -1,0 +1,87 @@
+"""Each device's commands arrive in the order they were put, whatever happens on the way.
+
+The promise holds with ``max_inflight`` above 1 (8, the default), so several batches are on
+the wire at once; what may happen to one of them is what these tests do to it: the broker
+refuses it for now (0x97: the link ends, it goes again later), refuses it for good (0x99:
+it is split and sent again as halves), the token bucket holds it longer than a smaller
+one behind it, or the link drops under it. Each time a real subscriber records the first
+deliveries and the device's commands must be among them in the order they were put.
+Everything runs against a real mosquitto, the refusals through tests/mqttproxy.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.broker import Mosquitto
+from mqttproxy import RefusingProxy
+from pigateway.store import NewCommand
+from uplink_helpers import drained, make_config, running_uplink, subscribed
+
+pytestmark = pytest.mark.broker
+
+
+def marked(device: str, n: int, pad: int) -> NewCommand:
+    return NewCommand(device, "set", {"n": n, "mark": f"{device}-{n}", "pad": "p" * pad})
+
+
+def first_order(sub_ids: list[str], put: list[str]) -> list[str]:
+    """``put``'s ids as they first arrived."""
+    wanted = set(put)
+    return [i for i in sub_ids if i in wanted]
+
+
+@pytest.mark.parametrize(("code", "how"), [(0x97, "for now"), (0x99, "for good, split"),
+                                           (None, "the link drops")])
+async def test_a_devices_order_holds_when_one_of_its_batches_in_flight_fails(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str, code: int | None,
+        how: str) -> None:
+    """The first batch of ``lamp`` (two of its commands) is refused once (or its link cut)
+    while later batches of ``lamp`` could be in flight behind it: ``lamp``'s commands still
+    arrive first in the order they were put, and so do ``fan``'s."""
+    refused: list[bytes] = []
+
+    def decide(connection: int, where: str, payload: bytes) -> int | None:
+        if refused or not where.endswith("/actions") or b'"lamp-0"' not in payload:
+            return None
+        refused.append(payload)
+        return code if code is not None else 0x89  # with disconnect: DISCONNECT 0x89
+
+    proxy = await RefusingProxy(mosquitto.port, decide, disconnect=code is None).start()
+    try:
+        async with subscribed(mosquitto.port, unique_prefix) as sub:
+            cfg = make_config(tmp_path, proxy.port, unique_prefix, max_batch_bytes=1024,
+                              max_inflight=8, batch_delay=0.2)
+            async with running_uplink(cfg) as run:
+                put = await run.store.put_many(
+                    [marked(device, n, 300) for n in range(8) for device in ("lamp", "fan")])
+                assert await sub.wait_for(len(put), 20)
+                assert await drained(run.store, 10)
+                stats = await run.store.stats()
+    finally:
+        await proxy.close()
+    assert refused and len(json.loads(refused[0])["actions"]) >= 1
+    assert stats.dead_total == 0
+    arrived = [c.id for c in sub.first_deliveries()]
+    for device in ("lamp", "fan"):
+        mine = [c.id for c in put if c.device == device]
+        assert first_order(arrived, mine) == mine, f"{device} out of order ({how})"
+
+
+async def test_a_small_batch_does_not_overtake_a_large_one_at_the_token_bucket(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    """Under ``max_bytes_per_second`` a big batch (~1,900 bytes, alone in its batch) waits
+    for its tokens; the device's next, smaller batch must not go out before it."""
+    async with subscribed(mosquitto.port, unique_prefix) as sub:
+        cfg = make_config(tmp_path, mosquitto.port, unique_prefix, max_batch_bytes=2048,
+                          max_inflight=8, max_bytes_per_second=2000)
+        async with running_uplink(cfg) as run:
+            put = await run.store.put_many([marked("lamp", 0, 1700), marked("lamp", 1, 10),
+                                            marked("lamp", 2, 10)])
+            assert await sub.wait_for(len(put), 20)
+            assert (await run.store.stats()).dead_total == 0
+    assert len(sub.batches) == 2  # c0 alone, then c1 and c2
+    assert [c.id for c in sub.first_deliveries()] == [c.id for c in put]
