@@ -304,9 +304,10 @@ class Drain:
                                     lambda: self.store.ack(batch.ids, batch.id))
 
     def show_progress(self) -> None:
-        """``in_flight`` and ``draining`` (rows on their way: in flight or claimed) for views."""
+        """``in_flight`` (batches holding a slot: no PUBACK yet, or rows not deleted yet,
+        as the store counts them) and ``draining`` (in flight or claimed) for views."""
         ledger = self.ledger
-        self.state.set_progress(in_flight=len(ledger.outstanding),
+        self.state.set_progress(in_flight=len(ledger.outstanding) + len(ledger.delivered),
                                 draining=bool(ledger.outstanding or ledger.delivered
                                               or self.batcher.pending))
 
