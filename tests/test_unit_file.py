@@ -170,3 +170,10 @@ def test_gpio_stays_reachable() -> None:
     assert "PrivateDevices" not in unit
     assert "ProcSubset" not in unit
     assert "PrivateUsers" not in unit, "it would unmap the gpio group"
+
+
+def test_config_check_checks_files_as_the_units_user() -> None:
+    """``pigateway config check`` checks every file as the unit's ``User=`` would meet it."""
+    from pigateway.access import SERVICE_USER  # noqa: PLC0415
+
+    assert directives(UNIT.read_text())["User"] == [SERVICE_USER]

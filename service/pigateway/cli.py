@@ -289,6 +289,12 @@ def _control(verb: str, text: str) -> AddVerb:
 def _add_config(verbs: Any, common: argparse.ArgumentParser) -> None:
     cfg = _group(verbs, "config", "check the config")
     check = _verb(cfg, "check", "validate and print the effective config", common)
+    check.add_argument("--user", metavar="NAME",
+                       help="check every file it names as this user (default: the unit's "
+                            "User=, pigateway, where it exists)")
+    check.add_argument("--staged", action="store_true",
+                       help="FILE is a copy its installer will own and chmod (Ansible's "
+                            "validate): its own mode is not checked, the files it names are")
     check.set_defaults(handler=cmd_config_check)
 
 
@@ -506,11 +512,16 @@ async def cmd_queue_purge(args: argparse.Namespace) -> int:
 
 
 async def cmd_config_check(args: argparse.Namespace) -> int:
-    from pigateway import handlers  # noqa: PLC0415
+    from pigateway import access, handlers  # noqa: PLC0415
 
     config = _load(args)
     handlers.check(config)  # device options too, without touching a pin or a broker
-    print(f"# {config.source}: valid")
+    account = access.Account.named(args.user or access.SERVICE_USER)
+    if account is None and args.user:
+        raise UsageError(f"--user {args.user}: no such user here")
+    account = account or access.Account.current()  # no pigateway user here: as ourselves
+    access.check(config, account, staged=args.staged)  # as the service will meet its files
+    print(f"# {config.source}: valid, its files usable by user {account.name}")
     print(json.dumps(config.as_dict(), indent=2, default=str))
     return EXIT_OK
 
