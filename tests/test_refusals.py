@@ -1,7 +1,8 @@
 """Work pigateway turns away never looks healthy: the disk at ``store.min_free_bytes`` or a
 full queue (``overflow = "reject"``) shows in the state, ``pigateway status`` (the control
-socket), systemd's STATUS= line, the LEDs, a metric with the reason, and the journal at
-warning, once per episode; and ingest refusing the local broker's messages shows the same.
+socket, and its rendering for people), systemd's STATUS= line, the LEDs, a metric with the
+reason, and the journal at warning, once per episode; and ingest refusing the local
+broker's messages shows the same.
 
 A real gateway runs in this process on a real SQLite file; the disk reserve is one no disk
 can keep (2**62 bytes), so every put is refused as on a full disk; ingest reads a real
@@ -11,6 +12,7 @@ mosquitto on loopback.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from harness.ports import free_port
 from harness.service import running_gateway
 from harness.waits import wait_until
 from ingest_helpers import brokers, ingest_settings, publish
-from pigateway import metrics
+from pigateway import metrics, report
 from pigateway.app import Gateway
 from pigateway.config import from_dict
 from pigateway.control import request
@@ -61,6 +63,8 @@ async def test_a_disk_at_its_reserve_shows_in_every_view_and_once_in_the_journal
             await _wait_a_few_refreshes(gw)
     assert line.startswith("REFUSING disk-reserve · "), line
     assert show is Show.REFUSING
+    shown = report.status_running(state, line, time.time())
+    assert "Refusing" in shown and "queue: disk-reserve: only " in shown, shown
     assert 'pigateway_refusing{reason="disk-reserve"} 1.0' in text
     assert 'pigateway_refusing{reason="queue-full"} 0.0' in text
     assert state["refusing"].startswith("queue: disk-reserve: only ")

@@ -71,6 +71,9 @@ def status_running(state: Mapping[str, Any], line: str, now: float) -> str:
     rows: list[tuple[str, str]] = []
     if state.get("fault"):
         rows.append(("Fault", error(state["fault"]) + " (an operator must act)"))
+    for refusal in state.get("refusals") or []:  # work turned away: who, why, the detail
+        rows.append(("Refusing", error(f"{refusal['by']}: {refusal['reason']}: "
+                                       f"{refusal['detail']}") + " (an operator must act)"))
     if state.get("last_error") and state.get("last_error") != state.get("fault"):
         rows.append(("Last error", error(state["last_error"])))
     started = state.get("started_at")
