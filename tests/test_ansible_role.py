@@ -105,7 +105,9 @@ def test_every_change_restarts_through_the_handler(yaml_of: Callable[[Path], Any
     install = yaml_of(ROLE / "tasks" / "install.yml")
     configure = yaml_of(ROLE / "tasks" / "configure.yml")
     handlers = yaml_of(ROLE / "handlers" / "main.yml")
-    assert [h["name"] for h in handlers] == ["Restart pigateway"]
+    assert [h["name"] for h in handlers] == ["Restart pigateway", "Restart mosquitto"]
+    mosquitto = [t["name"] for t in install + configure if t.get("notify") == "Restart mosquitto"]
+    assert mosquitto == ["Set up the local mosquitto for ingest"]
     notifying = {t["name"] for t in install + configure if t.get("notify") == "Restart pigateway"}
     for needle in ("wheel", "Debian package", "unit", "config", "secrets", "dependencies"):
         assert any(needle in name for name in notifying), needle
@@ -318,3 +320,9 @@ def test_e2e_skips_without_root_but_never_on_ci(ci: str, code: int, word: str) -
     )
     assert done.returncode == code, done.stderr
     assert f"e2e: {word}" in done.stderr and "needs root" in done.stderr
+
+
+def test_the_role_installs_the_packaged_mosquitto_drop_in() -> None:
+    """One drop-in for the local mosquitto: the role's copy is the package's."""
+    packaged = ROOT / "packaging" / "debian" / "extra" / "pigateway-ingest.conf"
+    assert (ROLE / "files" / "pigateway-ingest.conf").read_bytes() == packaged.read_bytes()

@@ -233,3 +233,13 @@ def test_maintainer_scripts_pass_shellcheck() -> None:
     done = subprocess.run([shellcheck, str(ROOT / "scripts" / "package")],
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stdout[-4000:]
+
+
+def test_the_local_mosquitto_gets_the_ingest_drop_in_as_a_conffile(built: Built) -> None:
+    """Ingest's settings for the gateway's own mosquitto (docs/ingest.md): in conf.d, kept
+    as the operator edits it (a conffile), the same file the Ansible role installs."""
+    name = "etc/mosquitto/conf.d/pigateway-ingest.conf"
+    assert name in built.files
+    assert (built.tree / name).read_bytes() == (DEBIAN / "extra" / "pigateway-ingest.conf") \
+        .read_bytes()
+    assert f"/{name}" in (built.control / "conffiles").read_text().split()

@@ -521,6 +521,10 @@ async def cmd_config_check(args: argparse.Namespace) -> int:
         raise UsageError(f"--user {args.user}: no such user here")
     account = account or access.Account.current()  # no pigateway user here: as ourselves
     access.check(config, account, staged=args.staged)  # as the service will meet its files
+    from pigateway import localbroker  # noqa: PLC0415
+
+    for warning in localbroker.warnings(config):  # valid, but ingest may lose messages
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"# {config.source}: valid, its files usable by user {account.name}")
     print(json.dumps(config.as_dict(), indent=2, default=str))
     return EXIT_OK
