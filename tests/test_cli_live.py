@@ -56,7 +56,9 @@ def test_status_of_a_running_service_online_paused_and_stopped(tmp_path: Path,
             online = status_until(config, lambda text: "- online" in text)
             assert online.startswith("● pigateway - online · queue 0 · dead 0\n")
             assert "Local: not configured" in online and "Limits: 8 batches in flight" in online
-            assert pigateway(config, "pause").returncode == 0
+            said = pigateway(config, "pause")
+            assert (said.returncode, said.stdout) == (
+                0, "paused: queueing goes on, nothing is sent until `pigateway resume`\n")
             paused = status_until(config, lambda text: "paused" in text.splitlines()[0])
             assert "Draining: paused: queueing goes on" in paused
             for text in (online, paused):

@@ -214,7 +214,7 @@ async def test_errors_of_the_service_are_replies_not_crashes(
     server: ControlServer, board: Switchboard
 ) -> None:
     board.fail_with = StoreFull("disk nearly full")
-    with pytest.raises(ControlError, match="StoreFull: disk nearly full"):
+    with pytest.raises(ControlError, match=r"^disk nearly full$"):
         await request(server.path, "pause")
     board.fail_with = RuntimeError("bug")
     with pytest.raises(ControlError, match="internal error"):

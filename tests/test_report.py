@@ -17,7 +17,9 @@ from typing import Any
 
 import pytest
 
+from conftest import Run
 from pigateway import report
+from pigateway.text import json_kind
 
 NOW = 1_796_641_068.0  # Mon 2026-12-07 10:57:48 UTC
 
@@ -207,3 +209,24 @@ def test_the_delivered_line_counts_what_a_batch_carries(kind: str, count: int,
 
     assert report.plural(count, *BATCH_MEMBERS[kind]) == said
     assert set(BATCH_MEMBERS) == {"actions", "results", "forward"}
+
+
+@pytest.mark.parametrize(("value", "said"), [
+    ([1, 2], "an array"), ("x", "a string"), (5, "a number"), (2.5, "a number"),
+    (True, "true"), (None, "null"), ({}, "an object"),
+])
+def test_json_values_are_named_in_json_words(value: Any, said: str) -> None:
+    """A message says "not an array", never Python's "got list"."""
+    assert json_kind(value) == said
+
+
+def test_a_cli_error_names_no_python_type(cli: Run, tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'gateway_id = "gw"\n[store]\npath = "{tmp_path / "q.db"}"\n'
+                      "min_free_bytes = 0\n")
+    code, _, err = cli("send", "--config", str(config), "--device", "d", "--command", "c",
+                       "--params-json", "[1, 2]")
+    assert code == 2 and "must be a JSON object, not an array" in err
+    code, _, err = cli("send", "--config", str(tmp_path / "no" / "such.toml"), "--device", "d",
+                       "--command", "c")
+    assert "Errno" not in err and "Error:" not in err

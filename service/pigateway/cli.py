@@ -35,7 +35,7 @@ from pigateway.errors import (
 from pigateway.report import words
 from pigateway.store.producer import Producer
 from pigateway.store.values import NewCommand
-from pigateway.text import plural
+from pigateway.text import json_kind, plural
 
 if TYPE_CHECKING:  # the verbs that use them import them: send runs without asyncio
     from pigateway.store import QueueReader, Store
@@ -87,7 +87,7 @@ def parse_params(pairs: Sequence[str], params_json: str | None) -> dict[str, Any
         except InvalidCommand as exc:
             raise UsageError(f"--params-json {exc}") from exc
         if not isinstance(loaded, dict):
-            raise UsageError(f"--params-json must be a JSON object, got {type(loaded).__name__}")
+            raise UsageError(f"--params-json must be a JSON object, not {json_kind(loaded)}")
         params.update(loaded)
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -580,9 +580,17 @@ async def cmd_control(args: argparse.Namespace) -> int:
     from pigateway import control  # noqa: PLC0415 - only the verbs that talk to the service
 
     config = _load(args)
-    reply = await control.request(config.control.socket, args.control_verb)
-    print(f"{args.control_verb}: ok" if reply.get("ok") else f"{args.control_verb}: {reply}")
-    return EXIT_OK if reply.get("ok") else EXIT_FAILED
+    await control.request(config.control.socket, args.control_verb)  # a refusal raises
+    print(CONTROL_DONE[args.control_verb])
+    return EXIT_OK
+
+
+#: What a control verb did, said when the service confirmed it.
+CONTROL_DONE: dict[str, str] = {
+    "pause": "paused: queueing goes on, nothing is sent until `pigateway resume`",
+    "resume": "resumed: draining the queue",
+    "flush": "flushed: the open batch goes now and a down link is retried at once",
+}
 
 
 async def cmd_inbox_ls(args: argparse.Namespace) -> int:

@@ -153,7 +153,7 @@ class ControlServer:
         except ControlError as exc:
             return _error(str(exc))
         except PigatewayError as exc:
-            return _error(f"{type(exc).__name__}: {exc}")
+            return _error(str(exc))  # its words say what happened; a class name says nothing
         except Exception:
             log.exception("control request %s failed", inputs.shown(line, 80))
             return _error("internal error; see the journal")

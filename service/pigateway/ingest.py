@@ -51,7 +51,7 @@ from pigateway.mqtt import Connection, Message, Settings, connect
 from pigateway.packets import Undecodable
 from pigateway.state import GatewayState, Link, Refusal, Refuser
 from pigateway.store import NewCommand, Store, prepare
-from pigateway.text import bounded, plural
+from pigateway.text import bounded, json_kind, plural
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def as_command(rule: IngestRule, message: Message) -> Taken:
     except (ValueError, RecursionError) as exc:
         return Taken(item, f"the payload is not JSON: {bounded(exc, 200)}")
     if not isinstance(params, dict):
-        return Taken(item, f"the payload is JSON {type(params).__name__}, not an object")
+        return Taken(item, f"the payload is {json_kind(params)} of JSON, not an object")
     return Taken(NewCommand(device=device, name=name, params=params, ttl=rule.ttl))
 
 

@@ -99,6 +99,17 @@ def plural(count: int, one: str, many: str | None = None) -> str:
     return f"{count:,} {one if count == 1 else (many or one + 's')}"
 
 
+def json_kind(value: object) -> str:
+    """What a JSON value is, in JSON's words (``an array``, ``a string``), for a message
+    that says what was expected instead: never Python's ``list`` or ``str``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    kinds = ((dict, "an object"), (list, "an array"), (str, "a string"), (int | float, "a number"))
+    return next((kind for python, kind in kinds if isinstance(value, python)), "not JSON")
+
+
 def format_age(seconds: float) -> str:
     """A short human duration: ``12s``, ``3m``, ``2h 5m``, ``3d 4h``."""
     s = max(0, int(seconds))

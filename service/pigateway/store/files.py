@@ -64,7 +64,7 @@ def check_integrity(path: Path) -> str | None:
             f"cannot check {path} ({exc}{'; the disk is full' if full else ''}); "
             "it was left as it is") from exc
     except sqlite3.DatabaseError as exc:  # SQLITE_CORRUPT, SQLITE_NOTADB
-        return f"{type(exc).__name__}: {exc}"
+        return str(exc)  # "file is not a database": sqlite's words, not Python's class name
     except OSError as exc:
         raise StoreError(f"cannot read {path}: {exc}") from exc
     verdict = "; ".join(str(row[0]) for row in rows[:5])

@@ -14,6 +14,7 @@ from pigateway.config import StoreConfig
 from pigateway.errors import InvalidCommand
 from pigateway.ids import new_id
 from pigateway.inputs import shown, text_problem
+from pigateway.text import json_kind
 
 KINDS = ("action", "result", "forward")
 #: The priorities a command can be put with, and the number stored: claimed lowest first.
@@ -133,7 +134,7 @@ def prepare(item: NewCommand, config: StoreConfig, now: float,
     if item.kind not in KINDS:
         raise InvalidCommand(f"kind must be one of {KINDS}, got {item.kind!r}")
     if not isinstance(item.params, dict):
-        raise InvalidCommand(f"params must be a JSON object, got {type(item.params).__name__}")
+        raise InvalidCommand(f"params must be a JSON object, not {json_kind(item.params)}")
     try:
         params = wire.encode(item.params)
         size = len(params.encode())  # a lone surrogate is no UTF-8: UnicodeEncodeError
