@@ -184,6 +184,8 @@ def test_the_start_condition(tmp_path: Path, text: str | None, code: int) -> Non
                           env={**os.environ, "PIGATEWAY_CONFIG": str(config)},
                           capture_output=True, text=True, timeout=30, check=False)
     assert done.returncode == code, done.stderr
+    # its priority for the journal (the unit reads bare stderr at err): a wait is a notice
+    assert done.stderr[:3] == {0: "", 1: "<5>", 255: "<3>"}[code][:3], done.stderr
 
 
 def test_systemd_verifies_the_unit_with_the_drop_in(built: Built, tmp_path: Path) -> None:
