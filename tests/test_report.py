@@ -85,6 +85,9 @@ def test_status_shows_the_fault_and_the_last_error_first() -> None:
     shown = lines(text)
     assert shown["Link"].endswith("; next try in 1m")
     assert shown["Limits"] == "not known until the first connection"
+    later = lines(report.status_running(state(link="offline", retry_at=NOW - 0.8), "", NOW))
+    assert later["Link"].endswith("; trying now")  # never "next try 0s ago"
+    assert later["Limits"].endswith("not paced (as of the last connection)")
     assert not PYTHON.search(text), text
 
 

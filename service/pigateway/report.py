@@ -85,7 +85,10 @@ def status_running(state: Mapping[str, Any], line: str, now: float) -> str:
     rows.append(("In flight", plural(int(state.get("in_flight") or 0), "batch", "batches")
                  + " awaiting the broker's acknowledgement"))
     rows.append(("Dead", _dead(int(state.get("dead_letters") or 0))))
-    rows.append(("Limits", limits(state.get("limits"))))
+    shown_limits = limits(state.get("limits"))
+    if state.get("limits") and state.get("link") != "online":
+        shown_limits += " (as of the last connection)"
+    rows.append(("Limits", shown_limits))
     head = f"● pigateway - {line}"
     return "\n".join([head, *_block(rows)])
 
@@ -112,7 +115,8 @@ def _link(state: Mapping[str, Any], now: float) -> str:
         text += f" since {since(link_since, now)}"
     retry_at = state.get("retry_at")
     if word != "online" and retry_at:
-        text += f"; next try {since(retry_at, now).split('; ')[1]}"
+        text += f"; next try in {format_age(retry_at - now)}" if retry_at > now + 0.5 else (
+            "; trying now")
     return text
 
 
