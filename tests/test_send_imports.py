@@ -24,7 +24,7 @@ FORBIDDEN = ("asyncio", "ssl", "concurrent.futures", "aiomqtt", "paho", "gpiozer
              "prometheus_client", "tenacity", "pigateway.metrics", "pigateway.ingest",
              "pigateway.mqtt", "pigateway.uplink", "pigateway.app", "pigateway.control",
              "pigateway.handlers", "pigateway.store.queue", "pigateway.store.writer",
-             "pigateway.store.thread", "pigateway.store.reading")
+             "pigateway.store.thread", "pigateway.store.reading", "pigateway.manpage")
 
 #: Each way ``send`` runs, and the exit code it must end with.
 SENDS = (

@@ -32,7 +32,6 @@ from pigateway.errors import (
     ServiceNotRunning,
     StoreFull,
 )
-from pigateway.report import words
 from pigateway.store.producer import Producer
 from pigateway.store.values import NewCommand
 from pigateway.text import json_kind, plural
@@ -683,6 +682,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PigatewayError as exc:
         if handler is cmd_run:  # the journal at crit, not stderr (priority info there)
             return _service_failed(exc, args)
+        from pigateway.report import words  # noqa: PLC0415 - on an error only: send stays light
+
         print(f"pigateway: {words(exc)}", file=sys.stderr)  # no [Errno N]: the words say it
         return exit_code(exc)
     except KeyboardInterrupt:
