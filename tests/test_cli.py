@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -538,3 +539,30 @@ def test_config_check_of_an_unknown_user_is_bad_input(cli: Run, config_file: Pat
     code, _, err = cli("config", "check", "--user", "no-such-user-here", "--config",
                        str(config_file))
     assert code == 2 and "no-such-user-here" in err
+
+
+def test_inbox_ls_is_a_table_for_people(cli: Run, config_file: Path) -> None:
+    """One pending command and one rejected at once: the state, the outcome in a word, the
+    time received as local time with its age, and the reason; no JSON document, no None."""
+    from pigateway.inbox import result_document  # noqa: PLC0415
+
+    async def receive() -> None:
+        store_config = configuration.load(config_file).store
+        async with await Store.open(store_config) as store:
+            now = time.time()
+            await store.inbox.receive("c1", "lamp", "on", {}, expires_at=None, ttl=None,
+                                      now=now, headroom=0)
+            await store.inbox.reject("c2", "fan", result_document(
+                "c2", "rejected", "no device 'fan'", max_bytes=1000, now=now),
+                now=now, done_on=store.clock.now())
+    asyncio.run(receive())
+    code, out, _ = cli("inbox", "ls", "--config", str(config_file))
+    head, first, second = out.splitlines()
+    assert code == 0
+    assert head.split() == ["ID", "DEVICE", "NAME", "STATE", "STATUS", "ATTEMPTS", "RECEIVED",
+                            "AT", "LAST", "ERROR"]
+    assert first.split()[:6] == ["c1", "lamp", "on", "pending", "-", "0"]
+    assert first.rstrip().endswith("s ago)  -")
+    assert second.split()[:5] == ["c2", "fan", "-", "done", "rejected"]
+    assert second.endswith("no device 'fan'")
+    assert "None" not in out and "{" not in out

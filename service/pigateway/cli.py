@@ -603,8 +603,8 @@ async def cmd_inbox_ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
     else:
-        print(report.table(rows, ("id", "device", "name", "state", "attempts", "received_at",
-                                  "result"), time.time()))
+        print(report.table(rows, ("id", "device", "name", "state", "status", "attempts",
+                                  "received_at", "last_error"), time.time()))
     if note:
         print(note, file=sys.stderr if args.json else sys.stdout)
     return EXIT_OK
