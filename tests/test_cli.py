@@ -566,3 +566,20 @@ def test_inbox_ls_is_a_table_for_people(cli: Run, config_file: Path) -> None:
     assert second.split()[:5] == ["c2", "fan", "-", "done", "rejected"]
     assert second.endswith("no device 'fan'")
     assert "None" not in out and "{" not in out
+
+
+def test_only_no_socket_or_nobody_listening_means_not_running(folder: Path) -> None:
+    """``send --wait``'s look: a missing socket or one nobody listens on (a killed service)
+    is "not running"; a socket that cannot be reached for another reason (no permission,
+    here a path the kernel refuses) is no proof, so nothing false is said."""
+    from pigateway.cli import _service_answers  # noqa: PLC0415
+
+    assert _service_answers(folder / "none.sock") is False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(folder / "dead.sock"))
+        assert _service_answers(folder / "dead.sock") is False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
+            live.bind(str(folder / "live.sock"))
+            live.listen()
+            assert _service_answers(folder / "live.sock") is True
+    assert _service_answers(folder / ("x" * 200)) is True  # ENAMETOOLONG: unknown, not down

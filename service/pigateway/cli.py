@@ -398,15 +398,19 @@ def _control_socket(args: argparse.Namespace) -> Path | None:
 
 def _service_answers(path: Path) -> bool:
     """Whether the service listens on its control socket: a plain connect (no asyncio,
-    no request), so ``send --wait`` can say at once that nothing will deliver it."""
+    no request), so ``send --wait`` can say at once that nothing will deliver it. Only "no
+    socket" and "nobody listens" mean not running: a producer outside the pigateway group
+    (no permission) or a busy service says nothing rather than something false."""
     import socket  # noqa: PLC0415 - only for send --wait
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
         try:
             probe.connect(str(path))
-        except OSError:
+        except (FileNotFoundError, ConnectionRefusedError):
             return False
+        except OSError:
+            return True
     return True
 
 
