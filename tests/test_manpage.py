@@ -51,8 +51,10 @@ def test_help_ends_with_the_exit_codes(argv: list[str], capsys: pytest.CaptureFi
     with pytest.raises(SystemExit):
         cli.main([*argv, "--help"])
     out = capsys.readouterr().out
-    assert out.rstrip().endswith("\n".join(
-        f"  {code}  {text}" for code, text in cli.EXIT_MEANINGS))
+    assert out.rstrip().endswith(cli._epilog())
+    for code, text in cli.EXIT_MEANINGS:
+        assert f"  {code:>2}  {text.split()[0]}" in out
+    assert max(len(line) for line in cli._epilog().splitlines()) <= 78
 
 
 def test_the_shipped_man_page_is_generated_from_the_parser() -> None:

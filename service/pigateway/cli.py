@@ -123,7 +123,18 @@ EXIT_MEANINGS: tuple[tuple[int, str], ...] = (
 
 
 def _epilog() -> str:
-    return "exit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_MEANINGS)
+    """The exit codes, aligned and wrapped for an 80-column terminal (by hand: textwrap
+    would be one more import on every ``send``)."""
+    lines = ["exit codes:"]
+    for code, text in EXIT_MEANINGS:
+        line = f"  {code:>2} "
+        for word in text.split():
+            if len(line) + 1 + len(word) > 78:
+                lines.append(line)
+                line = " " * 5
+            line += " " + word
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def _positive(text: str) -> int:
