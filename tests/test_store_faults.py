@@ -66,16 +66,19 @@ async def test_a_damaged_file_is_quarantined_and_a_fresh_store_works(
     await make_queue(store_config)
     DAMAGE[damage](store_config.path)
     damaged = store_config.path.read_bytes()
-    with caplog.at_level(logging.CRITICAL, logger="pigateway.store"):
+    with caplog.at_level(logging.WARNING, logger="pigateway.store"):
         store = await Store.open(store_config)
     try:
-        [aside] = list(store_config.path.parent.glob("queue.db.corrupt-*"))
+        [aside] = list(store_config.path.parent.glob("queue.db.corrupt-*[0-9]"))
         assert aside.read_bytes() == damaged, "the user's bytes were not kept as they were"
         critical = [r for r in caplog.records if r.levelno == logging.CRITICAL]
         assert len(critical) == 1 and str(aside) in critical[0].getMessage()
-        assert (await store.stats()).depth == 0
+        # what could be read is in the fresh queue (tests/test_store_salvage.py), and said
+        depth = (await store.stats()).depth
+        assert depth < 3000
+        assert any(f"salvaged {depth} commands" in r.getMessage() for r in caplog.records)
         command = await store.put("d", "after-quarantine")
-        assert [c.id for c in await store.claim(5)] == [command.id]
+        assert (await store.where(command.id)).state == "queued"
     finally:
         await store.close()
     with contextlib.closing(sqlite3.connect(store_config.path)) as conn:
@@ -95,7 +98,8 @@ async def test_the_wal_and_shm_go_aside_with_the_file(tmp_path: Path,
         (store_config.path.parent / f"queue.db{suffix}").write_bytes(content)
     store_config.path.write_bytes(b"garbage" * 1000)
     async with await Store.open(store_config) as store:
-        assert (await store.stats()).depth == 0
+        # the WAL held every page of the queue: every command was read from it
+        assert (await store.stats()).depth == 200
         await store.put("d", "fresh")
     [aside] = list(store_config.path.parent.glob("queue.db.corrupt-*[0-9]"))
     assert aside.with_name(aside.name + "-wal").read_bytes() == sides["-wal"]

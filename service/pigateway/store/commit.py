@@ -40,9 +40,12 @@ class Committed(NamedTuple):
 class GroupCommit:
     """Commits groups of jobs on the queue at ``path`` with ``outbox``'s verbs."""
 
-    def __init__(self, path: Path, outbox: Outbox) -> None:
+    def __init__(self, path: Path, outbox: Outbox, guard: Callable[[], None] | None = None) -> None:
         self.path = path
         self._outbox = outbox
+        #: run first in every transaction; a producer's refuses a file moved aside
+        #: (:class:`~pigateway.store.files.Identity`)
+        self._guard = guard
         #: what the transaction under way says once it commits (shared with the outbox)
         self._after_commit = outbox.after_commit
 
@@ -81,6 +84,8 @@ class GroupCommit:
         """Each job's result or error, in order; consecutive puts share one insert. The
         gateway clock is read here, in the transaction, where it cannot move under the
         jobs (:func:`~pigateway.store.clock_row.follow`)."""
+        if self._guard is not None:
+            self._guard()
         clock_row.follow(conn, self._outbox.clock)
         outcomes: list[Any] = []
         for segment in _segments(jobs):

@@ -12,7 +12,9 @@ import sqlite3
 import time
 from pathlib import Path
 
+from pigateway.config import StoreConfig
 from pigateway.errors import StoreCorrupt, StoreError, StoreFull
+from pigateway.store import salvage
 
 log = logging.getLogger("pigateway.store")
 
@@ -96,9 +98,10 @@ def quarantine(path: Path, why: str) -> Path:
     except OSError as exc:
         raise StoreCorrupt(f"{path} failed its integrity check ({why}) and cannot be moved "
                            f"aside: {exc}") from exc
-    log.critical("queue database %s failed its integrity check (%s); moved it aside as %s "
-                 "and started a fresh queue. Recover commands from it with sqlite3.",
-                 path, why, target)
+    log.critical("queue database %s failed its integrity check (%s); moved it aside as %s; "
+                 "every row that could be read is in the fresh queue (the next line says "
+                 "how many could not). Look for more with sqlite3 %s .dump (docs/operations.md)",
+                 path, why, target, target)
     return target
 
 
@@ -110,21 +113,192 @@ def _producer_refusal(path: Path, problem: str) -> StoreCorrupt:
         "aside and starts a fresh queue when it is started or restarted")
 
 
-def check_as_drainer(path: Path) -> None:
-    """The drainer's check at its open, holding its lock: the full check, and a bad file
-    moved aside (a fresh queue starts). It reads every page: the service runs it off its
-    event loop."""
+def _beside(path: Path, suffix: str) -> Path:
+    real = path.resolve()
+    return real.with_name(real.name + suffix)
+
+
+def marker(path: Path) -> Path:
+    """``<db>.quarantine``: the drainer found the file bad and is salvaging it; while it is
+    there, no producer commits into the file (its rows would be left behind)."""
+    return _beside(path, ".quarantine")
+
+
+def _salvage_paths(path: Path) -> tuple[Path, Path]:
+    """The copy being made (``.salvage-partial``) and the one made whole (``.salvaged``)."""
+    return _beside(path, ".salvage-partial"), _beside(path, ".salvaged")
+
+
+def check_as_drainer(config: StoreConfig) -> None:
+    """The drainer's check at its open, holding its lock: the full check, and a bad file's
+    readable rows salvaged into a new one, then the bad file moved aside and the new one
+    put in its place (nothing acknowledged is left behind). It reads every page: the
+    service runs it off its event loop.
+
+    The steps, each safe to be cut by a power cut (the next start finishes the work):
+    ``.quarantine`` marked (producers refuse from then on) and producers' transactions
+    under way waited out; the copy built as ``.salvage-partial``, flushed, renamed
+    ``.salvaged``; the bad file moved aside; ``.salvaged`` renamed to the queue's name;
+    the mark removed."""
+    path = config.path
+    _finish_interrupted(path)
     problem = check_integrity(path)
     if problem is not None:
+        _mark(path)
+        partial, whole = _salvage_paths(path)
+        report = _salvage(path, partial, config)
+        if partial.exists():
+            partial.rename(whole)
         quarantine(path, problem)
+        _put_in_place(path)
+        _say(report)
+    with contextlib.suppress(FileNotFoundError):
+        marker(path).unlink()
+
+
+def _mark(path: Path) -> None:
+    fd = os.open(marker(path), os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _sync_folder(path)
+
+
+class _Barrier:
+    """A producer's transaction that began before the mark commits before the copy reads
+    (its rows are copied); one that begins after it sees the mark and refuses. The write
+    lock taken once and given back is the line between the two. The connection stays open
+    until the copy's read-only one has the file open, and closes first: not being the
+    last, it neither checkpoints the damaged file's WAL into it nor deletes it (the bytes
+    go aside as they were). A file SQLite cannot lock has no writer to wait for."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        self._conn: sqlite3.Connection | None = sqlite3.connect(
+            path, timeout=timeout, isolation_level=None)
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute("ROLLBACK")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _salvage(path: Path, partial: Path, config: StoreConfig) -> salvage.Salvaged:
+    """The copy, once producers are waited out; a copy that cannot be written (a full disk)
+    stops the start with the damaged file left as it is (moved aside without its rows, the
+    commands in it would be stranded)."""
+    barrier = _Barrier(path, config.busy_timeout)
+    try:
+        return salvage.salvage(path, partial, config, barrier.close)
+    except (sqlite3.Error, OSError, StoreError) as exc:
+        for leftover in (partial, partial.with_name(partial.name + "-wal"),
+                         partial.with_name(partial.name + "-shm")):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+        kind = StoreFull if isinstance(exc, StoreFull) else StoreError
+        raise kind(f"{path} failed its integrity check and its readable rows could not be "
+                   f"copied out ({exc}); it was left as it is, and producers refuse it until "
+                   "the service starts and finishes the quarantine") from exc
+    finally:
+        barrier.close()
+
+
+def _put_in_place(path: Path) -> None:
+    """The salvaged copy (if any was made) becomes the queue."""
+    _, whole = _salvage_paths(path)
+    if whole.exists():
+        whole.rename(path.resolve())
+    _sync_folder(path)
+
+
+def _finish_interrupted(path: Path) -> None:
+    """A quarantine a power cut interrupted: a copy that was not made whole is dropped (the
+    bad file still has all of it, and is salvaged again); a whole one goes in place of the
+    bad file, which goes aside if it was not yet."""
+    partial, whole = _salvage_paths(path)
+    for leftover in (partial, partial.with_name(partial.name + "-wal"),
+                     partial.with_name(partial.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+    if whole.exists():
+        if path.exists():
+            quarantine(path, "its salvage was made before the last start was cut short")
+        _put_in_place(path)
+        log.warning("finished the quarantine of %s that the last start began: the rows "
+                    "salvaged then are the queue now", path)
+
+
+def _sync_folder(path: Path) -> None:
+    """The renames and the mark on disk (a power cut keeps them)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path.resolve().parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _say(report: salvage.Salvaged) -> None:
+    log.log(logging.WARNING if report.complete else logging.ERROR,
+            "quarantine: %s", report.summary())
 
 
 def check_as_producer(path: Path) -> None:
     """A producer's check at its open: the header only, and a bad file refused, never moved
-    (see :func:`_producer_refusal`)."""
+    (see :func:`_producer_refusal`); so is a file the drainer found bad and is moving."""
+    if marker(path).exists():
+        raise _quarantine_refusal(path)
     problem = check_header(path)
     if problem is not None:
         raise _producer_refusal(path, problem)
+
+
+def _quarantine_refusal(path: Path) -> StoreCorrupt:
+    return StoreCorrupt(
+        f"{path} failed the service's integrity check and is being moved aside (its "
+        f"readable rows salvaged into a fresh queue); nothing was queued. Send again once "
+        f"the service has started; if it is not running, start it to finish the work "
+        f"({marker(path)} is there meanwhile)")
+
+
+class Identity:
+    """The queue file a producer's connection opened, checked in each of its transactions:
+    a drainer may have found it bad and moved it aside since (a commit into the moved file
+    would print an id nobody drains), or be doing so."""
+
+    def __init__(self, path: Path) -> None:
+        """Taken *before* the connection opens the file (a rename between the two then
+        refuses, never passes); :meth:`settle` once it is open."""
+        self.path = path
+        self._marker = marker(path)
+        self._inode = _inode(path)
+
+    def settle(self) -> Identity:
+        """After the open: a file the connection created itself is the one to keep."""
+        if self._inode is None:
+            self._inode = _inode(self.path)
+        return self
+
+    def check(self) -> None:
+        """Raise :class:`StoreCorrupt` unless the file is still the queue and not marked."""
+        if self._marker.exists():
+            raise _quarantine_refusal(self.path)
+        if _inode(self.path) != self._inode:
+            raise StoreCorrupt(
+                f"{self.path} was moved aside by the service (it failed its integrity check) "
+                "after this process opened it; nothing was queued. Send again: the fresh "
+                "queue holds every command that could be read")
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def enter_folder(path: Path, *, drainer: bool) -> int | None:

@@ -38,7 +38,8 @@ class Producer:
     a lock keeps each put's transaction whole (interleaved, one thread's ROLLBACK undid
     another's reported put)."""
 
-    def __init__(self, config: StoreConfig, conn: sqlite3.Connection, reading: Reading) -> None:
+    def __init__(self, config: StoreConfig, conn: sqlite3.Connection, reading: Reading,
+                 identity: files.Identity | None = None) -> None:
         self.config = config
         self.path = config.path
         #: the clock of every ``expires_at`` in the file (see :mod:`pigateway.clock`)
@@ -46,20 +47,22 @@ class Producer:
         self._conn: sqlite3.Connection | None = conn
         #: one user of the connection at a time (threading: logging loads it anyway)
         self._lock = threading.Lock()
-        self._group = GroupCommit(config.path, Outbox(config, self.clock, []))
+        self._group = GroupCommit(config.path, Outbox(config, self.clock, []),
+                                  None if identity is None else identity.check)
 
     @classmethod
     def open(cls, config: StoreConfig) -> Producer:
         """Open (creating and migrating, never moving a bad file: that is the drainer's)."""
         files.enter_folder(config.path, drainer=False)
         files.check_as_producer(config.path)
+        identity = files.Identity(config.path)
         conn = connect(config)
         try:
             reading = schema.ready(conn, config.path)
         except BaseException:
             conn.close()
             raise
-        return cls(config, conn, reading)
+        return cls(config, conn, reading, identity.settle())
 
     def close(self) -> None:
         """Close the connection. Safe to call twice."""

@@ -91,10 +91,12 @@ class Store(Reads):
     @classmethod
     async def _connect(cls, config: StoreConfig, *, drainer: bool) -> Store:
         """Check the file, connect the writer, migrate, read the clock, connect the reader."""
+        identity = None
         if drainer:
-            await asyncio.to_thread(files.check_as_drainer, config.path)
+            await asyncio.to_thread(files.check_as_drainer, config)
         else:
             files.check_as_producer(config.path)
+            identity = files.Identity(config.path)
         thread = await SqliteThread.open(config, "store-writer")
         try:
             reading = await thread.call(schema.ready, config.path)
@@ -103,7 +105,8 @@ class Store(Reads):
             await thread.close()
             raise
         outbox = Outbox(config, GatewayClock(reading), [])
-        return cls(config, Writer(thread, config.path, outbox), outbox, reader,
+        guard = None if identity is None else identity.settle().check
+        return cls(config, Writer(thread, config.path, outbox, guard), outbox, reader,
                    drainer=drainer)
 
     async def _start(self) -> None:

@@ -168,14 +168,15 @@ def ready(conn: sqlite3.Connection, path: Path) -> clock.Reading:
         raise translate(exc, path) from exc
 
 
-def migrate(conn: sqlite3.Connection, path: Path) -> None:
-    """Bring the schema forward to the newest version, one transaction per step."""
+def migrate(conn: sqlite3.Connection, path: Path, *, upto: int | None = None) -> None:
+    """Bring the schema forward to the newest version (or to ``upto``: a salvage builds its
+    copy at the damaged file's version), one transaction per step."""
     version = int(first(conn, "PRAGMA user_version")[0])
     conn.execute("SELECT name FROM sqlite_master").fetchall()  # a damaged schema fails here
     if version > len(MIGRATIONS):
         raise StoreError(f"{path} has schema version {version}, newer than this pigateway "
                          f"knows ({len(MIGRATIONS)}); upgrade pigateway")
-    for number in range(version, len(MIGRATIONS)):
+    for number in range(version, len(MIGRATIONS) if upto is None else upto):
         def step(conn: sqlite3.Connection, number: int = number) -> None:
             if int(first(conn, "PRAGMA user_version")[0]) > number:
                 return  # another process migrated meanwhile

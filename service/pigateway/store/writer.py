@@ -44,10 +44,11 @@ class Writer:
     """Queue jobs with :meth:`submit`/:meth:`submit_put`; :meth:`start` the task that
     commits them, :meth:`close` to finish what is queued and stop."""
 
-    def __init__(self, thread: SqliteThread, path: Path, outbox: Outbox) -> None:
+    def __init__(self, thread: SqliteThread, path: Path, outbox: Outbox,
+                 guard: Callable[[], None] | None = None) -> None:
         self.path = path
         self._thread = thread
-        self._group = GroupCommit(path, outbox)
+        self._group = GroupCommit(path, outbox, guard)
         self._jobs: asyncio.Queue[_Queued | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
