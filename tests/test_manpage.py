@@ -120,3 +120,13 @@ def test_every_pigateway_command_in_the_docs_parses(page: Path) -> None:
 def test_no_page_shows_send_with_positional_arguments(page: Path) -> None:
     """``send`` takes --device and --command, never ``send DEVICE NAME``."""
     assert re.findall(r"pigateway send [<\w]", page.read_text()) == []
+
+
+def test_the_man_page_examples_parse() -> None:
+    page = SHIPPED.read_text()
+    examples = page.split(".SH EXAMPLES", 1)[1].split(".SH ", 1)[0]
+    commands = [line.replace("\\-", "-") for line in examples.splitlines()
+                if line.startswith("pigateway ")]
+    assert len(commands) >= 4
+    for command in commands:
+        cli.build_parser().parse_args(shlex.split(command)[1:])  # exits 2 when it does not

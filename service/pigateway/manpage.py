@@ -38,6 +38,29 @@ Every verb prints text for people; with
 the looking verbs print JSON for scripts instead."""
 
 TAIL = """\
+.SH EXAMPLES
+Queue a command; its id is printed once it is on disk:
+.PP
+.RS
+pigateway send \\-\\-device lamp\\-1 \\-\\-command on \\-\\-param level=80
+.RE
+.PP
+Queue one with a producer key and wait for the broker's acknowledgement; the same line run
+again queues nothing:
+.PP
+.RS
+pigateway send \\-\\-device lamp\\-1 \\-\\-command on \\-\\-id job\\-42 \\-\\-wait
+.br
+pigateway queue show \\-\\-key job\\-42
+.RE
+.PP
+What the gateway is doing, and what did not go out:
+.PP
+.RS
+pigateway status
+.br
+pigateway queue ls \\-\\-dead
+.RE
 .SH ENVIRONMENT
 .TP
 .B PIGATEWAY_CONFIG
