@@ -173,6 +173,8 @@ def test_a_cut_listing_says_how_many_there_are() -> None:
     assert report.more(50, 60, "queued", 100) == (
         "(50 of 60 queued shown; --limit 100 for more, --json for every field)")
     assert report.more(60, 60, "queued", 100) is None
+    assert "--limit 1200000 for more" in (report.more(50, 1_200_000, "queued", 1_200_000) or "")
+    # (a hint is typed back: "1,200,000" is not a number to argparse)
     assert report.more(100, None, "inbox entries", 200).startswith("(the first 100 inbox")
 
 

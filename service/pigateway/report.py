@@ -257,7 +257,7 @@ def more(shown: int, total: int | None, label: str, hint: int) -> str | None:
     if total is not None and total <= shown:
         return None
     count = f"{shown:,} of {total:,}" if total is not None else f"the first {shown:,}"
-    return f"({count} {label} shown; --limit {hint:,} for more, --json for every field)"
+    return f"({count} {label} shown; --limit {hint} for more, --json for every field)"
 
 
 _TIMES: Final = frozenset({"queued_at", "expires_at", "dead_at", "received_at", "started_at",
