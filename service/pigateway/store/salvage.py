@@ -32,6 +32,7 @@ from typing import Any
 from pigateway.config import StoreConfig
 from pigateway.store import schema
 from pigateway.store.connection import connect
+from pigateway.text import plural
 
 log = logging.getLogger("pigateway.store")
 
@@ -71,7 +72,8 @@ class Salvaged:
             return (f"salvaged 0 commands: could not read the file at all "
                     f"({self.unreadable}); how many it held is unknown")
         missing = [f"{count} {_NAMES.get(t, t)}" for t, count in self.lost.items() if count]
-        missing += [f"{count} damaged stretch(es) of {_NAMES.get(t, t)} (their rows: unknown)"
+        missing += [f"{plural(count, 'damaged stretch', 'damaged stretches')} of "
+                    f"{_NAMES.get(t, t)} (their rows: unknown)"
                     for t, count in self.damaged.items() if count and t not in self.lost]
         said = f"salvaged {done} into the fresh queue"
         return f"{said}; could not read {', '.join(missing)}" if missing else \
