@@ -108,7 +108,8 @@ def test_status_of_a_stopped_service_says_why_and_what_is_on_disk() -> None:
     assert text.splitlines()[0] == "○ pigateway - not running"
     shown = lines(text)
     assert shown["Active"].startswith("inactive: pigateway is not running")
-    assert shown["Queue"].startswith("3 commands, 33 B, the oldest queued 45s ago on disk")
+    assert shown["Queue"] == ("3 commands, 33 B, the oldest queued 45s ago, on disk: they go "
+                              "out once the service runs")
     assert shown["Dead"] == "2 dead letters (expired 2); pigateway queue ls --dead"
     assert not PYTHON.search(text), text
 

@@ -60,11 +60,6 @@ def words(text: object) -> str:
 # --------------------------------------------------------------------------- status
 
 
-#: What each link word means, for the ``Link:`` line.
-_LINK_WORDS: Final = {"online": "online", "connecting": "connecting",
-                      "offline": "offline"}
-
-
 def status_running(state: Mapping[str, Any], line: str, now: float) -> str:
     """``pigateway status`` of a running service: ``state`` is the control socket's
     ``state`` (:meth:`GatewayState.as_dict`), ``line`` its ``STATUS=`` line."""
@@ -99,7 +94,7 @@ def status_stopped(stats: Mapping[str, Any], why: str, now: float) -> str:
     rows = [
         ("Active", f"inactive: {error(why)}"),
         ("Queue", _queue(stats["depth"], stats["bytes"], stats.get("oldest_age"))
-         + " on disk; they go out once the service runs"),
+         + (", on disk: they go out once the service runs" if stats["depth"] else "")),
         ("Dead", _dead(int(stats.get("dead_total", sum(stats.get("dead", {}).values()))),
                        stats.get("dead"))),
         ("Start it", "systemctl start pigateway; then: journalctl -u pigateway -b"),
@@ -108,7 +103,7 @@ def status_stopped(stats: Mapping[str, Any], why: str, now: float) -> str:
 
 
 def _link(state: Mapping[str, Any], now: float) -> str:
-    word = _LINK_WORDS.get(str(state.get("link")), str(state.get("link")))
+    word = str(state.get("link") or "offline")  # online, connecting, offline: words already
     text = word
     link_since = state.get("link_since")
     if link_since:
