@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from pigateway.config import StoreConfig
 from pigateway.errors import StoreCorrupt, StoreError, StoreFull
+from pigateway.store import owners
 
 T = TypeVar("T")
 
@@ -88,6 +89,8 @@ def translate(exc: sqlite3.Error, path: Path) -> StoreError:
                          "are refused until space is freed")
     if "malformed" in text or "not a database" in text:
         return StoreCorrupt(f"{path} is corrupt ({exc}); restart pigateway to quarantine it")
+    if "readonly" in text or getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY:
+        return owners.refusal(path)
     if "locked" in text or "busy" in text:
         return StoreError(f"{path} stayed locked by another process: {exc}")
     return StoreError(f"{path}: {exc}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pigateway.config import StoreConfig
 from pigateway.errors import StoreCorrupt, StoreError, StoreFull
-from pigateway.store import salvage
+from pigateway.store import owners, salvage
 
 log = logging.getLogger("pigateway.store")
 
@@ -306,7 +306,11 @@ def enter_folder(path: Path, *, drainer: bool) -> int | None:
     drainer, take the drainer lock: its file descriptor, else ``None``."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return take_drainer_lock(path) if drainer else None
+        if not drainer:
+            owners.create_for_folder_owner(path)
+            return None
+        owners.check_writable(path)
+        return take_drainer_lock(path)
     except OSError as exc:  # a read-only file system, a folder owned by someone else
         raise StoreError(f"cannot use {path.parent}: {exc}") from exc
 

@@ -1,0 +1,105 @@
+"""Who may write the queue's files: the service's user must, whoever made them.
+
+systemd gives the unit's ``StateDirectory=`` (``/var/lib/pigateway``) to the service's
+user, but not the files in it that another user made: a ``pigateway send`` run as root
+before the service's first start (the README's own order) made a ``queue.db`` owned by
+root, and the service met "attempt to write a readonly database" at every start, saying
+nothing of why. So a producer running as root gives a file it creates to the folder's
+owner (:func:`create_for_folder_owner`; SQLite itself gives the ``-wal`` and ``-shm`` a
+root process makes to the database file's owner), and a process that cannot write the
+file is told whose it is and the ``chown`` that gives it back (:func:`refusal`).
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import stat
+from pathlib import Path
+
+from pigateway.errors import StoreError
+
+#: The queue's files: the database and SQLite's two beside it.
+SIDES = ("", "-wal", "-shm")
+
+
+def create_for_folder_owner(path: Path) -> None:
+    """Run as root, make a missing queue file empty and owned by its folder's owner (the
+    service's user, in the service's folder), before SQLite creates it as root. Anyone
+    else, or a root-owned folder (systemd gives it all to the service's user at its next
+    start), leaves it to SQLite."""
+    if os.geteuid() != 0:
+        return
+    real = path.resolve()
+    try:
+        folder = real.parent.stat()
+    except OSError:
+        return
+    if folder.st_uid == 0:
+        return
+    try:
+        fd = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise StoreError(f"cannot create {real}: {exc}") from exc
+    try:
+        os.fchown(fd, folder.st_uid, folder.st_gid)
+    finally:
+        os.close(fd)
+
+
+def check_writable(path: Path) -> None:
+    """Raise :func:`refusal` unless this process may read and write each queue file that
+    exists (the drainer, at its open: before it loops on a read-only database)."""
+    for tail in SIDES:
+        side = Path(f"{path}{tail}")
+        if side.exists() and not os.access(side, os.R_OK | os.W_OK):
+            raise refusal(path, side)
+    folder = path.resolve().parent
+    if not os.access(folder, os.W_OK | os.X_OK):  # SQLite makes its -wal and -shm there
+        raise refusal(path, folder)
+
+
+def refusal(path: Path, side: Path | None = None) -> StoreError:
+    """The error of a queue file this process may not write: whose it is, and the fix.
+    Said by the drainer at its open (it runs as the service's user), and for any process
+    that met SQLite's "readonly database" (:func:`pigateway.store.connection.translate`):
+    the service that was given a root-owned file, or a producer run as the wrong user."""
+    me = _user(os.geteuid())
+    culprit = side or next((Path(f"{path}{t}") for t in SIDES
+                            if _foreign(Path(f"{path}{t}"))), path)
+    try:
+        st = culprit.stat()
+        whose = (f"owner {_user(st.st_uid)}, group {_group(st.st_gid)}, "
+                 f"mode {stat.S_IMODE(st.st_mode):04o}")
+    except OSError as exc:
+        whose = exc.strerror or str(exc)
+    fix = (f"`chown -R {me}: {culprit}`" if culprit.is_dir() else f"`chown {me}: {path}*`")
+    return StoreError(
+        f"{culprit} cannot be written by user {me} (Permission denied: {whose}); a "
+        f"`pigateway send` run as another user (root) before the service's first start "
+        f"leaves one. If {me} runs the service, give the queue's files to it: {fix}, then "
+        "`systemctl restart pigateway`; else run this as the service's user")
+
+
+def _foreign(side: Path) -> bool:
+    try:
+        return side.stat().st_uid != os.geteuid()
+    except OSError:
+        return False
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
