@@ -20,6 +20,7 @@ from gpiozero.pins.mock import MockFactory
 from harness.broker import Mosquitto
 from harness.service import running_gateway
 from harness.waits import wait_until
+from pigateway import pins
 from pigateway.app import Gateway
 from pigateway.config import GpioConfig
 from pigateway.errors import GpioError
@@ -291,7 +292,10 @@ async def test_disabled_gpio_claims_nothing(calls: Calls) -> None:
         assert not factory.pins
 
 
-def test_auto_falls_back_to_mock_pins_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+def test_auto_falls_back_to_mock_pins_with_one_warning(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pins, "_auto", {})  # a new process: nothing decided yet
     try:
         import lgpio  # noqa: F401, PLC0415
     except ImportError:
@@ -353,6 +357,21 @@ async def test_holding_the_pause_button_flushes_the_batch_window_at_a_broker(
         await _press(_pin(gateway.panel, PAUSE), CFG.hold_time + 0.3)
         await _until(lambda: command.id in {c.id for c in sub.commands}, timeout=10)
         assert not gateway.state.paused, "a hold flushes, it does not toggle pause"
+
+
+@pytest.mark.broker
+async def test_auto_pins_without_a_gpiochip_are_in_the_state_status_reads(
+    mosquitto: Mosquitto, tmp_path: Path, unique_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real service on pin_factory = "auto" where no gpiochip opens (this machine, a
+    container, an emulated Pi OS): it runs, and its state says why the pins are mock."""
+    monkeypatch.setattr(pins, "_auto", {})  # a new process: nothing decided yet
+    cfg = replace(make_config(tmp_path, mosquitto.port, unique_prefix),
+                  gpio=replace(CFG, pin_factory="auto"))
+    async with running_gateway(cfg) as gateway:
+        if pins.auto_fallback() is None:
+            pytest.skip("a gpiochip opens here; auto uses lgpio")
+        assert "gpiochip" in (gateway.state.as_dict()["pins"] or "")
 
 
 def test_the_legend_in_the_docs_is_the_table() -> None:

@@ -4,6 +4,7 @@ long as the gateway is offline or draining, so that memory must be bounded."""
 
 from __future__ import annotations
 
+import logging
 import tracemalloc
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 from gpiozero import LED, Device
 from gpiozero.pins.mock import MockFactory
 
+from pigateway import pins
 from pigateway.pins import pin_factory
 
 #: Toggles of one LED: a blinking panel's day or so at its fastest pattern.
@@ -74,3 +76,20 @@ def test_auto_without_a_gpiochip_gives_the_same_factory(production: Any) -> None
         pytest.skip("lgpio is installed here; auto would use it")
     assert pin_factory("auto") is production
     assert isinstance(production, MockFactory)
+
+
+def test_auto_without_a_gpiochip_says_so_once_for_the_panel_and_every_device(
+    production: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The panel and each gpio device ask for the pins: the journal says once that there is
+    no gpiochip, and why stays known (``pigateway status`` shows it)."""
+    monkeypatch.setattr(pins, "_auto", {})  # a new process: nothing decided yet
+    with caplog.at_level(logging.WARNING, logger="pigateway.pins"):
+        factories = [pin_factory("auto") for _ in range(3)]  # the panel, two gpio devices
+    reason = pins.auto_fallback()
+    if reason is None:
+        pytest.skip("a gpiochip opens here; auto uses lgpio")
+    assert all(factory is production for factory in factories)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "mock pins" in warnings[0] and "gpiochip" in reason

@@ -91,6 +91,16 @@ def test_status_shows_the_fault_and_the_last_error_first() -> None:
     assert not PYTHON.search(text), text
 
 
+def test_status_says_the_pins_are_mock_and_why() -> None:
+    """pin_factory = "auto" without a gpiochip: the service runs, lights and relays do not;
+    status says so (a real Pi's gpiochip gives no such line)."""
+    assert "Pins" not in lines(report.status_running(state(), "online", NOW))
+    text = report.status_running(state(pins="lgpio cannot open a gpiochip: [Errno 2] no such "
+                                            "file"), "online", NOW)
+    assert lines(text)["Pins"] == ("mock: lgpio cannot open a gpiochip: no such file (the "
+                                   "panel and gpio devices drive nothing)")
+
+
 def test_status_says_paused_and_a_local_broker_that_is_down() -> None:
     text = report.status_running(state(paused=True, depth=1204, oldest_age=190.0,
                                        local="offline"), "online · paused", NOW)

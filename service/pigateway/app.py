@@ -33,6 +33,7 @@ from pigateway.ingest import Ingest
 from pigateway.logs import setup_logging
 from pigateway.metrics import Exporter
 from pigateway.panel import Panel
+from pigateway.pins import auto_fallback
 from pigateway.state import FaultSource, GatewayState, Refusal, Refuser
 from pigateway.store import Store
 from pigateway.store_calls import store_is_gone
@@ -108,6 +109,7 @@ class Gateway:
             store = await Store.open(self.config.store)
         async with store, self._views(), self._inbound(store) as inbound:
             self.store = store
+            self.state.update(pins=auto_fallback())  # the panel and devices have asked
             self.notifier.ready()  # store open and recovered, panel claimed; never the broker
             try:
                 await self._serve(store, inbound)

@@ -7,8 +7,10 @@
   the service sees the same mock pins and a pin used twice is caught; the one made here is
   :class:`pigateway.mockpins.BoundedMockFactory`, whose pins remember a bounded history
   (gpiozero's own keep every change: a blinking panel grew ~10 MB an hour);
-- ``auto``: lgpio when a gpiochip opens, else the mock, with one warning, so the service
-  runs (without lights or relays) on a machine without GPIO.
+- ``auto``: lgpio when a gpiochip opens, else the mock, so the service runs (without lights
+  or relays) on a machine without GPIO (a container, an emulated Pi OS, an x86 gateway).
+  The panel and every gpio device ask: the first fallback is remembered for the process, so
+  the journal says it once and ``pigateway status`` shows why (:func:`auto_fallback`).
 
 gpiozero is imported here only when a factory is made: it is slow to import, and the CLI
 never needs it.
@@ -23,18 +25,27 @@ from pigateway.errors import GpioError
 
 log = logging.getLogger(__name__)
 
+#: What ``auto`` found in this process: ``{"fallback": why}`` once it fell back to mock pins.
+_auto: dict[str, str] = {}
+
 
 def pin_factory(kind: str) -> Any:
     """The gpiozero pin factory for ``gpio.pin_factory`` (``auto``, ``lgpio`` or ``mock``)."""
-    if kind == "mock":
+    if kind == "mock" or (kind == "auto" and "fallback" in _auto):
         return _mock_factory()
     try:
         return _lgpio_factory()
     except GpioError as exc:
         if kind == "lgpio":
             raise
+        _auto["fallback"] = str(exc)
         log.warning("no GPIO here (%s); the panel and gpio devices use mock pins", exc)
         return _mock_factory()
+
+
+def auto_fallback() -> str | None:
+    """Why ``auto`` gave mock pins in this process (None: it did not, or was not asked)."""
+    return _auto.get("fallback")
 
 
 def _mock_factory() -> Any:

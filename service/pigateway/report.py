@@ -84,6 +84,9 @@ def status_running(state: Mapping[str, Any], line: str, now: float) -> str:
     if state.get("limits") and state.get("link") != "online":
         shown_limits += " (as of the last connection)"
     rows.append(("Limits", shown_limits))
+    if state.get("pins"):
+        rows.append(("Pins", f"mock: {error(state['pins'])} (the panel and gpio devices "
+                             "drive nothing)"))
     head = f"● pigateway - {line}"
     return "\n".join([head, *_block(rows)])
 

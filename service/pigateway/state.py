@@ -98,6 +98,8 @@ class GatewayState:
     refusing: str | None = None
     #: what the broker and the config allow on the current link (see Uplink.limits_in_force)
     limits: dict[str, Any] | None = None
+    #: why the pins are mock (pin_factory = "auto" without a gpiochip); None: real or asked for
+    pins: str | None = None
     retry_at: float | None = None
     #: when the link last went up (online) or down (anything else)
     link_since: float = field(default_factory=time.time)
