@@ -30,6 +30,7 @@ from harness.service import Service
 from harness.waits import wait_until
 from ingest_helpers import V5, brokers, collecting, take_acked
 from pigateway.mqtt import Settings, connect
+from test_store_faults import tmpfs
 
 FORWARDED = "pg/gw-test/forward/#"
 TOPIC = "z2m/held/state"
@@ -120,3 +121,49 @@ async def test_pubrels_an_earlier_connection_left_do_not_stop_ingest(
     async with connect(settings, bound=10) as client:  # the session keeps the subscription
         got = await take_acked(client, [], until=window * 3, timeout=10)
     assert got == [str(n).encode() for n in range(window * 3)]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("disk_case", [
+    ("64m", 63, 0),  # SQLite's own SQLITE_FULL: 1 MiB left
+    ("48m", 15, None),  # the default guard (store.min_free_bytes, 32 MiB) refuses first
+], ids=["sqlite-full", "guard"])
+async def test_a_full_disk_acknowledges_nothing_it_could_not_commit(
+        pair: tuple[Mosquitto, Mosquitto], folder: Path, tmp_path: Path,
+        disk_case: tuple[str, int, int | None]) -> None:
+    """The queue's file system fills up (a real size-limited tmpfs) while messages come in
+    and the uplink is down; the service is killed while full. Once space returns, every
+    message the local broker accepted arrives: what the full disk refused was never
+    acknowledged, so the local broker kept it."""
+    local, uplink = pair
+    size, filler_mib, min_free = disk_case
+    count, pad = 700, b"p" * 3000  # ~2.1 MB of rows: more than the room left
+    with tmpfs(tmp_path / "disk", size) as disk:
+        filler = disk / "filler"
+        filler.write_bytes(b"\0" * (filler_mib * 1024 * 1024))
+        path = service_file(folder, local, uplink, qos=1, room=None)
+        text = path.read_text().replace(str(folder / "queue.db"), str(disk / "queue.db"))
+        if min_free is None:
+            text = text.replace("min_free_bytes = 0\n", "")
+        path.write_text(text)
+        service = Service(path, folder / "service.log")
+        sent = [b"%04d" % n + pad for n in range(count)]
+        async with collecting(uplink, FORWARDED) as collector:
+            uplink.stop()
+            with service:
+                assert await wait_until(lambda: "ingest: online" in service.tail(100_000),
+                                        20), service.tail()
+                async with aiomqtt.Client(local.host, local.port, protocol=V5) as client:
+                    for payload in sent:
+                        await client.publish(TOPIC, payload, qos=1)
+                assert await wait_until(lambda: "queue refuses" in service.tail(100_000),
+                                        20), service.tail()
+                service.kill()
+            filler.unlink()  # space returns
+            uplink.start()
+            with service:
+                assert await wait_until(
+                    lambda: len(set(collector.payloads("pg/gw-test/forward/" + TOPIC)))
+                    >= count, 60), (len(collector.got), service.tail())
+                service.stop()
+    assert collector.first_order("pg/gw-test/forward/" + TOPIC) == sent

@@ -72,7 +72,7 @@ async def test_more_than_the_default_queue_waits_for_a_stopped_pigateway(
             assert service.stop() == 0  # stopped, as for an upgrade
         assert await publish(local, sent) == SENT
         local.restart()  # and the broker restarted meanwhile (a clean stop saves its state)
-        with service.start():
+        with service:
             assert await wait_until(lambda: len({g.payload for g in collector.got}) >= SENT,
                                     40), (len({g.payload for g in collector.got}),
                                           service.tail())

@@ -147,7 +147,8 @@ def _normal(name: str) -> str:
 
 def test_the_config_is_a_conffile_with_a_commented_example(built: Built) -> None:
     conffiles = (built.control / "conffiles").read_text().split()
-    assert conffiles == ["/etc/pigateway/config.toml"]
+    assert sorted(conffiles) == ["/etc/mosquitto/conf.d/pigateway-ingest.conf",
+                                 "/etc/pigateway/config.toml"]
     text = (built.tree / "etc/pigateway/config.toml").read_text()
     assert re.search(r"^#gateway_id = ", text, re.M), "gateway_id is commented out"
     assert not re.search(r"^\s*gateway_id\s*=", text, re.M)
