@@ -29,6 +29,7 @@ import bench_flush
 import bench_ingest
 import bench_store
 import bench_uplink
+
 from harness.service import Service
 from pigateway.store import NewCommand, Store
 from pigateway.uplink import Uplink
@@ -84,7 +85,7 @@ async def drain(folder: Path, count: int) -> tuple[float, float]:
             uplink = Uplink(cfg, store, bench_uplink.GatewayState())
             task = asyncio.create_task(uplink.run())
             seen = await asyncio.to_thread(receiver.result, 610)
-            while (await store.stats()).depth:  # the last acks' deletes, counted too
+            while (await store.stats()).depth:  # noqa: ASYNC110 - the last acks' deletes, counted
                 await asyncio.sleep(0.05)
             spent = bench_flush.flushes() - before
             await uplink.stop(5)

@@ -19,8 +19,10 @@ import pytest
 from pigateway import store
 
 #: Modules ``send`` must never load: asyncio and what it brings, MQTT, GPIO, metrics,
-#: retries, the service's parts and the Store's (its writer task and threads).
-FORBIDDEN = ("asyncio", "ssl", "concurrent.futures", "aiomqtt", "paho", "gpiozero",
+#: retries, the service's parts and the Store's (its writer task and threads), logging
+#: (~20 million instructions of a send's ~350 million: the modules that may log take it
+#: lazily, :mod:`pigateway.lazylog`).
+FORBIDDEN = ("asyncio", "ssl", "logging", "concurrent.futures", "aiomqtt", "paho", "gpiozero",
              "prometheus_client", "tenacity", "pigateway.metrics", "pigateway.ingest",
              "pigateway.mqtt", "pigateway.uplink", "pigateway.app", "pigateway.control",
              "pigateway.handlers", "pigateway.store.queue", "pigateway.store.writer",

@@ -32,14 +32,14 @@ module-level functions so that tests can step the wall clock or simulate a reboo
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pigateway import lazylog
 from pigateway.errors import StoreError
 
-log = logging.getLogger(__name__)
+log = lazylog.getLogger(__name__)
 
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 #: Created by systemd-timesyncd once the wall clock is synchronised (removed at boot).

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
 import os
 import sqlite3
 import time
 from pathlib import Path
 
+from pigateway import lazylog
 from pigateway.config import StoreConfig
 from pigateway.errors import StoreCorrupt, StoreError, StoreFull
 from pigateway.store import owners, salvage
 
-log = logging.getLogger("pigateway.store")
+log = lazylog.getLogger("pigateway.store")
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 HEADER_SIZE = 100
@@ -242,8 +242,7 @@ def _sync_folder(path: Path) -> None:
 
 
 def _say(report: salvage.Salvaged) -> None:
-    log.log(logging.WARNING if report.complete else logging.ERROR,
-            "quarantine: %s", report.summary())
+    (log.warning if report.complete else log.error)("quarantine: %s", report.summary())
 
 
 def check_as_producer(path: Path) -> None:

@@ -5,7 +5,6 @@ its writer; nothing here awaits."""
 
 from __future__ import annotations
 
-import logging
 import os
 import sqlite3
 import time
@@ -13,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pigateway import lazylog
 from pigateway.clock import GatewayClock
 from pigateway.config import StoreConfig
 from pigateway.errors import InvalidCommand, QueueFull, StoreFull
@@ -27,7 +27,7 @@ from pigateway.store.values import (
 )
 from pigateway.text import format_size, plural
 
-log = logging.getLogger("pigateway.store")
+log = lazylog.getLogger("pigateway.store")
 
 #: Rows one transaction of a sweep (expiry, purge, requeue, drop-oldest, dead-letter
 #: pruning) handles at most: each chunk is its own commit, so the watchdog's ping,

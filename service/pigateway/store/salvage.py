@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import os
 import sqlite3
 import urllib.parse
@@ -29,12 +28,13 @@ from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
+from pigateway import lazylog
 from pigateway.config import StoreConfig
 from pigateway.store import schema
 from pigateway.store.connection import connect
 from pigateway.text import plural
 
-log = logging.getLogger("pigateway.store")
+log = lazylog.getLogger("pigateway.store")
 
 #: Rows read (and written) at a time.
 CHUNK = 500

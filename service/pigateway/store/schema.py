@@ -3,17 +3,16 @@
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 
-from pigateway import clock
+from pigateway import clock, lazylog
 from pigateway.errors import StoreError
 from pigateway.store import clock_row, delivery
 from pigateway.store.connection import first, run_transaction, translate
 
-log = logging.getLogger("pigateway.store")
+log = lazylog.getLogger("pigateway.store")
 
 #: Schema migrations, applied in order and tracked by ``PRAGMA user_version``.
 #: Never edit an entry that has shipped; append a new one.
