@@ -192,6 +192,11 @@ def test_a_cut_listing_says_how_many_there_are() -> None:
 def test_errors_lose_the_errno_and_stay_one_bounded_line() -> None:
     assert report.error("[Errno 111] Connection refused") == "Connection refused"
     assert report.error("[Errno -2] Name or service not known") == "Name or service not known"
+    assert report.error("publish of batch 01B failed: OSError: [Errno 32] Broken pipe") == (
+        "publish of batch 01B failed: Broken pipe")
+    assert report.error("ssl.SSLError: certificate verify failed") == "certificate verify failed"
+    assert report.error("TLS failed: the hostname does not match") == (
+        "TLS failed: the hostname does not match")  # words with a colon stay
     assert report.error("a\nb" + "x" * 2000).startswith("a\\x0ab")
     assert len(report.error("x" * 2000)) == 500
 

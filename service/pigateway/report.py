@@ -24,6 +24,7 @@ LABEL: Final = 11
 CELL: Final = 60
 
 _ERRNO: Final = re.compile(r"\[Errno -?\d+\]\s*")
+_CLASS: Final = re.compile(r"\b(?:[a-z_]+\.)*[A-Z]\w*(?:Error|Exception): ")
 
 
 # --------------------------------------------------------------------------- words
@@ -53,8 +54,10 @@ def error(text: object) -> str:
 
 
 def words(text: object) -> str:
-    """``text`` without Python's ``[Errno N]`` marks: what every CLI error line prints."""
-    return _ERRNO.sub("", str(text))
+    """``text`` without Python's marks, ``[Errno N]`` and an exception's class name before
+    its message (``OSError: ``): what every CLI error line and shown error prints; the
+    words after them say what happened."""
+    return _CLASS.sub("", _ERRNO.sub("", str(text)))
 
 
 # --------------------------------------------------------------------------- status
