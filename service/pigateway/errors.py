@@ -60,6 +60,19 @@ class OlderSchema(StoreError):
     column it lacks (``pigateway queue ...`` right after an upgrade)."""
 
 
+class NewerSchema(StoreError):
+    """The queue file has a schema version this pigateway does not know: a newer package
+    migrated it (a downgrade). It is refused by every opener and left exactly as it is."""
+
+    def __init__(self, path: object, found: int, known: int) -> None:
+        super().__init__(
+            f"{path} has schema version {found}, newer than this pigateway knows ({known}): "
+            f"a newer pigateway migrated it. It was left as it is; upgrade pigateway (or "
+            f"restore a copy of the queue from before the upgrade)")
+        self.found = found
+        self.known = known
+
+
 class StoreCorrupt(StoreError):
     """The database file failed its integrity check (it is moved aside, never deleted)."""
 

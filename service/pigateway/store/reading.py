@@ -15,7 +15,7 @@ from typing import Any, Self
 from pigateway import clock
 from pigateway.clock import GatewayClock
 from pigateway.config import StoreConfig
-from pigateway.errors import OlderSchema, StoreCorrupt, StoreError
+from pigateway.errors import NewerSchema, OlderSchema, StoreCorrupt, StoreError
 from pigateway.store import clock_row, delivery
 from pigateway.store.connection import first, translate
 from pigateway.store.files import check_header
@@ -169,8 +169,7 @@ class QueueReader(Reads):
             raise _reader_refusal(path, str(exc)) from exc
         if version > len(MIGRATIONS):
             conn.close()
-            raise StoreError(f"{path} has schema version {version}, newer than this pigateway "
-                             f"knows ({len(MIGRATIONS)}); upgrade pigateway")
+            raise NewerSchema(path, version, len(MIGRATIONS))
         note = None if version == len(MIGRATIONS) else (
             f"{path} has schema version {version}; the service migrates it to "
             f"{len(MIGRATIONS)} when it starts")

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pigateway import clock, lazylog
-from pigateway.errors import StoreError
+from pigateway.errors import NewerSchema
 from pigateway.store import clock_row, delivery
 from pigateway.store.connection import first, run_transaction, translate
 
@@ -173,8 +173,7 @@ def migrate(conn: sqlite3.Connection, path: Path, *, upto: int | None = None) ->
     version = int(first(conn, "PRAGMA user_version")[0])
     conn.execute("SELECT name FROM sqlite_master").fetchall()  # a damaged schema fails here
     if version > len(MIGRATIONS):
-        raise StoreError(f"{path} has schema version {version}, newer than this pigateway "
-                         f"knows ({len(MIGRATIONS)}); upgrade pigateway")
+        raise NewerSchema(path, version, len(MIGRATIONS))
     for number in range(version, len(MIGRATIONS) if upto is None else upto):
         def step(conn: sqlite3.Connection, number: int = number) -> None:
             if int(first(conn, "PRAGMA user_version")[0]) > number:
