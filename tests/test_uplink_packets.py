@@ -172,3 +172,34 @@ async def test_a_state_document_over_the_limit_is_left_out_and_the_link_stays(
         broker.kill()
     assert proxy.connections == 1
     assert all(state == "offline" for state in sub.states)  # only the clean stop's
+
+
+@pytest.mark.parametrize("over", [0, 1])
+async def test_the_whole_packet_is_measured_to_the_byte(
+        tmp_path: Path, limited: Mosquitto, unique_prefix: str, over: int) -> None:
+    """A forward whose PUBLISH is exactly the broker's Maximum Packet Size goes (mosquitto
+    takes it on the same link); one byte more is ``too-large``. The size is counted here by
+    hand from MQTT 5 (fixed header, topic, packet id, properties with the ``pigateway-id``
+    user property, payload), independently of the code under test."""
+    topic = f"{unique_prefix}/{GATEWAY}/forward/edge/{over}"
+    properties = 1 + 1 + (2 + len(forwarded.ID_PROPERTY)) + (2 + 26)  # length, id 38, pair
+    remaining = LIMIT - 1 - 2  # fixed header byte and a two-byte remaining length
+    payload = b"e" * (remaining - 2 - len(topic.encode()) - 2 - properties + over)
+    proxy = await RefusingProxy(limited.port, lambda *_: None).start()
+    try:
+        async with subscribed(limited.port, unique_prefix, kind=ForwardSubscriber) as sub:
+            cfg = make_config(tmp_path, proxy.port, unique_prefix)
+            async with running_uplink(cfg) as run:
+                put = await run.store.put_many([forward(unique_prefix, f"edge/{over}", payload)])
+                assert await drained(run.store, 10)
+                dead = await run.store.list_dead(10)
+                if not over:
+                    assert await wait_until(lambda: sub.forwarded() == [f"edge/{over}"], 10)
+    finally:
+        await proxy.close()
+    assert proxy.connections == 1
+    if over:
+        assert [(d.command.id, d.reason) for d in dead] == [(put[0].id, "too-large")]
+        assert f"{LIMIT + 1:,} bytes" in (dead[0].detail or "")
+    else:
+        assert dead == []
