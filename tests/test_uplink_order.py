@@ -18,8 +18,9 @@ import pytest
 
 from harness.broker import Mosquitto
 from mqttproxy import RefusingProxy
+from netproxy import Proxy
 from pigateway.store import NewCommand
-from uplink_helpers import drained, make_config, running_uplink, subscribed
+from uplink_helpers import RecordingState, drained, make_config, running_uplink, subscribed
 
 pytestmark = pytest.mark.broker
 
@@ -85,3 +86,27 @@ async def test_a_small_batch_does_not_overtake_a_large_one_at_the_token_bucket(
             assert (await run.store.stats()).dead_total == 0
     assert len(sub.batches) == 2  # c0 alone, then c1 and c2
     assert [c.id for c in sub.first_deliveries()] == [c.id for c in put]
+
+
+async def test_a_backlog_of_many_devices_travels_in_several_batches_side_by_side(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    """A device in one unacknowledged batch at a time must not leave the window idle: a
+    backlog over many devices is spread so that batches of different devices are in flight
+    together (PUBACKs held 0.1 s by a proxy), each device still in order."""
+    proxy = await Proxy(mosquitto.port, delay=0.1).start()
+    state = RecordingState()
+    try:
+        async with subscribed(mosquitto.port, unique_prefix) as sub:
+            cfg = make_config(tmp_path, proxy.port, unique_prefix, max_batch_bytes=32 * 1024,
+                              max_inflight=8)  # one batch could hold a part of every device
+            async with running_uplink(cfg, state=state) as run:
+                put = await run.store.put_many(
+                    [marked(f"dev{d}", n, 200) for n in range(20) for d in range(24)])
+                assert await sub.wait_for(len(put), 30)
+    finally:
+        await proxy.close()
+    assert max(state.history["in_flight"]) >= 3
+    arrived = [c.id for c in sub.first_deliveries()]
+    for device in {c.device for c in put}:
+        mine = [c.id for c in put if c.device == device]
+        assert first_order(arrived, mine) == mine

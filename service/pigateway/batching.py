@@ -89,6 +89,9 @@ class Gate(Protocol):
     """Which devices are in a batch not acknowledged yet (:class:`pigateway.inflight.InFlight`)."""
 
     def busy(self) -> Collection[str]: ...
+    def free_slots(self) -> int: ...
+    @property
+    def slots(self) -> int: ...
     def arm(self) -> None: ...
     async def wait_freed(self) -> None: ...
 
@@ -98,6 +101,13 @@ class Open:
 
     def busy(self) -> Collection[str]:
         return ()
+
+    def free_slots(self) -> int:
+        return 1
+
+    @property
+    def slots(self) -> int:
+        return 1
 
     def arm(self) -> None:
         return None
@@ -259,7 +269,7 @@ def _take_actions(live: list[C], rules: Rules, now: float, batch_id: str,
     rest: list[C] = []
     too_large: list[C] = []
     for command in live:
-        if command.kind in SOLO or command.device in waiting:
+        if command.kind in SOLO or command.device in waiting or _cannot_join(builder, command):
             waiting.add(command.device)  # a device's later actions wait behind it too
             rest.append(command)
             continue
@@ -276,6 +286,30 @@ def _take_actions(live: list[C], rules: Rules, now: float, batch_id: str,
     batch = Batch(batch_id, "actions", tuple(builder.members), builder.payload()) \
         if builder.members else None
     return Take(batch, rest, too_large=too_large, expired=expired)  # type: ignore[arg-type]
+
+
+def _worth(rows: Sequence[Queued], rules: Rules, most: int) -> int:
+    """About how many whole batches ``rows`` make (a cheap estimate), counted up to ``most``
+    (then it stops looking: a backlog is not summed row by row at every batch)."""
+    size, devices, worth = 0, set(), 0
+    for row in rows:
+        size += row.size + len(row.name) + 96
+        devices.add(row.device)
+        worth = max(size // rules.max_batch_bytes, len(devices) // rules.max_actions)
+        if worth >= most:
+            return most
+    return worth
+
+
+def _cannot_join(builder: _Builder, command: Queued) -> bool:
+    """Whether ``command`` surely does not fit in a batch already started, told without
+    encoding it (its params alone are ``size`` bytes): a long backlog is not encoded row by
+    row once the batch is full."""
+    if not builder.members:
+        return False
+    if command.device not in builder.actions and len(builder.actions) >= builder.rules.max_actions:
+        return True
+    return command.size + len(command.name) > builder.rules.max_batch_bytes - builder.size
 
 
 @dataclass(frozen=True)
@@ -416,8 +450,9 @@ class Batcher(Generic[C]):
                 return None
             self.gate.arm()
             self._merge_returned()
-            take = take_batch(self.pending, self.rules, now=self.clock(),
-                              expires_now=self.store.clock.now(), busy=self.gate.busy())
+            busy = self.gate.busy()
+            take = take_batch(self.pending, self._spread(busy), now=self.clock(),
+                              expires_now=self.store.clock.now(), busy=busy)
             # pending is changed only once the dead letters are on disk: a cancel (the link
             # dropped) or a store error while they are written leaves every row here, the
             # batch's too, in order, for give_back() or the next call
@@ -430,11 +465,33 @@ class Batcher(Generic[C]):
             if self.pending:
                 await self._blocked()
 
+    def _spread(self, busy: Collection[str]) -> Rules:
+        """The rules for the next batch: under a backlog, its share of the free devices.
+
+        A device is in one unacknowledged batch at a time, so one batch holding every
+        device would leave the other in-flight slots idle until its PUBACK. When the free
+        devices' rows make several batches' worth, each batch takes
+        ``devices / min(free slots, batches' worth)`` of them: the batches stay full and
+        travel side by side. A light load (one batch's worth) still goes as one message.
+        """
+        slots = self.gate.free_slots()
+        if slots <= 1:
+            return self.rules
+        free = [c for c in self.pending if c.device not in busy and c.kind not in SOLO]
+        devices = len({c.device for c in free})
+        worth = _worth(free, self.rules, slots)
+        if devices <= 1 or worth <= 1:
+            return self.rules
+        share = math.ceil(devices / worth)
+        return dataclasses.replace(self.rules, max_actions=min(self.rules.max_actions, share))
+
     async def _blocked(self) -> None:
         """Every pending row waits for its device's batch in flight: wait until a device is
         freed, or new work comes (maybe for another device: then claim it)."""
         if self._interrupt.is_set():
             return
+        if not self._full(self.gate.slots) and await self._claim():
+            return  # meanwhile, the rows for the devices' next batches (or a free device's)
         woken = await first_of(self.gate.wait_freed(), self._interrupt.wait(),
                                self._woken.wait(), self.store.wait_for_work(self.idle_poll))
         if woken == 3 and len(self.pending) < self.claim_limit:
@@ -467,17 +524,19 @@ class Batcher(Generic[C]):
                 break
             await self._wait(left)
             await self._claim()
-        if not self._full():
-            await self._claim()
+        # a batch's worth for each free slot, so that batches of different devices can
+        # travel side by side (:meth:`_spread`); bounded: one claim per slot at most
+        slots = self.gate.free_slots()
+        for _ in range(slots):
+            if self._full(slots) or not await self._claim():
+                break
         return not self._interrupt.is_set()
 
-    def _full(self) -> bool:
-        """A cheap estimate of whether pending already makes at least one whole batch."""
+    def _full(self, batches: int = 1) -> bool:
+        """A cheap estimate of whether pending already makes at least ``batches`` whole ones."""
         if self.pending and self.pending[0].kind in SOLO:
             return True  # a result or forwarded message travels alone: nothing to wait or claim for
-        devices = {c.device for c in self.pending}
-        size = sum(c.size + len(c.name.encode()) + 96 for c in self.pending)
-        return len(devices) >= self.rules.max_actions or size >= self.rules.max_batch_bytes
+        return _worth(self.pending, self.rules, batches) >= batches
 
     async def _claim(self) -> int:
         """Claim more rows; if cancelled meanwhile, still record what the writer claimed."""

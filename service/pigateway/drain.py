@@ -124,6 +124,8 @@ class Session:
     client: Connection
     slots: asyncio.Semaphore
     tasks: asyncio.TaskGroup
+    #: the slots there are (``uplink.max_inflight`` met with the broker's Receive Maximum)
+    window: int = 1
 
 
 class Drain:
@@ -148,6 +150,7 @@ class Drain:
 
     async def run(self, session: Session) -> None:
         """Hand batches to publisher tasks, at most ``max_inflight`` unacknowledged."""
+        self.ledger.slots = session.window
         while not self._stop.is_set():
             if not self._resumed.is_set():
                 await first_of(self._resumed.wait(), self._stop.wait())
@@ -161,7 +164,12 @@ class Drain:
             if batch is None:
                 session.slots.release()
                 continue
-            self.ledger.add(batch)
+            try:
+                self.ledger.add(batch)
+            except UplinkError:
+                self.batcher.put_back(batch.commands)  # still claimed: given back at the end
+                session.slots.release()
+                raise
             self.show_progress()
             session.tasks.create_task(self._ship(session, batch), name=f"ship-{batch.id}")
         self.state.set_progress(draining=False)

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from typing import Generic, TypeVar
 
 from pigateway.batching import Batch, Queued
+from pigateway.errors import UplinkError
 
 C = TypeVar("C", bound=Queued)
 
@@ -35,6 +36,9 @@ class InFlight(Generic[C]):
     """The batches of one drain that the broker has not acknowledged, and their devices."""
 
     def __init__(self) -> None:
+        #: batches this link may have unacknowledged (``uplink.max_inflight`` met with the
+        #: broker's Receive Maximum), set per session
+        self.slots = 1
         self.outstanding: dict[str, Batch[C]] = {}
         #: acknowledged by the broker, rows not deleted yet (a busy store)
         self.delivered: dict[str, Batch[C]] = {}
@@ -53,6 +57,10 @@ class InFlight(Generic[C]):
         """Devices in an unacknowledged batch: their next commands wait for it."""
         return frozenset(self._holder)
 
+    def free_slots(self) -> int:
+        """Batches that may still go out on this link, the one being built included."""
+        return max(1, self.slots - len(self.outstanding))
+
     def arm(self) -> None:
         """Start watching for a freed device (before looking at :meth:`busy`)."""
         self._freed.clear()
@@ -65,12 +73,13 @@ class InFlight(Generic[C]):
 
     def add(self, batch: Batch[C]) -> None:
         """A batch was built: it and its devices are in flight."""
-        for device in _devices(batch):
+        devices = _devices(batch)
+        for device in devices:
             holder = self._holder.get(device)
-            if holder is not None and holder != batch.id:
-                raise RuntimeError(f"device {device} is in batches {holder} and {batch.id} at "
-                                   "once: its order could not hold")
-            self._holder[device] = batch.id
+            if holder is not None:  # a bug: the caller ends the link and loses nothing
+                raise UplinkError(f"device {device} would be in batches {holder} and "
+                                  f"{batch.id} at once: its order could not hold")
+        self._holder.update(dict.fromkeys(devices, batch.id))
         self.outstanding[batch.id] = batch
         self.settled.clear()
 

@@ -310,7 +310,8 @@ class Uplink:
         client.when_lost(lambda: self.state.set_link(Link.OFFLINE))
         try:
             async with asyncio.TaskGroup() as tasks:
-                session = Session(client, asyncio.Semaphore(limits["max_inflight"]), tasks)
+                session = Session(client, asyncio.Semaphore(limits["max_inflight"]), tasks,
+                                  window=limits["max_inflight"])
                 if self.on_command is not None:
                     await client.subscribe(wire.topic(self.config, "commands"), qos=1)
                 await self.announcer.announce(client)
