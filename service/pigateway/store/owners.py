@@ -67,6 +67,9 @@ def refusal(path: Path, side: Path | None = None) -> StoreError:
     Said by the drainer at its open (it runs as the service's user), and for any process
     that met SQLite's "readonly database" (:func:`pigateway.store.connection.translate`):
     the service that was given a root-owned file, or a producer run as the wrong user."""
+    if _read_only(path):
+        return StoreError(f"cannot write {path}: it is on a Read-only file system (remount "
+                          "it read-write, or point store.path at a writable one)")
     me = _user(os.geteuid())
     culprit = side or next((Path(f"{path}{t}") for t in SIDES
                             if _foreign(Path(f"{path}{t}"))), path)
@@ -82,6 +85,14 @@ def refusal(path: Path, side: Path | None = None) -> StoreError:
         f"`pigateway send` run as another user (root) before the service's first start "
         f"leaves one. If {me} runs the service, give the queue's files to it: {fix}, then "
         "`systemctl restart pigateway`; else run this as the service's user")
+
+
+def _read_only(path: Path) -> bool:
+    """Whether the queue's folder is on a read-only mount (no owner can write there)."""
+    try:
+        return bool(os.statvfs(path.resolve().parent).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _foreign(side: Path) -> bool:
