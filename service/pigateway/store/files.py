@@ -10,11 +10,15 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pigateway import lazylog
 from pigateway.config import StoreConfig
 from pigateway.errors import StoreCorrupt, StoreError, StoreFull
-from pigateway.store import owners, salvage
+from pigateway.store import owners
+
+if TYPE_CHECKING:  # the drainer's, at a quarantine: never a producer's (pigateway send)
+    from pigateway.store import salvage
 
 log = lazylog.getLogger("pigateway.store")
 
@@ -190,6 +194,8 @@ def _salvage(path: Path, partial: Path, config: StoreConfig) -> salvage.Salvaged
     """The copy, once producers are waited out; a copy that cannot be written (a full disk)
     stops the start with the damaged file left as it is (moved aside without its rows, the
     commands in it would be stranded)."""
+    from pigateway.store import salvage  # noqa: PLC0415 - see the TYPE_CHECKING import
+
     barrier = _Barrier(path, config.busy_timeout)
     try:
         return salvage.salvage(path, partial, config, barrier.close)
