@@ -21,6 +21,7 @@ from pigateway.errors import PacketTooLarge, UplinkError
 from pigateway.mqtt import Connection, describe
 from pigateway.pacing import Pacer
 from pigateway.state import GatewayState
+from pigateway.text import bounded
 
 #: the uplink's own lines in the journal
 log = logging.getLogger("pigateway.uplink")
@@ -59,8 +60,14 @@ class Announcer:
         try:
             code = await client.deliver(self.topic, payload, retain=True,
                                         timeout=self.config.uplink.publish_timeout)
+        except UplinkError:
+            raise  # the link's: it ends and comes back
         except PacketTooLarge as exc:
             log.warning("uplink: the state document is not sent: %s", exc)
+            return
+        except Exception as exc:  # one packet, one failure: never the link's
+            log.warning("uplink: the state document is not sent: %s: %s",
+                        type(exc).__name__, bounded(exc, 300))
             return
         if code is not None:
             log.warning("uplink: the broker refused a message on %s: %s", self.topic,
