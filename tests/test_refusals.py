@@ -125,3 +125,19 @@ async def test_ingest_refused_by_the_store_shows_as_ingest_refusing(
     assert show is Show.REFUSING
     assert {(r["by"], r["reason"]) for r in state["refusals"]} == {
         ("ingest", "disk-reserve"), ("queue", "disk-reserve")}
+
+
+async def test_a_look_at_a_disk_that_is_gone_is_a_store_error(tmp_path: Path) -> None:
+    """The views' look at the disk fails as the store's verbs do (said and tried again by
+    the app), never with an OSError that would end the service."""
+    import shutil  # noqa: PLC0415
+
+    from pigateway.errors import StoreError  # noqa: PLC0415
+
+    cfg = gateway.config(tmp_path / "q", store={"min_free_bytes": 1})  # its files in q/
+    (tmp_path / "q").mkdir()
+    async with await Store.open(cfg.store) as store:
+        assert await store.refusal() is None
+        shutil.rmtree(tmp_path / "q")  # its files stay open; the folder is gone
+        with pytest.raises(StoreError, match="cannot look at the disk"):
+            await store.refusal()

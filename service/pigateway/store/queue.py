@@ -319,6 +319,8 @@ class Store(Reads):
             return await self._reader.call(self._outbox.refusal)
         except sqlite3.Error as exc:
             raise translate(exc, self.path) from exc
+        except OSError as exc:  # statvfs of a folder gone: a store error, said and retried
+            raise StoreError(f"cannot look at the disk under {self.path}: {exc}") from exc
 
     # ---- maintenance
 
