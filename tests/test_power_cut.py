@@ -1,0 +1,206 @@
+"""A power cut drops the page cache: what was not fsynced is gone after the reboot.
+
+``kill -9`` (tests/test_store_crash.py) and ``cgroup.kill`` (scripts/e2e) keep the kernel's
+page cache, so they cannot tell a commit that was fsynced from one that was not. These
+tests put the queue's folder on lossyfs (tests/harness/lossy.py), which keeps every change
+in memory until it is fsynced: first the layer is shown to lose what a real cut loses and
+to keep what it keeps, then a store without fsyncs (``synchronous = OFF``) is shown to lose
+acknowledged commands on it (so the layer can catch the bug it is here for), then the real
+service, ``pigateway send`` (with and without ``--id``), the Python API's ``put`` and
+ingest are cut at random moments: no acknowledged command, no local PUBACK and no ``--id``
+key may be lost, and no file may be corrupt or quarantined.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness import lossy, powercut
+from harness.broker import mosquitto_binary
+
+REASON = lossy.unavailable()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"lossyfs cannot run: {REASON}")
+HELPERS = Path(__file__).parent / "helpers"
+CUTS = 30
+SEED = 20261207
+
+
+@pytest.fixture
+def mounted(tmp_path: Path) -> Iterator[lossy.LossyMount]:
+    mount = lossy.LossyMount(tmp_path / "disk", tmp_path / "mnt", tmp_path / "lossyfs.log")
+    with mount:
+        yield mount
+
+
+def write(path: Path, data: bytes, *, sync: bool) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_folder(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def names(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def test_the_layer_keeps_only_what_was_fsynced(mounted: lossy.LossyMount) -> None:
+    mnt, disk = mounted.mountpoint, mounted.backing
+    write(mnt / "synced", b"one", sync=True)
+    with open(mnt / "synced", "r+b") as f:  # an overwrite and an append, never fsynced
+        f.write(b"TWO and more")
+    write(mnt / "never-synced", b"gone", sync=False)
+    write(mnt / "shrunk", b"0123456789", sync=True)
+    os.truncate(mnt / "shrunk", 3)  # not fsynced
+    write(mnt / "renamed", b"r", sync=True)
+    os.rename(mnt / "renamed", mnt / "renamed-new")  # the folder not fsynced
+    write(mnt / "removed", b"x", sync=True)
+    os.unlink(mnt / "removed")  # the folder not fsynced
+    write(mnt / "datasynced", b"ds", sync=False)
+    fd = os.open(mnt / "datasynced", os.O_WRONLY)
+    os.fdatasync(fd)
+    os.close(fd)
+    # the mount shows every change, as the page cache would
+    assert (mnt / "synced").read_bytes() == b"TWO and more"
+    assert (mnt / "shrunk").read_bytes() == b"012"
+    assert names(mnt) == {"synced", "never-synced", "shrunk", "renamed-new", "datasynced"}
+
+    dropped = {d.name: d for d in mounted.cut()}
+
+    assert dropped == {
+        "synced": lossy.Dropped("synced", 12, False, False),
+        "never-synced": lossy.Dropped("never-synced", 4, False, True),
+        "shrunk": lossy.Dropped("shrunk", 0, True, False),
+        "renamed-new": lossy.Dropped("renamed-new", 0, False, True),
+        "removed": lossy.Dropped("removed", 0, False, True),
+    }
+    assert names(disk) == {"synced", "shrunk", "renamed", "removed", "datasynced"}
+    assert (disk / "synced").read_bytes() == b"one"
+    assert (disk / "shrunk").read_bytes() == b"0123456789"
+    assert (disk / "renamed").read_bytes() == b"r"
+    assert (disk / "datasynced").read_bytes() == b"ds"
+
+
+def test_a_folder_fsync_makes_names_durable_but_not_data(mounted: lossy.LossyMount) -> None:
+    mnt, disk = mounted.mountpoint, mounted.backing
+    write(mnt / "old", b"old", sync=True)
+    write(mnt / "a", b"a", sync=True)
+    write(mnt / "b", b"b", sync=True)
+    write(mnt / "created", b"not synced", sync=False)
+    os.rename(mnt / "old", mnt / "new")
+    os.rename(mnt / "a", mnt / "b")  # replaces b
+    write(mnt / "doomed", b"d", sync=True)
+    os.unlink(mnt / "doomed")
+    fsync_folder(mnt)
+    write(mnt / "late", b"after the folder's fsync", sync=False)
+
+    mounted.cut()
+
+    assert names(disk) == {"new", "b", "created"}
+    assert (disk / "new").read_bytes() == b"old"
+    assert (disk / "b").read_bytes() == b"a"
+    assert (disk / "created").read_bytes() == b""  # its entry is durable, its data not
+
+
+def test_the_layer_comes_back_with_what_the_disk_holds(mounted: lossy.LossyMount) -> None:
+    mnt = mounted.mountpoint
+    write(mnt / "kept", b"v1", sync=True)
+    mounted.cut()
+    with mounted:
+        assert (mnt / "kept").read_bytes() == b"v1"
+        write(mnt / "kept", b"v2", sync=False)
+        with sqlite3.connect(mnt / "t.db") as conn:  # WAL and its mmapped -shm work here
+            assert conn.execute("PRAGMA journal_mode = WAL").fetchone() == ("wal",)
+            conn.execute("CREATE TABLE t (x)")
+            conn.executemany("INSERT INTO t VALUES (?)", [(i,) for i in range(100)])
+        with sqlite3.connect(mnt / "t.db") as conn:
+            assert conn.execute("SELECT count(*) FROM t").fetchone() == (100,)
+    assert (mounted.backing / "kept").read_bytes() == b"v1"
+
+
+def _put_then_kill(db: Path, synchronous: str) -> list[str]:
+    """sync_putter.py puts 40 commands through the store with ``synchronous`` and is
+    SIGKILLed; every id it printed."""
+    process = subprocess.Popen([sys.executable, str(HELPERS / "sync_putter.py"), str(db),
+                                synchronous, "40"], stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    printed = []
+    deadline = time.monotonic() + 60
+    for raw in process.stdout:
+        line = raw.decode().strip()
+        if line == "done" or time.monotonic() > deadline:
+            break
+        printed.append(line)
+    process.kill()
+    process.wait(30)
+    process.stdout.close()
+    return printed
+
+
+def _put_then_cut(mounted: lossy.LossyMount, synchronous: str) -> tuple[list[str], set[str]]:
+    """40 puts on the mount, then the cut; every id printed, and the ids the disk holds."""
+    printed = _put_then_kill(mounted.mountpoint / "queue.db", synchronous)
+    mounted.cut()
+    check, queued, _ = powercut.read_disk(mounted.backing / "queue.db")
+    assert check == "ok"
+    return printed, queued
+
+
+def test_a_store_that_does_not_fsync_loses_acknowledged_puts(
+        mounted: lossy.LossyMount) -> None:
+    """The control: the layer catches ``synchronous = OFF``, which kill -9 cannot."""
+    printed, queued = _put_then_cut(mounted, "off")
+    assert len(printed) == 40
+    lost = [id_ for id_ in printed if id_ not in queued]
+    assert len(lost) == 40, f"only {len(lost)} of 40 unsynced puts were lost"
+
+
+def test_kill_9_alone_cannot_see_a_store_that_does_not_fsync(tmp_path: Path) -> None:
+    """Why the layer exists: with the page cache kept, the same unsynced puts all survive."""
+    printed = _put_then_kill(tmp_path / "queue.db", "off")
+    assert len(printed) == 40
+    _, queued, _ = powercut.read_disk(tmp_path / "queue.db")
+    assert [id_ for id_ in printed if id_ not in queued] == []
+
+
+def test_the_store_as_configured_keeps_every_acknowledged_put(
+        mounted: lossy.LossyMount) -> None:
+    printed, queued = _put_then_cut(mounted, "full")
+    assert len(printed) == 40
+    assert [id_ for id_ in printed if id_ not in queued] == []
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+@pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
+def test_power_cuts_at_random_moments_lose_nothing_acknowledged(tmp_path: Path) -> None:
+    outcome = powercut.run(tmp_path, CUTS, SEED, log=print)
+    print(f"\n{outcome.summary()}\n{outcome.table()}")
+    assert outcome.problems == []
+    assert outcome.cuts == CUTS
+    rows = outcome.rows
+    # each writer was acknowledged often enough for the cuts to have proved something
+    assert rows["send"].acknowledged >= 10
+    assert rows["send --id"].acknowledged >= 10
+    assert rows["put (API)"].acknowledged >= 1000
+    assert rows["drain"].acknowledged >= 100
+    assert rows["ingest"].acknowledged >= 100
+    assert all(row.lost == 0 for row in rows.values()), outcome.table()
