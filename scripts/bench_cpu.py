@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import math
 import os
 import re
 import shutil
@@ -143,22 +144,51 @@ def send_argv(config: Path, n: int) -> list[str]:
             "--command", "on"]
 
 
-def sends(config: Path, runs: int, env: dict[str, str],
-          preexec: Callable[[], None] | None = None) -> tuple[list[float], list[float]]:
-    """Wall times and CPU times (user + system) of ``runs`` sends, after one untimed."""
-    walls, cpus = [], []
-    for n in range(-1, runs):
+class Sends:
+    """Wall and CPU times (user + system) of ``pigateway send`` runs, and the ones that
+    failed (exit code and the end of stderr): a send refused is a figure too."""
+
+    def __init__(self) -> None:
+        self.walls: list[float] = []
+        self.cpus: list[float] = []
+        self.failed: list[str] = []
+
+    def run(self, argv: list[str], env: dict[str, str],
+            preexec: Callable[[], None] | None = None, *, timed: bool = True) -> None:
         before = os.times()
         started = time.monotonic()
-        subprocess.run(send_argv(config, n), check=True, capture_output=True, env=env,
-                       preexec_fn=preexec)
+        done = subprocess.run(argv, check=False, capture_output=True, text=True, env=env,
+                              preexec_fn=preexec)
         wall = time.monotonic() - started
         after = os.times()
-        if n >= 0:
-            walls.append(wall)
-            cpus.append(after.children_user + after.children_system
-                        - before.children_user - before.children_system)
-    return walls, cpus
+        if done.returncode != 0:
+            self.failed.append(f"exit {done.returncode}: {done.stderr.strip()[-300:]}")
+        elif timed:
+            self.walls.append(wall)
+            self.cpus.append(after.children_user + after.children_system
+                             - before.children_user - before.children_system)
+
+    def p50_ms(self) -> float:
+        return statistics.median(self.walls) * 1000 if self.walls else float("nan")
+
+    def p99_ms(self) -> float:
+        return pct(self.walls, 0.99) * 1000 if self.walls else float("nan")
+
+
+def sends(config: Path, runs: int, env: dict[str, str],
+          preexec: Callable[[], None] | None = None) -> tuple[Sends, Sends]:
+    """``runs`` sends after one untimed, and as many bare interpreters importing what the
+    bare baseline imports (the same quota, the same moment: what the machine gives)."""
+    ours, bare = Sends(), Sends()
+    ours.run(send_argv(config, 0), env, preexec, timed=False)
+    for n in range(runs):
+        ours.run(send_argv(config, n), env, preexec)
+        bare.run(BARE, env, preexec)
+    return ours, bare
+
+
+#: The bare interpreter ``send`` is measured against.
+BARE = [sys.executable, "-c", "import sqlite3, json, argparse"]
 
 
 def instructions(argv: list[str], env: dict[str, str]) -> int | None:
@@ -265,7 +295,7 @@ def one_run(root: Path, *, count: int, messages: int, runs: int, quota: Quota | 
                     rate, drain_cpu, got = drain(svc, uplink, count, pid)
                     fwd, fwd_cpu = forward(root, local, uplink, bench_ingest.FORWARDED
                                            + "z2m/", count=messages, pid=pid)
-                    walls, cpus = sends(svc.config, runs, env,
+                    ours, bare = sends(svc.config, runs, env,
                                         quota.join_self if quota else None)
                     alive = svc.alive
                     gap = watchdog_gap(notify)
@@ -278,9 +308,10 @@ def one_run(root: Path, *, count: int, messages: int, runs: int, quota: Quota | 
     return {"drain_rate": rate, "drain_cpu_ms_per_1000": drain_cpu * 1e6 / count,
             "delivered": got, "count": count, "forward_rate": fwd,
             "forward_cpu_ms_per_1000": fwd_cpu * 1e6 / messages,
-            "send_p50_ms": statistics.median(walls) * 1000,
-            "send_p99_ms": pct(walls, 0.99) * 1000,
-            "send_cpu_ms": statistics.median(cpus) * 1000, "alive": alive,
+            "send_p50_ms": ours.p50_ms(), "send_p99_ms": ours.p99_ms(),
+            "bare_p50_ms": bare.p50_ms(), "send_failed": ours.failed,
+            "send_cpu_ms": statistics.median(ours.cpus or [math.nan]) * 1000,
+            "bare_cpu_ms": statistics.median(bare.cpus or [math.nan]) * 1000, "alive": alive,
             "watchdog_gap_s": gap, "throttled_s": throttled}
 
 
@@ -310,6 +341,8 @@ def report_free(free: dict[str, Any], bridge: tuple[float, float], counted: dict
         f" ({free['forward_rate']:,.0f} msg/s)", "", None)
     row("pigateway per send (CPU)", f"{free['send_cpu_ms']:.0f} ms (wall p50 "
         f"{free['send_p50_ms']:.0f} ms)", "", None)
+    row("bare python importing sqlite3, json, argparse", f"{free['bare_cpu_ms']:.0f} ms (wall "
+        f"p50 {free['bare_p50_ms']:.0f} ms)", "", None)
     print(f"\n{'target':<52}{'measured':<46}{'wanted':<14}verdict")
     ours, theirs = free["drain_cpu_ms_per_1000"], bridge[1]
     row("pigateway CPU per 1,000 delivered commands", f"{ours:,.0f} ms ({free['drain_rate']:,.0f}"
@@ -338,6 +371,11 @@ def report_quota(percent: int, r: dict[str, Any] | None, why: str) -> None:
     row("send p50", f"{r['send_p50_ms']:,.0f} ms", "<= 300 ms" if percent >= 25 else "-",
         r["send_p50_ms"] <= 300 if percent >= 25 else None)
     row("send p99", f"{r['send_p99_ms']:,.0f} ms", "-", None)
+    row("bare python (imports) p50, same quota", f"{r['bare_p50_ms']:,.0f} ms (send "
+        f"{r['send_p50_ms'] / r['bare_p50_ms']:.1f}x)", "-", None)
+    failed = r["send_failed"]
+    row("sends refused", f"{len(failed)}" + (f": {failed[0][:120]}" if failed else ""), "0",
+        not failed)
     row("nothing lost", f"{lost} of {r['count']:,} (service alive: {r['alive']})", "0",
         lost == 0 and r["alive"])
     row("longest watchdog gap (WatchdogSec 30 s)", f"{r['watchdog_gap_s']:.1f} s (throttled "
@@ -361,8 +399,7 @@ def main() -> int:
         config = next((root / "free" / "gw").glob("config.toml"))
         counted = {"bare": None, "send": None}
         for _ in range(2):  # the first compiles what it imports into the cache
-            counted = {"bare": instructions([sys.executable, "-c",
-                                             "import sqlite3, json, argparse"], env),
+            counted = {"bare": instructions(BARE, env),
                        "send": instructions(send_argv(config, 0), env)}
         report_free(free, bridge, counted)
         for percent in (int(p) for p in args.quotas.split(",") if p):

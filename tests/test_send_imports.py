@@ -20,11 +20,12 @@ from pigateway import store
 
 #: Modules ``send`` must never load: asyncio and what it brings, MQTT, GPIO, metrics,
 #: retries, the service's parts and the Store's (its writer task and threads, the salvage
-#: of a damaged file, which only the drainer makes), logging
-#: (~20 million instructions of a send's ~350 million: the modules that may log take it
-#: lazily, :mod:`pigateway.lazylog`).
-FORBIDDEN = ("asyncio", "ssl", "logging", "concurrent.futures", "aiomqtt", "paho", "gpiozero",
-             "prometheus_client", "tenacity", "pigateway.metrics", "pigateway.ingest",
+#: of a damaged file, which only the drainer makes), shutil (argparse's way to the
+#: terminal's width, with bz2, lzma, pwd; the CLI reads the width itself,
+#: :class:`~pigateway.cli.Help`), logging (~20 million instructions of a send's ~350
+#: million: the modules that may log take it lazily, :mod:`pigateway.lazylog`).
+FORBIDDEN = ("asyncio", "ssl", "logging", "shutil", "concurrent.futures", "aiomqtt", "paho",
+             "gpiozero", "prometheus_client", "tenacity", "pigateway.metrics", "pigateway.ingest",
              "pigateway.mqtt", "pigateway.uplink", "pigateway.app", "pigateway.control",
              "pigateway.handlers", "pigateway.store.queue", "pigateway.store.writer",
              "pigateway.store.thread", "pigateway.store.reading", "pigateway.manpage",
