@@ -12,6 +12,7 @@ socket. Where a root-owned file is the point, the child runs as the unprivileged
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -26,6 +27,8 @@ from sockets import DatagramListener, short_dir
 from test_logs import parse_native
 
 EX_CONFIG = 78
+#: A stream line: its ``<N>`` priority (sd-daemon(3)), if any, and the text.
+PREFIX = re.compile(r"^(?:<([0-7])>)?(.*)$")
 #: Seconds a start that must fail may take at most.
 FAIL_WITHIN = 30
 
@@ -33,11 +36,21 @@ FAIL_WITHIN = 30
 @dataclass(frozen=True)
 class Outcome:
     code: int
-    records: list[dict[str, str]]  # what reached the journal, in order
-    stderr: str
+    records: list[dict[str, str]]  # what reached the journal's native socket, in order
+    stderr: str  # the stream: journald reads a leading <N> as the line's priority
 
     def at_or_above(self, priority: int) -> list[str]:
-        return [r["MESSAGE"] for r in self.records if int(r["PRIORITY"]) <= priority]
+        """What journald files at ``priority`` or above, from either way in (a bare stream
+        line counts at err: the unit's SyslogLevel=err)."""
+        native = [r["MESSAGE"] for r in self.records if int(r["PRIORITY"]) <= priority]
+        lines = [PREFIX.match(line) for line in self.stderr.splitlines()]
+        stream = [m.group(2) for m in lines if m and int(m.group(1) or 3) <= priority]
+        return native + stream
+
+    @property
+    def bare(self) -> list[str]:
+        """Stream lines without a priority of their own."""
+        return [line for line in self.stderr.splitlines() if not PREFIX.match(line)[1]]
 
 
 @pytest.fixture
@@ -104,7 +117,8 @@ def test_a_typo_in_the_config_is_critical_and_exits_78(place: Path,
     assert "uplink.batch_dealy" in said and "unknown key" in said
     assert "systemctl restart pigateway" in said, "it says what to run once fixed"
     assert "pigateway config check" in said
-    assert outcome.stderr == "", "nothing on the stream: the journal has it, once"
+    assert outcome.bare == [], "every line on the stream carries its priority"
+    assert not outcome.at_or_above(3)[1:], "said once"
 
 
 def test_a_missing_config_is_critical_and_exits_78(place: Path,

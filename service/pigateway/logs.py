@@ -221,7 +221,8 @@ def encode_record(record: logging.LogRecord, message: str) -> bytes:
 
 
 class JournalHandler(logging.Handler):
-    """Sends records to journald's native socket; falls back to ``<N>`` lines on ``fallback``.
+    """Sends records to journald's native socket; falls back to ``<N>`` lines on ``fallback``,
+    where records at crit always go (see :meth:`emit`).
 
     A record is never dropped for want of a journal: if a send fails (journald restarting,
     socket gone) the record is written to the stream systemd gave us, with its priority.
@@ -236,6 +237,13 @@ class JournalHandler(logging.Handler):
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.CRITICAL:
+            # Why the service ends goes by the stream: journald names a datagram's unit
+            # from its sender's /proc entry, which a process that exits at once may no
+            # longer have (then `journalctl -u pigateway` would not show its last word);
+            # a stream's unit is known from when systemd connected it.
+            self._fallback.emit(record)
+            return
         try:
             data = encode_record(record, self.format(record))
             self._send(data)
