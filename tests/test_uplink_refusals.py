@@ -168,7 +168,8 @@ async def test_a_permanent_refusal_buries_exactly_the_refused_command(
 
     async with refusing(mosquitto.port, on_actions(decide)) as proxy, \
             subscribed(mosquitto.port, unique_prefix) as sub:
-        cfg = make_config(tmp_path, proxy.port, unique_prefix, max_batch_bytes=1024)
+        # about one batch's worth: it goes as one message, the vault's command among others
+        cfg = make_config(tmp_path, proxy.port, unique_prefix, max_batch_bytes=4096)
         async with running_uplink(cfg) as run:
             put = await run.store.put_many(
                 [*commands(12), NewCommand("vault", "open"), *commands(12)])

@@ -37,6 +37,10 @@ from pigateway.ids import new_id
 
 REASON_TOO_LARGE = "too-large"
 REASON_EXPIRED = "expired"
+#: Batches' worth of rows the batcher holds claimed ahead under a backlog, at most: enough
+#: for batches of different devices to travel side by side, few enough that sorting them
+#: out costs little per batch (every batch scans what is pending).
+AHEAD = 2
 #: Kinds of rows that travel alone, one message each.
 SOLO = ("result", "forward")
 
@@ -90,8 +94,6 @@ class Gate(Protocol):
 
     def busy(self) -> Collection[str]: ...
     def free_slots(self) -> int: ...
-    @property
-    def slots(self) -> int: ...
     def arm(self) -> None: ...
     async def wait_freed(self) -> None: ...
 
@@ -103,10 +105,6 @@ class Open:
         return ()
 
     def free_slots(self) -> int:
-        return 1
-
-    @property
-    def slots(self) -> int:
         return 1
 
     def arm(self) -> None:
@@ -490,7 +488,7 @@ class Batcher(Generic[C]):
         freed, or new work comes (maybe for another device: then claim it)."""
         if self._interrupt.is_set():
             return
-        if not self._full(self.gate.slots) and await self._claim():
+        if not self._full(AHEAD) and await self._claim():
             return  # meanwhile, the rows for the devices' next batches (or a free device's)
         woken = await first_of(self.gate.wait_freed(), self._interrupt.wait(),
                                self._woken.wait(), self.store.wait_for_work(self.idle_poll))
@@ -524,11 +522,10 @@ class Batcher(Generic[C]):
                 break
             await self._wait(left)
             await self._claim()
-        # a batch's worth for each free slot, so that batches of different devices can
-        # travel side by side (:meth:`_spread`); bounded: one claim per slot at most
-        slots = self.gate.free_slots()
-        for _ in range(slots):
-            if self._full(slots) or not await self._claim():
+        # a little more than one batch's worth, so that batches of different devices can
+        # travel side by side (:meth:`_spread`); bounded: pending stays about AHEAD batches
+        for _ in range(AHEAD):
+            if self._full(AHEAD) or not await self._claim():
                 break
         return not self._interrupt.is_set()
 
