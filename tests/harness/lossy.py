@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,24 +75,39 @@ def build() -> Path:
 class LossyMount:
     """lossyfs showing ``backing`` at ``mountpoint``, until :meth:`cut`."""
 
-    def __init__(self, backing: Path, mountpoint: Path, log: Path | None = None) -> None:
+    def __init__(self, backing: Path, mountpoint: Path, log: Path | None = None, *,
+                 cut_at_write: int | None = None) -> None:
         self.backing = backing
         self.mountpoint = mountpoint
         self.log = log
+        #: the power goes right after this write (counted from the mount): every request
+        #: after it fails with EIO, and :attr:`powered_off` is set
+        self.cut_at_write = cut_at_write
+        self.powered_off = threading.Event()
         self.process: subprocess.Popen[bytes] | None = None
+        self._out: list[bytes] = []
+        self._reader: threading.Thread | None = None
 
     def start(self) -> LossyMount:
         binary = build()
         self.backing.mkdir(parents=True, exist_ok=True)
         self.mountpoint.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env.pop("LOSSYFS_CUT_AT_WRITE", None)
+        if self.cut_at_write is not None:
+            env["LOSSYFS_CUT_AT_WRITE"] = str(self.cut_at_write)
+        self.powered_off.clear()
+        self._out = []
         err = self.log.open("ab") if self.log else subprocess.DEVNULL
         try:
             self.process = subprocess.Popen([str(binary), str(self.backing),
                                              str(self.mountpoint)], stdout=subprocess.PIPE,
-                                            stderr=err)
+                                            stderr=err, env=env)
         finally:
             if self.log:
                 err.close()  # type: ignore[union-attr]
+        self._reader = threading.Thread(target=self._read, args=(self.process,), daemon=True)
+        self._reader.start()
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while not os.path.ismount(self.mountpoint):
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -101,20 +117,31 @@ class LossyMount:
             time.sleep(0.01)
         return self
 
+    def _read(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            self._out.append(line)
+            if line.startswith(b"cut at write "):
+                self.powered_off.set()
+
     def cut(self, timeout: float = 10.0) -> list[Dropped]:
         """The power cut: everything not fsynced is gone, the mount is taken down; what was
         thrown away. Kill the processes using the mount first: a process still inside a
         request is waited for, one that keeps the mount busy is why a lazy unmount follows."""
         process, self.process = self.process, None
-        out = b""
         if process is not None:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
             try:
-                out, _ = process.communicate(timeout=timeout)
+                process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 process.kill()
-                out, _ = process.communicate(timeout=timeout)
+                process.wait(timeout=timeout)
+            if self._reader is not None:
+                self._reader.join(timeout)
+            assert process.stdout is not None
+            process.stdout.close()
+        out = b"".join(self._out)
         if os.path.ismount(self.mountpoint):
             subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=False,
                            capture_output=True)

@@ -23,6 +23,10 @@
  *   - mmap (SQLite's -shm) goes through the page cache into write, so into memory: the
  *     -shm file is never fsynced, and SQLite rebuilds it.
  *   - Locks (fcntl, flock) are the kernel's own, local to this machine.
+ * A cut at an exact moment: with LOSSYFS_CUT_AT_WRITE=N in its environment, lossyfs takes the
+ * Nth write (into memory, as the page cache would) and then the power is gone: it prints
+ * "cut at write N", and every request after it fails with EIO, so nothing more reaches the
+ * disk or the memory, whatever the processes on the mount still try (kill them, then cut).
  * The cut is SIGTERM (or SIGINT): the loop stops between two requests, nothing pending is
  * written, the mount is taken down, and stdout says what the cut threw away (a line per
  * file: report_dropped). SIGKILL cuts too; then unmount with `fusermount3 -u -z`. A request
@@ -74,6 +78,10 @@ static char *backing;
 static int backing_fd = -1;
 static uint64_t next_ino = 2;
 static struct timespec root_mtime;
+static long long cut_at_write, writes_seen;
+static int powered_off;  /* past the cut at a write: every request fails */
+
+#define POWER() do { if (powered_off) return -EIO; } while (0)
 
 static void now(struct timespec *ts) { clock_gettime(CLOCK_REALTIME, ts); }
 
@@ -307,6 +315,7 @@ static void fill(struct stat *st, struct node *n) {
 }
 
 static int lossy_getattr(const char *path, struct stat *st, struct fuse_file_info *fi) {
+    POWER();
     int root = 0;
     if (!(fi && fi->fh) && path) {
         leaf(path, &root);
@@ -329,6 +338,7 @@ static int lossy_getattr(const char *path, struct stat *st, struct fuse_file_inf
 
 static int lossy_readdir(const char *path, void *buf, fuse_fill_dir_t filler, off_t offset,
                          struct fuse_file_info *fi, enum fuse_readdir_flags flags) {
+    POWER();
     (void)path; (void)offset; (void)fi; (void)flags;
     filler(buf, ".", NULL, 0, 0);
     filler(buf, "..", NULL, 0, 0);
@@ -342,6 +352,7 @@ static int lossy_readdir(const char *path, void *buf, fuse_fill_dir_t filler, of
 }
 
 static int lossy_open(const char *path, struct fuse_file_info *fi) {
+    POWER();
     struct node *n = node_of(path, NULL);
     if (!n) return -ENOENT;
     if (fi->flags & O_TRUNC && n->size) {
@@ -355,6 +366,7 @@ static int lossy_open(const char *path, struct fuse_file_info *fi) {
 }
 
 static int lossy_create(const char *path, mode_t mode, struct fuse_file_info *fi) {
+    POWER();
     int root;
     const char *name = leaf(path, &root);
     if (!name) return root ? -EISDIR : -EPERM;
@@ -370,6 +382,7 @@ static int lossy_create(const char *path, mode_t mode, struct fuse_file_info *fi
 
 static int lossy_read(const char *path, char *buf, size_t size, off_t offset,
                       struct fuse_file_info *fi) {
+    POWER();
     struct node *n = node_of(path, fi);
     if (!n) return -ENOENT;
     if (offset >= n->size) return 0;
@@ -380,6 +393,7 @@ static int lossy_read(const char *path, char *buf, size_t size, off_t offset,
 
 static int lossy_write(const char *path, const char *buf, size_t size, off_t offset,
                        struct fuse_file_info *fi) {
+    POWER();
     struct node *n = node_of(path, fi);
     if (!n) return -ENOENT;
     if (fi && (fi->flags & O_APPEND)) offset = n->size;
@@ -394,10 +408,16 @@ static int lossy_write(const char *path, const char *buf, size_t size, off_t off
     if (end > n->size) n->size = end;
     mark_dirty(n, offset, end);
     now(&n->mtime);
+    if (cut_at_write && ++writes_seen == cut_at_write) {
+        powered_off = 1;
+        printf("cut at write %lld\n", writes_seen);
+        fflush(stdout);
+    }
     return (int)size;
 }
 
 static int lossy_truncate(const char *path, off_t size, struct fuse_file_info *fi) {
+    POWER();
     struct node *n = node_of(path, fi);
     if (!n) return -ENOENT;
     if (size < 0) return -EINVAL;
@@ -414,12 +434,14 @@ static int lossy_truncate(const char *path, off_t size, struct fuse_file_info *f
 }
 
 static int lossy_fsync(const char *path, int datasync, struct fuse_file_info *fi) {
+    POWER();
     (void)datasync;  /* fdatasync: the same (a size change is data here) */
     struct node *n = node_of(path, fi);
     return n ? fsync_file(n) : -ENOENT;
 }
 
 static int lossy_fsyncdir(const char *path, int datasync, struct fuse_file_info *fi) {
+    POWER();
     (void)path; (void)datasync; (void)fi;
     return fsync_directory();
 }
@@ -435,6 +457,7 @@ static int lossy_release(const char *path, struct fuse_file_info *fi) {
 }
 
 static int lossy_unlink(const char *path) {
+    POWER();
     struct node *n = node_of(path, NULL);
     if (!n) return -ENOENT;
     free(n->name);
@@ -445,6 +468,7 @@ static int lossy_unlink(const char *path) {
 }
 
 static int lossy_rename(const char *from, const char *to, unsigned int flags) {
+    POWER();
     if (flags) return -EINVAL;
     int root;
     const char *to_name = leaf(to, &root);
@@ -468,6 +492,7 @@ static int lossy_rename(const char *from, const char *to, unsigned int flags) {
 }
 
 static int lossy_chmod(const char *path, mode_t mode, struct fuse_file_info *fi) {
+    POWER();
     struct node *n = node_of(path, fi);
     if (!n) return -ENOENT;
     n->mode = (n->mode & S_IFMT) | (mode & 07777);  /* kept in memory only */
@@ -475,12 +500,14 @@ static int lossy_chmod(const char *path, mode_t mode, struct fuse_file_info *fi)
 }
 
 static int lossy_chown(const char *path, uid_t uid, gid_t gid, struct fuse_file_info *fi) {
+    POWER();
     (void)uid; (void)gid;
     return node_of(path, fi) ? 0 : -ENOENT;
 }
 
 static int lossy_utimens(const char *path, const struct timespec tv[2],
                          struct fuse_file_info *fi) {
+    POWER();
     struct node *n = node_of(path, fi);
     if (!n) return -ENOENT;
     if (tv[1].tv_nsec == UTIME_NOW) now(&n->mtime);
@@ -489,11 +516,13 @@ static int lossy_utimens(const char *path, const struct timespec tv[2],
 }
 
 static int lossy_statfs(const char *path, struct statvfs *st) {
+    POWER();
     (void)path;
     return fstatvfs(backing_fd, st) == 0 ? 0 : -errno;
 }
 
 static int lossy_access(const char *path, int mask) {
+    POWER();
     (void)mask;
     int root;
     leaf(path, &root);
@@ -559,6 +588,8 @@ int main(int argc, char *argv[]) {
         return 2;
     }
     if (load() != 0) return 2;
+    const char *at = getenv("LOSSYFS_CUT_AT_WRITE");
+    if (at) cut_at_write = atoll(at);
     /* fuse_main's argv: program, mount point, foreground, one thread, then the caller's */
     char **args = calloc((size_t)argc + 3, sizeof *args);
     int count = 0;

@@ -3,6 +3,9 @@ service (its drain to the uplink broker and its ingest from the gateway's own br
 ``pigateway send`` and ``pigateway send --id`` in a loop, and a producer putting through the
 Python API. The queue's folder is a :class:`~harness.lossy.LossyMount`, so a cut loses
 what was not fsynced, as a real one does (the page cache too, which ``kill -9`` keeps).
+Every fifth cut falls during start-up, two in five right after a write picked at random
+(whatever file and process it belongs to), the rest at a random time once the drain
+delivers.
 
 After each cut the backing folder is opened as the rebooted machine would open it:
 the file passes ``PRAGMA integrity_check``, nothing is quarantined, every ``--id`` key
@@ -52,6 +55,9 @@ DRAIN_TIMEOUT = 60.0
 #: than to the sends
 PUTTERS, PAUSE = 2, 0.01
 START_TIMEOUT = 20.0
+#: a cut at a write falls on one of the first this many writes of its round (a round's
+#: puts, acks and ingest write ~1,000 times a second here; start-up a few dozen)
+MAX_CUT_AT_WRITE = 3000
 
 
 @dataclass
@@ -75,10 +81,13 @@ class Outcome:
     #: how many bytes all cuts threw away there
     dropping_cuts: int = 0
     dropped_bytes: int = 0
+    #: cuts made right after a write at random (the others at a random time)
+    write_cuts: int = 0
 
     def summary(self) -> str:
-        return (f"{self.cuts} power cuts in {self.seconds:.0f} s; {self.dropping_cuts} threw "
-                f"away unsynced writes to queue.db or its WAL ({self.dropped_bytes:,} bytes)")
+        return (f"{self.cuts} power cuts ({self.write_cuts} right after a random write) in "
+                f"{self.seconds:.0f} s; {self.dropping_cuts} threw away unsynced writes to "
+                f"queue.db or its WAL ({self.dropped_bytes:,} bytes)")
 
     def table(self) -> str:
         lines = ["| scenario | cuts | acknowledged | lost | duplicates |",
@@ -366,13 +375,19 @@ class Cutter:
         return set().union(*self.acked.values())
 
     def one_cut(self, round_: int) -> None:
-        lossy = LossyMount(self.backing, self.mount, self.folder / "lossyfs.log").start()
+        at_write = self.rng.randint(1, MAX_CUT_AT_WRITE) if round_ % 5 in (2, 4) else None
+        lossy = LossyMount(self.backing, self.mount, self.folder / "lossyfs.log",
+                           cut_at_write=at_write).start()
         service = spawn(self.config, self.folder / "service.log")
         senders = [Senders(self.config, False, round_), Senders(self.config, True, round_)]
         putter = Putter(self.mount / "queue.db")
         self.publisher.running.set()
         before = self.uplink.has(self.every_acked())
-        self._wait_for_the_moment(round_)
+        if at_write is not None:  # the power goes right after a write, wherever it falls
+            if lossy.powered_off.wait(START_TIMEOUT):
+                self.outcome.write_cuts += 1
+        else:
+            self._wait_for_the_moment(round_)
         # the cut: every process on the mount killed, by its own PID, then the page cache
         service.send_signal(signal.SIGKILL)
         putter.process.send_signal(signal.SIGKILL)
@@ -394,7 +409,8 @@ class Cutter:
 
     def _wait_for_the_moment(self, round_: int) -> None:
         """Every fifth cut during start-up (the open, its recovery and check, a migration);
-        the others once the drain delivers, however slow the machine is to start it."""
+        the others not at a write once the drain delivers, however slow the machine is to
+        start it."""
         if round_ % 5 != 0:
             delivered = self.uplink.count()
             deadline = time.monotonic() + START_TIMEOUT
