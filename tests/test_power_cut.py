@@ -155,6 +155,28 @@ def test_a_cut_at_a_write_keeps_what_was_fsynced_before_it(tmp_path: Path) -> No
     assert (mount.backing / "log").read_bytes() == b"0123456789" * 4
 
 
+def test_strict_names_need_the_folders_fsync(tmp_path: Path) -> None:
+    mount = lossy.LossyMount(tmp_path / "disk", tmp_path / "mnt", strict_names=True)
+    with mount:
+        write(mount.mountpoint / "named", b"kept", sync=True)
+        fsync_folder(mount.mountpoint)
+        write(mount.mountpoint / "named", b"also kept", sync=True)
+        write(mount.mountpoint / "synced-unnamed", b"data", sync=True)  # no folder fsync
+    assert names(mount.backing) == {"named"}
+    assert (mount.backing / "named").read_bytes() == b"also kept"
+
+
+def test_the_store_keeps_every_put_when_only_a_folder_fsync_keeps_names(
+        tmp_path: Path) -> None:
+    """SQLite fsyncs the folder after creating its journal and its WAL, not after creating
+    the database: the queue holds even where a file's fsync makes no name durable."""
+    mount = lossy.LossyMount(tmp_path / "disk", tmp_path / "mnt", strict_names=True)
+    with mount:
+        printed, queued = _put_then_cut(mount, "full")
+    assert len(printed) == 40
+    assert [id_ for id_ in printed if id_ not in queued] == []
+
+
 def _put_then_kill(db: Path, synchronous: str) -> list[str]:
     """sync_putter.py puts 40 commands through the store with ``synchronous`` and is
     SIGKILLed; every id it printed."""

@@ -76,13 +76,15 @@ class LossyMount:
     """lossyfs showing ``backing`` at ``mountpoint``, until :meth:`cut`."""
 
     def __init__(self, backing: Path, mountpoint: Path, log: Path | None = None, *,
-                 cut_at_write: int | None = None) -> None:
+                 cut_at_write: int | None = None, strict_names: bool = False) -> None:
         self.backing = backing
         self.mountpoint = mountpoint
         self.log = log
         #: the power goes right after this write (counted from the mount): every request
         #: after it fails with EIO, and :attr:`powered_off` is set
         self.cut_at_write = cut_at_write
+        #: only a folder's fsync makes a create or rename durable (a file's fsync does not)
+        self.strict_names = strict_names
         self.powered_off = threading.Event()
         self.process: subprocess.Popen[bytes] | None = None
         self._out: list[bytes] = []
@@ -94,6 +96,9 @@ class LossyMount:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env.pop("LOSSYFS_CUT_AT_WRITE", None)
+        env.pop("LOSSYFS_STRICT_NAMES", None)
+        if self.strict_names:
+            env["LOSSYFS_STRICT_NAMES"] = "1"
         if self.cut_at_write is not None:
             env["LOSSYFS_CUT_AT_WRITE"] = str(self.cut_at_write)
         self.powered_off.clear()

@@ -20,6 +20,9 @@
  *     unlink is durable only when the directory is fsynced. A file created and never
  *     fsynced, nor its directory, is gone after the cut; one whose directory was fsynced
  *     but not itself is there, empty (or with what was fsynced before).
+ *     With LOSSYFS_STRICT_NAMES set, as POSIX allows: a file's fsync makes no name durable,
+ *     only the folder's does, and the data of a file never named on disk stays pending
+ *     until the folder's fsync and the file's next fsync (stricter than any real disk).
  *   - mmap (SQLite's -shm) goes through the page cache into write, so into memory: the
  *     -shm file is never fsynced, and SQLite rebuilds it.
  *   - Locks (fcntl, flock) are the kernel's own, local to this machine.
@@ -80,6 +83,7 @@ static uint64_t next_ino = 2;
 static struct timespec root_mtime;
 static long long cut_at_write, writes_seen;
 static int powered_off;  /* past the cut at a write: every request fails */
+static int strict_names; /* LOSSYFS_STRICT_NAMES: only a folder fsync makes names durable */
 
 #define POWER() do { if (powered_off) return -EIO; } while (0)
 
@@ -218,8 +222,8 @@ static int settle_data(struct node *n) {
 }
 
 static int fsync_file(struct node *n) {
-    int err = settle_name(n, NULL);
-    return err ? err : settle_data(n);
+    int err = strict_names ? 0 : settle_name(n, NULL);
+    return err ? err : settle_data(n);  /* strict and never named on disk: stays pending */
 }
 
 /* Every create, rename and unlink of the directory reaches the disk (data does not). */
@@ -590,6 +594,7 @@ int main(int argc, char *argv[]) {
     if (load() != 0) return 2;
     const char *at = getenv("LOSSYFS_CUT_AT_WRITE");
     if (at) cut_at_write = atoll(at);
+    strict_names = getenv("LOSSYFS_STRICT_NAMES") != NULL;
     /* fuse_main's argv: program, mount point, foreground, one thread, then the caller's */
     char **args = calloc((size_t)argc + 3, sizeof *args);
     int count = 0;

@@ -3,7 +3,8 @@ service (its drain to the uplink broker and its ingest from the gateway's own br
 ``pigateway send`` and ``pigateway send --id`` in a loop, and a producer putting through the
 Python API. The queue's folder is a :class:`~harness.lossy.LossyMount`, so a cut loses
 what was not fsynced, as a real one does (the page cache too, which ``kill -9`` keeps).
-Every fifth cut falls during start-up, two in five right after a write picked at random
+Every fifth cut falls during start-up (on lossyfs's strict names: only a folder's fsync
+makes a create durable), two in five right after a write picked at random
 (whatever file and process it belongs to), the rest at a random time once the drain
 delivers.
 
@@ -376,8 +377,10 @@ class Cutter:
 
     def one_cut(self, round_: int) -> None:
         at_write = self.rng.randint(1, MAX_CUT_AT_WRITE) if round_ % 5 in (2, 4) else None
+        # the start-up cuts (where files are created) on the strictest names: durable only
+        # with a folder's fsync
         lossy = LossyMount(self.backing, self.mount, self.folder / "lossyfs.log",
-                           cut_at_write=at_write).start()
+                           cut_at_write=at_write, strict_names=round_ % 5 == 0).start()
         service = spawn(self.config, self.folder / "service.log")
         senders = [Senders(self.config, False, round_), Senders(self.config, True, round_)]
         putter = Putter(self.mount / "queue.db")
