@@ -14,6 +14,7 @@ and unmounts. The caller then opens the backing folder with the real store.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -53,6 +54,25 @@ def unavailable() -> str | None:
             return f"{tool} is not installed (scripts/setup-env installs gcc, fuse3, libfuse3-dev)"
     if subprocess.run(["pkg-config", "--exists", "fuse3"], check=False).returncode != 0:
         return "libfuse3-dev is not installed (scripts/setup-env installs it)"
+    return _try_a_mount()
+
+
+@functools.cache
+def _try_a_mount() -> str | None:
+    """Build lossyfs and mount it once: a container may have /dev/fuse and still refuse
+    the mount (no CAP_SYS_ADMIN, no setuid fusermount3)."""
+    try:
+        build()
+    except subprocess.CalledProcessError as exc:
+        return f"lossyfs.c does not compile: {exc.stderr.decode(errors='replace')[:300]}"
+    with tempfile.TemporaryDirectory(prefix="lossyfs-probe-") as folder:
+        log = Path(folder) / "log"
+        try:
+            with LossyMount(Path(folder) / "disk", Path(folder) / "mnt", log):
+                pass
+        except RuntimeError:
+            said = log.read_text(errors="replace").strip()[:300] if log.exists() else ""
+            return f"lossyfs cannot mount here: {said or 'no reason given'}"
     return None
 
 
