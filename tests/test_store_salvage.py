@@ -10,16 +10,19 @@ used to move the whole file aside, every printed id with it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
 from pigateway.config import StoreConfig
 from pigateway.errors import StoreCorrupt
-from pigateway.store import NewCommand, Store, files
+from pigateway.store import MIGRATIONS, NewCommand, Store, files
 from pigateway.store.producer import Producer
+from test_store_versions import make_version_4_backlog
 
 
 def leaf_pages(path: Path, table: str) -> list[tuple[int, int]]:
@@ -72,16 +75,22 @@ async def test_a_quarantine_salvages_every_readable_row_and_says_how_many_it_cou
         await store.dead_letter(ids[:5], "max-attempts", "kept as a dead letter")
         keyed, key_id = await store.put_keyed("k-1", NewCommand("lamp", "on", {}))
         assert keyed is not None
-        [claimed] = await store.claim(1)  # the oldest queued: not a dead letter
-        await store.ack([claimed.id], "batch-1")  # unwatched: no record
+        watched = await store.put("lamp", "watched", priority="high", watch=True)
+        [claimed] = await store.claim(1)
+        assert claimed.id == watched.id
+        await store.ack([claimed.id], "batch-1")  # a delivery record
+        await store.inbox.receive("in-1", "lamp", "on", {}, expires_at=None, ttl=None,
+                                  now=time.time(), headroom=0)
     lost = spoil_a_middle_leaf(store_config.path, "outbox")
     with caplog.at_level(logging.INFO, logger="pigateway.store"):
         async with await Store.open(store_config) as store:
             queued = await all_queued(store)
             dead = {d.command.id for d in await store.list_dead(100)}
             assert (await store.where(key_id)).state == "queued"
+            assert (await store.where(watched.id)).state == "delivered"
+            assert await store.read("SELECT id FROM inbox") == [("in-1",)]
             assert (await store.put_keyed("k-1", NewCommand("lamp", "on", {}))) == (None, key_id)
-    expected = 600 - 5 - 1 + 1 - lost
+    expected = 600 - 5 + 1 - lost
     assert len(queued) == expected and key_id in queued
     assert dead == set(ids[:5])
     assert len(list(store_config.path.parent.glob("queue.db.corrupt-*[0-9]"))) == 1
@@ -162,3 +171,17 @@ async def test_a_damaged_table_without_rowids_is_read_from_both_ends(
     assert len(kept) == 250 - lost
     assert kept[0] == 0 and kept[-1] == 249
     assert any("1 damaged stretch of producer keys" in m for m in warnings(caplog))
+
+
+async def test_a_damaged_file_of_an_older_schema_is_salvaged_and_then_migrated(
+        store_config: StoreConfig) -> None:
+    """The copy is made at the damaged file's own version; the open migrates it on."""
+    config = dataclasses.replace(store_config, max_commands=10_000)
+    make_version_4_backlog(config, 300)
+    lost = spoil_a_middle_leaf(config.path, "outbox")
+    async with await Store.open(config) as store:
+        assert (await store.stats()).depth == 300 - lost
+        urgent = await store.read("SELECT count(*) FROM outbox WHERE priority = 0")
+    with contextlib.closing(sqlite3.connect(config.path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
+    assert 0 < urgent[0][0] <= 30  # the results among what was read: migration 5 ran on it
