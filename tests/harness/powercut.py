@@ -295,6 +295,39 @@ class Putter:
         self.thread.join(30)
 
 
+class Writers:
+    """Every process a round starts on the mount: the service, the two send loops, the
+    putter; killed together, each by its own PID."""
+
+    def __init__(self) -> None:
+        self.service: subprocess.Popen[bytes] | None = None
+        self.senders: list[Senders] = []
+        self.putter: Putter | None = None
+
+    def start(self, config: Path, store: Path, round_: int) -> None:
+        self.service = spawn(config, config.parent / "service.log")
+        self.senders = [Senders(config, False, round_), Senders(config, True, round_)]
+        self.putter = Putter(store)
+
+    def kill(self) -> None:
+        if self.service is not None:
+            self.service.send_signal(signal.SIGKILL)
+        if self.putter is not None:
+            self.putter.process.send_signal(signal.SIGKILL)
+        for sender in self.senders:
+            sender.kill()
+        if self.putter is not None:
+            self.putter.kill()
+        if self.service is not None:
+            self.service.wait(30)
+
+    def printed(self, *, keyed: bool) -> set[str]:
+        return {id_ for s in self.senders if s.keyed == keyed for id_ in s.printed.values()}
+
+    def keys(self) -> dict[str, str]:
+        return {k: v for s in self.senders if s.keyed for k, v in s.printed.items()}
+
+
 def read_disk(db: Path) -> tuple[str, set[str], dict[str, str]]:
     """What the rebooted machine finds: the integrity check, the queued ids, the keys."""
     if not db.exists():
@@ -381,33 +414,29 @@ class Cutter:
         # with a folder's fsync
         lossy = LossyMount(self.backing, self.mount, self.folder / "lossyfs.log",
                            cut_at_write=at_write, strict_names=round_ % 5 == 0).start()
-        service = spawn(self.config, self.folder / "service.log")
-        senders = [Senders(self.config, False, round_), Senders(self.config, True, round_)]
-        putter = Putter(self.mount / "queue.db")
-        self.publisher.running.set()
-        before = self.uplink.has(self.every_acked())
-        if at_write is not None:  # the power goes right after a write, wherever it falls
-            if lossy.powered_off.wait(START_TIMEOUT):
-                self.outcome.write_cuts += 1
-        else:
-            self._wait_for_the_moment(round_)
-        # the cut: every process on the mount killed, by its own PID, then the page cache
-        service.send_signal(signal.SIGKILL)
-        putter.process.send_signal(signal.SIGKILL)
-        for sender in senders:
-            sender.kill()
-        putter.kill()
-        service.wait(30)
-        self.publisher.running.clear()
-        dropped = [d for d in lossy.cut() if d.name in ("queue.db", "queue.db-wal")]
+        writers = Writers()
+        try:
+            writers.start(self.config, self.mount / "queue.db", round_)
+            self.publisher.running.set()
+            before = self.uplink.has(self.every_acked())
+            if at_write is not None:  # the power goes right after a write, wherever it falls
+                if lossy.powered_off.wait(START_TIMEOUT):
+                    self.outcome.write_cuts += 1
+            else:
+                self._wait_for_the_moment(round_)
+        finally:
+            # the cut: every process on the mount killed, by its own PID, then the page cache
+            writers.kill()
+            self.publisher.running.clear()
+            dropped = [d for d in lossy.cut() if d.name in ("queue.db", "queue.db-wal")]
         self.outcome.cuts += 1
         if any(d.bytes or d.size for d in dropped):
             self.outcome.dropping_cuts += 1
             self.outcome.dropped_bytes += sum(d.bytes for d in dropped)
-        self.acked["send"] |= set(senders[0].printed.values())
-        self.acked["send --id"] |= set(senders[1].printed.values())
-        self.acked["put (API)"] |= set(putter.ids)
-        self.keys.update(senders[1].printed)
+        self.acked["send"] |= writers.printed(keyed=False)
+        self.acked["send --id"] |= writers.printed(keyed=True)
+        self.acked["put (API)"] |= set(writers.putter.ids if writers.putter else ())
+        self.keys.update(writers.keys())
         self._check_disk(round_, before)
 
     def _wait_for_the_moment(self, round_: int) -> None:
