@@ -153,6 +153,7 @@ def check_as_drainer(config: StoreConfig) -> None:
         report = _salvage(path, partial, config)
         if partial.exists():
             partial.rename(whole)
+            _sync_folder(path)  # whole before the bad file moves: the next start finishes
         quarantine(path, problem)
         _put_in_place(path)
         _say(report)
@@ -196,8 +197,9 @@ def _salvage(path: Path, partial: Path, config: StoreConfig) -> salvage.Salvaged
     commands in it would be stranded)."""
     from pigateway.store import salvage  # noqa: PLC0415 - see the TYPE_CHECKING import
 
-    barrier = _Barrier(path, config.busy_timeout)
+    barrier: _Barrier | None = None
     try:
+        barrier = _Barrier(path, config.busy_timeout)
         return salvage.salvage(path, partial, config, barrier.close)
     except (sqlite3.Error, OSError, StoreError) as exc:
         for leftover in (partial, partial.with_name(partial.name + "-wal"),
@@ -209,7 +211,8 @@ def _salvage(path: Path, partial: Path, config: StoreConfig) -> salvage.Salvaged
                    f"copied out ({exc}); it was left as it is, and producers refuse it until "
                    "the service starts and finishes the quarantine") from exc
     finally:
-        barrier.close()
+        if barrier is not None:
+            barrier.close()
 
 
 def _put_in_place(path: Path) -> None:
