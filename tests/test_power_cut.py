@@ -214,6 +214,15 @@ def test_a_store_that_does_not_fsync_loses_acknowledged_puts(
     assert len(lost) == 40, f"only {len(lost)} of 40 unsynced puts were lost"
 
 
+def test_synchronous_normal_loses_the_last_commits_at_a_cut(
+        mounted: lossy.LossyMount) -> None:
+    """What docs/config.md says of ``store.synchronous = "normal"``: in WAL mode it fsyncs
+    only at checkpoints, so a power cut takes the commits since the last one."""
+    printed, queued = _put_then_cut(mounted, "normal")
+    assert len(printed) == 40
+    assert [id_ for id_ in printed if id_ not in queued], "normal lost nothing at a cut"
+
+
 def test_kill_9_alone_cannot_see_a_store_that_does_not_fsync(tmp_path: Path) -> None:
     """Why the layer exists: with the page cache kept, the same unsynced puts all survive."""
     printed = _put_then_kill(tmp_path / "queue.db", "off")
