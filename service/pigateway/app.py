@@ -28,6 +28,7 @@ from pigateway.aio import first_error
 from pigateway.config import Config
 from pigateway.control import ControlServer
 from pigateway.errors import PigatewayError, StoreError
+from pigateway.homeassistant import HomeAssistant
 from pigateway.inbound import Inbound
 from pigateway.ingest import Ingest
 from pigateway.logs import setup_logging
@@ -96,6 +97,13 @@ class Gateway:
         if self.uplink is not None:
             self.uplink.flush()
 
+    async def requeue_dead(self) -> int:
+        """Every dead letter but the expired back in the queue (Home Assistant's button;
+        ``pigateway queue requeue-dead``'s call)."""
+        if self.store is None:
+            raise StoreError("the store is not open")
+        return await self.store.requeue_dead()
+
     def stop(self) -> None:
         """Begin the graceful stop (what SIGTERM does)."""
         self.notifier.stopping()
@@ -139,13 +147,18 @@ class Gateway:
                 others.append(parts.create_task(ingest.run(), name="ingest"))
             if (exporter := Exporter(self.config.metrics, self.state, store)).enabled:
                 others.append(parts.create_task(exporter.run(), name="metrics"))
+            ha, winding = HomeAssistant(self.config, self), {link}  # ha: a link of its own
+            if ha.enabled or ha.retiring:
+                others.append(task := parts.create_task(ha.run(), name="homeassistant"))
+                winding.add(task)  # its "offline" is said while the uplink winds down
             await self._stopping.wait()
+            ha.stop()
             if ingest.enabled:  # what it took is committed and acknowledged first
                 await ingest.stop()
             log.info("stopping: no new batches; waiting up to %.0fs for PUBACKs in flight",
                      self.config.uplink.publish_timeout)
             await uplink.stop(self.config.uplink.publish_timeout)
-            await asyncio.wait({link}, timeout=WIND_DOWN)
+            await asyncio.wait(winding, timeout=WIND_DOWN)
             for task in [link, *others]:
                 task.cancel()
         await self._refresh_or_say(store, failing=False)

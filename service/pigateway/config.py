@@ -318,6 +318,20 @@ class MetricsConfig(_Section, section="metrics"):
 
 
 @dataclass(frozen=True)
+class HomeAssistantConfig(_Section, section="homeassistant"):
+    """``[homeassistant]``: the gateway as a Home Assistant device (docs/homeassistant.md)."""
+
+    enabled: bool = _opt(False, doc="announce the gateway to Home Assistant by MQTT discovery; "
+                         "false removes what an earlier run announced")
+    discovery_prefix: str = _opt("homeassistant", pattern=re.compile(r"^[A-Za-z0-9_-]{1,64}$"),
+                                 allowed="1-64 of letters, digits, '_', '-'",
+                                 doc="Home Assistant's MQTT discovery prefix")
+    link: Literal["local", "uplink"] = _opt(
+        "uplink", doc="the broker Home Assistant listens to: the uplink's ([mqtt]) or the "
+        "gateway's own ([local], which must be set)")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole, validated configuration."""
 
@@ -331,6 +345,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
+    homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     ingest: list[IngestRule] = field(default_factory=list)
     devices: dict[str, DeviceConfig] = field(default_factory=dict)
     source: Path | None = None
@@ -399,6 +414,10 @@ def from_dict(data: dict[str, Any]) -> Config:
     config = _build(Config, data, prefix="", skip=frozenset({"devices", "source"}))
     config = dataclasses.replace(config, devices=devices)
     _check_cross_fields(config)
+    if config.homeassistant.enabled and config.homeassistant.link == "local" \
+            and "local" not in data:
+        raise ConfigError("homeassistant.link", "'local' needs a [local] section (the "
+                          "gateway's own broker, where Home Assistant listens)")
     return config
 
 

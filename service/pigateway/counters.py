@@ -45,10 +45,11 @@ class Counters:
     """What this process saw happen; zero at its start (the store holds the rest)."""
 
     __slots__ = ("batches", "bytes_published", "commit_seconds", "connects", "delivered",
-                 "inbound", "refusals")
+                 "forwarded", "inbound", "refusals")
 
     def __init__(self) -> None:
         self.delivered = 0
+        self.forwarded = 0
         self.batches = 0
         self.bytes_published = 0
         self.connects = 0
@@ -56,9 +57,11 @@ class Counters:
         self.inbound: dict[str, int] = {}
         self.commit_seconds = Histogram()
 
-    def batch_acked(self, commands: int, size: int) -> None:
-        """A batch of ``commands`` and ``size`` payload bytes got its PUBACK."""
+    def batch_acked(self, commands: int, size: int, *, forwarded: bool = False) -> None:
+        """A batch of ``commands`` and ``size`` payload bytes got its PUBACK (``forwarded``:
+        it was a local device's message forwarded by ingest)."""
         self.delivered += commands
+        self.forwarded += commands if forwarded else 0
         self.batches += 1
         self.bytes_published += size
 
@@ -76,7 +79,8 @@ class Counters:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: the retained state document and the control socket carry this."""
-        return {"delivered": self.delivered, "batches": self.batches,
+        return {"delivered": self.delivered, "forwarded": self.forwarded,
+                "batches": self.batches,
                 "bytes_published": self.bytes_published,
                 "reconnects": max(0, self.connects - 1), "refusals": dict(self.refusals),
                 "inbound": dict(self.inbound), "commit_seconds": self.commit_seconds.as_dict()}

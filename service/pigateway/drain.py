@@ -223,7 +223,8 @@ class Drain:
         self.ledger.acknowledged(batch)
         await self._ack_batch(batch)
         self.ledger.deleted(batch)
-        COUNTERS.batch_acked(len(batch.ids), len(batch.payload))
+        COUNTERS.batch_acked(len(batch.ids), len(batch.payload),
+                             forwarded=batch.kind == "forward")
         self._log_delivered(batch)
 
     async def _refused(self, client: Connection, batch: Batch[Command], code: int) -> None:

@@ -249,7 +249,8 @@ def _counter_families(counters: Mapping[str, Any]) -> Iterator[Metric]:
     for name, key, text in (
             ("pigateway_batches", "batches", "batches acknowledged by the broker"),
             ("pigateway_bytes_published", "bytes_published", "payload bytes acknowledged"),
-            ("pigateway_reconnects", "reconnects", "times the uplink came online again")):
+            ("pigateway_reconnects", "reconnects", "times the uplink came online again"),
+            ("pigateway_forwarded", "forwarded", "forwarded messages acknowledged (ingest)")):
         yield Counter(name, f"{text} (since the service started)", value=counters[key])
     for name, key, label, text in (
             ("pigateway_publish_refusals", "refusals", "code",

@@ -1,0 +1,124 @@
+"""pigateway in a real Home Assistant (2024.3, its own venv, build/ha-venv), through a real
+mosquitto, read through HA's own REST API: the entities HA made of the discovery, their
+states, unavailable while pigateway is dead and back when it is, and the paused switch
+turned on in HA pausing the gateway (``pigateway status``).
+
+The first run installs Home Assistant (a few minutes, once; cached in build/ha-venv); the
+test itself takes well under a minute after that.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ha_helpers import ha_tables
+from harness import gateway
+from harness.broker import Mosquitto
+from harness.homeassistant import HomeAssistant, ensure_installed
+from harness.service import Service, environment
+from pigateway import __version__
+
+pytestmark = [pytest.mark.broker, pytest.mark.homeassistant]
+
+NODE = "pigateway_gw_test"
+ENTITIES = {
+    "binary_sensor.pigateway_gw_test_uplink": "on",
+    "binary_sensor.pigateway_gw_test_problem": "off",
+    "switch.pigateway_gw_test_paused": "off",
+    "sensor.pigateway_gw_test_depth": "0",
+    "sensor.pigateway_gw_test_oldest_age": "unknown",
+    "sensor.pigateway_gw_test_dead_letters": "0",
+    "sensor.pigateway_gw_test_delivered": "0",
+    "sensor.pigateway_gw_test_forwarded": "0",
+    "sensor.pigateway_gw_test_refusals": "0",
+    "sensor.pigateway_gw_test_last_error": "none",
+    "sensor.pigateway_gw_test_version": __version__,
+    "sensor.pigateway_gw_test_disk_free": None,  # a number, whatever this disk has
+    "button.pigateway_gw_test_flush": "unknown",
+    "button.pigateway_gw_test_requeue_dead": "unknown",
+}
+
+
+@pytest.fixture(scope="module")
+def installed() -> None:
+    why = ensure_installed()
+    if why is not None:
+        pytest.skip(why)
+
+
+@pytest.fixture
+def home_assistant(installed: None, tmp_path: Path, mosquitto: Mosquitto
+                   ) -> Iterator[HomeAssistant]:
+    with HomeAssistant(tmp_path / "ha", mosquitto.port) as ha:
+        yield ha
+
+
+def until(check: Callable[[], bool], timeout: float, what: str, ha: HomeAssistant) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{what} not within {timeout}s\n{ha.tail()}")
+
+
+def states(ha: HomeAssistant) -> dict[str, Any]:
+    return {s["entity_id"]: s for s in ha.get("/api/states")
+            if s["entity_id"].split(".", 1)[1].startswith(NODE)}
+
+
+def status(config: Path) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, "-m", "pigateway", "status", "--json", "--config",
+                           str(config)], capture_output=True, env=environment(), timeout=30,
+                          check=False)
+    parsed: dict[str, Any] = json.loads(done.stdout)
+    return parsed
+
+
+def test_home_assistant_shows_and_controls_the_gateway(
+        tmp_path: Path, mosquitto: Mosquitto, home_assistant: HomeAssistant,
+        unique_prefix: str) -> None:
+    ha = home_assistant
+    config = gateway.write(tmp_path / "config.toml", gateway.settings(
+        tmp_path, port=mosquitto.port, prefix=unique_prefix,
+        **ha_tables(log={"level": "info"})))
+    with Service(config, tmp_path / "pigateway.log") as service:
+        def all_there() -> bool:
+            now = states(ha)
+            return set(ENTITIES) <= set(now) and all(
+                now[e]["state"] == want for e, want in ENTITIES.items() if want is not None)
+        until(all_there, 30, "every entity with its state", ha)
+        now = states(ha)
+        assert set(now) == set(ENTITIES), sorted(set(now) ^ set(ENTITIES))
+        assert float(now["sensor.pigateway_gw_test_disk_free"]["state"]) > 0
+        assert now["sensor.pigateway_gw_test_disk_free"]["attributes"][
+            "unit_of_measurement"] == "MiB"
+        assert now["sensor.pigateway_gw_test_delivered"]["attributes"][
+            "state_class"] == "total_increasing"
+        assert now["binary_sensor.pigateway_gw_test_uplink"]["attributes"][
+            "device_class"] == "connectivity"
+
+        # the paused switch, turned on in HA, pauses the gateway
+        ha.post("/api/services/switch/turn_on", {"entity_id": "switch.pigateway_gw_test_paused"})
+        until(lambda: status(config).get("paused") is True, 10, "pigateway status: paused", ha)
+        until(lambda: ha.state("switch.pigateway_gw_test_paused")["state"] == "on", 10,
+              "the switch showing on", ha)  # type: ignore[index]
+        ha.post("/api/services/switch/turn_off",
+                {"entity_id": "switch.pigateway_gw_test_paused"})
+        until(lambda: status(config).get("paused") is False, 10, "resumed", ha)
+
+        # pigateway dies: every entity goes unavailable (its last will)
+        service.kill()
+        until(lambda: all(s["state"] == "unavailable" for s in states(ha).values()), 15,
+              "every entity unavailable", ha)
+        service.start()
+        until(all_there, 30, "every entity back", ha)
+    assert service.tail().count("Traceback") == 0
