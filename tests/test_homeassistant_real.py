@@ -42,8 +42,8 @@ ENTITIES = {
     "sensor.pigateway_gw_test_last_error": "none",
     "sensor.pigateway_gw_test_version": __version__,
     "sensor.pigateway_gw_test_disk_free": None,  # a number, whatever this disk has
-    "button.pigateway_gw_test_flush": "unknown",
-    "button.pigateway_gw_test_requeue_dead": "unknown",
+    "button.pigateway_gw_test_flush": None,  # a button's state is when it was last pressed
+    "button.pigateway_gw_test_requeue_dead": None,
 }
 
 
@@ -61,13 +61,14 @@ def home_assistant(installed: None, tmp_path: Path, mosquitto: Mosquitto
         yield ha
 
 
-def until(check: Callable[[], bool], timeout: float, what: str, ha: HomeAssistant) -> None:
+def until(check: Callable[[], bool], timeout: float, what: str, ha: HomeAssistant,
+          seen: Callable[[], object] = lambda: "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
         time.sleep(0.2)
-    raise AssertionError(f"{what} not within {timeout}s\n{ha.tail()}")
+    raise AssertionError(f"{what} not within {timeout}s: {seen()}\n{ha.tail(1500)}")
 
 
 def states(ha: HomeAssistant) -> dict[str, Any]:
@@ -75,11 +76,14 @@ def states(ha: HomeAssistant) -> dict[str, Any]:
             if s["entity_id"].split(".", 1)[1].startswith(NODE)}
 
 
+def pigateway(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "pigateway", *args], capture_output=True,
+                          env=environment(), timeout=30, check=True)
+    return done.stdout.decode()
+
+
 def status(config: Path) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-m", "pigateway", "status", "--json", "--config",
-                           str(config)], capture_output=True, env=environment(), timeout=30,
-                          check=False)
-    parsed: dict[str, Any] = json.loads(done.stdout)
+    parsed: dict[str, Any] = json.loads(pigateway("status", "--json", "--config", str(config)))
     return parsed
 
 
@@ -93,9 +97,13 @@ def test_home_assistant_shows_and_controls_the_gateway(
     with Service(config, tmp_path / "pigateway.log") as service:
         def all_there() -> bool:
             now = states(ha)
-            return set(ENTITIES) <= set(now) and all(
-                now[e]["state"] == want for e, want in ENTITIES.items() if want is not None)
-        until(all_there, 30, "every entity with its state", ha)
+            wrong.clear()
+            wrong.update({e: now.get(e, {}).get("state") for e, want in ENTITIES.items()
+                          if e not in now or want not in (None, now[e]["state"])
+                          or now[e]["state"] == "unavailable"})
+            return not wrong
+        wrong: dict[str, Any] = {}
+        until(all_there, 30, "every entity with its state", ha, lambda: wrong)
         now = states(ha)
         assert set(now) == set(ENTITIES), sorted(set(now) ^ set(ENTITIES))
         assert float(now["sensor.pigateway_gw_test_disk_free"]["state"]) > 0
@@ -105,6 +113,15 @@ def test_home_assistant_shows_and_controls_the_gateway(
             "state_class"] == "total_increasing"
         assert now["binary_sensor.pigateway_gw_test_uplink"]["attributes"][
             "device_class"] == "connectivity"
+
+        # a command delivered shows in HA's counter; the buttons reach the gateway
+        pigateway("send", "--config", str(config), "--device", "lamp", "--command", "on")
+        until(lambda: ha.state("sensor.pigateway_gw_test_delivered")["state"] == "1", 10,
+              "delivered 1", ha)  # type: ignore[index]
+        for button in ("flush", "requeue_dead"):
+            ha.post("/api/services/button/press", {"entity_id": f"button.{NODE}_{button}"})
+            said = f"homeassistant: {button} PRESS"
+            until(lambda: said in service.tail(20_000), 10, f"the {button} button", ha)  # noqa: B023
 
         # the paused switch, turned on in HA, pauses the gateway
         ha.post("/api/services/switch/turn_on", {"entity_id": "switch.pigateway_gw_test_paused"})
@@ -120,5 +137,5 @@ def test_home_assistant_shows_and_controls_the_gateway(
         until(lambda: all(s["state"] == "unavailable" for s in states(ha).values()), 15,
               "every entity unavailable", ha)
         service.start()
-        until(all_there, 30, "every entity back", ha)
+        until(all_there, 30, "every entity back", ha, lambda: wrong)
     assert service.tail().count("Traceback") == 0

@@ -218,7 +218,11 @@ class HomeAssistant:
                 process.wait(10)
 
     def __enter__(self) -> HomeAssistant:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()  # __exit__ is not called when __enter__ fails
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
