@@ -246,7 +246,8 @@ async def test_announcing_fewer_entities_removes_the_rest(
                 assert await ha.until(
                     lambda: ha.configs().get(config_topic("binary_sensor", "local")), 10)
     cfg = ha_config(tmp_path, mosquitto.port, unique_prefix)
-    async with running_gateway(cfg), watching(mosquitto.port, f"{DISCOVERY}/#") as ha:
+    # watching first: the removal is an empty retained message, which the broker keeps not
+    async with watching(mosquitto.port, f"{DISCOVERY}/#") as ha, running_gateway(cfg):
         assert await ha.until(lambda: config_topic("binary_sensor", "local") in ha.configs()
                               and ha.configs()[config_topic("binary_sensor", "local")] is None,
                               10)

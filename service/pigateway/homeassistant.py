@@ -267,18 +267,21 @@ class HomeAssistant:
             await asyncio.sleep(ANNOUNCE_GAP)
 
     async def _announce_all(self, client: Connection) -> None:
-        ours = []
-        for entity in self.entities:
-            topic = self.topics.discovery(entity)
+        """Every entity's config; then the ones an earlier run announced and this one does
+        not are removed. Remembered before it is published: a stop in between forgets none."""
+        ours = [self.topics.discovery(entity) for entity in self.entities]
+        before = await asyncio.to_thread(read_marker, self.marker)
+        if not set(ours) <= set(before):
+            await asyncio.to_thread(write_marker, self.marker, [*before, *(
+                topic for topic in ours if topic not in before)])
+        for entity, topic in zip(self.entities, ours, strict=True):
             document = hadiscovery.discovery_document(self.config, entity, self.topics,
                                                       __version__, self.model)
             await self._publish(client, topic, wire.encode(document).encode())
-            ours.append(topic)
-        before = await asyncio.to_thread(read_marker, self.marker)
-        for topic in before:  # announced by an earlier run, not by this one: removed
-            if topic not in ours:
-                await self._publish(client, topic, b"")
-        if sorted(before) != sorted(ours):
+        stale = [topic for topic in before if topic not in ours]
+        for topic in stale:
+            await self._publish(client, topic, b"")
+        if stale:
             await asyncio.to_thread(write_marker, self.marker, ours)
         await self._publish(client, self.topics.state, self._state_payload())
 
