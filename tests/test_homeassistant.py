@@ -41,8 +41,9 @@ def config_topic(component: str, key: str) -> str:
 async def test_discovery_announces_one_device_with_every_entity_retained(
         tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
     cfg = ha_config(tmp_path, mosquitto.port, unique_prefix)
-    async with running_gateway(cfg) as gw:
-        assert await wait_until(lambda: marker_path(cfg).exists(), 10)
+    async with watching(mosquitto.port, f"{DISCOVERY}/#", client_id="early") as early, \
+            running_gateway(cfg) as gw:
+        assert await early.until(lambda: len(early.configs()) == len(ALL), 10)
         # a client that comes later (HA starting after the gateway) gets it all retained
         async with watching(mosquitto.port, f"{DISCOVERY}/#", f"{base(unique_prefix)}/#") as ha:
             assert await ha.until(lambda: len(ha.configs()) == len(ALL)
