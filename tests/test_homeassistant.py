@@ -277,7 +277,30 @@ def test_local_link_needs_a_local_section() -> None:
                "homeassistant": {"enabled": True, "link": "local"}})
     with pytest.raises(ConfigError):
         from_dict({"gateway_id": "gw", "homeassistant": {"discovery_prefix": "home/assistant"}})
+    with pytest.raises(ConfigError) as caught:
+        from_dict({"gateway_id": "gw", "mqtt": {"profile": "azure-iot-hub",
+                                                "host": "hub.azure-devices.net"},
+                   "homeassistant": {"enabled": True}})
+    assert caught.value.key == "homeassistant.link"
 
 
 def test_gateway_ids_become_discovery_node_ids() -> None:
     assert hadiscovery.object_id("gw.kitchen-1") == "gw_kitchen-1"
+
+
+async def test_forwarded_messages_are_counted_for_home_assistant(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    """A local device's message forwarded by ingest and acknowledged: HA's counter moves."""
+    with Mosquitto(tmp_path / "local") as local:
+        cfg = ha_config(tmp_path, mosquitto.port, unique_prefix,
+                        local={"host": "127.0.0.1", "port": local.port})
+        cfg = dataclasses.replace(cfg, ingest=[IngestRule(topic="sensors/#")])
+        state = f"{base(unique_prefix)}/state"
+        async with watching(mosquitto.port, state) as ha, running_gateway(cfg) as gw:
+            assert await wait_until(lambda: gw.state.local == Link.ONLINE, 10)
+            async with watching(local.port, client_id="device") as device:
+                for n in range(3):
+                    await device.publish(f"sensors/t{n}", b"21.5", qos=1)
+            assert await ha.until(
+                lambda: (ha.last_json(state) or {}).get("forwarded") == 3, 10)
+            assert ha.last_json(state)["delivered"] == 3

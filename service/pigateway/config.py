@@ -418,6 +418,11 @@ def from_dict(data: dict[str, Any]) -> Config:
             and "local" not in data:
         raise ConfigError("homeassistant.link", "'local' needs a [local] section (the "
                           "gateway's own broker, where Home Assistant listens)")
+    if config.homeassistant.enabled and config.homeassistant.link == "uplink" \
+            and config.mqtt.profile == "azure-iot-hub":
+        raise ConfigError("homeassistant.link", "'uplink' is an Azure IoT Hub, which takes "
+                          "only its own topics (no discovery, no retained messages); use "
+                          "'local' (Home Assistant on the gateway's own broker)")
     return config
 
 

@@ -294,13 +294,14 @@ class HomeAssistant:
             if time.monotonic() - refreshed >= interval:
                 self._disk_free = await asyncio.to_thread(self._read_disk_free)
                 refreshed, last = time.monotonic(), None
+            seen = self.state.version  # a change while this one is published is not missed
             payload = self._state_payload()
             if payload != last:
                 await self._publish(client, self.topics.state, payload)
                 last = payload
             await asyncio.sleep(STATE_GAP)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.state.changed(), interval)
+                await asyncio.wait_for(self.state.changed(since=seen), interval)
 
     def _state_payload(self) -> bytes:
         document = hadiscovery.state_document(self.state.as_dict(), COUNTERS.as_dict(),
