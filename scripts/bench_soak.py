@@ -223,7 +223,7 @@ def soak(root: Path, minutes: float, extra: dict[str, str]) -> dict[str, Any]:
                                    env=environment({**extra, "PYTHONPYCACHEPREFIX":
                                                     env["PYTHONPYCACHEPREFIX"]}))
         try:
-            time.sleep(5)
+            online(root / "service.log", svc)
             load = Load(root, config, local, uplink, seconds=seconds, env=env)
             samples: list[dict[str, float]] = []
             start = time.monotonic()
@@ -251,6 +251,20 @@ def soak(root: Path, minutes: float, extra: dict[str, str]) -> dict[str, Any]:
             svc.wait(60)
     return {"samples": samples, "lost": lost, "api": len(api), "cli": len(load.cli),
             "z2m": len(load.z2m), "left": settled}
+
+
+def online(log: Path, svc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    """Wait until the service subscribed locally and linked up: a local message published
+    before then has no subscriber, and the broker drops it (not the service's to lose)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if "ingest: online" in text and "uplink: online" in text:
+            return
+        if svc.poll() is not None:
+            raise SystemExit(f"pigateway run exited with {svc.returncode}: {text[-2000:]}")
+        time.sleep(0.2)
+    raise SystemExit("pigateway run did not come online")
 
 
 def settle(receiver: Receiver, sent: set[str], queue: Path) -> dict[str, int]:
