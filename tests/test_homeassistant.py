@@ -5,6 +5,7 @@ here, tests/test_homeassistant_real.py runs a real Home Assistant)."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import json
 import socket
@@ -18,6 +19,7 @@ from harness.gateway import GATEWAY
 from harness.service import running_gateway
 from pigateway import hadiscovery
 from pigateway.config import IngestRule, from_dict
+from pigateway.counters import COUNTERS
 from pigateway.errors import ConfigError
 from pigateway.homeassistant import ANNOUNCE_GAP, COMMAND_BURST, marker_path
 from pigateway.state import Link
@@ -296,11 +298,13 @@ async def test_forwarded_messages_are_counted_for_home_assistant(
                         local={"host": "127.0.0.1", "port": local.port})
         cfg = dataclasses.replace(cfg, ingest=[IngestRule(topic="sensors/#")])
         state = f"{base(unique_prefix)}/state"
+        before = copy.copy(COUNTERS)  # one per process: earlier tests' deliveries are in it
         async with watching(mosquitto.port, state) as ha, running_gateway(cfg) as gw:
             assert await wait_until(lambda: gw.state.local == Link.ONLINE, 10)
             async with watching(local.port, client_id="device") as device:
                 for n in range(3):
                     await device.publish(f"sensors/t{n}", b"21.5", qos=1)
             assert await ha.until(
-                lambda: (ha.last_json(state) or {}).get("forwarded") == 3, 10)
-            assert ha.last_json(state)["delivered"] == 3
+                lambda: (ha.last_json(state) or {}).get("forwarded") == before.forwarded + 3,
+                10)
+            assert ha.last_json(state)["delivered"] == before.delivered + 3
