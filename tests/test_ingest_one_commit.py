@@ -1,0 +1,80 @@
+"""Ingest acknowledges a group only once everything it makes of it is committed: its rows
+and its dead letters (a payload that is not a command, an undecodable packet) alike.
+
+Real parts: two mosquittos on loopback, the Gateway in this process, a real SQLite file
+that another process's connection holds locked (as ``pigateway send`` or ``sqlite3`` can)
+for longer than ``store.busy_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.broker import Mosquitto
+from harness.gateway import settings
+from harness.service import running_gateway
+from harness.waits import until, wait_until
+from ingest_helpers import brokers, ingest_settings, publish
+from pigateway.config import Config, from_dict
+from pigateway.state import Link
+
+FAST = {"batch_delay": 0.01, "backoff_initial": 0.05, "backoff_max": 0.5}
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[Mosquitto, Mosquitto]]:
+    yield from brokers(tmp_path)
+
+
+def command_config(folder: Path, local: Mosquitto, uplink: Mosquitto) -> Config:
+    data = settings(folder, port=uplink.port, prefix="pg", uplink=FAST,
+                    store={"busy_timeout": 0.2})
+    data.update(ingest_settings(local))
+    data["gpio"] = {"enabled": False}
+    data["ingest"] = [{"topic": "cmd/+/+", "mode": "command"}]
+    return from_dict(data)
+
+
+async def _dead(gateway: Any, count: int) -> bool:
+    return gateway.store is not None and (await gateway.store.stats()).dead_total >= count
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Another process's write lock on the queue file, held while the block runs."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=10)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        yield
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+
+
+async def test_a_dead_letter_the_store_refuses_is_not_acknowledged(
+        pair: tuple[Mosquitto, Mosquitto], folder: Path) -> None:
+    """Messages that become dead letters (not JSON, not an object) while the queue file is
+    locked past the busy timeout are not acknowledged: the local broker keeps them, and
+    once the lock is gone each one is a dead letter. None is acknowledged and dropped."""
+    local, uplink = pair
+    cfg = command_config(folder, local, uplink)
+    bad = [("cmd/blind/stop", b"no json"), ("cmd/blind/open", b"[1]"),
+           ("cmd/lamp/on", b"\"on\"")]
+    async with running_gateway(cfg) as gateway:
+        assert await wait_until(lambda: gateway.state.local is Link.ONLINE, 10)
+        with locked(cfg.store.path):
+            assert await publish(local, bad) == len(bad)
+            await asyncio.sleep(1.0)  # ingest meets the lock (busy_timeout 0.2 s) meanwhile
+        assert await until(lambda: _dead(gateway, len(bad)), 15), \
+            "a dead letter the locked store refused was acknowledged and dropped"
+        assert gateway.store is not None
+        dead = await gateway.store.list_dead()
+    assert sorted(d.command.name for d in dead) == ["on", "open", "stop"]
+    assert {d.reason for d in dead} == {"invalid"}
