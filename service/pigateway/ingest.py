@@ -369,22 +369,24 @@ class Ingest:
         await first_of(asyncio.sleep(REFUSED_BACKOFF.delay(attempt)), self._stop.wait())
 
     async def _write(self, part: Sequence[Message]) -> None:
-        """One commit for the rows of ``part``; its dead letters after (a rare second one)."""
+        """One commit for all ``part`` makes: its rows and its dead letters together, so
+        a store that refuses (locked, full) refuses the lot and nothing is acknowledged;
+        a dead letter is never acknowledged and then dropped, nor a row written twice."""
         rows, dead = self._classify(part)
-        if rows:
-            await self.store.put_many(rows)
+        buried: list[tuple[NewCommand, str, str]] = []
         for taken in dead:
-            log.warning("ingest: a message on %s is dead-lettered %s: %s",
-                        bounded(taken.item.device, 200), INVALID, taken.refusal)
-            try:
-                await self.store.bury_new([taken.item], INVALID, taken.refusal or INVALID)
-            except InvalidCommand as exc:  # not even a dead letter can hold it: said, dropped
+            detail = taken.refusal or INVALID
+            try:  # not even a dead letter can hold it: said, acknowledged, never stored
+                prepare(taken.item, self.store.config, time.time())
+            except InvalidCommand as exc:
                 log.error("ingest: a message on %s is dropped: %s",
                           bounded(taken.item.device, 200), exc)
-            except StoreError as exc:  # the rows are in: never write them twice for this
-                log.error("ingest: a message on %s that is not a command is dropped (the "
-                          "store could not keep its dead letter: %s)",
-                          bounded(taken.item.device, 200), exc)
+                continue
+            buried.append((taken.item, INVALID, detail))
+        await self.store.put_many(rows, buried=buried)
+        for item, reason, detail in buried:
+            log.warning("ingest: a message on %s is dead-lettered %s: %s",
+                        bounded(item.device, 200), reason, detail)
 
     def _classify(self, group: Sequence[Message]) -> tuple[list[NewCommand], list[Taken]]:
         """Each message as a row or a dead letter; our own messages as nothing."""

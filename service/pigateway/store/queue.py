@@ -180,17 +180,28 @@ class Store(Reads):
             return None, puts.owner(await self._fetch(*puts.owner_query(key, self.clock)), exc)
         return command, command.id
 
-    async def bury_new(self, items: Sequence[NewCommand], reason: str, detail: str) -> None:
-        """Keep messages that never became commands (an ingested payload that is not one)
-        as dead letters with ``reason``: for people to see and requeue by hand, never sent."""
-        rows = puts.new_put(items, self.config, self.clock, None).rows
-        await self._call(lambda conn: self._outbox.bury_new(conn, rows, reason, detail))
+    async def put_many(self, items: Sequence[NewCommand], *,
+                       buried: Sequence[tuple[NewCommand, str, str]] = ()) -> list[Command]:
+        """Queue a list at once, all or nothing; durable on return.
 
-    async def put_many(self, items: Sequence[NewCommand]) -> list[Command]:
-        """Queue a list at once, all or nothing; durable on return."""
+        ``buried``: messages that never became commands (an ingested payload that is not
+        one), each with its reason and detail, kept as dead letters in the *same* commit,
+        never sent: whoever acknowledges the lot (ingest's PUBACK) then acknowledges
+        nothing the store refused. Each is checked here, in the caller
+        (:class:`~pigateway.errors.InvalidCommand`), before anything is written.
+        """
+        dead = [(puts.new_put([item], self.config, self.clock, None).rows, reason, detail)
+                for item, reason, detail in buried]
+
+        def bury(conn: sqlite3.Connection) -> None:
+            for rows, reason, detail in dead:
+                self._outbox.bury_new(conn, rows, reason, detail)
+
         if not items:
+            if dead:
+                await self._call(bury)
             return []
-        return await self._submit_put(list(items), None)
+        return await self._submit_put(list(items), bury if dead else None)
 
     async def _submit_put(self, items: list[NewCommand], then: Then | None) -> list[Command]:
         put = puts.new_put(items, self.config, self.clock, then)
