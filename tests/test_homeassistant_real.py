@@ -76,6 +76,18 @@ def states(ha: HomeAssistant) -> dict[str, Any]:
             if s["entity_id"].split(".", 1)[1].startswith(NODE)}
 
 
+def clear_retained(port: int, pattern: str) -> None:
+    """Remove every retained message under ``pattern`` (a broker that lost its store)."""
+    found = subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-t", pattern,
+                            "-v", "--retained-only", "-W", "2"],
+                           capture_output=True, timeout=10, check=False).stdout
+    topics = {line.split(b" ", 1)[0].decode() for line in found.splitlines() if line}
+    assert topics, "nothing retained to clear"
+    for topic in topics:
+        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-t", topic,
+                        "-r", "-n"], check=True, timeout=10)
+
+
 def pigateway(*args: str) -> str:
     done = subprocess.run([sys.executable, "-m", "pigateway", *args], capture_output=True,
                           env=environment(), timeout=30, check=True)
@@ -138,4 +150,12 @@ def test_home_assistant_shows_and_controls_the_gateway(
               "every entity unavailable", ha)
         service.start()
         until(all_there, 30, "every entity back", ha, lambda: wrong)
+
+        # Home Assistant restarts, and the broker has lost the retained discovery meanwhile:
+        # the entities come back only because pigateway answers HA's "online" with it again
+        ha.stop()
+        clear_retained(mosquitto.port, "homeassistant/#")
+        ha.start()
+        until(all_there, 30, "every entity after HA's restart", ha, lambda: wrong)
+        assert "homeassistant: connected" in service.tail(50_000)
     assert service.tail().count("Traceback") == 0

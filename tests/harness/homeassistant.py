@@ -149,8 +149,9 @@ class HomeAssistant:
                                                "data": data}))
 
     def start(self, timeout: float = 90.0) -> None:
-        """Start it and wait until its API answers (bounded)."""
-        self.write_config()
+        """Start it (again: with the storage it kept) and wait until its API answers."""
+        if not self.token:
+            self.write_config()
         env = {key: value for key, value in os.environ.items()
                if not key.startswith(("NOTIFY_SOCKET", "WATCHDOG_"))}
         with self.log_path.open("ab") as out:
