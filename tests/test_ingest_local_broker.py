@@ -139,3 +139,22 @@ def test_what_the_local_broker_config_says(tmp_path: Path, drop_in: str, host: s
 def test_an_unreadable_broker_config_is_no_warning(tmp_path: Path) -> None:
     config = from_dict(settings(tmp_path, port=18830) | {"ingest": [{"topic": "z2m/#"}]})
     assert localbroker.warnings(config, tmp_path / "absent.conf") == []
+
+
+@pytest.mark.parametrize(("later", "warned"), [
+    ("max_queued_messages 100\n", "at most 100 messages"),  # below the default: worse
+    ("max_queued_bytes 65536\n", "at most 64 KiB"),  # a bytes bound that drops messages
+    ("autosave_interval 0\n", "only when it exits"),  # 0: saved at exit only
+    ("autosave_interval 86400\n", "every 86400 s"),  # longer than the default: worse
+])
+def test_a_local_broker_worse_than_its_defaults_is_warned_of(tmp_path: Path, later: str,
+                                                              warned: str) -> None:
+    """A careless operator's later drop-in that keeps *fewer* messages, or saves them less
+    often, than mosquitto's defaults loses more of ingest's messages than the defaults
+    the check warns of: it is warned of too, never taken for the shipped drop-in."""
+    conf = debian_conf(tmp_path / "mosquitto", DROP_IN.read_text(), later)
+    config = from_dict(settings(tmp_path, port=18830) | {
+        "local": {"host": "127.0.0.1"}, "ingest": [{"topic": "z2m/#"}]})
+    found = localbroker.warnings(config, conf)
+    assert any(warned in line for line in found), found
+    assert any(localbroker.DROP_IN in line for line in found), found

@@ -15,12 +15,16 @@ from pathlib import Path
 from typing import Final
 
 from pigateway.config import Config, is_loopback
+from pigateway.text import format_size
 
 #: Debian's mosquitto config; it includes /etc/mosquitto/conf.d.
 MOSQUITTO_CONF: Final = Path("/etc/mosquitto/mosquitto.conf")
 #: mosquitto 2's defaults for what ingest relies on.
 DEFAULTS: Final = {"persistence": "false", "autosave_interval": "1800",
-                   "max_queued_messages": "1000"}
+                   "max_queued_messages": "1000", "max_queued_bytes": "0"}
+#: A ``max_queued_bytes`` below the drop-in's (64 MiB) is warned of: mosquitto drops what
+#: is over it as silently as what is over ``max_queued_messages`` (0: no bound).
+MIN_QUEUED_BYTES: Final = 64 * 1024 * 1024
 #: The drop-in the package installs.
 DROP_IN: Final = "/etc/mosquitto/conf.d/pigateway-ingest.conf"
 #: Files read at most (include_dir), and bytes of each: a config is small.
@@ -63,7 +67,7 @@ def _read(path: Path, found: dict[str, str], budget: list[int]) -> bool:
 
 
 def warnings(config: Config, path: Path = MOSQUITTO_CONF) -> list[str]:
-    """What the local broker's config leaves at a default that loses ingest's messages
+    """What the local broker's config leaves at a default (or worse) that loses ingest's messages
     while pigateway is away; empty when ingest is off, the broker is elsewhere, or its
     config cannot be read."""
     if not config.ingest or not is_loopback(config.local.host):
@@ -72,20 +76,52 @@ def warnings(config: Config, path: Path = MOSQUITTO_CONF) -> list[str]:
     if options is None:
         return []
     effective = {**DEFAULTS, **options}
-    out = []
     where = f"the local broker ({path})"
-    queued = effective["max_queued_messages"]
-    if queued == DEFAULTS["max_queued_messages"]:
-        out.append(f"{where} keeps at most {queued} messages for a stopped pigateway "
-                   "(mosquitto's default max_queued_messages) and drops the rest silently")
-    if effective["persistence"].lower() != "true":
-        out.append(f"{where} has persistence off: a restart of the broker loses ingest's "
-                   "session and every message waiting in it")
-    elif effective["autosave_interval"] == DEFAULTS["autosave_interval"]:
-        out.append(f"{where} saves to disk every {DEFAULTS['autosave_interval']} s (the "
-                   "default autosave_interval): a crash of the broker loses what it kept "
-                   "for a stopped pigateway since")
+    out = [f"{where} {problem}" for problem in (_queue_problems(effective)
+                                                 + _saving_problems(effective))]
     if out:
         out.append(f"install {DROP_IN} (the pigateway package and the Ansible role do) and "
                    "restart mosquitto; see docs/ingest.md")
     return out
+
+
+def _number(value: str) -> int | None:
+    try:
+        return int(value)
+    except ValueError:  # mosquitto itself refuses to start on it
+        return None
+
+
+def _queue_problems(effective: dict[str, str]) -> list[str]:
+    """Bounds at or below mosquitto's defaults: more is dropped silently, never less."""
+    out = []
+    default = int(DEFAULTS["max_queued_messages"])
+    queued = _number(effective["max_queued_messages"])
+    if queued is not None and 0 < queued <= default:
+        said = "mosquitto's default" if queued == default else f"below the default {default}"
+        out.append(f"keeps at most {queued} messages for a stopped pigateway "
+                   f"(max_queued_messages, {said}) and drops the rest silently")
+    size = _number(effective["max_queued_bytes"])
+    if size is not None and 0 < size < MIN_QUEUED_BYTES:
+        out.append(f"keeps at most {format_size(size)} of messages for a stopped pigateway "
+                   f"(max_queued_bytes, below {format_size(MIN_QUEUED_BYTES)}) and drops "
+                   "the rest silently")
+    return out
+
+
+def _saving_problems(effective: dict[str, str]) -> list[str]:
+    """Persistence off, or saved to disk no more often than mosquitto's default."""
+    if effective["persistence"].lower() != "true":
+        return ["has persistence off: a restart of the broker loses ingest's session and "
+                "every message waiting in it"]
+    default = int(DEFAULTS["autosave_interval"])
+    interval = _number(effective["autosave_interval"])
+    if interval == 0:
+        return ["saves to disk only when it exits (autosave_interval 0): a crash of the "
+                "broker loses everything it kept for a stopped pigateway"]
+    if interval is not None and interval >= default:
+        said = "the default autosave_interval" if interval == default else \
+            f"autosave_interval, longer than the default {default} s"
+        return [f"saves to disk every {interval} s ({said}): a crash of the broker loses "
+                "what it kept for a stopped pigateway since"]
+    return []
