@@ -32,9 +32,11 @@ from pigateway.homeassistant import HomeAssistant
 from pigateway.inbound import Inbound
 from pigateway.ingest import Ingest
 from pigateway.logs import setup_logging
+from pigateway.manage import Manage
 from pigateway.metrics import Exporter
 from pigateway.panel import Panel
 from pigateway.pins import auto_fallback
+from pigateway.remoteconfig import Trial
 from pigateway.state import FaultSource, GatewayState, Refusal, Refuser
 from pigateway.store import Store
 from pigateway.store_calls import store_is_gone
@@ -59,8 +61,11 @@ class Gateway:
     """One running gateway: the state every view reads, and the controls that change it."""
 
     def __init__(self, config: Config, *, policy: tenacity.AsyncRetrying | None = None,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, trial: Trial | None = None) -> None:
         self.config = config
+        self.trial = trial  # a remote config-set this start tries (pigateway.remoteconfig)
+        self.restart_requested = False
+        self.manage: Manage | None = None
         self.notifier = Notifier() if notifier is None else notifier
         self.state = GatewayState()
         self.policy = policy
@@ -104,6 +109,11 @@ class Gateway:
             raise StoreError("the store is not open")
         return await self.store.requeue_dead()
 
+    def restart(self) -> None:
+        """The graceful stop, then an exit that systemd restarts (remote management)."""
+        self.restart_requested = True
+        self.stop()
+
     def stop(self) -> None:
         """Begin the graceful stop (what SIGTERM does)."""
         self.notifier.stopping()
@@ -128,7 +138,9 @@ class Gateway:
 
     async def _serve(self, store: Store, inbound: Inbound | None) -> None:
         uplink = Uplink(self.config, store, self.state, policy=self.policy,
-                        on_command=None if inbound is None else inbound.accept)
+                        on_command=None if inbound is None else inbound.accept,
+                        on_manage=None if inbound is None or self.manage is None
+                        else inbound.accept_manage)
         self.uplink = uplink
         if self.state.paused:
             uplink.pause()
@@ -143,6 +155,8 @@ class Gateway:
                       parts.create_task(watchdog, name="systemd")]
             if inbound is not None:  # the worker pool; it closes the handlers when it ends
                 others.append(parts.create_task(inbound.run(), name="inbound"))
+            if self.manage is not None:  # a config-set on trial: commit or roll back
+                others.append(parts.create_task(self.manage.watch_trial(), name="manage"))
             if ingest.enabled:  # the gateway's own broker into the queue
                 others.append(parts.create_task(ingest.run(), name="ingest"))
             if (exporter := Exporter(self.config.metrics, self.state, store)).enabled:
@@ -185,7 +199,9 @@ class Gateway:
         if not self.config.inbound.enabled:
             yield None
             return
-        async with Inbound(self.config, store) as inbound:
+        if self.config.manage.enabled:
+            self.manage = Manage(self.config, self, store, self.trial)
+        async with Inbound(self.config, store, manage=self.manage) as inbound:
             yield inbound
 
     async def _keep_stats(self, store: Store) -> None:
@@ -266,10 +282,11 @@ def _permission_hint(exc: BaseException) -> str:
             "`systemctl restart pigateway`")
 
 
-async def run(config: Config) -> None:
-    """``pigateway run``: the service until SIGTERM or SIGINT."""
+async def run(config: Config, trial: Trial | None = None) -> bool:
+    """``pigateway run``: the service until SIGTERM or SIGINT; whether a restart was asked
+    (remote management: the caller exits with a status systemd restarts on)."""
     setup_logging(config.log.level)
-    gateway = Gateway(config)
+    gateway = Gateway(config, trial=trial)
     loop = asyncio.get_running_loop()
     bounds: list[asyncio.TimerHandle] = []
 
@@ -282,6 +299,7 @@ async def run(config: Config) -> None:
         loop.add_signal_handler(sig, on_signal)
     try:
         await gateway.run()
+        return gateway.restart_requested
     finally:
         for handle in bounds:
             handle.cancel()

@@ -119,6 +119,7 @@ EXIT_MEANINGS: tuple[tuple[int, str], ...] = (
                    "(it stays queued and goes out once the service runs)"),
     (EXIT_KEY_CONFLICT, "send --id: the key already names a different command; "
                         "nothing queued"),
+    (75, "run: restart asked by remote management (systemd starts it again)"),
     (EXIT_CONFIG, "the config cannot be used (EX_CONFIG; pigateway config check says why)"),
 )
 
@@ -372,13 +373,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     the journal at crit like every other reason it stops (:func:`main` reports them)."""
     import asyncio  # noqa: PLC0415 - not for send
 
-    from pigateway import app  # noqa: PLC0415 - the service pulls in MQTT and GPIO; send does not
+    # the service pulls in MQTT and GPIO; send does not
+    from pigateway import app, remoteconfig  # noqa: PLC0415
     from pigateway.logs import setup_logging  # noqa: PLC0415
 
     setup_logging("info")
-    config = _load(args)
-    asyncio.run(app.run(config))
-    return EXIT_OK
+    config, trial = remoteconfig.service_config(args.config)  # a remote config-set to try?
+    restart = asyncio.run(app.run(config, trial))
+    return remoteconfig.EXIT_RESTART if restart else EXIT_OK
 
 
 def cmd_send(args: argparse.Namespace) -> int:

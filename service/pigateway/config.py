@@ -15,9 +15,10 @@ import re
 import tomllib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Final, Literal
 
 from pigateway import profiles
 from pigateway.errors import ConfigError
@@ -317,6 +318,34 @@ class MetricsConfig(_Section, section="metrics"):
                               "needs metrics.allow_remote = true (your exposure: firewall it)")
 
 
+#: The manage verbs (docs/operations.md, Remote management); the read-only ones by default.
+MANAGE_VERBS: Final = ("status", "queue-stats", "logs", "config-get", "pause", "resume", "flush",
+                       "requeue-dead", "restart", "config-set")
+
+
+@dataclass(frozen=True)
+class ManageConfig(_Section, section="manage"):
+    """``[manage]``: commands to the gateway itself on ``{prefix}/{gateway}/manage``."""
+
+    enabled: bool = _opt(False, doc="take management commands from the broker")
+    allow: list[str] = _opt(["status", "queue-stats", "logs", "config-get"],
+                            doc="the verbs permitted (read-only by default): " +
+                                ", ".join(MANAGE_VERBS))
+    overlay: Path = _opt(Path("/var/lib/pigateway/remote.toml"),
+                         doc="what config-set writes; its keys override the config file's")
+    rollback_after: float = _opt(120.0, min=5, max=3600,
+                                 doc="seconds a config-set has to bring the gateway back "
+                                     "online before it is rolled back")
+    log_lines: int = _opt(200, min=1, max=5000, doc="journal lines 'logs' returns at most")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = [verb for verb in self.allow if verb not in MANAGE_VERBS]
+        if unknown:
+            raise ConfigError("manage.allow", f"unknown verb {unknown[0]!r}; the verbs are "
+                              + ", ".join(MANAGE_VERBS))
+
+
 @dataclass(frozen=True)
 class HomeAssistantConfig(_Section, section="homeassistant"):
     """``[homeassistant]``: the gateway as a Home Assistant device (docs/homeassistant.md)."""
@@ -346,6 +375,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
+    manage: ManageConfig = field(default_factory=ManageConfig)
     ingest: list[IngestRule] = field(default_factory=list)
     devices: dict[str, DeviceConfig] = field(default_factory=dict)
     source: Path | None = None
@@ -367,10 +397,39 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(env) if env else DEFAULT_PATH
 
 
-def load(path: str | os.PathLike[str] | None = None) -> Config:
-    """Read and validate the config file; raise :class:`ConfigError` naming the problem."""
+def load(path: str | os.PathLike[str] | None = None, *,
+         overlays: Sequence[Path] | None = None) -> Config:
+    """Read and validate the config file; raise :class:`ConfigError` naming the problem.
+
+    With ``[manage] enabled``, the keys of the remote overlay (``manage.overlay``, written
+    by a remote ``config-set``, left alone by Ansible) override the file's; ``overlays``
+    replaces the overlay files looked at (the service's start tries a pending one so).
+    """
     where = config_path(path)
-    return dataclasses.replace(parse(_read(where), origin=str(where)), source=where)
+    data = _toml(_read(where), str(where))
+    config = from_dict(data)
+    if config.manage.enabled:
+        for extra in (config.manage.overlay,) if overlays is None else overlays:
+            if extra.exists():
+                data = merged(data, _toml(_read(extra), str(extra)))
+        config = from_dict(data)
+    return dataclasses.replace(config, source=where)
+
+
+def read_toml(where: Path) -> dict[str, Any]:
+    """One TOML file as a mapping (not validated); :class:`ConfigError` when unreadable."""
+    return _toml(_read(where), str(where))
+
+
+def merged(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overlay``'s keys in place, table by table (arrays are replaced)."""
+    out = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def load_store(path: str | os.PathLike[str] | None = None) -> StoreConfig:
@@ -427,6 +486,7 @@ def from_dict(data: dict[str, Any]) -> Config:
 
 
 def _check_cross_fields(config: Config) -> None:
+    _check_manage(config)
     if not NAME_PATTERN.match(config.gateway_id):
         raise ConfigError(
             "gateway_id",
@@ -450,6 +510,19 @@ def _check_cross_fields(config: Config) -> None:
     if config.gpio.enabled and len(pins) != len(set(pins)):
         raise ConfigError("gpio", f"a pin is used twice: {sorted(pins)}")
     profiles.check(config)
+
+
+def _check_manage(config: Config) -> None:
+    """Manage commands take the inbound path, and a config-set runs up to three times
+    (staged, tried, answered) across its restarts."""
+    if not config.manage.enabled:
+        return
+    if not config.inbound.enabled:
+        raise ConfigError("manage.enabled", "remote management takes the inbound path: it "
+                          "needs inbound.enabled = true")
+    if "config-set" in config.manage.allow and config.inbound.max_attempts < 3:
+        raise ConfigError("manage.allow", "config-set runs up to 3 times across its restarts: "
+                          "it needs inbound.max_attempts >= 3")
 
 
 def filter_problem(value: str) -> str | None:

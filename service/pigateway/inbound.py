@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 from pigateway import inbox, wire
-from pigateway.config import Config
+from pigateway.config import MANAGE_VERBS, Config
 from pigateway.counters import COUNTERS
 from pigateway.errors import RejectedCommand, StoreError
-from pigateway.handlers import HandlerFactory
+from pigateway.handlers import Handler, HandlerFactory
 from pigateway.packets import Undecodable
 from pigateway.store import QueueReader, Store
 from pigateway.text import bounded, encodable, quoted
@@ -264,6 +264,50 @@ _CHECKS = (_check_storable, _check_version, _check_fields, _check_id, _check_dev
            _check_name, _check_params, _check_ttl)
 
 
+#: The inbox lane of manage commands (:mod:`pigateway.manage`); no device is named so.
+MANAGE_DEVICE = "@gateway"
+MANAGE_FIELDS = ("v", "id", "name", "params")
+
+
+def parse_manage(payload: bytes, limits: Limits, allow: Collection[str]) -> InboundCommand:
+    """Check one message of the ``manage`` topic: a command's document without ``device``
+    and ``ttl``, whose ``name`` is a verb of ``allow`` (``manage.allow``). Refused as
+    :func:`parse_command` refuses, in the same bounded words."""
+    try:
+        return _parse_manage(payload, limits, allow)
+    except RejectedCommand as exc:
+        raise RejectedCommand(bounded(exc.reason), command_id=exc.command_id) from None
+
+
+def _parse_manage(payload: bytes, limits: Limits, allow: Collection[str]) -> InboundCommand:
+    document = _decode(payload, limits)
+    if not isinstance(document, dict):
+        raise RejectedCommand(f"the payload must be a JSON object, got {_kind(document)}")
+    command_id = readable_id(document)
+    try:
+        for check in (_check_storable, _check_version, _check_manage_fields, _check_id,
+                      _check_params):
+            check(document, limits)
+        name = _required(document, "name")
+        if not isinstance(name, str) or name not in MANAGE_VERBS:
+            raise RejectedCommand(f"unknown verb {_kind(name)}; the verbs are "
+                                  f"{', '.join(MANAGE_VERBS)}")
+        if name not in allow:
+            raise RejectedCommand(f"the verb {name!r} is not allowed here (manage.allow: "
+                                  f"{', '.join(allow) or 'none'})")
+    except RejectedCommand as exc:
+        raise RejectedCommand(exc.reason, command_id=command_id) from None
+    return InboundCommand(id=document["id"], device=MANAGE_DEVICE, name=name,
+                          params=document["params"])
+
+
+def _check_manage_fields(document: dict[str, Any], limits: Limits) -> None:
+    unknown = sorted(set(document) - set(MANAGE_FIELDS))
+    if unknown:
+        raise RejectedCommand(f"unknown field {quoted(unknown[0])}; a v{VERSION} manage "
+                              f"command has only {', '.join(MANAGE_FIELDS)}")
+
+
 def undecodable_refusal(packet: Undecodable, limits: Limits) -> RejectedCommand:
     """Why a message the MQTT library could not decode is refused, filed under its command
     id when its payload could be found and names one (so the sender gets a ``rejected``
@@ -294,11 +338,13 @@ class Inbound:
     """
 
     def __init__(self, config: Config, store: Store, *,
-                 factories: Mapping[str, HandlerFactory] | None = None) -> None:
+                 factories: Mapping[str, HandlerFactory] | None = None,
+                 manage: Handler | None = None) -> None:
         self.config = config
         self.store = store
         self.limits = Limits.from_config(config)
         self.pool = WorkerPool(config, store, factories=factories)
+        self.manage = manage
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -310,6 +356,8 @@ class Inbound:
     async def open(self) -> None:
         """Build every device's handler now, so a config error stops the start."""
         await self.pool.open()
+        if self.manage is not None:  # the gateway's own lane: closed with the others
+            self.pool.handlers[MANAGE_DEVICE] = self.manage
 
     async def close(self) -> None:
         """Close the handlers; idempotent."""
@@ -335,6 +383,22 @@ class Inbound:
         except RejectedCommand as exc:
             await self._refuse(exc, payload)
             return
+        await self._take(command, payload)
+
+    async def accept_manage(self, payload: bytes) -> None:
+        """:meth:`accept` for the ``manage`` topic: the same promises, the same inbox (its
+        ids deduplicated with the devices' ones), the lane :data:`MANAGE_DEVICE`."""
+        if isinstance(payload, Undecodable):
+            await self._refuse(RejectedCommand(bounded(payload.describe())), payload)
+            return
+        try:
+            command = parse_manage(payload, self.limits, self.config.manage.allow)
+        except RejectedCommand as exc:
+            await self._refuse(exc, payload)
+            return
+        await self._take(command, payload)
+
+    async def _take(self, command: InboundCommand, payload: bytes) -> None:
         try:
             await self._persist(command)
         except StoreError:

@@ -42,9 +42,13 @@ TAKE_TRIES: Final = 3
 class Intake:
     """Takes the commands arriving on ``commands`` (a topic) with ``on_command``."""
 
-    def __init__(self, commands: str, on_command: OnCommand | None) -> None:
+    def __init__(self, commands: str, on_command: OnCommand | None, *,
+                 manage: str | None = None, on_manage: OnCommand | None = None) -> None:
         self.commands = commands
         self.on_command = on_command
+        #: the gateway's own commands (:mod:`pigateway.manage`), taken the same way
+        self.manage = manage
+        self.on_manage = on_manage
 
     async def run(self, client: Connection) -> None:
         """Until the link drops (then :class:`UplinkError`): this is also how the uplink
@@ -58,6 +62,9 @@ class Intake:
                     continue
                 if wire.matches(self.commands, message.topic):
                     take = group.create_task(self._take(self.on_command, message.payload))
+                elif (self.on_manage is not None and self.manage is not None
+                      and message.topic == self.manage):
+                    take = group.create_task(self._take(self.on_manage, message.payload))
                 else:
                     take = group.create_task(self._ignore(client, message.topic, strays))
                 await taken.put((take, message))

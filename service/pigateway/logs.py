@@ -35,11 +35,16 @@ IDENTIFIER: Final = "pigateway"
 LEVELS: Final = {"debug": logging.DEBUG, "info": logging.INFO,
                  "warning": logging.WARNING, "error": logging.ERROR}
 
+#: A level between INFO and WARNING for what an operator did (remote management's actions).
+NOTICE: Final = 25
+logging.addLevelName(NOTICE, "NOTICE")
+
 # syslog priorities (sd-daemon(3)): what journalctl -p filters on.
 PRIORITIES: Final = (  # (lowest Python level, priority), highest first
     (logging.CRITICAL, 2),
     (logging.ERROR, 3),
     (logging.WARNING, 4),
+    (NOTICE, 5),
     (logging.INFO, 6),
 )
 DEBUG_PRIORITY: Final = 7

@@ -79,11 +79,13 @@ class Uplink:
 
     def __init__(self, config: Config, store: Store, state: GatewayState, *,
                  policy: tenacity.AsyncRetrying | None = None,
-                 on_command: OnCommand | None = None) -> None:
+                 on_command: OnCommand | None = None,
+                 on_manage: OnCommand | None = None) -> None:
         self.config = config
         self.store = store
         self.state = state
         self.on_command = on_command
+        self.on_manage = on_manage if on_command is not None else None
         up = config.uplink
         self._policy = (policy or reconnect_policy(up)).copy(
             retry=tenacity.retry_if_exception(_worth_retrying), stop=tenacity.stop_never,
@@ -103,7 +105,8 @@ class Uplink:
         self.ledger = self.drain.ledger
         self.packet_limit = self.drain.packet_limit
         self.announcer = Announcer(config, state, self.pacer)
-        self.intake = Intake(wire.topic(config, "commands"), on_command)
+        self.intake = Intake(wire.topic(config, "commands"), on_command,
+                             manage=wire.topic(config, "manage"), on_manage=self.on_manage)
         #: False once a broker said Retain Available = 0 (a retained will would be refused)
         self._will_retained = True
 
@@ -314,6 +317,8 @@ class Uplink:
                                   window=limits["max_inflight"])
                 if self.on_command is not None:
                     await client.subscribe(wire.topic(self.config, "commands"), qos=1)
+                if self.on_manage is not None:
+                    await client.subscribe(wire.topic(self.config, "manage"), qos=1)
                 await self.announcer.announce(client)
                 watch = tasks.create_task(self.intake.run(client), name="uplink-watch")
                 announce = tasks.create_task(self.announcer.keep_announcing(client),

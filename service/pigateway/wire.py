@@ -32,6 +32,7 @@ TOPICS: Final = {
     "results": "{prefix}/{gateway}/results",
     "commands": "{prefix}/{gateway}/commands",
     "state": "{prefix}/{gateway}/state",
+    "manage": "{prefix}/{gateway}/manage",
 }
 _AZURE_EVENTS: Final = "devices/{gateway}/messages/events/"
 #: The templates a cloud (``[mqtt] profile``, :mod:`pigateway.profiles`) puts in place of

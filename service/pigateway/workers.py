@@ -249,7 +249,8 @@ class WorkerPool:
         self._premarked.discard(entry.id)
         request = Request(id=entry.id, device=entry.device, name=entry.name,
                           params=entry.params, attempt=attempt)
-        timeout = self.config.inbound.handler_timeout
+        # a handler may need longer than a device's (manage's config-set waits for its proof)
+        timeout = getattr(handler, "timeout", None) or self.config.inbound.handler_timeout
         async with self._slots:
             try:
                 async with asyncio.timeout(timeout):
