@@ -43,6 +43,8 @@ DEVICE: Final = "@gateway"
 #: ``manage`` (a remote change cannot widen its own rights), not ``gateway_id`` (the topics
 #: the operator reaches it on), not ``devices``/``ingest`` (code and local wiring).
 SETTABLE: Final = ("mqtt", "uplink", "inbound", "log", "metrics", "local", "gpio")
+#: The params each verb takes (none where not named).
+PARAMS: Final = {"requeue-dead": ("id", "expired"), "logs": ("lines",), "config-set": ("set",)}
 #: Keys whose values config-get withholds (credential paths and names).
 WITHHELD: Final = ("username", "password_file", "key_file", "cert_file")
 #: Seconds ``logs`` may take; bytes of journal it returns at most.
@@ -82,6 +84,7 @@ class Manage:
                                  "(manage.allow)")
         verb = getattr(self, "_" + request.name.replace("-", "_"))
         try:
+            _only(request, PARAMS.get(request.name, ()))
             result = await verb(request)
         except Exception as exc:
             log.log(NOTICE, "manage: %s %s failed: %s", request.name, request.id, bounded(exc),
@@ -117,7 +120,7 @@ class Manage:
         return (await self.store.stats()).as_dict()
 
     async def _requeue_dead(self, request: Request) -> Any:
-        params = _only(request, ("id", "expired"))
+        params = request.params
         command_id, expired = params.get("id"), params.get("expired", False)
         if not isinstance(command_id, str) or not command_id:
             raise InvalidCommand("requeue-dead needs params.id, the dead letter's id")
@@ -129,7 +132,7 @@ class Manage:
     # ---- the service
 
     async def _logs(self, request: Request) -> Any:
-        lines = _only(request, ("lines",)).get("lines", 50)
+        lines = request.params.get("lines", 50)
         limit = self.config.manage.log_lines
         if isinstance(lines, bool) or not isinstance(lines, int) or not 0 < lines <= limit:
             raise InvalidCommand(f"params.lines must be 1-{limit} (manage.log_lines)")
@@ -200,7 +203,7 @@ class Manage:
         """The overlay with the request's keys, as TOML, checked as ``pigateway config
         check`` checks a config (values, device options, files as the service meets them);
         a refusal names the key."""
-        changes = _only(request, ("set",)).get("set")
+        changes = request.params.get("set")
         if not isinstance(changes, dict) or not changes:
             raise InvalidCommand('config-set needs params.set, e.g. {"set": {"mqtt.port": 8883}}')
         overlay = self.config.manage.overlay
@@ -246,12 +249,11 @@ def _ended(done: dict[str, Any]) -> Any:
                        "runs on its config before this config-set")
 
 
-def _only(request: Request, names: tuple[str, ...]) -> dict[str, Any]:
+def _only(request: Request, names: tuple[str, ...]) -> None:
     extra = sorted(set(request.params) - set(names))
     if extra:
         raise InvalidCommand(f"{request.name} takes no param {bounded(extra[0], 40)!r}"
                              + (f"; its params: {', '.join(names)}" if names else ""))
-    return request.params
 
 
 def _put(data: dict[str, Any], key: Any, value: Any) -> None:

@@ -1,0 +1,356 @@
+"""Remote management through the real service: a test client publishes on
+``{prefix}/{gw}/manage`` of a real mosquitto, ``pigateway run`` (a subprocess) answers on
+``results``. The test plays systemd: a service that exits with 75 (a restart asked) is
+started again by this test, by the PID it started; nothing else is restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from harness import gateway as harness_gateway
+from harness.broker import Mosquitto
+from harness.ports import free_port
+from harness.service import Service
+from harness.waits import wait_until
+from pigateway.config import MANAGE_VERBS
+
+pytestmark = pytest.mark.broker
+
+GATEWAY = "gw1"
+RESTART = 75
+
+
+class Operator:
+    """The fleet operator's client: publishes on ``manage``, collects results and actions."""
+
+    def __init__(self, client: aiomqtt.Client, prefix: str) -> None:
+        self.client = client
+        self.base = f"{prefix}/{GATEWAY}"
+        self.results: list[dict[str, Any]] = []
+        self.actions: list[dict[str, Any]] = []
+        self.online = 0
+
+    async def collect(self) -> None:
+        async for message in self.client.messages:
+            topic = str(message.topic)
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            if topic == f"{self.base}/results":
+                self.results.append(json.loads(payload))
+            elif topic == f"{self.base}/actions":
+                self.actions.append(json.loads(payload))
+            elif topic == f"{self.base}/state":
+                with contextlib.suppress(ValueError):
+                    state = json.loads(payload)
+                    if isinstance(state, dict) and state.get("link") == "online":
+                        self.online += 1
+
+    async def publish(self, payload: bytes | dict[str, Any]) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        await self.client.publish(f"{self.base}/manage", data, qos=1)
+
+    async def ask(self, name: str, params: dict[str, Any] | None = None,
+                  command_id: str | None = None) -> str:
+        command_id = command_id or f"{name}-{uuid.uuid4().hex[:8]}"
+        await self.publish({"v": 1, "id": command_id, "name": name, "params": params or {}})
+        return command_id
+
+    def of(self, command_id: str) -> list[dict[str, Any]]:
+        return [r for r in self.results if r.get("id") == command_id]
+
+
+class Systemd:
+    """Restarts the service when it exits with 75, as ``Restart=on-failure`` does."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.exits: list[int] = []
+
+    async def watch(self) -> None:
+        while True:
+            process = self.service.process
+            if process is not None and process.poll() is not None:
+                self.exits.append(process.returncode)
+                self.service.process = None
+                if process.returncode == RESTART:
+                    self.service.start()
+            await asyncio.sleep(0.1)
+
+
+async def until(condition: Callable[[], bool], timeout: float, what: str,
+                service: Service) -> None:
+    if not await wait_until(condition, timeout):
+        pytest.fail(f"timed out waiting for {what}; service log:\n{service.tail(6000)}")
+
+
+def write_config(tmp_path: Path, broker: Mosquitto, prefix: str,
+                 manage: dict[str, Any]) -> Path:
+    secret = tmp_path / "password"
+    secret.write_text("s3cret-of-the-broker\n")
+    secret.chmod(0o600)
+    return harness_gateway.write(tmp_path / "config.toml", harness_gateway.settings(
+        tmp_path, gateway_id=GATEWAY, port=broker.port, prefix=prefix,
+        uplink={"batch_delay": 0.01, "backoff_initial": 0.05, "backoff_max": 0.5},
+        inbound={"backoff_initial": 0.05, "backoff_max": 0.2},
+        manage={"enabled": True, "overlay": str(tmp_path / "state" / "remote.toml"),
+                **manage},
+        gpio={"pin_factory": "mock"}, devices={"lamp": {"handler": "log"}}))
+
+
+@contextlib.asynccontextmanager
+async def managed(tmp_path: Path, broker: Mosquitto, prefix: str,
+                  **manage: Any) -> AsyncIterator[tuple[Service, Operator, Systemd]]:
+    service = Service(write_config(tmp_path, broker, prefix, manage), tmp_path / "service.log")
+    systemd = Systemd(service)
+    try:
+        async with aiomqtt.Client("127.0.0.1", broker.port,
+                                  identifier=f"operator-{uuid.uuid4().hex[:8]}") as client:
+            operator = Operator(client, prefix)
+            for leaf in ("results", "state", "actions"):
+                await client.subscribe(f"{prefix}/{GATEWAY}/{leaf}", qos=1)
+            tasks = [asyncio.create_task(operator.collect()), asyncio.create_task(systemd.watch())]
+            try:
+                service.start()
+                await until(lambda: operator.online > 0, 20, "online", service)
+                yield service, operator, systemd
+            finally:
+                for task in tasks:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+    finally:
+        service.kill()
+
+
+async def answer(operator: Operator, service: Service, command_id: str,
+                 timeout: float = 20) -> dict[str, Any]:
+    await until(lambda: operator.of(command_id), timeout, f"the result of {command_id}", service)
+    return operator.of(command_id)[0]
+
+
+def queue_rows(tmp_path: Path) -> int:
+    """Rows of the queue file (queued and dead), read only."""
+    with contextlib.closing(sqlite3.connect(f"file:{tmp_path / 'queue.db'}?mode=ro",
+                                            uri=True)) as db:
+        return int(db.execute("SELECT (SELECT count(*) FROM outbox) + "
+                              "(SELECT count(*) FROM dead_letters)").fetchone()[0])
+
+
+def dead_rows(tmp_path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(f"file:{tmp_path / 'queue.db'}?mode=ro",
+                                            uri=True)) as db:
+        return int(db.execute("SELECT count(*) FROM dead_letters").fetchone()[0])
+
+
+def send(tmp_path: Path, n: int, ttl: float | None = None) -> list[str]:
+    """``pigateway send`` ``n`` times; the ids."""
+    extra = [] if ttl is None else ["--ttl", str(ttl)]
+    return [subprocess.run([sys.executable, "-m", "pigateway", "send", "--config",
+                            str(tmp_path / "config.toml"), "--device", "lamp", "--command",
+                            "on", "--param", f"n=c{i}", *extra],
+                           check=True, capture_output=True, timeout=30, text=True).stdout.strip()
+            for i in range(n)]
+
+
+# --------------------------------------------------------------------------- the verbs
+
+
+async def test_each_read_and_control_verb_round_trips(tmp_path: Path, mosquitto: Mosquitto,
+                                                      unique_prefix: str) -> None:
+    async with managed(tmp_path, mosquitto, unique_prefix, allow=list(MANAGE_VERBS)) \
+            as (service, operator, _):
+        status = await answer(operator, service, await operator.ask("status"))
+        assert status["status"] == "ok" and status["detail"]["link"] == "online"
+
+        # paused, the gateway sends nothing, its results too: pause's comes after resume
+        pause_id = await operator.ask("pause")
+        await until(lambda: f"manage: pause {pause_id} done" in service.tail(20000), 20,
+                    "the pause", service)
+        await asyncio.sleep(0.5)
+        assert operator.of(pause_id) == []
+        resumed = await answer(operator, service, await operator.ask("resume"))
+        paused = await answer(operator, service, pause_id)
+        assert paused["status"] == "ok" and paused["detail"]["paused"] is True
+        assert resumed["status"] == "ok" and resumed["detail"]["paused"] is False
+        flushed = await answer(operator, service, await operator.ask("flush"))
+        assert flushed["status"] == "ok"
+
+        stats = await answer(operator, service, await operator.ask("queue-stats"))
+        assert stats["status"] == "ok" and stats["detail"]["depth"] == 0
+
+        requeue = await answer(operator, service,
+                               await operator.ask("requeue-dead", {"id": "no-such-id"}))
+        assert requeue["status"] == "ok" and requeue["detail"] == {"requeued": 0}
+        # a dead letter (expired while paused), by the CLI's rules: expired ones on request
+        await operator.ask("pause")
+        dead_id = send(tmp_path, 1, ttl=0.5)[0]
+        await asyncio.sleep(1.0)
+        await answer(operator, service, await operator.ask("resume"))
+        await until(lambda: queue_rows(tmp_path) == 1 and dead_rows(tmp_path) == 1, 20,
+                    "the expired command to be a dead letter", service)
+        refused = await answer(operator, service,
+                               await operator.ask("requeue-dead", {"id": dead_id}))
+        assert refused["status"] == "rejected" and "expired" in refused["detail"]
+        requeued = await answer(operator, service, await operator.ask(
+            "requeue-dead", {"id": dead_id, "expired": True}))
+        assert requeued["detail"] == {"requeued": 1}
+        await until(lambda: queue_rows(tmp_path) == 0, 20, "the requeued one to go", service)
+        no_id = await answer(operator, service, await operator.ask("requeue-dead"))
+        assert no_id["status"] == "rejected" and "params.id" in no_id["detail"]
+
+        config = await answer(operator, service, await operator.ask("config-get"))
+        assert config["status"] == "ok"
+        effective = config["detail"]["effective"]
+        assert effective["mqtt"]["port"] == mosquitto.port
+        assert "s3cret" not in json.dumps(config)
+
+        logs = await answer(operator, service, await operator.ask("logs", {"lines": 5}))
+        if shutil.which("journalctl") is None:
+            assert logs["status"] == "error" and "journalctl" in logs["detail"]
+        else:
+            assert logs["status"] == "ok" and isinstance(logs["detail"]["lines"], list)
+            assert len(logs["detail"]["lines"]) <= 5
+        too_many = await answer(operator, service,
+                                await operator.ask("logs", {"lines": 10 ** 6}))
+        assert too_many["status"] == "rejected" and "manage.log_lines" in too_many["detail"]
+
+        log = (tmp_path / "service.log").read_text()
+        assert f"manage: pause {paused['id']} done" in log
+
+
+async def test_restart_answers_once_and_comes_back(tmp_path: Path, mosquitto: Mosquitto,
+                                                   unique_prefix: str) -> None:
+    async with managed(tmp_path, mosquitto, unique_prefix, allow=["status", "restart"]) \
+            as (service, operator, systemd):
+        command_id = await operator.ask("restart")
+        await until(lambda: RESTART in systemd.exits, 30, "the exit with 75", service)
+        await until(lambda: operator.online >= 2, 20, "online again", service)
+        reply = await answer(operator, service, command_id)
+        assert reply["status"] == "ok"
+        status = await answer(operator, service, await operator.ask("status"))
+        assert status["detail"]["link"] == "online"
+        await asyncio.sleep(1.0)
+        assert len(operator.of(command_id)) == 1 and systemd.exits == [RESTART]
+
+
+async def test_config_set_applies_and_config_get_shows_it(tmp_path: Path,
+                                                          mosquitto: Mosquitto,
+                                                          unique_prefix: str) -> None:
+    async with managed(tmp_path, mosquitto, unique_prefix, rollback_after=20,
+                       allow=["config-set", "config-get", "pause"]) \
+            as (service, operator, systemd):
+        await operator.ask("pause")  # its result waits in the queue with the commands
+        await until(lambda: "manage: pause" in service.tail(20000), 20, "the pause", service)
+        send(tmp_path, 3)
+        assert queue_rows(tmp_path) == 4
+        command_id = await operator.ask("config-set", {"set": {"uplink.batch_delay": 0.02}})
+        reply = await answer(operator, service, command_id, timeout=40)
+        assert reply["status"] == "ok" and reply["detail"] == {"applied": True}
+        assert systemd.exits == [RESTART]
+        shown = await answer(operator, service, await operator.ask("config-get"))
+        assert shown["detail"]["effective"]["uplink"]["batch_delay"] == 0.02
+        assert shown["detail"]["overlay"] == {"uplink": {"batch_delay": 0.02}}
+        assert not (tmp_path / "state" / "remote.pending.toml").exists()
+        # not paused after the restart: the 3 commands drain, each exactly once
+        await until(lambda: sum(len(a["actions"]) for a in operator.actions) >= 1, 20,
+                    "the queued commands to drain", service)
+        await until(lambda: queue_rows(tmp_path) == 0, 20, "an empty queue", service)
+        sent = [c for a in operator.actions for action in a["actions"]
+                for c in action["commands"]]
+        assert sorted(c["params"]["n"] for c in sent) == ["c0", "c1", "c2"]
+
+
+async def test_config_set_of_a_dead_broker_rolls_back_by_itself(tmp_path: Path,
+                                                                 mosquitto: Mosquitto,
+                                                                 unique_prefix: str) -> None:
+    async with managed(tmp_path, mosquitto, unique_prefix, rollback_after=5,
+                       allow=["config-set", "config-get", "status"]) \
+            as (service, operator, systemd):
+        command_id = await operator.ask("config-set", {"set": {"mqtt.port": free_port()}})
+        await until(lambda: systemd.exits == [RESTART], 30, "the restart to try it", service)
+        # the trial is offline: what is queued now stays on disk, untouched by the rollback
+        send(tmp_path, 3)
+        assert queue_rows(tmp_path) == 3
+        reply = await answer(operator, service, command_id, timeout=60)
+        assert reply["status"] == "error" and "rolled back" in reply["detail"]
+        assert "manage.rollback_after" in reply["detail"]
+        assert systemd.exits == [RESTART, RESTART]
+        await until(lambda: queue_rows(tmp_path) == 0, 20, "the queue to drain", service)
+        sent = [c for a in operator.actions for action in a["actions"]
+                for c in action["commands"]]
+        assert sorted(c["params"]["n"] for c in sent) == ["c0", "c1", "c2"]
+        shown = await answer(operator, service, await operator.ask("config-get"))
+        assert shown["detail"]["effective"]["mqtt"]["port"] == mosquitto.port
+        assert shown["detail"]["overlay"] == {}
+
+
+async def test_config_set_is_refused_naming_the_key(tmp_path: Path, mosquitto: Mosquitto,
+                                                    unique_prefix: str) -> None:
+    async with managed(tmp_path, mosquitto, unique_prefix,
+                       allow=["config-set", "status"]) as (service, operator, systemd):
+        send(tmp_path, 0)
+        for change, words in [({"mqtt.port": 0}, "mqtt.port"),
+                              ({"mqtt.tls.ca_file": str(tmp_path / "missing.pem"),
+                                "mqtt.tls.enabled": True}, "mqtt.tls.ca_file"),
+                              ({"store.path": "/tmp/other.db"}, "store.path"),
+                              ({"manage.allow": ["config-set"]}, "manage.allow"),
+                              ({"uplink.nonsense": 1}, "uplink.nonsense")]:
+            reply = await answer(operator, service,
+                                 await operator.ask("config-set", {"set": change}))
+            assert reply["status"] == "rejected", reply
+            assert words in reply["detail"], reply
+        assert systemd.exits == []
+        assert not (tmp_path / "state" / "remote.pending.toml").exists()
+        status = await answer(operator, service, await operator.ask("status"))
+        assert status["status"] == "ok"
+
+
+async def test_a_hostile_publisher_gets_rejections_and_the_service_goes_on(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    async with managed(tmp_path, mosquitto, unique_prefix) as (service, operator, systemd):
+        hostile = [
+            (b'{"v":1,"id":"h-1e400","name":"status","params":{"x":1e400}}', "out of range"),
+            (b'{"v":1,"id":"h-sur","name":"status","params":{"x":"\\ud800"}}', "surrogate"),
+            (b'{"v":1,"id":"h-verb","name":"rm-rf","params":{}}', "unknown verb"),
+            (b'{"v":1,"id":"h-deny","name":"config-set","params":{}}', "not allowed"),
+            (b'{"v":1,"id":"h-pause","name":"pause","params":{}}', "not allowed"),
+            (b'{"v":1,"id":"h-dev","name":"status","params":{},"device":"lamp"}',
+             "unknown field"),
+            (b'{"v":2,"id":"h-v2","name":"status","params":{}}', "version"),
+            (b'{"v":1,"id":"h-params","name":"status","params":[]}', "params"),
+            (b'{"v":1,"id":"h-extra","name":"status","params":{"a":1}}', "takes no param"),
+        ]
+        for payload, _ in hostile:
+            await operator.publish(payload)
+        huge = json.dumps({"v": 1, "id": "h-huge", "name": "status",
+                           "params": {"x": "a" * 200_000}}).encode()
+        for junk in (b"{not json", b"\xff\xfe", b"[]", b"1e400", huge, b'{"v":1}'):
+            await operator.publish(junk)
+        for payload, words in hostile:
+            command_id = payload.split(b'"id":"')[1].split(b'"')[0].decode()
+            reply = await answer(operator, service, command_id)
+            assert reply["status"] == "rejected", reply
+            assert words in reply["detail"], reply
+        # a replayed id is answered from the record: one run, the same result
+        first = await operator.ask("status", command_id="same-id")
+        one = await answer(operator, service, first)
+        await operator.ask("status", command_id="same-id")
+        await until(lambda: len(operator.of("same-id")) == 2, 20, "the replay's answer", service)
+        assert operator.of("same-id")[1] == one
+        assert service.alive and systemd.exits == []
+        status = await answer(operator, service, await operator.ask("status"))
+        assert status["status"] == "ok" and status["detail"]["link"] == "online"
+        assert "h-huge" not in json.dumps(operator.results)  # no id could be read: dropped
