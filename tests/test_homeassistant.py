@@ -308,3 +308,26 @@ async def test_forwarded_messages_are_counted_for_home_assistant(
                 lambda: (ha.last_json(state) or {}).get("forwarded") == before.forwarded + 3,
                 10)
             assert ha.last_json(state)["delivered"] == before.delivered + 3
+
+
+async def test_a_failure_inside_the_home_assistant_link_never_stops_the_gateway(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in building the discovery (here: the first two attempts raise) is said and the
+    link tried again; the drain goes on meanwhile."""
+    real = hadiscovery.discovery_document
+    failures = [RuntimeError("a bug"), KeyError("another")]
+
+    def flaky(*args: object, **kwargs: object) -> dict[str, object]:
+        if failures:
+            raise failures.pop()
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+    monkeypatch.setattr(hadiscovery, "discovery_document", flaky)
+    cfg = ha_config(tmp_path, mosquitto.port, unique_prefix)
+    async with watching(mosquitto.port, f"{DISCOVERY}/#") as ha, running_gateway(cfg) as gw, \
+            subscribed(mosquitto.port, unique_prefix) as sub:
+        assert gw.store is not None
+        await gw.store.put("lamp", "on")
+        assert await sub.wait_for(1, 5)
+        assert await ha.until(lambda: len(ha.configs()) == len(ALL), 10)
+        assert failures == []

@@ -189,6 +189,8 @@ class HomeAssistant:
                         return
             except (PigatewayError, OSError) as exc:
                 self._failures.note(exc)
+            except Exception as exc:  # a bug here must not stop the drain: said, and retried
+                self._failures.note(repr(exc), exc=exc)
             attempt = 1 if time.monotonic() - started > self.config.uplink.backoff_reset \
                 else attempt + 1
             with contextlib.suppress(TimeoutError):
