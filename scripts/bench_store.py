@@ -333,7 +333,7 @@ async def main(quick: bool) -> None:
         ("bytes written per command (64 producers)",
          f"{per_command:,.0f} B = {per_command / json_size:.1f}x its JSON ({json_size} B)",
          "<= 5x", per_command / json_size <= 5),
-        (f"open + quick_check at {opened['depth']:,.0f}", f"{opened['open_s']:.2f} s", "< 2 s",
+        (f"open + integrity_check at {opened['depth']:,.0f}", f"{opened['open_s']:.2f} s", "< 2 s",
          opened["open_s"] < 2),
         (f"RSS at {opened['depth']:,.0f} backlog",
          f"{opened['rss_mb']:.1f} MB (python + imports alone: {baseline_rss():.1f} MB)",

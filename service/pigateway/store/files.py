@@ -51,8 +51,12 @@ def check_header(path: Path) -> str | None:
 
 def check_integrity(path: Path) -> str | None:
     """The drainer's full check at its open: ``None`` when the file is a sound SQLite
-    database, else what is wrong with it. ``PRAGMA quick_check`` reads every page, so only
-    the drainer runs it (once per start), never a producer (once per ``pigateway send``)."""
+    database, else what is wrong with it. ``PRAGMA integrity_check`` reads every page, so
+    only the drainer runs it (once per start), never a producer (once per ``pigateway
+    send``). Not ``quick_check``: it does not compare an index with its table, and a row
+    whose ``outbox.id`` entry is gone is claimed and sent by ``seq`` but never deleted by
+    its ack (sent again at every claim, its attempts never counted); ~40% more time (0.28
+    s against 0.20 s at 100,000 rows here), and the quarantine's salvage reads by rowid."""
     if not path.exists():
         return None
     problem = check_header(path)
@@ -60,7 +64,7 @@ def check_integrity(path: Path) -> str | None:
         return problem
     try:
         with contextlib.closing(sqlite3.connect(path, timeout=30)) as conn:
-            rows = conn.execute("PRAGMA quick_check").fetchall()
+            rows = conn.execute("PRAGMA integrity_check").fetchall()
     except sqlite3.OperationalError as exc:
         # a full disk (no room for the -shm), a lock, an I/O error: the file may be sound,
         # and moving a sound queue aside would strand every command in it
