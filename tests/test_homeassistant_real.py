@@ -118,6 +118,7 @@ def test_home_assistant_shows_and_controls_the_gateway(
         until(all_there, 30, "every entity with its state", ha, lambda: wrong)
         now = states(ha)
         assert set(now) == set(ENTITIES), sorted(set(now) ^ set(ENTITIES))
+        assert ha.listening() == [f"127.0.0.1:{ha.port}"]  # loopback only, its API alone
         assert float(now["sensor.pigateway_gw_test_disk_free"]["state"]) > 0
         assert now["sensor.pigateway_gw_test_disk_free"]["attributes"][
             "unit_of_measurement"] == "MiB"

@@ -201,6 +201,15 @@ class HomeAssistant:
             raise
         return state
 
+    def listening(self) -> list[str]:
+        """The addresses its process listens on (TCP and UDP), as ``ss`` shows them."""
+        assert self.process is not None
+        table = subprocess.run(["ss", "-Htulnp"], capture_output=True, text=True, timeout=10,
+                               check=True).stdout
+        mine = [line.split() for line in table.splitlines()
+                if f"pid={self.process.pid}," in line]
+        return sorted(fields[4] for fields in mine)
+
     def tail(self, size: int = 4000) -> str:
         if not self.log_path.exists():
             return ""
