@@ -142,11 +142,19 @@ async def answer(operator: Operator, service: Service, command_id: str,
 
 
 def queue_rows(tmp_path: Path) -> int:
-    """Rows of the queue file (queued and dead), read only."""
+    """Device commands in the queue file (queued and dead; results are not counted: the
+    manage commands' own results are queued too), read only."""
     with contextlib.closing(sqlite3.connect(f"file:{tmp_path / 'queue.db'}?mode=ro",
                                             uri=True)) as db:
-        return int(db.execute("SELECT (SELECT count(*) FROM outbox) + "
-                              "(SELECT count(*) FROM dead_letters)").fetchone()[0])
+        return int(db.execute("SELECT (SELECT count(*) FROM outbox WHERE kind = 'action') + "
+                              "(SELECT count(*) FROM dead_letters WHERE kind = 'action')"
+                              ).fetchone()[0])
+
+
+def delivered(operator: Operator) -> list[str]:
+    """The ``n`` param of every device command the broker received, in order."""
+    return [c["params"]["n"] for a in operator.actions for action in a["actions"]
+            for c in action["commands"]]
 
 
 def dead_rows(tmp_path: Path) -> int:
@@ -233,10 +241,16 @@ async def test_each_read_and_control_verb_round_trips(tmp_path: Path, mosquitto:
 
 async def test_restart_answers_once_and_comes_back(tmp_path: Path, mosquitto: Mosquitto,
                                                    unique_prefix: str) -> None:
-    async with managed(tmp_path, mosquitto, unique_prefix, allow=["status", "restart"]) \
+    async with managed(tmp_path, mosquitto, unique_prefix, allow=["status", "restart", "pause"]) \
             as (service, operator, systemd):
+        await operator.ask("pause")
+        await until(lambda: "manage: pause" in service.tail(20000), 20, "the pause", service)
+        send(tmp_path, 3)
+        assert queue_rows(tmp_path) == 3
         command_id = await operator.ask("restart")
         await until(lambda: RESTART in systemd.exits, 30, "the exit with 75", service)
+        await until(lambda: queue_rows(tmp_path) == 0, 20, "the queue to drain", service)
+        assert sorted(delivered(operator)) == ["c0", "c1", "c2"]
         await until(lambda: operator.online >= 2, 20, "online again", service)
         reply = await answer(operator, service, command_id)
         assert reply["status"] == "ok"
@@ -255,7 +269,7 @@ async def test_config_set_applies_and_config_get_shows_it(tmp_path: Path,
         await operator.ask("pause")  # its result waits in the queue with the commands
         await until(lambda: "manage: pause" in service.tail(20000), 20, "the pause", service)
         send(tmp_path, 3)
-        assert queue_rows(tmp_path) == 4
+        assert queue_rows(tmp_path) == 3
         command_id = await operator.ask("config-set", {"set": {"uplink.batch_delay": 0.02}})
         reply = await answer(operator, service, command_id, timeout=40)
         assert reply["status"] == "ok" and reply["detail"] == {"applied": True}
@@ -265,21 +279,24 @@ async def test_config_set_applies_and_config_get_shows_it(tmp_path: Path,
         assert shown["detail"]["overlay"] == {"uplink": {"batch_delay": 0.02}}
         assert not (tmp_path / "state" / "remote.pending.toml").exists()
         # not paused after the restart: the 3 commands drain, each exactly once
-        await until(lambda: sum(len(a["actions"]) for a in operator.actions) >= 1, 20,
-                    "the queued commands to drain", service)
+        await until(lambda: len(delivered(operator)) >= 3, 20, "the commands to drain",
+                    service)
         await until(lambda: queue_rows(tmp_path) == 0, 20, "an empty queue", service)
-        sent = [c for a in operator.actions for action in a["actions"]
-                for c in action["commands"]]
-        assert sorted(c["params"]["n"] for c in sent) == ["c0", "c1", "c2"]
+        assert sorted(delivered(operator)) == ["c0", "c1", "c2"]
 
 
-async def test_config_set_of_a_dead_broker_rolls_back_by_itself(tmp_path: Path,
-                                                                 mosquitto: Mosquitto,
-                                                                 unique_prefix: str) -> None:
+@pytest.mark.parametrize("fault", ["a broker that does not answer", "a CA file that does not load"])
+async def test_config_set_that_leaves_the_gateway_offline_rolls_back_by_itself(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str, fault: str) -> None:
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n"
+                       "-----END CERTIFICATE-----\n")
+    change = ({"mqtt.port": free_port()} if fault.startswith("a broker") else
+              {"mqtt.tls.enabled": True, "mqtt.tls.ca_file": str(garbage)})
     async with managed(tmp_path, mosquitto, unique_prefix, rollback_after=5,
                        allow=["config-set", "config-get", "status"]) \
             as (service, operator, systemd):
-        command_id = await operator.ask("config-set", {"set": {"mqtt.port": free_port()}})
+        command_id = await operator.ask("config-set", {"set": change})
         await until(lambda: systemd.exits == [RESTART], 30, "the restart to try it", service)
         # the trial is offline: what is queued now stays on disk, untouched by the rollback
         send(tmp_path, 3)
@@ -289,9 +306,7 @@ async def test_config_set_of_a_dead_broker_rolls_back_by_itself(tmp_path: Path,
         assert "manage.rollback_after" in reply["detail"]
         assert systemd.exits == [RESTART, RESTART]
         await until(lambda: queue_rows(tmp_path) == 0, 20, "the queue to drain", service)
-        sent = [c for a in operator.actions for action in a["actions"]
-                for c in action["commands"]]
-        assert sorted(c["params"]["n"] for c in sent) == ["c0", "c1", "c2"]
+        assert sorted(delivered(operator)) == ["c0", "c1", "c2"]
         shown = await answer(operator, service, await operator.ask("config-get"))
         assert shown["detail"]["effective"]["mqtt"]["port"] == mosquitto.port
         assert shown["detail"]["overlay"] == {}
@@ -300,22 +315,33 @@ async def test_config_set_of_a_dead_broker_rolls_back_by_itself(tmp_path: Path,
 async def test_config_set_is_refused_naming_the_key(tmp_path: Path, mosquitto: Mosquitto,
                                                     unique_prefix: str) -> None:
     async with managed(tmp_path, mosquitto, unique_prefix,
-                       allow=["config-set", "status"]) as (service, operator, systemd):
-        send(tmp_path, 0)
+                       allow=["config-set", "status", "pause", "resume"]) \
+            as (service, operator, systemd):
+        await operator.ask("pause")  # the queue holds still while config-set is refused
+        await until(lambda: "manage: pause" in service.tail(20000), 20, "the pause", service)
+        send(tmp_path, 3)
+        assert queue_rows(tmp_path) == 3
+        asked: list[tuple[str, str]] = []
         for change, words in [({"mqtt.port": 0}, "mqtt.port"),
                               ({"mqtt.tls.ca_file": str(tmp_path / "missing.pem"),
                                 "mqtt.tls.enabled": True}, "mqtt.tls.ca_file"),
                               ({"store.path": "/tmp/other.db"}, "store.path"),
                               ({"manage.allow": ["config-set"]}, "manage.allow"),
                               ({"uplink.nonsense": 1}, "uplink.nonsense")]:
-            reply = await answer(operator, service,
-                                 await operator.ask("config-set", {"set": change}))
-            assert reply["status"] == "rejected", reply
-            assert words in reply["detail"], reply
+            asked.append((await operator.ask("config-set", {"set": change}), words))
+        await until(lambda: service.tail(20000).count("manage: config-set") == len(asked), 20,
+                    "the refusals", service)
+        await asyncio.sleep(1.0)
         assert systemd.exits == []
         assert not (tmp_path / "state" / "remote.pending.toml").exists()
-        status = await answer(operator, service, await operator.ask("status"))
-        assert status["status"] == "ok"
+        assert queue_rows(tmp_path) == 3
+        await answer(operator, service, await operator.ask("resume"))
+        for command_id, words in asked:
+            reply = await answer(operator, service, command_id)
+            assert reply["status"] == "rejected", reply
+            assert words in reply["detail"], reply
+        await until(lambda: queue_rows(tmp_path) == 0, 20, "the queue to drain", service)
+        assert sorted(delivered(operator)) == ["c0", "c1", "c2"]
 
 
 async def test_a_hostile_publisher_gets_rejections_and_the_service_goes_on(
