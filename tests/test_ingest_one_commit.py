@@ -21,7 +21,7 @@ from harness.broker import Mosquitto
 from harness.gateway import settings
 from harness.service import running_gateway
 from harness.waits import until, wait_until
-from ingest_helpers import brokers, ingest_settings, publish
+from ingest_helpers import brokers, collecting, ingest_settings, publish
 from pigateway.config import Config, from_dict
 from pigateway.state import Link
 
@@ -78,3 +78,29 @@ async def test_a_dead_letter_the_store_refuses_is_not_acknowledged(
         dead = await gateway.store.list_dead()
     assert sorted(d.command.name for d in dead) == ["on", "open", "stop"]
     assert {d.reason for d in dead} == {"invalid"}
+
+
+async def test_a_topic_level_of_spaces_is_forwarded_or_dead_lettered_never_dropped(
+        pair: tuple[Mosquitto, Mosquitto], folder: Path) -> None:
+    """A topic of spaces is a topic MQTT and mosquitto take. Forwarded, it reaches the
+    uplink (its local topic only orders it); as a command's device it is a dead letter.
+    Neither is acknowledged and then dropped because the store refuses its device name."""
+    local, uplink = pair
+    data = settings(folder, port=uplink.port, prefix="pg", uplink=FAST)
+    data.update(ingest_settings(local))
+    data["gpio"] = {"enabled": False}
+    data["ingest"] = [{"topic": "cmd/+/+", "mode": "command"}, {"topic": " "},
+                      {"topic": " /+"}]
+    cfg = from_dict(data)
+    async with collecting(uplink, "pg/#") as collector, running_gateway(cfg) as gateway:
+        assert await wait_until(lambda: gateway.state.local is Link.ONLINE, 10)
+        sent = [(" ", b"one"), (" /x", b"two"), ("cmd/ /on", b"{}")]
+        assert await publish(local, sent) == len(sent)
+        assert await wait_until(lambda: {g.payload for g in collector.got} >= {b"one", b"two"},
+                                10), collector.got
+        assert await until(lambda: _dead(gateway, 1), 10), "the command was dropped"
+        assert gateway.store is not None
+        [dead] = await gateway.store.list_dead()
+    assert dead.reason == "invalid" and dead.command.name == "on"
+    assert {g.topic for g in collector.got if g.payload in (b"one", b"two")} == {
+        "pg/gw-test/forward/ ", "pg/gw-test/forward/ /x"}

@@ -51,6 +51,7 @@ from pigateway.mqtt import Connection, Message, Settings, connect
 from pigateway.packets import Undecodable
 from pigateway.state import GatewayState, Link, Refusal, Refuser
 from pigateway.store import NewCommand, Store, prepare
+from pigateway.store.values import MAX_NAME, check_name
 from pigateway.text import bounded, json_kind, plural
 
 log = logging.getLogger(__name__)
@@ -135,11 +136,26 @@ def _kept_payload(payload: bytes) -> dict[str, Any]:
     return {"payload": text, "bytes": len(payload)}
 
 
+def storable(text: str) -> str:
+    """``text`` (a local topic, a topic level) as a device or command name the store takes
+    (:func:`~pigateway.store.values.check_name`), so that a row or a dead letter can always
+    hold the message: at most ``MAX_NAME`` characters, and JSON-quoted when it is blank or
+    holds what no name may (a topic of spaces is one MQTT and mosquitto take)."""
+    for shown in (text, json.dumps(text)):
+        kept = shown if len(shown) <= MAX_NAME else shown[:MAX_NAME - 1] + "…"
+        try:
+            check_name("device", kept)
+        except InvalidCommand:
+            continue
+        return kept
+    return "?"
+
+
 def as_command(rule: IngestRule, message: Message) -> Taken:
     """A ``command`` rule's message as a command, or a dead letter saying why not."""
     device = _level(rule.device, message.topic)
     name = _level(rule.name, message.topic)
-    item = NewCommand(device=device or "?", name=name or "?",
+    item = NewCommand(device=storable(device or "?"), name=storable(name or "?"),
                       params=_kept_payload(message.payload), ttl=rule.ttl)
     if device is None or name is None:
         return Taken(item, f"topic {message.topic!r} has no level {rule.device} (device) or "
@@ -177,7 +193,7 @@ def as_forward(config: Config, rule: IngestRule, message: Message) -> Taken:
     uplink topic cannot be published: refused here, alone, it never reaches the drain."""
     extras = message.extras
     ttl = rule.ttl if rule.ttl is not None else extras.expiry
-    device = message.topic if len(message.topic) <= 128 else message.topic[:127] + "…"
+    device = storable(message.topic)
     where = remote_topic(config, rule, message.topic)
     problem = forward_topic_problem(config, where)
     if problem is not None:
@@ -191,8 +207,7 @@ def as_forward(config: Config, rule: IngestRule, message: Message) -> Taken:
 
 def as_undecodable(message: Message, packet: Undecodable) -> Taken:
     """A message the MQTT library could not decode: a dead letter keeping its raw bytes."""
-    device = message.topic if len(message.topic) <= 128 else message.topic[:127] + "…"
-    return Taken(NewCommand(device=device or "?", name="undecodable",
+    return Taken(NewCommand(device=storable(message.topic or "?"), name="undecodable",
                             params=_kept_payload(packet)), packet.describe())
 
 
@@ -401,8 +416,8 @@ class Ingest:
                 try:  # a bad row alone must not refuse the whole group
                     prepare(taken.item, self.store.config, now)
                 except InvalidCommand as exc:
-                    taken = Taken(NewCommand(device=taken.item.device[:128] or "?",
-                                             name=taken.item.name[:128] or "?",
+                    taken = Taken(NewCommand(device=storable(taken.item.device),
+                                             name=storable(taken.item.name),
                                              params=_kept_payload(message.payload)), str(exc))
             if taken.refusal is None:
                 rows.append(taken.item)
