@@ -151,9 +151,13 @@ class Manage:
                 process.kill()
             await process.wait()
             raise HandlerError(f"journalctl did not answer within {LOGS_TIMEOUT:g}s") from None
+        said = err.decode("utf-8", "replace")
         if process.returncode != 0:
-            raise HandlerError(f"journalctl failed ({process.returncode}): "
-                               f"{bounded(err.decode('utf-8', 'replace'), 300)}")
+            raise HandlerError(f"journalctl failed ({process.returncode}): {bounded(said, 300)}")
+        if "insufficient permissions" in said:  # journalctl says so, and exits 0
+            raise HandlerError("the service's user may not read the journal: add it to the "
+                               "systemd-journal group (a drop-in with "
+                               "SupplementaryGroups=systemd-journal), then restart")
         return {"lines": _tail(out.decode("utf-8", "replace"),
                                self.config.store.max_params_bytes // 2)}
 
