@@ -243,7 +243,9 @@ def test_awkward_values_survive_rendering(
     extra = {"pigateway_gateway_id": "gw.x_1", "pigateway_mqtt_topic_prefix": "acme/eu",
              "pigateway_gpio": {"pin_factory": "mock", "bargraph": [20, 21, 22]},
              "pigateway_store": {"default_ttl": 0.5, "overflow": "reject"},
-             "pigateway_devices": devices, "pigateway_mqtt_username": "user \"q\""}
+             "pigateway_devices": devices, "pigateway_mqtt_username": "user \"q\"",
+             "pigateway_manage": {"enabled": True, "allow": ["status", "config-set"],
+                                  "rollback_after": 60}}
     defaults = yaml_of(ROLE / "defaults" / "main.yml")
     text = _render(e2e_venv, tmp_path, inventory, defaults, extra)["gw-x"]
     data = tomllib.loads(text)
@@ -253,6 +255,7 @@ def test_awkward_values_survive_rendering(
     config = parse(text)
     assert config.gateway_id == "gw.x_1" and config.store.default_ttl == 0.5
     assert config.mqtt.topic_prefix == "acme/eu"
+    assert config.manage.enabled and config.manage.allow == ["status", "config-set"]
 
 
 # --------------------------------------------------------------------------- the Debian package
