@@ -104,3 +104,26 @@ async def test_a_topic_level_of_spaces_is_forwarded_or_dead_lettered_never_dropp
     assert dead.reason == "invalid" and dead.command.name == "on"
     assert {g.topic for g in collector.got if g.payload in (b"one", b"two")} == {
         "pg/gw-test/forward/ ", "pg/gw-test/forward/ /x"}
+
+
+async def test_a_message_over_max_params_bytes_is_a_dead_letter_never_dropped(
+        pair: tuple[Mosquitto, Mosquitto], folder: Path) -> None:
+    """Under a small ``store.max_params_bytes`` a forwarded message bigger than it, or a
+    command payload that is not JSON, cannot be a row: each is a dead letter (what is kept
+    of its payload cut to fit), never acknowledged and dropped."""
+    local, uplink = pair
+    data = settings(folder, port=uplink.port, prefix="pg", uplink=FAST,
+                    store={"max_params_bytes": 300})
+    data.update(ingest_settings(local))
+    data["gpio"] = {"enabled": False}
+    data["ingest"] = [{"topic": "cmd/+/+", "mode": "command"}, {"topic": "z2m/#"}]
+    cfg = from_dict(data)
+    async with running_gateway(cfg) as gateway:
+        assert await wait_until(lambda: gateway.state.local is Link.ONLINE, 10)
+        sent = [("z2m/big", "é".encode() * 1500), ("cmd/lamp/on", b"\x01" * 3000)]
+        assert await publish(local, sent) == len(sent)
+        assert await until(lambda: _dead(gateway, 2), 10), "a message was dropped"
+        assert gateway.store is not None
+        dead = await gateway.store.list_dead()
+    assert sorted(d.command.device for d in dead) == ["lamp", "z2m/big"]
+    assert all(d.reason == "invalid" and d.command.params["bytes"] in (3000,) for d in dead)

@@ -29,7 +29,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from pigateway import forwarded, profiles
@@ -62,6 +62,8 @@ INVALID: Final = "invalid"
 REFUSED_BACKOFF: Final = wait_backoff(0.1, 2.0, jitter=0.1)
 #: Bytes of a bad payload kept in its dead letter, at most.
 KEPT_PAYLOAD: Final = 2048
+#: Tries at cutting a dead letter's kept payload down to ``store.max_params_bytes``.
+FIT_TRIES: Final = 16
 #: Seconds a clean stop waits for taken messages to be committed and acknowledged.
 STOP_GRACE: Final = 2.0
 
@@ -390,18 +392,35 @@ class Ingest:
         rows, dead = self._classify(part)
         buried: list[tuple[NewCommand, str, str]] = []
         for taken in dead:
-            detail = taken.refusal or INVALID
-            try:  # not even a dead letter can hold it: said, acknowledged, never stored
-                prepare(taken.item, self.store.config, time.time())
-            except InvalidCommand as exc:
-                log.error("ingest: a message on %s is dropped: %s",
-                          bounded(taken.item.device, 200), exc)
-                continue
-            buried.append((taken.item, INVALID, detail))
+            item = self._fitting(taken.item)
+            if item is not None:
+                buried.append((item, INVALID, taken.refusal or INVALID))
         await self.store.put_many(rows, buried=buried)
         for item, reason, detail in buried:
             log.warning("ingest: a message on %s is dead-lettered %s: %s",
                         bounded(item.device, 200), reason, detail)
+
+    def _fitting(self, item: NewCommand) -> NewCommand | None:
+        """A dead letter the store takes: what it keeps of the payload cut (halved, at most
+        :data:`FIT_TRIES` times, then left out) until it fits ``store.max_params_bytes``.
+        ``None`` only if even that fails (said, acknowledged, never stored): its device and
+        name are :func:`storable`, its params ``{"bytes": n}`` at the least."""
+        params = dict(item.params)
+        for _ in range(FIT_TRIES):
+            candidate = replace(item, params=params)
+            try:
+                prepare(candidate, self.store.config, time.time())
+            except InvalidCommand as exc:
+                problem = exc
+            else:
+                return candidate
+            text = params.get("payload")
+            if isinstance(text, str) and text:
+                params["payload"] = text[:len(text) // 2]
+            else:
+                params = {"bytes": params.get("bytes", 0)}
+        log.error("ingest: a message on %s is dropped: %s", bounded(item.device, 200), problem)
+        return None
 
     def _classify(self, group: Sequence[Message]) -> tuple[list[NewCommand], list[Taken]]:
         """Each message as a row or a dead letter; our own messages as nothing."""
