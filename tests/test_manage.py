@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -380,3 +381,73 @@ async def test_a_hostile_publisher_gets_rejections_and_the_service_goes_on(
         status = await answer(operator, service, await operator.ask("status"))
         assert status["status"] == "ok" and status["detail"]["link"] == "online"
         assert "h-huge" not in json.dumps(operator.results)  # no id could be read: dropped
+
+
+def documented_acl(prefix: str) -> str:
+    """The ``acl_file`` block of docs/operations.md, as written, under ``prefix``."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    block = text.split("```acl\n", 1)[1].split("```", 1)[0]
+    return block.replace("pigateway/", f"{prefix}/")
+
+
+def acl_broker_lines(folder: Path, prefix: str, users: dict[str, str]) -> list[str]:
+    """mosquitto options: these users only, and the documented ACL."""
+    folder.mkdir()
+    passwd, acl = folder / "passwd", folder / "acl"
+    for n, (user, password) in enumerate(users.items()):
+        subprocess.run(["mosquitto_passwd", *(["-c"] if n == 0 else []), "-b", str(passwd),
+                        user, password], check=True, capture_output=True, timeout=30)
+    acl.write_text(documented_acl(prefix))
+    return [*(["user root"] if os.geteuid() == 0 else []), "allow_anonymous false",
+            f"password_file {passwd}", f"acl_file {acl}"]
+
+
+async def test_the_documented_acl_lets_only_the_operator_publish_on_manage(
+        tmp_path: Path, unique_prefix: str) -> None:
+    if shutil.which("mosquitto_passwd") is None:
+        pytest.skip("mosquitto_passwd is not installed")
+    users = {GATEWAY: "gw-pass", "fleet-operator": "op-pass", "intruder": "in-pass"}
+    folder = tmp_path / "acl-broker"
+    extra = acl_broker_lines(folder, unique_prefix, users)
+    with Mosquitto(folder, extra=extra) as broker:
+        secret = tmp_path / "gw-password"
+        secret.write_text("gw-pass\n")
+        secret.chmod(0o600)
+        path = harness_gateway.write(tmp_path / "config.toml", harness_gateway.settings(
+            tmp_path, gateway_id=GATEWAY, port=broker.port, prefix=unique_prefix,
+            mqtt={"username": GATEWAY, "password_file": str(secret)},
+            uplink={"batch_delay": 0.01, "backoff_initial": 0.05, "backoff_max": 0.5},
+            manage={"enabled": True, "allow": ["status", "pause"],
+                    "overlay": str(tmp_path / "state" / "remote.toml")},
+            gpio={"pin_factory": "mock"}, devices={"lamp": {"handler": "log"}}))
+        service = Service(path, tmp_path / "service.log")
+        base = f"{unique_prefix}/{GATEWAY}"
+        try:
+            async with aiomqtt.Client("127.0.0.1", broker.port, username="fleet-operator",
+                                      password=users["fleet-operator"],
+                                      identifier="operator") as client:
+                operator = Operator(client, unique_prefix)
+                await client.subscribe(f"{base}/results", qos=1)
+                await client.subscribe(f"{base}/state", qos=1)
+                task = asyncio.create_task(operator.collect())
+                try:
+                    service.start()
+                    await until(lambda: operator.online > 0, 20, "online", service)
+                    async with aiomqtt.Client("127.0.0.1", broker.port, username="intruder",
+                                              password=users["intruder"],
+                                              identifier="intruder") as bad:
+                        with contextlib.suppress(aiomqtt.MqttError):  # refused: 0x87
+                            await bad.publish(f"{base}/manage", json.dumps(
+                                {"v": 1, "id": "intruder-1", "name": "pause",
+                                 "params": {}}).encode(), qos=1)
+                    reply = await answer(operator, service, await operator.ask("status"))
+                    assert reply["status"] == "ok" and reply["detail"]["paused"] is False
+                    await asyncio.sleep(0.5)
+                    assert operator.of("intruder-1") == []
+                    assert "intruder-1" not in service.tail(50_000)
+                finally:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+        finally:
+            service.kill()
