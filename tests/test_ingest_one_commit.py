@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from harness.broker import Mosquitto
 from harness.gateway import settings
@@ -23,6 +25,7 @@ from harness.service import running_gateway
 from harness.waits import until, wait_until
 from ingest_helpers import brokers, collecting, ingest_settings, publish
 from pigateway.config import Config, from_dict
+from pigateway.forwarded import ID_PROPERTY
 from pigateway.state import Link
 
 FAST = {"batch_delay": 0.01, "backoff_initial": 0.05, "backoff_max": 0.5}
@@ -127,3 +130,28 @@ async def test_a_message_over_max_params_bytes_is_a_dead_letter_never_dropped(
         dead = await gateway.store.list_dead()
     assert sorted(d.command.device for d in dead) == ["lamp", "z2m/big"]
     assert all(d.reason == "invalid" and d.command.params["bytes"] in (3000,) for d in dead)
+
+
+async def test_a_forward_carries_only_its_own_command_id(
+        pair: tuple[Mosquitto, Mosquitto], folder: Path) -> None:
+    """A device that sets the user property pigateway-id itself (the same value on every
+    message) must not give its forwards an id: a receiver that drops a repeated id (as
+    docs/ingest.md says to) would drop all but the first. Each forward carries exactly
+    one pigateway-id, its own command's, and the device's other properties as they came."""
+    local, uplink = pair
+    data = settings(folder, port=uplink.port, prefix="pg", uplink=FAST)
+    data.update(ingest_settings(local))
+    data["gpio"] = {"enabled": False}
+    cfg = from_dict(data)
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.UserProperty = [(ID_PROPERTY, "spoofed"), ("room", "hall")]
+    async with collecting(uplink, "pg/gw-test/forward/#") as collector, \
+            running_gateway(cfg) as gateway:
+        assert await wait_until(lambda: gateway.state.local is Link.ONLINE, 10)
+        sent = [("z2m/a/state", b"1"), ("z2m/a/state", b"2")]
+        assert await publish(local, sent, properties=props) == 2
+        assert await wait_until(lambda: len(collector.got) >= 2, 10), collector.got
+    ids = [[v for k, v in g.user_properties if k == ID_PROPERTY] for g in collector.got[:2]]
+    assert all(len(found) == 1 and found[0] != "spoofed" for found in ids), ids
+    assert ids[0] != ids[1]
+    assert all(("room", "hall") in g.user_properties for g in collector.got[:2])

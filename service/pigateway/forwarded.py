@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -57,8 +58,9 @@ def pack(topic: str, payload: bytes, extras: Extras) -> dict[str, Any]:
         params["r"] = 1
     if extras.content_type is not None:
         params["ct"] = extras.content_type
-    if extras.user_properties:
-        params["up"] = [list(pair) for pair in extras.user_properties]
+    users = _without_ours(extras.user_properties)
+    if users:
+        params["up"] = [list(pair) for pair in users]
     if extras.expiry is not None:
         params["x"] = extras.expiry
     return params
@@ -80,7 +82,7 @@ def unpack(params: dict[str, Any], *, ttl_left: float | None = None,
             payload = base64.b64decode(str(params.get("b", "")), validate=True)
         except (binascii.Error, ValueError) as exc:
             raise ValueError(f"a forward row with a bad payload: {exc}") from exc
-    users = tuple((str(k), str(v)) for k, v in params.get("up", []))
+    users = _without_ours((str(k), str(v)) for k, v in params.get("up", []))
     if command_id is not None:
         users = (*users, (ID_PROPERTY, command_id))
     expiry = params.get("x")
@@ -89,3 +91,11 @@ def unpack(params: dict[str, Any], *, ttl_left: float | None = None,
     return Forward(topic, payload, Extras(
         retain=bool(params.get("r")), content_type=params.get("ct"),
         user_properties=users, expiry=expiry if isinstance(expiry, int) else None))
+
+
+def _without_ours(users: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """A device's user properties without :data:`ID_PROPERTY`: the one a forward carries is
+    its command's id, which receivers dedupe by; a device's own (the same on every message)
+    would make every forward after the first look like a repeat. (``pigateway-origin`` is
+    ingest's loop guard: a message with ours is never taken in.)"""
+    return tuple(pair for pair in users if pair[0] != ID_PROPERTY)
