@@ -32,17 +32,17 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from pigateway import forwarded, wire
+from pigateway.ahead import SOLO, Ahead
 from pigateway.aio import first_of
 from pigateway.ids import new_id
 
 REASON_TOO_LARGE = "too-large"
 REASON_EXPIRED = "expired"
-#: Batches' worth of rows the batcher holds claimed ahead under a backlog, at most: enough
-#: for batches of different devices to travel side by side, few enough that sorting them
-#: out costs little per batch (every batch scans what is pending).
+#: Batches' worth of rows the batcher holds claimed ahead under a backlog, at least (one
+#: per in-flight slot when there are more slots): the rows of the devices a PUBACK frees are
+#: at hand when it comes. Held per device (:mod:`pigateway.ahead`), a batch costs its own
+#: rows, not what is held.
 AHEAD = 2
-#: Kinds of rows that travel alone, one message each.
-SOLO = ("result", "forward")
 
 
 class Queued(Protocol):
@@ -94,6 +94,7 @@ class Gate(Protocol):
 
     def busy(self) -> Collection[str]: ...
     def free_slots(self) -> int: ...
+    def window(self) -> int: ...
     def arm(self) -> None: ...
     async def wait_freed(self) -> None: ...
 
@@ -105,6 +106,9 @@ class Open:
         return ()
 
     def free_slots(self) -> int:
+        return 1
+
+    def window(self) -> int:
         return 1
 
     def arm(self) -> None:
@@ -286,19 +290,6 @@ def _take_actions(live: list[C], rules: Rules, now: float, batch_id: str,
     return Take(batch, rest, too_large=too_large, expired=expired)  # type: ignore[arg-type]
 
 
-def _worth(rows: Sequence[Queued], rules: Rules, most: int) -> int:
-    """About how many whole batches ``rows`` make (a cheap estimate), counted up to ``most``
-    (then it stops looking: a backlog is not summed row by row at every batch)."""
-    size, devices, worth = 0, set(), 0
-    for row in rows:
-        size += row.size + len(row.name) + 96
-        devices.add(row.device)
-        worth = max(size // rules.max_batch_bytes, len(devices) // rules.max_actions)
-        if worth >= most:
-            return most
-    return worth
-
-
 def _cannot_join(builder: _Builder, command: Queued) -> bool:
     """Whether ``command`` surely does not fit in a batch already started, told without
     encoding it (its params alone are ``size`` bytes): a long backlog is not encoded row by
@@ -367,10 +358,11 @@ def split(batch: Batch[C], rules: Rules, *, now: float) -> list[Batch[C]]:
 class Batcher(Generic[C]):
     """Claims rows from the store and hands out one batch at a time, under the window rules.
 
-    Rows it has claimed but not yet handed out stay in :attr:`pending` (in flight in the
-    store's eyes); the uplink gives them back with :meth:`give_back` when its link ends.
-    :meth:`interrupt` makes a waiting :meth:`next_batch` return ``None`` (pause, stop)
-    without ever abandoning a claim half-way: a claim the writer runs is always recorded.
+    Rows it has claimed but not yet handed out stay held (:attr:`pending`, in flight in
+    the store's eyes), one queue per device (:class:`~pigateway.ahead.Ahead`); the uplink
+    gives them back with :meth:`give_back` when its link ends. :meth:`interrupt` makes a
+    waiting :meth:`next_batch` return ``None`` (pause, stop) without ever abandoning a
+    claim half-way: a claim the writer runs is always recorded.
     """
 
     def __init__(self, store: WorkSource[C], rules: Rules, *, batch_delay: float,
@@ -387,11 +379,17 @@ class Batcher(Generic[C]):
         self.claim_limit = claim_limit
         self.idle_poll = idle_poll
         self.clock = clock
-        self.pending: list[C] = []
+        self.held: Ahead[C] = Ahead()
+        self._more = False  # the last claim was full: the store likely holds more
         self._returned: list[C] = []
         self._woken = asyncio.Event()  # rows were put back
         self._flush = asyncio.Event()
         self._interrupt = asyncio.Event()
+
+    @property
+    def pending(self) -> list[C]:
+        """Every row held, in claim order (for views and tests: O(rows held))."""
+        return self.held.in_order()
 
     def limit(self, packing: int, hard: int) -> None:
         """Pack batches to ``packing`` bytes and call ``too-large`` only above ``hard``.
@@ -416,29 +414,29 @@ class Batcher(Generic[C]):
 
     def put_back(self, commands: Sequence[C]) -> None:
         """Rows of a batch that failed alone go first again (still claimed): ahead of
-        every later row of their devices, which stayed in :attr:`pending` meanwhile.
+        every later row of their devices, which stayed held meanwhile.
 
         Kept aside until :meth:`next_batch` looks again (it may be waiting on the store
-        with :attr:`pending` in hand), in the order they came back.
+        with the held rows in hand), in the order they came back.
         """
         self._returned.extend(commands)
         self._woken.set()
 
     def claimed(self) -> list[str]:
-        """Ids of every row claimed and not handed out (pending or put back)."""
-        return [command.id for command in (*self._returned, *self.pending)]
+        """Ids of every row claimed and not handed out (held or put back)."""
+        return [command.id for command in (*self._returned, *self.held.in_order())]
 
     def give_back(self) -> list[str]:
-        """Forget the pending rows and return their ids (the caller releases them)."""
+        """Forget the held rows and return their ids (the caller releases them)."""
         ids = self.claimed()
-        self.pending = []
+        self.held.clear()
         self._returned = []
         return ids
 
     def _merge_returned(self) -> None:
         self._woken.clear()
         if self._returned:
-            self.pending[:0] = self._returned
+            self.held.put_first(self._returned)
             self._returned = []
 
     async def next_batch(self) -> Batch[C] | None:
@@ -448,23 +446,24 @@ class Batcher(Generic[C]):
                 return None
             self.gate.arm()
             self._merge_returned()
-            busy = self.gate.busy()
-            take = take_batch(self.pending, self._spread(busy), now=self.clock(),
-                              expires_now=self.store.clock.now(), busy=busy)
-            # pending is changed only once the dead letters are on disk: a cancel (the link
-            # dropped) or a store error while they are written leaves every row here, the
+            rules, candidates = self._candidates(self.gate.busy())
+            take = take_batch(candidates, rules, now=self.clock(),
+                              expires_now=self.store.clock.now())
+            # rows are forgotten only once the dead letters are on disk: a cancel (the link
+            # dropped) or a store error while they are written leaves every row held, the
             # batch's too, in order, for give_back() or the next call
             await self._discard(take)
-            self.pending = take.rest
-            if not self.pending:
+            gone = self.held.remove(candidates, take.rest)
+            if not self.held:
                 self._flush.clear()
             if take.batch is not None:
                 return take.batch
-            if self.pending:
+            if self.held and not gone:
                 await self._blocked()
 
-    def _spread(self, busy: Collection[str]) -> Rules:
-        """The rules for the next batch: under a backlog, its share of the free devices.
+    def _candidates(self, busy: Collection[str]) -> tuple[Rules, list[C]]:
+        """The rules for the next batch and the rows it may take: the free devices' first
+        rows, about two batches' worth at most (the batch costs its own rows, not all held).
 
         A device is in one unacknowledged batch at a time, so one batch holding every
         device would leave the other in-flight slots idle until its PUBACK. When the free
@@ -472,47 +471,52 @@ class Batcher(Generic[C]):
         ``devices / min(free slots, batches' worth)`` of them: the batches stay full and
         travel side by side. A light load (one batch's worth) still goes as one message.
         """
+        ready = self.held.ready(busy)
+        rules = self.rules
         slots = self.gate.free_slots()
-        if slots <= 1:
-            return self.rules
-        free = [c for c in self.pending if c.device not in busy and c.kind not in SOLO]
-        devices = len({c.device for c in free})
-        worth = _worth(free, self.rules, slots)
-        if devices <= 1 or worth <= 1:
-            return self.rules
-        share = math.ceil(devices / worth)
-        return dataclasses.replace(self.rules, max_actions=min(self.rules.max_actions, share))
+        if slots > 1 and len(ready) > 1:
+            worth = min(slots, max(self.held.weight_of(ready) // rules.max_batch_bytes,
+                                   len(ready) // rules.max_actions))
+            if worth > 1:
+                rules = dataclasses.replace(
+                    rules, max_actions=min(rules.max_actions, math.ceil(len(ready) / worth)))
+        return rules, self.held.candidates(ready, budget=2 * rules.max_batch_bytes,
+                                           most=rules.max_actions)
+
+    def _depth(self) -> int:
+        """Batches' worth to hold claimed ahead under a backlog."""
+        return max(AHEAD, self.gate.window())
 
     async def _blocked(self) -> None:
-        """Every pending row waits for its device's batch in flight: wait until a device is
+        """Every held row waits for its device's batch in flight: wait until a device is
         freed, or new work comes (maybe for another device: then claim it)."""
         if self._interrupt.is_set():
             return
-        if not self._full(AHEAD) and await self._claim():
+        if not self._full(self._depth()) and await self._claim():
             return  # meanwhile, the rows for the devices' next batches (or a free device's)
         woken = await first_of(self.gate.wait_freed(), self._interrupt.wait(),
                                self._woken.wait(), self.store.wait_for_work(self.idle_poll))
-        if woken == 3 and len(self.pending) < self.claim_limit:
+        if woken == 3 and not self._full(self._depth()):
             await self._claim()
 
     async def _gather(self) -> bool:
-        """Fill :attr:`pending` until its oldest row's window is over (or a flush, or full).
+        """Hold rows until the oldest one's window is over (or a flush, or a full batch).
 
         Returns False when interrupted.
         """
         self._merge_returned()
-        while not self.pending:
+        while not self.held:
             if self._interrupt.is_set():
                 return False
             if not await self._claim():
                 self._flush.clear()
                 await self._wait(self.idle_poll)
             self._merge_returned()
-        if self.pending[0].kind in SOLO:
+        if self.held.first_is_solo():
             return not self._interrupt.is_set()  # travels alone: no window to wait for
         # the window is counted on the monotonic clock: a wall clock set back (a Pi without
         # an RTC meeting NTP) must not hold a batch for the size of the jump
-        age = max(0.0, self.clock() - min(c.queued_at for c in self.pending))
+        age = max(0.0, self.clock() - self.held.oldest())
         deadline = time.monotonic() + max(0.0, self.batch_delay - age)
         while not self._flush.is_set() and not self._full():
             if self._interrupt.is_set():
@@ -522,18 +526,23 @@ class Batcher(Generic[C]):
                 break
             await self._wait(left)
             await self._claim()
-        # a little more than one batch's worth, so that batches of different devices can
-        # travel side by side (:meth:`_spread`); bounded: pending stays about AHEAD batches
-        for _ in range(AHEAD):
-            if self._full(AHEAD) or not await self._claim():
+        # under a backlog (the last claim was full), the rows of the next batches too, so
+        # that batches of different devices travel side by side (:meth:`_candidates`);
+        # a light load costs no further store call: its batch goes now
+        depth = self._depth()
+        for _ in range(depth):
+            if not self._more or self._full(depth) or not await self._claim():
                 break
         return not self._interrupt.is_set()
 
     def _full(self, batches: int = 1) -> bool:
-        """A cheap estimate of whether pending already makes at least ``batches`` whole ones."""
-        if self.pending and self.pending[0].kind in SOLO:
+        """A cheap estimate (O(1)) of whether the held rows make ``batches`` whole ones."""
+        held = self.held
+        if held.first_is_solo():
             return True  # a result or forwarded message travels alone: nothing to wait or claim for
-        return _worth(self.pending, self.rules, batches) >= batches
+        worth = max(held.weight // self.rules.max_batch_bytes,
+                    held.devices() // self.rules.max_actions)
+        return worth >= batches
 
     async def _claim(self) -> int:
         """Claim more rows; if cancelled meanwhile, still record what the writer claimed."""
@@ -542,9 +551,10 @@ class Batcher(Generic[C]):
             got = await asyncio.shield(claim)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
-                self.pending.extend(await claim)
+                self.held.extend(await claim)
             raise
-        self.pending.extend(got)
+        self.held.extend(got)
+        self._more = len(got) >= self.claim_limit
         return len(got)
 
     async def _wait(self, seconds: float) -> None:

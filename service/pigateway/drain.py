@@ -318,7 +318,7 @@ class Drain:
         ledger = self.ledger
         self.state.set_progress(in_flight=len(ledger.outstanding) + len(ledger.delivered),
                                 draining=bool(ledger.outstanding or ledger.delivered
-                                              or self.batcher.pending))
+                                              or self.batcher.held))
 
     async def give_back(self, why: str, *, failed: bool) -> None:
         """Put back every row this link claimed but the broker did not acknowledge.

@@ -1,0 +1,179 @@
+"""The rows the batcher holds claimed ahead: one queue per device, in claim order.
+
+Why a queue per device: a device is in at most one unacknowledged batch
+(:mod:`pigateway.inflight`), so under a backlog most claimed rows belong to devices that
+are busy. Kept as one list, every batch had to walk past all of them to find the free
+devices' rows (O(rows claimed ahead) per batch, and deeper claim-ahead cost more per
+batch than it won). Indexed by device, a batch looks only at the free devices and, of
+each, only the rows that may fit (O(devices + the batch's own rows)), so the batcher can
+hold enough rows ahead for every in-flight slot.
+
+Order: a device's rows stay in the order they were claimed (rows put back go first, in
+the order they came back, :meth:`Ahead.put_first`); nothing here reorders a device's rows.
+Across devices the order is only fairness: a device whose rows went out moves to the end.
+Every row keeps its claim sequence number, so a batch lists its commands in claim order
+and :meth:`Ahead.in_order` gives back exactly what a single list would have held.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from typing import Any, Generic, Protocol, TypeVar
+
+#: Kinds of rows that travel alone, one message each (the batcher's SOLO).
+SOLO = ("result", "forward")
+
+
+class Row(Protocol):
+    """What the queues need of a claimed row."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def queued_at(self) -> float: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def params(self) -> dict[str, Any]: ...
+
+
+R = TypeVar("R", bound=Row)
+
+
+def weight(row: Row) -> int:
+    """About the bytes a row takes in a batch (its params, its name, the rest of its frame)."""
+    return row.size + len(row.name) + 96
+
+
+class Ahead(Generic[R]):
+    """Claimed rows not handed out yet, by device; counts kept as rows come and go."""
+
+    def __init__(self) -> None:
+        self._queues: OrderedDict[str, deque[tuple[int, R]]] = OrderedDict()
+        self._weights: dict[str, int] = {}
+        self.rows = 0
+        #: estimated bytes of every row held (:func:`weight`)
+        self.weight = 0
+        self._last = 0  # claim sequence of the newest row
+        self._first = 0  # sequence of the row put back first (below every claim)
+
+    def __bool__(self) -> bool:
+        return self.rows > 0
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def devices(self) -> int:
+        return len(self._queues)
+
+    def extend(self, rows: Iterable[R]) -> None:
+        """Rows just claimed: after every row held."""
+        for row in rows:
+            self._last += 1
+            self._push(row, self._last)
+
+    def put_first(self, rows: Sequence[R]) -> None:
+        """Rows that go first again (a batch that failed alone), in the order given,
+        ahead of every row held: their devices move to the front."""
+        self._first -= len(rows)
+        for n in range(len(rows) - 1, -1, -1):
+            row = rows[n]
+            self._push(row, self._first + n, front=True)
+            self._queues.move_to_end(row.device, last=False)
+
+    def _push(self, row: R, seq: int, *, front: bool = False) -> None:
+        queue = self._queues.get(row.device)
+        if queue is None:
+            queue = self._queues[row.device] = deque()
+            self._weights[row.device] = 0
+        if front:
+            queue.appendleft((seq, row))
+        else:
+            queue.append((seq, row))
+        self._count(row.device, 1, weight(row))
+
+    def _count(self, device: str, rows: int, size: int) -> None:
+        self.rows += rows
+        self.weight += size
+        self._weights[device] += size
+
+    def ready(self, busy: Collection[str]) -> list[str]:
+        """Devices with rows held that are in no unacknowledged batch, fairest first."""
+        return [device for device in self._queues if device not in busy]
+
+    def weight_of(self, devices: Iterable[str]) -> int:
+        return sum(self._weights[device] for device in devices)
+
+    def first_is_solo(self) -> bool:
+        """Whether the row at the front travels alone (nothing to wait or claim for)."""
+        for queue in self._queues.values():
+            return queue[0][1].kind in SOLO
+        return False
+
+    def oldest(self) -> float:
+        """The earliest ``queued_at`` held (a device's first row is its oldest)."""
+        return min(queue[0][1].queued_at for queue in self._queues.values())
+
+    def candidates(self, devices: Iterable[str], *, budget: int, most: int) -> list[R]:
+        """The rows the next batch may take: of at most ``most`` of ``devices``, each
+        device's rows from its first (up to a row that travels alone), until about
+        ``budget`` bytes; in claim order. O(the rows returned)."""
+        picked: list[tuple[int, R]] = []
+        spent = 0
+        for count, device in enumerate(devices):
+            if count >= most or spent >= budget:
+                break
+            for seq, row in self._queues[device]:
+                picked.append((seq, row))
+                spent += weight(row)
+                if row.kind in SOLO or spent >= budget:
+                    break
+        picked.sort(key=lambda pair: pair[0])
+        return [row for _, row in picked]
+
+    def remove(self, candidates: Sequence[R], kept: Iterable[R]) -> int:
+        """Forget the ``candidates`` not ``kept`` (handed out, dead-lettered); returns how many.
+
+        Each device's candidates are the front of its queue: they are taken off and the
+        kept ones put back in front, in their order. A device that gave rows moves to the end.
+        """
+        stay = {row.id for row in kept}
+        seen: dict[str, int] = {}
+        for row in candidates:
+            seen[row.device] = seen.get(row.device, 0) + 1
+        gone = 0
+        for device, count in seen.items():
+            queue = self._queues[device]
+            front = [queue.popleft() for _ in range(count)]
+            back = [pair for pair in front if pair[1].id in stay]
+            queue.extendleft(reversed(back))
+            lost = [row for _, row in front if row.id not in stay]
+            gone += len(lost)
+            self._count(device, -len(lost), -sum(weight(row) for row in lost))
+            if not queue:
+                del self._queues[device]
+                del self._weights[device]
+            elif lost:
+                self._queues.move_to_end(device)
+        return gone
+
+    def in_order(self) -> list[R]:
+        """Every row held, in claim order (rows put back first)."""
+        pairs = [pair for queue in self._queues.values() for pair in queue]
+        pairs.sort(key=lambda pair: pair[0])
+        return [row for _, row in pairs]
+
+    def __iter__(self) -> Iterator[R]:
+        return iter(self.in_order())
+
+    def clear(self) -> None:
+        self._queues.clear()
+        self._weights.clear()
+        self.rows = self.weight = 0
