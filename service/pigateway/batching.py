@@ -463,7 +463,7 @@ class Batcher(Generic[C]):
 
     def _candidates(self, busy: Collection[str]) -> tuple[Rules, list[C]]:
         """The rules for the next batch and the rows it may take: the free devices' first
-        rows, about two batches' worth at most (the batch costs its own rows, not all held).
+        rows, about a batch's worth and a quarter (the batch costs its own rows, not all held).
 
         A device is in one unacknowledged batch at a time, so one batch holding every
         device would leave the other in-flight slots idle until its PUBACK. When the free
@@ -480,12 +480,12 @@ class Batcher(Generic[C]):
             if worth > 1:
                 rules = dataclasses.replace(
                     rules, max_actions=min(rules.max_actions, math.ceil(len(ready) / worth)))
-        return rules, self.held.candidates(ready, budget=2 * rules.max_batch_bytes,
+        return rules, self.held.candidates(ready, budget=rules.max_batch_bytes * 5 // 4,
                                            most=rules.max_actions)
 
     def _depth(self) -> int:
         """Batches' worth to hold claimed ahead under a backlog."""
-        return max(AHEAD, self.gate.window())
+        return AHEAD
 
     async def _blocked(self) -> None:
         """Every held row waits for its device's batch in flight: wait until a device is
@@ -525,6 +525,8 @@ class Batcher(Generic[C]):
             if left <= 0:
                 break
             await self._wait(left)
+            if deadline <= time.monotonic():
+                break  # the window is over: what is held goes now, no further store call
             await self._claim()
         # under a backlog (the last claim was full), the rows of the next batches too, so
         # that batches of different devices travel side by side (:meth:`_candidates`);
