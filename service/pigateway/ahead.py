@@ -56,7 +56,7 @@ class Ahead(Generic[R]):
     """Claimed rows not handed out yet, by device; counts kept as rows come and go."""
 
     def __init__(self) -> None:
-        self._queues: OrderedDict[str, deque[tuple[int, R]]] = OrderedDict()
+        self._queues: OrderedDict[str, deque[tuple[int, R, int]]] = OrderedDict()
         self._weights: dict[str, int] = {}
         self.rows = 0
         #: estimated bytes of every row held (:func:`weight`)
@@ -93,11 +93,12 @@ class Ahead(Generic[R]):
         if queue is None:
             queue = self._queues[row.device] = deque()
             self._weights[row.device] = 0
+        size = weight(row)
         if front:
-            queue.appendleft((seq, row))
+            queue.appendleft((seq, row, size))
         else:
-            queue.append((seq, row))
-        self._count(row.device, 1, weight(row))
+            queue.append((seq, row, size))
+        self._count(row.device, 1, size)
 
     def _count(self, device: str, rows: int, size: int) -> None:
         self.rows += rows
@@ -125,18 +126,18 @@ class Ahead(Generic[R]):
         """The rows the next batch may take: of at most ``most`` of ``devices``, each
         device's rows from its first (up to a row that travels alone), until about
         ``budget`` bytes; in claim order. O(the rows returned)."""
-        picked: list[tuple[int, R]] = []
+        picked: list[tuple[int, R, int]] = []
         spent = 0
         for count, device in enumerate(devices):
             if count >= most or spent >= budget:
                 break
-            for seq, row in self._queues[device]:
-                picked.append((seq, row))
-                spent += weight(row)
-                if row.kind in SOLO or spent >= budget:
+            for entry in self._queues[device]:
+                picked.append(entry)
+                spent += entry[2]
+                if spent >= budget or entry[1].kind in SOLO:
                     break
-        picked.sort(key=lambda pair: pair[0])
-        return [row for _, row in picked]
+        picked.sort(key=lambda entry: entry[0])
+        return [entry[1] for entry in picked]
 
     def remove(self, candidates: Sequence[R], kept: Iterable[R]) -> int:
         """Forget the ``candidates`` not ``kept`` (handed out, dead-lettered); returns how many.
@@ -152,11 +153,11 @@ class Ahead(Generic[R]):
         for device, count in seen.items():
             queue = self._queues[device]
             front = [queue.popleft() for _ in range(count)]
-            back = [pair for pair in front if pair[1].id in stay]
+            back = [entry for entry in front if entry[1].id in stay]
             queue.extendleft(reversed(back))
-            lost = [row for _, row in front if row.id not in stay]
-            gone += len(lost)
-            self._count(device, -len(lost), -sum(weight(row) for row in lost))
+            lost = len(front) - len(back)
+            gone += lost
+            self._count(device, -lost, -sum(entry[2] for entry in front) + sum(e[2] for e in back))
             if not queue:
                 del self._queues[device]
                 del self._weights[device]
@@ -166,9 +167,9 @@ class Ahead(Generic[R]):
 
     def in_order(self) -> list[R]:
         """Every row held, in claim order (rows put back first)."""
-        pairs = [pair for queue in self._queues.values() for pair in queue]
-        pairs.sort(key=lambda pair: pair[0])
-        return [row for _, row in pairs]
+        entries = [entry for queue in self._queues.values() for entry in queue]
+        entries.sort(key=lambda entry: entry[0])
+        return [entry[1] for entry in entries]
 
     def __iter__(self) -> Iterator[R]:
         return iter(self.in_order())

@@ -94,7 +94,6 @@ class Gate(Protocol):
 
     def busy(self) -> Collection[str]: ...
     def free_slots(self) -> int: ...
-    def window(self) -> int: ...
     def arm(self) -> None: ...
     async def wait_freed(self) -> None: ...
 
@@ -106,9 +105,6 @@ class Open:
         return ()
 
     def free_slots(self) -> int:
-        return 1
-
-    def window(self) -> int:
         return 1
 
     def arm(self) -> None:
@@ -237,8 +233,10 @@ def take_batch(pending: Sequence[C], rules: Rules, *, now: float,
     if pending and pending[0].kind in SOLO and pending[0].device not in busy \
             and not is_expired(pending[0], expiry_now):
         return _take_result(list(pending), rules, [], expiry_now)  # no scan: one at a time
-    expired = [c for c in pending if is_expired(c, expiry_now)]
-    live = [c for c in pending if not is_expired(c, expiry_now)]
+    expired: list[C] = []
+    live: list[C] = []
+    for command in pending:
+        (expired if is_expired(command, expiry_now) else live).append(command)
     first = next((n for n, c in enumerate(live) if c.device not in busy), None)
     if first is None:
         return Take(None, live, expired=expired)
@@ -483,20 +481,16 @@ class Batcher(Generic[C]):
         return rules, self.held.candidates(ready, budget=rules.max_batch_bytes * 5 // 4,
                                            most=rules.max_actions)
 
-    def _depth(self) -> int:
-        """Batches' worth to hold claimed ahead under a backlog."""
-        return AHEAD
-
     async def _blocked(self) -> None:
         """Every held row waits for its device's batch in flight: wait until a device is
         freed, or new work comes (maybe for another device: then claim it)."""
         if self._interrupt.is_set():
             return
-        if not self._full(self._depth()) and await self._claim():
+        if not self._full(AHEAD) and await self._claim():
             return  # meanwhile, the rows for the devices' next batches (or a free device's)
         woken = await first_of(self.gate.wait_freed(), self._interrupt.wait(),
                                self._woken.wait(), self.store.wait_for_work(self.idle_poll))
-        if woken == 3 and not self._full(self._depth()):
+        if woken == 3 and len(self.held) < self.claim_limit:
             await self._claim()
 
     async def _gather(self) -> bool:
@@ -531,9 +525,8 @@ class Batcher(Generic[C]):
         # under a backlog (the last claim was full), the rows of the next batches too, so
         # that batches of different devices travel side by side (:meth:`_candidates`);
         # a light load costs no further store call: its batch goes now
-        depth = self._depth()
-        for _ in range(depth):
-            if not self._more or self._full(depth) or not await self._claim():
+        for _ in range(AHEAD):
+            if not self._more or self._full(AHEAD) or not await self._claim():
                 break
         return not self._interrupt.is_set()
 

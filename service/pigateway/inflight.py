@@ -61,10 +61,6 @@ class InFlight(Generic[C]):
         """Batches that may still go out on this link, the one being built included."""
         return max(1, self.slots - len(self.outstanding))
 
-    def window(self) -> int:
-        """Batches this link may have unacknowledged: the batcher holds rows for as many."""
-        return self.slots
-
     def arm(self) -> None:
         """Start watching for a freed device (before looking at :meth:`busy`)."""
         self._freed.clear()
