@@ -104,6 +104,7 @@ def write_config(tmp_path: Path, broker: Mosquitto, prefix: str,
     secret.chmod(0o600)
     return harness_gateway.write(tmp_path / "config.toml", harness_gateway.settings(
         tmp_path, gateway_id=GATEWAY, port=broker.port, prefix=prefix,
+        mqtt={"username": "gw-user", "password_file": str(secret)},
         uplink={"batch_delay": 0.01, "backoff_initial": 0.05, "backoff_max": 0.5},
         inbound={"backoff_initial": 0.05, "backoff_max": 0.2},
         manage={"enabled": True, "overlay": str(tmp_path / "state" / "remote.toml"),
@@ -224,7 +225,10 @@ async def test_each_read_and_control_verb_round_trips(tmp_path: Path, mosquitto:
         assert config["status"] == "ok"
         effective = config["detail"]["effective"]
         assert effective["mqtt"]["port"] == mosquitto.port
-        assert "s3cret" not in json.dumps(config)
+        assert effective["mqtt"]["password_file"] == "(withheld)"
+        assert effective["mqtt"]["username"] == "(withheld)"
+        assert "s3cret" not in json.dumps(config) and "gw-user" not in json.dumps(config)
+        assert str(tmp_path / "password") not in json.dumps(config)
 
         logs = await answer(operator, service, await operator.ask("logs", {"lines": 5}))
         if shutil.which("journalctl") is None:
