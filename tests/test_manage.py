@@ -225,8 +225,8 @@ async def test_each_read_and_control_verb_round_trips(tmp_path: Path, mosquitto:
         assert config["status"] == "ok"
         effective = config["detail"]["effective"]
         assert effective["mqtt"]["port"] == mosquitto.port
-        assert effective["mqtt"]["password_file"] == "(withheld)"
-        assert effective["mqtt"]["username"] == "(withheld)"
+        shown = {effective["mqtt"]["password_file"], effective["mqtt"]["username"]}
+        assert shown == {"(withheld)"}
         assert "s3cret" not in json.dumps(config) and "gw-user" not in json.dumps(config)
         assert str(tmp_path / "password") not in json.dumps(config)
 
