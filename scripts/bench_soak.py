@@ -271,17 +271,17 @@ def settle(receiver: Receiver, sent: set[str], queue: Path) -> dict[str, int]:
     """Wait (at most 10 minutes) until the receiver has everything sent, or the queue is
     empty and nothing more arrived for 30 s; the queue's rows left (queued, dead)."""
     deadline, last, since = time.monotonic() + 600, -1, time.monotonic()
-    left = {"queued": -1, "dead": -1}
-    while time.monotonic() < deadline and not sent <= receiver.keys:
+    while True:
         with contextlib.closing(sqlite3.connect(queue, timeout=30)) as conn:
             left = {"queued": conn.execute("SELECT count(*) FROM outbox").fetchone()[0],
                     "dead": conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]}
+        if sent <= receiver.keys or time.monotonic() > deadline:
+            return left
         if receiver.count() != last:
             last, since = receiver.count(), time.monotonic()
         elif left["queued"] == 0 and time.monotonic() - since > 30:
-            break
+            return left
         time.sleep(1)
-    return left
 
 
 def main() -> int:
@@ -322,7 +322,7 @@ def report(result: dict[str, Any], minutes: float, extra: dict[str, str]) -> Non
     where = (f"{lost['api']}, {lost['cli']}, {lost['z2m']} (queue left: "
              f"{result['left']['queued']} queued, {result['left']['dead']} dead)")
     total = sum(lost.values())
-    print(f"{counts:<52}{where:<40}{'0':<12}{'MET' if total == 0 else 'MISSED'}")
+    print(f"{counts:<52}{where:<40} {'0':<11}{'MET' if total == 0 else 'MISSED'}")
 
 
 if __name__ == "__main__":
