@@ -16,7 +16,10 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from pigateway.config import StoreConfig
+from pigateway.errors import StoreCorrupt
 from pigateway.store import NewCommand, Store, files
 
 INDEX = "sqlite_autoindex_outbox_1"  # outbox.id UNIQUE
@@ -58,4 +61,28 @@ async def test_an_index_that_lost_a_row_is_found_and_every_row_kept(
         assert sorted(c.id for c in claimed) == sorted(c.id for c in put)  # every row kept
         assert await store.ack([c.id for c in claimed], "b-1") == len(put)
         assert await store.list_queued(100) == []  # nothing acknowledged is sent again
+    assert len(list(store_config.path.parent.glob("queue.db.corrupt-*[0-9]"))) == 1
+
+
+async def test_an_index_that_loses_a_row_while_the_service_runs_stops_it_at_the_ack(
+        store_config: StoreConfig) -> None:
+    """The same damage after the drainer's check (the SD card, while it runs): the ack of
+    that row deleted nothing, silently, and it went out again at every claim. The ack
+    says the store is corrupt instead (the service ends and its next start quarantines
+    the file); nothing is deleted by it, and the next open keeps every row."""
+    async with await Store.open(store_config) as store:
+        put = await store.put_many([NewCommand(f"d{i % 3}", "set", {"i": i}) for i in range(40)])
+        with contextlib.closing(sqlite3.connect(store_config.path, isolation_level=None)) as c:
+            c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        lose_an_index_entry(store_config.path, seq=10)
+        with contextlib.closing(sqlite3.connect(store_config.path, isolation_level=None)) as c:
+            c.execute("BEGIN IMMEDIATE")  # a commit by another process: caches are read again
+            c.execute("UPDATE totals SET commands = commands WHERE id = 1")
+            c.execute("COMMIT")
+        claimed = await store.claim(100)
+        assert len(claimed) == len(put)
+        with pytest.raises(StoreCorrupt, match="index"):
+            await store.ack([c.id for c in claimed], "b-1")
+    async with await Store.open(store_config) as store:
+        assert sorted(c.id for c in await store.list_queued(100)) == sorted(c.id for c in put)
     assert len(list(store_config.path.parent.glob("queue.db.corrupt-*[0-9]"))) == 1

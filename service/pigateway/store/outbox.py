@@ -15,7 +15,7 @@ from typing import Any
 from pigateway import lazylog
 from pigateway.clock import GatewayClock
 from pigateway.config import StoreConfig
-from pigateway.errors import InvalidCommand, QueueFull, StoreFull
+from pigateway.errors import InvalidCommand, QueueFull, StoreCorrupt, StoreFull
 from pigateway.store.connection import chunks, fetch_all, first, marks
 from pigateway.store.values import (
     COMMAND_COLUMNS,
@@ -261,13 +261,31 @@ class Outbox:
         return claimed, buried >= SWEEP_CHUNK
 
     def ack(self, conn: sqlite3.Connection, ids: Sequence[str]) -> int:
-        """Delete delivered commands; the number deleted."""
+        """Delete delivered commands; the number deleted.
+
+        Fewer deleted than acknowledged is looked into (a scan of the table itself, only
+        then): a row the ``outbox.id`` index no longer finds is still claimed and sent by
+        ``seq``, so its ack would delete nothing, silently, and it would go out again at
+        every claim. That is :class:`StoreCorrupt` (the service ends; its next start finds
+        the file bad and quarantines it, keeping every row); rows simply gone are not."""
         total = 0
         for chunk in chunks(list(ids), SWEEP_CHUNK):
             self.release(conn, chunk)
             in_list = marks(len(chunk))
-            total += conn.execute(f"DELETE FROM outbox WHERE id IN ({in_list})", chunk).rowcount
+            deleted = conn.execute(f"DELETE FROM outbox WHERE id IN ({in_list})", chunk).rowcount
+            if deleted < len(set(chunk)):
+                self._check_unindexed(conn, chunk)
+            total += deleted
         return total
+
+    def _check_unindexed(self, conn: sqlite3.Connection, ids: Sequence[str]) -> None:
+        left = fetch_all(conn, f"SELECT id FROM outbox NOT INDEXED WHERE id IN "
+                               f"({marks(len(ids))})", ids)
+        if left:
+            raise StoreCorrupt(f"{self.path} is corrupt: its outbox.id index does not find "
+                               f"{plural(len(left), 'acknowledged command')} ({left[0][0]}, "
+                               "...) still in the table; restart pigateway to quarantine it "
+                               "(every row is kept)")
 
     def nack(self, conn: sqlite3.Connection, ids: Sequence[str], error: str) -> None:
         for chunk in chunks(list(ids), SWEEP_CHUNK):
