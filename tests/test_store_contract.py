@@ -218,9 +218,9 @@ class TestStoreContract:
         await store.nack(ids[:1200], "link lost")
         assert [c.attempts for c in await store.claim(1500)] == [1] * 1200
         assert await store.ack(ids[:1100]) == 1100
-        await store.dead_letter(ids[1100:], "invalid")
+        await store.dead_letter(ids[1100:], "max-attempts")
         stats = await store.stats()
-        assert (stats.depth, stats.in_flight, stats.dead) == (0, 0, {"invalid": 400})
+        assert (stats.depth, stats.in_flight, stats.dead) == (0, 0, {"max-attempts": 400})
         assert await store.requeue_dead() == 400
         assert queued_ids(store.path) == ids[1100:]
 
@@ -245,7 +245,7 @@ class TestStoreContract:
 
     async def test_requeue_dead_all_and_by_id(self, store: Store) -> None:
         commands = await store.put_many([NewCommand("d", str(i)) for i in range(4)])
-        await store.dead_letter([c.id for c in commands[:3]], "invalid")
+        await store.dead_letter([c.id for c in commands[:3]], "max-attempts")
         assert await store.requeue_dead(commands[1].id) == 1
         assert queued_ids(store.path) == [commands[3].id, commands[1].id]
         assert await store.requeue_dead("nope") == 0

@@ -232,6 +232,23 @@ async def test_an_expired_dead_letter_is_requeued_only_by_id_and_explicitly(
         assert again.expires_at - again.queued_at == pytest.approx(0.5, abs=0.01)
 
 
+async def test_an_invalid_dead_letter_is_never_sent_again(store_config: StoreConfig) -> None:
+    """A dead letter buried as ``invalid`` (an ingested payload that is no command) is
+    evidence: neither requeue-all nor requeue by id turns it into an action for the cloud."""
+    async with await Store.open(store_config) as store:
+        bad = await store.put("d", "garbage", params={"payload": "not a command"})
+        good = await store.put("d", "on")
+        await store.dead_letter([bad.id], "invalid")
+        await store.dead_letter([good.id], "max-attempts")
+        assert await store.requeue_dead() == 1
+        assert [c.id for c in await store.list_queued()] == [good.id]
+        with pytest.raises(InvalidCommand, match="invalid"):
+            await store.requeue_dead(bad.id)
+        with pytest.raises(InvalidCommand, match="invalid"):
+            await store.requeue_dead(bad.id, expired=True)
+        assert [d.command.id for d in await store.list_dead()] == [bad.id]
+
+
 @pytest.mark.parametrize("ttl", [60.0, 0.0])
 async def test_a_requeued_command_keeps_its_own_ttl(store_config: StoreConfig,
                                                     ttl: float) -> None:

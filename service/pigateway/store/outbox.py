@@ -38,6 +38,9 @@ LOGGED_IDS = 100
 #: When a dead letter died, on the gateway clock (migration 7; before it, its wall time):
 #: what its age is counted from. Exactly the expression of the index dead_letters_on.
 DIED_ON = "coalesce(dead_on, dead_at)"
+#: The dead-letter reason of what came in and was no command (an ingested payload that is
+#: no valid row): kept as evidence, never requeued, by id or in bulk.
+NEVER_SENT_AGAIN = "invalid"
 
 _INSERT = ("INSERT INTO outbox (id, kind, device, name, params, size, queued_at, expires_at, "
            "ttl, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
@@ -382,6 +385,10 @@ class Outbox:
                            "kind IN ('action', 'result', 'forward')", (id_,)).fetchone()
         if row is None:
             return 0
+        if row[0] == NEVER_SENT_AGAIN:
+            raise InvalidCommand(
+                f"dead letter {id_} is invalid: what came in was no command, and it is kept as "
+                f"evidence, never sent: read it with pigateway queue show {id_}")
         if row[0] == "expired" and not expired:
             raise InvalidCommand(
                 f"dead letter {id_} expired: its ttl ran out, and it may even have been "
@@ -391,10 +398,11 @@ class Outbox:
 
     def requeue_chunk(self, conn: sqlite3.Connection, bound: int) -> int:
         # only what can be sent: the inbound records (kind 'inbound', messages that had no
-        # id to answer) stay where they are, as evidence; expired ones stay dead
+        # id to answer) and what was never a command stay where they are, as evidence;
+        # expired ones stay dead
         return self._requeue_rows(
-            conn, "rowid IN (SELECT rowid FROM dead_letters WHERE rowid <= ? AND reason != "
-            "'expired' AND kind IN ('action', 'result', 'forward') "
+            conn, "rowid IN (SELECT rowid FROM dead_letters WHERE rowid <= ? AND reason NOT IN "
+            f"('expired', '{NEVER_SENT_AGAIN}') AND kind IN ('action', 'result', 'forward') "
             "ORDER BY dead_at, queued_at LIMIT ?)",
             (bound, SWEEP_CHUNK))
 
