@@ -326,7 +326,7 @@ async def test_an_exception_while_a_message_is_handed_over_fails_that_message_al
     """Not only a decode: any exception while paho hands a message over (here our own
     reading of its properties, made to fail for one topic) is that message's failure: it
     comes as undecodable, is acknowledged when taken, and the next one comes as it is."""
-    from pigateway import mqtt  # noqa: PLC0415
+    from pigateway.mqtt import client as mqtt  # noqa: PLC0415
 
     real = mqtt._extras
 

@@ -25,7 +25,7 @@ from pigateway.config import Config, from_dict
 from pigateway.forwarded import ID_PROPERTY
 from pigateway.handlers import Request
 from pigateway.handlers.mqtt import MqttHandler
-from pigateway.ingest import topic_matches
+from pigateway.mqtt.topics import topic_matches
 from pigateway.state import Link
 
 FORWARDED = "pg/gw-test/forward/#"

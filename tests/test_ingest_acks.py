@@ -108,7 +108,7 @@ async def test_pubrels_an_earlier_connection_left_do_not_stop_ingest(
     window = 4
     settings = Settings(local.host, local.port, client_id="ingest-s", protocol="5",
                         persistent=True, session_expiry=300, receive_maximum=window,
-                        inbox_limit=2 * window)
+                        read_ahead=2 * window)
     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     properties.SessionExpiryInterval = 300
     async with aiomqtt.Client(local.host, local.port, identifier="ingest-s", protocol=V5,

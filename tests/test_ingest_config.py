@@ -11,7 +11,7 @@ from conftest import Run
 from harness.gateway import settings, write
 from pigateway.config import Config, from_dict
 from pigateway.errors import ConfigError
-from pigateway.ingest import NAME_SLOT, filter_may_match
+from pigateway.mqtt.topics import NAME_SLOT, filter_may_match
 
 
 def ingest_config(folder: Path, *rules: dict[str, Any], **tables: Any) -> Config:

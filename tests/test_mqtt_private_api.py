@@ -1,5 +1,8 @@
 """Every private member of aiomqtt or paho that pigateway.mqtt relies on, checked by name.
 
+They are all used in one file, ``pigateway/mqtt/client.py``: the one to re-read at every
+upgrade of aiomqtt or paho.
+
 An upgrade of aiomqtt or paho that moves, renames or reshapes one of them fails here with
 the member's name, instead of somewhere deep in the uplink. The list is
 ``pigateway.mqtt.PRIVATE_API``: the one place such a member may be named.
@@ -28,8 +31,8 @@ def _instances() -> dict[str, Any]:
 
 def _advice(member: PrivateMember) -> str:
     return (f"{member.owner}.{member.name} ({member.why}) moved or changed shape in this "
-            f"aiomqtt/paho: adapt pigateway/mqtt.py (and PRIVATE_API) to the new version, or "
-            f"pin the old one in pyproject.toml")
+            f"aiomqtt/paho: adapt pigateway/mqtt/client.py (and PRIVATE_API) to the new "
+            f"version, or pin the old one in pyproject.toml")
 
 
 @pytest.mark.parametrize("member", PRIVATE_API, ids=lambda m: f"{m.owner}.{m.name}")
@@ -48,11 +51,12 @@ async def test_private_member_is_where_pigateway_expects_it(member: PrivateMembe
 
 
 def test_private_members_are_named_only_in_the_table() -> None:
-    """A private aiomqtt/paho member used in mqtt.py must be in PRIVATE_API (so it is guarded)."""
-    source = (SERVICE / "mqtt.py").read_text()
+    """A private aiomqtt/paho member used in mqtt/client.py must be in PRIVATE_API (so it is
+    guarded)."""
+    source = (SERVICE / "mqtt" / "client.py").read_text()
     ours = {"_link", "_send_at_once", "_connection", "_timeout", "_lenient_puback", "_extras",
             # the Inbox and the socket reader that pauses for it
-            "_items", "_waiter", "_pause", "_resume", "_reading_fd", "_read_socket",
+            "_reading_fd", "_read_socket",
             "_start_reading", "_pause_reading", "_resume_reading",
             "_keepalive_unless_paused",
             # a packet paho cannot decode fails alone
@@ -67,11 +71,21 @@ def test_private_members_are_named_only_in_the_table() -> None:
     assert named <= used, f"PRIVATE_API names members no longer used: {sorted(named - used)}"
 
 
-def test_only_the_mqtt_module_imports_aiomqtt_or_paho() -> None:
+def test_only_the_mqtt_package_imports_aiomqtt_or_paho() -> None:
     importers = sorted(path.relative_to(SERVICE).as_posix() for path in SERVICE.rglob("*.py")
                        if re.search(r"^\s*(import|from) (aiomqtt|paho)\b", path.read_text(),
                                     re.MULTILINE))
-    assert importers == ["mqtt.py"]
+    assert importers == ["mqtt/client.py", "mqtt/codes.py"]
+
+
+def test_no_other_file_of_the_mqtt_package_touches_a_private_member() -> None:
+    """Only client.py reaches into aiomqtt or paho: the others use their own members only."""
+    for path in sorted((SERVICE / "mqtt").glob("*.py")):
+        if path.name == "client.py":
+            continue
+        reached = set(re.findall(r"\b(?:client|_client|_link|inner|paho|aiomqtt)\.(_[a-z]\w*)",
+                                 path.read_text()))
+        assert not reached, f"{path.name} uses private members {sorted(reached)}"
 
 
 @pytest.mark.parametrize("extras", [
@@ -86,7 +100,7 @@ def test_publish_properties_pack_as_paho_packs_them(extras: Extras) -> None:
     from paho.mqtt.packettypes import PacketTypes  # noqa: PLC0415
     from paho.mqtt.properties import Properties  # noqa: PLC0415
 
-    from pigateway.mqtt import _properties  # noqa: PLC0415
+    from pigateway.mqtt.client import _properties  # noqa: PLC0415
 
     theirs = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     if extras.content_type is not None:
@@ -102,6 +116,6 @@ def test_publish_properties_pack_as_paho_packs_them(extras: Extras) -> None:
 
 
 def test_no_publish_properties_without_extras() -> None:
-    from pigateway.mqtt import _properties  # noqa: PLC0415
+    from pigateway.mqtt.client import _properties  # noqa: PLC0415
 
     assert _properties(Extras(retain=True)) is None

@@ -1,4 +1,4 @@
-"""pigateway.packets reads what it needs of a packet paho refuses, by its own rules, and never
+"""pigateway.mqtt.packets reads what it needs of a packet paho refuses, by its own rules, and never
 raises on any bytes: checked against the harness's encoder, which shares no code with it."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness import mqttwire as w
-from pigateway.packets import (
+from pigateway.mqtt.packets import (
     RAW_KEPT,
     Undecodable,
     numbers_only,

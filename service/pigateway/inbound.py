@@ -29,7 +29,7 @@ from pigateway.config import MANAGE_VERBS, Config
 from pigateway.counters import COUNTERS
 from pigateway.errors import RejectedCommand, StoreError
 from pigateway.handlers import Handler, HandlerFactory
-from pigateway.packets import Undecodable
+from pigateway.mqtt.packets import Undecodable
 from pigateway.store import QueueReader, Store
 from pigateway.text import bounded, encodable, quoted
 from pigateway.workers import WorkerPool

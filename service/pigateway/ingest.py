@@ -48,7 +48,8 @@ from pigateway.errors import (
 )
 from pigateway.inputs import topic_problem
 from pigateway.mqtt import Connection, Message, Settings, connect
-from pigateway.packets import Undecodable
+from pigateway.mqtt.packets import Undecodable
+from pigateway.mqtt.topics import topic_matches
 from pigateway.state import GatewayState, Link, Refusal, Refuser
 from pigateway.store import NewCommand, Store, prepare
 from pigateway.store.values import MAX_NAME, check_name
@@ -66,49 +67,6 @@ KEPT_PAYLOAD: Final = 2048
 FIT_TRIES: Final = 16
 #: Seconds a clean stop waits for taken messages to be committed and acknowledged.
 STOP_GRACE: Final = 2.0
-
-
-def topic_matches(pattern: str, topic: str) -> bool:
-    """Whether ``topic`` matches the MQTT filter ``pattern`` (``+`` one level, ``#`` the rest).
-
-    ``$`` topics match no filter that starts with a wildcard (MQTT 4.7.2).
-    """
-    if topic.startswith("$") and pattern[:1] in ("+", "#"):
-        return False
-    want, have = pattern.split("/"), topic.split("/")
-    for index, level in enumerate(want):
-        if level == "#":
-            return True
-        if index >= len(have) or (level != "+" and level != have[index]):
-            return False
-    return len(want) == len(have)
-
-
-#: Stands for a part of a topic known only at run time (a command's name) in
-#: :func:`filter_may_match`; a level that holds it may become one level or several.
-NAME_SLOT: Final = "\x00name\x00"
-
-
-def filter_may_match(pattern: str, topic: str) -> bool:
-    """Whether the MQTT filter ``pattern`` can match a topic made from ``topic``, where each
-    level holding :data:`NAME_SLOT` may become any one or more levels (a command name may
-    hold a '/'). Errs on the side of a match: it guards against loops."""
-    return _may_match(pattern.split("/"), topic.split("/"))
-
-
-def _may_match(want: list[str], have: list[str]) -> bool:
-    if not want:
-        return not have
-    if want[0] == "#":
-        return True
-    if not have:
-        return False
-    if NAME_SLOT in have[0]:  # takes 1..n of the filter's levels, whatever they say
-        return any("#" in want[:taken] or _may_match(want[taken:], have[1:])
-                   for taken in range(1, len(want) + 1))
-    if want[0] not in ("+", have[0]):
-        return False
-    return _may_match(want[1:], have[1:])
 
 
 def remote_topic(config: Config, rule: IngestRule, topic: str) -> str:
@@ -285,7 +243,7 @@ class Ingest:
             protocol="5" if local.protocol == "5" else "3.1.1", persistent=True,
             session_expiry=local.session_expiry, keepalive=local.keepalive, timeout=10.0,
             tls=tls_context(local.tls), receive_maximum=local.window,
-            inbox_limit=2 * local.window)
+            read_ahead=2 * local.window)
 
     def _password(self) -> str | None:
         local = self.config.local

@@ -20,6 +20,7 @@ from pigateway import wire
 from pigateway.backoff import wait_backoff
 from pigateway.errors import PigatewayError, StoreCorrupt, StoreError, UplinkError
 from pigateway.mqtt import Connection, Message
+from pigateway.mqtt.topics import topic_matches
 from pigateway.text import bounded
 
 #: the uplink's own lines in the journal (``SYSLOG_IDENTIFIER`` and logger stay the same)
@@ -60,7 +61,7 @@ class Intake:
             async for message in client.messages():
                 if self.on_command is None:
                     continue
-                if wire.matches(self.commands, message.topic):
+                if topic_matches(self.commands, message.topic):
                     take = group.create_task(self._take(self.on_command, message.payload))
                 elif (self.on_manage is not None and self.manage is not None
                       and message.topic == self.manage):

@@ -67,17 +67,6 @@ def topic(config: Config, leaf: str) -> str:
     return template.format(prefix=config.mqtt.topic_prefix, gateway=config.gateway_id)
 
 
-def matches(pattern: str, where: str) -> bool:
-    """Whether topic ``where`` is one that subscription ``pattern`` (``+``, ``#``) takes."""
-    parts, levels = pattern.split("/"), where.split("/")
-    for n, part in enumerate(parts):
-        if part == "#":
-            return True
-        if n >= len(levels) or part not in ("+", levels[n]):
-            return False
-    return len(parts) == len(levels)
-
-
 def batch_head(gateway: str, batch_id: str, sent_at: float) -> str:
     """A batch document up to its first action (the caller appends actions and ``]}``)."""
     return (f'{{"v":{VERSION},"gateway":{encode(gateway)},"batch":{encode(batch_id)},'

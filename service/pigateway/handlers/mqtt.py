@@ -156,7 +156,7 @@ def _check_no_loop(options: Options, handler: MqttHandler, config: Config) -> No
     under ``local.protocol = "3.1.1"`` no property arrives, so a rule that can match this
     handler's topic on the same broker would take them in and forward them (a loop)."""
     from pigateway.config import is_loopback  # noqa: PLC0415
-    from pigateway.ingest import NAME_SLOT, filter_may_match  # noqa: PLC0415 - ingest only
+    from pigateway.mqtt.topics import NAME_SLOT, filter_may_match  # noqa: PLC0415 - ingest only
 
     local = config.local
     if not config.ingest or local.protocol == "5" or handler.port != local.port:

@@ -1,4 +1,4 @@
-"""The bounded inbox (pigateway.mqtt.Inbox): inbound messages wait in memory only up to a
+"""The bounded read-ahead (pigateway.mqtt.ReadAhead): inbound messages wait in memory only up to a
 limit; past it the socket is not read, so a broker that ignores our Receive Maximum
 (mosquitto 2.0 with ``max_inflight_messages 0``, the test brokers' setting) keeps the rest.
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from harness.broker import Mosquitto
 from ingest_helpers import as_us, publish, take_acked
-from pigateway.mqtt import Inbox, Message, Settings, connect
+from pigateway.mqtt import Message, ReadAhead, Settings, connect
 
 
 def _message(n: int) -> Message:
@@ -22,7 +22,7 @@ def _message(n: int) -> Message:
 
 def test_reading_pauses_at_the_limit_and_resumes_at_half() -> None:
     calls: list[str] = []
-    inbox = Inbox(8, lambda: calls.append("pause"), lambda: calls.append("resume"))
+    inbox = ReadAhead(8, lambda: calls.append("pause"), lambda: calls.append("resume"))
     for n in range(8):
         inbox.put(_message(n))
     assert calls == ["pause"] and inbox.paused
@@ -37,7 +37,7 @@ def test_reading_pauses_at_the_limit_and_resumes_at_half() -> None:
 
 
 async def test_wait_returns_false_when_the_link_ends_and_true_for_a_message() -> None:
-    inbox = Inbox(4, lambda: None, lambda: None)
+    inbox = ReadAhead(4, lambda: None, lambda: None)
     ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     waiting = asyncio.ensure_future(inbox.wait(ended))
     await asyncio.sleep(0)
@@ -56,7 +56,7 @@ async def test_a_broker_past_our_receive_maximum_fills_no_more_than_the_inbox(
     with Mosquitto(tmp_path / "broker", extra=as_us()) as broker:
         settings = Settings(broker.host, broker.port, client_id="inbox-test", protocol="5",
                             persistent=True, session_expiry=300, receive_maximum=20,
-                            inbox_limit=limit)
+                            read_ahead=limit)
         async with connect(settings, bound=10) as client:
             await client.subscribe("z2m/#", qos=1)
             accepted = await publish(broker, [(f"z2m/d/{n}", str(n).encode())
@@ -72,7 +72,7 @@ async def test_a_broker_past_our_receive_maximum_fills_no_more_than_the_inbox(
 
 
 async def test_two_waiters_both_wake_for_a_message() -> None:
-    inbox = Inbox(4, lambda: None, lambda: None)
+    inbox = ReadAhead(4, lambda: None, lambda: None)
     ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     first = asyncio.ensure_future(inbox.wait(ended))
     second = asyncio.ensure_future(inbox.wait(ended))

@@ -1,11 +1,14 @@
-"""MQTT: the only module that imports aiomqtt or paho.
+"""The MQTT connection, and the one file that uses private members of aiomqtt or paho.
+
+Re-read this file at every upgrade of aiomqtt or paho.
 
 What the rest of the service sees is a :class:`Connection` opened with :func:`connect` (an
 async context manager): ``deliver`` (publish and wait for the PUBACK, returning its failure
 code), manual ``ack`` of inbound messages, ``messages``, ``subscribe``, ``when_lost``, and
 what the broker said in CONNACK (``max_packet_size``, ``session_present``). Every aiomqtt or
-paho error becomes a :mod:`pigateway.errors` type here (:func:`classify`): ``LoginRefused``
-and ``LinkFault`` for what an operator must fix, ``UplinkError`` for a link to wait for.
+paho error becomes a :mod:`pigateway.errors` type
+(:func:`~pigateway.mqtt.codes.classify`): ``LoginRefused`` and ``LinkFault`` for what an
+operator must fix, ``UplinkError`` for a link to wait for.
 
 aiomqtt 2.5 drops two facts we need, so :class:`_Client` keeps them: the reason code of each
 PUBACK, and the broker's Maximum Packet Size from CONNACK. Doing that, and two repairs
@@ -15,7 +18,7 @@ fails by name when an upgrade moves one.
 
 One packet, one failure: an inbound PUBLISH paho cannot decode (mosquitto passes U+FEFF in a
 user property; paho refuses it), or whose handling raises, is that message's failure and
-never the link's. It reaches the consumer as a :class:`~pigateway.packets.Undecodable`
+never the link's. It reaches the consumer as a :class:`~pigateway.mqtt.packets.Undecodable`
 payload (its raw bytes, bounded, and why) and is acknowledged like any other message, by
 the consumer, once it recorded it.
 """
@@ -27,31 +30,37 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Final, Literal, NamedTuple, cast
 
 import aiomqtt
 import paho.mqtt.client as paho
-from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties, VariableByteIntegers, writeInt32, writeUTF
+from paho.mqtt.properties import Properties, writeInt32, writeUTF
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from pigateway.errors import (
-    LinkFault,
-    LoginRefused,
-    PacketTooLarge,
-    RetainNotSupported,
     UplinkError,
 )
-from pigateway.forwarded import ORIGIN_PROPERTY, Extras
-from pigateway.packets import Undecodable, publish_head, without_properties
+from pigateway.forwarded import Extras
+from pigateway.mqtt.codes import (
+    LEAVE_BOUND,
+    NOT_UTF8,
+    PUBACK_REFUSALS,
+    READ_BUDGET,
+    SLOW_DOWN,
+    _translated,
+    _varint,
+    check_publish,
+    classify,
+)
+from pigateway.mqtt.packets import Undecodable, publish_head, without_properties
+from pigateway.mqtt.readahead import Message, ReadAhead
 from pigateway.text import bounded
 
 
@@ -86,9 +95,9 @@ PRIVATE_API: Final = (
                   ("client", "userdata", "mid", "reason_code", "properties"),
                   "overridden: keep each PUBACK's failure reason code"),
     PrivateMember("aiomqtt.Client", "_on_message", "method", ("client", "userdata", "message"),
-                  "overridden: inbound messages go to the bounded Inbox, not aiomqtt's queue"),
+                  "overridden: inbound messages go to the bounded ReadAhead, not aiomqtt's queue"),
     PrivateMember("aiomqtt.Client", "_on_socket_open", "method", ("client", "userdata", "sock"),
-                  "extended: our own socket reader, which the Inbox can pause"),
+                  "extended: our own socket reader, which the ReadAhead can pause"),
     PrivateMember("aiomqtt.Client", "_on_socket_close", "method", ("client", "userdata", "sock"),
                   "extended: a paused reader is never resumed on a closed socket"),
     PrivateMember("aiomqtt.Client", "_loop", "attribute", "_UnixSelectorEventLoop",
@@ -96,13 +105,13 @@ PRIVATE_API: Final = (
     PrivateMember("paho.Client", "_handle_pubackcomp", "method", ("cmd",),
                   "wrapped: a PUBACK with 0x89/0x95/0x96 is a refusal, not a broken link"),
     PrivateMember("paho.Client", "_check_keepalive", "method", (),
-                  "wrapped: a read the Inbox paused is no dead broker (its PINGRESP waits)"),
+                  "wrapped: a read the ReadAhead paused is no dead broker (its PINGRESP waits)"),
     PrivateMember("paho.Client", "_ping_t", "attribute", "float",
                   "cleared while reading is paused: the PINGRESP is unread, not missing"),
     PrivateMember("paho.Client", "_last_bytes_received", "attribute", "float",
                   "renewed while reading is paused (paho's keepalive check)"),
     PrivateMember("paho.Client", "_packet_read", "method", (),
-                  "called: one inbound packet at a time, so a paused Inbox stops the reading"),
+                  "called: one inbound packet at a time, so a paused ReadAhead stops the reading"),
     PrivateMember("paho.Client", "_loop_rc_handle", "method", ("rc",),
                   "called: a failed read ends the link as loop_read would"),
     PrivateMember("paho.Client", "_in_packet", "attribute", "dict",
@@ -133,123 +142,7 @@ PRIVATE_API: Final = (
                   "mark an undecodable QoS 2 message that waits for its PUBREL"),
 )
 
-#: An MQTT 5 PUBACK failure code (>= 0x80) and what it means for the message it answers:
-#: ``retry`` (the broker cannot take it *now*) or ``dead-letter`` (it will never be taken).
-#: A success code (< 0x80, e.g. 0x10 "no matching subscribers") means delivered. A failure
-#: code missing here is retried: nothing is lost to a code nobody foresaw.
-PUBACK_REFUSALS: Final[dict[int, tuple[str, Literal["retry", "dead-letter"]]]] = {
-    0x80: ("unspecified error", "retry"),
-    0x83: ("implementation specific error", "retry"),
-    0x87: ("not authorized", "dead-letter"),
-    0x89: ("server busy", "retry"),
-    0x90: ("topic name invalid", "dead-letter"),
-    0x91: ("packet identifier in use", "retry"),
-    0x95: ("packet too large", "dead-letter"),
-    0x96: ("message rate too high", "retry"),
-    0x97: ("quota exceeded", "retry"),
-    0x99: ("payload format invalid", "dead-letter"),
-}
-#: DISCONNECT reason codes from the server that mean "slow down": the link is retried with
-#: a backoff that keeps growing while they continue (never started over at once).
-SLOW_DOWN: Final = {0x80: "unspecified error", 0x83: "implementation specific error",
-                    0x89: "server busy", 0x93: "receive maximum exceeded",
-                    0x96: "message rate too high", 0x97: "quota exceeded",
-                    0x9F: "connection rate exceeded"}
-#: CONNACK reason codes that mean "fix the credentials": a fault, retried at the cap.
-#: (paho reports MQTT 3.1.1's return codes 4 and 5 as these MQTT 5 codes too.)
-LOGIN_REFUSED: Final = {134: "bad user name or password", 135: "not authorised",
-                        138: "banned", 140: "bad authentication method"}
-#: CONNACK 0x9A: the broker does not take a retained message (our last will is one).
-RETAIN_NOT_SUPPORTED: Final = 0x9A
-#: Words in a connection error that mean an operator must act (TLS set-up), not wait.
-TLS_FAULTS: Final = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed",
-                     "hostname mismatch", "doesn't match", "TLSV1_ALERT", "SSLV3_ALERT",
-                     "PEM lib", "No such file")
-#: Bytes a PUBLISH adds around its payload (fixed header, topic length, packet id, props).
-PUBLISH_OVERHEAD: Final = 16
-#: MQTT's own bounds: a topic's UTF-8 bytes, a packet's Remaining Length.
-MAX_TOPIC_BYTES: Final = 65_535
-MAX_REMAINING_LENGTH: Final = 268_435_455
-#: Seconds a clean DISCONNECT may take before the socket is closed anyway.
-LEAVE_BOUND: Final = 5.0
-#: Inbound packets read at most per readiness of the socket (then other tasks run).
-READ_BUDGET: Final = 64
-#: The topic of an inbound message whose topic is not UTF-8 (no rule matches it).
-NOT_UTF8: Final = "\ufffd"
-
 log = logging.getLogger(__name__)
-
-
-def refusal(code: int) -> tuple[str, Literal["retry", "dead-letter"]]:
-    """The name of a PUBACK failure code and what it means (:data:`PUBACK_REFUSALS`)."""
-    return PUBACK_REFUSALS.get(code, (f"reason code 0x{code:02X}", "retry"))
-
-
-def describe(code: int) -> str:
-    """A PUBACK reason code for people: ``0x87 (not authorized)``."""
-    return f"0x{code:02X} ({refusal(code)[0]})"
-
-
-def publish_room(max_packet_size: int, where: str) -> int:
-    """Payload bytes a PUBLISH on ``where`` may carry under the broker's ``max_packet_size``.
-
-    The topic travels UTF-8 encoded: its bytes count, not its characters.
-    """
-    return max_packet_size - PUBLISH_OVERHEAD - len(where.encode())
-
-
-def check_publish(topic: bytes, payload: bytes, *, qos: int, properties: bytes | None,
-                  max_packet_size: int | None) -> int:
-    """The whole PUBLISH packet's size, checked against MQTT and the broker's limit.
-
-    The one check every outgoing PUBLISH passes (:meth:`Connection.publish_now`): batches,
-    results, forwards, the state document. ``properties``: the packed MQTT 5 properties
-    with their length (``b"\\x00"`` for none), ``None`` under MQTT 3.1.1. Raises
-    :class:`PacketTooLarge` naming the limit, so one message fails alone instead of making
-    the broker drop the link (or paho raise) for everything behind it.
-    """
-    if len(topic) > MAX_TOPIC_BYTES:
-        raise PacketTooLarge(f"its topic is {len(topic):,} bytes, MQTT allows "
-                             f"{MAX_TOPIC_BYTES:,}", limit=f"MQTT topic {MAX_TOPIC_BYTES:,} bytes")
-    remaining = 2 + len(topic) + (2 if qos else 0) + len(properties or b"") + len(payload)
-    if remaining > MAX_REMAINING_LENGTH:
-        raise PacketTooLarge(f"a PUBLISH of {remaining:,} bytes, MQTT allows "
-                             f"{MAX_REMAINING_LENGTH:,}",
-                             limit=f"MQTT packet {MAX_REMAINING_LENGTH:,} bytes")
-    size = 1 + len(_varint(remaining)) + remaining
-    if max_packet_size is not None and size > max_packet_size:
-        raise PacketTooLarge(f"a PUBLISH of {size:,} bytes, over the broker's Maximum Packet "
-                             f"Size of {max_packet_size} bytes",
-                             limit=f"broker max_packet_size {max_packet_size} bytes")
-    return size
-
-
-def classify(exc: aiomqtt.MqttError) -> UplinkError:
-    """The typed error for an MQTT failure: a fault to fix, or a link to wait for."""
-    code = getattr(exc, "rc", None)
-    value = getattr(code, "value", code)
-    if isinstance(exc, MqttConnectError) and value in LOGIN_REFUSED:
-        return LoginRefused(f"login refused by the broker: {LOGIN_REFUSED[value]} "
-                            "(check mqtt.username and the password)")
-    if isinstance(exc, MqttConnectError) and value == RETAIN_NOT_SUPPORTED:
-        return RetainNotSupported("the broker does not take retained messages (CONNACK 0x9A "
-                                  "retain not supported)")
-    text = str(exc)
-    if any(word in text for word in TLS_FAULTS):
-        return LinkFault(f"TLS failed: {text}")
-    return UplinkError(text or type(exc).__name__)
-
-
-@contextlib.contextmanager
-def _translated(what: str = "") -> Iterator[None]:
-    """aiomqtt's and paho's errors as :func:`classify` types (``what`` goes in front)."""
-    try:
-        yield
-    except aiomqtt.MqttError as exc:
-        error = classify(exc)
-        if what:
-            raise UplinkError(f"{what}: {error}") from exc
-        raise error from exc
 
 
 # --------------------------------------------------------------------------- settings
@@ -286,29 +179,13 @@ class Settings:
     max_inflight: int | None = None
     #: MQTT 5 Receive Maximum: unacknowledged QoS 1/2 messages the broker may send us
     receive_maximum: int | None = None
-    #: inbound messages held at most before reading the socket pauses (:class:`Inbox`);
+    #: inbound messages held at most before reading the socket pauses (:class:`ReadAhead`);
     #: ``None``: never paused. Only for a connection that waits on no inbound packet of its
     #: own (ingest's): a paused socket holds back PUBACKs and PINGRESPs as well, so the
     #: uplink, whose forwarding waits for PUBACKs on the socket its commands come in on,
     #: must not pause (its inbound commands are bounded by the broker's in-flight limit)
-    inbox_limit: int | None = None
+    read_ahead: int | None = None
 
-
-@dataclass(frozen=True)
-class Message:
-    """An inbound message, for :meth:`Connection.ack`."""
-
-    topic: str
-    #: an :class:`~pigateway.packets.Undecodable` when the MQTT library could not decode it
-    payload: bytes
-    mid: int
-    qos: int
-    extras: Extras = Extras()
-
-    @property
-    def undecodable(self) -> Undecodable | None:
-        """The packet paho could not decode (its raw bytes and why), or None."""
-        return self.payload if isinstance(self.payload, Undecodable) else None
 
 
 def _extras(message: paho.MQTTMessage) -> Extras:
@@ -339,54 +216,6 @@ def _inbound(message: paho.MQTTMessage) -> Message:
                    _extras(message))
 
 
-class Inbox:
-    """Inbound messages between paho's socket reads and their consumer, bounded.
-
-    aiomqtt keeps them in an unbounded queue and reads the socket whatever its length; a
-    broker that sends past our Receive Maximum (mosquitto 2.0 with ``max_inflight_messages
-    0`` does once acknowledgements flow) fills it as fast as the consumer is slower: 14,000
-    messages and 130 MiB in a burst, measured. Here reading the socket pauses at ``limit``
-    messages (TCP's window holds the rest at the broker) and resumes at half of it.
-    """
-
-    def __init__(self, limit: int | None, pause: Callable[[], None],
-                 resume: Callable[[], None]) -> None:
-        self.limit = None if limit is None else max(2, limit)
-        self.paused = False
-        self._items: deque[Message] = deque()
-        self._pause = pause
-        self._resume = resume
-        self._waiter: asyncio.Future[None] | None = None
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def put(self, message: Message) -> None:
-        self._items.append(message)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-        if not self.paused and self.limit is not None and len(self._items) >= self.limit:
-            self.paused = True
-            self._pause()
-
-    def take(self) -> Message | None:
-        """The oldest message, ``None`` when there is none."""
-        if not self._items:
-            return None
-        message = self._items.popleft()
-        if self.paused and self.limit is not None and len(self._items) <= self.limit // 2:
-            self.paused = False
-            self._resume()
-        return message
-
-    async def wait(self, ended: asyncio.Future[Any]) -> bool:
-        """Until a message is there (True) or ``ended`` (the link) is done (False)."""
-        if self._items:
-            return True
-        if self._waiter is None or self._waiter.done():  # shared by whoever waits now
-            self._waiter = asyncio.get_running_loop().create_future()
-        await asyncio.wait((self._waiter, ended), return_when=asyncio.FIRST_COMPLETED)
-        return bool(self._items)
 
 
 def _properties(extras: Extras) -> Properties | None:
@@ -397,7 +226,6 @@ def _properties(extras: Extras) -> Properties | None:
 
 
 #: paho's encoders (untyped there), as :meth:`Properties.pack` uses them
-_varint: Callable[[int], bytes] = VariableByteIntegers.encode
 _utf8: Callable[[str], bytes] = writeUTF
 _int32: Callable[[int], bytes] = writeInt32
 
@@ -510,10 +338,10 @@ class BrokerLimits:
 class _Client(aiomqtt.Client):
     """aiomqtt's client plus what 2.5 drops: PUBACK reason codes and CONNACK's packet limit."""
 
-    def __init__(self, *args: Any, manual_ack: bool = False, inbox_limit: int | None = None,
+    def __init__(self, *args: Any, manual_ack: bool = False, read_ahead: int | None = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.inbox = Inbox(inbox_limit, self._pause_reading, self._resume_reading)
+        self.read_ahead = ReadAhead(read_ahead, self._pause_reading, self._resume_reading)
         self._reading_fd = -1
         self.max_packet_size: int | None = None
         self.limits = BrokerLimits()
@@ -566,14 +394,14 @@ class _Client(aiomqtt.Client):
 
     def _keepalive_unless_paused(self, check: Callable[[], None]) -> Callable[[], None]:
         """paho ends the link when no byte came in for a keepalive after its PINGREQ (1.5 to
-        2 x keepalive); while the Inbox pauses reading, the PINGRESP is there, unread behind
+        2 x keepalive); while the ReadAhead pauses reading, the PINGRESP is there, unread behind
         the messages nobody took yet. A paused read counts as a live one: the PINGREQs still
         go out every keepalive (the broker's check is met), and a dead broker is noticed
         within two keepalives of reading again."""
         inner = self._client
 
         def checked() -> None:
-            if self.inbox.paused:
+            if self.read_ahead.paused:
                 inner._ping_t = 0.0
                 inner._last_bytes_received = paho.time_func()
             check()
@@ -584,7 +412,7 @@ class _Client(aiomqtt.Client):
         """paho ends the link on a PUBLISH it cannot decode (and on any exception while it
         hands one over); a persistent session then sends it again first at every reconnect.
         Here it is that message's failure: the packet is handed over again without its
-        properties (:meth:`~pigateway.packets.PublishHead.plain`), so it takes paho's own
+        properties (:meth:`~pigateway.mqtt.packets.PublishHead.plain`), so it takes paho's own
         QoS flow and manual ack, and its consumer gets an :class:`Undecodable` payload."""
 
         inner = self._client
@@ -659,7 +487,7 @@ class _Client(aiomqtt.Client):
         String or User Property paho refuses (U+FEFF, NUL, bytes that are not UTF-8) ended
         the link: a PUBACK's code never reached its publish (sent again at every reconnect),
         a DISCONNECT's "slow down" was lost, a CONNACK failed every connect. Such a packet
-        is read again without them (:func:`~pigateway.packets.without_properties`): its
+        is read again without them (:func:`~pigateway.mqtt.packets.without_properties`): its
         packet id, reason codes and a CONNACK's limits, which is all we use, stay."""
         inner = self._client
 
@@ -721,9 +549,9 @@ class _Client(aiomqtt.Client):
             undecodable = message.payload  # QoS 2 without manual acks: marked until PUBREL
         qos = 2 if self._qos2 else message.qos
         if undecodable is not None:
-            self.inbox.put(Message(_topic(message), undecodable, message.mid, qos))
+            self.read_ahead.put(Message(_topic(message), undecodable, message.mid, qos))
         else:
-            self.inbox.put(replace(_inbound(message), qos=qos) if self._qos2
+            self.read_ahead.put(replace(_inbound(message), qos=qos) if self._qos2
                            else _inbound(message))
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
@@ -737,7 +565,7 @@ class _Client(aiomqtt.Client):
 
     def _start_reading(self, fd: int) -> None:
         self._reading_fd = fd
-        if self.inbox.paused:  # filled before this ran: aiomqtt's reader must not go on
+        if self.read_ahead.paused:  # filled before this ran: aiomqtt's reader must not go on
             self._loop.remove_reader(fd)
         else:
             self._loop.add_reader(fd, self._read_socket)
@@ -750,7 +578,7 @@ class _Client(aiomqtt.Client):
         inner = self._client
         try:
             for _ in range(READ_BUDGET):
-                if self.inbox.paused or inner.socket() is None:
+                if self.read_ahead.paused or inner.socket() is None:
                     return
                 rc = inner._packet_read()
                 if rc > 0:
@@ -824,8 +652,8 @@ class Connection:
 
     @property
     def waiting(self) -> int:
-        """Inbound messages read from the socket and not yet taken (:class:`Inbox`)."""
-        return len(self._link.inbox)
+        """Inbound messages read from the socket and not yet taken (:class:`ReadAhead`)."""
+        return len(self._link.read_ahead)
 
     async def deliver(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                       timeout: float, extras: Extras | None = None) -> int | None:
@@ -907,8 +735,8 @@ class Connection:
 
     async def messages(self) -> AsyncIterator[Message]:
         """Inbound messages until the link drops (then :class:`UplinkError`); at most
-        ``Settings.inbox_limit`` wait here (:class:`Inbox`)."""
-        inbox, ended = self._link.inbox, self._link._disconnected
+        ``Settings.read_ahead`` wait here (:class:`ReadAhead`)."""
+        inbox, ended = self._link.read_ahead, self._link._disconnected
         while True:
             message = inbox.take()
             if message is not None:
@@ -926,7 +754,7 @@ class Connection:
         ended = self._link._disconnected
         if ended.done():
             raise UplinkError("the link dropped") from _error_of(ended)
-        inbox = self._link.inbox
+        inbox = self._link.read_ahead
         group: list[Message] = []
         while len(group) < limit and (message := inbox.take()) is not None:
             group.append(message)
@@ -934,7 +762,7 @@ class Connection:
 
     async def incoming(self) -> None:
         """Until a message is waiting or the link drops (then :meth:`take` raises)."""
-        await self._link.inbox.wait(self._link._disconnected)
+        await self._link.read_ahead.wait(self._link._disconnected)
 
     def ack(self, message: Message) -> None:
         """Acknowledge an inbound message (persistent sessions: manual acks), after its
@@ -985,7 +813,7 @@ def _new_client(settings: Settings) -> _Client:
         clean_start=(not settings.persistent) if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
         properties=properties, keepalive=settings.keepalive, timeout=settings.timeout,
         tls_context=settings.tls, max_inflight_messages=settings.max_inflight,
-        manual_ack=settings.persistent, inbox_limit=settings.inbox_limit,
+        manual_ack=settings.persistent, read_ahead=settings.read_ahead,
     )
 
 
@@ -1024,49 +852,3 @@ async def connect(settings: Settings, *, bound: float,
         client.settle()
 
 
-# --------------------------------------------------------------------------- local broker
-
-
-class LocalPublisher:
-    """Publishes to a local broker (e.g. zigbee2mqtt's) for the ``mqtt`` device handler."""
-
-    def __init__(self, connection: Connection, timeout: float,
-                 extras: Extras | None = None) -> None:
-        self._connection = connection
-        self._timeout = timeout
-        self._extras = extras
-
-    async def publish(self, topic: str, payload: bytes, qos: int = 1,
-                      retain: bool = False) -> None:
-        """Return after the PUBACK (QoS 1); raise :class:`UplinkError` on any failure."""
-        try:
-            code = await self._connection.deliver(topic, payload, qos=qos, retain=retain,
-                                                  timeout=self._timeout, extras=self._extras)
-        except UplinkError as exc:
-            raise UplinkError(f"local broker: publish to {topic!r} failed: {exc}") from exc
-        if code is not None:
-            raise UplinkError(f"local broker refused the message on {topic!r}: "
-                              f"{describe(code)}")
-
-
-@asynccontextmanager
-async def local_publisher(host: str, port: int, *, username: str | None = None,
-                          password: str | None = None, client_id: str | None = None,
-                          timeout: float = 10.0, origin: str | None = None
-                          ) -> AsyncIterator[LocalPublisher]:
-    """A connection to a local broker (MQTT 3.1.1, which every local broker speaks).
-
-    With ``origin`` (the gateway id) it speaks MQTT 5 and marks each message with the user
-    property ``pigateway-origin``: :mod:`pigateway.ingest` never takes those back in.
-    """
-    settings = Settings(host, port, client_id=client_id, username=username, password=password,
-                        timeout=timeout, protocol="3.1.1" if origin is None else "5")
-    extras = None if origin is None else Extras(user_properties=((ORIGIN_PROPERTY, origin),))
-    stack = contextlib.AsyncExitStack()
-    try:
-        connection = await stack.enter_async_context(
-            connect(settings, bound=timeout, leave_bound=timeout))
-    except UplinkError as exc:
-        raise UplinkError(f"local broker {host}:{port}: {exc}") from exc
-    async with stack:
-        yield LocalPublisher(connection, timeout, extras)

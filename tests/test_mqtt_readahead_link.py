@@ -1,8 +1,8 @@
-"""Adversarial review of the bounded Inbox (pigateway.mqtt.Inbox, commits 273c046/952b8ff):
-what pausing the socket read costs the rest of the connection.
+"""The bounded read-ahead (pigateway.mqtt.ReadAhead) and the link: pausing the socket read
+costs the rest of the connection nothing (keepalive, a drop, TLS).
 
 Real mosquitto brokers on loopback (``max_inflight_messages 0``, the harness' setting: a
-broker that sends past our Receive Maximum, the case the Inbox exists for).
+broker that sends past our Receive Maximum, the case the read-ahead exists for).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto no
 
 
 async def _paused(client: Connection, limit: int, within: float = 10.0) -> None:
-    """Until the inbox holds ``limit`` messages (reading paused)."""
+    """Until the read-ahead holds ``limit`` messages (reading paused)."""
     assert await wait_until(lambda: client.waiting >= limit, within), client.waiting
 
 
@@ -36,7 +36,7 @@ async def test_a_command_flood_does_not_stall_the_uplinks_forwarding(
         tmp_path: Path, unique_prefix: str) -> None:
     """The uplink's one connection carries both the inbound commands (Intake) and the
     PUBACKs its forwarding waits for. Commands the store cannot take yet (under its disk
-    reserve, locked: Intake waits them out, unacknowledged) pile up in the Inbox; once it is
+    reserve, locked: Intake waits them out, unacknowledged) pile up in the read-ahead; once it is
     full, reading pauses and no PUBACK is read either: every publish times out, the link
     restarts, the queue never drains. Before 273c046 aiomqtt read the socket regardless."""
     with Mosquitto(tmp_path / "broker", extra=as_us()) as broker:
@@ -48,7 +48,7 @@ async def test_a_command_flood_does_not_stall_the_uplinks_forwarding(
         state = RecordingState()
         async with running_uplink(cfg, on_command=on_command, state=state) as run:
             assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
-            flood = 1500  # past the uplink's inbox_limit (the default, 1024)
+            flood = 1500  # past the uplink's read_ahead (the default, 1024)
             assert await publish(broker, [(wire.topic(cfg, "commands"), b"{}")] * flood,
                                  window=100) == flood
             await asyncio.sleep(1.0)  # the broker pushes them all (max_inflight_messages 0)
@@ -64,13 +64,13 @@ def _went_offline(state: RecordingState) -> bool:
     return Link.OFFLINE in links[online:]
 
 
-async def test_a_paused_inbox_does_not_drop_the_link_at_keepalive(tmp_path: Path) -> None:
+async def test_a_paused_read_ahead_does_not_drop_the_link_at_keepalive(tmp_path: Path) -> None:
     """The store refusing for longer than the keepalive (15 s by default) is normal
     back-pressure, not a dead broker: the PINGRESP is only unread because we paused."""
     limit, keepalive = 20, 5
     with Mosquitto(tmp_path / "broker", extra=as_us()) as broker:
         settings = Settings(broker.host, broker.port, client_id="slow", protocol="5",
-                            persistent=True, session_expiry=300, inbox_limit=limit,
+                            persistent=True, session_expiry=300, read_ahead=limit,
                             keepalive=keepalive)
         async with connect(settings, bound=10) as client:
             lost: list[float] = []
@@ -86,11 +86,11 @@ async def test_a_paused_inbox_does_not_drop_the_link_at_keepalive(tmp_path: Path
             assert got == [str(n).encode() for n in range(count)]
 
 
-async def test_messages_raises_once_the_inbox_is_drained_after_a_drop(tmp_path: Path) -> None:
+async def test_messages_raises_once_the_read_ahead_is_drained_after_a_drop(tmp_path: Path) -> None:
     """Non-defect check: what was read before a drop is still yielded, then UplinkError."""
     with Mosquitto(tmp_path / "broker", extra=as_us()) as broker:
         settings = Settings(broker.host, broker.port, client_id="drop", protocol="5",
-                            persistent=True, session_expiry=300, inbox_limit=10)
+                            persistent=True, session_expiry=300, read_ahead=10)
         async with connect(settings, bound=10) as client:
             await client.subscribe("z2m/#", qos=1)
             assert await publish(broker, [(f"z2m/{n}", b"x") for n in range(50)]) == 50
@@ -120,7 +120,7 @@ async def test_over_tls_pause_and_resume_lose_nothing_and_keep_the_order(
     with Mosquitto(tmp_path / "broker", extra=extra) as broker:
         tls = ssl.create_default_context(cafile=str(pki / "ca.crt"))
         settings = Settings(broker.host, broker.port, client_id="tls", protocol="5",
-                            persistent=True, session_expiry=300, inbox_limit=limit, tls=tls)
+                            persistent=True, session_expiry=300, read_ahead=limit, tls=tls)
         async with connect(settings, bound=10) as client:
             await client.subscribe("z2m/#", qos=1)
             side = Mosquitto(tmp_path / "unused", port=plain)  # only its address is used
@@ -150,7 +150,7 @@ async def test_qos2_messages_fill_no_more_than_the_inbox(tmp_path: Path) -> None
     with Mosquitto(tmp_path / "broker", extra=as_us()) as broker:
         settings = Settings(broker.host, broker.port, client_id="qos2", protocol="5",
                             persistent=True, session_expiry=300, receive_maximum=20,
-                            inbox_limit=limit)
+                            read_ahead=limit)
         async with connect(settings, bound=10) as client:
             await client.subscribe("z2m/#", qos=2)
             async with aiomqtt.Client(broker.host, broker.port,
