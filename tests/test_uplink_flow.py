@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from harness.broker import Mosquitto
+from harness.ports import free_port
 from harness.service import Service, environment
 from harness.waits import until
 from mqttproxy import RefusingProxy
@@ -111,3 +112,20 @@ async def test_pigateway_status_shows_the_limits_in_force(folder: Path, unique_p
     assert limits["receive_maximum"] == 2 and limits["max_inflight"] == 2
     assert limits["max_messages_per_second"] == 50
     assert limits["retain_available"] is True
+
+
+async def test_a_broker_never_reached_since_the_start_is_a_warning_once_per_episode(
+        tmp_path: Path, unique_prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A gateway started with a broker it cannot reach (a wrong port, a broker down at boot)
+    says so at warning, where ``journalctl -u pigateway -p warning`` looks, once: not silence
+    at every attempt, and not a warning at every attempt either."""
+    caplog.set_level(logging.INFO, logger="pigateway")
+    port = free_port()  # nothing listens there
+    cfg = make_config(tmp_path, port, unique_prefix)
+    async with running_uplink(cfg) as run:
+        await run.store.put("lamp", "on")
+        assert await wait_until(lambda: caplog.text.count("retrying in") >= 3, 15)
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == "pigateway.uplink" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert f"127.0.0.1:{port}" in warnings[0] and "wait on disk" in warnings[0]

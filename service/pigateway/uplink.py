@@ -97,6 +97,8 @@ class Uplink:
         self._resumed.set()
         self._stop = asyncio.Event()
         self._online_since: float | None = None
+        #: whether this episode offline was said at warning (reset once online again)
+        self._said_offline = False
         self.store_calls = StoreCalls(state, up)
         self.pacer = Pacer(up.max_messages_per_second, up.max_bytes_per_second)
         self.drain = Drain(config, store, state, store_calls=self.store_calls, pacer=self.pacer,
@@ -237,6 +239,11 @@ class Uplink:
         self.state.clear_fault(FaultSource.LINK)
         if self._online_since is not None:
             log.warning("uplink: %s", error)
+        elif not self._said_offline:  # never online since the start or the last drop
+            mqtt = self.config.mqtt
+            log.warning("uplink: cannot reach the broker %s:%d: %s; commands wait on disk, "
+                        "retrying (`pigateway status` shows when)", mqtt.host, mqtt.port, error)
+        self._said_offline = True
 
     async def _sleep(self, seconds: float) -> None:
         """The policy's sleep, cut short by :meth:`flush` or :meth:`stop`."""
@@ -306,6 +313,7 @@ class Uplink:
         log.info("uplink: online at %s:%d (session present: %s)", self.config.mqtt.host,
                  self.config.mqtt.port, client.session_present)
         self._online_since = time.monotonic()
+        self._said_offline = False
         self.state.set_link(Link.ONLINE)
         self.state.clear_fault(FaultSource.LINK)
         COUNTERS.link_up()
