@@ -71,3 +71,22 @@ def test_every_link_in_the_docs_resolves_inside_the_clone() -> None:
             elif anchor and where.suffix == ".md" and anchor not in _anchors(where):
                 broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
     assert broken == []
+
+
+def _shipped_docs() -> set[str]:
+    """The files the Debian package installs in /usr/share/doc/pigateway (its ``.docs``)."""
+    listed = (ROOT / "packaging" / "debian" / "pigateway.docs").read_text().split()
+    return {str(path.relative_to(ROOT)) for entry in listed for path in ROOT.glob(entry)}
+
+
+def test_every_doc_the_gateway_names_is_on_the_gateway() -> None:
+    """A help text, a message or a shipped doc that says "see docs/X.md" points at a file
+    the package installs, so the operator logged into a gateway can read it."""
+    shipped = _shipped_docs()
+    named: set[str] = set()
+    for path in [*(ROOT / "service" / "pigateway").rglob("*.py"),
+                 *(ROOT / name for name in shipped)]:
+        named |= set(re.findall(r"docs/[a-z_-]+\.md", path.read_text()))
+        if path.parent.name == "docs":  # a doc's links to its neighbours: [x](store.md)
+            named |= {f"docs/{name}" for name in re.findall(r"\]\(([a-z_-]+\.md)", path.read_text())}
+    assert named - shipped == set()
