@@ -88,5 +88,6 @@ def test_every_doc_the_gateway_names_is_on_the_gateway() -> None:
                  *(ROOT / name for name in shipped)]:
         named |= set(re.findall(r"docs/[a-z_-]+\.md", path.read_text()))
         if path.parent.name == "docs":  # a doc's links to its neighbours: [x](store.md)
-            named |= {f"docs/{name}" for name in re.findall(r"\]\(([a-z_-]+\.md)", path.read_text())}
+            links = re.findall(r"\]\(([a-z_-]+\.md)", path.read_text())
+            named |= {f"docs/{name}" for name in links}
     assert named - shipped == set()

@@ -226,3 +226,33 @@ def test_the_recovery_runbook_gets_the_commands_back_from_a_corrupt_file(
     rows = done.stdout.splitlines()
     assert 1000 < len(rows) < 2000, "a damaged page loses some rows, never all"
     assert all("|valve" in row and "|open|" in row for row in rows)
+
+
+#: journald's priorities, most severe first (``journalctl -p X`` shows X and those before it).
+PRIORITIES = ("emerg", "alert", "crit", "err", "warning", "notice", "info", "debug")
+
+
+def sections() -> list[tuple[str, str, list[str]]]:
+    """Each ``##`` section of the runbook: (its title, its prose, its commands)."""
+    text = RUNBOOK.read_text()
+    found = []
+    for part in re.split(r"^## ", text, flags=re.M)[1:]:
+        title = part.splitlines()[0]
+        prose = re.sub(r"^```.*?^```", "", part, flags=re.M | re.S)
+        found.append((title, prose, [c for _, block in blocks() for c in block if c in part]))
+    return found
+
+
+def test_a_runbook_filters_the_journal_wide_enough_for_the_records_it_says_to_look_for() -> None:
+    """A section that says its records are logged "at warning" must not filter them away
+    with ``journalctl -p err``: the operator following it verbatim would see nothing."""
+    checked = 0
+    for title, prose, commands in sections():
+        said = [PRIORITIES.index(p.lower()) for p in
+                re.findall(r"\bat (emerg|alert|crit|err|warning|notice|info)\b", prose, re.I)]
+        for command in commands:
+            shown = re.search(r"journalctl .*-p (\w+)", command)
+            if shown and said:
+                checked += 1
+                assert PRIORITIES.index(shown.group(1)) >= max(said), (title, command)
+    assert checked
