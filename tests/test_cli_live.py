@@ -81,4 +81,6 @@ def test_status_shows_a_refused_login_as_a_fault_first(tmp_path: Path, folder: P
     assert head.startswith("● pigateway - FAULT login refused")
     assert fault.strip().startswith("Fault: login refused by the broker")
     assert fault.endswith("(an operator must act)")
+    # it says where the password is read from, as the operator must put it there
+    assert "/etc/credstore/pigateway.mqtt-password" in fault and "mqtt.password_file" in fault
     assert not [leak for leak in PYTHON if leak in text], text

@@ -121,7 +121,8 @@ def classify(exc: aiomqtt.MqttError) -> UplinkError:
     value = getattr(code, "value", code)
     if isinstance(exc, MqttConnectError) and value in LOGIN_REFUSED:
         return LoginRefused(f"login refused by the broker: {LOGIN_REFUSED[value]} "
-                            "(check mqtt.username and the password)")
+                            "(check mqtt.username and the password: mqtt.password_file, "
+                            "else /etc/credstore/pigateway.mqtt-password)")
     if isinstance(exc, MqttConnectError) and value == RETAIN_NOT_SUPPORTED:
         return RetainNotSupported("the broker does not take retained messages (CONNACK 0x9A "
                                   "retain not supported)")
