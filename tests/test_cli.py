@@ -544,7 +544,7 @@ def test_config_check_of_an_unknown_user_is_bad_input(cli: Run, config_file: Pat
 def test_inbox_ls_is_a_table_for_people(cli: Run, config_file: Path) -> None:
     """One pending command and one rejected at once: the state, the outcome in a word, the
     time received as local time with its age, and the reason; no JSON document, no None."""
-    from pigateway.inbox import result_document  # noqa: PLC0415
+    from pigateway.wire import result_document  # noqa: PLC0415
 
     async def receive() -> None:
         store_config = configuration.load(config_file).store

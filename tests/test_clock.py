@@ -3,7 +3,7 @@
 A Pi without an RTC boots with an old time and steps to the real one when NTP answers;
 an operator may set the clock back. Here the wall clock is stepped by patching
 ``time.time`` (what every wall-clock reading in pigateway ends in), and a reboot is
-simulated by patching ``pigateway.clock``'s sources (boot id, boot time, sync state),
+simulated by patching ``pigateway.store.clock``'s sources (boot id, boot time, sync state),
 against a real queue file on disk.
 """
 
@@ -20,11 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from pigateway import clock
 from pigateway.batching import Batcher, Rules
 from pigateway.config import StoreConfig
 from pigateway.handlers import Request
-from pigateway.store import MIGRATIONS, Store, clock_row
+from pigateway.store import MIGRATIONS, Store, clock, clock_row
 from test_inbound import Scripted, by_id, command, make_config, results, running
 
 YEAR = 365 * 86400.0
@@ -71,7 +70,7 @@ class Machine:
 
 
 def simulate(monkeypatch: pytest.MonkeyPatch) -> Machine:
-    """A simulated gateway behind pigateway.clock's sources (boot id, boottime, wall, sync)."""
+    """A simulated gateway behind the clock's sources (boot id, boottime, wall, sync)."""
     sim = Machine()
     monkeypatch.setattr(clock, "boot_id", lambda: sim.boot)
     monkeypatch.setattr(clock, "boottime", lambda: sim.since_boot)

@@ -86,8 +86,8 @@ async def test_a_store_that_refuses_a_result_for_a_while_is_a_warning_once(
         tmp_path: object) -> None:
     """The worker waits the store out, keeping its lane's order: ridden out, so a warning
     when it starts, not an error at every try."""
-    from pigateway import workers  # noqa: PLC0415
     from pigateway.errors import StoreError  # noqa: PLC0415
+    from pigateway.inbound import workers  # noqa: PLC0415
     from pigateway.store import Store  # noqa: PLC0415
 
     monkeypatch.setattr(workers, "RECORD_BACKOFF", (0.01, 0.02))
@@ -98,7 +98,7 @@ async def test_a_store_that_refuses_a_result_for_a_while_is_a_warning_once(
         if next(refusals, None) is not None:
             raise StoreError("database is locked")
 
-    caplog.set_level(logging.DEBUG, logger="pigateway.workers")
+    caplog.set_level(logging.DEBUG, logger="pigateway.inbound.workers")
     async with await Store.open(cfg.store) as store:
         await workers.WorkerPool(cfg, store)._durably(write, "record the result of c1")
     said = [(r.levelno, r.getMessage()) for r in caplog.records if r.levelno > logging.DEBUG]

@@ -8,9 +8,10 @@ import re
 import time
 from pathlib import Path
 
-from pigateway import inbox
+from pigateway import wire
 from pigateway.config import StoreConfig
 from pigateway.store import Store
+from pigateway.store.inbox import Entry
 
 SERVICE = Path(__file__).resolve().parents[1] / "service" / "pigateway"
 SQL = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE)\b")
@@ -26,7 +27,7 @@ def test_no_module_outside_the_store_speaks_sql() -> None:
 async def test_receive_tells_a_new_command_from_one_received_before(
         store_config: StoreConfig) -> None:
     async with await Store.open(store_config) as store:
-        async def receive(name: str, *, replace: bool = False) -> inbox.Entry | None:
+        async def receive(name: str, *, replace: bool = False) -> Entry | None:
             return await store.inbox.receive("c-1", "lamp", name, {}, expires_at=None, ttl=None,
                                        now=time.time(), headroom=0, replace=replace)
         assert await receive("on") is None
@@ -43,7 +44,7 @@ async def test_finish_queues_the_result_marks_done_and_the_next_running_at_once(
         for command_id in ("c-1", "c-2"):
             await store.inbox.receive(command_id, "lamp", "on", {}, expires_at=None, ttl=None,
                                       now=time.time(), headroom=0)
-        document = inbox.result_document("c-1", "ok", max_bytes=1024)
+        document = wire.result_document("c-1", "ok", max_bytes=1024)
         await store.inbox.finish("c-1", "lamp", document, done_on=store.clock.now(),
                                  then_running=("c-2", 1, time.time()))
         first, second = await store.inbox.find("c-1"), await store.inbox.find("c-2")

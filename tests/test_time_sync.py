@@ -1,6 +1,6 @@
 """The service must start, and queue, before the wall clock is synchronised.
 
-TTLs run on the gateway clock (pigateway.clock), so nothing needs NTP to have answered;
+TTLs run on the gateway clock (pigateway.store.clock), so nothing needs NTP to have answered;
 a gateway that boots offline must not wait for it. ``After=time-sync.target`` waits for
 good when ``systemd-time-wait-sync.service`` is enabled and no time server answers.
 """

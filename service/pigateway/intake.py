@@ -16,7 +16,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from pigateway import wire
 from pigateway.backoff import wait_backoff
 from pigateway.errors import PigatewayError, StoreCorrupt, StoreError, UplinkError
 from pigateway.mqtt import Connection, Message

@@ -18,7 +18,10 @@ Everything the gateway puts on the broker, or takes from it, is shaped here:
 from __future__ import annotations
 
 import json
+import time
 from typing import TYPE_CHECKING, Any, Final
+
+from pigateway.text import bounded, fit_json
 
 if TYPE_CHECKING:
     from pigateway.config import Config
@@ -93,3 +96,39 @@ def state_document(gateway: str, version: str, state: dict[str, Any],
     return {"v": VERSION, "gateway": gateway, "version": version,
             "sent_at": round(sent_at, 3), **{key: state.get(key) for key in STATE_FIELDS},
             "counters": counters}
+
+
+def result_document(command_id: str, status: str, detail: Any = None, *, max_bytes: int,
+                    now: float | None = None) -> dict[str, Any]:
+    """The wire contract's result: ``{"v":1,"id","status","detail"?,"finished_at"}``.
+
+    It always fits ``max_bytes`` (``store.max_params_bytes``) as stored JSON: a text detail
+    is :func:`~pigateway.text.bounded` and cut to the room left, and a detail that cannot be
+    encoded or does not fit is replaced by a note saying so. So recording a result, which
+    is what finishes a command, never fails because of what the command or handler said.
+    """
+    document: dict[str, Any] = {"v": 1, "id": command_id, "status": status}
+    document["finished_at"] = round(time.time() if now is None else now, 3)
+    if detail is None:
+        return document
+    room = max_bytes - _size(document) - len(',"detail":')
+    document = {**document, "detail": _fitted(detail, room)}
+    document["finished_at"] = document.pop("finished_at")  # the contract's key order
+    return document
+
+
+def _fitted(detail: Any, room: int) -> Any:
+    """``detail`` as it can be stored in ``room`` bytes of JSON."""
+    if not isinstance(detail, str):
+        try:
+            if _size(detail) <= room:
+                return detail
+            detail = f"(a detail of {_size(detail)} bytes was left out: it did not fit " \
+                     "store.max_params_bytes)"
+        except (TypeError, ValueError, UnicodeEncodeError, RecursionError):
+            detail = bounded(detail)
+    return fit_json(bounded(detail), room)
+
+
+def _size(value: Any) -> int:
+    return len(encode(value).encode("utf-8"))

@@ -1,11 +1,11 @@
-"""The ``clock`` table: the one row that keeps the gateway clock (:mod:`pigateway.clock`)
+"""The ``clock`` table: the one row that keeps the gateway clock (:mod:`pigateway.store.clock`)
 across boots."""
 
 from __future__ import annotations
 
 import sqlite3
 
-from pigateway.clock import GatewayClock, Reading, beat, current
+from pigateway.store.clock import GatewayClock, Reading, beat, current
 
 _COLUMNS = "boot_id, base, reading, wall, synced, gap_from"
 

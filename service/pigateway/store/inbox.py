@@ -1,10 +1,15 @@
-"""The inbox's verbs: commands from the broker, from receipt to their one recorded result.
+"""The inbox: commands from the broker, from receipt to their one recorded result.
 
-The table is migration 2 of :data:`pigateway.store.schema.MIGRATIONS`; what a row means
-(:class:`~pigateway.inbox.Entry`, result documents, the dedupe horizon) is in
-:mod:`pigateway.inbox`. Every write goes through the store's writer, so it is durable when
-the call returns. The one rule that makes results exactly-once: a result enters the
-outbox in the SAME transaction that marks its row ``done`` (:meth:`Inbox.finish`).
+A row (:class:`Entry`) moves ``pending`` -> ``running`` -> ``done``. ``done`` rows keep their
+result document for the dedupe horizon
+(:func:`pigateway.inbound.workers.dedupe_horizon`), so a command delivered again (MQTT is
+at-least-once) is answered from the record instead of being run twice. The table is
+migration 2 of :data:`pigateway.store.schema.MIGRATIONS`; the result document is
+:func:`pigateway.wire.result_document`. Every write goes through the store's writer, so it
+is durable when the call returns. The one rule that makes results exactly-once: a result
+enters the outbox in the SAME transaction that marks its row ``done`` (:meth:`Inbox.finish`).
+A crash before that commit leaves the row ``pending``/``running`` and the command runs
+again; a crash after it leaves both the result and the record.
 """
 
 from __future__ import annotations
@@ -13,16 +18,67 @@ import json
 import sqlite3
 import typing
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pigateway import wire
 from pigateway.ids import new_id
-from pigateway.inbox import NO_DEVICE, Entry
+from pigateway.inputs import text_problem
 from pigateway.store.outbox import SWEEP_CHUNK
 from pigateway.text import bounded
 
 if typing.TYPE_CHECKING:
     from pigateway.store.queue import Store
+
+#: ``device`` of a result whose command named no usable device.
+NO_DEVICE = "-"
+_MAX_DEVICE = 128
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One inbox row."""
+
+    seq: int
+    id: str
+    device: str
+    name: str
+    params: dict[str, Any]
+    received_at: float
+    expires_at: float | None  # on the store's gateway clock (pigateway.store.clock), not the wall's
+    state: str
+    attempts: int
+    started_at: float | None
+    last_error: str | None
+    status: str | None
+    result: dict[str, Any] | None
+    finished_at: float | None
+    ttl: float | None = None  # as the command came (None also for rows of before migration 3)
+    done_on: float | None = None  # when it was done, on the gateway clock (dedupe window)
+
+    def done_since(self) -> float:
+        """When it was done, on the gateway clock (rows of before migration 3: their wall
+        time, which the gateway clock started equal to)."""
+        return self.done_on if self.done_on is not None else (self.finished_at or 0.0)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, for ``pigateway inbox ls --json``."""
+        return {
+            "id": self.id, "device": self.device, "name": self.name, "params": self.params,
+            "state": self.state, "status": self.status, "attempts": self.attempts,
+            "received_at": self.received_at, "expires_at": self.expires_at,
+            "started_at": self.started_at, "finished_at": self.finished_at,
+            "last_error": self.last_error, "result": self.result,
+        }
+
+
+def outbox_device(device: Any) -> str:
+    """The device a result is filed under in the outbox (a placeholder when unusable: by
+    the same rule as ``store.prepare``, so filing a rejection can never be refused)."""
+    if isinstance(device, str) and device.strip() and len(device) <= _MAX_DEVICE \
+            and text_problem(device) is None:
+        return device
+    return NO_DEVICE
 
 Fetch = Callable[[str, Sequence[Any]], Awaitable[list[tuple[Any, ...]]]]
 #: The next command of a lane to mark running with a result: (id, attempt, wall time).

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from pigateway import lazylog
-from pigateway.clock import GatewayClock
 from pigateway.config import StoreConfig
 from pigateway.errors import InvalidCommand, QueueFull, StoreCorrupt, StoreFull
+from pigateway.store.clock import GatewayClock
 from pigateway.store.connection import chunks, fetch_all, first, marks
 from pigateway.store.values import (
     COMMAND_COLUMNS,

@@ -20,10 +20,10 @@ import threading
 from collections.abc import Sequence
 from typing import Any, Self
 
-from pigateway.clock import GatewayClock, Reading
 from pigateway.config import StoreConfig
 from pigateway.errors import StoreError
 from pigateway.store import delivery, files, puts, schema
+from pigateway.store.clock import GatewayClock, Reading
 from pigateway.store.commit import GroupCommit
 from pigateway.store.connection import connect, fetch_all, translate
 from pigateway.store.outbox import Outbox, Then
@@ -42,7 +42,7 @@ class Producer:
                  identity: files.Identity | None = None) -> None:
         self.config = config
         self.path = config.path
-        #: the clock of every ``expires_at`` in the file (see :mod:`pigateway.clock`)
+        #: the clock of every ``expires_at`` in the file (see :mod:`pigateway.store.clock`)
         self.clock = GatewayClock(reading)
         self._conn: sqlite3.Connection | None = conn
         #: one user of the connection at a time (threading: logging loads it anyway)

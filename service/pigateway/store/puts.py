@@ -15,11 +15,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pigateway.clock import GatewayClock
 from pigateway.config import StoreConfig
 from pigateway.errors import QueueFull, StoreError, StoreFull
 from pigateway.ids import new_id
 from pigateway.store import delivery
+from pigateway.store.clock import GatewayClock
 from pigateway.store.outbox import Put, Then
 from pigateway.store.values import NewCommand, check_name, prepare
 
@@ -31,7 +31,7 @@ def new_put(items: Sequence[NewCommand], config: StoreConfig, gateway_clock: Gat
             then: Then | None) -> Put:
     """``items`` checked and made rows now, in the caller: bad input fails here, before it
     can spoil a commit shared with others. ``queued_at`` is the wall clock's now;
-    ``expires_at`` counts from the gateway clock's (:mod:`pigateway.clock`)."""
+    ``expires_at`` counts from the gateway clock's (:mod:`pigateway.store.clock`)."""
     now, gateway_now = time.time(), gateway_clock.now()
     return Put([prepare(item, config, now, gateway_now) for item in items], list(items), then,
                gateway_clock.reading.offset)

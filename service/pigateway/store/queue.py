@@ -14,14 +14,12 @@ from collections.abc import Callable, Sequence
 from functools import cached_property
 from typing import Any, Self, TypeVar
 
-from pigateway import clock
-from pigateway.clock import GatewayClock
 from pigateway.config import StoreConfig
 from pigateway.errors import StoreError
-from pigateway.inbox import outbox_device
-from pigateway.store import clock_row, delivery, files, puts, schema
+from pigateway.store import clock, clock_row, delivery, files, puts, schema
+from pigateway.store.clock import GatewayClock
 from pigateway.store.connection import data_version, fetch_all, select_one, translate
-from pigateway.store.inbox import Inbox
+from pigateway.store.inbox import Inbox, outbox_device
 from pigateway.store.outbox import (
     SWEEP_CHUNK,
     Outbox,
@@ -54,7 +52,7 @@ class Store(Reads):
     def __init__(self, config: StoreConfig, writer: Writer, outbox: Outbox,
                  reader: SqliteThread, *, drainer: bool) -> None:
         self.config = config
-        #: the clock of every ``expires_at`` in the file (see :mod:`pigateway.clock`)
+        #: the clock of every ``expires_at`` in the file (see :mod:`pigateway.store.clock`)
         self.clock = outbox.clock
         self.path = config.path
         self.drainer = drainer
@@ -304,7 +302,7 @@ class Store(Reads):
                      "count towards TTLs", jump)
 
     async def _heartbeat_loop(self) -> None:
-        """The drainer's readings, every :data:`pigateway.clock.HEARTBEAT` seconds: one
+        """The drainer's readings, every :data:`pigateway.store.clock.HEARTBEAT` seconds: one
         small row, committed with whatever else is being written then."""
         while True:
             await asyncio.sleep(clock.HEARTBEAT)

@@ -12,11 +12,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Self
 
-from pigateway import clock
-from pigateway.clock import GatewayClock
 from pigateway.config import StoreConfig
 from pigateway.errors import NewerSchema, OlderSchema, StoreCorrupt, StoreError
-from pigateway.store import clock_row, delivery
+from pigateway.store import clock, clock_row, delivery
+from pigateway.store.clock import GatewayClock
 from pigateway.store.connection import first, translate
 from pigateway.store.files import check_header
 from pigateway.store.inbox import InboxReads
@@ -39,7 +38,7 @@ class Reads:
     """What every view of the queue reads: the service's and producers' :class:`Store`, and
     the read-only :class:`QueueReader` of ``status``, ``queue ls/stats`` and ``inbox ls``."""
 
-    #: the clock of every ``expires_at`` in the file (see :mod:`pigateway.clock`)
+    #: the clock of every ``expires_at`` in the file (see :mod:`pigateway.store.clock`)
     clock: GatewayClock
 
     async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:

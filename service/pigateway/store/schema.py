@@ -7,9 +7,9 @@ import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 
-from pigateway import clock, lazylog
+from pigateway import lazylog
 from pigateway.errors import NewerSchema
-from pigateway.store import clock_row, delivery
+from pigateway.store import clock, clock_row, delivery
 from pigateway.store.connection import first, run_transaction, translate
 
 log = lazylog.getLogger("pigateway.store")
@@ -83,7 +83,7 @@ MIGRATIONS: list[str] = [
     CREATE INDEX inbox_state ON inbox (state, seq);
     CREATE INDEX inbox_finished ON inbox (finished_at) WHERE state = 'done';
     """,
-    # 3: the gateway clock every expires_at is on (owned by pigateway.clock); the ttl each
+    # 3: the gateway clock every expires_at is on (owned by pigateway.store.clock); the ttl each
     # command came with (expires_at no longer shares a clock with queued_at/received_at, so
     # the ttl cannot be derived from them), and when an inbound one was done on that clock
     # (the dedupe window; finished_at is wall time)

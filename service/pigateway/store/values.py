@@ -32,7 +32,7 @@ class Command:
     """One queued command, as stored.
 
     ``queued_at`` is wall time; ``expires_at`` is on the store's gateway clock
-    (:mod:`pigateway.clock`), except in :meth:`Store.list_queued`/:meth:`Store.list_dead`,
+    (:mod:`pigateway.store.clock`), except in :meth:`Store.list_queued`/:meth:`Store.list_dead`,
     which show it as wall time.
     """
 
@@ -125,7 +125,7 @@ def prepare(item: NewCommand, config: StoreConfig, now: float,
     """Check one new command and turn it into a row; raise :class:`InvalidCommand`.
 
     ``now`` (wall clock) is its ``queued_at``; its ``expires_at`` counts from
-    ``gateway_now`` (:mod:`pigateway.clock`), so a wall-clock step cannot move it.
+    ``gateway_now`` (:mod:`pigateway.store.clock`), so a wall-clock step cannot move it.
     """
     check_name("device", item.device)
     check_name("command name", item.name)

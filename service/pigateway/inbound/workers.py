@@ -33,7 +33,7 @@ from tenacity import (
 )
 
 from pigateway import handlers as registry
-from pigateway import inbox
+from pigateway import wire
 from pigateway.backoff import wait_backoff
 from pigateway.config import Config
 from pigateway.counters import COUNTERS
@@ -45,8 +45,8 @@ from pigateway.errors import (
     StoreError,
 )
 from pigateway.handlers import Handler, HandlerFactory, Request
-from pigateway.inbox import Entry
 from pigateway.store import Store
+from pigateway.store.inbox import Entry
 from pigateway.text import bounded
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ class WorkerPool:
 
     async def _prune_loop(self) -> None:
         while True:
-            before = self.store.clock.now() - inbox.dedupe_horizon(self.config)
+            before = self.store.clock.now() - dedupe_horizon(self.config)
             try:
                 await self.store.inbox.prune(before)
             except StoreError as exc:
@@ -287,7 +287,7 @@ class WorkerPool:
 
     async def _finish(self, entry: Entry, status: str, detail: Any,
                       after: Entry | None = None) -> None:
-        document = inbox.result_document(entry.id, status, detail,
+        document = wire.result_document(entry.id, status, detail,
                                          max_bytes=self.config.store.max_params_bytes)
         then_running = None if after is None else (after.id, after.attempts + 1, time.time())
         done_on = self.store.clock.now()
@@ -350,3 +350,20 @@ def _outcome(entry: Entry, exc: Exception, attempts: int) -> tuple[str, str]:
     detail = outcome.detail.format(error=exc, kind=type(exc).__name__,
                                    attempts=attempts)
     return outcome.status, detail
+
+
+def dedupe_horizon(config: Config) -> float:
+    """Seconds a finished command id is remembered: ``inbound.dedupe_window``, but never
+    less than the broker can still deliver the message again.
+
+    A message whose PUBACK was lost (the link dropped right after it) comes again when the
+    session resumes, up to ``mqtt.session_expiry`` after the drop under MQTT 5, and the drop
+    is noticed within about two keepalives. Forgetting the id before that would run the
+    command twice. Under MQTT 3.1.1 the broker alone decides how long a session lives
+    (mosquitto: ``persistent_client_expiration``), so the window is taken as configured:
+    docs/handlers.md says to keep that broker setting within it.
+    """
+    window = config.inbound.dedupe_window
+    if config.mqtt.protocol == "5" and config.mqtt.session_expiry > 0:  # 0: no session kept
+        return max(window, float(config.mqtt.session_expiry + 2 * config.mqtt.keepalive))
+    return window

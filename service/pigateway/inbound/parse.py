@@ -1,40 +1,24 @@
-"""Receiving commands from the broker: validate, deduplicate, persist. Nothing runs here.
+"""Parsing a command from the broker: the wire contract's checks, each naming its field.
 
-The uplink awaits :meth:`Inbound.accept` for every message on ``{prefix}/{gateway}/commands``
-and acknowledges the message to the broker only after it returned, so a command is on disk
-before the broker forgets it. ``accept`` is quick (a parse and one commit) and never raises
-for what a message holds: a command that does not fit the contract (including what
-``json.loads`` takes but nothing can store: ``1e400``, lone surrogates) is answered
-``rejected`` with a bounded reason naming the field, and one without a readable id is logged
-and dead-lettered. It raises only when the store cannot record anything now
-(:class:`~pigateway.errors.StoreError`: busy, or under ``store.min_free_bytes`` plus room for
-the command's result); the message then stays unacknowledged and the uplink tries again.
-
-The running side is :mod:`pigateway.workers`; :meth:`Inbound.run` starts it.
+A command that does not fit the contract (including what ``json.loads`` takes but nothing
+can store: ``1e400``, lone surrogates) becomes a :class:`~pigateway.errors.RejectedCommand`
+with a bounded reason naming the field; pure, no I/O.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
-import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any
 
-from pigateway import inbox, wire
+from pigateway import wire
 from pigateway.config import MANAGE_VERBS, Config
-from pigateway.counters import COUNTERS
-from pigateway.errors import RejectedCommand, StoreError
-from pigateway.handlers import Handler, HandlerFactory
+from pigateway.errors import RejectedCommand
 from pigateway.mqtt.packets import Undecodable
-from pigateway.store import QueueReader, Store
 from pigateway.text import bounded, encodable, quoted
-from pigateway.workers import WorkerPool
-
-log = logging.getLogger(__name__)
 
 VERSION = wire.VERSION
 FIELDS = ("v", "id", "device", "name", "params", "ttl")
@@ -46,9 +30,6 @@ RESULT_ROW_BYTES = 4096
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number",
                float: "a number", bool: "a boolean", type(None): "null"}
-
-
-# --------------------------------------------------------------------------- the parser
 
 
 @dataclass(frozen=True)
@@ -326,176 +307,3 @@ def _kind(value: Any) -> str:
     """A value as a person reading the contract would name it, shortened."""
     shown = bounded(json.dumps(value, ensure_ascii=False, default=str)[:400], 40)
     return f"{_JSON_TYPES.get(type(value), type(value).__name__)} {shown}"
-
-
-# --------------------------------------------------------------------------- receiving
-
-
-class Inbound:
-    """Receives commands (:meth:`accept`) and runs them (:meth:`run`, the worker pool).
-
-    ``factories`` replaces the installed handlers (entry points) by name; tests use it.
-    """
-
-    def __init__(self, config: Config, store: Store, *,
-                 factories: Mapping[str, HandlerFactory] | None = None,
-                 manage: Handler | None = None) -> None:
-        self.config = config
-        self.store = store
-        self.limits = Limits.from_config(config)
-        self.pool = WorkerPool(config, store, factories=factories)
-        self.manage = manage
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def open(self) -> None:
-        """Build every device's handler now, so a config error stops the start."""
-        await self.pool.open()
-        if self.manage is not None:  # the gateway's own lane: closed with the others
-            self.pool.handlers[MANAGE_DEVICE] = self.manage
-
-    async def close(self) -> None:
-        """Close the handlers; idempotent."""
-        await self.pool.close()
-
-    async def run(self) -> None:
-        """The worker pool; runs until cancelled."""
-        await self.pool.run()
-
-    async def accept(self, payload: bytes) -> None:
-        """Validate, deduplicate and persist one message; durable on return.
-
-        Raises only :class:`~pigateway.errors.StoreError` (the store cannot take anything
-        now: the message stays unacknowledged and the uplink tries again). Any other failure
-        is this message's: it is answered ``rejected`` or dead-lettered, never raised, so
-        one message can never end the link or the service.
-        """
-        if isinstance(payload, Undecodable):  # the MQTT library could not decode it
-            await self._refuse(undecodable_refusal(payload, self.limits), payload)
-            return
-        try:
-            command = parse_command(payload, self.limits)
-        except RejectedCommand as exc:
-            await self._refuse(exc, payload)
-            return
-        await self._take(command, payload)
-
-    async def accept_manage(self, payload: bytes) -> None:
-        """:meth:`accept` for the ``manage`` topic: the same promises, the same inbox (its
-        ids deduplicated with the devices' ones), the lane :data:`MANAGE_DEVICE`."""
-        if isinstance(payload, Undecodable):
-            await self._refuse(RejectedCommand(bounded(payload.describe())), payload)
-            return
-        try:
-            command = parse_manage(payload, self.limits, self.config.manage.allow)
-        except RejectedCommand as exc:
-            await self._refuse(exc, payload)
-            return
-        await self._take(command, payload)
-
-    async def _take(self, command: InboundCommand, payload: bytes) -> None:
-        try:
-            await self._persist(command)
-        except StoreError:
-            raise
-        except Exception as exc:  # a bug or a value the checks missed: this message's failure
-            log.exception("command %s could not be stored; it is answered rejected",
-                          command.id, extra={"command_id": command.id})
-            reason = f"the command could not be stored: {type(exc).__name__}: {bounded(exc)}"
-            await self._refuse(RejectedCommand(bounded(reason), command_id=command.id,
-                                               device=command.device), payload)
-
-    async def _persist(self, command: InboundCommand) -> None:
-        """Insert ``command`` unless it is a repeat; the pool is woken for a new one.
-
-        Concurrent calls keep their order (the insert is queued before the first ``await``)
-        and share one commit; the store says whether the id was there before (a repeat).
-        """
-        # on the gateway clock, which a wall-clock step (NTP at boot) does not move
-        expires_at = None if command.ttl is None else self.store.clock.deadline(command.ttl)
-
-        async def receive(*, replace: bool) -> inbox.Entry | None:
-            return await self.store.inbox.receive(
-                command.id, command.device, command.name, command.params,
-                expires_at=expires_at, ttl=command.ttl, now=time.time(),
-                headroom=self._result_room(), replace=replace)
-        before = await receive(replace=False)
-        if before is not None and await self._repeat(before):
-            return
-        if before is not None:  # stale: a new command after all
-            await receive(replace=True)
-        self.pool.wake()
-
-    def _result_room(self) -> int:
-        """Bytes an accepted command keeps free beyond ``store.min_free_bytes``: room for
-        its result (at most ``max_params_bytes``, plus the row around it), so a command is
-        refused (left at the broker) rather than run with no room to record its result."""
-        return self.config.store.max_params_bytes + RESULT_ROW_BYTES
-
-    async def _repeat(self, entry: inbox.Entry) -> bool:
-        """Whether ``entry`` (received before) makes this message a repeat within the dedupe
-        window; a finished one is answered again with its stored result, an unfinished one
-        will answer by itself."""
-        window = inbox.dedupe_horizon(self.config)
-        if entry.state == "done" and entry.done_since() < self.store.clock.now() - window:
-            return False
-        if entry.state == "done" and entry.result is not None:
-            log.info("command %s was received again; its result (%s) is sent again",
-                     entry.id, entry.status, extra={"command_id": entry.id})
-            await self.store.inbox.answer_again(entry)
-        else:
-            log.info("command %s was received again while %s; it runs once", entry.id,
-                     entry.state, extra={"command_id": entry.id})
-        return True
-
-    async def _refuse(self, exc: RejectedCommand, payload: bytes) -> None:
-        """Answer ``rejected`` (or dead-letter); if even that fails for a reason other than
-        the store, dead-letter it, and if that fails too, log it: the message is dropped
-        (acknowledged) rather than ending the link at every delivery."""
-        try:
-            await self._reject(exc, payload)
-            return
-        except StoreError:
-            raise
-        except Exception:
-            log.exception("could not answer a rejected message; it is dead-lettered instead")
-        try:
-            await self.store.inbox.record_unreadable(exc.reason, payload, time.time())
-        except StoreError:
-            raise
-        except Exception:
-            log.exception("could not dead-letter a rejected message either; it is dropped")
-
-    async def _reject(self, exc: RejectedCommand, payload: bytes) -> None:
-        now = time.time()
-        if exc.command_id is None:
-            log.warning("dropped a message on the commands topic (no usable id, so no result "
-                        "can answer it): %s", bounded(exc.reason))
-            COUNTERS.inbound_done("dropped")
-            await self.store.inbox.record_unreadable(exc.reason, payload, now)
-            return
-        entry = await self.store.inbox.find(exc.command_id)
-        if entry is not None and await self._repeat(entry):
-            return
-        if entry is not None:  # stale
-            await self.store.inbox.forget(exc.command_id)
-        log.warning("rejected command %s: %s", exc.command_id, bounded(exc.reason),
-                    extra={"command_id": exc.command_id})
-        COUNTERS.inbound_done("rejected")
-        document = inbox.result_document(exc.command_id, "rejected", exc.reason, now=now,
-                                         max_bytes=self.config.store.max_params_bytes)
-        device = inbox.outbox_device(exc.device)
-        await self.store.inbox.reject(exc.command_id, device, document, now=now,
-                                      done_on=self.store.clock.now())
-
-
-async def list_inbox(config: Config, limit: int = 100) -> list[dict[str, Any]]:
-    """Pending, running and recently finished commands, for ``pigateway inbox ls``."""
-    async with await QueueReader.open(config.store) as reader:  # looks, never creates
-        return [{**entry.as_dict(), "expires_at": reader.clock.to_wall(entry.expires_at)}
-                for entry in await reader.inbox.listing(limit)]
