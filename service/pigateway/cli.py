@@ -292,9 +292,11 @@ def _add_queue(verbs: Any, common: argparse.ArgumentParser) -> None:
     _json(stats)
     stats.set_defaults(handler=cmd_queue_stats)
     requeue = _verb(queue, "requeue-dead",
-                    "send dead letters again (all but the expired and the invalid, or one --id)", common)
+                    "send dead letters again (all but the expired and the invalid, or one "
+                    "--id)", common)
     requeue.add_argument("--id", metavar="ID",
-                         help="only this dead letter (default: all but the expired and the invalid)")
+                         help="only this dead letter "
+                              "(default: all but the expired and the invalid)")
     requeue.add_argument("--expired", action="store_true",
                          help="with --id: send an expired command again (it is stale, and "
                               "may have been delivered already) (default: never)")
