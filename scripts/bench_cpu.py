@@ -40,7 +40,7 @@ import bench_uplink
 
 from harness.broker import Mosquitto
 from harness.service import CONSOLE_SCRIPT, Service
-from sockets import DatagramListener
+from harness.sockets import DatagramListener
 
 WATCHDOG_SEC = 30.0  # systemd/pigateway.service
 QUOTAS = (25, 10)

@@ -40,9 +40,9 @@ import aiomqtt
 
 from harness import gateway
 from harness.broker import Mosquitto
+from harness.ingest_helpers import V5, collecting
 from harness.service import CONSOLE_SCRIPT, Service
 from harness.waits import wait_until
-from ingest_helpers import V5, collecting
 
 GATEWAY = "bench-gw"
 PREFIX = "bench"

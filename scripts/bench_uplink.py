@@ -11,7 +11,7 @@ One run on this machine, everything on 127.0.0.1, ~200 bytes of params per comma
 - RSS of ``pigateway run`` while it drains a 1,000,000-command backlog;
 - cloud part (``--cloud`` runs only it): the drain under ``max_messages_per_second = 100``
   (a cloud's publish quota) as commands/s, and the time to drain 100,000 through the
-  refusing proxy (``tests/mqttproxy.py``) answering 10% of PUBACKs 0x97 (quota exceeded)
+  refusing proxy (``tests/harness/mqttproxy.py``) answering 10% of PUBACKs 0x97 (quota exceeded)
   for the first 10 s, with the dead letters it left (target 0).
 
 Rates are counted at a receiver in its own process (paho, no asyncio) from the first
@@ -40,9 +40,9 @@ import aiomqtt
 
 from harness import gateway
 from harness.broker import Mosquitto
+from harness.mqttproxy import RefusingProxy
 from harness.ports import free_port
 from harness.service import Service
-from mqttproxy import RefusingProxy
 from pigateway import config as configuration
 from pigateway.state import GatewayState, Link
 from pigateway.store import NewCommand, Store

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from harness.broker import Mosquitto, mosquitto_binary
+from harness.sockets import short_dir
 from pigateway.config import StoreConfig
-from sockets import short_dir
 
 
 @pytest.fixture

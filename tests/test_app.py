@@ -12,12 +12,9 @@ from pathlib import Path
 import pytest
 
 from harness.broker import Mosquitto
+from harness.netproxy import Proxy
 from harness.service import running_gateway
-from netproxy import Proxy
-from pigateway.app import Gateway
-from pigateway.state import Link
-from pigateway.store import NewCommand, Store
-from uplink_helpers import (
+from harness.uplink_helpers import (
     drained,
     make_config,
     start_service,
@@ -25,6 +22,9 @@ from uplink_helpers import (
     wait_until,
     write_service_config,
 )
+from pigateway.app import Gateway
+from pigateway.state import Link
+from pigateway.store import NewCommand, Store
 
 pytestmark = pytest.mark.broker
 

@@ -463,7 +463,7 @@ def test_send_wait_says_at_once_that_the_service_is_not_running(config_file: Pat
 @pytest.fixture
 def open_folder() -> Iterator[Path]:
     """A folder every user may enter (tmp_path is root's alone)."""
-    from sockets import short_dir  # noqa: PLC0415
+    from harness.sockets import short_dir  # noqa: PLC0415
 
     folder = short_dir()
     folder.chmod(0o755)

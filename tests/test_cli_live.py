@@ -14,8 +14,8 @@ import pytest
 
 from harness.broker import Mosquitto
 from harness.gateway import settings, write
+from harness.ingest_helpers import as_us
 from harness.service import CONSOLE_SCRIPT, Service, environment
-from ingest_helpers import as_us
 
 pytestmark = pytest.mark.broker
 

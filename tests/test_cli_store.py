@@ -1,4 +1,4 @@
-"""Issue 9: the queue verbs of the command line against a real file (P11, P13, class 4).
+"""The queue verbs of the command line against a real file.
 
 ``queue requeue-dead`` never replays a stale command unasked; the verbs that only look
 (``status``, ``queue ls``, ``queue stats``, ``inbox ls``) never create, migrate or move a

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from ha_helpers import ha_tables
 from harness import gateway
 from harness.broker import Mosquitto
+from harness.ha_helpers import ha_tables
 from harness.homeassistant import HomeAssistant, ensure_installed
 from harness.service import Service, environment
 from pigateway import __version__

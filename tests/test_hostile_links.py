@@ -24,6 +24,7 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from harness import gateway
 from harness import mqttwire as w
 from harness.hostile import Cut, HostileBroker
+from harness.uplink_helpers import running_uplink
 from harness.waits import until, wait_until
 from pigateway.config import Config, from_dict
 from pigateway.inbound import Inbound
@@ -32,7 +33,6 @@ from pigateway.mqtt import Settings, connect
 from pigateway.state import GatewayState, Link
 from pigateway.store import Store
 from pigateway.wire import topic
-from uplink_helpers import running_uplink
 
 #: 64 KB of text: named in a recipe, built when the packet is (so a failure prints a name)
 BIG = "<64 KB>"

@@ -1,5 +1,5 @@
 """Inbound messages at the edges of the input space: each is that message's failure, never
-the service's (issue 9, classes 1 and 2; P1, P2, P6, P7, S2, S4). A real store on disk (and
+the service's. A real store on disk (and
 a real tmpfs when root), the real ``accept`` path and worker pool."""
 
 from __future__ import annotations

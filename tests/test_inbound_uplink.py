@@ -1,6 +1,5 @@
 """Inbound messages through a real mosquitto and the real uplink: whatever one message does,
-the link stays up and the message is taken once or dropped, never redelivered for ever
-(issue 9, class 1; S3 and P6)."""
+the link stays up and the message is taken once or dropped, never redelivered for ever."""
 
 from __future__ import annotations
 
@@ -16,13 +15,13 @@ from aiomqtt import Client  # the tests play the cloud side
 
 from harness import gateway
 from harness.broker import Mosquitto
+from harness.uplink_helpers import RecordingState, make_config, running_uplink, wait_until
 from pigateway.config import Config
 from pigateway.errors import StoreError
 from pigateway.inbound import Inbound
 from pigateway.intake import TAKE_TRIES
 from pigateway.state import Link
 from pigateway.wire import topic
-from uplink_helpers import RecordingState, make_config, running_uplink, wait_until
 
 pytestmark = pytest.mark.broker
 

@@ -18,9 +18,9 @@ from paho.mqtt.properties import Properties
 
 from harness.broker import Mosquitto
 from harness.gateway import settings
+from harness.ingest_helpers import brokers, collecting, ingest_settings, publish
 from harness.service import running_gateway
 from harness.waits import until, wait_until
-from ingest_helpers import brokers, collecting, ingest_settings, publish
 from pigateway.config import Config, from_dict
 from pigateway.forwarded import ID_PROPERTY
 from pigateway.handlers import Request

@@ -26,9 +26,9 @@ from paho.mqtt.properties import Properties
 
 from harness.broker import Mosquitto
 from harness.gateway import settings, write
+from harness.ingest_helpers import V5, brokers, collecting, take_acked
 from harness.service import Service
 from harness.waits import wait_until
-from ingest_helpers import V5, brokers, collecting, take_acked
 from pigateway.mqtt import Settings, connect
 from test_store_faults import tmpfs
 

@@ -22,9 +22,9 @@ import pytest
 
 from harness.broker import Mosquitto, mosquitto_binary
 from harness.gateway import settings, write
+from harness.ingest_helpers import V5, Collector, as_us, collecting
 from harness.service import Service
 from harness.waits import until, wait_until
-from ingest_helpers import V5, Collector, as_us, collecting
 
 #: Messages and topics (z2m/<device>/state); override with PIGATEWAY_CHAOS_MESSAGES.
 MESSAGES = int(os.environ.get("PIGATEWAY_CHAOS_MESSAGES", "5000"))

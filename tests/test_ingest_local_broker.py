@@ -17,9 +17,9 @@ import pytest
 from conftest import Run
 from harness.broker import Mosquitto, mosquitto_binary
 from harness.gateway import settings, write
+from harness.ingest_helpers import as_us, collecting, publish
 from harness.service import Service
 from harness.waits import wait_until
-from ingest_helpers import as_us, collecting, publish
 from pigateway import localbroker
 from pigateway.config import from_dict
 

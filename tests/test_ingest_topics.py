@@ -18,9 +18,9 @@ import pytest
 
 from harness.broker import Mosquitto
 from harness.gateway import settings
+from harness.ingest_helpers import brokers, collecting, publish
 from harness.service import running_gateway
 from harness.waits import until, wait_until
-from ingest_helpers import brokers, collecting, publish
 from pigateway.config import from_dict
 from pigateway.ingest import forward_topic_problem
 from pigateway.state import Link

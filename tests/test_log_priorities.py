@@ -17,9 +17,9 @@ import pytest
 
 from harness import gateway
 from harness.broker import Mosquitto
+from harness.netproxy import Proxy
 from harness.service import running_gateway
 from harness.waits import wait_until
-from netproxy import Proxy
 from pigateway.logs import CEILINGS, setup_logging
 from pigateway.state import Link
 

@@ -19,8 +19,8 @@ from typing import BinaryIO
 
 import pytest
 
+from harness.sockets import DatagramListener
 from pigateway.logs import QUIET, encode_field, priority, setup_logging
-from sockets import DatagramListener
 
 LEVELS = [
     (logging.DEBUG, "7"),

@@ -1,4 +1,4 @@
-"""Metrics (issue 13): the numbers move with what happens, and the real tools accept them.
+"""Metrics: the numbers move with what happens, and the real tools accept them.
 
 Real parts only: mosquitto, SQLite files, Debian's ``prometheus-node-exporter`` reading the
 textfile over its own HTTP, and ``promtool`` (Debian's ``prometheus``) checking the exposition
@@ -34,6 +34,7 @@ from harness.gateway import config as gateway_config
 from harness.gateway import plain, to_toml
 from harness.ports import free_port
 from harness.service import running_gateway
+from harness.uplink_helpers import GATEWAY, drained, make_config, running_uplink, wait_until
 from pigateway import config as configuration
 from pigateway.app import Gateway
 from pigateway.config import MetricsConfig
@@ -42,7 +43,6 @@ from pigateway.inbound import Inbound
 from pigateway.metrics import COUNTERS, Exporter, render, snapshot, write_atomically
 from pigateway.state import GatewayState, Link
 from pigateway.store import Store
-from uplink_helpers import GATEWAY, drained, make_config, running_uplink, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "ops" / "prometheus"

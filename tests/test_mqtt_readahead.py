@@ -12,7 +12,7 @@ import asyncio
 from pathlib import Path
 
 from harness.broker import Mosquitto
-from ingest_helpers import as_us, publish, take_acked
+from harness.ingest_helpers import as_us, publish, take_acked
 from pigateway.mqtt import Message, ReadAhead, Settings, connect
 
 

@@ -16,13 +16,13 @@ import aiomqtt
 import pytest
 
 from harness.broker import Mosquitto, free_port, mosquitto_binary
-from ingest_helpers import as_us, publish, take_acked
+from harness.ingest_helpers import as_us, publish, take_acked
+from harness.uplink_helpers import RecordingState, drained, make_config, running_uplink, wait_until
 from pigateway import wire
 from pigateway.errors import StoreError, UplinkError
 from pigateway.mqtt import Connection, Settings, connect
 from pigateway.state import Link
 from test_uplink_security import make_pki
-from uplink_helpers import RecordingState, drained, make_config, running_uplink, wait_until
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from harness.broker import Mosquitto
-from mqttproxy import RefusingProxy
+from harness.mqttproxy import RefusingProxy
+from harness.uplink_helpers import make_config, running_uplink
 from pigateway.pacing import Pacer, TokenBucket
 from pigateway.store import NewCommand
-from uplink_helpers import make_config, running_uplink
 
 
 class Clock:

@@ -19,6 +19,7 @@ from gpiozero.pins.mock import MockFactory
 
 from harness.broker import Mosquitto
 from harness.service import running_gateway
+from harness.uplink_helpers import make_config, subscribed
 from harness.waits import wait_until
 from pigateway import pins
 from pigateway.app import Gateway
@@ -44,7 +45,6 @@ from pigateway.panel import (
 )
 from pigateway.pins import pin_factory
 from pigateway.state import GatewayState, Link, Refusal, Refuser
-from uplink_helpers import make_config, subscribed
 
 GREEN, RED, AMBER, PAUSE, FLUSH = 10, 11, 12, 20, 21
 BAR = [13, 14, 15, 16]

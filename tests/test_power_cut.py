@@ -28,7 +28,7 @@ from harness.broker import mosquitto_binary
 
 REASON = lossy.unavailable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"lossyfs cannot run: {REASON}")
-HELPERS = Path(__file__).parent / "helpers"
+HELPERS = Path(__file__).parent / "harness" / "programs"
 CUTS = 30
 SEED = 20261207
 

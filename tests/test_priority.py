@@ -1,4 +1,4 @@
-"""Priority lanes (issue 12): higher priorities are claimed first, within one priority the
+"""Priority lanes: higher priorities are claimed first, within one priority the
 order of puts holds; results are high by default, so they never wait behind a backlog of
 actions. Real SQLite files; the uplink tests run against a real mosquitto."""
 
@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 
 from harness.broker import Mosquitto
+from harness.uplink_helpers import drained, make_config, running_uplink, subscribed
+from harness.wire_subscriber import WireSubscriber
 from pigateway.config import StoreConfig
 from pigateway.errors import InvalidCommand
 from pigateway.store import NewCommand, QueueReader, Store
-from uplink_helpers import drained, make_config, running_uplink, subscribed
-from wire_subscriber import WireSubscriber
 
 ROOT = Path(__file__).resolve().parent.parent
 

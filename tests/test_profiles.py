@@ -17,11 +17,11 @@ import pytest
 
 from harness.broker import Mosquitto
 from harness.gateway import GATEWAY
+from harness.uplink_helpers import drained, make_config, running_uplink, wait_until
 from pigateway import config, profiles, wire
 from pigateway.errors import ConfigError
 from pigateway.store import NewCommand
 from test_uplink_security import make_pki
-from uplink_helpers import drained, make_config, running_uplink, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 

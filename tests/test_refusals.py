@@ -20,10 +20,10 @@ import pytest
 
 from harness import gateway
 from harness.broker import Mosquitto
+from harness.ingest_helpers import brokers, ingest_settings, publish
 from harness.ports import free_port
 from harness.service import running_gateway
 from harness.waits import wait_until
-from ingest_helpers import brokers, ingest_settings, publish
 from pigateway import metrics, report
 from pigateway.app import Gateway
 from pigateway.config import from_dict

@@ -32,9 +32,9 @@ import pytest
 
 from harness.broker import Mosquitto
 from harness.gateway import settings, write
+from harness.ingest_helpers import as_us
 from harness.service import Service
 from harness.waits import wait_until
-from ingest_helpers import as_us
 from pigateway import config as configuration
 from pigateway.store import NewCommand, Store
 

@@ -1,4 +1,4 @@
-"""``pigateway send`` imports only what it needs (issue 11: <= 100 ms on an idle machine).
+"""``pigateway send`` imports only what it needs (<= 100 ms on an idle machine).
 
 ``send`` is run in a fresh interpreter, in each of its ways (plain, params, ``--id``,
 ``--wait``, a refusal); none of the service's heavy modules may come with it, nor asyncio

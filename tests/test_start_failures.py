@@ -23,7 +23,7 @@ import pytest
 
 from harness import gateway
 from harness.service import argv, environment
-from sockets import DatagramListener, short_dir
+from harness.sockets import DatagramListener, short_dir
 from test_logs import parse_native
 
 EX_CONFIG = 78

@@ -21,7 +21,7 @@ from harness import gateway
 from pigateway import config as configuration
 from pigateway.store import Store
 
-HELPERS = Path(__file__).parent / "helpers"
+HELPERS = Path(__file__).parent / "harness" / "programs"
 SENDERS = 12
 PUTTERS, PRODUCERS, PUTS = 2, 4, 150
 

@@ -29,7 +29,7 @@ from pigateway.ids import new_id
 from pigateway.store import MIGRATIONS, NewCommand, Store
 
 CROCKFORD = set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
-HELPERS = Path(__file__).parent / "helpers"
+HELPERS = Path(__file__).parent / "harness" / "programs"
 
 
 def raw_rows(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

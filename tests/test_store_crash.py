@@ -28,7 +28,7 @@ import pytest
 from pigateway.config import StoreConfig
 from pigateway.store import NewCommand, Store
 
-HELPERS = Path(__file__).parent / "helpers"
+HELPERS = Path(__file__).parent / "harness" / "programs"
 FIRST_LINE_TIMEOUT = 30.0
 
 
@@ -51,7 +51,7 @@ class Child:
 
 @contextlib.contextmanager
 def child(*args: str) -> Iterator[Child]:
-    """Start ``python helpers/<args>``; always SIGKILLed (by its own pid) and reaped."""
+    """Start ``python harness/programs/<args>``; always SIGKILLed (by its own pid) and reaped."""
     process = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE)
     running = Child(process)
     reader = threading.Thread(target=running.read, daemon=True)

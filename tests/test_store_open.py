@@ -1,4 +1,4 @@
-"""Issue 9: how the store is opened (P4, P15, S8).
+"""How the store is opened, and by whom.
 
 Only the drainer, holding its lock, checks a queue file in full and moves a bad one aside;
 a producer (``pigateway send``) checks cheaply and refuses a bad file, so concurrent sends

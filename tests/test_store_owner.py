@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.sockets import short_dir
 from pigateway.config import StoreConfig
 from pigateway.store.producer import Producer
-from sockets import short_dir
 
 SERVICE = "nobody"
 

@@ -1,4 +1,4 @@
-"""Issue 9, class 3: no transaction of the store grows with the backlog.
+"""No transaction of the store grows with the backlog.
 
 Expiry, purge, requeue, drop-oldest and dead-letter pruning work in chunks of
 ``SWEEP_CHUNK`` rows, each its own commit: the writer answers the watchdog's ping between

@@ -20,14 +20,14 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from harness.sockets import DatagramListener
+from harness.uplink_helpers import wait_until
 from pigateway.config import StoreConfig
 from pigateway.errors import StoreError
 from pigateway.state import GatewayState, Link, Refusal, Refuser
 from pigateway.store import Store
 from pigateway.systemd import Notifier, ping_bound, status_line, supervise, watchdog_interval
 from pigateway.text import format_age
-from sockets import DatagramListener
-from uplink_helpers import wait_until
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from harness import gateway
 from harness import mqttwire as w
 from harness.broker import Mosquitto
 from harness.hostile import RawClient
+from harness.uplink_helpers import RecordingState, drained, running_uplink
 from harness.waits import until, wait_until
 from pigateway.config import Config, from_dict
 from pigateway.inbound import Inbound
@@ -28,7 +29,6 @@ from pigateway.ingest import Ingest
 from pigateway.state import Link
 from pigateway.store import Store
 from pigateway.wire import topic
-from uplink_helpers import RecordingState, drained, running_uplink
 
 pytestmark = pytest.mark.broker
 

@@ -11,14 +11,8 @@ import tenacity
 from aiomqtt import Client  # the tests play the cloud side
 
 from harness.broker import Mosquitto
-from netproxy import Proxy
-from pigateway.backoff import wait_backoff
-from pigateway.errors import StoreError, UplinkError
-from pigateway.mqtt import local_publisher
-from pigateway.state import Link
-from pigateway.uplink import reconnect_policy
-from pigateway.wire import topic
-from uplink_helpers import (
+from harness.netproxy import Proxy
+from harness.uplink_helpers import (
     RecordingState,
     drained,
     make_config,
@@ -27,6 +21,12 @@ from uplink_helpers import (
     subscribed,
     wait_until,
 )
+from pigateway.backoff import wait_backoff
+from pigateway.errors import StoreError, UplinkError
+from pigateway.mqtt import local_publisher
+from pigateway.state import Link
+from pigateway.uplink import reconnect_policy
+from pigateway.wire import topic
 
 pytestmark = pytest.mark.broker
 

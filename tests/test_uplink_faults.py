@@ -17,10 +17,8 @@ from pathlib import Path
 import pytest
 
 from harness.broker import Mosquitto
-from netproxy import Proxy
-from pigateway.state import Link
-from pigateway.store import NewCommand, Store
-from uplink_helpers import (
+from harness.netproxy import Proxy
+from harness.uplink_helpers import (
     drained,
     make_config,
     per_device_order_holds,
@@ -30,7 +28,9 @@ from uplink_helpers import (
     wait_until,
     write_service_config,
 )
-from wire_subscriber import WireSubscriber
+from harness.wire_subscriber import WireSubscriber
+from pigateway.state import Link
+from pigateway.store import NewCommand, Store
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

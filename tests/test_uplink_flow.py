@@ -18,12 +18,10 @@ from typing import Any
 import pytest
 
 from harness.broker import Mosquitto
+from harness.mqttproxy import RefusingProxy
 from harness.ports import free_port
 from harness.service import Service, environment
-from harness.waits import until
-from mqttproxy import RefusingProxy
-from pigateway.store import NewCommand
-from uplink_helpers import (
+from harness.uplink_helpers import (
     drained,
     make_config,
     running_uplink,
@@ -31,6 +29,8 @@ from uplink_helpers import (
     wait_until,
     write_service_config,
 )
+from harness.waits import until
+from pigateway.store import NewCommand
 
 pytestmark = pytest.mark.broker
 

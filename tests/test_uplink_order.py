@@ -6,7 +6,7 @@ refuses it for now (0x97: the link ends, it goes again later), refuses it for go
 it is split and sent again as halves), the token bucket holds it longer than a smaller
 one behind it, or the link drops under it. Each time a real subscriber records the first
 deliveries and the device's commands must be among them in the order they were put.
-Everything runs against a real mosquitto, the refusals through tests/mqttproxy.py.
+Everything runs against a real mosquitto, the refusals through tests/harness/mqttproxy.py.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from harness.broker import Mosquitto
-from mqttproxy import RefusingProxy
-from netproxy import Proxy
+from harness.mqttproxy import RefusingProxy
+from harness.netproxy import Proxy
+from harness.uplink_helpers import RecordingState, drained, make_config, running_uplink, subscribed
 from pigateway.store import NewCommand
-from uplink_helpers import RecordingState, drained, make_config, running_uplink, subscribed
 
 pytestmark = pytest.mark.broker
 

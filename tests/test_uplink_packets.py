@@ -19,11 +19,11 @@ import pytest
 
 from harness.broker import Mosquitto
 from harness.gateway import GATEWAY
-from mqttproxy import RefusingProxy
+from harness.mqttproxy import RefusingProxy
+from harness.uplink_helpers import drained, make_config, running_uplink, subscribed, wait_until
+from harness.wire_subscriber import WireSubscriber
 from pigateway import forwarded
 from pigateway.store import NewCommand
-from uplink_helpers import drained, make_config, running_uplink, subscribed, wait_until
-from wire_subscriber import WireSubscriber
 
 pytestmark = pytest.mark.broker
 

@@ -19,11 +19,8 @@ from typing import Any
 import pytest
 
 from harness.broker import Mosquitto
-from mqttproxy import Decide, RefusingProxy
-from pigateway.mqtt import PUBACK_REFUSALS
-from pigateway.state import Link
-from pigateway.store import NewCommand
-from uplink_helpers import (
+from harness.mqttproxy import Decide, RefusingProxy
+from harness.uplink_helpers import (
     RecordingState,
     drained,
     make_config,
@@ -32,6 +29,9 @@ from uplink_helpers import (
     subscribed,
     wait_until,
 )
+from pigateway.mqtt import PUBACK_REFUSALS
+from pigateway.state import Link
+from pigateway.store import NewCommand
 
 pytestmark = pytest.mark.broker
 

@@ -16,13 +16,7 @@ from pathlib import Path
 import pytest
 
 from harness.broker import Mosquitto
-from pigateway.batching import Rules, plan
-from pigateway.ids import new_id
-from pigateway.mqtt import PUBLISH_OVERHEAD
-from pigateway.state import Link
-from pigateway.store import Command
-from pigateway.uplink import reconnect_policy
-from uplink_helpers import (
+from harness.uplink_helpers import (
     GATEWAY,
     RecordingState,
     drained,
@@ -30,6 +24,12 @@ from uplink_helpers import (
     running_uplink,
     wait_until,
 )
+from pigateway.batching import Rules, plan
+from pigateway.ids import new_id
+from pigateway.mqtt import PUBLISH_OVERHEAD
+from pigateway.state import Link
+from pigateway.store import Command
+from pigateway.uplink import reconnect_policy
 
 pytestmark = pytest.mark.broker
 

@@ -1,4 +1,4 @@
-"""The drain against a store that is busy for a while (class 1 of issue 9).
+"""The drain against a store that is busy for a while: nothing is lost or sent twice.
 
 Another process holds SQLite's write lock (a real second connection, ``BEGIN IMMEDIATE``)
 for several times ``store.busy_timeout`` while batches are in flight: their PUBACKs come
@@ -15,11 +15,8 @@ from pathlib import Path
 import pytest
 
 from harness.broker import Mosquitto
-from netproxy import Proxy
-from pigateway import systemd
-from pigateway.state import GatewayState, Link
-from pigateway.store import NewCommand
-from uplink_helpers import (
+from harness.netproxy import Proxy
+from harness.uplink_helpers import (
     RecordingState,
     drained,
     make_config,
@@ -28,6 +25,9 @@ from uplink_helpers import (
     subscribed,
     wait_until,
 )
+from pigateway import systemd
+from pigateway.state import GatewayState, Link
+from pigateway.store import NewCommand
 
 pytestmark = pytest.mark.broker
 

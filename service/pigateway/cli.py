@@ -758,7 +758,7 @@ def _finish(outcome: int | Coroutine[Any, Any, int]) -> int:
     imported here, for the verbs that need it (``send`` needs none)."""
     if isinstance(outcome, int):
         return outcome
-    import asyncio  # noqa: PLC0415 - not for send (issue 11)
+    import asyncio  # noqa: PLC0415 - send must start in 100 ms
 
     return asyncio.run(outcome)
 

@@ -48,7 +48,7 @@ GATEWAY = "gw-cut"
 PREFIX = "pc"
 INGEST_CLIENT = "gw-cut-ingest"
 FAST = {"batch_delay": 0.01, "backoff_initial": 0.05, "backoff_max": 0.3}
-PUTTER = Path(__file__).parent.parent / "helpers" / "putter.py"
+PUTTER = Path(__file__).parent / "programs" / "putter.py"
 SCENARIOS = ("send", "send --id", "put (API)", "drain", "ingest")
 DRAIN_TIMEOUT = 60.0
 #: the Python API's producers in a round and the seconds between two puts of each: the
@@ -271,7 +271,7 @@ class Senders:
 
 
 class Putter:
-    """tests/helpers/putter.py on the mount: the Python API's ``put`` (group commits of
+    """tests/harness/programs/putter.py on the mount: the Python API's ``put`` (group commits of
     concurrent puts), each id printed once ``put`` returned."""
 
     def __init__(self, store: Path) -> None:

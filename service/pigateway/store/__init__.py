@@ -25,7 +25,7 @@ a whole; every read is bounded by a ``LIMIT``. ``pigateway send`` uses
 
 The names below are imported from their rooms on first use, not with the package:
 ``pigateway send`` imports :mod:`~pigateway.store.producer`, and with it this package,
-and must not pay for the :class:`Store`'s asyncio (issue 11: ``send`` in 100 ms).
+and must not pay for the :class:`Store`'s asyncio (``send`` starts in 100 ms).
 """
 
 from __future__ import annotations

@@ -121,7 +121,7 @@ MIGRATIONS: list[str] = [
     END;
     CREATE INDEX dead_letters_age ON dead_letters (dead_at);
     """,
-    # 5: priority lanes (issue 12): 0 high, 1 normal, 2 low, claimed in (priority, seq)
+    # 5: priority lanes: 0 high, 1 normal, 2 low, claimed in (priority, seq)
     # order; results are high (they never wait behind a backlog of actions). Dead letters
     # keep theirs for a requeue.
     """
@@ -131,8 +131,8 @@ MIGRATIONS: list[str] = [
     UPDATE dead_letters SET priority = 0 WHERE kind = 'result';
     CREATE INDEX outbox_urgent ON outbox (priority, seq) WHERE priority != 1;
     """,
-    # 6: delivery records of watched commands, and producer keys (issue 11:
-    # :mod:`pigateway.store.delivery`, ``send --wait``, ``send --id``, ``queue show``).
+    # 6: delivery records of watched commands, and producer keys
+    # (:mod:`pigateway.store.delivery`, ``send --wait``, ``send --id``, ``queue show``).
     delivery.SCHEMA,
     # 7: ages on the gateway clock, not the wall clock a Pi steps at NTP's first answer
     # (a dead letter of the minute before the step was pruned as "older than

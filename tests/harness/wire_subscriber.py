@@ -3,7 +3,7 @@
 It subscribes to ``{prefix}/{gateway}/#`` on a persistent session (QoS 1), reconnects by
 itself when the broker goes away, and decodes every message strictly: a batch or result
 that does not fit the contract is recorded in :attr:`WireSubscriber.errors`, never
-skipped in silence. Tests read what arrived; ``python tests/wire_subscriber.py --port N
+skipped in silence. Tests read what arrived; ``python tests/harness/wire_subscriber.py --port N
 --prefix P --gateway G`` prints it.
 """
 

@@ -16,11 +16,11 @@ import tenacity
 from harness import gateway, service
 from harness.gateway import GATEWAY
 from harness.waits import until, wait_until  # noqa: F401 -- re-exported: many tests import it from here
+from harness.wire_subscriber import WireSubscriber
 from pigateway import config
 from pigateway.state import GatewayState
 from pigateway.store import Store
 from pigateway.uplink import OnCommand, Uplink
-from wire_subscriber import WireSubscriber
 
 #: A subscriber kind: the contract-only WireSubscriber or one that records more.
 S = TypeVar("S", bound=WireSubscriber)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from netproxy import LoopbackRelay
+from harness.netproxy import LoopbackRelay
 
 #: ``decide(connection number from 1, topic, payload)``: a reason code to refuse with, or None.
 Decide = Callable[[int, str, bytes], int | None]

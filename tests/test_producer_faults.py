@@ -1,4 +1,4 @@
-"""Review of the Producer (``pigateway send`` without asyncio): what broke under attack.
+"""The Producer (``pigateway send`` without asyncio) under faults: what it promises holds.
 
 Each test names the promise it checks: no command a caller was told is queued may be
 missing, and none it was told failed may be queued (its retry would send it twice).

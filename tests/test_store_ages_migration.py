@@ -1,4 +1,4 @@
-"""Adversarial review of migration 7 (ages on the gateway clock): real SQLite files.
+"""Migration 7 (ages on the gateway clock) keeps every row's age: real SQLite files.
 
 The gateway clock runs behind the wall clock whenever downtime went uncounted, and by the
 whole NTP step when the queue file was created before the first NTP answer (a fresh Pi
