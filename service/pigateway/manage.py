@@ -152,12 +152,13 @@ class Manage:
             await process.wait()
             raise HandlerError(f"journalctl did not answer within {LOGS_TIMEOUT:g}s") from None
         said = err.decode("utf-8", "replace")
-        if process.returncode != 0:
-            raise HandlerError(f"journalctl failed ({process.returncode}): {bounded(said, 300)}")
-        if "insufficient permissions" in said:  # journalctl says so, and exits 0
+        # journalctl says so in words (exiting 0 or 1 by version), never by a status of its own
+        if "insufficient permissions" in said or "systemd-journal" in said:
             raise HandlerError("the service's user may not read the journal: add it to the "
                                "systemd-journal group (a drop-in with "
                                "SupplementaryGroups=systemd-journal), then restart")
+        if process.returncode != 0:
+            raise HandlerError(f"journalctl failed ({process.returncode}): {bounded(said, 300)}")
         return {"lines": _tail(out.decode("utf-8", "replace"),
                                self.config.store.max_params_bytes // 2)}
 
