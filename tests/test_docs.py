@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -91,3 +92,45 @@ def test_every_doc_the_gateway_names_is_on_the_gateway() -> None:
             links = re.findall(r"\]\(([a-z_-]+\.md)", path.read_text())
             named |= {f"docs/{name}" for name in links}
     assert named - shipped == set()
+
+
+def _where_to_change_rows() -> list[list[str]]:
+    """The rows of docs/architecture.md's "Where to change what", cell by cell."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text.split("## Where to change what", 1)[1].split("\n## ", 1)[0]
+    return [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| to change")]
+
+
+def _defines(path: Path, name: str) -> bool:
+    """Whether the module at ``path`` defines ``name`` at its top level."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, ast.Assign):
+            names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names = [node.target.id]
+        else:
+            continue
+        if name in names:
+            return True
+    return False
+
+
+def test_where_to_change_what_names_files_and_symbols_that_exist() -> None:
+    """Each row of the page names a file and a symbol defined in it, tests and a doc that
+    exist: a move or a rename that forgets the page fails here."""
+    rows = _where_to_change_rows()
+    assert len(rows) >= 12, "the page lists about a dozen common changes"
+    wrong = []
+    for change, where, tests, doc in rows:
+        source, symbol = re.findall(r"`([^`]+)`", where)[:2]
+        if not (ROOT / source).is_file() or not _defines(ROOT / source, symbol):
+            wrong.append(f"{change}: {source} {symbol}")
+        named = re.findall(r"`([^`]+\.(?:py|md))`", f"{tests} {doc}")
+        wrong += [f"{change}: {path}" for path in named if not (ROOT / path).is_file()]
+        if not named:
+            wrong.append(f"{change}: names no test or doc")
+    assert wrong == []

@@ -28,7 +28,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
@@ -163,6 +163,18 @@ def as_forward(config: Config, rule: IngestRule, message: Message) -> Taken:
     params = forwarded.pack(where, message.payload, extras)
     return Taken(NewCommand(device=device, name="forward", params=params, ttl=ttl,
                             kind="forward"))
+
+
+def _as_command(config: Config, rule: IngestRule, message: Message) -> Taken:
+    return as_command(rule, message)
+
+
+#: What a message becomes under a rule, by the rule's ``mode``: the one table of ingest
+#: modes (a new mode is a row here and a literal of :attr:`IngestRule.mode`).
+MODES: Final[dict[str, Callable[[Config, IngestRule, Message], Taken]]] = {
+    "command": _as_command,
+    "forward": as_forward,
+}
 
 
 def as_undecodable(message: Message, packet: Undecodable) -> Taken:
@@ -413,6 +425,4 @@ class Ingest:
             return None  # an old subscription the persistent session kept: acknowledged
         if message.undecodable is not None:
             return as_undecodable(message, message.undecodable)
-        if rule.mode == "command":
-            return as_command(rule, message)
-        return as_forward(self.config, rule, message)
+        return MODES[rule.mode](self.config, rule, message)

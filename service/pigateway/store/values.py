@@ -16,11 +16,12 @@ from pigateway.ids import new_id
 from pigateway.inputs import shown, text_problem
 from pigateway.text import json_kind
 
-KINDS = ("action", "result", "forward")
 #: The priorities a command can be put with, and the number stored: claimed lowest first.
 PRIORITIES: dict[str, int] = {"high": 0, "normal": 1, "low": 2}
-#: A kind's priority when the put names none: results never wait behind a backlog of actions.
+#: The one table of row kinds, each with its priority when the put names none: results
+#: never wait behind a backlog of actions. A new kind is a row here.
 KIND_PRIORITY: dict[str, str] = {"action": "normal", "result": "high", "forward": "normal"}
+KINDS = tuple(KIND_PRIORITY)
 MAX_NAME = 128
 #: The columns :func:`row_to_command` reads, in its order.
 COMMAND_COLUMNS = ("seq, id, kind, device, name, params, size, queued_at, expires_at, "
