@@ -4,10 +4,13 @@ service starts on its base config instead of exiting 78 (a config error, never r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from harness import gateway as harness_gateway
 from pigateway import remoteconfig
@@ -81,3 +84,37 @@ def test_the_service_starts_on_its_base_config_when_the_overlay_is_refused(
         process.wait(20)
     assert process.returncode == 0
     assert json.loads((overlay.parent / "remote.outcome.json").read_text())["applied"] is False
+
+
+class _Cut(BaseException):
+    """A stop (kill -9, a power cut) at one step of a commit."""
+
+
+@pytest.mark.parametrize("cut_at", range(5))
+def test_a_commit_cut_short_at_any_step_answers_what_the_gateway_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut_at: int) -> None:
+    """Whatever step of a commit a stop cuts, the next start's outcome (the command's one
+    result) agrees with the config that start runs: never "rolled back" while the overlay
+    is in force, never "applied" while it is not."""
+    path, overlay = base(tmp_path)
+    remoteconfig.stage(overlay, "cs-cut", "[mqtt]\nport = 1884\n")
+    _, trial = remoteconfig.service_config(path)
+    assert trial is not None
+    real_sync, calls = remoteconfig._sync_folder, [0]
+
+    def cut(folder: Path) -> None:
+        if calls[0] == cut_at:
+            raise _Cut  # the steps before this sync are on disk, nothing after them
+        calls[0] += 1
+        real_sync(folder)
+
+    monkeypatch.setattr(remoteconfig, "_sync_folder", cut)
+    with contextlib.suppress(_Cut):
+        trial.commit()
+    monkeypatch.setattr(remoteconfig, "_sync_folder", real_sync)
+    config, again = remoteconfig.service_config(path)
+    outcome = remoteconfig.outcome(overlay)
+    assert again is None
+    assert outcome is not None and outcome["id"] == "cs-cut"
+    assert outcome["applied"] == (config.mqtt.port == 1884), outcome
+    assert remoteconfig.pending_id(overlay) is None

@@ -115,11 +115,13 @@ class Trial:
     id: str
 
     def commit(self) -> None:
-        """The gateway is READY and online with it: it becomes the overlay."""
-        os.replace(pending_path(self.overlay), self.overlay)
-        _sync_folder(self.overlay.parent)
-        _finish(self.overlay, {"id": self.id, "applied": True})
-        log.log(NOTICE, "manage: config-set %s applied: the gateway is online with it", self.id)
+        """The gateway is READY and online with it: it becomes the overlay. The outcome is
+        written first and is the commit point: a stop after it is finished by the next
+        start (:func:`_settle`), one before it is rolled back there, so the one result
+        always says what the gateway runs."""
+        write_atomically(_outcome_path(self.overlay), json.dumps({"id": self.id,
+                                                                  "applied": True}))
+        _settle(self.overlay, self.id, applied=True)
 
     def roll_back(self, reason: str) -> None:
         rollback(self.overlay, self.id, reason)
@@ -131,6 +133,22 @@ def rollback(overlay: Path, command_id: str, reason: str) -> None:
     _sync_folder(overlay.parent)
     _finish(overlay, {"id": command_id, "applied": False, "reason": bounded(reason, 500)})
     log.warning("manage: config-set %s rolled back: %s", command_id, bounded(reason, 500))
+
+
+def _settle(overlay: Path, command_id: str, *, applied: bool) -> None:
+    """Finish a config-set whose outcome is written: the pending overlay becomes the
+    overlay (applied) or goes, then the meta goes. Each step may be repeated."""
+    pending = pending_path(overlay)
+    if applied and pending.exists():
+        os.replace(pending, overlay)
+    else:
+        pending.unlink(missing_ok=True)
+    _sync_folder(overlay.parent)
+    _meta_path(overlay).unlink(missing_ok=True)
+    _sync_folder(overlay.parent)
+    if applied:
+        log.log(NOTICE, "manage: config-set %s applied: the gateway is online with it",
+                command_id)
 
 
 def _finish(overlay: Path, result: dict[str, Any]) -> None:
@@ -153,6 +171,10 @@ def service_config(path: str | os.PathLike[str] | None) -> tuple[Config, Trial |
             pending_path(overlay).unlink()  # a stage cut short: no command waits for it
         return config, None
     command_id: str = meta["id"]
+    done = outcome(overlay)
+    if done is not None and done.get("id") == command_id:  # ended; a stop cut its finish
+        _settle(overlay, command_id, applied=done.get("applied") is True)
+        return configuration.load(path), None
     if meta.get("tried") or not pending_path(overlay).exists():
         rollback(overlay, command_id, "the gateway did not come back READY and online with "
                  "it (it stopped or was restarted before)")
