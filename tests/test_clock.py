@@ -20,10 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from harness import backdoor
 from pigateway.batching import Batcher, Rules
 from pigateway.config import StoreConfig
 from pigateway.handlers import Request
-from pigateway.store import MIGRATIONS, Store, clock, clock_row
+from pigateway.store import Store, clock, clock_row
+from pigateway.store.schema import MIGRATIONS
 from test_inbound import Scripted, by_id, command, make_config, results, running
 
 YEAR = 365 * 86400.0
@@ -331,7 +333,8 @@ async def test_existing_deadlines_keep_their_meaning_after_the_migration(
         assert store.clock.now() == pytest.approx(time.time(), abs=1)
         assert await claimed_ids(store) == ["old"]
         await store.inbox.prune(store.clock.now() - 50, chunks=1)
-        assert [row[0] for row in await store.read("SELECT id FROM inbox")] == ["done-now"]
+        rows = await backdoor.read(store, "SELECT id FROM inbox")
+        assert [row[0] for row in rows] == ["done-now"]
 
 
 # --------------------------------------------------------------------------- the dedupe window
@@ -388,9 +391,10 @@ async def test_a_command_keeps_the_ttl_it_was_put_with(store_config: StoreConfig
     async with opened(store_config) as store:
         command_ = await store.put("lamp", "on", ttl=30)
         forever = await store.put("lamp", "off", ttl=0)
-        assert await store.read("SELECT ttl FROM outbox ORDER BY seq") == [(30.0,), (0.0,)]
+        ttls = await backdoor.read(store, "SELECT ttl FROM outbox ORDER BY seq")
+        assert ttls == [(30.0,), (0.0,)]
         await store.dead_letter([command_.id, forever.id], "max-attempts")
-        dead = await store.read("SELECT id, ttl FROM dead_letters")
+        dead = await backdoor.read(store, "SELECT id, ttl FROM dead_letters")
     assert sorted(dead) == sorted([(command_.id, 30.0), (forever.id, 0.0)])
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness import backdoor
 from harness.broker import Mosquitto, mosquitto_binary
 from harness.gateway import config as gateway_config
 from harness.gateway import plain, to_toml
@@ -261,7 +262,7 @@ async def test_inbound_results_count_by_status(tmp_path: Path) -> None:
             await asyncio.sleep(0.05)
 
             for _ in range(200):  # up to 10 s for the three results
-                rows = await store.read("SELECT count(*) FROM inbox WHERE state = 'done'")
+                rows = await backdoor.read(store, "SELECT count(*) FROM inbox WHERE state = 'done'")
                 if rows[0][0] >= 3:
                     break
                 await asyncio.sleep(0.05)

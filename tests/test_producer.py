@@ -24,9 +24,10 @@ import pytest
 
 from pigateway.config import StoreConfig
 from pigateway.errors import InvalidCommand, QueueFull, StoreError, StoreFull
-from pigateway.store import POLL_INTERVAL, NewCommand, Store
+from pigateway.store import NewCommand, Store
 from pigateway.store.delivery import KEY_SECONDS
 from pigateway.store.producer import Producer
+from pigateway.store.queue import POLL_INTERVAL
 from test_store_faults import PAD, tmpfs
 
 #: Columns of a queued row that do not depend on when or by whom it was put.

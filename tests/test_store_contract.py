@@ -23,10 +23,12 @@ from typing import Any, Literal
 
 import pytest
 
+from harness import backdoor
 from pigateway.config import StoreConfig
 from pigateway.errors import InvalidCommand, QueueFull, StoreError
 from pigateway.ids import new_id
-from pigateway.store import MIGRATIONS, NewCommand, Store
+from pigateway.store import NewCommand, Store
+from pigateway.store.schema import MIGRATIONS
 
 CROCKFORD = set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
 HELPERS = Path(__file__).parent / "harness" / "programs"
@@ -390,49 +392,51 @@ class TestStoreContract:
     # ---- also=, write, read
 
     async def test_also_runs_in_the_same_transaction(self, store: Store) -> None:
-        await store.write([("CREATE TABLE notes (id TEXT PRIMARY KEY, text TEXT)", ())])
-        command = await store.put("d", "n", also=[("INSERT INTO notes VALUES (?, ?)",
+        await backdoor.write(store, [("CREATE TABLE notes (id TEXT PRIMARY KEY, text TEXT)", ())])
+        command = await backdoor.put_with(store, "d", "n", also=[("INSERT INTO notes VALUES (?, ?)",
                                                    ("n1", "with the command"))])
         assert raw_rows(store.path, "SELECT * FROM notes") == [("n1", "with the command")]
         with pytest.raises(StoreError):
-            await store.put("d", "m", also=[("INSERT INTO notes VALUES (?, ?)", ("n1", "dup"))])
+            await backdoor.put_with(store, "d", "m",
+                                    also=[("INSERT INTO notes VALUES (?, ?)", ("n1", "dup"))])
         assert queued_ids(store.path) == [command.id]
-        assert await store.read("SELECT count(*) FROM notes") == [(1,)]
+        assert await backdoor.read(store, "SELECT count(*) FROM notes") == [(1,)]
 
     async def test_a_failing_also_fails_alone_in_a_shared_commit(self, store: Store) -> None:
-        await store.write([("CREATE TABLE notes (id TEXT PRIMARY KEY)", ()),
+        await backdoor.write(store, [("CREATE TABLE notes (id TEXT PRIMARY KEY)", ()),
                            ("INSERT INTO notes VALUES ('taken')", ())])
         outcomes = await asyncio.gather(
-            store.put("d", "a", also=[("INSERT INTO notes VALUES (?)", ("a",))]),
-            store.put("d", "b", also=[("INSERT INTO notes VALUES (?)", ("taken",))]),
-            store.put("d", "c", also=[("INSERT INTO notes VALUES (?)", ("c",))]),
+            backdoor.put_with(store, "d", "a", also=[("INSERT INTO notes VALUES (?)", ("a",))]),
+            backdoor.put_with(store, "d", "b", also=[("INSERT INTO notes VALUES (?)", ("taken",))]),
+            backdoor.put_with(store, "d", "c", also=[("INSERT INTO notes VALUES (?)", ("c",))]),
             return_exceptions=True)
         assert isinstance(outcomes[1], StoreError)
         assert [c.name for c in await store.list_queued()] == ["a", "c"]
-        assert await store.read("SELECT id FROM notes ORDER BY id") == \
+        assert await backdoor.read(store, "SELECT id FROM notes ORDER BY id") == \
             [("a",), ("c",), ("taken",)]
 
     async def test_also_is_skipped_when_the_put_is_refused(self, store: Store) -> None:
         store = await reopen(store, max_commands=1, overflow="reject")
         try:
-            await store.write([("CREATE TABLE notes (text TEXT)", ())])
+            await backdoor.write(store, [("CREATE TABLE notes (text TEXT)", ())])
             await store.put("d", "n")
             with pytest.raises(QueueFull):
-                await store.put("d", "m", also=[("INSERT INTO notes VALUES (?)", ("x",))])
-            assert await store.read("SELECT count(*) FROM notes") == [(0,)]
+                await backdoor.put_with(store, "d", "m",
+                                        also=[("INSERT INTO notes VALUES (?)", ("x",))])
+            assert await backdoor.read(store, "SELECT count(*) FROM notes") == [(0,)]
         finally:
             await store.close()
 
     async def test_write_is_one_transaction(self, store: Store) -> None:
-        await store.write([("CREATE TABLE t (v INTEGER UNIQUE)", ())])
+        await backdoor.write(store, [("CREATE TABLE t (v INTEGER UNIQUE)", ())])
         with pytest.raises(StoreError):
-            await store.write([("INSERT INTO t VALUES (?)", (1,)),
+            await backdoor.write(store, [("INSERT INTO t VALUES (?)", (1,)),
                                ("INSERT INTO t VALUES (?)", (1,))])
-        assert await store.read("SELECT count(*) FROM t") == [(0,)]
+        assert await backdoor.read(store, "SELECT count(*) FROM t") == [(0,)]
 
     async def test_foreign_errors_do_not_escape(self, store: Store) -> None:
         with pytest.raises(StoreError) as caught:
-            await store.read("SELECT * FROM no_such_table")
+            await backdoor.read(store, "SELECT * FROM no_such_table")
         assert isinstance(caught.value.__cause__, sqlite3.Error)
 
     # ---- waiting for work
@@ -498,8 +502,8 @@ class TestStoreContract:
             self, store_config: StoreConfig, mode: Literal["full", "normal"], level: int) -> None:
         config = dataclasses.replace(store_config, synchronous=mode, busy_timeout=2.5)
         async with await Store.open(config) as store:
-            assert await store.read("PRAGMA synchronous") == [(level,)]
-            assert await store.read("PRAGMA busy_timeout") == [(2500,)]
+            assert await backdoor.read(store, "PRAGMA synchronous") == [(level,)]
+            assert await backdoor.read(store, "PRAGMA busy_timeout") == [(2500,)]
 
     async def test_an_old_schema_is_migrated_forward_keeping_rows(
             self, store_config: StoreConfig) -> None:
@@ -511,7 +515,7 @@ class TestStoreContract:
             conn.commit()
         async with await Store.open(store_config) as store:
             assert [c.id for c in await store.claim(5)] == ["OLD"]
-            assert await store.read("SELECT count(*) FROM inbox") == [(0,)]
+            assert await backdoor.read(store, "SELECT count(*) FROM inbox") == [(0,)]
         assert raw_rows(store_config.path, "PRAGMA user_version") == [(len(MIGRATIONS),)]
 
     async def test_a_newer_schema_is_refused_and_left_alone(

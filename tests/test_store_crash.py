@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import backdoor
 from pigateway.config import StoreConfig
 from pigateway.store import NewCommand, Store
 
@@ -118,7 +119,7 @@ async def _prefill(config: StoreConfig, count: int) -> list[str]:
 async def _in_flight_ids(config: StoreConfig) -> set[str]:
     """What the file says is in flight, read by a producer (which must not touch it)."""
     async with await Store.open(config, drainer=False) as producer:
-        rows = await producer.read("SELECT id FROM outbox JOIN inflight USING (seq)")
+        rows = await backdoor.read(producer, "SELECT id FROM outbox JOIN inflight USING (seq)")
     return {str(row[0]) for row in rows}
 
 

@@ -21,7 +21,8 @@ import pytest
 
 from pigateway.config import StoreConfig
 from pigateway.errors import StoreCorrupt, StoreError, StoreFull
-from pigateway.store import MIGRATIONS, NewCommand, Store
+from pigateway.store import NewCommand, Store
+from pigateway.store.schema import MIGRATIONS
 
 PAGE = 4096
 GARBAGE = b"\xde\xad\xbe\xef" * (PAGE // 2)  # two pages whose headers no b-tree accepts

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from harness import backdoor
 from pigateway.config import StoreConfig
 from pigateway.errors import StoreCorrupt
-from pigateway.store import MIGRATIONS, NewCommand, Store, files
+from pigateway.store import NewCommand, Store, files
 from pigateway.store.producer import Producer
+from pigateway.store.schema import MIGRATIONS
 from test_store_versions import make_version_4_backlog
 
 
@@ -88,7 +90,7 @@ async def test_a_quarantine_salvages_every_readable_row_and_says_how_many_it_cou
             dead = {d.command.id for d in await store.list_dead(100)}
             assert (await store.where(key_id)).state == "queued"
             assert (await store.where(watched.id)).state == "delivered"
-            assert await store.read("SELECT id FROM inbox") == [("in-1",)]
+            assert await backdoor.read(store, "SELECT id FROM inbox") == [("in-1",)]
             assert (await store.put_keyed("k-1", NewCommand("lamp", "on", {}))) == (None, key_id)
     expected = 600 - 5 + 1 - lost
     assert len(queued) == expected and key_id in queued
@@ -181,7 +183,7 @@ async def test_a_damaged_file_of_an_older_schema_is_salvaged_and_then_migrated(
     lost = spoil_a_middle_leaf(config.path, "outbox")
     async with await Store.open(config) as store:
         assert (await store.stats()).depth == 300 - lost
-        urgent = await store.read("SELECT count(*) FROM outbox WHERE priority = 0")
+        urgent = await backdoor.read(store, "SELECT count(*) FROM outbox WHERE priority = 0")
     with contextlib.closing(sqlite3.connect(config.path)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
     assert 0 < urgent[0][0] <= 30  # the results among what was read: migration 5 ran on it

@@ -23,9 +23,12 @@ from pathlib import Path
 
 import pytest
 
+from harness import backdoor
 from pigateway.config import StoreConfig
 from pigateway.errors import InvalidCommand, StoreError
-from pigateway.store import JOURNAL_SIZE_LIMIT, SWEEP_CHUNK, NewCommand, Store
+from pigateway.store import NewCommand, Store
+from pigateway.store.connection import JOURNAL_SIZE_LIMIT
+from pigateway.store.outbox import SWEEP_CHUNK
 
 BACKLOG = 20_000
 #: Dead-letter bounds wide enough that a test of sweeps is not also a test of pruning.
@@ -37,7 +40,7 @@ def roomy(config: StoreConfig, **changes: object) -> StoreConfig:
 
 
 async def count(store: Store, sql: str) -> int:
-    [(value,)] = await store.read(sql)
+    [(value,)] = await backdoor.read(store, sql)
     return int(value)
 
 
@@ -333,7 +336,7 @@ async def test_lowered_bounds_are_applied_when_the_service_starts(
     lowered = dataclasses.replace(store_config, max_dead_letters=100)
     async with await Store.open(lowered) as store:
         assert (await store.stats()).dead_total == 100
-        [(count_,)] = await store.read("SELECT dead_count FROM totals")
+        [(count_,)] = await backdoor.read(store, "SELECT dead_count FROM totals")
         assert count_ == 100
 
 
@@ -348,7 +351,8 @@ async def test_dead_letters_are_logged_only_once_committed(
         kept = await store.put_many([NewCommand("d", "a"), NewCommand("d", "b")])
         with caplog.at_level(logging.WARNING, logger="pigateway.store"), \
                 pytest.raises(StoreError):
-            await store.put("d", "c", also=[("INSERT INTO no_such_table VALUES (1)", ())])
+            await backdoor.put_with(store, "d", "c",
+                                    also=[("INSERT INTO no_such_table VALUES (1)", ())])
         assert [c.id for c in await store.list_queued()] == [c.id for c in kept]
         assert await store.list_dead() == []
         assert not [r for r in caplog.records if "dead-lettered" in r.getMessage()]
@@ -374,16 +378,16 @@ async def test_the_wal_is_cut_back_after_a_big_transaction(store_config: StoreCo
 
 async def test_the_inbox_prune_is_chunked_and_sweeps_everything(
         store_config: StoreConfig) -> None:
-    """Class 3 for the inbox: finished commands past the dedupe window go a chunk a commit."""
+    """The inbox too: finished commands past the dedupe window go a chunk a commit."""
 
     async with await Store.open(store_config) as store:
         now = store.clock.now()
         rows = [(f"c-{i}", now - 10) for i in range(SWEEP_CHUNK * 2 + 7)]
-        await store.write([("INSERT INTO inbox (id, device, name, params, received_at, state, "
-                            "finished_at, done_on) VALUES (?, 'd', 'n', '{}', 0, 'done', 0, ?)",
-                            row) for row in rows])
+        await backdoor.write(store, [
+            ("INSERT INTO inbox (id, device, name, params, received_at, state, finished_at, "
+             "done_on) VALUES (?, 'd', 'n', '{}', 0, 'done', 0, ?)", row) for row in rows])
         assert await store.inbox.prune(now, chunks=1) == SWEEP_CHUNK  # one chunk, one commit
-        left = await store.read("SELECT count(*) FROM inbox")
+        left = await backdoor.read(store, "SELECT count(*) FROM inbox")
         assert left == [(len(rows) - SWEEP_CHUNK,)]
         assert await store.inbox.prune(now) == len(rows) - SWEEP_CHUNK
-        assert await store.read("SELECT count(*) FROM inbox") == [(0,)]
+        assert await backdoor.read(store, "SELECT count(*) FROM inbox") == [(0,)]

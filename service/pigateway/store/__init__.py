@@ -34,68 +34,22 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pigateway.store.connection import JOURNAL_SIZE_LIMIT, PAGE_SIZE, WAL_CHECKPOINT_PAGES
-    from pigateway.store.files import check_header, check_integrity, quarantine
-    from pigateway.store.inbox import Inbox, InboxReads
-    from pigateway.store.outbox import SWEEP_CHUNK
     from pigateway.store.producer import Producer
-    from pigateway.store.queue import CLAIM_SWEEP_SECONDS, POLL_INTERVAL, Progress, Store
+    from pigateway.store.queue import Progress, Store
     from pigateway.store.reading import QueueReader, Reads
-    from pigateway.store.schema import MIGRATIONS
-    from pigateway.store.values import (
-        Command,
-        DeadLetter,
-        NewCommand,
-        Stats,
-        own_ttl,
-        prepare,
-        requeued_expiry,
-    )
-    from pigateway.store.writer import GROUP_LIMIT
+    from pigateway.store.values import Command, DeadLetter, NewCommand, Stats, prepare
 
-__all__ = [
-    "CLAIM_SWEEP_SECONDS",
-    "GROUP_LIMIT",
-    "JOURNAL_SIZE_LIMIT",
-    "MIGRATIONS",
-    "PAGE_SIZE",
-    "POLL_INTERVAL",
-    "SWEEP_CHUNK",
-    "WAL_CHECKPOINT_PAGES",
-    "Command",
-    "DeadLetter",
-    "Inbox",
-    "InboxReads",
-    "NewCommand",
-    "Producer",
-    "Progress",
-    "QueueReader",
-    "Reads",
-    "Stats",
-    "Store",
-    "check_header",
-    "check_integrity",
-    "own_ttl",
-    "prepare",
-    "quarantine",
-    "requeued_expiry",
-]
+#: What a user of the store needs: the store and its readers, what goes in and comes out.
+#: Everything else (limits, schema, files) is imported from its room by name.
+__all__ = ["Command", "DeadLetter", "NewCommand", "Producer", "Progress", "QueueReader",
+           "Reads", "Stats", "Store", "prepare"]
 
 #: The room each name of :data:`__all__` comes from (the imports above, for mypy).
 _ROOMS: dict[str, str] = {
-    "JOURNAL_SIZE_LIMIT": "connection", "PAGE_SIZE": "connection",
-    "WAL_CHECKPOINT_PAGES": "connection",
-    "check_header": "files", "check_integrity": "files", "quarantine": "files",
-    "Inbox": "inbox", "InboxReads": "inbox",
-    "SWEEP_CHUNK": "outbox",
-    "Producer": "producer",
-    "CLAIM_SWEEP_SECONDS": "queue", "POLL_INTERVAL": "queue", "Progress": "queue",
-    "Store": "queue",
+    "Producer": "producer", "Progress": "queue", "Store": "queue",
     "QueueReader": "reading", "Reads": "reading",
-    "MIGRATIONS": "schema",
     "Command": "values", "DeadLetter": "values", "NewCommand": "values", "Stats": "values",
-    "own_ttl": "values", "prepare": "values", "requeued_expiry": "values",
-    "GROUP_LIMIT": "writer",
+    "prepare": "values",
 }
 
 if not TYPE_CHECKING:

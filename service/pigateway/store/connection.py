@@ -11,7 +11,7 @@ import contextlib
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from pigateway.config import StoreConfig
 from pigateway.errors import StoreCorrupt, StoreError, StoreFull
@@ -81,17 +81,27 @@ def rollback(conn: sqlite3.Connection) -> None:
             conn.execute("ROLLBACK")
 
 
+#: SQLite's primary result codes the store tells apart (an extended code's low byte).
+_FULL: Final = frozenset({sqlite3.SQLITE_FULL})
+_CORRUPT: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+_READONLY: Final = frozenset({sqlite3.SQLITE_READONLY})
+_BUSY: Final = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+
 def translate(exc: sqlite3.Error, path: Path) -> StoreError:
-    """Turn an sqlite3 error into the store error a caller can act on."""
-    text = str(exc).lower()
-    if "full" in text or getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+    """Turn an sqlite3 error into the store error a caller can act on, by SQLite's result
+    code (``sqlite_errorcode``), never by the words of its message, which a trigger, a
+    table name or another SQLite version can change."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = None if code is None else code & 0xFF
+    if primary in _FULL:
         return StoreFull(f"the disk under {path} is full; queued commands are kept, new ones "
                          "are refused until space is freed")
-    if "malformed" in text or "not a database" in text:
+    if primary in _CORRUPT:
         return StoreCorrupt(f"{path} is corrupt ({exc}); restart pigateway to quarantine it")
-    if "readonly" in text or getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY:
+    if primary in _READONLY:
         return owners.refusal(path)
-    if "locked" in text or "busy" in text:
+    if primary in _BUSY:
         return StoreError(f"{path} stayed locked by another process: {exc}")
     return StoreError(f"{path}: {exc}")
 

@@ -27,7 +27,6 @@ from pigateway.store.clock import GatewayClock, Reading
 from pigateway.store.commit import GroupCommit
 from pigateway.store.connection import connect, fetch_all, translate
 from pigateway.store.outbox import Outbox, Then
-from pigateway.store.puts import Statement
 from pigateway.store.values import Command, NewCommand, check_name
 
 
@@ -79,12 +78,10 @@ class Producer:
 
     def put(self, device: str, name: str, params: dict[str, Any] | None = None, *,
             ttl: float | None = None, kind: str = "action", id: str | None = None,
-            priority: str | None = None, also: Sequence[Statement] = (),
-            watch: bool = False) -> Command:
+            priority: str | None = None, watch: bool = False) -> Command:
         """Queue one command; durable on return (as ``Store.put``, whose arguments these are)."""
         item, then = puts.command(device, name, params, ttl=ttl, kind=kind, id=id,
-                                  priority=priority, also=also, watch=watch,
-                                  gateway_clock=self.clock)
+                                  priority=priority, watch=watch, gateway_clock=self.clock)
         [command] = self._put([item], then)
         return command
 

@@ -38,10 +38,12 @@ def new_put(items: Sequence[NewCommand], config: StoreConfig, gateway_clock: Gat
 
 
 def command(device: str, name: str, params: dict[str, Any] | None, *, ttl: float | None,
-            kind: str, id: str | None, priority: str | None, also: Sequence[Statement],
-            watch: bool, gateway_clock: GatewayClock) -> tuple[NewCommand, Then | None]:
-    """The command of one put, and what runs in its transaction: ``also``, and with
-    ``watch`` the record that notes its delivery (:mod:`pigateway.store.delivery`)."""
+            kind: str, id: str | None, priority: str | None, watch: bool,
+            gateway_clock: GatewayClock, also: Sequence[Statement] = ()
+            ) -> tuple[NewCommand, Then | None]:
+    """The command of one put, and what runs in its transaction: with ``watch`` the record
+    that notes its delivery (:mod:`pigateway.store.delivery`); ``also``, statements only
+    tests' back door passes (``tests/harness/backdoor.py``)."""
     then = statements(also) if also else None
     if watch:
         id = id or new_id()

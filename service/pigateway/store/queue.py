@@ -28,7 +28,6 @@ from pigateway.store.outbox import (
     purge_dead_chunk,
     purge_queued_chunk,
 )
-from pigateway.store.puts import Statement
 from pigateway.store.reading import Reads
 from pigateway.store.thread import SqliteThread
 from pigateway.store.values import Command, NewCommand
@@ -151,17 +150,15 @@ class Store(Reads):
 
     async def put(self, device: str, name: str, params: dict[str, Any] | None = None, *,
                   ttl: float | None = None, kind: str = "action", id: str | None = None,
-                  priority: str | None = None, also: Sequence[Statement] = (),
-                  watch: bool = False) -> Command:
-        """Queue one command; durable on return. ``also`` runs in the same transaction.
+                  priority: str | None = None, watch: bool = False) -> Command:
+        """Queue one command; durable on return.
 
         ``priority`` ("high", "normal", "low"; None: results high, actions normal): higher
         priorities are claimed first; within one, the order of puts holds. ``watch``: keep a
         record of its delivery for :meth:`where` (:mod:`pigateway.store.delivery`).
         """
         item, then = puts.command(device, name, params, ttl=ttl, kind=kind, id=id,
-                                  priority=priority, also=also, watch=watch,
-                                  gateway_clock=self.clock)
+                                  priority=priority, watch=watch, gateway_clock=self.clock)
         [command] = await self._submit_put([item], then)
         return command
 
@@ -366,18 +363,6 @@ class Store(Reads):
     async def prune_dead(self) -> int:
         """Bring dead letters within their bounds now, in chunks (a drainer does it at open)."""
         return await self._sweep(lambda conn: self._outbox.prune_dead(conn, 0), None)
-
-    # ---- raw statements: for tests and repairs; the service uses the verbs above
-
-    async def write(self, statements: Sequence[Statement]) -> None:
-        """Run statements in one durable transaction through the writer."""
-        await self._call(puts.statements(statements))
-
-    async def sweep(self, statement: Statement) -> int:
-        """Run a statement that deletes at most :data:`SWEEP_CHUNK` rows again and again,
-        each time its own commit, until it deletes fewer; returns the rows deleted."""
-        sql, params = statement
-        return await self._sweep(lambda conn: conn.execute(sql, params).rowcount, None)
 
     # ---- through the writer
 

@@ -44,10 +44,6 @@ class Reads:
     async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         raise NotImplementedError
 
-    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Run a read-only query."""
-        return await self._fetch(sql, params)
-
     @cached_property
     def inbox(self) -> InboxReads:
         """The inbox's reads (commands from the broker): find, pending, listing."""
