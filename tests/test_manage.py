@@ -27,6 +27,7 @@ from harness.broker import Mosquitto
 from harness.ports import free_port
 from harness.service import Service
 from harness.waits import wait_until
+from pigateway import manage
 from pigateway.config import MANAGE_VERBS
 
 pytestmark = pytest.mark.broker
@@ -455,3 +456,24 @@ async def test_the_documented_acl_lets_only_the_operator_publish_on_manage(
                         await task
         finally:
             service.kill()
+
+
+def test_config_get_withholds_every_credential_name_and_path_devices_included(
+        tmp_path: Path) -> None:
+    """config-get's effective config names no credential: not the uplink's, the local
+    broker's, nor a device handler's (a user name, a password file, a systemd credential
+    name, a TLS key or certificate)."""
+    secret_names = ["zig-user", "zig-pass-credential", str(tmp_path / "zig-password"),
+                    str(tmp_path / "client.key"), str(tmp_path / "client.crt")]
+    config = harness_gateway.config(
+        tmp_path, port=1883,
+        mqtt={"tls": {"enabled": True, "key_file": secret_names[3],
+                      "cert_file": secret_names[4]}},
+        devices={"zig": {"handler": "mqtt", "username": secret_names[0],
+                         "password_credential": secret_names[1]},
+                 "zag": {"handler": "mqtt", "username": secret_names[0],
+                         "password_file": secret_names[2]}})
+    shown = json.dumps(manage.withheld(config.as_dict()))
+    assert "zig" in shown and "(withheld)" in shown  # the devices are there, their secrets not
+    for name in secret_names:
+        assert name not in shown, name

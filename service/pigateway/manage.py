@@ -45,8 +45,11 @@ DEVICE: Final = "@gateway"
 SETTABLE: Final = ("mqtt", "uplink", "inbound", "log", "metrics", "local", "gpio")
 #: The params each verb takes (none where not named).
 PARAMS: Final = {"requeue-dead": ("id", "expired"), "logs": ("lines",), "config-set": ("set",)}
-#: Keys whose values config-get withholds (credential paths and names).
-WITHHELD: Final = ("username", "password_file", "key_file", "cert_file")
+#: Words of the keys whose values config-get withholds (credential paths and names), in any
+#: section or device's options: ``username``, ``password_file``, ``password_credential``,
+#: ``key_file``, ``cert_file`` and any key a handler adds that names a secret so.
+WITHHELD: Final = ("user", "password", "credential", "secret", "token", "key_file",
+                   "cert_file")
 #: Seconds ``logs`` may take; bytes of journal it returns at most.
 LOGS_TIMEOUT: Final = 10.0
 #: A restart is asked this long after the verb returned, so its result is recorded first.
@@ -302,11 +305,15 @@ def _key(key: str) -> str:
 def withheld(value: Any) -> Any:
     """``value`` with every credential path and user name replaced by a note."""
     if isinstance(value, dict):
-        return {k: "(withheld)" if k in WITHHELD and v is not None else withheld(v)
+        return {k: "(withheld)" if _secret(k) and v is not None else withheld(v)
                 for k, v in value.items()}
     if isinstance(value, list):
         return [withheld(item) for item in value]
     return value
+
+
+def _secret(key: Any) -> bool:
+    return isinstance(key, str) and any(word in key.lower() for word in WITHHELD)
 
 
 def _tail(text: str, room: int) -> list[str]:
