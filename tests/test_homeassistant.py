@@ -18,11 +18,11 @@ from harness.gateway import GATEWAY
 from harness.ha_helpers import DISCOVERY, ha_config, watching
 from harness.service import running_gateway
 from harness.uplink_helpers import subscribed, wait_until
-from pigateway import hadiscovery
 from pigateway.config import IngestRule, from_dict
 from pigateway.counters import COUNTERS
 from pigateway.errors import ConfigError
-from pigateway.homeassistant import ANNOUNCE_GAP, COMMAND_BURST, marker_path
+from pigateway.homeassistant import discovery as hadiscovery
+from pigateway.homeassistant.bridge import ANNOUNCE_GAP, COMMAND_BURST, marker_path
 from pigateway.state import Link
 
 pytestmark = pytest.mark.broker

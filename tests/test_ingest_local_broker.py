@@ -20,8 +20,8 @@ from harness.gateway import settings, write
 from harness.ingest_helpers import as_us, collecting, publish
 from harness.service import Service
 from harness.waits import wait_until
-from pigateway import localbroker
 from pigateway.config import from_dict
+from pigateway.ingest import localbroker
 
 ROOT = Path(__file__).resolve().parents[1]
 DROP_IN = ROOT / "packaging" / "debian" / "extra" / "pigateway-ingest.conf"

@@ -22,7 +22,7 @@ from harness.ingest_helpers import brokers, collecting, publish
 from harness.service import running_gateway
 from harness.waits import until, wait_until
 from pigateway.config import from_dict
-from pigateway.ingest import forward_topic_problem
+from pigateway.ingest.service import forward_topic_problem
 from pigateway.state import Link
 
 FAST = {"batch_delay": 0.01, "backoff_initial": 0.05, "backoff_max": 0.5}

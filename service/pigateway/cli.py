@@ -570,7 +570,7 @@ async def cmd_config_check(args: argparse.Namespace) -> int:
         raise UsageError(f"--user {args.user}: no such user here")
     account = account or access.Account.current()  # no pigateway user here: as ourselves
     access.check(config, account, staged=args.staged)  # as the service will meet its files
-    from pigateway import localbroker  # noqa: PLC0415
+    from pigateway.ingest import localbroker  # noqa: PLC0415
 
     for warning in localbroker.warnings(config):  # valid, but ingest may lose messages
         print(f"warning: {warning}", file=sys.stderr)

@@ -5,9 +5,9 @@
 "uplink"``) or the gateway's own (``"local"``). Its own connection, task and pacing: a slow
 or absent HA broker never blocks or delays the drain, and the drain never delays HA.
 
-- **Discovery** (:mod:`pigateway.hadiscovery`) is published retained at every connect and
-  again when HA says ``online`` on ``{discovery_prefix}/status`` (a restarted HA has lost
-  what it was told); such requests are coalesced, one republish per :data:`ANNOUNCE_GAP`.
+- **Discovery** (:mod:`~pigateway.homeassistant.discovery`) is published retained at every
+  connect and again when HA says ``online`` on ``{discovery_prefix}/status`` (a restarted
+  HA has lost what it was told); such requests are coalesced, one republish per :data:`ANNOUNCE_GAP`.
   Which topics were announced is kept beside the queue (:data:`MARKER`), so a later run
   with ``enabled = false`` removes them (empty retained payloads), and a run that announces
   fewer entities removes the rest.
@@ -34,13 +34,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Final, Protocol
 
-from pigateway import __version__, control, hadiscovery, wire
+from pigateway import __version__, control, wire
 from pigateway.backoff import wait_backoff
 from pigateway.config import Config
 from pigateway.counters import COUNTERS
 from pigateway.credentials import broker_password, credential, read_secret, tls_context
 from pigateway.errors import LinkFault, PigatewayError
-from pigateway.hadiscovery import Entity, Topics
+from pigateway.homeassistant import discovery as hadiscovery
+from pigateway.homeassistant.discovery import Entity, Topics
 from pigateway.inputs import shown
 from pigateway.listeners import Throttled
 from pigateway.mqtt import Connection, Message, Settings, Will, connect, describe
