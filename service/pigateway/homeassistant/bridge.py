@@ -6,11 +6,11 @@
 or absent HA broker never blocks or delays the drain, and the drain never delays HA.
 
 - **Discovery** (:mod:`~pigateway.homeassistant.discovery`) is published retained at every
-  connect and again when HA says ``online`` on ``{discovery_prefix}/status`` (a restarted
-  HA has lost what it was told); such requests are coalesced, one republish per
-  :data:`ANNOUNCE_GAP`. Which topics were announced is kept beside the queue (:data:`MARKER`), so a later run
-  with ``enabled = false`` removes them (empty retained payloads), and a run that announces
-  fewer entities removes the rest.
+  connect and again when HA says ``online`` on ``{discovery_prefix}/status`` (a restarted HA
+  has lost what it was told); such requests are coalesced, one republish per
+  :data:`ANNOUNCE_GAP`. Which topics were announced is kept beside the queue
+  (:data:`MARKER`), so a later run with ``enabled = false`` removes them (empty retained
+  payloads), and a run that announces fewer entities removes the rest.
 - **State**: the flat state document, retained, when the state object changes (at most one
   per :data:`STATE_GAP` seconds) and every ``uplink.state_interval``.
 - **Commands** from HA (the paused switch, the flush and requeue-dead buttons) act through
