@@ -477,3 +477,24 @@ def test_config_get_withholds_every_credential_name_and_path_devices_included(
     assert "zig" in shown and "(withheld)" in shown  # the devices are there, their secrets not
     for name in secret_names:
         assert name not in shown, name
+
+
+async def test_config_set_that_would_shut_out_config_set_is_refused(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    """A config-set may not commit limits under which no config-set can arrive any more (a
+    depth that refuses ``{"params":{"set":{...}}}``, a payload bound smaller than one): the
+    gateway would be online, so committed, and out of remote reach for good."""
+    async with managed(tmp_path, mosquitto, unique_prefix, allow=["config-set", "status"]) \
+            as (service, operator, systemd):
+        asked = [(await operator.ask("config-set", {"set": change}), words)
+                 for change, words in [({"inbound.max_depth": 2}, "inbound.max_depth"),
+                                       ({"inbound.max_payload_bytes": 100},
+                                        "inbound.max_payload_bytes")]]
+        for command_id, words in asked:
+            reply = await answer(operator, service, command_id)
+            assert reply["status"] == "rejected", reply
+            assert words in reply["detail"], reply
+        assert systemd.exits == []
+        assert not (tmp_path / "state" / "remote.pending.toml").exists()
+        status = await answer(operator, service, await operator.ask("status"))
+        assert status["status"] == "ok"

@@ -512,6 +512,10 @@ def _check_cross_fields(config: Config) -> None:
     profiles.check(config)
 
 
+#: The nesting depth and bytes a config-set needs (a list value, a few keys).
+MANAGE_ROOM: Final = (4, 1024)
+
+
 def _check_manage(config: Config) -> None:
     """Manage commands take the inbound path, and a config-set runs up to three times
     (staged, tried, answered) across its restarts."""
@@ -523,6 +527,14 @@ def _check_manage(config: Config) -> None:
     if "config-set" in config.manage.allow and config.inbound.max_attempts < 3:
         raise ConfigError("manage.allow", "config-set runs up to 3 times across its restarts: "
                           "it needs inbound.max_attempts >= 3")
+    # limits under which no config-set arrives would shut the operator out for good
+    depth, size = (MANAGE_ROOM if "config-set" in config.manage.allow else (2, 64))
+    if config.inbound.max_depth < depth:
+        raise ConfigError("inbound.max_depth", f"the manage commands of manage.allow nest "
+                          f"up to {depth} levels: it needs {depth} at least")
+    if config.inbound.max_payload_bytes < size:
+        raise ConfigError("inbound.max_payload_bytes", f"a config-set takes up to {size} bytes: "
+                          f"it needs {size} at least while config-set is allowed")
 
 
 def filter_problem(value: str) -> str | None:
