@@ -8,6 +8,7 @@ import asyncio
 import copy
 import dataclasses
 import json
+import re
 import socket
 from pathlib import Path
 
@@ -125,7 +126,7 @@ async def test_paused_switch_and_buttons_act_like_the_control_socket(
         assert await sub.wait_for(1, 5)
         # requeue dead: the dead letter is queued again (and sent at the next flush)
         dead = await gw.store.put("lamp", "off")
-        await gw.store.dead_letter([dead.id], "invalid", "a test's dead letter")
+        await gw.store.dead_letter([dead.id], "refused", "a test's dead letter")
         assert await wait_until(lambda: gw.state.dead_letters == 1, 5)
         await ha.publish(f"{base(unique_prefix)}/set/requeue_dead", "PRESS")
         assert await wait_until(lambda: gw.state.dead_letters == 0, 5)
@@ -286,8 +287,20 @@ def test_local_link_needs_a_local_section() -> None:
     assert caught.value.key == "homeassistant.link"
 
 
-def test_gateway_ids_become_discovery_node_ids() -> None:
-    assert hadiscovery.object_id("gw.kitchen-1") == "gw_kitchen-1"
+def test_gateway_ids_become_discovery_node_ids_one_to_one() -> None:
+    """HA's node ids take letters, digits, '_' and '-'; a gateway id takes '.' too. Two
+    gateways on one broker never share a node (their retained configs would overwrite each
+    other's, and one's retirement would remove the other's entities)."""
+    assert hadiscovery.object_id("gw_kitchen-1") == "gw_kitchen-1"  # unchanged when it fits
+    ids = ["gw.kitchen-1", "gw_kitchen-1", "gw-kitchen.1", "a.b_c", "a_b.c", "a.b.c", "a_b_c"]
+    nodes = [hadiscovery.object_id(gateway) for gateway in ids]
+    assert len(set(nodes)) == len(ids), dict(zip(ids, nodes, strict=True))
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]+", node) for node in nodes)
+    configs = [from_dict({"gateway_id": gateway, "homeassistant": {"enabled": True}})
+               for gateway in ids]
+    topics = {hadiscovery.Topics(config).discovery(hadiscovery.ENTITIES[0])
+              for config in configs}
+    assert len(topics) == len(ids)
 
 
 async def test_forwarded_messages_are_counted_for_home_assistant(

@@ -18,6 +18,7 @@ HA could still show why and take a flush.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -100,8 +101,14 @@ BY_KEY: Final = {entity.key: entity for entity in ENTITIES}
 
 
 def object_id(text: str) -> str:
-    """``text`` as a discovery node or object id (letters, digits, ``_``, ``-``)."""
-    return _NOT_ID.sub("_", text)
+    """``text`` as a discovery node or object id (letters, digits, ``_``, ``-``): as it is
+    when it fits, else with the rest replaced and a digest of ``text`` appended, so that
+    ``gw.1`` and ``gw_1`` (both valid gateway ids) are two HA devices, never one whose
+    retained configs each gateway overwrites and each one's retirement removes."""
+    fitted = _NOT_ID.sub("_", text)
+    if fitted == text:
+        return text
+    return f"{fitted}_{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
 class Topics:
