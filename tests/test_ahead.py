@@ -3,7 +3,7 @@ out, is dead-lettered or comes back; and the whole stays the single list it repl
 
 from __future__ import annotations
 
-from pigateway.ahead import Ahead
+from pigateway.uplink.ahead import Ahead
 from test_batching import Row
 
 

@@ -14,7 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pigateway.batching import (
+from pigateway.config import StoreConfig
+from pigateway.errors import StoreError
+from pigateway.ids import new_id
+from pigateway.store import Command, NewCommand, Store
+from pigateway.uplink.batching import (
     Batcher,
     Rules,
     encode_command,
@@ -23,10 +27,6 @@ from pigateway.batching import (
     split,
     take_batch,
 )
-from pigateway.config import StoreConfig
-from pigateway.errors import StoreError
-from pigateway.ids import new_id
-from pigateway.store import Command, NewCommand, Store
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from collections import Counter
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from pigateway.batching import Batcher, Rules
 from pigateway.config import StoreConfig
 from pigateway.store import Command, NewCommand, Store
+from pigateway.uplink.batching import Batcher, Rules
 
 RULES = Rules(gateway="gw-1", max_actions=50, max_batch_bytes=64 * 1024)
 

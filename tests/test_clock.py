@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 
 from harness import backdoor
-from pigateway.batching import Batcher, Rules
 from pigateway.config import StoreConfig
 from pigateway.handlers import Request
 from pigateway.store import Store, clock, clock_row
 from pigateway.store.schema import MIGRATIONS
+from pigateway.uplink.batching import Batcher, Rules
 from test_inbound import Scripted, by_id, command, make_config, results, running
 
 YEAR = 365 * 86400.0

@@ -19,8 +19,8 @@ from harness.uplink_helpers import RecordingState, make_config, running_uplink, 
 from pigateway.config import Config
 from pigateway.errors import StoreError
 from pigateway.inbound import Inbound
-from pigateway.intake import TAKE_TRIES
 from pigateway.state import Link
+from pigateway.uplink.intake import TAKE_TRIES
 from pigateway.wire import topic
 
 pytestmark = pytest.mark.broker

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from pigateway.batching import Batch
 from pigateway.errors import UplinkError
-from pigateway.inflight import InFlight
+from pigateway.uplink.batching import Batch
+from pigateway.uplink.inflight import InFlight
 
 
 @dataclass(frozen=True)

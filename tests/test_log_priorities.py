@@ -98,7 +98,7 @@ async def test_a_store_that_refuses_a_result_for_a_while_is_a_warning_once(
         if next(refusals, None) is not None:
             raise StoreError("database is locked")
 
-    caplog.set_level(logging.DEBUG, logger="pigateway.inbound.workers")
+    caplog.set_level(logging.DEBUG, logger="pigateway.workers")
     async with await Store.open(cfg.store) as store:
         await workers.WorkerPool(cfg, store)._durably(write, "record the result of c1")
     said = [(r.levelno, r.getMessage()) for r in caplog.records if r.levelno > logging.DEBUG]

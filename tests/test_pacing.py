@@ -13,8 +13,8 @@ import pytest
 from harness.broker import Mosquitto
 from harness.mqttproxy import RefusingProxy
 from harness.uplink_helpers import make_config, running_uplink
-from pigateway.pacing import Pacer, TokenBucket
 from pigateway.store import NewCommand
+from pigateway.uplink.pacing import Pacer, TokenBucket
 
 
 class Clock:

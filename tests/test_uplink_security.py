@@ -24,12 +24,12 @@ from harness.uplink_helpers import (
     running_uplink,
     wait_until,
 )
-from pigateway.batching import Rules, plan
 from pigateway.ids import new_id
 from pigateway.mqtt import PUBLISH_OVERHEAD
 from pigateway.state import Link
 from pigateway.store import Command
 from pigateway.uplink import reconnect_policy
+from pigateway.uplink.batching import Rules, plan
 
 pytestmark = pytest.mark.broker
 

@@ -39,10 +39,10 @@ from pigateway.pins import auto_fallback
 from pigateway.remoteconfig import Trial
 from pigateway.state import FaultSource, GatewayState, Refusal, Refuser
 from pigateway.store import Store
-from pigateway.store_calls import store_is_gone
 from pigateway.systemd import Notifier, bound_stop, ping_bound, supervise, watchdog_interval
 from pigateway.text import plural
 from pigateway.uplink import Uplink
+from pigateway.uplink.store_calls import store_is_gone
 
 log = logging.getLogger(__name__)
 

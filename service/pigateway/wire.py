@@ -7,7 +7,7 @@ Everything the gateway puts on the broker, or takes from it, is shaped here:
 - version ``"v": 1`` in every document (:data:`VERSION`), checked on inbound commands;
 - a batch of actions ``{"v","gateway","batch","sent_at","actions":[{"device","commands":
   [{"id","name","params","queued_at"}]}]}`` (:func:`batch_head`, :func:`action`,
-  :func:`batch_command`; :mod:`pigateway.batching` packs them to a byte limit);
+  :func:`batch_command`; :mod:`pigateway.uplink.batching` packs them to a byte limit);
 - a result: the stored params of a ``result`` row, sent as they are;
 - the retained state ``{"v","gateway","version","sent_at",<state fields>,"counters"}``
   (:func:`state_document`), and the last will / clean-stop value ``"offline"``;

@@ -48,7 +48,8 @@ from pigateway.mqtt import Connection, Message, Settings, Will, connect, describ
 from pigateway.state import GatewayState
 from pigateway.text import bounded
 
-log = logging.getLogger(__name__)
+#: the journal's LOGGER field, as it was before this module moved into its package
+log = logging.getLogger("pigateway.homeassistant")
 
 #: Bytes of a command payload at most ("ON", "OFF", "PRESS" and some blanks).
 MAX_COMMAND_BYTES: Final = 16

@@ -41,7 +41,8 @@ from pigateway.store import QueueReader, Store
 from pigateway.store.inbox import Entry, outbox_device
 from pigateway.text import bounded
 
-log = logging.getLogger(__name__)
+#: the journal's LOGGER field, as it was before this module moved into its package
+log = logging.getLogger("pigateway.inbound")
 
 # --------------------------------------------------------------------------- receiving
 

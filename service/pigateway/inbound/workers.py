@@ -49,7 +49,8 @@ from pigateway.store import Store
 from pigateway.store.inbox import Entry
 from pigateway.text import bounded
 
-log = logging.getLogger(__name__)
+#: the journal's LOGGER field, as it was before this module moved into its package
+log = logging.getLogger("pigateway.workers")
 
 #: Pending commands held in memory at most; the rest wait on disk.
 MAX_LOADED = 1000

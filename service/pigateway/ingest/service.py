@@ -55,7 +55,8 @@ from pigateway.store import NewCommand, Store, prepare
 from pigateway.store.values import MAX_NAME, check_name
 from pigateway.text import bounded, json_kind, plural
 
-log = logging.getLogger(__name__)
+#: the journal's LOGGER field, as it was before this module moved into its package
+log = logging.getLogger("pigateway.ingest")
 
 #: The reason of an ingested message that cannot be a command.
 INVALID: Final = "invalid"

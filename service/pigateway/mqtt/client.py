@@ -142,7 +142,8 @@ PRIVATE_API: Final = (
                   "mark an undecodable QoS 2 message that waits for its PUBREL"),
 )
 
-log = logging.getLogger(__name__)
+#: the journal's LOGGER field, as it was before this module moved into its package
+log = logging.getLogger("pigateway.mqtt")
 
 
 # --------------------------------------------------------------------------- settings

@@ -39,7 +39,8 @@ from pathlib import Path
 from pigateway import lazylog
 from pigateway.errors import StoreError
 
-log = lazylog.getLogger(__name__)
+#: the journal's LOGGER field, as it was before this module moved into its package
+log = lazylog.getLogger("pigateway.clock")
 
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 #: Created by systemd-timesyncd once the wall clock is synchronised (removed at boot).

@@ -1,13 +1,13 @@
-"""The uplink: one MQTT connection to the broker, kept up forever, draining the store into it.
+"""The uplink's supervisor: one MQTT connection to the broker, kept up forever.
 
 This module is the loop only: reconnect with backoff, one session per connection, and
-giving rows back when a link ends. Its rooms: :mod:`pigateway.drain` (batches onto the
+giving rows back when a link ends. Its rooms: :mod:`pigateway.uplink.drain` (batches onto the
 connection, each device in order, what a refusal or a failed publish costs),
-:mod:`pigateway.inflight` (the in-flight ledger: unacknowledged batches and their devices),
-:mod:`pigateway.mqtt` (the connection, the only importer
-of aiomqtt and paho), :mod:`pigateway.wire` (topics and documents),
-:mod:`pigateway.credentials` (password, TLS), :mod:`pigateway.intake` (inbound commands,
-acked in order), :mod:`pigateway.announcer` (the retained state), :mod:`pigateway.store_calls`
+:mod:`pigateway.uplink.inflight` (the in-flight ledger: unacknowledged batches and their devices),
+:mod:`pigateway.mqtt` (the connection, the only importer of aiomqtt and paho),
+:mod:`pigateway.wire` (topics and documents), :mod:`pigateway.credentials` (password, TLS),
+:mod:`~pigateway.uplink.intake` (inbound commands, acked in order),
+:mod:`~pigateway.uplink.announcer` (the retained state), :mod:`~pigateway.uplink.store_calls`
 (the drain's store calls, patient with a busy store). The shape follows aiomqtt's own
 advice: one outer reconnect loop that catches only the link's error, with the backoff
 policy (tenacity) passed in so that tests run it without waiting.
@@ -18,7 +18,7 @@ Per connection (a fresh client each time, so paho never replays anything on its 
   retained state document while up; ``"offline"`` again on a clean stop;
 - with an ``on_command`` hook: a QoS 1 subscription to ``{prefix}/{gw}/commands`` on a
   persistent session, each message acknowledged only after ``on_command`` took it;
-- the drain (:class:`~pigateway.drain.Drain`): at most ``uplink.max_inflight`` batches
+- the drain (:class:`~pigateway.uplink.drain.Drain`): at most ``uplink.max_inflight`` batches
   unacknowledged, a device in at most one of them; a batch's rows are deleted only after
   its PUBACK; a refusal for now, a lost link or a publish timeout ends the connection and
   every row not acknowledged goes back to the head of the queue, an attempt charged only
@@ -40,26 +40,27 @@ import tenacity
 
 from pigateway import wire
 from pigateway.aio import first_error, first_of
-from pigateway.announcer import Announcer
 from pigateway.backoff import wait_backoff
 from pigateway.config import Config, UplinkConfig
 from pigateway.counters import COUNTERS
 from pigateway.credentials import broker_password, tls_context
-from pigateway.drain import BATCH_MEMBERS, BrokerBusy, Drain, LinkLost, Session
 from pigateway.errors import (
     LinkFault,
     LoginRefused,
     RetainNotSupported,
     UplinkError,
 )
-from pigateway.intake import INBOUND_WINDOW, Intake, OnCommand
 from pigateway.mqtt import Connection, Settings, Will, connect
-from pigateway.pacing import Pacer
 from pigateway.state import FaultSource, GatewayState, Link
 from pigateway.store import Store
-from pigateway.store_calls import StoreCalls
+from pigateway.uplink.announcer import Announcer
+from pigateway.uplink.drain import BATCH_MEMBERS, BrokerBusy, Drain, LinkLost, Session
+from pigateway.uplink.intake import INBOUND_WINDOW, Intake, OnCommand
+from pigateway.uplink.pacing import Pacer
+from pigateway.uplink.store_calls import StoreCalls
 
-log = logging.getLogger(__name__)
+#: the journal's LOGGER field, as it was before this module moved into its package
+log = logging.getLogger("pigateway.uplink")
 
 __all__ = ["BATCH_MEMBERS", "BrokerBusy", "LinkLost", "OnCommand", "Uplink", "reconnect_policy"]
 

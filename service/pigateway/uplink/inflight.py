@@ -26,8 +26,8 @@ import itertools
 from collections.abc import Iterable
 from typing import Generic, TypeVar
 
-from pigateway.batching import Batch, Queued
 from pigateway.errors import UplinkError
+from pigateway.uplink.batching import Batch, Queued
 
 C = TypeVar("C", bound=Queued)
 

@@ -1,10 +1,10 @@
 """The drain: batches from the store onto one connection, each device in order, and back.
 
-Per connection (:meth:`Drain.run`), batches from :class:`~pigateway.batching.Batcher`,
+Per connection (:meth:`Drain.run`), batches from :class:`~pigateway.uplink.batching.Batcher`,
 at most ``uplink.max_inflight`` unacknowledged, each shipped by a task of its own; a
 batch's rows are deleted only after its PUBACK. What keeps each device's commands in the
 order they were put, with several batches in flight, is the in-flight ledger
-(:class:`~pigateway.inflight.InFlight`): a device is in at most one unacknowledged batch,
+(:class:`~pigateway.uplink.inflight.InFlight`): a device is in at most one unacknowledged batch,
 so its next batch is built only once the broker took (or refused for good) the one before,
 whatever happens to that one on the way (pacing, a refusal, a split, a reconnect).
 
@@ -39,17 +39,17 @@ from typing import Final
 
 from pigateway import wire
 from pigateway.aio import first_of
-from pigateway.batching import REASON_TOO_LARGE, Batch, Batcher, Rules, split
 from pigateway.config import Config
 from pigateway.counters import COUNTERS
 from pigateway.errors import PacketTooLarge, UplinkError
-from pigateway.inflight import InFlight
 from pigateway.mqtt import Connection, publish_room, refusal
-from pigateway.pacing import Pacer
 from pigateway.state import GatewayState
 from pigateway.store import Command, Store
-from pigateway.store_calls import StoreCalls
 from pigateway.text import bounded, plural
+from pigateway.uplink.batching import REASON_TOO_LARGE, Batch, Batcher, Rules, split
+from pigateway.uplink.inflight import InFlight
+from pigateway.uplink.pacing import Pacer
+from pigateway.uplink.store_calls import StoreCalls
 
 #: the uplink's own lines in the journal
 log = logging.getLogger("pigateway.uplink")

@@ -1,7 +1,7 @@
 """The rows the batcher holds claimed ahead: one queue per device, in claim order.
 
 Why a queue per device: a device is in at most one unacknowledged batch
-(:mod:`pigateway.inflight`), so under a backlog most claimed rows belong to devices that
+(:mod:`pigateway.uplink.inflight`), so under a backlog most claimed rows belong to devices that
 are busy. Kept as one list, every batch had to walk past all of them to find the free
 devices' rows (O(rows claimed ahead) per batch, and deeper claim-ahead cost more per
 batch than it won). Indexed by device, a batch looks only at the free devices and, of

@@ -32,15 +32,15 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from pigateway import forwarded, wire
-from pigateway.ahead import SOLO, Ahead
 from pigateway.aio import first_of
 from pigateway.ids import new_id
+from pigateway.uplink.ahead import SOLO, Ahead
 
 REASON_TOO_LARGE = "too-large"
 REASON_EXPIRED = "expired"
 #: Batches' worth of rows the batcher holds claimed ahead under a backlog, at least (one
 #: per in-flight slot when there are more slots): the rows of the devices a PUBACK frees are
-#: at hand when it comes. Held per device (:mod:`pigateway.ahead`), a batch costs its own
+#: at hand when it comes. Held per device (:mod:`pigateway.uplink.ahead`), a batch costs its own
 #: rows, not what is held.
 AHEAD = 2
 
@@ -70,7 +70,7 @@ C = TypeVar("C", bound=Queued)
 
 
 class Deadlines(Protocol):
-    """The clock ``expires_at`` is on (the store's gateway clock, :mod:`pigateway.clock`)."""
+    """The clock ``expires_at`` is on (the store's gateway clock, :mod:`pigateway.store.clock`)."""
 
     def now(self) -> float: ...
 
@@ -90,7 +90,7 @@ class WorkSource(Protocol[C]):
 
 
 class Gate(Protocol):
-    """Which devices are in a batch not acknowledged yet (:class:`pigateway.inflight.InFlight`)."""
+    """Which devices are in a batch not acknowledged yet (:class:`~.inflight.InFlight`)."""
 
     def busy(self) -> Collection[str]: ...
     def free_slots(self) -> int: ...
@@ -222,7 +222,7 @@ def take_batch(pending: Sequence[C], rules: Rules, *, now: float,
     """Take the next batch from ``pending`` (oldest first); return it with what is left.
 
     Rows of a ``busy`` device (one in a batch the broker has not acknowledged yet,
-    :mod:`pigateway.inflight`) stay pending, in order: a device is in at most one batch at
+    :mod:`pigateway.uplink.inflight`) stay pending, in order: a device is in at most one batch at
     a time. Of the other rows the oldest decides: a result or forwarded row travels alone;
     otherwise the action rows are packed in order, skipping the rows that travel alone
     (they stay pending) and any device that already had to wait. ``now`` is the wall
@@ -357,7 +357,7 @@ class Batcher(Generic[C]):
     """Claims rows from the store and hands out one batch at a time, under the window rules.
 
     Rows it has claimed but not yet handed out stay held (:attr:`pending`, in flight in
-    the store's eyes), one queue per device (:class:`~pigateway.ahead.Ahead`); the uplink
+    the store's eyes), one queue per device (:class:`~pigateway.uplink.ahead.Ahead`); the uplink
     gives them back with :meth:`give_back` when its link ends. :meth:`interrupt` makes a
     waiting :meth:`next_batch` return ``None`` (pause, stop) without ever abandoning a
     claim half-way: a claim the writer runs is always recorded.

@@ -19,9 +19,9 @@ from pigateway.config import Config
 from pigateway.counters import COUNTERS
 from pigateway.errors import PacketTooLarge, UplinkError
 from pigateway.mqtt import Connection, describe
-from pigateway.pacing import Pacer
 from pigateway.state import GatewayState
 from pigateway.text import bounded
+from pigateway.uplink.pacing import Pacer
 
 #: the uplink's own lines in the journal
 log = logging.getLogger("pigateway.uplink")
