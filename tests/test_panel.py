@@ -25,7 +25,6 @@ from pigateway import pins
 from pigateway.app import Gateway
 from pigateway.config import GpioConfig
 from pigateway.errors import GpioError
-from pigateway.mockpins import BoundedMockFactory
 from pigateway.panel import (
     BLIP,
     BUTTON_ACTIONS,
@@ -44,6 +43,7 @@ from pigateway.panel import (
     show_for,
 )
 from pigateway.pins import pin_factory
+from pigateway.pins.mock import BoundedMockFactory
 from pigateway.state import GatewayState, Link, Refusal, Refuser
 
 GREEN, RED, AMBER, PAUSE, FLUSH = 10, 11, 12, 20, 21

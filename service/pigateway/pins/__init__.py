@@ -1,11 +1,12 @@
-"""The one pin-factory maker, for the status panel and the ``gpio`` device handler.
+"""The one pin-factory maker, for the status panel and the ``gpio`` device handler; its
+mock pins off a Pi are :mod:`~pigateway.pins.mock`.
 
 ``gpio.pin_factory`` means the same for both:
 
 - ``lgpio``: gpiozero's LGPIOFactory (a Pi's gpiochip), or :class:`GpioError`;
 - ``mock``: a process-wide MockFactory (``Device.pin_factory``), shared, so every part of
   the service sees the same mock pins and a pin used twice is caught; the one made here is
-  :class:`pigateway.mockpins.BoundedMockFactory`, whose pins remember a bounded history
+  :class:`pigateway.pins.mock.BoundedMockFactory`, whose pins remember a bounded history
   (gpiozero's own keep every change: a blinking panel grew ~10 MB an hour);
 - ``auto``: lgpio when a gpiochip opens, else the mock, so the service runs (without lights
   or relays) on a machine without GPIO (a container, an emulated Pi OS, an x86 gateway).
@@ -52,7 +53,7 @@ def _mock_factory() -> Any:
     from gpiozero import Device  # noqa: PLC0415 (gpiozero is slow to import)
     from gpiozero.pins.mock import MockFactory  # noqa: PLC0415
 
-    from pigateway.mockpins import BoundedMockFactory  # noqa: PLC0415 (imports gpiozero)
+    from pigateway.pins.mock import BoundedMockFactory  # noqa: PLC0415 (imports gpiozero)
 
     if not isinstance(Device.pin_factory, MockFactory):  # a test's own MockFactory stays
         Device.pin_factory = BoundedMockFactory()
