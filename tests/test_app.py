@@ -112,7 +112,7 @@ async def test_sigterm_waits_for_pubacks_then_nacks_the_rest(
 
 async def test_another_writer_holding_the_lock_past_busy_timeout_is_waited_out(
         tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
-    """P8: a second sqlite3 connection holds BEGIN IMMEDIATE for 6x busy_timeout while the
+    """A second sqlite3 connection holds BEGIN IMMEDIATE for 6x busy_timeout while the
     service drains a backlog: it stays up, says why, and drains once the lock goes."""
     cfg = make_config(tmp_path, mosquitto.port, unique_prefix, max_batch_bytes=2048,
                       store={"busy_timeout": 0.5})

@@ -334,7 +334,7 @@ async def stale_then_fresh(store: Store) -> list[str]:
 
 async def test_a_cancel_while_burying_keeps_the_batch_pending_in_order(
         store_config: StoreConfig) -> None:
-    """P5: the link drops while the batcher dead-letters an expired row."""
+    """The link drops while the batcher dead-letters an expired row."""
     async with await Store.open(store_config) as store:
         ids = await stale_then_fresh(store)
         gated = GatedStore(store, ahead=3600)
@@ -358,7 +358,7 @@ async def test_a_cancel_while_burying_keeps_the_batch_pending_in_order(
 
 async def test_a_store_error_while_burying_keeps_every_row_pending(
         store_config: StoreConfig) -> None:
-    """Class 1: a busy store while dead-lettering loses nothing; the next call goes on."""
+    """A busy store while dead-lettering loses nothing; the next call goes on."""
     async with await Store.open(store_config) as store:
         ids = await stale_then_fresh(store)
         gated = GatedStore(store, fail=True, ahead=3600)

@@ -40,7 +40,7 @@ def bury(config_file: Path, ttl: float, reason: str | None) -> str:
     return asyncio.run(run())
 
 
-# --------------------------------------------------------------------------- P11
+# --------------------------------------------------------------------------- requeue-dead
 
 
 def test_requeue_dead_all_leaves_expired_commands_dead(cli: Run, config_file: Path) -> None:
@@ -69,7 +69,7 @@ def test_an_expired_command_is_requeued_only_by_id_with_expired(cli: Run,
     assert row["expires_at"] - row["queued_at"] == pytest.approx(0.05, abs=0.01)
 
 
-# --------------------------------------------------------------------------- P13, class 4
+# ------------------------------------------------------------------- the verbs that only look
 
 LOOKING_VERBS = [
     ("status",), ("status", "--json"), ("queue", "ls"), ("queue", "ls", "--dead"),
@@ -86,7 +86,7 @@ def listing(folder: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("verb", LOOKING_VERBS, ids=" ".join)
 def test_a_looking_verb_on_a_missing_queue_creates_nothing(cli: Run, tmp_path: Path,
                                                            verb: tuple[str, ...]) -> None:
-    """P13: `pigateway status` as root with the service stopped created a root-owned
+    """`pigateway status` as root with the service stopped created a root-owned
     queue.db the service user could not write."""
     config_file = write_config(tmp_path)
     before = listing(tmp_path)
@@ -128,12 +128,12 @@ def test_looking_verbs_neither_migrate_an_old_schema_nor_fail_on_what_it_has(
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
 
 
-# --------------------------------------------------------------------------- P8
+# --------------------------------------------------------------------------- purge
 
 
 def test_purge_and_requeue_print_progress_for_long_work(
         cli: Run, config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """P8: a purge of a big backlog runs in chunks and says how far it got, on stderr."""
+    """A purge of a big backlog runs in chunks and says how far it got, on stderr."""
     from pigateway import cli as cli_module  # noqa: PLC0415
 
     monkeypatch.setattr(cli_module, "PROGRESS_EVERY", 500)

@@ -126,7 +126,7 @@ async def test_under_the_disk_reserve_a_command_is_refused_not_run(tmp_path: Pat
 
 async def test_a_store_error_marking_running_is_waited_out_not_a_result(
         tmp_path: Path) -> None:
-    """S4: the store refusing ``mark_running`` (here a real SQLite error from a trigger) is
+    """The store refusing ``mark_running`` (here a real SQLite error from a trigger) is
     not the command's fault: no ``error`` result; it runs once the store takes the write."""
     config = make_config(tmp_path, ["a"])
     handler = Scripted(lambda r: "ran")
@@ -179,7 +179,7 @@ def _finished_long_ago(config: Config, command_id: str, seconds: float) -> None:
 @pytest.mark.parametrize(("protocol", "runs"), [("5", 1), ("3.1.1", 2)])
 async def test_a_redelivery_within_the_session_is_answered_not_run_again(
         tmp_path: Path, protocol: str, runs: int) -> None:
-    """S2: a message whose PUBACK was lost comes again when the session resumes, up to
+    """A message whose PUBACK was lost comes again when the session resumes, up to
     session_expiry later (MQTT 5): the id is remembered that long even with a shorter
     dedupe_window. Under 3.1.1 the broker decides, and the configured window holds."""
     config = make_config(tmp_path, ["a"], dedupe_window=60.0)
@@ -199,7 +199,7 @@ async def test_a_redelivery_within_the_session_is_answered_not_run_again(
 
 async def test_a_handler_value_that_cannot_be_stored_still_gives_a_result(
         tmp_path: Path) -> None:
-    """Class 2 for ``ok`` too: a handler returning a lone surrogate or an infinity."""
+    """For ``ok`` too: a handler returning a lone surrogate or an infinity."""
     values = {"sur": {"k": "\ud800"}, "inf": {"k": float("inf")}, "ctl": "a\x00b"}
     config = make_config(tmp_path, ["a"])
     handler = Scripted(lambda r: values[r.id])

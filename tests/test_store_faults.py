@@ -318,7 +318,7 @@ async def test_a_producer_leaves_a_bad_file_to_the_running_service(
             await service.close()
     store_config.path.write_bytes(b"garbage!" * 512)  # still bad once the service stopped
     with pytest.raises(StoreCorrupt, match="started"):  # no service: still only the drainer
-        await Store.open(store_config, drainer=False)  # moves it (P4: producers raced)
+        await Store.open(store_config, drainer=False)  # moves it (producers raced)
     assert corrupt_files(store_config.path.parent) == []
     async with await Store.open(store_config) as service:
         await service.put("d", "after")

@@ -52,7 +52,7 @@ def ids_in(path: Path) -> set[str]:
 @pytest.mark.parametrize("damage", [b"this is not a queue\n" * 200, b"SQLite format 3\x00ab"])
 def test_concurrent_sends_on_a_corrupt_queue_never_strand_a_printed_id(
         tmp_path: Path, damage: bytes) -> None:
-    """P4: 13 of 36 sends that printed an id ended up in queue.db.corrupt-*: each producer
+    """13 of 36 sends that printed an id ended up in queue.db.corrupt-*: each producer
     quarantined whatever the path named then, a fresh queue of another sender included."""
     config = write_config(tmp_path)
     (tmp_path / "queue.db").write_bytes(damage)
@@ -86,7 +86,7 @@ def statements_seen(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
 
 async def test_a_producer_does_not_run_the_full_check_and_the_drainer_does(
         store_config: StoreConfig, monkeypatch: pytest.MonkeyPatch) -> None:
-    """P15: every `pigateway send` ran PRAGMA quick_check (1.0 s at a 1M backlog)."""
+    """Every `pigateway send` ran PRAGMA quick_check (1.0 s at a 1M backlog)."""
     async with await Store.open(store_config) as store:
         await store.put_many([NewCommand("d", "n")] * 100)
     with statements_seen(monkeypatch) as seen:
@@ -123,7 +123,7 @@ async def test_a_producer_refuses_a_corrupt_file_clearly_and_moves_nothing(
 
 
 async def test_a_symlinked_path_does_not_get_a_second_drainer(tmp_path: Path) -> None:
-    """S8: the drainer lock was keyed on the path string."""
+    """The drainer lock was keyed on the path string."""
     real = tmp_path / "data" / "queue.db"
     real.parent.mkdir()
     (tmp_path / "link").mkdir()

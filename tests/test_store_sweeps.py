@@ -67,12 +67,12 @@ async def expired_backlog(store: Store, size: int) -> None:
     await asyncio.sleep(0.01)
 
 
-# --------------------------------------------------------------------------- P3: expiry
+# --------------------------------------------------------------------------- expiry
 
 
 async def test_an_expired_backlog_is_buried_in_chunks_with_pings_between(
         store_config: StoreConfig) -> None:
-    """P3: 1M expired rows were one 30 s transaction; the watchdog killed it, and the kill
+    """1M expired rows were one 30 s transaction; the watchdog killed it, and the kill
     rolled all of it back. Now each chunk commits and the ping gets the writer between."""
     async with await Store.open(roomy(store_config)) as store:
         await expired_backlog(store, BACKLOG)
@@ -136,12 +136,12 @@ def test_a_kill_in_the_middle_of_an_expiry_sweep_keeps_the_chunks_done(
     assert dead + queued == BACKLOG
 
 
-# --------------------------------------------------------------------------- P8: purge, requeue
+# --------------------------------------------------------------------------- purge, requeue
 
 
 async def test_purge_all_is_chunked_keeps_puts_made_meanwhile_and_reports_progress(
         store_config: StoreConfig) -> None:
-    """P8: `queue purge --all` on 1M rows held the write lock 8.4 s, past the service's
+    """`queue purge --all` on 1M rows held the write lock 8.4 s, past the service's
     busy_timeout. Now chunks: pings and puts get the writer between them."""
     async with await Store.open(roomy(store_config)) as store:
         for first in range(0, BACKLOG, 5000):
@@ -202,11 +202,11 @@ async def test_drop_oldest_of_an_over_full_queue_drops_a_chunk_per_put(
         assert (await store.stats()).depth == 100
 
 
-# --------------------------------------------------------------------------- P11: requeue
+# --------------------------------------------------------------------------- requeue
 
 
 async def test_requeue_all_leaves_expired_dead_letters_dead(store_config: StoreConfig) -> None:
-    """P11: requeue-dead revived expired commands with a fresh 7-day ttl."""
+    """Requeue-dead revived expired commands with a fresh 7-day ttl."""
     async with await Store.open(store_config) as store:
         stale = await store.put("d", "stale", ttl=0.001)
         refused = await store.put("d", "refused", ttl=60)
@@ -268,7 +268,7 @@ async def test_a_requeued_command_keeps_its_own_ttl(store_config: StoreConfig,
             assert again.expires_at is None  # lived forever, still does
 
 
-# --------------------------------------------------------------------------- P9: bounds
+# --------------------------------------------------------------------------- bounds
 
 
 def file_bytes(path: Path) -> int:
@@ -280,7 +280,7 @@ def file_bytes(path: Path) -> int:
 
 async def test_a_bounded_queue_means_a_bounded_file(store_config: StoreConfig,
                                                     caplog: pytest.LogCaptureFixture) -> None:
-    """P9: drop-oldest with a 100-command queue reached 57 MiB after 20,000 puts."""
+    """Drop-oldest with a 100-command queue reached 57 MiB after 20,000 puts."""
     config = dataclasses.replace(store_config, max_commands=100, overflow="drop-oldest",
                                  max_dead_letters=300, max_dead_bytes=1 << 30)
     pad = "p" * 1000
@@ -340,12 +340,12 @@ async def test_lowered_bounds_are_applied_when_the_service_starts(
         assert count_ == 100
 
 
-# --------------------------------------------------------------------------- P14: after commit
+# --------------------------------------------------------------------------- after commit
 
 
 async def test_dead_letters_are_logged_only_once_committed(
         store_config: StoreConfig, caplog: pytest.LogCaptureFixture) -> None:
-    """P14: "dead-lettered N" was logged inside transactions that then rolled back."""
+    """"dead-lettered N" was logged inside transactions that then rolled back."""
     config = dataclasses.replace(store_config, max_commands=2, overflow="drop-oldest")
     async with await Store.open(config) as store:
         kept = await store.put_many([NewCommand("d", "a"), NewCommand("d", "b")])
@@ -362,7 +362,7 @@ async def test_dead_letters_are_logged_only_once_committed(
 
 
 async def test_the_wal_is_cut_back_after_a_big_transaction(store_config: StoreConfig) -> None:
-    """P14: the WAL kept the size of the largest transaction it ever held."""
+    """The WAL kept the size of the largest transaction it ever held."""
     wal = store_config.path.with_name(store_config.path.name + "-wal")
     big = {"pad": "x" * 60_000}
     async with await Store.open(store_config) as store:

@@ -348,7 +348,7 @@ async def test_a_ping_that_fails_typed_is_one_warning_line_not_a_traceback(
 async def test_a_lock_another_process_holds_is_not_a_wedged_writer(
     notify: DatagramListener, store_config: StoreConfig
 ) -> None:
-    """P8: a sqlite3 shell holding the write lock for longer than busy_timeout and than the
+    """A sqlite3 shell holding the write lock for longer than busy_timeout and than the
     watchdog interval: each transaction fails alone after busy_timeout and the ping (which
     takes no lock) is answered between them, so WATCHDOG=1 keeps coming and systemd does not
     restart a service that a restart would not help (five restarts and it gives up)."""

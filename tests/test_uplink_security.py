@@ -199,7 +199,7 @@ async def test_mqtt_311_link_drains_too(tmp_path: Path, unique_prefix: str) -> N
 
 async def test_the_packet_limit_counts_topic_bytes_not_characters(
         tmp_path: Path, unique_prefix: str) -> None:
-    """S7: a non-ASCII topic prefix is longer on the wire than in characters."""
+    """A non-ASCII topic prefix is longer on the wire than in characters."""
     limit = 2048
     prefix = f"{unique_prefix}-" + "€" * 30  # 30 characters more, 90 bytes more
     topic_chars = len(f"{prefix}/{GATEWAY}/actions")
