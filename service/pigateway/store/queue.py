@@ -10,7 +10,7 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import cached_property
 from typing import Any, Self, TypeVar
 
@@ -58,11 +58,10 @@ class Store(Reads):
         self._writer = writer
         self._outbox = outbox
         self._reader = reader
-        self._put_event = asyncio.Event()
+        self._wakeup = _Wakeup(writer)
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None
         self._closed = False
-        self._data_version = 0
 
     # ---- lifecycle
 
@@ -77,34 +76,13 @@ class Store(Reads):
         """
         lock_fd = files.enter_folder(config.path, drainer=drainer)
         try:
-            store = await cls._connect(config, drainer=drainer)
+            store = cls(config, *await _parts(config, drainer=drainer), drainer=drainer)
         except BaseException:
             files.release_lock(lock_fd)
             raise
         store._lock_fd = lock_fd
         await store._start()
         return store
-
-    @classmethod
-    async def _connect(cls, config: StoreConfig, *, drainer: bool) -> Store:
-        """Check the file, connect the writer, migrate, read the clock, connect the reader."""
-        identity = None
-        if drainer:
-            await asyncio.to_thread(files.check_as_drainer, config)
-        else:
-            files.check_as_producer(config.path)
-            identity = files.Identity(config.path)
-        thread = await SqliteThread.open(config, "store-writer")
-        try:
-            reading = await thread.call(schema.ready, config.path)
-            reader = await SqliteThread.open(config, "store-reader")
-        except BaseException:
-            await thread.close()
-            raise
-        outbox = Outbox(config, GatewayClock(reading), [])
-        guard = None if identity is None else identity.settle().check
-        return cls(config, Writer(thread, config.path, outbox, guard), outbox, reader,
-                   drainer=drainer)
 
     async def _start(self) -> None:
         """A drainer takes back what was in flight; then the writer (and heartbeat) start."""
@@ -113,10 +91,10 @@ class Store(Reads):
             if resumed:
                 log.warning("%d commands were in flight when pigateway last stopped; "
                             "they are queued again, first", resumed)
-        self._data_version = await self._writer.on_thread(data_version)
+        await self._wakeup.start()
         self._writer.start()
         if self.drainer:
-            self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(),
+            self._heartbeat_task = asyncio.create_task(_heartbeat_loop(self),
                                                        name="store-clock")
             try:
                 await self.prune_dead()  # bounds lowered since, or dead letters aged out
@@ -201,7 +179,7 @@ class Store(Reads):
     async def _submit_put(self, items: list[NewCommand], then: Then | None) -> list[Command]:
         put = puts.new_put(items, self.config, self.clock, then)
         result: list[Command] = await self._writer.submit_put(put)
-        self._put_event.set()
+        self._wakeup.set()
         return result
 
     async def _put_result(self, device: str, document: dict[str, Any],
@@ -235,7 +213,7 @@ class Store(Reads):
             if claimed or not more_expired:
                 return claimed
             if time.monotonic() >= deadline:
-                self._put_event.set()  # more to bury: the drain comes back at once
+                self._wakeup.set()  # more to bury: the drain comes back at once
                 return claimed
 
     async def ack(self, ids: Sequence[str], batch: str | None = None) -> int:
@@ -277,19 +255,7 @@ class Store(Reads):
 
     async def wait_for_work(self, timeout: float) -> None:
         """Return when a put happened here or another process committed, or after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(left, POLL_INTERVAL)):
-                    await self._put_event.wait()
-                # consumed here, not cleared on entry: a put that committed after the
-                # caller's last (empty) claim must wake it now, not at the next poll
-                self._put_event.clear()
-                return
-            version = await self._read_data_version()
-            if version != self._data_version:
-                self._data_version = version
-                return
+        await self._wakeup.wait(timeout)
 
     async def heartbeat(self) -> None:
         """Write a reading of the gateway clock (a new boot continues from the last one)."""
@@ -297,16 +263,6 @@ class Store(Reads):
         if jump:  # only a beat moves the offset within a boot: the downtime, now counted
             log.info("the wall clock is synchronised: the %.0f s the gateway was down now "
                      "count towards TTLs", jump)
-
-    async def _heartbeat_loop(self) -> None:
-        """The drainer's readings, every :data:`pigateway.store.clock.HEARTBEAT` seconds: one
-        small row, committed with whatever else is being written then."""
-        while True:
-            await asyncio.sleep(clock.HEARTBEAT)
-            try:
-                await self.heartbeat()
-            except StoreError as exc:  # the next one may pass; a reboot meanwhile loses a beat
-                log.warning("could not write a reading of the gateway clock: %s", exc)
 
     async def ping(self) -> None:
         """Return once the writer task and its thread answer (for the watchdog).
@@ -374,19 +330,7 @@ class Store(Reads):
 
     async def _sweep(self, step: Callable[[sqlite3.Connection], int],
                      progress: Progress | None, *, chunks: int | None = None) -> int:
-        """Run ``step`` (which handles at most :data:`SWEEP_CHUNK` rows) in its own
-        transactions until it handles fewer (or ``chunks`` times): other writers' jobs
-        commit in between."""
-        total = 0
-        while True:
-            done = await self._call(step)
-            total += done
-            if progress is not None and done:
-                progress(total)
-            if chunks is not None:
-                chunks -= 1
-            if done < SWEEP_CHUNK or chunks == 0:
-                return total
+        return await _in_chunks(self._call, step, progress, chunks)
 
     async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         try:
@@ -394,14 +338,95 @@ class Store(Reads):
         except sqlite3.Error as exc:
             raise translate(exc, self.path) from exc
 
-    async def _read_data_version(self) -> int:
-        """Asked of the writer connection, whose data_version moves only when *another*
-        connection commits: our own claims and acks do not wake :meth:`wait_for_work`.
-        (It runs on the writer's thread between two transactions, never inside one.)"""
-        return await self._writer.on_thread(data_version)
-
 
 def _consume(future: asyncio.Future[Any]) -> None:
     """Let a future nobody awaits fail quietly: for the last reading of a closing drainer,
     whose loss costs the TTLs at most one heartbeat of time after a reboot."""
     future.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+
+async def _parts(config: StoreConfig, *, drainer: bool) -> tuple[Writer, Outbox, SqliteThread]:
+    """Check the file, connect the writer, migrate, read the clock, connect the reader."""
+    identity = None
+    if drainer:
+        await asyncio.to_thread(files.check_as_drainer, config)
+    else:
+        files.check_as_producer(config.path)
+        identity = files.Identity(config.path)
+    thread = await SqliteThread.open(config, "store-writer")
+    try:
+        reading = await thread.call(schema.ready, config.path)
+        reader = await SqliteThread.open(config, "store-reader")
+    except BaseException:
+        await thread.close()
+        raise
+    outbox = Outbox(config, GatewayClock(reading), [])
+    guard = None if identity is None else identity.settle().check
+    return Writer(thread, config.path, outbox, guard), outbox, reader
+
+
+class _Wakeup:
+    """What wakes a drainer waiting for work: a put made here (an event), or a commit of
+    another process (the writer connection's ``data_version`` moved), polled every
+    :data:`POLL_INTERVAL` seconds."""
+
+    def __init__(self, writer: Writer) -> None:
+        self._writer = writer
+        self._event = asyncio.Event()
+        self._version = 0
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def start(self) -> None:
+        self._version = await self._read_version()
+
+    async def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, POLL_INTERVAL)):
+                    await self._event.wait()
+                # consumed here, not cleared on entry: a put that committed after the
+                # caller's last (empty) claim must wake it now, not at the next poll
+                self._event.clear()
+                return
+            version = await self._read_version()
+            if version != self._version:
+                self._version = version
+                return
+
+    async def _read_version(self) -> int:
+        """Asked of the writer connection, whose data_version moves only when *another*
+        connection commits: our own claims and acks do not wake :meth:`wait`.
+        (It runs on the writer's thread between two transactions, never inside one.)"""
+        return await self._writer.on_thread(data_version)
+
+
+async def _heartbeat_loop(store: Store) -> None:
+    """The drainer's readings, every :data:`pigateway.store.clock.HEARTBEAT` seconds: one
+    small row, committed with whatever else is being written then."""
+    while True:
+        await asyncio.sleep(clock.HEARTBEAT)
+        try:
+            await store.heartbeat()
+        except StoreError as exc:  # the next one may pass; a reboot meanwhile loses a beat
+            log.warning("could not write a reading of the gateway clock: %s", exc)
+
+
+async def _in_chunks(call: Callable[[Callable[[sqlite3.Connection], int]], Awaitable[int]],
+                     step: Callable[[sqlite3.Connection], int], progress: Progress | None,
+                     chunks: int | None) -> int:
+    """Run ``step`` (which handles at most :data:`SWEEP_CHUNK` rows) in its own
+    transactions until it handles fewer (or ``chunks`` times): other writers' jobs
+    commit in between."""
+    total = 0
+    while True:
+        done = await call(step)
+        total += done
+        if progress is not None and done:
+            progress(total)
+        if chunks is not None:
+            chunks -= 1
+        if done < SWEEP_CHUNK or chunks == 0:
+            return total
