@@ -498,3 +498,53 @@ async def test_config_set_that_would_shut_out_config_set_is_refused(
         assert not (tmp_path / "state" / "remote.pending.toml").exists()
         status = await answer(operator, service, await operator.ask("status"))
         assert status["status"] == "ok"
+
+
+async def test_config_set_whose_manage_topic_the_broker_refuses_rolls_back(
+        tmp_path: Path, unique_prefix: str) -> None:
+    """Online is not proof enough: a config-set under which the broker refuses the manage
+    subscription (here a topic prefix the documented ACL does not grant) would leave the
+    gateway online and out of the operator's reach for good. It is rolled back, and its
+    result comes back on the topics the operator reaches it on."""
+    if shutil.which("mosquitto_passwd") is None:
+        pytest.skip("mosquitto_passwd is not installed")
+    users = {GATEWAY: "gw-pass", "fleet-operator": "op-pass"}
+    folder = tmp_path / "acl-broker"
+    with Mosquitto(folder, extra=acl_broker_lines(folder, unique_prefix, users)) as broker:
+        secret = tmp_path / "gw-password"
+        secret.write_text("gw-pass\n")
+        secret.chmod(0o600)
+        path = harness_gateway.write(tmp_path / "config.toml", harness_gateway.settings(
+            tmp_path, gateway_id=GATEWAY, port=broker.port, prefix=unique_prefix,
+            mqtt={"username": GATEWAY, "password_file": str(secret)},
+            uplink={"batch_delay": 0.01, "backoff_initial": 0.05, "backoff_max": 0.5},
+            manage={"enabled": True, "allow": ["status", "config-set"], "rollback_after": 5,
+                    "overlay": str(tmp_path / "state" / "remote.toml")},
+            gpio={"pin_factory": "mock"}, devices={"lamp": {"handler": "log"}}))
+        service = Service(path, tmp_path / "service.log")
+        systemd = Systemd(service)
+        try:
+            async with aiomqtt.Client("127.0.0.1", broker.port, username="fleet-operator",
+                                      password=users["fleet-operator"],
+                                      identifier="operator") as client:
+                operator = Operator(client, unique_prefix)
+                for leaf in ("results", "state"):
+                    await client.subscribe(f"{unique_prefix}/{GATEWAY}/{leaf}", qos=1)
+                tasks = [asyncio.create_task(operator.collect()),
+                         asyncio.create_task(systemd.watch())]
+                try:
+                    service.start()
+                    await until(lambda: operator.online > 0, 20, "online", service)
+                    command_id = await operator.ask(
+                        "config-set", {"set": {"mqtt.topic_prefix": "elsewhere"}})
+                    reply = await answer(operator, service, command_id, timeout=40)
+                    assert reply["status"] == "error" and "rolled back" in reply["detail"], reply
+                    status = await answer(operator, service, await operator.ask("status"))
+                    assert status["status"] == "ok"
+                finally:
+                    for task in tasks:
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await task
+        finally:
+            service.kill()

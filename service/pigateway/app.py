@@ -37,7 +37,7 @@ from pigateway.metrics import Exporter
 from pigateway.panel import Panel
 from pigateway.pins import auto_fallback
 from pigateway.remoteconfig import Trial
-from pigateway.state import FaultSource, GatewayState, Refusal, Refuser
+from pigateway.state import FaultSource, GatewayState, Link, Refusal, Refuser
 from pigateway.store import Store
 from pigateway.systemd import Notifier, bound_stop, ping_bound, supervise, watchdog_interval
 from pigateway.text import plural
@@ -108,6 +108,12 @@ class Gateway:
         if self.store is None:
             raise StoreError("the store is not open")
         return await self.store.requeue_dead()
+
+    def manage_reachable(self) -> bool:
+        """Online, with the broker's grant of the manage subscription: a config-set that
+        leaves the operator no way in is not proven by being online."""
+        return (self.state.link is Link.ONLINE and self.uplink is not None
+                and self.uplink.manage_granted)
 
     def restart(self) -> None:
         """The graceful stop, then an exit that systemd restarts (remote management)."""

@@ -62,6 +62,8 @@ class Controlled(Controls, Protocol):
 
     def restart(self) -> None: ...
 
+    def manage_reachable(self) -> bool: ...
+
 
 class Manage:
     """The handler of the :data:`DEVICE` lane (see the module docstring)."""
@@ -192,8 +194,14 @@ class Manage:
             return _ended(done)
         if self.trial is not None and self.trial.id == request.id:
             await self._settled.wait()  # watch_trial commits or rolls back
-            return _ended(remoteconfig.outcome(overlay) or {"applied": False,
-                                                           "reason": "no outcome recorded"})
+            ended = remoteconfig.outcome(overlay) or {"applied": False,
+                                                      "reason": "no outcome recorded"}
+            if ended.get("applied"):
+                return _ended(ended)
+            # rolled back: the start on the config before answers (the first branch), on the
+            # topics the operator reaches; this config may be what kept them out
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
         waiting = remoteconfig.pending_id(overlay)
         if waiting is not None and waiting != request.id:
             raise HandlerError(f"config-set {waiting} is being tried; send this one after it")
@@ -238,12 +246,15 @@ class Manage:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit
         while loop.time() < deadline:
-            if self.controls.state.link is Link.ONLINE:
+            if self.controls.manage_reachable():  # online, and the operator can reach it
                 trial.commit()
                 self._settled.set()
                 return
             await asyncio.sleep(POLL)
         error = self.controls.state.last_error or "no error said"
+        if self.controls.state.link is Link.ONLINE:
+            error = ("online, but the broker refused the manage topic's subscription or the "
+                     "state document (its ACL): the operator could not reach the gateway")
         trial.roll_back(f"the gateway was not online within {limit:g}s "
                         f"(manage.rollback_after); last error: {error}")
         self._settled.set()

@@ -717,8 +717,9 @@ class Connection:
         code = client.puback_codes.pop(info.mid, None)
         return None if code is None else int(code.value)
 
-    async def subscribe(self, topic: str, qos: int = 1, *, as_published: bool = False) -> None:
-        """Subscribe. ``as_published`` (MQTT 5 only; ignored under 3.1.1): keep the retain
+    async def subscribe(self, topic: str, qos: int = 1, *, as_published: bool = False) -> bool:
+        """Subscribe; whether the broker granted it (its SUBACK: 0x80 and up is a refusal,
+        an ACL's 0x87). ``as_published`` (MQTT 5 only; ignored under 3.1.1): keep the retain
         flag a message was published with (Retain As Published), never hear our own
         publishes back (No Local), and get the retained messages only when the subscription
         is new (Retain Handling 1), not again at every reconnect of a persistent session."""
@@ -726,9 +727,10 @@ class Connection:
             if as_published and self._link._client.protocol == paho.MQTTv5:
                 options = SubscribeOptions(qos=qos, noLocal=True, retainAsPublished=True,
                                            retainHandling=1)
-                await self._link.subscribe(topic, options=options)
+                granted = await self._link.subscribe(topic, options=options)
             else:
-                await self._link.subscribe(topic, qos=qos)
+                granted = await self._link.subscribe(topic, qos=qos)
+        return all((code if isinstance(code, int) else code.value) < 0x80 for code in granted)
 
     async def unsubscribe(self, topic: str, timeout: float) -> None:
         with _translated():

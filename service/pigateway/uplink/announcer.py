@@ -41,8 +41,9 @@ class Announcer:
         return wire.state_document(self.config.gateway_id, __version__, self.state.as_dict(),
                                    COUNTERS.as_dict(), time.time())
 
-    async def announce(self, client: Connection) -> None:
-        await self._publish(client, wire.encode(self.document()).encode())
+    async def announce(self, client: Connection) -> bool:
+        """The state document, retained; whether the broker took it."""
+        return await self._publish(client, wire.encode(self.document()).encode())
 
     async def keep_announcing(self, client: Connection) -> None:
         while True:
@@ -54,7 +55,7 @@ class Announcer:
         with contextlib.suppress(UplinkError):
             await self._publish(client, wire.OFFLINE)
 
-    async def _publish(self, client: Connection, payload: bytes) -> None:
+    async def _publish(self, client: Connection, payload: bytes) -> bool:
         """One state message; one the broker cannot take is left out, never the link's end."""
         await self.pacer.publish_slot(len(payload))  # the state counts against the quota too
         try:
@@ -64,11 +65,13 @@ class Announcer:
             raise  # the link's: it ends and comes back
         except PacketTooLarge as exc:
             log.warning("uplink: the state document is not sent: %s", exc)
-            return
+            return False
         except Exception as exc:  # one packet, one failure: never the link's
             log.warning("uplink: the state document is not sent: %s: %s",
                         type(exc).__name__, bounded(exc, 300))
-            return
+            return False
         if code is not None:
             log.warning("uplink: the broker refused a message on %s: %s", self.topic,
                         describe(code))
+            return False
+        return True

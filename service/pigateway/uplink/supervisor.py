@@ -100,6 +100,9 @@ class Uplink:
         self._online_since: float | None = None
         #: whether this episode offline was said at warning (reset once online again)
         self._said_offline = False
+        #: the broker granted this connection's manage subscription and took its state
+        #: document (a config-set's proof that the operator still reaches the gateway)
+        self.manage_granted = False
         self.store_calls = StoreCalls(state, up)
         self.pacer = Pacer(up.max_messages_per_second, up.max_bytes_per_second)
         self.drain = Drain(config, store, state, store_calls=self.store_calls, pacer=self.pacer,
@@ -309,7 +312,12 @@ class Uplink:
         self.state.set_limits(limits)
         return limits
 
+    def _lost(self) -> None:
+        self.manage_granted = False
+        self.state.set_link(Link.OFFLINE)
+
     async def _serve(self, client: Connection) -> None:
+        self.manage_granted = False
         limits = self._adopt(client)
         log.info("uplink: online at %s:%d (session present: %s)", self.config.mqtt.host,
                  self.config.mqtt.port, client.session_present)
@@ -319,16 +327,22 @@ class Uplink:
         self.state.clear_fault(FaultSource.LINK)
         COUNTERS.link_up()
         # views learn of a drop at once; handing rows back may wait on a busy disk
-        client.when_lost(lambda: self.state.set_link(Link.OFFLINE))
+        client.when_lost(self._lost)
         try:
             async with asyncio.TaskGroup() as tasks:
                 session = Session(client, asyncio.Semaphore(limits["max_inflight"]), tasks,
                                   window=limits["max_inflight"])
                 if self.on_command is not None:
                     await client.subscribe(wire.topic(self.config, "commands"), qos=1)
+                granted = False
                 if self.on_manage is not None:
-                    await client.subscribe(wire.topic(self.config, "manage"), qos=1)
-                await self.announcer.announce(client)
+                    topic = wire.topic(self.config, "manage")
+                    granted = await client.subscribe(topic, qos=1)
+                    if not granted:
+                        log.warning("uplink: the broker refused the subscription to %s: "
+                                    "no manage command reaches this gateway (its ACL)", topic)
+                # the operator's way in and out: manage heard, our topics taken
+                self.manage_granted = await self.announcer.announce(client) and granted
                 watch = tasks.create_task(self.intake.run(client), name="uplink-watch")
                 announce = tasks.create_task(self.announcer.keep_announcing(client),
                                              name="uplink-state")
