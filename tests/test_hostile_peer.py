@@ -16,6 +16,7 @@ from paho.mqtt.properties import Properties
 from harness import mqttwire as w
 from harness.broker import Mosquitto
 from harness.hostile import HostileBroker, RawClient
+from pigateway.errors import PacketTooLarge
 from pigateway.mqtt import Settings, connect
 
 
@@ -66,13 +67,23 @@ async def test_the_connack_limits_reach_the_client_and_puback_codes_come_back() 
 
 
 async def test_a_strict_broker_disconnects_a_publish_over_its_packet_size() -> None:
+    """The harness enforces what it advertised (DISCONNECT 0x95), for a client that does not
+    check: a raw one. Ours checks first and never sends such a PUBLISH."""
     async with HostileBroker(maximum_packet_size=64) as broker:
-        settings = Settings("127.0.0.1", broker.port, client_id="c2", protocol="5")
-        async with connect(settings, bound=5) as client:
-            big = client.publish_now("t", b"x" * 100, 1, False, timeout=5)
-            with pytest.raises(Exception, match="dropped"):
-                await big
+        async with RawClient(broker.port, "c2") as raw:
+            assert await raw.publish("t", b"x" * 100, timeout=5) is None
         assert broker.enforced == [0x95]
+
+
+async def test_our_client_refuses_a_publish_over_the_brokers_packet_size_unsent() -> None:
+    async with HostileBroker(maximum_packet_size=64) as broker:
+        settings = Settings("127.0.0.1", broker.port, client_id="c2b", protocol="5")
+        async with connect(settings, bound=5) as client:
+            with pytest.raises(PacketTooLarge, match="64 bytes"):
+                await client.publish_now("t", b"x" * 100, 1, False, timeout=5)
+            assert await client.deliver("t", b"small", timeout=5) is None
+        assert broker.enforced == []
+        assert [p.payload for _, p in broker.published] == [b"small"]
 
 
 async def test_a_qos2_delivery_runs_to_pubcomp_and_can_be_cut() -> None:

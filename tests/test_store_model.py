@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from pigateway.config import StoreConfig
-from pigateway.errors import QueueFull
+from pigateway.errors import InvalidCommand, QueueFull
 from pigateway.store import NewCommand, Store
 
 T = TypeVar("T")
@@ -195,8 +196,13 @@ class StoreMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.model.dead))
     @rule(data=st.data())
     def requeue_one(self, data: st.DataObject) -> None:
-        """A dead letter goes back to the tail, attempts reset (limits do not apply)."""
+        """A dead letter goes back to the tail, attempts reset (limits do not apply); an
+        ``invalid`` one was never a command and stays dead, refused by name."""
         id_ = data.draw(st.sampled_from(sorted(self.model.dead)))
+        if self.model.dead[id_] == "invalid":
+            with pytest.raises(InvalidCommand, match="evidence"):
+                self.run(self.store.requeue_dead(id_))
+            return
         assert self.run(self.store.requeue_dead(id_)) == 1
         del self.model.dead[id_]
         self.model.queue.append(Entry(id_, ""))
