@@ -94,6 +94,28 @@ _CLAIM_ORDER = tier_queries(COMMAND_COLUMNS, unclaimed=True)
 _DROP_ORDER = tier_queries("seq, size", unclaimed=True, reverse=True)
 
 
+def check_disk(conn: sqlite3.Connection, config: StoreConfig, headroom: int = 0) -> None:
+    """Keep ``min_free_bytes`` free; pages free inside the file count as free.
+
+    The file never shrinks: a drained backlog leaves its pages inside it, where new
+    commands go first. Without counting them a queue that once filled the disk would
+    refuse every command forever, even when empty.
+    """
+    if config.min_free_bytes <= 0:
+        return
+    need = config.min_free_bytes + headroom
+    stat = os.statvfs(config.path.parent)
+    free = stat.f_bavail * stat.f_frsize
+    if free < need:
+        free += (first(conn, "PRAGMA freelist_count")[0]
+                 * first(conn, "PRAGMA page_size")[0])
+    if free < need:
+        raise StoreFull(f"only {format_size(free)} free under {config.path.parent}; "
+                        "pigateway keeps store.min_free_bytes = "
+                        f"{format_size(config.min_free_bytes)} free. Queued commands "
+                        "are kept; new ones are refused until space is freed")
+
+
 class Outbox:
     """The verbs, each run on the writer's connection inside its transaction. What a verb
     has to say once its work commits goes to ``after_commit`` (the writer says it after
@@ -107,25 +129,7 @@ class Outbox:
         self.after_commit = after_commit
 
     def check_disk(self, conn: sqlite3.Connection, headroom: int = 0) -> None:
-        """Keep ``min_free_bytes`` free; pages free inside the file count as free.
-
-        The file never shrinks: a drained backlog leaves its pages inside it, where new
-        commands go first. Without counting them a queue that once filled the disk would
-        refuse every command forever, even when empty.
-        """
-        if self.config.min_free_bytes <= 0:
-            return
-        need = self.config.min_free_bytes + headroom
-        stat = os.statvfs(self.path.parent)
-        free = stat.f_bavail * stat.f_frsize
-        if free < need:
-            free += (first(conn, "PRAGMA freelist_count")[0]
-                     * first(conn, "PRAGMA page_size")[0])
-        if free < need:
-            raise StoreFull(f"only {format_size(free)} free under {self.path.parent}; "
-                            "pigateway keeps store.min_free_bytes = "
-                            f"{format_size(self.config.min_free_bytes)} free. Queued commands "
-                            "are kept; new ones are refused until space is freed")
+        check_disk(conn, self.config, headroom)
 
     def refusal(self, conn: sqlite3.Connection) -> QueueFull | StoreFull | None:
         """What a put of one small command would be refused with now (None: it would be
@@ -324,24 +328,7 @@ class Outbox:
         bounds, and say so once in the log after the commit."""
         if not seqs:
             return
-        now, gateway_now = time.time(), self.clock.now()
-        buried: list[tuple[str, str]] = []
-        for chunk in chunks(list(seqs), SWEEP_CHUNK):
-            in_list = marks(len(chunk))
-            # not INSERT OR REPLACE: its implied delete fires no trigger, and the dead-letter
-            # totals would drift
-            conn.execute(f"DELETE FROM dead_letters WHERE id IN (SELECT id FROM outbox "
-                         f"WHERE seq IN ({in_list}))", chunk)
-            conn.execute(
-                "INSERT INTO dead_letters (id, kind, device, name, params, size, "
-                "queued_at, expires_at, ttl, attempts, last_error, reason, detail, dead_at, "
-                "dead_on, priority) SELECT id, kind, device, name, params, size, queued_at, "
-                f"expires_at, ttl, attempts, last_error, ?, ?, ?, ?, priority FROM outbox "
-                f"WHERE seq IN ({in_list})",
-                (reason, detail, now, gateway_now, *chunk))
-            conn.execute(f"DELETE FROM inflight WHERE seq IN ({in_list})", chunk)
-            buried += conn.execute(f"DELETE FROM outbox WHERE seq IN ({in_list}) "
-                                   "RETURNING id, device", chunk).fetchall()
+        buried = _move_to_dead(conn, seqs, reason, detail, self.clock.now())
         self.after_commit.append(lambda: _log_buried(buried, reason, detail))
         self.prune_dead(conn, len(buried))
 
@@ -358,17 +345,7 @@ class Outbox:
         cutoff = self.clock.now() - ttl if ttl > 0 else None
         if over_count <= 0 and over_bytes <= 0 and cutoff is None:
             return 0
-        doomed: list[int] = []
-        freed = 0
-        cursor = conn.execute(f"SELECT rowid, size, {DIED_ON} FROM dead_letters "
-                              f"ORDER BY {DIED_ON} LIMIT ?", (added + SWEEP_CHUNK,))
-        for rowid, size, died_on in cursor:  # lazily: mostly the first row says "none"
-            aged = cutoff is not None and died_on < cutoff
-            if not aged and len(doomed) >= over_count and freed >= over_bytes:
-                break
-            doomed.append(rowid)
-            freed += size
-        cursor.close()
+        doomed = _doomed(conn, added, over_count, over_bytes, cutoff)
         for chunk in chunks(doomed, SWEEP_CHUNK):
             conn.execute(f"DELETE FROM dead_letters WHERE rowid IN ({marks(len(chunk))})", chunk)
         if doomed:
@@ -408,18 +385,7 @@ class Outbox:
 
     def _requeue_rows(self, conn: sqlite3.Connection, where: str,
                       params: Sequence[Any]) -> int:
-        now, gateway_now = time.time(), self.clock.now()
-        rows = fetch_all(conn, "SELECT rowid, id, kind, device, name, params, size, "
-                         f"queued_at, expires_at, ttl, priority FROM dead_letters WHERE {where} "
-                         "ORDER BY dead_at, queued_at", params)
-        requeued = []
-        for row in rows:
-            ttl = own_ttl(row[7], row[8], row[9])
-            requeued.append((*row[1:7], now, requeued_expiry(ttl, gateway_now), ttl, row[10]))
-        conn.executemany(_INSERT, requeued)
-        for chunk in chunks([row[0] for row in rows], SWEEP_CHUNK):
-            conn.execute(f"DELETE FROM dead_letters WHERE rowid IN ({marks(len(chunk))})", chunk)
-        return len(rows)
+        return _requeue_rows(conn, where, params, self.clock.now())
 
     def resume_in_flight(self, conn: sqlite3.Connection) -> int:
         """Whatever was in flight when the last drainer died is queued again, first."""
@@ -445,6 +411,66 @@ class Outbox:
     def dead_letter(self, conn: sqlite3.Connection, ids: Sequence[str], reason: str,
                     detail: str | None) -> None:
         self._bury(conn, _ids_sql(ids), list(ids), reason, detail)
+
+
+def _requeue_rows(conn: sqlite3.Connection, where: str, params: Sequence[Any],
+                  gateway_now: float) -> int:
+    """Dead letters matching ``where`` back to the tail of the queue, each keeping its own
+    ttl from now on the gateway clock."""
+    now = time.time()
+    rows = fetch_all(conn, "SELECT rowid, id, kind, device, name, params, size, "
+                     f"queued_at, expires_at, ttl, priority FROM dead_letters WHERE {where} "
+                     "ORDER BY dead_at, queued_at", params)
+    requeued = []
+    for row in rows:
+        ttl = own_ttl(row[7], row[8], row[9])
+        requeued.append((*row[1:7], now, requeued_expiry(ttl, gateway_now), ttl, row[10]))
+    conn.executemany(_INSERT, requeued)
+    for chunk in chunks([row[0] for row in rows], SWEEP_CHUNK):
+        conn.execute(f"DELETE FROM dead_letters WHERE rowid IN ({marks(len(chunk))})", chunk)
+    return len(rows)
+
+
+def _move_to_dead(conn: sqlite3.Connection, seqs: Sequence[int], reason: str,
+                  detail: str | None, gateway_now: float) -> list[tuple[str, str]]:
+    """Rows of the outbox into ``dead_letters`` with a reason; the ``(id, device)`` moved."""
+    now = time.time()
+    buried: list[tuple[str, str]] = []
+    for chunk in chunks(list(seqs), SWEEP_CHUNK):
+        in_list = marks(len(chunk))
+        # not INSERT OR REPLACE: its implied delete fires no trigger, and the dead-letter
+        # totals would drift
+        conn.execute(f"DELETE FROM dead_letters WHERE id IN (SELECT id FROM outbox "
+                     f"WHERE seq IN ({in_list}))", chunk)
+        conn.execute(
+            "INSERT INTO dead_letters (id, kind, device, name, params, size, "
+            "queued_at, expires_at, ttl, attempts, last_error, reason, detail, dead_at, "
+            "dead_on, priority) SELECT id, kind, device, name, params, size, queued_at, "
+            f"expires_at, ttl, attempts, last_error, ?, ?, ?, ?, priority FROM outbox "
+            f"WHERE seq IN ({in_list})",
+            (reason, detail, now, gateway_now, *chunk))
+        conn.execute(f"DELETE FROM inflight WHERE seq IN ({in_list})", chunk)
+        buried += conn.execute(f"DELETE FROM outbox WHERE seq IN ({in_list}) "
+                               "RETURNING id, device", chunk).fetchall()
+    return buried
+
+
+def _doomed(conn: sqlite3.Connection, added: int, over_count: int, over_bytes: int,
+            cutoff: float | None) -> list[int]:
+    """The rowids of the oldest dead letters to delete: past ``cutoff``, or while over a
+    bound; at most ``added`` plus :data:`SWEEP_CHUNK`."""
+    doomed: list[int] = []
+    freed = 0
+    cursor = conn.execute(f"SELECT rowid, size, {DIED_ON} FROM dead_letters "
+                          f"ORDER BY {DIED_ON} LIMIT ?", (added + SWEEP_CHUNK,))
+    for rowid, size, died_on in cursor:  # lazily: mostly the first row says "none"
+        aged = cutoff is not None and died_on < cutoff
+        if not aged and len(doomed) >= over_count and freed >= over_bytes:
+            break
+        doomed.append(rowid)
+        freed += size
+    cursor.close()
+    return doomed
 
 
 def _log_buried(buried: Sequence[tuple[str, str]], reason: str, detail: str | None) -> None:
