@@ -256,6 +256,8 @@ async def test_restart_answers_once_and_comes_back(tmp_path: Path, mosquitto: Mo
         command_id = await operator.ask("restart")
         await until(lambda: RESTART in systemd.exits, 30, "the exit with 75", service)
         await until(lambda: queue_rows(tmp_path) == 0, 20, "the queue to drain", service)
+        # acknowledged by the broker first, then handed to the operator's session
+        await until(lambda: len(delivered(operator)) >= 3, 10, "the commands", service)
         assert sorted(delivered(operator)) == ["c0", "c1", "c2"]
         await until(lambda: operator.online >= 2, 20, "online again", service)
         reply = await answer(operator, service, command_id)
