@@ -231,12 +231,13 @@ async def test_each_read_and_control_verb_round_trips(tmp_path: Path, mosquitto:
         assert "s3cret" not in json.dumps(config) and "gw-user" not in json.dumps(config)
         assert str(tmp_path / "password") not in json.dumps(config)
 
-        logs = await answer(operator, service, await operator.ask("logs", {"lines": 5}))
-        if shutil.which("journalctl") is None:
-            assert logs["status"] == "error" and "journalctl" in logs["detail"]
-        else:
-            assert logs["status"] == "ok" and isinstance(logs["detail"]["lines"], list)
-            assert len(logs["detail"]["lines"]) <= 5
+        # outside systemd the journal holds nothing of this service: this run's own lines,
+        # from memory, say what it did (the pause above among them)
+        logs = await answer(operator, service, await operator.ask("logs", {"lines": 50}))
+        assert logs["status"] == "ok", logs
+        assert logs["detail"]["source"].startswith("memory")
+        assert 0 < len(logs["detail"]["lines"]) <= 50
+        assert any(f"manage: pause {paused['id']}" in line for line in logs["detail"]["lines"])
         too_many = await answer(operator, service,
                                 await operator.ask("logs", {"lines": 10 ** 6}))
         assert too_many["status"] == "rejected" and "manage.log_lines" in too_many["detail"]

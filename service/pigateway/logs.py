@@ -17,6 +17,7 @@ for the socket goes as a sealed memfd passed with ``SCM_RIGHTS``.
 from __future__ import annotations
 
 import array
+import collections
 import contextlib
 import errno
 import fcntl
@@ -92,6 +93,8 @@ def setup_logging(level: str, *, stream: TextIO | None = None) -> None:
         root.removeHandler(old)
         old.close()
     root.addHandler(handler)
+    if not any(isinstance(h, RecentLines) for h in root.handlers):
+        root.addHandler(RECENT)
     threshold = LEVELS.get(level.lower(), logging.INFO)
     root.setLevel(threshold)
     for name, floor in QUIET.items():
@@ -281,3 +284,33 @@ class JournalHandler(logging.Handler):
             self._sock.close()
         self._fallback.close()
         super().close()
+
+
+class RecentLines(logging.Handler):
+    """This run's last log lines, in memory and bounded (lines and characters a line).
+
+    What the ``logs`` remote verb answers where the journal cannot be read by the service's
+    own user (a system journal is readable by root and the systemd-journal group only):
+    granting a service every unit's log to show its own would be more than it needs.
+    """
+
+    def __init__(self, *, lines: int = 1000, width: int = 1000) -> None:
+        super().__init__()
+        self._lines: collections.deque[str] = collections.deque(maxlen=lines)
+        self._width = width
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record).replace("\n", " | ")
+        except Exception:  # a bad record must not end logging
+            return
+        self._lines.append(line[: self._width])
+
+    def last(self, count: int) -> list[str]:
+        """The last ``count`` lines, oldest first."""
+        return list(self._lines)[-count:] if count > 0 else []
+
+
+#: The one in-memory tail of this process's log (:func:`setup_logging` installs it).
+RECENT: Final = RecentLines()

@@ -23,7 +23,7 @@ import logging
 import shutil
 from typing import Any, Final, Protocol
 
-from pigateway import access, handlers, remoteconfig
+from pigateway import access, handlers, logs, remoteconfig
 from pigateway import config as configuration
 from pigateway.config import Config
 from pigateway.control import VERBS, Controls
@@ -141,31 +141,14 @@ class Manage:
         limit = self.config.manage.log_lines
         if isinstance(lines, bool) or not isinstance(lines, int) or not 0 < lines <= limit:
             raise InvalidCommand(f"params.lines must be 1-{limit} (manage.log_lines)")
-        journalctl = shutil.which("journalctl")
-        if journalctl is None:
-            raise HandlerError("no journal here: journalctl is not installed, so the "
-                               "service's log cannot be read remotely")
-        process = await asyncio.create_subprocess_exec(
-            journalctl, "-u", "pigateway", "-n", str(lines), "-o", "short-iso", "--no-pager",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        try:
-            async with asyncio.timeout(LOGS_TIMEOUT):
-                out, err = await process.communicate()
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
-            raise HandlerError(f"journalctl did not answer within {LOGS_TIMEOUT:g}s") from None
-        said = err.decode("utf-8", "replace")
-        # journalctl says so in words (exiting 0 or 1 by version), never by a status of its own
-        if "insufficient permissions" in said or "systemd-journal" in said:
-            raise HandlerError("the service's user may not read the journal: add it to the "
-                               "systemd-journal group (a drop-in with "
-                               "SupplementaryGroups=systemd-journal), then restart")
-        if process.returncode != 0:
-            raise HandlerError(f"journalctl failed ({process.returncode}): {bounded(said, 300)}")
-        return {"lines": _tail(out.decode("utf-8", "replace"),
-                               self.config.store.max_params_bytes // 2)}
+        room = self.config.store.max_params_bytes // 2
+        journal = await _journal_tail(lines)
+        if journal is not None:
+            return {"lines": _tail(journal, room), "source": "journal"}
+        # the journal is not there or not ours to read: this run's own lines, from memory
+        return {"lines": _tail("\n".join(logs.RECENT.last(lines)), room),
+                "source": "memory: this run's lines only (the service's user may not read "
+                          "the journal; SupplementaryGroups=systemd-journal would allow it)"}
 
     async def _restart(self, request: Request) -> Any:
         if request.attempt > 1:  # the restart ended its first run: it happened
@@ -326,6 +309,31 @@ def withheld(value: Any) -> Any:
 def _secret(key: Any) -> bool:
     return isinstance(key, str) and any(word in key.lower() for word in WITHHELD)
 
+
+
+async def _journal_tail(lines: int) -> str | None:
+    """The unit's last ``lines`` journal lines, or None where the journal cannot say them
+    (no journalctl, no permission, no entries: outside systemd)."""
+    journalctl = shutil.which("journalctl")
+    if journalctl is None:
+        return None
+    process = await asyncio.create_subprocess_exec(
+        journalctl, "-u", "pigateway", "-n", str(lines), "-o", "short-iso", "--no-pager",
+        "-q", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(LOGS_TIMEOUT):
+            out, err = await process.communicate()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+        return None
+    said = err.decode("utf-8", "replace")
+    # journalctl says "insufficient permissions" in words (exiting 0 or 1 by version)
+    if process.returncode != 0 or "insufficient permissions" in said or "systemd-journal" in said:
+        return None
+    text = out.decode("utf-8", "replace").strip()
+    return text or None
 
 def _tail(text: str, room: int) -> list[str]:
     """The last lines of ``text`` that fit ``room`` bytes together."""
