@@ -27,8 +27,8 @@ from harness.broker import Mosquitto
 from harness.ports import free_port
 from harness.service import Service
 from harness.waits import wait_until
-from pigateway import manage
 from pigateway.config import MANAGE_VERBS
+from pigateway.manage import handler as manage
 
 pytestmark = pytest.mark.broker
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from harness import gateway as harness_gateway
-from pigateway import remoteconfig
+from pigateway.manage import remoteconfig
 
 
 def base(tmp_path: Path, **manage: object) -> tuple[Path, Path]:

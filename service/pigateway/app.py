@@ -33,10 +33,10 @@ from pigateway.inbound import Inbound
 from pigateway.ingest import Ingest
 from pigateway.logs import setup_logging
 from pigateway.manage import Manage
+from pigateway.manage.remoteconfig import Trial
 from pigateway.metrics import Exporter
 from pigateway.panel import Panel
 from pigateway.pins import auto_fallback
-from pigateway.remoteconfig import Trial
 from pigateway.state import FaultSource, GatewayState, Link, Refusal, Refuser
 from pigateway.store import Store
 from pigateway.systemd import Notifier, bound_stop, ping_bound, supervise, watchdog_interval
@@ -63,7 +63,7 @@ class Gateway:
     def __init__(self, config: Config, *, policy: tenacity.AsyncRetrying | None = None,
                  notifier: Notifier | None = None, trial: Trial | None = None) -> None:
         self.config = config
-        self.trial = trial  # a remote config-set this start tries (pigateway.remoteconfig)
+        self.trial = trial  # a remote config-set this start tries (pigateway.manage.remoteconfig)
         self.restart_requested = False
         self.manage: Manage | None = None
         self.notifier = Notifier() if notifier is None else notifier

@@ -376,8 +376,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415 - not for send
 
     # the service pulls in MQTT and GPIO; send does not
-    from pigateway import app, remoteconfig  # noqa: PLC0415
+    from pigateway import app  # noqa: PLC0415
     from pigateway.logs import setup_logging  # noqa: PLC0415
+    from pigateway.manage import remoteconfig  # noqa: PLC0415
 
     setup_logging("info")
     config, trial = remoteconfig.service_config(args.config)  # a remote config-set to try?
