@@ -11,7 +11,6 @@ is there at all. ACLs are not read: a file that only an ACL opens is reported.
 
 from __future__ import annotations
 
-import grp
 import os
 import pwd
 import stat
@@ -21,6 +20,7 @@ from typing import Final
 
 from pigateway.config import Config
 from pigateway.errors import ConfigError
+from pigateway.store.owners import ownership
 
 #: The unit's ``User=`` (systemd/pigateway.service; a test keeps the two equal).
 SERVICE_USER: Final = "pigateway"
@@ -75,7 +75,7 @@ def problem(path: Path, account: Account, want: int = READ) -> str | None:
         except OSError as exc:
             return f"{path} cannot be reached ({exc.strerror}: {folder})"
         if not may(account, st, ENTER):
-            return (f"user {account.name} cannot enter {folder} ({_owner(st)}), so not "
+            return (f"user {account.name} cannot enter {folder} ({ownership(st)}), so not "
                     f"{path} either")
     try:
         st = path.stat()
@@ -85,13 +85,10 @@ def problem(path: Path, account: Account, want: int = READ) -> str | None:
         return f"{path} cannot be read ({exc.strerror})"
     if not may(account, st, want):
         need = "read and write" if want & WRITE else "read"
-        return f"user {account.name} cannot {need} {path} ({_owner(st)}): {_fix(path, st, want)}"
+        return f"user {account.name} cannot {need} {path} ({ownership(st)}): {_fix(path, st, want)}"
     return None
 
 
-def _owner(st: os.stat_result) -> str:
-    mode = stat.S_IMODE(st.st_mode)
-    return f"owner {_user(st.st_uid)}, group {_group(st.st_gid)}, mode {mode:04o}"
 
 
 def _fix(path: Path, st: os.stat_result, want: int) -> str:
@@ -100,19 +97,6 @@ def _fix(path: Path, st: os.stat_result, want: int) -> str:
     mode = "750" if stat.S_ISDIR(st.st_mode) else "640"
     return f"e.g. `chgrp {SERVICE_USER} {path} && chmod {mode} {path}`"
 
-
-def _user(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def _group(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
 
 
 def needs(config: Config, *, staged: bool = False) -> list[tuple[str, Path, int]]:

@@ -70,13 +70,12 @@ def refusal(path: Path, side: Path | None = None) -> StoreError:
     if _read_only(path):
         return StoreError(f"cannot write {path}: it is on a Read-only file system (remount "
                           "it read-write, or point store.path at a writable one)")
-    me = _user(os.geteuid())
+    me = user_name(os.geteuid())
     culprit = side or next((Path(f"{path}{t}") for t in SIDES
                             if _foreign(Path(f"{path}{t}"))), path)
     try:
         st = culprit.stat()
-        whose = (f"owner {_user(st.st_uid)}, group {_group(st.st_gid)}, "
-                 f"mode {stat.S_IMODE(st.st_mode):04o}")
+        whose = ownership(st)
     except OSError as exc:
         whose = exc.strerror or str(exc)
     fix = (f"`chown -R {me}: {culprit}`" if culprit.is_dir() else f"`chown {me}: {path}*`")
@@ -102,14 +101,22 @@ def _foreign(side: Path) -> bool:
         return False
 
 
-def _user(uid: int) -> str:
+def ownership(st: os.stat_result) -> str:
+    """A file's owner, group and mode in words, as an operator's chown/chmod needs them."""
+    return (f"owner {user_name(st.st_uid)}, group {group_name(st.st_gid)}, "
+            f"mode {stat.S_IMODE(st.st_mode):04o}")
+
+
+def user_name(uid: int) -> str:
+    """The account name of ``uid``, or the number where it has none."""
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return str(uid)
 
 
-def _group(gid: int) -> str:
+def group_name(gid: int) -> str:
+    """The group name of ``gid``, or the number where it has none."""
     try:
         return grp.getgrgid(gid).gr_name
     except KeyError:

@@ -29,12 +29,12 @@ import math
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, Protocol, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar
 
 from pigateway import forwarded, wire
 from pigateway.aio import first_of
 from pigateway.ids import new_id
-from pigateway.uplink.ahead import SOLO, Ahead
+from pigateway.uplink.ahead import SOLO, Ahead, Row
 
 REASON_TOO_LARGE = "too-large"
 REASON_EXPIRED = "expired"
@@ -45,25 +45,12 @@ REASON_EXPIRED = "expired"
 AHEAD = 2
 
 
-class Queued(Protocol):
-    """What batching needs of a claimed row (the store's ``Command`` has all of it)."""
+class Queued(Row, Protocol):
+    """What batching needs of a claimed row (the store's ``Command`` has all of it): what the
+    per-device queues need, and the deadline."""
 
     @property
-    def id(self) -> str: ...
-    @property
-    def device(self) -> str: ...
-    @property
-    def name(self) -> str: ...
-    @property
-    def params(self) -> dict[str, Any]: ...
-    @property
-    def kind(self) -> str: ...
-    @property
-    def queued_at(self) -> float: ...
-    @property
     def expires_at(self) -> float | None: ...
-    @property
-    def size(self) -> int: ...
 
 
 C = TypeVar("C", bound=Queued)
