@@ -327,8 +327,8 @@ async def bytes_per_command(root: Path, count: int, batch_size: int) -> dict[str
     sys.path.insert(0, str(Path(__file__).parent))
     import bench_store  # noqa: PLC0415 - the store bench's figure, reused
 
-    from pigateway.ids import new_id  # noqa: PLC0415
     from pigateway.store import Store  # noqa: PLC0415
+    from pigateway.store.ids import new_id  # noqa: PLC0415
 
     async def run(name: str, batch: bool, watch: bool) -> float:
         config = bench_store.bench_config(root / f"io-{name}-{batch_size}.db")

@@ -29,8 +29,8 @@ from harness import gateway
 from harness.broker import Mosquitto
 from harness.service import CONSOLE_SCRIPT, Service
 from harness.waits import until
-from pigateway import control
 from pigateway.errors import ControlError
+from pigateway.listeners import control
 
 GATEWAY = "demo-gw"
 PREFIX = "pigateway"

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from pigateway.config import StoreConfig
 from pigateway.errors import StoreError
-from pigateway.ids import new_id
 from pigateway.store import Command, NewCommand, Store
+from pigateway.store.ids import new_id
 from pigateway.uplink.batching import (
     Batcher,
     Rules,

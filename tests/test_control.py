@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from pigateway import control
-from pigateway.control import ControlServer, request
 from pigateway.errors import ControlError, ServiceNotRunning, StoreFull
+from pigateway.listeners import control
+from pigateway.listeners.control import ControlServer, request
 from pigateway.state import GatewayState
 
 

@@ -33,7 +33,7 @@ def test_readme_opens_with_the_two_commands() -> None:
 
 
 def test_readme_led_legend_is_the_panel_table() -> None:
-    from pigateway.panel import legend  # noqa: PLC0415 - gpiozero only for this test
+    from pigateway.pins.panel import legend  # noqa: PLC0415 - gpiozero only for this test
 
     readme = (ROOT / "README.md").read_text()
     assert "\n".join(legend()) in readme, "README's LED legend differs from panel.RULES"

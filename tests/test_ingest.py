@@ -22,9 +22,9 @@ from harness.ingest_helpers import brokers, collecting, ingest_settings, publish
 from harness.service import running_gateway
 from harness.waits import until, wait_until
 from pigateway.config import Config, from_dict
-from pigateway.forwarded import ID_PROPERTY
 from pigateway.handlers import Request
 from pigateway.handlers.mqtt import MqttHandler
+from pigateway.mqtt.forwarded import ID_PROPERTY
 from pigateway.mqtt.topics import topic_matches
 from pigateway.state import Link
 

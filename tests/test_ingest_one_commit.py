@@ -25,7 +25,7 @@ from harness.ingest_helpers import brokers, collecting, ingest_settings, publish
 from harness.service import running_gateway
 from harness.waits import until, wait_until
 from pigateway.config import Config, from_dict
-from pigateway.forwarded import ID_PROPERTY
+from pigateway.mqtt.forwarded import ID_PROPERTY
 from pigateway.state import Link
 
 FAST = {"batch_delay": 0.01, "backoff_initial": 0.05, "backoff_max": 0.5}

@@ -23,11 +23,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness import gateway
-from pigateway import control, inputs
+from pigateway import inputs
 from pigateway.cli import main, parse_params
 from pigateway.config import StoreConfig
-from pigateway.control import ControlServer
 from pigateway.errors import InvalidCommand, PigatewayError
+from pigateway.listeners import control
+from pigateway.listeners.control import ControlServer
 from pigateway.state import GatewayState
 from pigateway.store import NewCommand, Store, prepare
 

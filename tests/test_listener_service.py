@@ -22,7 +22,7 @@ from harness import gateway, service
 from harness.broker import Mosquitto
 from harness.ports import free_port
 from harness.waits import until, wait_until
-from pigateway import control
+from pigateway.listeners import control
 
 #: The child's descriptor limit: far below what the flood opens, above what the service
 #: needs with every listener at its cap.

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pigateway import cli, manpage
+from pigateway import cli
+from pigateway.cli import manpage
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "packaging" / "debian" / "extra" / "pigateway.1"
@@ -60,7 +61,7 @@ def test_help_ends_with_the_exit_codes(argv: list[str], capsys: pytest.CaptureFi
 def test_the_shipped_man_page_is_generated_from_the_parser() -> None:
     assert SHIPPED.read_text() == manpage.render(), (
         "packaging/debian/extra/pigateway.1 is out of date: "
-        ".venv/bin/python -m pigateway.manpage > packaging/debian/extra/pigateway.1")
+        ".venv/bin/python -m pigateway.cli.manpage > packaging/debian/extra/pigateway.1")
 
 
 def test_the_man_page_names_every_verb_option_and_exit_code() -> None:

@@ -41,7 +41,7 @@ from pigateway.app import Gateway
 from pigateway.config import MetricsConfig
 from pigateway.errors import ConfigError
 from pigateway.inbound import Inbound
-from pigateway.metrics import COUNTERS, Exporter, render, snapshot, write_atomically
+from pigateway.listeners.metrics import COUNTERS, Exporter, render, snapshot, write_atomically
 from pigateway.state import GatewayState, Link
 from pigateway.store import Store
 
@@ -424,7 +424,7 @@ def test_alert_rules_pass_promtool_and_their_unit_tests() -> None:
 
 def _exposed_names() -> set[str]:
     """Every series name pigateway can expose (a snapshot with all parts present)."""
-    from pigateway.metrics import QueueReading, Snapshot  # noqa: PLC0415
+    from pigateway.listeners.metrics import QueueReading, Snapshot  # noqa: PLC0415
 
     counters = COUNTERS.as_dict() | {"refusals": {"135": 1}, "inbound": {"ok": 1}}
     snap = Snapshot(queue=QueueReading(depth=1, dead={"expired": 1}),

@@ -18,8 +18,8 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from pigateway.forwarded import Extras
 from pigateway.mqtt import PRIVATE_API, PrivateMember
+from pigateway.mqtt.forwarded import Extras
 
 SERVICE = Path(__file__).resolve().parents[1] / "service" / "pigateway"
 

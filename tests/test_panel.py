@@ -25,7 +25,9 @@ from pigateway import pins
 from pigateway.app import Gateway
 from pigateway.config import GpioConfig
 from pigateway.errors import GpioError
-from pigateway.panel import (
+from pigateway.pins import pin_factory
+from pigateway.pins.mock import BoundedMockFactory
+from pigateway.pins.panel import (
     BLIP,
     BUTTON_ACTIONS,
     FAST,
@@ -42,8 +44,6 @@ from pigateway.panel import (
     pattern_for,
     show_for,
 )
-from pigateway.pins import pin_factory
-from pigateway.pins.mock import BoundedMockFactory
 from pigateway.state import GatewayState, Link, Refusal, Refuser
 
 GREEN, RED, AMBER, PAUSE, FLUSH = 10, 11, 12, 20, 21

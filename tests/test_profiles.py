@@ -18,10 +18,11 @@ import pytest
 from harness.broker import Mosquitto
 from harness.gateway import GATEWAY
 from harness.uplink_helpers import drained, make_config, running_uplink, wait_until
-from pigateway import config, profiles, wire
+from pigateway import config, wire
 from pigateway.errors import ConfigError
 from pigateway.mqtt.topics import topic_matches
 from pigateway.store import NewCommand
+from pigateway.wire import profiles
 from test_uplink_security import make_pki
 
 ROOT = Path(__file__).resolve().parent.parent

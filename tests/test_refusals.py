@@ -24,12 +24,13 @@ from harness.ingest_helpers import brokers, ingest_settings, publish
 from harness.ports import free_port
 from harness.service import running_gateway
 from harness.waits import wait_until
-from pigateway import metrics, report
 from pigateway.app import Gateway
+from pigateway.cli import report
 from pigateway.config import from_dict
-from pigateway.control import request
 from pigateway.errors import StoreFull
-from pigateway.panel import Show, show_for
+from pigateway.listeners import metrics
+from pigateway.listeners.control import request
+from pigateway.pins.panel import Show, show_for
 from pigateway.state import Link
 from pigateway.store import Store
 from pigateway.systemd import status_line

@@ -1,7 +1,7 @@
 """What people read (``pigateway status``, ``queue stats/ls/show``, ``inbox ls``) is words,
 not Python: no ``None``, no dict repr, no epoch seconds, no raw byte counts, no errno.
 
-The renderers are pure (:mod:`pigateway.report`), so they are called here directly with
+The renderers are pure (:mod:`pigateway.cli.report`), so they are called here directly with
 fixed times, in UTC. The end-to-end forms (a real service, a real queue file) are in
 tests/test_cli.py and tests/test_cli_live.py.
 """
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from conftest import Run
-from pigateway import report
+from pigateway.cli import report
 from pigateway.text import json_kind
 
 NOW = 1_796_641_068.0  # Mon 2026-12-07 10:57:48 UTC

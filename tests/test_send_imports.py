@@ -23,12 +23,12 @@ from pigateway import store
 #: of a damaged file, which only the drainer makes), shutil (argparse's way to the
 #: terminal's width, with bz2, lzma, pwd; the CLI reads the width itself,
 #: :class:`~pigateway.cli.Help`), logging (~20 million instructions of a send's ~350
-#: million: the modules that may log take it lazily, :mod:`pigateway.lazylog`).
+#: million: the modules that may log take it lazily, :mod:`pigateway.store.lazylog`).
 FORBIDDEN = ("asyncio", "ssl", "logging", "shutil", "concurrent.futures", "aiomqtt", "paho",
-             "gpiozero", "prometheus_client", "tenacity", "pigateway.metrics", "pigateway.ingest",
-             "pigateway.mqtt", "pigateway.uplink", "pigateway.app", "pigateway.control",
+             "gpiozero", "prometheus_client", "tenacity", "pigateway.listeners", "pigateway.ingest",
+             "pigateway.mqtt", "pigateway.uplink", "pigateway.app",
              "pigateway.handlers", "pigateway.store.queue", "pigateway.store.writer",
-             "pigateway.store.thread", "pigateway.store.reading", "pigateway.manpage",
+             "pigateway.store.thread", "pigateway.store.reading", "pigateway.cli.manpage",
              "pigateway.store.salvage")
 
 #: Each way ``send`` runs, and the exit code it must end with.

@@ -19,7 +19,7 @@ import harness.service
 from harness import gateway
 from harness.ports import free_port
 from harness.sockets import DatagramListener
-from pigateway.control import request
+from pigateway.listeners.control import request
 
 WATCHDOG_USEC = 1_000_000  # pings every 0.5 s
 STOP_BOUND = 10.0  # seconds from SIGTERM to exit at most (publish_timeout 1 + wind-down 2)

@@ -26,8 +26,8 @@ import pytest
 from harness import backdoor
 from pigateway.config import StoreConfig
 from pigateway.errors import InvalidCommand, QueueFull, StoreError
-from pigateway.ids import new_id
 from pigateway.store import NewCommand, Store
+from pigateway.store.ids import new_id
 from pigateway.store.schema import MIGRATIONS
 
 CROCKFORD = set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
@@ -92,7 +92,7 @@ class TestStoreContract:
         assert all(len(i) == 26 and set(i) <= CROCKFORD for i in everything)
 
     def test_ids_from_two_processes_never_collide(self) -> None:
-        script = "from pigateway.ids import new_id\nfor _ in range(2000): print(new_id())"
+        script = "from pigateway.store.ids import new_id\nfor _ in range(2000): print(new_id())"
         outputs = [
             subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
             for _ in range(2)

@@ -156,7 +156,7 @@ OWN_DESCRIPTORS = 128
 def test_the_descriptor_limit_holds_every_listener_at_its_cap() -> None:
     """LimitNOFILE= is a number (soft = hard), and every listener full still leaves the
     service its own descriptors (a flood is refused at the cap, never at EMFILE)."""
-    from pigateway import control, metrics  # noqa: PLC0415 - what the unit must hold
+    from pigateway.listeners import control, metrics  # noqa: PLC0415 - what the unit must hold
 
     (limit,) = directives(UNIT.read_text())["LimitNOFILE"]
     assert limit.isdigit(), f"LimitNOFILE={limit}: one number, not infinity or soft:hard"
@@ -174,6 +174,6 @@ def test_gpio_stays_reachable() -> None:
 
 def test_config_check_checks_files_as_the_units_user() -> None:
     """``pigateway config check`` checks every file as the unit's ``User=`` would meet it."""
-    from pigateway.access import SERVICE_USER  # noqa: PLC0415
+    from pigateway.cli.access import SERVICE_USER  # noqa: PLC0415
 
     assert directives(UNIT.read_text())["User"] == [SERVICE_USER]

@@ -21,7 +21,7 @@ from harness.uplink_helpers import (
     subscribed,
     wait_until,
 )
-from pigateway.backoff import wait_backoff
+from pigateway.aio import wait_backoff
 from pigateway.errors import StoreError, UplinkError
 from pigateway.mqtt import local_publisher
 from pigateway.state import Link

@@ -22,7 +22,7 @@ from harness.gateway import GATEWAY
 from harness.mqttproxy import RefusingProxy
 from harness.uplink_helpers import drained, make_config, running_uplink, subscribed, wait_until
 from harness.wire_subscriber import WireSubscriber
-from pigateway import forwarded
+from pigateway.mqtt import forwarded
 from pigateway.store import NewCommand
 
 pytestmark = pytest.mark.broker

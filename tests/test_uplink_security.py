@@ -24,10 +24,10 @@ from harness.uplink_helpers import (
     running_uplink,
     wait_until,
 )
-from pigateway.ids import new_id
 from pigateway.mqtt import PUBLISH_OVERHEAD
 from pigateway.state import Link
 from pigateway.store import Command
+from pigateway.store.ids import new_id
 from pigateway.uplink import reconnect_policy
 from pigateway.uplink.batching import Rules, plan
 

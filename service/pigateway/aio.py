@@ -1,19 +1,26 @@
-"""Two asyncio idioms the service uses in many places, defined once.
+"""The asyncio idioms the service uses in many places, and its one backoff, defined once.
 
 - :func:`first_of`: wait for the first of some awaitables, then cancel and await the
   others, so no task outlives the wait (a sleep cut short by a flush, a PUBACK raced
   against a lost link, a batch window raced against new work).
 - :func:`cancel_and_wait`: end a task of ours and wait until it has ended.
 - :func:`first_error`: the error to report out of a ``TaskGroup``'s exception group.
+- :class:`wait_backoff`: the one backoff, exponential from ``initial``, capped at ``maximum``,
+  jittered: the uplink's reconnects, the drain waiting out a busy store, inbound commands
+  the store cannot take yet, and the device workers' retries (as tenacity's ``wait``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Awaitable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pigateway.errors import PigatewayError
+
+if TYPE_CHECKING:
+    import tenacity
 
 
 async def first_of(*awaitables: Awaitable[Any], timeout: float | None = None) -> int | None:
@@ -63,3 +70,37 @@ def first_error(group: BaseExceptionGroup[Any]) -> BaseException:
             leaves.append(item)
     typed = [leaf for leaf in leaves if isinstance(leaf, PigatewayError)]
     return (typed or leaves)[0]
+
+
+class wait_backoff:
+    """Attempt n waits ``min(maximum, initial * 2**(n-1))`` less up to ``jitter`` of it, and
+    never less than ``floor``.
+
+    The jitter keeps a fleet that failed together from retrying together. An exception of
+    one of the ``faults`` types (a refused login, a TLS set-up: they do not heal by
+    themselves) waits ``maximum`` every time. ``floor``: a device that said "busy" is never
+    asked again sooner than ``inbound.backoff_initial``.
+
+    A plain callable (tenacity's ``wait`` takes one as it takes its own), so importing this
+    module does not import tenacity: ``pigateway status`` imports it, through
+    :mod:`pigateway.systemd`.
+    """
+
+    def __init__(self, initial: float, maximum: float, jitter: float = 0.2,
+                 faults: tuple[type[BaseException], ...] = (), floor: float = 0.0) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.jitter = jitter
+        self.faults = faults
+        self.floor = floor
+
+    def delay(self, attempt: int) -> float:
+        """The wait after the ``attempt``-th failure (1 is the first)."""
+        base = min(self.maximum, self.initial * 2.0 ** min(attempt - 1, 60))
+        return max(self.floor, float(base * (1 - self.jitter * random.random())))
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        outcome = retry_state.outcome
+        if self.faults and outcome is not None and isinstance(outcome.exception(), self.faults):
+            return self.maximum
+        return self.delay(retry_state.attempt_number)

@@ -26,17 +26,17 @@ import tenacity
 
 from pigateway.aio import first_error
 from pigateway.config import Config
-from pigateway.control import ControlServer
 from pigateway.errors import PigatewayError, StoreError
 from pigateway.homeassistant import HomeAssistant
 from pigateway.inbound import Inbound
 from pigateway.ingest import Ingest
+from pigateway.listeners.control import ControlServer
+from pigateway.listeners.metrics import Exporter
 from pigateway.logs import setup_logging
 from pigateway.manage import Manage
 from pigateway.manage.remoteconfig import Trial
-from pigateway.metrics import Exporter
-from pigateway.panel import Panel
 from pigateway.pins import auto_fallback
+from pigateway.pins.panel import Panel
 from pigateway.state import FaultSource, GatewayState, Link, Refusal, Refuser
 from pigateway.store import Store
 from pigateway.systemd import Notifier, bound_stop, ping_bound, supervise, watchdog_interval

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, ClassVar, Final, Literal
 
-from pigateway import profiles
 from pigateway.errors import ConfigError
 from pigateway.inputs import shown, text_problem
+from pigateway.wire import profiles
 
 T = typing.TypeVar("T")
 

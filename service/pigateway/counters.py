@@ -1,7 +1,7 @@
 """This process's counters (:data:`COUNTERS`), bumped on the hot paths, rendered by
-:mod:`pigateway.metrics`.
+:mod:`pigateway.listeners.metrics`.
 
-Apart from :mod:`pigateway.metrics` because the store's writer bumps them: this module
+Apart from :mod:`pigateway.listeners.metrics` because the store's writer bumps them: this module
 imports nothing, so the store never loads the metrics module, its config checks or its HTTP
 server. Plain classes, not dataclasses (their set-up costs ~4 ms here, ~10x on a Pi
 Zero). ``pigateway send`` does not load it at all (its Producer has no writer task).

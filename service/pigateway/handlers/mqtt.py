@@ -20,7 +20,7 @@ them; prefer absolute states over ``TOGGLE`` for that reason.
 
 The connection is opened at the first command and kept; when it fails the command is
 retried (``RetryableHandlerError``) on a fresh connection. Every aiomqtt call lives in
-:mod:`pigateway.mqtt` (``local_publisher``); secrets are read by :mod:`pigateway.credentials`.
+:mod:`pigateway.mqtt` (``local_publisher``); secrets are read by :mod:`pigateway.mqtt.credentials`.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from typing import Any
 
 from pigateway import wire
 from pigateway.config import HOST_PATTERN, Config, DeviceConfig
-from pigateway.credentials import credential, read_secret
 from pigateway.errors import ConfigError, InvalidCommand, RetryableHandlerError, UplinkError
 from pigateway.handlers import Options, Request
 from pigateway.inputs import shown, topic_problem
 from pigateway.mqtt import local_publisher
+from pigateway.mqtt.credentials import credential, read_secret
 
 DEFAULT_TOPIC = "zigbee2mqtt/{device}/set"
 #: A systemd credential name: a file name in $CREDENTIALS_DIRECTORY, never a path out of it.

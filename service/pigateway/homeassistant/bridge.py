@@ -14,7 +14,7 @@ or absent HA broker never blocks or delays the drain, and the drain never delays
 - **State**: the flat state document, retained, when the state object changes (at most one
   per :data:`STATE_GAP` seconds) and every ``uplink.state_interval``.
 - **Commands** from HA (the paused switch, the flush and requeue-dead buttons) act through
-  the control socket's own verbs (:data:`pigateway.control.VERBS`) and the store's
+  the control socket's own verbs (:data:`pigateway.listeners.control.VERBS`) and the store's
   ``requeue_dead`` (``pigateway queue requeue-dead``'s). Anyone who may publish on the
   broker may publish there: a message is taken only on one of our command topics, at most
   :data:`MAX_COMMAND_BYTES` bytes, one of the payloads its entity takes, not retained, and
@@ -34,17 +34,17 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Final, Protocol
 
-from pigateway import __version__, control, wire
-from pigateway.backoff import wait_backoff
+from pigateway import __version__, wire
+from pigateway.aio import wait_backoff
 from pigateway.config import Config
 from pigateway.counters import COUNTERS
-from pigateway.credentials import broker_password, credential, read_secret, tls_context
 from pigateway.errors import LinkFault, PigatewayError
 from pigateway.homeassistant import discovery as hadiscovery
 from pigateway.homeassistant.discovery import Entity, Topics
 from pigateway.inputs import shown
-from pigateway.listeners import Throttled
+from pigateway.listeners import Throttled, control
 from pigateway.mqtt import Connection, Message, Settings, Will, connect, describe
+from pigateway.mqtt.credentials import broker_password, credential, read_secret, tls_context
 from pigateway.state import GatewayState
 from pigateway.text import bounded
 

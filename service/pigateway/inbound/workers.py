@@ -34,7 +34,7 @@ from tenacity import (
 
 from pigateway import handlers as registry
 from pigateway import wire
-from pigateway.backoff import wait_backoff
+from pigateway.aio import wait_backoff
 from pigateway.config import Config
 from pigateway.counters import COUNTERS
 from pigateway.errors import (

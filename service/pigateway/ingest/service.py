@@ -5,7 +5,7 @@ gateway. For every ``[[ingest]]`` rule this module subscribes there, on one conn
 a persistent session (clean start off, ``local.session_expiry``) and manual acks, and turns
 each message into a queue row:
 
-- ``forward``: the message whole (:mod:`pigateway.forwarded`), published by the uplink on
+- ``forward``: the message whole (:mod:`pigateway.mqtt.forwarded`), published by the uplink on
   ``remote_topic`` as it came (payload bytes, retain, MQTT 5 content type, user properties,
   expiry as its TTL), one message each, in order per local topic;
 - ``command``: a command like ``pigateway send`` makes (device and name from topic levels,
@@ -32,11 +32,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-from pigateway import forwarded, profiles
-from pigateway.aio import cancel_and_wait, first_of
-from pigateway.backoff import wait_backoff
+from pigateway.aio import cancel_and_wait, first_of, wait_backoff
 from pigateway.config import LEVEL_TEMPLATE, Config, IngestRule
-from pigateway.credentials import credential, read_secret, tls_context
 from pigateway.errors import (
     InvalidCommand,
     LinkFault,
@@ -47,13 +44,15 @@ from pigateway.errors import (
     UplinkError,
 )
 from pigateway.inputs import topic_problem
-from pigateway.mqtt import Connection, Message, Settings, connect
+from pigateway.mqtt import Connection, Message, Settings, connect, forwarded
+from pigateway.mqtt.credentials import credential, read_secret, tls_context
 from pigateway.mqtt.packets import Undecodable
 from pigateway.mqtt.topics import topic_matches
 from pigateway.state import GatewayState, Link, Refusal, Refuser
 from pigateway.store import NewCommand, Store, prepare
 from pigateway.store.values import MAX_NAME, check_name
 from pigateway.text import bounded, json_kind, plural
+from pigateway.wire import profiles
 
 #: the journal's LOGGER field, as it was before this module moved into its package
 log = logging.getLogger("pigateway.ingest")

@@ -8,7 +8,7 @@ the worker pool in a lane of its own (:data:`DEVICE`), answered once on
 survives a restart. Only the verbs of ``manage.allow`` run (checked at receipt and again
 here); each remote action is logged at NOTICE with its id and outcome.
 
-The verbs use the control socket's code where one exists (:data:`pigateway.control.VERBS`:
+The verbs use the control socket's code where one exists (:data:`pigateway.listeners.control.VERBS`:
 pause, resume, flush, status). ``config-set`` is :mod:`~pigateway.manage.remoteconfig`'s: staged,
 tried after a restart, committed once online or rolled back by itself. Its command stays
 ``running`` in the inbox across those restarts, and its one result says how it ended.
@@ -23,12 +23,13 @@ import logging
 import shutil
 from typing import Any, Final, Protocol
 
-from pigateway import access, handlers, logs
 from pigateway import config as configuration
+from pigateway import handlers, logs
+from pigateway.cli import access
 from pigateway.config import Config
-from pigateway.control import VERBS, Controls
 from pigateway.errors import ConfigError, HandlerError, InvalidCommand
 from pigateway.handlers import Request
+from pigateway.listeners.control import VERBS, Controls
 from pigateway.logs import NOTICE
 from pigateway.manage import remoteconfig
 from pigateway.manage.remoteconfig import Trial

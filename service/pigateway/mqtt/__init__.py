@@ -9,7 +9,9 @@ async context manager), and the tables of what the broker's codes mean. The room
 - :mod:`~pigateway.mqtt.readahead`: inbound messages read ahead of their consumer, bounded;
 - :mod:`~pigateway.mqtt.packets`: what paho cannot decode, read from the raw bytes;
 - :mod:`~pigateway.mqtt.topics`: the MQTT topic-filter grammar (``+``, ``#``, ``$``);
-- :mod:`~pigateway.mqtt.local`: a publisher to a local broker.
+- :mod:`~pigateway.mqtt.local`: a publisher to a local broker;
+- :mod:`~pigateway.mqtt.forwarded`: a forwarded message as a queue row and back;
+- :mod:`~pigateway.mqtt.credentials`: the broker password and the TLS context.
 """
 
 from pigateway.mqtt.client import (

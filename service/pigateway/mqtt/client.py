@@ -47,7 +47,6 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from pigateway.errors import (
     UplinkError,
 )
-from pigateway.forwarded import Extras
 from pigateway.mqtt.codes import (
     LEAVE_BOUND,
     NOT_UTF8,
@@ -59,6 +58,7 @@ from pigateway.mqtt.codes import (
     check_publish,
     classify,
 )
+from pigateway.mqtt.forwarded import Extras
 from pigateway.mqtt.packets import Undecodable, publish_head, without_properties
 from pigateway.mqtt.readahead import Message, ReadAhead
 from pigateway.text import bounded

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from pigateway.errors import UplinkError
-from pigateway.forwarded import ORIGIN_PROPERTY, Extras
 from pigateway.mqtt.client import Connection, Settings, connect
 from pigateway.mqtt.codes import describe
+from pigateway.mqtt.forwarded import ORIGIN_PROPERTY, Extras
 
 
 class LocalPublisher:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pigateway.forwarded import Extras
+from pigateway.mqtt.forwarded import Extras
 from pigateway.mqtt.packets import Undecodable
 
 

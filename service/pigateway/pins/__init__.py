@@ -1,5 +1,5 @@
-"""The one pin-factory maker, for the status panel and the ``gpio`` device handler; its
-mock pins off a Pi are :mod:`~pigateway.pins.mock`.
+"""The one pin-factory maker, for the status panel (:mod:`~pigateway.pins.panel`) and the
+``gpio`` device handler; its mock pins off a Pi are :mod:`~pigateway.pins.mock`.
 
 ``gpio.pin_factory`` means the same for both:
 

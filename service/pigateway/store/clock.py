@@ -36,8 +36,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pigateway import lazylog
 from pigateway.errors import StoreError
+from pigateway.store import lazylog
 
 #: the journal's LOGGER field, as it was before this module moved into its package
 log = lazylog.getLogger("pigateway.clock")

@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pigateway import lazylog
 from pigateway.config import StoreConfig
 from pigateway.errors import StoreCorrupt, StoreError, StoreFull
-from pigateway.store import owners
+from pigateway.store import lazylog, owners
 
 if TYPE_CHECKING:  # the drainer's, at a quarantine: never a producer's (pigateway send)
     from pigateway.store import salvage

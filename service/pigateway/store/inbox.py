@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pigateway import wire
-from pigateway.ids import new_id
 from pigateway.inputs import text_problem
+from pigateway.store.ids import new_id
 from pigateway.store.outbox import SWEEP_CHUNK
 from pigateway.text import bounded
 

@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pigateway import lazylog
 from pigateway.config import StoreConfig
 from pigateway.errors import InvalidCommand, QueueFull, StoreCorrupt, StoreFull
+from pigateway.store import lazylog
 from pigateway.store.clock import GatewayClock
 from pigateway.store.connection import chunks, fetch_all, first, marks
 from pigateway.store.values import (

@@ -17,9 +17,9 @@ from typing import Any
 
 from pigateway.config import StoreConfig
 from pigateway.errors import QueueFull, StoreError, StoreFull
-from pigateway.ids import new_id
 from pigateway.store import delivery
 from pigateway.store.clock import GatewayClock
+from pigateway.store.ids import new_id
 from pigateway.store.outbox import Put, Then
 from pigateway.store.values import NewCommand, check_name, prepare
 

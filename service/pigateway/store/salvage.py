@@ -28,9 +28,8 @@ from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
-from pigateway import lazylog
 from pigateway.config import StoreConfig
-from pigateway.store import schema
+from pigateway.store import lazylog, schema
 from pigateway.store.connection import connect
 from pigateway.text import plural
 

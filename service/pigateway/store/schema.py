@@ -7,9 +7,8 @@ import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 
-from pigateway import lazylog
 from pigateway.errors import NewerSchema
-from pigateway.store import clock, clock_row, delivery
+from pigateway.store import clock, clock_row, delivery, lazylog
 from pigateway.store.connection import first, run_transaction, translate
 
 log = lazylog.getLogger("pigateway.store")

@@ -12,8 +12,8 @@ from typing import Any
 from pigateway import wire
 from pigateway.config import StoreConfig
 from pigateway.errors import InvalidCommand
-from pigateway.ids import new_id
 from pigateway.inputs import shown, text_problem
+from pigateway.store.ids import new_id
 from pigateway.text import json_kind
 
 #: The priorities a command can be put with, and the number stored: claimed lowest first.

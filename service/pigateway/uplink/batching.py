@@ -14,7 +14,7 @@ commit; batching only decides how rows that are already on disk travel to the br
   to a physical device);
 - rows of kind ``result`` travel alone, one message each, on the results topic; rows of
   kind ``forward`` (:mod:`pigateway.ingest`) too, each as the device's own message on its
-  own topic (:func:`pigateway.forwarded.unpack`).
+  own topic (:func:`pigateway.mqtt.forwarded.unpack`).
 
 The pure functions (:func:`encode_command`, :func:`take_batch`, :func:`plan`) are what the
 tests call directly; :class:`Batcher` is the small async driver between store and uplink.
@@ -31,9 +31,10 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar
 
-from pigateway import forwarded, wire
+from pigateway import wire
 from pigateway.aio import first_of
-from pigateway.ids import new_id
+from pigateway.mqtt import forwarded
+from pigateway.store.ids import new_id
 from pigateway.uplink.ahead import SOLO, Ahead, Row
 
 REASON_TOO_LARGE = "too-large"

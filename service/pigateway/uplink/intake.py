@@ -16,7 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from pigateway.backoff import wait_backoff
+from pigateway.aio import wait_backoff
 from pigateway.errors import PigatewayError, StoreCorrupt, StoreError, UplinkError
 from pigateway.mqtt import Connection, Message
 from pigateway.mqtt.topics import topic_matches

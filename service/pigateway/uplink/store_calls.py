@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 
-from pigateway.backoff import wait_backoff
+from pigateway.aio import wait_backoff
 from pigateway.config import UplinkConfig
 from pigateway.errors import StoreCorrupt, StoreError
 from pigateway.state import FaultSource, GatewayState

@@ -5,7 +5,7 @@ giving rows back when a link ends. Its rooms: :mod:`pigateway.uplink.drain` (bat
 connection, each device in order, what a refusal or a failed publish costs),
 :mod:`pigateway.uplink.inflight` (the in-flight ledger: unacknowledged batches and their devices),
 :mod:`pigateway.mqtt` (the connection, the only importer of aiomqtt and paho),
-:mod:`pigateway.wire` (topics and documents), :mod:`pigateway.credentials` (password, TLS),
+:mod:`pigateway.wire` (topics and documents), :mod:`pigateway.mqtt.credentials` (password, TLS),
 :mod:`~pigateway.uplink.intake` (inbound commands, acked in order),
 :mod:`~pigateway.uplink.announcer` (the retained state), :mod:`~pigateway.uplink.store_calls`
 (the drain's store calls, patient with a busy store). The shape follows aiomqtt's own
@@ -39,11 +39,9 @@ from typing import Any
 import tenacity
 
 from pigateway import wire
-from pigateway.aio import first_error, first_of
-from pigateway.backoff import wait_backoff
+from pigateway.aio import first_error, first_of, wait_backoff
 from pigateway.config import Config, UplinkConfig
 from pigateway.counters import COUNTERS
-from pigateway.credentials import broker_password, tls_context
 from pigateway.errors import (
     LinkFault,
     LoginRefused,
@@ -51,6 +49,7 @@ from pigateway.errors import (
     UplinkError,
 )
 from pigateway.mqtt import Connection, Settings, Will, connect
+from pigateway.mqtt.credentials import broker_password, tls_context
 from pigateway.state import FaultSource, GatewayState, Link
 from pigateway.store import Store
 from pigateway.uplink.announcer import Announcer

@@ -31,7 +31,8 @@ from pigateway.errors import ControlError, InvalidCommand, PigatewayError, Servi
 from pigateway.listeners import Bounds, Connection, Listener, Throttled
 from pigateway.state import GatewayState
 
-log = logging.getLogger(__name__)
+#: Named for the journal as operators know it, whichever package holds this module.
+log = logging.getLogger("pigateway.control")
 
 MAX_LINE: Final = 4096
 """Bytes per request line at most; a longer one is refused and its connection closed."""

@@ -30,7 +30,8 @@ from pigateway.errors import GpioError
 from pigateway.pins import pin_factory
 from pigateway.state import GatewayState, Link
 
-log = logging.getLogger(__name__)
+#: Named for the journal as operators know it, whichever package holds this module.
+log = logging.getLogger("pigateway.panel")
 
 FOLLOW_TICK = 1.0
 """Seconds between re-reads of the state even without a change notification."""

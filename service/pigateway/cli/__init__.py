@@ -483,7 +483,7 @@ def _wait_for(producer: Producer, command_id: str, timeout: float) -> int:
 
 
 async def cmd_queue_show(args: argparse.Namespace) -> int:
-    from pigateway import report  # noqa: PLC0415
+    from pigateway.cli import report  # noqa: PLC0415
 
     if (args.id is None) == (args.key is None):
         raise UsageError("queue show takes a command id or --key KEY (one of the two)")
@@ -502,7 +502,7 @@ async def cmd_queue_show(args: argparse.Namespace) -> int:
 
 
 async def cmd_queue_ls(args: argparse.Namespace) -> int:
-    from pigateway import report  # noqa: PLC0415
+    from pigateway.cli import report  # noqa: PLC0415
 
     async with await _open_reader(args) as store:
         items = await (store.list_dead(args.limit) if args.dead else store.list_queued(args.limit))
@@ -525,7 +525,7 @@ async def cmd_queue_ls(args: argparse.Namespace) -> int:
 
 
 async def cmd_queue_stats(args: argparse.Namespace) -> int:
-    from pigateway import report  # noqa: PLC0415
+    from pigateway.cli import report  # noqa: PLC0415
 
     async with await _open_reader(args) as store:
         stats = (await store.stats()).as_dict()
@@ -562,7 +562,8 @@ async def cmd_queue_purge(args: argparse.Namespace) -> int:
 
 
 async def cmd_config_check(args: argparse.Namespace) -> int:
-    from pigateway import access, handlers  # noqa: PLC0415
+    from pigateway import handlers  # noqa: PLC0415
+    from pigateway.cli import access  # noqa: PLC0415
 
     config = _load(args)
     handlers.check(config)  # device options too, without touching a pin or a broker
@@ -584,7 +585,8 @@ async def cmd_status(args: argparse.Namespace) -> int:
     """The state, for people first (``report``); exit 4 when the service is not running,
     as ``systemctl status`` exits non-zero for an inactive unit (its 3 is ours for a
     refusal: see the module's exit codes)."""
-    from pigateway import control, report  # noqa: PLC0415 - only the verbs that talk to the service
+    from pigateway.cli import report  # noqa: PLC0415 - only the verbs that talk to the service
+    from pigateway.listeners import control  # noqa: PLC0415 - only the verbs that talk to the service
 
     config = _load(args)
     try:
@@ -620,14 +622,14 @@ def _status_line(state: dict[str, Any], now: float) -> str:
 
 
 async def cmd_metrics(args: argparse.Namespace) -> int:
-    from pigateway import metrics  # noqa: PLC0415 - prometheus-client only for this verb
+    from pigateway.listeners import metrics  # noqa: PLC0415 - prometheus-client only for this verb
 
     sys.stdout.buffer.write(metrics.render(await metrics.cli_snapshot(_load(args))))
     return EXIT_OK
 
 
 async def cmd_control(args: argparse.Namespace) -> int:
-    from pigateway import control  # noqa: PLC0415 - only the verbs that talk to the service
+    from pigateway.listeners import control  # noqa: PLC0415 - only the verbs that talk to the service
 
     config = _load(args)
     await control.request(config.control.socket, args.control_verb)  # a refusal raises
@@ -644,7 +646,7 @@ CONTROL_DONE: dict[str, str] = {
 
 
 async def cmd_inbox_ls(args: argparse.Namespace) -> int:
-    from pigateway import report  # noqa: PLC0415
+    from pigateway.cli import report  # noqa: PLC0415
 
     async with await _open_reader(args) as reader:
         rows = [entry.as_dict() for entry in await reader.inbox.listing(args.limit + 1)]
@@ -733,7 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PigatewayError as exc:
         if handler is cmd_run:  # the journal at crit, not stderr (priority info there)
             return _service_failed(exc, args)
-        from pigateway.report import words  # noqa: PLC0415 - on an error only: send stays light
+        from pigateway.cli.report import words  # noqa: PLC0415 - on an error only: send stays light
 
         print(f"pigateway: {words(exc)}", file=sys.stderr)  # no [Errno N]: the words say it
         return exit_code(exc)

@@ -38,7 +38,7 @@ TOPICS: Final = {
     "manage": "{prefix}/{gateway}/manage",
 }
 _AZURE_EVENTS: Final = "devices/{gateway}/messages/events/"
-#: The templates a cloud (``[mqtt] profile``, :mod:`pigateway.profiles`) puts in place of
+#: The templates a cloud (``[mqtt] profile``, :mod:`pigateway.wire.profiles`) puts in place of
 #: :data:`TOPICS`'s. They are the wire on that cloud, so they live here, with the contract;
 #: the profile's checks (topic length, slashes, reserved prefixes) read them through
 #: :func:`topic`. Azure IoT Hub takes telemetry only on the device's events topic (the kind

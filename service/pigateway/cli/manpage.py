@@ -6,7 +6,7 @@ CLI; only the description, files and pointers around them are written here. The 
 package ships the result (``packaging/debian/extra/pigateway.1``); ``tests/test_manpage.py``
 keeps that file equal to :func:`render`. Regenerate it with::
 
-    .venv/bin/python -m pigateway.manpage > packaging/debian/extra/pigateway.1
+    .venv/bin/python -m pigateway.cli.manpage > packaging/debian/extra/pigateway.1
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ if TYPE_CHECKING:
     from pigateway.state import GatewayState
     from pigateway.store import Store
 
-log = logging.getLogger(__name__)
+#: Named for the journal as operators know it, whichever package holds this module.
+log = logging.getLogger("pigateway.metrics")
 
 #: ``Content-Type`` of the text exposition format.
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
@@ -137,7 +138,7 @@ async def cli_snapshot(config: Config) -> Snapshot:
     """``pigateway metrics``: the running service's state and counters over the control
     socket, else the file alone; the dead letters and the oldest ttl from the file read-only
     either way (the service's own connection is not reachable from here)."""
-    from pigateway import control  # noqa: PLC0415 - not needed by the service
+    from pigateway.listeners import control  # noqa: PLC0415 - not needed by the service
 
     queue = await asyncio.to_thread(read_file, config.store.path)
     try:
