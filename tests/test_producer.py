@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from pigateway.config import StoreConfig
-from pigateway.errors import InvalidCommand, QueueFull, StoreError, StoreFull
+from pigateway.errors import InvalidCommand, QueueFull, StoreConflict, StoreError, StoreFull
 from pigateway.store import NewCommand, Store
 from pigateway.store.delivery import KEY_SECONDS
 from pigateway.store.producer import Producer
@@ -219,7 +219,7 @@ async def refusals(config: StoreConfig, put: dict[str, Any]) -> tuple[Refusal, R
     ({}, 0, {"ttl": -1}, (InvalidCommand, "ttl")),
     ({}, 0, {"priority": "urgent"}, (InvalidCommand, "priority")),
     ({}, 0, {"params": {"x": float("nan")}}, (InvalidCommand, "params")),
-    ({}, 1, {"id": "TAKEN"}, (StoreError, "UNIQUE constraint failed: outbox.id")),
+    ({}, 1, {"id": "TAKEN"}, (StoreConflict, "UNIQUE constraint failed: outbox.id")),
 ], ids=["max-commands", "max-bytes", "max-params-bytes", "empty-device", "control-char",
         "ttl", "priority", "not-json", "duplicate-id"])
 async def test_a_refused_put_is_refused_alike(

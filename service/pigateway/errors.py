@@ -47,6 +47,11 @@ class StoreError(PigatewayError):
     """The durable store could not do what was asked."""
 
 
+class StoreConflict(StoreError):
+    """A write met a row the file already holds: SQLite's constraint result (a command id
+    already queued, a producer key already taken), told by its code, not its words."""
+
+
 class QueueFull(StoreError):
     """The queue is at ``max_commands`` or ``max_bytes`` and the overflow policy is ``reject``."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from pigateway.config import StoreConfig
-from pigateway.errors import StoreCorrupt, StoreError, StoreFull
+from pigateway.errors import StoreConflict, StoreCorrupt, StoreError, StoreFull
 from pigateway.store import owners
 
 T = TypeVar("T")
@@ -103,6 +103,8 @@ def translate(exc: sqlite3.Error, path: Path) -> StoreError:
         return owners.refusal(path)
     if primary in _BUSY:
         return StoreError(f"{path} stayed locked by another process: {exc}")
+    if primary == sqlite3.SQLITE_CONSTRAINT:
+        return StoreConflict(f"{path}: {exc}")
     return StoreError(f"{path}: {exc}")
 
 

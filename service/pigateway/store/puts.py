@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pigateway.config import StoreConfig
-from pigateway.errors import QueueFull, StoreError, StoreFull
+from pigateway.errors import QueueFull, StoreConflict, StoreError, StoreFull
 from pigateway.store import delivery
 from pigateway.store.clock import GatewayClock
 from pigateway.store.ids import new_id
@@ -70,10 +70,11 @@ def _watch(id_: str, now: float) -> Sequence[Statement]:
 
 def key_may_be_taken(exc: StoreError) -> bool:
     """Whether a keyed put's failure may mean its key is taken, so that :func:`owner_query`
-    must be read before the failure is the answer: the key's own conflict, or a queue (or
-    disk) too full to take the put, which comes first, even when the key's first command is
-    already queued (resending it is then still a no-op, not a refusal)."""
-    return "producer_keys" in str(exc) or isinstance(exc, (QueueFull, StoreFull))
+    must be read before the failure is the answer: a conflict (SQLite's constraint code; the
+    read then tells the key's own from a duplicate command id), or a queue (or disk) too
+    full to take the put, which comes first, even when the key's first command is already
+    queued (resending it is then still a no-op, not a refusal)."""
+    return isinstance(exc, (StoreConflict, QueueFull, StoreFull))
 
 
 def owner_query(key: str, gateway_clock: GatewayClock) -> tuple[str, tuple[Any, ...]]:

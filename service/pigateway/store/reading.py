@@ -130,9 +130,13 @@ class QueueReader(Reads):
     an existing file SQLite may add its -wal/-shm, owned like the file even when run as root.)
     """
 
-    def __init__(self, path: Path, conn: sqlite3.Connection | None, note: str | None) -> None:
+    def __init__(self, path: Path, conn: sqlite3.Connection | None, note: str | None, *,
+                 older: bool = False) -> None:
         self.path = path
         self.note = note
+        #: The file's schema is older than this code's: a statement it cannot prepare
+        #: (SQLite's plain ``SQLITE_ERROR``: a table or column it lacks) is the schema's
+        self.older = older
         self._conn = conn
         self.clock = GatewayClock(clock.current(_stored_reading(conn)))
 
@@ -168,7 +172,7 @@ class QueueReader(Reads):
         note = None if version == len(MIGRATIONS) else (
             f"{path} has schema version {version}; the service migrates it to "
             f"{len(MIGRATIONS)} when it starts")
-        return cls(path, conn, note)
+        return cls(path, conn, note, older=version < len(MIGRATIONS))
 
     async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         if self._conn is None:
@@ -180,7 +184,7 @@ class QueueReader(Reads):
         try:
             return [tuple(row) for row in conn.execute(sql, params).fetchall()]
         except sqlite3.OperationalError as exc:
-            if "no such" in str(exc):
+            if self.older and exc.sqlite_errorcode == sqlite3.SQLITE_ERROR:
                 raise OlderSchema(f"{self.path} has an older schema ({exc}); run the service "
                                   "once to migrate it") from exc
             raise translate(exc, self.path) from exc
