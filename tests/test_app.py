@@ -149,7 +149,7 @@ async def test_another_writer_holding_the_lock_past_busy_timeout_is_waited_out(
 
 async def test_the_service_process_outlives_a_lock_held_past_busy_timeout(
         tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
-    """P8 as reported: `pigateway run` with a backlog, another process holding BEGIN
+    """`pigateway run` with a backlog, another process holding BEGIN
     IMMEDIATE for 6x busy_timeout; the service must not exit, and drains afterwards."""
     proxy = await Proxy(mosquitto.port).start()
     proxy.refuse()  # the gateway waits for the broker until the lock is in place

@@ -147,7 +147,7 @@ async def test_a_store_error_marking_running_is_waited_out_not_a_result(
 
 async def test_on_a_full_tmpfs_commands_are_refused_until_there_is_room(
         tmp_path: Path) -> None:
-    """P6 on a real size-limited disk: below the reserve nothing is accepted (so nothing
+    """On a real size-limited disk: below the reserve nothing is accepted (so nothing
     runs without room for its result); once space is freed the command is taken and
     answered."""
     with tmpfs(tmp_path / "disk", "8m") as disk:

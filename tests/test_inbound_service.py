@@ -173,7 +173,9 @@ async def test_malformed_messages_are_answered_and_the_service_stays_up(
 
 async def test_unstorable_and_oversized_commands_are_rejected_and_the_service_stays_up(
         tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
-    """P1/P2 through the real service: each was an exit 1 and a redelivery at every start."""
+    """Through the real service: a command the store cannot hold (a number JSON cannot
+    carry, a lone surrogate, a field name 13,000 long) is answered ``rejected``, once; the
+    service neither exits nor has it redelivered at its next start."""
     devices = {"lamp": {"handler": "log"}}
     edges: dict[str, bytes] = {
         "inf": b'{"v":1,"id":"inf","device":"lamp","name":"on","params":{"x":1e400}}',

@@ -37,8 +37,8 @@ async def test_a_command_flood_does_not_stall_the_uplinks_forwarding(
     """The uplink's one connection carries both the inbound commands (Intake) and the
     PUBACKs its forwarding waits for. Commands the store cannot take yet (under its disk
     reserve, locked: Intake waits them out, unacknowledged) pile up in the read-ahead; once it is
-    full, reading pauses and no PUBACK is read either: every publish times out, the link
-    restarts, the queue never drains. Before 273c046 aiomqtt read the socket regardless."""
+    full, reading pauses; the PUBACKs must still be read, or every publish would time out,
+    the link restart and the queue never drain."""
     with Mosquitto(tmp_path / "broker", extra=as_us()) as broker:
         cfg = make_config(tmp_path, broker.port, unique_prefix)
 

@@ -64,7 +64,7 @@ async def test_an_unknown_priority_is_refused_naming_the_choices(store: Store) -
 
 async def test_drop_oldest_gives_up_the_lowest_priority_first(tmp_path: Path) -> None:
     """A full queue under drop-oldest keeps a result or a high command while a normal or
-    low one can go (it dropped the oldest row, whatever its priority)."""
+    low one can go (not simply the oldest row, whatever its priority)."""
     config = StoreConfig(path=tmp_path / "queue.db", min_free_bytes=0, max_commands=3,
                          overflow="drop-oldest")
     async with await Store.open(config) as store:

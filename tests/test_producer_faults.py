@@ -29,10 +29,11 @@ def stored_ids(path: Path) -> list[str]:
 def test_one_producer_shared_by_threads_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     """A Producer is a public, synchronous class; its connection is opened with
     ``check_same_thread=False`` (the service's thread needs that), so sqlite3 does not stop
-    a second thread from using it. Puts from several threads then interleaved on the one
-    connection: one thread's BEGIN/ROLLBACK undid another's put after it was reported
-    queued (lost), and a put whose COMMIT failed had been committed by a RELEASE (its retry
-    duplicates it). Each put must be all or nothing, whatever thread it comes from."""
+    a second thread from using it. Unserialised, puts from several threads would interleave
+    on the one connection: one thread's BEGIN/ROLLBACK would undo another's put after it
+    was reported queued (lost), and a put whose COMMIT failed could be committed by another
+    thread's RELEASE (its retry duplicating it). Each put must be all or nothing, whatever
+    thread it comes from."""
     config = StoreConfig(path=tmp_path / "q.db", min_free_bytes=0, synchronous="normal")
     returned: list[str] = []
     failed: list[tuple[int, int, str]] = []

@@ -2,12 +2,13 @@
 
 A Raspberry Pi without a real-time clock boots at the time of its last shutdown and steps
 to the real time when NTP answers, days later after a long outage. Ages on the wall clock
-jump with it: a dead letter buried the minute before the step (the commands that expired
-during the outage, buried at boot) was pruned as older than ``store.dead_letter_ttl`` at
-the next burial, a producer key lost its 24 h window (a retried ``send --id`` queued a
-second command), and a delivery record vanished under ``send --wait``. TTLs were already on
-the gateway clock (tests/test_clock.py); these are the same class of bug, fixed the same
-way (migration 7). Real SQLite files; the wall clock is stepped by patching ``time.time``.
+would jump with it: a dead letter buried the minute before the step (the commands that
+expired during the outage, buried at boot) would be pruned as older than
+``store.dead_letter_ttl`` at the next burial, a producer key would lose its 24 h window (a
+retried ``send --id`` would queue a second command), and a delivery record would vanish
+under ``send --wait``. So every age is on the gateway clock, as TTLs are
+(tests/test_clock.py; the ages' migration is 7). Real SQLite files; the wall clock is
+stepped by patching ``time.time``.
 """
 
 from __future__ import annotations

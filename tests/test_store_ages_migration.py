@@ -85,8 +85,9 @@ async def test_a_dead_letter_from_before_the_upgrade_still_ages_out(
 
 async def test_a_producer_key_older_than_its_window_queues_again_after_the_upgrade(
         store_config: StoreConfig, set_wall: Callable[[float], None]) -> None:
-    """send --id KEY a day after the first: a new command. It was refused as a repeat (and
-    so never queued) for as long as the gateway clock runs behind."""
+    """send --id KEY a day after the first: a new command, on a file migrated while its
+    gateway clock runs behind (the key's wall-clock stamp, read on that clock, would look
+    younger than a day: refused as a repeat, never queued, for as long as it runs behind)."""
     await created_behind(store_config, set_wall)
     with Producer.open(store_config) as producer:
         first, first_id = producer.put_keyed("nightly", NewCommand("lamp", "on", {}))

@@ -3,8 +3,8 @@
 The store finds a command by its id through the ``outbox.id`` index (ack, charge, release,
 dead-letter, ``queue show``). A row whose index entry is gone (a torn write on an SD card,
 a page of another version) is still claimed and sent by ``seq``, but its ack deletes
-nothing: acknowledged by the broker, it was sent again at every claim, forever, and its
-attempts were never counted. The drainer's check at its open must find such a file, and
+nothing: acknowledged by the broker, it would be sent again at every claim, forever, its
+attempts never counted. The drainer's check at its open must find such a file, and
 its quarantine keeps every row (read by rowid, the indexes rebuilt in the fresh file).
 Real SQLite files; the damage is a real index page of the file in another state.
 """

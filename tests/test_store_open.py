@@ -2,7 +2,7 @@
 
 Only the drainer, holding its lock, checks a queue file in full and moves a bad one aside;
 a producer (``pigateway send``) checks cheaply and refuses a bad file, so concurrent sends
-can no longer move each other's fresh queue aside with their commands in it. The drainer
+cannot move each other's fresh queue aside with their commands in it. The drainer
 lock belongs to the real file, whatever name it was opened by. Real processes, real files.
 """
 

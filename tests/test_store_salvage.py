@@ -3,8 +3,8 @@ in the fresh queue first, and it says how many it could not read. Real SQLite fi
 a real damaged page (one b-tree leaf overwritten, found with SQLite's own ``dbstat``).
 
 Nothing acknowledged may be left behind: a ``pigateway send`` into a file with one bad
-page and a sound header prints its id (its rows are on sound pages), and the next start
-used to move the whole file aside, every printed id with it.
+page and a sound header prints its id (its rows are on sound pages), so the next start
+must not move those rows aside with the file: every printed id is in the fresh queue.
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ async def test_a_quarantine_salvages_every_readable_row_and_says_how_many_it_cou
 
 async def test_the_ids_sends_printed_into_a_file_with_one_bad_page_survive_its_quarantine(
         store_config: StoreConfig) -> None:
-    """9 of 9 printed ids used to sit in queue.db.corrupt-* after the next start."""
+    """Every id printed is queued after the next start, none left behind in
+    queue.db.corrupt-*."""
     await make_queue(store_config, 300)
     spoil_a_middle_leaf(store_config.path, "outbox")
     printed = []

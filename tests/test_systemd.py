@@ -333,7 +333,7 @@ async def test_a_ping_that_fails_typed_is_one_warning_line_not_a_traceback(
     notify: DatagramListener, store_config: StoreConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The ping's typed store error says what is wrong; a traceback per ping says nothing more.
-    (A lock no longer fails the ping, which takes none: a closed store does.)"""
+    (A lock does not fail the ping, which takes none: a closed store does.)"""
     state = GatewayState()
     store = await Store.open(store_config)
     async with _supervising(store, state, 0.4, 0.3):
