@@ -12,6 +12,7 @@ import json
 import logging
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +130,26 @@ async def test_a_broker_never_reached_since_the_start_is_a_warning_once_per_epis
                 if r.name == "pigateway.uplink" and r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
     assert f"127.0.0.1:{port}" in warnings[0] and "wait on disk" in warnings[0]
+
+
+async def test_a_slot_is_free_at_the_puback_while_the_rows_wait_to_be_deleted(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
+    """``uplink.max_inflight`` counts batches the broker has not acknowledged: with one slot,
+    the next batch goes out while the first one's delete still waits for the store (a slow
+    fsync), instead of one batch per round trip and commit."""
+    cfg = make_config(tmp_path, mosquitto.port, unique_prefix, max_inflight=1, max_actions=1)
+    async with subscribed(mosquitto.port, unique_prefix) as sub, running_uplink(cfg) as run:
+        real_ack = run.store.ack
+        acks: list[str] = []
+        waited: list[bool] = []
+
+        async def slow_ack(ids: Sequence[str], batch: str | None = None) -> int:
+            acks.extend(ids)
+            if len(acks) == 1:  # the first delete waits for the second batch to arrive
+                waited.append(await wait_until(lambda: len(sub.ids()) >= 2, 5))
+            return await real_ack(ids, batch)
+
+        run.store.ack = slow_ack  # type: ignore[method-assign]
+        await run.store.put_many([NewCommand("a", "set", {}), NewCommand("b", "set", {})])
+        assert await drained(run.store, 15)
+    assert waited == [True]

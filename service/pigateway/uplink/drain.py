@@ -34,6 +34,7 @@ import asyncio
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -175,21 +176,38 @@ class Drain:
         self.state.set_progress(draining=False)
 
     async def _ship(self, session: Session, batch: Batch[Command]) -> None:
-        """Publish one batch; delete its rows after the PUBACK (or bury them if refused)."""
+        """Publish one batch; delete its rows after the PUBACK (or bury them if refused).
+
+        Its slot is given back at the PUBACK, not after the delete: a slot is a batch the
+        broker has not acknowledged (``uplink.max_inflight``), and holding it through the
+        delete's commit (an fsync: 5-20 ms on an SD card) held each forwarded message's
+        slot three times as long as its round trip, which bounded the forward rate at
+        ``max_inflight`` per commit. The batches delivered and not yet deleted are bounded
+        by the rows claimed ahead (the claims commit with the same writer as the deletes).
+        """
+        slot = [True]
+
+        def give_slot() -> None:
+            if slot[0]:
+                slot[0] = False
+                session.slots.release()
+
         try:
-            await self._send(session.client, batch)
+            await self._send(session.client, batch, acknowledged=give_slot)
         except UplinkError as exc:
             raise UplinkError(f"publish of batch {batch.id} failed: {exc}") from exc
         else:
             self.ledger.settle(batch)
         finally:
-            session.slots.release()
+            give_slot()
             self.show_progress()
 
-    async def _send(self, client: Connection, batch: Batch[Command]) -> bool:
+    async def _send(self, client: Connection, batch: Batch[Command], *,
+                    acknowledged: Callable[[], None] | None = None) -> bool:
         """One publish of an outstanding batch (paced) and what comes of it.
 
         False when it failed alone and its rows went back to the batcher, first.
+        ``acknowledged`` is called at its PUBACK, before its rows are deleted.
         """
         await self.pacer.publish_slot(len(batch.payload))
         forward = batch.forward  # a forwarded message keeps its own topic and properties
@@ -208,6 +226,8 @@ class Drain:
             await self._fail_alone(batch, exc)
             return False
         if code is None:
+            if acknowledged is not None:
+                acknowledged()
             await self._record_delivery(batch)
         else:
             await self._refused(client, batch, code)
@@ -313,10 +333,10 @@ class Drain:
                                     lambda: self.store.ack(batch.ids, batch.id))
 
     def show_progress(self) -> None:
-        """``in_flight`` (batches holding a slot: no PUBACK yet, or rows not deleted yet,
-        as the store counts them) and ``draining`` (in flight or claimed) for views."""
+        """``in_flight`` (batches holding a slot: published, no PUBACK yet) and
+        ``draining`` (in flight, acknowledged and not deleted yet, or claimed) for views."""
         ledger = self.ledger
-        self.state.set_progress(in_flight=len(ledger.outstanding) + len(ledger.delivered),
+        self.state.set_progress(in_flight=len(ledger.outstanding),
                                 draining=bool(ledger.outstanding or ledger.delivered
                                               or self.batcher.held))
 
