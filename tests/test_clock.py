@@ -138,7 +138,7 @@ async def test_a_producer_puts_on_the_same_clock_as_the_drainer(
 
 async def test_requeued_dead_letters_get_their_ttl_on_the_gateway_clock(
         store_config: StoreConfig, wall: Wall) -> None:
-    config = dataclasses.replace(store_config, default_ttl=60)
+    config = store_config.replace(default_ttl=60)
     async with opened(config) as store:
         command_ = await store.put("lamp", "on")
         await store.dead_letter([command_.id], "max-attempts")

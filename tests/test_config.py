@@ -16,6 +16,7 @@ import pytest
 
 from pigateway import config as configuration
 from pigateway.config import DEFAULT_PATH, Config, StoreConfig
+from pigateway.config.schema import options
 from pigateway.errors import ConfigError
 
 GW = 'gateway_id = "gw-1"\n'
@@ -274,10 +275,26 @@ def test_python_callers_get_the_same_rule() -> None:
 
 def test_the_reference_covers_every_option() -> None:
     keys = {row[0] for row in configuration.fields_reference()}
-    assert {f"store.{name}" for name in StoreConfig.__dataclass_fields__} <= keys
+    store_keys = {f"store.{opt.name}" for opt in options(StoreConfig)}
+    assert "store.busy_timeout" in store_keys and store_keys <= keys
     assert {"mqtt.tls.ca_file", "uplink.max_inflight", "gpio.pin_factory", "log.level"} <= keys
     assert "gateway_id" not in keys and "devices" not in keys
     assert Config.__dataclass_fields__.keys() >= {"gateway_id", "store", "mqtt", "gpio"}
+
+
+def test_the_store_section_is_a_frozen_value() -> None:
+    """``[store]`` is a plain class (``send`` loads no dataclasses), held to what a frozen
+    dataclass promises: equal by value, hashable, immutable, copied with changes checked."""
+    first = StoreConfig(path=Path("/data/q.db"), max_commands=5)
+    assert first == StoreConfig(path=Path("/data/q.db"), max_commands=5) != StoreConfig()
+    assert hash(first) == hash(StoreConfig(path=Path("/data/q.db"), max_commands=5))
+    assert repr(first).startswith("StoreConfig(path=PosixPath('/data/q.db'), max_commands=5,")
+    with pytest.raises(AttributeError):
+        first.max_commands = 6  # type: ignore[misc]
+    changed = first.replace(max_commands=6)
+    assert (changed.max_commands, changed.path, first.max_commands) == (6, first.path, 5)
+    with pytest.raises(ConfigError, match="absolute"):
+        first.replace(path="queue.db")
 
 
 def _unit_seconds(key: str) -> float:

@@ -115,7 +115,7 @@ async def test_a_huge_handler_error_is_shortened_and_the_lane_goes_on(tmp_path: 
 
 async def test_under_the_disk_reserve_a_command_is_refused_not_run(tmp_path: Path) -> None:
     config = make_config(tmp_path, ["a"])
-    reserve = replace(config, store=replace(config.store, min_free_bytes=1 << 62))
+    reserve = replace(config, store=config.store.replace(min_free_bytes=1 << 62))
     handler = Scripted(lambda r: "ran")
     async with running(reserve, {"a": handler}) as (inbound, store):
         with pytest.raises(StoreFull):
@@ -152,7 +152,7 @@ async def test_on_a_full_tmpfs_commands_are_refused_until_there_is_room(
     answered."""
     with tmpfs(tmp_path / "disk", "8m") as disk:
         config = make_config(disk, ["a"])
-        config = replace(config, store=replace(config.store, min_free_bytes=2 << 20))
+        config = replace(config, store=config.store.replace(min_free_bytes=2 << 20))
         handler = Scripted(lambda r: "ran")
         async with running(config, {"a": handler}) as (inbound, store):
             ballast = disk / "ballast"

@@ -136,7 +136,7 @@ def inbound_config(tmp_path: Path, port: int, prefix: str, **store: Any) -> Conf
 async def test_under_the_disk_reserve_a_command_stays_at_the_broker(
         tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str) -> None:
     cfg = inbound_config(tmp_path, mosquitto.port, unique_prefix)
-    short = replace(cfg, store=replace(cfg.store, min_free_bytes=1 << 62))  # more than any disk
+    short = replace(cfg, store=cfg.store.replace(min_free_bytes=1 << 62))  # more than any disk
     command = json.dumps({"v": 1, "id": "c-1", "device": "lamp", "name": "on", "params": {}})
     state = RecordingState()
     inbound: list[Inbound] = []  # made on the uplink's own store (one drainer per file)

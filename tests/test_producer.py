@@ -225,7 +225,7 @@ async def refusals(config: StoreConfig, put: dict[str, Any]) -> tuple[Refusal, R
 async def test_a_refused_put_is_refused_alike(
         store_config: StoreConfig, limits: dict[str, Any], queued: int, put: dict[str, Any],
         expected: tuple[type[Exception], str]) -> None:
-    config = dataclasses.replace(store_config, overflow="reject", **limits)
+    config = store_config.replace(overflow="reject", **limits)
     for n in range(queued):
         produced(config, "d", f"q{n}", {"v": "x" * 900} if "max_bytes" in limits else {},
                  id="TAKEN" if n == 0 else None)
@@ -237,7 +237,7 @@ async def test_a_refused_put_is_refused_alike(
 
 async def test_every_queued_command_in_flight_is_refused_alike(
         store_config: StoreConfig) -> None:
-    config = dataclasses.replace(store_config, max_commands=2, overflow="drop-oldest")
+    config = store_config.replace(max_commands=2, overflow="drop-oldest")
     async with await Store.open(config) as drainer:
         await drainer.put_many([NewCommand("d", "a"), NewCommand("d", "b")])
         assert len(await drainer.claim(10)) == 2
@@ -247,7 +247,7 @@ async def test_every_queued_command_in_flight_is_refused_alike(
 
 
 async def test_the_disk_guard_refuses_alike(store_config: StoreConfig) -> None:
-    config = dataclasses.replace(store_config, min_free_bytes=2 ** 62)
+    config = store_config.replace(min_free_bytes=2 ** 62)
     (mine, mine_text), (theirs, theirs_text) = await refusals(
         config, {"device": "d", "name": "n"})
     assert mine is theirs is StoreFull
@@ -312,7 +312,7 @@ async def test_a_full_disk_refuses_alike_and_the_producer_recovers(tmp_path: Pat
 
 async def test_the_busy_timeout_waits_out_a_lock_and_a_longer_one_is_refused_alike(
         store_config: StoreConfig) -> None:
-    config = dataclasses.replace(store_config, busy_timeout=0.5)
+    config = store_config.replace(busy_timeout=0.5)
     Producer.open(config).close()  # the file, and this boot's clock row: an open writes none
     locker = sqlite3.connect(config.path, isolation_level=None, check_same_thread=False)
     try:

@@ -13,7 +13,6 @@ stepped by patching ``time.time``.
 
 from __future__ import annotations
 
-import dataclasses
 import sqlite3
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ DAY = 24 * 3600.0
 
 async def test_a_wall_clock_step_prunes_no_young_dead_letter(
         store_config: StoreConfig, set_wall: Callable[[float], None]) -> None:
-    config = dataclasses.replace(store_config, dead_letter_ttl=3600.0)
+    config = store_config.replace(dead_letter_ttl=3600.0)
     store = await Store.open(config)
     try:
         first = await store.put("lamp", "on")
@@ -44,7 +43,7 @@ async def test_a_dead_letter_older_than_its_ttl_on_the_gateway_clock_is_pruned(
         store_config: StoreConfig) -> None:
     """The check can fail: one really older than the ttl goes (a row from before
     migration 7, no dead_on, counts from its wall time)."""
-    config = dataclasses.replace(store_config, dead_letter_ttl=3600.0)
+    config = store_config.replace(dead_letter_ttl=3600.0)
     store = await Store.open(config)
     try:
         old = await store.put("lamp", "on")

@@ -9,7 +9,6 @@ times; compared as they are with gateway times, they read months younger than th
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sqlite3
 import time
 from collections.abc import Callable
@@ -52,7 +51,7 @@ def back_to_version_6(path: Path, *, key_at: float | None = None) -> None:
 
 async def test_the_count_bound_prunes_the_oldest_dead_letter_not_the_newest_after_the_upgrade(
         store_config: StoreConfig, set_wall: Callable[[float], None]) -> None:
-    config = dataclasses.replace(store_config, max_dead_letters=3, dead_letter_ttl=0)
+    config = store_config.replace(max_dead_letters=3, dead_letter_ttl=0)
     await created_behind(config, set_wall)
     async with await Store.open(config) as old:
         olds = [await old.put("lamp", f"old-{n}") for n in range(3)]
@@ -68,7 +67,7 @@ async def test_the_count_bound_prunes_the_oldest_dead_letter_not_the_newest_afte
 
 async def test_a_dead_letter_from_before_the_upgrade_still_ages_out(
         store_config: StoreConfig, set_wall: Callable[[float], None]) -> None:
-    config = dataclasses.replace(store_config, dead_letter_ttl=3600.0)
+    config = store_config.replace(dead_letter_ttl=3600.0)
     await created_behind(config, set_wall)
     async with await Store.open(config) as old:
         stale = await old.put("lamp", "on")
@@ -139,7 +138,7 @@ async def test_a_key_claimed_before_ntp_answers_keeps_its_window_when_the_downti
 
 async def test_a_dead_letter_buried_before_ntp_answers_is_not_pruned_when_the_downtime_counts(
         store_config: StoreConfig, machine: Machine) -> None:
-    config = dataclasses.replace(store_config, dead_letter_ttl=30 * DAY)
+    config = store_config.replace(dead_letter_ttl=30 * DAY)
     await boot_after_an_outage(config, machine, 40 * DAY)
     async with await Store.open(config) as store:
         early = await store.put("lamp", "on")

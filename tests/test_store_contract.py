@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import math
 import sqlite3
@@ -54,7 +53,7 @@ async def reopen(store: Store, **changes: Any) -> Store:
     """Close ``store`` and open its file again (as a new drainer, unless told otherwise)."""
     await store.close()
     drainer = changes.pop("drainer", True)
-    return await Store.open(dataclasses.replace(store.config, **changes), drainer=drainer)
+    return await Store.open(store.config.replace(**changes), drainer=drainer)
 
 
 class TestStoreContract:
@@ -500,7 +499,7 @@ class TestStoreContract:
     @pytest.mark.parametrize(("mode", "level"), [("full", 2), ("normal", 1)])
     async def test_synchronous_is_what_the_config_says(
             self, store_config: StoreConfig, mode: Literal["full", "normal"], level: int) -> None:
-        config = dataclasses.replace(store_config, synchronous=mode, busy_timeout=2.5)
+        config = store_config.replace(synchronous=mode, busy_timeout=2.5)
         async with await Store.open(config) as store:
             assert await backdoor.read(store, "PRAGMA synchronous") == [(level,)]
             assert await backdoor.read(store, "PRAGMA busy_timeout") == [(2500,)]

@@ -10,7 +10,6 @@ must not move those rows aside with the file: every printed id is in the fresh q
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import sqlite3
 import time
@@ -179,7 +178,7 @@ async def test_a_damaged_table_without_rowids_is_read_from_both_ends(
 async def test_a_damaged_file_of_an_older_schema_is_salvaged_and_then_migrated(
         store_config: StoreConfig) -> None:
     """The copy is made at the damaged file's own version; the open migrates it on."""
-    config = dataclasses.replace(store_config, max_commands=10_000)
+    config = store_config.replace(max_commands=10_000)
     make_version_4_backlog(config, 300)
     lost = spoil_a_middle_leaf(config.path, "outbox")
     async with await Store.open(config) as store:

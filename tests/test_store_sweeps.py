@@ -11,7 +11,6 @@ returns while the count a reader sees is neither where it started nor where it e
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import signal
@@ -36,7 +35,7 @@ ROOMY = {"max_dead_letters": 10 * BACKLOG, "max_dead_bytes": 1 << 30}
 
 
 def roomy(config: StoreConfig, **changes: object) -> StoreConfig:
-    return dataclasses.replace(config, **{**ROOMY, **changes})  # type: ignore[arg-type]
+    return config.replace(**{**ROOMY, **changes})
 
 
 async def count(store: Store, sql: str) -> int:
@@ -281,7 +280,7 @@ def file_bytes(path: Path) -> int:
 async def test_a_bounded_queue_means_a_bounded_file(store_config: StoreConfig,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     """Drop-oldest with a 100-command queue reached 57 MiB after 20,000 puts."""
-    config = dataclasses.replace(store_config, max_commands=100, overflow="drop-oldest",
+    config = store_config.replace(max_commands=100, overflow="drop-oldest",
                                  max_dead_letters=300, max_dead_bytes=1 << 30)
     pad = "p" * 1000
     sizes = []
@@ -301,7 +300,7 @@ async def test_a_bounded_queue_means_a_bounded_file(store_config: StoreConfig,
 
 
 async def test_dead_letters_are_bounded_by_bytes_and_by_age(store_config: StoreConfig) -> None:
-    config = dataclasses.replace(store_config, max_dead_bytes=4096, dead_letter_ttl=0.3)
+    config = store_config.replace(max_dead_bytes=4096, dead_letter_ttl=0.3)
     async with await Store.open(config) as store:
         commands = await store.put_many([NewCommand("d", str(i), {"pad": "x" * 1000})
                                          for i in range(10)])
@@ -318,7 +317,7 @@ async def test_dead_letters_written_by_the_inbox_are_bounded_too(
         store_config: StoreConfig) -> None:
     """The inbox records unreadable messages as dead letters with its own statement."""
 
-    config = dataclasses.replace(store_config, max_dead_letters=50)
+    config = store_config.replace(max_dead_letters=50)
     async with await Store.open(config) as store:
         for _ in range(3):
             await asyncio.gather(*(store.inbox.record_unreadable("not JSON", b"garbage",
@@ -333,7 +332,7 @@ async def test_lowered_bounds_are_applied_when_the_service_starts(
     async with await Store.open(roomy(store_config)) as store:
         commands = await store.put_many([NewCommand("d", "n")] * 1200)
         await store.dead_letter([c.id for c in commands], "invalid")
-    lowered = dataclasses.replace(store_config, max_dead_letters=100)
+    lowered = store_config.replace(max_dead_letters=100)
     async with await Store.open(lowered) as store:
         assert (await store.stats()).dead_total == 100
         [(count_,)] = await backdoor.read(store, "SELECT dead_count FROM totals")
@@ -346,7 +345,7 @@ async def test_lowered_bounds_are_applied_when_the_service_starts(
 async def test_dead_letters_are_logged_only_once_committed(
         store_config: StoreConfig, caplog: pytest.LogCaptureFixture) -> None:
     """"dead-lettered N" was logged inside transactions that then rolled back."""
-    config = dataclasses.replace(store_config, max_commands=2, overflow="drop-oldest")
+    config = store_config.replace(max_commands=2, overflow="drop-oldest")
     async with await Store.open(config) as store:
         kept = await store.put_many([NewCommand("d", "a"), NewCommand("d", "b")])
         with caplog.at_level(logging.WARNING, logger="pigateway.store"), \

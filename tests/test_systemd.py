@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import os
 import socket
@@ -262,7 +261,7 @@ async def test_watchdog_stops_while_the_store_writer_is_wedged(
     notify: DatagramListener, store_config: StoreConfig
 ) -> None:
     """Another connection holds the write lock: the writer waits, so ping cannot answer."""
-    config = dataclasses.replace(store_config, busy_timeout=30.0)
+    config = store_config.replace(busy_timeout=30.0)
     state = GatewayState()
     async with await Store.open(config) as store, _supervising(store, state, 0.4, 0.1):
         await asyncio.sleep(0.5)
@@ -352,7 +351,7 @@ async def test_a_lock_another_process_holds_is_not_a_wedged_writer(
     watchdog interval: each transaction fails alone after busy_timeout and the ping (which
     takes no lock) is answered between them, so WATCHDOG=1 keeps coming and systemd does not
     restart a service that a restart would not help (five restarts and it gives up)."""
-    config = dataclasses.replace(store_config, busy_timeout=0.3)
+    config = store_config.replace(busy_timeout=0.3)
     interval = 2.0
     state = GatewayState()
     bound = ping_bound(interval, config.busy_timeout)

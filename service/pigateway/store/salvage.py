@@ -114,7 +114,7 @@ def _salvage(bad: Path, into: Path, config: StoreConfig, report: Salvaged,
             return report
         finally:
             opened()
-        target = connect(dataclasses.replace(config, path=into))
+        target = connect(config.replace(path=into))
         with contextlib.closing(target):
             schema.migrate(target, into, upto=min(version, len(schema.MIGRATIONS)))
             for table in [t for t in _tables(target) if t in tables]:

@@ -1,32 +1,39 @@
-"""Configuration: one TOML file validated into frozen dataclasses at start.
+"""The service's sections of the config, as frozen dataclasses, and the whole :class:`Config`.
 
-Where the file is: ``--config FILE``, else ``$PIGATEWAY_CONFIG``, else
-``/etc/pigateway/config.toml``. Every section is a dataclass below; its fields, types,
-defaults and bounds *are* the schema (the reference in ``docs/config.md`` mirrors them).
-Unknown keys are errors, and every error names the key, the bad value and what is allowed.
+Every section is a dataclass below; its fields, types, defaults and bounds *are* the schema
+(the reference in ``docs/config.md`` mirrors them), checked by the one validator of
+:mod:`~pigateway.config.schema` (which holds ``[store]``, the section ``pigateway send``
+reads alone). Unknown keys are errors, and every error names the key, the bad value and
+what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
-import tomllib
-import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePath
-from typing import Any, ClassVar, Final, Literal
+from pathlib import Path
+from typing import Any, Final, Literal
 
+from pigateway.config.schema import (
+    Section,
+    StoreConfig,
+    build,
+    config_path,
+    is_section,
+    options,
+    plain,
+    read,
+    toml,
+)
+from pigateway.config.schema import rule as option_rule
 from pigateway.errors import ConfigError
 from pigateway.inputs import shown, text_problem
 from pigateway.wire import profiles
 
-T = typing.TypeVar("T")
-
-DEFAULT_PATH = Path("/etc/pigateway/config.toml")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: A topic prefix: no wildcards, no NUL or other control characters (brokers refuse them).
 TOPIC_PATTERN = re.compile(r"^[^#+\x00-\x1f\x7f-\x9f]+$")
@@ -36,80 +43,15 @@ HOST_PATTERN = re.compile(r"^[A-Za-z0-9_.:%-]{1,253}$")
 
 def _opt(default: Any, *, min: float | None = None, max: float | None = None,
          pattern: re.Pattern[str] | None = None, allowed: str = "", doc: str = "") -> Any:
-    """A config field with bounds; ``allowed`` says in words what ``pattern`` lets through;
-    ``doc`` feeds the reference page."""
-    meta = {"min": min, "max": max, "pattern": pattern, "allowed": allowed, "doc": doc}
+    """A config field with its :func:`~pigateway.config.schema.rule`."""
+    meta = option_rule(min=min, max=max, pattern=pattern, allowed=allowed, doc=doc)
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
-class _Section:
-    """What every ``[section]`` shares: its path options are absolute paths.
-
-    The rule lives here, in the schema, so it holds for each path option there is or will
-    be, whether the values come from the TOML file or from a Python caller. A relative path
-    names a different file in each working directory: ``pigateway send`` in a shell and the
-    service (whose working directory is ``/`` or a runtime folder) would use two queues.
-    """
-
-    _section: ClassVar[str]
-
-    def __init_subclass__(cls, *, section: str, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls._section = section  # set here, not in the body: a dataclass field it is not
-
-    def __post_init__(self) -> None:
-        for name in _path_fields(type(self)):
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, absolute_path(f"{self._section}.{name}", value))
-
-
-def _path_fields(cls: type[Any]) -> tuple[str, ...]:
-    """The fields of ``cls`` typed ``Path`` or ``Path | None``."""
-    hints = typing.get_type_hints(cls)
-    return tuple(fld.name for fld in dataclasses.fields(cls)
-                 if Path in (hints[fld.name], *typing.get_args(hints[fld.name])))
-
-
-def absolute_path(key: str, value: str | PurePath) -> Path:
-    """``value`` as a :class:`Path`; :class:`ConfigError` naming ``key`` unless absolute."""
-    path = Path(value)
-    if "\x00" in str(path):
-        raise ConfigError(key, f"{str(path)[:200]!r} is not allowed: a path has no NUL")
-    if not path.is_absolute():
-        raise ConfigError(key, f"{str(path)[:200]!r} is not allowed: a path must be absolute "
-                          "(a relative one means another file in each working directory)")
-    return path
-
-
 @dataclass(frozen=True)
-class StoreConfig(_Section, section="store"):
-    """``[store]``: the durable queue on disk."""
-
-    path: Path = _opt(Path("/var/lib/pigateway/queue.db"), doc="SQLite file of the queue")
-    max_commands: int = _opt(1_000_000, min=1, doc="queued commands at most")
-    max_bytes: int = _opt(512 * 1024 * 1024, min=1024, doc="queued params bytes at most")
-    overflow: Literal["reject", "drop-oldest"] = _opt("reject", doc="what a full queue does")
-    default_ttl: float = _opt(7 * 24 * 3600.0, min=0, doc="seconds a command lives (0: forever)")
-    max_attempts: int = _opt(10, min=1, doc="delivery attempts before dead-lettering")
-    synchronous: Literal["full", "normal"] = _opt(
-        "full", doc="SQLite synchronous mode; \"normal\" loses at a power cut every command "
-        "acknowledged since the last checkpoint (up to ~20 MB of WAL), --id keys too")
-    min_free_bytes: int = _opt(32 * 1024 * 1024, min=0, doc="disk space always kept free")
-    max_params_bytes: int = _opt(64 * 1024, min=16, doc="size limit of one command's params")
-    busy_timeout: float = _opt(10.0, min=0.1, doc="seconds to wait for another writer")
-    max_dead_letters: int = _opt(10_000, min=1,
-                                 doc="dead letters kept at most (the oldest are pruned)")
-    max_dead_bytes: int = _opt(16 * 1024 * 1024, min=1024,
-                               doc="params bytes of dead letters kept at most")
-    dead_letter_ttl: float = _opt(30 * 24 * 3600.0, min=0,
-                                  doc="seconds a dead letter is kept (0: no age limit)")
-
-
-@dataclass(frozen=True)
-class TlsConfig(_Section, section="mqtt.tls"):
+class TlsConfig(Section, section="mqtt.tls"):
     """``[mqtt.tls]``: TLS to the broker (hostname always checked)."""
 
     enabled: bool = _opt(False, doc="connect with TLS; the host name is always checked")
@@ -119,7 +61,7 @@ class TlsConfig(_Section, section="mqtt.tls"):
 
 
 @dataclass(frozen=True)
-class MqttConfig(_Section, section="mqtt"):
+class MqttConfig(Section, section="mqtt"):
     """``[mqtt]``: the broker connection."""
 
     host: str = _opt("localhost", pattern=HOST_PATTERN, allowed="a host name or an IP address",
@@ -145,7 +87,7 @@ class LocalTlsConfig(TlsConfig, section="local.tls"):
 
 
 @dataclass(frozen=True)
-class LocalConfig(_Section, section="local"):
+class LocalConfig(Section, section="local"):
     """``[local]``: the broker on the gateway that ``[[ingest]]`` rules read from."""
 
     host: str = _opt("127.0.0.1", pattern=HOST_PATTERN, allowed="a host name or an IP address",
@@ -177,7 +119,7 @@ REMOTE_FIELDS = frozenset({"prefix", "gateway", "topic"})
 
 
 @dataclass(frozen=True)
-class IngestRule(_Section, section="ingest"):
+class IngestRule(Section, section="ingest"):
     """``[[ingest]]``: what to take from the local broker, and as what."""
 
     topic: str = _opt("", doc="MQTT topic filter on the local broker ('+' and '#' allowed)")
@@ -195,7 +137,7 @@ class IngestRule(_Section, section="ingest"):
 
 
 @dataclass(frozen=True)
-class UplinkConfig(_Section, section="uplink"):
+class UplinkConfig(Section, section="uplink"):
     """``[uplink]``: batching, back-pressure and reconnect backoff."""
 
     batch_delay: float = _opt(0.1, min=0, max=60, doc="seconds a batch waits for company")
@@ -218,7 +160,7 @@ class UplinkConfig(_Section, section="uplink"):
 
 
 @dataclass(frozen=True)
-class InboundConfig(_Section, section="inbound"):
+class InboundConfig(Section, section="inbound"):
     """``[inbound]``: commands from the broker to local devices."""
 
     enabled: bool = _opt(True, doc="take commands from the broker")
@@ -242,7 +184,7 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
-class GpioConfig(_Section, section="gpio"):
+class GpioConfig(Section, section="gpio"):
     """``[gpio]``: status LEDs and buttons (BCM pin numbers)."""
 
     enabled: bool = _opt(True, doc="drive the status LEDs and read the buttons")
@@ -260,7 +202,7 @@ class GpioConfig(_Section, section="gpio"):
 
 
 @dataclass(frozen=True)
-class ControlConfig(_Section, section="control"):
+class ControlConfig(Section, section="control"):
     """``[control]``: the local control socket."""
 
     socket: Path = _opt(Path("/run/pigateway/control.sock"),
@@ -268,7 +210,7 @@ class ControlConfig(_Section, section="control"):
 
 
 @dataclass(frozen=True)
-class LogConfig(_Section, section="log"):
+class LogConfig(Section, section="log"):
     """``[log]``: logging."""
 
     level: Literal["debug", "info", "warning", "error"] = _opt("info", doc="least level logged")
@@ -296,7 +238,7 @@ def is_loopback(host: str) -> bool:
 
 
 @dataclass(frozen=True)
-class MetricsConfig(_Section, section="metrics"):
+class MetricsConfig(Section, section="metrics"):
     """``[metrics]``: Prometheus metrics (docs/operations.md); each way out is optional."""
 
     textfile: Path | None = _opt(
@@ -324,7 +266,7 @@ MANAGE_VERBS: Final = ("status", "queue-stats", "logs", "config-get", "pause", "
 
 
 @dataclass(frozen=True)
-class ManageConfig(_Section, section="manage"):
+class ManageConfig(Section, section="manage"):
     """``[manage]``: commands to the gateway itself on ``{prefix}/{gateway}/manage``."""
 
     enabled: bool = _opt(False, doc="take management commands from the broker")
@@ -347,7 +289,7 @@ class ManageConfig(_Section, section="manage"):
 
 
 @dataclass(frozen=True)
-class HomeAssistantConfig(_Section, section="homeassistant"):
+class HomeAssistantConfig(Section, section="homeassistant"):
     """``[homeassistant]``: the gateway as a Home Assistant device (docs/homeassistant.md)."""
 
     enabled: bool = _opt(False, doc="announce the gateway to Home Assistant by MQTT discovery; "
@@ -382,19 +324,11 @@ class Config:
 
     def as_dict(self) -> dict[str, Any]:
         """The effective config as plain JSON-ready data."""
-        plain: dict[str, Any] = _plain(dataclasses.asdict(self))
-        return plain
+        data: dict[str, Any] = plain(self)
+        return data
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """Where the config is: the argument, else ``$PIGATEWAY_CONFIG``, else the default."""
-    if explicit:
-        return Path(explicit)
-    env = os.environ.get("PIGATEWAY_CONFIG")
-    return Path(env) if env else DEFAULT_PATH
 
 
 def load(path: str | os.PathLike[str] | None = None, *,
@@ -406,19 +340,14 @@ def load(path: str | os.PathLike[str] | None = None, *,
     replaces the overlay files looked at (the service's start tries a pending one so).
     """
     where = config_path(path)
-    data = _toml(_read(where), str(where))
+    data = toml(read(where), str(where))
     config = from_dict(data)
     if config.manage.enabled:
         for extra in (config.manage.overlay,) if overlays is None else overlays:
             if extra.exists():
-                data = merged(data, _toml(_read(extra), str(extra)))
+                data = merged(data, toml(read(extra), str(extra)))
         config = from_dict(data)
     return dataclasses.replace(config, source=where)
-
-
-def read_toml(where: Path) -> dict[str, Any]:
-    """One TOML file as a mapping (not validated); :class:`ConfigError` when unreadable."""
-    return _toml(_read(where), str(where))
 
 
 def merged(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
@@ -432,45 +361,16 @@ def merged(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_store(path: str | os.PathLike[str] | None = None) -> StoreConfig:
-    """Only ``[store]`` of the config file, checked as :func:`load` checks it: all that
-    ``pigateway send`` uses. A mistake in another section is the service's to report (it
-    will not start, ``config check`` names it), never a reason to refuse a producer's
-    command: the producer could neither queue nor tell its own bad input from it."""
-    where = config_path(path)
-    data = profiles.with_defaults(_toml(_read(where), str(where)))
-    return _build(StoreConfig, data.get("store", {}), prefix="store.")
-
-
-def _read(where: Path) -> str:
-    try:
-        return where.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise ConfigError("(file)", f"{where} does not exist") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("(file)", f"cannot read {where}: {exc}") from exc
-
-
 def parse(text: str, *, origin: str = "<string>") -> Config:
     """Validate TOML text into a :class:`Config`."""
-    return from_dict(_toml(text, origin))
-
-
-def _toml(text: str, origin: str) -> dict[str, Any]:
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("(syntax)", f"{origin} is not valid TOML: {exc}") from exc
-    except (RecursionError, ValueError) as exc:  # deep nesting; an integer of 5,000 digits
-        raise ConfigError("(syntax)", f"{origin} cannot be read: {shown(str(exc), 120)}") \
-            from None
+    return from_dict(toml(text, origin))
 
 
 def from_dict(data: dict[str, Any]) -> Config:
     """Validate an already parsed mapping into a :class:`Config`."""
     data = profiles.with_defaults(dict(data))
     devices = _devices(data.pop("devices", {}))
-    config = _build(Config, data, prefix="", skip=frozenset({"devices", "source"}))
+    config = build(Config, data, prefix="", skip=frozenset({"devices", "source"}))
     config = dataclasses.replace(config, devices=devices)
     _check_cross_fields(config)
     if config.homeassistant.enabled and config.homeassistant.link == "local" \
@@ -623,129 +523,25 @@ def _devices(table: Any) -> dict[str, DeviceConfig]:
 # --------------------------------------------------------------------------- the validator
 
 
-def _build(cls: type[T], table: Any, *, prefix: str, skip: frozenset[str] = frozenset()) -> T:
-    """Build dataclass ``cls`` from ``table``, checking keys, types and bounds."""
-    if not isinstance(table, dict):
-        raise ConfigError(prefix.rstrip(".") or "(top)", f"must be a table, got {_show(table)}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}  # type: ignore[arg-type]
-    unknown = sorted(set(table) - set(known))
-    if unknown:
-        raise ConfigError(
-            prefix + unknown[0], f"unknown key; allowed here: {', '.join(sorted(known))}"
-        )
-    values = {}
-    for name, fld in known.items():
-        key = prefix + name
-        if name in table:
-            values[name] = _convert(hints[name], table[name], key, fld.metadata)
-        elif fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
-            raise ConfigError(key, "is required")
-    return cls(**values)
-
-
-def _convert(hint: Any, value: Any, key: str, meta: typing.Mapping[str, Any]) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (types.UnionType, typing.Union):
-        inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, key, meta)
-    if origin is Literal:
-        if value not in args:
-            allowed = ", ".join(repr(a) for a in args)
-            raise ConfigError(key, f"{_show(value)} is not allowed; use one of {allowed}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(key, f"must be a list, got {_show(value)}")
-        return [_convert(args[0], item, f"{key}[{i}]", meta) for i, item in enumerate(value)]
-    if dataclasses.is_dataclass(hint):
-        return _build(typing.cast(type[Any], hint), value, prefix=key + ".")
-    return _scalar(hint, value, key, meta)
-
-
-def _scalar(hint: Any, value: Any, key: str, meta: typing.Mapping[str, Any]) -> Any:
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(key, f"must be true or false, got {_show(value)}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"must be a whole number, got {_show(value)}")
-        _check_bounds(value, key, meta)
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, f"must be a number (seconds), got {_show(value)}")
-        if not math.isfinite(value):  # TOML has nan and inf; no bound check catches nan
-            raise ConfigError(key, f"must be a finite number (seconds), got {_show(value)}")
-        _check_bounds(value, key, meta)
-        return float(value)
-    if hint in (str, Path):
-        return _text(hint, value, key, meta)
-    raise ConfigError(key, f"unsupported type {hint!r}")  # a bug in this module, not in the file
-
-
-def _text(hint: Any, value: Any, key: str, meta: typing.Mapping[str, Any]) -> Any:
-    """A string option: never a control character (no option needs one, and each would end
-    up in a topic, a file name, a log line or a broker login)."""
-    if not isinstance(value, str) or not value:
-        raise ConfigError(key, f"must be a non-empty string, got {_show(value)}")
-    problem = text_problem(value)
-    if problem is not None:
-        raise ConfigError(key, f"{shown(value)} {problem}")
-    pattern = meta.get("pattern")
-    if pattern is not None and not pattern.match(value):
-        if meta.get("allowed"):
-            raise ConfigError(key, f"{shown(value)} is not {meta['allowed']}")
-        raise ConfigError(key, f"{shown(value)} does not match {pattern.pattern}")
-    return Path(value) if hint is Path else value
-
-
-def _check_bounds(value: float, key: str, meta: typing.Mapping[str, Any]) -> None:
-    low, high = meta.get("min"), meta.get("max")
-    if low is not None and value < low:
-        raise ConfigError(key, f"{value} is too small; the least allowed is {low}")
-    if high is not None and value > high:
-        raise ConfigError(key, f"{value} is too large; the most allowed is {high}")
-
-
-def _show(value: Any) -> str:
-    return f"{type(value).__name__} {shown(value)}"
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def fields_reference() -> list[tuple[str, str, Any, str]]:
     """(key, type, default, doc) of every option: the source of ``docs/config.md``."""
     rows: list[tuple[str, str, Any, str]] = []
 
     def walk(cls: type[Any], prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
-        for fld in dataclasses.fields(cls):
-            if fld.name in {"devices", "source", "gateway_id"} and cls is Config:
+        for opt in options(cls):
+            if opt.name in {"devices", "source", "gateway_id"} and cls is Config:
                 continue
-            hint = hints[fld.name]
-            if dataclasses.is_dataclass(hint):
-                walk(hint, f"{prefix}{fld.name}.")  # type: ignore[arg-type]
+            hint = opt.hint
+            if is_section(hint):
+                walk(hint, f"{prefix}{opt.name}.")
                 continue
             inner = typing.get_args(hint)
-            if typing.get_origin(hint) is list and inner and dataclasses.is_dataclass(inner[0]):
-                walk(inner[0], f"{prefix}{fld.name}[].")  # type: ignore[arg-type]
+            if typing.get_origin(hint) is list and inner and is_section(inner[0]):
+                walk(inner[0], f"{prefix}{opt.name}[].")
                 continue
-            default = fld.default if fld.default is not dataclasses.MISSING else (
-                fld.default_factory() if fld.default_factory is not dataclasses.MISSING else None
-            )
-            doc = fld.metadata.get("doc", "")
-            rows.append((prefix + fld.name, _type_name(hint), _plain(default), doc))
+            default = opt.default() if opt.factory else opt.default
+            rows.append((prefix + opt.name, _type_name(hint), plain(default),
+                         opt.rule.get("doc", "")))
 
     walk(Config, "")
     return rows
