@@ -5,6 +5,8 @@
   against a lost link, a batch window raced against new work).
 - :func:`cancel_and_wait`: end a task of ours and wait until it has ended.
 - :func:`first_error`: the error to report out of a ``TaskGroup``'s exception group.
+- :func:`reconnecting`: a link's reconnect loop (ingest's local broker, the Home Assistant
+  link): connect, serve, wait the backoff or the stop, again.
 - :class:`wait_backoff`: the one backoff, exponential from ``initial``, capped at ``maximum``,
   jittered: the uplink's reconnects, the drain waiting out a busy store, inbound commands
   the store cannot take yet, and the device workers' retries (as tenacity's ``wait``).
@@ -14,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable
+import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from pigateway.errors import PigatewayError
@@ -70,6 +73,37 @@ def first_error(group: BaseExceptionGroup[Any]) -> BaseException:
             leaves.append(item)
     typed = [leaf for leaf in leaves if isinstance(leaf, PigatewayError)]
     return (typed or leaves)[0]
+
+
+async def reconnecting(once: Callable[[], Awaitable[bool]], *, stop: asyncio.Event,
+                       backoff: wait_backoff, reset: float,
+                       catch: tuple[type[BaseException], ...] = (),
+                       waiting: Callable[[BaseException | None, float], None] | None = None,
+                       ) -> None:
+    """Run ``once`` (one connection, served until it ends) again and again until ``stop`` is
+    set or ``once`` returns True (done for good), waiting the backoff between two.
+
+    The attempt count starts again after a connection that lasted ``reset`` seconds; an
+    error of the backoff's ``faults`` (a refused login, a TLS set-up) waits its maximum. An
+    error of ``catch`` is retried, any other ends the loop; ``waiting`` is told the error
+    (None: the link just ended) and the wait, unless ``stop`` is set.
+    """
+    attempt = 0
+    while not stop.is_set():
+        started = time.monotonic()
+        error: BaseException | None = None
+        try:
+            if await once():
+                return
+        except catch as exc:
+            error = exc
+        if stop.is_set():
+            return
+        attempt = 1 if time.monotonic() - started >= reset else attempt + 1
+        wait = backoff.maximum if isinstance(error, backoff.faults) else backoff.delay(attempt)
+        if waiting is not None:
+            waiting(error, wait)
+        await first_of(asyncio.sleep(wait), stop.wait())
 
 
 class wait_backoff:

@@ -35,16 +35,16 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from pigateway import __version__, wire
-from pigateway.aio import wait_backoff
+from pigateway.aio import reconnecting, wait_backoff
 from pigateway.config import Config
 from pigateway.counters import COUNTERS
-from pigateway.errors import LinkFault, PigatewayError
+from pigateway.errors import PigatewayError
 from pigateway.homeassistant import discovery as hadiscovery
 from pigateway.homeassistant.discovery import Entity, Topics
 from pigateway.inputs import shown
 from pigateway.listeners import Throttled, control
 from pigateway.mqtt import Connection, Message, Settings, Will, connect, describe
-from pigateway.mqtt.credentials import broker_password, credential, read_secret, tls_context
+from pigateway.mqtt.credentials import broker_password, local_password, tls_context
 from pigateway.state import GatewayState
 from pigateway.text import bounded
 
@@ -179,24 +179,22 @@ class HomeAssistant:
     async def run(self) -> None:
         """Connect, serve, reconnect with backoff, until :meth:`stop`. Never raises for the
         link's sake: HA is a view, the drain does not depend on it."""
-        attempt = 0
-        while not self._stopping.is_set():
-            started = time.monotonic()
-            try:
-                async with connect(self._settings(), bound=15.0, leave_bound=5.0) as client:
-                    if self.enabled:
-                        await self._serve(client)
-                    else:
-                        await self._retire(client)
-                        return
-            except (PigatewayError, OSError) as exc:
-                self._failures.note(exc)
-            except Exception as exc:  # a bug here must not stop the drain: said, and retried
-                self._failures.note(repr(exc), exc=exc)
-            attempt = 1 if time.monotonic() - started > self.config.uplink.backoff_reset \
-                else attempt + 1
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self._wait.delay(attempt))
+        await reconnecting(self._connect_once, stop=self._stopping, backoff=self._wait,
+                           reset=self.config.uplink.backoff_reset)
+
+    async def _connect_once(self) -> bool:
+        """One connection, served until it ends; True once the topics are retired."""
+        try:
+            async with connect(self._settings(), bound=15.0, leave_bound=5.0) as client:
+                if not self.enabled:
+                    await self._retire(client)
+                    return True
+                await self._serve(client)
+        except (PigatewayError, OSError) as exc:
+            self._failures.note(exc)
+        except Exception as exc:  # a bug here must not stop the drain: said, and retried
+            self._failures.note(repr(exc), exc=exc)
+        return False
 
     def stop(self) -> None:
         """Say ``offline`` (a clean DISCONNECT fires no will) and end :meth:`run`."""
@@ -215,20 +213,10 @@ class HomeAssistant:
                             tls=tls_context(mqtt.tls))
         local = self.config.local
         return Settings(local.host, local.port, client_id=client_id, username=local.username,
-                        password=self._local_password(),
+                        password=local_password(local),
                         protocol="5" if local.protocol == "5" else "3.1.1", will=will,
                         keepalive=local.keepalive, timeout=PUBLISH_TIMEOUT,
                         tls=tls_context(local.tls))
-
-    def _local_password(self) -> str | None:
-        local = self.config.local
-        path = local.password_file or credential("local-password")
-        if local.username is None or path is None:
-            return None
-        try:
-            return read_secret(path)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise LinkFault(f"cannot read local.password_file {path}: {exc}") from exc
 
     # ---- one connection
 

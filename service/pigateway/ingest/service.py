@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-from pigateway.aio import cancel_and_wait, first_of, wait_backoff
+from pigateway.aio import cancel_and_wait, first_of, reconnecting, wait_backoff
 from pigateway.config import LEVEL_TEMPLATE, Config, IngestRule
 from pigateway.errors import (
     InvalidCommand,
@@ -45,7 +45,7 @@ from pigateway.errors import (
 )
 from pigateway.inputs import topic_problem
 from pigateway.mqtt import Connection, Message, Settings, connect, forwarded
-from pigateway.mqtt.credentials import credential, read_secret, tls_context
+from pigateway.mqtt.credentials import local_password, tls_context
 from pigateway.mqtt.packets import Undecodable
 from pigateway.mqtt.topics import topic_matches
 from pigateway.state import GatewayState, Link, Refusal, Refuser
@@ -217,27 +217,11 @@ class Ingest:
     async def run(self) -> None:
         """Connect, take, reconnect with backoff until :meth:`stop`; a corrupt store ends it."""
         self.state.set_local(Link.OFFLINE)
-        attempt = 0
-        while not self._stop.is_set():
-            started = time.monotonic()
-            error: UplinkError | None = None
-            try:
-                await self._connect_once()
-            except UplinkError as exc:
-                error = exc
-            if self._stop.is_set():
-                return
-            if time.monotonic() - started >= self.config.uplink.backoff_reset:
-                attempt = 0
-            attempt += 1
-            wait = self.backoff.maximum if isinstance(error, (LinkFault, LoginRefused)) \
-                else self.backoff.delay(attempt)
-            log.log(logging.ERROR if isinstance(error, (LinkFault, LoginRefused))
-                    else logging.INFO, "ingest: local broker %s:%d: %s; retrying in %.1fs",
-                    self.config.local.host, self.config.local.port, error or "link ended", wait)
-            await first_of(asyncio.sleep(wait), self._stop.wait())
+        await reconnecting(self._connect_once, stop=self._stop, backoff=self.backoff,
+                           reset=self.config.uplink.backoff_reset, catch=(UplinkError,),
+                           waiting=self._waiting)
 
-    async def _connect_once(self) -> None:
+    async def _connect_once(self) -> bool:
         self.state.set_local(Link.CONNECTING)
         self._idle.clear()
         try:
@@ -246,26 +230,22 @@ class Ingest:
         finally:
             self.state.set_local(Link.OFFLINE)
             self._idle.set()
+        return False
+
+    def _waiting(self, error: BaseException | None, wait: float) -> None:
+        log.log(logging.ERROR if isinstance(error, self.backoff.faults) else logging.INFO,
+                "ingest: local broker %s:%d: %s; retrying in %.1fs",
+                self.config.local.host, self.config.local.port, error or "link ended", wait)
 
     def _settings(self) -> Settings:
         local = self.config.local
         return Settings(
             local.host, local.port, client_id=local.client_id or f"{self.config.gateway_id}-ingest",
-            username=local.username, password=self._password(),
+            username=local.username, password=local_password(local),
             protocol="5" if local.protocol == "5" else "3.1.1", persistent=True,
             session_expiry=local.session_expiry, keepalive=local.keepalive, timeout=10.0,
             tls=tls_context(local.tls), receive_maximum=local.window,
             read_ahead=2 * local.window)
-
-    def _password(self) -> str | None:
-        local = self.config.local
-        path = local.password_file or credential("local-password")
-        if local.username is None or path is None:
-            return None
-        try:
-            return read_secret(path)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise LinkFault(f"cannot read local.password_file {path}: {exc}") from exc
 
     # ---- one connection
 

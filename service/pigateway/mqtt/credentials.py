@@ -11,7 +11,7 @@ import os
 import ssl
 from pathlib import Path
 
-from pigateway.config import MqttConfig, TlsConfig
+from pigateway.config import LocalConfig, MqttConfig, TlsConfig
 from pigateway.errors import LinkFault
 
 
@@ -41,6 +41,19 @@ def broker_password(mqtt: MqttConfig) -> str | None:
         return read_secret(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise LinkFault(f"cannot read the MQTT password from {path}: {exc}") from exc
+
+
+def local_password(local: LocalConfig) -> str | None:
+    """The local broker's password (``[local]``: ingest's, and the Home Assistant link's when
+    it uses that broker) from ``password_file`` or the credential ``local-password``; none
+    without a ``username``."""
+    path = local.password_file or credential("local-password")
+    if local.username is None or path is None:
+        return None
+    try:
+        return read_secret(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LinkFault(f"cannot read local.password_file {path}: {exc}") from exc
 
 
 def tls_context(tls: TlsConfig) -> ssl.SSLContext | None:
