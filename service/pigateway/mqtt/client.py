@@ -469,17 +469,17 @@ class _Client(aiomqtt.Client):
         bytes: a reason or properties paho cannot decode change nothing)."""
         inner = self._client
 
+        def packet_id_only(_: Exception) -> bytes | None:
+            packet = inner._in_packet["packet"]
+            return bytes(packet[:2]) if len(packet) >= 2 else None
+
+        again = self._read_again(handle, packet_id_only)
+
         def tolerant() -> MQTTErrorCode:
             packet = inner._in_packet["packet"]
             if self.manual_ack and len(packet) >= 2:
                 return inner._send_pubcomp(int.from_bytes(packet[:2], "big"))
-            try:
-                return handle()
-            except Exception:
-                if len(packet) < 2:
-                    raise
-                inner._in_packet["packet"] = bytearray(packet[:2])
-                return handle()
+            return again()
         return tolerant
 
     def _without_odd_properties(self, handle: Callable[[], MQTTErrorCode]
@@ -492,22 +492,35 @@ class _Client(aiomqtt.Client):
         packet id, reason codes and a CONNACK's limits, which is all we use, stay."""
         inner = self._client
 
-        def tolerant() -> MQTTErrorCode:
-            try:
-                return handle()
-            except Exception as exc:
-                if inner.protocol != paho.MQTTv5:
-                    raise
-                kind = int(inner._in_packet["command"]) >> 4
-                plain = without_properties(kind, bytes(inner._in_packet["packet"]))
-                if plain is None:
-                    raise
+        def plain(exc: Exception) -> bytes | None:
+            if inner.protocol != paho.MQTTv5:
+                return None
+            kind = int(inner._in_packet["command"]) >> 4
+            packet = without_properties(kind, bytes(inner._in_packet["packet"]))
+            if packet is not None:
                 log.warning("mqtt: the broker's %s could not be decoded (%s: %s); read again "
                             "without its properties", PacketTypes.Names[kind].upper(),
                             type(exc).__name__, bounded(exc, 200))
-                inner._in_packet["packet"] = bytearray(plain)
+            return packet
+        return self._read_again(handle, plain)
+
+    def _read_again(self, handle: Callable[[], MQTTErrorCode],
+                    rewrite: Callable[[Exception], bytes | None]) -> Callable[[], MQTTErrorCode]:
+        """paho's packet handler ``handle``, which, when it fails on the packet paho read,
+        reads that packet once more as ``rewrite`` makes it from the error (``None``: the
+        failure stands, and ends the link as paho would)."""
+        inner = self._client
+
+        def again() -> MQTTErrorCode:
+            try:
                 return handle()
-        return tolerant
+            except Exception as exc:
+                packet = rewrite(exc)
+                if packet is None:
+                    raise
+                inner._in_packet["packet"] = bytearray(packet)
+                return handle()
+        return again
 
     def acknowledge(self, message: Message) -> None:
         """PUBACK (QoS 1), or PUBREC (QoS 2 under manual acks; the PUBREL that follows is
