@@ -55,46 +55,51 @@ class Entity:
     needs: str | None = None
 
 
-_DIAGNOSTIC: Final = {"entity_category": "diagnostic"}
+def _entity(component: str, key: str, name: str, *, device_class: str | None = None,
+            state_class: str | None = None, unit: str | None = None, icon: str | None = None,
+            diagnostic: bool = False, commands: frozenset[str] = frozenset(),
+            needs: str | None = None, **extra: str) -> Entity:
+    """One row of :data:`ENTITIES`: HA's options by name, those not given left out."""
+    named = {"device_class": device_class, "state_class": state_class,
+             "unit_of_measurement": unit, "icon": icon,
+             "entity_category": "diagnostic" if diagnostic else None}
+    options = {option: value for option, value in named.items() if value is not None} | extra
+    return Entity(component, key, name, options, commands, needs)
+
+
+_MEASURED: Final = "measurement"
+_COUNTED: Final = "total_increasing"
 
 #: Every entity, in the order HA lists them.
 ENTITIES: Final[tuple[Entity, ...]] = (
-    Entity("binary_sensor", "uplink", "Uplink connected", {"device_class": "connectivity"}),
-    Entity("binary_sensor", "local", "Local link connected", {"device_class": "connectivity"},
-           needs="local"),
-    Entity("binary_sensor", "problem", "Fault", {
-        "device_class": "problem",
-        # the views' words: a fault an operator must fix, or work being turned away
-        "json_attributes_template":
-            "{{ {'fault': value_json.fault, 'refusing': value_json.refusing} | tojson }}"}),
-    Entity("switch", "paused", "Paused", {"icon": "mdi:pause-circle"},
-           commands=frozenset({"ON", "OFF"})),
-    Entity("sensor", "depth", "Queue depth",
-           {"state_class": "measurement", "unit_of_measurement": "commands",
-            "icon": "mdi:tray-full"}),
-    Entity("sensor", "oldest_age", "Oldest queued age",
-           {"device_class": "duration", "unit_of_measurement": "s",
-            "state_class": "measurement"}),
-    Entity("sensor", "dead_letters", "Dead letters",
-           {"state_class": "measurement", "unit_of_measurement": "commands",
-            "icon": "mdi:email-alert"}),
-    Entity("sensor", "delivered", "Delivered",
-           {"state_class": "total_increasing", "unit_of_measurement": "commands",
-            "icon": "mdi:send-check"}),
-    Entity("sensor", "forwarded", "Forwarded",
-           {"state_class": "total_increasing", "unit_of_measurement": "messages",
-            "icon": "mdi:share"}),
-    Entity("sensor", "refusals", "Broker refusals",
-           {"state_class": "total_increasing", "unit_of_measurement": "batches",
-            **_DIAGNOSTIC}),
-    Entity("sensor", "last_error", "Last error", {"icon": "mdi:alert-circle", **_DIAGNOSTIC}),
-    Entity("sensor", "disk_free", "Disk free",
-           {"device_class": "data_size", "unit_of_measurement": "MiB",
-            "state_class": "measurement", **_DIAGNOSTIC}),
-    Entity("sensor", "version", "Version", {"icon": "mdi:tag", **_DIAGNOSTIC}),
-    Entity("button", "flush", "Flush", {"icon": "mdi:send"}, commands=frozenset({PRESS})),
-    Entity("button", "requeue_dead", "Requeue dead letters", {"icon": "mdi:email-sync"},
-           commands=frozenset({PRESS})),
+    _entity("binary_sensor", "uplink", "Uplink connected", device_class="connectivity"),
+    _entity("binary_sensor", "local", "Local link connected", device_class="connectivity",
+            needs="local"),
+    # the views' words: a fault an operator must fix, or work being turned away
+    _entity("binary_sensor", "problem", "Fault", device_class="problem",
+            json_attributes_template="{{ {'fault': value_json.fault, "
+                                     "'refusing': value_json.refusing} | tojson }}"),
+    _entity("switch", "paused", "Paused", icon="mdi:pause-circle",
+            commands=frozenset({"ON", "OFF"})),
+    _entity("sensor", "depth", "Queue depth", state_class=_MEASURED, unit="commands",
+            icon="mdi:tray-full"),
+    _entity("sensor", "oldest_age", "Oldest queued age", device_class="duration",
+            state_class=_MEASURED, unit="s"),
+    _entity("sensor", "dead_letters", "Dead letters", state_class=_MEASURED, unit="commands",
+            icon="mdi:email-alert"),
+    _entity("sensor", "delivered", "Delivered", state_class=_COUNTED, unit="commands",
+            icon="mdi:send-check"),
+    _entity("sensor", "forwarded", "Forwarded", state_class=_COUNTED, unit="messages",
+            icon="mdi:share"),
+    _entity("sensor", "refusals", "Broker refusals", state_class=_COUNTED, unit="batches",
+            diagnostic=True),
+    _entity("sensor", "last_error", "Last error", icon="mdi:alert-circle", diagnostic=True),
+    _entity("sensor", "disk_free", "Disk free", device_class="data_size",
+            state_class=_MEASURED, unit="MiB", diagnostic=True),
+    _entity("sensor", "version", "Version", icon="mdi:tag", diagnostic=True),
+    _entity("button", "flush", "Flush", icon="mdi:send", commands=frozenset({PRESS})),
+    _entity("button", "requeue_dead", "Requeue dead letters", icon="mdi:email-sync",
+            commands=frozenset({PRESS})),
 )
 
 BY_KEY: Final = {entity.key: entity for entity in ENTITIES}
