@@ -9,66 +9,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import pytest
 
 from harness import gateway as harness_gateway
 from harness.broker import Mosquitto
+from harness.operator import GATEWAY, Operator, operating, until
 from harness.service import Service, argv
-from harness.waits import wait_until
 from pigateway.config import load
 from pigateway.inbound import list_inbox
 
 pytestmark = pytest.mark.broker
-
-GATEWAY = "gw1"
-
-
-class Observer:
-    """A test-side MQTT client: publishes commands, collects results and state messages."""
-
-    def __init__(self, client: aiomqtt.Client, prefix: str) -> None:
-        self.client = client
-        self.base = f"{prefix}/{GATEWAY}"
-        self.results: list[dict[str, Any]] = []
-        self.online = 0
-        self.other: list[tuple[str, bytes]] = []
-
-    async def collect(self) -> None:
-        async for message in self.client.messages:
-            topic = str(message.topic)
-            payload = message.payload if isinstance(message.payload, bytes) else b""
-            if topic == f"{self.base}/results":
-                self.results.append(json.loads(payload))
-            elif topic == f"{self.base}/state":
-                with contextlib.suppress(ValueError):
-                    state = json.loads(payload)
-                    if isinstance(state, dict) and state.get("link") == "online":
-                        self.online += 1
-            else:
-                self.other.append((topic, payload))
-
-    async def send(self, payload: bytes | dict[str, Any]) -> None:
-        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        await self.client.publish(f"{self.base}/commands", data, qos=1)
-
-    def by_id(self) -> dict[str, list[dict[str, Any]]]:
-        found: dict[str, list[dict[str, Any]]] = {}
-        for document in self.results:
-            found.setdefault(document["id"], []).append(document)
-        return found
-
-
-async def until(condition: Callable[[], bool], timeout: float, what: str,
-                service: Service) -> None:
-    """Wait, bounded in time, for ``condition``; fail with the service's log tail."""
-    if not await wait_until(condition, timeout):
-        pytest.fail(f"timed out waiting for {what}; service log:\n{service.tail()}")
 
 
 def write_config(tmp_path: Path, broker: Mosquitto, prefix: str,
@@ -82,27 +36,14 @@ def write_config(tmp_path: Path, broker: Mosquitto, prefix: str,
 
 @contextlib.asynccontextmanager
 async def gateway(tmp_path: Path, broker: Mosquitto, prefix: str,
-                  devices: dict[str, dict[str, Any]]) -> AsyncIterator[tuple[Service, Observer]]:
+                  devices: dict[str, dict[str, Any]]) -> AsyncIterator[tuple[Service, Operator]]:
     service = Service(write_config(tmp_path, broker, prefix, devices), tmp_path / "service.log")
-    try:
-        async with aiomqtt.Client("127.0.0.1", broker.port,
-                                  identifier=f"observer-{uuid.uuid4().hex[:8]}") as client:
-            observer = Observer(client, prefix)
-            await client.subscribe(f"{prefix}/{GATEWAY}/results", qos=1)
-            await client.subscribe(f"{prefix}/{GATEWAY}/state", qos=1)
-            await client.subscribe(f"{prefix}-local/#", qos=1)
-            task = asyncio.create_task(observer.collect())
-            try:
-                yield service, observer
-            finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-    finally:
-        service.kill()
+    async with operating(service, broker.port, prefix, ("results", "state"),
+                         also=(f"{prefix}-local/#",)) as observer:
+        yield service, observer
 
 
-async def start(service: Service, observer: Observer) -> None:
+async def start(service: Service, observer: Operator) -> None:
     seen = observer.online
     service.start()
     await until(lambda: observer.online > seen, 20, "the service to come online", service)

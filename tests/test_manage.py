@@ -14,8 +14,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,54 +23,15 @@ import pytest
 
 from harness import gateway as harness_gateway
 from harness.broker import Mosquitto
+from harness.operator import GATEWAY, Operator, operating, until
 from harness.ports import free_port
 from harness.service import Service
-from harness.waits import wait_until
 from pigateway.config import MANAGE_VERBS
 from pigateway.manage import handler as manage
 
 pytestmark = pytest.mark.broker
 
-GATEWAY = "gw1"
 RESTART = 75
-
-
-class Operator:
-    """The fleet operator's client: publishes on ``manage``, collects results and actions."""
-
-    def __init__(self, client: aiomqtt.Client, prefix: str) -> None:
-        self.client = client
-        self.base = f"{prefix}/{GATEWAY}"
-        self.results: list[dict[str, Any]] = []
-        self.actions: list[dict[str, Any]] = []
-        self.online = 0
-
-    async def collect(self) -> None:
-        async for message in self.client.messages:
-            topic = str(message.topic)
-            payload = message.payload if isinstance(message.payload, bytes) else b""
-            if topic == f"{self.base}/results":
-                self.results.append(json.loads(payload))
-            elif topic == f"{self.base}/actions":
-                self.actions.append(json.loads(payload))
-            elif topic == f"{self.base}/state":
-                with contextlib.suppress(ValueError):
-                    state = json.loads(payload)
-                    if isinstance(state, dict) and state.get("link") == "online":
-                        self.online += 1
-
-    async def publish(self, payload: bytes | dict[str, Any]) -> None:
-        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        await self.client.publish(f"{self.base}/manage", data, qos=1)
-
-    async def ask(self, name: str, params: dict[str, Any] | None = None,
-                  command_id: str | None = None) -> str:
-        command_id = command_id or f"{name}-{uuid.uuid4().hex[:8]}"
-        await self.publish({"v": 1, "id": command_id, "name": name, "params": params or {}})
-        return command_id
-
-    def of(self, command_id: str) -> list[dict[str, Any]]:
-        return [r for r in self.results if r.get("id") == command_id]
 
 
 class Systemd:
@@ -90,12 +50,6 @@ class Systemd:
                 if process.returncode == RESTART:
                     self.service.start()
             await asyncio.sleep(0.1)
-
-
-async def until(condition: Callable[[], bool], timeout: float, what: str,
-                service: Service) -> None:
-    if not await wait_until(condition, timeout):
-        pytest.fail(f"timed out waiting for {what}; service log:\n{service.tail(6000)}")
 
 
 def write_config(tmp_path: Path, broker: Mosquitto, prefix: str,
@@ -118,24 +72,17 @@ async def managed(tmp_path: Path, broker: Mosquitto, prefix: str,
                   **manage: Any) -> AsyncIterator[tuple[Service, Operator, Systemd]]:
     service = Service(write_config(tmp_path, broker, prefix, manage), tmp_path / "service.log")
     systemd = Systemd(service)
-    try:
-        async with aiomqtt.Client("127.0.0.1", broker.port,
-                                  identifier=f"operator-{uuid.uuid4().hex[:8]}") as client:
-            operator = Operator(client, prefix)
-            for leaf in ("results", "state", "actions"):
-                await client.subscribe(f"{prefix}/{GATEWAY}/{leaf}", qos=1)
-            tasks = [asyncio.create_task(operator.collect()), asyncio.create_task(systemd.watch())]
-            try:
-                service.start()
-                await until(lambda: operator.online > 0, 20, "online", service)
-                yield service, operator, systemd
-            finally:
-                for task in tasks:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-    finally:
-        service.kill()
+    async with operating(service, broker.port, prefix, ("results", "state", "actions")) \
+            as operator:
+        watcher = asyncio.create_task(systemd.watch())
+        try:
+            service.start()
+            await until(lambda: operator.online > 0, 20, "online", service)
+            yield service, operator, systemd
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
 
 
 async def answer(operator: Operator, service: Service, command_id: str,
@@ -369,11 +316,11 @@ async def test_a_hostile_publisher_gets_rejections_and_the_service_goes_on(
             (b'{"v":1,"id":"h-extra","name":"status","params":{"a":1}}', "takes no param"),
         ]
         for payload, _ in hostile:
-            await operator.publish(payload)
+            await operator.manage(payload)
         huge = json.dumps({"v": 1, "id": "h-huge", "name": "status",
                            "params": {"x": "a" * 200_000}}).encode()
         for junk in (b"{not json", b"\xff\xfe", b"[]", b"1e400", huge, b'{"v":1}'):
-            await operator.publish(junk)
+            await operator.manage(junk)
         for payload, words in hostile:
             command_id = payload.split(b'"id":"')[1].split(b'"')[0].decode()
             reply = await answer(operator, service, command_id)
@@ -430,35 +377,22 @@ async def test_the_documented_acl_lets_only_the_operator_publish_on_manage(
             gpio={"pin_factory": "mock"}, devices={"lamp": {"handler": "log"}}))
         service = Service(path, tmp_path / "service.log")
         base = f"{unique_prefix}/{GATEWAY}"
-        try:
-            async with aiomqtt.Client("127.0.0.1", broker.port, username="fleet-operator",
-                                      password=users["fleet-operator"],
-                                      identifier="operator") as client:
-                operator = Operator(client, unique_prefix)
-                await client.subscribe(f"{base}/results", qos=1)
-                await client.subscribe(f"{base}/state", qos=1)
-                task = asyncio.create_task(operator.collect())
-                try:
-                    service.start()
-                    await until(lambda: operator.online > 0, 20, "online", service)
-                    async with aiomqtt.Client("127.0.0.1", broker.port, username="intruder",
-                                              password=users["intruder"],
-                                              identifier="intruder") as bad:
-                        with contextlib.suppress(aiomqtt.MqttError):  # refused: 0x87
-                            await bad.publish(f"{base}/manage", json.dumps(
-                                {"v": 1, "id": "intruder-1", "name": "pause",
-                                 "params": {}}).encode(), qos=1)
-                    reply = await answer(operator, service, await operator.ask("status"))
-                    assert reply["status"] == "ok" and reply["detail"]["paused"] is False
-                    await asyncio.sleep(0.5)
-                    assert operator.of("intruder-1") == []
-                    assert "intruder-1" not in service.tail(50_000)
-                finally:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-        finally:
-            service.kill()
+        async with operating(service, broker.port, unique_prefix, ("results", "state"),
+                             username="fleet-operator",
+                             password=users["fleet-operator"]) as operator:
+            service.start()
+            await until(lambda: operator.online > 0, 20, "online", service)
+            async with aiomqtt.Client("127.0.0.1", broker.port, username="intruder",
+                                      password=users["intruder"], identifier="intruder") as bad:
+                with contextlib.suppress(aiomqtt.MqttError):  # refused: 0x87
+                    await bad.publish(f"{base}/manage", json.dumps(
+                        {"v": 1, "id": "intruder-1", "name": "pause", "params": {}}).encode(),
+                        qos=1)
+            reply = await answer(operator, service, await operator.ask("status"))
+            assert reply["status"] == "ok" and reply["detail"]["paused"] is False
+            await asyncio.sleep(0.5)
+            assert operator.of("intruder-1") == []
+            assert "intruder-1" not in service.tail(50_000)
 
 
 def test_config_get_withholds_every_credential_name_and_path_devices_included(
@@ -526,28 +460,20 @@ async def test_config_set_whose_manage_topic_the_broker_refuses_rolls_back(
             gpio={"pin_factory": "mock"}, devices={"lamp": {"handler": "log"}}))
         service = Service(path, tmp_path / "service.log")
         systemd = Systemd(service)
-        try:
-            async with aiomqtt.Client("127.0.0.1", broker.port, username="fleet-operator",
-                                      password=users["fleet-operator"],
-                                      identifier="operator") as client:
-                operator = Operator(client, unique_prefix)
-                for leaf in ("results", "state"):
-                    await client.subscribe(f"{unique_prefix}/{GATEWAY}/{leaf}", qos=1)
-                tasks = [asyncio.create_task(operator.collect()),
-                         asyncio.create_task(systemd.watch())]
-                try:
-                    service.start()
-                    await until(lambda: operator.online > 0, 20, "online", service)
-                    command_id = await operator.ask(
-                        "config-set", {"set": {"mqtt.topic_prefix": "elsewhere"}})
-                    reply = await answer(operator, service, command_id, timeout=40)
-                    assert reply["status"] == "error" and "rolled back" in reply["detail"], reply
-                    status = await answer(operator, service, await operator.ask("status"))
-                    assert status["status"] == "ok"
-                finally:
-                    for task in tasks:
-                        task.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await task
-        finally:
-            service.kill()
+        async with operating(service, broker.port, unique_prefix, ("results", "state"),
+                             username="fleet-operator",
+                             password=users["fleet-operator"]) as operator:
+            watcher = asyncio.create_task(systemd.watch())
+            try:
+                service.start()
+                await until(lambda: operator.online > 0, 20, "online", service)
+                command_id = await operator.ask(
+                    "config-set", {"set": {"mqtt.topic_prefix": "elsewhere"}})
+                reply = await answer(operator, service, command_id, timeout=40)
+                assert reply["status"] == "error" and "rolled back" in reply["detail"], reply
+                status = await answer(operator, service, await operator.ask("status"))
+                assert status["status"] == "ok"
+            finally:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
