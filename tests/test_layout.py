@@ -1,12 +1,15 @@
-"""The top of ``service/pigateway`` stays small enough to read at a glance, and the module
-map in docs/architecture.md names every entry there, and nothing that is not there.
+"""The top of ``service/pigateway`` stays small enough to read at a glance, the module map
+in docs/architecture.md names every entry there and nothing that is not there, and no class
+grows past what a reader holds in mind at once.
 
 A module that only one wing uses lives in that wing's package; the top level holds the
-wings and what several of them share.
+wings and what several of them share. A class past :data:`LONGEST_CLASS` lines hands a
+part of its work to a room of its own (as the store's Outbox and the uplink's Drain do).
 """
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -16,6 +19,9 @@ SERVICE = ROOT / "service" / "pigateway"
 #: At most this many entries at the top of the package (files and packages, ``py.typed``
 #: and ``__main__.py`` included), as a newcomer's ``ls`` shows them.
 MOST = 25
+
+#: The most lines a class of the service may span, docstring and blank lines included.
+LONGEST_CLASS = 300
 
 #: Entries every Python package has, which the map does not list.
 PLUMBING = {"__init__.py", "__main__.py", "py.typed"}
@@ -51,3 +57,23 @@ def test_the_module_map_names_every_top_level_entry() -> None:
     named = mapped()
     assert len(named) > 10, "docs/architecture.md's module map was not found"
     assert named == top_level() - PLUMBING
+
+
+def class_lengths(root: Path) -> dict[str, int]:
+    """Every class under ``root`` (``path:Name``) and the lines it spans."""
+    return {f"{path.relative_to(root)}:{node.name}": node.end_lineno - node.lineno + 1
+            for path in sorted(root.rglob("*.py"))
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ClassDef) and node.end_lineno is not None}
+
+
+def test_no_class_of_the_service_spans_over_300_lines() -> None:
+    lengths = class_lengths(SERVICE)
+    assert "store/queue.py:Store" in lengths
+    assert {name: n for name, n in lengths.items() if n > LONGEST_CLASS} == {}
+
+
+def test_the_class_length_counts_every_line_of_a_class(tmp_path: Path) -> None:
+    body = "".join(f"    x{n} = {n}\n" for n in range(LONGEST_CLASS))
+    (tmp_path / "big.py").write_text(f"class Big:\n{body}\n\nclass Small:\n    pass\n")
+    assert class_lengths(tmp_path) == {"big.py:Big": LONGEST_CLASS + 1, "big.py:Small": 2}

@@ -61,7 +61,7 @@ def test_private_members_are_named_only_in_the_table() -> None:
             "_keepalive_unless_paused",
             # a packet paho cannot decode fails alone
             "_tolerant_publish", "_tolerant_pubrel", "_hand_over_undecodable", "_undecodable",
-            "_without_odd_properties", "_read_again"}
+            "_without_odd_properties"}
     named = {member.name for member in PRIVATE_API}
     # a private member read (``._x``) or overridden (a method ``def _x``, even without super())
     used = set(re.findall(r"\.(_[a-z][a-z_]*)\b|^[ ]+def (_[a-z][a-z_]*)\(", source,

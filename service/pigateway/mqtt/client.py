@@ -336,6 +336,24 @@ class BrokerLimits:
 # --------------------------------------------------------------------------- the client
 
 
+def _read_again(inner: paho.Client, handle: Callable[[], MQTTErrorCode],
+                rewrite: Callable[[Exception], bytes | None]) -> Callable[[], MQTTErrorCode]:
+    """paho's packet handler ``handle``, which, when it fails on the packet paho read,
+    reads that packet once more as ``rewrite`` makes it from the error (``None``: the
+    failure stands, and ends the link as paho would)."""
+
+    def again() -> MQTTErrorCode:
+        try:
+            return handle()
+        except Exception as exc:
+            packet = rewrite(exc)
+            if packet is None:
+                raise
+            inner._in_packet["packet"] = bytearray(packet)
+            return handle()
+    return again
+
+
 class _Client(aiomqtt.Client):
     """aiomqtt's client plus what 2.5 drops: PUBACK reason codes and CONNACK's packet limit."""
 
@@ -473,7 +491,7 @@ class _Client(aiomqtt.Client):
             packet = inner._in_packet["packet"]
             return bytes(packet[:2]) if len(packet) >= 2 else None
 
-        again = self._read_again(handle, packet_id_only)
+        again = _read_again(inner, handle, packet_id_only)
 
         def tolerant() -> MQTTErrorCode:
             packet = inner._in_packet["packet"]
@@ -502,25 +520,7 @@ class _Client(aiomqtt.Client):
                             "without its properties", PacketTypes.Names[kind].upper(),
                             type(exc).__name__, bounded(exc, 200))
             return packet
-        return self._read_again(handle, plain)
-
-    def _read_again(self, handle: Callable[[], MQTTErrorCode],
-                    rewrite: Callable[[Exception], bytes | None]) -> Callable[[], MQTTErrorCode]:
-        """paho's packet handler ``handle``, which, when it fails on the packet paho read,
-        reads that packet once more as ``rewrite`` makes it from the error (``None``: the
-        failure stands, and ends the link as paho would)."""
-        inner = self._client
-
-        def again() -> MQTTErrorCode:
-            try:
-                return handle()
-            except Exception as exc:
-                packet = rewrite(exc)
-                if packet is None:
-                    raise
-                inner._in_packet["packet"] = bytearray(packet)
-                return handle()
-        return again
+        return _read_again(inner, handle, plain)
 
     def acknowledge(self, message: Message) -> None:
         """PUBACK (QoS 1), or PUBREC (QoS 2 under manual acks; the PUBREL that follows is
