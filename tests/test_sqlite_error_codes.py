@@ -6,6 +6,7 @@ change: a refusal read from the text would then silently mean something else.
 from __future__ import annotations
 
 import ast
+import contextlib
 import sqlite3
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from pigateway.config import StoreConfig
 from pigateway.errors import StoreConflict, StoreError
-from pigateway.store import NewCommand, Store
+from pigateway.store import NewCommand, Store, puts
 from pigateway.store.connection import translate
 from pigateway.store.producer import Producer
 
@@ -74,14 +75,20 @@ def test_the_check_finds_each_way_of_reading_an_error_by_its_words() -> None:
 
 
 def test_a_constraint_is_a_conflict_by_its_code_whatever_its_message() -> None:
-    """The code decides: a constraint with a message SQLite never wrote is still a conflict,
-    and an error whose message names a constraint but is not one is not."""
-    conflict = sqlite3.IntegrityError("a trigger's own words")
-    conflict.sqlite_errorcode = sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY
-    assert isinstance(translate(conflict, Path("q.db")), StoreConflict)
-    other = sqlite3.OperationalError("UNIQUE constraint failed: producer_keys.key")
-    other.sqlite_errorcode = sqlite3.SQLITE_ERROR
-    assert not isinstance(translate(other, Path("q.db")), StoreConflict)
+    """The code decides, on real SQLite errors: a trigger's refusal (a constraint, in words
+    of its own) is a conflict; a missing table whose name reads like a constraint is not."""
+    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+        conn.executescript("CREATE TABLE t (k PRIMARY KEY); CREATE TRIGGER no BEFORE INSERT "
+                           "ON t BEGIN SELECT RAISE(ABORT, 'a trigger''s own words'); END;")
+        with pytest.raises(sqlite3.IntegrityError) as conflict:
+            conn.execute("INSERT INTO t VALUES (1)")
+        with pytest.raises(sqlite3.OperationalError) as other:
+            conn.execute('SELECT * FROM "UNIQUE constraint failed: producer_keys.key"')
+    assert str(conflict.value) == "a trigger's own words"
+    assert "UNIQUE constraint failed: producer_keys" in str(other.value)
+    refused, missing = (translate(error.value, Path("q.db")) for error in (conflict, other))
+    assert isinstance(refused, StoreConflict) and puts.key_may_be_taken(refused)
+    assert not isinstance(missing, StoreConflict) and not puts.key_may_be_taken(missing)
 
 
 async def test_a_keyed_put_refused_for_another_conflict_is_that_refusal(
