@@ -32,5 +32,5 @@ def _kinds_put() -> set[str]:
 
 
 def test_every_row_kind_the_service_puts_has_a_row_in_the_table() -> None:
-    put = _kinds_put() | {NewCommand.__dataclass_fields__["kind"].default}
+    put = _kinds_put() | {NewCommand("device", "name").kind}  # the default kind
     assert put == set(KINDS) == set(KIND_PRIORITY)

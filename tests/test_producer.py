@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import re
 import sqlite3
@@ -132,10 +131,10 @@ async def test_a_put_is_claimed_as_the_store_would_have_put_it(
     async with await Store.open(store_config) as drainer:
         claimed = {c.id: c for c in await drainer.claim(10)}
     assert set(claimed) == {mine.id, theirs.id}
-    assert dataclasses.replace(claimed[mine.id], seq=0) == mine
+    assert claimed[mine.id]._replace(seq=0) == mine
     for command, other in ((mine, theirs), (theirs, mine)):
-        assert dataclasses.replace(command, id="", queued_at=0, expires_at=None) == \
-            dataclasses.replace(other, id="", queued_at=0, expires_at=None)
+        assert command._replace(id="", queued_at=0, expires_at=None) == \
+            other._replace(id="", queued_at=0, expires_at=None)
         if put.get("ttl", 1) > 0:  # on the gateway clock, which started on the wall clock
             assert command.expires_at is not None
             assert command.expires_at - command.queued_at == pytest.approx(
@@ -342,3 +341,14 @@ async def test_a_producers_put_wakes_the_drain_within_a_poll(store_config: Store
         await asyncio.wait_for(waiting, 5)
         assert time.monotonic() - put_at < 1.0
         assert [c.id for c in await drainer.claim(10)] == [command.id]
+
+
+def test_a_new_command_is_an_immutable_value_with_params_of_its_own() -> None:
+    first, second = NewCommand("pump", "start"), NewCommand("pump", "start")
+    assert first == second and first.params == {} and first.params is not second.params
+    assert first != NewCommand("pump", "stop") and first != ("pump", "start")
+    with pytest.raises(AttributeError):
+        first.device = "valve"  # type: ignore[misc]
+    keyed = first._replace(id="k-1", priority="high")
+    assert (keyed.id, keyed.priority, keyed.device, first.id) == ("k-1", "high", "pump", None)
+    assert repr(keyed).startswith("NewCommand(device='pump', name='start', params={}")

@@ -29,7 +29,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Final
 
 from pigateway.aio import cancel_and_wait, first_of, reconnecting, wait_backoff
@@ -357,7 +357,7 @@ class Ingest:
         name are :func:`storable`, its params ``{"bytes": n}`` at the least."""
         params = dict(item.params)
         for _ in range(FIT_TRIES):
-            candidate = replace(item, params=params)
+            candidate = item._replace(params=params)
             try:
                 prepare(candidate, self.store.config, time.time())
             except InvalidCommand as exc:

@@ -33,8 +33,8 @@ module-level functions so that tests can step the wall clock or simulate a reboo
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from pigateway.errors import StoreError
 from pigateway.store import lazylog
@@ -85,8 +85,7 @@ def synchronised() -> bool:
 # --------------------------------------------------------------------------- readings
 
 
-@dataclass(frozen=True)
-class Reading:
+class Reading(NamedTuple):
     """The ``clock`` row: how to read the gateway clock in one boot, and its last reading.
 
     ``gap_from`` is the wall time of the previous boot's last synchronised reading while
@@ -130,8 +129,8 @@ def beat(current: Reading) -> Reading:
     if gap_from is not None and synced:
         offset += _downtime(gap_from, now_wall - since_boot)
         gap_from = None
-    return replace(current, offset=offset, reading=since_boot + offset, wall=now_wall,
-                   synced=synced, gap_from=gap_from)
+    return current._replace(offset=offset, reading=since_boot + offset, wall=now_wall,
+                            synced=synced, gap_from=gap_from)
 
 
 def _downtime(last_wall: float, boot_wall: float) -> float:

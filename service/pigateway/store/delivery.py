@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NamedTuple
 
 #: The schema this module needs (one migration of the store).
 SCHEMA: Final = """
@@ -60,8 +59,7 @@ PRUNE_CHUNK: Final = 500
 State = Literal["queued", "in-flight", "delivered", "dead", "unknown"]
 
 
-@dataclass(frozen=True)
-class Where:
+class Where(NamedTuple):
     """Where a command is now."""
 
     id: str
@@ -78,7 +76,7 @@ class Where:
     detail: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {key: value for key, value in self.__dict__.items() if value is not None}
+        return {key: value for key, value in self._asdict().items() if value is not None}
 
 
 def record(conn: sqlite3.Connection, ids: Sequence[str], batch: str, now: float,

@@ -8,7 +8,6 @@ loop). One definition each of the rows a put writes and when they are checked
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import sqlite3
 import time
@@ -60,7 +59,7 @@ def keyed(key: str, item: NewCommand, gateway_clock: GatewayClock) -> tuple[NewC
     check_name("producer key", key)
     id_ = item.id or new_id()
     # the key's age, as every age in delivery, on the clock the put's transaction read
-    return dataclasses.replace(item, id=id_), timed(gateway_clock, lambda now: [
+    return item._replace(id=id_), timed(gateway_clock, lambda now: [
         *delivery.key_statements(key, id_, now), *delivery.watch_statements(id_, now)])
 
 

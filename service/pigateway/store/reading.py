@@ -4,7 +4,6 @@ queue file opened read-only for the CLI verbs that only look."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -118,7 +117,7 @@ class Reads:
         return rows[0][0] if rows else None
 
     def _for_display(self, command: Command) -> Command:
-        return dataclasses.replace(command, expires_at=self.clock.to_wall(command.expires_at))
+        return command._replace(expires_at=self.clock.to_wall(command.expires_at))
 
 
 class QueueReader(Reads):

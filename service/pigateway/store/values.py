@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from pigateway import wire
 from pigateway.config import StoreConfig
@@ -28,8 +27,7 @@ COMMAND_COLUMNS = ("seq, id, kind, device, name, params, size, queued_at, expire
                    "attempts, last_error")
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(NamedTuple):
     """One queued command, as stored.
 
     ``queued_at`` is wall time; ``expires_at`` is on the store's gateway clock
@@ -58,8 +56,7 @@ class Command:
         }
 
 
-@dataclass(frozen=True)
-class DeadLetter:
+class DeadLetter(NamedTuple):
     """A command that left the queue without delivery, and why."""
 
     command: Command
@@ -72,22 +69,62 @@ class DeadLetter:
                 "dead_at": self.dead_at}
 
 
-@dataclass(frozen=True)
 class NewCommand:
-    """What a producer hands to :meth:`Store.put_many`."""
+    """What a producer hands to :meth:`Store.put_many`: immutable, compared by value.
+
+    A plain class (this module's records are named tuples): ``params`` defaults to a new
+    empty object of each command's own, which a named tuple's shared default is not.
+    """
+
+    __slots__ = ("device", "id", "kind", "name", "params", "priority", "ttl")
 
     device: str
     name: str
-    params: dict[str, Any] = field(default_factory=dict)
-    ttl: float | None = None
-    kind: str = "action"
-    id: str | None = None
+    params: dict[str, Any]
+    ttl: float | None
+    kind: str
+    id: str | None
     #: "high", "normal" or "low" (:data:`PRIORITIES`); None: the kind's (:data:`KIND_PRIORITY`)
-    priority: str | None = None
+    priority: str | None
+
+    def __init__(self, device: str, name: str, params: dict[str, Any] | None = None, *,
+                 ttl: float | None = None, kind: str = "action", id: str | None = None,
+                 priority: str | None = None) -> None:
+        for slot, value in (("device", device), ("name", name),
+                            ("params", {} if params is None else params), ("ttl", ttl),
+                            ("kind", kind), ("id", id), ("priority", priority)):
+            object.__setattr__(self, slot, value)
+
+    def _values(self) -> tuple[Any, ...]:
+        return (self.device, self.name, self.params, self.ttl, self.kind, self.id,
+                self.priority)
+
+    def _replace(self, **changes: Any) -> NewCommand:
+        """A copy with ``changes``, as a named tuple's ``_replace``."""
+        now = dict(zip(("device", "name", "params", "ttl", "kind", "id", "priority"),
+                       self._values(), strict=True))
+        return NewCommand(**{**now, **changes})
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not NewCommand:
+            return NotImplemented
+        return self._values() == other._values()
+
+    __hash__ = None  # type: ignore[assignment]  # params is a dict: not hashable
+
+    def __repr__(self) -> str:
+        return (f"NewCommand(device={self.device!r}, name={self.name!r}, "
+                f"params={self.params!r}, ttl={self.ttl!r}, kind={self.kind!r}, "
+                f"id={self.id!r}, priority={self.priority!r})")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}: a NewCommand is immutable")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}: a NewCommand is immutable")
 
 
-@dataclass(frozen=True)
-class Stats:
+class Stats(NamedTuple):
     """A snapshot of the queue, read from the rows (never from a cache)."""
 
     depth: int
