@@ -2,10 +2,13 @@
 
 The model is the queue written the obvious way, as a Python list in put order with an
 in-flight flag per command, a dead-letter dict and the overflow rule. Whatever sequence of
-put, put_many, claim, ack, nack, dead_letter, requeue, purge and reopen hypothesis finds,
-the real store (a SQLite file on disk, closed and opened again as a drainer would be after
-a crash) must agree with the model on which commands are queued, in which order, which
-are in flight, and which are dead and why.
+put, put_many (in the three priority lanes), claim, ack, nack, release, dead_letter, requeue,
+purge and reopen hypothesis finds, the real store (a SQLite file on disk, closed and opened
+again as a drainer would be after a crash) must agree with the model on which commands are
+queued, in which order, which are in flight, and which are dead and why. The claims read on
+from where the last one ended (:mod:`pigateway.store.claims`): the partial acks, releases
+and nacks, the queue drained and filled again (reused seqs) and the lanes are what can
+lead such a cursor astray.
 
 Each example gets its own event loop (``asyncio.Runner``) and its own folder; the store
 is closed in ``teardown``.
@@ -37,6 +40,9 @@ names = st.sampled_from(["on", "off", "set", "blink"])
 devices = st.sampled_from(["pump", "valve", "fan"])
 params = st.dictionaries(st.sampled_from(["a", "b", "c"]),
                          st.integers(-5, 5) | st.text(max_size=5), max_size=2)
+#: None: the kind's (normal for an action); mostly normal, as queues are
+priorities = st.sampled_from([None, None, None, "high", "low"])
+LANE = {"high": 0, None: 1, "normal": 1, "low": 2}
 
 
 @dataclass
@@ -47,6 +53,7 @@ class Entry:
     name: str
     attempts: int = 0
     in_flight: bool = False
+    priority: int = 1
 
 
 class QueueModel:
@@ -54,8 +61,13 @@ class QueueModel:
 
     def __init__(self, overflow: Literal["reject", "drop-oldest"]) -> None:
         self.overflow = overflow
-        self.queue: list[Entry] = []
+        self.queue: list[Entry] = []  # in put order
         self.dead: dict[str, str] = {}
+        self.lane: dict[str, int] = {}  # a dead letter keeps its priority
+
+    def in_claim_order(self) -> list[Entry]:
+        """Priority first (high, normal, low), put order within one."""
+        return sorted(self.queue, key=lambda e: e.priority)
 
     def room_for(self, count: int) -> list[Entry] | None:
         """What must be dropped to add ``count`` commands; ``None`` means QueueFull."""
@@ -64,7 +76,8 @@ class QueueModel:
             return []
         if self.overflow == "reject" or count > MAX_COMMANDS:
             return None
-        idle = [e for e in self.queue if not e.in_flight]
+        # the lowest priority goes first, the oldest first within it
+        idle = [e for e in sorted(self.queue, key=lambda e: -e.priority) if not e.in_flight]
         return idle[:over] if len(idle) >= over else None
 
     def put(self, entries: list[Entry]) -> None:
@@ -72,15 +85,21 @@ class QueueModel:
         assert dropped is not None
         self.bury([e.id for e in dropped], "overflow")
         self.queue.extend(entries)
+        self.lane.update((e.id, e.priority) for e in entries)
 
     def claim(self, limit: int) -> list[str]:
-        taken = [e for e in self.queue if not e.in_flight][:limit]
+        taken = [e for e in self.in_claim_order() if not e.in_flight][:limit]
         for entry in taken:
             entry.in_flight = True
         return [e.id for e in taken]
 
     def ack(self, ids: set[str]) -> None:
         self.queue = [e for e in self.queue if e.id not in ids]
+
+    def release(self, ids: set[str]) -> None:
+        for entry in self.queue:
+            if entry.id in ids:
+                entry.in_flight = False
 
     def nack(self, ids: set[str]) -> None:
         spent = []
@@ -131,13 +150,15 @@ class StoreMachine(RuleBasedStateMachine):
 
     # ---- producing
 
-    @rule(device=devices, name=names, payload=params)
-    def put(self, device: str, name: str, payload: dict[str, Any]) -> None:
-        self._put([NewCommand(device, name, payload)])
+    @rule(device=devices, name=names, payload=params, priority=priorities)
+    def put(self, device: str, name: str, payload: dict[str, Any], priority: str | None) -> None:
+        self._put([NewCommand(device, name, payload, priority=priority)])
 
-    @rule(items=st.lists(st.tuples(devices, names, params), min_size=1, max_size=10))
-    def put_many(self, items: list[tuple[str, str, dict[str, Any]]]) -> None:
-        self._put([NewCommand(device, name, payload) for device, name, payload in items])
+    @rule(items=st.lists(st.tuples(devices, names, params, priorities), min_size=1,
+                         max_size=10))
+    def put_many(self, items: list[tuple[str, str, dict[str, Any], str | None]]) -> None:
+        self._put([NewCommand(device, name, payload, priority=priority)
+                   for device, name, payload, priority in items])
 
     def _put(self, items: list[NewCommand]) -> None:
         if self.model.room_for(len(items)) is None:
@@ -148,7 +169,8 @@ class StoreMachine(RuleBasedStateMachine):
             raise AssertionError("the model expected QueueFull")
         commands = self.run(self.store.put_many(items))
         assert [c.params for c in commands] == [i.params for i in items]
-        self.model.put([Entry(c.id, c.name) for c in commands])
+        self.model.put([Entry(c.id, c.name, priority=LANE[i.priority])
+                        for c, i in zip(commands, items, strict=True)])
 
     # ---- draining
 
@@ -178,6 +200,15 @@ class StoreMachine(RuleBasedStateMachine):
         self.model.nack(set(ids))
 
     @precondition(lambda self: any(e.in_flight for e in self.model.queue))
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        """Claimed rows given back unsent (some of them: a batch the broker refused while
+        others stay in flight): the next claim offers exactly these first, in order."""
+        ids = data.draw(st.lists(st.sampled_from(self._in_flight()), min_size=1, unique=True))
+        self.run(self.store.release(ids))
+        self.model.release(set(ids))
+
+    @precondition(lambda self: any(e.in_flight for e in self.model.queue))
     @rule()
     def nack_all(self) -> None:
         """A lost link: everything in flight goes back, so attempts climb to the limit."""
@@ -205,7 +236,7 @@ class StoreMachine(RuleBasedStateMachine):
             return
         assert self.run(self.store.requeue_dead(id_)) == 1
         del self.model.dead[id_]
-        self.model.queue.append(Entry(id_, ""))
+        self.model.queue.append(Entry(id_, "", priority=self.model.lane[id_]))
 
     @rule(queued=st.booleans())
     def purge(self, queued: bool) -> None:
@@ -228,8 +259,9 @@ class StoreMachine(RuleBasedStateMachine):
     def same_queue(self) -> None:
         # requeues are not bounded by max_commands: every row, whatever the depth
         queued = self.run(self.store.list_queued(1000))
-        assert [c.id for c in queued] == [e.id for e in self.model.queue]
-        assert [c.attempts for c in queued] == [e.attempts for e in self.model.queue]
+        expected = self.model.in_claim_order()
+        assert [c.id for c in queued] == [e.id for e in expected]
+        assert [c.attempts for c in queued] == [e.attempts for e in expected]
 
     @invariant()
     def same_stats(self) -> None:

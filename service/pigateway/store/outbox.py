@@ -15,6 +15,7 @@ from typing import Any
 from pigateway.config import StoreConfig
 from pigateway.errors import InvalidCommand, QueueFull, StoreCorrupt, StoreFull
 from pigateway.store import lazylog
+from pigateway.store.claims import UNCLAIMED, Cursors
 from pigateway.store.clock import GatewayClock
 from pigateway.store.connection import chunks, fetch_all, first, marks
 from pigateway.store.values import (
@@ -64,17 +65,17 @@ class Put:
 #: normal and are read in put order from the table itself; high and low ones come from the
 #: partial index ``outbox_urgent`` (schema migration 5), whose ``priority != 1`` term their
 #: queries repeat so that SQLite may use it. A normal put or ack so writes no index page (a
-#: full (priority, seq) index cost 38% more bytes written per command). The price: a backlog
-#: of low rows older than the normal ones is scanned past by each normal claim.
+#: full (priority, seq) index cost 38% more bytes written per command). A claim reads on
+#: from where the last one ended (:mod:`pigateway.store.claims`), so neither the rows in
+#: flight nor a backlog of low rows older than the normal ones is read again at each claim.
 TIERS = ("priority != 1 AND priority < 1", "priority = 1", "priority != 1 AND priority > 1")
-_UNCLAIMED = "seq NOT IN (SELECT seq FROM inflight)"
 
 
 def tier_queries(columns: str, *, unclaimed: bool, reverse: bool = False) -> list[str]:
     """One ``SELECT columns ... LIMIT ?`` a tier, in claim order (``reverse``: the order in
     which drop-oldest gives rows up: low first), oldest first within a tier."""
     tiers = reversed(TIERS) if reverse else TIERS
-    only = f" AND {_UNCLAIMED}" if unclaimed else ""
+    only = f" AND {UNCLAIMED}" if unclaimed else ""
     return [f"SELECT {columns} FROM outbox WHERE {tier}{only} ORDER BY priority, seq LIMIT ?"
             for tier in tiers]
 
@@ -90,7 +91,6 @@ def in_tiers(conn: sqlite3.Connection, queries: Sequence[str],
     return rows
 
 
-_CLAIM_ORDER = tier_queries(COMMAND_COLUMNS, unclaimed=True)
 _DROP_ORDER = tier_queries("seq, size", unclaimed=True, reverse=True)
 
 
@@ -127,6 +127,9 @@ class Outbox:
         self.clock = gateway_clock
         self.path: Path = config.path
         self.after_commit = after_commit
+        #: where the next claim of each tier starts (the drainer's; see
+        #: :mod:`pigateway.store.claims`)
+        self.cursors = Cursors(COMMAND_COLUMNS, TIERS)
 
     def check_disk(self, conn: sqlite3.Connection, headroom: int = 0) -> None:
         check_disk(conn, self.config, headroom)
@@ -253,7 +256,8 @@ class Outbox:
         self.prune_dead(conn, 0)
         while len(claimed) < limit and buried < SWEEP_CHUNK:
             room = min(limit - len(claimed), SWEEP_CHUNK - buried)
-            rows = in_tiers(conn, _CLAIM_ORDER, room)
+            tiers = self.cursors.unclaimed(conn, room)
+            rows = [row for tier in tiers for row in tier]
             if not rows:
                 return claimed, False
             expired = {row[0] for row in rows if row[8] is not None and row[8] <= gateway_now}
@@ -264,6 +268,10 @@ class Outbox:
             live = [row for row in rows if row[0] not in expired]
             conn.executemany("INSERT INTO inflight (seq, claimed_at) VALUES (?, ?)",
                              [(row[0], now) for row in live])
+            for tier, found in enumerate(tiers):
+                last = next((row for row in reversed(found) if row[0] not in expired), None)
+                if last is not None:
+                    self.cursors.claimed(tier, last)
             claimed.extend(row_to_command(row) for row in live)
         return claimed, buried >= SWEEP_CHUNK
 
@@ -277,7 +285,7 @@ class Outbox:
         the file bad and quarantines it, keeping every row); rows simply gone are not."""
         total = 0
         for chunk in chunks(list(ids), SWEEP_CHUNK):
-            self.release(conn, chunk)
+            _unmark(conn, chunk)  # deleted next: nothing goes back, the cursors hold
             in_list = marks(len(chunk))
             deleted = conn.execute(f"DELETE FROM outbox WHERE id IN ({in_list})", chunk).rowcount
             if deleted < len(set(chunk)):
@@ -389,12 +397,13 @@ class Outbox:
 
     def resume_in_flight(self, conn: sqlite3.Connection) -> int:
         """Whatever was in flight when the last drainer died is queued again, first."""
+        self.cursors.forget()
         return conn.execute("DELETE FROM inflight").rowcount
 
     def release(self, conn: sqlite3.Connection, ids: Sequence[str]) -> None:
-        for chunk in chunks(list(ids), SWEEP_CHUNK):
-            conn.execute(f"DELETE FROM inflight WHERE seq IN (SELECT seq FROM outbox "
-                         f"WHERE id IN ({marks(len(chunk))}))", chunk)
+        """Claimed rows go back, at the head of their tier: the next claim reads from there."""
+        self.cursors.forget()
+        _unmark(conn, ids)
 
     def bury_new(self, conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], reason: str,
                  detail: str) -> None:
@@ -411,6 +420,13 @@ class Outbox:
     def dead_letter(self, conn: sqlite3.Connection, ids: Sequence[str], reason: str,
                     detail: str | None) -> None:
         self._bury(conn, _ids_sql(ids), list(ids), reason, detail)
+
+
+def _unmark(conn: sqlite3.Connection, ids: Sequence[str]) -> None:
+    """The rows of ``ids`` are no longer in flight."""
+    for chunk in chunks(list(ids), SWEEP_CHUNK):
+        conn.execute(f"DELETE FROM inflight WHERE seq IN (SELECT seq FROM outbox "
+                     f"WHERE id IN ({marks(len(chunk))}))", chunk)
 
 
 def _requeue_rows(conn: sqlite3.Connection, where: str, params: Sequence[Any],
