@@ -22,7 +22,7 @@ is rolled back leaves a cursor whose row is not in flight: it fails the check.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, Final
 
 from pigateway.store.connection import fetch_all
@@ -62,10 +62,13 @@ class Cursors:
             left -= len(rows)
         return found
 
-    def claimed(self, tier: int, row: tuple[Any, ...]) -> None:
-        """``row`` (from :meth:`unclaimed`'s list ``tier``) and every unclaimed row of its tier
-        before it are now claimed."""
-        self._last[tier] = (row[0], row[1])
+    def claimed(self, tiers: list[list[tuple[Any, ...]]], *, but: Collection[int]) -> None:
+        """The rows :meth:`unclaimed` read (``tiers``) are now claimed, ``but`` those seqs
+        (buried instead: gone)."""
+        for tier, rows in enumerate(tiers):
+            last = next((row for row in reversed(rows) if row[0] not in but), None)
+            if last is not None:
+                self._last[tier] = (last[0], last[1])
 
     def forget(self) -> None:
         """Claimed rows were put back (or may have been): the next claims read from the head."""

@@ -127,8 +127,7 @@ class Outbox:
         self.clock = gateway_clock
         self.path: Path = config.path
         self.after_commit = after_commit
-        #: where the next claim of each tier starts (the drainer's; see
-        #: :mod:`pigateway.store.claims`)
+        #: where the drainer's next claim of each lane starts (:mod:`.claims`)
         self.cursors = Cursors(COMMAND_COLUMNS, TIERS)
 
     def check_disk(self, conn: sqlite3.Connection, headroom: int = 0) -> None:
@@ -268,10 +267,7 @@ class Outbox:
             live = [row for row in rows if row[0] not in expired]
             conn.executemany("INSERT INTO inflight (seq, claimed_at) VALUES (?, ?)",
                              [(row[0], now) for row in live])
-            for tier, found in enumerate(tiers):
-                last = next((row for row in reversed(found) if row[0] not in expired), None)
-                if last is not None:
-                    self.cursors.claimed(tier, last)
+            self.cursors.claimed(tiers, but=expired)
             claimed.extend(row_to_command(row) for row in live)
         return claimed, buried >= SWEEP_CHUNK
 
