@@ -323,18 +323,25 @@ async def test_a_connack_paho_cannot_decode_still_connects_with_its_limits(odd: 
 
 async def test_an_exception_while_a_message_is_handed_over_fails_that_message_alone(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Not only a decode: any exception while paho hands a message over (here our own
-    reading of its properties, made to fail for one topic) is that message's failure: it
-    comes as undecodable, is acknowledged when taken, and the next one comes as it is."""
+    """Not only a decode: any exception while a message is handed over (here both of our
+    own readings of it, the plain one and the one after paho's decoder, made to fail for
+    one topic) is that message's failure: it comes as undecodable, is acknowledged when
+    taken, and the next one comes as it is."""
     from pigateway.mqtt import client as mqtt  # noqa: PLC0415
 
-    real = mqtt._extras
+    real, real_plain = mqtt._extras, mqtt.plain_publish
 
     def failing(message: Any) -> Any:
         if message.topic == "t/bad":
             raise RuntimeError("a bug while reading the properties")
         return real(message)
+
+    def failing_plain(first: int, body: bytes, v5: bool) -> Any:
+        if b"t/bad" in body[:8]:
+            raise RuntimeError("a bug while reading the packet")
+        return real_plain(first, body, v5)
     monkeypatch.setattr(mqtt, "_extras", failing)
+    monkeypatch.setattr(mqtt, "plain_publish", failing_plain)
     async with HostileBroker() as broker:
         settings_ = Settings("127.0.0.1", broker.port, client_id="bug", protocol="5",
                              persistent=True, session_expiry=60)

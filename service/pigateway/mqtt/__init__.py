@@ -7,6 +7,7 @@ async context manager), and the tables of what the broker's codes mean. The room
   aiomqtt or paho (named in :data:`PRIVATE_API`; re-read it at every upgrade of either);
 - :mod:`~pigateway.mqtt.codes`: reason-code tables, size checks, errors as ours;
 - :mod:`~pigateway.mqtt.readahead`: inbound messages read ahead of their consumer, bounded;
+- :mod:`~pigateway.mqtt.stream`: inbound packets cut from chunks, the plain ones decoded;
 - :mod:`~pigateway.mqtt.packets`: what paho cannot decode, read from the raw bytes;
 - :mod:`~pigateway.mqtt.topics`: the MQTT topic-filter grammar (``+``, ``#``, ``$``);
 - :mod:`~pigateway.mqtt.local`: a publisher to a local broker;

@@ -61,6 +61,13 @@ from pigateway.mqtt.codes import (
 from pigateway.mqtt.forwarded import Extras
 from pigateway.mqtt.packets import Undecodable, publish_head, without_properties
 from pigateway.mqtt.readahead import Message, ReadAhead
+from pigateway.mqtt.stream import (
+    PLAIN_PUBACK_CODES,
+    PacketBuffer,
+    ProtocolError,
+    plain_puback,
+    plain_publish,
+)
 from pigateway.text import bounded
 
 
@@ -111,11 +118,19 @@ PRIVATE_API: Final = (
     PrivateMember("paho.Client", "_last_bytes_received", "attribute", "float",
                   "renewed while reading is paused (paho's keepalive check)"),
     PrivateMember("paho.Client", "_packet_read", "method", (),
-                  "called: one inbound packet at a time, so a paused ReadAhead stops the reading"),
+                  "called: a packet paho's own reader began before ours took the socket"),
+    PrivateMember("paho.Client", "_sock_recv", "method", ("bufsize",),
+                  "called: the socket read in chunks (TLS's want-read mapped as paho maps it)"),
+    PrivateMember("paho.Client", "_msgtime_mutex", "attribute", "lock",
+                  "guard _last_bytes_received as paho does when bytes came in"),
+    PrivateMember("paho.Client", "_out_packet", "attribute", "deque",
+                  "the packets waiting to be written, joined into one write"),
+    PrivateMember("paho.Client", "_packet_write", "method", (),
+                  "wrapped: the packets waiting are joined first (one send, not one each)"),
     PrivateMember("paho.Client", "_loop_rc_handle", "method", ("rc",),
                   "called: a failed read ends the link as loop_read would"),
     PrivateMember("paho.Client", "_in_packet", "attribute", "dict",
-                  "the raw PUBACK paho refused to parse"),
+                  "a packet cut from our buffer handed to paho; the raw PUBACK paho refused"),
     PrivateMember("paho.Client", "_out_message_mutex", "attribute", "RLock",
                   "guard paho's outgoing messages as paho does"),
     PrivateMember("paho.Client", "_out_messages", "attribute", "OrderedDict",
@@ -384,6 +399,11 @@ class _Client(aiomqtt.Client):
             self._client._handle_pubrel)
         self._client._packet_handle = self._without_odd_properties(  # type: ignore[method-assign]
             self._client._packet_handle)
+        #: inbound bytes read ahead of paho, cut into packets (:mod:`pigateway.mqtt.stream`)
+        self._packets = PacketBuffer()
+        self._v5 = self._client.protocol == paho.MQTTv5
+        self._client._packet_write = self._joined_writes(  # type: ignore[method-assign]
+            self._client._packet_write)
         # a full in-flight window is normal here; aiomqtt warns past 10 pending calls
         self.pending_calls_threshold = (kwargs.get("max_inflight_messages") or 0) + 16
 
@@ -594,18 +614,94 @@ class _Client(aiomqtt.Client):
             for _ in range(READ_BUDGET):
                 if self.read_ahead.paused or inner.socket() is None:
                     return
-                rc = inner._packet_read()
+                rc = self._read_packet()
                 if rc > 0:
                     inner._loop_rc_handle(rc)  # closes, on_disconnect: as loop_read does
                     return
                 if rc == paho.MQTT_ERR_AGAIN:  # the socket is empty, TLS's buffer too
                     return
-            # the budget is spent: more may wait in TLS's buffer, which no readiness shows
-            if _tls_pending(inner.socket()):
+            # the budget is spent: more may wait in our buffer or TLS's, which no
+            # readiness shows
+            if self._packets.whole() or _tls_pending(inner.socket()):
                 self._loop.call_soon(self._read_socket)
         except Exception as exc:
             if not self._disconnected.done():
                 self._disconnected.set_exception(exc)
+
+    def _read_packet(self) -> MQTTErrorCode:
+        """One inbound packet handled, the socket read (a chunk at a time) when none waits in
+        the buffer: paho's ``_packet_read`` without its recv per header byte. Returns paho's
+        code (``MQTT_ERR_AGAIN``: the socket is empty, and TLS's buffer too)."""
+        inner = self._client
+        if inner._in_packet["command"]:  # begun by paho's reader before ours took over
+            return inner._packet_read()
+        packets = self._packets
+        try:
+            while (packet := packets.next()) is None:
+                try:
+                    data = inner._sock_recv(packets.wanted())
+                except BlockingIOError:
+                    return paho.MQTT_ERR_AGAIN
+                except OSError:  # TimeoutError and a closed socket too, as paho says it
+                    return paho.MQTT_ERR_CONN_LOST
+                if not data:
+                    return paho.MQTT_ERR_CONN_LOST
+                packets.feed(data)
+                with inner._msgtime_mutex:
+                    inner._last_bytes_received = paho.time_func()
+        except ProtocolError:
+            return paho.MQTT_ERR_PROTOCOL
+        return self._handle_packet(*packet)
+
+    def _handle_packet(self, first: int, body: bytes) -> MQTTErrorCode:
+        """A plain PUBLISH (manual acks) or PUBACK read here; any other packet by paho."""
+        kind = first >> 4
+        if kind == 3 and self.manual_ack:
+            try:
+                message = plain_publish(first, body, self._v5)
+            except Exception as exc:  # one packet, one failure: paho's path (guarded) takes it
+                log.debug("mqtt: a PUBLISH goes to paho's decoder: %s", bounded(exc, 200))
+                message = None
+            if message is not None:
+                self.read_ahead.put(message)
+                return paho.MQTT_ERR_SUCCESS
+        elif kind == 4:
+            plain = plain_puback(body, self._v5)
+            if plain is not None:
+                return self._acknowledged(*plain)
+        return self._by_paho(first, body)
+
+    def _acknowledged(self, mid: int, code: int) -> MQTTErrorCode:
+        """A PUBACK that says success: what paho's ``_handle_pubackcomp`` does with it."""
+        inner = self._client
+        with inner._out_message_mutex:
+            if mid in inner._out_messages:
+                return inner._do_on_publish(mid, _PUBACK_CODES[code], _NO_PROPERTIES)
+        return paho.MQTT_ERR_SUCCESS
+
+    def _by_paho(self, first: int, body: bytes) -> MQTTErrorCode:
+        """``body`` handled by paho (through the wrappers above), as its reader hands a
+        packet over once it has read it whole."""
+        inner = self._client
+        inner._in_packet = _in_packet(first, bytearray(body))
+        try:
+            return inner._packet_handle()
+        except MalformedPacket:
+            return paho.MQTT_ERR_PROTOCOL
+        finally:
+            inner._in_packet = _in_packet(0, bytearray())
+
+    def _joined_writes(self, write: Callable[[], MQTTErrorCode]) -> Callable[[], MQTTErrorCode]:
+        """paho writes each packet with a send of its own: a PUBACK for every ingested
+        message and a PUBLISH for every forwarded one, thousands of sends a second. Here the
+        packets waiting are joined into one write first (:func:`_join`)."""
+        queue = self._client._out_packet
+
+        def joined() -> MQTTErrorCode:
+            if len(queue) > 1:
+                _join(queue)
+            return write()
+        return joined
 
     def _pause_reading(self) -> None:
         if self._reading_fd >= 0:
@@ -627,6 +723,61 @@ class _Client(aiomqtt.Client):
         for future in (self._connected, self._disconnected):
             if future.done() and not future.cancelled():
                 future.exception()
+
+
+#: The reason codes and (no) properties a plain PUBACK is passed on with (never changed).
+_PUBACK_CODES: Final = {code: ReasonCode(PacketTypes.PUBACK, identifier=code)
+                        for code in PLAIN_PUBACK_CODES}
+_NO_PROPERTIES: Final = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+#: Bytes joined into one write at most.
+JOINED_BYTES: Final = 65536
+#: What paho does after writing a packet, by its first byte's type: a PUBLISH of QoS 0 calls
+#: on_publish, a DISCONNECT closes the socket. Such packets are never joined with others.
+_PUBLISH, _DISCONNECT = 0x30, 0xE0
+
+
+def _in_packet(first: int, body: bytearray) -> Any:  # paho's _InPacket (a TypedDict)
+    """paho's record of an inbound packet: whole (``first`` 0: none begun)."""
+    return {"command": first, "have_remaining": 1 if first else 0, "remaining_count": [],
+            "remaining_mult": 1, "remaining_length": len(body), "packet": body,
+            "to_process": 0, "pos": 0}
+
+
+def _joinable(packet: dict[str, Any]) -> bool:
+    kind = packet["command"] & 0xF0
+    return kind != _DISCONNECT and not (kind == _PUBLISH and packet["qos"] == 0)
+
+
+def _join(queue: Any) -> None:
+    """Runs of paho's queued packets (``_out_packet``) joined into single ones of up to
+    :data:`JOINED_BYTES`, in order (a packet begun keeps only what is left of it). A joined
+    packet is typed PUBACK: after writing it paho does nothing but note the time, as it
+    does for every packet joined into it."""
+    packets = list(queue)
+    queue.clear()
+    run: list[bytes] = []
+    size = 0
+
+    def close() -> None:
+        nonlocal size
+        if run:
+            data = b"".join(run)
+            queue.append({"command": 0x40, "mid": 0, "qos": 1, "pos": 0,
+                          "to_process": len(data), "packet": data, "info": None})
+        run.clear()
+        size = 0
+
+    for packet in packets:
+        if not _joinable(packet):
+            close()
+            queue.append(packet)
+            continue
+        if size >= JOINED_BYTES:
+            close()
+        rest = bytes(packet["packet"][packet["pos"]:])
+        run.append(rest)
+        size += len(rest)
+    close()
 
 
 class Connection:

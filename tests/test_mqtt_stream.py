@@ -1,0 +1,108 @@
+"""Inbound packets read in chunks and the plain PUBLISH read without paho: the same messages.
+
+A connection reads the socket a chunk at a time and decodes a plain QoS 1/2 PUBLISH itself
+(``pigateway.mqtt.stream``); anything else goes to paho as before. Each packet here is sent
+by a scripted broker over a real socket to a real connection twice: once as the service
+reads it, once with the plain reading turned off (paho decodes everything). The messages
+must be the same, field by field; what is not plain must reach the consumer as paho makes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+
+import pytest
+
+from harness import mqttwire as w
+from harness.hostile import HostileBroker
+from pigateway.mqtt import Message, Settings, connect
+from pigateway.mqtt import client as mqtt
+from pigateway.mqtt.stream import PacketBuffer, ProtocolError, plain_publish
+
+CASES: dict[str, bytes] = {
+    "bare": w.publish("t/1", b'{"on": 1}', qos=1, mid=1),
+    "retained, QoS 2": w.publish("t/2", b"x", qos=2, mid=2, retain=True),
+    "device's properties": w.publish(
+        "t/3", b"\xff\x00 binary", qos=1, mid=3,
+        props=w.prop_int32(0x02, 3600) + w.content_type("application/json")
+        + w.user_property("a", "1") + w.user_property("a", "2") + w.prop_byte(0x01, 1)
+        + w.prop_string(0x08, "reply/here")),
+    "empty payload": w.publish("t/4", b"", qos=1, mid=4),
+    "unicode topic": w.publish("t/ü/☃", b"{}", qos=1, mid=5),
+    # not plain: paho reads them, as before
+    "topic alias": w.publish("t/6", b"{}", qos=1, mid=6, props=w.prop_int16(0x23, 1)),
+    "U+FEFF in a user property": w.publish("t/7", b"{}", qos=1, mid=7,
+                                           props=w.user_property("k", "\ufeffv")),
+    "content type twice": w.publish("t/8", b"{}", qos=1, mid=8,
+                                    props=w.content_type("a") + w.content_type("b")),
+    "QoS 0": w.publish("t/9", b"{}", qos=0),
+    "topic not UTF-8": w.publish(b"t/\xff", b"{}", qos=1, mid=10),
+}
+
+
+async def _received(packet: bytes, plain: bool, monkeypatch: pytest.MonkeyPatch) -> Message:
+    with monkeypatch.context() as patch:
+        if not plain:
+            patch.setattr(mqtt, "plain_publish", lambda *_: None)
+        async with HostileBroker() as broker:
+            settings = Settings("127.0.0.1", broker.port, client_id="stream", protocol="5",
+                                persistent=True, session_expiry=60)
+            async with connect(settings, bound=5) as client:
+                await broker.send(packet)
+                return await asyncio.wait_for(anext(client.messages()), 5)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+async def test_a_publish_comes_as_paho_would_make_it(name: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    ours = await _received(CASES[name], True, monkeypatch)
+    pahos = await _received(CASES[name], False, monkeypatch)
+    assert ours == pahos
+    if name == "device's properties":
+        assert ours.extras.user_properties == (("a", "1"), ("a", "2"))
+        assert ours.extras.content_type == "application/json" and ours.extras.expiry == 3600
+
+
+@pytest.mark.parametrize("name", ["topic alias", "U+FEFF in a user property",
+                                  "content type twice", "QoS 0", "topic not UTF-8"])
+def test_what_is_not_plain_is_left_to_paho(name: str) -> None:
+    packet = CASES[name]
+    buffer = PacketBuffer()
+    buffer.feed(packet)
+    found = buffer.next()
+    assert found is not None
+    assert plain_publish(*found, v5=True) is None
+
+
+def test_packets_cut_at_every_byte_come_whole_and_in_order() -> None:
+    stream = b"".join(CASES.values()) + w.ack(w.PUBACK, 9) + w.pingresp()
+    buffer = PacketBuffer()
+    got: list[tuple[int, bytes]] = []
+    for byte in stream:
+        buffer.feed(bytes([byte]))
+        while (packet := buffer.next()) is not None:
+            got.append(packet)
+    assert not buffer.whole()
+    assert b"".join(bytes([first]) + w.varint(len(body)) + body for first, body in got) == stream
+
+
+def test_a_remaining_length_over_four_bytes_breaks_the_link() -> None:
+    buffer = PacketBuffer()
+    buffer.feed(bytes([0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]))
+    with pytest.raises(ProtocolError):
+        buffer.next()
+
+
+def test_joined_writes_keep_order_and_leave_qos0_and_disconnect_alone() -> None:
+    def queued(command: int, data: bytes, qos: int = 1, pos: int = 0) -> dict[str, Any]:
+        return {"command": command, "mid": 0, "qos": qos, "pos": pos,
+                "to_process": len(data) - pos, "packet": data, "info": None}
+
+    queue = deque([queued(0x40, b"AAAA", pos=2), queued(0x30, b"BB"), queued(0x30, b"q0", qos=0),
+                   queued(0x40, b"CC"), queued(0xE0, b"DD"), queued(0x62, b"EE")])
+    mqtt._join(queue)
+    assert [(p["packet"], p["pos"], p["to_process"]) for p in queue] == [
+        (b"AABB", 0, 4), (b"q0", 0, 2), (b"CC", 0, 2), (b"DD", 0, 2), (b"EE", 0, 2)]
+    assert [p["command"] & 0xF0 for p in queue] == [0x40, 0x30, 0x40, 0xE0, 0x40]
