@@ -147,10 +147,15 @@ class Ahead(Generic[R]):
         """
         stay = {row.id for row in kept}
         seen: dict[str, int] = {}
+        losing: set[str] = set()
         for row in candidates:
             seen[row.device] = seen.get(row.device, 0) + 1
+            if row.id not in stay:
+                losing.add(row.device)
         gone = 0
         for device, count in seen.items():
+            if device not in losing:  # every candidate of it kept: its queue is as it was
+                continue
             queue = self._queues[device]
             front = [queue.popleft() for _ in range(count)]
             back = [entry for entry in front if entry[1].id in stay]
