@@ -67,6 +67,13 @@ KEPT_PAYLOAD: Final = 2048
 FIT_TRIES: Final = 16
 #: Seconds a clean stop waits for taken messages to be committed and acknowledged.
 STOP_GRACE: Final = 2.0
+#: Local topics whose :class:`Route` is kept at most, and the longest topic kept (the
+#: memory a burst of distinct topics can take stays under ~4 MiB).
+ROUTES_KEPT: Final = 4096
+ROUTE_TOPIC_KEPT: Final = 512
+#: Messages classified between two turns of the event loop (the uplink's PUBACKs are read
+#: meanwhile: a group of a whole window classified in one go held them ~25 ms here).
+CLASSIFY_SLICE: Final = 64
 
 
 def remote_topic(config: Config, rule: IngestRule, topic: str) -> str:
@@ -148,30 +155,51 @@ def forward_topic_problem(config: Config, topic: str) -> str | None:
     return None
 
 
-def as_forward(config: Config, rule: IngestRule, message: Message) -> Taken:
+@dataclass(frozen=True)
+class Route:
+    """Where the messages of one local topic go: the first rule matching it, the row's
+    device, and under a ``forward`` rule the uplink topic and what keeps the uplink from
+    publishing there (None: nothing). The same for every message of the topic, so worked
+    out once per topic (:meth:`Ingest._route`), not once per message."""
+
+    rule: IngestRule
+    device: str
+    where: str = ""
+    problem: str | None = None
+
+
+def route(config: Config, rules: Sequence[IngestRule], topic: str) -> Route | None:
+    """The :class:`Route` of local ``topic`` (None: no rule matches it)."""
+    rule = next((r for r in rules if topic_matches(r.topic, topic)), None)
+    if rule is None:
+        return None
+    if rule.mode != "forward":
+        return Route(rule, storable(topic))
+    where = remote_topic(config, rule, topic)
+    return Route(rule, storable(topic), where, forward_topic_problem(config, where))
+
+
+def as_forward(config: Config, way: Route, message: Message) -> Taken:
     """A ``forward`` rule's message as a row of kind ``forward``, or a dead letter when its
     uplink topic cannot be published: refused here, alone, it never reaches the drain."""
     extras = message.extras
-    ttl = rule.ttl if rule.ttl is not None else extras.expiry
-    device = storable(message.topic)
-    where = remote_topic(config, rule, message.topic)
-    problem = forward_topic_problem(config, where)
-    if problem is not None:
-        kept = {**_kept_payload(message.payload), "topic": bounded(where, 200)}
-        return Taken(NewCommand(device=device, name="forward", params=kept, ttl=ttl),
-                     f"the uplink topic {bounded(where, 80)} {problem}")
-    params = forwarded.pack(where, message.payload, extras)
-    return Taken(NewCommand(device=device, name="forward", params=params, ttl=ttl,
+    ttl = way.rule.ttl if way.rule.ttl is not None else extras.expiry
+    if way.problem is not None:
+        kept = {**_kept_payload(message.payload), "topic": bounded(way.where, 200)}
+        return Taken(NewCommand(device=way.device, name="forward", params=kept, ttl=ttl),
+                     f"the uplink topic {bounded(way.where, 80)} {way.problem}")
+    params = forwarded.pack(way.where, message.payload, extras)
+    return Taken(NewCommand(device=way.device, name="forward", params=params, ttl=ttl,
                             kind="forward"))
 
 
-def _as_command(config: Config, rule: IngestRule, message: Message) -> Taken:
-    return as_command(rule, message)
+def _as_command(config: Config, way: Route, message: Message) -> Taken:
+    return as_command(way.rule, message)
 
 
 #: What a message becomes under a rule, by the rule's ``mode``: the one table of ingest
 #: modes (a new mode is a row here and a literal of :attr:`IngestRule.mode`).
-MODES: Final[dict[str, Callable[[Config, IngestRule, Message], Taken]]] = {
+MODES: Final[dict[str, Callable[[Config, Route, Message], Taken]]] = {
     "command": _as_command,
     "forward": as_forward,
 }
@@ -200,6 +228,7 @@ class Ingest:
         self.taken = 0  # messages committed and acknowledged since start
         self.looped = 0  # messages of our own that were not taken back in
         self.refusing = False  # the store refuses: nothing is acknowledged
+        self._routes: dict[str, Route | None] = {}
 
     @property
     def enabled(self) -> bool:
@@ -338,8 +367,16 @@ class Ingest:
     async def _write(self, part: Sequence[Message]) -> None:
         """One commit for all ``part`` makes: its rows and its dead letters together, so
         a store that refuses (locked, full) refuses the lot and nothing is acknowledged;
-        a dead letter is never acknowledged and then dropped, nor a row written twice."""
-        rows, dead = self._classify(part)
+        a dead letter is never acknowledged and then dropped, nor a row written twice.
+
+        Each row is checked once, by the put; when one is bad (refused before anything is
+        written) every row is checked alone, and the bad ones become dead letters."""
+        try:
+            await self._put(*await self._classify(part, check=False))
+        except InvalidCommand:
+            await self._put(*await self._classify(part, check=True))
+
+    async def _put(self, rows: list[NewCommand], dead: list[Taken]) -> None:
         buried: list[tuple[NewCommand, str, str]] = []
         for taken in dead:
             item = self._fitting(taken.item)
@@ -372,16 +409,20 @@ class Ingest:
         log.error("ingest: a message on %s is dropped: %s", bounded(item.device, 200), problem)
         return None
 
-    def _classify(self, group: Sequence[Message]) -> tuple[list[NewCommand], list[Taken]]:
-        """Each message as a row or a dead letter; our own messages as nothing."""
+    async def _classify(self, group: Sequence[Message], *, check: bool
+                        ) -> tuple[list[NewCommand], list[Taken]]:
+        """Each message as a row or a dead letter; our own messages as nothing. ``check``:
+        each row is checked as the store will (a bad one alone becomes a dead letter)."""
         rows: list[NewCommand] = []
         dead: list[Taken] = []
         now = time.time()
-        for message in group:
+        for n, message in enumerate(group):
+            if n and not n % CLASSIFY_SLICE:
+                await asyncio.sleep(0)
             taken = self._taken(message)
             if taken is None:
                 continue
-            if taken.refusal is None:
+            if check and taken.refusal is None:
                 try:  # a bad row alone must not refuse the whole group
                     prepare(taken.item, self.store.config, now)
                 except InvalidCommand as exc:
@@ -396,13 +437,26 @@ class Ingest:
 
     def _taken(self, message: Message) -> Taken | None:
         """What ``message`` becomes under the first rule matching its topic (None: nothing)."""
-        origin = dict(message.extras.user_properties).get(forwarded.ORIGIN_PROPERTY)
-        if origin == self.config.gateway_id:
+        users = message.extras.user_properties
+        if users and dict(users).get(forwarded.ORIGIN_PROPERTY) == self.config.gateway_id:
             self.looped += 1
             return None
-        rule = next((r for r in self.rules if topic_matches(r.topic, message.topic)), None)
-        if rule is None:
+        way = self._route(message.topic)
+        if way is None:
             return None  # an old subscription the persistent session kept: acknowledged
         if message.undecodable is not None:
             return as_undecodable(message, message.undecodable)
-        return MODES[rule.mode](self.config, rule, message)
+        return MODES[way.rule.mode](self.config, way, message)
+
+    def _route(self, topic: str) -> Route | None:
+        """:func:`route`, remembered for up to :data:`ROUTES_KEPT` topics."""
+        try:
+            return self._routes[topic]
+        except KeyError:
+            pass
+        found = route(self.config, self.rules, topic)
+        if len(topic) <= ROUTE_TOPIC_KEPT:
+            if len(self._routes) >= ROUTES_KEPT:
+                self._routes.clear()
+            self._routes[topic] = found
+        return found
