@@ -103,32 +103,60 @@ def _where_to_change_rows() -> list[list[str]]:
             if line.startswith("| ") and not line.startswith("| to change")]
 
 
-def _defines(path: Path, name: str) -> bool:
-    """Whether the module at ``path`` defines ``name`` at its top level."""
-    for node in ast.parse(path.read_text()).body:
+def _names(body: list[ast.stmt]) -> set[str]:
+    """The names a module's or a class's body defines (functions, classes, assignments)."""
+    found: set[str] = set()
+    for node in body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            names = [node.name]
+            found.add(node.name)
         elif isinstance(node, ast.Assign):
-            names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+            found.update(t.id for t in node.targets if isinstance(t, ast.Name))
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            names = [node.target.id]
-        else:
-            continue
-        if name in names:
-            return True
-    return False
+            found.add(node.target.id)
+    return found
+
+
+def _defines(path: Path, name: str) -> bool:
+    """Whether the module at ``path`` defines ``name`` at its top level, or, for
+    ``Class.member``, whether that class defines the member."""
+    body = ast.parse(path.read_text()).body
+    owner, _, member = name.partition(".")
+    if not member:
+        return name in _names(body)
+    return any(isinstance(node, ast.ClassDef) and node.name == owner
+               and member in _names(node.body) for node in body)
+
+
+#: A backticked token of a "where" cell that names a symbol (``take_batch``, ``Drain._refused``)
+_SYMBOL = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)?")
+
+
+def _named_symbols(where: str) -> list[tuple[str, str]]:
+    """Each symbol a "where" cell names, with the file named before it."""
+    pairs: list[tuple[str, str]] = []
+    source = None
+    for token in re.findall(r"`([^`]+)`", where):
+        if token.endswith(".py"):
+            source = token
+        elif source is not None and _SYMBOL.fullmatch(token):
+            pairs.append((source, token))
+    return pairs
 
 
 def test_where_to_change_what_names_files_and_symbols_that_exist() -> None:
-    """Each row of the page names a file and a symbol defined in it, tests and a doc that
-    exist: a move or a rename that forgets the page fails here."""
+    """Each row of the page names files and symbols defined in them, tests and a doc that
+    exist: a move or a rename that forgets the page fails here. Every symbol of the
+    "where" cell counts, not only the first: a row is followed to each place it names."""
     rows = _where_to_change_rows()
     assert len(rows) >= 12, "the page lists about a dozen common changes"
     wrong = []
     for change, where, tests, doc in rows:
-        source, symbol = re.findall(r"`([^`]+)`", where)[:2]
-        if not (ROOT / source).is_file() or not _defines(ROOT / source, symbol):
-            wrong.append(f"{change}: {source} {symbol}")
+        pairs = _named_symbols(where)
+        if not pairs:
+            wrong.append(f"{change}: names no file and symbol")
+        for source, symbol in pairs:
+            if not (ROOT / source).is_file() or not _defines(ROOT / source, symbol):
+                wrong.append(f"{change}: {source} {symbol}")
         named = re.findall(r"`([^`]+\.(?:py|md))`", f"{tests} {doc}")
         wrong += [f"{change}: {path}" for path in named if not (ROOT / path).is_file()]
         if not named:
