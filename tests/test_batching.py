@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,10 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pigateway import wire
 from pigateway.config import StoreConfig
 from pigateway.errors import StoreError
 from pigateway.store import Command, NewCommand, Store
 from pigateway.store.ids import new_id
+from pigateway.store.values import decode_params, row_to_command
 from pigateway.uplink.batching import (
     Batcher,
     Rules,
@@ -148,6 +151,44 @@ def test_encode_command_is_compact_utf8_json() -> None:
     assert "Küche" in text and " " not in text
     assert json.loads(text) == {"id": "c1", "name": "set", "params": {"name": "Küche"},
                                 "queued_at": row.queued_at}
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                max_size=3), max_leaves=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(params=st.dictionaries(st.text(max_size=6), json_values, max_size=4),
+       name=st.text(min_size=1, max_size=6).filter(lambda n: n.strip()),
+       queued_at=st.floats(0, 4e9, allow_nan=False))
+def test_a_claimed_row_goes_on_the_wire_as_its_params_encoded_again_would(
+        params: dict[str, Any], name: str, queued_at: float) -> None:
+    """A row read from the queue carries its params as stored, and a batch splices that
+    text: the bytes are the very ones decoding and encoding the params again gave (quotes,
+    escapes, non-ASCII, big integers, floats)."""
+    text = wire.encode(params)
+    row = row_to_command((7, "c-\"1", "action", "dev", name, text, len(text.encode()),
+                          queued_at, None, 0, None))
+    assert row.params_json == text and row.params == json.loads(text)
+    assert encode_command(row) == wire.batch_command(row.id, name, row.params, queued_at)
+    assert encode_command(row._replace(params_json=None)) == encode_command(row)
+
+
+@pytest.mark.parametrize("text", ['{"a":1}', ' {"a": 1} ', '{"a":1}x', '{bad', '', '"s"',
+                                  'NaN', '{"a":"\\ud800"}', '{"a":"\x01"}'])
+def test_stored_params_decode_as_json_loads_does(text: str) -> None:
+    """The claim's decoder (json's scanner alone) gives what json.loads gives, value or
+    error, for what the queue stores and for what it should never hold."""
+    try:
+        expected: Any = json.loads(text)
+    except ValueError as exc:
+        with pytest.raises(type(exc), match=re.escape(str(exc))):
+            decode_params(text)
+        return
+    assert repr(decode_params(text)) == repr(expected)
 
 
 devices = st.sampled_from([f"dev{i}" for i in range(6)])

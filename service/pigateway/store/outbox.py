@@ -180,7 +180,7 @@ class Outbox:
             outcomes.append([
                 Command(id=r[0], kind=r[1], device=r[2], name=r[3], params=item.params,
                         size=r[5], queued_at=r[6], expires_at=r[7], attempts=0,
-                        last_error=None)
+                        last_error=None, params_json=r[4])
                 for r, item in zip(prepared, job.items, strict=True)
             ])
         conn.executemany(_INSERT, rows)

@@ -149,8 +149,18 @@ class Take(Generic[C]):
 
 
 def encode_command(command: Queued) -> str:
-    """The wire form of one command inside a batch (:func:`pigateway.wire.batch_command`)."""
+    """The wire form of one command inside a batch (:func:`pigateway.wire.batch_command`):
+    a claimed row's params as the queue stores them, spliced, not decoded and encoded
+    again (the largest per-command cost of a drain)."""
+    stored: str | None = getattr(command, "params_json", None)
+    if stored is not None:
+        return wire.batch_command_stored(command.id, command.name, stored, command.queued_at)
     return wire.batch_command(command.id, command.name, command.params, command.queued_at)
+
+
+def utf8_length(text: str) -> int:
+    """The bytes ``text`` takes in UTF-8 (without encoding it when it is ASCII)."""
+    return len(text) if text.isascii() else len(text.encode())
 
 
 def is_expired(command: Queued, now: float) -> bool:
@@ -172,20 +182,21 @@ class _Builder:
     def _action_frame(device: str) -> int:
         return len(wire.action(device, []).encode())
 
-    def cost(self, device: str, encoded: str) -> int:
-        """Bytes that adding ``encoded`` for ``device`` would add to the payload."""
-        size = len(encoded.encode())
+    def cost(self, device: str, size: int) -> int:
+        """Bytes that adding an encoded command of ``size`` bytes for ``device`` would add
+        to the payload."""
         if device in self.actions:
             return size + 1
         return size + self._action_frame(device) + (1 if self.actions else 0)
 
-    def fits(self, device: str, encoded: str) -> bool:
+    def fits(self, device: str, size: int) -> bool:
+        """Whether an encoded command of ``size`` bytes for ``device`` fits."""
         if device not in self.actions and len(self.actions) >= self.rules.max_actions:
             return False
-        return self.size + self.cost(device, encoded) <= self.rules.max_batch_bytes
+        return self.size + self.cost(device, size) <= self.rules.max_batch_bytes
 
-    def add(self, command: Queued, encoded: str) -> None:
-        self.size += self.cost(command.device, encoded)
+    def add(self, command: Queued, encoded: str, size: int) -> None:
+        self.size += self.cost(command.device, size)
         self.actions.setdefault(command.device, []).append(encoded)
         self.members.append(command)
 
@@ -201,7 +212,7 @@ def fits_alone(command: Queued, rules: Rules, encoded: str | None = None) -> boo
         return True  # one message each: the broker's PUBACK says whether it is too large
     hard = dataclasses.replace(rules, max_batch_bytes=rules.too_large_above)
     builder = _Builder(hard, new_id(0), time.time())
-    return builder.fits(command.device, encoded or encode_command(command))
+    return builder.fits(command.device, utf8_length(encoded or encode_command(command)))
 
 
 def take_batch(pending: Sequence[C], rules: Rules, *, now: float,
@@ -244,7 +255,8 @@ def _take_result(live: list[C], rules: Rules, expired: list[C], now: float) -> T
             return Take(None, rest, too_large=[head], expired=expired)
         return Take(Batch(head.id, "forward", (head,), forward.payload, forward), rest,
                     expired=expired)
-    payload = wire.encode(head.params).encode()
+    stored: str | None = getattr(head, "params_json", None)  # as queued: no encoding again
+    payload = (wire.encode(head.params) if stored is None else stored).encode()
     if len(payload) > rules.too_large_above:
         return Take(None, rest, too_large=[head], expired=expired)
     return Take(Batch(head.id, "results", (head,), payload), rest, expired=expired)
@@ -262,12 +274,13 @@ def _take_actions(live: list[C], rules: Rules, now: float, batch_id: str,
             rest.append(command)
             continue
         encoded = encode_command(command)
-        if builder.fits(command.device, encoded):
-            builder.add(command, encoded)
+        size = utf8_length(encoded)
+        if builder.fits(command.device, size):
+            builder.add(command, encoded, size)
         elif not fits_alone(command, rules, encoded):
             too_large.append(command)
         elif not builder.members:
-            builder.add(command, encoded)  # over the packing size, under the hard one: alone
+            builder.add(command, encoded, size)  # over the packing size, under the hard one
         else:
             waiting.add(command.device)
             rest.append(command)

@@ -56,6 +56,9 @@ STATE_FIELDS: Final = ("link", "local", "paused", "draining", "depth", "oldest_a
                        "dead_letters", "last_error", "fault", "limits", "uptime")
 
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+#: A string as :data:`_ENCODER` writes it (its own function for strings, without the
+#: encoder's dispatch)
+_string: Final = json.encoder.encode_basestring
 
 
 def encode(value: Any) -> str:
@@ -88,6 +91,15 @@ def action(device: str, commands: list[str]) -> str:
 def batch_command(command_id: str, name: str, params: dict[str, Any], queued_at: float) -> str:
     """One command inside an action: ``{"id","name","params","queued_at"}``."""
     return encode({"id": command_id, "name": name, "params": params, "queued_at": queued_at})
+
+
+def batch_command_stored(command_id: str, name: str, params_json: str, queued_at: float) -> str:
+    """:func:`batch_command` with ``params`` already encoded (as the queue stores them, by
+    :func:`encode`): the same text, spliced instead of decoded and encoded again."""
+    if type(queued_at) is not float or queued_at - queued_at != 0.0:  # not a finite float
+        return batch_command(command_id, name, json.loads(params_json), queued_at)
+    return (f'{{"id":{_string(command_id)},"name":{_string(name)},"params":{params_json},'
+            f'"queued_at":{queued_at!r}}}')
 
 
 def state_document(gateway: str, version: str, state: dict[str, Any],
