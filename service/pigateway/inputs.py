@@ -28,8 +28,12 @@ MAX_INT_DIGITS: Final = 1000
 #: Bytes of an MQTT topic name at most (a two-byte length prefix on the wire).
 MAX_TOPIC_BYTES: Final = 65535
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_CONTROLS = r"\x00-\x1f\x7f-\x9f"
+_SURROGATES = r"\ud800-\udfff"
+_CONTROL = re.compile(f"[{_CONTROLS}]")
+_SURROGATE = re.compile(f"[{_SURROGATES}]")
+#: Text with neither: :func:`text_problem`'s rule in one pass, for the put path.
+_TRAVELS = re.compile(f"[^{_CONTROLS}{_SURROGATES}]*")
 _TOKEN = re.compile(r'\\.|["\[\]{}]', re.S)
 
 
@@ -65,6 +69,12 @@ def text_problem(text: str) -> str | None:
         return (f"has a lone surrogate (U+{ord(found.group()):04X} at {found.start()}), "
                 "which is not UTF-8")
     return None
+
+
+def travels(text: str) -> bool:
+    """Whether ``text`` has no :func:`text_problem`: the same two character classes in one
+    scan, for a caller that needs the answer more often than the words (every put)."""
+    return _TRAVELS.fullmatch(text) is not None
 
 
 def topic_problem(topic: str) -> str | None:

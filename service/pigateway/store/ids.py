@@ -8,8 +8,11 @@ import time
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 #: Every pair of Crockford characters, so an id is 13 lookups of 10 bits each.
 _PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]
-_SHIFTS = range(120, -10, -10)
 _RANDOM_MASK = (1 << 80) - 1
+#: The random part is encoded as two halves of 40 bits (4 pairs each): small integers,
+#: where shifting the whole 130-bit id cost a put ~15,000 instructions an id.
+_HALF = 40
+_HALF_MASK = (1 << _HALF) - 1
 #: Bytes of the random part. Read from os.urandom, which is what secrets.randbits reads;
 #: the secrets module would cost ``pigateway send`` ~5 ms of imports (hmac, hashlib, random).
 _RANDOM_BYTES = 10
@@ -25,13 +28,33 @@ def new_id(now: float | None = None) -> str:
     """
     if now is not None:
         return _encode(int(now * 1000), _random())
+    return new_ids(1)[0]
+
+
+def new_ids(count: int) -> list[str]:
+    """``count`` ids made now: what as many calls of :func:`new_id` would return, in that
+    order (one millisecond, the random part counting up), at a fraction of the cost: the
+    clock and the kernel are asked once for the lot, and an id is its last two characters
+    appended to the 24 before them, which change once in 1,024 ids."""
+    if count <= 0:
+        return []
     ms = time.time_ns() // 1_000_000
     if ms <= _last_id[0]:
         ms, rand = _last_id[0], (_last_id[1] + 1) & _RANDOM_MASK
     else:
         rand = _random()
-    _last_id[0], _last_id[1] = ms, rand
-    return _encode(ms, rand)
+    _last_id[0], _last_id[1] = ms, (rand + count - 1) & _RANDOM_MASK
+    head = _encode_ms(ms)
+    ids: list[str] = []
+    pairs = _PAIRS
+    start, stem = -1, ""
+    for value in range(rand, rand + count):
+        if value >> 10 != start:
+            start = value >> 10
+            bits = value & _RANDOM_MASK  # past the 80 bits: wrap, as new_id's count did
+            stem = head + _encode_half(bits >> _HALF) + _encode_half(bits & _HALF_MASK)[:6]
+        ids.append(stem + pairs[value & 1023])
+    return ids
 
 
 def _random() -> int:
@@ -40,5 +63,15 @@ def _random() -> int:
 
 
 def _encode(ms: int, rand: int) -> str:
-    value = (ms << 80) | rand
-    return "".join([_PAIRS[(value >> shift) & 1023] for shift in _SHIFTS])
+    return _encode_ms(ms) + _encode_half(rand >> _HALF) + _encode_half(rand & _HALF_MASK)
+
+
+def _encode_ms(ms: int) -> str:
+    """The first 10 characters: the 48 bits of milliseconds (after 2 bits of zeros)."""
+    return "".join([_PAIRS[(ms >> shift) & 1023] for shift in (40, 30, 20, 10, 0)])
+
+
+def _encode_half(bits: int) -> str:
+    """8 characters: 40 bits of the random part."""
+    return (_PAIRS[bits >> 30] + _PAIRS[(bits >> 20) & 1023] + _PAIRS[(bits >> 10) & 1023]
+            + _PAIRS[bits & 1023])

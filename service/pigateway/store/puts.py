@@ -20,7 +20,7 @@ from pigateway.store import delivery
 from pigateway.store.clock import GatewayClock
 from pigateway.store.ids import new_id
 from pigateway.store.outbox import Put, Then
-from pigateway.store.values import NewCommand, check_name, prepare
+from pigateway.store.values import NewCommand, check_name, prepare_many
 
 #: One SQL statement and its parameters.
 Statement = tuple[str, Sequence[Any]]
@@ -32,7 +32,7 @@ def new_put(items: Sequence[NewCommand], config: StoreConfig, gateway_clock: Gat
     can spoil a commit shared with others. ``queued_at`` is the wall clock's now;
     ``expires_at`` counts from the gateway clock's (:mod:`pigateway.store.clock`)."""
     now, gateway_now = time.time(), gateway_clock.now()
-    return Put([prepare(item, config, now, gateway_now) for item in items], list(items), then,
+    return Put(prepare_many(items, config, now, gateway_now), list(items), then,
                gateway_clock.reading.offset)
 
 

@@ -11,8 +11,8 @@ from typing import Any, NamedTuple
 from pigateway import wire
 from pigateway.config import StoreConfig
 from pigateway.errors import InvalidCommand
-from pigateway.inputs import shown, text_problem
-from pigateway.store.ids import new_id
+from pigateway.inputs import shown, text_problem, travels
+from pigateway.store.ids import new_ids
 from pigateway.text import json_kind
 
 #: The priorities a command can be put with, and the number stored: claimed lowest first.
@@ -21,6 +21,9 @@ PRIORITIES: dict[str, int] = {"high": 0, "normal": 1, "low": 2}
 #: never wait behind a backlog of actions. A new kind is a row here.
 KIND_PRIORITY: dict[str, str] = {"action": "normal", "result": "high", "forward": "normal"}
 KINDS = tuple(KIND_PRIORITY)
+#: The stored number of each kind's own priority (:func:`priority_number`'s answer when a
+#: put names none), looked up once a row.
+_KIND_NUMBER: dict[str, int] = {kind: PRIORITIES[name] for kind, name in KIND_PRIORITY.items()}
 MAX_NAME = 128
 #: The columns :func:`row_to_command` reads, in its order.
 COMMAND_COLUMNS = ("seq, id, kind, device, name, params, size, queued_at, expires_at, "
@@ -153,6 +156,9 @@ def check_name(label: str, value: object) -> None:
     non-empty string of at most :data:`MAX_NAME` characters, no control character, no lone
     surrogate; else :class:`InvalidCommand` naming ``label``. One rule for the CLI, the API
     and every caller, checked before anything is stored or looked up."""
+    if (type(value) is str and 0 < len(value) <= MAX_NAME and not value.isspace()
+            and travels(value)):
+        return  # the rule below, passed, in one scan (every put checks two names)
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME:
         raise InvalidCommand(f"{label} must be a non-empty string of at most {MAX_NAME} "
                              f"characters, got {shown(value)}")
@@ -168,27 +174,59 @@ def prepare(item: NewCommand, config: StoreConfig, now: float,
     ``now`` (wall clock) is its ``queued_at``; its ``expires_at`` counts from
     ``gateway_now`` (:mod:`pigateway.store.clock`), so a wall-clock step cannot move it.
     """
-    check_name("device", item.device)
-    check_name("command name", item.name)
-    if item.id is not None:
-        check_name("command id", item.id)
-    if item.kind not in KINDS:
-        raise InvalidCommand(f"kind must be one of {KINDS}, got {item.kind!r}")
-    if not isinstance(item.params, dict):
-        raise InvalidCommand(f"params must be a JSON object, not {json_kind(item.params)}")
+    return prepare_many([item], config, now, gateway_now)[0]
+
+
+def prepare_many(items: Sequence[NewCommand], config: StoreConfig, now: float,
+                 gateway_now: float | None = None) -> list[tuple[Any, ...]]:
+    """:func:`prepare` of each of ``items``, in order: their rows, or :class:`InvalidCommand`
+    for the first bad one, naming its field. The one place that says what a valid command
+    is. What a list needs once is done once (its ids, :func:`~pigateway.store.ids.new_ids`), and a
+    name the list already passed through :func:`check_name` is not checked again: a
+    ``put_many`` of 1,000 rows spent more here than in SQLite's insert."""
+    start = now if gateway_now is None else gateway_now
+    fresh = iter(new_ids(sum(item.id is None for item in items)))
+    passed: set[str] = set()  # names that met check_name's rule (exactly str: no lookalikes)
+    rows: list[tuple[Any, ...]] = []
+    for item in items:
+        device, name, id_, kind = item.device, item.name, item.id, item.kind
+        if type(device) is not str or device not in passed:
+            _check_new("device", device, passed)
+        if type(name) is not str or name not in passed:
+            _check_new("command name", name, passed)
+        if id_ is not None:
+            check_name("command id", id_)
+        if kind not in KINDS:
+            raise InvalidCommand(f"kind must be one of {KINDS}, got {kind!r}")
+        params, size = _params_text(item.params, config)
+        ttl = _ttl_seconds(config.default_ttl if item.ttl is None else item.ttl)
+        number = _KIND_NUMBER.get(kind) if item.priority is None else None
+        rows.append((next(fresh) if id_ is None else id_, kind, device, name, params, size, now,
+                     start + ttl if ttl > 0 else None, ttl,
+                     priority_number(item.priority, kind) if number is None else number))
+    return rows
+
+
+def _check_new(label: str, value: object, passed: set[str]) -> None:
+    check_name(label, value)
+    if type(value) is str:
+        passed.add(value)
+
+
+def _params_text(value: object, config: StoreConfig) -> tuple[str, int]:
+    """A command's params as the JSON text stored, and its size in bytes (UTF-8)."""
+    if not isinstance(value, dict):
+        raise InvalidCommand(f"params must be a JSON object, not {json_kind(value)}")
     try:
-        params = wire.encode(item.params)
-        size = len(params.encode())  # a lone surrogate is no UTF-8: UnicodeEncodeError
+        params = wire.encode(value)
+        # ASCII is its own length; else a lone surrogate is no UTF-8: UnicodeEncodeError
+        size = len(params) if params.isascii() else len(params.encode())
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidCommand(f"params are not JSON: {str(exc)[:200]}") from exc
     if size > config.max_params_bytes:
         raise InvalidCommand(f"params are {size} bytes; the limit is {config.max_params_bytes} "
                              "(store.max_params_bytes)")
-    ttl = _ttl_seconds(config.default_ttl if item.ttl is None else item.ttl)
-    start = now if gateway_now is None else gateway_now
-    expires_at = start + ttl if ttl > 0 else None
-    return (item.id or new_id(), item.kind, item.device, item.name, params, size, now, expires_at,
-            ttl, priority_number(item.priority, item.kind))
+    return params, size
 
 
 def priority_number(priority: str | None, kind: str) -> int:
@@ -202,6 +240,8 @@ def priority_number(priority: str | None, kind: str) -> int:
 
 def _ttl_seconds(value: Any) -> float:
     """A ttl as finite seconds >= 0; anything else (bool, 10**400, nan) is bad input."""
+    if type(value) is float and 0.0 <= value < math.inf:
+        return value  # the common case, answered before the general one below
     try:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError

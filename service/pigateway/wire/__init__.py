@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from pigateway.text import bounded, fit_json
@@ -59,10 +60,24 @@ _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, al
 #: A string as :data:`_ENCODER` writes it (its own function for strings, without the
 #: encoder's dispatch)
 _string: Final = json.encoder.encode_basestring
+#: The C encoder ``_ENCODER`` builds at every call, built once (and without the circular
+#: check's table of ids, whose cost is per container): half the instructions of a small
+#: document, which a put pays once a command. Whatever it refuses, ``_ENCODER`` encodes
+#: again to say why in its own words (a circular value: ``ValueError``, not RecursionError).
+_MAKE_C_ENCODER: Callable[..., Callable[[Any, int], list[str]]] | None = getattr(
+    json.encoder, "c_make_encoder", None)
+_FAST: Final = None if _MAKE_C_ENCODER is None else _MAKE_C_ENCODER(
+    None, _ENCODER.default, json.encoder.encode_basestring, None, ":", ",", False, False,
+    False)
 
 
 def encode(value: Any) -> str:
     """Compact JSON, non-ASCII kept as is, NaN and Infinity refused (``ValueError``)."""
+    if _FAST is not None:
+        try:
+            return "".join(_FAST(value, 0))
+        except (TypeError, ValueError, RecursionError):
+            pass
     return _ENCODER.encode(value)
 
 
