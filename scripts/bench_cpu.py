@@ -13,7 +13,8 @@ the same run, and how it holds under a CPU quota that models a Pi's core.
   backlog, the ingest forward rate, ``send`` p50/p99, nothing lost, and the longest gap
   between the service's watchdog pings against the unit's ``WatchdogSec`` (30 s).
 
-Run through ``scripts/bench cpu`` (``--quick``: smaller counts; ``--quotas 25,10``).
+Run through ``scripts/bench cpu`` (``--quick``: smaller counts; ``--quotas 25,10``;
+``--instructions``: the callgrind count alone, on the same gateway's config, in a minute).
 """
 
 from __future__ import annotations
@@ -191,6 +192,34 @@ def sends(config: Path, runs: int, env: dict[str, str],
 BARE = [sys.executable, "-c", "import sqlite3, json, argparse"]
 
 
+def counted(config: Path, env: dict[str, str]) -> dict[str, int | None]:
+    """Instructions of ``send`` and of the bare interpreter, the second of two rounds (the
+    first compiles what each imports into the cache and creates the queue file)."""
+    found: dict[str, int | None] = {"bare": None, "send": None}
+    for _ in range(2):
+        found = {"bare": instructions(BARE, env), "send": instructions(send_argv(config, 0), env)}
+    return found
+
+
+def instructions_only(root: Path, env: dict[str, str]) -> None:
+    """The callgrind figure alone: the service's config of :func:`service` (its brokers are
+    not started: ``send`` never speaks to one), its queue made by the first send."""
+    folder = root / "gw"
+    folder.mkdir(parents=True)
+    data = bench_ingest.settings(folder, uplink_port=1883, local_host="127.0.0.1",
+                                 local_port=1884)
+    config = bench_ingest.gateway.write(folder / "config.toml", data)
+    found = counted(config, env)
+    send_i, bare_i = found["send"], found["bare"]
+    if send_i is None or bare_i is None:
+        row("send instructions vs bare interpreter", "no valgrind: not measured", "<= 2.5x",
+            None)
+        return
+    print(f"{'target':<52}{'measured':<46}{'wanted':<14}verdict")
+    row("send instructions vs bare python (imports)", f"{send_i / 1e6:,.0f}M vs "
+        f"{bare_i / 1e6:,.0f}M = {send_i / bare_i:.2f}x", "<= 2.5x", send_i / bare_i <= 2.5)
+
+
 def instructions(argv: list[str], env: dict[str, str]) -> int | None:
     """Instructions executed by ``argv`` (callgrind), or None without valgrind."""
     if shutil.which("valgrind") is None:
@@ -330,7 +359,7 @@ def bridge_cpu(root: Path, messages: int) -> tuple[float, float]:
 # --------------------------------------------------------------------------- report
 
 
-def report_free(free: dict[str, Any], bridge: tuple[float, float], counted: dict[str, Any]
+def report_free(free: dict[str, Any], bridge: tuple[float, float], counts: dict[str, Any]
                 ) -> None:
     print(f"\n# CPU time, no quota ({os.cpu_count()} cores, shared: CPU seconds from /proc, "
           "less noisy than wall time; instructions from callgrind)")
@@ -347,7 +376,7 @@ def report_free(free: dict[str, Any], bridge: tuple[float, float], counted: dict
     ours, theirs = free["drain_cpu_ms_per_1000"], bridge[1]
     row("pigateway CPU per 1,000 delivered commands", f"{ours:,.0f} ms ({free['drain_rate']:,.0f}"
         f" cmd/s) = {ours / theirs:.2f}x the bridge's", "<= 1.0x", ours <= theirs)
-    send_i, bare_i = counted["send"], counted["bare"]
+    send_i, bare_i = counts["send"], counts["bare"]
     if send_i is None or bare_i is None:
         row("send instructions vs bare interpreter", "no valgrind: not measured", "<= 2.5x",
             None)
@@ -387,7 +416,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller counts (a smoke run)")
     parser.add_argument("--quotas", default=",".join(map(str, QUOTAS)),
                         help="percent of one core, comma-separated ('' for none)")
+    parser.add_argument("--instructions", action="store_true",
+                        help="only the callgrind count of send against a bare interpreter")
     args = parser.parse_args()
+    if args.instructions:
+        with tempfile.TemporaryDirectory(prefix="bench-cpu-") as tmp:
+            instructions_only(Path(tmp), bytecode_env(Path(tmp)))
+        return 0
     count, messages, runs = (5000, 2000, 10) if args.quick else (20_000, 10_000, 20)
     print("# cpu benchmark: ~200-byte params, real mosquittos on 127.0.0.1")
     with tempfile.TemporaryDirectory(prefix="bench-cpu-") as tmp:
@@ -397,11 +432,7 @@ def main() -> int:
                        env=env)
         bridge = bridge_cpu(root / "bridge", messages)
         config = next((root / "free" / "gw").glob("config.toml"))
-        counted = {"bare": None, "send": None}
-        for _ in range(2):  # the first compiles what it imports into the cache
-            counted = {"bare": instructions(BARE, env),
-                       "send": instructions(send_argv(config, 0), env)}
-        report_free(free, bridge, counted)
+        report_free(free, bridge, counted(config, env))
         for percent in (int(p) for p in args.quotas.split(",") if p):
             quota, why = Quota.make(percent)
             result = None

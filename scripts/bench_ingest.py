@@ -81,15 +81,24 @@ def bridged(folder: Path, uplink: Mosquitto, *, persistence: bool = False) -> Mo
 
 def service(folder: Path, local: Mosquitto, uplink: Mosquitto) -> Service:
     folder.mkdir(parents=True, exist_ok=True)
-    data = gateway.settings(folder, gateway_id=GATEWAY, port=uplink.port, prefix=PREFIX,
+    data = settings(folder, uplink_port=uplink.port, local_host=local.host,
+                    local_port=local.port)
+    return Service(gateway.write(folder / "config.toml", data), folder / "service.log")
+
+
+def settings(folder: Path, *, uplink_port: int, local_host: str, local_port: int
+             ) -> dict[str, Any]:
+    """The bench gateway's config (ingest ``z2m/#`` from the local broker, the uplink's
+    batching without delay), its files in ``folder``."""
+    data = gateway.settings(folder, gateway_id=GATEWAY, port=uplink_port, prefix=PREFIX,
                             store={"max_commands": 2_000_000, "max_bytes": 2 * 1024**3},
                             uplink={"batch_delay": 0.0, "backoff_initial": 0.05,
                                     "backoff_max": 0.5, "max_inflight": 64})
     data["gpio"] = {"enabled": False}
     data["inbound"] = {"enabled": False}
-    data["local"] = {"host": local.host, "port": local.port}
+    data["local"] = {"host": local_host, "port": local_port}
     data["ingest"] = [{"topic": "z2m/#"}]
-    return Service(gateway.write(folder / "config.toml", data), folder / "service.log")
+    return data
 
 
 async def online(svc: Service) -> None:

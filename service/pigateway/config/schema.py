@@ -10,9 +10,9 @@ dataclass costs its import (``inspect``, ``ast``...) and the code each one compi
 a fifth of a send's instructions for the service's 16 sections. :class:`StoreConfig` is
 therefore a plain frozen class (:class:`PlainSection`), its options the keyword
 parameters of its ``__init__``; the other sections are dataclasses, loaded with the rest.
+Its annotations are evaluated as the module loads (no ``from __future__ import
+annotations``), so reading a section's options evaluates no annotation text.
 """
-
-from __future__ import annotations
 
 import math
 import os
