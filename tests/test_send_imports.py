@@ -25,8 +25,10 @@ from pigateway import store
 #: of a damaged file, which only the drainer makes), shutil (argparse's way to the
 #: terminal's width, with bz2, lzma, pwd; the CLI reads the width itself,
 #: :class:`~pigateway.cli.Help`), logging (~20 million instructions of a send's ~350
-#: million: the modules that may log take it lazily, :mod:`pigateway.store.lazylog`).
+#: million: the modules that may log take it lazily, :mod:`pigateway.store.lazylog`),
+#: threading (the producer's lock is :func:`_thread.allocate_lock`, threading's own).
 FORBIDDEN = ("asyncio", "ssl", "logging", "shutil", "concurrent.futures", "aiomqtt", "paho",
+             "threading",
              "gpiozero", "prometheus_client", "tenacity", "pigateway.listeners", "pigateway.ingest",
              "pigateway.mqtt", "pigateway.uplink", "pigateway.app",
              "pigateway.handlers", "pigateway.store.queue", "pigateway.store.writer",
