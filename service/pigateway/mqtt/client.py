@@ -833,12 +833,15 @@ class Connection:
         if qos == 0:
             return await self.publish_now(topic, payload, 0, retain, timeout=timeout,
                                           extras=extras)
-        try:
-            async with asyncio.timeout(timeout):  # a quota comes back within one PUBACK wait
-                await self.quota.acquire()
-        except TimeoutError:
-            raise UplinkError(f"no free slot under the broker's Receive Maximum "
-                              f"({self.limits.receive_maximum}) within {timeout}s") from None
+        if self.quota.locked():  # a free slot is taken without a timer (one per publish)
+            try:
+                async with asyncio.timeout(timeout):  # a quota comes back within one PUBACK wait
+                    await self.quota.acquire()
+            except TimeoutError:
+                raise UplinkError(f"no free slot under the broker's Receive Maximum "
+                                  f"({self.limits.receive_maximum}) within {timeout}s") from None
+        else:
+            await self.quota.acquire()
         try:
             return await self.publish_now(topic, payload, qos, retain, timeout=timeout,
                                           extras=extras)
