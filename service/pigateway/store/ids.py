@@ -46,14 +46,13 @@ def new_ids(count: int) -> list[str]:
     _last_id[0], _last_id[1] = ms, (rand + count - 1) & _RANDOM_MASK
     head = _encode_ms(ms)
     ids: list[str] = []
-    pairs = _PAIRS
-    start, stem = -1, ""
-    for value in range(rand, rand + count):
-        if value >> 10 != start:
-            start = value >> 10
-            bits = value & _RANDOM_MASK  # past the 80 bits: wrap, as new_id's count did
-            stem = head + _encode_half(bits >> _HALF) + _encode_half(bits & _HALF_MASK)[:6]
-        ids.append(stem + pairs[value & 1023])
+    value, end = rand, rand + count
+    while value < end:  # a block of up to 1,024 ids that differ in their last two characters
+        bits = value & _RANDOM_MASK  # past the 80 bits: wrap, as new_id's count did
+        stem = head + _encode_half(bits >> _HALF) + _encode_half(bits & _HALF_MASK)[:6]
+        block = min(end, (value | 1023) + 1) - value
+        ids += [stem + pair for pair in _PAIRS[bits & 1023:(bits & 1023) + block]]
+        value += block
     return ids
 
 

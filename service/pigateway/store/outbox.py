@@ -161,7 +161,7 @@ class Outbox:
         rows: list[tuple[Any, ...]] = []
         for job in group:
             prepared = self._on_this_clock(job)
-            need_count, need_bytes = len(prepared), sum(row[5] for row in prepared)
+            need_count, need_bytes = len(prepared), sum([row[5] for row in prepared])
             if rows and (count + need_count > self.config.max_commands
                          or size + need_bytes > self.config.max_bytes):
                 # drop-oldest may have to drop rows of this very group: write them first
@@ -177,12 +177,12 @@ class Outbox:
             rows.extend(prepared)
             if job.then is not None:
                 job.then(conn)
-            outcomes.append([
-                Command(id=r[0], kind=r[1], device=r[2], name=r[3], params=item.params,
-                        size=r[5], queued_at=r[6], expires_at=r[7], attempts=0,
-                        last_error=None, params_json=r[4])
-                for r, item in zip(prepared, job.items, strict=True)
-            ])
+            # Command's fields in order (id, device, name, params, kind, queued_at,
+            # expires_at, attempts, last_error, size, seq, params_json): by keyword, a
+            # put_many of 1,000 spent twice as long building them
+            outcomes.append([Command(r[0], r[2], r[3], item.params, r[1], r[6], r[7], 0, None,
+                                     r[5], 0, r[4])
+                             for r, item in zip(prepared, job.items, strict=True)])
         conn.executemany(_INSERT, rows)
         return outcomes
 

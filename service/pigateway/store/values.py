@@ -185,10 +185,11 @@ def prepare_many(items: Sequence[NewCommand], config: StoreConfig, now: float,
     name the list already passed through :func:`check_name` is not checked again: a
     ``put_many`` of 1,000 rows spent more here than in SQLite's insert."""
     start = now if gateway_now is None else gateway_now
-    fresh = iter(new_ids(sum(item.id is None for item in items)))
     passed: set[str] = set()  # names that met check_name's rule (exactly str: no lookalikes)
     rows: list[tuple[Any, ...]] = []
-    for item in items:
+    # an id for every item (one for an item that names its own goes unused: cheaper than
+    # counting them first)
+    for item, fresh in zip(items, new_ids(len(items)), strict=True):
         device, name, id_, kind = item.device, item.name, item.id, item.kind
         if type(device) is not str or device not in passed:
             _check_new("device", device, passed)
@@ -201,7 +202,7 @@ def prepare_many(items: Sequence[NewCommand], config: StoreConfig, now: float,
         params, size = _params_text(item.params, config)
         ttl = _ttl_seconds(config.default_ttl if item.ttl is None else item.ttl)
         number = _KIND_NUMBER.get(kind) if item.priority is None else None
-        rows.append((next(fresh) if id_ is None else id_, kind, device, name, params, size, now,
+        rows.append((fresh if id_ is None else id_, kind, device, name, params, size, now,
                      start + ttl if ttl > 0 else None, ttl,
                      priority_number(item.priority, kind) if number is None else number))
     return rows
