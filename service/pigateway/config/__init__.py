@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         LEVEL_TEMPLATE,
         MANAGE_ROOM,
         MANAGE_VERBS,
+        MODE_FORWARDS,
         NAME_PATTERN,
         REMOTE_FIELDS,
         TOPIC_PATTERN,
@@ -64,7 +65,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_PATH", "HOST_PATTERN", "LEVEL_TEMPLATE", "MANAGE_ROOM", "MANAGE_VERBS",
-    "NAME_PATTERN", "REMOTE_FIELDS", "TOPIC_PATTERN", "Config", "ControlConfig",
+    "MODE_FORWARDS", "NAME_PATTERN", "REMOTE_FIELDS", "TOPIC_PATTERN", "Config", "ControlConfig",
     "DeviceConfig", "GpioConfig", "HomeAssistantConfig", "InboundConfig", "IngestRule",
     "LocalConfig", "LocalTlsConfig", "LogConfig", "ManageConfig", "MetricsConfig",
     "MqttConfig", "StoreConfig", "TlsConfig", "UplinkConfig", "absolute_path", "config_path",

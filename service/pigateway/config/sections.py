@@ -116,6 +116,12 @@ class LocalConfig(Section, section="local"):
 LEVEL_TEMPLATE = re.compile(r"^\{([1-9][0-9]?)\}$")
 #: What a ``remote_topic`` template may name.
 REMOTE_FIELDS = frozenset({"prefix", "gateway", "topic"})
+#: What each ingest mode makes of a message: True, the message whole to the uplink topic
+#: its rule's ``remote_topic`` names (checked as a template); False, a queued command whose
+#: ``device`` and ``name`` are levels of the local topic. Config check and ingest's routing
+#: both read this row, so a new mode is a row here, a literal of :attr:`IngestRule.mode` and
+#: a row of ``ingest.MODES``, and never a branch to find.
+MODE_FORWARDS: Final[dict[str, bool]] = {"forward": True, "command": False}
 
 
 @dataclass(frozen=True)
@@ -464,7 +470,7 @@ def _check_rule(config: Config, key: str, rule: IngestRule) -> None:
         raise ConfigError(f"{key}.qos", "0 is not allowed: a QoS 0 message is never "
                           "acknowledged, so the local broker keeps no copy of it and a stop or "
                           "a crash loses what ingest held; use 1 (or 2)")
-    if rule.mode == "forward":
+    if MODE_FORWARDS[rule.mode]:
         _check_remote(f"{key}.remote_topic", rule.remote_topic)
     else:
         for part in ("device", "name"):

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from pigateway.aio import cancel_and_wait, first_of, reconnecting, wait_backoff
-from pigateway.config import LEVEL_TEMPLATE, Config, IngestRule
+from pigateway.config import LEVEL_TEMPLATE, MODE_FORWARDS, Config, IngestRule
 from pigateway.errors import (
     InvalidCommand,
     LinkFault,
@@ -173,7 +173,7 @@ def route(config: Config, rules: Sequence[IngestRule], topic: str) -> Route | No
     rule = next((r for r in rules if topic_matches(r.topic, topic)), None)
     if rule is None:
         return None
-    if rule.mode != "forward":
+    if not MODE_FORWARDS[rule.mode]:
         return Route(rule, storable(topic))
     where = remote_topic(config, rule, topic)
     return Route(rule, storable(topic), where, forward_topic_problem(config, where))
@@ -198,7 +198,8 @@ def _as_command(config: Config, way: Route, message: Message) -> Taken:
 
 
 #: What a message becomes under a rule, by the rule's ``mode``: the one table of ingest
-#: modes (a new mode is a row here and a literal of :attr:`IngestRule.mode`).
+#: modes (a new mode is a row here, a literal of :attr:`IngestRule.mode` and a row of
+#: :data:`pigateway.config.MODE_FORWARDS`, which says whether it publishes to an uplink topic).
 MODES: Final[dict[str, Callable[[Config, Route, Message], Taken]]] = {
     "command": _as_command,
     "forward": as_forward,
