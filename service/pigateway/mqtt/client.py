@@ -369,22 +369,165 @@ def _read_again(inner: paho.Client, handle: Callable[[], MQTTErrorCode],
     return again
 
 
-class _Client(aiomqtt.Client):
-    """aiomqtt's client plus what 2.5 drops: PUBACK reason codes and CONNACK's packet limit."""
+class _ReadingClient(aiomqtt.Client):
+    """aiomqtt's client reading its socket itself: a chunk at a time cut into packets
+    (:mod:`pigateway.mqtt.stream`), a plain PUBLISH and a success PUBACK handled without
+    paho's per-message objects, every other packet handed to paho whole; one packet at a
+    time so that a full read-ahead pauses reading at once; queued packets joined into one
+    write. The repairs to paho's handlers are :class:`_Client`'s."""
 
     def __init__(self, *args: Any, manual_ack: bool = False, read_ahead: int | None = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.read_ahead = ReadAhead(read_ahead, self._pause_reading, self._resume_reading)
         self._reading_fd = -1
+        self._client.manual_ack_set(manual_ack)
+        self.manual_ack = manual_ack
+        #: inbound bytes read ahead of paho, cut into packets (:mod:`pigateway.mqtt.stream`)
+        self._packets = PacketBuffer()
+        self._v5 = self._client.protocol == paho.MQTTv5
+        self._client._packet_write = self._joined_writes(  # type: ignore[method-assign]
+            self._client._packet_write)
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        super()._on_socket_open(client, userdata, sock)  # its reader, its keepalive task
+        # called from the thread paho connects on; this add_reader replaces aiomqtt's
+        self._loop.call_soon_threadsafe(self._start_reading, sock.fileno())
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._reading_fd = -1
+        super()._on_socket_close(client, userdata, sock)
+
+    def _start_reading(self, fd: int) -> None:
+        self._reading_fd = fd
+        if self.read_ahead.paused:  # filled before this ran: aiomqtt's reader must not go on
+            self._loop.remove_reader(fd)
+        else:
+            self._loop.add_reader(fd, self._read_socket)
+
+    def _read_socket(self) -> None:
+        """aiomqtt's reader: what the socket has, and what TLS already decrypted; an error
+        ends the link. One packet at a time, so it stops the moment the inbox pauses
+        reading: paho's ``loop_read`` reads as many packets at once as QoS 2 messages wait
+        for their PUBREL and publishes of ours for their acks, past any limit."""
+        inner = self._client
+        try:
+            for _ in range(READ_BUDGET):
+                if self.read_ahead.paused or inner.socket() is None:
+                    return
+                rc = self._read_packet()
+                if rc > 0:
+                    inner._loop_rc_handle(rc)  # closes, on_disconnect: as loop_read does
+                    return
+                if rc == paho.MQTT_ERR_AGAIN:  # the socket is empty, TLS's buffer too
+                    return
+            # the budget is spent: more may wait in our buffer or TLS's, which no
+            # readiness shows
+            if self._packets.whole() or _tls_pending(inner.socket()):
+                self._loop.call_soon(self._read_socket)
+        except Exception as exc:
+            if not self._disconnected.done():
+                self._disconnected.set_exception(exc)
+
+    def _read_packet(self) -> MQTTErrorCode:
+        """One inbound packet handled, the socket read (a chunk at a time) when none waits in
+        the buffer: paho's ``_packet_read`` without its recv per header byte. Returns paho's
+        code (``MQTT_ERR_AGAIN``: the socket is empty, and TLS's buffer too)."""
+        inner = self._client
+        if inner._in_packet["command"]:  # begun by paho's reader before ours took over
+            return inner._packet_read()
+        packets = self._packets
+        try:
+            while (packet := packets.next()) is None:
+                try:
+                    data = inner._sock_recv(packets.wanted())
+                except BlockingIOError:
+                    return paho.MQTT_ERR_AGAIN
+                except OSError:  # TimeoutError and a closed socket too, as paho says it
+                    return paho.MQTT_ERR_CONN_LOST
+                if not data:
+                    return paho.MQTT_ERR_CONN_LOST
+                packets.feed(data)
+                with inner._msgtime_mutex:
+                    inner._last_bytes_received = paho.time_func()
+        except ProtocolError:
+            return paho.MQTT_ERR_PROTOCOL
+        return self._handle_packet(*packet)
+
+    def _handle_packet(self, first: int, body: bytes) -> MQTTErrorCode:
+        """A plain PUBLISH (manual acks) or PUBACK read here; any other packet by paho."""
+        kind = first >> 4
+        if kind == 3 and self.manual_ack:
+            try:
+                message = plain_publish(first, body, self._v5)
+            except Exception as exc:  # one packet, one failure: paho's path (guarded) takes it
+                log.debug("mqtt: a PUBLISH goes to paho's decoder: %s", bounded(exc, 200))
+                message = None
+            if message is not None:
+                self.read_ahead.put(message)
+                return paho.MQTT_ERR_SUCCESS
+        elif kind == 4:
+            plain = plain_puback(body, self._v5)
+            if plain is not None:
+                return self._acknowledged(*plain)
+        return self._by_paho(first, body)
+
+    def _acknowledged(self, mid: int, code: int) -> MQTTErrorCode:
+        """A PUBACK that says success: what paho's ``_handle_pubackcomp`` does with it."""
+        inner = self._client
+        with inner._out_message_mutex:
+            if mid in inner._out_messages:
+                return inner._do_on_publish(mid, _PUBACK_CODES[code], _NO_PROPERTIES)
+        return paho.MQTT_ERR_SUCCESS
+
+    def _by_paho(self, first: int, body: bytes) -> MQTTErrorCode:
+        """``body`` handled by paho (through the wrappers above), as its reader hands a
+        packet over once it has read it whole."""
+        inner = self._client
+        inner._in_packet = _in_packet(first, bytearray(body))
+        try:
+            return inner._packet_handle()
+        except MalformedPacket:
+            return paho.MQTT_ERR_PROTOCOL
+        finally:
+            inner._in_packet = _in_packet(0, bytearray())
+
+    def _joined_writes(self, write: Callable[[], MQTTErrorCode]) -> Callable[[], MQTTErrorCode]:
+        """paho writes each packet with a send of its own: a PUBACK for every ingested
+        message and a PUBLISH for every forwarded one, thousands of sends a second. Here the
+        packets waiting are joined into one write first (:func:`_join`)."""
+        queue = self._client._out_packet
+
+        def joined() -> MQTTErrorCode:
+            if len(queue) > 1:
+                _join(queue)
+            return write()
+        return joined
+
+    def _pause_reading(self) -> None:
+        if self._reading_fd >= 0:
+            self._loop.remove_reader(self._reading_fd)
+
+    def _resume_reading(self) -> None:
+        if self._reading_fd >= 0:
+            self._loop.add_reader(self._reading_fd, self._read_socket)
+            self._loop.call_soon(self._read_socket)  # bytes TLS decrypted while paused
+
+
+
+class _Client(_ReadingClient):
+    """aiomqtt's client plus what 2.5 drops: PUBACK reason codes and CONNACK's packet limit,
+    and paho's packet handlers made to fail one packet, not the link."""
+
+    def __init__(self, *args: Any, manual_ack: bool = False, read_ahead: int | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, manual_ack=manual_ack, read_ahead=read_ahead, **kwargs)
         self.max_packet_size: int | None = None
         self.limits = BrokerLimits()
         self.session_present = False
         #: the reason code of a DISCONNECT the broker sent, if it sent one
         self.disconnect_code: int | None = None
         self.puback_codes: dict[int, ReasonCode] = {}
-        self._client.manual_ack_set(manual_ack)
-        self.manual_ack = manual_ack
         #: a QoS 2 PUBLISH is being handed to :meth:`_on_message` as QoS 1 (manual acks)
         self._qos2 = False
         self._client._handle_pubackcomp = self._lenient_puback(  # type: ignore[method-assign,assignment]
@@ -399,11 +542,6 @@ class _Client(aiomqtt.Client):
             self._client._handle_pubrel)
         self._client._packet_handle = self._without_odd_properties(  # type: ignore[method-assign]
             self._client._packet_handle)
-        #: inbound bytes read ahead of paho, cut into packets (:mod:`pigateway.mqtt.stream`)
-        self._packets = PacketBuffer()
-        self._v5 = self._client.protocol == paho.MQTTv5
-        self._client._packet_write = self._joined_writes(  # type: ignore[method-assign]
-            self._client._packet_write)
         # a full in-flight window is normal here; aiomqtt warns past 10 pending calls
         self.pending_calls_threshold = (kwargs.get("max_inflight_messages") or 0) + 16
 
@@ -587,130 +725,6 @@ class _Client(aiomqtt.Client):
         else:
             self.read_ahead.put(replace(_inbound(message), qos=qos) if self._qos2
                            else _inbound(message))
-
-    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        super()._on_socket_open(client, userdata, sock)  # its reader, its keepalive task
-        # called from the thread paho connects on; this add_reader replaces aiomqtt's
-        self._loop.call_soon_threadsafe(self._start_reading, sock.fileno())
-
-    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self._reading_fd = -1
-        super()._on_socket_close(client, userdata, sock)
-
-    def _start_reading(self, fd: int) -> None:
-        self._reading_fd = fd
-        if self.read_ahead.paused:  # filled before this ran: aiomqtt's reader must not go on
-            self._loop.remove_reader(fd)
-        else:
-            self._loop.add_reader(fd, self._read_socket)
-
-    def _read_socket(self) -> None:
-        """aiomqtt's reader: what the socket has, and what TLS already decrypted; an error
-        ends the link. One packet at a time, so it stops the moment the inbox pauses
-        reading: paho's ``loop_read`` reads as many packets at once as QoS 2 messages wait
-        for their PUBREL and publishes of ours for their acks, past any limit."""
-        inner = self._client
-        try:
-            for _ in range(READ_BUDGET):
-                if self.read_ahead.paused or inner.socket() is None:
-                    return
-                rc = self._read_packet()
-                if rc > 0:
-                    inner._loop_rc_handle(rc)  # closes, on_disconnect: as loop_read does
-                    return
-                if rc == paho.MQTT_ERR_AGAIN:  # the socket is empty, TLS's buffer too
-                    return
-            # the budget is spent: more may wait in our buffer or TLS's, which no
-            # readiness shows
-            if self._packets.whole() or _tls_pending(inner.socket()):
-                self._loop.call_soon(self._read_socket)
-        except Exception as exc:
-            if not self._disconnected.done():
-                self._disconnected.set_exception(exc)
-
-    def _read_packet(self) -> MQTTErrorCode:
-        """One inbound packet handled, the socket read (a chunk at a time) when none waits in
-        the buffer: paho's ``_packet_read`` without its recv per header byte. Returns paho's
-        code (``MQTT_ERR_AGAIN``: the socket is empty, and TLS's buffer too)."""
-        inner = self._client
-        if inner._in_packet["command"]:  # begun by paho's reader before ours took over
-            return inner._packet_read()
-        packets = self._packets
-        try:
-            while (packet := packets.next()) is None:
-                try:
-                    data = inner._sock_recv(packets.wanted())
-                except BlockingIOError:
-                    return paho.MQTT_ERR_AGAIN
-                except OSError:  # TimeoutError and a closed socket too, as paho says it
-                    return paho.MQTT_ERR_CONN_LOST
-                if not data:
-                    return paho.MQTT_ERR_CONN_LOST
-                packets.feed(data)
-                with inner._msgtime_mutex:
-                    inner._last_bytes_received = paho.time_func()
-        except ProtocolError:
-            return paho.MQTT_ERR_PROTOCOL
-        return self._handle_packet(*packet)
-
-    def _handle_packet(self, first: int, body: bytes) -> MQTTErrorCode:
-        """A plain PUBLISH (manual acks) or PUBACK read here; any other packet by paho."""
-        kind = first >> 4
-        if kind == 3 and self.manual_ack:
-            try:
-                message = plain_publish(first, body, self._v5)
-            except Exception as exc:  # one packet, one failure: paho's path (guarded) takes it
-                log.debug("mqtt: a PUBLISH goes to paho's decoder: %s", bounded(exc, 200))
-                message = None
-            if message is not None:
-                self.read_ahead.put(message)
-                return paho.MQTT_ERR_SUCCESS
-        elif kind == 4:
-            plain = plain_puback(body, self._v5)
-            if plain is not None:
-                return self._acknowledged(*plain)
-        return self._by_paho(first, body)
-
-    def _acknowledged(self, mid: int, code: int) -> MQTTErrorCode:
-        """A PUBACK that says success: what paho's ``_handle_pubackcomp`` does with it."""
-        inner = self._client
-        with inner._out_message_mutex:
-            if mid in inner._out_messages:
-                return inner._do_on_publish(mid, _PUBACK_CODES[code], _NO_PROPERTIES)
-        return paho.MQTT_ERR_SUCCESS
-
-    def _by_paho(self, first: int, body: bytes) -> MQTTErrorCode:
-        """``body`` handled by paho (through the wrappers above), as its reader hands a
-        packet over once it has read it whole."""
-        inner = self._client
-        inner._in_packet = _in_packet(first, bytearray(body))
-        try:
-            return inner._packet_handle()
-        except MalformedPacket:
-            return paho.MQTT_ERR_PROTOCOL
-        finally:
-            inner._in_packet = _in_packet(0, bytearray())
-
-    def _joined_writes(self, write: Callable[[], MQTTErrorCode]) -> Callable[[], MQTTErrorCode]:
-        """paho writes each packet with a send of its own: a PUBACK for every ingested
-        message and a PUBLISH for every forwarded one, thousands of sends a second. Here the
-        packets waiting are joined into one write first (:func:`_join`)."""
-        queue = self._client._out_packet
-
-        def joined() -> MQTTErrorCode:
-            if len(queue) > 1:
-                _join(queue)
-            return write()
-        return joined
-
-    def _pause_reading(self) -> None:
-        if self._reading_fd >= 0:
-            self._loop.remove_reader(self._reading_fd)
-
-    def _resume_reading(self) -> None:
-        if self._reading_fd >= 0:
-            self._loop.add_reader(self._reading_fd, self._read_socket)
-            self._loop.call_soon(self._read_socket)  # bytes TLS decrypted while paused
 
     def abort(self) -> None:
         """Close the socket without a DISCONNECT (a failed or hung connect, a hung exit)."""
