@@ -17,6 +17,7 @@ _HALF_MASK = (1 << _HALF) - 1
 #: the secrets module would cost ``pigateway send`` ~5 ms of imports (hmac, hashlib, random).
 _RANDOM_BYTES = 10
 _last_id = [0, 0]  # (ms, random) of the last id made now by this process
+_head = [(-1, "")]  # (ms, its first ten characters) of the last ids made
 
 
 def new_id(now: float | None = None) -> str:
@@ -44,7 +45,12 @@ def new_ids(count: int) -> list[str]:
     else:
         rand = _random()
     _last_id[0], _last_id[1] = ms, (rand + count - 1) & _RANDOM_MASK
-    head = _encode_ms(ms)
+    made_at, head = _head[0]
+    if made_at != ms:  # the first ten characters, made once a millisecond
+        head = _encode_ms(ms)
+        _head[0] = (ms, head)
+    if count == 1:  # a put of one: no blocks
+        return [head + _encode_half(rand >> _HALF) + _encode_half(rand & _HALF_MASK)]
     ids: list[str] = []
     value, end = rand, rand + count
     while value < end:  # a block of up to 1,024 ids that differ in their last two characters
