@@ -17,6 +17,7 @@ import pytest
 
 from harness import mqttwire as w
 from harness.hostile import HostileBroker
+from pigateway.errors import UplinkError
 from pigateway.mqtt import Message, Settings, connect
 from pigateway.mqtt import client as mqtt
 from pigateway.mqtt.stream import PacketBuffer, ProtocolError, plain_publish
@@ -106,3 +107,46 @@ def test_joined_writes_keep_order_and_leave_qos0_and_disconnect_alone() -> None:
     assert [(p["packet"], p["pos"], p["to_process"]) for p in queue] == [
         (b"AABB", 0, 4), (b"q0", 0, 2), (b"CC", 0, 2), (b"DD", 0, 2), (b"EE", 0, 2)]
     assert [p["command"] & 0xF0 for p in queue] == [0x40, 0x30, 0x40, 0xE0, 0x40]
+
+
+async def _after_a_broken_packet(raw: bytes, plain: bool,
+                                 monkeypatch: pytest.MonkeyPatch) -> tuple[bool, bool]:
+    """(whether the publish waiting for its PUBACK failed, whether the socket was closed
+    within 5 s) after the broker answered it with ``raw``."""
+    with monkeypatch.context() as patch:
+        if not plain:
+            patch.setattr(mqtt, "plain_puback", lambda *_: None)
+            patch.setattr(mqtt, "plain_publish", lambda *_: None)
+        async with HostileBroker(decide=lambda _: None) as broker:
+            settings = Settings("127.0.0.1", broker.port, client_id="broken", protocol="5")
+            failed = False
+            async with connect(settings, bound=5) as client:
+                session = await broker.connected()
+                sending = asyncio.ensure_future(client.deliver("t", b"x", timeout=5))
+                assert await broker.wait_for(lambda: bool(broker.published))
+                await broker.send(raw)
+                try:
+                    await sending
+                except UplinkError:
+                    failed = True
+            closed = await broker.wait_for(lambda: session.closed, 5)
+            return failed, closed
+
+
+BROKEN: dict[str, bytes] = {
+    "PUBACK of no byte": w.packet(w.PUBACK, b""),
+    "PUBACK of one byte": w.packet(w.PUBACK, b"\x00"),
+    # a read's budget of packets spent, then a length of five bytes waits in the buffer
+    "length of five bytes after a budget of packets": w.pingresp() * mqtt.READ_BUDGET
+    + bytes([0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN))
+@pytest.mark.parametrize("plain", [True, False], ids=["ours", "paho's"])
+async def test_a_broken_packet_ends_the_link_and_closes_its_socket(
+        name: str, plain: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A packet paho's reader calls malformed ends the link as paho ends it: the publish
+    waiting fails and the socket is closed (never a link marked lost whose socket stays
+    open, read and pinged, for the broker to keep sending to)."""
+    assert await _after_a_broken_packet(BROKEN[name], plain, monkeypatch) == (True, True)

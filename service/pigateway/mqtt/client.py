@@ -425,7 +425,12 @@ class _ReadingClient(aiomqtt.Client):
             # readiness shows
             if self._packets.whole() or _tls_pending(inner.socket()):
                 self._loop.call_soon(self._read_socket)
-        except Exception as exc:
+        except Exception as exc:  # the link ends, its socket closed: never a link marked
+            # lost whose socket stays open, read and pinged, for the broker to send on to
+            log.warning("mqtt: reading the socket failed (%s: %s); the link ends",
+                        type(exc).__name__, bounded(exc, 200))
+            with contextlib.suppress(Exception):
+                inner._loop_rc_handle(paho.MQTT_ERR_PROTOCOL)
             if not self._disconnected.done():
                 self._disconnected.set_exception(exc)
 

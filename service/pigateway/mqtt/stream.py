@@ -66,8 +66,12 @@ class PacketBuffer:
         return CHUNK
 
     def whole(self) -> bool:
-        """Whether a whole packet waits (the socket's readiness will not say so)."""
-        head = self._head()
+        """Whether a whole packet waits (the socket's readiness will not say so); a broken
+        length counts as one: the next :meth:`next` raises it, and the link ends there."""
+        try:
+            head = self._head()
+        except ProtocolError:
+            return True
         return isinstance(head, tuple) and len(self._data) - self._at >= head[1] + head[2]
 
     def next(self) -> tuple[int, bytes] | None:
@@ -223,10 +227,11 @@ _RETAINED: Final = Extras(retain=True)
 
 def plain_puback(body: bytes, v5: bool) -> tuple[int, int] | None:
     """(packet id, reason code) of a PUBACK that says success (:data:`PLAIN_PUBACK_CODES`)
-    with no properties; None for any other: paho reads it."""
+    with no properties; None for any other (one shorter than a packet id too): paho reads
+    it, and ends the link on what it calls malformed."""
     size = len(body)
     if size == 2:
         return body[0] << 8 | body[1], 0
-    if not v5 or size > 4 or body[2] not in PLAIN_PUBACK_CODES or (size == 4 and body[3]):
+    if not v5 or not 3 <= size <= 4 or body[2] not in PLAIN_PUBACK_CODES or (size == 4 and body[3]):
         return None
     return body[0] << 8 | body[1], body[2]
