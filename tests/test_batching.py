@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import re
+import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -460,3 +461,36 @@ def test_an_action_behind_a_result_of_its_device_waits_for_it() -> None:
     take = take_batch(pending, RULES, now=NOW)
     assert take.batch is not None and take.batch.ids == ["c0"]
     assert [r.id for r in take.rest] == ["r1", "c2"]
+
+
+@pytest.mark.parametrize("text", ['{"a":NaN}', '{"a":[1,Infinity]}', '{"a":{"b":-Infinity}}'])
+def test_stored_params_our_encoder_refuses_are_never_spliced_onto_the_wire(text: str) -> None:
+    """A row whose stored params json.loads takes but are not JSON (NaN, Infinity: written
+    by no version of the put, but a salvaged or hand-edited file can hold them) goes the way
+    its params encoded again go (refused: ValueError), never spliced into a batch that every
+    other command of it then travels in as text a strict consumer cannot parse."""
+    row = row_to_command((7, "c1", "action", "dev", "set", text, len(text), NOW, None, 0, None))
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        encode_command(row._replace(params_json=None))
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        encode_command(row)
+
+
+async def test_a_row_whose_params_cannot_be_sent_is_buried_alone(
+        store_config: StoreConfig) -> None:
+    """A stored row whose params are not JSON (NaN: a salvaged or hand-edited file) is
+    dead-lettered on its own, and the others go: it neither ends every claim (the queue
+    stalled behind it, claim after claim) nor travels in a batch."""
+    async with await Store.open(store_config) as store:
+        bad = await store.put("a", "bad", {"v": 1})
+        await store.put("a", "fine")
+        await store.put("b", "other")
+        with sqlite3.connect(store_config.path) as conn:  # as a foreign writer would
+            conn.execute("UPDATE outbox SET params = ? WHERE id = ?", ('{"v":NaN}', bad.id))
+        batcher = Batcher(store, RULES, batch_delay=0.0)
+        async with asyncio.timeout(5):
+            batch = await batcher.next_batch()
+        assert batch is not None and sorted(c.name for c in batch.commands) == ["fine", "other"]
+        json.loads(batch.payload, parse_constant=pytest.fail)
+        dead = {d.command.name: d.reason for d in await store.list_dead()}
+        assert list(dead) == ["bad"]

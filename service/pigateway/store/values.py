@@ -255,24 +255,44 @@ def _ttl_seconds(value: Any) -> float:
 
 
 def row_to_command(row: Sequence[Any]) -> Command:
+    """A claimed row, its params decoded and kept as stored (``params_json``) for a batch to
+    splice, unless the text holds NaN or Infinity: json.loads takes them, JSON does not, and
+    no put writes them (a salvaged or hand-edited file can hold them). Such a row carries
+    no stored text, so its params are encoded again and refused as the put refuses them,
+    rather than spliced into a batch whose every command a strict consumer then refuses."""
     seq, id_, kind, device, name, params, size, queued_at, expires_at, attempts, error = row[:11]
-    return Command(id_, device, name, decode_params(params), kind, queued_at, expires_at,
-                   attempts, error, size, seq, params)
+    try:
+        value, stored = decode_params(params, _STRICT), params
+    except _NotJson:
+        value, stored = decode_params(params), None
+    return Command(id_, device, name, value, kind, queued_at, expires_at,
+                   attempts, error, size, seq, stored)
+
+
+class _NotJson(Exception):
+    """NaN, Infinity or -Infinity in stored params: text json.loads takes, JSON does not."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotJson(name)
 
 
 _DECODER = json.JSONDecoder()
+#: :data:`_DECODER` refusing NaN and Infinity (the C scanner calls it for those alone)
+_STRICT = json.JSONDecoder(parse_constant=_refuse_constant)
 
 
-def decode_params(text: str) -> Any:
+def decode_params(text: str, decoder: json.JSONDecoder = _DECODER) -> Any:
     """``json.loads(text)``, for the compact JSON the queue stores, by json's C scanner
     (``raw_decode``) alone: a drain decodes every row it claims, and json.loads's wrappers
     (and the whitespace they look for) cost twice the scan. Anything the scan does not take whole
     (whitespace, trailing data, bad JSON) goes through json.loads, its errors too."""
+    constant = None if decoder is _DECODER else decoder.parse_constant
     try:
-        value, end = _DECODER.raw_decode(text)
+        value, end = decoder.raw_decode(text)
     except ValueError:
-        return json.loads(text)
-    return value if end == len(text) else json.loads(text)
+        return json.loads(text, parse_constant=constant)
+    return value if end == len(text) else json.loads(text, parse_constant=constant)
 
 def own_ttl(queued_at: float, expires_at: float | None, ttl: float | None) -> float:
     """The ttl a command was put with (0: never expires). Rows from before the stored ttl

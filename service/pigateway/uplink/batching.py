@@ -39,6 +39,9 @@ from pigateway.uplink.ahead import SOLO, Ahead, Row
 
 REASON_TOO_LARGE = "too-large"
 REASON_EXPIRED = "expired"
+#: A row whose params cannot be sent as JSON (NaN, Infinity: never written by a put; a
+#: salvaged or hand-edited file): dead-lettered alone, never requeued (it would fail again)
+REASON_INVALID = "invalid"
 #: Batches' worth of rows the batcher holds claimed ahead under a backlog, at least (one
 #: per in-flight slot when there are more slots): the rows of the devices a PUBACK frees are
 #: at hand when it comes. Held per device (:mod:`pigateway.uplink.ahead`), a batch costs its own
@@ -146,6 +149,8 @@ class Take(Generic[C]):
     rest: list[C]
     too_large: list[C] = field(default_factory=list)
     expired: list[C] = field(default_factory=list)
+    #: rows whose params cannot be encoded as JSON (:data:`REASON_INVALID`)
+    invalid: list[C] = field(default_factory=list)
 
 
 def encode_command(command: Queued) -> str:
@@ -256,7 +261,10 @@ def _take_result(live: list[C], rules: Rules, expired: list[C], now: float) -> T
         return Take(Batch(head.id, "forward", (head,), forward.payload, forward), rest,
                     expired=expired)
     stored: str | None = getattr(head, "params_json", None)  # as queued: no encoding again
-    payload = (wire.encode(head.params) if stored is None else stored).encode()
+    try:
+        payload = (wire.encode(head.params) if stored is None else stored).encode()
+    except ValueError:  # UnicodeEncodeError too: one row, one failure
+        return Take(None, rest, expired=expired, invalid=[head])
     if len(payload) > rules.too_large_above:
         return Take(None, rest, too_large=[head], expired=expired)
     return Take(Batch(head.id, "results", (head,), payload), rest, expired=expired)
@@ -268,13 +276,18 @@ def _take_actions(live: list[C], rules: Rules, now: float, batch_id: str,
     waiting: set[str] = set(busy)
     rest: list[C] = []
     too_large: list[C] = []
+    invalid: list[C] = []
     for command in live:
         if command.kind in SOLO or command.device in waiting or _cannot_join(builder, command):
             waiting.add(command.device)  # a device's later actions wait behind it too
             rest.append(command)
             continue
-        encoded = encode_command(command)
-        size = utf8_length(encoded)
+        try:  # a lone surrogate fails utf8_length (UnicodeEncodeError), not the payload
+            encoded = encode_command(command)
+            size = utf8_length(encoded)
+        except ValueError:  # one row, one failure: never the claim's, nor its batch's
+            invalid.append(command)
+            continue
         if builder.fits(command.device, size):
             builder.add(command, encoded, size)
         elif not fits_alone(command, rules, encoded):
@@ -286,7 +299,8 @@ def _take_actions(live: list[C], rules: Rules, now: float, batch_id: str,
             rest.append(command)
     batch = Batch(batch_id, "actions", tuple(builder.members), builder.payload()) \
         if builder.members else None
-    return Take(batch, rest, too_large=too_large, expired=expired)  # type: ignore[arg-type]
+    return Take(batch, rest, too_large=too_large, expired=expired,  # type: ignore[arg-type]
+                invalid=invalid)
 
 
 def _cannot_join(builder: _Builder, command: Queued) -> bool:
@@ -307,6 +321,7 @@ class Plan(Generic[C]):
     batches: list[Batch[C]]
     too_large: list[C]
     expired: list[C]
+    invalid: list[C] = field(default_factory=list)
 
 
 def plan(commands: Sequence[C], rules: Rules, *, now: float) -> Plan[C]:
@@ -317,6 +332,7 @@ def plan(commands: Sequence[C], rules: Rules, *, now: float) -> Plan[C]:
         take = take_batch(pending, rules, now=now)
         result.too_large.extend(take.too_large)
         result.expired.extend(take.expired)
+        result.invalid.extend(take.invalid)
         if take.batch is not None:
             result.batches.append(take.batch)
         pending = take.rest
@@ -570,3 +586,7 @@ class Batcher(Generic[C]):
         if take.expired:
             await self.store.dead_letter([c.id for c in take.expired], REASON_EXPIRED,
                                          "its ttl ran out before it could be sent")
+        if take.invalid:
+            await self.store.dead_letter([c.id for c in take.invalid], REASON_INVALID,
+                                         "its stored params are not JSON (NaN or Infinity) "
+                                         "or not UTF-8")
