@@ -186,6 +186,7 @@ def prepare_many(items: Sequence[NewCommand], config: StoreConfig, now: float,
     ``put_many`` of 1,000 rows spent more here than in SQLite's insert."""
     start = now if gateway_now is None else gateway_now
     passed: set[str] = set()  # names that met check_name's rule (exactly str: no lookalikes)
+    default_ttl: float | None = None
     rows: list[tuple[Any, ...]] = []
     # an id for every item (one for an item that names its own goes unused: cheaper than
     # counting them first)
@@ -200,7 +201,12 @@ def prepare_many(items: Sequence[NewCommand], config: StoreConfig, now: float,
         if kind not in KINDS:
             raise InvalidCommand(f"kind must be one of {KINDS}, got {kind!r}")
         params, size = _params_text(item.params, config)
-        ttl = _ttl_seconds(config.default_ttl if item.ttl is None else item.ttl)
+        if item.ttl is not None:
+            ttl = _ttl_seconds(item.ttl)
+        else:  # the config's, checked once a list
+            if default_ttl is None:
+                default_ttl = _ttl_seconds(config.default_ttl)
+            ttl = default_ttl
         number = _KIND_NUMBER.get(kind) if item.priority is None else None
         rows.append((fresh if id_ is None else id_, kind, device, name, params, size, now,
                      start + ttl if ttl > 0 else None, ttl,
