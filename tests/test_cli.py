@@ -230,6 +230,20 @@ def test_send_queues_whatever_a_section_it_does_not_use_says(tmp_path: Path, cli
     assert [row["id"] for row in read_queue_store(config_file)] == [out.strip()]
 
 
+@pytest.mark.parametrize("profile", ["[]", "{}", "[1, [2]]"])
+def test_a_profile_that_is_no_name_is_a_config_error_not_a_crash(
+        tmp_path: Path, cli: Run, profile: str) -> None:
+    """``mqtt.profile`` set to a list or a table (a careless edit) is the service's config
+    error, named by ``config check``; a send, which reads [store] alone, still queues."""
+    config_file = write_config(tmp_path, extra=f"[mqtt]\nprofile = {profile}\n")
+    code, out, err = cli("send", "--config", str(config_file), "--device", "d",
+                         "--command", "c")
+    assert (code, err) == (0, "")
+    assert [row["id"] for row in read_queue_store(config_file)] == [out.strip()]
+    code, _, err = cli("config", "check", "--config", str(config_file))
+    assert code == 78 and "mqtt.profile" in err
+
+
 def read_queue_store(config_file: Path) -> list[dict[str, Any]]:
     """The queued rows, reading [store] alone (the rest of the file may be broken)."""
     async def read() -> list[dict[str, Any]]:

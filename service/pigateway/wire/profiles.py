@@ -85,7 +85,7 @@ def with_defaults(data: dict[str, Any]) -> dict[str, Any]:
     """The raw config mapping with the profile's defaults where the file sets nothing."""
     mqtt = data.get("mqtt")
     name = mqtt.get("profile", "generic") if isinstance(mqtt, dict) else "generic"
-    if name not in PROFILES:
+    if not isinstance(name, str) or name not in PROFILES:  # a list or table is unhashable
         return data  # the validator names the bad profile
     data = _copy(data)
     for dotted, value in PROFILES[name].defaults.items():
