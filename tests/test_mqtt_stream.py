@@ -150,3 +150,117 @@ async def test_a_broken_packet_ends_the_link_and_closes_its_socket(
     waiting fails and the socket is closed (never a link marked lost whose socket stays
     open, read and pinged, for the broker to keep sending to)."""
     assert await _after_a_broken_packet(BROKEN[name], plain, monkeypatch) == (True, True)
+
+
+def _raw_publish(first: int, body: bytes) -> bytes:
+    return bytes([first]) + w.varint(len(body)) + body
+
+
+#: Inbound packets at the edges of the plain reading, each compared with paho's outcome.
+EDGES: dict[str, tuple[bytes, bool]] = {  # (packet, MQTT 5)
+    "QoS 3": (_raw_publish(0x36, w.string("t") + b"\x00\x01\x00{}"), True),
+    "DUP and retain": (w.publish("t", b"{}", qos=1, mid=3, dup=True, retain=True), True),
+    "packet id 0": (_raw_publish(0x32, w.string("t") + b"\x00\x00\x00{}"), True),
+    "topic past the body": (_raw_publish(0x32, b"\x00\x09t\x00\x01"), True),
+    "properties past the body": (w.publish("t", b"", qos=1, mid=4, raw_props=b"\x05\x01"), True),
+    "properties length over 4 bytes": (w.publish("t", b"{}", qos=1, mid=5,
+                                                 raw_props=b"\xff\xff\xff\xff\x01"), True),
+    "property cut short": (w.publish("t", b"", qos=1, mid=6, raw_props=b"\x03\x02\x00"), True),
+    "empty payload, 3.1.1": (w.publish("t", b"", qos=1, mid=7, v5=False), False),
+    "retained QoS 2, 3.1.1": (w.publish("t/2", b"x", qos=2, mid=8, v5=False, retain=True),
+                              False),
+    "non-minimal remaining length": (b"\x32\x88\x00" + w.string("t") + b"\x00\x09\x00{}", True),
+}
+
+
+async def _outcome(packet: bytes, v5: bool, plain: bool,
+                   monkeypatch: pytest.MonkeyPatch) -> tuple[str, Any]:
+    """What the consumer got for ``packet``: ("message", it) or ("ended", None)."""
+    with monkeypatch.context() as patch:
+        if not plain:
+            patch.setattr(mqtt, "plain_publish", lambda *_: None)
+        async with HostileBroker() as broker:
+            settings = Settings("127.0.0.1", broker.port, client_id="edges",
+                                protocol="5" if v5 else "3.1.1", persistent=True,
+                                session_expiry=60)
+            async with connect(settings, bound=5) as client:
+                await broker.send(packet)
+                try:
+                    message = await asyncio.wait_for(anext(client.messages()), 3)
+                except (UplinkError, TimeoutError) as exc:
+                    return ("ended" if isinstance(exc, UplinkError) else "nothing", None)
+                return ("message", message)
+
+
+@pytest.mark.parametrize("name", list(EDGES))
+async def test_an_edge_of_the_plain_reading_ends_as_pahos_reading_does(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    packet, v5 = EDGES[name]
+    ours = await _outcome(packet, v5, True, monkeypatch)
+    pahos = await _outcome(packet, v5, False, monkeypatch)
+    assert ours == pahos
+
+
+async def test_packets_left_in_the_buffer_at_a_pause_come_after_it_once_each() -> None:
+    """A burst in one write, read in one chunk, with the read-ahead pausing after two: the
+    rest wait in our buffer (no socket readiness will announce them) and come, once each
+    and in order, as the consumer takes and acknowledges; the broker gets every PUBACK."""
+    burst = b"".join(w.publish(f"t/{n}", b"%d" % n, qos=1, mid=n) for n in range(1, 41))
+    async with HostileBroker() as broker:
+        settings = Settings("127.0.0.1", broker.port, client_id="burst", protocol="5",
+                            persistent=True, session_expiry=60, read_ahead=2)
+        async with connect(settings, bound=5) as client:
+            await broker.send(burst)
+            got: list[int] = []
+            messages = client.messages()
+            for _ in range(40):
+                message = await asyncio.wait_for(anext(messages), 5)
+                got.append(message.mid)
+                client.ack(message)
+                await asyncio.sleep(0)
+            assert got == list(range(1, 41))
+            assert await broker.wait_for(lambda: len(broker.from_client(w.PUBACK)) == 40)
+            assert sorted(p.mid for p in broker.from_client(w.PUBACK)) == list(range(1, 41))
+            assert client.waiting == 0
+
+
+async def test_joined_writes_cut_by_a_full_send_buffer_arrive_whole_and_in_order() -> None:
+    """Hundreds of publishes queued while the broker reads nothing: the joined writes stop
+    part-way at a full send buffer and go on from there; the broker, reading at last, finds
+    every PUBLISH whole, once, in order, and each publish gets its PUBACK."""
+    count, size = 400, 20000  # 8 MB: past any loopback send buffer
+    hold = asyncio.Event()
+    seen: list[w.Packet] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = await w.read_packet(reader)
+        assert first is not None and first.kind == w.CONNECT
+        writer.write(w.connack(props=w.receive_maximum(65535)))
+        await writer.drain()
+        await hold.wait()  # nothing read: the client's send buffer fills
+        while len([p for p in seen if p.kind == w.PUBLISH]) < count:
+            found = await w.read_packet(reader)
+            if found is None:
+                return
+            seen.append(found)
+            if found.kind == w.PUBLISH:
+                writer.write(w.ack(w.PUBACK, w.parse_publish(found).mid or 0))
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        settings = Settings("127.0.0.1", port, client_id="joined", protocol="5",
+                            max_inflight=count)
+        async with connect(settings, bound=5) as client:
+            sends = [asyncio.ensure_future(client.deliver(f"t/{n}", bytes([n % 256]) * size,
+                                                          timeout=20)) for n in range(count)]
+            await asyncio.sleep(0.5)
+            hold.set()
+            assert await asyncio.wait_for(asyncio.gather(*sends), 20) == [None] * count
+    finally:
+        server.close()
+    publishes = [w.parse_publish(p) for p in seen if p.kind == w.PUBLISH]
+    assert [p.topic for p in publishes] == [f"t/{n}".encode() for n in range(count)]
+    assert all(p.payload == bytes([n % 256]) * size for n, p in enumerate(publishes))
