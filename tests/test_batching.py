@@ -494,3 +494,27 @@ async def test_a_row_whose_params_cannot_be_sent_is_buried_alone(
         json.loads(batch.payload, parse_constant=pytest.fail)
         dead = {d.command.name: d.reason for d in await store.list_dead()}
         assert list(dead) == ["bad"]
+
+
+async def test_params_stored_as_a_blob_go_out_as_json_and_a_blob_name_alone_is_buried(
+        store_config: StoreConfig) -> None:
+    """SQLite keeps a BLOB in a TEXT column (a foreign writer, a salvaged file): params
+    stored so go out as their JSON encoded again (json.loads read them; the scanner alone
+    does not), and a row whose name is a BLOB, which no batch can carry, is dead-lettered
+    alone: neither stalls every claim behind it."""
+    async with await Store.open(store_config) as store:
+        blob = await store.put("a", "blob", {"v": 1})
+        named = await store.put("b", "named")
+        await store.put("c", "fine")
+        with sqlite3.connect(store_config.path) as conn:
+            conn.execute("UPDATE outbox SET params = ? WHERE id = ?", (b'{"v":1}', blob.id))
+            conn.execute("UPDATE outbox SET name = ? WHERE id = ?", (b"named", named.id))
+        batcher = Batcher(store, RULES, batch_delay=0.0)
+        async with asyncio.timeout(5):
+            batch = await batcher.next_batch()
+        assert batch is not None and sorted(batch.ids) == sorted([blob.id, *(
+            c.id for c in batch.commands if c.name == "fine")])
+        sent = json.loads(batch.payload)
+        assert {"v": 1} in [command["params"] for action in sent["actions"]
+                            for command in action["commands"]]
+        assert [d.reason for d in await store.list_dead()] == ["invalid"]

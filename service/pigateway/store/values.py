@@ -268,7 +268,8 @@ def row_to_command(row: Sequence[Any]) -> Command:
     rather than spliced into a batch whose every command a strict consumer then refuses."""
     seq, id_, kind, device, name, params, size, queued_at, expires_at, attempts, error = row[:11]
     try:
-        value, stored = decode_params(params, _STRICT), params
+        value = decode_params(params, _STRICT)
+        stored = params if type(params) is str else None  # a BLOB: encoded again
     except _NotJson:
         value, stored = decode_params(params), None
     return Command(id_, device, name, value, kind, queued_at, expires_at,
@@ -292,11 +293,12 @@ def decode_params(text: str, decoder: json.JSONDecoder = _DECODER) -> Any:
     """``json.loads(text)``, for the compact JSON the queue stores, by json's C scanner
     (``raw_decode``) alone: a drain decodes every row it claims, and json.loads's wrappers
     (and the whitespace they look for) cost twice the scan. Anything the scan does not take whole
-    (whitespace, trailing data, bad JSON) goes through json.loads, its errors too."""
+    (whitespace, trailing data, bad JSON, a BLOB's bytes) goes through json.loads, its errors
+    too."""
     constant = None if decoder is _DECODER else decoder.parse_constant
     try:
         value, end = decoder.raw_decode(text)
-    except ValueError:
+    except (ValueError, TypeError):
         return json.loads(text, parse_constant=constant)
     return value if end == len(text) else json.loads(text, parse_constant=constant)
 

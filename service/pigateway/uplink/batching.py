@@ -263,7 +263,7 @@ def _take_result(live: list[C], rules: Rules, expired: list[C], now: float) -> T
     stored: str | None = getattr(head, "params_json", None)  # as queued: no encoding again
     try:
         payload = (wire.encode(head.params) if stored is None else stored).encode()
-    except ValueError:  # UnicodeEncodeError too: one row, one failure
+    except (TypeError, ValueError):  # UnicodeEncodeError too: one row, one failure
         return Take(None, rest, expired=expired, invalid=[head])
     if len(payload) > rules.too_large_above:
         return Take(None, rest, too_large=[head], expired=expired)
@@ -285,7 +285,8 @@ def _take_actions(live: list[C], rules: Rules, now: float, batch_id: str,
         try:  # a lone surrogate fails utf8_length (UnicodeEncodeError), not the payload
             encoded = encode_command(command)
             size = utf8_length(encoded)
-        except ValueError:  # one row, one failure: never the claim's, nor its batch's
+        except (TypeError, ValueError):  # one row, one failure: never the claim's, nor
+            # its batch's (a BLOB where text belongs: SQLite keeps it in a TEXT column)
             invalid.append(command)
             continue
         if builder.fits(command.device, size):
@@ -588,5 +589,5 @@ class Batcher(Generic[C]):
                                          "its ttl ran out before it could be sent")
         if take.invalid:
             await self.store.dead_letter([c.id for c in take.invalid], REASON_INVALID,
-                                         "its stored params are not JSON (NaN or Infinity) "
-                                         "or not UTF-8")
+                                         "its stored params are not JSON (NaN or Infinity), "
+                                         "not UTF-8, or a field is not text")
