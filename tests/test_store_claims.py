@@ -152,3 +152,21 @@ def test_a_claim_after_the_cursor_is_an_index_or_rowid_search(tmp_path: Path) ->
     assert [("SCAN outbox" in plan) for plan in plans] == [False, False, False]
     assert "USING INTEGER PRIMARY KEY (rowid>?)" in plans[1]
     assert all("outbox_urgent (priority=? AND seq>?)" in plan for plan in (plans[0], plans[2]))
+
+
+@pytest.mark.parametrize("text", ['{bad', '{"v":1' + "0" * 5000 + "}"])
+async def test_a_row_whose_params_cannot_be_read_is_buried_not_stalling_every_claim(
+        store: Store, store_config: StoreConfig, text: str) -> None:
+    """One row whose stored params no decoder reads (a flipped byte on a page SQLite reads
+    without complaint, a salvaged or hand-edited file, an integer past Python's digit
+    limit) is dead-lettered ``invalid`` by the claim that meets it; the other rows are
+    claimed, and listings show the queue and the dead letter instead of raising."""
+    bad = await store.put("a", "bad", {"v": 1})
+    fine = await store.put("b", "fine")
+    with sqlite3.connect(store_config.path) as conn:
+        conn.execute("UPDATE outbox SET params = ? WHERE id = ?", (text, bad.id))
+    assert [c.id for c in await store.list_queued(10)] == [bad.id, fine.id]
+    assert [c.id for c in await store.claim(10)] == [fine.id]
+    dead = await store.list_dead()
+    assert [(d.command.id, d.reason) for d in dead] == [(bad.id, "invalid")]
+    assert await store.claim(10) == []

@@ -264,11 +264,16 @@ class Outbox:
                 self._bury_seqs(conn, sorted(expired), "expired",
                                 "its ttl ran out before it could be sent")
                 buried += len(expired)
-            live = [row for row in rows if row[0] not in expired]
+            commands, unreadable = _read_rows(rows, expired)
+            if unreadable:  # one row, one failure: never every claim's after it
+                why = next(iter(unreadable.values()))
+                self._bury_seqs(conn, sorted(unreadable), NEVER_SENT_AGAIN,
+                                f"its stored params cannot be read: {why}")
+                buried += len(unreadable)
             conn.executemany("INSERT INTO inflight (seq, claimed_at) VALUES (?, ?)",
-                             [(row[0], now) for row in live])
-            self.cursors.claimed(tiers, but=expired)
-            claimed.extend(row_to_command(row) for row in live)
+                             [(command.seq, now) for command in commands])
+            self.cursors.claimed(tiers, but=expired | unreadable.keys())
+            claimed.extend(commands)
         return claimed, buried >= SWEEP_CHUNK
 
     def ack(self, conn: sqlite3.Connection, ids: Sequence[str]) -> int:
@@ -441,6 +446,22 @@ def _requeue_rows(conn: sqlite3.Connection, where: str, params: Sequence[Any],
     for chunk in chunks([row[0] for row in rows], SWEEP_CHUNK):
         conn.execute(f"DELETE FROM dead_letters WHERE rowid IN ({marks(len(chunk))})", chunk)
     return len(rows)
+
+
+def _read_rows(rows: Sequence[tuple[Any, ...]], expired: set[int]
+               ) -> tuple[list[Command], dict[int, str]]:
+    """The commands of the rows not ``expired``, and why each row (by seq) that does not
+    read cannot (params no decoder takes: bit rot, a salvaged or hand-edited file)."""
+    commands: list[Command] = []
+    unreadable: dict[int, str] = {}
+    for row in rows:
+        if row[0] in expired:
+            continue
+        try:
+            commands.append(row_to_command(row))
+        except (ValueError, TypeError) as exc:
+            unreadable[row[0]] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return commands, unreadable
 
 
 def _move_to_dead(conn: sqlite3.Connection, seqs: Sequence[int], reason: str,

@@ -26,7 +26,7 @@ from pigateway.store.values import (
     DeadLetter,
     Stats,
     check_name,
-    row_to_command,
+    shown_row,
 )
 
 #: ``queue ls``: every queued row, in flights too, in the order the drain claims them.
@@ -100,7 +100,7 @@ class Reads:
         for query in _LISTING_ORDER:
             if len(rows) < limit:
                 rows += await self._fetch(query, (limit - len(rows),))
-        return [self._for_display(row_to_command(row)) for row in rows]
+        return [self._for_display(shown_row(row)) for row in rows]
 
     async def list_dead(self, limit: int = 100) -> list[DeadLetter]:
         """The newest ``limit`` dead letters (``expires_at`` as wall time, as above)."""
@@ -108,7 +108,7 @@ class Reads:
             "SELECT 0, id, kind, device, name, params, size, queued_at, expires_at, attempts, "
             "last_error, reason, detail, dead_at FROM dead_letters ORDER BY dead_at DESC LIMIT ?",
             (limit,))
-        return [DeadLetter(self._for_display(row_to_command(row)), row[11], row[12], row[13])
+        return [DeadLetter(self._for_display(shown_row(row)), row[11], row[12], row[13])
                 for row in rows]
 
     async def oldest_ttl(self) -> float | None:

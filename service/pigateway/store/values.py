@@ -276,6 +276,17 @@ def row_to_command(row: Sequence[Any]) -> Command:
                    attempts, error, size, seq, stored)
 
 
+def shown_row(row: Sequence[Any]) -> Command:
+    """:func:`row_to_command` for a listing: a row whose params cannot be read (the claim
+    dead-letters it ``invalid``) is shown with its text, bounded, under ``"unreadable"``,
+    rather than failing the whole listing."""
+    try:
+        return row_to_command(row)
+    except (ValueError, TypeError):
+        return row_to_command((*row[:5], json.dumps({"unreadable": shown(row[5], 200)}),
+                               *row[6:]))
+
+
 class _NotJson(Exception):
     """NaN, Infinity or -Infinity in stored params: text json.loads takes, JSON does not."""
 
