@@ -121,6 +121,8 @@ PRIVATE_API: Final = (
                   "called: a packet paho's own reader began before ours took the socket"),
     PrivateMember("paho.Client", "_sock_recv", "method", ("bufsize",),
                   "called: the socket read in chunks (TLS's want-read mapped as paho maps it)"),
+    PrivateMember("paho.Client", "_easy_log", "method", ("level", "fmt", "args"),
+                  "called: a failed read said as paho's reader says it (its logger, its level)"),
     PrivateMember("paho.Client", "_msgtime_mutex", "attribute", "lock",
                   "guard _last_bytes_received as paho does when bytes came in"),
     PrivateMember("paho.Client", "_out_packet", "attribute", "deque",
@@ -448,7 +450,8 @@ class _ReadingClient(aiomqtt.Client):
                     data = inner._sock_recv(packets.wanted())
                 except BlockingIOError:
                     return paho.MQTT_ERR_AGAIN
-                except OSError:  # TimeoutError and a closed socket too, as paho says it
+                except OSError as err:  # TimeoutError and a closed socket too, as paho says it
+                    inner._easy_log(paho.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
                     return paho.MQTT_ERR_CONN_LOST
                 if not data:
                     return paho.MQTT_ERR_CONN_LOST
