@@ -264,3 +264,46 @@ async def test_joined_writes_cut_by_a_full_send_buffer_arrive_whole_and_in_order
     publishes = [w.parse_publish(p) for p in seen if p.kind == w.PUBLISH]
     assert [p.topic for p in publishes] == [f"t/{n}".encode() for n in range(count)]
     assert all(p.payload == bytes([n % 256]) * size for n, p in enumerate(publishes))
+
+
+def _puback(body: bytes) -> bytes:
+    return bytes([0x40]) + w.varint(len(body)) + body
+
+
+#: PUBACK bodies after the packet id, at the edges of the plain reading.
+PUBACKS: dict[str, bytes] = {
+    "no code": b"",
+    "success code": b"\x00",
+    "no matching subscribers": b"\x10",
+    "success, empty properties": b"\x00\x00",
+    "success, properties length lies": b"\x00\x05",
+    "success, a reason string": b"\x00" + w.properties(w.reason_string("fine")),
+    "not authorized": b"\x87",
+    "quota exceeded, empty properties": b"\x97\x00",
+    "unknown code": b"\x42",
+}
+
+
+async def _delivered(tail: bytes, plain: bool, monkeypatch: pytest.MonkeyPatch) -> object:
+    """What ``deliver`` returned (the failure code or None), or the error's type."""
+    with monkeypatch.context() as patch:
+        if not plain:
+            patch.setattr(mqtt, "plain_puback", lambda *_: None)
+        async with HostileBroker(decide=lambda _: None) as broker:
+            settings = Settings("127.0.0.1", broker.port, client_id="pubacks", protocol="5")
+            async with connect(settings, bound=5) as client:
+                sending = asyncio.ensure_future(client.deliver("t", b"x", timeout=3))
+                assert await broker.wait_for(lambda: bool(broker.published))
+                mid = broker.published[-1][1].mid or 0
+                await broker.send(_puback(mid.to_bytes(2, "big") + tail))
+                try:
+                    return await sending
+                except UplinkError as exc:
+                    return type(exc).__name__
+
+
+@pytest.mark.parametrize("name", list(PUBACKS))
+async def test_a_puback_at_the_edges_means_what_pahos_reading_says(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert await _delivered(PUBACKS[name], True, monkeypatch) == \
+        await _delivered(PUBACKS[name], False, monkeypatch)
