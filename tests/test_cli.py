@@ -244,6 +244,17 @@ def test_a_profile_that_is_no_name_is_a_config_error_not_a_crash(
     assert code == 78 and "mqtt.profile" in err
 
 
+@pytest.mark.parametrize("path", ["/", "/.", "//"])
+def test_a_store_path_that_names_no_file_is_a_config_error(
+        tmp_path: Path, cli: Run, path: str) -> None:
+    """``store.path = "/"`` (a careless edit) names a folder, no file: send and config check
+    say so (exit 78, naming the key), not a ValueError traceback out of the store."""
+    config_file = write_config(tmp_path, f'path = "{path}"')
+    for argv in (("send", "--device", "d", "--command", "c"), ("config", "check")):
+        code, _, err = cli(*argv, "--config", str(config_file))
+        assert code == 78 and "store.path" in err, err
+
+
 def read_queue_store(config_file: Path) -> list[dict[str, Any]]:
     """The queued rows, reading [store] alone (the rest of the file may be broken)."""
     async def read() -> list[dict[str, Any]]:

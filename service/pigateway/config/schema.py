@@ -165,6 +165,8 @@ def absolute_path(key: str, value: str | PurePath) -> Path:
     if not path.is_absolute():
         raise ConfigError(key, f"{str(path)[:200]!r} is not allowed: a path must be absolute "
                           "(a relative one means another file in each working directory)")
+    if not path.name:  # "/": every path option names a file
+        raise ConfigError(key, f"{str(path)!r} is not allowed: it names no file")
     return path
 
 
