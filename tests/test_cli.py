@@ -255,6 +255,17 @@ def test_a_store_path_that_names_no_file_is_a_config_error(
         assert code == 78 and "store.path" in err, err
 
 
+@pytest.mark.parametrize("key", ["max_attempts", "max_commands", "max_dead_letters"])
+def test_a_whole_number_past_64_bits_is_a_config_error(tmp_path: Path, cli: Run,
+                                                        key: str) -> None:
+    """TOML's integers are 64-bit, and so are SQLite's: ``store.max_attempts =
+    100000000000000000000000`` passed every check, then each attempt counted by the service
+    raised OverflowError out of SQLite. It is refused where it is read, naming its key."""
+    config_file = write_config(tmp_path, f"{key} = 100000000000000000000000")
+    code, _, err = cli("config", "check", "--config", str(config_file))
+    assert code == 78 and f"store.{key}" in err, err
+
+
 def read_queue_store(config_file: Path) -> list[dict[str, Any]]:
     """The queued rows, reading [store] alone (the rest of the file may be broken)."""
     async def read() -> list[dict[str, Any]]:

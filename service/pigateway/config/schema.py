@@ -31,6 +31,8 @@ from pigateway.wire import profiles
 T = typing.TypeVar("T")
 
 DEFAULT_PATH = Path("/etc/pigateway/config.toml")
+#: 2**63: TOML's integers (and SQLite's) are signed 64-bit
+INT64 = 1 << 63
 
 
 def rule(*, min: float | None = None, max: float | None = None,
@@ -316,6 +318,9 @@ def _scalar(hint: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(key, f"must be a whole number, got {_show(value)}")
+        if not -INT64 <= value < INT64:  # tomllib reads any size; SQLite binds 64 bits
+            raise ConfigError(key, f"{_show(value)} is out of range: TOML's whole numbers "
+                              "are 64-bit")
         _check_bounds(value, key, meta)
         return value
     if hint is float:
