@@ -266,6 +266,17 @@ def test_a_whole_number_past_64_bits_is_a_config_error(tmp_path: Path, cli: Run,
     assert code == 78 and f"store.{key}" in err, err
 
 
+@pytest.mark.parametrize("table", ["mqtt", "local"])
+def test_a_session_expiry_past_mqtts_four_bytes_is_a_config_error(
+        tmp_path: Path, cli: Run, table: str) -> None:
+    """MQTT's Session Expiry Interval is four bytes (4294967295: never expires). A longer
+    one (a thousand years in seconds) passed config check, then every CONNECT failed to
+    pack (struct.error): the link never came up. It is refused, naming its key."""
+    config_file = write_config(tmp_path, extra=f"[{table}]\nsession_expiry = 31536000000\n")
+    code, _, err = cli("config", "check", "--config", str(config_file))
+    assert code == 78 and f"{table}.session_expiry" in err, err
+
+
 def read_queue_store(config_file: Path) -> list[dict[str, Any]]:
     """The queued rows, reading [store] alone (the rest of the file may be broken)."""
     async def read() -> list[dict[str, Any]]:

@@ -39,6 +39,8 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TOPIC_PATTERN = re.compile(r"^[^#+\x00-\x1f\x7f-\x9f]+$")
 #: A host name or an IPv4/IPv6 address: no scheme, no port, no spaces.
 HOST_PATTERN = re.compile(r"^[A-Za-z0-9_.:%-]{1,253}$")
+#: MQTT's Session Expiry Interval is four bytes; 4294967295 means the session never expires
+SESSION_EXPIRY_MAX = 4_294_967_295
 
 
 def _opt(default: Any, *, min: float | None = None, max: float | None = None,
@@ -77,7 +79,8 @@ class MqttConfig(Section, section="mqtt"):
     username: str | None = _opt(None, doc="broker user name; none: anonymous")
     password_file: Path | None = _opt(
         None, doc="file with the password, or the systemd credential 'mqtt-password'")
-    session_expiry: int = _opt(86_400, min=0, doc="seconds the broker keeps our session")
+    session_expiry: int = _opt(86_400, min=0, max=SESSION_EXPIRY_MAX,
+                               doc="seconds the broker keeps our session")
     tls: TlsConfig = field(default_factory=TlsConfig)
 
 
@@ -101,7 +104,7 @@ class LocalConfig(Section, section="local"):
     client_id: str | None = _opt(None, pattern=re.compile(r"^[A-Za-z0-9_.:-]{1,128}$"),
                                  allowed="1-128 of letters, digits, '_', '.', ':', '-'",
                                  doc="client id of ingest's session; none: {gateway_id}-ingest")
-    session_expiry: int = _opt(7 * 86_400, min=60,
+    session_expiry: int = _opt(7 * 86_400, min=60, max=SESSION_EXPIRY_MAX,
                                doc="seconds the local broker keeps ingest's session (and "
                                    "the messages queued for it) while pigateway is down")
     keepalive: int = _opt(15, min=5, max=3600, doc="seconds between pings")
