@@ -277,6 +277,18 @@ def test_a_session_expiry_past_mqtts_four_bytes_is_a_config_error(
     assert code == 78 and f"{table}.session_expiry" in err, err
 
 
+@pytest.mark.parametrize(("table", "key"), [("mqtt", "topic_prefix"), ("mqtt", "username"),
+                                            ("local", "username")])
+def test_a_string_past_what_mqtt_carries_is_a_config_error(
+        tmp_path: Path, cli: Run, table: str, key: str) -> None:
+    """An MQTT string is at most 65535 bytes. A longer user name passed config check, then
+    every CONNECT failed to pack (struct.error); a longer topic prefix made every topic
+    too long: each command dead-lettered too-large. Each is refused, naming its key."""
+    config_file = write_config(tmp_path, extra=f'[{table}]\n{key} = "{"p" * 70000}"\n')
+    code, _, err = cli("config", "check", "--config", str(config_file))
+    assert code == 78 and f"{table}.{key}" in err, err
+
+
 def read_queue_store(config_file: Path) -> list[dict[str, Any]]:
     """The queued rows, reading [store] alone (the rest of the file may be broken)."""
     async def read() -> list[dict[str, Any]]:

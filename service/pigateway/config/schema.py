@@ -343,6 +343,10 @@ def _text(hint: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
     problem = text_problem(value)
     if problem is not None:
         raise ConfigError(key, f"{shown(value)} {problem}")
+    most = meta.get("max")  # a string's: bytes in UTF-8 (what a wire or a file limits)
+    if most is not None and len(value.encode()) > most:
+        raise ConfigError(key, f"{shown(value)} is {len(value.encode()):,} bytes in UTF-8; "
+                          f"the most allowed is {int(most):,}")
     pattern = meta.get("pattern")
     if pattern is not None and not pattern.match(value):
         if meta.get("allowed"):

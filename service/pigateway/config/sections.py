@@ -41,6 +41,10 @@ TOPIC_PATTERN = re.compile(r"^[^#+\x00-\x1f\x7f-\x9f]+$")
 HOST_PATTERN = re.compile(r"^[A-Za-z0-9_.:%-]{1,253}$")
 #: MQTT's Session Expiry Interval is four bytes; 4294967295 means the session never expires
 SESSION_EXPIRY_MAX = 4_294_967_295
+#: The most bytes an MQTT string (a user name, a topic) carries
+MQTT_STRING_MAX = 65_535
+#: A topic prefix leaves room in a topic for "/{gateway_id}/" and the longest leaf
+TOPIC_PREFIX_MAX = MQTT_STRING_MAX - 128
 
 
 def _opt(default: Any, *, min: float | None = None, max: float | None = None,
@@ -73,10 +77,11 @@ class MqttConfig(Section, section="mqtt"):
     profile: Literal["generic", "aws-iot", "azure-iot-hub", "hivemq-cloud"] = _opt(
         "generic", doc=("the cloud broker: its defaults, topics and limits (docs/config.md, "
                         "Cloud profiles); generic: any broker"))
-    topic_prefix: str = _opt("pigateway", pattern=TOPIC_PATTERN,
+    topic_prefix: str = _opt("pigateway", pattern=TOPIC_PATTERN, max=TOPIC_PREFIX_MAX,
                              doc="topics are {topic_prefix}/{gateway_id}/...")
     keepalive: int = _opt(15, min=5, max=3600, doc="seconds between pings")
-    username: str | None = _opt(None, doc="broker user name; none: anonymous")
+    username: str | None = _opt(None, max=MQTT_STRING_MAX,
+                                doc="broker user name; none: anonymous")
     password_file: Path | None = _opt(
         None, doc="file with the password, or the systemd credential 'mqtt-password'")
     session_expiry: int = _opt(86_400, min=0, max=SESSION_EXPIRY_MAX,
@@ -98,7 +103,8 @@ class LocalConfig(Section, section="local"):
     port: int = _opt(1883, min=1, max=65535, doc="local broker port")
     protocol: Literal["5", "3.1.1"] = _opt(
         "5", doc="MQTT protocol version (5 keeps content type, user properties, expiry)")
-    username: str | None = _opt(None, doc="local broker user name; none: anonymous")
+    username: str | None = _opt(None, max=MQTT_STRING_MAX,
+                                doc="local broker user name; none: anonymous")
     password_file: Path | None = _opt(
         None, doc="file with the password, or the systemd credential 'local-password'")
     client_id: str | None = _opt(None, pattern=re.compile(r"^[A-Za-z0-9_.:-]{1,128}$"),
