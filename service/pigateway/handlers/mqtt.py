@@ -133,7 +133,7 @@ def _read_password(key: str, path: Path | None) -> str | None:
         return None
     try:
         return read_secret(path)
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError too; a file too long
         raise ConfigError(key, f"cannot read {path}: {exc}") from exc
 
 

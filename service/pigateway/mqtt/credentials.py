@@ -24,12 +24,24 @@ def credential(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
+#: The most bytes an MQTT password (binary data with a two-byte length) carries.
+MAX_PASSWORD_BYTES = 65_535
+
+
 def read_secret(path: Path) -> str:
     """The secret in ``path`` (UTF-8, one trailing line break dropped).
 
-    Raises ``OSError`` or ``UnicodeDecodeError``: the caller says which setting named it.
+    Raises ``OSError`` or ``UnicodeDecodeError``: the caller says which setting named it;
+    ``ValueError`` for one longer than an MQTT password carries (read no further: a file
+    named by mistake, a certificate bundle or a log, would make every CONNECT fail to pack).
     """
-    return path.read_text(encoding="utf-8").rstrip("\r\n")
+    with path.open("rb") as file:
+        data = file.read(MAX_PASSWORD_BYTES + 3)  # the secret and a CRLF, and one byte more
+    secret = None if len(data) > MAX_PASSWORD_BYTES + 2 else data.decode().rstrip("\r\n")
+    if secret is None or len(secret.encode()) > MAX_PASSWORD_BYTES:
+        raise ValueError(f"it holds more than {MAX_PASSWORD_BYTES:,} bytes, the most an "
+                         "MQTT password carries")
+    return secret
 
 
 def broker_password(mqtt: MqttConfig) -> str | None:
@@ -39,7 +51,7 @@ def broker_password(mqtt: MqttConfig) -> str | None:
         return None
     try:
         return read_secret(path)
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError too
         raise LinkFault(f"cannot read the MQTT password from {path}: {exc}") from exc
 
 
@@ -52,7 +64,7 @@ def local_password(local: LocalConfig) -> str | None:
         return None
     try:
         return read_secret(path)
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError too
         raise LinkFault(f"cannot read local.password_file {path}: {exc}") from exc
 
 
