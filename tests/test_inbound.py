@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -156,6 +157,28 @@ async def test_malformed_input_is_answered_and_disturbs_nothing(tmp_path: Path) 
 
 
 # --------------------------------------------------------------------------- dedupe
+
+
+async def test_a_command_whose_stored_params_do_not_read_is_rejected_and_the_next_runs(
+        tmp_path: Path) -> None:
+    """Bit rot in one inbox row (a flipped byte SQLite reads without complaint, a salvaged
+    or hand-edited file) is that command's failure: it is answered ``rejected`` naming why,
+    never run, and the device's next command runs."""
+    lamp = Scripted(lambda r: None)
+    config = make_config(tmp_path, ["a"])
+    async with await Store.open(config.store) as store:
+        now = store.clock.now()
+        for command_id in ("c-bad", "c-fine"):
+            await store.inbox.receive(command_id, "a", "go", {"v": 1}, expires_at=None,
+                                      ttl=None, now=now, headroom=0)
+    with sqlite3.connect(config.store.path) as conn:
+        conn.execute("UPDATE inbox SET params = '{bad' WHERE id = 'c-bad'")
+    async with running(config, {"a": lamp}) as (_, store):
+        found = by_id(await results(store, 2))
+    assert found["c-bad"]["status"] == "rejected"
+    assert "cannot be read" in found["c-bad"]["detail"]
+    assert found["c-fine"]["status"] == "ok"
+    assert [request.id for _, request in lamp.calls] == ["c-fine"]
 
 
 async def test_duplicate_ids_run_once_and_a_finished_one_is_answered_again(

@@ -195,6 +195,9 @@ class WorkerPool:
         if handler is None:
             status, detail = "rejected", (f"unknown device {entry.device!r}: it is no longer "
                                           "in the config")
+        elif entry.unreadable is not None:
+            status, detail = "rejected", (f"its params as stored cannot be read "
+                                          f"({entry.unreadable}); not run")
         elif _expired(entry, self.store.clock.now()):
             status, detail = "expired", _expired_detail(entry)
         elif entry.attempts >= limit:

@@ -55,6 +55,9 @@ class Entry:
     finished_at: float | None
     ttl: float | None = None  # as the command came (None also for rows of before migration 3)
     done_on: float | None = None  # when it was done, on the gateway clock (dedupe window)
+    #: why its stored params (or result) cannot be read (bit rot, a salvaged or hand-edited
+    #: file); None: they read. Such a command is answered ``rejected``, never run.
+    unreadable: str | None = None
 
     def done_since(self) -> float:
         """When it was done, on the gateway clock (rows of before migration 3: their wall
@@ -69,6 +72,7 @@ class Entry:
             "received_at": self.received_at, "expires_at": self.expires_at,
             "started_at": self.started_at, "finished_at": self.finished_at,
             "last_error": self.last_error, "result": self.result,
+            **({"unreadable": self.unreadable} if self.unreadable else {}),
         }
 
 
@@ -229,8 +233,23 @@ class Inbox(InboxReads):
 def _entry(row: Sequence[Any]) -> Entry:
     (seq, id_, device, name, params, received_at, expires_at, state, attempts, started_at,
      last_error, status, result, finished_at, ttl, done_on) = row
-    return Entry(seq=seq, id=id_, device=device, name=name, params=json.loads(params),
+    decoded_params, params_problem = _document(params)
+    decoded_result, result_problem = (None, None) if result is None else _document(result)
+    problem = params_problem or result_problem
+    return Entry(seq=seq, id=id_, device=device, name=name, params=decoded_params or {},
                  received_at=received_at, expires_at=expires_at, state=state,
                  attempts=attempts, started_at=started_at, last_error=last_error,
-                 status=status, result=None if result is None else json.loads(result),
-                 finished_at=finished_at, ttl=ttl, done_on=done_on)
+                 status=status, result=decoded_result, finished_at=finished_at, ttl=ttl,
+                 done_on=done_on, unreadable=problem)
+
+
+def _document(stored: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """A stored JSON object, or why it does not read: one row's bit rot is that row's
+    failure, never every scan's after it (the outbox's claim buries such rows alike)."""
+    try:
+        value = json.loads(stored)
+    except (ValueError, TypeError, RecursionError) as exc:
+        return None, bounded(f"{type(exc).__name__}: {exc}", 200)
+    if not isinstance(value, dict):
+        return None, f"stored as {type(value).__name__}, not a JSON object"
+    return value, None
