@@ -20,6 +20,7 @@ import pytest
 
 from harness import gateway
 from pigateway.config import Config, DeviceConfig
+from pigateway.counters import COUNTERS
 from pigateway.errors import HandlerError, InvalidCommand, RetryableHandlerError
 from pigateway.handlers import Handler, HandlerFactory, Request
 from pigateway.inbound import Inbound, list_inbox
@@ -125,6 +126,40 @@ async def test_one_devices_commands_run_in_order(tmp_path: Path) -> None:
             await inbound.accept(command(f"c{i:02d}"))
         await results(store, 30)
     assert [r.id for _, r in lamp.calls] == [f"c{i:02d}" for i in range(30)]
+
+
+async def test_commands_received_together_keep_each_devices_order(tmp_path: Path) -> None:
+    """Concurrent receipts (as the uplink makes them) over idle and busy lanes alike: the
+    first of an idle device is handed over at once, the rest queue behind it in order."""
+    handlers = {name: Scripted(lambda r: None) for name in ("a", "b", "c")}
+    config = make_config(tmp_path, list(handlers), workers=2)
+    async with running(config, handlers) as (inbound, store):
+        for wave in range(3):
+            await asyncio.gather(*(inbound.accept(command(f"w{wave}-{i:02d}", "abc"[i % 3]))
+                                   for i in range(30)))
+            await asyncio.sleep(0.05 * wave)  # some lanes idle again, some not
+        await results(store, 90)
+    for index, name in enumerate("abc"):
+        assert [r.id for _, r in handlers[name].calls] == [
+            f"w{wave}-{i:02d}" for wave in range(3) for i in range(index, 30, 3)]
+
+
+async def test_a_command_on_an_idle_lane_costs_two_commits(tmp_path: Path) -> None:
+    """Received already running (attempt 1, durable before the handler runs) in its
+    receipt's commit, then its result: no commit of its own for the running mark."""
+    lamp = Scripted(lambda r: None)
+    config = make_config(tmp_path, ["a"])
+    async with running(config, {"a": lamp}) as (inbound, store):
+        await inbound.accept(command("warm"))
+        await results(store, 1)
+        before = sum(COUNTERS.commit_seconds.counts)
+        await inbound.accept(command("c1"))
+        await results(store, 2)
+        commits = sum(COUNTERS.commit_seconds.counts) - before
+        entry = await store.inbox.find("c1")
+    assert commits == 2
+    assert entry is not None and (entry.state, entry.attempts) == ("done", 1)
+    assert [r.attempt for _, r in lamp.calls] == [1, 1]
 
 
 # --------------------------------------------------------------------------- bad input

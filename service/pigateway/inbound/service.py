@@ -140,12 +140,27 @@ class Inbound:
                 command.id, command.device, command.name, command.params,
                 expires_at=expires_at, ttl=command.ttl, now=time.time(),
                 headroom=self._result_room(), replace=replace)
-        before = await receive(replace=False)
-        if before is not None and await self._repeat(before):
-            return
-        if before is not None:  # stale: a new command after all
-            await receive(replace=True)
-        self.pool.wake()
+        held = self.pool.admit(command.id, command.device)  # before the insert is queued
+        inserted, started = False, None
+        try:
+            if held:  # its lane is idle: received already running, one commit for both
+                before, started = await self.store.inbox.receive_running(
+                    command.id, command.device, command.name, command.params,
+                    expires_at=expires_at, ttl=command.ttl, now=time.time(),
+                    headroom=self._result_room())
+            else:
+                before = await receive(replace=False)
+            inserted = before is None
+            if before is not None and await self._repeat(before):
+                return
+            if before is not None:  # stale: a new command after all
+                await receive(replace=True)
+                inserted = True
+        finally:
+            self.pool.admitted(command.id, command.device, held, inserted=inserted,
+                               started=started)
+        if started is None:
+            self.pool.wake()
 
     def _result_room(self) -> int:
         """Bytes an accepted command keeps free beyond ``store.min_free_bytes``: room for

@@ -97,6 +97,13 @@ class WorkerPool:
         self._opened = False
         # ids marked running (durably) together with the result before them in their lane
         self._premarked: set[str] = set()
+        # ids received pending and not loaded yet, by device: a device with any is not idle
+        self._expected: dict[str, set[str]] = {}
+        # ids handed over by admitted() (not loaded): never loaded again from the inbox
+        self._handed: set[str] = set()
+        # every pending row on disk is loaded (False until the first load catches up)
+        self._caught_up = False
+        self._tasks: asyncio.TaskGroup | None = None
 
     # ---- lifecycle
 
@@ -126,6 +133,56 @@ class WorkerPool:
         """A command was persisted: look at the inbox now."""
         self._wake.set()
 
+    # ---- commands handed over at receipt (an idle lane: no mark_running commit of their own)
+
+    def admit(self, command_id: str, device: str) -> bool:
+        """Called as a command's insert is queued, before any ``await``: True when its
+        device's lane is idle, with nothing of its device pending before it (loaded or
+        not), so it may be inserted already running (:meth:`Inbox.receive_running`) and
+        handed over with :meth:`admitted`; the lane is held for it meanwhile. False: it
+        is inserted pending and loaded from the inbox, in its order; call :meth:`admitted`
+        all the same."""
+        if (self._caught_up and self._tasks is not None and device not in self._lanes
+                and not self._expected.get(device) and self._loaded < MAX_LOADED):
+            self._lanes[device] = deque()  # held: commands received meanwhile queue behind
+            self._loaded += 1
+            return True
+        self._expected.setdefault(device, set()).add(command_id)
+        return False
+
+    def admitted(self, command_id: str, device: str, held: bool, *, inserted: bool,
+                 started: Entry | None = None) -> None:
+        """The insert of an :meth:`admit`-ted command is over: ``started`` (marked running
+        with it) runs now; a row ``inserted`` pending is loaded from the inbox in its
+        order; nothing inserted (a repeat, an error) leaves nothing to run."""
+        if not held:
+            if not inserted:
+                self._forget_expected(command_id, device)
+            return
+        lane = self._lanes.get(device)
+        if started is not None and lane is not None and self._tasks is not None:
+            self._handed.add(started.id)
+            self._premarked.add(started.id)
+            lane.appendleft(started)
+        else:
+            self._loaded -= 1
+            if inserted:  # pending on disk (its running mark failed): its lane waits for it
+                self._expected.setdefault(device, set()).add(command_id)
+                self._wake.set()
+        if lane is None:
+            return
+        if lane and self._tasks is not None:
+            self._tasks.create_task(self._run_lane(device), name=f"lane-{device}")
+        else:
+            del self._lanes[device]
+
+    def _forget_expected(self, command_id: str, device: str) -> None:
+        waiting = self._expected.get(device)
+        if waiting is not None:
+            waiting.discard(command_id)
+            if not waiting:
+                del self._expected[device]
+
     async def run(self) -> None:
         """Recover interrupted commands, then run lanes until cancelled; the handlers are
         closed when it ends (so a caller that only runs it needs no ``async with``)."""
@@ -133,6 +190,7 @@ class WorkerPool:
         try:
             await self.store.inbox.recover()
             async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks
                 tasks.create_task(self._prune_loop(), name="inbox-prune")
                 while True:
                     self._wake.clear()
@@ -141,15 +199,21 @@ class WorkerPool:
                         async with asyncio.timeout(POLL):  # not wait_for: 3.11's can swallow
                             await self._wake.wait()       # a cancel that meets a wake-up
         finally:
+            self._tasks = None
+            self._caught_up = False
             await self.close()
 
     async def _load(self, tasks: asyncio.TaskGroup) -> None:
         """Hand newly pending commands to their device's lane, starting lanes as needed."""
+        self._caught_up = False
         while self._loaded < MAX_LOADED:
             room = MAX_LOADED - self._loaded
             entries = await self.store.inbox.pending(self._cursor, room)
             for entry in entries:
                 self._cursor = entry.seq
+                self._forget_expected(entry.id, entry.device)
+                if entry.id in self._handed:  # pending again in a retry's backoff: in its lane
+                    continue
                 self._loaded += 1
                 lane = self._lanes.get(entry.device)
                 if lane is not None:
@@ -158,6 +222,7 @@ class WorkerPool:
                 self._lanes[entry.device] = deque([entry])
                 tasks.create_task(self._run_lane(entry.device), name=f"lane-{entry.device}")
             if len(entries) < room:  # caught up: no need to ask again until woken
+                self._caught_up = True
                 return
 
     async def _run_lane(self, device: str) -> None:
@@ -299,6 +364,7 @@ class WorkerPool:
                                                             done_on=done_on,
                                                             then_running=then_running),
                             f"record the result of command {entry.id}")
+        self._handed.discard(entry.id)  # done: never pending again (one a bug ended stays)
         COUNTERS.inbound_done(status)
         if after is not None:
             self._premarked.add(after.id)
