@@ -29,7 +29,8 @@ MAX_PASSWORD_BYTES = 65_535
 
 
 def read_secret(path: Path) -> str:
-    """The secret in ``path`` (UTF-8, one trailing line break dropped).
+    """The secret in ``path`` (UTF-8; trailing line breaks, CR or LF, dropped: an editor or an
+    ``echo`` adds them, and no broker password ends with one in practice).
 
     Raises ``OSError`` or ``UnicodeDecodeError``: the caller says which setting named it;
     ``ValueError`` for one longer than an MQTT password carries (read no further: a file
