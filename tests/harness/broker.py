@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -58,6 +59,11 @@ class Mosquitto:
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.folder}/",
             "autosave_interval 1",
+            # as root mosquitto drops to the user 'mosquitto', who cannot write a folder of
+            # ours: the persistence file is never saved (one "Permission denied" in the log)
+            # and a restart forgets every persistent session and the messages queued for it
+            *([] if any(line.startswith("user ") for line in self.extra)
+              else [f"user {pwd.getpwuid(os.geteuid()).pw_name}"]),
             "max_queued_messages 1000000",
             "max_inflight_messages 0",
             # as a broker for gateways should be: no 40 ms Nagle/delayed-ACK stall per packet
