@@ -290,18 +290,9 @@ class Outbox:
             in_list = marks(len(chunk))
             deleted = conn.execute(f"DELETE FROM outbox WHERE id IN ({in_list})", chunk).rowcount
             if deleted < len(set(chunk)):
-                self._check_unindexed(conn, chunk)
+                _check_indexed(conn, self.path, chunk)
             total += deleted
         return total
-
-    def _check_unindexed(self, conn: sqlite3.Connection, ids: Sequence[str]) -> None:
-        left = fetch_all(conn, f"SELECT id FROM outbox NOT INDEXED WHERE id IN "
-                               f"({marks(len(ids))})", ids)
-        if left:
-            raise StoreCorrupt(f"{self.path} is corrupt: its outbox.id index does not find "
-                               f"{plural(len(left), 'acknowledged command')} ({left[0][0]}, "
-                               "...) still in the table; restart pigateway to quarantine it "
-                               "(every row is kept)")
 
     def nack(self, conn: sqlite3.Connection, ids: Sequence[str], error: str) -> None:
         for chunk in chunks(list(ids), SWEEP_CHUNK):
@@ -421,6 +412,18 @@ class Outbox:
     def dead_letter(self, conn: sqlite3.Connection, ids: Sequence[str], reason: str,
                     detail: str | None) -> None:
         self._bury(conn, _ids_sql(ids), list(ids), reason, detail)
+
+
+def _check_indexed(conn: sqlite3.Connection, path: object, ids: Sequence[str]) -> None:
+    """:class:`StoreCorrupt` if a row of ``ids`` is in the table where ``outbox.id``'s
+    index does not find it (an ack that deleted fewer rows than it acknowledged)."""
+    left = fetch_all(conn, f"SELECT id FROM outbox NOT INDEXED WHERE id IN "
+                           f"({marks(len(ids))})", ids)
+    if left:
+        raise StoreCorrupt(f"{path} is corrupt: its outbox.id index does not find "
+                           f"{plural(len(left), 'acknowledged command')} ({left[0][0]}, "
+                           "...) still in the table; restart pigateway to quarantine it "
+                           "(every row is kept)")
 
 
 def _unmark(conn: sqlite3.Connection, ids: Sequence[str]) -> None:
