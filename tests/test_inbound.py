@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -160,6 +161,44 @@ async def test_a_command_on_an_idle_lane_costs_two_commits(tmp_path: Path) -> No
     assert commits == 2
     assert entry is not None and (entry.state, entry.attempts) == ("done", 1)
     assert [r.attempt for _, r in lamp.calls] == [1, 1]
+
+
+async def test_a_command_received_while_the_pool_stops_is_kept_for_the_restart(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A command for an idle device received while the pool is stopping (a lane still
+    winding down) is acknowledged and stays on disk to run after the restart, not
+    reported as a failure to store it."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_to_stop(request: Request) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            await release.wait()  # the pool's TaskGroup is shutting down meanwhile
+            raise
+
+    handlers = {"a": Scripted(slow_to_stop), "b": Scripted(lambda r: None)}
+    config = make_config(tmp_path, ["a", "b"])
+    async with await Store.open(config.store) as store:
+        async with Inbound(config, store, factories=factory(handlers)) as inbound:
+            pool = asyncio.create_task(inbound.run())
+            await inbound.accept(command("busy", "a"))
+            await asyncio.wait_for(started.wait(), 10)
+            pool.cancel()
+            await asyncio.sleep(0.05)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    await inbound.accept(command("late", "b"))  # must not raise or reject
+            release.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pool
+        late = await store.inbox.find("late")
+        found = await results(store, 1, timeout=0.2)
+    assert late is not None and late.state in ("pending", "running")
+    assert found == []  # no result: neither rejected nor run
+    assert handlers["b"].calls == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 # --------------------------------------------------------------------------- bad input

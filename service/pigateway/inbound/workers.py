@@ -172,9 +172,14 @@ class WorkerPool:
         if lane is None:
             return
         if lane and self._tasks is not None:
-            self._tasks.create_task(self._run_lane(device), name=f"lane-{device}")
-        else:
-            del self._lanes[device]
+            runner = self._run_lane(device)
+            try:
+                self._tasks.create_task(runner, name=f"lane-{device}")
+                return
+            except RuntimeError:  # the pool is stopping: its rows run after the restart
+                runner.close()
+                self._loaded -= len(lane)
+        del self._lanes[device]
 
     def _forget_expected(self, command_id: str, device: str) -> None:
         waiting = self._expected.get(device)
