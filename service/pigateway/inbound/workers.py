@@ -261,22 +261,12 @@ class WorkerPool:
         """Run ``entry`` to its one result; ``after`` (next in the lane) is marked running in
         the same commit as that result, which saves its lane one fsync per command."""
         handler = self.handlers.get(entry.device)
-        limit = self.config.inbound.max_attempts
-        if handler is None:
-            status, detail = "rejected", (f"unknown device {entry.device!r}: it is no longer "
-                                          "in the config")
-        elif entry.unreadable is not None:
-            status, detail = "rejected", (f"its params as stored cannot be read "
-                                          f"({entry.unreadable}); not run")
-        elif _expired(entry, self.store.clock.now()):
-            status, detail = "expired", _expired_detail(entry)
-        elif entry.attempts >= limit:
-            status, detail = "error", (f"interrupted {entry.attempts} times (the service "
-                                       "stopped while it ran); not tried again. Last error: "
-                                       f"{entry.last_error or 'none'}")
-        else:
-            status, detail = await self._attempts(entry, handler)
-        await self._finish(entry, status, detail, after)
+        answer = _answer_unrun(entry, handler is not None, self.config.inbound.max_attempts,
+                               self.store.clock.now())
+        if answer is None:
+            assert handler is not None  # a command without one is answered unrun
+            answer = await self._attempts(entry, handler)
+        await self._finish(entry, *answer, after)
 
     async def _attempts(self, entry: Entry, handler: Handler) -> tuple[str, Any]:
         """Run with retries; returns (status, detail) of the final outcome.
@@ -307,7 +297,7 @@ class WorkerPool:
             except Exception as exc:  # every failure becomes a result (OUTCOMES)
                 return _outcome(entry, exc, attempt)
             else:
-                return "ok", self._detail(value)
+                return "ok", _ok_detail(value, self.config.store.max_params_bytes)
 
     async def _attempt(self, entry: Entry, handler: Handler, attempt: int) -> Any:
         if _expired(entry, self.store.clock.now()):
@@ -339,18 +329,6 @@ class WorkerPool:
             await self.store.inbox.note_failed_attempt(entry.id, str(error))
         except StoreError as exc:  # only bookkeeping: the attempt count is on disk already
             log.warning("could not note a failed attempt: %s", exc)
-
-    def _detail(self, value: Any) -> Any:
-        """The handler's return value as the ``detail`` of ``ok``, if it is JSON and fits."""
-        if value is None:
-            return None
-        try:
-            size = len(json.dumps(value, allow_nan=False).encode())
-        except (TypeError, ValueError):
-            value, size = str(value), len(str(value).encode())
-        if size > self.config.store.max_params_bytes // 2:
-            return f"(a result of {size} bytes was left out: over half store.max_params_bytes)"
-        return value
 
     # ---- results
 
@@ -398,6 +376,35 @@ class WorkerPool:
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECORD_BACKOFF[1])
+
+
+def _answer_unrun(entry: Entry, has_handler: bool, max_attempts: int,
+                  now: float) -> tuple[str, Any] | None:
+    """The result of a command that is not run (None: run it): its device gone from the
+    config, its params unreadable, its ttl over, or its attempts spent by restarts."""
+    if not has_handler:
+        return "rejected", f"unknown device {entry.device!r}: it is no longer in the config"
+    if entry.unreadable is not None:
+        return "rejected", f"its params as stored cannot be read ({entry.unreadable}); not run"
+    if _expired(entry, now):
+        return "expired", _expired_detail(entry)
+    if entry.attempts >= max_attempts:
+        return "error", (f"interrupted {entry.attempts} times (the service stopped while it "
+                         f"ran); not tried again. Last error: {entry.last_error or 'none'}")
+    return None
+
+
+def _ok_detail(value: Any, max_params_bytes: int) -> Any:
+    """The handler's return value as the ``detail`` of ``ok``, if it is JSON and fits."""
+    if value is None:
+        return None
+    try:
+        size = len(json.dumps(value, allow_nan=False).encode())
+    except (TypeError, ValueError):
+        value, size = str(value), len(str(value).encode())
+    if size > max_params_bytes // 2:
+        return f"(a result of {size} bytes was left out: over half store.max_params_bytes)"
+    return value
 
 
 def _expired(entry: Entry, now: float) -> bool:
