@@ -12,10 +12,27 @@ class PigatewayError(Exception):
     """Root of every error pigateway raises on purpose."""
 
 
+#: Characters of a config error's key and of its problem at most. A value pasted by mistake
+#: (a megabyte of it) is shown by its head and its tail, which say what is allowed: never
+#: whole, in a terminal or, at each start of the service, in the journal.
+MAX_CONFIG_KEY, MAX_CONFIG_PROBLEM = 200, 1000
+
+
+def _cut_middle(text: str, limit: int) -> str:
+    """``text`` with its middle left out, saying how much, when it is over ``limit``."""
+    if len(text) <= limit:
+        return text
+    half = (limit - 40) // 2
+    return f"{text[:half]}...[{len(text) - 2 * half:,} characters]...{text[-half:]}"
+
+
 class ConfigError(PigatewayError):
-    """The configuration is invalid; the message names the key, the value and what is allowed."""
+    """The configuration is invalid; the message names the key, the value and what is allowed
+    (each cut in the middle past :data:`MAX_CONFIG_KEY` and :data:`MAX_CONFIG_PROBLEM`)."""
 
     def __init__(self, key: str, problem: str) -> None:
+        key = _cut_middle(key, MAX_CONFIG_KEY)
+        problem = _cut_middle(problem, MAX_CONFIG_PROBLEM)
         super().__init__(f"config: {key}: {problem}")
         self.key = key
         self.problem = problem

@@ -159,6 +159,12 @@ class PlainSection(Section, section=""):
         raise AttributeError(f"cannot delete field {name!r} of a frozen section")
 
 
+#: Bytes of one name in a path, and of a whole path, at most (Linux's NAME_MAX, and PATH_MAX
+#: less its NUL): a longer one passed the validator and then failed every open with an
+#: OSError (a traceback from ``config check``, a start failing with exit 1 forever).
+NAME_MAX, PATH_MAX = 255, 4095
+
+
 def absolute_path(key: str, value: str | PurePath) -> Path:
     """``value`` as a :class:`Path`; :class:`ConfigError` naming ``key`` unless absolute."""
     path = Path(value)
@@ -169,6 +175,15 @@ def absolute_path(key: str, value: str | PurePath) -> Path:
                           "(a relative one means another file in each working directory)")
     if not path.name:  # "/": every path option names a file
         raise ConfigError(key, f"{str(path)!r} is not allowed: it names no file")
+    too_long = next((part for part in path.parts if len(os.fsencode(part)) > NAME_MAX), None)
+    if too_long is not None:
+        raise ConfigError(key, f"{str(path)!r} is not allowed: the name {too_long[:40]!r}... "
+                          f"is {len(os.fsencode(too_long)):,} bytes, over the {NAME_MAX} a "
+                          "file system takes")
+    if len(os.fsencode(str(path))) > PATH_MAX:
+        raise ConfigError(key, f"{str(path)!r} is not allowed: it is "
+                          f"{len(os.fsencode(str(path))):,} bytes, over the {PATH_MAX} Linux "
+                          "takes")
     return path
 
 

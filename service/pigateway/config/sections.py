@@ -216,12 +216,23 @@ class GpioConfig(Section, section="gpio"):
     bounce_time: float | None = _opt(0.05, min=0, doc="button debounce, seconds")
 
 
+#: Bytes of a unix socket's path at most (``sun_path`` holds 108 with its NUL).
+MAX_SOCKET_PATH: Final = 107
+
+
 @dataclass(frozen=True)
 class ControlConfig(Section, section="control"):
     """``[control]``: the local control socket."""
 
     socket: Path = _opt(Path("/run/pigateway/control.sock"),
                         doc="unix socket for pigateway status/pause/resume/flush")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        size = len(os.fsencode(str(self.socket)))
+        if size > MAX_SOCKET_PATH:  # bind() refuses it: a start failing with exit 1, forever
+            raise ConfigError("control.socket", f"{str(self.socket)!r} is {size} bytes, over "
+                              f"the {MAX_SOCKET_PATH} a unix socket's path may have")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,106 @@
+"""A careless config: a value pasted twice over, a path no file system takes, a socket path
+too long for a unix socket. Each is a config error naming its key, short enough for a
+terminal and the journal, from ``config check`` and from the service's start alike (exit
+78, which systemd does not restart), never a traceback or a restart every five seconds.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import Run
+from harness import gateway
+from harness.service import environment
+
+#: A value pasted by mistake: a megabyte (a 10 MB one costs the same checks, slower).
+HUGE = "a" * 1_000_000
+#: What an error may print at most, whatever the value: a few lines of a terminal.
+MAX_ERROR = 2000
+
+#: (what, TOML text after gateway_id, the key the error must name)
+HUGE_VALUES = [
+    ("gateway_id", f'gateway_id = "{HUGE}"\n', "gateway_id"),
+    ("unknown key", f'gateway_id = "gw"\n{HUGE} = 1\n', "aaaa"),
+    ("unknown table", f'gateway_id = "gw"\n[{HUGE}]\nx = 1\n', "aaaa"),
+    ("metrics.listen", f'gateway_id = "gw"\n[metrics]\nlisten = "{HUGE}"\n', "metrics.listen"),
+    ("manage.allow", f'gateway_id = "gw"\n[manage]\nenabled = true\nallow = ["{HUGE}"]\n',
+     "manage.allow"),
+    ("a device's handler", f'gateway_id = "gw"\n[devices.x]\nhandler = "{HUGE}"\n',
+     "devices.x.handler"),
+    ("a device's name", f'gateway_id = "gw"\n[devices."{HUGE}"]\nhandler = "log"\n',
+     "devices."),
+    ("mqtt.password_file", f'gateway_id = "gw"\n[mqtt]\npassword_file = "/{HUGE}"\n',
+     "mqtt.password_file"),
+]
+
+
+@pytest.mark.parametrize(("text", "key"), [(t, k) for _, t, k in HUGE_VALUES],
+                         ids=[what for what, _, _ in HUGE_VALUES])
+def test_a_huge_value_is_a_short_error_naming_its_key(
+        tmp_path: Path, cli: Run, text: str, key: str) -> None:
+    """Each of these printed the whole megabyte back (and the service's start would have
+    written it to the journal at crit, once every restart)."""
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    code, out, err = cli("config", "check", "--config", str(path))
+    assert code == 78, err[:300]
+    assert key in err
+    assert len(out) + len(err) <= MAX_ERROR, f"{len(err):,} characters: {err[:200]}..."
+
+
+NAME_MAX = 255  # bytes of one name in a path, on every Linux file system a Pi uses
+
+
+def long_name(folder: Path) -> str:
+    return str(folder / ("n" * (NAME_MAX + 1)) / "file")
+
+
+def config_with(folder: Path, table: str, key: str, value: str) -> Path:
+    data = gateway.settings(folder, gateway_id="gw-careless", gpio={"enabled": False})
+    data[table] = {**data.get(table, {}), key: value}
+    return gateway.write(folder / "config.toml", data)
+
+
+PATH_KEYS = [("store", "path"), ("metrics", "textfile"), ("mqtt", "password_file"),
+             ("control", "socket"), ("manage", "overlay")]
+
+
+@pytest.mark.parametrize(("table", "key"), PATH_KEYS, ids=[f"{t}.{k}" for t, k in PATH_KEYS])
+def test_a_path_with_a_name_too_long_for_a_file_system_is_a_config_error(
+        tmp_path: Path, cli: Run, table: str, key: str) -> None:
+    """A name over 255 bytes passed the validator; ``config check``, ``status`` and
+    ``queue stats`` then ended in an OSError traceback, and the service's start failed with
+    exit 1, restarted every 5 s forever."""
+    path = config_with(tmp_path, table, key, long_name(tmp_path))
+    code, _, err = cli("config", "check", "--config", str(path))
+    assert code == 78, err[-600:]
+    assert f"{table}.{key}" in err and "255" in err, err[-600:]
+    for verb in (["status"], ["queue", "stats"]):
+        code, _, err = cli(*verb, "--config", str(path))
+        assert code == 78 and "Traceback" not in err, (verb, err[-600:])
+
+
+def test_a_path_longer_than_linux_takes_is_a_config_error(tmp_path: Path, cli: Run) -> None:
+    deep = str(tmp_path / "/".join(["d" * 200] * 21) / "queue.db")  # over 4,095 bytes
+    code, _, err = cli("config", "check", "--config",
+                       str(config_with(tmp_path, "store", "path", deep)))
+    assert code == 78 and "store.path" in err and "4095" in err, err[-600:]
+
+
+def test_a_control_socket_path_too_long_for_a_unix_socket_is_a_config_error(
+        tmp_path: Path, cli: Run) -> None:
+    """A unix socket's path has 107 bytes at most. A longer one passed ``config check``,
+    and the service's start failed with exit 1 ("AF_UNIX path too long"), restarted every
+    5 s forever: a config error exits 78, which the unit does not restart."""
+    socket_path = str(tmp_path / ("s" * 120 + ".sock"))
+    config = config_with(tmp_path, "control", "socket", socket_path)
+    code, _, err = cli("config", "check", "--config", str(config))
+    assert code == 78 and "control.socket" in err and "107" in err, err[-600:]
+    run = subprocess.run([sys.executable, "-m", "pigateway", "run", "--config", str(config)],
+                         capture_output=True, text=True, timeout=60, env=environment(),
+                         check=False)
+    assert run.returncode == 78, run.stderr[-600:]
