@@ -104,3 +104,78 @@ def test_a_control_socket_path_too_long_for_a_unix_socket_is_a_config_error(
                          capture_output=True, text=True, timeout=60, env=environment(),
                          check=False)
     assert run.returncode == 78, run.stderr[-600:]
+
+
+UNIT_FILE = Path(__file__).parents[1] / "systemd" / "pigateway.service"
+
+
+@pytest.fixture
+def installed_unit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The package's unit as it is, installed in a systemd folder of the test's own."""
+    from pigateway.cli import access  # noqa: PLC0415 - the module under test
+
+    folder = tmp_path / "systemd"
+    folder.mkdir()
+    (folder / access.UNIT).write_text(UNIT_FILE.read_text())
+    monkeypatch.setattr(access, "UNIT_DIRS", (folder,))
+    return folder
+
+
+def check_warnings(cli: Run, folder: Path, table: str, key: str, value: str) -> str:
+    """The warnings of ``config check`` on the default paths but ``table.key = value``."""
+    data = gateway.settings(None, gateway_id="gw-careless")
+    data[table] = {key: value}
+    code, _, err = cli("config", "check", "--config",
+                       str(gateway.write(folder / "config.toml", data)))
+    assert code == 0, err[-600:]
+    return "\n".join(line for line in err.splitlines() if line.startswith("warning:"))
+
+
+@pytest.mark.parametrize(("table", "key", "value"), [
+    ("store", "path", "/srv/pigateway/queue.db"),
+    ("control", "socket", "/var/run-not/pigateway.sock"),
+    ("metrics", "textfile", "/var/lib/prometheus/node-exporter/pigateway.prom"),
+], ids=["store.path", "control.socket", "metrics.textfile"])
+def test_a_file_the_units_sandbox_makes_read_only_is_warned_of(
+        tmp_path: Path, cli: Run, installed_unit: Path, table: str, key: str, *,
+        value: str) -> None:
+    """Under the unit's ProtectSystem=strict only the folders it lists are writable: a queue
+    in /srv passed ``config check`` (the modes were right) and the service then failed
+    every start with "attempt to write a readonly database"."""
+    folder = str(Path(value).parent)
+    warned = check_warnings(cli, tmp_path, table, key, value)
+    assert f"{table}.{key}" in warned and "ProtectSystem=strict" in warned, warned
+    assert f"ReadWritePaths={folder}" in warned
+    drop_in = installed_unit / "pigateway.service.d"
+    drop_in.mkdir()
+    (drop_in / "paths.conf").write_text(f"[Service]\nReadWritePaths={folder}\n")
+    assert check_warnings(cli, tmp_path, table, key, value) == ""
+
+
+@pytest.mark.parametrize(("table", "key", "value"), [
+    ("store", "path", "/tmp/pigateway/queue.db"),
+    ("control", "socket", "/tmp/pigateway.sock"),
+], ids=["store.path", "control.socket"])
+def test_a_file_in_the_units_private_tmp_is_warned_of(
+        tmp_path: Path, cli: Run, installed_unit: Path, table: str, key: str, *,
+        value: str) -> None:
+    """Under PrivateTmp=yes the service's /tmp is its own: a queue there is not the one
+    ``pigateway send`` fills (its commands would wait in a file the service never opens),
+    a control socket there is one ``pigateway status`` never finds."""
+    warned = check_warnings(cli, tmp_path, table, key, value)
+    assert f"{table}.{key}" in warned and "PrivateTmp=yes" in warned, warned
+
+
+def test_the_default_paths_fit_the_unit(tmp_path: Path, cli: Run, installed_unit: Path) -> None:
+    data = gateway.settings(None, gateway_id="gw-careless")
+    code, _, err = cli("config", "check", "--config",
+                       str(gateway.write(tmp_path / "config.toml", data)))
+    assert code == 0 and "warning:" not in err, err[-600:]
+
+
+def test_without_the_unit_installed_nothing_is_said(tmp_path: Path, cli: Run,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from pigateway.cli import access  # noqa: PLC0415 - the module under test
+
+    monkeypatch.setattr(access, "UNIT_DIRS", (tmp_path / "no-systemd",))
+    assert check_warnings(cli, tmp_path, "store", "path", "/srv/pigateway/queue.db") == ""

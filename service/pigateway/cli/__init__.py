@@ -576,6 +576,8 @@ async def cmd_config_check(args: argparse.Namespace) -> int:
 
     for warning in localbroker.warnings(config):  # valid, but ingest may lose messages
         print(f"warning: {warning}", file=sys.stderr)
+    for warning in access.sandbox_warnings(config):  # valid, but not under the unit
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"# {config.source}: valid, its files usable by user {account.name}")
     print(json.dumps(config.as_dict(), indent=2, default=str))
     return EXIT_OK

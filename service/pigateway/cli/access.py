@@ -131,3 +131,88 @@ def check(config: Config, account: Account, *, staged: bool = False) -> None:
         key, first = problems[0]
         rest = "".join(f"; {k}: {text}" for k, text in problems[1:])
         raise ConfigError(key, f"{first}{rest} (the service runs as user {account.name})")
+
+
+# --------------------------------------------------------------------------- the sandbox
+
+#: Where systemd finds the unit and its drop-ins (``UNIT.d/*.conf``), first match first.
+UNIT_DIRS: Final = (Path("/etc/systemd/system"), Path("/run/systemd/system"),
+                    Path("/usr/local/lib/systemd/system"), Path("/usr/lib/systemd/system"),
+                    Path("/lib/systemd/system"))
+UNIT: Final = "pigateway.service"
+#: The folders under which systemd makes a ``...Directory=`` of the unit.
+_DIRECTORY_ROOTS: Final = {"StateDirectory": "/var/lib", "RuntimeDirectory": "/run",
+                           "CacheDirectory": "/var/cache", "LogsDirectory": "/var/log"}
+_PRIVATE_TMP: Final = (Path("/tmp"), Path("/var/tmp"))  # noqa: S108 - named, never used
+
+
+def unit_settings(dirs: tuple[Path, ...] | None = None) -> dict[str, list[str]] | None:
+    """The ``[Service]`` settings of the installed unit and its drop-ins, every value of each
+    in order (an empty one resets, as systemd reads it); None when no unit is installed."""
+    dirs = UNIT_DIRS if dirs is None else dirs
+    unit = next((d / UNIT for d in dirs if (d / UNIT).is_file()), None)
+    if unit is None:
+        return None
+    drop_ins = {p.name: p for d in reversed(dirs) for p in (d / f"{UNIT}.d").glob("*.conf")}
+    files = [unit, *sorted(drop_ins.values(), key=lambda p: p.name)]
+    settings: dict[str, list[str]] = {}
+    for path in files:
+        section = ""
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for raw in lines:
+            line = raw.strip()
+            if line.startswith("[") and line.endswith("]"):
+                section = line[1:-1]
+            elif section == "Service" and "=" in line and not line.startswith(("#", ";")):
+                key, _, value = line.partition("=")
+                values = settings.setdefault(key.strip(), [])
+                if value.strip():
+                    values.extend(value.split())
+                else:
+                    values.clear()
+    return settings
+
+
+def _inside(path: Path, folders: list[Path]) -> bool:
+    return any(path == folder or folder in path.parents for folder in folders)
+
+
+def sandbox_warnings(config: Config, dirs: tuple[Path, ...] | None = None) -> list[str]:
+    """What the installed unit's sandbox will do to the files ``config`` names, which no
+    mode bit shows: under ``ProtectSystem=strict`` a folder the unit does not list
+    (``StateDirectory=``, ``ReadWritePaths=``, ...) is read-only to the service, and under
+    ``PrivateTmp=yes`` ``/tmp`` is the service's own (a queue there is not the one
+    ``pigateway send`` writes; a control socket there is one ``status`` cannot reach; a
+    textfile there is one node_exporter never reads)."""
+    settings = unit_settings(dirs)
+    if settings is None:
+        return []
+    last = {key: values[-1] if values else "" for key, values in settings.items()}
+    writable = [Path(root) / name for key, root in _DIRECTORY_ROOTS.items()
+                for name in settings.get(key, [])]
+    writable += [Path(p.lstrip("-+")) for p in settings.get("ReadWritePaths", [])]
+    private_tmp = last.get("PrivateTmp", "no").lower() in ("yes", "true", "on", "1")
+    strict = last.get("ProtectSystem", "no").lower() == "strict"
+    written = [("store.path", config.store.path, True), ("control.socket",
+                                                         config.control.socket, True)]
+    if config.metrics.textfile is not None:  # node_exporter reads it
+        written.append(("metrics.textfile", config.metrics.textfile, True))
+    if config.manage.enabled:
+        written.append(("manage.overlay", config.manage.overlay, False))
+    out = []
+    for key, path, shared in written:
+        folder = path.parent
+        if private_tmp and shared and _inside(folder, list(_PRIVATE_TMP)):
+            out.append(f"{key}: {folder} is the service's own under the unit's PrivateTmp=yes, "
+                       "not the one other programs see: use a folder the unit lets it "
+                       "write outside the temporary ones (the default is)")
+        elif strict and not _inside(folder, writable + (list(_PRIVATE_TMP) if private_tmp
+                                                         else [])):
+            out.append(f"{key}: {folder} is read-only to the service under the unit's "
+                       f"ProtectSystem=strict: add a drop-in with [Service] ReadWritePaths="
+                       f"{folder} (e.g. /etc/systemd/system/{UNIT}.d/paths.conf), or use a "
+                       "folder the unit already gives it")
+    return out
