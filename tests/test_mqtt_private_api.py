@@ -61,9 +61,11 @@ def test_private_members_are_named_only_in_the_table() -> None:
             "_keepalive_unless_paused",
             # a packet paho cannot decode fails alone
             "_tolerant_publish", "_tolerant_pubrel", "_hand_over_undecodable", "_undecodable",
+            "_hand_over", "_too_large",
             "_without_odd_properties",
             # the socket read in chunks, packets cut and the plain ones read here; writes joined
-            "_packets", "_v5", "_read_packet", "_handle_packet", "_acknowledged", "_by_paho",
+            "_packets", "_v5", "_read_packet", "_receive", "_handle_packet", "_acknowledged",
+            "_by_paho",
             "_joined_writes"}
     named = {member.name for member in PRIVATE_API}
     # a private member read (``._x``) or overridden (a method ``def _x``, even without super())

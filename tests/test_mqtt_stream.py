@@ -20,7 +20,7 @@ from harness.hostile import HostileBroker
 from pigateway.errors import UplinkError
 from pigateway.mqtt import Message, Settings, connect
 from pigateway.mqtt import client as mqtt
-from pigateway.mqtt.stream import PacketBuffer, ProtocolError, plain_publish
+from pigateway.mqtt.stream import CUT_KEPT, Cut, PacketBuffer, ProtocolError, plain_publish
 
 CASES: dict[str, bytes] = {
     "bare": w.publish("t/1", b'{"on": 1}', qos=1, mid=1),
@@ -87,6 +87,36 @@ def test_packets_cut_at_every_byte_come_whole_and_in_order() -> None:
             got.append(packet)
     assert not buffer.whole()
     assert b"".join(bytes([first]) + w.varint(len(body)) + body for first, body in got) == stream
+
+
+@pytest.mark.parametrize("step", [1, 7, 4096, 70_000, 300_000])
+def test_a_publish_over_the_limit_comes_cut_whatever_the_reads(step: int) -> None:
+    """However the socket's reads split the stream, a PUBLISH over the limit comes out as
+    its first CUT_KEPT bytes (a Cut, with its whole size), the packets around it whole, and
+    the buffer never holds more than the limit and a read."""
+    big = w.publish("t/big", bytes(200_000), qos=1, mid=5)
+    stream = w.publish("t/a", b"1", qos=1, mid=4) + big + w.ack(w.PUBACK, 9)
+    buffer = PacketBuffer(limit=100_000)
+    got: list[tuple[int, bytes]] = []
+    held = 0
+    for at in range(0, len(stream), step):
+        buffer.feed(stream[at:at + step])
+        held = max(held, len(buffer._data))
+        while (packet := buffer.next()) is not None:
+            got.append(packet)
+    assert [first >> 4 for first, _ in got] == [3, 3, 4]
+    cut = got[1][1]
+    assert isinstance(cut, Cut) and cut.size == len(big)
+    assert bytes(cut) == big[4:4 + CUT_KEPT]
+    assert got[2][1] == b"\x00\x09"
+    assert held <= 100_000 + step
+
+
+def test_any_other_packet_over_the_limit_breaks_the_link_at_its_header() -> None:
+    buffer = PacketBuffer(limit=1000)
+    buffer.feed(bytes([0x90]) + w.varint(5000))
+    with pytest.raises(ProtocolError):
+        buffer.next()
 
 
 def test_a_remaining_length_over_four_bytes_breaks_the_link() -> None:

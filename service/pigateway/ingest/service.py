@@ -44,7 +44,7 @@ from pigateway.errors import (
     UplinkError,
 )
 from pigateway.inputs import topic_problem
-from pigateway.mqtt import Connection, Message, Settings, connect, forwarded
+from pigateway.mqtt import Connection, Message, Settings, connect, forwarded, packet_limit
 from pigateway.mqtt.credentials import local_password, tls_context
 from pigateway.mqtt.packets import Undecodable
 from pigateway.mqtt.topics import topic_matches
@@ -275,7 +275,9 @@ class Ingest:
             protocol="5" if local.protocol == "5" else "3.1.1", persistent=True,
             session_expiry=local.session_expiry, keepalive=local.keepalive, timeout=10.0,
             tls=tls_context(local.tls), receive_maximum=local.window,
-            read_ahead=2 * local.window)
+            read_ahead=2 * local.window,
+            # what the store takes of a message (a bigger one is dead-lettered), with margin
+            max_packet_size=packet_limit(self.config.store.max_params_bytes))
 
     # ---- one connection
 

@@ -32,6 +32,7 @@ from pigateway.mqtt.codes import (
     check_publish,
     classify,
     describe,
+    packet_limit,
     publish_room,
     refusal,
 )
@@ -41,4 +42,4 @@ from pigateway.mqtt.readahead import Message, ReadAhead
 __all__ = ["LOGIN_REFUSED", "PRIVATE_API", "PUBACK_REFUSALS", "PUBLISH_OVERHEAD", "SLOW_DOWN",
            "BrokerLimits", "Connection", "LocalPublisher", "Message", "PrivateMember",
            "ReadAhead", "Settings", "Will", "check_publish", "classify", "connect", "describe",
-           "local_publisher", "publish_room", "refusal"]
+           "local_publisher", "packet_limit", "publish_room", "refusal"]

@@ -48,10 +48,12 @@ from pigateway.errors import (
     UplinkError,
 )
 from pigateway.mqtt.codes import (
+    DEFAULT_PACKET_LIMIT,
     LEAVE_BOUND,
     NOT_UTF8,
     PUBACK_REFUSALS,
     READ_BUDGET,
+    RECVS_PER_PACKET,
     SLOW_DOWN,
     _translated,
     _varint,
@@ -59,10 +61,17 @@ from pigateway.mqtt.codes import (
     classify,
 )
 from pigateway.mqtt.forwarded import Extras
-from pigateway.mqtt.packets import Undecodable, publish_head, without_properties
+from pigateway.mqtt.packets import (
+    PublishHead,
+    TooLarge,
+    Undecodable,
+    publish_head,
+    without_properties,
+)
 from pigateway.mqtt.readahead import Message, ReadAhead
 from pigateway.mqtt.stream import (
     PLAIN_PUBACK_CODES,
+    Cut,
     PacketBuffer,
     ProtocolError,
     plain_puback,
@@ -203,7 +212,10 @@ class Settings:
     #: uplink, whose forwarding waits for PUBACKs on the socket its commands come in on,
     #: must not pause (its inbound commands are bounded by the broker's in-flight limit)
     read_ahead: int | None = None
-
+    #: the largest packet we take, fixed header included: our CONNECT says it (MQTT 5, so a
+    #: compliant broker drops a bigger message for us), and our reader holds no packet past
+    #: it whatever the broker (:func:`~pigateway.mqtt.codes.packet_limit`)
+    max_packet_size: int = DEFAULT_PACKET_LIMIT
 
 
 def _extras(message: paho.MQTTMessage) -> Extras:
@@ -379,14 +391,14 @@ class _ReadingClient(aiomqtt.Client):
     write. The repairs to paho's handlers are :class:`_Client`'s."""
 
     def __init__(self, *args: Any, manual_ack: bool = False, read_ahead: int | None = None,
-                 **kwargs: Any) -> None:
+                 max_packet: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.read_ahead = ReadAhead(read_ahead, self._pause_reading, self._resume_reading)
         self._reading_fd = -1
         self._client.manual_ack_set(manual_ack)
         self.manual_ack = manual_ack
         #: inbound bytes read ahead of paho, cut into packets (:mod:`pigateway.mqtt.stream`)
-        self._packets = PacketBuffer()
+        self._packets = PacketBuffer(max_packet)
         self._v5 = self._client.protocol == paho.MQTTv5
         self._client._packet_write = self._joined_writes(  # type: ignore[method-assign]
             self._client._packet_write)
@@ -445,26 +457,41 @@ class _ReadingClient(aiomqtt.Client):
             return inner._packet_read()
         packets = self._packets
         try:
-            while (packet := packets.next()) is None:
-                try:
-                    data = inner._sock_recv(packets.wanted())
-                except BlockingIOError:
-                    return paho.MQTT_ERR_AGAIN
-                except OSError as err:  # TimeoutError and a closed socket too, as paho says it
-                    inner._easy_log(paho.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
-                    return paho.MQTT_ERR_CONN_LOST
-                if not data:
-                    return paho.MQTT_ERR_CONN_LOST
-                packets.feed(data)
-                with inner._msgtime_mutex:
-                    inner._last_bytes_received = paho.time_func()
-        except ProtocolError:
+            for _ in range(RECVS_PER_PACKET):
+                if (packet := packets.next()) is not None:
+                    return self._handle_packet(*packet)
+                rc = self._receive(packets.wanted())
+                if rc != paho.MQTT_ERR_SUCCESS:
+                    return rc
+        except ProtocolError as exc:
+            log.warning("mqtt: %s; the link ends", exc)
             return paho.MQTT_ERR_PROTOCOL
-        return self._handle_packet(*packet)
+        # a big packet, or one read past: other tasks run before its next chunks
+        self._loop.call_soon(self._read_socket)
+        return paho.MQTT_ERR_AGAIN
+
+    def _receive(self, size: int) -> MQTTErrorCode:
+        """One read of the socket into the buffer (paho's codes, as its reader says them)."""
+        inner = self._client
+        try:
+            data = inner._sock_recv(size)
+        except BlockingIOError:
+            return paho.MQTT_ERR_AGAIN
+        except OSError as err:  # TimeoutError and a closed socket too, as paho says it
+            inner._easy_log(paho.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+            return paho.MQTT_ERR_CONN_LOST
+        if not data:
+            return paho.MQTT_ERR_CONN_LOST
+        self._packets.feed(data)
+        with inner._msgtime_mutex:
+            inner._last_bytes_received = paho.time_func()
+        return paho.MQTT_ERR_SUCCESS
 
     def _handle_packet(self, first: int, body: bytes) -> MQTTErrorCode:
         """A plain PUBLISH (manual acks) or PUBACK read here; any other packet by paho."""
         kind = first >> 4
+        if isinstance(body, Cut):
+            return self._too_large(first, body)
         if kind == 3 and self.manual_ack:
             try:
                 message = plain_publish(first, body, self._v5)
@@ -479,6 +506,11 @@ class _ReadingClient(aiomqtt.Client):
             if plain is not None:
                 return self._acknowledged(*plain)
         return self._by_paho(first, body)
+
+    def _too_large(self, first: int, cut: Cut) -> MQTTErrorCode:
+        """A PUBLISH over our Maximum Packet Size, read past: the link ends (:class:`_Client`
+        hands it over as that message's failure instead)."""
+        return paho.MQTT_ERR_PROTOCOL
 
     def _acknowledged(self, mid: int, code: int) -> MQTTErrorCode:
         """A PUBACK that says success: what paho's ``_handle_pubackcomp`` does with it."""
@@ -528,8 +560,9 @@ class _Client(_ReadingClient):
     and paho's packet handlers made to fail one packet, not the link."""
 
     def __init__(self, *args: Any, manual_ack: bool = False, read_ahead: int | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, manual_ack=manual_ack, read_ahead=read_ahead, **kwargs)
+                 max_packet: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, manual_ack=manual_ack, read_ahead=read_ahead,
+                         max_packet=max_packet, **kwargs)
         self.max_packet_size: int | None = None
         self.limits = BrokerLimits()
         self.session_present = False
@@ -629,12 +662,40 @@ class _Client(_ReadingClient):
                     bounded(head.topic.decode("utf-8", "replace"), 200), head.qos,
                     undecodable.reason)
         inner._in_packet["packet"] = bytearray(head.plain(v5))
+        return self._hand_over(head, undecodable, handle)
+
+    def _too_large(self, first: int, cut: Cut) -> MQTTErrorCode:
+        """A PUBLISH over our Maximum Packet Size, read past (:class:`PacketBuffer`): that
+        message's failure, handed over as :class:`TooLarge` and acknowledged by its consumer
+        once recorded, so a persistent session does not send it again at every reconnect
+        (under MQTT 3.1.1, or from a broker that ignores our CONNECT's limit)."""
+        limit = self._packets.limit or 0
+        head = publish_head(first, cut, self._v5)
+        if head is None:  # not even a packet id to acknowledge it by
+            log.warning("mqtt: the broker sent a PUBLISH of %d bytes, over our Maximum "
+                        "Packet Size of %d, that cannot be read; the link ends", cut.size,
+                        limit)
+            return paho.MQTT_ERR_PROTOCOL
+        log.warning("mqtt: a message on %s (QoS %d) is %d bytes, over our Maximum Packet "
+                    "Size of %d; it was read past, and is acknowledged once recorded",
+                    bounded(head.topic.decode("utf-8", "replace"), 200), head.qos, cut.size,
+                    limit)
+        plain = PublishHead(head.qos, head.mid, head.topic, None)
+        return self._hand_over(plain, TooLarge(bytes(cut), cut.size, limit),
+                               lambda: self._by_paho(first, plain.plain(self._v5)))
+
+    def _hand_over(self, head: PublishHead, undecodable: Undecodable,
+                   handle: Callable[[], MQTTErrorCode]) -> MQTTErrorCode:
+        """An undecodable PUBLISH handed to paho as its plain copy (``head``, through
+        ``handle``), so it takes paho's own QoS flow and manual ack; its consumer gets
+        ``undecodable``."""
         self._undecodable = undecodable  # QoS 0 and 1: handed over within this call
         try:
             rc = handle()
         finally:
             self._undecodable = None
         if head.qos == 2:  # handed over at its PUBREL: marked where paho keeps it till then
+            inner = self._client
             with inner._in_message_mutex:
                 waiting = inner._in_messages.get(head.mid)
                 if waiting is not None:
@@ -994,6 +1055,7 @@ def _new_client(settings: Settings) -> _Client:
         properties.SessionExpiryInterval = settings.session_expiry if settings.persistent else 0
         if settings.receive_maximum is not None:
             properties.ReceiveMaximum = settings.receive_maximum
+        properties.MaximumPacketSize = settings.max_packet_size
     will = settings.will
     return _Client(
         settings.host, settings.port, identifier=settings.client_id,
@@ -1006,6 +1068,7 @@ def _new_client(settings: Settings) -> _Client:
         properties=properties, keepalive=settings.keepalive, timeout=settings.timeout,
         tls_context=settings.tls, max_inflight_messages=settings.max_inflight,
         manual_ack=settings.persistent, read_ahead=settings.read_ahead,
+        max_packet=settings.max_packet_size,
     )
 
 

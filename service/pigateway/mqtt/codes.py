@@ -64,10 +64,18 @@ PUBLISH_OVERHEAD: Final = 16
 #: MQTT's own bounds: a topic's UTF-8 bytes, a packet's Remaining Length.
 MAX_TOPIC_BYTES: Final = 65_535
 MAX_REMAINING_LENGTH: Final = 268_435_455
+#: MQTT's largest packet: the largest Remaining Length behind a 5-byte fixed header.
+MQTT_MAX_PACKET: Final = MAX_REMAINING_LENGTH + 5
+#: What a packet limit keeps beside twice its payload bound: the longest topic (64 KiB)
+#: and a message's properties (user properties, content type) with room to spare.
+PACKET_ROOM: Final = 128 * 1024
 #: Seconds a clean DISCONNECT may take before the socket is closed anyway.
 LEAVE_BOUND: Final = 5.0
 #: Inbound packets read at most per readiness of the socket (then other tasks run).
 READ_BUDGET: Final = 64
+#: Socket reads at most toward one packet per readiness (then other tasks run): a packet
+#: near our limit, or one over it being read past, never holds the loop for long.
+RECVS_PER_PACKET: Final = 16
 #: The topic of an inbound message whose topic is not UTF-8 (no rule matches it).
 NOT_UTF8: Final = "\ufffd"
 
@@ -87,6 +95,23 @@ def publish_room(max_packet_size: int, where: str) -> int:
     The topic travels UTF-8 encoded: its bytes count, not its characters.
     """
     return max_packet_size - PUBLISH_OVERHEAD - len(where.encode())
+
+
+def packet_limit(payload_bound: int) -> int:
+    """The Maximum Packet Size we take on a connection whose messages the config bounds at
+    ``payload_bound`` bytes (``store.max_params_bytes`` for ingest,
+    ``inbound.max_payload_bytes`` for the uplink): twice the bound plus
+    :data:`PACKET_ROOM`. A message between the bound and the limit still reaches us and is
+    refused with a record (dead-lettered, answered ``rejected``); one past the limit is
+    dropped by an MQTT 5 broker before it is sent, or read past by ours without being held
+    (:class:`~pigateway.mqtt.stream.PacketBuffer`). On a Pi Zero's 512 MB, one packet
+    never costs more than this, whatever a broker or a device sends."""
+    return min(2 * payload_bound + PACKET_ROOM, MQTT_MAX_PACKET)
+
+
+#: The limit of a connection with no payload bound of its own in the config (a local
+#: publisher, which reads acknowledgements only; Home Assistant's link): the default bound's.
+DEFAULT_PACKET_LIMIT: Final = packet_limit(64 * 1024)
 
 
 def check_publish(topic: bytes, payload: bytes, *, qos: int, properties: bytes | None,

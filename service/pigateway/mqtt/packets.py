@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 from pigateway.text import bounded
 
@@ -53,6 +53,27 @@ class Undecodable(bytes):
         """Why, for a rejected result, a dead letter and the log."""
         return (f"the MQTT packet could not be decoded by the MQTT library ({self.reason}); "
                 f"{self.size} bytes, the first {len(self)} kept")
+
+
+class TooLarge(Undecodable):
+    """An inbound PUBLISH over our Maximum Packet Size, read past and never held: its first
+    bytes and its size, so its record says what came and its consumer refuses it as it
+    refuses any other packet it cannot read (:func:`pigateway.mqtt.codes.packet_limit`)."""
+
+    limit: int
+
+    def __new__(cls, raw: bytes, size: int, limit: int) -> TooLarge:
+        self = cast(TooLarge, super().__new__(
+            cls, raw, f"over this connection's limit of {limit} bytes", None))
+        #: the packet's whole size, fixed header included (what the limit counts)
+        self.size = size
+        self.limit = limit
+        return self
+
+    def describe(self) -> str:
+        return (f"the MQTT packet is {self.size} bytes, over this connection's Maximum "
+                f"Packet Size of {self.limit} bytes; it was read past, the first "
+                f"{len(self)} bytes kept")
 
 
 @dataclass(frozen=True)

@@ -34,24 +34,61 @@ CHUNK: Final = 65536
 MAY_REPEAT: Final = (0x26, 0x0B)
 #: Characters MQTT forbids in a UTF-8 string that paho refuses (surrogates never decode).
 FORBIDDEN: Final = ("\x00", "\ufeff")
+#: The packet type of a PUBLISH, the one packet a broker may send past our limit.
+PUBLISH: Final = 3
 #: PUBACK reason codes read here: success, and "no matching subscribers" (a success too).
 PLAIN_PUBACK_CODES: Final = (0x00, 0x10)
 
 
+#: Bytes kept of a packet over the buffer's limit (after its fixed header), the rest read
+#: past: a PUBLISH's topic (64 KiB at most) and packet id are in them, all its
+#: acknowledgement and its record need.
+CUT_KEPT: Final = 65_536 + 8
+
+
 class ProtocolError(Exception):
-    """A remaining length longer than four bytes: the link is broken."""
+    """A remaining length longer than four bytes, or a packet other than a PUBLISH over our
+    limit: the link is broken."""
+
+
+class Cut(bytes):
+    """The first :data:`CUT_KEPT` bytes of a packet over the buffer's limit (after its
+    fixed header): the rest was read past and never held. ``size``: the whole packet's."""
+
+    size: int
+
+    def __new__(cls, data: bytes, size: int) -> Cut:
+        self = super().__new__(cls, data)
+        self.size = size
+        return self
 
 
 class PacketBuffer:
-    """Bytes read from the socket, cut into whole packets (first byte, body) in order."""
+    """Bytes read from the socket, cut into whole packets (first byte, body) in order.
 
-    __slots__ = ("_at", "_data")
+    A packet whose fixed header says it is over ``limit`` bytes (our Maximum Packet Size)
+    is never held, so one packet costs at most ``limit`` bytes of memory whatever its
+    header says (MQTT allows 256 MB): a PUBLISH's first :data:`CUT_KEPT` bytes come out as
+    a :class:`Cut` once the rest has been read past; any other packet that size is no
+    broker's, and raises :class:`ProtocolError` at its header.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_at", "_cut", "_data", "_skip", "limit")
+
+    def __init__(self, limit: int | None = None) -> None:
         self._data = bytearray()
         self._at = 0
+        self.limit = limit
+        #: bytes of a packet over the limit still to read past
+        self._skip = 0
+        #: that packet, handed out once its last byte is read past
+        self._cut: tuple[int, Cut] | None = None
 
     def feed(self, data: bytes) -> None:
+        if self._skip:
+            past = min(self._skip, len(data))
+            self._skip -= past
+            data = data[past:]
         self._data += data
 
     def clear(self) -> None:
@@ -59,40 +96,83 @@ class PacketBuffer:
         self._at = 0
 
     def wanted(self) -> int:
-        """Bytes to ask the socket for: a chunk, or the rest of a bigger packet."""
-        head = self._head()
-        if isinstance(head, tuple):
+        """Bytes to ask the socket for: a chunk, or the rest of a bigger packet (one over
+        the limit is read a chunk at a time)."""
+        head = None if self._skip else self._head()
+        if isinstance(head, tuple) and not self._over(head):
             return max(CHUNK, head[1] + head[2] - (len(self._data) - self._at))
         return CHUNK
 
     def whole(self) -> bool:
         """Whether a whole packet waits (the socket's readiness will not say so); a broken
         length counts as one: the next :meth:`next` raises it, and the link ends there."""
+        if self._cut is not None:
+            return not self._skip
         try:
             head = self._head()
+            if head is None:
+                return False
+            size = min(head[2], CUT_KEPT) if self._over(head) else head[2]
         except ProtocolError:
             return True
-        return isinstance(head, tuple) and len(self._data) - self._at >= head[1] + head[2]
+        return len(self._data) - self._at >= head[1] + size
 
     def next(self) -> tuple[int, bytes] | None:
-        """The next whole packet (its first byte, the bytes after its length), or None."""
+        """The next whole packet (its first byte, the bytes after its length), or None; a
+        packet over the limit as a :class:`Cut`, once read past."""
+        if self._cut is not None:
+            if self._skip:
+                return None
+            cut, self._cut = self._cut, None
+            return cut
         head = self._head()
         if head is None:
             return None
+        if self._over(head):
+            return self._read_past(*head)
         first, start, length = head
         end = self._at + start + length
         data = self._data
         if end > len(data):
             return None
         body = bytes(data[self._at + start:end])
-        if end == len(data):
+        self._drop(end)
+        return first, body
+
+    def _over(self, head: tuple[int, int, int]) -> bool:
+        if self.limit is None or head[1] + head[2] <= self.limit:
+            return False
+        if head[0] >> 4 != PUBLISH:
+            raise ProtocolError(f"a packet of type {head[0] >> 4} and {head[1] + head[2]} "
+                                f"bytes, over our Maximum Packet Size of {self.limit}")
+        return True
+
+    def _read_past(self, first: int, start: int, length: int) -> tuple[int, bytes] | None:
+        """A packet over the limit: its first :data:`CUT_KEPT` bytes kept (once they are
+        here), the rest dropped as it comes (:meth:`feed`)."""
+        kept = min(length, CUT_KEPT)
+        at = self._at + start
+        data = self._data
+        if len(data) - at < kept:
+            return None
+        cut = Cut(bytes(data[at:at + kept]), start + length)
+        end = min(len(data), at + length)
+        self._skip = at + length - end
+        self._drop(end)
+        if self._skip:
+            self._cut = (first, cut)
+            return None
+        return first, cut
+
+    def _drop(self, end: int) -> None:
+        """Forget the bytes before ``end`` (now and then, not at every packet)."""
+        if end == len(self._data):
             self.clear()
         else:
             self._at = end
-            if end >= CHUNK:  # what was cut off is dropped now and then, not every packet
-                del data[:end]
+            if end >= CHUNK:
+                del self._data[:end]
                 self._at = 0
-        return first, body
 
     def _head(self) -> tuple[int, int, int] | None:
         """(first byte, offset of the body, body length) of the next packet, if its fixed

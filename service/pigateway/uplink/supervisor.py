@@ -48,7 +48,7 @@ from pigateway.errors import (
     RetainNotSupported,
     UplinkError,
 )
-from pigateway.mqtt import Connection, Settings, Will, connect
+from pigateway.mqtt import Connection, Settings, Will, connect, packet_limit
 from pigateway.mqtt.credentials import broker_password, tls_context
 from pigateway.state import FaultSource, GatewayState, Link
 from pigateway.store import Store
@@ -274,7 +274,9 @@ class Uplink:
             keepalive=mqtt.keepalive, timeout=self.config.uplink.publish_timeout,
             tls=tls_context(mqtt.tls), max_inflight=self.config.uplink.max_inflight + 8,
             # commands unacknowledged at once: what intake takes (MQTT 5 brokers honour it)
-            receive_maximum=INBOUND_WINDOW)
+            receive_maximum=INBOUND_WINDOW,
+            # what inbound takes of a command (a bigger one is answered 'rejected'), with margin
+            max_packet_size=packet_limit(self.config.inbound.max_payload_bytes))
 
     # ---- one connection
 
