@@ -86,6 +86,9 @@ _FULL: Final = frozenset({sqlite3.SQLITE_FULL})
 _CORRUPT: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 _READONLY: Final = frozenset({sqlite3.SQLITE_READONLY})
 _BUSY: Final = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+#: What SQLite says when a write or a file it needs fails: on a read-only file system,
+#: that is what it is told.
+_CANNOT_WRITE: Final = frozenset({sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN})
 
 
 def translate(exc: sqlite3.Error, path: Path) -> StoreError:
@@ -99,8 +102,8 @@ def translate(exc: sqlite3.Error, path: Path) -> StoreError:
                          "are refused until space is freed")
     if primary in _CORRUPT:
         return StoreCorrupt(f"{path} is corrupt ({exc}); restart pigateway to quarantine it")
-    if primary in _READONLY:
-        return owners.refusal(path)
+    if primary in _READONLY or (primary in _CANNOT_WRITE and owners.read_only(path)):
+        return owners.refusal(path)  # a card gone read-only, or a file of another user
     if primary in _BUSY:
         return StoreError(f"{path} stayed locked by another process: {exc}")
     if primary == sqlite3.SQLITE_CONSTRAINT:

@@ -12,10 +12,12 @@ file is told whose it is and the ``chown`` that gives it back (:func:`refusal`).
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import pwd
 import stat
+import tempfile
 from pathlib import Path
 
 from pigateway.errors import StoreError
@@ -67,9 +69,8 @@ def refusal(path: Path, side: Path | None = None) -> StoreError:
     Said by the drainer at its open (it runs as the service's user), and for any process
     that met SQLite's "readonly database" (:func:`pigateway.store.connection.translate`):
     the service that was given a root-owned file, or a producer run as the wrong user."""
-    if _read_only(path):
-        return StoreError(f"cannot write {path}: it is on a Read-only file system (remount "
-                          "it read-write, or point store.path at a writable one)")
+    if read_only(path):
+        return read_only_error(path)
     me = user_name(os.geteuid())
     culprit = side or next((Path(f"{path}{t}") for t in SIDES
                             if _foreign(Path(f"{path}{t}"))), path)
@@ -86,12 +87,34 @@ def refusal(path: Path, side: Path | None = None) -> StoreError:
         "`systemctl restart pigateway`; else run this as the service's user")
 
 
-def _read_only(path: Path) -> bool:
-    """Whether the queue's folder is on a read-only mount (no owner can write there)."""
+def read_only(path: Path) -> bool:
+    """Whether the queue's folder is on a file system that takes no write: mounted read-only,
+    or an ext4 that met an error under ``errors=remount-ro`` (an SD card's usual end), which
+    newer kernels mark ``emergency_ro`` while the mount still says ``rw``: only a write
+    tells. Tried on the file itself (an open for writing changes nothing), or by making and
+    removing a file beside it; only ever on an error's path."""
+    real = path.resolve()
     try:
-        return bool(os.statvfs(path.resolve().parent).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
+        if os.statvfs(real.parent).f_flag & os.ST_RDONLY:
+            return True
+        if real.exists():
+            os.close(os.open(real, os.O_RDWR | os.O_NOFOLLOW))
+        else:
+            with tempfile.TemporaryFile(dir=real.parent):
+                pass
+    except OSError as exc:
+        return exc.errno == errno.EROFS
+    return False
+
+
+def read_only_error(path: Path) -> StoreError:
+    """The error of a queue on a read-only file system: what keeps and what mends it."""
+    return StoreError(f"cannot write {path}: it is on a Read-only file system; the queued "
+                      "commands are kept, nothing new is taken and nothing is sent (each "
+                      "delivery deletes its rows) until it is writable. An SD card that "
+                      "reported errors is remounted read-only until a reboot and an fsck: "
+                      "see `dmesg`; else remount it read-write, or point store.path at a "
+                      "writable one")
 
 
 def _foreign(side: Path) -> bool:

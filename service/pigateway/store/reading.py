@@ -13,7 +13,7 @@ from typing import Any, Self
 
 from pigateway.config import StoreConfig
 from pigateway.errors import NewerSchema, OlderSchema, StoreCorrupt, StoreError
-from pigateway.store import clock, clock_row, delivery
+from pigateway.store import clock, clock_row, delivery, owners
 from pigateway.store.clock import GatewayClock
 from pigateway.store.connection import first, translate
 from pigateway.store.files import check_header
@@ -153,18 +153,19 @@ class QueueReader(Reads):
             raise _reader_refusal(path, problem)
         if path.stat().st_size == 0:
             return cls(path, None, f"{path} is empty: nothing is queued")
-        uri = f"{path.resolve().as_uri()}?mode=ro"
         try:
-            conn = sqlite3.connect(uri, uri=True, timeout=config.busy_timeout,
-                                   check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot read {path}: {exc}") from exc
-        try:
-            version = int(first(conn, "PRAGMA user_version")[0])
-            conn.execute("SELECT name FROM sqlite_master").fetchall()
+            conn, version = _connect(path, "mode=ro", config.busy_timeout)
         except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise _reader_refusal(path, str(exc)) from exc
+            if not owners.read_only(path):
+                raise _reader_refusal(path, str(exc)) from exc
+            # a card gone read-only: SQLite cannot make the -shm a WAL file's reader needs;
+            # a file closed cleanly (no -wal) cannot change there, and reads as it is
+            if Path(f"{path}-wal").exists():
+                raise owners.read_only_error(path) from exc
+            try:
+                conn, version = _connect(path, "immutable=1", config.busy_timeout)
+            except sqlite3.DatabaseError:
+                raise _reader_refusal(path, str(exc)) from exc
         if version > len(MIGRATIONS):
             conn.close()
             raise NewerSchema(path, version, len(MIGRATIONS))
@@ -223,6 +224,23 @@ def _stored_reading(conn: sqlite3.Connection | None) -> clock.Reading | None:
         return clock_row.load(conn)
     except sqlite3.OperationalError:  # no clock table yet
         return None
+
+
+def _connect(path: Path, how: str, timeout: float) -> tuple[sqlite3.Connection, int]:
+    """A connection that has read the schema (``how``: ``mode=ro`` or ``immutable=1``),
+    and the file's schema version; :class:`sqlite3.DatabaseError` when it cannot."""
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?{how}", uri=True, timeout=timeout,
+                               check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from exc
+    try:
+        version = int(first(conn, "PRAGMA user_version")[0])
+        conn.execute("SELECT name FROM sqlite_master").fetchall()
+    except sqlite3.DatabaseError:
+        conn.close()
+        raise
+    return conn, version
 
 
 def _reader_refusal(path: Path, problem: str) -> StoreCorrupt:
