@@ -66,7 +66,7 @@ async def test_reconnecting_backs_off_until_done_a_fault_waiting_the_maximum() -
     backoff = wait_backoff(0.001, 0.05, jitter=0.0, faults=(LinkFault,))
     async with asyncio.timeout(5):
         await reconnecting(once, stop=asyncio.Event(), backoff=backoff, reset=60.0,
-                           catch=(UplinkError,),
+                           up_since=lambda: None, catch=(UplinkError,),
                            waiting=lambda error, wait: waits.append((repr(error), wait)))
     assert waits == [("UplinkError('refused')", 0.001), ("None", 0.002),
                      ("LinkFault('tls')", 0.05), ("UplinkError('refused')", 0.008)]
@@ -85,7 +85,8 @@ async def test_reconnecting_ends_at_the_stop_and_on_an_error_it_does_not_catch()
 
     backoff = wait_backoff(0.001, 0.01)
     async with asyncio.timeout(5):
-        await reconnecting(until_stopped, stop=stop, backoff=backoff, reset=60.0)
+        await reconnecting(until_stopped, stop=stop, backoff=backoff, reset=60.0,
+                           up_since=lambda: None)
     assert calls == 3
 
     async def corrupt() -> bool:
@@ -93,4 +94,4 @@ async def test_reconnecting_ends_at_the_stop_and_on_an_error_it_does_not_catch()
 
     with pytest.raises(StoreError):
         await reconnecting(corrupt, stop=asyncio.Event(), backoff=backoff, reset=60.0,
-                           catch=(UplinkError,))
+                           up_since=lambda: None, catch=(UplinkError,))

@@ -77,15 +77,19 @@ def first_error(group: BaseExceptionGroup[Any]) -> BaseException:
 
 async def reconnecting(once: Callable[[], Awaitable[bool]], *, stop: asyncio.Event,
                        backoff: wait_backoff, reset: float,
+                       up_since: Callable[[], float | None],
                        catch: tuple[type[BaseException], ...] = (),
                        waiting: Callable[[BaseException | None, float], None] | None = None,
                        ) -> None:
     """Run ``once`` (one connection, served until it ends) again and again until ``stop`` is
     set or ``once`` returns True (done for good), waiting the backoff between two.
 
-    The attempt count starts again after a connection that lasted ``reset`` seconds; an
-    error of the backoff's ``faults`` (a refused login, a TLS set-up) waits its maximum. An
-    error of ``catch`` is retried, any other ends the loop; ``waiting`` is told the error
+    The attempt count starts again after a link that stayed up: ``up_since()`` (the
+    ``time.monotonic()`` at which ``once``'s link got its CONNACK, None before) at least
+    ``reset`` seconds before it ended. The time a connect takes does not count, so a broker
+    that drops every link sooner, however slow it is to answer, keeps the backoff growing.
+    An error of the backoff's ``faults`` (a refused login, a TLS set-up) waits its maximum.
+    An error of ``catch`` is retried, any other ends the loop; ``waiting`` is told the error
     (None: the link just ended) and the wait, unless ``stop`` is set.
     """
     attempt = 0
@@ -99,7 +103,9 @@ async def reconnecting(once: Callable[[], Awaitable[bool]], *, stop: asyncio.Eve
             error = exc
         if stop.is_set():
             return
-        attempt = 1 if time.monotonic() - started >= reset else attempt + 1
+        since = up_since()
+        stayed = since is not None and since >= started and time.monotonic() - since >= reset
+        attempt = 1 if stayed else attempt + 1
         wait = backoff.maximum if isinstance(error, backoff.faults) else backoff.delay(attempt)
         if waiting is not None:
             waiting(error, wait)

@@ -77,7 +77,8 @@ class HostileBroker:
     def __init__(self, *, receive_maximum: int | None = None,
                  maximum_packet_size: int | None = None, session_present: bool = False,
                  decide: Decide = _accept_all, connack_code: int = 0,
-                 connack_props: bytes = b"", strict: bool = True) -> None:
+                 connack_props: bytes = b"", strict: bool = True,
+                 connack_delay: float = 0.0, hold: float | None = None) -> None:
         self.receive_maximum = receive_maximum
         self.maximum_packet_size = maximum_packet_size
         self.session_present = session_present
@@ -86,6 +87,10 @@ class HostileBroker:
         self.connack_props = connack_props
         #: enforce Maximum Packet Size and Receive Maximum with a DISCONNECT, as the spec says
         self.strict = strict
+        #: seconds each CONNACK is held back (a slow broker)
+        self.connack_delay = connack_delay
+        #: seconds each connection is kept after its CONNACK, then cut (None: until it ends)
+        self.hold = hold
         self.port = 0
         self.sessions: list[Session] = []
         #: every packet from any client: (connection number, packet)
@@ -232,13 +237,21 @@ class HostileBroker:
                 props += w.receive_maximum(self.receive_maximum)
             if self.maximum_packet_size is not None:
                 props += w.maximum_packet_size(self.maximum_packet_size)
+            if self.connack_delay:
+                await asyncio.sleep(self.connack_delay)
             await session.send(w.connack(self.connack_code, v5=session.v5, props=props,
                                          session_present=self.session_present))
             if self.connack_code >= 0x80:
                 return
             self.sessions.append(session)
             self._changed.set()
-            await self._serve(session, reader)
+            if self.hold is None:
+                await self._serve(session, reader)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.hold):
+                        await self._serve(session, reader)
+                session.close()
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
         finally:

@@ -161,7 +161,9 @@ class UplinkConfig(Section, section="uplink"):
     max_inflight: int = _opt(8, min=1, max=1024, doc="unacknowledged batches at most")
     backoff_initial: float = _opt(1.0, min=0.01, doc="first reconnect wait, seconds")
     backoff_max: float = _opt(120.0, min=0.01, doc="longest reconnect wait, seconds")
-    backoff_reset: float = _opt(30.0, min=0, doc="seconds online after which backoff starts over")
+    backoff_reset: float = _opt(30.0, min=0, doc=(
+        "seconds a link holds after its CONNACK for the backoff to start over (uplink, "
+        "ingest, Home Assistant; a link that drops sooner counts as a failed attempt)"))
     # At most 20: a stop takes publish_timeout + app.WIND_DOWN + app.STOP_SLACK (27 s), and
     # the unit's TimeoutStopSec=30s must stay above it (tests/test_config.py checks both).
     publish_timeout: float = _opt(10.0, min=0.1, max=20, doc=(

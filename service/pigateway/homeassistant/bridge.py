@@ -164,6 +164,8 @@ class HomeAssistant:
         self._requeue: asyncio.Task[None] | None = None
         self._disk_free: int | None = None
         self._wait = wait_backoff(config.uplink.backoff_initial, config.uplink.backoff_max)
+        #: when the latest link got its CONNACK (``time.monotonic()``; the backoff's reset)
+        self._up_since: float | None = None
 
     @property
     def enabled(self) -> bool:
@@ -180,12 +182,14 @@ class HomeAssistant:
         """Connect, serve, reconnect with backoff, until :meth:`stop`. Never raises for the
         link's sake: HA is a view, the drain does not depend on it."""
         await reconnecting(self._connect_once, stop=self._stopping, backoff=self._wait,
-                           reset=self.config.uplink.backoff_reset)
+                           reset=self.config.uplink.backoff_reset,
+                           up_since=lambda: self._up_since)
 
     async def _connect_once(self) -> bool:
         """One connection, served until it ends; True once the topics are retired."""
         try:
             async with connect(self._settings(), bound=15.0, leave_bound=5.0) as client:
+                self._up_since = time.monotonic()
                 if not self.enabled:
                     await self._retire(client)
                     return True

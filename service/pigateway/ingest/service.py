@@ -226,6 +226,8 @@ class Ingest:
         self._stop = asyncio.Event()
         self._idle = asyncio.Event()  # set while no connection is open
         self._idle.set()
+        #: when the latest link got its CONNACK (``time.monotonic()``; the backoff's reset)
+        self._up_since: float | None = None
         self.taken = 0  # messages committed and acknowledged since start
         self.looped = 0  # messages of our own that were not taken back in
         self.refusing = False  # the store refuses: nothing is acknowledged
@@ -248,7 +250,8 @@ class Ingest:
         """Connect, take, reconnect with backoff until :meth:`stop`; a corrupt store ends it."""
         self.state.set_local(Link.OFFLINE)
         await reconnecting(self._connect_once, stop=self._stop, backoff=self.backoff,
-                           reset=self.config.uplink.backoff_reset, catch=(UplinkError,),
+                           reset=self.config.uplink.backoff_reset,
+                           up_since=lambda: self._up_since, catch=(UplinkError,),
                            waiting=self._waiting)
 
     async def _connect_once(self) -> bool:
@@ -256,6 +259,7 @@ class Ingest:
         self._idle.clear()
         try:
             async with connect(self._settings(), bound=15.0, leave_bound=5.0) as client:
+                self._up_since = time.monotonic()
                 await self._serve(client)
         finally:
             self.state.set_local(Link.OFFLINE)
