@@ -91,17 +91,15 @@ def read_only(path: Path) -> bool:
     """Whether the queue's folder is on a file system that takes no write: mounted read-only,
     or an ext4 that met an error under ``errors=remount-ro`` (an SD card's usual end), which
     newer kernels mark ``emergency_ro`` while the mount still says ``rw``: only a write
-    tells. Tried on the file itself (an open for writing changes nothing), or by making and
-    removing a file beside it; only ever on an error's path."""
-    real = path.resolve()
+    tells, tried by making a nameless file in the folder (``O_TMPFILE``), only ever on an
+    error's path. Never by opening the database itself: closing any descriptor of it would
+    drop every POSIX lock this process's SQLite connections hold on it."""
+    folder = path.resolve().parent
     try:
-        if os.statvfs(real.parent).f_flag & os.ST_RDONLY:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
             return True
-        if real.exists():
-            os.close(os.open(real, os.O_RDWR | os.O_NOFOLLOW))
-        else:
-            with tempfile.TemporaryFile(dir=real.parent):
-                pass
+        with tempfile.TemporaryFile(dir=folder):
+            pass
     except OSError as exc:
         return exc.errno == errno.EROFS
     return False
