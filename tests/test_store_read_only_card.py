@@ -23,7 +23,8 @@ import pytest
 from conftest import Run
 from harness import gateway
 from pigateway.config import StoreConfig
-from pigateway.errors import StoreError
+from pigateway.errors import StoreError, StoreReadOnly
+from pigateway.state import Refusal
 from pigateway.store import NewCommand, Store
 
 pytestmark = pytest.mark.root
@@ -129,3 +130,25 @@ async def test_the_drain_on_a_card_gone_read_only_says_so_and_keeps_the_queue(
     assert queued(config.path) == ids
     async with await Store.open(config) as store:
         assert [c.id for c in await store.claim(100)] == ids
+
+
+async def test_an_idle_store_on_a_card_gone_read_only_shows_it_as_a_refusal(card: Card) -> None:
+    """With nothing queued, nothing the drain does writes: every view said all was well
+    (``online · queue 0``, not a line in the journal) while every ``pigateway send`` failed
+    and every command from the broker waited unacknowledged. The clock's heartbeat writes
+    once a minute anyway: what it meets is what a producer would meet, and every view reads
+    that (``refusal``: ``REFUSING store-busy``, the *refusing work* LEDs)."""
+    config = StoreConfig(path=card.mount / "queue.db", min_free_bytes=0)
+    store = await Store.open(config)
+    try:
+        await store.heartbeat()
+        assert await store.refusal() is None
+        card.fail()
+        with pytest.raises(StoreReadOnly):
+            await store.heartbeat()
+        refusal = await store.refusal()
+        assert isinstance(refusal, StoreReadOnly), refusal
+        assert Refusal.of(refusal) is Refusal.STORE_BUSY
+    finally:
+        with contextlib.suppress(StoreError):
+            await store.close()

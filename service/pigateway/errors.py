@@ -77,6 +77,11 @@ class StoreFull(StoreError):
     """The disk under the store is (nearly) full; queued commands are kept, new ones refused."""
 
 
+class StoreReadOnly(StoreError):
+    """The queue's file system takes no write (an SD card remounted read-only after errors):
+    queued commands are kept; nothing new is taken until a reboot (and fsck) or a remount."""
+
+
 class OlderSchema(StoreError):
     """A read-only look at a queue file the service has not migrated yet met a table or
     column it lacks (``pigateway queue ...`` right after an upgrade)."""

@@ -20,7 +20,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from pigateway.errors import StoreError
+from pigateway.errors import StoreError, StoreReadOnly
 
 #: The queue's files: the database and SQLite's two beside it.
 SIDES = ("", "-wal", "-shm")
@@ -105,9 +105,9 @@ def read_only(path: Path) -> bool:
     return False
 
 
-def read_only_error(path: Path) -> StoreError:
+def read_only_error(path: Path) -> StoreReadOnly:
     """The error of a queue on a read-only file system: what keeps and what mends it."""
-    return StoreError(f"cannot write {path}: it is on a Read-only file system; the queued "
+    return StoreReadOnly(f"cannot write {path}: it is on a Read-only file system; the queued "
                       "commands are kept, nothing new is taken and nothing is sent (each "
                       "delivery deletes its rows) until it is writable. An SD card that "
                       "reported errors is remounted read-only until a reboot and an fsck: "

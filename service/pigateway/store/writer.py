@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pigateway.counters import COUNTERS
-from pigateway.errors import StoreError
+from pigateway.errors import StoreError, StoreReadOnly
 from pigateway.store.commit import GroupCommit, Job, translated
 from pigateway.store.connection import run_transaction
 from pigateway.store.outbox import Outbox, Put
@@ -52,6 +52,9 @@ class Writer:
         self._jobs: asyncio.Queue[_Queued | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        #: The read-only file system the last commit met (None: it wrote): nothing else
+        #: tells a view of a card gone read-only while nothing is queued to drain
+        self.read_only: StoreReadOnly | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._write_loop(), name="store-writer")
@@ -125,6 +128,9 @@ class Writer:
             outcomes = done.outcomes
             for seconds in done.seconds:
                 COUNTERS.commit_seconds.observe(seconds)
+        failed = [o for o in outcomes if isinstance(o, StoreReadOnly)]
+        if failed or any(not isinstance(o, BaseException) for o in outcomes):
+            self.read_only = failed[0] if failed else None
         for job, outcome in zip(jobs, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 _settle(job.future, error=outcome)
