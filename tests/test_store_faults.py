@@ -323,3 +323,32 @@ async def test_a_producer_leaves_a_bad_file_to_the_running_service(
     async with await Store.open(store_config) as service:
         await service.put("d", "after")
     assert len(corrupt_files(store_config.path.parent)) == 1
+
+
+@pytest.mark.root
+async def test_a_quarantine_on_a_full_disk_says_the_disk_is_full_and_keeps_the_file(
+        tmp_path: Path) -> None:
+    """A damaged queue on a disk without room for the salvaged copy: the start stops with
+    the file as it was, and says the disk is full (it said "cannot rollback - no
+    transaction is active", SQLite's answer to the rollback after its own, which hid the
+    cause). Once space is freed the next start salvages every readable row."""
+    with tmpfs(tmp_path / "disk", "8m") as disk:
+        config = StoreConfig(path=disk / "queue.db", min_free_bytes=0)
+        await make_queue(config)
+        garbage_in_the_middle(config.path)
+        damaged = config.path.read_bytes()
+        filler = disk / "filler"
+        fill_to_the_brim(filler)
+        os.truncate(filler, filler.stat().st_size - 256 * 1024)  # room for a little
+        for _ in range(2):
+            with pytest.raises(StoreFull, match="full") as refused:
+                await Store.open(config)
+            assert "no transaction" not in str(refused.value)
+            assert config.path.read_bytes() == damaged
+            assert corrupt_files(disk) == []
+            assert not [p for p in disk.iterdir() if "salvage" in p.name]  # nothing left
+        filler.unlink()
+        async with await Store.open(config) as store:
+            assert (await store.stats()).depth > 2000
+        assert len([p for p in corrupt_files(disk)
+                    if not p.name.endswith(("-wal", "-shm"))]) == 1

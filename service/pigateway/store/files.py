@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from pigateway.config import StoreConfig
 from pigateway.errors import StoreCorrupt, StoreError, StoreFull
 from pigateway.store import lazylog, owners
+from pigateway.store.connection import translate
 
 if TYPE_CHECKING:  # the drainer's, at a quarantine: never a producer's (pigateway send)
     from pigateway.store import salvage
@@ -210,6 +211,8 @@ def _salvage(path: Path, partial: Path, config: StoreConfig) -> salvage.Salvaged
                          partial.with_name(partial.name + "-shm")):
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
+        if isinstance(exc, sqlite3.Error):
+            exc = translate(exc, partial)  # a full disk is StoreFull, said as such
         kind = StoreFull if isinstance(exc, StoreFull) else StoreError
         raise kind(f"{path} failed its integrity check and its readable rows could not be "
                    f"copied out ({exc}); it was left as it is, and producers refuse it until "

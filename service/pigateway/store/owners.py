@@ -17,7 +17,6 @@ import grp
 import os
 import pwd
 import stat
-import tempfile
 from pathlib import Path
 
 from pigateway.errors import StoreError, StoreReadOnly
@@ -94,6 +93,8 @@ def read_only(path: Path) -> bool:
     tells, tried by making a nameless file in the folder (``O_TMPFILE``), only ever on an
     error's path. Never by opening the database itself: closing any descriptor of it would
     drop every POSIX lock this process's SQLite connections hold on it."""
+    import tempfile  # noqa: PLC0415 - an error's path only: send imports this module
+
     folder = path.resolve().parent
     try:
         if os.statvfs(folder).f_flag & os.ST_RDONLY:

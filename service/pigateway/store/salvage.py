@@ -160,7 +160,8 @@ def _copy(source: sqlite3.Connection, target: sqlite3.Connection, table: str,
             copied += sum(target.execute(insert, row).rowcount for row in rows)
             target.execute("COMMIT")
         except BaseException:
-            target.execute("ROLLBACK")
+            if target.in_transaction:  # SQLite rolled back itself on a full disk: its
+                target.execute("ROLLBACK")  # "no transaction is active" would hide why
             raise
     report.copied[table] = copied
 
