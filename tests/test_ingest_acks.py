@@ -83,7 +83,7 @@ async def test_messages_ingest_held_survive_a_stop_and_a_kill(
             assert await wait_until(lambda: "ingest: online" in service.tail(100_000), 20), \
                 service.tail()
             assert await publish_at(local, qos, SENT) == SENT
-            assert await wait_until(lambda: "queue refuses" in service.tail(100_000), 20), \
+            assert await wait_until(lambda: "refusing work: ingest" in service.tail(100_000), 20), \
                 service.tail()
             service.signal(stop)
         service = Service(service_file(folder, local, uplink, qos=qos, room=None), log)
@@ -156,7 +156,7 @@ async def test_a_full_disk_acknowledges_nothing_it_could_not_commit(
                 async with aiomqtt.Client(local.host, local.port, protocol=V5) as client:
                     for payload in sent:
                         await client.publish(TOPIC, payload, qos=1)
-                assert await wait_until(lambda: "queue refuses" in service.tail(100_000),
+                assert await wait_until(lambda: "refusing work: ingest" in service.tail(100_000),
                                         20), service.tail()
                 service.kill()
             filler.unlink()  # space returns

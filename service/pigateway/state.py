@@ -174,11 +174,12 @@ class GatewayState:
         """The oldest fault still set: what the views show."""
         return next(iter(self._faults.values()), None)
 
-    def set_refusing(self, who: Refuser, why: Refusal, detail: str) -> bool:
-        """``who`` turns work away for ``why``; said at warning when this episode begins,
-        not again while it lasts. A queue hovering at its limit refuses and takes by turns:
-        the same refusal again within :data:`EPISODE_GAP` seconds of its end is the same
-        episode."""
+    def set_refusing(self, who: Refuser, why: Refusal, detail: str, *, note: str = "") -> bool:
+        """``who`` turns work away for ``why``; said at warning when this episode begins
+        (with ``note``, what the refuser does meanwhile: the journal's line only, not the
+        views), not again while it lasts. A queue hovering at its limit refuses and takes by
+        turns: the same refusal again within :data:`EPISODE_GAP` seconds of its end is the
+        same episode."""
         before = self._refusals.get(who)
         self._refusals[who] = (why, detail)
         if before is None or before[0] is not why:
@@ -186,15 +187,17 @@ class GatewayState:
             same = ended is not None and ended[0] is why \
                 and time.monotonic() - ended[1] < EPISODE_GAP
             log.log(logging.DEBUG if same else logging.WARNING,
-                    "refusing work: %s: %s: %s", who, why, detail)
+                    "refusing work: %s: %s: %s%s", who, why, detail, f"; {note}" if note else "")
         return self._show_refusal()
 
-    def clear_refusing(self, who: Refuser) -> bool:
-        """``who`` takes work again (another part's refusal stays)."""
+    def clear_refusing(self, who: Refuser, *, summary: str = "") -> bool:
+        """``who`` takes work again (another part's refusal stays); said at info, with
+        ``summary`` (what the episode came to) when its refuser counted it."""
         before = self._refusals.pop(who, None)
         if before is not None:
             self._refusals_ended[who] = (before[0], time.monotonic())
-            log.info("%s takes work again (it was refusing it: %s)", who, before[0])
+            log.info("%s takes work again (it was refusing it: %s%s)", who, before[0],
+                     f"; {summary}" if summary else "")
         return self._show_refusal()
 
     def refusals(self) -> list[dict[str, str]]:

@@ -231,6 +231,11 @@ class Ingest:
         self.taken = 0  # messages committed and acknowledged since start
         self.looped = 0  # messages of our own that were not taken back in
         self.refusing = False  # the store refuses: nothing is acknowledged
+        #: this refusal episode: when it began, and the tries the store refused
+        self._refused_since = 0.0
+        self._refused_tries = 0
+        #: the local broker's going away was said at warning (once until ingest is back)
+        self._said_away = False
         self._routes: dict[str, Route | None] = {}
 
     @property
@@ -267,9 +272,20 @@ class Ingest:
         return False
 
     def _waiting(self, error: BaseException | None, wait: float) -> None:
-        log.log(logging.ERROR if isinstance(error, self.backoff.faults) else logging.INFO,
-                "ingest: local broker %s:%d: %s; retrying in %.1fs",
-                self.config.local.host, self.config.local.port, error or "link ended", wait)
+        """Each retry said: a fault (login, TLS) at error, the first of an episode away from
+        the local broker at warning (``journalctl -p warning`` shows it once), the rest at
+        info."""
+        if isinstance(error, self.backoff.faults):
+            level, more = logging.ERROR, ""
+        elif not self._said_away:
+            level, more = logging.WARNING, (" (its messages wait there, in ingest's session; "
+                                            "the next tries are said at info)")
+        else:
+            level, more = logging.INFO, ""
+        self._said_away = True
+        log.log(level, "ingest: local broker %s:%d: %s; retrying in %.1fs%s",
+                self.config.local.host, self.config.local.port, error or "link ended", wait,
+                more)
 
     def _settings(self) -> Settings:
         local = self.config.local
@@ -321,6 +337,7 @@ class Ingest:
                  plural(len(self.rules), "rule"))
         if not client.lost:
             self.state.set_local(Link.ONLINE)
+            self._said_away = False
 
     async def _take(self, client: Connection, group: Sequence[Message]) -> None:
         """Commit ``group`` and acknowledge it, in order, waiting out a store that refuses.
@@ -356,19 +373,25 @@ class Ingest:
             pending = pending[len(part):]
             size = min(len(group), size * 2)
             attempt = 0
-            if self.refusing:
-                log.info("ingest: the queue takes messages again")
-                self.refusing = False
-                self.state.clear_refusing(Refuser.INGEST)
+        if self.refusing:  # all it held back is taken: the episode ends (one part is not)
+            self.refusing = False
+            self.state.clear_refusing(Refuser.INGEST, summary=(
+                f"refused {plural(self._refused_tries, 'time')} over "
+                f"{time.monotonic() - self._refused_since:.1f}s; the local broker kept the "
+                "messages meanwhile"))
 
     async def _refused(self, count: int, error: StoreError, attempt: int) -> None:
-        """Back-pressure: nothing acknowledged, nothing more read, tried again by itself."""
+        """Back-pressure: nothing acknowledged, nothing more read, tried again by itself.
+        Said once per episode, by the state (at warning), with what ingest does meanwhile."""
+        note = ""
         if not self.refusing:
-            log.warning("ingest: the queue refuses %s (%s); nothing is "
-                        "acknowledged and nothing read until it takes them: the local "
-                        "broker keeps them", plural(count, "message"), error)
-        self.refusing = True
-        self.state.set_refusing(Refuser.INGEST, Refusal.of(error), str(error))  # every view
+            self.refusing = True
+            self._refused_since, self._refused_tries = time.monotonic(), 0
+            note = (f"ingest holds {plural(count, 'message')}: nothing is acknowledged and "
+                    "nothing read until the queue takes them, the local broker keeps them")
+        self._refused_tries += 1
+        self.state.set_refusing(Refuser.INGEST, Refusal.of(error), str(error),  # every view
+                                note=note)
         await first_of(asyncio.sleep(REFUSED_BACKOFF.delay(attempt)), self._stop.wait())
 
     async def _write(self, part: Sequence[Message]) -> None:
