@@ -8,6 +8,7 @@ one: a 4 MiB tmpfs mounted by the test (root only; skipped with a reason otherwi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
@@ -352,3 +353,26 @@ async def test_a_quarantine_on_a_full_disk_says_the_disk_is_full_and_keeps_the_f
             assert (await store.stats()).depth > 2000
         assert len([p for p in corrupt_files(disk)
                     if not p.name.endswith(("-wal", "-shm"))]) == 1
+
+
+@pytest.mark.root
+async def test_a_put_too_big_for_the_disk_fails_alone_as_a_full_disk(small_disk: Path) -> None:
+    """A put_many bigger than the page cache spills into the WAL while its insert runs; on a
+    full disk SQLite then undoes the whole transaction, not the one statement, and the
+    savepoint's own rollback failed: every job of the group (small puts of other producers
+    too) got "no such savepoint: job", a plain StoreError (send's exit 1, not 3), and the
+    full-disk rule never ran. Now the big one is StoreFull and fails alone."""
+    config = StoreConfig(path=small_disk / "queue.db", min_free_bytes=0)
+    async with await Store.open(config) as store:
+        first = await store.put("d", "first")
+        big = [NewCommand("d", "big", {"pad": "x" * 60_000, "i": i}) for i in range(100)]
+        with pytest.raises(StoreFull, match="full"):
+            await store.put_many(big)
+        results = await asyncio.gather(store.put_many(big),
+                                       *(store.put("d", "small", {"i": i}) for i in range(5)),
+                                       return_exceptions=True)
+        assert isinstance(results[0], StoreFull), results[0]
+        small = results[1:]
+        assert all(not isinstance(r, BaseException) for r in small), small
+        queued = [c.id for c in await store.list_queued(10)]
+        assert queued == [first.id, *(r.id for r in small if not isinstance(r, BaseException))]

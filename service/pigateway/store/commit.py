@@ -58,10 +58,25 @@ class GroupCommit:
         if full:
             truncate_wal(conn)
             again, more = self._once(conn, [jobs[n] for n in full])
+            if len(full) > 1 and all(o is again[0] for o in again):  # undone as a whole
+                again, more = self._each_alone(conn, [jobs[n] for n in full], more)
             for n, outcome in zip(full, again, strict=True):
                 outcomes[n] = outcome
             seconds += more
         return Committed(outcomes, seconds)
+
+    def _each_alone(self, conn: sqlite3.Connection, jobs: Sequence[Job],
+                    seconds: list[float]) -> tuple[list[Any], list[float]]:
+        """Each job in a transaction of its own: a full disk undid the transaction they
+        shared as a whole (SQLite rolls all of it back when a statement meets a full disk
+        midway, a big put's insert spilling into the WAL), so only this way does the job
+        that does not fit fail alone. Only on a full disk's path."""
+        outcomes: list[Any] = []
+        for job in jobs:
+            one, more = self._once(conn, [job])
+            outcomes += one
+            seconds = seconds + more
+        return outcomes, seconds
 
     def _once(self, conn: sqlite3.Connection,
               jobs: Sequence[Job]) -> tuple[list[Any], list[float]]:
@@ -106,6 +121,8 @@ class GroupCommit:
             else:
                 outcomes = [segment(conn)]
         except Exception as exc:
+            if not conn.in_transaction:  # SQLite undid the whole transaction (a full disk
+                raise  # midway through a statement): the group's failure, not this job's
             conn.execute("ROLLBACK TO job")
             conn.execute("RELEASE job")
             del self._after_commit[said:]  # undone: nothing to say about it
