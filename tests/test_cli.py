@@ -489,6 +489,27 @@ def test_send_with_a_used_key_for_another_command_is_refused(cli: Run,
     assert [row["name"] for row in read_queue(config_file)] == ["start"]
 
 
+@pytest.mark.parametrize("text", ["{bad", "[" * 100_000 + "]" * 100_000],
+                         ids=["cut", "deep"])
+def test_send_with_a_key_whose_first_command_no_longer_reads_is_refused(
+        cli: Run, config_file: Path, text: str) -> None:
+    """The first command's stored params no longer read (bit rot, a hand-edited file): the
+    retry cannot be compared with it, so it is refused naming why (exit 6), never a
+    traceback; the first stays queued (the drain dead-letters it, as any unreadable row)."""
+    import sqlite3  # noqa: PLC0415
+
+    base = ("send", "--config", str(config_file), "--id", "k-2", "--device", "pump",
+            "--command", "start")
+    code, first, _ = cli(*base)
+    assert code == 0
+    path = configuration.load(config_file).store.path
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE outbox SET params = ?", (text,))
+    code, out, err = cli(*base)
+    assert (code, out) == (6, "")
+    assert first.strip() in err and "cannot be read" in err and "nothing queued" in err
+
+
 def test_queue_show_finds_a_command_by_its_producer_key(cli: Run, config_file: Path) -> None:
     code, first, _ = cli("send", "--config", str(config_file), "--id", "order-17",
                          "--device", "pump", "--command", "start")

@@ -154,7 +154,12 @@ def test_a_claim_after_the_cursor_is_an_index_or_rowid_search(tmp_path: Path) ->
     assert all("outbox_urgent (priority=? AND seq>?)" in plan for plan in (plans[0], plans[2]))
 
 
-@pytest.mark.parametrize("text", ['{bad', '{"v":1' + "0" * 5000 + "}"])
+#: stored params no put writes: cut, an integer past Python's digit limit, nested past the
+#: decoder's recursion limit, and JSON that is not an object
+UNREADABLE = ['{bad', '{"v":1' + "0" * 5000 + "}", "[" * 100_000 + "]" * 100_000, "[1, 2]"]
+
+
+@pytest.mark.parametrize("text", UNREADABLE, ids=["cut", "digits", "deep", "not-an-object"])
 async def test_a_row_whose_params_cannot_be_read_is_buried_not_stalling_every_claim(
         store: Store, store_config: StoreConfig, text: str) -> None:
     """One row whose stored params no decoder reads (a flipped byte on a page SQLite reads
@@ -172,16 +177,24 @@ async def test_a_row_whose_params_cannot_be_read_is_buried_not_stalling_every_cl
     assert await store.claim(10) == []
 
 
+@pytest.mark.parametrize("text", UNREADABLE, ids=["cut", "digits", "deep", "not-an-object"])
 async def test_an_inbox_row_whose_params_cannot_be_read_does_not_stall_the_pending_scan(
-        store: Store, store_config: StoreConfig) -> None:
+        store: Store, store_config: StoreConfig, text: str) -> None:
     """As for the outbox: one inbound command whose stored params no decoder reads must not
-    fail every read of the pending commands after it."""
+    fail every read of the pending commands after it; it says why, as the outbox's dead
+    letter does."""
     now = store.clock.now()
     for command_id in ("c-bad", "c-fine"):
         await store.inbox.receive(command_id, "dev", "set", {"v": 1}, expires_at=None,
                                   ttl=None, now=now, headroom=0)
     with sqlite3.connect(store_config.path) as conn:
-        conn.execute("UPDATE inbox SET params = '{bad' WHERE id = 'c-bad'")
+        conn.execute("UPDATE inbox SET params = ? WHERE id = 'c-bad'", (text,))
     assert "c-fine" in [entry.id for entry in await store.inbox.pending(0, 10)]
     (bad,) = [entry for entry in await store.inbox.pending(0, 10) if entry.id == "c-bad"]
-    assert bad.unreadable is not None and "JSONDecodeError" in bad.unreadable
+    assert bad.unreadable is not None and bad.params == {}
+    await store.put("dev", "x")
+    with sqlite3.connect(store_config.path) as conn:
+        conn.execute("UPDATE outbox SET params = ?", (text,))
+    assert await store.claim(10) == []
+    (dead,) = await store.list_dead()
+    assert dead.detail == f"its stored params cannot be read: {bad.unreadable}"

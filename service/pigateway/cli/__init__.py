@@ -34,7 +34,7 @@ from pigateway.errors import (
     StoreFull,
 )
 from pigateway.store.producer import Producer
-from pigateway.store.values import NewCommand
+from pigateway.store.values import NewCommand, Unreadable, stored_object
 from pigateway.text import json_kind, plural
 
 if TYPE_CHECKING:  # the verbs that use them import them: send runs without asyncio
@@ -425,8 +425,15 @@ def _same_or_refuse(producer: Producer, key: str, first_id: str, item: NewComman
               "was not compared with it)", file=sys.stderr)
         return
     device, name, params = first_content
-    if (device, name, json.loads(params)) != (item.device, item.name,
-                                              json.loads(json.dumps(item.params))):
+    try:  # the one reading of stored params: a row that no longer reads says why
+        first_params = stored_object(params)
+    except Unreadable as exc:
+        raise KeyConflict(
+            f"--id {inputs.shown(key, 40)} already names command {first_id}, whose stored "
+            f"params cannot be read ({exc}), so this send cannot be compared with it; "
+            "nothing queued. Use a new key for a new command") from None
+    if (device, name, first_params) != (item.device, item.name,
+                                        json.loads(json.dumps(item.params))):
         raise KeyConflict(
             f"--id {inputs.shown(key, 40)} already names command {first_id} "
             f"({inputs.shown(device, 40)} {inputs.shown(name, 40)} {inputs.shown(params, 80)}),"

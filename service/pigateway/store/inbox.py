@@ -14,7 +14,6 @@ again; a crash after it leaves both the result and the record.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import typing
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,6 +24,7 @@ from pigateway import wire
 from pigateway.inputs import text_problem
 from pigateway.store.ids import new_id
 from pigateway.store.outbox import SWEEP_CHUNK
+from pigateway.store.values import Unreadable, stored_object
 from pigateway.text import bounded
 
 if typing.TYPE_CHECKING:
@@ -278,12 +278,10 @@ def _entry(row: Sequence[Any]) -> Entry:
 
 
 def _document(stored: Any) -> tuple[dict[str, Any] | None, str | None]:
-    """A stored JSON object, or why it does not read: one row's bit rot is that row's
-    failure, never every scan's after it (the outbox's claim buries such rows alike)."""
+    """A stored JSON object, or why it does not read (:func:`stored_object`, as the
+    outbox's claim reads its rows): one row's bit rot is that row's failure, never every
+    scan's after it."""
     try:
-        value = json.loads(stored)
-    except (ValueError, TypeError, RecursionError) as exc:
-        return None, bounded(f"{type(exc).__name__}: {exc}", 200)
-    if not isinstance(value, dict):
-        return None, f"stored as {type(value).__name__}, not a JSON object"
-    return value, None
+        return stored_object(stored), None
+    except Unreadable as exc:
+        return None, str(exc)

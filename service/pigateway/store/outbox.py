@@ -22,6 +22,7 @@ from pigateway.store.values import (
     COMMAND_COLUMNS,
     Command,
     NewCommand,
+    Unreadable,
     own_ttl,
     requeued_expiry,
     row_to_command,
@@ -454,7 +455,7 @@ def _requeue_rows(conn: sqlite3.Connection, where: str, params: Sequence[Any],
 def _read_rows(rows: Sequence[tuple[Any, ...]], expired: set[int]
                ) -> tuple[list[Command], dict[int, str]]:
     """The commands of the rows not ``expired``, and why each row (by seq) that does not
-    read cannot (params no decoder takes: bit rot, a salvaged or hand-edited file)."""
+    read cannot (:class:`~pigateway.store.values.Unreadable`, the inbox's reason too)."""
     commands: list[Command] = []
     unreadable: dict[int, str] = {}
     for row in rows:
@@ -462,8 +463,8 @@ def _read_rows(rows: Sequence[tuple[Any, ...]], expired: set[int]
             continue
         try:
             commands.append(row_to_command(row))
-        except (ValueError, TypeError) as exc:
-            unreadable[row[0]] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        except Unreadable as exc:
+            unreadable[row[0]] = str(exc)
     return commands, unreadable
 
 

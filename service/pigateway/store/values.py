@@ -13,7 +13,7 @@ from pigateway.config import StoreConfig
 from pigateway.errors import InvalidCommand
 from pigateway.inputs import shown, text_problem, travels
 from pigateway.store.ids import new_ids
-from pigateway.text import json_kind
+from pigateway.text import bounded, json_kind
 
 #: The priorities a command can be put with, and the number stored: claimed lowest first.
 PRIORITIES: dict[str, int] = {"high": 0, "normal": 1, "low": 2}
@@ -265,13 +265,14 @@ def row_to_command(row: Sequence[Any]) -> Command:
     splice, unless the text holds NaN or Infinity: json.loads takes them, JSON does not, and
     no put writes them (a salvaged or hand-edited file can hold them). Such a row carries
     no stored text, so its params are encoded again and refused as the put refuses them,
-    rather than spliced into a batch whose every command a strict consumer then refuses."""
+    rather than spliced into a batch whose every command a strict consumer then refuses.
+    Params that do not read at all raise :class:`Unreadable` (:func:`stored_object`)."""
     seq, id_, kind, device, name, params, size, queued_at, expires_at, attempts, error = row[:11]
     try:
-        value = decode_params(params, _STRICT)
+        value = stored_object(params, _STRICT)
         stored = params if type(params) is str else None  # a BLOB: encoded again
     except _NotJson:
-        value, stored = decode_params(params), None
+        value, stored = stored_object(params), None
     return Command(id_, device, name, value, kind, queued_at, expires_at,
                    attempts, error, size, seq, stored)
 
@@ -282,7 +283,7 @@ def shown_row(row: Sequence[Any]) -> Command:
     rather than failing the whole listing."""
     try:
         return row_to_command(row)
-    except (ValueError, TypeError):
+    except Unreadable:
         return row_to_command((*row[:5], json.dumps({"unreadable": shown(row[5], 200)}),
                                *row[6:]))
 
@@ -312,6 +313,29 @@ def decode_params(text: str, decoder: json.JSONDecoder = _DECODER) -> Any:
     except (ValueError, TypeError):
         return json.loads(text, parse_constant=constant)
     return value if end == len(text) else json.loads(text, parse_constant=constant)
+
+
+class Unreadable(ValueError):
+    """Stored params (or a stored result) that do not read as a JSON object: bit rot on a
+    page SQLite reads without complaint, a salvaged or hand-edited file. Its message says
+    why, bounded. One row's failure, never every scan's after it: the outbox's claim
+    dead-letters such a row, the inbox answers such a command ``rejected``, listings show
+    it."""
+
+
+def stored_object(stored: Any, decoder: json.JSONDecoder = _DECODER) -> dict[str, Any]:
+    """A stored JSON object (:func:`decode_params`), or :class:`Unreadable` saying why not:
+    a decoder's error (a BLOB's bytes, a cut text, digits past Python's limit, a nesting
+    past its recursion limit) or a value that is not an object (which no put writes).
+    The one reading of stored params and results, for the outbox and the inbox alike."""
+    try:
+        value = decode_params(stored, decoder)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise Unreadable(bounded(f"{type(exc).__name__}: {exc}", 200)) from None
+    if not isinstance(value, dict):
+        raise Unreadable(f"stored as {json_kind(value)}, not a JSON object")
+    return value
+
 
 def own_ttl(queued_at: float, expires_at: float | None, ttl: float | None) -> float:
     """The ttl a command was put with (0: never expires). Rows from before the stored ttl
