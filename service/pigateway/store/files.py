@@ -27,8 +27,33 @@ HEADER_SIZE = 100
 
 
 def _read_header(path: Path) -> bytes:
+    """The file's first bytes, read through a descriptor this process has open on it
+    already when there is one (SQLite's): closing a descriptor of our own would drop every
+    POSIX lock the process holds on the file, SQLite's too, and another process's close
+    would then delete the WAL under this one's connections (its commits lost at a crash)."""
+    held = _open_here(path)
+    if held is not None:
+        return os.pread(held, HEADER_SIZE, 0)
     with path.open("rb") as handle:
         return handle.read(HEADER_SIZE)
+
+
+def _open_here(path: Path) -> int | None:
+    """A readable descriptor of this process on ``path``'s file (None: none, or no /proc)."""
+    st = os.stat(path)
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            held = os.fstat(fd)
+            if (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino) and \
+                    fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_WRONLY:
+                return fd
+        except OSError:  # the listing's own descriptor, or one closed meanwhile
+            continue
+    return None
 
 
 def check_header(path: Path) -> str | None:
