@@ -376,3 +376,25 @@ async def test_a_put_too_big_for_the_disk_fails_alone_as_a_full_disk(small_disk:
         assert all(not isinstance(r, BaseException) for r in small), small
         queued = [c.id for c in await store.list_queued(10)]
         assert queued == [first.id, *(r.id for r in small if not isinstance(r, BaseException))]
+
+
+@pytest.mark.root
+async def test_a_disk_sqlite_found_full_below_the_guard_is_a_refusal_every_view_shows(
+        small_disk: Path) -> None:
+    """The guard (``store.min_free_bytes``) is one look at statvfs; below it SQLite itself
+    can meet a full disk (the guard set low, space taken between the look and the write, no
+    inode left). Every put then failed with StoreFull while every view said nothing was
+    refused (``refusal`` None: no REFUSING, no LED). What the last commit met is what a put
+    meets now, until one writes again."""
+    config = StoreConfig(path=small_disk / "queue.db", min_free_bytes=0)
+    async with await Store.open(config) as store:
+        await store.put("d", "before")
+        filler = small_disk / "filler"
+        fill_to_the_brim(filler)
+        with pytest.raises(StoreFull):
+            for _ in range(200):  # bounded: the WAL's room left fills within a few puts
+                await store.put("d", "fill", {"pad": PAD})
+        assert isinstance(await store.refusal(), StoreFull)
+        filler.unlink()
+        await store.heartbeat()  # the clock's minute beat: a write that goes through
+        assert await store.refusal() is None

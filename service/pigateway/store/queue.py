@@ -276,10 +276,11 @@ class Store(Reads):
 
     async def refusal(self) -> StoreError | None:
         """What a put would be refused with now (the disk reserve, a full queue), or None;
-        read on the reader's connection, so it waits for no writer. A file system the last
-        commit found read-only (the clock's heartbeat writes once a minute) refuses too."""
-        if self._writer.read_only is not None:
-            return self._writer.read_only
+        read on the reader's connection, so it waits for no writer. What the last commit
+        that wrote nothing met refuses too (a file system gone read-only, a disk SQLite found
+        full): the clock's heartbeat writes once a minute, so it is never older than that."""
+        if self._writer.refused is not None:
+            return self._writer.refused
         try:
             return await self._reader.call(self._outbox.refusal)
         except sqlite3.Error as exc:

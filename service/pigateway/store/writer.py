@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pigateway.counters import COUNTERS
-from pigateway.errors import StoreError, StoreReadOnly
+from pigateway.errors import StoreError, StoreFull, StoreReadOnly
 from pigateway.store.commit import GroupCommit, Job, translated
 from pigateway.store.connection import run_transaction
 from pigateway.store.outbox import Outbox, Put
@@ -52,9 +52,10 @@ class Writer:
         self._jobs: asyncio.Queue[_Queued | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        #: The read-only file system the last commit met (None: it wrote): nothing else
-        #: tells a view of a card gone read-only while nothing is queued to drain
-        self.read_only: StoreReadOnly | None = None
+        #: What the last commit that wrote nothing met, a read-only file system or a full
+        #: disk (None: the last one wrote): what a put would meet now, which no look at
+        #: statvfs tells (a card gone read-only, a disk SQLite found full below the guard)
+        self.refused: StoreReadOnly | StoreFull | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._write_loop(), name="store-writer")
@@ -128,9 +129,10 @@ class Writer:
             outcomes = done.outcomes
             for seconds in done.seconds:
                 COUNTERS.commit_seconds.observe(seconds)
-        failed = [o for o in outcomes if isinstance(o, StoreReadOnly)]
-        if failed or any(not isinstance(o, BaseException) for o in outcomes):
-            self.read_only = failed[0] if failed else None
+        if any(not isinstance(o, BaseException) for o in outcomes):
+            self.refused = None
+        elif refusals := [o for o in outcomes if isinstance(o, StoreReadOnly | StoreFull)]:
+            self.refused = refusals[0]
         for job, outcome in zip(jobs, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 _settle(job.future, error=outcome)
