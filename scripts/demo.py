@@ -6,6 +6,11 @@ as a producer would, a receiver on the actions topic. The broker is stopped for 
 seconds (the queue grows on disk) and started again (the backlog drains, batched). Ends
 by itself within a minute and stops only the processes it started, by PID.
 
+Its state lines are the service's (the control socket's ``status``): ``queued`` the commands
+waiting or in flight, ``in_flight`` the batches the broker has not acknowledged yet, and
+``acked`` (for a moment after a batch arrived) the commands the broker acknowledged whose
+rows are still being deleted.
+
 The broker, the config and the service come from the tests' harness (``tests/harness``),
 which ``scripts/demo`` puts on ``PYTHONPATH``; nothing here needs pytest.
 """
@@ -89,11 +94,13 @@ async def watch_state(socket_path: Path) -> None:
     while True:
         with contextlib.suppress(ControlError):
             state = (await control.request(socket_path, "status"))["state"]
-            now = (state["link"], state["depth"], state["in_flight"], state.get("fault"))
+            acked = state.get("acked") or 0  # delivered; counted in depth until deleted
+            now = (state["link"], state["depth"], acked, state["in_flight"], state.get("fault"))
             if now != last:
                 last = now
-                extra = f", retry in {state['retry_in']}s" if state.get("retry_in") else ""
-                say(f"  state: link={state['link']} queued={state['depth']} "
+                extra = f" acked={acked}" if acked else ""
+                extra += f", retry in {state['retry_in']}s" if state.get("retry_in") else ""
+                say(f"  state: link={state['link']} queued={state['depth'] - acked} "
                     f"in_flight={state['in_flight']}{extra}")
         await asyncio.sleep(0.2)
 

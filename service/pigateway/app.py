@@ -240,8 +240,10 @@ class Gateway:
         return False
 
     async def _refresh(self, store: Store) -> None:
+        begun = self.state.queue_read_begins()
         stats = await store.stats()
-        self.state.set_queue(stats.depth, stats.oldest_age, stats.dead_total)
+        self.state.set_queue(stats.depth, stats.oldest_age, stats.dead_total,
+                             deleted_before=begun)
         # what a producer's put would meet now: its refusal is not seen here otherwise. Read
         # at each tick, not waited for as an event: its inputs change outside this process
         # (the disk's free space, puts of `pigateway send` in other processes), which nothing

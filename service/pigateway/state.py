@@ -91,6 +91,10 @@ class GatewayState:
     depth: int = 0
     oldest_age: float | None = None
     in_flight: int = 0
+    #: commands the broker acknowledged that ``depth`` still counts (their delete has not
+    #: committed, or no read of the queue's figures began since): ``depth - acked`` wait
+    #: or are in flight
+    acked: int = 0
     dead_letters: int = 0
     last_error: str | None = None
     fault: str | None = None
@@ -111,6 +115,11 @@ class GatewayState:
                                                           compare=False)
     _refusals_ended: dict[Refuser, tuple[Refusal, float]] = field(
         default_factory=dict, repr=False, compare=False)
+    #: acknowledged rows not deleted yet; rows deleted in all; of those, the ones a read
+    #: of the queue's figures began after (so ``depth`` no longer counts them)
+    _acked_rows: int = field(default=0, repr=False, compare=False)
+    _deleted: int = field(default=0, repr=False, compare=False)
+    _deleted_seen: int = field(default=0, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.fault is not None:
@@ -142,9 +151,34 @@ class GatewayState:
             changes["draining"] = draining
         return self.update(**changes)
 
-    def set_queue(self, depth: int, oldest_age: float | None, dead_letters: int) -> bool:
-        """The store's figures: queued rows, the oldest one's age, dead letters."""
-        return self.update(depth=depth, oldest_age=oldest_age, dead_letters=dead_letters)
+    def set_queue(self, depth: int, oldest_age: float | None, dead_letters: int, *,
+                  deleted_before: int | None = None) -> bool:
+        """The store's figures: queued rows, the oldest one's age, dead letters;
+        ``deleted_before``: :meth:`queue_read_begins` as the read began (its figures show
+        every delete that committed before)."""
+        if deleted_before is not None:
+            self._deleted_seen = max(self._deleted_seen, deleted_before)
+        return self.update(depth=depth, oldest_age=oldest_age, dead_letters=dead_letters,
+                           acked=self._acked_shown(depth))
+
+    def queue_read_begins(self) -> int:
+        """A read of the queue's figures begins: what :meth:`set_queue` is told after it."""
+        return self._deleted
+
+    def note_acked(self, rows: int) -> bool:
+        """The broker acknowledged ``rows`` commands (PUBACK); their delete follows."""
+        self._acked_rows += rows
+        return self.update(acked=self._acked_shown(self.depth))
+
+    def note_deleted(self, rows: int) -> bool:
+        """The delete of ``rows`` acknowledged commands committed; ``depth`` counts them
+        until a read that began after it."""
+        self._acked_rows = max(0, self._acked_rows - rows)
+        self._deleted += rows
+        return self.update(acked=self._acked_shown(self.depth))
+
+    def _acked_shown(self, depth: int) -> int:
+        return min(depth, self._acked_rows + self._deleted - self._deleted_seen)
 
     def set_limits(self, limits: dict[str, Any] | None) -> bool:
         """The limits in force on the link (CONNACK's and the pacing), for every view."""

@@ -187,10 +187,13 @@ def _draining(state: GatewayState, now: float) -> str | None:
 
 
 def _queue(state: GatewayState, now: float) -> str:
+    """The commands waiting or in flight: not those the broker acknowledged (``acked``),
+    which the queue's count shows until their delete and its next read."""
+    waiting = max(0, state.depth - state.acked)
     oldest = state.oldest_age
-    if state.depth and oldest is not None and oldest >= 1:
-        return f"queue {state.depth:,} (oldest {format_age(oldest)})"
-    return f"queue {state.depth:,}"
+    if waiting and oldest is not None and oldest >= 1:
+        return f"queue {waiting:,} (oldest {format_age(oldest)})"
+    return f"queue {waiting:,}"
 
 
 def _dead(state: GatewayState, now: float) -> str | None:

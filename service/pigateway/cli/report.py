@@ -79,7 +79,10 @@ def status_running(state: Mapping[str, Any], line: str, now: float) -> str:
     rows.append(("Link", _link(state, now)))
     rows.append(("Local", _local(state.get("local"))))
     rows.append(("Draining", _draining(state)))
-    rows.append(("Queue", _queue(state.get("depth", 0), None, state.get("oldest_age"))))
+    acked = int(state.get("acked") or 0)  # delivered, still counted until their delete
+    rows.append(("Queue", _queue(max(0, int(state.get("depth") or 0) - acked), None,
+                                 state.get("oldest_age"))
+                 + (f" (and {acked:,} delivered, being deleted)" if acked else "")))
     rows.append(("In flight", plural(int(state.get("in_flight") or 0), "batch", "batches")
                  + " awaiting the broker's acknowledgement"))
     rows.append(("Dead", _dead(int(state.get("dead_letters") or 0))))

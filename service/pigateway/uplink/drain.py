@@ -241,6 +241,8 @@ class Drain:
         them again.
         """
         self.ledger.acknowledged(batch)
+        self.state.note_acked(len(batch.ids))
+        self.show_progress()  # its slot is free: in_flight and acked change together
         await self._ack_batch(batch)
         self.ledger.deleted(batch)
         COUNTERS.batch_acked(len(batch.ids), len(batch.payload),
@@ -331,6 +333,7 @@ class Drain:
     async def _ack_batch(self, batch: Batch[Command]) -> None:
         await self.store_calls.call("delete delivered commands",
                                     lambda: self.store.ack(batch.ids, batch.id))
+        self.state.note_deleted(len(batch.ids))
 
     def show_progress(self) -> None:
         """``in_flight`` (batches holding a slot: published, no PUBACK yet) and

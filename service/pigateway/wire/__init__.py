@@ -54,7 +54,7 @@ CLOUD_TOPICS: Final[dict[str, dict[str, str]]] = {
 OFFLINE: Final = b'"offline"'
 #: The state fields the retained state document carries (from :class:`GatewayState`).
 STATE_FIELDS: Final = ("link", "local", "paused", "draining", "depth", "oldest_age", "in_flight",
-                       "dead_letters", "last_error", "fault", "limits", "uptime")
+                       "acked", "dead_letters", "last_error", "fault", "limits", "uptime")
 
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 #: A string as :data:`_ENCODER` writes it (its own function for strings, without the
