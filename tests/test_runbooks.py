@@ -45,7 +45,9 @@ RUNBOOK = ROOT / "docs" / "operations.md"
 #: build or Ansible's targets: checked for syntax only.
 SYSTEM = frozenset({"journalctl", "systemctl", "apt", "apt-get", "sudoedit", "dpkg",
                     "ansible-playbook", "ansible-vault", "scripts/package", "debootstrap",
-                    "chroot", "mosquitto_pub", "mosquitto_sub"})
+                    "chroot", "mosquitto_pub", "mosquitto_sub",
+                    # a restore's steps, after the service's stop (here it keeps running)
+                    "rm", "install"})
 #: First words of commands run here, against a real service and queue file.
 RUNS = frozenset({"pigateway", "sqlite3", "cd", "ls", "df", "/opt/pigateway/venv/bin/python"})
 #: The quarantined file the runbook names.
