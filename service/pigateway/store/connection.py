@@ -25,6 +25,8 @@ WAL_CHECKPOINT_PAGES = 10_000
 #: Bytes the WAL is cut back to after a checkpoint: one checkpoint interval. Without it the
 #: file keeps the size of the largest transaction it ever held (a purge, a migration).
 JOURNAL_SIZE_LIMIT = WAL_CHECKPOINT_PAGES * PAGE_SIZE
+#: Where statement journals and temporary tables live (``PRAGMA temp_store``): memory.
+TEMP_STORE = "MEMORY"
 
 
 def connect(config: StoreConfig) -> sqlite3.Connection:
@@ -53,6 +55,14 @@ def _set_up(conn: sqlite3.Connection, config: StoreConfig) -> sqlite3.Connection
         # Debian builds SQLite with secure_delete on: it zeroes deleted rows, which costs
         # the SD card writes for every acked command. FAST zeroes only where it is free.
         conn.execute("PRAGMA secure_delete = FAST")
+        # A statement's journal (the pages it changed, kept to undo it alone: an ack of 500
+        # rows, a job's savepoint in a group commit) goes to a temporary file past 64 KB:
+        # ~180 KB written again for every chunk of 500 acks, a third of a command's bytes.
+        # In memory it is bounded by the statement, and every verb works in chunks of at
+        # most SWEEP_CHUNK rows; a migration, which may rewrite a whole backlog in one
+        # statement, runs with a file (schema.migrate). Nothing durable is in it: it only
+        # undoes a statement inside a transaction that has not committed.
+        conn.execute(f"PRAGMA temp_store = {TEMP_STORE}")
     except sqlite3.Error:
         conn.close()
         raise

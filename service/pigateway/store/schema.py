@@ -173,7 +173,21 @@ def migrate(conn: sqlite3.Connection, path: Path, *, upto: int | None = None) ->
     conn.execute("SELECT name FROM sqlite_master").fetchall()  # a damaged schema fails here
     if version > len(MIGRATIONS):
         raise NewerSchema(path, version, len(MIGRATIONS))
-    for number in range(version, len(MIGRATIONS) if upto is None else upto):
+    last = len(MIGRATIONS) if upto is None else upto
+    if version >= last:
+        return
+    # A step may rewrite a whole backlog in one statement: its statement journal goes to a
+    # temporary file, not into memory (connection.TEMP_STORE), while it runs.
+    kept = int(first(conn, "PRAGMA temp_store")[0])
+    conn.execute("PRAGMA temp_store = FILE")
+    try:
+        _steps(conn, path, version, last)
+    finally:
+        conn.execute(f"PRAGMA temp_store = {kept}")
+
+
+def _steps(conn: sqlite3.Connection, path: Path, version: int, last: int) -> None:
+    for number in range(version, last):
         def step(conn: sqlite3.Connection, number: int = number) -> None:
             if int(first(conn, "PRAGMA user_version")[0]) > number:
                 return  # another process migrated meanwhile
