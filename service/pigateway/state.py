@@ -165,17 +165,21 @@ class GatewayState:
         """A read of the queue's figures begins: what :meth:`set_queue` is told after it."""
         return self._deleted
 
-    def note_acked(self, rows: int) -> bool:
-        """The broker acknowledged ``rows`` commands (PUBACK); their delete follows."""
-        self._acked_rows += rows
-        return self.update(acked=self._acked_shown(self.depth))
+    def note_acked(self, rows: int) -> None:
+        """The broker acknowledged ``rows`` commands (PUBACK); their delete follows.
 
-    def note_deleted(self, rows: int) -> bool:
+        Wakes no reader (:meth:`changed`): ``acked`` moves with every batch, thousands a
+        second when ingest forwards, and no reader acts on it; the control socket and the
+        state document read it when asked, the STATUS= line at its next second."""
+        self._acked_rows += rows
+        self.acked = self._acked_shown(self.depth)
+
+    def note_deleted(self, rows: int) -> None:
         """The delete of ``rows`` acknowledged commands committed; ``depth`` counts them
-        until a read that began after it."""
+        until a read that began after it, so ``acked`` keeps them till then (no wake)."""
         self._acked_rows = max(0, self._acked_rows - rows)
         self._deleted += rows
-        return self.update(acked=self._acked_shown(self.depth))
+        self.acked = self._acked_shown(self.depth)
 
     def _acked_shown(self, depth: int) -> int:
         return min(depth, self._acked_rows + self._deleted - self._deleted_seen)

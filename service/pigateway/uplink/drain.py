@@ -242,7 +242,6 @@ class Drain:
         """
         self.ledger.acknowledged(batch)
         self.state.note_acked(len(batch.ids))
-        self.show_progress()  # its slot is free: in_flight and acked change together
         await self._ack_batch(batch)
         self.ledger.deleted(batch)
         COUNTERS.batch_acked(len(batch.ids), len(batch.payload),
