@@ -14,6 +14,8 @@ key may be lost, and no file may be corrupt or quarantined.
 from __future__ import annotations
 
 import os
+import random
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -23,8 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import lossy, powercut
-from harness.broker import mosquitto_binary
+from harness import inbound_cuts, lossy, powercut
+from harness.broker import Mosquitto, mosquitto_binary
+from harness.gateway import settings, to_toml
+from harness.service import spawn
 
 REASON = lossy.unavailable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"lossyfs cannot run: {REASON}")
@@ -238,12 +242,56 @@ def test_the_store_as_configured_keeps_every_acknowledged_put(
     assert [id_ for id_ in printed if id_ not in queued] == []
 
 
+@pytest.mark.broker
+@pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
+def test_inbound_receipt_without_fsyncs_is_caught_losing_what_it_acknowledged(
+        tmp_path: Path) -> None:
+    """The inbound control: with ``store.synchronous = "normal"`` (no fsync but at a
+    checkpoint) the commands the gateway acknowledged to the broker are gone after a cut,
+    and the ledger of the power-cut run says so (so it can catch an acknowledgement made
+    before its commit was durable)."""
+    gateway, prefix = "gw-ctl", "ctl"
+    with Mosquitto(tmp_path / "uplink-broker") as uplink, \
+            Mosquitto(tmp_path / "local-broker") as local:
+        inbound_cuts.make_uplink_session(uplink, gateway, prefix)
+        watch = inbound_cuts.AckWatch(uplink.port, f"{prefix}/{gateway}/commands").open()
+        runs = inbound_cuts.Runs(local, "ctl-runs")
+        cloud = inbound_cuts.Cloud(uplink, gateway, prefix, random.Random(SEED), pause=0.05,
+                                   burst=4, name="ctl-cloud")
+        mount = lossy.LossyMount(tmp_path / "disk", tmp_path / "mnt", tmp_path / "lossyfs.log")
+        data = settings(tmp_path / "mnt", gateway_id=gateway, port=watch.port, prefix=prefix,
+                        devices=inbound_cuts.devices(local))
+        data["store"]["synchronous"] = "normal"
+        data["control"] = {"socket": str(tmp_path / "control.sock")}
+        data["gpio"] = {"enabled": False}
+        config = tmp_path / "ctl.toml"
+        config.write_text(to_toml(data))
+        ledger = inbound_cuts.Ledger()
+        try:
+            with mount:
+                service = spawn(config, tmp_path / "service.log")
+                cloud.running.set()
+                deadline = time.monotonic() + 30
+                while len(watch.snapshot()) < 20 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                service.send_signal(signal.SIGKILL)
+                service.wait(30)
+            ledger.check_cut("the cut", mount.backing / "queue.db", cloud, watch, runs)
+        finally:
+            cloud.close()
+            runs.close()
+            watch.shut()
+    assert len(watch.acked) >= 20
+    assert any("acknowledged are not in the inbox" in p for p in ledger.problems), \
+        ledger.problems
+
+
 @pytest.mark.slow
 @pytest.mark.broker
 @pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
 def test_power_cuts_at_random_moments_lose_nothing_acknowledged(tmp_path: Path) -> None:
     outcome = powercut.run(tmp_path, CUTS, SEED, log=print)
-    print(f"\n{outcome.summary()}\n{outcome.table()}")
+    print(f"\n{outcome.summary()}\n{outcome.table()}\n{outcome.inbound.windows.table()}")
     assert outcome.problems == []
     assert outcome.cuts == CUTS
     rows = outcome.rows
@@ -253,6 +301,17 @@ def test_power_cuts_at_random_moments_lose_nothing_acknowledged(tmp_path: Path) 
     assert rows["put (API)"].acknowledged >= 1000
     assert rows["drain"].acknowledged >= 100
     assert rows["ingest"].acknowledged >= 100
+    assert rows["inbound QoS 1"].acknowledged >= 100
+    assert rows["inbound QoS 2"].acknowledged >= 100
+    assert rows["inbound results"].acknowledged >= 200
+    # the cuts fell while commands were received, run and answered (the narrow windows of
+    # the receipt are tests/test_inbound_kill.py's to hit every time)
+    found = outcome.inbound.windows.cuts
+    assert all(found[w] for w in ("at the broker", "pending", "done, result not at the cloud")
+               ), outcome.inbound.windows.table()
+    assert found["running, before its run"] + found["running, after its run"], \
+        outcome.inbound.windows.table()
+    assert outcome.command_cuts >= 4, outcome.summary()
     # the cuts bit: most of those right after a write threw away writes to the queue
     assert outcome.write_cuts >= 8, outcome.summary()
     assert outcome.dropping_cuts >= outcome.write_cuts // 2, outcome.summary()

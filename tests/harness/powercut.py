@@ -39,6 +39,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from harness import inbound_cuts
 from harness.broker import Mosquitto
 from harness.gateway import settings, to_toml
 from harness.lossy import LossyMount
@@ -49,7 +50,11 @@ PREFIX = "pc"
 INGEST_CLIENT = "gw-cut-ingest"
 FAST = {"batch_delay": 0.01, "backoff_initial": 0.05, "backoff_max": 0.3}
 PUTTER = Path(__file__).parent / "programs" / "putter.py"
-SCENARIOS = ("send", "send --id", "put (API)", "drain", "ingest")
+SCENARIOS = ("send", "send --id", "put (API)", "drain", "ingest", "inbound QoS 1",
+             "inbound QoS 2", "inbound results")
+#: the cloud's commands: a burst of 1 to CLOUD_BURST every CLOUD_PAUSE seconds (about 17 a
+#: second: lanes idle between bursts, busy within one)
+CLOUD_PAUSE, CLOUD_BURST = 0.2, 6
 DRAIN_TIMEOUT = 60.0
 #: the Python API's producers in a round and the seconds between two puts of each: the
 #: drain and the WAL busy the whole round, not so busy that the CPU goes to them rather
@@ -59,6 +64,8 @@ START_TIMEOUT = 20.0
 #: a cut at a write falls on one of the first this many writes of its round (a round's
 #: puts, acks and ingest write ~1,000 times a second here; start-up a few dozen)
 MAX_CUT_AT_WRITE = 3000
+#: a cut after a command falls on one of the next this many commands from the cloud
+MAX_CUT_AT_COMMAND = 20
 
 
 @dataclass
@@ -82,11 +89,16 @@ class Outcome:
     #: how many bytes all cuts threw away there
     dropping_cuts: int = 0
     dropped_bytes: int = 0
-    #: cuts made right after a write at random (the others at a random time)
+    #: cuts made right after a write at random, and right after a command from the cloud
+    #: reached the service (the others at a random time)
     write_cuts: int = 0
+    command_cuts: int = 0
+    #: what the cuts found of the inbound path (where they fell in it)
+    inbound: inbound_cuts.Ledger = field(default_factory=inbound_cuts.Ledger)
 
     def summary(self) -> str:
-        return (f"{self.cuts} power cuts ({self.write_cuts} right after a random write) in "
+        return (f"{self.cuts} power cuts ({self.write_cuts} right after a random write, "
+                f"{self.command_cuts} right after a command reached the service) in "
                 f"{self.seconds:.0f} s; {self.dropping_cuts} threw away unsynced writes to "
                 f"queue.db or its WAL ({self.dropped_bytes:,} bytes)")
 
@@ -215,9 +227,10 @@ def make_ingest_session(broker: Mosquitto) -> None:
         client.loop_stop()
 
 
-def write_config(path: Path, store: Path, local: Mosquitto, uplink: Mosquitto,
+def write_config(path: Path, store: Path, local: Mosquitto, uplink_port: int,
                  control: Path) -> Path:
-    data = settings(None, gateway_id=GATEWAY, port=uplink.port, prefix=PREFIX, uplink=FAST)
+    data = settings(None, gateway_id=GATEWAY, port=uplink_port, prefix=PREFIX, uplink=FAST,
+                    devices=inbound_cuts.devices(local))
     data["store"] = {"path": str(store), "min_free_bytes": 0}
     data["control"] = {"socket": str(control)}
     data["gpio"] = {"enabled": False}
@@ -365,6 +378,7 @@ def run(folder: Path, cuts: int, seed: int, *, log: Callable[[str], object] | No
     started = time.monotonic()
     with brokers(folder) as (local, uplink_broker):
         make_ingest_session(local)
+        inbound_cuts.make_uplink_session(uplink_broker, GATEWAY, PREFIX)
         cutter = Cutter(folder, local, uplink_broker, random.Random(seed))
         try:
             for round_ in range(cuts):
@@ -372,6 +386,7 @@ def run(folder: Path, cuts: int, seed: int, *, log: Callable[[str], object] | No
                 if log:
                     log(f"cut {round_ + 1}/{cuts}: {len(cutter.outcome.problems)} problems")
             cutter.publisher.running.clear()
+            cutter.cloud.running.clear()
             cutter.final_drain()
         finally:
             cutter.close()
@@ -393,15 +408,26 @@ class Cutter:
         self.mount = folder / "mnt"
         self.backing.mkdir(parents=True, exist_ok=True)
         self.outcome = Outcome()
+        # the service reaches the uplink broker through a proxy that sees its PUBACKs
+        self.watch = inbound_cuts.AckWatch(uplink_broker.port,
+                                           f"{PREFIX}/{GATEWAY}/commands").open()
         self.config = write_config(folder / "cut.toml", self.mount / "queue.db", local,
-                                   uplink_broker, folder / "control.sock")
+                                   self.watch.port, folder / "control.sock")
         self.acked: dict[str, set[str]] = {s: set() for s in ("send", "send --id",
                                                               "put (API)")}
         self.keys: dict[str, str] = {}
         self.uplink = Uplink(uplink_broker)
         self.publisher = LocalPublisher(local)
+        self.cloud = inbound_cuts.Cloud(uplink_broker, GATEWAY, PREFIX,
+                                        random.Random(rng.random()), pause=CLOUD_PAUSE,
+                                        burst=CLOUD_BURST)
+        self.runs = inbound_cuts.Runs(local)
+        self.inbound = self.outcome.inbound
 
     def close(self) -> None:
+        self.cloud.close()
+        self.runs.close()
+        self.watch.shut()
         self.publisher.close()
         self.uplink.close()
 
@@ -418,12 +444,13 @@ class Cutter:
         try:
             writers.start(self.config, self.mount / "queue.db", round_)
             self.publisher.running.set()
+            self.cloud.running.set()
             before = self.uplink.has(self.every_acked())
             if at_write is not None:  # the power goes right after a write, wherever it falls
                 if lossy.powered_off.wait(START_TIMEOUT):
                     self.outcome.write_cuts += 1
             else:
-                self._wait_for_the_moment(round_)
+                self._wait_for_the_moment(round_, writers)
         finally:
             # the cut: every process on the mount killed, by its own PID, then the page cache
             writers.kill()
@@ -438,16 +465,34 @@ class Cutter:
         self.acked["put (API)"] |= set(writers.putter.ids if writers.putter else ())
         self.keys.update(writers.keys())
         self._check_disk(round_, before)
+        self._check_inbound(round_)
 
-    def _wait_for_the_moment(self, round_: int) -> None:
+    def _check_inbound(self, round_: int) -> None:
+        """The inbound path as the rebooted machine finds it (:class:`inbound_cuts.Ledger`);
+        the cloud goes on publishing meanwhile, as it would."""
+        known = len(self.inbound.problems)
+        self.inbound.check_cut(f"cut {round_}", self.backing / "queue.db", self.cloud,
+                               self.watch, self.runs)
+        self.outcome.problems += self.inbound.problems[known:]
+
+    def _wait_for_the_moment(self, round_: int, writers: Writers) -> None:
         """Every fifth cut during start-up (the open, its recovery and check, a migration);
         the others not at a write once the drain delivers, however slow the machine is to
-        start it."""
+        start it: one in five of those the service's (the power's, for the rest) a few
+        milliseconds after a command from the cloud picked at random reached it, in its
+        receipt (the commit, the acknowledgement), the rest at a random time."""
         if round_ % 5 != 0:
             delivered = self.uplink.count()
             deadline = time.monotonic() + START_TIMEOUT
             while self.uplink.count() == delivered and time.monotonic() < deadline:
                 time.sleep(0.02)
+        if round_ % 5 == 3 and writers.service is not None:
+            self.watch.arm(writers.service.pid, self.rng.randint(1, MAX_CUT_AT_COMMAND),
+                           self.rng.uniform(0.0, 0.005))
+            if self.watch.fired.wait(START_TIMEOUT):
+                self.outcome.command_cuts += 1
+            self.watch.disarm()
+            return
         time.sleep(self.rng.uniform(0.0, 1.0))
 
     def _check_disk(self, round_: int, before: set[str]) -> None:
@@ -479,12 +524,13 @@ class Cutter:
         """The service on the backing folder itself drains what the cuts left; then every
         acknowledged command and every token the local broker acknowledged must be up."""
         config = write_config(self.folder / "final.toml", self.backing / "queue.db",
-                              self.local, self.uplink_broker, self.folder / "control-final.sock")
+                              self.local, self.watch.port, self.folder / "control-final.sock")
         service = spawn(config, self.folder / "service.log")
         try:
             for name, ids in self.acked.items():
                 self._count(name, ids)
             self._count_ingest()
+            self._count_inbound()
             every = self.every_acked()
             with self.uplink.lock:
                 self.outcome.rows["drain"].duplicates = sum(
@@ -510,6 +556,28 @@ class Cutter:
         if missing:
             self.outcome.problems.append(f"{name}: {len(missing)} acknowledged, never "
                                          f"delivered, e.g. {sorted(missing)[:3]}")
+
+    def _count_inbound(self) -> None:
+        """Per QoS: the commands the broker acknowledged to the cloud, those never answered,
+        those run more than once; and the results: those that arrived, those on disk at a
+        cut that never did, those that arrived more than once (always the same document)."""
+        known = len(self.inbound.problems)
+        self.inbound.final(self.cloud, self.runs, DRAIN_TIMEOUT)
+        self.outcome.problems += self.inbound.problems[known:]
+        answered = self.cloud.answered()
+        runs = self.runs.settled()
+        for qos in (1, 2):
+            row = self.outcome.rows[f"inbound QoS {qos}"]
+            with self.cloud.lock:
+                ids = set(self.cloud.acked[qos])
+            row.acknowledged = len(ids)
+            row.lost = len(ids - answered)
+            row.duplicates = sum(1 for i in ids if runs[i] > 1)
+        row = self.outcome.rows["inbound results"]
+        row.acknowledged = len(answered)
+        row.lost = len(set(self.inbound.runs_when_done) - answered)
+        with self.cloud.lock:
+            row.duplicates = sum(1 for docs in self.cloud.results.values() if len(docs) > 1)
 
     def _count_ingest(self) -> None:
         with self.publisher.lock:
