@@ -4,11 +4,13 @@ does (``kill -9`` and ``cgroup.kill`` keep the page cache, so they cannot show i
 
 ``--cuts N`` cuts at random moments (seeded) while the service drains to a real uplink
 mosquitto and ingests from a real local one, ``pigateway send`` and ``send --id`` run in a
-loop and a producer puts through the Python API; after each cut the backing folder is
+loop, a producer puts through the Python API and a cloud client publishes commands (QoS 1
+and 2) that the service receives, runs and answers; after each cut the backing folder is
 opened as a rebooted machine would, and at the end the service drains what is left.
 Prints, per scenario, the cuts, what was acknowledged, what was lost (the target: 0) and
-the duplicates a receiver drops by id; and how many cuts threw away unsynced writes to
-the queue file or its WAL. Run through ``scripts/bench powercut [--cuts N]``; ``--quick``
+the duplicates a receiver drops by id (inbound: commands run twice, results sent twice);
+how many cuts threw away unsynced writes to the queue file or its WAL; and where in the
+inbound path the cuts found commands. Run through ``scripts/bench powercut [--cuts N]``; ``--quick``
 is 30 cuts, as tests/test_power_cut.py runs.
 """
 
@@ -52,9 +54,11 @@ def main() -> int:
         outcome = powercut.run(Path(folder), cuts, args.seed, log=progress)
     print(outcome.summary())
     print(outcome.table())
+    print(outcome.inbound.windows.table())
     lost = sum(row.lost for row in outcome.rows.values())
     verdict = "PASS" if not outcome.problems and lost == 0 else "FAIL"
-    print(f"target: no acknowledged command, local PUBACK or --id key lost, no corrupt or "
+    print(f"target: no acknowledged command, local PUBACK, --id key or inbound command or "
+          f"result lost, no command run again after its result was recorded, no corrupt or "
           f"quarantined file: {verdict}")
     for problem in outcome.problems[:20]:
         print(f"  {problem}")

@@ -6,9 +6,11 @@ tests put the queue's folder on lossyfs (tests/harness/lossy.py), which keeps ev
 in memory until it is fsynced: first the layer is shown to lose what a real cut loses and
 to keep what it keeps, then a store without fsyncs (``synchronous = OFF``) is shown to lose
 acknowledged commands on it (so the layer can catch the bug it is here for), then the real
-service, ``pigateway send`` (with and without ``--id``), the Python API's ``put`` and
-ingest are cut at random moments: no acknowledged command, no local PUBACK and no ``--id``
-key may be lost, and no file may be corrupt or quarantined.
+service, ``pigateway send`` (with and without ``--id``), the Python API's ``put``, ingest
+and inbound commands from the cloud are cut at random moments: no acknowledged command, no
+local PUBACK, no ``--id`` key, no command the service acknowledged to the uplink broker and
+no recorded result may be lost, no command may run again once its result is recorded, and
+no file may be corrupt or quarantined.
 """
 
 from __future__ import annotations

@@ -1,22 +1,25 @@
 """Power cuts at random moments, with everything that writes the queue running: the
-service (its drain to the uplink broker and its ingest from the gateway's own broker),
-``pigateway send`` and ``pigateway send --id`` in a loop, and a producer putting through the
-Python API. The queue's folder is a :class:`~harness.lossy.LossyMount`, so a cut loses
-what was not fsynced, as a real one does (the page cache too, which ``kill -9`` keeps).
-Every fifth cut falls during start-up (on lossyfs's strict names: only a folder's fsync
-makes a create durable), two in five right after a write picked at random
-(whatever file and process it belongs to), the rest at a random time once the drain
-delivers.
+service (its drain to the uplink broker, its ingest from the gateway's own broker, and the
+commands a cloud client publishes to it, received, run and answered:
+:mod:`harness.inbound_cuts`), ``pigateway send`` and ``pigateway send --id`` in a loop, and
+a producer putting through the Python API. The queue's folder is a
+:class:`~harness.lossy.LossyMount`, so a cut loses what was not fsynced, as a real one does
+(the page cache too, which ``kill -9`` keeps). Every fifth cut falls during start-up (on
+lossyfs's strict names: only a folder's fsync makes a create durable), two in five right
+after a write picked at random (whatever file and process it belongs to), one in five up
+to 5 ms after a command from the cloud reached the service (which is killed then, the power
+cut after it), the rest at a random time once the drain delivers.
 
 After each cut the backing folder is opened as the rebooted machine would open it:
 the file passes ``PRAGMA integrity_check``, nothing is quarantined, every ``--id`` key
-printed is kept with its id, and every acknowledged command is either still queued or
-already at the uplink broker. At the end the service drains what is left (and ingest
-takes what the local broker kept) and every acknowledged command, and every message the
-local broker acknowledged, must have reached the uplink broker. Shared by
-tests/test_power_cut.py and ``scripts/bench powercut``; bounded in cuts and time.
+printed is kept with its id, every acknowledged command is either still queued or
+already at the uplink broker, and the inbound path holds what
+:class:`harness.inbound_cuts.Ledger` checks. At the end the service drains what is left
+(and ingest takes what the local broker kept) and every acknowledged command, every
+message the local broker acknowledged and a result of every command the uplink broker
+acknowledged to the cloud must have arrived. Shared by tests/test_power_cut.py and
+``scripts/bench powercut``; bounded in cuts and time.
 """
-
 from __future__ import annotations
 
 import contextlib
