@@ -45,14 +45,14 @@ SEED = 20261207
 #: the kinds of kill, in turn: during start-up (the recovery, the first load, the
 #: session's queued commands arriving at once, so lanes are busy and commands queue);
 #: a few milliseconds after a command picked at random passed to the service (the
-#: receipt's commit and acknowledgement); at a random time once results flow
+#: receipt's commit and acknowledgement); at a random time once results flow; and again
+#: after a command, the cloud quiet until the service caught up, so its lanes are idle
 KINDS = ("start-up", "after a command", "at random", "after a command, lanes idle")
 #: a kill after a command falls on one of the first this many commands of its start (or,
-#: lanes idle, of those after the results flow)
-MAX_CUT_AT_COMMAND, MAX_CUT_AT_IDLE = 150, 20
-#: commands unanswered at most when the lanes are taken as mostly idle
-IDLE_BACKLOG = 3
+#: lanes idle, of those after the cloud spoke again: its first bursts)
+MAX_CUT_AT_COMMAND, MAX_CUT_AT_IDLE = 150, 8
 TIMEOUT = 20.0
+CATCH_UP_TIMEOUT = 60.0
 FINAL_TIMEOUT = 60.0
 
 
@@ -76,23 +76,44 @@ def wait_for_results(cloud: Cloud) -> None:
 
 
 def wait_for_idle_lanes(cloud: Cloud) -> None:
-    """Until the service has caught up with the cloud (few commands unanswered), so that
-    most lanes are idle when the next commands come."""
-    deadline = time.monotonic() + TIMEOUT
-    while (len(cloud.every_acked() - cloud.answered()) > IDLE_BACKLOG
-           and time.monotonic() < deadline):
+    """Until the service has answered every command the cloud sent (its lanes are idle),
+    however slow the machine is."""
+    deadline = time.monotonic() + CATCH_UP_TIMEOUT
+    while cloud.every_acked() - cloud.answered() and time.monotonic() < deadline:
         time.sleep(0.02)
 
 
 def kill_after(watch: AckWatch, service: subprocess.Popen[bytes], commands: int,
                rng: random.Random) -> None:
-    """SIGKILL up to 5 ms after the ``commands``-th command from now passed to ``service``."""
+    """SIGKILL up to 5 ms after the ``commands``-th command from now passed to ``service``
+    (or ``TIMEOUT`` later)."""
     watch.arm(service.pid, commands, rng.uniform(0.0, 0.005))
     watch.fired.wait(TIMEOUT)
     watch.disarm()
 
 
+def cut(kind: str, service: subprocess.Popen[bytes], cloud: Cloud, watch: AckWatch,
+        rng: random.Random) -> None:
+    """Wait for the moment of a kill of ``kind`` (the kill itself may come from ``watch``)."""
+    if kind == "start-up":
+        time.sleep(rng.uniform(0.2, 1.0))
+    elif kind == "after a command":
+        kill_after(watch, service, rng.randint(1, MAX_CUT_AT_COMMAND), rng)
+    elif kind == "at random":
+        wait_for_results(cloud)
+        time.sleep(rng.uniform(0.0, 0.5))
+    else:  # the cloud quiet until the service caught up: the next commands find lanes idle
+        cloud.running.clear()
+        wait_for_idle_lanes(cloud)
+        watch.arm(service.pid, rng.randint(1, MAX_CUT_AT_IDLE), rng.uniform(0.0, 0.005))
+        cloud.running.set()
+        watch.fired.wait(TIMEOUT)
+        watch.disarm()
+
+
 def stop(service: subprocess.Popen[bytes]) -> None:
+    if service.poll() is not None:
+        return
     service.send_signal(signal.SIGTERM)
     try:
         service.wait(20)
@@ -113,6 +134,7 @@ def test_kill_9_at_random_moments_of_inbound_receipt_loses_and_repeats_nothing(
         runs = Runs(local, "ik-runs")
         cloud = Cloud(uplink, GATEWAY, PREFIX, rng, pause=0.1, burst=8, name="ik-cloud")
         config = write_config(tmp_path, local, watch.port)
+        service: subprocess.Popen[bytes] | None = None
         try:
             cloud.running.set()
             started = time.monotonic()
@@ -120,28 +142,18 @@ def test_kill_9_at_random_moments_of_inbound_receipt_loses_and_repeats_nothing(
             while kills < KILLS or (kills < MAX_KILLS and ledger.windows.missed()):
                 service = spawn(config, tmp_path / "service.log")
                 kind = KINDS[kills % len(KINDS)]
-                if kind == "start-up":
-                    time.sleep(rng.uniform(0.2, 1.0))
-                elif kind == "after a command":
-                    kill_after(watch, service, rng.randint(1, MAX_CUT_AT_COMMAND), rng)
-                elif kind == "at random":
-                    wait_for_results(cloud)
-                    time.sleep(rng.uniform(0.0, 0.5))
-                else:
-                    wait_for_idle_lanes(cloud)
-                    kill_after(watch, service, rng.randint(1, MAX_CUT_AT_IDLE), rng)
+                cut(kind, service, cloud, watch, rng)
                 service.send_signal(signal.SIGKILL)
                 service.wait(30)
                 kills += 1
                 ledger.check_cut(f"kill {kills} ({kind})", db, cloud, watch, runs)
             cloud.running.clear()
             service = spawn(config, tmp_path / "service.log")
-            try:
-                ledger.final(cloud, runs, FINAL_TIMEOUT)
-            finally:
-                stop(service)
+            ledger.final(cloud, runs, FINAL_TIMEOUT)
             seconds = time.monotonic() - started
         finally:
+            if service is not None:
+                stop(service)
             cloud.close()
             runs.close()
             watch.shut()
