@@ -90,13 +90,14 @@ async def test_queue_ls_and_queue_show_follow_the_claim_order(store: Store) -> N
 
 
 def back_to_schema_4(path: Path) -> None:
-    """The file as pigateway left it before priorities (migrations 5-7 undone)."""
+    """The file as pigateway left it before priorities (migrations 5-8 undone)."""
     with contextlib.closing(sqlite3.connect(path)) as conn:
         conn.executescript("DROP INDEX outbox_urgent; ALTER TABLE outbox DROP COLUMN priority; "
                            "ALTER TABLE dead_letters DROP COLUMN priority; "
                            "DROP INDEX dead_letters_on; ALTER TABLE dead_letters DROP COLUMN "
                            "dead_on; "
                            "DROP TABLE delivered; DROP TABLE watched; DROP TABLE producer_keys; "
+                           "ALTER TABLE inflight ADD COLUMN claimed_at REAL NOT NULL DEFAULT 0; "
                            "PRAGMA user_version = 4;")
 
 

@@ -38,7 +38,8 @@ async def created_behind(config: StoreConfig, set_wall: Callable[[float], None])
 
 
 def back_to_version_6(path: Path, *, key_at: float | None = None) -> None:
-    """The file as pigateway before migration 7 left it (its ages were wall time)."""
+    """The file as pigateway before migration 7 left it (its ages were wall time; migration
+    8 undone too: an in-flight mark kept when it was claimed)."""
     with contextlib.closing(sqlite3.connect(path)) as conn:
         if key_at is not None:
             conn.execute("UPDATE producer_keys SET at = ?", (key_at,))
@@ -46,6 +47,7 @@ def back_to_version_6(path: Path, *, key_at: float | None = None) -> None:
         conn.executescript("DROP INDEX dead_letters_on; "
                            "ALTER TABLE dead_letters DROP COLUMN dead_on; "
                            "ALTER TABLE delivered DROP COLUMN kept_on; "
+                           "ALTER TABLE inflight ADD COLUMN claimed_at REAL NOT NULL DEFAULT 0; "
                            "PRAGMA user_version = 6;")
 
 

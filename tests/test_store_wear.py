@@ -80,3 +80,16 @@ def test_a_migration_keeps_its_statement_journal_on_disk_not_in_memory(
     finally:
         conn.close()
     assert (during, after) == (1, 2), "1: FILE while migrating, 2: MEMORY after"
+
+
+async def test_a_claim_marks_its_rows_in_flight_in_few_pages(store_config: StoreConfig) -> None:
+    """A claim writes one mark per row (``inflight``: its seq, all the drainer needs; every
+    row in flight is put back at a drainer's open); 500 marks fit in two pages, and the
+    claim writes at most those, page 1 and a freelist page."""
+    async with await Store.open(store_config) as store:
+        await store.put_many([NewCommand(f"dev-{n % 50}", "set", PARAMS) for n in range(3000)])
+        with contextlib.closing(sqlite3.connect(store_config.path)) as conn:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        assert len(await store.claim(500)) == 500
+        frames = size(store_config, "-wal") // (2048 + 24)
+    assert 0 < frames <= 4, f"a claim of 500 wrote {frames} WAL frames"

@@ -249,7 +249,7 @@ class Outbox:
         """Claim up to ``limit`` live rows, burying at most :data:`SWEEP_CHUNK` expired
         ones on the way: (claimed, whether the budget ran out with more rows to look at)."""
         claimed: list[Command] = []
-        now, gateway_now = time.time(), self.clock.now()
+        gateway_now = self.clock.now()
         buried = 0
         # dead letters written by others (the inbox's records of unreadable messages) and
         # aged ones are pruned here too, a chunk at a time
@@ -271,8 +271,8 @@ class Outbox:
                 self._bury_seqs(conn, sorted(unreadable), NEVER_SENT_AGAIN,
                                 f"its stored params cannot be read: {why}")
                 buried += len(unreadable)
-            conn.executemany("INSERT INTO inflight (seq, claimed_at) VALUES (?, ?)",
-                             [(command.seq, now) for command in commands])
+            conn.executemany("INSERT INTO inflight (seq) VALUES (?)",
+                             [(command.seq,) for command in commands])
             self.cursors.claimed(tiers, but=expired | unreadable.keys())
             claimed.extend(commands)
         return claimed, buried >= SWEEP_CHUNK

@@ -152,6 +152,14 @@ MIGRATIONS: list[str] = [
     UPDATE producer_keys SET at = at + coalesce((SELECT reading - wall FROM clock), 0);
     UPDATE watched SET at = at + coalesce((SELECT reading - wall FROM clock), 0);
     """,
+    # 8: an in-flight mark is its seq alone. claimed_at was written by every claim and
+    # never read (a drainer's open puts every row in flight back, whenever it was
+    # claimed): 8 bytes a claimed row, 6 WAL pages for a claim of 500 where 3 do. The
+    # table holds only what is in flight (bounded by the drainer's window), so rewriting
+    # it is one short transaction whatever the backlog.
+    """
+    ALTER TABLE inflight DROP COLUMN claimed_at;
+    """,
 ]
 
 
