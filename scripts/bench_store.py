@@ -368,7 +368,7 @@ async def main(quick: bool) -> None:
          + (f" ({t0['claim+ack'] / pq_get:.1f}x persist-queue)" if pq_get else ""),
          ">= 50,000/s", t0["claim+ack"] >= 50_000),
         (f"slowest rate at {top:,} vs at 0", f"{worst:.2f}x", ">= 0.80x", worst >= 0.8),
-        ("bytes written per command (64 producers)",
+        ("bytes per command over its life, 100,000 put",
          f"{per_command:,.0f} B = {per_command / json_size:.1f}x its JSON ({json_size} B)",
          "<= 5x", per_command / json_size <= 5),
         (f"open + integrity_check at {opened['depth']:,.0f}", f"{opened['open_s']:.2f} s", "< 2 s",
