@@ -27,6 +27,7 @@ from pigateway.ingest import Ingest
 from pigateway.mqtt import Settings, connect
 from pigateway.mqtt.codes import MQTT_MAX_PACKET, packet_limit
 from pigateway.mqtt.packets import TooLarge
+from pigateway.mqtt.readahead import READ_AHEAD_BYTES
 from pigateway.state import GatewayState
 from pigateway.store import Store
 from pigateway.uplink import Uplink
@@ -149,3 +150,32 @@ async def test_the_limits_come_from_the_configs_payload_bounds(tmp_path: Path) -
         assert Ingest(config, store, state)._settings().max_packet_size == packet_limit(1000)
         uplink = Uplink(config, store, state, on_command=lambda *_: None)  # type: ignore[arg-type,return-value]
         assert uplink._settings().max_packet_size == packet_limit(2000)
+
+
+async def test_many_packets_under_the_limit_are_held_within_a_byte_bound() -> None:
+    """The same bound for many packets: ingest reads up to ``2 x local.window`` (512)
+    messages ahead of its commits, each up to the packet limit; at 200 KB each that was
+    100 MB held. Reading pauses at READ_AHEAD_BYTES of payloads held, and every message
+    still comes, in order, once taken."""
+    size, count = 200_000, 120
+    async with HostileBroker() as broker:
+        settings = Settings("127.0.0.1", broker.port, client_id="many", persistent=True,
+                            protocol="5", session_expiry=60, read_ahead=512)
+        async with connect(settings, bound=5) as client:
+            await client.subscribe("t/#", qos=1)
+            sender = asyncio.create_task(_deliver_many(broker, size, count))
+            await asyncio.sleep(1.0)  # nobody takes: the read-ahead fills as far as it may
+            held = client.waiting
+            assert held * size <= READ_AHEAD_BYTES + size, f"{held} messages held"
+            got = []
+            while len(got) < count:
+                message = await asyncio.wait_for(anext(client.messages()), 10)
+                client.ack(message)
+                got.append(int(message.topic.rsplit("/", 1)[1]))
+            await sender
+            assert got == list(range(count))
+
+
+async def _deliver_many(broker: HostileBroker, size: int, count: int) -> None:
+    for n in range(count):
+        await broker.send(w.publish(f"t/{n}", bytes(size), qos=1, mid=n + 1))

@@ -11,10 +11,14 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from pigateway.mqtt.forwarded import Extras
 from pigateway.mqtt.packets import Undecodable
+
+#: Payload bytes held at most before reading pauses, whatever the count: 512 messages of
+#: 200 KB (each under ingest's packet limit) would be 100 MB on a Pi Zero's 512.
+READ_AHEAD_BYTES: Final = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,8 @@ class ReadAhead:
     broker that sends past our Receive Maximum (mosquitto 2.0 with ``max_inflight_messages
     0`` does once acknowledgements flow) fills it as fast as the consumer is slower: 14,000
     messages and 130 MiB in a burst, measured. Here reading the socket pauses at ``limit``
-    messages (TCP's window holds the rest at the broker) and resumes at half of it.
+    messages, or :data:`READ_AHEAD_BYTES` of payloads (TCP's window holds the rest at the
+    broker), and resumes at half of both.
     """
 
     def __init__(self, limit: int | None, pause: Callable[[], None],
@@ -50,6 +55,7 @@ class ReadAhead:
         self.limit = None if limit is None else max(2, limit)
         self.paused = False
         self._items: deque[Message] = deque()
+        self._bytes = 0  # of the payloads held
         self._pause = pause
         self._resume = resume
         self._waiter: asyncio.Future[None] | None = None
@@ -59,9 +65,11 @@ class ReadAhead:
 
     def put(self, message: Message) -> None:
         self._items.append(message)
+        self._bytes += len(message.payload)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
-        if not self.paused and self.limit is not None and len(self._items) >= self.limit:
+        if not self.paused and self.limit is not None and (
+                len(self._items) >= self.limit or self._bytes >= READ_AHEAD_BYTES):
             self.paused = True
             self._pause()
 
@@ -70,7 +78,9 @@ class ReadAhead:
         if not self._items:
             return None
         message = self._items.popleft()
-        if self.paused and self.limit is not None and len(self._items) <= self.limit // 2:
+        self._bytes -= len(message.payload)
+        if self.paused and self.limit is not None and len(self._items) <= self.limit // 2 \
+                and self._bytes <= READ_AHEAD_BYTES // 2:
             self.paused = False
             self._resume()
         return message
