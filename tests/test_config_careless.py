@@ -179,3 +179,41 @@ def test_without_the_unit_installed_nothing_is_said(tmp_path: Path, cli: Run,
 
     monkeypatch.setattr(access, "UNIT_DIRS", (tmp_path / "no-systemd",))
     assert check_warnings(cli, tmp_path, "store", "path", "/srv/pigateway/queue.db") == ""
+
+
+def clash_config(folder: Path, **tables: dict[str, object]) -> Path:
+    data = gateway.settings(folder, gateway_id="gw-careless", gpio={"enabled": False})
+    for table, values in tables.items():
+        data[table] = {**data.get(table, {}), **values}
+    return gateway.write(folder / "config.toml", data)
+
+
+@pytest.mark.parametrize(("tables", "key"), [
+    ({"metrics": {"textfile": "{queue}"}}, "metrics.textfile"),
+    ({"metrics": {"textfile": "{queue}-wal"}}, "metrics.textfile"),
+    ({"metrics": {"textfile": "{queue}.lock"}}, "metrics.textfile"),
+    ({"control": {"socket": "{queue}-shm"}}, "control.socket"),
+    ({"manage": {"enabled": True, "overlay": "{queue}"}}, "manage.overlay"),
+    ({"metrics": {"textfile": "{config}"}}, "metrics.textfile"),
+    ({"metrics": {"textfile": "{folder}/remote.toml"},
+      "manage": {"enabled": True, "overlay": "{folder}/remote.toml"}}, "metrics.textfile"),
+    ({"store": {"path": "{config}"}}, "store.path"),
+    ({"metrics": {"textfile": "{folder}/password"},
+      "mqtt": {"password_file": "{folder}/password"}}, "metrics.textfile"),
+], ids=["textfile=queue.db", "textfile=its WAL", "textfile=its lock", "socket=its -shm",
+        "overlay=queue.db", "textfile=the config", "textfile=overlay", "queue=the config",
+        "textfile=password"])
+def test_a_file_the_service_writes_over_one_it_keeps_is_a_config_error(
+        tmp_path: Path, cli: Run, tables: dict[str, dict[str, object]], key: str) -> None:
+    """``metrics.textfile`` set to the queue's path passed ``config check``, and the
+    service then renamed its metrics over ``queue.db`` every interval: the queued commands
+    gone, the file 'not a sound queue' (a remote config-set may change ``[metrics]`` too).
+    A queue over the config file would be moved aside as corrupt, the config with it."""
+    (tmp_path / "password").write_text("secret\n")
+    places = {"queue": str(tmp_path / "queue.db"), "config": str(tmp_path / "config.toml"),
+              "folder": str(tmp_path)}
+    filled = {table: {k: v.format(**places) if isinstance(v, str) else v
+                      for k, v in values.items()} for table, values in tables.items()}
+    code, _, err = cli("config", "check", "--config", str(clash_config(tmp_path, **filled)))
+    assert code == 78, err[-600:]
+    assert key in err, err[-600:]

@@ -375,7 +375,9 @@ def load(path: str | os.PathLike[str] | None = None, *,
             if extra.exists():
                 data = merged(data, toml(read(extra), str(extra)))
         config = from_dict(data)
-    return dataclasses.replace(config, source=where)
+    config = dataclasses.replace(config, source=where)
+    _check_files(config)  # again, with the config file itself among the files read
+    return config
 
 
 def merged(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
@@ -437,7 +439,40 @@ def _check_cross_fields(config: Config) -> None:
     pins = [p for p in _gpio_pins(config.gpio) if p is not None]
     if config.gpio.enabled and len(pins) != len(set(pins)):
         raise ConfigError("gpio", f"a pin is used twice: {sorted(pins)}")
+    _check_files(config)
     profiles.check(config)
+
+
+def _check_files(config: Config) -> None:
+    """No file the service writes may be one it keeps or reads: a ``metrics.textfile`` set
+    to the queue's path was renamed over ``queue.db`` every interval (the commands gone),
+    one set to the config replaced the config; a queue over the config file would be moved
+    aside as corrupt, the config with it. Compared as written (no look at the disk)."""
+    store = Path(os.path.normpath(config.store.path))
+    written = [(key, Path(os.path.normpath(path))) for key, path in (
+        ("metrics.textfile", config.metrics.textfile), ("control.socket", config.control.socket),
+        ("manage.overlay", config.manage.overlay if config.manage.enabled else None))
+        if path is not None]
+    read = [(key, Path(os.path.normpath(path))) for key, path in (
+        ("the config file", config.source and os.path.abspath(config.source)),
+        ("mqtt.password_file", config.mqtt.password_file),
+        ("local.password_file", config.local.password_file),
+        *((f"{side}.tls.{name}", getattr(getattr(config, side).tls, name))
+          for side in ("mqtt", "local") for name in ("ca_file", "cert_file", "key_file")))
+        if path is not None]
+    for key, path in written:
+        if path.parent == store.parent and path.name.startswith(store.name):
+            raise ConfigError(key, f"{str(path)!r} is one of the queue's files (store.path "
+                              f"{str(store)!r}, its -wal, -shm, lock and marks): the service "
+                              "writes it, which would destroy the queue")
+        other = next((k for k, p in written + read if p == path and k != key), None)
+        if other is not None:
+            raise ConfigError(key, f"{str(path)!r} is {other} too: the service writes it, "
+                              "which would replace that one")
+    other = next((k for k, p in read if p == store), None)
+    if other is not None:
+        raise ConfigError("store.path", f"{str(store)!r} is {other} too: a file that is no "
+                          "queue is moved aside as corrupt at the service's start")
 
 
 #: The nesting depth and bytes a config-set needs (a list value, a few keys).
