@@ -16,8 +16,10 @@ the queue file as a rebooted machine finds it:
 
 - every command the gateway acknowledged is in the inbox (pending, running or done), and
   every one done has its result queued in the outbox or already at the cloud;
-- no command ran again after its result was on disk, and none ran twice between two
-  cuts (a command interrupted while running runs again: docs/handlers.md, *Crash safety*);
+- no command ran more times than the inbox counts its starts (a start is durable before
+  the handler runs: for an idle lane's command, in the receipt's own commit), none ran
+  again after its result was on disk, and none ran twice between two cuts (a command
+  interrupted while running runs again: docs/handlers.md, *Crash safety*);
 
 and notes where the cut found each command (:class:`Windows`: at the broker; stored,
 pending or already running as an idle lane's is, and not yet acknowledged; pending;
@@ -359,19 +361,29 @@ class Runs:
         self.client.disconnect()
 
 
-def read_inbox(db: Path) -> tuple[dict[str, str], set[str]]:
-    """Every inbox row's state (pending, running, done) in the file as found, and the
-    command ids whose result is queued in the outbox."""
+@dataclass(frozen=True)
+class Inbox:
+    """The inbox as a cut left it: each row's state (pending, running, done) and starts
+    counted, and the command ids whose result is queued in the outbox."""
+
+    states: dict[str, str]
+    attempts: dict[str, int]
+    queued: set[str]
+
+
+def read_inbox(db: Path) -> Inbox:
+    """The inbox in the file as found."""
     if not db.exists():
-        return {}, set()
+        return Inbox({}, {}, set())
     with contextlib.closing(sqlite3.connect(db)) as conn:
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
         if "inbox" not in names:
-            return {}, set()
-        states = {str(r[0]): str(r[1]) for r in conn.execute("SELECT id, state FROM inbox")}
+            return Inbox({}, {}, set())
+        rows = conn.execute("SELECT id, state, attempts FROM inbox").fetchall()
         queued = {str(json.loads(r[0])["id"])
                   for r in conn.execute("SELECT params FROM outbox WHERE kind = 'result'")}
-    return states, queued
+    return Inbox({str(r[0]): str(r[1]) for r in rows}, {str(r[0]): int(r[2]) for r in rows},
+                 queued)
 
 
 #: where a cut found a command, in the path's order (the await each window ends at)
@@ -419,7 +431,8 @@ class Ledger:
                   runs: Runs) -> None:
         """After a cut (every process on the queue dead): what the rebooted machine finds."""
         self.cuts += 1
-        states, queued = read_inbox(db)
+        inbox = read_inbox(db)
+        states, queued = inbox.states, inbox.queued
         ours = watch.snapshot()
         counted = runs.settled()
         missing = sorted(ours - set(states))
@@ -441,6 +454,11 @@ class Ledger:
                                  f"result was recorded, e.g. {again[:3]}")
             for command in again:
                 self.runs_when_done[command] = counted[command]
+        uncounted = sorted(c for c, n in counted.items() if n > inbox.attempts.get(c, 0))
+        if uncounted:
+            self.problems.append(f"{label}: {len(uncounted)} commands ran more times than "
+                                 "the starts the inbox counted (a start not durable before "
+                                 f"its run), e.g. {uncounted[:3]}")
         this_cut = counted - self.last_runs  # the runs since the cut before
         twice = sorted(c for c, n in this_cut.items() if n > 1)
         if twice:
