@@ -9,8 +9,9 @@ durability does not cost throughput. Callers use verbs, never SQL:
   in ``seq`` order; ``inflight`` marks the ones a drainer has claimed (emptied when a
   drainer opens, so whatever was in flight when the process died is queued again, first);
   ``dead_letters`` keeps everything that left the queue without delivery, with a reason;
-  ``totals`` is one row of counts and bytes kept by triggers inside every transaction, so
-  limits are checked without scanning and can never drift from the rows;
+  ``totals`` is one row of counts and bytes kept inside every transaction that changes the
+  rows (the queue's by the verbs, one update a statement; the dead letters' by triggers),
+  so limits are checked without scanning and never drift from the rows;
 * the inbox (:mod:`~pigateway.store.inbox`, ``store.inbox``): ``receive``, ``finish``,
   ``mark_running``, ``prune``, ... for commands from the broker.
 

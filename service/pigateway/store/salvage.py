@@ -6,7 +6,9 @@ such a file succeeds (its rows go to sound pages) and prints an id, which is a p
 So before the file goes aside its rows are copied, table by table, into a new file built
 with the same schema version (the normal open migrates it the rest of the way): commands,
 in-flight marks, dead letters, producer keys, watches, delivery records, the inbox and
-the gateway clock's row. The counts (``totals``) are rebuilt by the new file's triggers.
+the gateway clock's row. The counts (``totals``) are rebuilt: the dead letters' by the
+new file's triggers, the queue's from the rows copied (:func:`_recount`; at schema 8 and
+before, its triggers did it as well, to the same figures).
 
 A table is read in key order, a chunk at a time, from a read-only connection (the
 damaged file, its ``-wal`` included, is left byte for byte as it was). A damaged leaf
@@ -39,7 +41,7 @@ log = lazylog.getLogger("pigateway.store")
 CHUNK = 500
 #: Probes spent at most finding the end of one damaged stretch of rowids.
 _PROBES = 200
-#: Tables not copied: their rows are derived (the new file's triggers rebuild ``totals``).
+#: Tables not copied: their rows are derived (``totals`` is rebuilt: :func:`_recount`).
 _DERIVED = frozenset({"totals", "sqlite_sequence"})
 #: The tables whose rows the damaged file counted, and the ``totals`` column counting them.
 _COUNTED = {"outbox": "commands", "dead_letters": "dead_count"}
@@ -119,10 +121,27 @@ def _salvage(bad: Path, into: Path, config: StoreConfig, report: Salvaged,
             schema.migrate(target, into, upto=min(version, len(schema.MIGRATIONS)))
             for table in [t for t in _tables(target) if t in tables]:
                 _copy(source, target, table, report)
+            _recount(target)
             _count_lost(source, report)
             target.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
     _flush(into)
     return report
+
+
+def _recount(target: sqlite3.Connection) -> None:
+    """The copy's queue counts, from its rows (the verbs keep them from here on: schema
+    migration 9). One read of the table, in the copy the drainer alone has open."""
+    if target.execute("SELECT 1 FROM sqlite_master WHERE name = 'totals'").fetchone() is None:
+        return  # a copy of a file with no schema yet
+    target.execute("BEGIN IMMEDIATE")
+    try:
+        target.execute("UPDATE totals SET commands = (SELECT count(*) FROM outbox), "
+                       "bytes = (SELECT coalesce(sum(size), 0) FROM outbox) WHERE id = 1")
+        target.execute("COMMIT")
+    except BaseException:
+        if target.in_transaction:
+            target.execute("ROLLBACK")
+        raise
 
 
 def _tables(conn: sqlite3.Connection) -> list[str]:

@@ -160,6 +160,15 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE inflight DROP COLUMN claimed_at;
     """,
+    # 9: the queue's count and bytes (totals.commands, totals.bytes) are kept by the verbs
+    # that add and remove rows, one update a statement (store/outbox.py _insert, _uncount),
+    # in the same transaction as the rows: the row triggers cost 13% of the instructions
+    # a put_many row took (callgrind). The counts are right at this point (the triggers
+    # kept them until now) and stay so. The dead letters' triggers stay: they are few.
+    """
+    DROP TRIGGER IF EXISTS outbox_counted;
+    DROP TRIGGER IF EXISTS outbox_uncounted;
+    """,
 ]
 
 
