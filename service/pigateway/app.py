@@ -38,7 +38,7 @@ from pigateway.manage.remoteconfig import Trial
 from pigateway.pins import auto_fallback
 from pigateway.pins.panel import Panel
 from pigateway.state import FaultSource, GatewayState, Link, Refusal, Refuser
-from pigateway.store import Store
+from pigateway.store import Store, queue
 from pigateway.systemd import Notifier, bound_stop, ping_bound, supervise, watchdog_interval
 from pigateway.text import plural
 from pigateway.uplink import Uplink
@@ -255,6 +255,23 @@ class Gateway:
             self.state.clear_refusing(Refuser.QUEUE)
         else:
             self.state.set_refusing(Refuser.QUEUE, Refusal.of(refusal), str(refusal))
+        if queue.replaced(store):  # a stat a tick, as cheap as the refusal's statvfs
+            await self._leave_replaced(store)
+
+    async def _leave_replaced(self, store: Store) -> None:
+        """The queue file was removed or replaced under the service: producers fill the new
+        one, which only a restart opens. Said at once (CRITICAL, the store's fault in every
+        view); the old file is drained first, then the service exits to be restarted."""
+        if self.state.fault_of(FaultSource.STORE) is None:
+            log.critical("store: %s was removed or replaced while the service had it open; "
+                         "every send since went into the new file. The service drains what "
+                         "the old one still holds (its dead letters go with it), then "
+                         "restarts onto the new one", store.path)
+            self.state.set_fault(FaultSource.STORE, f"store: {store.path} was removed or "
+                                 "replaced; restarting once the old file is drained")
+        if not self.restart_requested and not await queue.holds_work(store):
+            log.warning("store: the old queue file is drained; restarting onto %s", store.path)
+            self.restart()
 
 
 def report_failure(exc: BaseException, config_path: Path, *, config_error: bool) -> None:

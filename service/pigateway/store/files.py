@@ -333,6 +333,11 @@ class Identity:
                 "queue holds every command that could be read")
 
 
+def identity(path: Path) -> tuple[int, int] | None:
+    """The file ``path`` names now, as (device, inode); None when there is none."""
+    return _inode(path)
+
+
 def _inode(path: Path) -> tuple[int, int] | None:
     try:
         stat = path.stat()

@@ -18,7 +18,7 @@ from pigateway.config import StoreConfig
 from pigateway.errors import StoreError
 from pigateway.store import clock, clock_row, delivery, files, puts, schema
 from pigateway.store.clock import GatewayClock
-from pigateway.store.connection import data_version, fetch_all, select_one, translate
+from pigateway.store.connection import data_version, fetch_all, first, select_one, translate
 from pigateway.store.inbox import Inbox, outbox_device
 from pigateway.store.outbox import (
     SWEEP_CHUNK,
@@ -62,6 +62,8 @@ class Store(Reads):
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None
         self._closed = False
+        #: the file this store opened, as (device, inode): see :func:`replaced`
+        self.identity: tuple[int, int] | None = None
 
     # ---- lifecycle
 
@@ -81,6 +83,7 @@ class Store(Reads):
             files.release_lock(lock_fd)
             raise
         store._lock_fd = lock_fd
+        store.identity = files.identity(config.path)
         await store._start()
         return store
 
@@ -405,6 +408,27 @@ class _Wakeup:
         connection commits: our own claims and acks do not wake :meth:`wait`.
         (It runs on the writer's thread between two transactions, never inside one.)"""
         return await self._writer.on_thread(data_version)
+
+
+def replaced(store: Store) -> bool:
+    """Whether the queue's path names another file than the one ``store`` opened: it was
+    removed or replaced under it (an operator's ``rm``, a backup moved over it), and every
+    producer since writes a file this store does not read."""
+    try:
+        return files.identity(store.path) != store.identity
+    except OSError:  # the folder cannot be looked at now (a failing card): not that
+        return False
+
+
+async def holds_work(store: Store) -> bool:
+    """Whether the file ``store`` opened still holds a queued command (in flight too) or
+    an inbound command not yet finished."""
+    return bool(await store._reader.call(_holds_work))  # the store's own room
+
+
+def _holds_work(conn: sqlite3.Connection) -> bool:
+    return bool(first(conn, "SELECT EXISTS (SELECT 1 FROM outbox) OR EXISTS (SELECT 1 FROM "
+                            "inbox WHERE state != 'done')")[0])
 
 
 async def _heartbeat_loop(store: Store) -> None:
