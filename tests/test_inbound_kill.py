@@ -3,13 +3,15 @@
 received already running, a busy lane's queued behind, the run, the result through the
 queue) cut at random moments under load, bounded in kills and time.
 
-The cuts are SIGKILLs at random moments, so the product runs unchanged: no hook in the
-service says where it is. Where each kill fell is read back from what it left (the
-inbox's rows, the acknowledgements the proxy saw, the runs the device saw, the results at
-the cloud): :class:`harness.inbound_cuts.Windows`, and the test asserts that the kills fell
-into the windows between every await of the path. The invariants after each kill and at
-the end are :class:`harness.inbound_cuts.Ledger`'s: every command the gateway acknowledged
-is in the inbox, none runs again once its result is recorded, every command the broker
+The cuts are SIGKILLs at random moments (some timed from outside: up to 5 ms after the
+proxy passed a command picked at random to the service), so the product runs unchanged:
+no hook in the service says where it is. Where each kill fell is read back from what it
+left (the inbox's rows, the acknowledgements the proxy saw, the runs the device saw, the
+results at the cloud): :class:`harness.inbound_cuts.Windows`, and the test asserts that
+the kills fell into the windows between every await of the path. The invariants after
+each kill and at the end are :class:`harness.inbound_cuts.Ledger`'s: every command the
+gateway acknowledged is in the inbox, none has run more times than the inbox counts its
+starts, none runs again once its result is recorded, every command the broker
 acknowledged to the cloud gets its one result, and nothing is quarantined.
 """
 
