@@ -217,3 +217,21 @@ def test_a_file_the_service_writes_over_one_it_keeps_is_a_config_error(
     code, _, err = cli("config", "check", "--config", str(clash_config(tmp_path, **filled)))
     assert code == 78, err[-600:]
     assert key in err, err[-600:]
+
+
+def test_a_store_path_that_names_a_folder_is_a_config_error(tmp_path: Path, cli: Run) -> None:
+    """``store.path = "/var/lib/pigateway"`` (the folder, not the file in it) passed
+    ``config check``; the service's start then failed with exit 1 ("Is a directory"),
+    restarted every 5 s forever, and made a stray ``pigateway.lock`` beside the folder."""
+    folder = tmp_path / "state"
+    folder.mkdir()
+    config = config_with(tmp_path, "store", "path", str(folder))
+    for verb in (["config", "check"], ["send", "--device", "d", "--command", "set"],
+                 ["queue", "stats"]):
+        code, _, err = cli(*verb, "--config", str(config))
+        assert code == 78 and "store.path" in err and "folder" in err, (verb, err[-600:])
+    run = subprocess.run([sys.executable, "-m", "pigateway", "run", "--config", str(config)],
+                         capture_output=True, text=True, timeout=60, env=environment(),
+                         check=False)
+    assert run.returncode == 78, run.stderr[-600:]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("state")) == ["state"]

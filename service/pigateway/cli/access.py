@@ -20,6 +20,7 @@ from typing import Final
 
 from pigateway.config import Config
 from pigateway.errors import ConfigError
+from pigateway.store.files import refuse_folder
 from pigateway.store.owners import ownership
 
 #: The unit's ``User=`` (systemd/pigateway.service; a test keeps the two equal).
@@ -125,6 +126,7 @@ def needs(config: Config, *, staged: bool = False) -> list[tuple[str, Path, int]
 
 def check(config: Config, account: Account, *, staged: bool = False) -> None:
     """:class:`ConfigError` naming every file ``account`` cannot use as the service will."""
+    refuse_folder(config.store.path)
     problems = [(key, text) for key, path, want in needs(config, staged=staged)
                 if (text := problem(path, account, want)) is not None]
     if problems:

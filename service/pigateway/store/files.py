@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pigateway.config import StoreConfig
-from pigateway.errors import StoreCorrupt, StoreError, StoreFull
+from pigateway.errors import ConfigError, StoreCorrupt, StoreError, StoreFull
 from pigateway.store import lazylog, owners
 from pigateway.store.connection import translate
 
@@ -346,9 +346,18 @@ def _inode(path: Path) -> tuple[int, int] | None:
     return stat.st_dev, stat.st_ino
 
 
+def refuse_folder(path: Path) -> None:
+    """:class:`ConfigError` when ``store.path`` names a folder (``/var/lib/pigateway``, not
+    the file in it): no start or restart mends that, the config does."""
+    if path.is_dir():
+        raise ConfigError("store.path", f"{str(path)!r} is a folder; name the queue's file "
+                          f"in it, e.g. {str(path / 'queue.db')!r}")
+
+
 def enter_folder(path: Path, *, drainer: bool) -> int | None:
     """Make the queue's folder (a producer may come before the service ever ran) and, for a
     drainer, take the drainer lock: its file descriptor, else ``None``."""
+    refuse_folder(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not drainer:

@@ -16,7 +16,7 @@ from pigateway.errors import NewerSchema, OlderSchema, StoreCorrupt, StoreError
 from pigateway.store import clock, clock_row, delivery, owners
 from pigateway.store.clock import GatewayClock
 from pigateway.store.connection import first, translate
-from pigateway.store.files import check_header
+from pigateway.store.files import check_header, refuse_folder
 from pigateway.store.inbox import InboxReads
 from pigateway.store.outbox import tier_queries
 from pigateway.store.schema import MIGRATIONS
@@ -146,6 +146,7 @@ class QueueReader(Reads):
     @classmethod
     def _open(cls, config: StoreConfig) -> QueueReader:
         path = config.path
+        refuse_folder(path)
         if not path.exists():
             return cls(path, None, f"no queue file at {path} yet: nothing is queued")
         problem = check_header(path)
