@@ -96,13 +96,19 @@ async def drain(folder: Path, count: int) -> tuple[float, float]:
     return bench_uplink.rate(seen), spent / count
 
 
-async def ingest(root: Path, count: int, log: Path) -> dict[str, float]:
+async def ingest(root: Path, count: int, log: Path, *, bridge: bool = True,
+                 paho_first: bool = False) -> dict[str, float]:
     """Forward rates: pigateway (and its flushes per message), a bare paho forwarder with no
-    store, a mosquitto bridge with persistence on; same brokers, one after the other."""
+    store, a mosquitto bridge with persistence on; same brokers, one after the other
+    (``paho_first``: the bare forwarder before pigateway, so that a load that moves during
+    a run favours neither side every time)."""
     up = bench_ingest.broker(root / "up")
     local = bench_ingest.broker(root / "local")
-    with up as uplink, local, bench_ingest.bridged(root / "bridged", uplink,
-                                                   persistence=True) as bridge:
+    with up as uplink, local:
+        paho = 0.0
+        if paho_first:
+            paho = await asyncio.to_thread(bench_ingest._bare_rate, root, local, uplink, count,
+                                           "paho")
         svc: Service = bench_ingest.service(root / "gw", local, uplink)
         svc.start()
         assert svc.process is not None
@@ -113,12 +119,43 @@ async def ingest(root: Path, count: int, log: Path) -> dict[str, float]:
                                               bench_ingest.FORWARDED + "z2m/", count)
         finally:
             svc.stop()
-        paho = await asyncio.to_thread(bench_ingest._bare_rate, root, local, uplink, count,
-                                       "paho")
-        theirs, _ = await asyncio.to_thread(bench_ingest._c_clients, root, bridge, uplink,
-                                            "bridge/z2m/", count)
+        if not paho_first:
+            paho = await asyncio.to_thread(bench_ingest._bare_rate, root, local, uplink, count,
+                                           "paho")
+        theirs = 0.0
+        if bridge:
+            with bench_ingest.bridged(root / "bridged", uplink, persistence=True) as bridging:
+                theirs, _ = await asyncio.to_thread(bench_ingest._c_clients, root, bridging,
+                                                    uplink, "bridge/z2m/", count)
     return {"pigateway": ours, "paho": paho, "bridge": theirs,
             "flushes_per_message": bench_flush.flushes_of(log, pid) / count}
+
+
+async def ingest_rounds(delay_ms: float, rounds: int, quick: bool) -> dict[str, Any]:
+    """Only the ingest pair, ``rounds`` times (pigateway and bare paho in each, their order
+    alternating), each round with the load average beside it: the ratio's spread."""
+    log = Path(os.environ["PIBENCH_FLUSH_LOG"])
+    done = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
+        for n in range(rounds):
+            figures = await ingest(Path(tmp) / f"round{n}", 5000 if quick else 20_000, log,
+                                   bridge=False, paho_first=n % 2 == 1)
+            done.append({**figures, "load": os.getloadavg()[0]})
+    return {"delay_ms": delay_ms, "rounds": done}
+
+
+def report_rounds(m: dict[str, Any]) -> None:
+    print(f"\n# {m['delay_ms']:g} ms per fsync/fdatasync: ingest forward vs bare paho, "
+          f"{len(m['rounds'])} rounds (each pair from one round)")
+    ratios = []
+    for n, r in enumerate(m["rounds"]):
+        ratios.append(r["pigateway"] / r["paho"])
+        print(f"round {n + 1}: pigateway {r['pigateway']:,.0f} msg/s "
+              f"({r['flushes_per_message']:.3f} fl/msg), bare paho {r['paho']:,.0f} msg/s "
+              f"= {ratios[-1]:.2f}x (load average {r['load']:.1f})")
+    ratios.sort()
+    row("ingest forward vs bare paho (no store)", f"{min(ratios):.2f}x-{max(ratios):.2f}x, "
+        f"median {ratios[len(ratios) // 2]:.2f}x", ">= 0.9x", ratios[len(ratios) // 2] >= 0.9)
 
 
 async def under_model(delay_ms: float, quick: bool) -> dict[str, Any]:
@@ -243,7 +280,7 @@ async def this_disk(quick: bool) -> None:
 # --------------------------------------------------------------------------- parts
 
 
-def run_models(quick: bool, models: list[float]) -> int:
+def run_models(quick: bool, models: list[float], ingest_only: int = 0) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-sdcard-") as tmp:
         library, why = bench_flush.build(Path(tmp))
         if library is None:
@@ -253,12 +290,15 @@ def run_models(quick: bool, models: list[float]) -> int:
             log = Path(tmp) / f"flushes-{delay:g}.log"
             env = {**os.environ, **bench_flush.environment(library, delay, log)}
             done = subprocess.run([sys.executable, __file__, "--model", str(delay),
-                                   *(["--quick"] if quick else [])], env=env,
+                                   *(["--quick"] if quick else []),
+                                   *(["--ingest-rounds", str(ingest_only)] if ingest_only
+                                     else [])], env=env,
                                   stdout=subprocess.PIPE, text=True, check=False)
             if done.returncode != 0:
                 print(f"bench sdcard: the {delay:g} ms model failed ({done.returncode})")
                 return done.returncode
-            report_model(json.loads(done.stdout.strip().splitlines()[-1]))
+            figures = json.loads(done.stdout.strip().splitlines()[-1])
+            (report_rounds if ingest_only else report_model)(figures)
     return 0
 
 
@@ -268,12 +308,20 @@ def main() -> int:
     parser.add_argument("--model", type=float, help=argparse.SUPPRESS)  # the child's
     parser.add_argument("--models", default=",".join(f"{m:g}" for m in MODELS_MS),
                         help="milliseconds per flush, comma-separated (default 5,20)")
+    parser.add_argument("--ingest-rounds", type=int, default=0, metavar="N",
+                        help="only ingest forward against bare paho, N rounds per model "
+                             "(the spread of the ratio and the load average of each round)")
     args = parser.parse_args()
     if args.model is not None:
-        print(json.dumps(asyncio.run(under_model(args.model, args.quick))))
+        print(json.dumps(asyncio.run(
+            ingest_rounds(args.model, args.ingest_rounds, args.quick) if args.ingest_rounds
+            else under_model(args.model, args.quick))))
         return 0
     print("# sdcard benchmark: fsync/fdatasync delayed by a preload shim; ~200-byte params")
-    code = run_models(args.quick, [float(m) for m in args.models.split(",")])
+    code = run_models(args.quick, [float(m) for m in args.models.split(",")],
+                      args.ingest_rounds)
+    if args.ingest_rounds:
+        return code
     asyncio.run(this_disk(args.quick))
     return code
 
