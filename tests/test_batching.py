@@ -518,3 +518,40 @@ async def test_params_stored_as_a_blob_go_out_as_json_and_a_blob_name_alone_is_b
         assert {"v": 1} in [command["params"] for action in sent["actions"]
                             for command in action["commands"]]
         assert [d.reason for d in await store.list_dead()] == ["invalid"]
+
+
+def forward(n: int, topic: str, **extra: Any) -> Row:
+    """A forwarded row of ``topic`` as ingest makes it (payload ``<topic>-<n>``)."""
+    return Row(id=f"f{n:05d}", device=topic, name="forward", kind="forward",
+               params={"t": f"up/{topic}", "p": f"{topic}-{n}"}, **extra)
+
+
+def test_a_train_takes_a_topics_next_forwards_and_leaves_the_rest_in_order() -> None:
+    """A forwarded row takes the next forwarded rows of its topic (at most ``train``), each
+    its own message in order; other topics' rows, and the topic's rows past the train, stay
+    pending in their order."""
+    pending = [forward(0, "a"), forward(1, "b"), forward(2, "a"), forward(3, "a"),
+               forward(4, "b"), forward(5, "a")]
+    take = take_batch(pending, RULES, now=NOW, train=3)
+    assert take.batch is not None and take.batch.train
+    assert take.batch.ids == ["f00000", "f00002", "f00003"]
+    assert [f.payload for f in take.batch.forwards] == [b"a-0", b"a-2", b"a-3"]
+    assert [r.id for r in take.rest] == ["f00001", "f00004", "f00005"]
+    assert take.batch.id not in take.batch.ids  # the ledger holds the topic by the train
+
+
+@pytest.mark.parametrize("stop", ["an action of the topic", "an expired forward"])
+def test_a_train_ends_before_a_row_that_must_be_judged_alone(stop: str) -> None:
+    """A row of the topic that is no forward, or is expired, ends the train: it and the
+    rows behind it stay pending, in order (the next take judges it)."""
+    odd = Row(id="x", device="a") if stop == "an action of the topic" \
+        else forward(9, "a", expires_at=NOW - 1)
+    pending = [forward(0, "a"), forward(1, "a"), odd, forward(2, "a")]
+    take = take_batch(pending, RULES, now=NOW, train=8)
+    assert take.batch is not None and take.batch.ids == ["f00000", "f00001"]
+    assert [r.id for r in take.rest] == [odd.id, "f00002"]
+
+
+def test_a_train_of_one_is_a_plain_forward() -> None:
+    take = take_batch([forward(0, "a"), forward(1, "b")], RULES, now=NOW, train=4)
+    assert take.batch is not None and not take.batch.train and take.batch.id == "f00000"

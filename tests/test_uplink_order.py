@@ -12,14 +12,18 @@ Everything runs against a real mosquitto, the refusals through tests/harness/mqt
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from harness.broker import Mosquitto
+from harness.gateway import GATEWAY
 from harness.mqttproxy import RefusingProxy
 from harness.netproxy import Proxy
 from harness.uplink_helpers import RecordingState, drained, make_config, running_uplink, subscribed
+from harness.wire_subscriber import WireSubscriber
+from pigateway.mqtt import forwarded
 from pigateway.store import NewCommand
 
 pytestmark = pytest.mark.broker
@@ -110,3 +114,79 @@ async def test_a_backlog_of_many_devices_travels_in_several_batches_side_by_side
     for device in {c.device for c in put}:
         mine = [c.id for c in put if c.device == device]
         assert first_order(arrived, mine) == mine
+
+
+@dataclass
+class Forwards(WireSubscriber):
+    """The contract's subscriber, also keeping every forwarded message's local topic and
+    payload, in the order they arrived."""
+
+    forwards: list[tuple[str, str]] = field(default_factory=list)
+
+    def take(self, topic: str, payload: bytes) -> None:
+        if "/forward/" in topic:
+            self.forwards.append((topic.split("/forward/", 1)[1], payload.decode()))
+            self.arrived.set()
+            return
+        super().take(topic, payload)
+
+    def first(self, topic: str) -> list[str]:
+        """``topic``'s payloads as they first arrived (a message sent again dropped)."""
+        first: list[str] = []
+        for where, payload in self.forwards:
+            if where == topic and payload not in first:
+                first.append(payload)
+        return first
+
+
+def forward_row(prefix: str, topic: str, n: int, **params: object) -> NewCommand:
+    """A row as ingest makes it of the ``n``th local message on ``topic`` (payload
+    ``<topic's last level>-<n>``)."""
+    packed = forwarded.pack(f"{prefix}/{GATEWAY}/forward/{topic}",
+                            f"{topic.rsplit('/', 1)[-1]}-{n}".encode(), forwarded.Extras())
+    return NewCommand(topic, "forward", {**packed, **params}, kind="forward")
+
+
+@pytest.mark.parametrize("how", ["refused for now", "refused for good", "the link drops",
+                                 "the MQTT library refuses it"])
+async def test_a_topics_forwarded_messages_keep_their_order_with_several_in_flight(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str, how: str) -> None:
+    """Forwarded messages are PUBLISHes of their own: with ``max_inflight`` 8 and two local
+    topics, several messages of one topic are in flight at once, and ``lamp-1`` fails on
+    the way while later messages of ``z2m/lamp`` are already written behind it. Whatever
+    the failure, each topic's first deliveries keep the order the messages were taken in,
+    and every message is delivered or dead-lettered (none lost)."""
+    refused: list[str] = []
+
+    def decide(connection: int, where: str, payload: bytes) -> int | None:
+        if refused or payload != b"lamp-1" or how == "the MQTT library refuses it":
+            return None
+        refused.append(where)
+        return {"refused for now": 0x97, "refused for good": 0x99}.get(how, 0x89)
+
+    rows = [forward_row(unique_prefix, f"z2m/{device}", n) for n in range(40)
+            for device in ("lamp", "fan")]
+    if how == "the MQTT library refuses it":  # an expiry past MQTT's four bytes: paho
+        rows[2] = forward_row(unique_prefix, "z2m/lamp", 1, x=2**33)  # cannot pack it
+    proxy = await RefusingProxy(mosquitto.port, decide,
+                                disconnect=how == "the link drops").start()
+    try:
+        async with subscribed(mosquitto.port, unique_prefix, kind=Forwards) as sub:
+            cfg = make_config(tmp_path, proxy.port, unique_prefix, max_inflight=8,
+                              store={"max_attempts": 2, "default_ttl": 0})
+            async with running_uplink(cfg) as run:
+                await run.store.put_many(rows)
+                assert await drained(run.store, 20)
+                dead = {d.command.params.get("p"): d for d in await run.store.list_dead(100)}
+    finally:
+        await proxy.close()
+    assert proxy.max_unacked >= 3, "never more than one message of a topic in flight"
+    assert refused or how == "the MQTT library refuses it"
+    for device in ("lamp", "fan"):
+        arrived = sub.first(f"z2m/{device}")
+        assert arrived == sorted(arrived, key=lambda p: int(p.rsplit("-", 1)[1])), \
+            f"{device} out of order ({how}): {arrived}"
+        assert set(arrived) | set(dead) >= {f"{device}-{n}" for n in range(40)}, how
+    assert set(dead) <= {"lamp-1"}, dead
+    if how in ("refused for good", "the MQTT library refuses it"):
+        assert "lamp-1" in dead

@@ -904,18 +904,21 @@ class Connection:
         return len(self._link.read_ahead)
 
     async def deliver(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                      timeout: float, extras: Extras | None = None) -> int | None:
+                      timeout: float, extras: Extras | None = None,
+                      written: Callable[[], None] | None = None) -> int | None:
         """Publish; return after the PUBACK with its failure reason code, ``None`` for success.
 
         Raises :class:`UplinkError` when the link drops or no PUBACK came in time
         (aiomqtt's own publish would only notice the drop at its timeout). What CONNACK
         said holds for every caller: at most Receive Maximum QoS 1 publishes unacknowledged
         (a publish waits for a free one, at most ``timeout``), no QoS above Maximum QoS, no
-        retain flag unless Retain Available.
+        retain flag unless Retain Available. ``written`` is called once the PUBLISH is in
+        the connection's outgoing order (before its PUBACK): a caller that pipelines
+        messages whose order matters hands the next one over only then.
         """
         if qos == 0:
             return await self.publish_now(topic, payload, 0, retain, timeout=timeout,
-                                          extras=extras)
+                                          extras=extras, written=written)
         if self.quota.locked():  # a free slot is taken without a timer (one per publish)
             try:
                 async with asyncio.timeout(timeout):  # a quota comes back within one PUBACK wait
@@ -927,12 +930,13 @@ class Connection:
             await self.quota.acquire()
         try:
             return await self.publish_now(topic, payload, qos, retain, timeout=timeout,
-                                          extras=extras)
+                                          extras=extras, written=written)
         finally:
             self.quota.release()
 
     async def publish_now(self, topic: str, payload: bytes, qos: int, retain: bool, *,
-                          timeout: float, extras: Extras | None = None) -> int | None:
+                          timeout: float, extras: Extras | None = None,
+                          written: Callable[[], None] | None = None) -> int | None:
         """:meth:`deliver` without the wait for a Receive Maximum slot (the caller has one)."""
         client = self._link
         qos = min(qos, client.limits.maximum_qos)
@@ -948,6 +952,8 @@ class Connection:
         info = client._client.publish(topic, payload, qos, retain, properties)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise classify(aiomqtt.MqttCodeError(info.rc, "could not publish"))
+        if written is not None:
+            written()
         if qos > 0 and not info.is_published():
             confirmation = _Confirmation()
             # aiomqtt's PUBACK callback pops it and calls set(), as it would an Event's;

@@ -122,22 +122,40 @@ class Ahead(Generic[R]):
         """The earliest ``queued_at`` held (a device's first row is its oldest)."""
         return min(queue[0][1].queued_at for queue in self._queues.values())
 
-    def candidates(self, devices: Iterable[str], *, budget: int, most: int) -> list[R]:
+    def candidates(self, devices: Iterable[str], *, budget: int, most: int,
+                   train: int = 1) -> list[R]:
         """The rows the next batch may take: of at most ``most`` of ``devices``, each
-        device's rows from its first (up to a row that travels alone), until about
+        device's rows from its first (up to a row that travels alone; a topic whose first
+        row is a forwarded message, up to ``train`` of them in a row), until about
         ``budget`` bytes; in claim order. O(the rows returned)."""
         picked: list[tuple[int, R, int]] = []
         spent = 0
         for count, device in enumerate(devices):
             if count >= most or spent >= budget:
                 break
-            for entry in self._queues[device]:
+            queue = self._queues[device]
+            if train > 1 and queue[0][1].kind == "forward":
+                spent += self._train(queue, train, picked)
+                continue
+            for entry in queue:
                 picked.append(entry)
                 spent += entry[2]
                 if spent >= budget or entry[1].kind in SOLO:
                     break
         picked.sort(key=lambda entry: entry[0])
         return [entry[1] for entry in picked]
+
+    @staticmethod
+    def _train(queue: deque[tuple[int, R, int]], most: int,
+               picked: list[tuple[int, R, int]]) -> int:
+        """A topic's first forwarded rows, at most ``most``, into ``picked``; their weight."""
+        spent = 0
+        for n, entry in enumerate(queue):
+            if n >= most or entry[1].kind != "forward":
+                break
+            picked.append(entry)
+            spent += entry[2]
+        return spent
 
     def remove(self, candidates: Sequence[R], kept: Iterable[R]) -> int:
         """Forget the ``candidates`` not ``kept`` (handed out, dead-lettered); returns how many.

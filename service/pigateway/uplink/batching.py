@@ -29,7 +29,7 @@ import math
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Literal, Protocol, TypeVar
+from typing import Final, Generic, Literal, Protocol, TypeVar
 
 from pigateway import wire
 from pigateway.aio import first_of
@@ -38,6 +38,8 @@ from pigateway.store.ids import new_id
 from pigateway.uplink.ahead import SOLO, Ahead, Row
 
 REASON_TOO_LARGE = "too-large"
+#: A command the broker refused for good (a PUBACK failure code), found alone
+REJECTED: Final = "rejected-by-broker"
 REASON_EXPIRED = "expired"
 #: A row whose params cannot be sent as JSON (NaN, Infinity: never written by a put; a
 #: salvaged or hand-edited file): dead-lettered alone, never requeued (it would fail again)
@@ -127,18 +129,42 @@ class Rules:
 
 @dataclass(frozen=True)
 class Batch(Generic[C]):
-    """One MQTT message: a batch of actions, or a single result document."""
+    """One MQTT message: a batch of actions, or a single result document; or a *train*:
+    several forwarded messages of one local topic, in order (:func:`train_parts`)."""
 
     id: str
     kind: Literal["actions", "results", "forward"]
     commands: tuple[C, ...]
     payload: bytes
-    #: a forwarded message: its uplink topic and what it carries besides the payload
-    forward: forwarded.Forward | None = None
+    #: forwarded messages, one per command: uplink topic and what each carries besides
+    #: the payload (``payload`` is the first one's)
+    forwards: tuple[forwarded.Forward, ...] = ()
 
     @property
     def ids(self) -> list[str]:
         return [command.id for command in self.commands]
+
+    @property
+    def forward(self) -> forwarded.Forward | None:
+        """The forwarded message a batch of one is (None: not a forward)."""
+        return self.forwards[0] if self.forwards else None
+
+    @property
+    def train(self) -> bool:
+        """Several messages of one topic: published one after the other, each its own
+        PUBLISH, without waiting for the PUBACK before the next (:func:`train_parts`)."""
+        return len(self.forwards) > 1
+
+
+def train_parts(batch: Batch[C]) -> list[Batch[C]]:
+    """A train as the single messages it is made of, in order, each a batch of its own.
+
+    The ledger (:mod:`pigateway.uplink.inflight`) holds the train's topic by the train, as a
+    split batch's devices are held by the batch first built: the topic's next messages
+    wait until every part is done, whatever happens to each part on the way.
+    """
+    return [Batch(command.id, "forward", (command,), forward.payload, (forward,))
+            for command, forward in zip(batch.commands, batch.forwards, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -222,21 +248,27 @@ def fits_alone(command: Queued, rules: Rules, encoded: str | None = None) -> boo
 
 def take_batch(pending: Sequence[C], rules: Rules, *, now: float,
                batch_id: str | None = None, expires_now: float | None = None,
-               busy: Collection[str] = ()) -> Take[C]:
+               busy: Collection[str] = (), train: int = 1) -> Take[C]:
     """Take the next batch from ``pending`` (oldest first); return it with what is left.
 
     Rows of a ``busy`` device (one in a batch the broker has not acknowledged yet,
     :mod:`pigateway.uplink.inflight`) stay pending, in order: a device is in at most one batch at
-    a time. Of the other rows the oldest decides: a result or forwarded row travels alone;
-    otherwise the action rows are packed in order, skipping the rows that travel alone
-    (they stay pending) and any device that already had to wait. ``now`` is the wall
-    clock (``sent_at``, the batch id); ``expires_now`` the clock ``expires_at`` is on (the
-    store's gateway clock; ``now`` when not given).
+    a time. Of the other rows the oldest decides: a result travels alone, a forwarded row
+    with at most ``train`` - 1 forwarded rows of its topic that follow it (a train, each
+    its own PUBLISH); otherwise the action rows are packed in order, skipping the rows that
+    travel alone (they stay pending) and any device that already had to wait. ``now`` is
+    the wall clock (``sent_at``, the batch id, a train's id); ``expires_now`` the clock
+    ``expires_at`` is on (the store's gateway clock; ``now`` when not given). A train's id
+    is its first row's with ``-train`` (a row is in one train at a time).
     """
     expiry_now = now if expires_now is None else expires_now
     if pending and pending[0].kind in SOLO and pending[0].device not in busy \
             and not is_expired(pending[0], expiry_now):
-        return _take_result(list(pending), rules, [], expiry_now)  # no scan: one at a time
+        taken = _take_result(list(pending), rules, [], expiry_now)  # no scan: one at a time
+        if train > 1 and taken.batch is not None and taken.batch.kind == "forward":
+            return _take_train(taken.batch, taken.rest, train, expiry_now,
+                               batch_id or f"{taken.batch.id}-train")
+        return taken
     expired: list[C] = []
     live: list[C] = []
     for command in pending:
@@ -258,7 +290,7 @@ def _take_result(live: list[C], rules: Rules, expired: list[C], now: float) -> T
             forward = forwarded.unpack(head.params, ttl_left=left, command_id=head.id)
         except ValueError:
             return Take(None, rest, too_large=[head], expired=expired)
-        return Take(Batch(head.id, "forward", (head,), forward.payload, forward), rest,
+        return Take(Batch(head.id, "forward", (head,), forward.payload, (forward,)), rest,
                     expired=expired)
     stored: str | None = getattr(head, "params_json", None)  # as queued: no encoding again
     try:
@@ -268,6 +300,45 @@ def _take_result(live: list[C], rules: Rules, expired: list[C], now: float) -> T
     if len(payload) > rules.too_large_above:
         return Take(None, rest, too_large=[head], expired=expired)
     return Take(Batch(head.id, "results", (head,), payload), rest, expired=expired)
+
+
+def _take_train(first: Batch[C], rest: list[C], most: int, now: float,
+                train_id: str) -> Take[C]:
+    """``first`` (one forwarded message) with the forwarded rows of its topic that follow
+    it in ``rest``, up to ``most`` in all: the topic's rows in ``rest`` are its next ones, in
+    order. The train ends before the first row of the topic that is no forward, is
+    expired or does not unpack (it is judged alone, as the head of a later take)."""
+    device = first.commands[0].device
+    rows: list[C] = [first.commands[0]]
+    forwards = list(first.forwards)
+    left: list[C] = []
+    ended = False
+    for row in rest:
+        if ended or row.device != device or len(rows) >= most:
+            left.append(row)
+            continue
+        forward = _forward_of(row, now) if row.kind == "forward" else None
+        if forward is None:
+            ended = True
+            left.append(row)
+            continue
+        rows.append(row)
+        forwards.append(forward)
+    if len(rows) == 1:
+        return Take(first, rest)
+    return Take(Batch(train_id, "forward", tuple(rows), first.payload, tuple(forwards)), left)
+
+
+def _forward_of(row: Queued, now: float) -> forwarded.Forward | None:
+    """The message a forward row holds, or None when it must be judged alone (expired,
+    not a message)."""
+    if is_expired(row, now):
+        return None
+    left = None if row.expires_at is None else row.expires_at - now
+    try:
+        return forwarded.unpack(row.params, ttl_left=left, command_id=row.id)
+    except ValueError:
+        return None
 
 
 def _take_actions(live: list[C], rules: Rules, now: float, batch_id: str,
@@ -462,9 +533,9 @@ class Batcher(Generic[C]):
                 return None
             self.gate.arm()
             self._merge_returned()
-            rules, candidates = self._candidates(self.gate.busy())
+            rules, candidates, train = self._candidates(self.gate.busy())
             take = take_batch(candidates, rules, now=self.clock(),
-                              expires_now=self.store.clock.now())
+                              expires_now=self.store.clock.now(), train=train)
             # rows are forgotten only once the dead letters are on disk: a cancel (the link
             # dropped) or a store error while they are written leaves every row held, the
             # batch's too, in order, for give_back() or the next call
@@ -477,19 +548,23 @@ class Batcher(Generic[C]):
             if self.held and not gone:
                 await self._blocked()
 
-    def _candidates(self, busy: Collection[str]) -> tuple[Rules, list[C]]:
-        """The rules for the next batch and the rows it may take: the free devices' first
-        rows, about a batch's worth and a quarter (the batch costs its own rows, not all held).
+    def _candidates(self, busy: Collection[str]) -> tuple[Rules, list[C], int]:
+        """The rules for the next batch, the rows it may take (the free devices' first
+        rows, about a batch's worth and a quarter: the batch costs its own rows, not all
+        held) and how long a train of forwarded messages may be.
 
         A device is in one unacknowledged batch at a time, so one batch holding every
         device would leave the other in-flight slots idle until its PUBACK. When the free
         devices' rows make several batches' worth, each batch takes
         ``devices / min(free slots, batches' worth)`` of them: the batches stay full and
         travel side by side. A light load (one batch's worth) still goes as one message.
+        A forwarded message is a PUBLISH of its own, so a topic's train takes its share of
+        the free slots (free slots / free devices), one slot a message.
         """
         ready = self.held.ready(busy)
         rules = self.rules
         slots = self.gate.free_slots()
+        train = max(1, slots // max(1, len(ready)))
         if slots > 1 and len(ready) > 1:
             worth = min(slots, max(self.held.weight_of(ready) // rules.max_batch_bytes,
                                    len(ready) // rules.max_actions))
@@ -497,7 +572,7 @@ class Batcher(Generic[C]):
                 rules = dataclasses.replace(
                     rules, max_actions=min(rules.max_actions, math.ceil(len(ready) / worth)))
         return rules, self.held.candidates(ready, budget=rules.max_batch_bytes * 5 // 4,
-                                           most=rules.max_actions)
+                                           most=rules.max_actions, train=train), train
 
     async def _blocked(self) -> None:
         """Every held row waits for its device's batch in flight: wait until a device is

@@ -47,15 +47,23 @@ from pigateway.mqtt import Connection, publish_room, refusal
 from pigateway.state import GatewayState
 from pigateway.store import Command, Store
 from pigateway.text import bounded, plural
-from pigateway.uplink.batching import REASON_TOO_LARGE, Batch, Batcher, Rules, split
+from pigateway.uplink.batching import (
+    REASON_TOO_LARGE,
+    REJECTED,
+    Batch,
+    Batcher,
+    Rules,
+    split,
+    train_parts,
+)
 from pigateway.uplink.inflight import InFlight
 from pigateway.uplink.pacing import Pacer
 from pigateway.uplink.store_calls import StoreCalls
+from pigateway.uplink.train import ship_train
 
 #: the uplink's own lines in the journal
 log = logging.getLogger("pigateway.uplink")
 
-REJECTED: Final = "rejected-by-broker"
 #: What a batch of each kind carries, for people: one word per kind, so that "action" keeps
 #: its one meaning (a device and its commands, in the wire format) and the journal counts
 #: commands, results or messages, never "1 actions".
@@ -171,12 +179,18 @@ class Drain:
                 self.batcher.put_back(batch.commands)  # still claimed: given back at the end
                 session.slots.release()
                 raise
+            parts = train_parts(batch) if batch.train else None
+            if parts:  # its messages are in flight one by one, its topic held by the train
+                self.ledger.replace(batch, parts)
             self.show_progress()
-            session.tasks.create_task(self._ship(session, batch), name=f"ship-{batch.id}")
+            session.tasks.create_task(self._ship(session, batch, parts), name=f"ship-{batch.id}")
         self.state.set_progress(draining=False)
 
-    async def _ship(self, session: Session, batch: Batch[Command]) -> None:
+    async def _ship(self, session: Session, batch: Batch[Command],
+                    parts: list[Batch[Command]] | None = None) -> None:
         """Publish one batch; delete its rows after the PUBACK (or bury them if refused).
+        A train (``parts``: its messages) goes as :func:`~pigateway.uplink.train.ship_train`
+        says, each message holding a slot of its own until its PUBACK.
 
         Its slot is given back at the PUBACK, not after the delete: a slot is a batch the
         broker has not acknowledged (``uplink.max_inflight``), and holding it through the
@@ -193,7 +207,13 @@ class Drain:
                 session.slots.release()
 
         try:
-            await self._send(session.client, batch, acknowledged=give_slot)
+            if parts:
+                busy = await ship_train(self, session.client, session.slots, batch, parts,
+                                        first=give_slot)
+                if busy is not None:
+                    raise BrokerBusy(busy)
+            else:
+                await self.send(session.client, batch, acknowledged=give_slot)
         except UplinkError as exc:
             raise UplinkError(f"publish of batch {batch.id} failed: {exc}") from exc
         else:
@@ -202,12 +222,19 @@ class Drain:
             give_slot()
             self.show_progress()
 
-    async def _send(self, client: Connection, batch: Batch[Command], *,
-                    acknowledged: Callable[[], None] | None = None) -> bool:
+    async def send(self, client: Connection, batch: Batch[Command], *,
+                   acknowledged: Callable[[], None] | None = None,
+                   written: Callable[[], None] | None = None,
+                   for_now: Callable[[int], None] | None = None,
+                   back: list[Command] | None = None) -> bool:
         """One publish of an outstanding batch (paced) and what comes of it.
 
-        False when it failed alone and its rows went back to the batcher, first.
-        ``acknowledged`` is called at its PUBACK, before its rows are deleted.
+        False when it failed alone and its rows went back to the batcher, first (or into
+        ``back``, for the caller to put back with others at once, in order).
+        ``acknowledged`` is called at its PUBACK, before its rows are deleted; ``written``
+        once its PUBLISH is in the connection's outgoing order. ``for_now``: a refusal for
+        now is handed to it (the reason code) instead of ending the link here (a train's
+        parts: :mod:`pigateway.uplink.train` decides once the train is answered).
         """
         await self.pacer.publish_slot(len(batch.payload))
         forward = batch.forward  # a forwarded message keeps its own topic and properties
@@ -216,19 +243,22 @@ class Drain:
             code = await client.deliver(
                 wire.topic(self.config, batch.kind) if forward is None else forward.topic,
                 batch.payload, timeout=self.config.uplink.publish_timeout,
-                extras=None if forward is None else forward.extras)
+                extras=None if forward is None else forward.extras, written=written)
         except UplinkError:
             raise  # the link's: every batch goes back when it ends
         except PacketTooLarge as exc:
             await self._too_large(client, batch, exc)
             return True
         except Exception as exc:  # one packet, one failure: never the link's
-            await self._fail_alone(batch, exc)
+            await self._fail_alone(batch, exc, back)
             return False
         if code is None:
             if acknowledged is not None:
                 acknowledged()
             await self._record_delivery(batch)
+        elif for_now is not None and refusal(code)[1] == "retry":
+            COUNTERS.batch_refused(code)
+            for_now(code)
         else:
             await self._refused(client, batch, code)
         return True
@@ -263,7 +293,7 @@ class Drain:
             return
         log.warning("uplink: the broker refused command %s of %s for good: %s", batch.ids[0],
                     batch.commands[0].device, what)
-        await self._bury(batch, REJECTED, what)
+        await self.bury(batch, REJECTED, what)
 
     async def _too_large(self, client: Connection, batch: Batch[Command],
                          exc: PacketTooLarge) -> None:
@@ -274,21 +304,27 @@ class Drain:
             return
         log.warning("uplink: command %s of %s does not fit in one MQTT packet: %s",
                     batch.ids[0], bounded(batch.commands[0].device, 200), what)
-        await self._bury(batch, REASON_TOO_LARGE, what)
+        await self.bury(batch, REASON_TOO_LARGE, what)
 
-    async def _bury(self, batch: Batch[Command], reason: str, detail: str) -> None:
+    async def bury(self, batch: Batch[Command], reason: str, detail: str) -> None:
+        """Dead-letter a batch's rows (``reason``, ``detail``); the ledger forgets it."""
         await self.store_calls.call(f"dead-letter a batch ({reason})",
                                     lambda: self.store.dead_letter(batch.ids, reason, detail))
         self.ledger.drop(batch)
 
-    async def _fail_alone(self, batch: Batch[Command], exc: Exception) -> None:
+    async def _fail_alone(self, batch: Batch[Command], exc: Exception,
+                          back: list[Command] | None = None) -> None:
         """Any other error of one publish: an attempt for this batch only, which goes again
         first (its devices' later rows wait in the batcher); ``max-attempts`` ends it."""
         why = f"publish of batch {batch.id} failed: {type(exc).__name__}: {bounded(exc, 300)}"
         log.warning("uplink: %s; it goes again, an attempt counted (the link goes on)", why)
         buried = await self.store_calls.call("count a failed publish",
                                              lambda: self.store.charge(batch.ids, why))
-        self.batcher.put_back([c for c in batch.commands if c.id not in buried])
+        again = [c for c in batch.commands if c.id not in buried]
+        if back is None:
+            self.batcher.put_back(again)
+        else:
+            back.extend(again)
         self.ledger.drop(batch)
 
     async def _split(self, client: Connection, batch: Batch[Command], why: str) -> None:
@@ -308,7 +344,7 @@ class Drain:
                  "to find the command at fault", batch.id, len(batch.commands), why, len(parts))
         self.ledger.replace(batch, parts)
         for n, part in enumerate(parts):
-            if not await self._send(client, part):
+            if not await self.send(client, part):
                 for later in parts[n + 1:]:
                     self.batcher.put_back(later.commands)
                     self.ledger.drop(later)
