@@ -30,6 +30,8 @@ import bench_ingest
 import bench_store
 import bench_uplink
 
+from harness import gateway
+from harness.netproxy import Proxy
 from harness.service import Service
 from pigateway.store import NewCommand, Store
 from pigateway.uplink import Uplink
@@ -96,66 +98,129 @@ async def drain(folder: Path, count: int) -> tuple[float, float]:
     return bench_uplink.rate(seen), spent / count
 
 
+async def _pigateway(root: Path, local: Any, uplink: Any, count: int, *,
+                     code: str | None = None, via: int | None = None
+                     ) -> tuple[float, int, float]:
+    """``pigateway run`` forwarding ``count`` messages: msg/s, its pid, its CPU seconds.
+    ``code``: the ``service`` folder of another checkout to run instead of this one;
+    ``via``: the port it publishes to (a delaying proxy in front of ``uplink``)."""
+    await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
+    data = bench_ingest.settings(root, uplink_port=via or uplink.port, local_host=local.host,
+                                 local_port=local.port)
+    svc = Service(gateway.write(root / "config.toml", data), root / "service.log")
+    if code is not None:
+        svc.env = {"PYTHONPATH": code}
+    svc.start()
+    assert svc.process is not None
+    pid = svc.process.pid
+    try:
+        await bench_ingest.online(svc)
+        cpu = bench_ingest._cpu_seconds(pid)
+        rate, _ = await asyncio.to_thread(bench_ingest._c_clients, root, local, uplink,
+                                          bench_ingest.FORWARDED + "z2m/", count)
+        cpu = bench_ingest._cpu_seconds(pid) - cpu
+    finally:
+        svc.stop()
+    return rate, pid, cpu
+
+
+def _paho_rate(root: Path, local: Any, uplink: Any, count: int, via: int) -> float:
+    """The bare paho forwarder publishing to port ``via``, read on ``uplink``."""
+    bare = subprocess.Popen([sys.executable, str(Path(bench_ingest.__file__).with_name(
+        "bare_forwarder.py")), "paho", str(local.port), str(via), "paho/"],
+        stdout=subprocess.PIPE)
+    try:
+        assert bare.stdout is not None
+        bare.stdout.readline()  # subscribed
+        return bench_ingest._c_clients(root, local, uplink, "paho/z2m/", count)[0]
+    finally:
+        bare.kill()
+        bare.wait()
+
+
 async def ingest(root: Path, count: int, log: Path, *, bridge: bool = True,
-                 paho_first: bool = False) -> dict[str, float]:
+                 paho_first: bool = False, before: str | None = None,
+                 rtt_ms: float = 0.0) -> dict[str, float]:
     """Forward rates: pigateway (and its flushes per message), a bare paho forwarder with no
     store, a mosquitto bridge with persistence on; same brokers, one after the other
-    (``paho_first``: the bare forwarder before pigateway, so that a load that moves during
-    a run favours neither side every time)."""
+    (``paho_first``: the bare forwarder first, so that a load that moves during a run
+    favours neither side every time; ``before``: another checkout's ``service`` folder,
+    its pigateway measured too, in the same round; ``rtt_ms``: the forwarders publish
+    through a proxy that holds what the uplink broker sends back that long, a cloud
+    broker's round trip)."""
     up = bench_ingest.broker(root / "up")
     local = bench_ingest.broker(root / "local")
+    figures: dict[str, float] = {}
     with up as uplink, local:
-        paho = 0.0
-        if paho_first:
-            paho = await asyncio.to_thread(bench_ingest._bare_rate, root, local, uplink, count,
-                                           "paho")
-        svc: Service = bench_ingest.service(root / "gw", local, uplink)
-        svc.start()
-        assert svc.process is not None
-        pid = svc.process.pid
+        proxy = await Proxy(uplink.port, delay=rtt_ms / 1000).start() if rtt_ms else None
         try:
-            await bench_ingest.online(svc)
-            ours, _ = await asyncio.to_thread(bench_ingest._c_clients, root, local, uplink,
-                                              bench_ingest.FORWARDED + "z2m/", count)
+            await _sides(root, count, log, (local, uplink, proxy.port if proxy else uplink.port),
+                         figures, paho_first=paho_first, before=before)
         finally:
-            svc.stop()
-        if not paho_first:
-            paho = await asyncio.to_thread(bench_ingest._bare_rate, root, local, uplink, count,
-                                           "paho")
-        theirs = 0.0
+            if proxy is not None:
+                await proxy.close()
+        figures["bridge"] = 0.0
         if bridge:
             with bench_ingest.bridged(root / "bridged", uplink, persistence=True) as bridging:
-                theirs, _ = await asyncio.to_thread(bench_ingest._c_clients, root, bridging,
-                                                    uplink, "bridge/z2m/", count)
-    return {"pigateway": ours, "paho": paho, "bridge": theirs,
-            "flushes_per_message": bench_flush.flushes_of(log, pid) / count}
+                figures["bridge"], _ = await asyncio.to_thread(
+                    bench_ingest._c_clients, root, bridging, uplink, "bridge/z2m/", count)
+    figures["flushes_per_message"] = figures["pigateway_flushes"]
+    return figures
 
 
-async def ingest_rounds(delay_ms: float, rounds: int, quick: bool) -> dict[str, Any]:
-    """Only the ingest pair, ``rounds`` times (pigateway and bare paho in each, their order
-    alternating), each round with the load average beside it: the ratio's spread."""
+async def _sides(root: Path, count: int, log: Path, brokers: tuple[Any, Any, int],
+                 figures: dict[str, float], *, paho_first: bool, before: str | None) -> None:
+    """Each side of a round, one after the other, into ``figures``; ``brokers``: the local
+    broker, the uplink broker, and the port the forwarders publish to."""
+    local, uplink, via = brokers
+    sides = ["before", "pigateway", "paho"] if before else ["pigateway", "paho"]
+    for side in reversed(sides) if paho_first else sides:
+        if side == "paho":
+            figures["paho"] = await asyncio.to_thread(_paho_rate, root, local, uplink, count,
+                                                      via)
+            continue
+        rate, pid, cpu = await _pigateway(root / side, local, uplink, count,
+                                          code=before if side == "before" else None, via=via)
+        figures.update({side: rate, f"{side}_cpu_ms": cpu * 1e6 / count,
+                        f"{side}_flushes": bench_flush.flushes_of(log, pid) / count})
+
+
+async def ingest_rounds(delay_ms: float, rounds: int, quick: bool,
+                        before: str | None, rtt_ms: float) -> dict[str, Any]:
+    """Only the ingest figures, ``rounds`` times (pigateway, bare paho and ``before``'s
+    pigateway in each, their order alternating), each round with the load average beside
+    it: the ratio's spread, and before/after from the same rounds."""
     log = Path(os.environ["PIBENCH_FLUSH_LOG"])
     done = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
         for n in range(rounds):
             figures = await ingest(Path(tmp) / f"round{n}", 5000 if quick else 20_000, log,
-                                   bridge=False, paho_first=n % 2 == 1)
+                                   bridge=False, paho_first=n % 2 == 1, before=before,
+                                   rtt_ms=rtt_ms)
             done.append({**figures, "load": os.getloadavg()[0]})
-    return {"delay_ms": delay_ms, "rounds": done}
+    return {"delay_ms": delay_ms, "rounds": done, "rtt_ms": rtt_ms}
 
 
 def report_rounds(m: dict[str, Any]) -> None:
     print(f"\n# {m['delay_ms']:g} ms per fsync/fdatasync: ingest forward vs bare paho, "
-          f"{len(m['rounds'])} rounds (each pair from one round)")
-    ratios = []
+          f"{len(m['rounds'])} rounds (each figure of a round from that round)"
+          + (f", the uplink's answers {m['rtt_ms']:g} ms late" if m["rtt_ms"] else ""))
+    sides = ["before", "pigateway"] if "before" in m["rounds"][0] else ["pigateway"]
+    ratios: dict[str, list[float]] = {side: [] for side in sides}
     for n, r in enumerate(m["rounds"]):
-        ratios.append(r["pigateway"] / r["paho"])
-        print(f"round {n + 1}: pigateway {r['pigateway']:,.0f} msg/s "
-              f"({r['flushes_per_message']:.3f} fl/msg), bare paho {r['paho']:,.0f} msg/s "
-              f"= {ratios[-1]:.2f}x (load average {r['load']:.1f})")
-    ratios.sort()
-    row("ingest forward vs bare paho (no store)", f"{min(ratios):.2f}x-{max(ratios):.2f}x, "
-        f"median {ratios[len(ratios) // 2]:.2f}x", ">= 0.9x", ratios[len(ratios) // 2] >= 0.9)
+        said = []
+        for side in sides:
+            ratios[side].append(r[side] / r["paho"])
+            said.append(f"{'before' if side == 'before' else 'pigateway'} {r[side]:,.0f} msg/s "
+                        f"= {ratios[side][-1]:.2f}x ({r[side + '_flushes']:.3f} fl/msg, CPU "
+                        f"{r[side + '_cpu_ms']:.0f} ms/1,000)")
+        print(f"round {n + 1}: {'; '.join(said)}; bare paho {r['paho']:,.0f} msg/s "
+              f"(load average {r['load']:.1f})")
+    for side in sides:
+        got = sorted(ratios[side])
+        median = got[len(got) // 2]
+        row("ingest forward vs bare paho (no store)" + (", before" if side == "before" else ""),
+            f"{got[0]:.2f}x-{got[-1]:.2f}x, median {median:.2f}x", ">= 0.9x", median >= 0.9)
 
 
 async def under_model(delay_ms: float, quick: bool) -> dict[str, Any]:
@@ -280,7 +345,8 @@ async def this_disk(quick: bool) -> None:
 # --------------------------------------------------------------------------- parts
 
 
-def run_models(quick: bool, models: list[float], ingest_only: int = 0) -> int:
+def run_models(quick: bool, models: list[float], ingest_only: int = 0,
+               before: str | None = None, rtt: float = 0.0) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-sdcard-") as tmp:
         library, why = bench_flush.build(Path(tmp))
         if library is None:
@@ -292,7 +358,9 @@ def run_models(quick: bool, models: list[float], ingest_only: int = 0) -> int:
             done = subprocess.run([sys.executable, __file__, "--model", str(delay),
                                    *(["--quick"] if quick else []),
                                    *(["--ingest-rounds", str(ingest_only)] if ingest_only
-                                     else [])], env=env,
+                                     else []), *(["--before", before] if before else []),
+                                   *(["--rtt", str(rtt)] if rtt else [])],
+                                  env=env,
                                   stdout=subprocess.PIPE, text=True, check=False)
             if done.returncode != 0:
                 print(f"bench sdcard: the {delay:g} ms model failed ({done.returncode})")
@@ -311,15 +379,22 @@ def main() -> int:
     parser.add_argument("--ingest-rounds", type=int, default=0, metavar="N",
                         help="only ingest forward against bare paho, N rounds per model "
                              "(the spread of the ratio and the load average of each round)")
+    parser.add_argument("--before", metavar="DIR",
+                        help="with --ingest-rounds: also run the pigateway of another "
+                             "checkout (its service/ folder) in each round")
+    parser.add_argument("--rtt", type=float, default=0.0, metavar="MS",
+                        help="with --ingest-rounds: the uplink broker's answers held MS "
+                             "milliseconds by a proxy (a cloud broker's round trip)")
     args = parser.parse_args()
     if args.model is not None:
         print(json.dumps(asyncio.run(
-            ingest_rounds(args.model, args.ingest_rounds, args.quick) if args.ingest_rounds
+            ingest_rounds(args.model, args.ingest_rounds, args.quick, args.before, args.rtt)
+            if args.ingest_rounds
             else under_model(args.model, args.quick))))
         return 0
     print("# sdcard benchmark: fsync/fdatasync delayed by a preload shim; ~200-byte params")
     code = run_models(args.quick, [float(m) for m in args.models.split(",")],
-                      args.ingest_rounds)
+                      args.ingest_rounds, args.before, args.rtt)
     if args.ingest_rounds:
         return code
     asyncio.run(this_disk(args.quick))
