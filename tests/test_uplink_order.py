@@ -192,3 +192,8 @@ async def test_a_topics_forwarded_messages_keep_their_order_with_several_in_flig
     assert set(dead) <= {"lamp-1"}, dead
     if how in ("refused for good", "the MQTT library refuses it"):
         assert "lamp-1" in dead
+    if how == "refused for now":  # the broker took lamp-2 behind it: sent again, it would
+        assert dead["lamp-1"].reason == "rejected-by-broker"  # arrive after lamp-2
+        assert "later" in (dead["lamp-1"].detail or "")
+    if how in ("the link drops", "paced"):  # the broker took nothing behind the one it
+        assert not dead  # dropped the link at: everything goes again, in order
