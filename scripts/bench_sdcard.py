@@ -331,7 +331,7 @@ async def this_disk(quick: bool) -> None:
           f"{bench_store.REPEATS} {bench_store.WINDOW}s windows)")
     print(f"\n{'target':<52}{'measured':<44}{'wanted':<12}verdict")
     row(f"bytes per command over its life, {backlog:,} backlog", f"{per_command:,.0f} B = "
-        f"{per_command / json_size:.1f}x its JSON ({json_size} B)", "<= 5x",
+        f"{per_command / json_size:.2f}x its JSON ({json_size} B)", "<= 5x",
         per_command / json_size <= 5)
     print("\n".join(bench_store.wear_lines(wear)))
     row("put, 1 producer vs raw commits", f"{one:,.0f}/s vs {raw:,.0f}/s = {one / raw:.2f}x",
