@@ -235,3 +235,26 @@ def test_a_store_path_that_names_a_folder_is_a_config_error(tmp_path: Path, cli:
                          check=False)
     assert run.returncode == 78, run.stderr[-600:]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("state")) == ["state"]
+
+
+@pytest.mark.parametrize(("table", "key", "kind"), [
+    ("mqtt", "password_file", "folder"), ("metrics", "textfile", "folder"),
+    ("control", "socket", "folder"), ("control", "socket", "file")])
+def test_a_path_of_the_wrong_kind_is_a_config_error(
+        tmp_path: Path, cli: Run, table: str, key: str, kind: str) -> None:
+    """A folder where a file belongs (the credential, the textfile) passed ``config check``
+    and failed later, at each connect or each write; a control socket path holding a file
+    or a folder failed every start with exit 1, restarted every 5 s forever."""
+    there = tmp_path / "there"
+    if kind == "folder":
+        there.mkdir()
+    else:
+        there.write_text("not a socket\\n")
+    config = config_with(tmp_path, table, key, str(there))
+    code, _, err = cli("config", "check", "--config", str(config))
+    assert code == 78 and f"{table}.{key}" in err, err[-600:]
+    if table == "control":
+        run = subprocess.run([sys.executable, "-m", "pigateway", "run", "--config",
+                              str(config)], capture_output=True, text=True, timeout=60,
+                             env=environment(), check=False)
+        assert run.returncode == 78, run.stderr[-600:]

@@ -124,9 +124,27 @@ def needs(config: Config, *, staged: bool = False) -> list[tuple[str, Path, int]
     return found
 
 
+def _check_kinds(config: Config) -> None:
+    """:class:`ConfigError` for a path that holds what the service cannot use there: a
+    folder where it reads or writes a file, anything but a socket at the control socket's."""
+    files = [(f"{side}.{key}", path) for side in ("mqtt", "local") for key, path in (
+        ("password_file", getattr(config, side).password_file),
+        *((f"tls.{name}", getattr(getattr(config, side).tls, name))
+          for name in ("ca_file", "cert_file", "key_file")))]
+    files.append(("metrics.textfile", config.metrics.textfile))
+    for key, path in files:
+        if path is not None and path.is_dir():
+            raise ConfigError(key, f"{str(path)!r} is a folder; name a file")
+    socket = config.control.socket
+    if socket.exists() and not socket.is_socket():
+        raise ConfigError("control.socket", f"{str(socket)!r} exists and is not a socket (a "
+                          "file or a folder is there); the service will not replace it")
+
+
 def check(config: Config, account: Account, *, staged: bool = False) -> None:
     """:class:`ConfigError` naming every file ``account`` cannot use as the service will."""
     refuse_folder(config.store.path)
+    _check_kinds(config)
     problems = [(key, text) for key, path, want in needs(config, staged=staged)
                 if (text := problem(path, account, want)) is not None]
     if problems:

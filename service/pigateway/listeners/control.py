@@ -27,7 +27,13 @@ from typing import Any, Final, Protocol
 
 from pigateway import inputs
 from pigateway.counters import COUNTERS
-from pigateway.errors import ControlError, InvalidCommand, PigatewayError, ServiceNotRunning
+from pigateway.errors import (
+    ConfigError,
+    ControlError,
+    InvalidCommand,
+    PigatewayError,
+    ServiceNotRunning,
+)
 from pigateway.listeners import Bounds, Connection, Listener, Throttled
 from pigateway.state import GatewayState
 
@@ -200,7 +206,9 @@ def _socket_file(path: Path) -> bool:
     except FileNotFoundError:
         return False
     if not stat.S_ISSOCK(mode):
-        raise ControlError(f"{path} exists and is not a socket; not touching it")
+        raise ConfigError("control.socket", f"{str(path)!r} exists and is not a socket (a "
+                          "file or a folder is there); the service will not replace it: "
+                          "name another path, or move that one away")
     return True
 
 
