@@ -146,10 +146,13 @@ async def test_an_idle_link_that_goes_silent_is_noticed_by_keepalive(
     proxy = await Proxy(mosquitto.port).start()
     cfg = make_config(tmp_path, proxy.port, unique_prefix)
     try:
-        async with running_uplink(cfg) as run:
+        async with subscribed(mosquitto.port, unique_prefix) as sub, running_uplink(cfg) as run:
             assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
+            # the connect's state document answered first, or its PUBACK's wait would notice
+            assert await wait_until(lambda: bool(sub.states), 10)
             proxy.blackhole()
             assert await wait_until(lambda: run.state.link != Link.ONLINE, 3 * 5 + 5)
+            assert "PUBACK" not in (run.state.last_error or "")
             proxy.heal()
             assert await wait_until(lambda: run.state.link == Link.ONLINE, 20)
     finally:
