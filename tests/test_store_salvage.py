@@ -86,6 +86,7 @@ async def test_a_quarantine_salvages_every_readable_row_and_says_how_many_it_cou
     with caplog.at_level(logging.INFO, logger="pigateway.store"):
         async with await Store.open(store_config) as store:
             queued = await all_queued(store)
+            counted = (await store.stats()).depth  # the copy's totals, rebuilt from its rows
             dead = {d.command.id for d in await store.list_dead(100)}
             assert (await store.where(key_id)).state == "queued"
             assert (await store.where(watched.id)).state == "delivered"
@@ -93,6 +94,7 @@ async def test_a_quarantine_salvages_every_readable_row_and_says_how_many_it_cou
             assert (await store.put_keyed("k-1", NewCommand("lamp", "on", {}))) == (None, key_id)
     expected = 600 - 5 + 1 - lost
     assert len(queued) == expected and key_id in queued
+    assert counted == expected
     assert dead == set(ids[:5])
     assert len(list(store_config.path.parent.glob("queue.db.corrupt-*[0-9]"))) == 1
     said = " ".join(warnings(caplog))
