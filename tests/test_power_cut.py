@@ -237,6 +237,25 @@ def test_kill_9_alone_cannot_see_a_store_that_does_not_fsync(tmp_path: Path) -> 
     assert [id_ for id_ in printed if id_ not in queued] == []
 
 
+def test_reading_the_disk_after_a_cut_leaves_the_wal_as_the_cut_left_it(
+        tmp_path: Path) -> None:
+    """The checks after a cut read what the rebooted machine finds without writing it: a
+    read-write open would checkpoint the WAL into queue.db and delete it at its close, so
+    the restarted service would never have to recover the WAL the cut left."""
+    db = tmp_path / "queue.db"
+    printed = _put_then_kill(db, "full")
+    wal = tmp_path / "queue.db-wal"
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (db, wal)}
+    assert len(before["queue.db-wal"][0]) > 0, "the kill left no WAL to keep"
+
+    _, queued, _ = powercut.read_disk(db)
+    inbox = inbound_cuts.read_inbox(db)
+
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (db, wal)} == before
+    assert set(printed) <= queued  # read through the WAL, as the service will
+    assert inbox.states == {}
+
+
 def test_the_store_as_configured_keeps_every_acknowledged_put(
         mounted: lossy.LossyMount) -> None:
     printed, queued = _put_then_cut(mounted, "full")

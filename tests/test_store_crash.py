@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import backdoor
+from harness import backdoor, found
 from pigateway.config import StoreConfig
 from pigateway.store import NewCommand, Store
 
@@ -78,7 +77,9 @@ def kill_at_random(running: Child, rng: random.Random, *, early: bool) -> None:
 
 
 def file_rows(path: Path, sql: str) -> list[tuple[object, ...]]:
-    with contextlib.closing(sqlite3.connect(path)) as conn:
+    """Read from a copy of the file and its WAL: the next round recovers the WAL the kill
+    left itself (an open that can write would checkpoint it away at its close)."""
+    with found.as_found(path) as conn:
         return conn.execute(sql).fetchall()
 
 

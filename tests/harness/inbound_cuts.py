@@ -39,7 +39,6 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import struct
 import threading
 import time
@@ -53,6 +52,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from harness import found
 from harness.broker import Mosquitto
 from harness.mqttproxy import parse_publish, read_packet
 from harness.netproxy import LoopbackRelay
@@ -375,7 +375,7 @@ def read_inbox(db: Path) -> Inbox:
     """The inbox in the file as found."""
     if not db.exists():
         return Inbox({}, {}, set())
-    with contextlib.closing(sqlite3.connect(db)) as conn:
+    with found.as_found(db) as conn:
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
         if "inbox" not in names:
             return Inbox({}, {}, set())

@@ -26,7 +26,6 @@ import contextlib
 import json
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -42,7 +41,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from harness import inbound_cuts
+from harness import found, inbound_cuts
 from harness.broker import Mosquitto
 from harness.gateway import settings, to_toml
 from harness.lossy import LossyMount
@@ -348,7 +347,7 @@ def read_disk(db: Path) -> tuple[str, set[str], dict[str, str]]:
     """What the rebooted machine finds: the integrity check, the queued ids, the keys."""
     if not db.exists():
         return "ok", set(), {}
-    with contextlib.closing(sqlite3.connect(db)) as conn:
+    with found.as_found(db) as conn:
         check = str(conn.execute("PRAGMA integrity_check").fetchone()[0])
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
         queued = ({row[0] for row in conn.execute("SELECT id FROM outbox")}
