@@ -27,9 +27,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import inbound_cuts, lossy, powercut
+from harness import found, inbound_cuts, lossy, powercut
 from harness.broker import Mosquitto, mosquitto_binary
 from harness.gateway import settings, to_toml
+from harness.ports import free_port
 from harness.service import spawn
 
 REASON = lossy.unavailable()
@@ -307,6 +308,74 @@ def test_inbound_receipt_without_fsyncs_is_caught_losing_what_it_acknowledged(
         ledger.problems
 
 
+def _queued_rows(db: Path) -> int:
+    if not db.exists():
+        return 0
+    with found.as_found(db) as conn:
+        names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        return int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0]) \
+            if "outbox" in names else 0
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
+@pytest.mark.parametrize("synchronous", ["normal", "full"])
+def test_the_services_own_writer_without_fsyncs_is_caught_losing_what_ingest_took(
+        tmp_path: Path, synchronous: str) -> None:
+    """The control of the service's own writer (``send``'s and the API's have theirs
+    above): ingest commits what the local broker hands it and acknowledges it there, the
+    uplink away so it stays queued; after a cut the power-cut run's check of ingest finds
+    every message lost under ``store.synchronous = "normal"`` (the setting the service
+    takes that does not fsync a commit), none under ``"full"``."""
+    with powercut.brokers(tmp_path) as (local, uplink_broker):
+        powercut.make_ingest_session(local)
+        mount = lossy.LossyMount(tmp_path / "disk", tmp_path / "mnt", tmp_path / "lossyfs.log")
+        away = powercut.write_config(tmp_path / "away.toml", mount.mountpoint / "queue.db",
+                                     local, free_port(), tmp_path / "control.sock",
+                                     synchronous=synchronous)
+        publisher = powercut.LocalPublisher(local)
+        uplink = powercut.Uplink(uplink_broker)
+        try:
+            with mount:
+                service = spawn(away, tmp_path / "service.log")
+                publisher.running.set()
+                deadline = time.monotonic() + 30
+                while len(publisher.acked) < 40 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                publisher.running.clear()
+                time.sleep(0.1)  # an acknowledgement on its way
+                with publisher.lock:
+                    tokens = set(publisher.acked)
+                while (_queued_rows(mount.mountpoint / "queue.db") < len(tokens)
+                       and time.monotonic() < deadline):
+                    time.sleep(0.05)
+                taken = _queued_rows(mount.mountpoint / "queue.db")
+                service.send_signal(signal.SIGKILL)
+                service.wait(30)
+            kept = _queued_rows(mount.backing / "queue.db")
+            back = powercut.write_config(tmp_path / "back.toml", mount.backing / "queue.db",
+                                         local, uplink_broker.port,
+                                         tmp_path / "control-back.sock")
+            service = spawn(back, tmp_path / "service-back.log")
+            try:
+                missing = powercut.unforwarded(uplink, tokens,
+                                               20.0 if synchronous == "full" else 5.0)
+            finally:
+                service.send_signal(signal.SIGTERM)
+                service.wait(20)
+        finally:
+            uplink.close()
+            publisher.close()
+    assert len(tokens) >= 40
+    assert taken >= len(tokens), f"ingest took {taken} of {len(tokens)} before the cut"
+    if synchronous == "full":
+        assert kept >= len(tokens)
+        assert missing == set()
+    else:  # gone from the disk, and so never forwarded (not merely late)
+        assert kept < len(tokens)
+        assert missing == tokens, f"only {len(missing)} of {len(tokens)} were lost"
+
+
 @pytest.mark.slow
 @pytest.mark.broker
 @pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
@@ -336,4 +405,6 @@ def test_power_cuts_at_random_moments_lose_nothing_acknowledged(tmp_path: Path) 
     # the cuts bit: most of those right after a write threw away writes to the queue
     assert outcome.write_cuts >= 8, outcome.summary()
     assert outcome.dropping_cuts >= outcome.write_cuts // 2, outcome.summary()
+    # and the restarted service recovered the WAL the cut left (the checks read a copy)
+    assert outcome.wal_cuts >= CUTS // 2, outcome.summary()
     assert all(row.lost == 0 for row in rows.values()), outcome.table()

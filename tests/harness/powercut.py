@@ -95,6 +95,8 @@ class Outcome:
     #: reached the service (the others at a random time)
     write_cuts: int = 0
     command_cuts: int = 0
+    #: cuts that left a WAL with frames in it, for the restarted service to recover
+    wal_cuts: int = 0
     #: what the cuts found of the inbound path (where they fell in it)
     inbound: inbound_cuts.Ledger = field(default_factory=inbound_cuts.Ledger)
 
@@ -102,7 +104,8 @@ class Outcome:
         return (f"{self.cuts} power cuts ({self.write_cuts} right after a random write, "
                 f"{self.command_cuts} right after a command reached the service) in "
                 f"{self.seconds:.0f} s; {self.dropping_cuts} threw away unsynced writes to "
-                f"queue.db or its WAL ({self.dropped_bytes:,} bytes)")
+                f"queue.db or its WAL ({self.dropped_bytes:,} bytes); {self.wal_cuts} left "
+                "a WAL for the restarted service to recover")
 
     def table(self) -> str:
         lines = ["| scenario | cuts | acknowledged | lost | duplicates |",
@@ -230,10 +233,11 @@ def make_ingest_session(broker: Mosquitto) -> None:
 
 
 def write_config(path: Path, store: Path, local: Mosquitto, uplink_port: int,
-                 control: Path) -> Path:
+                 control: Path, *, synchronous: str = "full") -> Path:
+    """The service's config (``synchronous`` other than full only for a control)."""
     data = settings(None, gateway_id=GATEWAY, port=uplink_port, prefix=PREFIX, uplink=FAST,
                     devices=inbound_cuts.devices(local))
-    data["store"] = {"path": str(store), "min_free_bytes": 0}
+    data["store"] = {"path": str(store), "min_free_bytes": 0, "synchronous": synchronous}
     data["control"] = {"socket": str(control)}
     data["gpio"] = {"enabled": False}
     data["local"] = {"host": local.host, "port": local.port, "client_id": INGEST_CLIENT}
@@ -374,6 +378,18 @@ def wait_seen(uplink: Uplink, ids: set[str], timeout: float) -> set[str]:
     return missing
 
 
+def unforwarded(uplink: Uplink, tokens: set[str], timeout: float) -> set[str]:
+    """Those of ``tokens`` (acknowledged by the local broker) not forwarded to the uplink
+    broker within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with uplink.lock:
+            missing = {t for t in tokens if not uplink.forwarded[t]}
+        if not missing or time.monotonic() > deadline:
+            return missing
+        time.sleep(0.1)
+
+
 def run(folder: Path, cuts: int, seed: int, *, log: Callable[[str], object] | None = None
         ) -> Outcome:
     """``cuts`` power cuts at random moments (seeded), then the final drain; the outcome."""
@@ -503,6 +519,9 @@ class Cutter:
         quarantined = sorted(p.name for p in self.backing.glob("*.corrupt-*"))
         if quarantined:
             outcome.problems.append(f"cut {round_}: quarantined {quarantined}")
+        wal = self.backing / "queue.db-wal"
+        if wal.exists() and wal.stat().st_size:
+            outcome.wal_cuts += 1
         check, queued, kept = read_disk(self.backing / "queue.db")
         if check != "ok":
             outcome.problems.append(f"cut {round_}: integrity_check says {check}")
@@ -584,13 +603,7 @@ class Cutter:
     def _count_ingest(self) -> None:
         with self.publisher.lock:
             tokens = set(self.publisher.acked)
-        deadline = time.monotonic() + DRAIN_TIMEOUT
-        while True:
-            with self.uplink.lock:
-                missing = {t for t in tokens if not self.uplink.forwarded[t]}
-            if not missing or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+        missing = unforwarded(self.uplink, tokens, DRAIN_TIMEOUT)
         row = self.outcome.rows["ingest"]
         row.acknowledged = len(tokens)
         row.lost = len(missing)
