@@ -12,13 +12,17 @@ import asyncio
 import contextlib
 import resource
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from harness import backdoor
+from conftest import Run
+from harness import backdoor, gateway
+from harness.service import environment
 from pigateway.config import StoreConfig
 from pigateway.errors import NewerSchema, StoreFull
 from pigateway.store import QueueReader, Store, schema
@@ -56,11 +60,50 @@ async def test_a_file_from_a_newer_pigateway_is_refused_by_every_opener_naming_b
         assert (refused.value.found, refused.value.known) == (KNOWN + 1, KNOWN), name
         said = str(refused.value)
         assert f"version {KNOWN + 1}" in said and f"({KNOWN})" in said, said
-        assert "upgrade pigateway" in said, said
+        assert "reinstall the newer pigateway" in said, said
     assert store_config.path.read_bytes() == before
     assert list(store_config.path.parent.glob("queue.db.*corrupt*")) == []
     with contextlib.closing(sqlite3.connect(store_config.path)) as conn:
         assert conn.execute("SELECT id FROM outbox").fetchall() == [(queued,)]
+
+
+#: sysexits(3) EX_DATAERR: the queue file is one this package cannot use
+NEWER_QUEUE_EXIT = 65
+
+
+def test_a_downgraded_service_stops_once_saying_why_and_is_not_restarted(
+        tmp_path: Path, cli: Run) -> None:
+    """``pigateway run`` on a queue a newer package migrated exits with a status the unit
+    does not restart on (exit 1 was restarted every 5 s forever, saying it each time), its
+    one line at crit naming the file, both versions and what to do; ``send`` exits the same
+    (not 1, "failed": trying again later will not help), and the file is left as it is."""
+    config = gateway.write(tmp_path / "config.toml", gateway.settings(
+        tmp_path, gateway_id="gw-downgraded", gpio={"enabled": False}))
+    db = tmp_path / "queue.db"
+    with Producer.open(StoreConfig(path=db, min_free_bytes=0)) as producer:
+        producer.put("lamp", "on")
+    as_a_newer_pigateway_left_it(db)
+    before = db.read_bytes()
+
+    run = subprocess.run([sys.executable, "-m", "pigateway", "run", "--config", str(config)],
+                         capture_output=True, text=True, timeout=60, env=environment(),
+                         check=False)
+    code, out, err = cli("send", "--config", str(config), "--device", "d", "--command", "c")
+
+    assert run.returncode == NEWER_QUEUE_EXIT, run.stderr[-600:]
+    unit = (Path(__file__).parents[1] / "systemd" / "pigateway.service").read_text()
+    prevented = {word for line in unit.splitlines()
+                 if line.startswith("RestartPreventExitStatus=")
+                 for word in line.partition("=")[2].split()}
+    assert str(NEWER_QUEUE_EXIT) in prevented
+    said = [line for line in run.stderr.splitlines() if "CRITICAL" in line]
+    assert len(said) == 1, run.stderr[-600:]
+    for words in (str(db), f"version {KNOWN + 1}", f"({KNOWN})", "restore",
+                  "systemctl restart pigateway"):
+        assert words in said[0], (words, said[0])
+    assert (code, out) == (NEWER_QUEUE_EXIT, "")
+    assert f"version {KNOWN + 1}" in err, err
+    assert db.read_bytes() == before
 
 
 # --------------------------------------------------------------------------- a big upgrade

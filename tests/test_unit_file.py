@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pigateway.cli import EXIT_CONFIG
+from pigateway.cli import EXIT_CONFIG, EXIT_NOT_RESTARTED
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "pigateway.service"
 EXEC_START = "/opt/pigateway/venv/bin/pigateway"
@@ -129,11 +129,13 @@ def test_the_contract_of_the_unit() -> None:
 
 
 def test_a_config_error_is_not_restarted_and_no_restart_is_ever_refused() -> None:
-    """The service's config-error exit (78) is the one the unit does not restart on (so a
-    typo does not loop), and there is no start limit: an operator's ``systemctl restart``
+    """The service's config-error exit (78) and its exit on a queue a newer package
+    migrated (65) are the ones the unit does not restart on (so neither loops), and there
+    is no start limit: an operator's ``systemctl restart``
     after a fix is never refused, and never leaves the old process running."""
     unit = directives(UNIT.read_text())
-    assert unit["RestartPreventExitStatus"] == [str(EXIT_CONFIG)]
+    assert unit["RestartPreventExitStatus"] == [" ".join(map(str, EXIT_NOT_RESTARTED))]
+    assert EXIT_CONFIG in EXIT_NOT_RESTARTED
     assert unit["StartLimitIntervalSec"] == ["0"]
     assert "StartLimitBurst" not in unit, "no limit: a burst would mean nothing"
     assert unit["RestartSec"] == ["5s"], "a crash loop is paced, not a busy loop"

@@ -274,20 +274,26 @@ class Gateway:
             self.restart()
 
 
-def report_failure(exc: BaseException, config_path: Path, *, config_error: bool) -> None:
+def report_failure(exc: BaseException, config_path: Path, *, config_error: bool,
+                   restarted: bool = True) -> None:
     """Say why the service cannot start or stopped, at crit, with what an operator runs.
 
     Under systemd stderr is the journal at priority info, where the documented
     ``journalctl -u pigateway -p warning`` does not look: every reason the service ends
     goes through logging instead (set up before the config is read, so a config that
-    cannot be read is said too). A config error is not retried by the unit
-    (``RestartPreventExitStatus=78``), so its line says how to start again once fixed.
+    cannot be read is said too). A config error, and any other exit the unit does not
+    retry (``RestartPreventExitStatus=``: not ``restarted``), says how to start again once
+    fixed: it is said once, not at every restart.
     """
     if config_error:
         log.critical("%s. pigateway cannot start: fix %s (`pigateway config check` checks "
                      "it as the service will meet it), then run `systemctl restart "
                      "pigateway`; systemd does not restart it by itself after a config error",
                      exc, config_path)
+        return
+    if not restarted:
+        log.critical("pigateway cannot start: %s. systemd does not restart it by itself "
+                     "after this; once done, run `systemctl restart pigateway`", exc)
         return
     hint = _permission_hint(exc)
     if isinstance(exc, PigatewayError):

@@ -94,8 +94,9 @@ class NewerSchema(StoreError):
     def __init__(self, path: object, found: int, known: int) -> None:
         super().__init__(
             f"{path} has schema version {found}, newer than this pigateway knows ({known}): "
-            f"a newer pigateway migrated it. It was left as it is; upgrade pigateway (or "
-            f"restore a copy of the queue from before the upgrade)")
+            f"a newer pigateway migrated it (a downgrade). It was left as it is; reinstall "
+            f"the newer pigateway package (or restore a backup of the queue from before the "
+            f"upgrade)")
         self.found = found
         self.known = known
 

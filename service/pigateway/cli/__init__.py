@@ -6,8 +6,10 @@ service or store failed; 2 bad input (arguments, params); 3 the queue refused th
 running (``status`` too, as ``systemctl status`` exits non-zero for an inactive unit: its 3
 is taken here by refusals); 5 ``send --wait``: queued, not yet delivered when the timeout
 ran out (a service not running is said at once; the wait goes on, as it may be starting);
-6 ``send --id``: the key names another command; 78 the config cannot be used (EX_CONFIG of
-sysexits(3), the service's too: its unit does not restart on it). ``send`` reads
+6 ``send --id``: the key names another command; 65 the queue file was migrated by a newer
+pigateway (a downgrade; EX_DATAERR of sysexits(3)); 78 the config cannot be used (EX_CONFIG,
+the service's too). The unit restarts the service on neither 65 nor 78: both stay until
+someone acts. ``send`` reads
 ``[store]`` alone, so a mistake elsewhere in the file never refuses a producer's command.
 """
 
@@ -28,6 +30,7 @@ from pigateway.errors import (
     ConfigError,
     InvalidCommand,
     InvalidJson,
+    NewerSchema,
     PigatewayError,
     QueueFull,
     ServiceNotRunning,
@@ -42,13 +45,18 @@ if TYPE_CHECKING:  # the verbs that use them import them: send runs without asyn
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_NOT_RUNNING = 0, 1, 2, 3, 4
 EXIT_PENDING, EXIT_KEY_CONFLICT = 5, 6
+EXIT_NEWER_QUEUE = 65  # sysexits(3) EX_DATAERR: the queue file is newer than this package
 EXIT_CONFIG = 78  # sysexits(3) EX_CONFIG
+#: The service's exits its unit does not restart on (``RestartPreventExitStatus=``): each
+#: stays until someone acts, so it is said once, not every few seconds.
+EXIT_NOT_RESTARTED = (EXIT_NEWER_QUEUE, EXIT_CONFIG)
 #: Seconds between two looks at the store while ``send --wait`` waits.
 WAIT_POLL = 0.05
 
 #: Which error means which exit code (most specific first).
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (ConfigError, EXIT_CONFIG),
+    (NewerSchema, EXIT_NEWER_QUEUE),
     (InvalidCommand, EXIT_BAD_INPUT),
     (QueueFull, EXIT_REFUSED),
     (StoreFull, EXIT_REFUSED),
@@ -119,6 +127,8 @@ EXIT_MEANINGS: tuple[tuple[int, str], ...] = (
                    "(it stays queued and goes out once the service runs)"),
     (EXIT_KEY_CONFLICT, "send --id: the key already names a different command; "
                         "nothing queued"),
+    (EXIT_NEWER_QUEUE, "the queue file was migrated by a newer pigateway (a downgrade): "
+                       "nothing done; reinstall the newer package or restore a backup"),
     (75, "run: restart asked by remote management (systemd starts it again)"),
     (EXIT_CONFIG, "the config cannot be used (EX_CONFIG; pigateway config check says why)"),
 )
@@ -761,7 +771,8 @@ def _service_failed(exc: BaseException, args: argparse.Namespace) -> int:
 
     code = exit_code(exc)
     app.report_failure(exc, configuration.config_path(args.config),
-                       config_error=code == EXIT_CONFIG)
+                       config_error=code == EXIT_CONFIG,
+                       restarted=code not in EXIT_NOT_RESTARTED)
     return code
 
 
