@@ -316,3 +316,30 @@ def test_python_warnings_are_records_at_warning_not_bare_stderr(
     record = parse_native(journal.wait_for(lambda t: "an old way" in t).data)
     assert record["PRIORITY"] == "4"
     assert _written(stream) == ""
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_a_record_about_a_huge_batch_stays_one_journal_entry_and_one_short_line(
+        journal: DatagramListener, stream: io.TextIOWrapper,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch grows with the backlog (max_batch_bytes of small commands: thousands). One
+    COMMAND_ID per command made an entry journald refuses whole (more than 1024 fields,
+    since CVE-2018-16865: the batch's line was silently gone) and a by-hand line of every
+    id (17 KB): the journal names the first ids and the count, the line the first few."""
+    ids = [f"01JD3Q6W8K2V7N4M5P0R{i:06d}" for i in range(3000)]
+    setup_logging("info", stream=stream)
+    logging.getLogger("pigateway.uplink").info(
+        "huge batch", extra={"command_id": ids, "device": [f"d{i}" for i in range(3000)]})
+    fields = parse_fields(journal.wait_for(lambda t: "huge batch" in t).data)
+    assert sum(len(values) for values in fields.values()) < 1024
+    assert fields["COMMAND_ID"] == ids[:len(fields["COMMAND_ID"])]
+    assert len(fields["COMMAND_ID"]) >= 10
+    assert fields["COMMAND_ID_COUNT"] == ["3000"]
+
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    out = io.StringIO()
+    setup_logging("info", stream=out)
+    logging.getLogger("pigateway.uplink").info("huge batch", extra={"command_id": ids})
+    line = out.getvalue().rstrip()
+    assert len(line) < 400, line[:400]
+    assert ids[0] in line and "3000" in line, line

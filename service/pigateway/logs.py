@@ -21,6 +21,7 @@ import collections
 import contextlib
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import socket
@@ -69,6 +70,13 @@ FIELDS: Final = {
     "batch_id": "BATCH_ID",
     "queue_depth": "QUEUE_DEPTH",
 }
+
+#: Values of one field a journal entry carries at most (then ``<FIELD>_COUNT`` says how
+#: many there were): a batch grows with the backlog, and journald refuses a whole entry of
+#: more than 1024 fields (since CVE-2018-16865), so a batch's line would be gone.
+MAX_FIELD_VALUES: Final = 100
+#: Values of one field a line read by hand shows (then how many in all).
+SHOWN_VALUES: Final = 3
 
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 _OURS = "_pigateway_handler"
@@ -153,16 +161,23 @@ def journal_socket() -> Path:
     return Path(os.environ.get(SOCKET_ENV) or JOURNAL_SOCKET)
 
 
-def _extras(record: logging.LogRecord) -> dict[str, list[str]]:
-    """Journal field -> its values; a list or tuple (several commands) gives one per item."""
-    found: dict[str, list[str]] = {}
+def _extras(record: logging.LogRecord, limit: int) -> dict[str, tuple[list[str], int]]:
+    """Journal field -> its first ``limit`` values and how many it has; a list or tuple
+    (several commands) gives one per item."""
+    found: dict[str, tuple[list[str], int]] = {}
     for attr, name in FIELDS.items():
         value = getattr(record, attr, None)
         if value is None:
             continue
         items = value if isinstance(value, (list, tuple, set, frozenset)) else [value]
-        found[name] = [str(item) for item in items]
+        found[name] = ([str(item) for item in itertools.islice(items, limit)], len(items))
     return found
+
+
+def _tag(name: str, values: list[str], count: int) -> str:
+    """``command_id=a,b,c`` or, past :data:`SHOWN_VALUES`, ``command_id=a,b,c (500 in all)``."""
+    more = f" ({count} in all)" if count > len(values) else ""
+    return f"{name.lower()}={','.join(values)}{more}"
 
 
 # --------------------------------------------------------------------------- formatters
@@ -177,10 +192,10 @@ class ReadableFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        extras = _extras(record)
+        extras = _extras(record, SHOWN_VALUES)
         if not extras:
             return text
-        tags = " ".join(f"{k.lower()}={','.join(v)}" for k, v in extras.items())
+        tags = " ".join(_tag(k, values, count) for k, (values, count) in extras.items())
         first, sep, rest = text.partition("\n")
         return f"{first} [{tags}]{sep}{rest}"
 
@@ -225,7 +240,11 @@ def encode_record(record: logging.LogRecord, message: str) -> bytes:
     }
     data = b"".join(encode_field(k, v) for k, v in fields.items())
     # A field may repeat: journalctl COMMAND_ID=x matches an entry that names x among others.
-    return data + b"".join(encode_field(k, v) for k, vs in _extras(record).items() for v in vs)
+    for name, (values, count) in _extras(record, MAX_FIELD_VALUES).items():
+        data += b"".join(encode_field(name, v) for v in values)
+        if count > len(values):
+            data += encode_field(f"{name}_COUNT", str(count))
+    return data
 
 
 class JournalHandler(logging.Handler):

@@ -351,9 +351,10 @@ class Drain:
                 return
 
     def _log_delivered(self, batch: Batch[Command]) -> None:
-        """One line per acknowledged batch, carrying every command id for the journal.
+        """One line per acknowledged batch, carrying its command ids for the journal.
 
-        ``journalctl -u pigateway COMMAND_ID=...`` finds the batch a command went out in.
+        ``journalctl -u pigateway COMMAND_ID=...`` finds the batch a command went out in
+        (the first :data:`pigateway.logs.MAX_FIELD_VALUES` of a batch: the entry is bounded).
         """
         if batch.kind == "forward" and not log.isEnabledFor(logging.DEBUG):
             return  # a device's own message: thousands a second, one line each is too many
