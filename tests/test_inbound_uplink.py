@@ -17,7 +17,7 @@ from harness import gateway
 from harness.broker import Mosquitto
 from harness.uplink_helpers import RecordingState, make_config, running_uplink, wait_until
 from pigateway.config import Config
-from pigateway.errors import StoreError
+from pigateway.errors import StoreError, StoreFull
 from pigateway.inbound import Inbound
 from pigateway.state import Link
 from pigateway.uplink.intake import TAKE_TRIES
@@ -68,6 +68,41 @@ async def test_a_store_error_is_waited_out_with_the_link_up(
         assert await wait_until(lambda: len(calls) == 3, 10)
         assert not went_offline(state)
     assert await redelivered(cfg) == []  # acknowledged once it was taken
+
+
+async def test_a_full_disk_is_one_warning_per_episode_not_one_per_message_and_retry(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Under the disk reserve every command of the window waits, each retried with
+    backoff: a warning per message and retry filled the journal, the last thing left to
+    fill on a full disk. One warning when the episode begins (what the uplink does
+    meanwhile), one info line when it ends, with its count."""
+    calls: list[bytes] = []
+    full = [True]
+
+    async def on_command(payload: bytes) -> None:
+        calls.append(payload)
+        if full[0]:
+            raise StoreFull("only 1.0 MiB free under store.min_free_bytes (simulated)")
+
+    cfg = make_config(tmp_path, mosquitto.port, unique_prefix)
+    caplog.set_level(logging.INFO)
+    async with running_uplink(cfg, on_command=on_command, state=RecordingState()) as run:
+        assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
+        for n in range(10):
+            await publish(cfg, mosquitto.port, f"m{n}".encode())
+        assert await wait_until(lambda: len(calls) >= 25, 15)  # every one refused twice+
+        full[0] = False
+        assert await wait_until(lambda: {f"m{n}".encode() for n in range(10)}
+                                <= {c for c in calls[25:]}, 15)
+        await asyncio.sleep(0.2)
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1, [r.getMessage() for r in said]
+    assert "inbound" in said[0].getMessage() and "unacknowledged" in said[0].getMessage()
+    ended = [r for r in caplog.records if "inbound takes work again" in r.getMessage()]
+    assert len(ended) == 1 and ended[0].levelno == logging.INFO
+    assert "refused" in ended[0].getMessage()
+    assert await redelivered(cfg) == []
 
 
 async def test_a_message_that_breaks_on_command_is_dropped_after_bounded_tries(

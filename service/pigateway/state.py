@@ -69,6 +69,7 @@ class Refuser(enum.StrEnum):
 
     QUEUE = "queue"  #: the app's look at the queue: every producer would be refused
     INGEST = "ingest"  #: ingest: the store refuses the local broker's messages
+    INBOUND = "inbound"  #: the uplink's intake: the store refuses the cloud's commands
 
 
 class Link(enum.StrEnum):

@@ -110,7 +110,7 @@ class Uplink:
         self.ledger = self.drain.ledger
         self.packet_limit = self.drain.packet_limit
         self.announcer = Announcer(config, state, self.pacer)
-        self.intake = Intake(wire.topic(config, "commands"), on_command,
+        self.intake = Intake(wire.topic(config, "commands"), on_command, state,
                              manage=wire.topic(config, "manage"), on_manage=self.on_manage)
         #: False once a broker said Retain Available = 0 (a retained will would be refused)
         self._will_retained = True
