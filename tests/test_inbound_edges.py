@@ -211,3 +211,18 @@ async def test_a_handler_value_that_cannot_be_stored_still_gives_a_result(
     assert "\\ud800" in found["sur"]["detail"]
     assert "inf" in found["inf"]["detail"]
     assert found["ctl"]["detail"] == "a\\x00b"
+
+
+async def test_a_flood_without_usable_ids_is_said_once_with_its_count_not_per_message(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A message with no id cannot be answered: it is recorded (`pigateway inbox ls`) and
+    counted (``pigateway_inbound_total{status="dropped"}``). A cloud app sending garbage
+    put one warning per message in the journal: one now, then at most one a minute with
+    how many since."""
+    config = make_config(tmp_path, ["a"])
+    async with running(config, {"a": Scripted(lambda r: "ran")}) as (inbound, _):
+        for n in range(50):
+            await inbound.accept(f"not json {n}".encode())
+    said = [r.getMessage() for r in caplog.records
+            if "dropped a message on the commands topic" in r.getMessage()]
+    assert len(said) == 1, said[:3]

@@ -36,6 +36,7 @@ from pigateway.inbound.parse import (
     undecodable_refusal,
 )
 from pigateway.inbound.workers import WorkerPool, dedupe_horizon
+from pigateway.listeners import Throttled
 from pigateway.mqtt.packets import Undecodable
 from pigateway.store import QueueReader, Store
 from pigateway.store.inbox import Entry, outbox_device
@@ -61,6 +62,11 @@ class Inbound:
         self.limits = Limits.from_config(config)
         self.pool = WorkerPool(config, store, factories=factories)
         self.manage = manage
+        #: a message no result can answer: recorded and counted each, said once a minute
+        #: (a cloud app sending garbage must not fill the journal)
+        self._dropped = Throttled(log, "dropped a message on the commands topic (no usable "
+                                  "id, so no result can answer it; `pigateway inbox ls` has "
+                                  "it): %s")
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -205,8 +211,7 @@ class Inbound:
     async def _reject(self, exc: RejectedCommand, payload: bytes) -> None:
         now = time.time()
         if exc.command_id is None:
-            log.warning("dropped a message on the commands topic (no usable id, so no result "
-                        "can answer it): %s", bounded(exc.reason))
+            self._dropped.note(bounded(exc.reason))
             COUNTERS.inbound_done("dropped")
             await self.store.inbox.record_unreadable(exc.reason, payload, now)
             return
