@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sqlite3
 from dataclasses import replace
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from pigateway.config import Config
-from pigateway.errors import HandlerError, StoreFull
+from pigateway.errors import HandlerError, RetryableHandlerError, StoreFull
 from pigateway.handlers import Request
 from pigateway.inbound import Inbound
 from pigateway.store import Store
@@ -226,3 +227,34 @@ async def test_a_flood_without_usable_ids_is_said_once_with_its_count_not_per_me
     said = [r.getMessage() for r in caplog.records
             if "dropped a message on the commands topic" in r.getMessage()]
     assert len(said) == 1, said[:3]
+
+
+async def test_a_device_that_fails_is_one_warning_its_retries_info_until_it_answers(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A device away (unplugged, its bridge down) fails every command it is sent, each
+    tried ``inbound.max_attempts`` times: a warning per retry of every command put
+    ``commands x (attempts - 1)`` warnings in the journal for one outage. One warning when
+    the device first fails, its later retries at info (each still names its command), and
+    one info line when it answers again; a command's final failure stays its own error."""
+    config = make_config(tmp_path, ["a"], max_attempts=3)
+    away = [True]
+
+    def behaviour(request: Request) -> str:
+        if away[0]:
+            raise RetryableHandlerError("the device does not answer (simulated)")
+        return "ran"
+
+    caplog.set_level(logging.INFO)
+    async with running(config, {"a": Scripted(behaviour)}) as (inbound, store):
+        for n in range(8):
+            await inbound.accept(json.dumps({**GOOD, "id": f"c-{n}"}).encode())
+        await results(store, 8)
+        away[0] = False
+        await inbound.accept(json.dumps({**GOOD, "id": "back"}).encode())
+        await results(store, 9)
+    retried = [r for r in caplog.records if "trying again in" in r.getMessage()]
+    assert len(retried) == 8 * 2
+    assert [r.levelno for r in retried].count(logging.WARNING) == 1, \
+        [r.getMessage() for r in retried if r.levelno >= logging.WARNING]
+    back = [r for r in caplog.records if "answers again" in r.getMessage()]
+    assert len(back) == 1 and back[0].levelno == logging.INFO

@@ -65,8 +65,8 @@ class Inbound:
         #: a message no result can answer: recorded and counted each, said once a minute
         #: (a cloud app sending garbage must not fill the journal)
         self._dropped = Throttled(log, "dropped a message on the commands topic (no usable "
-                                  "id, so no result can answer it; `pigateway inbox ls` has "
-                                  "it): %s")
+                                  "id, so no result can answer it; its dead letter is in "
+                                  "`pigateway queue ls --dead`): %s")
 
     async def __aenter__(self) -> Self:
         await self.open()

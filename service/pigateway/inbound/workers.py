@@ -40,7 +40,7 @@ from pigateway.errors import (
 from pigateway.handlers import Handler, HandlerFactory, Request
 from pigateway.store import Store
 from pigateway.store.inbox import Entry
-from pigateway.text import bounded
+from pigateway.text import bounded, plural
 
 #: the journal's LOGGER field, as it was before this module moved into its package
 log = logging.getLogger("pigateway.workers")
@@ -104,6 +104,9 @@ class WorkerPool:
         # every pending row on disk is loaded (False until the first load catches up)
         self._caught_up = False
         self._tasks: asyncio.TaskGroup | None = None
+        #: devices failing now (their first failed run said at warning, the rest at info,
+        #: until one answers), with their failed runs since
+        self._failing: dict[str, int] = {}
 
     # ---- lifecycle
 
@@ -297,6 +300,7 @@ class WorkerPool:
             except Exception as exc:  # every failure becomes a result (OUTCOMES)
                 return _outcome(entry, exc, attempt)
             else:
+                self._answers(entry.device)
                 return "ok", _ok_detail(value, self.config.store.max_params_bytes)
 
     async def _attempt(self, entry: Entry, handler: Handler, attempt: int) -> Any:
@@ -320,11 +324,22 @@ class WorkerPool:
                 raise RetryableHandlerError(f"no answer within {timeout:g}s "
                                             "(inbound.handler_timeout)") from exc
 
+    def _answers(self, device: str) -> None:
+        """A run on ``device`` succeeded: its failing episode, if any, ends (at info)."""
+        failed = self._failing.pop(device, None)
+        if failed:
+            log.info("device %s answers again (after %s)", device,
+                     plural(failed, "failed run"), extra={"device": device})
+
     async def _failed_attempt(self, entry: Entry, error: BaseException, attempt: int,
                               wait: float) -> None:
-        log.warning("command %s on %s failed (attempt %d), trying again in %.1fs: %s",
-                    entry.id, entry.device, attempt, wait, bounded(error),
-                    extra={"command_id": entry.id, "device": entry.device})
+        first = entry.device not in self._failing
+        self._failing[entry.device] = self._failing.get(entry.device, 0) + 1
+        log.log(logging.WARNING if first else logging.INFO,
+                "command %s on %s failed (attempt %d), trying again in %.1fs: %s%s",
+                entry.id, entry.device, attempt, wait, bounded(error),
+                "; its device's further retries are said at info until it answers"
+                if first else "", extra={"command_id": entry.id, "device": entry.device})
         try:
             await self.store.inbox.note_failed_attempt(entry.id, str(error))
         except StoreError as exc:  # only bookkeeping: the attempt count is on disk already
