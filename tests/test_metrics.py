@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -38,7 +39,7 @@ from harness.service import running_gateway
 from harness.uplink_helpers import GATEWAY, drained, make_config, running_uplink, wait_until
 from pigateway import config as configuration
 from pigateway.app import Gateway
-from pigateway.config import MetricsConfig
+from pigateway.config import MetricsConfig, StoreConfig
 from pigateway.errors import ConfigError
 from pigateway.inbound import Inbound
 from pigateway.listeners.metrics import COUNTERS, Exporter, render, snapshot, write_atomically
@@ -454,3 +455,26 @@ def test_a_missing_debian_tool_skips_by_hand_but_fails_on_ci(ci: str, outcome: s
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert outcome in done.stdout, done.stdout[-2000:]
     assert "promtool is missing (Debian package prometheus" in done.stdout
+
+
+async def test_a_textfile_that_cannot_be_written_is_one_warning_until_it_can(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The textfile's folder is on the gateway's disk: on a full one every write fails,
+    every ``metrics.interval`` for as long as it lasts. One warning when the writes start
+    failing, one info line when one succeeds again, not a warning per interval."""
+    folder = tmp_path / "textfile"  # not there yet: each write fails, as on a full disk
+    caplog.set_level(logging.INFO)
+    async with await Store.open(StoreConfig(path=tmp_path / "queue.db",
+                                            min_free_bytes=0)) as store:
+        exporter = Exporter(MetricsConfig(textfile=folder / "pigateway.prom"),
+                            GatewayState(), store)
+        for _ in range(5):
+            await exporter.write_textfile(folder / "pigateway.prom")
+        folder.mkdir()
+        for _ in range(2):
+            await exporter.write_textfile(folder / "pigateway.prom")
+    said = [r for r in caplog.records if r.name.startswith("pigateway")
+            and "metrics" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.WARNING, logging.INFO], \
+        [r.getMessage() for r in said]
+    assert (folder / "pigateway.prom").exists()

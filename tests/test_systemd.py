@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import socket
 import sqlite3
@@ -284,6 +285,38 @@ async def test_watchdog_stops_while_the_store_writer_is_wedged(
     assert any(t > wedged_to for t in times), "pings did not resume once the store answered"
 
 
+async def test_a_store_that_fails_the_ping_is_said_once_not_at_every_ping(
+    notify: DatagramListener, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store's writer failing every call (a disk I/O error): each ping fails with a
+    store error. The watchdog's own lines say the episode (an error when the pings stop,
+    naming why, a warning when they resume); a warning per ping (every interval / 2) came
+    on top for as long as it lasted."""
+    failing = [True]
+
+    async def ping() -> None:
+        if failing[0]:
+            raise StoreError("disk I/O error (simulated)")
+
+    notifier = Notifier()
+    task = asyncio.create_task(supervise(notifier, GatewayState(), ping, interval=0.2))
+    try:
+        await asyncio.sleep(1.0)  # about 10 pings failed
+        failing[0] = False
+        await asyncio.sleep(0.4)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        notifier.close()
+    said = [r for r in caplog.records
+            if r.name == "pigateway.systemd" and r.levelno >= logging.WARNING]
+    assert [r.levelno for r in said] == [logging.ERROR, logging.WARNING], \
+        [r.getMessage() for r in said]
+    assert "disk I/O error" in said[0].getMessage(), said[0].getMessage()
+    assert len(_watchdogs(notify)) >= 1, "the pings resumed"
+
+
 # --------------------------------------------------------------------------- bound_stop
 
 STUCK_STOP = """
@@ -296,6 +329,9 @@ async def main() -> None:
         handle.cancel()
         await asyncio.sleep(0.6)
         return
+    if sys.argv[1] == "many":
+        for n in range(2000):
+            asyncio.create_task(asyncio.Event().wait(), name=f"stuck-part-{n:04d}")
     await asyncio.create_task(asyncio.Event().wait(), name="stuck-part")  # never ends
 
 logging.basicConfig(level=logging.INFO)
@@ -303,16 +339,20 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.parametrize(("mode", "code"), [("stuck", 3), ("disarm", 0)])
+@pytest.mark.parametrize(("mode", "code"), [("stuck", 3), ("disarm", 0), ("many", 3)])
 def test_a_stuck_stop_exits_within_its_bound_and_says_what_hung(mode: str, code: int) -> None:
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-c", STUCK_STOP, mode], capture_output=True,
                             text=True, timeout=30, check=False)
     assert result.returncode == code, result.stderr
     assert time.monotonic() - started < 20
-    if mode == "stuck":
+    if mode != "disarm":
         assert "graceful stop took more than 0s" in result.stderr
         assert "stuck-part" in result.stderr
+    if mode == "many":  # one line, however many tasks hang: the first names and the count
+        said = [line for line in result.stderr.splitlines() if "graceful stop" in line]
+        assert len(said) == 1 and len(said[0]) < 1000, said[0][:200]
+        assert "2,002 tasks in all" in said[0], said[0][-200:]  # with main and stuck-part
 
 
 def test_an_abstract_notify_socket_works(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -328,20 +368,23 @@ def test_an_abstract_notify_socket_works(monkeypatch: pytest.MonkeyPatch) -> Non
         notifier.close()
 
 
-async def test_a_ping_that_fails_typed_is_one_warning_line_not_a_traceback(
+async def test_a_ping_that_fails_typed_is_one_line_not_a_traceback(
     notify: DatagramListener, store_config: StoreConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The ping's typed store error says what is wrong; a traceback per ping says nothing more.
-    (A lock does not fail the ping, which takes none: a closed store does.)"""
+    """The ping's typed store error says what is wrong, in the line that says the pings
+    stop; a traceback (or a line) per ping says nothing more. (A lock does not fail the
+    ping, which takes none: a closed store does.)"""
     state = GatewayState()
     store = await Store.open(store_config)
     async with _supervising(store, state, 0.4, 0.3):
         await store.close()
         assert await wait_until(lambda: state.fault is not None, 5)
+        await asyncio.sleep(0.6)  # three pings more, failing the same
     failed = [r for r in caplog.records if r.name == "pigateway.systemd"
-              and "ping failed" in r.getMessage()]
-    assert failed and all(r.exc_info is None for r in failed)
-    assert all("closed" in r.getMessage() for r in failed)
+              and r.levelno >= logging.WARNING]
+    assert len(failed) == 1 and failed[0].exc_info is None, [r.getMessage() for r in failed]
+    assert "did not answer" in failed[0].getMessage()
+    assert "closed" in failed[0].getMessage(), failed[0].getMessage()
 
 
 async def test_a_lock_another_process_holds_is_not_a_wedged_writer(

@@ -17,13 +17,14 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Final
 
 import sdnotify
 
 from pigateway.aio import cancel_and_wait
 from pigateway.errors import StoreError
 from pigateway.state import FaultSource, GatewayState, Link
-from pigateway.text import format_age
+from pigateway.text import bounded, format_age, plural
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +130,18 @@ def bound_stop(seconds: float) -> asyncio.TimerHandle:
     return asyncio.get_running_loop().call_later(seconds, _stop_overdue, seconds)
 
 
+#: Names of the tasks still running that the overdue stop's line gives (then how many).
+SHOWN_STUCK: Final = 20
+
+
 def _stop_overdue(seconds: float) -> None:
     current = asyncio.current_task()
     stuck = sorted(t.get_name() for t in asyncio.all_tasks() if t is not current)
+    shown = ", ".join(stuck[:SHOWN_STUCK]) or "(nothing)"
+    if len(stuck) > SHOWN_STUCK:  # one per connection, command, lane: bounded, not short
+        shown += f" ... ({plural(len(stuck), 'task')} in all)"
     log.error("the graceful stop took more than %.0fs; exiting now. Still running: %s",
-              seconds, ", ".join(stuck) or "(nothing)")
+              seconds, shown)
     logging.shutdown()
     os._exit(EXIT_STOP_OVERDUE)
 
@@ -279,12 +287,13 @@ async def _keep_watchdog(
     healthy = True
     while True:
         started = loop.time()
-        ok = await _answers(ping, bound)
+        failure = await _answers(ping, bound, said=not healthy)
+        ok = failure is None
         if ok:
             notifier.watchdog()
         if ok != healthy:
             healthy = ok
-            _log_health(ok, bound)
+            _log_health(failure, bound)
             _mark_fault(state, ok)
         due = started + period
         await asyncio.sleep(max(0.0, due - loop.time()))
@@ -293,20 +302,23 @@ async def _keep_watchdog(
             log.warning("event loop was blocked for %.1fs; watchdog pings were late", late)
 
 
-async def _answers(ping: Callable[[], Awaitable[None]], bound: float) -> bool:
-    """Whether ``ping`` returned within ``bound`` seconds (any error counts as no)."""
+async def _answers(ping: Callable[[], Awaitable[None]], bound: float, *,
+                   said: bool) -> str | None:
+    """None when ``ping`` returned within ``bound`` seconds, else why not (any error counts).
+    A bug's traceback is logged with the first failure of an episode (not ``said``) only:
+    the pings go on every period while it lasts."""
     try:
         async with asyncio.timeout(bound):
             await ping()
     except TimeoutError:
-        return False
-    except StoreError as exc:  # busy, locked, full: its message says it; no traceback per ping
-        log.warning("store ping failed: %s", exc)
-        return False
-    except Exception:
-        log.exception("store ping failed")
-        return False
-    return True
+        return f"no answer within {bound:.1f}s"
+    except StoreError as exc:  # busy, locked, full: its message says it; no traceback
+        return str(exc)
+    except Exception as exc:
+        if not said:
+            log.exception("store ping failed")
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 STORE_FAULT = "store writer not answering"
@@ -320,11 +332,13 @@ def _mark_fault(state: GatewayState, ok: bool) -> None:
         state.clear_fault(FaultSource.WATCHDOG)
 
 
-def _log_health(ok: bool, bound: float) -> None:
-    if ok:
+def _log_health(failure: str | None, bound: float) -> None:
+    """The episode's two lines: its start (with why) and its end; the pings between are
+    not said one by one."""
+    if failure is None:
         log.warning("store writer answers again; watchdog pings resume")
     else:
         log.error(
-            "store writer did not answer within %.1fs; watchdog pings stop, "
-            "systemd restarts the service if this lasts", bound,
+            "store writer did not answer within %.1fs (%s); watchdog pings stop, "
+            "systemd restarts the service if this lasts", bound, bounded(failure, 300),
         )

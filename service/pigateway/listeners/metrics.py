@@ -280,6 +280,11 @@ class Exporter:
         self.store = store
         self.listener = Listener("metrics", self._serve, bounds)
         self._scrapes = asyncio.Semaphore(MAX_SCRAPES)
+        #: the textfile's writes, and the scrapes, failing now: said once when they start
+        #: (at warning) and once when they work again (at info), not at every try (a full
+        #: disk fails a write every interval for as long as it lasts)
+        self._writes_failing = False
+        self._scrapes_failing = False
 
     @property
     def enabled(self) -> bool:
@@ -306,7 +311,14 @@ class Exporter:
             text = await self.render()
             await asyncio.to_thread(write_atomically, path, text)
         except (OSError, PigatewayError) as exc:
-            log.warning("metrics: cannot write %s: %s", path, exc)
+            log.log(logging.DEBUG if self._writes_failing else logging.WARNING,
+                    "metrics: cannot write %s: %s; tried again every %gs, said again once "
+                    "it is written", path, exc, self.config.interval)
+            self._writes_failing = True
+            return
+        if self._writes_failing:
+            self._writes_failing = False
+            log.info("metrics: %s is written again", path)
 
     async def bind(self) -> Listener:
         """Bind ``metrics.listen``; :class:`ConfigError` for a non-loopback address unless
@@ -343,10 +355,17 @@ class Exporter:
             return "503 Service Unavailable", b"too many scrapes at once\n"
         try:
             async with self._scrapes:
-                return "200 OK", await self.render()
+                text = await self.render()
         except PigatewayError as exc:
-            log.warning("metrics: %s", exc)
+            log.log(logging.DEBUG if self._scrapes_failing else logging.WARNING,
+                    "metrics: a scrape is answered 503: %s; said again once one is answered",
+                    exc)
+            self._scrapes_failing = True
             return "503 Service Unavailable", f"{exc}\n".encode()
+        if self._scrapes_failing:
+            self._scrapes_failing = False
+            log.info("metrics: scrapes are answered again")
+        return "200 OK", text
 
 
 def write_atomically(path: Path, data: bytes) -> None:
