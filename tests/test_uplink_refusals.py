@@ -9,8 +9,10 @@ exactly the refused batch, with its code and name; 0x10 means delivered.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -231,3 +233,31 @@ async def test_no_matching_subscribers_is_delivered(
     assert stats.dead_total == 0
     assert len(answered) == len(proxy.refused) >= 1 and proxy.connections == 1
     assert sum(len(batch_ids(p)) for p in answered) == 5  # each command went once
+
+
+async def test_a_state_document_the_broker_refuses_is_one_warning_not_one_per_interval(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An ACL without the state topic refuses the state document at every
+    ``uplink.state_interval`` for as long as the gateway runs: a warning each time (2,880 a
+    day at the default 30 s). One warning while it lasts, one info line once it is taken."""
+    refusing_now = [True]
+
+    def decide(connection: int, where: str, payload: bytes) -> int | None:
+        return 0x87 if where.endswith("/state") and refusing_now[0] else None
+
+    caplog.set_level(logging.INFO)
+    async with refusing(mosquitto.port, decide) as proxy:
+        cfg = make_config(tmp_path, proxy.port, unique_prefix, state_interval=1.0)
+        async with running_uplink(cfg) as run:
+            assert await wait_until(lambda: run.state.link == Link.ONLINE, 10)
+            assert await wait_until(lambda: len(proxy.refused) >= 4, 10)
+            refusing_now[0] = False
+            taken = len(proxy.refused)
+            await asyncio.sleep(1.5)  # the next state document goes through
+            assert len(proxy.refused) == taken
+    said = [r for r in caplog.records if r.name == "pigateway.uplink"
+            and r.levelno >= logging.WARNING and "/state" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]
+    assert any(r.levelno == logging.INFO and "taken again" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records][-5:]

@@ -35,6 +35,9 @@ class Announcer:
         self.state = state
         self.pacer = pacer or Pacer(0, 0)
         self.topic = wire.topic(config, "state")
+        #: the state document is not taken now (said once, at warning, until it is again:
+        #: an ACL without the state topic refuses it at every state_interval)
+        self._failing = False
 
     def document(self) -> dict[str, Any]:
         """The retained state now; its counters are what ``pigateway_*_total`` show."""
@@ -64,14 +67,25 @@ class Announcer:
         except UplinkError:
             raise  # the link's: it ends and comes back
         except PacketTooLarge as exc:
-            log.warning("uplink: the state document is not sent: %s", exc)
-            return False
+            return self._failed(f"the state document is not sent: {exc}")
         except Exception as exc:  # one packet, one failure: never the link's
-            log.warning("uplink: the state document is not sent: %s: %s",
-                        type(exc).__name__, bounded(exc, 300))
-            return False
+            return self._failed(f"the state document is not sent: {type(exc).__name__}: "
+                                f"{bounded(exc, 300)}")
         if code is not None:
-            log.warning("uplink: the broker refused a message on %s: %s", self.topic,
-                        describe(code))
-            return False
+            return self._failed(f"the broker refused a message on {self.topic}: "
+                                f"{describe(code)}")
+        if self._failing:
+            self._failing = False
+            log.info("uplink: the state document on %s is taken again", self.topic)
         return True
+
+    def _failed(self, what: str) -> bool:
+        """Said at warning when the state document stops being taken; its next tries the
+        same way at debug, until one is taken (at info)."""
+        if self._failing:
+            log.debug("uplink: %s", what)
+        else:
+            self._failing = True
+            log.warning("uplink: %s; tried again every %gs, said again once it is taken",
+                        what, self.config.uplink.state_interval)
+        return False
