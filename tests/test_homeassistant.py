@@ -8,6 +8,7 @@ import asyncio
 import copy
 import dataclasses
 import json
+import logging
 import re
 import socket
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from harness.broker import Mosquitto
 from harness.gateway import GATEWAY
 from harness.ha_helpers import DISCOVERY, ha_config, watching
+from harness.mqttproxy import RefusingProxy
 from harness.service import running_gateway
 from harness.uplink_helpers import subscribed, wait_until
 from pigateway.config import IngestRule, from_dict
@@ -344,3 +346,34 @@ async def test_a_failure_inside_the_home_assistant_link_never_stops_the_gateway(
         assert await sub.wait_for(1, 5)
         assert await ha.until(lambda: len(ha.configs()) == len(ALL), 10)
         assert failures == []
+
+
+async def test_what_the_broker_refuses_home_assistant_is_one_warning_not_one_per_message(
+        tmp_path: Path, mosquitto: Mosquitto, unique_prefix: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An ACL without Home Assistant's topics refuses every entity's discovery message and
+    every state refresh: a warning each (a dozen at each announce, one a state_interval
+    forever). One warning while it lasts, one info line once a message is taken again."""
+    refusing_now = [True]
+
+    def decide(connection: int, where: str, payload: bytes) -> int | None:
+        ha = where.startswith(f"{DISCOVERY}/") or where.startswith(base(unique_prefix))
+        return 0x87 if ha and refusing_now[0] else None
+
+    caplog.set_level(logging.INFO)
+    proxy = await RefusingProxy(mosquitto.port, decide).start()
+    try:
+        cfg = ha_config(tmp_path, proxy.port, unique_prefix)
+        async with running_gateway(cfg) as gw:
+            assert await wait_until(lambda: gw.state.link == Link.ONLINE, 10)
+            assert await wait_until(lambda: len(proxy.refused) >= 10, 10)
+            refusing_now[0] = False
+            gw.pause()  # a state change: published within STATE_GAP, taken now
+            assert await wait_until(lambda: any(
+                "homeassistant" in r.getMessage() and "takes our messages again" in r.getMessage()
+                for r in caplog.records), 10)
+    finally:
+        await proxy.close()
+    said = [r for r in caplog.records if r.name.startswith("pigateway")
+            and r.levelno >= logging.WARNING and "refused" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said][:5]

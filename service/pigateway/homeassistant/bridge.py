@@ -166,6 +166,9 @@ class HomeAssistant:
         self._wait = wait_backoff(config.uplink.backoff_initial, config.uplink.backoff_max)
         #: when the latest link got its CONNACK (``time.monotonic()``; the backoff's reset)
         self._up_since: float | None = None
+        #: the broker refuses our messages now (an ACL without our topics refuses every
+        #: entity's discovery and every state refresh): said once, until one is taken
+        self._publish_refused = False
 
     @property
     def enabled(self) -> bool:
@@ -250,8 +253,17 @@ class HomeAssistant:
     async def _publish(self, client: Connection, topic: str, payload: bytes) -> None:
         """One retained message; one the broker refuses is said, never the link's end."""
         code = await client.deliver(topic, payload, retain=True, timeout=PUBLISH_TIMEOUT)
-        if code is not None:
-            log.warning("homeassistant: the broker refused a message on %s: %s", topic,
+        if code is None:
+            if self._publish_refused:
+                self._publish_refused = False
+                log.info("homeassistant: the broker takes our messages again (%s)", topic)
+        elif self._publish_refused:
+            log.debug("homeassistant: the broker refused a message on %s: %s", topic,
+                      describe(code))
+        else:
+            self._publish_refused = True
+            log.warning("homeassistant: the broker refused a message on %s: %s; its further "
+                        "refusals are not said until it takes one again (its ACL?)", topic,
                         describe(code))
 
     async def _announcing(self, client: Connection) -> None:
