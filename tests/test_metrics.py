@@ -478,3 +478,24 @@ async def test_a_textfile_that_cannot_be_written_is_one_warning_until_it_can(
     assert [r.levelno for r in said] == [logging.WARNING, logging.INFO], \
         [r.getMessage() for r in said]
     assert (folder / "pigateway.prom").exists()
+
+
+async def test_scrapes_the_store_cannot_answer_are_one_warning_until_one_is_answered(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Prometheus scrapes every 15-60 s whatever the store does: a store that cannot be
+    read answers each 503 (which Prometheus records), said once at warning, not per scrape;
+    an info line once a scrape is answered again."""
+    caplog.set_level(logging.INFO)
+    config = StoreConfig(path=tmp_path / "queue.db", min_free_bytes=0)
+    closed = await Store.open(config)
+    await closed.close()  # its reads fail: a store error, as a broken one's would
+    exporter = Exporter(MetricsConfig(), GatewayState(), closed)
+    answers = [(await exporter._answer(b"GET /metrics HTTP/1.1"))[0] for _ in range(4)]
+    async with await Store.open(config) as store:
+        exporter.store = store  # readable again
+        answers.append((await exporter._answer(b"GET /metrics HTTP/1.1"))[0])
+    assert answers == ["503 Service Unavailable"] * 4 + ["200 OK"]
+    said = [r for r in caplog.records if r.name.startswith("pigateway")
+            and "metrics" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.WARNING, logging.INFO], \
+        [r.getMessage() for r in said]
