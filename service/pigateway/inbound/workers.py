@@ -104,9 +104,7 @@ class WorkerPool:
         # every pending row on disk is loaded (False until the first load catches up)
         self._caught_up = False
         self._tasks: asyncio.TaskGroup | None = None
-        #: devices failing now (their first failed run said at warning, the rest at info,
-        #: until one answers), with their failed runs since
-        self._failing: dict[str, int] = {}
+        self._failing = FailingDevices()
 
     # ---- lifecycle
 
@@ -300,7 +298,7 @@ class WorkerPool:
             except Exception as exc:  # every failure becomes a result (OUTCOMES)
                 return _outcome(entry, exc, attempt)
             else:
-                self._answers(entry.device)
+                self._failing.answered(entry.device)
                 return "ok", _ok_detail(value, self.config.store.max_params_bytes)
 
     async def _attempt(self, entry: Entry, handler: Handler, attempt: int) -> Any:
@@ -324,22 +322,9 @@ class WorkerPool:
                 raise RetryableHandlerError(f"no answer within {timeout:g}s "
                                             "(inbound.handler_timeout)") from exc
 
-    def _answers(self, device: str) -> None:
-        """A run on ``device`` succeeded: its failing episode, if any, ends (at info)."""
-        failed = self._failing.pop(device, None)
-        if failed:
-            log.info("device %s answers again (after %s)", device,
-                     plural(failed, "failed run"), extra={"device": device})
-
     async def _failed_attempt(self, entry: Entry, error: BaseException, attempt: int,
                               wait: float) -> None:
-        first = entry.device not in self._failing
-        self._failing[entry.device] = self._failing.get(entry.device, 0) + 1
-        log.log(logging.WARNING if first else logging.INFO,
-                "command %s on %s failed (attempt %d), trying again in %.1fs: %s%s",
-                entry.id, entry.device, attempt, wait, bounded(error),
-                "; its device's further retries are said at info until it answers"
-                if first else "", extra={"command_id": entry.id, "device": entry.device})
+        self._failing.failed(entry, error, attempt, wait)
         try:
             await self.store.inbox.note_failed_attempt(entry.id, str(error))
         except StoreError as exc:  # only bookkeeping: the attempt count is on disk already
@@ -391,6 +376,32 @@ class WorkerPool:
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECORD_BACKOFF[1])
+
+
+class FailingDevices:
+    """Devices failing now, each with its failed runs since its last answer: the first
+    failed run of an episode is a warning, the rest info lines, and the device's next answer
+    one info line, so an outage of one device is not a warning per retry of every command.
+    Bounded by the configured devices (a command for an unknown one never runs)."""
+
+    def __init__(self) -> None:
+        self._failed_runs: dict[str, int] = {}
+
+    def failed(self, entry: Entry, error: BaseException, attempt: int, wait: float) -> None:
+        first = entry.device not in self._failed_runs
+        self._failed_runs[entry.device] = self._failed_runs.get(entry.device, 0) + 1
+        log.log(logging.WARNING if first else logging.INFO,
+                "command %s on %s failed (attempt %d), trying again in %.1fs: %s%s",
+                entry.id, entry.device, attempt, wait, bounded(error),
+                "; its device's further retries are said at info until it answers"
+                if first else "", extra={"command_id": entry.id, "device": entry.device})
+
+    def answered(self, device: str) -> None:
+        """A run on ``device`` succeeded: its failing episode, if any, ends (at info)."""
+        failed = self._failed_runs.pop(device, None)
+        if failed:
+            log.info("device %s answers again (after %s)", device,
+                     plural(failed, "failed run"), extra={"device": device})
 
 
 def _answer_unrun(entry: Entry, has_handler: bool, max_attempts: int,
