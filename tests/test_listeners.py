@@ -162,6 +162,10 @@ async def test_a_slow_loris_request_is_cut_at_the_request_time(
             if reader.at_eof() or time.monotonic() - started > 3 * bounds.request_seconds:
                 break
         said = await _closed_within(reader, bounds.request_seconds + 1.0)
+    except ConnectionResetError:
+        # the cut met a byte on its way (or unread): the kernel answers it with a reset, not
+        # a FIN; the server sent nothing either way
+        said = b""
     finally:
         writer.close()
     assert not said.startswith(served.answer)
