@@ -35,7 +35,7 @@ from harness.inbound_cuts import (
     devices,
     make_uplink_session,
 )
-from harness.service import spawn
+from harness.service import spawn, terminate
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker,
               pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")]
@@ -113,17 +113,6 @@ def cut(kind: str, service: subprocess.Popen[bytes], cloud: Cloud, watch: AckWat
         watch.disarm()
 
 
-def stop(service: subprocess.Popen[bytes]) -> None:
-    if service.poll() is not None:
-        return
-    service.send_signal(signal.SIGTERM)
-    try:
-        service.wait(20)
-    except subprocess.TimeoutExpired:
-        service.kill()
-        service.wait(10)
-
-
 def test_kill_9_at_random_moments_of_inbound_receipt_loses_and_repeats_nothing(
         tmp_path: Path) -> None:
     rng = random.Random(SEED)
@@ -155,7 +144,7 @@ def test_kill_9_at_random_moments_of_inbound_receipt_loses_and_repeats_nothing(
             seconds = time.monotonic() - started
         finally:
             if service is not None:
-                stop(service)
+                terminate(service)
             cloud.close()
             runs.close()
             watch.shut()

@@ -31,7 +31,7 @@ from harness import found, inbound_cuts, lossy, powercut
 from harness.broker import Mosquitto, mosquitto_binary
 from harness.gateway import settings, to_toml
 from harness.ports import free_port
-from harness.service import spawn
+from harness.service import spawn, terminate
 
 REASON = lossy.unavailable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"lossyfs cannot run: {REASON}")
@@ -361,8 +361,7 @@ def test_the_services_own_writer_without_fsyncs_is_caught_losing_what_ingest_too
                 missing = powercut.unforwarded(uplink, tokens,
                                                20.0 if synchronous == "full" else 5.0)
             finally:
-                service.send_signal(signal.SIGTERM)
-                service.wait(20)
+                terminate(service)
         finally:
             uplink.close()
             publisher.close()

@@ -17,7 +17,6 @@ import http.client
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.ports import free_port
+from harness.service import terminate
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / "build" / "ha-venv"
@@ -219,13 +219,7 @@ class HomeAssistant:
         if self.process is None:
             return
         process, self.process = self.process, None
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGTERM)
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait(10)
+        terminate(process)
 
     def __enter__(self) -> HomeAssistant:
         try:

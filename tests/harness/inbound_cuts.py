@@ -54,8 +54,9 @@ from paho.mqtt.properties import Properties
 
 from harness import found
 from harness.broker import Mosquitto
-from harness.mqttproxy import parse_publish, read_packet
+from harness.mqttproxy import connect_version, parse_publish, read_packet
 from harness.netproxy import LoopbackRelay
+from harness.watcher import Watcher
 
 #: the devices commands go to: few enough that lanes are often busy, enough that some idle
 DEVICES = tuple(f"cmd{i}" for i in range(4))
@@ -183,10 +184,7 @@ class AckWatch(LoopbackRelay):
                     break
                 kind = packet[0] >> 4
                 if kind == CONNECT:
-                    at = 1
-                    while packet[at] & 0x80:
-                        at += 1
-                    version[0] = packet[at + 7]  # after the protocol name "MQTT" (2 + 4 bytes)
+                    version[0] = connect_version(packet)
                 elif kind in (PUBACK, PUBREC):
                     command = carried.pop(_packet_id(packet), None)
                     if command is not None:
@@ -315,27 +313,14 @@ class Cloud:
         self.client.disconnect()
 
 
-class Runs:
+class Runs(Watcher):
     """A watcher on the local broker: how many times each command ran (one message from the
     ``mqtt`` handler per run), and when the last message came."""
 
     def __init__(self, broker: Mosquitto, name: str = "pc-runs") -> None:
         self.counts: Counter[str] = Counter()
         self.last = time.monotonic()
-        self.lock = threading.Lock()
-        self.ready = threading.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=name,
-                                  clean_session=False)
-        self.client.on_connect = self._connected
-        self.client.on_message = self._message
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        if not self.ready.wait(10):
-            raise RuntimeError("the run watcher did not connect")
-
-    def _connected(self, client: paho.Client, *_: Any) -> None:
-        client.subscribe("runs/#", qos=1)
-        self.ready.set()
+        super().__init__(broker, name, "runs/#")
 
     def _message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -356,9 +341,6 @@ class Runs:
         with self.lock:
             return Counter(self.counts)
 
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 @dataclass(frozen=True)

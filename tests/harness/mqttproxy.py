@@ -63,6 +63,12 @@ def _varint(data: bytes, at: int) -> tuple[int, int]:
     return value, at
 
 
+def connect_version(packet: bytes) -> int:
+    """The protocol level a CONNECT asks for (4: MQTT 3.1.1, 5: MQTT 5)."""
+    _, at = _varint(packet, 1)
+    return packet[at + 6]  # after the protocol name "MQTT" (2 + 4 bytes)
+
+
 def parse_publish(packet: bytes, version: int) -> tuple[str, int | None, bytes]:
     """The topic, packet id (None for QoS 0) and payload of a PUBLISH packet."""
     qos = (packet[0] >> 1) & 3
@@ -133,8 +139,7 @@ class RefusingProxy(LoopbackRelay):
                     break
                 kind = packet[0] >> 4
                 if kind == CONNECT:
-                    _, at = _varint(packet, 1)
-                    version = packet[at + 6]  # after the protocol name "MQTT" (2 + 4 bytes)
+                    version = connect_version(packet)
                 elif kind == PUBLISH:
                     topic, packet_id, payload = parse_publish(packet, version)
                     code = self.decide(number, topic, payload) if packet_id else None

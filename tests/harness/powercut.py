@@ -45,7 +45,8 @@ from harness import found, inbound_cuts
 from harness.broker import Mosquitto
 from harness.gateway import settings, to_toml
 from harness.lossy import LossyMount
-from harness.service import environment, spawn
+from harness.service import environment, spawn, terminate
+from harness.watcher import Watcher
 
 GATEWAY = "gw-cut"
 PREFIX = "pc"
@@ -116,27 +117,14 @@ class Outcome:
         return "\n".join(lines)
 
 
-class Uplink:
+class Uplink(Watcher):
     """A subscriber on the uplink broker for the whole run: every command id in every
     batch and every forwarded payload, with how many times each arrived."""
 
     def __init__(self, broker: Mosquitto) -> None:
         self.ids: Counter[str] = Counter()
         self.forwarded: Counter[str] = Counter()
-        self.lock = threading.Lock()
-        self.ready = threading.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="pc-uplink-watch",
-                                  clean_session=False)
-        self.client.on_connect = self._connected
-        self.client.on_message = self._message
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        if not self.ready.wait(10):
-            raise RuntimeError("the uplink subscriber did not connect")
-
-    def _connected(self, client: paho.Client, *_: Any) -> None:
-        client.subscribe(f"{PREFIX}/{GATEWAY}/#", qos=1)
-        self.ready.set()
+        super().__init__(broker, "pc-uplink-watch", f"{PREFIX}/{GATEWAY}/#")
 
     def _message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         with self.lock:
@@ -155,9 +143,6 @@ class Uplink:
         with self.lock:
             return {i for i in ids if self.ids[i]}
 
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 class LocalPublisher:
@@ -557,12 +542,7 @@ class Cutter:
                 self.outcome.rows["drain"].duplicates = sum(
                     1 for i in every if self.uplink.ids[i] > 1)
         finally:
-            service.send_signal(signal.SIGTERM)
-            try:
-                service.wait(20)
-            except subprocess.TimeoutExpired:
-                service.kill()
-                service.wait(10)
+            terminate(service)
         quarantined = sorted(p.name for p in self.backing.glob("*.corrupt-*"))
         if quarantined:
             self.outcome.problems.append(f"final: quarantined {quarantined}")

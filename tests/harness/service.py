@@ -51,6 +51,18 @@ def spawn(config: Path, log: Path | None = None, *, console_script: bool = False
                                 env=environment(env))
 
 
+def terminate(process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """SIGTERM, the way systemd stops it; SIGKILL if it has not ended within ``timeout``."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
 class Service:
     """``pigateway run`` in a child process, with stop helpers that signal only its PID."""
 
